@@ -1,0 +1,3 @@
+"""fluidfs: a peer-to-peer encrypted backup filesystem."""
+
+__version__ = "0.1.0"

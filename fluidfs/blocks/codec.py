@@ -1,0 +1,159 @@
+"""Seal and open blocks: keyed hash → AEAD encrypt → erasure-code, and back.
+
+Sealed layout, version 1. The ciphertext is ``nonce(24) || XChaCha20-Poly1305(
+plaintext, aad=block_id)``; it is zero-padded to a multiple of K and split into K
+primary pieces; zfec makes N shards of ``shard_size`` bytes. The per-block random
+content key is wrapped as ``nonce(24) || XChaCha20-Poly1305(content_key,
+aad=block_id)`` under the user's key-wrapping key. Block id = keyed BLAKE3 of the
+plaintext (dedup within one user only); shard id = Merkle root (see merkle.py).
+
+Everything here is pure CPU work on bytes that releases the GIL; callers run it
+in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import blake3
+import zfec
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+from fluidfs.blocks import merkle
+
+NONCE_SIZE = 24
+TAG_SIZE = 16
+KEY_SIZE = 32
+WRAPPED_KEY_SIZE = NONCE_SIZE + KEY_SIZE + TAG_SIZE
+OVERHEAD = NONCE_SIZE + TAG_SIZE
+
+_encrypt = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt
+_decrypt = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt
+
+
+class BlockError(Exception):
+    """A block could not be rebuilt."""
+
+
+class NotEnoughShards(BlockError):
+    """Fewer than K good shards were available."""
+
+
+class CorruptBlock(BlockError):
+    """Decoded data failed authentication or did not match the block id."""
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """What the owner keeps about one sealed block (enough to rebuild and audit it)."""
+
+    block_id: bytes
+    size: int
+    shard_size: int
+    needed: int
+    wrapped_key: bytes
+    shard_ids: tuple[bytes, ...]
+
+    @property
+    def total(self) -> int:
+        """N, the number of shards."""
+        return len(self.shard_ids)
+
+
+def shard_size_for(size: int, needed: int) -> int:
+    """Bytes per shard for a block of *size* plaintext bytes split into *needed* pieces."""
+    return -(-(size + OVERHEAD) // needed)
+
+
+class BlockCodec:
+    """Seals and opens blocks for one user with fixed K-of-N erasure coding."""
+
+    def __init__(self, *, dedup_key: bytes, wrap_key: bytes, needed: int, total: int) -> None:
+        self.dedup_key = dedup_key
+        self.wrap_key = wrap_key
+        self.needed = needed
+        self.total = total
+        self._encoder = zfec.Encoder(needed, total)
+        self._decoder = zfec.Decoder(needed, total)
+
+    def block_id(self, plaintext: bytes | memoryview) -> bytes:
+        """Keyed hash of the plaintext: the block's id and dedup key."""
+        return blake3.blake3(plaintext, key=self.dedup_key, max_threads=1).digest()
+
+    def seal(
+        self, plaintext: bytes, block_id: bytes | None = None
+    ) -> tuple[BlockRecord, list[bytes]]:
+        """Encrypt and erasure-code *plaintext*; return its record and its N shards."""
+        if block_id is None:
+            block_id = self.block_id(plaintext)
+        content_key = os.urandom(KEY_SIZE)
+        nonce = os.urandom(NONCE_SIZE)
+        ciphertext = nonce + _encrypt(plaintext, block_id, nonce, content_key)
+        piece = shard_size_for(len(plaintext), self.needed)
+        padding = piece * self.needed - len(ciphertext)
+        if padding:
+            ciphertext += bytes(padding)
+        view = memoryview(ciphertext)
+        pieces = tuple(view[i * piece : (i + 1) * piece] for i in range(self.needed))
+        shards = [bytes(s) for s in self._encoder.encode(pieces)]
+        wrap_nonce = os.urandom(NONCE_SIZE)
+        wrapped = wrap_nonce + _encrypt(content_key, block_id, wrap_nonce, self.wrap_key)
+        record = BlockRecord(
+            block_id=block_id,
+            size=len(plaintext),
+            shard_size=piece,
+            needed=self.needed,
+            wrapped_key=wrapped,
+            shard_ids=tuple(merkle.shard_id(s) for s in shards),
+        )
+        return record, shards
+
+    def check_shard(self, record: BlockRecord, index: int, data: bytes) -> bool:
+        """Is *data* exactly shard *index* of *record*?"""
+        return len(data) == record.shard_size and merkle.shard_id(data) == record.shard_ids[index]
+
+    def open(
+        self, record: BlockRecord, shards: dict[int, bytes], *, verified: bool = False
+    ) -> bytes:
+        """Rebuild the plaintext from at least K shards (index → bytes).
+
+        Shards are checked against their ids unless *verified*; bad ones are
+        skipped. Raises NotEnoughShards or CorruptBlock.
+        """
+        good: dict[int, bytes] = {}
+        for index, data in sorted(shards.items()):
+            if len(good) == record.needed:
+                break
+            if verified or self.check_shard(record, index, data):
+                good[index] = data
+        if len(good) < record.needed:
+            raise NotEnoughShards(f"{len(good)} good shards of {record.needed} needed")
+        if record.needed != self.needed or record.total != self.total:
+            decoder = zfec.Decoder(record.needed, record.total)
+        else:
+            decoder = self._decoder
+        numbers = tuple(good)
+        if numbers == tuple(range(record.needed)):
+            pieces = [good[i] for i in numbers]  # all primary: decoding is concatenation
+        else:
+            pieces = decoder.decode(tuple(good[i] for i in numbers), numbers)
+        ciphertext = b"".join(pieces)[: record.size + OVERHEAD]
+        try:
+            content_key = _decrypt(
+                record.wrapped_key[NONCE_SIZE:],
+                record.block_id,
+                record.wrapped_key[:NONCE_SIZE],
+                self.wrap_key,
+            )
+            plaintext = _decrypt(
+                ciphertext[NONCE_SIZE:], record.block_id, ciphertext[:NONCE_SIZE], content_key
+            )
+        except CryptoError:
+            raise CorruptBlock(
+                f"block {record.block_id.hex()[:16]} failed authentication"
+            ) from None
+        if self.block_id(plaintext) != record.block_id:
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]} does not match its id")
+        return plaintext

@@ -1,0 +1,303 @@
+"""The ``fluidfs`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from fluidfs import __version__
+from fluidfs import keys as keymod
+from fluidfs.statedir import StateDir, StateError, default_data_dir, default_keyfile
+
+EXIT_USAGE = 2
+EXIT_FAIL = 1
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse '512M', '2G', '1GiB', '4096' into bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _shard_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 256: {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
+    """Print one line to stderr and exit."""
+    print(f"fluidfs: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def build_parser() -> Parser:
+    """The argument parser for every command."""
+    parser = Parser(prog="fluidfs", description="Peer-to-peer encrypted backup filesystem.")
+    parser.add_argument("--version", action="version", version=f"fluidfs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    init = commands.add_parser("init", help="make a new keyfile")
+    init.add_argument("--keyfile", type=Path, default=None, help="where to write it")
+    init.add_argument("--shards", type=_shard_count, default=12, help="shards per block (N)")
+    init.add_argument("--needed", type=_shard_count, default=8, help="shards to rebuild (K)")
+
+    mount = commands.add_parser("mount", help="mount the backup folder")
+    mount.add_argument("mountpoint", type=Path)
+    mount.add_argument("--keyfile", type=Path, default=None)
+    mount.add_argument("--state-dir", type=Path, default=None)
+    mount.add_argument(
+        "--cache-size", type=parse_size, default="1G", help="plaintext cache bound (default 1G)"
+    )
+    mount.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other local users use the mount (modes are enforced)",
+    )
+    mount.add_argument("--block-size", type=parse_size, default="4M", help=argparse.SUPPRESS)
+    mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    unmount = commands.add_parser("unmount", help="flush and unmount")
+    unmount.add_argument("mountpoint", type=Path)
+    unmount.add_argument("--timeout", type=float, default=600.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``fluidfs`` command."""
+    args = build_parser().parse_args(argv)
+    handlers = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount}
+    try:
+        handlers[args.command](args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# --- init -----------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    """fluidfs init: make a new keyfile."""
+    if args.needed > args.shards:
+        fail(f"--needed ({args.needed}) cannot exceed --shards ({args.shards})", EXIT_USAGE)
+    path = (args.keyfile or default_keyfile()).absolute()
+    if path.exists():
+        fail(f"{path} already exists; refusing to overwrite a keyfile")
+    keyfile = keymod.generate(args.shards, args.needed)
+    try:
+        keymod.write_keyfile(path, keyfile)
+    except OSError as exc:
+        fail(f"cannot write keyfile {path}: {exc}")
+    ring = keymod.KeyRing(keyfile)
+    print(f"keyfile: {path}")
+    print(f"peer id: {ring.peer_id}")
+    print(f"coding:  {args.shards} shards per block, any {args.needed} rebuild it")
+    print("WARNING: this keyfile is the only way to get your data back. Keep a copy somewhere")
+    print("         safe, off this machine. If it is lost, the backup is lost with it.")
+
+
+def load_or_create_keyfile(path: Path | None) -> keymod.KeyRing:
+    """Read the keyfile; create one at the default place if none was named or exists."""
+    explicit = path is not None
+    path = (path or default_keyfile()).absolute()
+    if not path.exists() and not explicit:
+        keymod.write_keyfile(path, keymod.generate())
+        print(f"fluidfs: created a new keyfile at {path}", file=sys.stderr)
+        print(
+            "fluidfs: keep a copy of it somewhere safe: without it the backup cannot be recovered",
+            file=sys.stderr,
+        )
+    try:
+        return keymod.KeyRing(keymod.read_keyfile(path))
+    except keymod.KeyfileError as exc:
+        fail(str(exc))
+
+
+# --- mount ----------------------------------------------------------------------------
+
+
+def _check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        fail(f"mount point {path} does not exist", EXIT_USAGE)
+    if not path.is_dir():
+        fail(f"mount point {path} is not a directory", EXIT_USAGE)
+    if os.path.ismount(path):
+        fail(f"{path} is already a mount point", EXIT_USAGE)
+    try:
+        if any(os.scandir(path)):
+            fail(f"mount point {path} is not empty", EXIT_USAGE)
+    except PermissionError:
+        fail(f"cannot read mount point {path}", EXIT_USAGE)
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    """fluidfs mount: check everything, then mount (in a background process by default)."""
+    mountpoint = args.mountpoint.expanduser().absolute()
+    _check_mountpoint(mountpoint)
+    state = StateDir((args.state_dir or default_data_dir()).expanduser())
+    if "," in str(state.path):
+        fail(f"state directory path may not contain a comma: {state.path}", EXIT_USAGE)
+    if args.block_size < 64 * 1024 or args.block_size > 64 << 20:
+        fail("--block-size must be between 64K and 64M", EXIT_USAGE)
+    keyring = load_or_create_keyfile(args.keyfile)
+    if state.is_locked():
+        pid = state.running_pid()
+        fail(
+            f"state directory {state.path} is already in use"
+            + (f" by fluidfs pid {pid}" if pid else "")
+        )
+    if not os.path.exists("/dev/fuse"):
+        fail("/dev/fuse is missing: install fuse3 and load the fuse module")
+    if args.foreground:
+        run_foreground(args, mountpoint, state, keyring)
+    else:
+        run_background(args, mountpoint, state)
+
+
+def run_foreground(
+    args: argparse.Namespace, mountpoint: Path, state: StateDir, keyring: keymod.KeyRing
+) -> None:
+    """Run the node in this process until it is unmounted."""
+    import trio
+
+    from fluidfs.daemon import MountError, Node, NodeConfig
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ready_fd = args.ready_fd
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+    try:
+        node = Node(
+            NodeConfig(keyring, state, cache_size=args.cache_size, block_size=args.block_size)
+        )
+    except StateError as exc:
+        report(f"error: {exc}")
+        fail(str(exc))
+    try:
+        trio.run(
+            lambda: node.mount(
+                mountpoint, allow_other=args.allow_other, on_ready=lambda: report("ok")
+            )
+        )
+    except MountError as exc:
+        report(f"error: {exc}")
+        fail(str(exc))
+    finally:
+        node.close()
+
+
+def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) -> None:
+    """Start the node as a detached process; return once the mount is usable."""
+    state.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    read_fd, write_fd = os.pipe()
+    argv = [
+        sys.executable,
+        "-m",
+        "fluidfs",
+        "mount",
+        str(mountpoint),
+        "--foreground",
+        "--state-dir",
+        str(state.path),
+        "--cache-size",
+        str(args.cache_size),
+        "--block-size",
+        str(args.block_size),
+        "--ready-fd",
+        str(write_fd),
+    ]
+    if args.keyfile is not None:
+        argv += ["--keyfile", str(args.keyfile.absolute())]
+    if args.allow_other:
+        argv.append("--allow-other")
+    with open(state.log, "ab") as logfile:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.readline().decode().strip()
+    if answer == "ok":
+        print(f"fluidfs: mounted {mountpoint} (pid {child.pid}, log {state.log})")
+        return
+    child.wait(timeout=30)
+    if answer.startswith("error: "):
+        fail(answer[len("error: ") :])
+    fail(f"the mount process exited early (code {child.returncode}); see {state.log}")
+
+
+# --- unmount --------------------------------------------------------------------------
+
+
+def find_mount_source(mountpoint: Path) -> str | None:
+    """The fsname of the FUSE mount at *mountpoint*, from /proc/self/mountinfo."""
+    target = str(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ", 1)
+            left = fields[0].split()
+            point = left[4].encode().decode("unicode_escape")
+            if point == target and len(fields) == 2:
+                return fields[1].split()[1].encode().decode("unicode_escape")
+    return None
+
+
+def cmd_unmount(args: argparse.Namespace) -> None:
+    """fluidfs unmount: unmount, then wait for the node to seal and exit."""
+    mountpoint = args.mountpoint.expanduser().absolute()
+    source = find_mount_source(mountpoint)
+    if source is None or not source.startswith("fluidfs@"):
+        fail(f"{mountpoint} is not a fluidfs mount", EXIT_USAGE)
+    state = StateDir(Path(source[len("fluidfs@") :]))
+    pid = state.running_pid()
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount3 failed'}")
+    deadline = time.monotonic() + args.timeout
+    while state.is_locked():
+        if time.monotonic() > deadline:
+            fail(f"unmounted, but fluidfs (pid {pid}) is still flushing; it will finish alone")
+        time.sleep(0.05)
+    print(f"fluidfs: unmounted {mountpoint}")

@@ -1,0 +1,438 @@
+"""File contents: write-back buffers over sealed blocks.
+
+A file is cut at fixed offsets into blocks. Block *i* of a file is, in order of
+precedence: a *dirty* block being written (in memory while small, else a file
+under ``<state>/dirty/``), a sealed block named in the block map (or small
+data inline in the map), or a hole (zeros). The block's data may be shorter
+than the block: what lies past it, up to the file size, reads as zeros.
+
+Writes only touch dirty blocks, so they never wait for sealing. Sealers turn
+dirty blocks into stored blocks in the background: when a block is written to
+its end, when its file is released, when it has been idle for a while, on
+fsync (which waits) and at unmount. Dirty files survive ``kill -9``: on the
+next mount they are found and sealed (file names are ``<ino>.<index>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
+from fluidfs.fs.inode import Inode
+from fluidfs.fs.tree import BLOCK_REF, INLINE, Tree
+
+log = logging.getLogger(__name__)
+
+INLINE_MAX = 4096
+MEMORY_BLOCK_MAX = 256 * 1024  # a dirty block spills to a file past this size
+MEMORY_TOTAL_MAX = 64 * 1024 * 1024  # all in-memory dirty blocks together
+IDLE_SEAL_SECONDS = 2.0
+
+
+@dataclass(eq=False)
+class DirtyBlock:
+    """A block being written: its bytes live in ``buf`` or in the file at ``path``."""
+
+    ino: int
+    index: int
+    path: Path
+    buf: bytearray | None = None
+    fd: int | None = None
+    length: int = 0
+    last_write: float = field(default_factory=time.monotonic)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    ready: bool = False  # materialised (old contents in place)
+    dead: bool = False  # sealed or dropped: writers must start again
+    queued: bool = False
+
+
+class FileData:
+    """Reads, writes, truncates and seals file contents."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        blocks: BlockStore,
+        dirty_dir: Path,
+        block_size: int,
+        limiter: trio.CapacityLimiter,
+        sealers: int = 2,
+    ) -> None:
+        self.tree = tree
+        self.blocks = blocks
+        self.dirty_dir = dirty_dir
+        self.block_size = block_size
+        self.limiter = limiter
+        self.sealers = sealers
+        self.dirty: dict[tuple[int, int], DirtyBlock] = {}
+        self.memory_bytes = 0
+        self._queue_send, self._queue_recv = trio.open_memory_channel[DirtyBlock](float("inf"))
+        self.sealed_bytes = 0
+        self.sealed_blocks = 0
+        self.on_sealed: Callable[[], None] | None = None
+        dirty_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- background work ----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the sealers and the idle timer until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.sealers):
+                nursery.start_soon(self._sealer)
+            nursery.start_soon(self._idle_timer)
+            task_status.started()
+
+    async def _sealer(self) -> None:
+        async for blk in self._queue_recv:
+            blk.queued = False
+            try:
+                await self.seal(blk)
+            except Exception:
+                log.exception("sealing block %d of inode %d failed; will retry", blk.index, blk.ino)
+                await trio.sleep(1)
+                self._enqueue(blk)
+
+    async def _idle_timer(self) -> None:
+        while True:
+            await trio.sleep(IDLE_SEAL_SECONDS / 2)
+            cutoff = time.monotonic() - IDLE_SEAL_SECONDS
+            for blk in list(self.dirty.values()):
+                if blk.last_write < cutoff:
+                    self._enqueue(blk)
+
+    def _enqueue(self, blk: DirtyBlock) -> None:
+        if not blk.queued and not blk.dead:
+            blk.queued = True
+            self._queue_send.send_nowait(blk)
+
+    def schedule_inode(self, ino: int) -> None:
+        """Queue every dirty block of *ino* for sealing (e.g. on release)."""
+        for blk in self._blocks_of(ino):
+            self._enqueue(blk)
+
+    def _blocks_of(self, ino: int) -> list[DirtyBlock]:
+        return [blk for (i, _), blk in self.dirty.items() if i == ino]
+
+    def pending_bytes(self) -> int:
+        """Bytes written but not yet sealed."""
+        return sum(blk.length for blk in self.dirty.values())
+
+    # --- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Adopt dirty files left by a previous run (crash); return how many."""
+        names = await trio.to_thread.run_sync(os.listdir, self.dirty_dir)
+        found = 0
+        for name in names:
+            try:
+                ino_s, index_s = name.split(".")
+                ino, index = int(ino_s), int(index_s)
+            except ValueError:
+                continue
+            path = self.dirty_dir / name
+            inode = self.tree.get(ino)
+            if inode is None or not inode.is_reg or index * self.block_size >= inode.size:
+                await trio.to_thread.run_sync(path.unlink)
+                continue
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDWR)
+            length = min(os.fstat(fd).st_size, inode.size - index * self.block_size)
+            blk = DirtyBlock(ino, index, path, fd=fd, length=length, ready=True)
+            self.dirty[(ino, index)] = blk
+            self._enqueue(blk)
+            found += 1
+        return found
+
+    # --- reading -----------------------------------------------------------------------
+
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Read up to *size* bytes at *offset* (short at end of file)."""
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        bs = self.block_size
+        pos = offset
+        while pos < end:
+            index, start = divmod(pos, bs)
+            want = min(bs - start, end - pos)
+            data = await self._read_block(inode.ino, index, start, want)
+            if len(data) < want:
+                data += bytes(want - len(data))
+            parts.append(data)
+            pos += want
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_block(self, ino: int, index: int, start: int, size: int) -> bytes:
+        blk = self.dirty.get((ino, index))
+        if blk is not None and not blk.dead:
+            async with blk.lock:
+                if not blk.dead:
+                    if blk.buf is not None:
+                        return bytes(blk.buf[start : start + size])
+                    return await trio.to_thread.run_sync(
+                        os.pread, blk.fd, size, start, limiter=self.limiter
+                    )
+        value = self.tree.block(ino, index)
+        if value is None:
+            return b""
+        if value[:1] == INLINE:
+            return value[1 + start : 1 + start + size]
+        try:
+            return await self.blocks.read(value[1:], start, size)
+        except BlockUnavailable as exc:
+            log.error("inode %d block %d unreadable: %s", ino, index, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    # --- writing -----------------------------------------------------------------------
+
+    async def write(self, inode: Inode, offset: int, data: bytes) -> None:
+        """Write *data* at *offset* into dirty blocks (the caller updates the size)."""
+        bs = self.block_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            index, start = divmod(offset + pos, bs)
+            chunk = view[pos : pos + bs - start]
+            await self._write_block(inode, index, start, chunk)
+            pos += len(chunk)
+
+    async def _write_block(self, inode: Inode, index: int, start: int, chunk: memoryview) -> None:
+        while True:
+            blk = await self._dirty_block(inode, index)
+            async with blk.lock:
+                if blk.dead:
+                    continue
+                end = start + len(chunk)
+                if blk.buf is not None and end > MEMORY_BLOCK_MAX:
+                    await self._spill(blk)
+                if blk.buf is not None:
+                    if start > len(blk.buf):
+                        blk.buf.extend(bytes(start - len(blk.buf)))
+                    old = len(blk.buf)
+                    blk.buf[start:end] = chunk
+                    self.memory_bytes += len(blk.buf) - old
+                else:
+                    await trio.to_thread.run_sync(
+                        os.pwrite, blk.fd, chunk, start, limiter=self.limiter
+                    )
+                blk.length = max(blk.length, end)
+                blk.last_write = time.monotonic()
+                if end == self.block_size:
+                    self._enqueue(blk)
+                return
+
+    async def _dirty_block(self, inode: Inode, index: int) -> DirtyBlock:
+        """The dirty block for (inode, index), creating it with the old contents."""
+        key = (inode.ino, index)
+        blk = self.dirty.get(key)
+        if blk is not None and not blk.dead:
+            return blk
+        blk = DirtyBlock(inode.ino, index, self.dirty_dir / f"{inode.ino}.{index}")
+        self.dirty[key] = blk
+        async with blk.lock:
+            try:
+                await self._materialise(blk)
+            except BaseException:
+                blk.dead = True
+                if self.dirty.get(key) is blk:
+                    del self.dirty[key]
+                raise
+        return blk
+
+    async def _materialise(self, blk: DirtyBlock) -> None:
+        value = self.tree.block(blk.ino, blk.index)
+        if value is not None and value[:1] == BLOCK_REF:
+            block_id = value[1:]
+            while blk.fd is None:
+                try:
+                    await self.blocks.fetch(block_id)
+                except BlockUnavailable as exc:
+                    log.error(
+                        "inode %d block %d unreadable for rewrite: %s", blk.ino, blk.index, exc
+                    )
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+                source = self.blocks.cache.path(block_id)
+                try:
+                    blk.fd = await trio.to_thread.run_sync(
+                        _copy_to_new, source, blk.path, limiter=self.limiter
+                    )
+                except FileNotFoundError:  # evicted between fetch and copy
+                    self.blocks.cache.forget(block_id)
+            blk.length = os.fstat(blk.fd).st_size
+        elif self.memory_bytes < MEMORY_TOTAL_MAX:
+            blk.buf = bytearray(value[1:] if value is not None else b"")
+            blk.length = len(blk.buf)
+            self.memory_bytes += blk.length
+        else:
+            blk.fd = await trio.to_thread.run_sync(_create, blk.path, limiter=self.limiter)
+            if value is not None:
+                os.pwrite(blk.fd, value[1:], 0)
+                blk.length = len(value) - 1
+        blk.ready = True
+
+    async def _spill(self, blk: DirtyBlock) -> None:
+        """Move an in-memory dirty block to its file (it grew large)."""
+        assert blk.buf is not None
+        buf, blk.buf = blk.buf, None
+        self.memory_bytes -= len(buf)
+        blk.fd = await trio.to_thread.run_sync(_create, blk.path, limiter=self.limiter)
+        if buf:
+            await trio.to_thread.run_sync(os.pwrite, blk.fd, buf, 0, limiter=self.limiter)
+
+    # --- truncation and removal ----------------------------------------------------------
+
+    async def truncate(self, inode: Inode, new_size: int) -> None:
+        """Cut the file's data to *new_size* (growing needs nothing: holes read as zeros)."""
+        if new_size >= inode.size:
+            return
+        bs = self.block_size
+        keep = -(-new_size // bs)  # blocks that still hold data
+        for blk in [b for b in self._blocks_of(inode.ino) if b.index >= keep]:
+            async with blk.lock:
+                self._discard(blk)
+        with self.tree.db.write() as txn:
+            old = self.tree.cut_blocks(txn, inode.ino, keep)
+            dead = self._drop_values(txn, old)
+        await self.blocks.release(dead)
+        tail = new_size - (keep - 1) * bs if keep else 0
+        if keep and tail < bs:
+            await self._cut_block(inode, keep - 1, tail)
+
+    async def _cut_block(self, inode: Inode, index: int, length: int) -> None:
+        value = self.tree.block(inode.ino, index)
+        blk = self.dirty.get((inode.ino, index))
+        if blk is None or blk.dead:
+            if value is None:
+                return
+            if value[:1] == INLINE:
+                if len(value) - 1 > length:
+                    with self.tree.db.write() as txn:
+                        self.tree.set_block(txn, inode.ino, index, value[: 1 + length])
+                return
+            if self.blocks.block_size(value[1:]) <= length:
+                return
+            blk = await self._dirty_block(inode, index)
+        async with blk.lock:
+            if blk.dead:
+                return await self._cut_block(inode, index, length)
+            if blk.buf is not None:
+                if len(blk.buf) > length:
+                    self.memory_bytes -= len(blk.buf) - length
+                    del blk.buf[length:]
+            else:
+                await trio.to_thread.run_sync(os.ftruncate, blk.fd, min(blk.length, length))
+            blk.length = min(blk.length, length)
+            blk.last_write = time.monotonic()
+
+    async def remove(self, ino: int) -> None:
+        """Drop all data of a deleted inode."""
+        for blk in self._blocks_of(ino):
+            async with blk.lock:
+                self._discard(blk)
+        with self.tree.db.write() as txn:
+            dead = self._drop_values(txn, self.tree.cut_blocks(txn, ino, 0))
+        await self.blocks.release(dead)
+
+    def _discard(self, blk: DirtyBlock) -> None:
+        blk.dead = True
+        if self.dirty.get((blk.ino, blk.index)) is blk:
+            del self.dirty[(blk.ino, blk.index)]
+        if blk.buf is not None:
+            self.memory_bytes -= len(blk.buf)
+            blk.buf = None
+        if blk.fd is not None:
+            os.close(blk.fd)
+            blk.fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(blk.path)
+
+    def _drop_values(self, txn, values: list[bytes]) -> list:
+        dead = []
+        for value in values:
+            if value[:1] == BLOCK_REF:
+                stored = self.blocks.drop_ref(txn, value[1:])
+                if stored is not None:
+                    dead.append(stored)
+        return dead
+
+    # --- sealing ------------------------------------------------------------------------
+
+    async def seal(self, blk: DirtyBlock) -> None:
+        """Turn a dirty block into a stored block and point the block map at it."""
+        async with blk.lock:
+            if blk.dead or not blk.ready:
+                return
+            inode = self.tree.get(blk.ino)
+            if inode is None:
+                self._discard(blk)
+                return
+            if blk.buf is not None:
+                data = bytes(blk.buf)
+            else:
+                data = await trio.to_thread.run_sync(
+                    _read_exact, blk.fd, blk.length, limiter=self.limiter
+                )
+            if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
+                value = INLINE + data
+                self._discard(blk)
+            else:
+                # The dirty file (if any) becomes the cached plaintext: no copy.
+                source = blk.path if blk.fd is not None else None
+                block_id = await self.blocks.put(data, source)
+                value = BLOCK_REF + block_id
+                if source is not None:
+                    os.close(blk.fd)
+                    blk.fd = None
+                self._discard(blk)
+                self.sealed_bytes += len(data)
+                self.sealed_blocks += 1
+            with self.tree.db.write() as txn:
+                old = self.tree.set_block(txn, blk.ino, blk.index, value)
+                dead = self._drop_values(txn, [old] if old is not None else [])
+        await self.blocks.release(dead)
+        if self.on_sealed is not None:
+            self.on_sealed()
+
+    async def seal_inode(self, ino: int) -> None:
+        """Seal every dirty block of *ino* now (fsync)."""
+        for blk in self._blocks_of(ino):
+            await self.seal(blk)
+
+    async def seal_all(self) -> None:
+        """Seal everything (unmount)."""
+        for blk in list(self.dirty.values()):
+            await self.seal(blk)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+def _copy_to_new(source: Path, target: Path) -> int:
+    fd = _create(target)
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        while copied < size:
+            n = os.copy_file_range(src.fileno(), fd, size - copied, copied, copied)
+            if n == 0:
+                break
+            copied += n
+    return fd
+
+
+def _read_exact(fd: int, length: int) -> bytes:
+    data = os.pread(fd, length, 0)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data

@@ -1,0 +1,572 @@
+"""The pyfuse3 Operations: POSIX semantics over the metadata tree and file data.
+
+Every handler is wrapped so that no exception but FUSEError escapes (one would
+end ``pyfuse3.main`` and the mount): anything unexpected becomes EIO and a log
+line. Lookup counts are kept as pyfuse3 documents; an inode's data goes only
+when it has no links, no lookups and no open handles.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from fluidfs.fs.filedata import FileData
+from fluidfs.fs.inode import Inode, now_ns
+from fluidfs.fs.tree import ROOT_INO, Tree
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_VALUE_MAX = 64 * 1024
+XATTR_NAMESPACES = (b"user.",)
+TIMEOUT = 60.0
+BLKSIZE = 128 * 1024
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handler(func: F) -> F:
+    """Turn any exception other than FUSEError into EIO plus a log line."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            log.exception("%s failed", func.__name__)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", func.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class OpenFile:
+    """One open file handle."""
+
+    ino: int
+    writable: bool
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FUSEError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FUSEError(errno.EINVAL)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name.startswith(XATTR_NAMESPACES):
+        raise FUSEError(errno.ENOTSUP)
+    if len(name) > 255:
+        raise FUSEError(errno.ERANGE)
+
+
+class FluidOperations(pyfuse3.Operations):
+    """The filesystem as the kernel sees it."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, tree: Tree, data: FileData, statfs_path: str) -> None:
+        super().__init__()
+        self.tree = tree
+        self.data = data
+        self.statfs_path = statfs_path
+        self.lookups: defaultdict[int, int] = defaultdict(int)
+        self.opens: defaultdict[int, int] = defaultdict(int)
+        self.handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self.read_only = False
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.tree.get(ino)
+        if inode is None:
+            raise FUSEError(errno.ENOENT)
+        return inode
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """The inode as EntryAttributes for the kernel."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = TIMEOUT
+        entry.attr_timeout = TIMEOUT
+        entry.st_mode = inode.mode
+        entry.st_nlink = inode.nlink
+        entry.st_uid = inode.uid
+        entry.st_gid = inode.gid
+        entry.st_rdev = inode.rdev
+        entry.st_size = inode.size
+        entry.st_blksize = BLKSIZE
+        entry.st_blocks = -(-inode.size // 512)
+        entry.st_atime_ns = inode.atime_ns
+        entry.st_mtime_ns = inode.mtime_ns
+        entry.st_ctime_ns = inode.ctime_ns
+        return entry
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+
+    def _new_inode(
+        self,
+        txn,
+        parent: Inode,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        t = now_ns()
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        inode = Inode(
+            self.tree.new_ino(txn),
+            mode,
+            ctx.uid,
+            gid,
+            nlink=2 if stat.S_ISDIR(mode) else 1,
+            size=len(target),
+            rdev=rdev,
+            atime_ns=t,
+            mtime_ns=t,
+            ctime_ns=t,
+            target=target,
+        )
+        self.tree.put(txn, inode)
+        return inode
+
+    def _make(
+        self,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        self._writable()
+        _check_name(name)
+        parent = self._dir(parent_ino)
+        if self.tree.lookup(parent_ino, name) is not None:
+            raise FUSEError(errno.EEXIST)
+        with self.tree.db.write() as txn:
+            inode = self._new_inode(txn, parent, mode, ctx, rdev=rdev, target=target)
+            self.tree.link(txn, parent_ino, name, inode.ino)
+            if inode.is_dir:
+                parent.nlink += 1
+            parent.touch(mtime=True, ctime=True)
+            self.tree.put(txn, parent)
+        self.lookups[inode.ino] += 1
+        return inode
+
+    async def _maybe_purge(self, ino: int) -> None:
+        """Delete an inode once nothing refers to it any more."""
+        inode = self.tree.get(ino)
+        if inode is None or inode.nlink > 0 or self.lookups.get(ino) or self.opens.get(ino):
+            return
+        await self.data.remove(ino)
+        with self.tree.db.write() as txn:
+            self.tree.delete(txn, ino)
+
+    # --- lookups and attributes -------------------------------------------------------
+
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        if name == b".":
+            ino = parent_inode
+        elif name == b"..":
+            raise FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
+        else:
+            ino = self.tree.lookup(parent_inode, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        inode = self._inode(ino)
+        self.lookups[ino] += 1
+        return self.attrs(inode)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            try:
+                left = self.lookups[ino] - count
+                if left > 0:
+                    self.lookups[ino] = left
+                    continue
+                self.lookups.pop(ino, None)
+                if not self.opens.get(ino):
+                    await self._maybe_purge(ino)
+                    if ino != ROOT_INO:
+                        self.tree.uncache(ino)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        return self.attrs(self._inode(inode))
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._writable()
+        node = self._inode(inode)
+        if fields.update_size:
+            if node.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if attr.st_size < node.size:
+                await self.data.truncate(node, attr.st_size)
+            node.size = attr.st_size
+            node.touch(mtime=True, ctime=True)
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        if fields.update_ctime:
+            node.ctime_ns = attr.st_ctime_ns
+        else:
+            node.ctime_ns = now_ns()
+        self.tree.save(node)
+        return self.attrs(node)
+
+    @handler
+    async def statfs(self, ctx):
+        disk = os.statvfs(self.statfs_path)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = disk.f_bsize
+        out.f_frsize = disk.f_frsize
+        out.f_blocks = disk.f_blocks
+        out.f_bfree = disk.f_bfree
+        out.f_bavail = disk.f_bavail
+        out.f_files = 1 << 40
+        out.f_ffree = 1 << 39
+        out.f_favail = 1 << 39
+        out.f_namemax = NAME_MAX
+        return out
+
+    # --- directories ------------------------------------------------------------------
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.attrs(self._make(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.attrs(self._make(parent_inode, name, mode, ctx, rdev=rdev))
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.attrs(self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    @handler
+    async def readlink(self, inode, ctx):
+        node = self._inode(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    @handler
+    async def opendir(self, inode, ctx):
+        self._dir(inode)
+        return inode
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        for cookie, name, child in self.tree.entries(fh, start_id):
+            node = self.tree.get(child)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self.attrs(node), cookie):
+                break
+            self.lookups[child] += 1
+
+    @handler
+    async def releasedir(self, fh):
+        pass
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        await self._sync()
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self._dir(parent_inode)
+        ino = self.tree.lookup(parent_inode, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self._dir(ino)
+        if not self.tree.is_empty(ino):
+            raise FUSEError(errno.ENOTEMPTY)
+        with self.tree.db.write() as txn:
+            self.tree.unlink(txn, parent_inode, name)
+            node.nlink = 0
+            node.touch(ctime=True)
+            self.tree.put(txn, node)
+            parent.nlink -= 1
+            parent.touch(mtime=True, ctime=True)
+            self.tree.put(txn, parent)
+        await self._maybe_purge(ino)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self._dir(parent_inode)
+        ino = self.tree.lookup(parent_inode, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self._inode(ino)
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        with self.tree.db.write() as txn:
+            self.tree.unlink(txn, parent_inode, name)
+            node.nlink -= 1
+            node.touch(ctime=True)
+            self.tree.put(txn, node)
+            parent.touch(mtime=True, ctime=True)
+            self.tree.put(txn, parent)
+        await self._maybe_purge(ino)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._writable()
+        _check_name(new_name)
+        node = self._inode(inode)
+        if node.is_dir:
+            raise FUSEError(errno.EPERM)
+        parent = self._dir(new_parent_inode)
+        if self.tree.lookup(new_parent_inode, new_name) is not None:
+            raise FUSEError(errno.EEXIST)
+        with self.tree.db.write() as txn:
+            self.tree.link(txn, new_parent_inode, new_name, inode)
+            node.nlink += 1
+            node.touch(ctime=True)
+            self.tree.put(txn, node)
+            parent.touch(mtime=True, ctime=True)
+            self.tree.put(txn, parent)
+        self.lookups[inode] += 1
+        return self.attrs(node)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._writable()
+        _check_name(name_new)
+        old_parent = self._dir(parent_inode_old)
+        new_parent = self._dir(parent_inode_new)
+        ino = self.tree.lookup(parent_inode_old, name_old)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self._inode(ino)
+        target_ino = self.tree.lookup(parent_inode_new, name_new)
+        target = self.tree.get(target_ino) if target_ino is not None else None
+        if flags & pyfuse3.RENAME_NOREPLACE and target is not None:
+            raise FUSEError(errno.EEXIST)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if target is None:
+                raise FUSEError(errno.ENOENT)
+            self._exchange(old_parent, name_old, node, new_parent, name_new, target)
+            return
+        if target_ino == ino:
+            return  # both names are links to one file: nothing to do
+        if target is not None:
+            if target.is_dir:
+                if not node.is_dir:
+                    raise FUSEError(errno.EISDIR)
+                if not self.tree.is_empty(target.ino):
+                    raise FUSEError(errno.ENOTEMPTY)
+            elif node.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+        with self.tree.db.write() as txn:
+            if target is not None:
+                target.nlink = 0 if target.is_dir else target.nlink - 1
+                if target.is_dir:
+                    new_parent.nlink -= 1
+                target.touch(ctime=True)
+                self.tree.put(txn, target)
+            self.tree.unlink(txn, parent_inode_old, name_old)
+            self.tree.link(txn, parent_inode_new, name_new, ino)
+            if node.is_dir and old_parent is not new_parent:
+                old_parent.nlink -= 1
+                new_parent.nlink += 1
+            node.touch(ctime=True)
+            self.tree.put(txn, node)
+            for parent in {id(old_parent): old_parent, id(new_parent): new_parent}.values():
+                parent.touch(mtime=True, ctime=True)
+                self.tree.put(txn, parent)
+        if target is not None:
+            await self._maybe_purge(target.ino)
+
+    def _exchange(
+        self,
+        old_parent: Inode,
+        name_old: bytes,
+        node: Inode,
+        new_parent: Inode,
+        name_new: bytes,
+        target: Inode,
+    ) -> None:
+        with self.tree.db.write() as txn:
+            self.tree.link(txn, old_parent.ino, name_old, target.ino)
+            self.tree.link(txn, new_parent.ino, name_new, node.ino)
+            if old_parent is not new_parent and node.is_dir != target.is_dir:
+                shift = 1 if node.is_dir else -1
+                old_parent.nlink -= shift
+                new_parent.nlink += shift
+            for inode in (node, target):
+                inode.touch(ctime=True)
+                self.tree.put(txn, inode)
+            for parent in {id(old_parent): old_parent, id(new_parent): new_parent}.values():
+                parent.touch(mtime=True, ctime=True)
+                self.tree.put(txn, parent)
+
+    # --- files ------------------------------------------------------------------------
+
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.handles[fh] = OpenFile(ino, writable)
+        self.opens[ino] += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        node = self._inode(inode)
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        if flags & os.O_TRUNC and node.size:
+            await self.data.truncate(node, 0)
+            node.size = 0
+            node.touch(mtime=True, ctime=True)
+            self.tree.save(node)
+        return self._open_handle(inode, flags)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node = self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        return self._open_handle(node.ino, flags), self.attrs(node)
+
+    @handler
+    async def read(self, fh, off, size):
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        return await self.data.read(self._inode(handle.ino), off, size)
+
+    @handler
+    async def write(self, fh, off, buf):
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        self._writable()
+        node = self._inode(handle.ino)
+        await self.data.write(node, off, buf)
+        node.size = max(node.size, off + len(buf))
+        node.touch(mtime=True, ctime=True)
+        self.tree.save(node)
+        return len(buf)
+
+    @handler
+    async def flush(self, fh):
+        pass
+
+    @handler
+    async def fsync(self, fh, datasync):
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        await self.data.seal_inode(handle.ino)
+        await self._sync()
+
+    async def _sync(self) -> None:
+        await trio.to_thread.run_sync(self.tree.db.sync)
+        await trio.to_thread.run_sync(self.data.blocks.shards.sync)
+
+    @handler
+    async def release(self, fh):
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        ino = handle.ino
+        self.opens[ino] -= 1
+        if self.opens[ino] <= 0:
+            del self.opens[ino]
+            if handle.writable:
+                self.data.schedule_inode(ino)
+            await self._maybe_purge(ino)
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        self._inode(inode)
+        return True
+
+    # --- extended attributes ----------------------------------------------------------
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        self._writable()
+        _check_xattr_name(name)
+        if len(value) > XATTR_VALUE_MAX:
+            raise FUSEError(errno.E2BIG)
+        node = self._inode(inode)
+        self.tree.set_xattr(inode, name, value)
+        node.touch(ctime=True)
+        self.tree.save(node)
+
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        self._inode(inode)
+        value = self.tree.xattr(inode, name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        self._inode(inode)
+        return self.tree.xattr_names(inode)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        self._writable()
+        node = self._inode(inode)
+        if not self.tree.set_xattr(inode, name, None):
+            raise FUSEError(pyfuse3.ENOATTR)
+        node.touch(ctime=True)
+        self.tree.save(node)

@@ -1,0 +1,231 @@
+"""The filesystem's metadata tables in ``meta.lmdb``, with an inode cache.
+
+Tables (format version 1; integers are big-endian u64):
+
+- ``inodes``:  ino → Inode record (see inode.py)
+- ``dirents``: parent ‖ name → child ‖ cookie
+- ``cookies``: parent ‖ cookie → name   (stable readdir offsets: new entries get
+  ever larger cookies, so a listing never skips or repeats entries that stay)
+- ``blockmap``: ino ‖ block index → ``b"B"`` ‖ block id, or ``b"I"`` ‖ inline bytes
+- ``xattrs``:  ino ‖ name → value
+- ``counters``: b"next_ino", b"next_cookie" → u64
+
+All calls are short and run on the trio loop; writes take the caller's
+transaction so that related changes commit together.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from fluidfs.fs.inode import Inode
+from fluidfs.store.db import Database
+
+_U64 = struct.Struct(">Q")
+_U64x2 = struct.Struct(">QQ")
+TABLES = ["inodes", "dirents", "cookies", "blockmap", "xattrs", "counters", "blocks", "settings"]
+ROOT_INO = 1
+
+BLOCK_REF = b"B"
+INLINE = b"I"
+
+
+def u64(n: int) -> bytes:
+    """Big-endian 8-byte encoding."""
+    return _U64.pack(n)
+
+
+class Tree:
+    """Typed access to the metadata tables."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._inodes = db["inodes"]
+        self._dirents = db["dirents"]
+        self._cookies = db["cookies"]
+        self._blockmap = db["blockmap"]
+        self._xattrs = db["xattrs"]
+        self._counters = db["counters"]
+        self._cache: dict[int, Inode] = {}
+
+    # --- counters ----------------------------------------------------------------------
+
+    def _next(self, txn, name: bytes) -> int:
+        raw = txn.get(name, db=self._counters)
+        value = _U64.unpack(raw)[0] if raw else 2
+        txn.put(name, u64(value + 1), db=self._counters)
+        return value
+
+    def new_ino(self, txn) -> int:
+        """Allocate an inode number (never reused)."""
+        return self._next(txn, b"next_ino")
+
+    # --- inodes ------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode | None:
+        """The inode, from the cache or the table."""
+        inode = self._cache.get(ino)
+        if inode is None:
+            with self.db.read() as txn:
+                raw = txn.get(u64(ino), db=self._inodes)
+            if raw is None:
+                return None
+            inode = self._cache[ino] = Inode.decode(ino, raw)
+        return inode
+
+    def put(self, txn, inode: Inode) -> None:
+        """Write the inode (and keep it cached)."""
+        self._cache[inode.ino] = inode
+        txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
+
+    def save(self, inode: Inode) -> None:
+        """Write the inode in its own transaction."""
+        with self.db.write() as txn:
+            self.put(txn, inode)
+
+    def delete(self, txn, ino: int) -> None:
+        """Remove the inode record and its xattrs (its block map is the caller's job)."""
+        self._cache.pop(ino, None)
+        txn.delete(u64(ino), db=self._inodes)
+        cursor = txn.cursor(db=self._xattrs)
+        prefix = u64(ino)
+        while cursor.set_range(prefix) and cursor.key()[:8] == prefix:
+            cursor.delete()
+
+    def uncache(self, ino: int) -> None:
+        """Drop the cached copy (the kernel forgot it)."""
+        self._cache.pop(ino, None)
+
+    def orphans(self) -> list[int]:
+        """Inodes with no links left (from a crash while they were open)."""
+        with self.db.read() as txn:
+            return [
+                _U64.unpack(key)[0]
+                for key, raw in txn.cursor(db=self._inodes)
+                if Inode.decode(0, raw).nlink == 0
+            ]
+
+    # --- directory entries -------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        """The child inode number for *name* in *parent*, or None."""
+        with self.db.read() as txn:
+            raw = txn.get(u64(parent) + name, db=self._dirents)
+        return None if raw is None else _U64x2.unpack(raw)[0]
+
+    def link(self, txn, parent: int, name: bytes, child: int) -> None:
+        """Add (or replace) the entry *name* → *child* in *parent*."""
+        key = u64(parent) + name
+        old = txn.get(key, db=self._dirents)
+        if old is not None:
+            txn.delete(u64(parent) + old[8:16], db=self._cookies)
+        cookie = self._next(txn, b"next_cookie")
+        txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
+        txn.put(u64(parent) + u64(cookie), name, db=self._cookies)
+
+    def unlink(self, txn, parent: int, name: bytes) -> None:
+        """Remove the entry *name* from *parent*."""
+        key = u64(parent) + name
+        old = txn.get(key, db=self._dirents)
+        if old is not None:
+            txn.delete(key, db=self._dirents)
+            txn.delete(u64(parent) + old[8:16], db=self._cookies)
+
+    def entries(self, parent: int, after: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(cookie, name, child) for entries of *parent* with cookie > *after*, in order.
+
+        Yields lazily from one read transaction; stop early to end it.
+        """
+        prefix = u64(parent)
+        with self.db.read() as txn:
+            cursor = txn.cursor(db=self._cookies)
+            if not cursor.set_range(prefix + u64(after + 1)):
+                return
+            for key, name in cursor:
+                if key[:8] != prefix:
+                    return
+                raw = txn.get(prefix + name, db=self._dirents)
+                if raw is None:
+                    continue
+                yield _U64.unpack(key[8:])[0], bytes(name), _U64x2.unpack(raw)[0]
+
+    def is_empty(self, parent: int) -> bool:
+        """True if the directory has no entries."""
+        return next(self.entries(parent), None) is None
+
+    # --- block map ---------------------------------------------------------------------
+
+    def block(self, ino: int, index: int, txn=None) -> bytes | None:
+        """The block map value for block *index* of *ino* (BLOCK_REF/INLINE prefixed)."""
+        if txn is not None:
+            return txn.get(u64(ino) + u64(index), db=self._blockmap)
+        with self.db.read() as own:
+            return own.get(u64(ino) + u64(index), db=self._blockmap)
+
+    def set_block(self, txn, ino: int, index: int, value: bytes | None) -> bytes | None:
+        """Set (or clear, with None) a block map entry; return the previous value."""
+        key = u64(ino) + u64(index)
+        old = txn.get(key, db=self._blockmap)
+        if value is None:
+            if old is not None:
+                txn.delete(key, db=self._blockmap)
+        else:
+            txn.put(key, value, db=self._blockmap)
+        return old
+
+    def cut_blocks(self, txn, ino: int, first: int) -> list[bytes]:
+        """Remove block map entries with index >= *first*; return their values."""
+        prefix = u64(ino)
+        removed: list[bytes] = []
+        cursor = txn.cursor(db=self._blockmap)
+        if cursor.set_range(prefix + u64(first)):
+            while cursor.key()[:8] == prefix:
+                removed.append(bytes(cursor.value()))
+                if not cursor.delete():
+                    break
+        return removed
+
+    def blocks_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """All (index, value) block map entries of *ino*."""
+        prefix = u64(ino)
+        found: list[tuple[int, bytes]] = []
+        with self.db.read() as txn:
+            cursor = txn.cursor(db=self._blockmap)
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if key[:8] != prefix:
+                        break
+                    found.append((_U64.unpack(key[8:])[0], bytes(value)))
+        return found
+
+    # --- xattrs ------------------------------------------------------------------------
+
+    def xattr(self, ino: int, name: bytes) -> bytes | None:
+        """An extended attribute's value, or None."""
+        with self.db.read() as txn:
+            return txn.get(u64(ino) + name, db=self._xattrs)
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes | None) -> bool:
+        """Set (or remove, with None) an xattr; return whether it existed before."""
+        key = u64(ino) + name
+        with self.db.write() as txn:
+            existed = txn.get(key, db=self._xattrs) is not None
+            if value is None:
+                txn.delete(key, db=self._xattrs)
+            else:
+                txn.put(key, value, db=self._xattrs)
+        return existed
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        """Names of the inode's xattrs."""
+        prefix = u64(ino)
+        names: list[bytes] = []
+        with self.db.read() as txn:
+            cursor = txn.cursor(db=self._xattrs)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:8] != prefix:
+                        break
+                    names.append(bytes(key[8:]))
+        return names

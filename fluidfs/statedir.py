@@ -1,0 +1,143 @@
+"""The state directory: where one node keeps everything local, and its lock.
+
+Layout (version 1)::
+
+    <state>/format        "fluidfs-state-1"
+    <state>/identity      the peer id this state belongs to
+    <state>/lock          flock()ed by the running node
+    <state>/daemon.pid    pid of the running node
+    <state>/meta.lmdb/    metadata (see fs/tree.py, blocks/record.py)
+    <state>/shards.lmdb/  hosted shards (see store/shards.py)
+    <state>/cache/        plaintext block cache (see blocks/cache.py)
+    <state>/dirty/        blocks written but not yet sealed (see fs/filedata.py)
+    <state>/fluidfs.log   the node's log when it runs in the background
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+FORMAT = "fluidfs-state-1"
+
+
+class StateError(Exception):
+    """The state directory cannot be used (locked, foreign, or unreadable)."""
+
+
+def default_config_dir() -> Path:
+    """$XDG_CONFIG_HOME/fluidfs, i.e. ~/.config/fluidfs by default."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fluidfs"
+
+
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/fluidfs, i.e. ~/.local/share/fluidfs by default."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fluidfs"
+
+
+def default_keyfile() -> Path:
+    """Where the keyfile lives unless --keyfile says otherwise."""
+    return default_config_dir() / "fluidfs.key"
+
+
+class StateDir:
+    """A node's state directory, locked for as long as this object holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+        self._lock_fd: int | None = None
+
+    @property
+    def meta(self) -> Path:
+        """LMDB environment for metadata."""
+        return self.path / "meta.lmdb"
+
+    @property
+    def shards(self) -> Path:
+        """LMDB environment for hosted shards."""
+        return self.path / "shards.lmdb"
+
+    @property
+    def cache(self) -> Path:
+        """Plaintext cache directory."""
+        return self.path / "cache"
+
+    @property
+    def dirty(self) -> Path:
+        """Unsealed block files."""
+        return self.path / "dirty"
+
+    @property
+    def log(self) -> Path:
+        """Log file of a backgrounded node."""
+        return self.path / "fluidfs.log"
+
+    @property
+    def control(self) -> Path:
+        """The node's local control socket."""
+        return self.path / "control.sock"
+
+    def lock(self, peer_id: str) -> None:
+        """Take the lock and check (or record) which identity this state belongs to."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StateError(f"cannot create state directory {self.path}: {exc}") from None
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.running_pid()
+            who = f" (pid {pid})" if pid else ""
+            raise StateError(
+                f"state directory {self.path} is in use by another fluidfs{who}"
+            ) from None
+        self._lock_fd = fd
+        fmt = self.path / "format"
+        ident = self.path / "identity"
+        if fmt.exists():
+            if fmt.read_text().strip() != FORMAT:
+                self.unlock()
+                raise StateError(f"{self.path} holds state of an unknown format")
+            recorded = ident.read_text().strip() if ident.exists() else peer_id
+            if recorded != peer_id:
+                self.unlock()
+                raise StateError(
+                    f"state directory {self.path} belongs to peer {recorded[:16]}…, "
+                    f"not to this keyfile's peer {peer_id[:16]}… (wrong keyfile?)"
+                )
+        else:
+            ident.write_text(peer_id + "\n")
+            fmt.write_text(FORMAT + "\n")
+        (self.path / "daemon.pid").write_text(f"{os.getpid()}\n")
+
+    def is_locked(self) -> bool:
+        """True if some process holds the lock now."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def running_pid(self) -> int | None:
+        """Pid recorded by the node that holds (or held) the lock."""
+        try:
+            return int((self.path / "daemon.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def unlock(self) -> None:
+        """Release the lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,1 @@
+"""Persistent state: LMDB environments and their tables."""

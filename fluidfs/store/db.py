@@ -1,0 +1,62 @@
+"""LMDB environments: the one place persistent state goes through.
+
+Two environments live in the state directory, so that large shard writes in
+worker threads never hold the writer lock that the metadata needs:
+
+- ``meta.lmdb``: inodes, directory entries, file→block maps, block records,
+  xattrs and counters. Written from the trio loop in small transactions.
+- ``shards.lmdb``: the shards this node hosts (its own and, with peers,
+  others'). Written from worker threads in batched transactions.
+
+Both run with ``sync=False``: a commit reaches the kernel (and so survives
+``kill -9`` of the process) at once; ``sync()`` makes it survive a reboot and is
+called on fsync, unmount and on a timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import lmdb
+
+TERABYTE = 1 << 40
+
+
+class Database:
+    """An LMDB environment with named tables."""
+
+    def __init__(self, path: Path, tables: Iterable[str], *, map_size: int = TERABYTE) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        names = list(tables)
+        self.env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=len(names) + 2,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            max_readers=256,
+            max_spare_txns=8,
+        )
+        self.tables = {name: self.env.open_db(name.encode()) for name in names}
+
+    def read(self) -> lmdb.Transaction:
+        """A read-only transaction (use as a context manager)."""
+        return self.env.begin(write=False)
+
+    def write(self) -> lmdb.Transaction:
+        """A write transaction; commits when its ``with`` block ends without error."""
+        return self.env.begin(write=True)
+
+    def __getitem__(self, name: str) -> lmdb._Database:
+        return self.tables[name]
+
+    def sync(self) -> None:
+        """Flush committed transactions to stable storage."""
+        self.env.sync(True)
+
+    def close(self) -> None:
+        """Sync and close the environment."""
+        self.env.sync(True)
+        self.env.close()

@@ -1,0 +1,106 @@
+"""Hosted shards: the bytes this node keeps, for itself and for peers.
+
+On-disk format, version 1, in ``shards.lmdb``:
+
+- table ``shards``: key ``owner(32) || shard_id(32)`` → the shard bytes.
+- table ``usage``:  key ``owner(32)`` → ``u64 big-endian`` bytes held for that owner.
+
+All methods do blocking LMDB I/O: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from fluidfs.store.db import Database
+
+_U64 = struct.Struct(">Q")
+
+
+class ShardStore:
+    """Shards keyed by (owner, shard id), with per-owner byte accounting."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = Database(path, ["shards", "usage"])
+        self._shards = self.db["shards"]
+        self._usage = self.db["usage"]
+
+    def put_many(self, owner: bytes, shards: Iterable[tuple[bytes, bytes]]) -> int:
+        """Store shards for *owner* in one transaction; return the bytes newly added."""
+        added = 0
+        with self.db.write() as txn:
+            for shard_id, data in shards:
+                key = owner + shard_id
+                old = txn.get(key, db=self._shards)
+                if old is not None:
+                    added -= len(old)
+                txn.put(key, data, db=self._shards)
+                added += len(data)
+            self._add_usage(txn, owner, added)
+        return added
+
+    def get(self, owner: bytes, shard_id: bytes) -> bytes | None:
+        """The shard's bytes, or None if not held."""
+        with self.db.read() as txn:
+            return txn.get(owner + shard_id, db=self._shards)
+
+    def get_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> list[bytes | None]:
+        """Several shards in one read transaction (None for those not held)."""
+        with self.db.read() as txn:
+            return [txn.get(owner + sid, db=self._shards) for sid in shard_ids]
+
+    def delete_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> int:
+        """Delete shards of *owner*; return the bytes freed."""
+        freed = 0
+        with self.db.write() as txn:
+            for shard_id in shard_ids:
+                key = owner + shard_id
+                old = txn.get(key, db=self._shards)
+                if old is not None:
+                    freed += len(old)
+                    txn.delete(key, db=self._shards)
+            self._add_usage(txn, owner, -freed)
+        return freed
+
+    def used(self, owner: bytes) -> int:
+        """Bytes held for *owner*."""
+        with self.db.read() as txn:
+            raw = txn.get(owner, db=self._usage)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def owners(self) -> dict[bytes, int]:
+        """Every owner with shards here, and the bytes held for each."""
+        with self.db.read() as txn:
+            return {bytes(k): _U64.unpack(v)[0] for k, v in txn.cursor(db=self._usage)}
+
+    def ids(self, owner: bytes) -> Iterator[bytes]:
+        """Shard ids held for *owner* (a snapshot taken when called)."""
+        with self.db.read() as txn:
+            cursor = txn.cursor(db=self._shards)
+            found: list[bytes] = []
+            if cursor.set_range(owner):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:32] != owner:
+                        break
+                    found.append(bytes(key[32:]))
+        return iter(found)
+
+    def _add_usage(self, txn, owner: bytes, delta: int) -> None:
+        if not delta:
+            return
+        raw = txn.get(owner, db=self._usage)
+        total = max(0, (_U64.unpack(raw)[0] if raw else 0) + delta)
+        if total:
+            txn.put(owner, _U64.pack(total), db=self._usage)
+        else:
+            txn.delete(owner, db=self._usage)
+
+    def sync(self) -> None:
+        """Flush to stable storage."""
+        self.db.sync()
+
+    def close(self) -> None:
+        """Sync and close."""
+        self.db.close()
