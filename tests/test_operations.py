@@ -1,0 +1,215 @@
+"""The Operations object called directly (no kernel): POSIX rules and data path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+
+from fluidfs import keys
+from fluidfs.daemon import Node, NodeConfig
+from fluidfs.fs.tree import ROOT_INO
+from fluidfs.statedir import StateDir
+
+CTX = pyfuse3.RequestContext()
+BS = 64 * 1024
+
+
+def fields(**kw):
+    names = [
+        "update_atime",
+        "update_mtime",
+        "update_ctime",
+        "update_mode",
+        "update_uid",
+        "update_gid",
+        "update_size",
+    ]
+    return SimpleNamespace(**{n: kw.get(n, False) for n in names})
+
+
+@pytest.fixture
+async def node(tmp_path):
+    ring = keys.KeyRing(keys.generate())
+    n = Node(NodeConfig(ring, StateDir(tmp_path / "state"), cache_size=1 << 20, block_size=BS))
+    await n.start()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.data.run)
+        yield n
+        nursery.cancel_scope.cancel()
+    n.close()
+
+
+async def expect_errno(code, coro):
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await coro
+    assert info.value.errno == code
+
+
+async def new_file(ops, name=b"f", parent=ROOT_INO):
+    fi, attr = await ops.create(parent, name, 0o644, os.O_RDWR, CTX)
+    return fi.fh, attr.st_ino
+
+
+async def test_write_read_across_blocks_and_holes(node):
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    data = os.urandom(3 * BS + 123)
+    assert await ops.write(fh, 10, data) == len(data)
+    got = await ops.read(fh, 0, len(data) + 100)
+    assert got == bytes(10) + data
+    await ops.write(fh, 10 * BS, b"end")
+    assert (await ops.getattr(ino)).st_size == 10 * BS + 3
+    assert await ops.read(fh, 6 * BS, 16) == bytes(16)  # hole
+    await ops.fsync(fh, False)  # seals everything
+    assert not node.data.dirty
+    assert await ops.read(fh, 0, len(data) + 10) == bytes(10) + data
+    await ops.release(fh)
+
+
+async def test_evicted_blocks_rebuild_from_shards(node):
+    ops = node.ops
+    fh, _ = await new_file(ops)
+    data = os.urandom(40 * BS)  # 2.5 MiB through a 1 MiB cache
+    await ops.write(fh, 0, data)
+    await ops.fsync(fh, False)
+    assert node.cache.used <= 1 << 20
+    assert await ops.read(fh, 0, len(data)) == data
+    await ops.release(fh)
+
+
+async def test_truncate_down_mid_block_then_up_reads_zeros(node):
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, b"x" * (2 * BS))
+    await ops.fsync(fh, False)
+    await ops.setattr(ino, SimpleNamespace(st_size=BS + 5), fields(update_size=True), fh, CTX)
+    await ops.setattr(ino, SimpleNamespace(st_size=2 * BS), fields(update_size=True), fh, CTX)
+    got = await ops.read(fh, 0, 2 * BS)
+    assert got == b"x" * (BS + 5) + bytes(BS - 5)
+    await ops.fsync(fh, False)
+    assert await ops.read(fh, 0, 2 * BS) == got
+
+
+async def test_identical_blocks_are_stored_once(node):
+    ops = node.ops
+    block = os.urandom(BS)
+    for name in (b"a", b"b"):
+        fh, _ = await new_file(ops, name)
+        await ops.write(fh, 0, block * 3)
+        await ops.fsync(fh, False)
+        await ops.release(fh)
+    assert node.blocks.count() == 1
+    stored = node.blocks.load(node.codec.block_id(block))
+    assert stored.refcount == 6
+
+
+async def test_unlinked_open_file_readable_until_released_then_space_freed(node):
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, os.urandom(2 * BS))
+    await ops.fsync(fh, False)
+    used = node.shards.used(node.config.keyring.public_key)
+    assert used > 2 * BS
+    await ops.unlink(ROOT_INO, b"f", CTX)
+    await expect_errno(errno.ENOENT, ops.lookup(ROOT_INO, b"f", CTX))
+    assert len(await ops.read(fh, 0, 2 * BS)) == 2 * BS
+    await ops.release(fh)
+    await ops.forget([(ino, 1)])
+    assert node.tree.get(ino) is None
+    assert node.shards.used(node.config.keyring.public_key) == 0
+    assert node.blocks.count() == 0
+
+
+async def test_directory_rules(node):
+    ops = node.ops
+    d = await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)
+    await new_file(ops, b"x", d.st_ino)
+    assert (await ops.getattr(ROOT_INO)).st_nlink == 3
+    await expect_errno(errno.ENOTEMPTY, ops.rmdir(ROOT_INO, b"d", CTX))
+    await expect_errno(errno.EEXIST, ops.mkdir(ROOT_INO, b"d", 0o755, CTX))
+    await expect_errno(errno.ENAMETOOLONG, ops.mkdir(ROOT_INO, b"n" * 256, 0o755, CTX))
+    await expect_errno(errno.EISDIR, ops.unlink(ROOT_INO, b"d", CTX))
+    await expect_errno(errno.ENOTDIR, ops.rmdir(d.st_ino, b"x", CTX))
+    await ops.unlink(d.st_ino, b"x", CTX)
+    await ops.rmdir(ROOT_INO, b"d", CTX)
+    assert (await ops.getattr(ROOT_INO)).st_nlink == 2
+
+
+async def test_rename_replace_noreplace_exchange(node):
+    ops = node.ops
+    _, a = await new_file(ops, b"a")
+    _, b = await new_file(ops, b"b")
+    await expect_errno(
+        errno.EEXIST, ops.rename(ROOT_INO, b"a", ROOT_INO, b"b", pyfuse3.RENAME_NOREPLACE, CTX)
+    )
+    await ops.rename(ROOT_INO, b"a", ROOT_INO, b"b", pyfuse3.RENAME_EXCHANGE, CTX)
+    assert node.tree.lookup(ROOT_INO, b"a") == b and node.tree.lookup(ROOT_INO, b"b") == a
+    await ops.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0, CTX)
+    assert node.tree.lookup(ROOT_INO, b"a") is None
+    assert node.tree.lookup(ROOT_INO, b"b") == b
+    assert node.tree.get(a).nlink == 0
+    d = await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)
+    await expect_errno(errno.EISDIR, ops.rename(ROOT_INO, b"b", ROOT_INO, b"d", 0, CTX))
+    await expect_errno(errno.ENOTDIR, ops.rename(ROOT_INO, b"d", ROOT_INO, b"b", 0, CTX))
+    e = await ops.mkdir(d.st_ino, b"e", 0o755, CTX)
+    await ops.rename(d.st_ino, b"e", ROOT_INO, b"e", 0, CTX)
+    assert (await ops.getattr(d.st_ino)).st_nlink == 2
+    assert (await ops.getattr(ROOT_INO)).st_nlink == 4
+    assert node.tree.lookup(ROOT_INO, b"e") == e.st_ino
+
+
+async def test_links_symlinks_attrs_and_xattrs(node):
+    ops = node.ops
+    _, ino = await new_file(ops, b"f")
+    attr = await ops.link(ino, ROOT_INO, b"g", CTX)
+    assert attr.st_nlink == 2
+    s = await ops.symlink(ROOT_INO, b"s", b"f", CTX)
+    assert stat.S_ISLNK(s.st_mode) and await ops.readlink(s.st_ino, CTX) == b"f"
+    new = SimpleNamespace(st_mode=0o4700, st_uid=12, st_gid=34, st_mtime_ns=5, st_atime_ns=6)
+    got = await ops.setattr(
+        ino,
+        new,
+        fields(
+            update_mode=True, update_uid=True, update_gid=True, update_mtime=True, update_atime=True
+        ),
+        None,
+        CTX,
+    )
+    assert (stat.S_IMODE(got.st_mode), got.st_uid, got.st_gid) == (0o4700, 12, 34)
+    assert stat.S_ISREG(got.st_mode) and got.st_mtime_ns == 5 and got.st_atime_ns == 6
+    await ops.setxattr(ino, b"user.tag", b"v" * 1000, CTX)
+    assert await ops.getxattr(ino, b"user.tag", CTX) == b"v" * 1000
+    assert await ops.listxattr(ino, CTX) == [b"user.tag"]
+    await expect_errno(errno.ENOTSUP, ops.setxattr(ino, b"trusted.x", b"1", CTX))
+    await expect_errno(pyfuse3.ENOATTR, ops.getxattr(ino, b"user.none", CTX))
+    await ops.removexattr(ino, b"user.tag", CTX)
+    await expect_errno(pyfuse3.ENOATTR, ops.removexattr(ino, b"user.tag", CTX))
+
+
+async def test_unexpected_errors_become_eio_not_crashes(node):
+    ops = node.ops
+    fh, ino = await new_file(ops)
+
+    async def broken(*_args):
+        raise RuntimeError("disk on fire")
+
+    node.data.read = broken
+    await expect_errno(errno.EIO, ops.read(fh, 0, 10))
+    await expect_errno(errno.EBADF, ops.read(9999, 0, 10))
+    await expect_errno(errno.ENOENT, ops.getattr(424242))
+
+
+async def test_o_trunc_open(node):
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, b"hello")
+    await ops.release(fh)
+    fi = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+    assert (await ops.getattr(ino)).st_size == 0
+    await ops.release(fi.fh)
