@@ -194,7 +194,7 @@ async def test_links_symlinks_attrs_and_xattrs(node):
 
 async def test_unexpected_errors_become_eio_not_crashes(node):
     ops = node.ops
-    fh, ino = await new_file(ops)
+    fh, _ = await new_file(ops)
 
     async def broken(*_args):
         raise RuntimeError("disk on fire")
