@@ -113,3 +113,9 @@ def test_merkle_audit_proofs(length, data):
         forged = bytes([leaf[0] ^ 1]) + leaf[1:]
         assert not merkle.verify(root, length, index, forged, path)
     assert not merkle.verify(root, length, index + 1, leaf, path)
+
+
+def test_reseal_recreates_the_exact_shards():
+    assert CODEC.reseal(RECORD, DATA) == SHARDS
+    with pytest.raises(CorruptBlock):
+        CODEC.reseal(RECORD, DATA[:-1] + b"?")

@@ -54,6 +54,7 @@ class BlockRecord:
     shard_size: int
     needed: int
     wrapped_key: bytes
+    nonce: bytes
     shard_ids: tuple[bytes, ...]
 
     @property
@@ -90,6 +91,29 @@ class BlockCodec:
             block_id = self.block_id(plaintext)
         content_key = os.urandom(KEY_SIZE)
         nonce = os.urandom(NONCE_SIZE)
+        shards = self._encode(plaintext, block_id, content_key, nonce)
+        wrap_nonce = os.urandom(NONCE_SIZE)
+        wrapped = wrap_nonce + _encrypt(content_key, block_id, wrap_nonce, self.wrap_key)
+        record = BlockRecord(
+            block_id=block_id,
+            size=len(plaintext),
+            shard_size=len(shards[0]),
+            needed=self.needed,
+            wrapped_key=wrapped,
+            nonce=nonce,
+            shard_ids=tuple(merkle.shard_id(s) for s in shards),
+        )
+        return record, shards
+
+    def reseal(self, record: BlockRecord, plaintext: bytes) -> list[bytes]:
+        """Recreate the exact shards of *record* from its plaintext (for upload or repair)."""
+        if self.block_id(plaintext) != record.block_id:
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]}: plaintext does not match")
+        return self._encode(plaintext, record.block_id, self._content_key(record), record.nonce)
+
+    def _encode(
+        self, plaintext: bytes, block_id: bytes, content_key: bytes, nonce: bytes
+    ) -> list[bytes]:
         ciphertext = nonce + _encrypt(plaintext, block_id, nonce, content_key)
         piece = shard_size_for(len(plaintext), self.needed)
         padding = piece * self.needed - len(ciphertext)
@@ -97,18 +121,18 @@ class BlockCodec:
             ciphertext += bytes(padding)
         view = memoryview(ciphertext)
         pieces = tuple(view[i * piece : (i + 1) * piece] for i in range(self.needed))
-        shards = [bytes(s) for s in self._encoder.encode(pieces)]
-        wrap_nonce = os.urandom(NONCE_SIZE)
-        wrapped = wrap_nonce + _encrypt(content_key, block_id, wrap_nonce, self.wrap_key)
-        record = BlockRecord(
-            block_id=block_id,
-            size=len(plaintext),
-            shard_size=piece,
-            needed=self.needed,
-            wrapped_key=wrapped,
-            shard_ids=tuple(merkle.shard_id(s) for s in shards),
-        )
-        return record, shards
+        return [bytes(s) for s in self._encoder.encode(pieces)]
+
+    def _content_key(self, record: BlockRecord) -> bytes:
+        try:
+            return _decrypt(
+                record.wrapped_key[NONCE_SIZE:],
+                record.block_id,
+                record.wrapped_key[:NONCE_SIZE],
+                self.wrap_key,
+            )
+        except CryptoError:
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]}: key does not unwrap") from None
 
     def check_shard(self, record: BlockRecord, index: int, data: bytes) -> bool:
         """Is *data* exactly shard *index* of *record*?"""
@@ -140,13 +164,8 @@ class BlockCodec:
         else:
             pieces = decoder.decode(tuple(good[i] for i in numbers), numbers)
         ciphertext = b"".join(pieces)[: record.size + OVERHEAD]
+        content_key = self._content_key(record)
         try:
-            content_key = _decrypt(
-                record.wrapped_key[NONCE_SIZE:],
-                record.block_id,
-                record.wrapped_key[:NONCE_SIZE],
-                self.wrap_key,
-            )
             plaintext = _decrypt(
                 ciphertext[NONCE_SIZE:], record.block_id, ciphertext[:NONCE_SIZE], content_key
             )

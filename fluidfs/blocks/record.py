@@ -9,6 +9,7 @@ Format version 1 (big-endian)::
     u8  needed (K)
     u8  total (N)
     72  wrapped content key
+    24  AEAD nonce (lets the exact shards be recreated from cached plaintext)
     N x 32  shard ids (Merkle roots)
     N x u32 holder of each shard: a peer index, 0 = this node, 0xFFFFFFFF = none
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from fluidfs.blocks.codec import WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.blocks.codec import NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
 
 VERSION = 1
 NO_HOLDER = 0xFFFFFFFF
@@ -43,6 +44,7 @@ class StoredBlock:
             [
                 _HEAD.pack(VERSION, self.refcount, rec.size, rec.shard_size, rec.needed, rec.total),
                 rec.wrapped_key,
+                rec.nonce,
                 *rec.shard_ids,
                 struct.pack(f">{rec.total}I", *self.holders),
             ]
@@ -57,8 +59,10 @@ class StoredBlock:
         pos = _HEAD.size
         wrapped = bytes(raw[pos : pos + WRAPPED_KEY_SIZE])
         pos += WRAPPED_KEY_SIZE
+        nonce = bytes(raw[pos : pos + NONCE_SIZE])
+        pos += NONCE_SIZE
         ids = tuple(bytes(raw[pos + 32 * i : pos + 32 * (i + 1)]) for i in range(total))
         pos += 32 * total
         holders = list(struct.unpack_from(f">{total}I", raw, pos))
-        record = BlockRecord(block_id, size, shard_size, needed, wrapped, ids)
+        record = BlockRecord(block_id, size, shard_size, needed, wrapped, nonce, ids)
         return cls(record, refcount, holders)
