@@ -20,10 +20,10 @@ from fluidfs.blocks.codec import BlockCodec
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.operations import FluidOperations
-from fluidfs.fs.tree import ROOT_INO, TABLES, Tree
+from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing
 from fluidfs.statedir import StateDir
-from fluidfs.store.db import Database
+from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Node:
         self.config = config
         keyring = config.keyring
         config.state.lock(keyring.peer_id)
-        self.meta = Database(config.state.meta, TABLES)
+        self.meta = Database(config.state.meta, META_TABLES)
         self.shards = ShardStore(config.state.shards)
         self.limiter = trio.CapacityLimiter(config.worker_threads)
         self.block_size = self._settled_block_size(config.block_size)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from fluidfs.blocks.cache import BlockCache
-from fluidfs.fs.tree import TABLES, Tree
-from fluidfs.store.db import Database
+from fluidfs.fs.tree import Tree
+from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.shards import ShardStore
 
 OWNER_A, OWNER_B = b"a" * 32, b"b" * 32
@@ -47,7 +47,7 @@ def test_cache_evicts_least_recently_used_but_never_pinned(tmp_path):
 
 
 def test_directory_listing_is_stable_while_entries_change(tmp_path):
-    db = Database(tmp_path / "m", TABLES)
+    db = Database(tmp_path / "m", META_TABLES)
     tree = Tree(db)
     with db.write() as txn:
         for i in range(100):
@@ -74,7 +74,7 @@ def test_directory_listing_is_stable_while_entries_change(tmp_path):
 
 
 def test_block_map_cut(tmp_path):
-    db = Database(tmp_path / "m", TABLES)
+    db = Database(tmp_path / "m", META_TABLES)
     tree = Tree(db)
     with db.write() as txn:
         for i in range(5):

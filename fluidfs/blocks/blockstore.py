@@ -126,7 +126,15 @@ class BlockStore:
                     list(record.shard_ids),
                     limiter=self.limiter,
                 )
-        await self._cache_put(block_id, data, source)
+        try:
+            await self._cache_put(block_id, data, source)
+        except BaseException:
+            with self.meta.write() as txn:  # give back the reference this call took
+                dead = self.drop_ref(txn, block_id)
+            if dead is not None:
+                with trio.CancelScope(shield=True):
+                    await self.release([dead])
+            raise
         return block_id
 
     def _ref_if_present(self, block_id: bytes) -> bool:

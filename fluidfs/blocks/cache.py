@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,9 @@ class BlockCache:
             if not sub.is_dir():
                 continue
             for entry in os.scandir(sub):
+                if entry.name.endswith(".tmp"):  # an insert cut short by a crash
+                    os.unlink(entry.path)
+                    continue
                 try:
                     block_id = bytes.fromhex(entry.name)
                     st = entry.stat()
@@ -104,7 +108,7 @@ class BlockCache:
         """Write the block's plaintext into the cache (atomically)."""
         target = self.path(block_id)
         target.parent.mkdir(exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, target)

@@ -24,7 +24,6 @@ from fluidfs.store.db import Database
 
 _U64 = struct.Struct(">Q")
 _U64x2 = struct.Struct(">QQ")
-TABLES = ["inodes", "dirents", "cookies", "blockmap", "xattrs", "counters", "blocks", "settings"]
 ROOT_INO = 1
 
 BLOCK_REF = b"B"

@@ -22,6 +22,21 @@ import lmdb
 
 TERABYTE = 1 << 40
 
+# Tables of meta.lmdb; each is documented next to the code that writes it.
+META_TABLES = [
+    "inodes",
+    "dirents",
+    "cookies",
+    "blockmap",
+    "xattrs",
+    "counters",  # fs/tree.py
+    "blocks",  # blocks/record.py
+    "settings",  # daemon.py
+    "peers",
+    "peer_index",  # peers/peerlist.py
+    "agreements",  # peers/agreements.py
+]
+
 
 class Database:
     """An LMDB environment with named tables."""
