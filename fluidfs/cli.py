@@ -53,6 +53,42 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     sys.exit(code)
 
 
+def _address(text: str) -> str:
+    from fluidfs.peers.pool import split_addr
+
+    try:
+        split_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None) -> None:
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        default=listen_default,
+        help="HOST:PORT where peers reach this node"
+        + (f" (default {listen_default})" if listen_default else ""),
+    )
+    parser.add_argument(
+        "--donate",
+        type=parse_size,
+        default="16G",
+        help="space this node offers to peers (default 16G)",
+    )
+    parser.add_argument(
+        "--peer",
+        type=_address,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a peer to start from (repeatable)",
+    )
+    parser.add_argument("--ratio", type=float, default=1.5, help=argparse.SUPPRESS)
+    parser.add_argument("--term", type=int, default=24 * 3600, help=argparse.SUPPRESS)
+
+
 def build_parser() -> Parser:
     """The argument parser for every command."""
     parser = Parser(prog="fluidfs", description="Peer-to-peer encrypted backup filesystem.")
@@ -80,6 +116,24 @@ def build_parser() -> Parser:
     )
     mount.add_argument("--block-size", type=parse_size, default="4M", help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _peer_options(mount, listen_default=None)
+
+    serve = commands.add_parser("serve", help="run a peer that donates space (no mount)")
+    serve.add_argument("--keyfile", type=Path, default=None)
+    serve.add_argument("--state-dir", type=Path, default=None)
+    _peer_options(serve, listen_default="0.0.0.0:7470")
+
+    ident = commands.add_parser("id", help="print this node's peer id")
+    ident.add_argument("--keyfile", type=Path, default=None)
+
+    peers = commands.add_parser("peers", help="list peers, or add one (peers add HOST:PORT)")
+    peers.add_argument("action", nargs="?", choices=["list", "add"], default="list")
+    peers.add_argument("addr", nargs="?", type=_address, help="HOST:PORT (with add)")
+    peers.add_argument("--state-dir", type=Path, default=None)
+
+    status = commands.add_parser("status", help="what the running node is doing")
+    status.add_argument("--state-dir", type=Path, default=None)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     unmount = commands.add_parser("unmount", help="flush and unmount")
     unmount.add_argument("mountpoint", type=Path)
@@ -90,7 +144,15 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fluidfs`` command."""
     args = build_parser().parse_args(argv)
-    handlers = {"init": cmd_init, "mount": cmd_mount, "unmount": cmd_unmount}
+    handlers = {
+        "init": cmd_init,
+        "mount": cmd_mount,
+        "unmount": cmd_unmount,
+        "serve": cmd_serve,
+        "id": cmd_id,
+        "peers": cmd_peers,
+        "status": cmd_status,
+    }
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:
@@ -184,7 +246,7 @@ def run_foreground(
     """Run the node in this process until it is unmounted."""
     import trio
 
-    from fluidfs.daemon import MountError, Node, NodeConfig
+    from fluidfs.daemon import MountError, Node
 
     logging.basicConfig(
         level=logging.INFO,
@@ -204,9 +266,7 @@ def run_foreground(
             ready_fd = None
 
     try:
-        node = Node(
-            NodeConfig(keyring, state, cache_size=args.cache_size, block_size=args.block_size)
-        )
+        node = Node(node_config(args, keyring, state))
     except StateError as exc:
         report(f"error: {exc}")
         fail(str(exc))
@@ -221,6 +281,35 @@ def run_foreground(
         fail(str(exc))
     finally:
         node.close()
+
+
+def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateDir):
+    """NodeConfig from command-line arguments."""
+    from fluidfs.daemon import NodeConfig
+
+    config = NodeConfig(
+        keyring,
+        state,
+        listen=args.listen,
+        donate=args.donate,
+        bootstrap=list(args.peer) + list(keyring.keyfile.peers),
+        ratio=args.ratio,
+        term=args.term,
+    )
+    if hasattr(args, "cache_size"):
+        config.cache_size = args.cache_size
+        config.block_size = args.block_size
+    return config
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    """Peer options, re-rendered for the background process."""
+    argv = ["--donate", str(args.donate), "--ratio", str(args.ratio), "--term", str(args.term)]
+    if args.listen:
+        argv += ["--listen", args.listen]
+    for addr in args.peer:
+        argv += ["--peer", addr]
+    return argv
 
 
 def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) -> None:
@@ -242,6 +331,7 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         str(args.block_size),
         "--ready-fd",
         str(write_fd),
+        *_passthrough(args),
     ]
     if args.keyfile is not None:
         argv += ["--keyfile", str(args.keyfile.absolute())]
@@ -301,3 +391,117 @@ def cmd_unmount(args: argparse.Namespace) -> None:
             fail(f"unmounted, but fluidfs (pid {pid}) is still flushing; it will finish alone")
         time.sleep(0.05)
     print(f"fluidfs: unmounted {mountpoint}")
+
+
+# --- serve, id, peers, status ---------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """fluidfs serve: run a peer that only donates space, in the foreground."""
+    import trio
+
+    from fluidfs.daemon import Node
+
+    state = StateDir((args.state_dir or default_data_dir()).expanduser())
+    keyring = load_or_create_keyfile(args.keyfile)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        node = Node(node_config(args, keyring, state))
+    except StateError as exc:
+        fail(str(exc))
+    print(f"fluidfs: serving as peer {keyring.peer_id} on {args.listen}", file=sys.stderr)
+    try:
+        trio.run(node.serve)
+    except OSError as exc:
+        fail(f"cannot serve on {args.listen}: {exc}")
+    finally:
+        node.close()
+
+
+def cmd_id(args: argparse.Namespace) -> None:
+    """fluidfs id: print the peer id of the keyfile."""
+    path = (args.keyfile or default_keyfile()).absolute()
+    try:
+        print(keymod.KeyRing(keymod.read_keyfile(path)).peer_id)
+    except keymod.KeyfileError as exc:
+        fail(str(exc))
+
+
+def _control(args: argparse.Namespace, cmd: str, **request) -> dict:
+    from fluidfs import control
+
+    state = StateDir((args.state_dir or default_data_dir()).expanduser())
+    try:
+        return control.call(state.control, cmd, **request)
+    except control.ControlError as exc:
+        fail(str(exc))
+
+
+def _ago(timestamp: float) -> str:
+    if not timestamp:
+        return "never"
+    seconds = max(0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string (binary units)."""
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def cmd_peers(args: argparse.Namespace) -> None:
+    """fluidfs peers [list] | peers add HOST:PORT."""
+    if args.action == "add":
+        if not args.addr:
+            fail("peers add needs HOST:PORT", EXIT_USAGE)
+        reply = _control(args, "add_peer", addr=args.addr)
+        note = "agreement made" if reply["agreement"] else "no agreement (yet)"
+        print(f"added peer {reply['id']} at {args.addr}: {note}")
+        return
+    if args.addr:
+        fail("peers list takes no address", EXIT_USAGE)
+    rows = _control(args, "peers")["peers"]
+    print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}")
+    for row in rows:
+        print(
+            f"{row['id'][:18] + '…':<20} {row['addr']:<22} {_ago(row['last_seen']):<10} "
+            f"{human(row['we_use']) + '/' + human(row['we_host']):>17} "
+            f"{human(row['they_use']) + '/' + human(row['they_host']):>17}"
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    """fluidfs status: peers, uploads and redundancy of the running node."""
+    import json
+
+    reply = _control(args, "status")
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return
+    print(f"peer id:     {reply['peer_id']}")
+    print(f"listening:   {reply['listen'] or 'no'}")
+    print(
+        f"peers:       {reply['peers_known']} known, {reply['peers_with_agreements']} "
+        "with agreements"
+    )
+    print(f"blocks:      {reply['blocks']} ({reply['under_replicated']} under-replicated)")
+    print(f"unsealed:    {human(reply['unsealed_bytes'])}")
+    print(f"uploaded:    {human(reply['uploaded_bytes'])}")
+    print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
+    print(
+        f"redundancy:  (shards placed of {reply['shards_total']}, {reply['shards_needed']} needed)"
+    )
+    for level, count in reply["redundancy"].items():
+        print(f"  {level:>3}/{reply['shards_total']}: {count} blocks")

@@ -8,20 +8,28 @@ import signal
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from fluidfs import control
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
+from fluidfs.blocks.record import StoredBlock
+from fluidfs.blocks.remote import RemoteShards
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.operations import FluidOperations
 from fluidfs.fs.tree import ROOT_INO, Tree
-from fluidfs.keys import KeyRing
+from fluidfs.keys import KeyRing, encode_peer_id
+from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
+from fluidfs.peers.manager import PeerManager
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
+from fluidfs.service import PeerService
 from fluidfs.statedir import StateDir
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.shards import ShardStore
@@ -30,7 +38,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 DEFAULT_CACHE_SIZE = 1 << 30
+DEFAULT_DONATE = 16 << 30
+DEFAULT_RATIO = 1.5
 SYNC_INTERVAL = 30.0
+SAVE_INTERVAL = 5.0
+UPLOAD_DRAIN_SECONDS = 120.0
 
 
 class MountError(Exception):
@@ -46,6 +58,11 @@ class NodeConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     block_size: int = DEFAULT_BLOCK_SIZE
     worker_threads: int = 4
+    listen: str | None = None
+    donate: int = DEFAULT_DONATE
+    bootstrap: list[str] = field(default_factory=list)
+    ratio: float = DEFAULT_RATIO
+    term: int = DEFAULT_TERM
 
 
 class Node:
@@ -75,6 +92,35 @@ class Node:
         )
         self.ops = FluidOperations(self.tree, self.data, str(config.state.path))
         self._ensure_root()
+        self._wire_peers()
+        self._fuse_open = False
+        self._stopped = False
+
+    def _wire_peers(self) -> None:
+        config, keyring = self.config, self.config.keyring
+        self.peers = PeerList(self.meta, keyring.public_key)
+        self.ledger = Ledger(self.meta)
+        self.service = PeerService(
+            self.shards,
+            self.ledger,
+            self.peers,
+            donate=config.donate,
+            ratio=config.ratio,
+            limiter=self.limiter,
+        )
+        self.conns = Connections(keyring.signing_key, self.service, self.peers)
+        self.manager = PeerManager(
+            self.conns,
+            self.peers,
+            self.ledger,
+            donate=config.donate,
+            agreement_size=config.donate // keyring.keyfile.shards_total,
+            term=config.term,
+        )
+        self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
+        self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
+        if config.bootstrap or len(self.ledger):
+            self.blocks.use_network(self.remote)
 
     def _settled_block_size(self, wanted: int) -> int:
         """The block size is fixed when the state is created; later runs keep it."""
@@ -113,9 +159,16 @@ class Node:
                 self.tree.delete(txn, ino)
 
     async def stop(self) -> None:
-        """Seal everything and flush to disk."""
+        """Seal everything, give uploads a while to finish, and flush to disk."""
+        if self._stopped:
+            return
+        self._stopped = True
         with trio.CancelScope(shield=True):
             await self.data.seal_all()
+            with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
+                await self.blocks.drain()
+            self.peers.save_all()
+            self.ledger.save_all()
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
 
@@ -126,10 +179,107 @@ class Node:
         self.config.state.unlock()
 
     async def _sync_timer(self) -> None:
+        elapsed = 0.0
         while True:
-            await trio.sleep(SYNC_INTERVAL)
-            await trio.to_thread.run_sync(self.meta.sync)
-            await trio.to_thread.run_sync(self.shards.sync)
+            await trio.sleep(SAVE_INTERVAL)
+            self.peers.save_all()
+            self.ledger.save_all()
+            elapsed += SAVE_INTERVAL
+            if elapsed >= SYNC_INTERVAL:
+                elapsed = 0.0
+                await trio.to_thread.run_sync(self.meta.sync)
+                await trio.to_thread.run_sync(self.shards.sync)
+
+    async def run_services(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the peer service, control socket and background loops until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.conns.run)
+            if self.config.listen:
+                host, port = split_addr(self.config.listen)
+                bound = await nursery.start(self.conns.serve, host, port)
+                self.conns.listen_addr = f"{host}:{bound}"
+                self.service.addr_of = lambda: self.conns.listen_addr
+                (self.config.state.path / "listen").write_text(self.conns.listen_addr + "\n")
+                log.info("peer service listening on %s", self.conns.listen_addr)
+            await nursery.start(control.serve, self.config.state.control, self.control_handlers())
+            await nursery.start(self.blocks.run)
+            nursery.start_soon(self._sync_timer)
+            nursery.start_soon(self.manager.reconnect_known)
+            for addr in self.config.bootstrap:
+                nursery.start_soon(self.manager.bootstrap, addr)
+            task_status.started()
+
+    def control_handlers(self) -> dict[str, control.Handler]:
+        """What `fluidfs peers`, `fluidfs status` and friends can ask."""
+
+        async def peers(_request: dict) -> dict:
+            rows = []
+            for peer in self.peers:
+                agreement = self.ledger.get(peer.key)
+                rows.append(
+                    {
+                        "id": encode_peer_id(peer.key),
+                        "addr": peer.addr,
+                        "last_seen": peer.last_seen,
+                        "trust": peer.trust,
+                        "we_host": agreement.we_host if agreement else 0,
+                        "we_use": self.shards.used(peer.key),
+                        "they_host": agreement.they_host if agreement else 0,
+                        "they_use": agreement.they_use if agreement else 0,
+                    }
+                )
+            return {"peers": rows}
+
+        async def add_peer(request: dict) -> dict:
+            addr = str(request.get("addr", ""))
+            try:
+                split_addr(addr)
+                key, agreed = await self.manager.add(addr)
+            except (ValueError, PeerUnavailable) as exc:
+                raise control.ControlError(str(exc)) from None
+            return {"id": encode_peer_id(key), "agreement": agreed}
+
+        async def status(_request: dict) -> dict:
+            return self.status()
+
+        return {"peers": peers, "add_peer": add_peer, "status": status}
+
+    def status(self) -> dict:
+        """Figures for `fluidfs status`."""
+        levels: dict[int, int] = {}
+        with self.meta.read() as txn:
+            for key, raw in txn.cursor(db=self.meta["blocks"]):
+                stored = StoredBlock.decode(bytes(key), raw)
+                placed = stored.record.total - stored.missing()
+                levels[placed] = levels.get(placed, 0) + 1
+        return {
+            "peer_id": self.config.keyring.peer_id,
+            "listen": self.conns.listen_addr,
+            "peers_known": len(self.peers),
+            "peers_with_agreements": len(self.ledger),
+            "shards_total": self.codec.total,
+            "shards_needed": self.codec.needed,
+            "blocks": sum(levels.values()),
+            "redundancy": {str(k): v for k, v in sorted(levels.items(), reverse=True)},
+            "under_replicated": len(self.blocks.under),
+            "uploaded_bytes": self.blocks.uploaded_bytes,
+            "unsealed_bytes": self.data.pending_bytes(),
+            "hosted_bytes": self.service.hosted_total(),
+            "network": self.blocks.remote is not None,
+        }
+
+    async def serve(self) -> None:
+        """Run as a peer with no mount (fluidfs serve) until signalled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run_services)
+                await self._on_signals(nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.peers.save_all()
+                self.ledger.save_all()
+                await trio.to_thread.run_sync(self.meta.sync)
+                await trio.to_thread.run_sync(self.shards.sync)
 
     async def mount(
         self,
@@ -148,26 +298,35 @@ class Node:
             pyfuse3.init(self.ops, str(mountpoint), options)
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {mountpoint}: {exc}") from None
+        self._fuse_open = True
         log.info("mounted %s (peer %s)", mountpoint, self.config.keyring.peer_id)
-        unmounted = False
+        fuse_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.run_services)
                 await nursery.start(self.data.run)
-                nursery.start_soon(self._sync_timer)
-                nursery.start_soon(self._on_signals, nursery.cancel_scope)
+                nursery.start_soon(self._on_signals, fuse_scope)
                 if on_ready is not None:
                     on_ready()
-                await pyfuse3.main()
-                unmounted = True  # the kernel ended the session (fusermount3 -u)
+                with fuse_scope:
+                    await pyfuse3.main()
+                # The kernel ended the session (fusermount3 -u) or a signal came.
+                self._close_fuse(unmount=fuse_scope.cancel_called)
+                await self.stop()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                try:
-                    pyfuse3.close(unmount=not unmounted)
-                except Exception:
-                    log.exception("closing the FUSE session")
+                self._close_fuse(unmount=True)
                 await self.stop()
             log.info("unmounted %s", mountpoint)
+
+    def _close_fuse(self, *, unmount: bool) -> None:
+        if self._fuse_open:
+            self._fuse_open = False
+            try:
+                pyfuse3.close(unmount=unmount)
+            except Exception:
+                log.exception("closing the FUSE session")
 
     async def _on_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

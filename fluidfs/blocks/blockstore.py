@@ -18,10 +18,16 @@ import trio
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughShards
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.blocks.remote import RemoteShards
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
+
+UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
+UPLOADERS = 4  # blocks uploading at once
+TOPUP_INTERVAL = 5.0
+PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 
 
 class BlockUnavailable(Exception):
@@ -48,6 +54,16 @@ class BlockStore:
         self.limiter = limiter
         self._blocks = meta["blocks"]
         self._rebuilding: dict[bytes, trio.Event] = {}
+        self.remote: RemoteShards | None = None  # set when the node has peers
+        self.under: set[bytes] = set()  # blocks with shards that have no holder yet
+        self._uploading: set[bytes] = set()
+        self._upload_send, self._upload_recv = trio.open_memory_channel[
+            tuple[BlockRecord, list[bytes]]
+        ](UPLOAD_QUEUE)
+        self.uploaded_bytes = 0
+        self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._prefetching = 0
         self.cache.can_evict = self.is_fully_stored
 
     # --- records ---------------------------------------------------------------------
@@ -63,8 +79,7 @@ class BlockStore:
 
     def is_fully_stored(self, block_id: bytes) -> bool:
         """True when every shard of the block has a holder (so its plaintext may go)."""
-        stored = self.load(block_id)
-        return stored is None or NO_HOLDER not in stored.holders
+        return block_id not in self.under
 
     def add_ref(self, txn, block_id: bytes) -> None:
         """Take one more reference to an existing block, inside *txn*."""
@@ -95,10 +110,20 @@ class BlockStore:
         if not dead:
             return
         gone = [s.record.block_id for s in dead if self.cache.forget(s.record.block_id)]
-        ids = [sid for s in dead for sid in s.record.shard_ids]
-        await trio.to_thread.run_sync(
-            self.shards.delete_many, self.owner, ids, limiter=self.limiter
-        )
+        for stored in dead:
+            self.under.discard(stored.record.block_id)
+        ids = [
+            sid
+            for s in dead
+            for sid, holder in zip(s.record.shard_ids, s.holders, strict=True)
+            if holder == LOCAL_HOLDER
+        ]
+        if ids:
+            await trio.to_thread.run_sync(
+                self.shards.delete_many, self.owner, ids, limiter=self.limiter
+            )
+        if self.remote is not None:
+            await self.remote.delete(dead)
         if gone:
             await trio.to_thread.run_sync(self.cache.remove_io, gone, limiter=self.limiter)
 
@@ -108,18 +133,27 @@ class BlockStore:
         """Store *data* as a block and take a reference to it; return the block id.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
-        (no copy); otherwise the cache gets a fresh copy.
+        (no copy); otherwise the cache gets a fresh copy. With peers, the block's
+        shards are queued for upload and its plaintext stays pinned in the cache
+        until every shard has a holder; the queue is bounded, so a slow network
+        slows sealing (never the writes to the mount, which land in dirty blocks).
         """
         block_id = await trio.to_thread.run_sync(self.codec.block_id, data, limiter=self.limiter)
+        upload: tuple[BlockRecord, list[bytes]] | None = None
         if not self._ref_if_present(block_id):
-            record, _shards = await trio.to_thread.run_sync(
-                self._seal_and_store, data, block_id, limiter=self.limiter
+            local = self.remote is None
+            seal = self._seal_and_store if local else self.codec.seal
+            record, shards = await trio.to_thread.run_sync(
+                seal, data, block_id, limiter=self.limiter
             )
             if not self._ref_if_present(block_id):
-                stored = StoredBlock(record, 1, [LOCAL_HOLDER] * record.total)
+                holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
                 with self.meta.write() as txn:
-                    txn.put(block_id, stored.encode(), db=self._blocks)
-            else:  # sealed concurrently by someone else: ours is surplus
+                    txn.put(block_id, StoredBlock(record, 1, holders).encode(), db=self._blocks)
+                if not local:
+                    self.under.add(block_id)
+                    upload = (record, shards)
+            elif local:  # sealed concurrently by someone else: ours is surplus
                 await trio.to_thread.run_sync(
                     self.shards.delete_many,
                     self.owner,
@@ -135,6 +169,8 @@ class BlockStore:
                 with trio.CancelScope(shield=True):
                     await self.release([dead])
             raise
+        if upload is not None:
+            await self._upload_send.send(upload)
         return block_id
 
     def _ref_if_present(self, block_id: bytes) -> bool:
@@ -148,6 +184,115 @@ class BlockStore:
         record, shards = self.codec.seal(data, block_id)
         self.shards.put_many(self.owner, zip(record.shard_ids, shards, strict=True))
         return record, shards
+
+    # --- uploading (with peers) ----------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the uploaders and the top-up loop (idle until the node has peers)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._running = True
+                for _ in range(UPLOADERS):
+                    nursery.start_soon(self._uploader)
+                nursery.start_soon(self._topup_loop)
+                task_status.started()
+        finally:
+            self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._prefetching = 0
+
+    def use_network(self, remote: RemoteShards) -> None:
+        """From now on, shards go to peers (called once the node has peers)."""
+        if self.remote is None:
+            self.remote = remote
+            self._find_under_replicated()
+
+    async def drain(self) -> None:
+        """Wait until every queued upload has been tried."""
+        while self._running and (
+            self._upload_send.statistics().current_buffer_used or self._uploading
+        ):
+            await trio.sleep(0.05)
+
+    def _find_under_replicated(self) -> None:
+        with self.meta.read() as txn:
+            for key, raw in txn.cursor(db=self._blocks):
+                stored = StoredBlock.decode(bytes(key), raw)
+                if stored.missing():
+                    self.under.add(bytes(key))
+
+    async def _uploader(self) -> None:
+        async for record, shards in self._upload_recv:
+            await self._upload(record, shards)
+
+    async def _upload(self, record: BlockRecord, shards: list[bytes]) -> None:
+        block_id = record.block_id
+        stored = self.load(block_id)
+        if stored is None or block_id in self._uploading:
+            return
+        self._uploading.add(block_id)
+        try:
+            holders = list(stored.holders)
+            before = holders.count(NO_HOLDER)
+            await self.remote.place(record, shards, holders)
+            self.uploaded_bytes += (before - holders.count(NO_HOLDER)) * record.shard_size
+            with self.meta.write() as txn:
+                current = self.load(block_id, txn)
+                if current is not None and current.record.shard_ids == record.shard_ids:
+                    for i, holder in enumerate(holders):
+                        if current.holders[i] == NO_HOLDER:
+                            current.holders[i] = holder
+                    txn.put(block_id, current.encode(), db=self._blocks)
+            if current is None:  # deleted while uploading: take back what was placed
+                placed = [
+                    h if stored.holders[i] == NO_HOLDER else NO_HOLDER
+                    for i, h in enumerate(holders)
+                ]
+                await self.remote.delete([StoredBlock(record, 0, placed)])
+            elif not current.missing():
+                self.under.discard(block_id)
+                await self.evict()
+        finally:
+            self._uploading.discard(block_id)
+
+    async def _topup_loop(self) -> None:
+        """Re-send shards of under-replicated blocks when peers have room again."""
+        while True:
+            await trio.sleep(TOPUP_INTERVAL)
+            if self.remote is None:
+                continue
+            for block_id in list(self.under):
+                stored = self.load(block_id)
+                if stored is None:
+                    self.under.discard(block_id)
+                    continue
+                if block_id in self._uploading or not self._has_new_room(stored):
+                    continue
+                try:
+                    await self.topup(stored)
+                except BlockUnavailable as exc:
+                    log.error("cannot top up block %s: %s", block_id.hex()[:16], exc)
+
+    def _has_new_room(self, stored: StoredBlock) -> bool:
+        holding = set(stored.holders)
+        return any(
+            self.remote.peers.get(key).index not in holding
+            for key in self.remote.usable_peers(stored.record.shard_size)
+        )
+
+    async def topup(self, stored: StoredBlock) -> None:
+        """Recreate a block's shards from its pinned plaintext and place the missing ones."""
+        block_id = stored.record.block_id
+        data = await trio.to_thread.run_sync(
+            self.cache.read_io, block_id, 0, stored.record.size, limiter=self.limiter
+        )
+        if data is None:
+            data = await self._rebuild(stored)
+        shards = await trio.to_thread.run_sync(
+            self.codec.reseal, stored.record, data, limiter=self.limiter
+        )
+        await self._upload(stored.record, shards)
 
     async def _cache_put(self, block_id: bytes, data: bytes, source: Path | None) -> None:
         if block_id in self.cache:
@@ -187,6 +332,26 @@ class BlockStore:
                 self.cache.forget(block_id)
             await self.fetch(block_id)
 
+    def prefetch(self, block_id: bytes) -> None:
+        """Start rebuilding a block in the background if it is not cached (read-ahead)."""
+        if (
+            self._nursery is None
+            or block_id in self.cache
+            or block_id in self._rebuilding
+            or self._prefetching >= PREFETCH_MAX
+        ):
+            return
+        self._prefetching += 1
+        self._nursery.start_soon(self._prefetch_one, block_id)
+
+    async def _prefetch_one(self, block_id: bytes) -> None:
+        try:
+            await self.fetch(block_id)
+        except BlockUnavailable:
+            pass  # the reader will hit it and report it
+        finally:
+            self._prefetching -= 1
+
     async def fetch(self, block_id: bytes) -> None:
         """Make sure the block's plaintext is in the cache, rebuilding it from shards."""
         if block_id in self.cache:
@@ -202,7 +367,7 @@ class BlockStore:
             stored = self.load(block_id)
             if stored is None:
                 raise BlockUnavailable(f"no record for block {block_id.hex()[:16]}")
-            data = await trio.to_thread.run_sync(self._rebuild, stored.record, limiter=self.limiter)
+            data = await self._rebuild(stored)
             await trio.to_thread.run_sync(
                 self.cache.insert_io, block_id, data, limiter=self.limiter
             )
@@ -212,7 +377,18 @@ class BlockStore:
             done.set()
         await self.evict()
 
-    def _rebuild(self, record: BlockRecord) -> bytes:
+    async def _rebuild(self, stored: StoredBlock) -> bytes:
+        if LOCAL_HOLDER in stored.holders or self.remote is None:
+            return await trio.to_thread.run_sync(
+                self._rebuild_local, stored.record, limiter=self.limiter
+            )
+        try:
+            return await self.remote.fetch(stored.record, stored.holders)
+        except BlockError as exc:
+            log.error("block %s unrecoverable now: %s", stored.record.block_id.hex()[:16], exc)
+            raise BlockUnavailable(str(exc)) from None
+
+    def _rebuild_local(self, record: BlockRecord) -> bytes:
         good: dict[int, bytes] = {}
         for index, shard_id in enumerate(record.shard_ids):
             data = self.shards.get(self.owner, shard_id)

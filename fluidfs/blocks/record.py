@@ -37,6 +37,10 @@ class StoredBlock:
     refcount: int
     holders: list[int]
 
+    def missing(self) -> int:
+        """Shards that have no holder yet."""
+        return self.holders.count(NO_HOLDER)
+
     def encode(self) -> bytes:
         """Serialise to the version-1 layout above."""
         rec = self.record

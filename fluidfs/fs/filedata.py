@@ -37,6 +37,7 @@ INLINE_MAX = 4096
 MEMORY_BLOCK_MAX = 256 * 1024  # a dirty block spills to a file past this size
 MEMORY_TOTAL_MAX = 64 * 1024 * 1024  # all in-memory dirty blocks together
 IDLE_SEAL_SECONDS = 2.0
+READ_AHEAD_BLOCKS = 2
 
 
 @dataclass(eq=False)
@@ -170,7 +171,16 @@ class FileData:
                 data += bytes(want - len(data))
             parts.append(data)
             pos += want
+        self._read_ahead(inode, (end - 1) // bs)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_ahead(self, inode: Inode, index: int) -> None:
+        """Start fetching the next few sealed blocks after *index* (sequential reads)."""
+        last = (inode.size - 1) // self.block_size
+        for ahead in range(index + 1, min(index + READ_AHEAD_BLOCKS, last) + 1):
+            value = self.tree.block(inode.ino, ahead)
+            if value is not None and value[:1] == BLOCK_REF:
+                self.blocks.prefetch(value[1:])
 
     async def _read_block(self, ino: int, index: int, start: int, size: int) -> bytes:
         blk = self.dirty.get((ino, index))

@@ -1,0 +1,194 @@
+"""Shards on peers: place a block's shards on distinct peers, fetch them back, delete them.
+
+Placement here is a rotation over the peers whose agreements have room, so each
+block's shards land on distinct peers and consecutive blocks start at different
+peers. Fetching asks more holders than needed at once (K plus a few), each with
+its own timeout, verifies every shard against its id, and starts another request
+whenever one fails, so one slow or dead peer never stalls a read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+import trio
+
+from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.pool import Connections, PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+STORE_TIMEOUT = 60.0
+FETCH_TIMEOUT = 5.0
+EXTRA_FETCHES = 2
+
+
+class RemoteShards:
+    """The network side of the blockstore."""
+
+    def __init__(
+        self,
+        conns: Connections,
+        peers: PeerList,
+        ledger: Ledger,
+        codec: BlockCodec,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.conns = conns
+        self.peers = peers
+        self.ledger = ledger
+        self.codec = codec
+        self.limiter = limiter
+        self._rotation = 0
+        self.on_result: Callable[[bytes, bool], None] = lambda _key, _ok: None
+
+    def usable_peers(self, shard_size: int) -> list[bytes]:
+        """Peers with an agreement that has room for one more shard, in rotation order."""
+        keys = sorted(a.peer for a in self.ledger if a.room >= shard_size and a.peer in self.peers)
+        if not keys:
+            return keys
+        start = self._rotation % len(keys)
+        self._rotation += 1
+        return keys[start:] + keys[:start]
+
+    async def place(self, record: BlockRecord, shards: list[bytes], holders: list[int]) -> None:
+        """Store every shard without a holder on a distinct peer; fill in *holders*."""
+        holding = {h for h in holders if h not in (NO_HOLDER, LOCAL_HOLDER)}
+        candidates = [
+            key
+            for key in self.usable_peers(record.shard_size)
+            if self.peers.get(key).index not in holding
+        ]
+        missing = [i for i, h in enumerate(holders) if h == NO_HOLDER]
+
+        async def store_one(index: int) -> None:
+            while candidates:
+                key = candidates.pop(0)
+                if await self._store(key, record.shard_ids[index], shards[index]):
+                    holders[index] = self.peers.get(key).index
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for index in missing:
+                nursery.start_soon(store_one, index)
+
+    async def _store(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
+        try:
+            reply = await self.conns.call(
+                key,
+                "StoreShard",
+                {"shards": [{"id": shard_id, "data": data}]},
+                timeout=STORE_TIMEOUT,
+            )
+        except (PeerUnavailable, RpcError) as exc:
+            log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)
+            self.on_result(key, False)
+            return False
+        if shard_id in reply["stored"]:
+            self.ledger.add_use(key, len(data))
+            self.on_result(key, True)
+            return True
+        codes = {r["code"] for r in reply["refused"]}
+        log.info("peer %s refused a shard: %s", key.hex()[:12], ", ".join(sorted(codes)))
+        if "over_quota" in codes:  # its idea of our usage is larger than ours: stop using it
+            agreement = self.ledger.get(key)
+            if agreement is not None:
+                agreement.they_use = agreement.they_host
+        return False
+
+    async def fetch(self, record: BlockRecord, holders: list[int]) -> bytes:
+        """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be."""
+        order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
+        good: dict[int, bytes] = {}
+        send, recv = trio.open_memory_channel[tuple[int, bytes | None]](len(order))
+
+        async def fetch_one(index: int) -> None:
+            data = await self._retrieve(holders[index], record.shard_ids[index])
+            if data is not None:
+                ok = await trio.to_thread.run_sync(
+                    self.codec.check_shard, record, index, data, limiter=self.limiter
+                )
+                if not ok:
+                    key = self.peers.key_of(holders[index])
+                    log.warning(
+                        "peer %s returned a corrupt shard %d of block %s",
+                        key.hex()[:12] if key else "?",
+                        index,
+                        record.block_id.hex()[:16],
+                    )
+                    if key is not None:
+                        self.on_result(key, False)
+                    data = None
+            send.send_nowait((index, data))
+
+        async with trio.open_nursery() as nursery:
+            queue = list(order)
+            running = 0
+            for _ in range(min(record.needed + EXTRA_FETCHES, len(queue))):
+                nursery.start_soon(fetch_one, queue.pop(0))
+                running += 1
+            while running and len(good) < record.needed:
+                index, data = await recv.receive()
+                running -= 1
+                if data is not None:
+                    good[index] = data
+                elif queue:
+                    nursery.start_soon(fetch_one, queue.pop(0))
+                    running += 1
+                if running == 0 and queue and len(good) < record.needed:
+                    nursery.start_soon(fetch_one, queue.pop(0))
+                    running += 1
+            nursery.cancel_scope.cancel()
+        if len(good) < record.needed:
+            raise BlockError(
+                f"only {len(good)} of {record.needed} needed shards reachable ({len(order)} placed)"
+            )
+        return await trio.to_thread.run_sync(
+            lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
+        )
+
+    async def _retrieve(self, holder: int, shard_id: bytes) -> bytes | None:
+        key = self.peers.key_of(holder)
+        if key is None:
+            return None
+        try:
+            reply = await self.conns.call(
+                key, "RetrieveShard", {"id": shard_id}, timeout=FETCH_TIMEOUT
+            )
+        except (PeerUnavailable, RpcError) as exc:
+            log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
+            self.on_result(key, False)
+            return None
+        self.on_result(key, True)
+        return reply["data"]
+
+    async def delete(self, dead: list[StoredBlock]) -> None:
+        """Ask holders to drop the shards of blocks nobody references (best effort)."""
+        by_holder: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
+        for stored in dead:
+            for shard_id, holder in zip(stored.record.shard_ids, stored.holders, strict=True):
+                if holder not in (NO_HOLDER, LOCAL_HOLDER):
+                    by_holder[holder].append((shard_id, stored.record.shard_size))
+
+        async def delete_on(holder: int, items: list[tuple[bytes, int]]) -> None:
+            key = self.peers.key_of(holder)
+            if key is None:
+                return
+            for start in range(0, len(items), 1024):
+                chunk = items[start : start + 1024]
+                try:
+                    await self.conns.call(key, "DeleteShard", {"ids": [s for s, _ in chunk]})
+                except (PeerUnavailable, RpcError) as exc:
+                    log.info("deleting shards on %s failed: %s", key.hex()[:12], exc)
+                    return
+                self.ledger.add_use(key, -sum(size for _, size in chunk))
+
+        async with trio.open_nursery() as nursery:
+            for holder, items in by_holder.items():
+                nursery.start_soon(delete_on, holder, items)

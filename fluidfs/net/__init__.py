@@ -1,0 +1,45 @@
+"""fluidfs network layer: secure channels, framing, RPC and message schemas (no files).
+
+Modules: ``handshake`` + ``channel`` (authenticated encrypted frames), ``schema`` (tiny
+validation DSL), ``messages`` (op schemas), ``envelope`` (hardened CBOR envelopes), ``rpc``
+(``RpcConnection``, ``serve_connection``), ``tcp`` (``dial``, ``open_rpc``, ``serve_tcp``).
+Wire format: docs/protocol.md.
+"""
+
+from .channel import MAX_FRAME, SecureChannel, accept_channel, connect_channel
+from .errors import (
+    ChannelClosed,
+    ChannelError,
+    FrameError,
+    HandshakeError,
+    NetError,
+    RpcConnectionLost,
+    RpcError,
+    RpcTimeout,
+)
+from .rpc import Dispatcher, RpcConnection, serve_connection
+from .schema import SchemaError, validate
+from .tcp import dial, open_rpc, serve_tcp
+
+__all__ = [
+    "MAX_FRAME",
+    "ChannelClosed",
+    "ChannelError",
+    "Dispatcher",
+    "FrameError",
+    "HandshakeError",
+    "NetError",
+    "RpcConnection",
+    "RpcConnectionLost",
+    "RpcError",
+    "RpcTimeout",
+    "SchemaError",
+    "SecureChannel",
+    "accept_channel",
+    "connect_channel",
+    "dial",
+    "open_rpc",
+    "serve_connection",
+    "serve_tcp",
+    "validate",
+]

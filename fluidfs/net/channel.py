@@ -1,0 +1,424 @@
+"""Authenticated, encrypted message channel over any ``trio.abc.Stream`` (wire version 1).
+
+Wire format
+===========
+
+1. Handshake (fixed-size raw messages, see ``fluidfs.net.handshake`` for the byte layout)::
+
+       initiator -> responder   HELLO_i                 (72 bytes)
+       responder -> initiator   HELLO_r || AUTH_r       (72 + 88 bytes)
+       initiator -> responder   AUTH_i                  (88 bytes)
+
+   HELLO = b"FLFS" | version u8 (=1) | role u8 | flags u16 (=0) | ephemeral X25519 pk (32)
+           | Ed25519 identity pk (32).
+   AUTH  = Ed25519 signature (64) over b"fluidfs-auth-v1" || role label || TH || header,
+           then the sender's secretstream header (24).
+   TH    = BLAKE2b-256(person=b"fluidfs-hs-v1", HELLO_i || HELLO_r).
+   Keys  = crypto_kx session keys over the ephemeral keys, each bound to TH with keyed
+           BLAKE2b-256 (person=b"fluidfs-key-v1"); one libsodium
+           ``crypto_secretstream_xchacha20poly1305`` stream per direction.
+
+   Each side verifies the other's signature; the initiator may also require a specific
+   identity (``expected_peer``) and refuses before signing anything itself. The whole
+   handshake has a deadline (``timeout``). Any failure raises ``HandshakeError`` and closes
+   the stream.
+
+2. Frames, after the handshake, in each direction::
+
+       +----------------------+---------------------------------------------+
+       | length: u32 big-end. | secretstream ciphertext (length bytes)       |
+       +----------------------+---------------------------------------------+
+       ciphertext = encrypted tag byte (1) || encrypted message || MAC (16)
+
+   ``17 <= length <= max_frame`` (default ``MAX_FRAME`` = 8 MiB + 1024); a length outside
+   that range is rejected from the 4-byte prefix alone, before any body is read or
+   allocated. Tags: MESSAGE (0) for data; FINAL (3, empty message) for an orderly close.
+   secretstream's internal counter nonce makes every tampered, replayed, reordered or
+   truncated-then-resumed frame fail authentication (``FrameError``; the connection is then
+   closed). End of stream at a frame boundary or a FINAL frame gives ``ChannelClosed``.
+
+Identity keys travel in clear (no identity hiding); the payload is confidential and
+forward-secret (ephemeral keys are discarded after the handshake).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import nacl.bindings as sodium
+import nacl.signing
+import trio
+from nacl._sodium import ffi, lib  # direct calls: the bindings copy every frame twice
+
+from . import handshake as hs
+from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
+from .streamio import ExactReader, StreamEOF
+
+__all__ = ["MAX_FRAME", "SecureChannel", "accept_channel", "connect_channel"]
+
+MAX_FRAME = 8 * 1024 * 1024 + 1024
+ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17 = tag byte + MAC
+TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+KEEP_BUFFER = 1 << 20  # per-channel reusable buffers up to this size; bigger frames allocate
+DEFAULT_OFFLOAD = 1 << 20  # frames at least this big are en/decrypted in a worker thread
+CLOSE_GRACE = 1.0  # seconds aclose() may spend sending the FINAL frame
+
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("fluidfs.net.crypto")
+
+
+def crypto_limiter() -> trio.CapacityLimiter:
+    """The per-``trio.run`` limiter for offloaded frame crypto (one thread per CPU)."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(os.cpu_count() or 2)
+        _LIMITER.set(limiter)
+        return limiter
+
+
+_DEAD = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class SecureChannel:
+    """One authenticated, encrypted, framed connection. Create with ``connect_channel`` or
+    ``accept_channel``.
+
+    ``send`` may be called from many tasks at once (frames are serialised by a lock);
+    ``receive`` from one task at a time. Cancelling a ``send`` or a ``receive`` that has
+    started moving a frame breaks the channel (later calls raise ``ChannelClosed``).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        reader: ExactReader,
+        push: hs.SecretStreamState,
+        pull: hs.SecretStreamState,
+        peer_key: bytes,
+        *,
+        max_frame: int,
+        offload_bytes: int | None,
+    ) -> None:
+        self._stream = stream
+        self._reader = reader
+        self._push = push.statebuf
+        self._pull = pull.statebuf
+        self.peer_key: bytes = peer_key
+        self.max_frame = max_frame
+        self.offload_bytes = offload_bytes
+        self._send_lock = trio.Lock()
+        self._send_error: ChannelError | None = None
+        self._recv_error: ChannelError | None = None
+        self._recv_busy = False
+        self._closed = False
+        self._hdr = memoryview(bytearray(4))
+        self._tagp = ffi.new("unsigned char *")
+        self._sbuf: bytearray | None = None
+        self._rbuf: bytearray | None = None
+        self._obuf = None  # reusable cffi plaintext buffer
+
+    @property
+    def max_message(self) -> int:
+        """Largest payload ``send`` accepts (``max_frame`` minus the 17-byte overhead)."""
+        return self.max_frame - ABYTES
+
+    @property
+    def send_broken(self) -> bool:
+        """True once an interrupted or failed send has made the outgoing stream unusable."""
+        return self._send_error is not None
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` as one frame and send it.
+
+        Raises ``FrameError`` (channel still usable) if ``data`` is larger than
+        ``max_message``, ``ChannelClosed`` if the connection is gone, and
+        ``trio.ClosedResourceError`` after ``aclose``.
+        """
+        n = memoryview(data).nbytes
+        if n > self.max_message:
+            raise FrameError(f"message of {n} bytes exceeds the {self.max_message}-byte limit")
+        async with self._send_lock:
+            await self._send_frame(data, n, TAG_MESSAGE)
+
+    async def _send_frame(self, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("channel was closed")
+        if self._send_error is not None:
+            raise ChannelClosed(str(self._send_error))
+        clen = n + ABYTES
+        if n <= KEEP_BUFFER:
+            if self._sbuf is None:
+                self._sbuf = bytearray(KEEP_BUFFER + 4 + ABYTES)
+            frame = self._sbuf
+        else:
+            frame = bytearray(clen + 4)
+        frame[0:4] = clen.to_bytes(4, "big")
+        try:
+            if self.offload_bytes is not None and n >= self.offload_bytes:
+                await trio.to_thread.run_sync(
+                    self._encrypt, frame, data, n, tag, limiter=crypto_limiter()
+                )
+            else:
+                self._encrypt(frame, data, n, tag)
+            await self._stream.send_all(memoryview(frame)[: clen + 4])
+        except _DEAD as exc:
+            self._send_error = ChannelClosed("connection lost while sending")
+            raise self._send_error from exc
+        except BaseException:
+            self._send_error = ChannelClosed("a send was interrupted mid-frame")
+            raise
+
+    def _encrypt(
+        self, frame: bytearray, data: bytes | bytearray | memoryview, n: int, tag: int
+    ) -> None:
+        src = ffi.from_buffer(data) if n else ffi.NULL
+        rc = lib.crypto_secretstream_xchacha20poly1305_push(
+            self._push, ffi.from_buffer(frame) + 4, ffi.NULL, src, n, ffi.NULL, 0, tag
+        )
+        if rc != 0:  # pragma: no cover - libsodium never fails here
+            raise FrameError("encryption failed")
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        """Return the next message.
+
+        Raises ``ChannelClosed`` when the peer closed (FINAL frame or end of stream at a
+        frame boundary) and ``FrameError`` for a malformed, oversized, truncated, tampered,
+        replayed or reordered frame (the connection is then closed). Errors are sticky.
+        """
+        if self._recv_error is not None:
+            raise type(self._recv_error)(*self._recv_error.args)
+        if self._closed:
+            raise trio.ClosedResourceError("channel was closed")
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this channel")
+        self._recv_busy = True
+        try:
+            return await self._receive_frame()
+        finally:
+            self._recv_busy = False
+
+    async def _fail(self, exc: ChannelError) -> ChannelError:
+        self._recv_error = exc
+        if isinstance(exc, FrameError):
+            self._send_error = ChannelClosed("closed after a bad frame from the peer")
+            await trio.aclose_forcefully(self._stream)
+        return exc
+
+    async def _read(self, view: memoryview, what: str, *, first: bool = False) -> None:
+        reader = self._reader
+        try:
+            await reader.readinto(view)
+        except StreamEOF as exc:
+            if first and exc.got == 0:
+                raise await self._fail(ChannelClosed("peer closed the connection")) from None
+            raise await self._fail(FrameError(f"connection ended inside a frame {what}")) from None
+        except _DEAD as exc:
+            raise await self._fail(ChannelClosed("connection lost")) from exc
+        except BaseException:
+            if not (first and reader.consumed == 0):
+                self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
+            raise
+
+    async def _receive_frame(self) -> bytes:
+        await self._read(self._hdr, "header", first=True)
+        clen = int.from_bytes(self._hdr, "big")
+        if clen > self.max_frame:
+            raise await self._fail(
+                FrameError(f"frame length {clen} exceeds the {self.max_frame}-byte limit")
+            )
+        if clen < ABYTES:
+            raise await self._fail(FrameError(f"frame length {clen} is too short"))
+        if clen <= KEEP_BUFFER + ABYTES:
+            if self._rbuf is None:
+                self._rbuf = bytearray(KEEP_BUFFER + ABYTES)
+            buf = self._rbuf
+        else:
+            buf = bytearray(clen)
+        view = memoryview(buf)[:clen]
+        await self._read(view, "body")
+        mlen = clen - ABYTES
+        if mlen <= KEEP_BUFFER:
+            if self._obuf is None:
+                self._obuf = _alloc("unsigned char[]", KEEP_BUFFER)
+            out = self._obuf
+        else:
+            out = _alloc("unsigned char[]", mlen)
+        try:
+            if self.offload_bytes is not None and mlen >= self.offload_bytes:
+                rc = await trio.to_thread.run_sync(
+                    self._decrypt, out, view, clen, limiter=crypto_limiter()
+                )
+            else:
+                rc = self._decrypt(out, view, clen)
+        except BaseException:
+            self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
+            raise
+        if rc != 0:
+            raise await self._fail(
+                FrameError("frame failed authentication (tampered, replayed or reordered)")
+            )
+        tag = self._tagp[0]
+        if tag == TAG_FINAL:
+            raise await self._fail(ChannelClosed("peer closed the channel"))
+        if tag != TAG_MESSAGE:
+            raise await self._fail(FrameError(f"unexpected frame tag {tag}"))
+        return ffi.buffer(out, mlen)[:]
+
+    def _decrypt(self, out: object, view: memoryview, clen: int) -> int:
+        return lib.crypto_secretstream_xchacha20poly1305_pull(
+            self._pull, out, ffi.NULL, self._tagp, ffi.from_buffer(view), clen, ffi.NULL, 0
+        )
+
+    # -- closing -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send a FINAL frame if possible (bounded wait) and close the stream. Idempotent."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._send_error is None:
+                try:
+                    self._send_lock.acquire_nowait()
+                except trio.WouldBlock:
+                    pass  # a sender is blocked mid-frame; skip the courtesy FINAL frame
+                else:
+                    try:
+                        with trio.move_on_after(CLOSE_GRACE, shield=True):
+                            await self._send_frame(b"", 0, TAG_FINAL)
+                    except (ChannelError, *_DEAD):
+                        pass
+                    finally:
+                        self._send_lock.release()
+        finally:
+            self._closed = True
+            await trio.aclose_forcefully(self._stream)
+
+    async def __aenter__(self) -> SecureChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+# -- handshake ---------------------------------------------------------------------------
+
+
+def _check_args(identity: nacl.signing.SigningKey, max_frame: int) -> None:
+    if not isinstance(identity, nacl.signing.SigningKey):
+        raise TypeError("identity must be a nacl.signing.SigningKey")
+    if not ABYTES <= max_frame <= 0xFFFFFFFF:
+        raise ValueError("max_frame out of range")
+
+
+async def _run_handshake(
+    stream: trio.abc.Stream, timeout: float, body: Callable[[], Awaitable[SecureChannel]]
+) -> SecureChannel:
+    try:
+        with trio.fail_after(timeout):
+            return await body()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"handshake did not finish within {timeout} s") from None
+    except StreamEOF:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError("peer closed the connection during the handshake") from None
+    except _DEAD as exc:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"connection failed during the handshake: {exc}") from exc
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def connect_channel(
+    stream: trio.abc.Stream,
+    identity: nacl.signing.SigningKey,
+    expected_peer: bytes | None = None,
+    *,
+    timeout: float = 10,
+    max_frame: int = MAX_FRAME,
+    offload_bytes: int | None = DEFAULT_OFFLOAD,
+) -> SecureChannel:
+    """Run the initiator side of the handshake on ``stream`` and return the channel.
+
+    ``expected_peer``: the 32-byte Ed25519 public key the peer must prove; ``None`` accepts
+    any identity (read it from ``channel.peer_key``). ``offload_bytes``: frames at least
+    this large are encrypted/decrypted in a worker thread (``None``: never).
+    Raises ``HandshakeError`` (and closes ``stream``) on any failure or after ``timeout``.
+    """
+    _check_args(identity, max_frame)
+    if expected_peer is not None and len(expected_peer) != 32:
+        raise ValueError("expected_peer must be a 32-byte Ed25519 public key")
+    reader = ExactReader(stream)
+
+    async def body() -> SecureChannel:
+        eph_pk, eph_sk = sodium.crypto_kx_keypair()
+        hello_i = hs.make_hello(hs.ROLE_INITIATOR, eph_pk, identity.verify_key.encode())
+        await stream.send_all(hello_i)
+        hello_r = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_RESPONDER)
+        if expected_peer is not None and not hs.same_key(hello_r.identity, expected_peer):
+            raise HandshakeError("peer's identity is not the expected one")
+        th = hs.transcript_hash(hello_i, hello_r.raw)
+        rx, tx = hs.session_keys(hs.ROLE_INITIATOR, eph_pk, eph_sk, hello_r.eph_pk, th)
+        auth_r = await reader.read_exactly(hs.AUTH_LEN)
+        peer_header = hs.check_auth(auth_r, hello_r.identity, hs.ROLE_RESPONDER, th)
+        push, header = hs.new_push(tx)
+        await stream.send_all(hs.make_auth(identity, hs.ROLE_INITIATOR, th, header))
+        return SecureChannel(
+            stream,
+            reader,
+            push,
+            hs.new_pull(rx, peer_header),
+            hello_r.identity,
+            max_frame=max_frame,
+            offload_bytes=offload_bytes,
+        )
+
+    return await _run_handshake(stream, timeout, body)
+
+
+async def accept_channel(
+    stream: trio.abc.Stream,
+    identity: nacl.signing.SigningKey,
+    *,
+    timeout: float = 10,
+    max_frame: int = MAX_FRAME,
+    offload_bytes: int | None = DEFAULT_OFFLOAD,
+) -> SecureChannel:
+    """Run the responder side of the handshake on ``stream`` and return the channel.
+
+    The peer's proven identity is ``channel.peer_key``; deciding whether to talk to it is
+    the caller's business. Raises ``HandshakeError`` (and closes ``stream``) on failure.
+    """
+    _check_args(identity, max_frame)
+    reader = ExactReader(stream)
+
+    async def body() -> SecureChannel:
+        hello_i = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_INITIATOR)
+        eph_pk, eph_sk = sodium.crypto_kx_keypair()
+        hello_r = hs.make_hello(hs.ROLE_RESPONDER, eph_pk, identity.verify_key.encode())
+        th = hs.transcript_hash(hello_i.raw, hello_r)
+        rx, tx = hs.session_keys(hs.ROLE_RESPONDER, eph_pk, eph_sk, hello_i.eph_pk, th)
+        push, header = hs.new_push(tx)
+        await stream.send_all(hello_r + hs.make_auth(identity, hs.ROLE_RESPONDER, th, header))
+        auth_i = await reader.read_exactly(hs.AUTH_LEN)
+        peer_header = hs.check_auth(auth_i, hello_i.identity, hs.ROLE_INITIATOR, th)
+        return SecureChannel(
+            stream,
+            reader,
+            push,
+            hs.new_pull(rx, peer_header),
+            hello_i.identity,
+            max_frame=max_frame,
+            offload_bytes=offload_bytes,
+        )
+
+    return await _run_handshake(stream, timeout, body)

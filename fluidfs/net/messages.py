@@ -1,0 +1,108 @@
+"""Request and response schemas of the fluidfs peer protocol, version 1 (data only).
+
+Operation names follow the Fluidbackup paper. The service that implements them lives
+elsewhere; a dispatcher for it can use ``REQUEST_SCHEMAS`` as its ``schemas``. The client
+(``RpcConnection.call``) validates requests before sending and responses on arrival with
+``OPS``. See docs/protocol.md for the meaning of each field and the error codes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .schema import Bool, Bytes, Int, List, Map, Schema, Str
+
+__all__ = [
+    "ERROR_CODES",
+    "MAX_SHARD",
+    "OPS",
+    "REQUEST_SCHEMAS",
+    "RESPONSE_SCHEMAS",
+    "OpSpec",
+]
+
+MAX_SHARD = 8 * 1024 * 1024  # bytes of one shard
+MAX_LEAF = 64 * 1024  # bytes of one audited Merkle leaf
+MAX_ADDR = 300  # "host:port" hint
+U64 = Int(0, 2**64 - 1)
+ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
+CODE = Str(min=1, max=64)
+
+# Error codes on the wire. The RPC layer itself produces the first group; a service uses
+# the second for its ops (it may add more; clients must treat unknown codes as failures).
+ERROR_CODES = {
+    # produced by fluidfs.net.rpc
+    "unknown_op": "no such operation",
+    "bad_request": "request envelope or arguments do not fit the schema",
+    "bad_version": "envelope version not supported",
+    "internal": "the handler failed; details are in the server's log",
+    # produced locally by the client (never sent)
+    "bad_reply": "the peer's reply does not fit the schema",
+    "timeout": "no reply in time",
+    "connection_lost": "connection ended before the reply",
+    "too_large": "the request does not fit in one frame",
+    # for services
+    "no_agreement": "no storage agreement with this peer",
+    "over_quota": "the store would exceed the agreed space",
+    "not_found": "no such shard",
+    "bad_shard": "shard bytes do not match the id",
+    "refused": "the peer declines (see message)",
+    "busy": "try again later",
+}
+
+
+class OpSpec(NamedTuple):
+    """The schemas of one operation's ``args`` and ``ok`` maps."""
+
+    request: Schema
+    response: Schema
+
+
+OPS: dict[str, OpSpec] = {
+    # offer: bytes I host for you; ask: bytes you host for me; term: seconds.
+    # store_at: "host:port" of a storage provider that will hold the shards for me.
+    # addr: where the proposer accepts connections (so the peer can call back and refer it).
+    "ProposeAgreement": OpSpec(
+        Map(
+            {"offer": U64, "ask": U64, "term": U64},
+            optional={"store_at": Str(MAX_ADDR), "addr": Str(MAX_ADDR)},
+        ),
+        Map(
+            {"accepted": Bool(), "offer": U64, "ask": U64, "term": U64},
+            optional={"reason": Str(1024)},
+        ),
+    ),
+    "StoreShard": OpSpec(
+        Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)}),
+        Map(
+            {
+                "stored": List(ID, max_len=64),
+                "refused": List(Map({"id": ID, "code": CODE}), max_len=64),
+            }
+        ),
+    ),
+    "RetrieveShard": OpSpec(
+        Map({"id": ID}),
+        Map({"data": Bytes(max=MAX_SHARD)}),
+    ),
+    "DeleteShard": OpSpec(
+        Map({"ids": List(ID, max_len=1024)}),
+        Map({"deleted": Int(0, 1024)}),
+    ),
+    "ShareNewPeers": OpSpec(
+        Map({"max": Int(0, 256)}),
+        Map({"peers": List(Map({"id": ID, "addr": Str(MAX_ADDR)}), max_len=256)}),
+    ),
+    # Prove possession of shard `id`: return Merkle leaf `leaf` (keyed by `nonce` as the
+    # service defines) and the sibling path up to the root (the shard id).
+    "AuditShard": OpSpec(
+        Map({"id": ID, "leaf": U64, "nonce": ID}),
+        Map({"leaf_data": Bytes(max=MAX_LEAF), "path": List(ID, max_len=40)}),
+    ),
+    # time: the responder's clock, Unix seconds.
+    # addr (optional): where the caller accepts connections, so the callee can call back.
+    "Ping": OpSpec(Map({}, optional={"addr": Str(MAX_ADDR)}), Map({"time": U64})),
+}
+
+REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}
+RESPONSE_SCHEMAS: dict[str, Schema] = {op: spec.response for op, spec in OPS.items()}

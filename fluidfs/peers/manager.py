@@ -1,0 +1,115 @@
+"""Meeting peers: dial an address, learn who is there, and make a storage agreement.
+
+Agreements are sized from what this node donates: each one offers
+``donate / N`` bytes (so hosting for N partners fits the donation) and asks
+the same amount back. A bootstrap address that cannot be reached is retried
+with back-off until it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from fluidfs.keys import encode_peer_id
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.pool import Connections, PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 0.5
+RETRY_MAX = 30.0
+
+
+class PeerManager:
+    """Adds peers and keeps agreements with them."""
+
+    def __init__(
+        self,
+        conns: Connections,
+        peers: PeerList,
+        ledger: Ledger,
+        *,
+        donate: int,
+        agreement_size: int,
+        term: int = DEFAULT_TERM,
+    ) -> None:
+        self.conns = conns
+        self.peers = peers
+        self.ledger = ledger
+        self.donate = donate
+        self.agreement_size = agreement_size
+        self.term = term
+        self.on_new_agreement: Callable[[bytes], None] = lambda _key: None
+
+    async def add(self, addr: str) -> tuple[bytes, bool]:
+        """Connect to *addr*, record the peer, and propose an agreement if there is none.
+
+        Returns (peer key, whether an agreement is in place). Raises PeerUnavailable.
+        """
+        conn = await self.conns.connect(addr)
+        key = conn.peer_key
+        if key == self.peers.self_key:
+            raise PeerUnavailable(f"{addr} is this node itself")
+        self.peers.add(key, addr)
+        self.peers.seen(key, addr)
+        return key, await self.ensure_agreement(key)
+
+    async def ensure_agreement(self, key: bytes) -> bool:
+        """Propose an agreement to *key* unless one exists; True if one is in place."""
+        if self.ledger.get(key) is not None:
+            return True
+        size = self.agreement_size
+        if self.ledger.promised_by_us() + size > self.donate:
+            log.info("not proposing to %s: our donation is fully promised", _short(key))
+            return False
+        args = {"offer": size, "ask": size, "term": self.term}
+        if self.conns.listen_addr:
+            args["addr"] = self.conns.listen_addr
+        try:
+            reply = await self.conns.call(key, "ProposeAgreement", args, timeout=10)
+        except (PeerUnavailable, RpcError) as exc:
+            log.info("proposing an agreement to %s failed: %s", _short(key), exc)
+            return False
+        if not reply["accepted"]:
+            log.info("peer %s declined an agreement: %s", _short(key), reply.get("reason", ""))
+            return False
+        self.ledger.record(key, we_host=reply["offer"], they_host=reply["ask"], term=reply["term"])
+        log.info("agreement with %s: each hosts %d bytes", _short(key), size)
+        self.on_new_agreement(key)
+        return True
+
+    async def bootstrap(self, addr: str) -> None:
+        """Keep trying *addr* until it is added (run as a background task)."""
+        delay = RETRY_MIN
+        while True:
+            try:
+                await self.add(addr)
+                return
+            except (PeerUnavailable, ValueError) as exc:
+                log.info("bootstrap peer %s: %s (retrying in %.1f s)", addr, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def reconnect_known(self) -> None:
+        """Say hello to every known peer (after a restart), so they can call us back."""
+
+        async def hello(key: bytes) -> None:
+            args = {"addr": self.conns.listen_addr} if self.conns.listen_addr else {}
+            try:
+                await self.conns.call(key, "Ping", args, timeout=5)
+            except (PeerUnavailable, RpcError):
+                return
+            await self.ensure_agreement(key)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                nursery.start_soon(hello, peer.key)
+
+
+def _short(key: bytes) -> str:
+    return encode_peer_id(key)[:12]
