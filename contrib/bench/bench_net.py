@@ -1,0 +1,201 @@
+"""Network throughput: shard-sized transfers between two processes over loopback.
+
+Prints MB/s (1 MB = 10**6 bytes of payload) for, in the same run:
+
+  raw TCP      trio SocketStream, 512 KiB writes, receiver discards
+  channel      SecureChannel frames of 512 KiB (handshake excluded)
+  RPC          StoreShard calls with one 512 KiB shard each, several in flight; the
+               server decodes, validates and answers {stored: [id]} (discards the data)
+
+and the ratio of each to raw TCP. The server is a child process (killed by PID at exit).
+Cases are interleaved round by round and the best round is kept, so a machine shared
+with other jobs disturbs the ratio less.
+
+``--mallopt`` raises glibc's mmap/trim thresholds in both processes. Without it every
+fresh 512 KiB buffer (cbor2 output, received bytes) is mmap'd and page-faulted anew, and
+page faults are expensive in VMs; the RPC figure then shows allocator cost, not ours.
+
+    python contrib/bench/bench_net.py [--mib 256] [--inflight 8] [--offload BYTES|none]
+                                      [--mallopt] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+import time
+
+import nacl.signing
+import trio
+
+from fluidfs.net import accept_channel, connect_channel, serve_connection
+from fluidfs.net.channel import DEFAULT_OFFLOAD
+from fluidfs.net.messages import REQUEST_SCHEMAS
+from fluidfs.net.rpc import RpcConnection
+
+SHARD = 512 * 1024
+SERVER_KEY = nacl.signing.SigningKey(b"S" * 32)
+CLIENT_KEY = nacl.signing.SigningKey(b"C" * 32)
+
+
+class Sink:
+    """StoreShard that keeps nothing."""
+
+    schemas = REQUEST_SCHEMAS
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        return {"stored": [s["id"] for s in args["shards"]], "refused": []}
+
+
+# -- server process ----------------------------------------------------------------------
+
+
+async def serve(mode: str, offload: int | None) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        if mode == "raw":
+            total = 0
+            while chunk := await stream.receive_some(1 << 20):
+                total += len(chunk)
+            return
+        channel = await accept_channel(stream, SERVER_KEY, offload_bytes=offload)
+        if mode == "channel":
+            n = 0
+            while True:
+                msg = await channel.receive()
+                if msg == b"done":
+                    await channel.send(n.to_bytes(8, "big"))
+                    break
+                n += len(msg)
+            await channel.aclose()
+        else:
+            await serve_connection(channel, Sink())
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(handler, listeners)
+
+
+# -- client side -------------------------------------------------------------------------
+
+
+async def bench_raw(port: int, total: int) -> float:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    data = os.urandom(SHARD)
+    t0 = time.perf_counter()
+    for _ in range(total // SHARD):
+        await stream.send_all(data)
+    await stream.send_eof()
+    await stream.receive_some(1)  # the server closes once it has read everything
+    return time.perf_counter() - t0
+
+
+async def bench_channel(port: int, total: int, offload: int | None) -> float:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
+                                    offload_bytes=offload)
+    data = os.urandom(SHARD)
+    t0 = time.perf_counter()
+    for _ in range(total // SHARD):
+        await channel.send(data)
+    await channel.send(b"done")
+    got = int.from_bytes(await channel.receive(), "big")
+    dt = time.perf_counter() - t0
+    assert got == total // SHARD * SHARD, got
+    await channel.aclose()
+    return dt
+
+
+async def bench_rpc(port: int, total: int, inflight: int, offload: int | None) -> float:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
+                                    offload_bytes=offload)
+    conn = RpcConnection(channel)
+    data = os.urandom(SHARD)
+    count = total // SHARD
+    todo = iter(range(count))
+
+    async def worker() -> None:
+        for i in todo:
+            sid = i.to_bytes(32, "big")
+            r = await conn.call("StoreShard", {"shards": [{"id": sid, "data": data}]})
+            assert r["stored"] == [sid]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as workers:
+            for _ in range(inflight):
+                workers.start_soon(worker)
+        dt = time.perf_counter() - t0
+        await conn.aclose()
+    return dt
+
+
+def tune_malloc() -> None:
+    """Keep big freed buffers in the heap (glibc): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-1, 256 << 20)
+    libc.mallopt(-3, 64 << 20)
+
+
+def start_server(mode: str, offload: int | None, mallopt: bool
+                 ) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, __file__, "--serve", mode, "--offload", str(offload).lower()]
+    proc = subprocess.Popen(cmd + (["--mallopt"] if mallopt else []),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def run_case(mode: str, total: int, inflight: int, offload: int | None, mallopt: bool
+             ) -> float:
+    proc, port = start_server(mode, offload, mallopt)
+    try:
+        if mode == "raw":
+            dt = trio.run(bench_raw, port, total)
+        elif mode == "channel":
+            dt = trio.run(bench_channel, port, total, offload)
+        else:
+            dt = trio.run(bench_rpc, port, total, inflight, offload)
+        return total // SHARD * SHARD / dt / 1e6
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=256, help="payload per case, MiB")
+    ap.add_argument("--inflight", type=int, default=8, help="concurrent RPC calls")
+    ap.add_argument("--offload", default=str(DEFAULT_OFFLOAD),
+                    help="frames >= this many bytes are en/decrypted in a thread, or 'none'")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N rounds per case")
+    ap.add_argument("--mallopt", action="store_true", help="tune glibc malloc (see above)")
+    ap.add_argument("--serve", choices=["raw", "channel", "rpc"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    offload = None if args.offload == "none" else int(args.offload)
+    if args.mallopt:
+        tune_malloc()
+    if args.serve:
+        trio.run(serve, args.serve, offload)
+        return
+    total = args.mib * 1024 * 1024
+    print(f"{args.mib} MiB per case, 512 KiB messages, best of {args.repeat}, "
+          f"RPC {args.inflight} in flight, crypto offload >= {offload} bytes, "
+          f"mallopt {'on' if args.mallopt else 'off'}")
+    results = dict.fromkeys(("raw", "channel", "rpc"), 0.0)
+    for _ in range(args.repeat):
+        for mode in results:
+            mbps = run_case(mode, total, args.inflight, offload, args.mallopt)
+            results[mode] = max(results[mode], mbps)
+    for mode, label in (("raw", "raw trio TCP"), ("channel", "secure channel"),
+                        ("rpc", "channel + RPC StoreShard")):
+        ratio = results[mode] / results["raw"]
+        print(f"  {label:26s} {results[mode]:8.0f} MB/s   {ratio:6.1%} of raw")
+
+
+if __name__ == "__main__":
+    main()
