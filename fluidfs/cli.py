@@ -15,6 +15,7 @@ from typing import NoReturn
 from fluidfs import __version__
 from fluidfs import keys as keymod
 from fluidfs.statedir import StateDir, StateError, default_data_dir, default_keyfile
+from fluidfs.sysutil import tune_malloc
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -240,6 +241,16 @@ def cmd_mount(args: argparse.Namespace) -> None:
         run_background(args, mountpoint, state)
 
 
+def setup_node_process() -> None:
+    """Logging and allocator settings for a process that runs a node."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    tune_malloc()
+
+
 def run_foreground(
     args: argparse.Namespace, mountpoint: Path, state: StateDir, keyring: keymod.KeyRing
 ) -> None:
@@ -248,11 +259,7 @@ def run_foreground(
 
     from fluidfs.daemon import MountError, Node
 
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_node_process()
     ready_fd = args.ready_fd
 
     def report(message: str) -> None:
@@ -404,11 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     state = StateDir((args.state_dir or default_data_dir()).expanduser())
     keyring = load_or_create_keyfile(args.keyfile)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_node_process()
     try:
         node = Node(node_config(args, keyring, state))
     except StateError as exc:
