@@ -1,0 +1,663 @@
+#!/usr/bin/env python3
+"""End-to-end filesystem benchmark: fluidfs (mounted through the real CLI) vs. a
+plain local directory on the same disk, in the same run.
+
+Measures sequential write (accepted / sealed and stored), cold read, small-file
+creation, ``ls -lR`` (cold and warm) and the mount process's peak memory, and
+checks each figure against the targets of the performance issue.
+
+    python contrib/bench/bench_fs.py                       # 1 GiB, 10,000 files
+    python contrib/bench/bench_fs.py --quick               # CI smoke (64 MiB, 500 files)
+    python contrib/bench/bench_fs.py --json out.json --profile /tmp/prof
+
+Needs /dev/fuse and fusermount3; dropping the page cache needs root (without it
+the "cold" figures are only cold for fluidfs's own cache and are marked so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MB = 1_000_000
+MIB = 1 << 20
+BLOCK_SIZE = 4 * MIB  # fluidfs default --block-size
+SMALL_FILE = 4096
+
+# (metric key, target, "min" = at least / "max" = below)
+TARGETS = {
+    "write_accepted": (300.0, "min"),
+    "write_sealed": (150.0, "min"),
+    "read_cold": (150.0, "min"),
+    "create_files": (2000.0, "min"),
+    "ls_cold": (2.0, "max"),
+    "ls_warm": (2.0, "max"),
+    "rss_peak": (300.0, "max"),
+}
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, **kw)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    run(cmd)
+    return time.perf_counter() - start
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def is_mount(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still "exists"; treat it as gone.
+    with suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def make_source(path: Path, size: int) -> str:
+    """Write *size* random bytes to *path*; return their sha256."""
+    digest = hashlib.sha256()
+    chunk = 4 * MIB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            data = os.urandom(min(chunk, left))
+            digest.update(data)
+            f.write(data)
+            left -= len(data)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(MIB):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def create_files(directory: Path, count: int) -> float:
+    """Create *count* files of 4 KiB each; return elapsed seconds."""
+    directory.mkdir()
+    payload = os.urandom(SMALL_FILE)
+    start = time.perf_counter()
+    for i in range(count):
+        with open(directory / f"f{i:06d}", "wb") as f:
+            f.write(payload)
+    return time.perf_counter() - start
+
+
+def ls_lr(directory: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["ls", "-lR", str(directory)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+# --- memory sampler -------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS / RssAnon / RssFile of the mount process every 50 ms."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pidfile: Path, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pidfile = pidfile
+        self.interval = interval
+        self.phase = "idle"
+        self.peak = dict.fromkeys(self.FIELDS, 0)  # KiB, over the whole run
+        self.phase_peak: dict[str, dict[str, int]] = {}
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def _read(self) -> dict[str, int] | None:
+        try:
+            pid = int(self.pidfile.read_text())
+            with open(f"/proc/{pid}/status") as f:
+                text = f.read()
+        except (OSError, ValueError):
+            return None
+        values = {}
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            if key in self.FIELDS:
+                values[key] = int(rest.split()[0])
+        return values or None
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            values = self._read()
+            if values is None:
+                continue
+            self.samples += 1
+            phase = self.phase_peak.setdefault(self.phase, dict.fromkeys(self.FIELDS, 0))
+            for key, value in values.items():
+                self.peak[key] = max(self.peak[key], value)
+                phase[key] = max(phase[key], value)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# --- profiler -------------------------------------------------------------------------
+
+
+class Profiler:
+    """Runs ``py-spy record`` on the mount process for one phase (optional).
+
+    Samples every thread including idle ones, then classifies: a sample is idle
+    when its innermost frame is a known wait (trio's epoll wait, a worker thread
+    waiting for a job). The report gives, per phase, how busy the trio thread
+    and the worker threads were and the top busy frames of each.
+    """
+
+    IDLE = (
+        "EpollIOManager.get_events (trio/_core/_io_epoll.py",
+        "WorkerThread._work (trio/_core/_thread_cache.py",
+    )
+
+    def __init__(self, outdir: Path | None) -> None:
+        self.outdir = outdir
+        self.spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.reports: dict[str, dict] = {}
+        if outdir is not None:
+            outdir.mkdir(parents=True, exist_ok=True)
+            if not os.path.exists(self.spy):
+                raise SystemExit("--profile needs py-spy (pip install py-spy)")
+
+    @contextmanager
+    def record(self, name: str, pid: int):
+        if self.outdir is None:
+            yield
+            return
+        out = self.outdir / f"{name}.txt"
+        cmd = [self.spy, "record", "--pid", str(pid), "-r", "100", "--idle", "--threads"]
+        proc = subprocess.Popen(
+            [*cmd, "-f", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # let py-spy attach
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self.reports[name] = self.analyse(out)
+
+    @classmethod
+    def analyse(cls, path: Path, count: int = 8) -> dict:
+        """Busy share and top busy leaf frames of the trio thread and of the workers."""
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return {}
+        threads: dict[str, dict] = {}
+        for line in lines:
+            stack, _, n = line.rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            frames = stack.split(";")
+            t = threads.setdefault(frames[0], {"total": 0, "busy": {}, "main": False})
+            t["total"] += int(n)
+            t["main"] |= any(f.startswith("unrolled_run ") for f in frames)
+            leaf = frames[-1]
+            if not any(pattern in leaf for pattern in cls.IDLE):
+                # Name the leaf with its nearest fluidfs caller for context.
+                owner = next(
+                    (
+                        f
+                        for f in reversed(frames[1:-1])
+                        if "fluidfs/" in f
+                        and "fluidfs/cli.py" not in f
+                        and "fluidfs/__main__" not in f
+                    ),
+                    "",
+                )
+                key = leaf if not owner or "fluidfs/" in leaf else f"{leaf} <- {owner}"
+                t["busy"][key] = t["busy"].get(key, 0) + int(n)
+        if not threads:
+            return {}
+        span = max(t["total"] for t in threads.values())  # samples per thread ≈ duration
+        report = {}
+        for role in ("trio thread", "worker threads"):
+            group = [t for t in threads.values() if t["main"] == (role == "trio thread")]
+            busy: dict[str, int] = {}
+            for t in group:
+                for k, v in t["busy"].items():
+                    busy[k] = busy.get(k, 0) + v
+            total_busy = sum(busy.values())
+            ranked = sorted(busy.items(), key=lambda kv: -kv[1])[:count]
+            report[role] = {
+                "threads": len(group),
+                "busy_cpus": total_busy / span,  # 1.0 = one thread busy all the time
+                "top": [(100.0 * v / total_busy, k) for k, v in ranked] if total_busy else [],
+            }
+        return report
+
+
+# --- the fluidfs mount --------------------------------------------------------------------
+
+
+class Mount:
+    """Mount / unmount fluidfs through its command line."""
+
+    def __init__(self, work: Path) -> None:
+        self.mnt = work / "mnt"
+        self.state = work / "state"
+        self.key = work / "fluidfs.key"
+        self.py = sys.executable
+        self.mnt.mkdir()
+
+    def init(self) -> None:
+        run([self.py, "-m", "fluidfs", "init", "--keyfile", str(self.key)])
+
+    def mount(self) -> int:
+        cmd = [self.py, "-m", "fluidfs", "mount", str(self.mnt)]
+        run([*cmd, "--state-dir", str(self.state), "--keyfile", str(self.key)])
+        return self.pid()
+
+    def pid(self) -> int:
+        return int((self.state / "daemon.pid").read_text())
+
+    def unmount(self) -> float:
+        return timed([self.py, "-m", "fluidfs", "unmount", str(self.mnt)])
+
+    def sealed(self, expected_blocks: int) -> bool:
+        """No dirty block files left and the blocks table holds *expected_blocks*."""
+        import lmdb
+
+        if any(os.scandir(self.state / "dirty")):
+            return False
+        env = lmdb.open(str(self.state / "meta.lmdb"), readonly=True, lock=False, max_dbs=16)
+        try:
+            db = env.open_db(b"blocks", create=False)
+            with env.begin() as txn:
+                return txn.stat(db)["entries"] >= expected_blocks
+        finally:
+            env.close()
+
+    def cleanup(self) -> None:
+        """Unmount whatever is left and kill the node if it still runs."""
+        if is_mount(self.mnt):
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+        if is_mount(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        try:
+            pid = self.pid()
+        except (OSError, ValueError):
+            return
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            if not pid_alive(pid):
+                return
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+# --- the benchmark --------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace, work: Path, results: dict, prof: Profiler) -> None:
+    size, nfiles = args.size, args.files
+    blocks = math.ceil(size / BLOCK_SIZE)
+    plain = work / "plain"
+    plain.mkdir()
+    src = work / "source.bin"
+    m = Mount(work)
+    results["mount"] = m
+    sampler = RssSampler(m.state / "daemon.pid")
+    results["sampler"] = sampler
+    fl: dict[str, float] = {}
+    pl: dict[str, float] = {}
+    results["fluidfs"], results["plain"] = fl, pl
+
+    log(f"generating {size / MIB:.0f} MiB of random data")
+    want = make_source(src, size)
+    results["cold_caches"] = drop_caches()
+    if not results["cold_caches"]:
+        log("WARNING: cannot write /proc/sys/vm/drop_caches: 'cold' means fluidfs cache only")
+    dd_write = ["dd", f"if={src}", "bs=1M", "status=none"]
+
+    # --- plain directory ---------------------------------------------------------
+    log("plain: sequential write")
+    pl["write_accepted_s"] = timed([*dd_write, f"of={plain / 'f'}"])
+    start = time.perf_counter()
+    fd = os.open(plain / "f", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    pl["write_sealed_s"] = pl["write_accepted_s"] + time.perf_counter() - start
+    drop_caches()
+    log("plain: cold read")
+    pl["read_cold_s"] = timed(["dd", f"if={plain / 'f'}", "of=/dev/null", "bs=1M", "status=none"])
+    log(f"plain: create {nfiles} files")
+    pl["create_files_s"] = create_files(plain / "files", nfiles)
+    os.sync()
+    drop_caches()
+    pl["ls_cold_s"] = ls_lr(plain / "files")
+    pl["ls_warm_s"] = ls_lr(plain / "files")
+
+    # --- fluidfs -----------------------------------------------------------------
+    m.init()
+    sampler.start()
+    sampler.phase = "write"
+    pid = m.mount()
+    log(f"fluidfs: mounted (pid {pid}); sequential write")
+    with prof.record("write", pid):
+        t0 = time.perf_counter()
+        run([*dd_write, f"of={m.mnt / 'f'}"])
+        t1 = time.perf_counter()
+        while not m.sealed(blocks):
+            time.sleep(0.05)
+        t2 = time.perf_counter()
+    sampler.phase = "unmount after write"
+    unmount_s = m.unmount()
+    t3 = time.perf_counter()
+    fl["write_accepted_s"] = t1 - t0
+    fl["write_sealed_s"] = t2 - t0
+    fl["write_unmounted_s"] = t3 - t0
+    fl["unmount_after_write_s"] = unmount_s
+
+    log("fluidfs: cold read")
+    shutil.rmtree(m.state / "cache", ignore_errors=True)
+    drop_caches()
+    sampler.phase = "cold read"
+    pid = m.mount()
+    with prof.record("read", pid):
+        fl["read_cold_s"] = timed(
+            ["dd", f"if={m.mnt / 'f'}", "of=/dev/null", "bs=1M", "status=none"]
+        )
+    sampler.phase = "warm read + sha256"
+    start = time.perf_counter()
+    got = sha256_of(m.mnt / "f")
+    fl["read_warm_sha256_s"] = time.perf_counter() - start
+    results["sha256_ok"] = got == want
+    if got != want:
+        log(f"ERROR: sha256 mismatch: {got} != {want}")
+
+    log(f"fluidfs: create {nfiles} files")
+    sampler.phase = "create files"
+    with prof.record("create", pid):
+        fl["create_files_s"] = create_files(m.mnt / "files", nfiles)
+    sampler.phase = "unmount after create"
+    fl["unmount_after_create_s"] = m.unmount()
+    drop_caches()
+    sampler.phase = "ls -lR"
+    pid = m.mount()
+    with prof.record("ls", pid):
+        fl["ls_cold_s"] = ls_lr(m.mnt / "files")
+        fl["ls_warm_s"] = ls_lr(m.mnt / "files")
+    sampler.phase = "final unmount"
+    fl["unmount_final_s"] = m.unmount()
+    sampler.stop()
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def summarise(args: argparse.Namespace, results: dict, prof: Profiler) -> dict:
+    size, nfiles = args.size, args.files
+    fl, pl = results.get("fluidfs", {}), results.get("plain", {})
+    sampler: RssSampler | None = results.get("sampler")
+    rows = []
+
+    def add(key, label, unit, plain_v, fluid_v, target_key=None, higher_is_better=True):
+        row = {"metric": key, "label": label, "unit": unit, "plain": plain_v, "fluidfs": fluid_v}
+        row["ratio"] = (
+            fluid_v / plain_v if plain_v not in (None, 0) and fluid_v is not None else None
+        )
+        if target_key and fluid_v is not None:
+            target, kind = TARGETS[target_key]
+            ok = fluid_v >= target if kind == "min" else fluid_v < target
+            row["target"] = f"{'>=' if kind == 'min' else '<'}{target:g}"
+            row["verdict"] = "PASS" if ok else "SHORT"
+        rows.append(row)
+
+    def rate(n, seconds):
+        return None if seconds is None else n / seconds
+
+    mb = size / MB
+    add(
+        "write_accepted",
+        "write accepted (dd, no fsync)",
+        "MB/s",
+        rate(mb, pl.get("write_accepted_s")),
+        rate(mb, fl.get("write_accepted_s")),
+        "write_accepted",
+    )
+    add(
+        "write_sealed",
+        "write sealed+stored (poll)",
+        "MB/s",
+        rate(mb, pl.get("write_sealed_s")),
+        rate(mb, fl.get("write_sealed_s")),
+        "write_sealed",
+    )
+    add(
+        "write_unmounted",
+        "write + fluidfs unmount",
+        "MB/s",
+        rate(mb, pl.get("write_sealed_s")),
+        rate(mb, fl.get("write_unmounted_s")),
+        "write_sealed",
+    )
+    add(
+        "read_cold",
+        "cold read (dd)",
+        "MB/s",
+        rate(mb, pl.get("read_cold_s")),
+        rate(mb, fl.get("read_cold_s")),
+        "read_cold",
+    )
+    add(
+        "read_warm",
+        "warm read + sha256 (python)",
+        "MB/s",
+        None,
+        rate(mb, fl.get("read_warm_sha256_s")),
+    )
+    add(
+        "create_files",
+        f"create {nfiles} x 4 KiB files",
+        "files/s",
+        rate(nfiles, pl.get("create_files_s")),
+        rate(nfiles, fl.get("create_files_s")),
+        "create_files",
+    )
+    add(
+        "ls_cold",
+        "ls -lR cold (after remount)",
+        "s",
+        pl.get("ls_cold_s"),
+        fl.get("ls_cold_s"),
+        "ls_cold",
+    )
+    add("ls_warm", "ls -lR warm", "s", pl.get("ls_warm_s"), fl.get("ls_warm_s"), "ls_warm")
+    for key in ("unmount_after_write_s", "unmount_after_create_s", "unmount_final_s"):
+        add(key[:-2], key[:-2].replace("_", " "), "s", None, fl.get(key))
+    if sampler is not None and sampler.samples:
+        peak = {k: v / 1024 for k, v in sampler.peak.items()}
+        add("rss_peak", "peak VmRSS of mount", "MiB", None, peak["VmRSS"], "rss_peak")
+        add("rss_anon_peak", "peak RssAnon", "MiB", None, peak["RssAnon"])
+        add("rss_file_peak", "peak RssFile", "MiB", None, peak["RssFile"])
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+    print()
+    print(
+        f"fluidfs bench: size={size / MIB:.0f} MiB files={nfiles} workdir={args.workdir} "
+        f"cpus={os.cpu_count()} page-cache-dropped={results.get('cold_caches')} "
+        f"sha256-ok={results.get('sha256_ok')}"
+    )
+    print("MB = 10^6 bytes; ratio = fluidfs/plain (for times, >1 means fluidfs is slower)")
+    header = (
+        f"{'metric':32} {'unit':>7} {'plain':>10} {'fluidfs':>10} {'ratio':>7} "
+        f"{'target':>8} verdict"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        print(
+            f"{r['label']:32} {r['unit']:>7} {fmt(r['plain']):>10} {fmt(r['fluidfs']):>10} "
+            f"{ratio:>7} {r.get('target', ''):>8} {r.get('verdict', '')}"
+        )
+    if sampler is not None and sampler.phase_peak:
+        print("\npeak memory of the mount process by phase (MiB): VmRSS / RssAnon / RssFile")
+        for phase, vals in sampler.phase_peak.items():
+            print(
+                f"  {phase:24} {vals['VmRSS'] / 1024:7.1f} / {vals['RssAnon'] / 1024:7.1f}"
+                f" / {vals['RssFile'] / 1024:7.1f}"
+            )
+    for name, report in prof.reports.items():
+        print(f"\npy-spy, phase '{name}':")
+        for role, info in report.items():
+            print(
+                f"  {role} ({info['threads']}): busy {info['busy_cpus']:.2f} thread-equivalents;"
+                " top busy frames (% of that busy time):"
+            )
+            for pct, frame in info["top"]:
+                print(f"    {pct:5.1f}%  {frame}")
+    out = {
+        "size": size,
+        "files": nfiles,
+        "cpus": os.cpu_count(),
+        "page_cache_dropped": results.get("cold_caches"),
+        "sha256_ok": results.get("sha256_ok"),
+        "rows": rows,
+        "raw_seconds": {"plain": pl, "fluidfs": fl},
+        "rss_by_phase_kib": sampler.phase_peak if sampler else {},
+        "profile": prof.reports,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=None, help="file size (default 1G)")
+    parser.add_argument("--files", type=int, default=None, help="4 KiB files (default 10000)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="parent of the scratch dir (default: the system temp dir)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small run (64M, 500 files)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="py-spy record each phase into this dir"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    args = parser.parse_args(argv)
+    if args.size is None:
+        args.size = 64 * MIB if args.quick else 1 << 30
+    if args.files is None:
+        args.files = 500 if args.quick else 10000
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fluidfs-bench-", dir=parent))
+    args.workdir = work
+    results: dict = {}
+    prof = Profiler(args.profile)
+    failed = False
+    try:
+        bench(args, work, results, prof)
+    except BaseException as exc:  # report what we have, then clean up
+        failed = True
+        log(f"benchmark failed: {exc!r}")
+        state_log = work / "state" / "fluidfs.log"
+        if state_log.exists():
+            tail = state_log.read_text(errors="replace").splitlines()[-20:]
+            log("last lines of the fluidfs log:\n" + "\n".join(tail))
+    finally:
+        sampler = results.get("sampler")
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        mount = results.get("mount")
+        if mount is None:
+            mount = Mount.__new__(Mount)
+            mount.mnt, mount.state = work / "mnt", work / "state"
+        try:
+            mount.cleanup()
+        except Exception as exc:
+            failed = True
+            log(f"cleanup failed: {exc!r}")
+        if not args.keep and not is_mount(work / "mnt"):
+            shutil.rmtree(work, ignore_errors=True)
+    summarise(args, results, prof)
+    if failed or results.get("sha256_ok") is False:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
