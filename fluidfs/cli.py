@@ -131,6 +131,7 @@ def build_parser() -> Parser:
     peers.add_argument("action", nargs="?", choices=["list", "add"], default="list")
     peers.add_argument("addr", nargs="?", type=_address, help="HOST:PORT (with add)")
     peers.add_argument("--state-dir", type=Path, default=None)
+    peers.add_argument("--json", action="store_true", help="machine-readable output")
 
     status = commands.add_parser("status", help="what the running node is doing")
     status.add_argument("--state-dir", type=Path, default=None)
@@ -475,6 +476,11 @@ def cmd_peers(args: argparse.Namespace) -> None:
     if args.addr:
         fail("peers list takes no address", EXIT_USAGE)
     rows = _control(args, "peers")["peers"]
+    if args.json:
+        import json
+
+        print(json.dumps({"peers": rows}, indent=2))
+        return
     print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}")
     for row in rows:
         print(

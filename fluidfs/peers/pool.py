@@ -35,7 +35,7 @@ class PeerUnavailable(Exception):
 def split_addr(addr: str) -> tuple[str, int]:
     """'host:port' → (host, port); raise ValueError on anything else."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"not a HOST:PORT address: {addr!r}")
     return host.strip("[]"), int(port)
 

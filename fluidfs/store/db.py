@@ -41,7 +41,14 @@ META_TABLES = [
 class Database:
     """An LMDB environment with named tables."""
 
-    def __init__(self, path: Path, tables: Iterable[str], *, map_size: int = TERABYTE) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tables: Iterable[str],
+        *,
+        map_size: int = TERABYTE,
+        readahead: bool = False,
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         names = list(tables)
         self.env = lmdb.open(
@@ -50,7 +57,7 @@ class Database:
             max_dbs=len(names) + 2,
             sync=False,
             metasync=False,
-            readahead=False,
+            readahead=readahead,
             max_readers=256,
             max_spare_txns=8,
         )

@@ -1,0 +1,130 @@
+"""Real peer processes on 127.0.0.1 for network tests: `fluidfs serve`, killed by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluidfs import keys
+
+FLUIDFS = [sys.executable, "-m", "fluidfs"]
+
+
+@dataclass
+class Peer:
+    """One `fluidfs serve` process."""
+
+    root: Path
+    name: str
+    donate: str = "2G"
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    addr: str = ""
+
+    @property
+    def state(self) -> Path:
+        return self.root / f"{self.name}-state"
+
+    @property
+    def keyfile(self) -> Path:
+        return self.root / f"{self.name}.key"
+
+    @property
+    def public_key(self) -> bytes:
+        return keys.KeyRing(keys.read_keyfile(self.keyfile)).public_key
+
+    @property
+    def peer_id(self) -> str:
+        return keys.encode_peer_id(self.public_key)
+
+    def start(self, port: int = 0, timeout: float = 20) -> Peer:
+        """Start (or restart on its old port) and wait until it listens."""
+        if not self.keyfile.exists():
+            keys.write_keyfile(self.keyfile, keys.generate())
+        if self.addr and not port:
+            port = int(self.addr.rsplit(":", 1)[1])
+        listen_file = self.state / "listen"
+        listen_file.unlink(missing_ok=True)
+        log = open(self.root / f"{self.name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [*FLUIDFS, "serve", "--keyfile", str(self.keyfile), "--state-dir", str(self.state),
+             "--listen", f"127.0.0.1:{port}", "--donate", self.donate, *self.extra],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + timeout
+        while not listen_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"peer {self.name} did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.addr = listen_file.read_text().strip()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, like a machine that vanished."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def control(self, *args: str) -> dict | str:
+        """Run a CLI command against this peer's control socket."""
+        result = subprocess.run([*FLUIDFS, *args, "--state-dir", str(self.state)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if "--json" in args else result.stdout
+
+    def hosted_for(self, peer_id: str) -> int:
+        """Bytes this peer holds for the peer with *peer_id* (from its control socket)."""
+        result = subprocess.run([*FLUIDFS, "peers", "--state-dir", str(self.state), "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)["peers"]
+        return sum(r["we_use"] for r in rows if r["id"] == peer_id)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.root / f"{self.name}.log").read_text()[-3000:]
+        return ""
+
+
+def status(state: Path) -> dict:
+    """`fluidfs status --json` of the node with this state dir."""
+    result = subprocess.run([*FLUIDFS, "status", "--json", "--state-dir", str(state)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll until *predicate* returns something truthy; fail with *what* after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
