@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from peerhelpers import Peer, status, wait_for
 
 from fluidfs.blocks.codec import shard_size_for
-from tests.peerhelpers import Peer, status, wait_for
 
 BLOCK = 256 * 1024
 

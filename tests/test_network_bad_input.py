@@ -11,11 +11,11 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peerhelpers import Peer
 
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import HandshakeError, NetError, RpcError
 from fluidfs.net.tcp import open_rpc
-from tests.peerhelpers import Peer
 
 MIB = 1024 * 1024
 
