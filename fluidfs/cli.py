@@ -123,6 +123,13 @@ def build_parser() -> Parser:
     serve.add_argument("--keyfile", type=Path, default=None)
     serve.add_argument("--state-dir", type=Path, default=None)
     _peer_options(serve, listen_default="0.0.0.0:7470")
+    serve.add_argument("--fault-rate", type=float, default=0.0, help=argparse.SUPPRESS)
+
+    testnet = commands.add_parser("testnet", help="run a local network of peers to try fluidfs")
+    testnet.add_argument("--peers", type=_shard_count, default=12, help="how many (default 12)")
+    testnet.add_argument("--base-port", type=int, default=7471, help="first port (default 7471)")
+    testnet.add_argument("--dir", type=Path, default=None, help="where their state lives")
+    testnet.add_argument("--donate", type=parse_size, default="2G", help="space per peer")
 
     ident = commands.add_parser("id", help="print this node's peer id")
     ident.add_argument("--keyfile", type=Path, default=None)
@@ -146,14 +153,17 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fluidfs`` command."""
     args = build_parser().parse_args(argv)
+    from fluidfs import cli_network
+
     handlers = {
         "init": cmd_init,
         "mount": cmd_mount,
         "unmount": cmd_unmount,
-        "serve": cmd_serve,
-        "id": cmd_id,
-        "peers": cmd_peers,
-        "status": cmd_status,
+        "serve": cli_network.cmd_serve,
+        "id": cli_network.cmd_id,
+        "peers": cli_network.cmd_peers,
+        "status": cli_network.cmd_status,
+        "testnet": cli_network.cmd_testnet,
     }
     try:
         handlers[args.command](args)
@@ -303,6 +313,8 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         bootstrap=list(args.peer) + list(keyring.keyfile.peers),
         ratio=args.ratio,
         term=args.term,
+        stores_data=args.command == "mount",
+        fault_rate=getattr(args, "fault_rate", 0.0),
     )
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
@@ -399,118 +411,3 @@ def cmd_unmount(args: argparse.Namespace) -> None:
             fail(f"unmounted, but fluidfs (pid {pid}) is still flushing; it will finish alone")
         time.sleep(0.05)
     print(f"fluidfs: unmounted {mountpoint}")
-
-
-# --- serve, id, peers, status ---------------------------------------------------------
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    """fluidfs serve: run a peer that only donates space, in the foreground."""
-    import trio
-
-    from fluidfs.daemon import Node
-
-    state = StateDir((args.state_dir or default_data_dir()).expanduser())
-    keyring = load_or_create_keyfile(args.keyfile)
-    setup_node_process()
-    try:
-        node = Node(node_config(args, keyring, state))
-    except StateError as exc:
-        fail(str(exc))
-    print(f"fluidfs: serving as peer {keyring.peer_id} on {args.listen}", file=sys.stderr)
-    try:
-        trio.run(node.serve)
-    except OSError as exc:
-        fail(f"cannot serve on {args.listen}: {exc}")
-    finally:
-        node.close()
-
-
-def cmd_id(args: argparse.Namespace) -> None:
-    """fluidfs id: print the peer id of the keyfile."""
-    path = (args.keyfile or default_keyfile()).absolute()
-    try:
-        print(keymod.KeyRing(keymod.read_keyfile(path)).peer_id)
-    except keymod.KeyfileError as exc:
-        fail(str(exc))
-
-
-def _control(args: argparse.Namespace, cmd: str, **request) -> dict:
-    from fluidfs import control
-
-    state = StateDir((args.state_dir or default_data_dir()).expanduser())
-    try:
-        return control.call(state.control, cmd, **request)
-    except control.ControlError as exc:
-        fail(str(exc))
-
-
-def _ago(timestamp: float) -> str:
-    if not timestamp:
-        return "never"
-    seconds = max(0, time.time() - timestamp)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
-
-
-def human(n: float) -> str:
-    """Bytes as a short human string (binary units)."""
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
-
-
-def cmd_peers(args: argparse.Namespace) -> None:
-    """fluidfs peers [list] | peers add HOST:PORT."""
-    if args.action == "add":
-        if not args.addr:
-            fail("peers add needs HOST:PORT", EXIT_USAGE)
-        reply = _control(args, "add_peer", addr=args.addr)
-        note = "agreement made" if reply["agreement"] else "no agreement (yet)"
-        print(f"added peer {reply['id']} at {args.addr}: {note}")
-        return
-    if args.addr:
-        fail("peers list takes no address", EXIT_USAGE)
-    rows = _control(args, "peers")["peers"]
-    if args.json:
-        import json
-
-        print(json.dumps({"peers": rows}, indent=2))
-        return
-    print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}")
-    for row in rows:
-        print(
-            f"{row['id'][:18] + '…':<20} {row['addr']:<22} {_ago(row['last_seen']):<10} "
-            f"{human(row['we_use']) + '/' + human(row['we_host']):>17} "
-            f"{human(row['they_use']) + '/' + human(row['they_host']):>17}"
-        )
-
-
-def cmd_status(args: argparse.Namespace) -> None:
-    """fluidfs status: peers, uploads and redundancy of the running node."""
-    import json
-
-    reply = _control(args, "status")
-    reply.pop("ok", None)
-    if args.json:
-        print(json.dumps(reply, indent=2))
-        return
-    print(f"peer id:     {reply['peer_id']}")
-    print(f"listening:   {reply['listen'] or 'no'}")
-    print(
-        f"peers:       {reply['peers_known']} known, {reply['peers_with_agreements']} "
-        "with agreements"
-    )
-    print(f"blocks:      {reply['blocks']} ({reply['under_replicated']} under-replicated)")
-    print(f"unsealed:    {human(reply['unsealed_bytes'])}")
-    print(f"uploaded:    {human(reply['uploaded_bytes'])}")
-    print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
-    print(
-        f"redundancy:  (shards placed of {reply['shards_total']}, {reply['shards_needed']} needed)"
-    )
-    for level, count in reply["redundancy"].items():
-        print(f"  {level:>3}/{reply['shards_total']}: {count} blocks")

@@ -18,7 +18,7 @@ from fluidfs import control
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
-from fluidfs.blocks.record import StoredBlock
+from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
@@ -26,6 +26,7 @@ from fluidfs.fs.operations import FluidOperations
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
+from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
@@ -63,6 +64,9 @@ class NodeConfig:
     bootstrap: list[str] = field(default_factory=list)
     ratio: float = DEFAULT_RATIO
     term: int = DEFAULT_TERM
+    stores_data: bool = True  # False for `fluidfs serve`: accept agreements, propose none
+    discovery: DiscoveryPolicy | None = None
+    fault_rate: float = 0.0  # test-only fault injection in the peer service
 
 
 class Node:
@@ -95,6 +99,7 @@ class Node:
         self._wire_peers()
         self._fuse_open = False
         self._stopped = False
+        self._upload_rate = 0.0
 
     def _wire_peers(self) -> None:
         config, keyring = self.config, self.config.keyring
@@ -107,6 +112,7 @@ class Node:
             donate=config.donate,
             ratio=config.ratio,
             limiter=self.limiter,
+            fault_rate=config.fault_rate,
         )
         self.conns = Connections(keyring.signing_key, self.service, self.peers)
         self.manager = PeerManager(
@@ -114,9 +120,12 @@ class Node:
             self.peers,
             self.ledger,
             donate=config.donate,
-            agreement_size=config.donate // keyring.keyfile.shards_total,
+            agreement_size=config.donate // (2 * keyring.keyfile.shards_total),
             term=config.term,
+            propose=config.stores_data,
         )
+        policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
+        self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
         self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
         if config.bootstrap or len(self.ledger):
@@ -205,6 +214,8 @@ class Node:
             await nursery.start(self.blocks.run)
             nursery.start_soon(self._sync_timer)
             nursery.start_soon(self.manager.reconnect_known)
+            nursery.start_soon(self.discovery.run)
+            nursery.start_soon(self._measure_rate)
             for addr in self.config.bootstrap:
                 nursery.start_soon(self.manager.bootstrap, addr)
             task_status.started()
@@ -246,12 +257,18 @@ class Node:
 
     def status(self) -> dict:
         """Figures for `fluidfs status`."""
-        levels: dict[int, int] = {}
+        levels: dict[str, int] = {}
+        pending = 0
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self.meta["blocks"]):
                 stored = StoredBlock.decode(bytes(key), raw)
-                placed = stored.record.total - stored.missing()
-                levels[placed] = levels.get(placed, 0) + 1
+                if LOCAL_HOLDER in stored.holders:
+                    level = "local"
+                else:
+                    level = str(stored.record.total - stored.missing())
+                    pending += stored.missing() * stored.record.shard_size
+                levels[level] = levels.get(level, 0) + 1
+        order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
         return {
             "peer_id": self.config.keyring.peer_id,
             "listen": self.conns.listen_addr,
@@ -260,13 +277,24 @@ class Node:
             "shards_total": self.codec.total,
             "shards_needed": self.codec.needed,
             "blocks": sum(levels.values()),
-            "redundancy": {str(k): v for k, v in sorted(levels.items(), reverse=True)},
+            "redundancy": {k: levels[k] for k in order},
             "under_replicated": len(self.blocks.under),
             "uploaded_bytes": self.blocks.uploaded_bytes,
+            "upload_pending_bytes": pending,
+            "upload_rate": self._upload_rate,
             "unsealed_bytes": self.data.pending_bytes(),
             "hosted_bytes": self.service.hosted_total(),
             "network": self.blocks.remote is not None,
         }
+
+    async def _measure_rate(self) -> None:
+        """Upload rate for status: exponentially weighted over the last seconds."""
+        last = self.blocks.uploaded_bytes
+        while True:
+            await trio.sleep(1.0)
+            now = self.blocks.uploaded_bytes
+            self._upload_rate = 0.7 * self._upload_rate + 0.3 * (now - last)
+            last = now
 
     async def serve(self) -> None:
         """Run as a peer with no mount (fluidfs serve) until signalled."""

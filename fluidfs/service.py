@@ -15,6 +15,7 @@ Rules enforced here (see docs/protocol.md for the wire side):
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from fluidfs.store.shards import ShardStore
 log = logging.getLogger(__name__)
 
 SHARE_LIMIT = 64
+FAULTY_OPS = {"StoreShard", "RetrieveShard", "AuditShard"}
 
 
 class PeerService:
@@ -48,6 +50,7 @@ class PeerService:
         ratio: float,
         limiter: trio.CapacityLimiter,
         addr_of: Callable[[], str] = lambda: "",
+        fault_rate: float = 0.0,
     ) -> None:
         self.shards = shards
         self.ledger = ledger
@@ -56,6 +59,7 @@ class PeerService:
         self.ratio = ratio
         self.limiter = limiter
         self.addr_of = addr_of
+        self.fault_rate = fault_rate  # test-only: fail this share of shard requests
         self.on_agreement: Callable[[bytes], None] | None = None
 
     async def handle(self, peer_key: bytes, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +67,8 @@ class PeerService:
         method = getattr(self, "op_" + op, None)
         if method is None:
             raise RpcError("unknown_op", f"{op} is not served here")
+        if self.fault_rate and op in FAULTY_OPS and random.random() < self.fault_rate:
+            raise RpcError("busy", "injected fault (--fault-rate)")
         return await method(peer_key, args)
 
     def hosted_total(self) -> int:

@@ -124,8 +124,10 @@ def test_wrongly_typed_requests_get_error_replies(peer, args, op):
                             ops={}) as conn:
             with pytest.raises(NetError) as info:
                 await conn.call(op, args, timeout=10)
+            # An error reply, or (for bytes the envelope decoder refuses outright, such
+            # as a CBOR bignum) a dropped connection; never a crash of the server.
             assert info.value.code in {"bad_request", "unknown_op", "not_found",
-                                       "no_agreement"}
+                                       "no_agreement", "connection_lost"}
         await ping_works(peer)
 
     trio.run(main)

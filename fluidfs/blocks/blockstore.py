@@ -34,6 +34,16 @@ class BlockUnavailable(Exception):
     """A block cannot be rebuilt now (too few good shards reachable)."""
 
 
+class _Rebuild:
+    """One block being rebuilt; callers that wait for it get its plaintext."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None  # set on success
+
+
 class BlockStore:
     """Stores blocks as N shards (locally until peers exist) and caches plaintext."""
 
@@ -53,7 +63,7 @@ class BlockStore:
         self.owner = owner
         self.limiter = limiter
         self._blocks = meta["blocks"]
-        self._rebuilding: dict[bytes, trio.Event] = {}
+        self._rebuilding: dict[bytes, _Rebuild] = {}
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self._uploading: set[bytes] = set()
@@ -330,7 +340,12 @@ class BlockStore:
                 if data is not None:
                     return data
                 self.cache.forget(block_id)
-            await self.fetch(block_id)
+            # Serve from the rebuilt plaintext itself: the cache may already have let it go
+            # (a bound below one block, or other blocks fetched meanwhile), and looping on
+            # the cache alone would rebuild it forever.
+            rebuilt = await self.fetch(block_id)
+            if rebuilt is not None:
+                return rebuilt[offset : offset + size]
 
     def prefetch(self, block_id: bytes) -> None:
         """Start rebuilding a block in the background if it is not cached (read-ahead)."""
@@ -352,17 +367,21 @@ class BlockStore:
         finally:
             self._prefetching -= 1
 
-    async def fetch(self, block_id: bytes) -> None:
-        """Make sure the block's plaintext is in the cache, rebuilding it from shards."""
+    async def fetch(self, block_id: bytes) -> bytes | None:
+        """Make sure the block's plaintext is in the cache, rebuilding it from shards.
+
+        Returns None if it was cached already, else the plaintext just rebuilt (by this
+        call or by one it waited for): the cache may evict it again at once.
+        """
         if block_id in self.cache:
-            return
+            return None
         pending = self._rebuilding.get(block_id)
         if pending is not None:
-            await pending.wait()
-            if block_id not in self.cache:
+            await pending.done.wait()
+            if pending.data is None:
                 raise BlockUnavailable(block_id.hex())
-            return
-        done = self._rebuilding[block_id] = trio.Event()
+            return pending.data
+        job = self._rebuilding[block_id] = _Rebuild()
         try:
             stored = self.load(block_id)
             if stored is None:
@@ -372,10 +391,12 @@ class BlockStore:
                 self.cache.insert_io, block_id, data, limiter=self.limiter
             )
             self.cache.note(block_id, len(data))
+            job.data = data
         finally:
             del self._rebuilding[block_id]
-            done.set()
+            job.done.set()
         await self.evict()
+        return data
 
     async def _rebuild(self, stored: StoredBlock) -> bytes:
         if LOCAL_HOLDER in stored.holders or self.remote is None:

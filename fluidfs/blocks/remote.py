@@ -1,10 +1,11 @@
 """Shards on peers: place a block's shards on distinct peers, fetch them back, delete them.
 
-Placement here is a rotation over the peers whose agreements have room, so each
-block's shards land on distinct peers and consecutive blocks start at different
-peers. Fetching asks more holders than needed at once (K plus a few), each with
-its own timeout, verifies every shard against its id, and starts another request
-whenever one fails, so one slow or dead peer never stalls a read.
+Placement samples distinct peers weighted by trust and free promised space (see
+peers/placement.py), skipping peers that already have their fill of stores in
+flight, so one slow peer never holds up uploads to the others. Fetching asks more
+holders than needed at once (K plus a few), each with its own timeout, verifies
+every shard against its id, and starts another request whenever one fails, so one
+slow or dead peer never stalls a read.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.placement import rank
 from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 
-STORE_TIMEOUT = 60.0
+STORE_TIMEOUT = 30.0
+MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer before it is passed over
 FETCH_TIMEOUT = 5.0
 EXTRA_FETCHES = 2
 
@@ -45,17 +48,24 @@ class RemoteShards:
         self.ledger = ledger
         self.codec = codec
         self.limiter = limiter
-        self._rotation = 0
-        self.on_result: Callable[[bytes, bool], None] = lambda _key, _ok: None
+        self._inflight: dict[bytes, int] = defaultdict(int)
+        self.on_result: Callable[[bytes, bool], None] = peers.record
 
     def usable_peers(self, shard_size: int) -> list[bytes]:
-        """Peers with an agreement that has room for one more shard, in rotation order."""
-        keys = sorted(a.peer for a in self.ledger if a.room >= shard_size and a.peer in self.peers)
-        if not keys:
-            return keys
-        start = self._rotation % len(keys)
-        self._rotation += 1
-        return keys[start:] + keys[:start]
+        """Peers that can take a shard now, in weighted random order (best first)."""
+        weights = {}
+        for agreement in self.ledger:
+            key = agreement.peer
+            if (
+                agreement.room < shard_size
+                or key not in self.peers
+                or self._inflight[key] >= MAX_INFLIGHT_PER_PEER
+                or self.conns.backing_off(key)
+            ):
+                continue
+            free = agreement.room / max(agreement.they_host, 1)
+            weights[key] = self.peers.weight(key) * free
+        return rank(weights)
 
     async def place(self, record: BlockRecord, shards: list[bytes], holders: list[int]) -> None:
         """Store every shard without a holder on a distinct peer; fill in *holders*."""
@@ -79,6 +89,13 @@ class RemoteShards:
                 nursery.start_soon(store_one, index)
 
     async def _store(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
+        self._inflight[key] += 1
+        try:
+            return await self._store_on(key, shard_id, data)
+        finally:
+            self._inflight[key] -= 1
+
+    async def _store_on(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
         try:
             reply = await self.conns.call(
                 key,
@@ -96,6 +113,7 @@ class RemoteShards:
             return True
         codes = {r["code"] for r in reply["refused"]}
         log.info("peer %s refused a shard: %s", key.hex()[:12], ", ".join(sorted(codes)))
+        self.on_result(key, False)
         if "over_quota" in codes:  # its idea of our usage is larger than ours: stop using it
             agreement = self.ledger.get(key)
             if agreement is not None:

@@ -265,12 +265,17 @@ class FileData:
             block_id = value[1:]
             while blk.fd is None:
                 try:
-                    await self.blocks.fetch(block_id)
+                    rebuilt = await self.blocks.fetch(block_id)
                 except BlockUnavailable as exc:
                     log.error(
                         "inode %d block %d unreadable for rewrite: %s", blk.ino, blk.index, exc
                     )
                     raise pyfuse3.FUSEError(errno.EIO) from None
+                if rebuilt is not None:  # the cache may not keep it: write what we got
+                    blk.fd = await trio.to_thread.run_sync(
+                        _create_with, blk.path, rebuilt, limiter=self.limiter
+                    )
+                    break
                 source = self.blocks.cache.path(block_id)
                 try:
                     blk.fd = await trio.to_thread.run_sync(
@@ -426,6 +431,15 @@ class FileData:
 
 def _create(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+def _create_with(path: Path, data: bytes) -> int:
+    fd = _create(path)
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], written)
+    return fd
 
 
 def _copy_to_new(source: Path, target: Path) -> int:

@@ -1,8 +1,10 @@
 """Meeting peers: dial an address, learn who is there, and make a storage agreement.
 
 Agreements are sized from what this node donates: each one offers
-``donate / N`` bytes (so hosting for N partners fits the donation) and asks
-the same amount back. A bootstrap address that cannot be reached is retried
+``donate / 2N`` bytes (so hosting for the 2N partners discovery aims for fits
+the donation) and asks the same amount back. A node that only donates space
+(``fluidfs serve``) has nothing to store, so it accepts agreements but proposes
+none. A bootstrap address that cannot be reached is retried
 with back-off until it answers.
 """
 
@@ -37,6 +39,7 @@ class PeerManager:
         donate: int,
         agreement_size: int,
         term: int = DEFAULT_TERM,
+        propose: bool = True,
     ) -> None:
         self.conns = conns
         self.peers = peers
@@ -44,6 +47,7 @@ class PeerManager:
         self.donate = donate
         self.agreement_size = agreement_size
         self.term = term
+        self.propose = propose
         self.on_new_agreement: Callable[[bytes], None] = lambda _key: None
 
     async def add(self, addr: str) -> tuple[bytes, bool]:
@@ -57,12 +61,19 @@ class PeerManager:
             raise PeerUnavailable(f"{addr} is this node itself")
         self.peers.add(key, addr)
         self.peers.seen(key, addr)
+        if self.conns.listen_addr:  # let it know where to call us back
+            try:
+                await self.conns.call(key, "Ping", {"addr": self.conns.listen_addr}, timeout=10)
+            except (PeerUnavailable, RpcError) as exc:
+                log.info("greeting %s failed: %s", _short(key), exc)
         return key, await self.ensure_agreement(key)
 
     async def ensure_agreement(self, key: bytes) -> bool:
         """Propose an agreement to *key* unless one exists; True if one is in place."""
         if self.ledger.get(key) is not None:
             return True
+        if not self.propose:
+            return False
         size = self.agreement_size
         if self.ledger.promised_by_us() + size > self.donate:
             log.info("not proposing to %s: our donation is fully promised", _short(key))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import cbor2
 
+from fluidfs.peers.trust import DEFAULT_POLICY, TrustPolicy
 from fluidfs.store.db import Database
 
 VERSION = 1
@@ -57,9 +58,10 @@ class Peer:
 class PeerList:
     """Known peers, persisted, with an in-memory copy for fast placement decisions."""
 
-    def __init__(self, db: Database, self_key: bytes) -> None:
+    def __init__(self, db: Database, self_key: bytes, policy: TrustPolicy = DEFAULT_POLICY) -> None:
         self.db = db
         self.self_key = self_key
+        self.policy = policy
         self._peers_db = db["peers"]
         self._index_db = db["peer_index"]
         self.peers: dict[bytes, Peer] = {}
@@ -95,7 +97,9 @@ class PeerList:
         now = time.time()
         if peer is None:
             index = max(self.by_index) + 1
-            peer = Peer(key, index, addr, first_seen=now, referrer=referrer)
+            peer = Peer(
+                key, index, addr, first_seen=now, referrer=referrer, trust=self.policy.initial
+            )
             self.peers[key] = peer
             self.by_index[index] = key
             with self.db.write() as txn:
@@ -113,6 +117,34 @@ class PeerList:
             peer.last_seen = time.time()
             if addr:
                 peer.addr = addr
+
+    def record(self, key: bytes, ok: bool) -> None:
+        """Count one success or failure of the peer; pass a share to its referrer."""
+        peer = self.peers.get(key)
+        if peer is None:
+            return
+        before = peer.trust
+        peer.trust = self.policy.after(peer.trust, ok)
+        if ok:
+            peer.ok += 1
+            peer.last_seen = time.time()
+        else:
+            peer.fail += 1
+        referrer = self.peers.get(peer.referrer) if peer.referrer else None
+        if referrer is not None and referrer is not peer:
+            share = self.policy.referral_share * (peer.trust - before)
+            referrer.trust = self.policy.clamp(referrer.trust + share)
+
+    def weight(self, key: bytes) -> float:
+        """Placement weight of the peer (trust, damped while vetting)."""
+        peer = self.peers.get(key)
+        return 0.0 if peer is None else self.policy.weight(peer.trust, peer.ok)
+
+    def forget(self, key: bytes) -> None:
+        """Drop a peer we have not seen for a long time (its index is never reused)."""
+        if self.peers.pop(key, None) is not None:
+            with self.db.write() as txn:
+                txn.delete(key, db=self._peers_db)
 
     def save(self, peer: Peer) -> None:
         """Persist a peer's record."""

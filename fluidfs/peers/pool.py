@@ -118,6 +118,13 @@ class Connections:
         self._adopt(conn, addr)
         return conn
 
+    def backing_off(self, key: bytes) -> bool:
+        """True while a failed dial to the peer is still fresh (no live connection)."""
+        conn = self.conns.get(key)
+        if conn is not None and not conn.closed:
+            return False
+        return self._down_until.get(key, 0) > time.monotonic()
+
     async def get(self, key: bytes) -> RpcConnection:
         """A live connection to the peer, dialling its last known address if needed."""
         conn = self.conns.get(key)
