@@ -159,6 +159,9 @@ class Node:
         """Recover from a crash: adopt dirty blocks, drop orphaned inodes, load the cache."""
         entries = await trio.to_thread.run_sync(self.cache.scan_io)
         self.cache.load(entries)
+        orphans = self.blocks.recover_journal()
+        if orphans:
+            log.info("%d shards sent before a crash but never recorded: collecting them", orphans)
         recovered = await self.data.recover()
         if recovered:
             log.info("recovered %d unsealed blocks from the last run", recovered)

@@ -17,6 +17,7 @@ import trio
 
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughShards
+from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.store.db import Database
@@ -75,6 +76,9 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
         self.cache.can_evict = self.is_fully_stored
+        self.collector = Collector(meta, shards, owner, limiter)
+        # Shards a block may lack and still count as stored (unpinned, not repaired).
+        self.total_missing_allowed = 0
 
     # --- records ---------------------------------------------------------------------
 
@@ -102,8 +106,9 @@ class BlockStore:
     def drop_ref(self, txn, block_id: bytes) -> StoredBlock | None:
         """Drop one reference inside *txn*; return the block if it is now unreferenced.
 
-        The record is deleted in *txn*; pass the returned block to ``release``
-        after the transaction commits to delete its shards and cached copy.
+        The record is deleted in *txn* and its shards are queued for deletion in the
+        same transaction; pass the returned block to ``release`` after the
+        transaction commits to drop its cached copy and start the deletes.
         """
         stored = self.load(block_id, txn)
         if stored is None:
@@ -113,6 +118,7 @@ class BlockStore:
             txn.put(block_id, stored.encode(), db=self._blocks)
             return None
         txn.delete(block_id, db=self._blocks)
+        self.collector.enqueue(txn, stored)
         return stored
 
     async def release(self, dead: list[StoredBlock]) -> None:
@@ -122,18 +128,8 @@ class BlockStore:
         gone = [s.record.block_id for s in dead if self.cache.forget(s.record.block_id)]
         for stored in dead:
             self.under.discard(stored.record.block_id)
-        ids = [
-            sid
-            for s in dead
-            for sid, holder in zip(s.record.shard_ids, s.holders, strict=True)
-            if holder == LOCAL_HOLDER
-        ]
-        if ids:
-            await trio.to_thread.run_sync(
-                self.shards.delete_many, self.owner, ids, limiter=self.limiter
-            )
-        if self.remote is not None:
-            await self.remote.delete(dead)
+        await self.collector.collect(local_only=True)  # this node's own shards: now
+        self.collector.wake()  # peers' copies: by the collector, retried until done
         if gone:
             await trio.to_thread.run_sync(self.cache.remove_io, gone, limiter=self.limiter)
 
@@ -206,17 +202,32 @@ class BlockStore:
                 for _ in range(UPLOADERS):
                     nursery.start_soon(self._uploader)
                 nursery.start_soon(self._topup_loop)
+                nursery.start_soon(self.collector.run)
                 task_status.started()
         finally:
             self._running = False
-        self._nursery: trio.Nursery | None = None
-        self._prefetching = 0
+            self._nursery = None
 
     def use_network(self, remote: RemoteShards) -> None:
         """From now on, shards go to peers (called once the node has peers)."""
         if self.remote is None:
             self.remote = remote
+            remote.journal = self.collector
+            self.collector.remote_delete = remote.delete_ids
             self._find_under_replicated()
+
+    def recover_journal(self) -> int:
+        """After a restart, shards sent but never recorded become garbage."""
+
+        def holds(txn, block_id: bytes, holder: int, shard_id: bytes) -> bool:
+            stored = self.load(block_id, txn)
+            return (
+                stored is not None
+                and shard_id in stored.record.shard_ids
+                and stored.holders[stored.record.shard_ids.index(shard_id)] == holder
+            )
+
+        return self.collector.recover(holds)
 
     async def drain(self) -> None:
         """Wait until every queued upload has been tried."""
@@ -229,7 +240,7 @@ class BlockStore:
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self._blocks):
                 stored = StoredBlock.decode(bytes(key), raw)
-                if stored.missing():
+                if stored.missing() > self.total_missing_allowed:
                     self.under.add(bytes(key))
 
     async def _uploader(self) -> None:
@@ -244,23 +255,28 @@ class BlockStore:
         self._uploading.add(block_id)
         try:
             holders = list(stored.holders)
-            before = holders.count(NO_HOLDER)
             await self.remote.place(record, shards, holders)
-            self.uploaded_bytes += (before - holders.count(NO_HOLDER)) * record.shard_size
+            new = [
+                i
+                for i, h in enumerate(holders)
+                if stored.holders[i] == NO_HOLDER and h != NO_HOLDER
+            ]
+            self.uploaded_bytes += len(new) * record.shard_size
+            surplus: list[int] = []
             with self.meta.write() as txn:
                 current = self.load(block_id, txn)
-                if current is not None and current.record.shard_ids == record.shard_ids:
-                    for i, holder in enumerate(holders):
-                        if current.holders[i] == NO_HOLDER:
-                            current.holders[i] = holder
+                same = current is not None and current.record.shard_ids == record.shard_ids
+                for i in new:
+                    if same and current.holders[i] == NO_HOLDER:
+                        current.holders[i] = holders[i]
+                    else:
+                        surplus.append(i)
+                if same:
                     txn.put(block_id, current.encode(), db=self._blocks)
-            if current is None:  # deleted while uploading: take back what was placed
-                placed = [
-                    h if stored.holders[i] == NO_HOLDER else NO_HOLDER
-                    for i, h in enumerate(holders)
-                ]
-                await self.remote.delete([StoredBlock(record, 0, placed)])
-            elif not current.missing():
+                    self.collector.placed(txn, current.holders, record.shard_ids)
+            for i in surplus:  # deleted (or filled) while uploading: take back what we sent
+                self.collector.abandon(holders[i], record.shard_ids[i], record.shard_size)
+            if same and current.missing() <= self.total_missing_allowed:
                 self.under.discard(block_id)
                 await self.evict()
         finally:

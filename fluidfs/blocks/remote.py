@@ -17,7 +17,8 @@ from collections.abc import Callable
 import trio
 
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
-from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.blocks.gc import Collector
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
@@ -49,6 +50,7 @@ class RemoteShards:
         self.codec = codec
         self.limiter = limiter
         self._inflight: dict[bytes, int] = defaultdict(int)
+        self.journal: Collector | None = None  # journals shards in flight (crash safety)
         self.on_result: Callable[[bytes, bool], None] = peers.record
 
     def usable_peers(self, shard_size: int) -> list[bytes]:
@@ -80,7 +82,7 @@ class RemoteShards:
         async def store_one(index: int) -> None:
             while candidates:
                 key = candidates.pop(0)
-                if await self._store(key, record.shard_ids[index], shards[index]):
+                if await self._store(key, record.shard_ids[index], shards[index], record.block_id):
                     holders[index] = self.peers.get(key).index
                     return
 
@@ -88,7 +90,9 @@ class RemoteShards:
             for index in missing:
                 nursery.start_soon(store_one, index)
 
-    async def _store(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
+    async def _store(self, key: bytes, shard_id: bytes, data: bytes, block_id: bytes = b"") -> bool:
+        if self.journal is not None:
+            self.journal.placing(self.peers.get(key).index, shard_id, len(data), block_id)
         self._inflight[key] += 1
         try:
             return await self._store_on(key, shard_id, data)
@@ -186,27 +190,15 @@ class RemoteShards:
         self.on_result(key, True)
         return reply["data"]
 
-    async def delete(self, dead: list[StoredBlock]) -> None:
-        """Ask holders to drop the shards of blocks nobody references (best effort)."""
-        by_holder: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
-        for stored in dead:
-            for shard_id, holder in zip(stored.record.shard_ids, stored.holders, strict=True):
-                if holder not in (NO_HOLDER, LOCAL_HOLDER):
-                    by_holder[holder].append((shard_id, stored.record.shard_size))
-
-        async def delete_on(holder: int, items: list[tuple[bytes, int]]) -> None:
-            key = self.peers.key_of(holder)
-            if key is None:
-                return
-            for start in range(0, len(items), 1024):
-                chunk = items[start : start + 1024]
-                try:
-                    await self.conns.call(key, "DeleteShard", {"ids": [s for s, _ in chunk]})
-                except (PeerUnavailable, RpcError) as exc:
-                    log.info("deleting shards on %s failed: %s", key.hex()[:12], exc)
-                    return
-                self.ledger.add_use(key, -sum(size for _, size in chunk))
-
-        async with trio.open_nursery() as nursery:
-            for holder, items in by_holder.items():
-                nursery.start_soon(delete_on, holder, items)
+    async def delete_ids(self, holder: int, shard_ids: list[bytes], size: int) -> bool:
+        """Ask one holder to drop shards of ours; True once it has confirmed."""
+        key = self.peers.key_of(holder)
+        if key is None:
+            return True  # a peer we forgot: nothing to ask
+        try:
+            await self.conns.call(key, "DeleteShard", {"ids": shard_ids})
+        except (PeerUnavailable, RpcError) as exc:
+            log.info("deleting shards on %s failed: %s", key.hex()[:12], exc)
+            return False
+        self.ledger.add_use(key, -size)
+        return True

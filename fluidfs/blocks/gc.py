@@ -1,0 +1,162 @@
+"""Garbage collection: shards nobody references are deleted from their holders, for sure.
+
+Two tables in ``meta.lmdb`` (format version 1) make this crash-safe:
+
+- ``gc``: key ``holder(u32) || shard_id(32)`` → ``u32`` shard size. Written in the
+  same transaction that drops a block's last reference (or that finds a shard
+  orphaned), removed once the holder confirms the delete. Retried until done.
+- ``placing``: same key; value ``u32 size || block id(32)``. Written just before a
+  shard is sent to a peer and cleared once the block record names that peer as
+  the shard's holder. After a crash, any entry left here is a shard a peer may
+  hold without our record knowing: it moves to ``gc``, unless the record names
+  that holder after all.
+
+Either way no promised space leaks for longer than it takes a holder to come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.store.db import Database
+from fluidfs.store.shards import ShardStore
+
+log = logging.getLogger(__name__)
+
+_HOLDER = struct.Struct(">I")
+_SIZE = struct.Struct(">I")
+GC_INTERVAL = 10.0
+BATCH = 1024
+
+# Deletes shard ids on one remote holder; returns True when the holder confirmed.
+RemoteDelete = Callable[[int, list[bytes], int], Awaitable[bool]]
+
+
+def _key(holder: int, shard_id: bytes) -> bytes:
+    return _HOLDER.pack(holder) + shard_id
+
+
+class Collector:
+    """Deletes unreferenced shards from wherever they are held, surviving crashes."""
+
+    def __init__(
+        self,
+        meta: Database,
+        shards: ShardStore,
+        owner: bytes,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.meta = meta
+        self.shards = shards
+        self.owner = owner
+        self.limiter = limiter
+        self._gc = meta["gc"]
+        self._placing = meta["placing"]
+        self.remote_delete: RemoteDelete | None = None
+        self._wakeup = trio.Event()
+
+    # --- writers (inside the caller's transaction) -------------------------------------
+
+    def enqueue(self, txn, stored: StoredBlock) -> None:
+        """Schedule deletion of every held shard of an unreferenced block."""
+        size = _SIZE.pack(stored.record.shard_size)
+        for shard_id, holder in zip(stored.record.shard_ids, stored.holders, strict=True):
+            if holder != NO_HOLDER:
+                txn.put(_key(holder, shard_id), size, db=self._gc)
+
+    def enqueue_one(self, txn, holder: int, shard_id: bytes, size: int) -> None:
+        """Schedule deletion of one shard on one holder."""
+        txn.put(_key(holder, shard_id), _SIZE.pack(size), db=self._gc)
+
+    def placing(self, holder: int, shard_id: bytes, size: int, block_id: bytes) -> None:
+        """Journal a shard of *block_id* about to be sent to *holder*."""
+        with self.meta.write() as txn:
+            txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id, db=self._placing)
+
+    def placed(self, txn, holders: list[int], shard_ids: tuple[bytes, ...]) -> None:
+        """Clear journal entries now that the record names these holders."""
+        for holder, shard_id in zip(holders, shard_ids, strict=True):
+            if holder not in (NO_HOLDER, LOCAL_HOLDER):
+                txn.delete(_key(holder, shard_id), db=self._placing)
+
+    def abandon(self, holder: int, shard_id: bytes, size: int) -> None:
+        """A sent shard will not be recorded (its block went away): collect it."""
+        with self.meta.write() as txn:
+            txn.delete(_key(holder, shard_id), db=self._placing)
+            self.enqueue_one(txn, holder, shard_id, size)
+        self.wake()
+
+    def recover(self, holds: Callable[..., bool]) -> int:
+        """After a restart: journal entries become garbage unless a record names them.
+
+        *holds(txn, block_id, holder, shard_id)* says whether the block's record
+        lists that holder for that shard.
+        """
+        moved = 0
+        with self.meta.write() as txn:
+            for key, value in list(txn.cursor(db=self._placing)):
+                key, value = bytes(key), bytes(value)
+                holder, shard_id = _HOLDER.unpack(key[:4])[0], key[4:]
+                txn.delete(key, db=self._placing)
+                if not holds(txn, value[4:], holder, shard_id):
+                    txn.put(key, value[:4], db=self._gc)
+                    moved += 1
+        return moved
+
+    # --- the collector -----------------------------------------------------------------
+
+    def pending(self) -> tuple[int, int]:
+        """(shards, bytes) waiting to be deleted."""
+        count = total = 0
+        with self.meta.read() as txn:
+            for size in txn.cursor(db=self._gc).iternext(keys=False, values=True):
+                count += 1
+                total += _SIZE.unpack(size)[0]
+        return count, total
+
+    def wake(self) -> None:
+        """Run a collection soon."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Collect every GC_INTERVAL seconds, or sooner when woken."""
+        while True:
+            await self.collect()
+            with trio.move_on_after(GC_INTERVAL):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    async def collect(self, *, local_only: bool = False) -> int:
+        """Try to delete everything pending (or only this node's own); return how many."""
+        by_holder: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
+        with self.meta.read() as txn:
+            for key, size in txn.cursor(db=self._gc):
+                key = bytes(key)
+                holder = _HOLDER.unpack(key[:4])[0]
+                by_holder[holder].append((key[4:], _SIZE.unpack(size)[0]))
+        done = 0
+        for holder, items in by_holder.items():
+            if local_only and holder != LOCAL_HOLDER:
+                continue
+            for start in range(0, len(items), BATCH):
+                chunk = items[start : start + BATCH]
+                ids = [sid for sid, _ in chunk]
+                if holder == LOCAL_HOLDER:
+                    await trio.to_thread.run_sync(
+                        self.shards.delete_many, self.owner, ids, limiter=self.limiter
+                    )
+                elif self.remote_delete is None or not await self.remote_delete(
+                    holder, ids, sum(size for _, size in chunk)
+                ):
+                    break  # holder unreachable: try again next round
+                with self.meta.write() as txn:
+                    for sid in ids:
+                        txn.delete(_key(holder, sid), db=self._gc)
+                done += len(chunk)
+        return done
