@@ -88,6 +88,14 @@ def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None
     )
     parser.add_argument("--ratio", type=float, default=1.5, help=argparse.SUPPRESS)
     parser.add_argument("--term", type=int, default=24 * 3600, help=argparse.SUPPRESS)
+    # Verification and repair knobs (seconds); tests shrink a day to seconds.
+    parser.add_argument("--audit-interval", type=float, default=3600.0, help=argparse.SUPPRESS)
+    parser.add_argument("--tolerance", type=float, default=24 * 3600.0, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-shards", type=float, default=24 * 3600.0, help=argparse.SUPPRESS)
+    parser.add_argument("--repair-threshold", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--repair-bandwidth", type=parse_size, default="64M", help=argparse.SUPPRESS
+    )
 
 
 def build_parser() -> Parser:
@@ -140,6 +148,12 @@ def build_parser() -> Parser:
     peers.add_argument("--state-dir", type=Path, default=None)
     peers.add_argument("--json", action="store_true", help="machine-readable output")
 
+    check = commands.add_parser("check", help="is every file recoverable, and how safely?")
+    check.add_argument(
+        "--read-data", action="store_true", help="rebuild and verify every block from its shards"
+    )
+    check.add_argument("--state-dir", type=Path, default=None)
+
     status = commands.add_parser("status", help="what the running node is doing")
     status.add_argument("--state-dir", type=Path, default=None)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -164,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "peers": cli_network.cmd_peers,
         "status": cli_network.cmd_status,
         "testnet": cli_network.cmd_testnet,
+        "check": cli_network.cmd_check,
     }
     try:
         handlers[args.command](args)
@@ -303,7 +318,10 @@ def run_foreground(
 
 def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateDir):
     """NodeConfig from command-line arguments."""
+    from fluidfs.blocks.audit import AuditPolicy
+    from fluidfs.blocks.repair import RepairPolicy
     from fluidfs.daemon import NodeConfig
+    from fluidfs.peers.lifecycle import LifecyclePolicy
 
     config = NodeConfig(
         keyring,
@@ -315,6 +333,14 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         term=args.term,
         stores_data=args.command == "mount",
         fault_rate=getattr(args, "fault_rate", 0.0),
+        audit=AuditPolicy(interval=args.audit_interval),
+        lifecycle=LifecyclePolicy(
+            tolerance=args.tolerance,
+            keep=args.keep_shards,
+            tick=min(60.0, max(0.5, args.tolerance / 4)),
+        ),
+        repair=RepairPolicy(bandwidth=args.repair_bandwidth),
+        repair_threshold=args.repair_threshold,
     )
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
@@ -324,7 +350,24 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     """Peer options, re-rendered for the background process."""
-    argv = ["--donate", str(args.donate), "--ratio", str(args.ratio), "--term", str(args.term)]
+    argv = [
+        "--donate",
+        str(args.donate),
+        "--ratio",
+        str(args.ratio),
+        "--term",
+        str(args.term),
+        "--audit-interval",
+        str(args.audit_interval),
+        "--tolerance",
+        str(args.tolerance),
+        "--keep-shards",
+        str(args.keep_shards),
+        "--repair-bandwidth",
+        str(args.repair_bandwidth),
+    ]
+    if args.repair_threshold is not None:
+        argv += ["--repair-threshold", str(args.repair_threshold)]
     if args.listen:
         argv += ["--listen", args.listen]
     for addr in args.peer:

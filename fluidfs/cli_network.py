@@ -51,12 +51,12 @@ def cmd_id(args: argparse.Namespace) -> None:
         fail(str(exc))
 
 
-def _control(args: argparse.Namespace, cmd: str, **request) -> dict:
+def _control(args: argparse.Namespace, cmd: str, timeout: float = 60.0, **request) -> dict:
     from fluidfs import control
 
     state = StateDir((args.state_dir or default_data_dir()).expanduser())
     try:
-        return control.call(state.control, cmd, **request)
+        return control.call(state.control, cmd, timeout=timeout, **request)
     except control.ControlError as exc:
         fail(str(exc))
 
@@ -126,6 +126,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"unsealed:    {human(reply['unsealed_bytes'])}")
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
     _print_uploads(reply)
+    print(f"repair:      {reply['repair_queue']} blocks queued, "
+          f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s")
+    print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
+    print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")
     for level, count in reply["redundancy"].items():
         if level == "local":
@@ -235,3 +239,19 @@ def _wait_listening(root: Path, count: int, procs: list) -> None:
         if time.monotonic() > deadline:
             fail("testnet peers did not start within 60 s")
         time.sleep(0.1)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    """fluidfs check: per-file recoverability; exit 1 if anything is unrecoverable."""
+    reply = _control(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
+    files = reply["files"]
+    bad = [f for f in files if f["state"] == "unrecoverable"]
+    for f in files:
+        print(f"{f['state'].upper():<14} {f['redundancy']:>7}  {f['path']}")
+    what = "blocks rebuilt and verified" if args.read_data else "holders probed"
+    print(
+        f"fluidfs check: {len(files)} files, {len(bad)} unrecoverable ({what}; "
+        f"{reply['shards_needed']} shards rebuild a block)"
+    )
+    if bad:
+        sys.exit(1)

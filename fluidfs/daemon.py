@@ -15,18 +15,23 @@ import pyfuse3
 import trio
 
 from fluidfs import control
+from fluidfs.blocks.audit import Auditor, AuditPolicy
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
+from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.fs import health
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.operations import FluidOperations
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
+from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
+from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
@@ -67,6 +72,10 @@ class NodeConfig:
     stores_data: bool = True  # False for `fluidfs serve`: accept agreements, propose none
     discovery: DiscoveryPolicy | None = None
     fault_rate: float = 0.0  # test-only fault injection in the peer service
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
+    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    repair: RepairPolicy = field(default_factory=RepairPolicy)
+    repair_threshold: int | None = None  # live shards below which to repair; default N-1
 
 
 class Node:
@@ -128,8 +137,28 @@ class Node:
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
         self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
+        threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
+        self.blocks.total_missing_allowed = keyring.keyfile.shards_total - threshold
+        self.auditor = Auditor(self.blocks, self.remote, config.audit)
+        self.repairer = Repairer(self.blocks, config.repair)
+        self.lifecycle = Lifecycle(
+            self.conns, self.peers, self.ledger, self.shards, self.limiter, config.lifecycle
+        )
+        self.lifecycle.on_end = self._agreement_ended
+        self.service.on_end = self._agreement_ended
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
+
+    def _agreement_ended(self, key: bytes) -> None:
+        """Our shards on that peer no longer count: repair takes over."""
+        peer = self.peers.get(key)
+        if peer is not None:
+            lost = self.blocks.forget_holder(peer.index)
+            log.info(
+                "agreement with %s ended: %d shards to re-create elsewhere",
+                encode_peer_id(key)[:12],
+                lost,
+            )
 
     def _settled_block_size(self, wanted: int) -> int:
         """The block size is fixed when the state is created; later runs keep it."""
@@ -218,6 +247,9 @@ class Node:
             nursery.start_soon(self._sync_timer)
             nursery.start_soon(self.manager.reconnect_known)
             nursery.start_soon(self.discovery.run)
+            nursery.start_soon(self.auditor.run)
+            nursery.start_soon(self.repairer.run)
+            nursery.start_soon(self.lifecycle.run)
             nursery.start_soon(self._measure_rate)
             for addr in self.config.bootstrap:
                 nursery.start_soon(self.manager.bootstrap, addr)
@@ -232,6 +264,7 @@ class Node:
                 agreement = self.ledger.get(peer.key)
                 rows.append(
                     {
+                        "active": bool(agreement and agreement.active),
                         "id": encode_peer_id(peer.key),
                         "addr": peer.addr,
                         "last_seen": peer.last_seen,
@@ -256,7 +289,36 @@ class Node:
         async def status(_request: dict) -> dict:
             return self.status()
 
-        return {"peers": peers, "add_peer": add_peer, "status": status}
+        async def check_files(request: dict) -> dict:
+            results = await health.check(
+                self.tree,
+                self.blocks,
+                reachable=self._reachable_cache(),
+                read_data=bool(request.get("read_data")),
+            )
+            return {"files": [vars(r) for r in results], "shards_needed": self.codec.needed}
+
+        return {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
+
+    def _reachable_cache(self):
+        """A holder-index → answers-now probe that pings each peer once."""
+        answers: dict[int, bool] = {}
+
+        async def reachable(holder: int) -> bool:
+            if holder == LOCAL_HOLDER:
+                return True
+            if holder not in answers:
+                key = self.peers.key_of(holder)
+                try:
+                    if key is None:
+                        raise PeerUnavailable("unknown holder")
+                    await self.conns.call(key, "Ping", {}, timeout=5)
+                    answers[holder] = True
+                except (PeerUnavailable, RpcError):
+                    answers[holder] = False
+            return answers[holder]
+
+        return reachable
 
     def status(self) -> dict:
         """Figures for `fluidfs status`."""
@@ -276,7 +338,7 @@ class Node:
             "peer_id": self.config.keyring.peer_id,
             "listen": self.conns.listen_addr,
             "peers_known": len(self.peers),
-            "peers_with_agreements": len(self.ledger),
+            "peers_with_agreements": len(self.ledger.active()),
             "shards_total": self.codec.total,
             "shards_needed": self.codec.needed,
             "blocks": sum(levels.values()),
@@ -288,6 +350,12 @@ class Node:
             "unsealed_bytes": self.data.pending_bytes(),
             "hosted_bytes": self.service.hosted_total(),
             "network": self.blocks.remote is not None,
+            "repair_queue": self.repairer.queue_length,
+            "repaired_bytes": self.repairer.repaired_bytes,
+            "repair_rate": self.repairer.rate,
+            "audit_cycles": self.auditor.cycles,
+            "audit_challenges": self.auditor.challenges,
+            "gc_pending_bytes": self.blocks.collector.pending()[1],
         }
 
     async def _measure_rate(self) -> None:

@@ -61,6 +61,7 @@ class PeerService:
         self.addr_of = addr_of
         self.fault_rate = fault_rate  # test-only: fail this share of shard requests
         self.on_agreement: Callable[[bytes], None] | None = None
+        self.on_end: Callable[[bytes], None] | None = None
 
     async def handle(self, peer_key: bytes, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Serve one validated request."""
@@ -99,11 +100,19 @@ class PeerService:
             self.on_agreement(peer)
         return {"accepted": True, "offer": offer, "ask": ask, "term": term}
 
+    async def op_EndAgreement(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        agreement = self.ledger.mark_ended(peer, notified=True)
+        if agreement is not None:
+            log.info("peer %s ended our agreement", peer.hex()[:12])
+            if self.on_end is not None:
+                self.on_end(peer)
+        return {"ended": agreement is not None}
+
     # --- shards --------------------------------------------------------------------------
 
     async def op_StoreShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         agreement = self.ledger.get(peer)
-        if agreement is None:
+        if agreement is None or not agreement.active:
             raise RpcError("no_agreement", "no storage agreement with you")
         used = self.shards.used(peer)
         total = self.hosted_total()

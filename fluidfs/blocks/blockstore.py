@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
-TOPUP_INTERVAL = 5.0
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 
 
@@ -67,7 +66,7 @@ class BlockStore:
         self._rebuilding: dict[bytes, _Rebuild] = {}
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
-        self._uploading: set[bytes] = set()
+        self.uploading: set[bytes] = set()
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
         ](UPLOAD_QUEUE)
@@ -201,7 +200,6 @@ class BlockStore:
                 self._running = True
                 for _ in range(UPLOADERS):
                     nursery.start_soon(self._uploader)
-                nursery.start_soon(self._topup_loop)
                 nursery.start_soon(self.collector.run)
                 task_status.started()
         finally:
@@ -232,7 +230,7 @@ class BlockStore:
     async def drain(self) -> None:
         """Wait until every queued upload has been tried."""
         while self._running and (
-            self._upload_send.statistics().current_buffer_used or self._uploading
+            self._upload_send.statistics().current_buffer_used or self.uploading
         ):
             await trio.sleep(0.05)
 
@@ -245,14 +243,15 @@ class BlockStore:
 
     async def _uploader(self) -> None:
         async for record, shards in self._upload_recv:
-            await self._upload(record, shards)
+            await self.upload(record, shards)
 
-    async def _upload(self, record: BlockRecord, shards: list[bytes]) -> None:
+    async def upload(self, record: BlockRecord, shards: list[bytes]) -> None:
+        """Place the shards of *record* that have no holder yet, and record where they went."""
         block_id = record.block_id
         stored = self.load(block_id)
-        if stored is None or block_id in self._uploading:
+        if stored is None or block_id in self.uploading:
             return
-        self._uploading.add(block_id)
+        self.uploading.add(block_id)
         try:
             holders = list(stored.holders)
             await self.remote.place(record, shards, holders)
@@ -280,45 +279,41 @@ class BlockStore:
                 self.under.discard(block_id)
                 await self.evict()
         finally:
-            self._uploading.discard(block_id)
+            self.uploading.discard(block_id)
 
-    async def _topup_loop(self) -> None:
-        """Re-send shards of under-replicated blocks when peers have room again."""
-        while True:
-            await trio.sleep(TOPUP_INTERVAL)
-            if self.remote is None:
-                continue
-            for block_id in list(self.under):
-                stored = self.load(block_id)
-                if stored is None:
-                    self.under.discard(block_id)
+    def mark_lost(self, block_id: bytes, index: int, holder: int) -> None:
+        """A holder no longer has a good copy of shard *index*: forget it there.
+
+        The holder is also asked to delete whatever it keeps under that id, so the
+        space it counts for us is freed.
+        """
+        with self.meta.write() as txn:
+            stored = self.load(block_id, txn)
+            if stored is None or stored.holders[index] != holder:
+                return
+            stored.holders[index] = NO_HOLDER
+            txn.put(block_id, stored.encode(), db=self._blocks)
+            self.collector.enqueue_one(
+                txn, holder, stored.record.shard_ids[index], stored.record.shard_size
+            )
+        if stored.missing() > self.total_missing_allowed:
+            self.under.add(block_id)
+        self.collector.wake()
+
+    def forget_holder(self, holder: int) -> int:
+        """A peer's agreement ended: none of its shards count any more. Returns how many."""
+        lost = 0
+        with self.meta.write() as txn:
+            for key, raw in list(txn.cursor(db=self._blocks)):
+                stored = StoredBlock.decode(bytes(key), raw)
+                if holder not in stored.holders:
                     continue
-                if block_id in self._uploading or not self._has_new_room(stored):
-                    continue
-                try:
-                    await self.topup(stored)
-                except BlockUnavailable as exc:
-                    log.error("cannot top up block %s: %s", block_id.hex()[:16], exc)
-
-    def _has_new_room(self, stored: StoredBlock) -> bool:
-        holding = set(stored.holders)
-        return any(
-            self.remote.peers.get(key).index not in holding
-            for key in self.remote.usable_peers(stored.record.shard_size)
-        )
-
-    async def topup(self, stored: StoredBlock) -> None:
-        """Recreate a block's shards from its pinned plaintext and place the missing ones."""
-        block_id = stored.record.block_id
-        data = await trio.to_thread.run_sync(
-            self.cache.read_io, block_id, 0, stored.record.size, limiter=self.limiter
-        )
-        if data is None:
-            data = await self._rebuild(stored)
-        shards = await trio.to_thread.run_sync(
-            self.codec.reseal, stored.record, data, limiter=self.limiter
-        )
-        await self._upload(stored.record, shards)
+                stored.holders = [NO_HOLDER if h == holder else h for h in stored.holders]
+                lost += stored.missing()
+                txn.put(bytes(key), stored.encode(), db=self._blocks)
+                if stored.missing() > self.total_missing_allowed:
+                    self.under.add(bytes(key))
+        return lost
 
     async def _cache_put(self, block_id: bytes, data: bytes, source: Path | None) -> None:
         if block_id in self.cache:
@@ -402,7 +397,7 @@ class BlockStore:
             stored = self.load(block_id)
             if stored is None:
                 raise BlockUnavailable(f"no record for block {block_id.hex()[:16]}")
-            data = await self._rebuild(stored)
+            data = await self.rebuild(stored)
             await trio.to_thread.run_sync(
                 self.cache.insert_io, block_id, data, limiter=self.limiter
             )
@@ -414,7 +409,8 @@ class BlockStore:
         await self.evict()
         return data
 
-    async def _rebuild(self, stored: StoredBlock) -> bytes:
+    async def rebuild(self, stored: StoredBlock) -> bytes:
+        """The block's plaintext, rebuilt from its shards (not via the cache)."""
         if LOCAL_HOLDER in stored.holders or self.remote is None:
             return await trio.to_thread.run_sync(
                 self._rebuild_local, stored.record, limiter=self.limiter

@@ -135,6 +135,9 @@ class FileData:
         names = await trio.to_thread.run_sync(os.listdir, self.dirty_dir)
         found = 0
         for name in names:
+            if name.endswith(PART):  # never finished: the sealed block is still the truth
+                await trio.to_thread.run_sync((self.dirty_dir / name).unlink)
+                continue
             try:
                 ino_s, index_s = name.split(".")
                 ino, index = int(ino_s), int(index_s)
@@ -273,7 +276,7 @@ class FileData:
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 if rebuilt is not None:  # the cache may not keep it: write what we got
                     blk.fd = await trio.to_thread.run_sync(
-                        _create_with, blk.path, rebuilt, limiter=self.limiter
+                        _create_with, blk.path, rebuilt, True, limiter=self.limiter
                     )
                     break
                 source = self.blocks.cache.path(block_id)
@@ -289,10 +292,11 @@ class FileData:
             blk.length = len(blk.buf)
             self.memory_bytes += blk.length
         else:
-            blk.fd = await trio.to_thread.run_sync(_create, blk.path, limiter=self.limiter)
-            if value is not None:
-                os.pwrite(blk.fd, value[1:], 0)
-                blk.length = len(value) - 1
+            old = value[1:] if value is not None else b""
+            blk.fd = await trio.to_thread.run_sync(
+                _create_with, blk.path, old, value is not None, limiter=self.limiter
+            )
+            blk.length = len(old)
         blk.ready = True
 
     async def _spill(self, blk: DirtyBlock) -> None:
@@ -300,9 +304,10 @@ class FileData:
         assert blk.buf is not None
         buf, blk.buf = blk.buf, None
         self.memory_bytes -= len(buf)
-        blk.fd = await trio.to_thread.run_sync(_create, blk.path, limiter=self.limiter)
-        if buf:
-            await trio.to_thread.run_sync(os.pwrite, blk.fd, buf, 0, limiter=self.limiter)
+        had_data = self.tree.block(blk.ino, blk.index) is not None
+        blk.fd = await trio.to_thread.run_sync(
+            _create_with, blk.path, buf, had_data, limiter=self.limiter
+        )
 
     # --- truncation and removal ----------------------------------------------------------
 
@@ -429,30 +434,61 @@ class FileData:
             await self.seal(blk)
 
 
+# A dirty file gets its real name (the one recover() adopts after a crash) only once it
+# holds the block's old contents in full: a copy cut short by kill -9 would otherwise be
+# sealed on the next mount in place of the intact block, losing acknowledged data. When
+# the old contents are already stored (sealed or inline), the copy is also synced before
+# the rename, so that a reboot cannot leave a half-written file under the real name.
+PART = ".part"
+
+
 def _create(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
-def _create_with(path: Path, data: bytes) -> int:
-    fd = _create(path)
-    view = memoryview(data)
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written:], written)
+def _publish(fd: int, part: Path, path: Path, durable: bool) -> int:
+    if durable:
+        os.fdatasync(fd)
+    os.rename(part, path)
     return fd
+
+
+def _create_with(path: Path, data: bytes | bytearray, durable: bool) -> int:
+    """A new dirty file at *path* holding *data* (see PART)."""
+    part = path.with_name(path.name + PART)
+    fd = _create(part)
+    try:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], written)
+        return _publish(fd, part, path, durable)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+        raise
 
 
 def _copy_to_new(source: Path, target: Path) -> int:
-    fd = _create(target)
-    with open(source, "rb") as src:
-        size = os.fstat(src.fileno()).st_size
-        copied = 0
-        while copied < size:
-            n = os.copy_file_range(src.fileno(), fd, size - copied, copied, copied)
-            if n == 0:
-                break
-            copied += n
-    return fd
+    """A new dirty file at *target* holding a copy of the cached block *source* (see PART)."""
+    part = target.with_name(target.name + PART)
+    fd = _create(part)
+    try:
+        with open(source, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(src.fileno(), fd, size - copied, copied, copied)
+                if n == 0:
+                    break
+                copied += n
+        return _publish(fd, part, target, True)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+        raise
 
 
 def _read_exact(fd: int, length: int) -> bytes:

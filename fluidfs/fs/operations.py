@@ -23,6 +23,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from fluidfs.fs.filedata import FileData
+from fluidfs.fs.health import XATTR_REDUNDANCY, redundancy
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.tree import ROOT_INO, Tree
 
@@ -544,6 +545,8 @@ class FluidOperations(pyfuse3.Operations):
         _check_xattr_name(name)
         if len(value) > XATTR_VALUE_MAX:
             raise FUSEError(errno.E2BIG)
+        if name == XATTR_REDUNDANCY:
+            return  # computed, not stored; accepted so that `cp -a` between mounts works
         node = self._inode(inode)
         self.tree.set_xattr(inode, name, value)
         node.touch(ctime=True)
@@ -551,7 +554,9 @@ class FluidOperations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode, name, ctx):
-        self._inode(inode)
+        node = self._inode(inode)
+        if name == XATTR_REDUNDANCY and node.is_reg:
+            return redundancy(self.tree, self.data.blocks, inode).encode()
         value = self.tree.xattr(inode, name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
@@ -559,8 +564,9 @@ class FluidOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        self._inode(inode)
-        return self.tree.xattr_names(inode)
+        node = self._inode(inode)
+        names = self.tree.xattr_names(inode)
+        return [*names, XATTR_REDUNDANCY] if node.is_reg else names
 
     @handler
     async def removexattr(self, inode, name, ctx):

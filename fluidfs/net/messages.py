@@ -72,6 +72,9 @@ OPS: dict[str, OpSpec] = {
             optional={"reason": Str(1024)},
         ),
     ),
+    # The sender ends the agreement (both directions): the receiver stops taking its
+    # shards, and drops what it hosts for it after its keep period.
+    "EndAgreement": OpSpec(Map({}), Map({"ended": Bool()})),
     "StoreShard": OpSpec(
         Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)}),
         Map(

@@ -3,11 +3,18 @@
 Stored in ``meta.lmdb`` table ``agreements`` (format version 1): key
 ``peer public key(32)`` → CBOR map ``{"v": 1, "we_host": int, "they_host": int,
 "they_use": int, "term": int, "created": float, "renewed": float,
-"store_at": str | None}``.
+"store_at": str | None, "failing_since": float | None, "ended_at": float | None,
+"notified": bool}``. Fields added later default when absent, so older records load.
 
 ``we_host`` is the promise we made (bytes we keep for the peer); ``they_host``
 the promise they made to us; ``they_use`` the bytes of ours they hold, as we
 count them. The bytes we hold for them are counted by the shard store itself.
+
+Lifecycle: ``failing_since`` is when the peer first failed verification (or could
+not be reached) with no success since; past the tolerance the agreement ends
+(``ended_at``) on our side and the peer is told (``notified``). An ended
+agreement takes no new shards either way; what we host for the peer is kept for
+the keep period after the end, then dropped.
 """
 
 from __future__ import annotations
@@ -36,10 +43,20 @@ class Agreement:
     created: float = 0.0
     renewed: float = 0.0
     store_at: str | None = None
+    failing_since: float | None = None
+    ended_at: float | None = None
+    notified: bool = False
+
+    @property
+    def active(self) -> bool:
+        """True until the agreement ends."""
+        return self.ended_at is None
 
     @property
     def room(self) -> int:
         """Bytes of ours the peer has promised and not yet been given."""
+        if not self.active:
+            return 0
         return max(0, self.they_host - self.they_use)
 
     def encode(self) -> bytes:
@@ -79,9 +96,13 @@ class Ledger:
         """The agreement with *peer*, or None."""
         return self.agreements.get(peer)
 
+    def active(self) -> list[Agreement]:
+        """Agreements that have not ended."""
+        return [a for a in self.agreements.values() if a.active]
+
     def promised_by_us(self, excluding: bytes | None = None) -> int:
-        """Total bytes we have promised to host, over all agreements."""
-        return sum(a.we_host for a in self.agreements.values() if a.peer != excluding)
+        """Total bytes we have promised to host, over all live agreements."""
+        return sum(a.we_host for a in self.active() if a.peer != excluding)
 
     def record(
         self, peer: bytes, we_host: int, they_host: int, term: int, store_at: str | None = None
@@ -97,6 +118,32 @@ class Ledger:
         agreement.term = term
         agreement.renewed = now
         agreement.store_at = store_at
+        agreement.failing_since = None
+        agreement.ended_at = None
+        agreement.notified = False
+        self.save(agreement)
+        return agreement
+
+    def passed(self, peer: bytes) -> None:
+        """The peer passed verification: the agreement renews."""
+        agreement = self.agreements.get(peer)
+        if agreement is not None and agreement.active:
+            agreement.failing_since = None
+            agreement.renewed = time.time()
+
+    def failed(self, peer: bytes) -> None:
+        """The peer failed verification (or was unreachable)."""
+        agreement = self.agreements.get(peer)
+        if agreement is not None and agreement.active and agreement.failing_since is None:
+            agreement.failing_since = time.time()
+
+    def mark_ended(self, peer: bytes, *, notified: bool = False) -> Agreement | None:
+        """End the agreement (both directions); return it if it was live."""
+        agreement = self.agreements.get(peer)
+        if agreement is None or not agreement.active:
+            return None
+        agreement.ended_at = time.time()
+        agreement.notified = notified
         self.save(agreement)
         return agreement
 

@@ -70,8 +70,9 @@ class PeerManager:
 
     async def ensure_agreement(self, key: bytes) -> bool:
         """Propose an agreement to *key* unless one exists; True if one is in place."""
-        if self.ledger.get(key) is not None:
-            return True
+        existing = self.ledger.get(key)
+        if existing is not None:
+            return existing.active
         if not self.propose:
             return False
         size = self.agreement_size

@@ -31,10 +31,15 @@ META_TABLES = [
     "xattrs",
     "counters",  # fs/tree.py
     "blocks",  # blocks/record.py
+    "gc", "placing",  # blocks/gc.py
     "settings",  # daemon.py
     "peers",
     "peer_index",  # peers/peerlist.py
     "agreements",  # peers/agreements.py
+    "meta_nodes",  # fs/metaindex.py
+    "commits",
+    "snapshots",  # fs/snapshots.py
+    "lazy",  # fs/restore.py
 ]
 
 

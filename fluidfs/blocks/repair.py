@@ -1,0 +1,112 @@
+"""Repair: blocks short of shards get them back, the most endangered first.
+
+A block is *under-replicated* when more of its shards lack a live holder than
+``BlockStore.total_missing_allowed`` (N minus the repair threshold; the default
+threshold N-1 lets one shard go missing before repair starts). Freshly written
+blocks that could not be fully placed count too; their plaintext is pinned in
+the cache, so they are topped up without any download. Otherwise the block is
+rebuilt from K shards. Either way the exact missing shards are recreated (the
+record keeps the nonce) and placed on peers that hold nothing of the block.
+Repair traffic is held under ``bandwidth`` bytes per second.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from fluidfs.blocks.record import StoredBlock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RepairPolicy:
+    """When and how fast to repair."""
+
+    interval: float = 5.0
+    bandwidth: float = 64 * 1024 * 1024  # bytes of shards placed per second, at most
+
+
+class Repairer:
+    """Finds under-replicated blocks and repairs them."""
+
+    def __init__(self, blocks, policy: RepairPolicy) -> None:
+        self.blocks = blocks
+        self.policy = policy
+        self.repaired_blocks = 0
+        self.repaired_bytes = 0
+        self.rate = 0.0
+        self.queue_length = 0
+
+    async def run(self) -> None:
+        """Repair every interval until cancelled."""
+        while True:
+            await trio.sleep(self.policy.interval)
+            if self.blocks.remote is not None:
+                await self.repair_pass()
+
+    def _candidates(self) -> list[StoredBlock]:
+        found = []
+        for block_id in list(self.blocks.under):
+            stored = self.blocks.load(block_id)
+            if stored is None:
+                self.blocks.under.discard(block_id)
+            elif block_id not in self.blocks.uploading and self._has_room(stored):
+                found.append(stored)
+        found.sort(key=lambda s: -s.missing())  # fewest live shards first
+        return found
+
+    def _has_room(self, stored: StoredBlock) -> bool:
+        remote = self.blocks.remote
+        holding = set(stored.holders)
+        return any(
+            remote.peers.get(key).index not in holding
+            for key in remote.usable_peers(stored.record.shard_size)
+        )
+
+    async def repair_pass(self) -> int:
+        """Repair what can be repaired now; return the number of blocks repaired."""
+        todo = self._candidates()
+        self.queue_length = len(todo)
+        started = time.monotonic()
+        sent = 0
+        done = 0
+        for stored in todo:
+            before = self.blocks.uploaded_bytes
+            try:
+                await self.repair(stored)
+            except Exception as exc:  # one bad block must not stop the others
+                log.error("repairing block %s failed: %s", stored.record.block_id.hex()[:16], exc)
+                continue
+            placed = self.blocks.uploaded_bytes - before
+            sent += placed
+            if placed:
+                done += 1
+                self.repaired_blocks += 1
+                self.repaired_bytes += placed
+            self.queue_length -= 1
+            elapsed = time.monotonic() - started
+            self.rate = sent / max(elapsed, 1e-3)
+            ahead = sent / self.policy.bandwidth - elapsed
+            if ahead > 0:
+                await trio.sleep(ahead)
+        self.queue_length = 0
+        return done
+
+    async def repair(self, stored: StoredBlock) -> None:
+        """Recreate the block's missing shards and place them."""
+        blocks = self.blocks
+        block_id = stored.record.block_id
+        data = await trio.to_thread.run_sync(
+            blocks.cache.read_io, block_id, 0, stored.record.size, limiter=blocks.limiter
+        )
+        if data is None or len(data) != stored.record.size:
+            data = await blocks.rebuild(stored)
+        shards = await trio.to_thread.run_sync(
+            blocks.codec.reseal, stored.record, data, limiter=blocks.limiter
+        )
+        await blocks.upload(stored.record, shards)

@@ -1,0 +1,111 @@
+"""Agreement lifecycle: renew while verification passes, end after a long failure.
+
+Following the Fluidbackup paper: peers are expected to be offline now and then,
+so an agreement ends only when verification has kept failing for longer than
+the tolerance (default one day). Ending is for both directions: our shards on
+the peer are counted lost (repair re-creates them elsewhere), the peer is told
+with ``EndAgreement`` (retried until it hears it), and what we host for it is
+kept for the keep period (default one day, the seed's minimum) and then dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from fluidfs.keys import encode_peer_id
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.pool import Connections, PeerUnavailable
+from fluidfs.store.shards import ShardStore
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+
+@dataclass
+class LifecyclePolicy:
+    """Tolerance for failures, and how long hosted shards outlive an agreement."""
+
+    tolerance: float = DAY
+    keep: float = DAY
+    tick: float = 60.0
+
+
+class Lifecycle:
+    """Ends agreements whose peers failed too long, and cleans up after ended ones."""
+
+    def __init__(
+        self,
+        conns: Connections,
+        peers: PeerList,
+        ledger: Ledger,
+        shards: ShardStore,
+        limiter: trio.CapacityLimiter,
+        policy: LifecyclePolicy,
+    ) -> None:
+        self.conns = conns
+        self.peers = peers
+        self.ledger = ledger
+        self.shards = shards
+        self.limiter = limiter
+        self.policy = policy
+        self.on_end: Callable[[bytes], None] = lambda _key: None
+
+    async def run(self) -> None:
+        """Check every tick until cancelled."""
+        while True:
+            await trio.sleep(self.policy.tick)
+            await self.tick()
+
+    async def tick(self) -> None:
+        """End overdue agreements, tell peers, drop what we hosted past the keep period."""
+        now = time.time()
+        for agreement in self.ledger.active():
+            since = agreement.failing_since
+            if since is not None and now - since > self.policy.tolerance:
+                self.end(agreement.peer, f"failing for {now - since:.0f} s")
+        for agreement in list(self.ledger):
+            if agreement.active:
+                continue
+            if not agreement.notified:
+                await self._notify(agreement.peer)
+            if now - agreement.ended_at > self.policy.keep:
+                await self._drop_hosted(agreement.peer)
+                if agreement.notified:
+                    self.ledger.end(agreement.peer)
+
+    def end(self, key: bytes, why: str) -> None:
+        """End the agreement with *key* now (our decision)."""
+        if self.ledger.mark_ended(key) is not None:
+            log.warning("ending the agreement with %s: %s", encode_peer_id(key)[:12], why)
+            self.on_end(key)
+
+    async def _notify(self, key: bytes) -> None:
+        try:
+            await self.conns.call(key, "EndAgreement", {}, timeout=10)
+        except (PeerUnavailable, RpcError):
+            return  # try again next tick
+        agreement = self.ledger.get(key)
+        if agreement is not None:
+            agreement.notified = True
+            self.ledger.save(agreement)
+
+    async def _drop_hosted(self, key: bytes) -> None:
+        ids = list(self.shards.ids(key))
+        if ids:
+            freed = await trio.to_thread.run_sync(
+                self.shards.delete_many, key, ids, limiter=self.limiter
+            )
+            log.info(
+                "dropped %d shards (%d bytes) of ended partner %s",
+                len(ids),
+                freed,
+                encode_peer_id(key)[:12],
+            )
