@@ -75,7 +75,7 @@ class NodeConfig:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
     repair: RepairPolicy = field(default_factory=RepairPolicy)
-    repair_threshold: int | None = None  # live shards below which to repair; default N-1
+    repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
 
 
 class Node:
@@ -137,8 +137,9 @@ class Node:
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
         self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
+        # Repair a block once its live shards fall to the threshold (default N-1: any loss).
         threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
-        self.blocks.total_missing_allowed = keyring.keyfile.shards_total - threshold
+        self.blocks.total_missing_allowed = max(0, keyring.keyfile.shards_total - threshold - 1)
         self.auditor = Auditor(self.blocks, self.remote, config.audit)
         self.repairer = Repairer(self.blocks, config.repair)
         self.lifecycle = Lifecycle(

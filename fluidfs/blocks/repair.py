@@ -1,8 +1,9 @@
 """Repair: blocks short of shards get them back, the most endangered first.
 
 A block is *under-replicated* when more of its shards lack a live holder than
-``BlockStore.total_missing_allowed`` (N minus the repair threshold; the default
-threshold N-1 lets one shard go missing before repair starts). Freshly written
+``BlockStore.total_missing_allowed``: with the repair threshold T (default N-1),
+a block is repaired once its live shards fall to T or fewer, so by default any
+lost shard is re-created; a lower T trades safety margin for repair traffic. Freshly written
 blocks that could not be fully placed count too; their plaintext is pinned in
 the cache, so they are topped up without any download. Otherwise the block is
 rebuilt from K shards. Either way the exact missing shards are recreated (the

@@ -572,6 +572,8 @@ class FluidOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         self._writable()
         node = self._inode(inode)
+        if name == XATTR_REDUNDANCY and node.is_reg:
+            return  # computed and always listed: `rsync -aX` into the mount removes it
         if not self.tree.set_xattr(inode, name, None):
             raise FUSEError(pyfuse3.ENOATTR)
         node.touch(ctime=True)

@@ -1,0 +1,625 @@
+"""Commits: the live tree written into metadata nodes, unchanged parts reused.
+
+A commit reads the whole tree from one LMDB read transaction (a consistent view
+even while the mount keeps changing), and writes it bottom-up: the directories of
+height 0 first, then their parents, so that each parent can name its children's
+nodes with their final holders. Every directory is serialised again at every
+commit, but a node whose bytes did not change has the same block id and is already
+registered, so only changed directories (and the path above them) make new blocks:
+the bytes written by a commit grow with what changed, not with the tree.
+
+The ``commits`` table of meta.lmdb (format version 1) holds the commit heads this
+machine keeps: key ``u64 seq`` → CBOR ``{"v": 1, "node": commit node id, "time": ns,
+"tree": top node id of the tree or absent, "snaps": top node id of the snapshot list
+or absent, "published": bool}``. Each head holds one reference to its commit node.
+Older heads are released once a newer one is published (and, on a machine that
+restored from the network, once the index is complete). Two more keys:
+``b"dirty"`` (present while the tree has changes not yet committed) and
+``b"index"`` (``b"partial"`` from a restore until every node of every kept commit
+is registered; absent means complete).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import cbor2
+import trio
+
+from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.blocks.record import StoredBlock
+from fluidfs.fs.filedata import FileData
+from fluidfs.fs.inode import Inode
+from fluidfs.fs.metaformat import (
+    MANIFEST_INLINE_BLOCKS,
+    REF_SIZE_ESTIMATE,
+    CommitInfo,
+    Entry,
+    Ref,
+    cut_points,
+    encode_commit,
+    encode_index,
+    encode_leaf,
+    encode_manifest,
+    manifest_ranges,
+)
+from fluidfs.fs.metaindex import Holders, MetaIndex
+from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, Tree
+from fluidfs.store.db import Database
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_U64 = struct.Struct(">Q")
+DIRTY_KEY = b"dirty"
+INDEX_KEY = b"index"
+DIRS_PER_BATCH = 64
+NODE_WRITERS = 16
+
+
+class CommitAborted(Exception):
+    """The tree changed under the commit in a way it cannot use; try again."""
+
+
+@dataclass
+class CommitStats:
+    """What one commit wrote."""
+
+    nodes_written: int = 0
+    bytes_written: int = 0  # plaintext bytes of new metadata nodes
+    shard_bytes: int = 0  # what those cost on the network (N shards each)
+    nodes_reused: int = 0
+    dirs: int = 0
+    files: int = 0
+    incomplete_refs: int = 0  # references naming fewer holders than shards
+    seconds: float = 0.0
+
+
+@dataclass
+class Head:
+    """One kept commit."""
+
+    seq: int
+    node: bytes
+    time_ns: int
+    tree: bytes | None
+    snaps: bytes | None
+    published: bool
+
+    def encode(self) -> bytes:
+        body = {"v": VERSION, "node": self.node, "time": self.time_ns, "published": self.published}
+        if self.tree is not None:
+            body["tree"] = self.tree
+        if self.snaps is not None:
+            body["snaps"] = self.snaps
+        return cbor2.dumps(body)
+
+    @classmethod
+    def decode(cls, seq: int, raw: bytes) -> Head:
+        body = cbor2.loads(raw)
+        if body.get("v") != VERSION:
+            raise ValueError("unknown commit head version")
+        return cls(
+            seq, body["node"], body["time"], body.get("tree"), body.get("snaps"), body["published"]
+        )
+
+
+async def wait_placed(
+    blocks: BlockStore, ids: list[bytes] | None, *, stall: float, limit: float
+) -> bool:
+    """Wait until the blocks (default: every under-replicated one) have all their holders.
+
+    Gives up when nothing improved for *stall* seconds while every block is at least
+    recoverable (K holders), or after *limit* seconds in any case. True if all are full.
+    """
+    pending = list(blocks.under) if ids is None else list(ids)
+    started = last_change = time.monotonic()
+    last = None
+    while True:
+        missing = weak = 0
+        still = []
+        for block_id in pending:
+            if block_id not in blocks.under:
+                continue
+            stored = blocks.load(block_id)
+            if stored is None:
+                continue
+            still.append(block_id)
+            gap = stored.missing()
+            missing += gap
+            if stored.record.total - gap < stored.record.needed:
+                weak += 1
+        pending = still
+        if not pending:
+            return True
+        now = time.monotonic()
+        if missing != last:
+            last, last_change = missing, now
+        if now - started >= limit or (not weak and now - last_change >= stall):
+            return False
+        await trio.sleep(0.05)
+
+
+class TreeWriter:
+    """Writes metadata nodes for one commit; every node it returns is held until ``finish``."""
+
+    def __init__(
+        self,
+        blocks: BlockStore,
+        index: MetaIndex,
+        holders: Holders,
+        chunk_key: bytes,
+        *,
+        stall: float,
+        limit: float,
+    ) -> None:
+        self.blocks = blocks
+        self.index = index
+        self.holders = holders
+        self.chunk_key = chunk_key
+        self.stall = stall
+        self.limit = limit
+        self.holds: list[bytes] = []
+        self.stats = CommitStats()
+        self._writers = trio.CapacityLimiter(NODE_WRITERS)
+        self._locks: dict[bytes, trio.Lock] = {}
+        self._manifests: dict[int, list[tuple[int, Ref]]] = {}
+
+    async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
+        """Store (or reuse) a node naming *children*; return its reference (held)."""
+        async with self._writers:
+            block_id = await trio.to_thread.run_sync(self.blocks.codec.block_id, plain)
+            lock = self._locks.setdefault(block_id, trio.Lock())
+            new = False
+            async with lock:
+                if self.index.registered(block_id):
+                    with self.index.meta.write() as txn:
+                        self.blocks.add_ref(txn, block_id)
+                    self.holds.append(block_id)
+                    self.stats.nodes_reused += 1
+                else:
+                    await self.blocks.put(plain)
+                    self.holds.append(block_id)
+                    try:
+                        with self.index.meta.write() as txn:
+                            self.index.register(txn, block_id, list(children))
+                    except KeyError as exc:
+                        raise CommitAborted(f"block {exc} went away during the commit") from None
+                    new = True
+            stored = self.blocks.load(block_id)
+            if new:
+                self.stats.nodes_written += 1
+                self.stats.bytes_written += len(plain)
+                self.stats.shard_bytes += stored.record.shard_size * stored.record.total
+                await wait_placed(self.blocks, [block_id], stall=self.stall, limit=self.limit)
+                stored = self.blocks.load(block_id)
+            ref = self.holders.ref(stored)
+            if None in ref.holders:
+                self.stats.incomplete_refs += 1
+            return ref
+
+    async def write_list(self, entries: list[Entry]) -> Ref | None:
+        """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
+        if not entries:
+            return None
+        for entry in entries:
+            self.stats.incomplete_refs += sum(None in ref.holders for ref, _ in entry.refs())
+        ends = cut_points(
+            [e.name for e in entries], [e.size_estimate() for e in entries], self.chunk_key, 0
+        )
+        groups = []
+        start = 0
+        for end in ends:
+            groups.append(entries[start:end])
+            start = end
+        refs: list[Ref | None] = [None] * len(groups)
+
+        async def leaf(i: int, group: list[Entry]) -> None:
+            children = [(ref.block_id, is_node) for e in group for ref, is_node in e.refs()]
+            refs[i] = await self.store_node(encode_leaf(group), children)
+
+        async with trio.open_nursery() as nursery:
+            for i, group in enumerate(groups):
+                nursery.start_soon(leaf, i, group)
+        items = [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        height = 1
+        while len(items) > 1:
+            ends = cut_points(
+                [first for first, _, _ in items],
+                [REF_SIZE_ESTIMATE + len(first) for first, _, _ in items],
+                self.chunk_key,
+                height,
+            )
+            start = 0
+            upper = []
+            for end in ends:
+                group = items[start:end]
+                start = end
+                ref = await self.store_node(
+                    encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
+                )
+                upper.append((group[0][0], ref, sum(c for _, _, c in group)))
+            items = upper
+            height += 1
+        return items[0][1]
+
+    async def manifest(self, ino: int, blocks: list[tuple[int, Ref]], inline) -> list:
+        """Store a large file's block list as manifest chunks (once per inode per commit)."""
+        done = self._manifests.get(ino)
+        if done is not None:
+            return done
+        indexes = sorted({i for i, _ in blocks} | {i for i, _ in inline})
+        chunks = []
+        for first, _count in manifest_ranges(indexes):
+            last = first + (indexes and 0) + _chunk_span()
+            part = [(i, r) for i, r in blocks if first <= i < last]
+            part_inline = [(i, d) for i, d in inline if first <= i < last]
+            ref = await self.store_node(
+                encode_manifest(part, part_inline), [(r.block_id, False) for _, r in part]
+            )
+            chunks.append((first, ref))
+        self._manifests[ino] = chunks
+        return chunks
+
+    async def finish(self, keep: bytes | None = None) -> None:
+        """Drop the references held while writing (all but one hold of *keep*)."""
+        holds = list(self.holds)
+        self.holds.clear()
+        if keep is not None:
+            holds.remove(keep)
+        await self.index.drop_and_release(holds)
+
+
+def _chunk_span() -> int:
+    from fluidfs.fs.metaformat import MANIFEST_CHUNK_BLOCKS
+
+    return MANIFEST_CHUNK_BLOCKS
+
+
+class TreeReader:
+    """Reads the live tree from one read transaction (runs in worker threads)."""
+
+    def __init__(self, db: Database, holders: Holders) -> None:
+        self.db = db
+        self.holders = holders
+        self._inodes = db["inodes"]
+        self._dirents = db["dirents"]
+        self._blockmap = db["blockmap"]
+        self._xattrs = db["xattrs"]
+        self._blocks = db["blocks"]
+        self._lazy = db["lazy"]
+
+    def _prefix(self, txn, table, ino: int):
+        prefix = _U64.pack(ino)
+        cursor = txn.cursor(db=table)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if key[:8] != prefix:
+                    return
+                yield bytes(key[8:]), bytes(value)
+
+    def inode(self, txn, ino: int) -> Inode | None:
+        raw = txn.get(_U64.pack(ino), db=self._inodes)
+        return None if raw is None else Inode.decode(ino, raw)
+
+    def ref(self, txn, block_id: bytes) -> Ref:
+        raw = txn.get(block_id, db=self._blocks)
+        if raw is None:
+            raise CommitAborted(f"block {block_id.hex()[:16]} has no record")
+        return self.holders.ref(StoredBlock.decode(block_id, raw))
+
+    def walk(self, txn) -> tuple[list[list[int]], dict[int, Ref]]:
+        """Directories grouped by height (leaves first), and lazy directories' refs."""
+        lazy = {
+            _U64.unpack(k)[0]: self.ref(txn, bytes(v)) for k, v in txn.cursor(db=self._lazy)
+        }
+        heights: dict[int, int] = {}
+        subdirs: dict[int, list[int]] = {}
+        stack: list[tuple[int, bool]] = [(ROOT_INO, False)]
+        while stack:
+            ino, expanded = stack.pop()
+            if expanded:
+                heights[ino] = max((heights[c] + 1 for c in subdirs.pop(ino)), default=0)
+                continue
+            if ino in lazy:
+                heights[ino] = 0
+                continue
+            children = []
+            for _name, value in self._prefix(txn, self._dirents, ino):
+                child = _U64.unpack(value[:8])[0]
+                inode = self.inode(txn, child)
+                if inode is not None and inode.is_dir and child not in heights:
+                    children.append(child)
+            subdirs[ino] = children
+            stack.append((ino, True))
+            stack.extend((c, False) for c in children)
+        levels: dict[int, list[int]] = {}
+        for ino, height in heights.items():
+            if ino not in lazy:
+                levels.setdefault(height, []).append(ino)
+        return [levels[h] for h in sorted(levels)], lazy
+
+    def entry(self, txn, name: bytes, inode: Inode) -> Entry:
+        entry = Entry.of_inode(name, inode)
+        entry.xattrs = list(self._prefix(txn, self._xattrs, inode.ino))
+        if inode.is_reg:
+            for key, value in self._prefix(txn, self._blockmap, inode.ino):
+                index = _U64.unpack(key)[0]
+                if value[:1] == BLOCK_REF:
+                    entry.blocks.append((index, self.ref(txn, value[1:])))
+                elif value[:1] == INLINE:
+                    entry.inline.append((index, value[1:]))
+        return entry
+
+    def directory(self, txn, ino: int, content: dict[int, Ref | None]) -> list[Entry]:
+        """The entries of directory *ino*, sorted by name; subdirectories from *content*."""
+        entries = []
+        for name, value in self._prefix(txn, self._dirents, ino):
+            child = _U64.unpack(value[:8])[0]
+            inode = self.inode(txn, child)
+            if inode is None:
+                continue
+            entry = self.entry(txn, name, inode)
+            if inode.is_dir:
+                entry.content = content.get(child)
+            entries.append(entry)
+        return entries
+
+    def next_ino(self, txn) -> int:
+        raw = txn.get(b"next_ino", db=self.db["counters"])
+        return _U64.unpack(raw)[0] if raw else 2
+
+
+async def write_tree(reader: TreeReader, writer: TreeWriter, txn) -> Entry:
+    """Write the tree seen by *txn*; return the root directory's entry (name empty)."""
+    levels, lazy = await trio.to_thread.run_sync(reader.walk, txn)
+    content: dict[int, Ref | None] = dict(lazy)
+    for level in levels:
+        for start in range(0, len(level), DIRS_PER_BATCH):
+            batch = level[start : start + DIRS_PER_BATCH]
+            listed = await trio.to_thread.run_sync(
+                lambda b=batch: {ino: reader.directory(txn, ino, content) for ino in b}
+            )
+            results: dict[int, Ref | None] = {}
+
+            async def one(ino: int, entries: list[Entry]) -> None:
+                for entry in entries:
+                    if len(entry.blocks) + len(entry.inline) > MANIFEST_INLINE_BLOCKS:
+                        entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
+                        entry.blocks, entry.inline = [], []
+                writer.stats.files += sum(1 for e in entries if e.content is None)
+                results[ino] = await writer.write_list(entries)
+
+            async with trio.open_nursery() as nursery:
+                for ino, entries in listed.items():
+                    nursery.start_soon(one, ino, entries)
+            content.update(results)
+            writer.stats.dirs += len(batch)
+    root_inode = await trio.to_thread.run_sync(reader.inode, txn, ROOT_INO)
+    root = await trio.to_thread.run_sync(reader.entry, txn, b"", root_inode)
+    root.content = content.get(ROOT_INO)
+    return root
+
+
+class Heads:
+    """The ``commits`` table: kept commit heads and the two flags beside them."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._table = db["commits"]
+
+    def all(self) -> list[Head]:
+        """Every kept head, oldest first."""
+        with self.db.read() as txn:
+            return [
+                Head.decode(_U64.unpack(k)[0], bytes(v))
+                for k, v in txn.cursor(db=self._table)
+                if len(k) == 8
+            ]
+
+    def latest(self) -> Head | None:
+        """The newest head, or None before the first commit."""
+        heads = self.all()
+        return heads[-1] if heads else None
+
+    def put(self, txn, head: Head) -> None:
+        """Record a head (its reference to the commit node is the caller's)."""
+        txn.put(_U64.pack(head.seq), head.encode(), db=self._table)
+
+    def delete(self, txn, seq: int) -> None:
+        """Forget a head (the caller drops its reference)."""
+        txn.delete(_U64.pack(seq), db=self._table)
+
+    def flag(self, key: bytes) -> bytes | None:
+        """A flag's value."""
+        with self.db.read() as txn:
+            return txn.get(key, db=self._table)
+
+    def set_flag(self, key: bytes, value: bytes | None) -> None:
+        """Set (or clear, with None) a flag."""
+        with self.db.write() as txn:
+            if value is None:
+                txn.delete(key, db=self._table)
+            else:
+                txn.put(key, value, db=self._table)
+
+
+@dataclass
+class CommitResult:
+    """The outcome of one commit."""
+
+    head: Head
+    info: CommitInfo
+    ref: Ref
+    stats: CommitStats
+    snapshot: str | None  # name of the snapshot added (or refreshed)
+    expired: list[str] = field(default_factory=list)
+
+
+class Committer:
+    """Commits the live tree: nodes, snapshot list and commit node; keeps the heads."""
+
+    def __init__(
+        self,
+        db: Database,
+        tree: Tree,
+        data: FileData,
+        blocks: BlockStore,
+        index: MetaIndex,
+        holders: Holders,
+        chunk_key: bytes,
+        machine: bytes,
+    ) -> None:
+        self.db = db
+        self.tree = tree
+        self.data = data
+        self.blocks = blocks
+        self.index = index
+        self.holders = holders
+        self.chunk_key = chunk_key
+        self.machine = machine
+        self.heads = Heads(db)
+        self.reader = TreeReader(db, holders)
+        self.lock = trio.Lock()
+        self.stall = 1.0  # seconds without placement progress before moving on
+        self.limit = 120.0  # longest wait for one node's placement
+        self.last: CommitResult | None = None
+
+    def writer(self) -> TreeWriter:
+        """A writer for one commit."""
+        return TreeWriter(
+            self.blocks, self.index, self.holders, self.chunk_key, stall=self.stall, limit=self.limit
+        )
+
+    def index_complete(self) -> bool:
+        """False while a restored state has not registered every kept node yet."""
+        return self.heads.flag(INDEX_KEY) is None
+
+    async def commit(
+        self,
+        *,
+        min_seq: int,
+        snapshots,  # fs/snapshots.SnapshotStore
+        retention,  # fs/snapshots.Retention
+        user_changed: bool,
+        prune: bool,
+        now_ns: int | None = None,
+        on_written: Callable[[CommitResult], None] | None = None,
+    ) -> CommitResult | None:
+        """Write a commit of the tree as it is now; None if nothing would change."""
+        async with self.lock:
+            started = time.monotonic()
+            now_ns = now_ns or time.time_ns()
+            if user_changed:
+                self.heads.set_flag(DIRTY_KEY, None)
+            writer = self.writer()
+            try:
+                result = await self._commit(
+                    writer, min_seq, snapshots, retention, user_changed, prune, now_ns
+                )
+            except BaseException:
+                if user_changed:
+                    self.heads.set_flag(DIRTY_KEY, b"1")
+                with trio.CancelScope(shield=True):
+                    await writer.finish()
+                raise
+            if result is None:
+                await writer.finish()
+                return None
+            await writer.finish(keep=result.head.node)
+            result.stats.seconds = time.monotonic() - started
+            self.last = result
+            if on_written is not None:
+                on_written(result)
+            return result
+
+    async def _commit(
+        self, writer: TreeWriter, min_seq, snapshots, retention, user_changed, prune, now_ns
+    ) -> CommitResult | None:
+        txn = self.db.env.begin(write=False)
+        try:
+            root = await write_tree(self.reader, writer, txn)
+            next_ino = self.reader.next_ino(txn)
+        finally:
+            txn.abort()
+        tree_id = root.content.block_id if root.content is not None else None
+        previous = self.heads.latest()
+        plan = snapshots.plan(
+            root, tree_id, now_ns, new=user_changed or previous is None, retention=retention
+        )
+        if not prune:
+            plan.expired = []
+        if (
+            previous is not None
+            and not user_changed
+            and tree_id == previous.tree
+            and not plan.changed()
+        ):
+            return None
+        kept = plan.entries()
+        snaps_ref = await writer.write_list(kept)
+        seq = max(min_seq, previous.seq if previous else 0) + 1
+        info = CommitInfo(
+            seq=seq,
+            time_ns=now_ns,
+            machine=self.machine,
+            root=root,
+            snaps=snaps_ref,
+            nsnaps=len(kept),
+            next_ino=next_ino,
+        )
+        children = [(ref.block_id, is_node) for ref, is_node in root.refs()]
+        if snaps_ref is not None:
+            children.append((snaps_ref.block_id, True))
+        ref = await writer.store_node(encode_commit(info), children)
+        head = Head(
+            seq,
+            ref.block_id,
+            now_ns,
+            tree_id,
+            snaps_ref.block_id if snaps_ref else None,
+            published=False,
+        )
+        with self.db.write() as wtxn:
+            self.heads.put(wtxn, head)
+            snapshots.apply(wtxn, plan)
+        return CommitResult(head, info, ref, writer.stats, plan.name, plan.expired_names())
+
+    async def mark_published(self, seq: int) -> None:
+        """The head *seq* reached the network: older heads can go (once the index is whole)."""
+        with self.db.write() as txn:
+            raw = txn.get(_U64.pack(seq), db=self.heads._table)
+            if raw is None:
+                return
+            head = Head.decode(seq, bytes(raw))
+            head.published = True
+            self.heads.put(txn, head)
+        await self.release_old()
+
+    async def release_old(self) -> int:
+        """Drop heads older than the newest published one; return how many blocks died."""
+        if not self.index_complete():
+            return 0
+        async with self.lock:
+            heads = self.heads.all()
+            published = [h for h in heads if h.published]
+            if not published:
+                return 0
+            newest = published[-1].seq
+            old = [h for h in heads if h.seq < newest]
+            if not old:
+                return 0
+            with self.db.write() as txn:
+                for head in old:
+                    self.heads.delete(txn, head.seq)
+                dead = self.index.drop(txn, [h.node for h in old])
+            await self.blocks.release(dead)
+            return len(dead)
+
+    def held_nodes(self) -> list[bytes]:
+        """Commit nodes held by kept heads."""
+        return [h.node for h in self.heads.all()]

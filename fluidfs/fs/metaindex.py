@@ -1,0 +1,231 @@
+"""The local index of metadata nodes: which nodes we know and the references they hold.
+
+Reference counting (the ``refcount`` of each record in table ``blocks``) covers
+metadata the same way it covers file maps:
+
+- every block map entry holds one reference to its data block (fs/filedata.py);
+- every *registered* metadata node holds one reference to each block it names
+  (data blocks, manifest chunks, child directory nodes, snapshot trees);
+- the commit module holds one reference to each commit node it keeps as a head
+  (fs/commit.py), and commits hold short-lived references while they are written.
+
+So a kept snapshot keeps alive everything it reaches, and dropping a node's last
+reference drops one reference of each of its children in turn (``drop``), in the
+same transaction; blocks that reach zero go to garbage collection.
+
+A node is *registered* once the references it holds have been taken: right away for
+nodes this machine writes, and when it is first fetched for nodes that came from the
+network (a fresh machine). Until then its record may exist (its parent named it) but
+it holds nothing.
+
+Table ``meta_nodes`` (meta.lmdb, format version 1): key node block id (32) → ``u8 1 ||
+u32 count || count x (u8 kind || block id (32))``, kind 1 = metadata node, 0 = data.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+
+import trio
+
+from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.fs.metaformat import Node, NodeError, Ref, decode_node
+from fluidfs.store.db import Database
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_HEAD = struct.Struct(">BI")
+_CHILD = 33
+
+
+class MetaError(Exception):
+    """A metadata node cannot be fetched or does not parse."""
+
+
+class Holders:
+    """Translates shard holders between local peer indexes and public keys."""
+
+    def __init__(
+        self,
+        self_key: bytes,
+        key_of: Callable[[int], bytes | None],
+        index_of: Callable[[bytes], int],
+    ) -> None:
+        self.self_key = self_key
+        self.key_of = key_of  # local index -> public key
+        self.index_of = index_of  # public key -> local index (learning the peer if new)
+
+    def ref(self, stored: StoredBlock) -> Ref:
+        """A stored block as a self-contained reference."""
+        keys: list[bytes | None] = []
+        for holder in stored.holders:
+            if holder == NO_HOLDER:
+                keys.append(None)
+            elif holder == LOCAL_HOLDER:
+                keys.append(self.self_key)
+            else:
+                keys.append(self.key_of(holder))
+        return Ref(stored.record, tuple(keys))
+
+    def local(self, ref: Ref) -> list[int]:
+        """A reference's holders as local peer indexes."""
+        out = []
+        for key in ref.holders:
+            if key is None:
+                out.append(NO_HOLDER)
+            elif key == self.self_key:
+                out.append(LOCAL_HOLDER)
+            else:
+                out.append(self.index_of(key))
+        return out
+
+
+def _encode_children(children: list[tuple[bytes, bool]]) -> bytes:
+    parts = [_HEAD.pack(VERSION, len(children))]
+    parts += [(b"\x01" if is_node else b"\x00") + bid for bid, is_node in children]
+    return b"".join(parts)
+
+
+def decode_children(raw: bytes) -> list[tuple[bytes, bool]]:
+    """Parse a ``meta_nodes`` value."""
+    version, count = _HEAD.unpack_from(raw)
+    if version != VERSION:
+        raise ValueError(f"unknown meta_nodes record version {version}")
+    pos = _HEAD.size
+    out = []
+    for i in range(count):
+        item = raw[pos + i * _CHILD : pos + (i + 1) * _CHILD]
+        out.append((bytes(item[1:]), item[0] == 1))
+    return out
+
+
+class MetaIndex:
+    """Registers metadata nodes, holds their references and releases them in cascade."""
+
+    def __init__(self, meta: Database, blocks: BlockStore, holders: Holders) -> None:
+        self.meta = meta
+        self.blocks = blocks
+        self.holders = holders
+        self._nodes = meta["meta_nodes"]
+        self._blocks = meta["blocks"]
+        self._loading: dict[bytes, trio.Lock] = {}
+
+    def registered(self, block_id: bytes, txn=None) -> bool:
+        """True once the node's references are held."""
+        if txn is not None:
+            return txn.get(block_id, db=self._nodes) is not None
+        with self.meta.read() as own:
+            return own.get(block_id, db=self._nodes) is not None
+
+    def children(self, block_id: bytes) -> list[tuple[bytes, bool]] | None:
+        """The blocks a registered node holds, or None if it is not registered."""
+        with self.meta.read() as txn:
+            raw = txn.get(block_id, db=self._nodes)
+        return None if raw is None else decode_children(raw)
+
+    def count(self) -> int:
+        """How many nodes are registered."""
+        with self.meta.read() as txn:
+            return txn.stat(self._nodes)["entries"]
+
+    def node_ids(self) -> set[bytes]:
+        """Ids of every registered node."""
+        with self.meta.read() as txn:
+            return {bytes(k) for k in txn.cursor(db=self._nodes).iternext(values=False)}
+
+    def register(self, txn, block_id: bytes, children: list[tuple[Ref | bytes, bool]]) -> None:
+        """Take one reference to each child for the node *block_id*, inside *txn*.
+
+        A child given as a Ref whose block has no record yet gets one (a node fetched
+        from the network names blocks this machine has not seen); a child given as a
+        block id must exist (KeyError otherwise). Does nothing if already registered.
+        """
+        if txn.get(block_id, db=self._nodes) is not None:
+            return
+        ids: list[tuple[bytes, bool]] = []
+        for child, is_node in children:
+            if isinstance(child, Ref):
+                self.adopt(txn, child)
+                ids.append((child.block_id, is_node))
+            else:
+                self.blocks.add_ref(txn, child)
+                ids.append((child, is_node))
+        txn.put(block_id, _encode_children(ids), db=self._nodes)
+
+    def adopt(self, txn, ref: Ref, refs: int = 1) -> None:
+        """Take *refs* references to the block of *ref*, creating its record if needed.
+
+        An existing record keeps its holders, but shards it knows no holder for are
+        filled in from *ref* (when both describe the same shards).
+        """
+        block_id = ref.block_id
+        stored = self.blocks.load(block_id, txn)
+        holders = self.holders.local(ref)
+        if stored is None:
+            stored = StoredBlock(ref.record, refs, holders)
+        else:
+            stored.refcount += refs
+            if stored.record.shard_ids == ref.record.shard_ids:
+                for i, holder in enumerate(holders):
+                    if stored.holders[i] == NO_HOLDER and holder != NO_HOLDER:
+                        stored.holders[i] = holder
+        txn.put(block_id, stored.encode(), db=self._blocks)
+        if stored.missing() and self.blocks.remote is not None:
+            self.blocks.under.add(block_id)
+
+    def drop(self, txn, block_ids: list[bytes]) -> list[StoredBlock]:
+        """Drop one reference to each block, cascading through nodes that die.
+
+        Returns the blocks that are now unreferenced; pass them to
+        ``BlockStore.release`` after the transaction commits.
+        """
+        dead: list[StoredBlock] = []
+        stack = list(block_ids)
+        while stack:
+            block_id = stack.pop()
+            gone = self.blocks.drop_ref(txn, block_id)
+            if gone is None:
+                continue
+            dead.append(gone)
+            raw = txn.get(block_id, db=self._nodes)
+            if raw is not None:
+                txn.delete(block_id, db=self._nodes)
+                stack.extend(bid for bid, _ in decode_children(bytes(raw)))
+        return dead
+
+    async def drop_and_release(self, block_ids: list[bytes]) -> int:
+        """``drop`` in its own transaction, then release what died; return how many died."""
+        if not block_ids:
+            return 0
+        with self.meta.write() as txn:
+            dead = self.drop(txn, block_ids)
+        await self.blocks.release(dead)
+        return len(dead)
+
+    async def load(self, block_id: bytes) -> Node:
+        """Fetch, parse and (if new to us) register the node *block_id*."""
+        stored = self.blocks.load(block_id)
+        if stored is None:
+            raise MetaError(f"no record for metadata node {block_id.hex()[:16]}")
+        try:
+            plain = await self.blocks.read(block_id, 0, stored.record.size)
+        except BlockUnavailable as exc:
+            raise MetaError(f"metadata node {block_id.hex()[:16]} unavailable: {exc}") from None
+        if len(plain) != stored.record.size:
+            raise MetaError(f"metadata node {block_id.hex()[:16]} is short")
+        try:
+            node = await trio.to_thread.run_sync(decode_node, plain)
+        except NodeError as exc:
+            raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
+        if not self.registered(block_id):
+            lock = self._loading.setdefault(block_id, trio.Lock())
+            async with lock:
+                with self.meta.write() as txn:
+                    if self.blocks.load(block_id, txn) is not None:
+                        self.register(txn, block_id, list(node.refs()))
+            self._loading.pop(block_id, None)
+        return node
