@@ -22,6 +22,7 @@ is registered; absent means complete).
 from __future__ import annotations
 
 import logging
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from fluidfs.blocks.record import StoredBlock
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.metaformat import (
+    MANIFEST_CHUNK_BLOCKS,
     MANIFEST_INLINE_BLOCKS,
     REF_SIZE_ESTIMATE,
     CommitInfo,
@@ -255,7 +257,7 @@ class TreeWriter:
         indexes = sorted({i for i, _ in blocks} | {i for i, _ in inline})
         chunks = []
         for first, _count in manifest_ranges(indexes):
-            last = first + (indexes and 0) + _chunk_span()
+            last = first + MANIFEST_CHUNK_BLOCKS
             part = [(i, r) for i, r in blocks if first <= i < last]
             part_inline = [(i, d) for i, d in inline if first <= i < last]
             ref = await self.store_node(
@@ -272,12 +274,6 @@ class TreeWriter:
         if keep is not None:
             holds.remove(keep)
         await self.index.drop_and_release(holds)
-
-
-def _chunk_span() -> int:
-    from fluidfs.fs.metaformat import MANIFEST_CHUNK_BLOCKS
-
-    return MANIFEST_CHUNK_BLOCKS
 
 
 class TreeReader:
@@ -384,20 +380,18 @@ async def write_tree(reader: TreeReader, writer: TreeWriter, txn) -> Entry:
             listed = await trio.to_thread.run_sync(
                 lambda b=batch: {ino: reader.directory(txn, ino, content) for ino in b}
             )
-            results: dict[int, Ref | None] = {}
 
             async def one(ino: int, entries: list[Entry]) -> None:
                 for entry in entries:
                     if len(entry.blocks) + len(entry.inline) > MANIFEST_INLINE_BLOCKS:
                         entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
                         entry.blocks, entry.inline = [], []
-                writer.stats.files += sum(1 for e in entries if e.content is None)
-                results[ino] = await writer.write_list(entries)
+                writer.stats.files += sum(1 for e in entries if not stat.S_ISDIR(e.mode))
+                content[ino] = await writer.write_list(entries)
 
             async with trio.open_nursery() as nursery:
                 for ino, entries in listed.items():
                     nursery.start_soon(one, ino, entries)
-            content.update(results)
             writer.stats.dirs += len(batch)
     root_inode = await trio.to_thread.run_sync(reader.inode, txn, ROOT_INO)
     root = await trio.to_thread.run_sync(reader.entry, txn, b"", root_inode)
@@ -492,7 +486,12 @@ class Committer:
     def writer(self) -> TreeWriter:
         """A writer for one commit."""
         return TreeWriter(
-            self.blocks, self.index, self.holders, self.chunk_key, stall=self.stall, limit=self.limit
+            self.blocks,
+            self.index,
+            self.holders,
+            self.chunk_key,
+            stall=self.stall,
+            limit=self.limit,
         )
 
     def index_complete(self) -> bool:
@@ -548,11 +547,15 @@ class Committer:
             txn.abort()
         tree_id = root.content.block_id if root.content is not None else None
         previous = self.heads.latest()
+        seq = max(min_seq, previous.seq if previous else 0) + 1
         plan = snapshots.plan(
-            root, tree_id, now_ns, new=user_changed or previous is None, retention=retention
+            root,
+            tree_id,
+            now_ns,
+            seq=seq,
+            new=user_changed or previous is None,
+            retention=retention if prune else None,
         )
-        if not prune:
-            plan.expired = []
         if (
             previous is not None
             and not user_changed
@@ -562,7 +565,6 @@ class Committer:
             return None
         kept = plan.entries()
         snaps_ref = await writer.write_list(kept)
-        seq = max(min_seq, previous.seq if previous else 0) + 1
         info = CommitInfo(
             seq=seq,
             time_ns=now_ns,
@@ -571,6 +573,7 @@ class Committer:
             snaps=snaps_ref,
             nsnaps=len(kept),
             next_ino=next_ino,
+            block_size=self.data.block_size,
         )
         children = [(ref.block_id, is_node) for ref, is_node in root.refs()]
         if snaps_ref is not None:

@@ -124,6 +124,10 @@ class FileData:
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:
         return [blk for (i, _), blk in self.dirty.items() if i == ino]
 
+    def has_dirty(self, ino: int) -> bool:
+        """True if *ino* has written data that is not sealed yet."""
+        return any(i == ino for i, _ in self.dirty)
+
     def pending_bytes(self) -> int:
         """Bytes written but not yet sealed."""
         return sum(blk.length for blk in self.dirty.values())

@@ -19,7 +19,8 @@ Node types:
   ``"I": [[block index, inline bytes], ...]``.
 - ``"c"`` commit: ``"seq"``, ``"time"`` (ns), ``"machine"`` (16 bytes), ``"root"``
   (the root directory's entry, name empty), ``"snaps"`` (ref of the snapshot list's top
-  node; absent when there is none), ``"nsnaps"``, ``"next_ino"``.
+  node; absent when there is none), ``"nsnaps"``, ``"next_ino"`` (first inode number
+  never used), ``"bs"`` (the block size files are cut at).
 
 A *reference* (ref) to a block is an array::
 
@@ -182,6 +183,7 @@ class CommitInfo:
     snaps: Ref | None
     nsnaps: int
     next_ino: int
+    block_size: int
 
 
 @dataclass
@@ -439,6 +441,7 @@ def encode_commit(info: CommitInfo) -> bytes:
         "root": _enc_entry(info.root, peers),
         "nsnaps": info.nsnaps,
         "next_ino": info.next_ino,
+        "bs": info.block_size,
     }
     if info.snaps is not None:
         body["snaps"] = _enc_ref(info.snaps, peers)
@@ -491,6 +494,7 @@ def decode_node(plain: bytes) -> Node:
             snaps=_dec_ref(raw["snaps"], table) if "snaps" in raw else None,
             nsnaps=_int(raw.get("nsnaps"), "nsnaps"),
             next_ino=_int(raw.get("next_ino"), "next_ino", 2),
+            block_size=_int(raw.get("bs"), "block size", 4096, 1 << 30),
         )
         return Node(COMMIT, commit=info)
     raise NodeError(f"unknown node type {str(kind)[:16]!r}")

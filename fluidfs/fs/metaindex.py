@@ -32,7 +32,16 @@ import trio
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
-from fluidfs.fs.metaformat import Node, NodeError, Ref, decode_node
+from fluidfs.fs.metaformat import (
+    INDEX,
+    LEAF,
+    MANIFEST,
+    Entry,
+    Node,
+    NodeError,
+    Ref,
+    decode_node,
+)
 from fluidfs.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 _HEAD = struct.Struct(">BI")
 _CHILD = 33
+FETCHERS = 8  # nodes fetched at once when one listing needs several
 
 
 class MetaError(Exception):
@@ -229,3 +239,36 @@ class MetaIndex:
                         self.register(txn, block_id, list(node.refs()))
             self._loading.pop(block_id, None)
         return node
+
+    async def entries(self, top: bytes) -> list[Entry]:
+        """Every entry of the chunked tree whose top node is *top*, in name order."""
+        node = await self.load(top)
+        if node.type == LEAF:
+            return node.entries
+        if node.type != INDEX:
+            raise MetaError(f"node {top.hex()[:16]} is not a directory node")
+        parts: list[list[Entry]] = [[] for _ in node.children]
+        limiter = trio.CapacityLimiter(FETCHERS)
+
+        async def one(i: int, ref: Ref) -> None:
+            async with limiter:
+                parts[i] = await self.entries(ref.block_id)
+
+        async with trio.open_nursery() as nursery:
+            for i, (_, ref, _) in enumerate(node.children):
+                nursery.start_soon(one, i, ref)
+        return [entry for part in parts for entry in part]
+
+    async def file_blocks(self, entry: Entry) -> tuple[list, list]:
+        """A file entry's (block index, ref) and (block index, inline bytes) lists."""
+        if not entry.chunks:
+            return entry.blocks, entry.inline
+        blocks: list = []
+        inline: list = []
+        for _, ref in entry.chunks:
+            node = await self.load(ref.block_id)
+            if node.type != MANIFEST:
+                raise MetaError(f"node {ref.block_id.hex()[:16]} is not a manifest chunk")
+            blocks.extend(node.blocks)
+            inline.extend(node.inline)
+        return blocks, inline

@@ -556,6 +556,8 @@ class FluidOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         node = self._inode(inode)
         if name == XATTR_REDUNDANCY and node.is_reg:
+            if self.data.has_dirty(inode):
+                return b"local"  # written but not sealed yet: on this node only
             return redundancy(self.tree, self.data.blocks, inode).encode()
         value = self.tree.xattr(inode, name)
         if value is None:
