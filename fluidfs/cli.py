@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -14,7 +15,14 @@ from typing import NoReturn
 
 from fluidfs import __version__
 from fluidfs import keys as keymod
-from fluidfs.statedir import StateDir, StateError, default_data_dir, default_keyfile
+from fluidfs.statedir import (
+    FSNAME_PREFIX,
+    StateDir,
+    StateError,
+    default_data_dir,
+    default_keyfile,
+    state_dir_from_fsname,
+)
 from fluidfs.sysutil import tune_malloc
 
 EXIT_USAGE = 2
@@ -126,6 +134,9 @@ def build_parser() -> Parser:
     mount.add_argument("--block-size", type=parse_size, default="4M", help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     _peer_options(mount, listen_default=None)
+    from fluidfs import cli_remount
+
+    cli_remount.add_mount_options(mount)
 
     serve = commands.add_parser("serve", help="run a peer that donates space (no mount)")
     serve.add_argument("--keyfile", type=Path, default=None)
@@ -158,6 +169,8 @@ def build_parser() -> Parser:
     status.add_argument("--state-dir", type=Path, default=None)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    cli_remount.add_commands(commands)
+
     unmount = commands.add_parser("unmount", help="flush and unmount")
     unmount.add_argument("mountpoint", type=Path)
     unmount.add_argument("--timeout", type=float, default=600.0, help=argparse.SUPPRESS)
@@ -167,7 +180,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fluidfs`` command."""
     args = build_parser().parse_args(argv)
-    from fluidfs import cli_network
+    from fluidfs import cli_network, cli_remount
 
     handlers = {
         "init": cmd_init,
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cli_network.cmd_status,
         "testnet": cli_network.cmd_testnet,
         "check": cli_network.cmd_check,
+        **cli_remount.HANDLERS,
     }
     try:
         handlers[args.command](args)
@@ -230,8 +244,14 @@ def load_or_create_keyfile(path: Path | None) -> keymod.KeyRing:
 
 
 def _check_mountpoint(path: Path) -> None:
-    if not path.exists():
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         fail(f"mount point {path} does not exist", EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            fail(f"{path} is a dead mount left by a crash: run 'fluidfs unmount {path}' first")
+        fail(f"cannot use mount point {path}: {exc.strerror}", EXIT_USAGE)
     if not path.is_dir():
         fail(f"mount point {path} is not a directory", EXIT_USAGE)
     if os.path.ismount(path):
@@ -243,13 +263,26 @@ def _check_mountpoint(path: Path) -> None:
         fail(f"cannot read mount point {path}", EXIT_USAGE)
 
 
+def _check_state_dir(state: StateDir) -> None:
+    """Create the state directory if needed; one clear line if it cannot be used."""
+    try:
+        state.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        fail(f"state directory {state.path} is not a directory", EXIT_USAGE)
+    except OSError as exc:
+        fail(f"cannot create state directory {state.path}: {exc.strerror}", EXIT_USAGE)
+    if not state.path.is_dir():
+        fail(f"state directory {state.path} is not a directory", EXIT_USAGE)
+    if not os.access(state.path, os.W_OK | os.X_OK):
+        fail(f"state directory {state.path} is not writable", EXIT_USAGE)
+
+
 def cmd_mount(args: argparse.Namespace) -> None:
     """fluidfs mount: check everything, then mount (in a background process by default)."""
     mountpoint = args.mountpoint.expanduser().absolute()
     _check_mountpoint(mountpoint)
     state = StateDir((args.state_dir or default_data_dir()).expanduser())
-    if "," in str(state.path):
-        fail(f"state directory path may not contain a comma: {state.path}", EXIT_USAGE)
+    _check_state_dir(state)
     if args.block_size < 64 * 1024 or args.block_size > 64 << 20:
         fail("--block-size must be between 64K and 64M", EXIT_USAGE)
     keyring = load_or_create_keyfile(args.keyfile)
@@ -345,6 +378,9 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
         config.block_size = args.block_size
+        from fluidfs import cli_remount
+
+        config.remount = cli_remount.remount_options(args)
     return config
 
 
@@ -396,6 +432,9 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         str(write_fd),
         *_passthrough(args),
     ]
+    from fluidfs import cli_remount
+
+    argv += cli_remount.mount_passthrough(args)
     if args.keyfile is not None:
         argv += ["--keyfile", str(args.keyfile.absolute())]
     if args.allow_other:
@@ -424,26 +463,30 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
 # --- unmount --------------------------------------------------------------------------
 
 
+def _unescape_mountinfo(field: bytes) -> str:
+    """Undo the octal escapes (\\040 and friends) of /proc/self/mountinfo."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    return os.fsdecode(raw)
+
+
 def find_mount_source(mountpoint: Path) -> str | None:
     """The fsname of the FUSE mount at *mountpoint*, from /proc/self/mountinfo."""
     target = str(mountpoint)
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            fields = line.split(" - ", 1)
-            left = fields[0].split()
-            point = left[4].encode().decode("unicode_escape")
-            if point == target and len(fields) == 2:
-                return fields[1].split()[1].encode().decode("unicode_escape")
+            left, sep, right = line.partition(b" - ")
+            if sep and _unescape_mountinfo(left.split()[4]) == target:
+                return _unescape_mountinfo(right.split()[1])
     return None
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:
     """fluidfs unmount: unmount, then wait for the node to seal and exit."""
-    mountpoint = args.mountpoint.expanduser().absolute()
+    mountpoint = Path(os.path.realpath(args.mountpoint.expanduser()))
     source = find_mount_source(mountpoint)
-    if source is None or not source.startswith("fluidfs@"):
+    if source is None or not source.startswith(FSNAME_PREFIX):
         fail(f"{mountpoint} is not a fluidfs mount", EXIT_USAGE)
-    state = StateDir(Path(source[len("fluidfs@") :]))
+    state = StateDir(state_dir_from_fsname(source))
     pid = state.running_pid()
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:

@@ -17,9 +17,25 @@ from __future__ import annotations
 
 import fcntl
 import os
+import urllib.parse
 from pathlib import Path
 
 FORMAT = "fluidfs-state-1"
+FSNAME_PREFIX = "fluidfs@"
+
+
+def fsname_for(state: Path) -> str:
+    """The mount's source name: names the state directory, escaped to plain ASCII.
+
+    FUSE options must be ASCII without commas, so the path is percent-encoded;
+    `fluidfs unmount` reads it back from /proc/self/mountinfo.
+    """
+    return FSNAME_PREFIX + urllib.parse.quote(os.fsencode(state), safe="/-_.~+")
+
+
+def state_dir_from_fsname(source: str) -> Path:
+    """Inverse of fsname_for."""
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(source[len(FSNAME_PREFIX) :])))
 
 
 class StateError(Exception):
@@ -119,7 +135,7 @@ class StateDir:
         """True if some process holds the lock now."""
         try:
             fd = os.open(self.path / "lock", os.O_RDWR)
-        except FileNotFoundError:
+        except OSError:  # no lock file (or no usable directory): nobody holds it
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
