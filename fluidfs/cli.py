@@ -102,6 +102,9 @@ def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None
     parser.add_argument("--keep-shards", type=float, default=24 * 3600.0, help=argparse.SUPPRESS)
     parser.add_argument("--repair-threshold", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--placement", choices=["trust", "even"], default="trust", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
         "--repair-bandwidth", type=parse_size, default="64M", help=argparse.SUPPRESS
     )
 
@@ -374,6 +377,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         ),
         repair=RepairPolicy(bandwidth=args.repair_bandwidth),
         repair_threshold=args.repair_threshold,
+        even_placement=args.placement == "even",
     )
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
@@ -401,6 +405,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         str(args.keep_shards),
         "--repair-bandwidth",
         str(args.repair_bandwidth),
+        "--placement",
+        args.placement,
     ]
     if args.repair_threshold is not None:
         argv += ["--repair-threshold", str(args.repair_threshold)]

@@ -25,7 +25,7 @@ from fluidfs.blocks.repair import Repairer, RepairPolicy
 from fluidfs.fs import health
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
-from fluidfs.fs.operations import FluidOperations
+from fluidfs.fs.layered import LayeredOperations
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net.errors import RpcError
@@ -35,9 +35,11 @@ from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
+from fluidfs.remount import Remount, RemountError, RemountOptions
 from fluidfs.service import PeerService
-from fluidfs.statedir import StateDir
+from fluidfs.statedir import StateDir, fsname_for
 from fluidfs.store.db import META_TABLES, Database
+from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,9 @@ class NodeConfig:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
     repair: RepairPolicy = field(default_factory=RepairPolicy)
+    even_placement: bool = False  # benchmark baseline: place uniformly at random
     repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
+    remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
 
 
 class Node:
@@ -103,9 +107,10 @@ class Node:
         self.data = FileData(
             self.tree, self.blocks, config.state.dirty, self.block_size, self.limiter
         )
-        self.ops = FluidOperations(self.tree, self.data, str(config.state.path))
+        self.ops = LayeredOperations(self.tree, self.data, str(config.state.path))
         self._ensure_root()
         self._wire_peers()
+        self.remount = Remount(self, config.remount)
         self._fuse_open = False
         self._stopped = False
         self._upload_rate = 0.0
@@ -123,6 +128,7 @@ class Node:
             limiter=self.limiter,
             fault_rate=config.fault_rate,
         )
+        self.service.records = RecordStore(config.state.path / "records")
         self.conns = Connections(keyring.signing_key, self.service, self.peers)
         self.manager = PeerManager(
             self.conns,
@@ -136,6 +142,7 @@ class Node:
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
+        self.remote.even_placement = config.even_placement
         self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
         # Repair a block once its live shards fall to the threshold (default N-1: any loss).
         threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
@@ -207,6 +214,7 @@ class Node:
         self._stopped = True
         with trio.CancelScope(shield=True):
             await self.data.seal_all()
+            await self.remount.on_stop()
             with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
                 await self.blocks.drain()
             self.peers.save_all()
@@ -299,7 +307,8 @@ class Node:
             )
             return {"files": [vars(r) for r in results], "shards_needed": self.codec.needed}
 
-        return {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
+        handlers = {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
+        return handlers | self.remount.control_handlers()
 
     def _reachable_cache(self):
         """A holder-index → answers-now probe that pings each peer once."""
@@ -325,8 +334,11 @@ class Node:
         """Figures for `fluidfs status`."""
         levels: dict[str, int] = {}
         pending = 0
+        nodes = self.remount.index.node_ids()  # metadata blocks are reported apart
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self.meta["blocks"]):
+                if bytes(key) in nodes:
+                    continue
                 stored = StoredBlock.decode(bytes(key), raw)
                 if LOCAL_HOLDER in stored.holders:
                     level = "local"
@@ -344,7 +356,7 @@ class Node:
             "shards_needed": self.codec.needed,
             "blocks": sum(levels.values()),
             "redundancy": {k: levels[k] for k in order},
-            "under_replicated": len(self.blocks.under),
+            "under_replicated": len(self.blocks.under - nodes),
             "uploaded_bytes": self.blocks.uploaded_bytes,
             "upload_pending_bytes": pending,
             "upload_rate": self._upload_rate,
@@ -357,6 +369,7 @@ class Node:
             "audit_cycles": self.auditor.cycles,
             "audit_challenges": self.auditor.challenges,
             "gc_pending_bytes": self.blocks.collector.pending()[1],
+            "commit": self.remount.status(),
         }
 
     async def _measure_rate(self) -> None:
@@ -391,20 +404,22 @@ class Node:
         """Mount at *mountpoint* and serve until unmounted or signalled."""
         await self.start()
         options = set(pyfuse3.default_options)
-        options |= {"fsname=fluidfs@" + str(self.config.state.path), "subtype=fluidfs"}
+        options |= {"fsname=" + fsname_for(self.config.state.path), "subtype=fluidfs"}
         if allow_other:
             options.add("allow_other")
-        try:
-            pyfuse3.init(self.ops, str(mountpoint), options)
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount at {mountpoint}: {exc}") from None
-        self._fuse_open = True
-        log.info("mounted %s (peer %s)", mountpoint, self.config.keyring.peer_id)
         fuse_scope = trio.CancelScope()
+        refused: MountError | None = None
         try:
             async with trio.open_nursery() as nursery:
+                # Peers first: the writer lease and (on a fresh state) the restored tree
+                # must be settled before the mount is usable.
                 await nursery.start(self.run_services)
+                refused = await self._open_fuse(mountpoint, options)
+                if refused is not None:
+                    nursery.cancel_scope.cancel()
+                    return  # raised below, outside the nursery (no exception group)
                 await nursery.start(self.data.run)
+                await nursery.start(self.remount.run)
                 nursery.start_soon(self._on_signals, fuse_scope)
                 if on_ready is not None:
                     on_ready()
@@ -418,7 +433,25 @@ class Node:
             with trio.CancelScope(shield=True):
                 self._close_fuse(unmount=True)
                 await self.stop()
+            if refused is not None:
+                raise refused
             log.info("unmounted %s", mountpoint)
+
+    async def _open_fuse(self, mountpoint: Path, options: set[str]) -> MountError | None:
+        """Settle the lease and the tree (remount.py), then open the FUSE session."""
+        try:
+            await self.remount.before_mount()
+        except RemountError as exc:
+            return MountError(str(exc))
+        try:
+            pyfuse3.init(self.ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            with trio.move_on_after(10):
+                await self.remount.lease.release()
+            return MountError(f"cannot mount at {mountpoint}: {exc}")
+        self._fuse_open = True
+        log.info("mounted %s (peer %s)", mountpoint, self.config.keyring.peer_id)
+        return None
 
     def _close_fuse(self, *, unmount: bool) -> None:
         if self._fuse_open:

@@ -51,6 +51,7 @@ class RemoteShards:
         self.limiter = limiter
         self._inflight: dict[bytes, int] = defaultdict(int)
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
+        self.even_placement = False  # benchmarks: ignore trust and space (a baseline)
         self.on_result: Callable[[bytes, bool], None] = peers.record
 
     def usable_peers(self, shard_size: int) -> list[bytes]:
@@ -64,6 +65,9 @@ class RemoteShards:
                 or self._inflight[key] >= MAX_INFLIGHT_PER_PEER
                 or self.conns.backing_off(key)
             ):
+                continue
+            if self.even_placement:
+                weights[key] = 1.0
                 continue
             free = agreement.room / max(agreement.they_host, 1)
             weights[key] = self.peers.weight(key) * free
