@@ -457,15 +457,12 @@ def _publish(fd: int, part: Path, path: Path, durable: bool) -> int:
     return fd
 
 
-def _create_with(path: Path, data: bytes | bytearray, durable: bool) -> int:
-    """A new dirty file at *path* holding *data* (see PART)."""
+def _new_dirty_file(path: Path, fill: Callable[[int], None], durable: bool) -> int:
+    """A new dirty file at *path*, filled by *fill(fd)* under a temporary name (see PART)."""
     part = path.with_name(path.name + PART)
     fd = _create(part)
     try:
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], written)
+        fill(fd)
         return _publish(fd, part, path, durable)
     except BaseException:
         os.close(fd)
@@ -474,11 +471,22 @@ def _create_with(path: Path, data: bytes | bytearray, durable: bool) -> int:
         raise
 
 
+def _create_with(path: Path, data: bytes | bytearray, durable: bool) -> int:
+    """A new dirty file at *path* holding *data*."""
+
+    def fill(fd: int) -> None:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], written)
+
+    return _new_dirty_file(path, fill, durable)
+
+
 def _copy_to_new(source: Path, target: Path) -> int:
-    """A new dirty file at *target* holding a copy of the cached block *source* (see PART)."""
-    part = target.with_name(target.name + PART)
-    fd = _create(part)
-    try:
+    """A new dirty file at *target* holding a copy of the cached block *source*."""
+
+    def fill(fd: int) -> None:
         with open(source, "rb") as src:
             size = os.fstat(src.fileno()).st_size
             copied = 0
@@ -487,12 +495,8 @@ def _copy_to_new(source: Path, target: Path) -> int:
                 if n == 0:
                     break
                 copied += n
-        return _publish(fd, part, target, True)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        raise
+
+    return _new_dirty_file(target, fill, True)
 
 
 def _read_exact(fd: int, length: int) -> bytes:
