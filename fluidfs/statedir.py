@@ -131,6 +131,12 @@ class StateDir:
             fmt.write_text(FORMAT + "\n")
         (self.path / "daemon.pid").write_text(f"{os.getpid()}\n")
 
+    def publish(self, name: str, text: str) -> None:
+        """Write a small file atomically (readers never see it half written)."""
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.path / name)
+
     def is_locked(self) -> bool:
         """True if some process holds the lock now."""
         try:

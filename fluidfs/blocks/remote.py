@@ -28,9 +28,16 @@ from fluidfs.peers.pool import Connections, PeerUnavailable
 log = logging.getLogger(__name__)
 
 STORE_TIMEOUT = 30.0
-MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer before it is passed over
+MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer at once
+SLOT_WAIT = 1.0  # how long a shard waits for a busy peer before going elsewhere
+BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
 EXTRA_FETCHES = 2
+
+
+def _window() -> trio.Semaphore:
+    """Stores in flight to one peer."""
+    return trio.Semaphore(MAX_INFLIGHT_PER_PEER)
 
 
 class RemoteShards:
@@ -49,7 +56,7 @@ class RemoteShards:
         self.ledger = ledger
         self.codec = codec
         self.limiter = limiter
-        self._inflight: dict[bytes, int] = defaultdict(int)
+        self._slots: dict[bytes, trio.Semaphore] = defaultdict(_window)
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
         self.even_placement = False  # benchmarks: ignore trust and space (a baseline)
         self.on_result: Callable[[bytes, bool], None] = peers.record
@@ -59,18 +66,15 @@ class RemoteShards:
         weights = {}
         for agreement in self.ledger:
             key = agreement.peer
-            if (
-                agreement.room < shard_size
-                or key not in self.peers
-                or self._inflight[key] >= MAX_INFLIGHT_PER_PEER
-                or self.conns.backing_off(key)
-            ):
+            if agreement.room < shard_size or key not in self.peers or self.conns.backing_off(key):
                 continue
             if self.even_placement:
                 weights[key] = 1.0
                 continue
             free = agreement.room / max(agreement.they_host, 1)
             weights[key] = self.peers.weight(key) * free
+            if self._slots[key].value == 0:  # its window is full: try it last
+                weights[key] *= BUSY_WEIGHT
         return rank(weights)
 
     async def place(self, record: BlockRecord, shards: list[bytes], holders: list[int]) -> None:
@@ -95,13 +99,19 @@ class RemoteShards:
                 nursery.start_soon(store_one, index)
 
     async def _store(self, key: bytes, shard_id: bytes, data: bytes, block_id: bytes = b"") -> bool:
-        if self.journal is not None:
-            self.journal.placing(self.peers.get(key).index, shard_id, len(data), block_id)
-        self._inflight[key] += 1
+        slot = self._slots[key]
+        acquired = False
+        with trio.move_on_after(SLOT_WAIT):
+            await slot.acquire()
+            acquired = True
+        if not acquired:
+            return False  # a slow peer: this shard goes to another one
         try:
+            if self.journal is not None:
+                self.journal.placing(self.peers.get(key).index, shard_id, len(data), block_id)
             return await self._store_on(key, shard_id, data)
         finally:
-            self._inflight[key] -= 1
+            slot.release()
 
     async def _store_on(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
         try:

@@ -62,7 +62,7 @@ ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17 = tag byte + 
 TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEEP_BUFFER = 1 << 20  # per-channel reusable buffers up to this size; bigger frames allocate
-DEFAULT_OFFLOAD = 1 << 20  # frames at least this big are en/decrypted in a worker thread
+DEFAULT_OFFLOAD = 256 << 10  # frames at least this big are en/decrypted in a worker thread
 CLOSE_GRACE = 1.0  # seconds aclose() may spend sending the FINAL frame
 
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
