@@ -436,6 +436,7 @@ class BlockStore:
             good[index] = data
             if len(good) == record.needed:
                 break
+        self.shards.release_pages()  # the shards were read through LMDB's mapping
         try:
             return self.codec.open(record, good, verified=True)
         except NotEnoughShards as exc:

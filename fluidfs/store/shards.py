@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fluidfs.store.db import Database
+from fluidfs.sysutil import release_mapped_pages
 
 _U64 = struct.Struct(">Q")
 
@@ -27,6 +28,7 @@ class ShardStore:
         # ~15x faster here (measured 70 vs 1,150 MB/s).
         self.db = Database(path, ["shards", "usage"], readahead=True)
         self._shards = self.db["shards"]
+        self._data_file = str(path / "data.mdb")
         self._usage = self.db["usage"]
 
     def put_many(self, owner: bytes, shards: Iterable[tuple[bytes, bytes]]) -> int:
@@ -65,6 +67,10 @@ class ShardStore:
                     txn.delete(key, db=self._shards)
             self._add_usage(txn, owner, -freed)
         return freed
+
+    def release_pages(self) -> None:
+        """Drop this process's mapped pages of the shard file (they stay in page cache)."""
+        release_mapped_pages(self._data_file)
 
     def used(self, owner: bytes) -> int:
         """Bytes held for *owner*."""
