@@ -130,6 +130,10 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s")
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
+    if "commit" in reply:
+        from fluidfs.cli_remount import print_commit_status
+
+        print_commit_status(reply["commit"])
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")
     for level, count in reply["redundancy"].items():
         if level == "local":

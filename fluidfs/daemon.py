@@ -51,6 +51,7 @@ DEFAULT_RATIO = 1.5
 SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
+RELEASE_PAGES_INTERVAL = 0.5
 
 
 class MountError(Exception):
@@ -249,7 +250,7 @@ class Node:
                 bound = await nursery.start(self.conns.serve, host, port)
                 self.conns.listen_addr = f"{host}:{bound}"
                 self.service.addr_of = lambda: self.conns.listen_addr
-                (self.config.state.path / "listen").write_text(self.conns.listen_addr + "\n")
+                self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
             await nursery.start(self.blocks.run)
@@ -260,6 +261,7 @@ class Node:
             nursery.start_soon(self.repairer.run)
             nursery.start_soon(self.lifecycle.run)
             nursery.start_soon(self._measure_rate)
+            nursery.start_soon(self._release_shard_pages)
             for addr in self.config.bootstrap:
                 nursery.start_soon(self.manager.bootstrap, addr)
             task_status.started()
@@ -372,6 +374,12 @@ class Node:
             "commit": self.remount.status(),
         }
 
+    async def _release_shard_pages(self) -> None:
+        """Keep LMDB's mapped shard pages from inflating RSS (see sysutil)."""
+        while True:
+            await trio.sleep(RELEASE_PAGES_INTERVAL)
+            self.shards.release_pages()
+
     async def _measure_rate(self) -> None:
         """Upload rate for status: exponentially weighted over the last seconds."""
         last = self.blocks.uploaded_bytes
@@ -441,13 +449,12 @@ class Node:
         """Settle the lease and the tree (remount.py), then open the FUSE session."""
         try:
             await self.remount.before_mount()
-        except RemountError as exc:
-            return MountError(str(exc))
-        try:
             pyfuse3.init(self.ops, str(mountpoint), options)
-        except RuntimeError as exc:
+        except (RemountError, RuntimeError) as exc:
             with trio.move_on_after(10):
-                await self.remount.lease.release()
+                await self.remount.lease.release()  # if it was taken
+            if isinstance(exc, RemountError):
+                return MountError(str(exc))
             return MountError(f"cannot mount at {mountpoint}: {exc}")
         self._fuse_open = True
         log.info("mounted %s (peer %s)", mountpoint, self.config.keyring.peer_id)

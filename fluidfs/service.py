@@ -25,8 +25,10 @@ import trio
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import REQUEST_SCHEMAS
+from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
@@ -180,3 +182,45 @@ class PeerService:
             else:
                 self.peers.add(peer, addr)
         return {"time": int(time.time())}
+
+    # --- owners' records (root pointer, writer lease) -------------------------------------
+
+    records: RecordStore | None = None  # set by the node; None: records are not kept here
+
+    async def op_PutRecord(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        if self.records is None:
+            raise RpcError("refused", "this peer keeps no records")
+        if self.ledger.get(peer) is None:
+            raise RpcError("no_agreement", "no storage agreement with you")
+        try:
+            record = rootrecord.parse(args["record"])
+        except rootrecord.RecordError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        if record.owner != peer:
+            raise RpcError("bad_request", "a record can only be stored by its owner")
+        if not record.signed_ok():
+            raise RpcError("bad_request", "record signature does not verify")
+        raw = await trio.to_thread.run_sync(
+            self.records.get, peer, record.kind, limiter=self.limiter
+        )
+        if raw is not None:
+            try:
+                held = rootrecord.parse(raw).seq
+            except rootrecord.RecordError:
+                held = -1  # unreadable: replace it
+            if held > record.seq or (held == record.seq and raw != record.raw):
+                return {"stored": False, "seq": held}
+        await trio.to_thread.run_sync(
+            self.records.put, peer, record.kind, record.raw, limiter=self.limiter
+        )
+        return {"stored": True, "seq": record.seq}
+
+    async def op_GetRecord(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        if self.records is None or args["kind"] not in rootrecord.KINDS:
+            raise RpcError("not_found", "no such record here")
+        raw = await trio.to_thread.run_sync(
+            self.records.get, peer, args["kind"], limiter=self.limiter
+        )
+        if raw is None:
+            raise RpcError("not_found", "no such record of yours here")
+        return {"record": raw}

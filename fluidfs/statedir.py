@@ -10,6 +10,7 @@ Layout (version 1)::
     <state>/shards.lmdb/  hosted shards (see store/shards.py)
     <state>/cache/        plaintext block cache (see blocks/cache.py)
     <state>/dirty/        blocks written but not yet sealed (see fs/filedata.py)
+    <state>/records/      peers' root and lease records we keep for them (store/records.py)
     <state>/fluidfs.log   the node's log when it runs in the background
 """
 

@@ -3,7 +3,7 @@
 Format version 1 (big-endian)::
 
     u8  version (=1)
-    u32 refcount            references from file maps (and, later, snapshots)
+    u32 refcount            references from file maps and metadata nodes (fs/metaindex.py)
     u32 size                plaintext bytes
     u32 shard_size          bytes per shard
     u8  needed (K)

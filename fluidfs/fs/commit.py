@@ -1,9 +1,9 @@
 """Commits: the live tree written into metadata nodes, unchanged parts reused.
 
 A commit reads the whole tree from one LMDB read transaction (a consistent view
-even while the mount keeps changing), and writes it bottom-up: the directories of
-height 0 first, then their parents, so that each parent can name its children's
-nodes with their final holders. Every directory is serialised again at every
+even while the mount keeps changing), and writes it bottom-up (fs/treewalk.py): the
+directories of height 0 first, then their parents, so that each parent can name its
+children's nodes with their final holders. Every directory is serialised again at every
 commit, but a node whose bytes did not change has the same block id and is already
 registered, so only changed directories (and the path above them) make new blocks:
 the bytes written by a commit grow with what changed, not with the tree.
@@ -22,7 +22,6 @@ is registered; absent means complete).
 from __future__ import annotations
 
 import logging
-import stat
 import struct
 import time
 from collections.abc import Callable
@@ -32,12 +31,9 @@ import cbor2
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
-from fluidfs.blocks.record import StoredBlock
 from fluidfs.fs.filedata import FileData
-from fluidfs.fs.inode import Inode
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
-    MANIFEST_INLINE_BLOCKS,
     REF_SIZE_ESTIMATE,
     CommitInfo,
     Entry,
@@ -50,7 +46,8 @@ from fluidfs.fs.metaformat import (
     manifest_ranges,
 )
 from fluidfs.fs.metaindex import Holders, MetaIndex
-from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, Tree
+from fluidfs.fs.tree import Tree
+from fluidfs.fs.treewalk import CommitAborted, TreeReader, write_tree
 from fluidfs.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -59,12 +56,8 @@ VERSION = 1
 _U64 = struct.Struct(">Q")
 DIRTY_KEY = b"dirty"
 INDEX_KEY = b"index"
-DIRS_PER_BATCH = 64
+WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 16
-
-
-class CommitAborted(Exception):
-    """The tree changed under the commit in a way it cannot use; try again."""
 
 
 @dataclass
@@ -78,7 +71,14 @@ class CommitStats:
     dirs: int = 0
     files: int = 0
     incomplete_refs: int = 0  # references naming fewer holders than shards
+    weak_refs: int = 0  # references to blocks fewer than K peers hold (not restorable)
     seconds: float = 0.0
+
+    def add(self, other: CommitStats) -> None:
+        """Add what another commit wrote (several commits for one sync)."""
+        self.nodes_written += other.nodes_written
+        self.bytes_written += other.bytes_written
+        self.shard_bytes += other.shard_bytes
 
 
 @dataclass
@@ -111,18 +111,25 @@ class Head:
 
 
 async def wait_placed(
-    blocks: BlockStore, ids: list[bytes] | None, *, stall: float, limit: float
+    blocks: BlockStore,
+    ids: list[bytes] | None,
+    *,
+    stall: float,
+    limit: float,
+    weak_stall: float = WEAK_STALL,
 ) -> bool:
     """Wait until the blocks (default: every under-replicated one) have all their holders.
 
-    Gives up when nothing improved for *stall* seconds while every block is at least
-    recoverable (K holders), or after *limit* seconds in any case. True if all are full.
+    While none of them is being uploaded, gives up when nothing improved for *stall*
+    seconds if every block is at least recoverable (K holders), or for *weak_stall*
+    seconds if some are not; after *limit* seconds in any case. True if all are full.
     """
     pending = list(blocks.under) if ids is None else list(ids)
     started = last_change = time.monotonic()
     last = None
     while True:
         missing = weak = 0
+        busy = False
         still = []
         for block_id in pending:
             if block_id not in blocks.under:
@@ -135,13 +142,15 @@ async def wait_placed(
             missing += gap
             if stored.record.total - gap < stored.record.needed:
                 weak += 1
+            busy = busy or block_id in blocks.uploading
         pending = still
         if not pending:
             return True
         now = time.monotonic()
-        if missing != last:
+        if missing != last or busy:
             last, last_change = missing, now
-        if now - started >= limit or (not weak and now - last_change >= stall):
+        quiet = now - last_change
+        if now - started >= limit or quiet >= (weak_stall if weak else stall):
             return False
         await trio.sleep(0.05)
 
@@ -170,6 +179,7 @@ class TreeWriter:
         self._writers = trio.CapacityLimiter(NODE_WRITERS)
         self._locks: dict[bytes, trio.Lock] = {}
         self._manifests: dict[int, list[tuple[int, Ref]]] = {}
+        self.degraded = False  # some node has fewer than K holders
 
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
         """Store (or reuse) a node naming *children*; return its reference (held)."""
@@ -194,22 +204,49 @@ class TreeWriter:
                     new = True
             stored = self.blocks.load(block_id)
             if new:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("new node %s: %s", block_id.hex()[:12], _describe(plain))
                 self.stats.nodes_written += 1
                 self.stats.bytes_written += len(plain)
                 self.stats.shard_bytes += stored.record.shard_size * stored.record.total
-                await wait_placed(self.blocks, [block_id], stall=self.stall, limit=self.limit)
+                # Once one node could not reach K peers this commit will not be published:
+                # the others need not wait long for their holders either.
+                weak_stall = self.stall if self.degraded else WEAK_STALL
+                await wait_placed(
+                    self.blocks,
+                    [block_id],
+                    stall=self.stall,
+                    limit=self.limit,
+                    weak_stall=weak_stall,
+                )
                 stored = self.blocks.load(block_id)
-            ref = self.holders.ref(stored)
-            if None in ref.holders:
-                self.stats.incomplete_refs += 1
-            return ref
+                placed = stored.record.total - stored.missing()
+                if placed < stored.record.needed and self.blocks.remote is not None:
+                    self.degraded = True
+            return self.holders.ref(stored)
+
+    def note_ref(self, ref: Ref) -> None:
+        """Count a reference that names fewer holders than shards, or fewer than K peers.
+
+        Blocks held only by this machine (stored before it had peers) are not counted:
+        they are reported on their own and would otherwise hold every commit back.
+        """
+        held = [h for h in ref.holders if h is not None]
+        if len(held) < len(ref.holders):
+            self.stats.incomplete_refs += 1
+        peers = [h for h in held if h != self.holders.self_key]
+        if held and not peers:
+            return
+        if len(peers) < ref.record.needed:
+            self.stats.weak_refs += 1
 
     async def write_list(self, entries: list[Entry]) -> Ref | None:
         """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
         if not entries:
             return None
         for entry in entries:
-            self.stats.incomplete_refs += sum(None in ref.holders for ref, _ in entry.refs())
+            for ref, _ in entry.refs():
+                self.note_ref(ref)
         ends = cut_points(
             [e.name for e in entries], [e.size_estimate() for e in entries], self.chunk_key, 0
         )
@@ -222,7 +259,8 @@ class TreeWriter:
 
         async def leaf(i: int, group: list[Entry]) -> None:
             children = [(ref.block_id, is_node) for e in group for ref, is_node in e.refs()]
-            refs[i] = await self.store_node(encode_leaf(group), children)
+            plain = await trio.to_thread.run_sync(encode_leaf, group)
+            refs[i] = await self.store_node(plain, children)
 
         async with trio.open_nursery() as nursery:
             for i, group in enumerate(groups):
@@ -241,6 +279,8 @@ class TreeWriter:
             for end in ends:
                 group = items[start:end]
                 start = end
+                for _, ref, _ in group:
+                    self.note_ref(ref)
                 ref = await self.store_node(
                     encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
                 )
@@ -276,127 +316,12 @@ class TreeWriter:
         await self.index.drop_and_release(holds)
 
 
-class TreeReader:
-    """Reads the live tree from one read transaction (runs in worker threads)."""
+def _describe(plain: bytes) -> str:
+    from fluidfs.fs.metaformat import decode_node
 
-    def __init__(self, db: Database, holders: Holders) -> None:
-        self.db = db
-        self.holders = holders
-        self._inodes = db["inodes"]
-        self._dirents = db["dirents"]
-        self._blockmap = db["blockmap"]
-        self._xattrs = db["xattrs"]
-        self._blocks = db["blocks"]
-        self._lazy = db["lazy"]
-
-    def _prefix(self, txn, table, ino: int):
-        prefix = _U64.pack(ino)
-        cursor = txn.cursor(db=table)
-        if cursor.set_range(prefix):
-            for key, value in cursor:
-                if key[:8] != prefix:
-                    return
-                yield bytes(key[8:]), bytes(value)
-
-    def inode(self, txn, ino: int) -> Inode | None:
-        raw = txn.get(_U64.pack(ino), db=self._inodes)
-        return None if raw is None else Inode.decode(ino, raw)
-
-    def ref(self, txn, block_id: bytes) -> Ref:
-        raw = txn.get(block_id, db=self._blocks)
-        if raw is None:
-            raise CommitAborted(f"block {block_id.hex()[:16]} has no record")
-        return self.holders.ref(StoredBlock.decode(block_id, raw))
-
-    def walk(self, txn) -> tuple[list[list[int]], dict[int, Ref]]:
-        """Directories grouped by height (leaves first), and lazy directories' refs."""
-        lazy = {
-            _U64.unpack(k)[0]: self.ref(txn, bytes(v)) for k, v in txn.cursor(db=self._lazy)
-        }
-        heights: dict[int, int] = {}
-        subdirs: dict[int, list[int]] = {}
-        stack: list[tuple[int, bool]] = [(ROOT_INO, False)]
-        while stack:
-            ino, expanded = stack.pop()
-            if expanded:
-                heights[ino] = max((heights[c] + 1 for c in subdirs.pop(ino)), default=0)
-                continue
-            if ino in lazy:
-                heights[ino] = 0
-                continue
-            children = []
-            for _name, value in self._prefix(txn, self._dirents, ino):
-                child = _U64.unpack(value[:8])[0]
-                inode = self.inode(txn, child)
-                if inode is not None and inode.is_dir and child not in heights:
-                    children.append(child)
-            subdirs[ino] = children
-            stack.append((ino, True))
-            stack.extend((c, False) for c in children)
-        levels: dict[int, list[int]] = {}
-        for ino, height in heights.items():
-            if ino not in lazy:
-                levels.setdefault(height, []).append(ino)
-        return [levels[h] for h in sorted(levels)], lazy
-
-    def entry(self, txn, name: bytes, inode: Inode) -> Entry:
-        entry = Entry.of_inode(name, inode)
-        entry.xattrs = list(self._prefix(txn, self._xattrs, inode.ino))
-        if inode.is_reg:
-            for key, value in self._prefix(txn, self._blockmap, inode.ino):
-                index = _U64.unpack(key)[0]
-                if value[:1] == BLOCK_REF:
-                    entry.blocks.append((index, self.ref(txn, value[1:])))
-                elif value[:1] == INLINE:
-                    entry.inline.append((index, value[1:]))
-        return entry
-
-    def directory(self, txn, ino: int, content: dict[int, Ref | None]) -> list[Entry]:
-        """The entries of directory *ino*, sorted by name; subdirectories from *content*."""
-        entries = []
-        for name, value in self._prefix(txn, self._dirents, ino):
-            child = _U64.unpack(value[:8])[0]
-            inode = self.inode(txn, child)
-            if inode is None:
-                continue
-            entry = self.entry(txn, name, inode)
-            if inode.is_dir:
-                entry.content = content.get(child)
-            entries.append(entry)
-        return entries
-
-    def next_ino(self, txn) -> int:
-        raw = txn.get(b"next_ino", db=self.db["counters"])
-        return _U64.unpack(raw)[0] if raw else 2
-
-
-async def write_tree(reader: TreeReader, writer: TreeWriter, txn) -> Entry:
-    """Write the tree seen by *txn*; return the root directory's entry (name empty)."""
-    levels, lazy = await trio.to_thread.run_sync(reader.walk, txn)
-    content: dict[int, Ref | None] = dict(lazy)
-    for level in levels:
-        for start in range(0, len(level), DIRS_PER_BATCH):
-            batch = level[start : start + DIRS_PER_BATCH]
-            listed = await trio.to_thread.run_sync(
-                lambda b=batch: {ino: reader.directory(txn, ino, content) for ino in b}
-            )
-
-            async def one(ino: int, entries: list[Entry]) -> None:
-                for entry in entries:
-                    if len(entry.blocks) + len(entry.inline) > MANIFEST_INLINE_BLOCKS:
-                        entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
-                        entry.blocks, entry.inline = [], []
-                writer.stats.files += sum(1 for e in entries if not stat.S_ISDIR(e.mode))
-                content[ino] = await writer.write_list(entries)
-
-            async with trio.open_nursery() as nursery:
-                for ino, entries in listed.items():
-                    nursery.start_soon(one, ino, entries)
-            writer.stats.dirs += len(batch)
-    root_inode = await trio.to_thread.run_sync(reader.inode, txn, ROOT_INO)
-    root = await trio.to_thread.run_sync(reader.entry, txn, b"", root_inode)
-    root.content = content.get(ROOT_INO)
-    return root
+    node = decode_node(plain)
+    names = [e.name[:20] for e in node.entries][:3]
+    return f"type {node.type}, {len(plain)} bytes, {len(node.entries)} entries {names}"
 
 
 class Heads:
@@ -506,6 +431,7 @@ class Committer:
         retention,  # fs/snapshots.Retention
         user_changed: bool,
         prune: bool,
+        force: bool = False,
         now_ns: int | None = None,
         on_written: Callable[[CommitResult], None] | None = None,
     ) -> CommitResult | None:
@@ -513,16 +439,12 @@ class Committer:
         async with self.lock:
             started = time.monotonic()
             now_ns = now_ns or time.time_ns()
-            if user_changed:
-                self.heads.set_flag(DIRTY_KEY, None)
             writer = self.writer()
             try:
                 result = await self._commit(
-                    writer, min_seq, snapshots, retention, user_changed, prune, now_ns
+                    writer, min_seq, snapshots, retention, user_changed, prune, force, now_ns
                 )
             except BaseException:
-                if user_changed:
-                    self.heads.set_flag(DIRTY_KEY, b"1")
                 with trio.CancelScope(shield=True):
                     await writer.finish()
                 raise
@@ -537,7 +459,7 @@ class Committer:
             return result
 
     async def _commit(
-        self, writer: TreeWriter, min_seq, snapshots, retention, user_changed, prune, now_ns
+        self, writer: TreeWriter, min_seq, snapshots, retention, user_changed, prune, force, now_ns
     ) -> CommitResult | None:
         txn = self.db.env.begin(write=False)
         try:
@@ -558,6 +480,7 @@ class Committer:
         )
         if (
             previous is not None
+            and not force
             and not user_changed
             and tree_id == previous.tree
             and not plan.changed()
@@ -578,7 +501,11 @@ class Committer:
         children = [(ref.block_id, is_node) for ref, is_node in root.refs()]
         if snaps_ref is not None:
             children.append((snaps_ref.block_id, True))
+        for ref in (root.content, snaps_ref):
+            if ref is not None:
+                writer.note_ref(ref)
         ref = await writer.store_node(encode_commit(info), children)
+        writer.note_ref(ref)
         head = Head(
             seq,
             ref.block_id,

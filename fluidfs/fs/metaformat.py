@@ -42,9 +42,11 @@ absent for an empty directory), and in snapshot lists ``q`` commit seq and ``w``
 commit time (ns). Inode numbers are kept so hard links stay hard links.
 
 A directory's contents, and the snapshot list, form a chunked tree: entries are cut
-into leaves where a keyed hash of the name hits (1 in ``CHUNK_AVG``), so adding or
-changing one entry rewrites one leaf and the index nodes above it; leaves are grouped
-into index nodes the same way, level by level, until one node is left.
+into leaves where a keyed hash of the name falls below the entry's share of
+``NODE_TARGET`` bytes (so nodes hold about 32 KiB whatever the entries' sizes), which
+depends only on that entry: adding or changing one entry rewrites one leaf (two if
+the cut moves) and the index nodes above it. Leaves are grouped into index nodes the
+same way, level by level, until one node is left.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ MAX_SHARDS = 256
 ID_SIZE = 32
 U64_MAX = 2**64 - 1
 
-CHUNK_AVG = 64  # entries per node on average
+NODE_TARGET = 32 * 1024  # bytes per node on average
 NODE_SIZE_CAP = 256 * 1024  # a node is cut here even without a hash boundary
 MANIFEST_INLINE_BLOCKS = 64  # files with more blocks get "f" manifest chunks
 MANIFEST_CHUNK_BLOCKS = 512  # block indexes per manifest chunk (fixed ranges)
@@ -506,8 +508,9 @@ def decode_node(plain: bytes) -> Node:
 def cut_points(keys: list[bytes], sizes: list[int], chunk_key: bytes, level: int) -> list[int]:
     """Where to cut a sorted run of *keys* into nodes: the end index of each node.
 
-    A node ends after a key whose keyed hash (salted with the *level*) is 0 mod
-    CHUNK_AVG, or once it reaches NODE_SIZE_CAP bytes (estimated from *sizes*).
+    A node ends after an entry whose keyed hash (salted with the *level*), read as a
+    fraction of 2^32, is below size / NODE_TARGET (so about every NODE_TARGET bytes),
+    or once the node reaches NODE_SIZE_CAP bytes (sizes are estimates).
     """
     ends: list[int] = []
     total = 0
@@ -515,7 +518,7 @@ def cut_points(keys: list[bytes], sizes: list[int], chunk_key: bytes, level: int
     for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
         total += size
         digest = blake3.blake3(salt + key, key=chunk_key).digest(length=4)
-        if int.from_bytes(digest, "big") % CHUNK_AVG == 0 or total >= NODE_SIZE_CAP:
+        if int.from_bytes(digest, "big") * NODE_TARGET < size << 32 or total >= NODE_SIZE_CAP:
             ends.append(i + 1)
             total = 0
     if keys and (not ends or ends[-1] != len(keys)):

@@ -81,6 +81,15 @@ class Holders:
                 keys.append(self.key_of(holder))
         return Ref(stored.record, tuple(keys))
 
+    def learn(self, refs) -> None:
+        """Make sure every holder the references name is a known peer.
+
+        Call it before opening a write transaction that adopts *refs*: learning a peer
+        writes the peer list in a transaction of its own.
+        """
+        for ref in refs:
+            self.local(ref)
+
     def local(self, ref: Ref) -> list[int]:
         """A reference's holders as local peer indexes."""
         out = []
@@ -170,7 +179,8 @@ class MetaIndex:
         """Take *refs* references to the block of *ref*, creating its record if needed.
 
         An existing record keeps its holders, but shards it knows no holder for are
-        filled in from *ref* (when both describe the same shards).
+        filled in from *ref* (when both describe the same shards). The holders must be
+        known peers already (``Holders.learn``, outside the transaction).
         """
         block_id = ref.block_id
         stored = self.blocks.load(block_id, txn)
@@ -232,6 +242,7 @@ class MetaIndex:
         except NodeError as exc:
             raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
         if not self.registered(block_id):
+            self.holders.learn(ref for ref, _ in node.refs())
             lock = self._loading.setdefault(block_id, trio.Lock())
             async with lock:
                 with self.meta.write() as txn:

@@ -24,6 +24,7 @@ __all__ = [
 MAX_SHARD = 8 * 1024 * 1024  # bytes of one shard
 MAX_LEAF = 64 * 1024  # bytes of one audited Merkle leaf
 MAX_ADDR = 300  # "host:port" hint
+MAX_RECORD = 64 * 1024  # one signed per-owner record
 U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
@@ -105,6 +106,18 @@ OPS: dict[str, OpSpec] = {
     # time: the responder's clock, Unix seconds.
     # addr (optional): where the caller accepts connections, so the callee can call back.
     "Ping": OpSpec(Map({}, optional={"addr": Str(MAX_ADDR)}), Map({"time": U64})),
+    # Small signed per-owner records (root pointer, writer lease; see peers/rootrecord.py).
+    # PutRecord: the peer keeps the record if it verifies as the caller's own and its seq
+    # is higher than the one held (stored=false and the held seq otherwise).
+    # GetRecord: the caller's own record of that kind (not_found if none).
+    "PutRecord": OpSpec(
+        Map({"record": Bytes(min=1, max=MAX_RECORD)}),
+        Map({"stored": Bool(), "seq": U64}),
+    ),
+    "GetRecord": OpSpec(
+        Map({"kind": Str(min=1, max=16)}),
+        Map({"record": Bytes(min=1, max=MAX_RECORD)}),
+    ),
 }
 
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}

@@ -1,0 +1,194 @@
+"""Bringing a committed tree back into the live tables, a directory at a time.
+
+On a fresh state directory the commit found on the network is adopted without
+copying anything: the root directory gets its attributes and becomes *lazy* — its
+entries are still only in metadata nodes. Any operation that needs a directory's
+entries (lookup, readdir, create, unlink, rename, ...) first *loads* it: fetches its
+nodes, writes its entries into the live tables (inodes, dirents, xattrs, block maps
+with one reference per block), and marks its subdirectories lazy in turn. Inode
+numbers are the committed ones, so hard links are hard links again. File contents
+are never fetched ahead: reads rebuild blocks from their holders as usual.
+
+A background task loads the remaining directories (metadata only) so that walking
+the tree soon needs no network, then registers every node of every kept commit so
+that reference counts are exact again; until that is done, nothing older than the
+restored commit is released (fs/commit.py, ``index`` flag).
+
+Table ``lazy`` of meta.lmdb (format version 1): key ``u64 directory inode`` → block
+id (32) of the top node of its committed contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import trio
+
+from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.fs.metaformat import CommitInfo, Entry
+from fluidfs.fs.metaindex import MetaError, MetaIndex
+from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, Tree
+from fluidfs.store.db import Database
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct(">Q")
+BACKGROUND_LOADERS = 8
+RETRY_SECONDS = 5.0
+
+
+class Restorer:
+    """Loads lazy directories on demand and in the background."""
+
+    def __init__(self, db: Database, tree: Tree, blocks: BlockStore, index: MetaIndex) -> None:
+        self.db = db
+        self.tree = tree
+        self.blocks = blocks
+        self.index = index
+        self._lazy = db["lazy"]
+        self._locks: dict[int, trio.Lock] = {}
+        self.loaded_dirs = 0
+        self.loaded_entries = 0
+
+    # --- state ---------------------------------------------------------------------------
+
+    def lazy_top(self, ino: int) -> bytes | None:
+        """The top node of a lazy directory's contents, or None if it is loaded."""
+        with self.db.read() as txn:
+            raw = txn.get(_U64.pack(ino), db=self._lazy)
+        return None if raw is None else bytes(raw)
+
+    def pending(self) -> list[int]:
+        """Directories not loaded yet."""
+        with self.db.read() as txn:
+            return [_U64.unpack(k)[0] for k in txn.cursor(db=self._lazy).iternext(values=False)]
+
+    def adopt_root(self, info: CommitInfo) -> None:
+        """Make the live tree the committed one: root attributes now, the rest lazily."""
+        root = info.root
+        with self.db.write() as txn:
+            inode = self.tree.get(ROOT_INO)
+            fresh = root.inode(ROOT_INO)
+            inode.mode, inode.uid, inode.gid = fresh.mode, fresh.uid, fresh.gid
+            inode.nlink, inode.atime_ns = fresh.nlink, fresh.atime_ns
+            inode.mtime_ns, inode.ctime_ns = fresh.mtime_ns, fresh.ctime_ns
+            self.tree.put(txn, inode)
+            self._put_xattrs(txn, ROOT_INO, root.xattrs)
+            if root.content is not None:
+                txn.put(_U64.pack(ROOT_INO), root.content.block_id, db=self._lazy)
+            txn.put(b"next_ino", _U64.pack(info.next_ino), db=self.db["counters"])
+
+    def _put_xattrs(self, txn, ino: int, xattrs: list[tuple[bytes, bytes]]) -> None:
+        table = self.db["xattrs"]
+        for name, value in xattrs:
+            txn.put(_U64.pack(ino) + name, value, db=table)
+
+    # --- loading -------------------------------------------------------------------------
+
+    async def ensure(self, ino: int) -> None:
+        """Load directory *ino* if it is lazy (raises MetaError if it cannot be fetched)."""
+        if self.lazy_top(ino) is None:
+            return
+        lock = self._locks.setdefault(ino, trio.Lock())
+        async with lock:
+            top = self.lazy_top(ino)
+            if top is None:
+                return
+            entries = await self.index.entries(top)
+            files = {}
+            for entry in entries:
+                if entry.chunks:
+                    files[entry.ino] = await self.index.file_blocks(entry)
+            self._materialise(ino, entries, files)
+        self._locks.pop(ino, None)
+
+    def _materialise(self, parent: int, entries: list[Entry], files: dict) -> None:
+        inodes = self.db["inodes"]
+        counters = self.db["counters"]
+        for entry in entries:
+            blocks, _ = files.get(entry.ino, (entry.blocks, entry.inline))
+            self.index.holders.learn(ref for _, ref in blocks)
+        with self.db.write() as txn:
+            if txn.get(_U64.pack(parent), db=self._lazy) is None:
+                return
+            highest = 0
+            for entry in entries:
+                ino = entry.ino
+                highest = max(highest, ino)
+                if txn.get(_U64.pack(ino), db=inodes) is None:
+                    self.tree.put(txn, entry.inode())
+                    self._put_xattrs(txn, ino, entry.xattrs)
+                    blocks, inline = files.get(ino, (entry.blocks, entry.inline))
+                    for index, ref in blocks:
+                        self.index.adopt(txn, ref)  # the block map's own reference
+                        self.tree.set_block(txn, ino, index, BLOCK_REF + ref.block_id)
+                    for index, data in inline:
+                        self.tree.set_block(txn, ino, index, INLINE + data)
+                    if entry.content is not None:
+                        txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
+                self.tree.link(txn, parent, entry.name, ino)
+            raw = txn.get(b"next_ino", db=counters)
+            if raw is None or _U64.unpack(raw)[0] <= highest:
+                txn.put(b"next_ino", _U64.pack(highest + 1), db=counters)
+            txn.delete(_U64.pack(parent), db=self._lazy)
+        self.loaded_dirs += 1
+        self.loaded_entries += len(entries)
+
+    # --- in the background ---------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every lazy directory, several at once, retrying what fails."""
+        limiter = trio.CapacityLimiter(BACKGROUND_LOADERS)
+        while True:
+            pending = self.pending()
+            if not pending:
+                return
+            failed = 0
+
+            async def one(ino: int) -> None:
+                nonlocal failed
+                async with limiter:
+                    try:
+                        await self.ensure(ino)
+                    except MetaError as exc:
+                        failed += 1
+                        log.warning("loading directory %d failed (will retry): %s", ino, exc)
+
+            async with trio.open_nursery() as nursery:
+                for ino in pending:
+                    nursery.start_soon(one, ino)
+            if failed:
+                await trio.sleep(RETRY_SECONDS)
+
+    async def register_all(self, tops: list[bytes]) -> int:
+        """Fetch and register every node reachable from *tops*; return how many were fetched."""
+        seen: set[bytes] = set()
+        stack = list(tops)
+        fetched = 0
+        limiter = trio.CapacityLimiter(BACKGROUND_LOADERS)
+
+        async def one(out: list, i: int, node: bytes) -> None:
+            nonlocal fetched
+            children = self.index.children(node)
+            if children is None:
+                async with limiter:
+                    await self.index.load(node)
+                fetched += 1
+                children = self.index.children(node) or []
+            out[i] = children
+
+        while stack:
+            batch = []
+            while stack and len(batch) < 64:
+                node = stack.pop()
+                if node not in seen:
+                    seen.add(node)
+                    batch.append(node)
+            found: list[list[tuple[bytes, bool]]] = [[] for _ in batch]
+            async with trio.open_nursery() as nursery:
+                for i, node in enumerate(batch):
+                    nursery.start_soon(one, found, i, node)
+            for children in found:
+                stack.extend(bid for bid, is_node in children if is_node and bid not in seen)
+        return fetched

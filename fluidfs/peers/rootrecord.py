@@ -1,0 +1,318 @@
+"""Small signed records an owner keeps on its peers: the root pointer and the writer lease.
+
+Format version 1. What a peer stores (and checks) is the *envelope*, a CBOR map::
+
+    {"v": 1, "kind": "root" | "lease", "owner": public key (32), "seq": u64,
+     "box": nonce (24) || XChaCha20-Poly1305(body, aad=header, key=metadata key),
+     "sig": Ed25519 signature (64) by the owner's identity key over
+            "fluidfs-record-v1\\0" || header || box}
+
+    header = CBOR [1, kind, owner, seq]
+
+A peer can check who wrote a record and compare sequence numbers, but learns
+nothing else: the body is encrypted with the owner's metadata key, which never
+leaves the keyfile. The body is a CBOR map that repeats ``kind`` and ``seq`` (so a
+box cannot be moved under another header even by someone holding the key), and
+carries, for ``root``: ``time`` (ns), ``machine`` (16 bytes), ``host``, ``commit``
+(bytes: the commit node's reference as a one-entry metadata leaf, see
+fs/metaformat.py) and ``peers`` (``[[public key, "host:port"], ...]``: where the
+holders can be reached); for ``lease``: ``time``, ``machine``, ``host``, ``mount``,
+``pid``, ``addr``, ``ttl`` (seconds) and ``state`` (``"held"`` or ``"released"``).
+
+Peers keep, per owner and kind, the valid envelope with the highest ``seq`` and
+refuse lower ones (service.py, ``PutRecord``/``GetRecord``). An owner looking for its
+newest record asks every peer it can reach and believes only what verifies and
+decrypts: a peer that serves an old record loses to any newer one, and a forged
+one is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import nacl.exceptions
+import nacl.signing
+import trio
+from nacl import bindings as sodium
+
+from fluidfs.keys import KeyRing, encode_peer_id
+from fluidfs.net import envelope
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+KINDS = ("root", "lease")
+MAX_RECORD = 64 * 1024
+SIG_CONTEXT = b"fluidfs-record-v1\x00"
+NONCE_SIZE = 24
+CALL_TIMEOUT = 10.0
+MAX_PEERS_LISTED = 256
+
+
+class RecordError(ValueError):
+    """A record that is malformed, not ours, forged or undecryptable."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The part of a record every peer can check."""
+
+    kind: str
+    owner: bytes
+    seq: int
+    box: bytes
+    sig: bytes
+    raw: bytes
+
+    def header(self) -> bytes:
+        return _header(self.kind, self.owner, self.seq)
+
+    def signed_ok(self) -> bool:
+        """True if the signature is the owner's."""
+        try:
+            key = nacl.signing.VerifyKey(self.owner)
+            key.verify(SIG_CONTEXT + self.header() + self.box, self.sig)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+            return False
+        return True
+
+
+def _header(kind: str, owner: bytes, seq: int) -> bytes:
+    return cbor2.dumps([VERSION, kind, owner, seq])
+
+
+def parse(raw: bytes) -> Envelope:
+    """Parse an envelope (bounded, strict); raise RecordError. Does not check the signature."""
+    if type(raw) is not bytes or len(raw) > MAX_RECORD:
+        raise RecordError("record too large")
+    try:
+        data = envelope.loads(raw)
+    except Exception:
+        raise RecordError("record is not CBOR") from None
+    if type(data) is not dict or data.keys() != {"v", "kind", "owner", "seq", "box", "sig"}:
+        raise RecordError("record must have exactly v, kind, owner, seq, box, sig")
+    if data["v"] != VERSION or type(data["v"]) is not int:
+        raise RecordError(f"record version must be {VERSION}")
+    kind, owner, seq, box, sig = (data[k] for k in ("kind", "owner", "seq", "box", "sig"))
+    if kind not in KINDS:
+        raise RecordError("unknown record kind")
+    if type(owner) is not bytes or len(owner) != 32:
+        raise RecordError("owner must be 32 bytes")
+    if type(seq) is not int or not 0 <= seq < 2**64:
+        raise RecordError("seq must be a u64")
+    if type(box) is not bytes or len(box) < NONCE_SIZE + 16:
+        raise RecordError("box too short")
+    if type(sig) is not bytes or len(sig) != 64:
+        raise RecordError("signature must be 64 bytes")
+    return Envelope(kind, owner, seq, box, sig, raw)
+
+
+def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any]) -> bytes:
+    """Make a signed, encrypted record."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    header = _header(kind, keyring.public_key, seq)
+    plain = cbor2.dumps({**body, "kind": kind, "seq": seq})
+    nonce = os.urandom(NONCE_SIZE)
+    box = nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plain, header, nonce, keyring.metadata_key
+    )
+    sig = keyring.signing_key.sign(SIG_CONTEXT + header + box).signature
+    raw = cbor2.dumps(
+        {
+            "v": VERSION,
+            "kind": kind,
+            "owner": keyring.public_key,
+            "seq": seq,
+            "box": box,
+            "sig": sig,
+        }
+    )
+    if len(raw) > MAX_RECORD:
+        raise ValueError(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
+    return raw
+
+
+def open_record(keyring: KeyRing, raw: bytes, kind: str) -> tuple[int, dict[str, Any]]:
+    """Check and decrypt one of our own records; return (seq, body). Raises RecordError."""
+    env = parse(raw)
+    if env.kind != kind:
+        raise RecordError(f"expected a {kind} record, got {env.kind}")
+    if env.owner != keyring.public_key:
+        raise RecordError("record of another owner")
+    if not env.signed_ok():
+        raise RecordError("bad signature")
+    nonce, sealed = env.box[:NONCE_SIZE], env.box[NONCE_SIZE:]
+    try:
+        plain = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            sealed, env.header(), nonce, keyring.metadata_key
+        )
+        body = envelope.loads(plain)
+    except Exception:
+        raise RecordError("record does not decrypt") from None
+    if type(body) is not dict or body.get("kind") != kind or body.get("seq") != env.seq:
+        raise RecordError("record body does not match its header")
+    return env.seq, body
+
+
+@dataclass
+class Found:
+    """The newest valid record of a kind among the peers that answered."""
+
+    seq: int
+    body: dict[str, Any]
+    raw: bytes
+    answered: int  # peers that replied (with a record or not_found)
+    holding: int  # peers that hold this exact seq
+
+    @property
+    def exists(self) -> bool:
+        """False when peers answered but none holds a record of this kind."""
+        return bool(self.raw)
+
+
+class RecordClient:
+    """Publishes our records to peers and finds the newest one."""
+
+    def __init__(self, keyring: KeyRing, conns: Connections, peers: PeerList) -> None:
+        self.keyring = keyring
+        self.conns = conns
+        self.peers = peers
+        self.rejected = 0  # records seen that did not verify (forged or corrupt)
+        self.highest: dict[str, int] = {}  # highest seq peers reported holding, per kind
+
+    def _targets(self) -> list[bytes]:
+        keys = {p.key for p in self.peers if p.addr}
+        keys |= {k for k, c in self.conns.conns.items() if not c.closed}
+        keys.discard(self.keyring.public_key)
+        return sorted(keys)
+
+    async def publish(self, kind: str, seq: int, body: dict[str, Any]) -> int:
+        """Store the record on every reachable peer; return how many accepted it.
+
+        ``self.highest[kind]`` is left at the highest seq a peer said it holds.
+        """
+        raw = seal(self.keyring, kind, seq, body)
+        stored = 0
+
+        async def one(key: bytes) -> None:
+            nonlocal stored
+            try:
+                reply = await self.conns.call(
+                    key, "PutRecord", {"record": raw}, timeout=CALL_TIMEOUT
+                )
+            except (PeerUnavailable, RpcError) as exc:
+                log.debug("storing our %s record on %s failed: %s", kind, _short(key), exc)
+                return
+            self.highest[kind] = max(self.highest.get(kind, 0), reply["seq"])
+            if reply["stored"]:
+                stored += 1
+            else:
+                log.info(
+                    "peer %s keeps a newer %s record (seq %d > %d)",
+                    _short(key),
+                    kind,
+                    reply["seq"],
+                    seq,
+                )
+
+        async with trio.open_nursery() as nursery:
+            for key in self._targets():
+                nursery.start_soon(one, key)
+        return stored
+
+    async def newest(self, kind: str, *, follow_peers: bool = False) -> Found | None:
+        """The newest record of *kind* that verifies, from every peer we can reach.
+
+        With *follow_peers*, peers listed in the records found are learned and asked
+        too (a fresh machine knows only the keyfile's few addresses).
+        """
+        asked: set[bytes] = set()
+        best: Found | None = None
+        answered = 0
+        copies: dict[int, int] = {}
+        while True:
+            targets = [k for k in self._targets() if k not in asked]
+            if not targets:
+                break
+            asked.update(targets)
+            results: list[tuple[int, dict, bytes]] = []
+
+            async def one(key: bytes, results: list = results) -> None:
+                nonlocal answered
+                try:
+                    reply = await self.conns.call(
+                        key, "GetRecord", {"kind": kind}, timeout=CALL_TIMEOUT
+                    )
+                except RpcError as exc:
+                    if exc.code == "not_found":
+                        answered += 1
+                    return
+                except PeerUnavailable:
+                    return
+                answered += 1
+                try:
+                    seq, body = open_record(self.keyring, reply["record"], kind)
+                except RecordError as exc:
+                    self.rejected += 1
+                    log.warning("peer %s served a bad %s record: %s", _short(key), kind, exc)
+                    self.peers.record(key, False)
+                    return
+                results.append((seq, body, reply["record"]))
+
+            async with trio.open_nursery() as nursery:
+                for key in targets:
+                    nursery.start_soon(one, key)
+            for seq, body, raw in results:
+                copies[seq] = copies.get(seq, 0) + 1
+                if best is None or seq > best.seq:
+                    best = Found(seq, body, raw, 0, 0)
+                if follow_peers:
+                    self.learn(body.get("peers", []))
+        if best is not None:
+            best.answered, best.holding = answered, copies.get(best.seq, 0)
+        elif answered:
+            return Found(0, {}, b"", answered, 0)
+        return best
+
+    def learn(self, listed: object) -> int:
+        """Add the peers a record lists (key, address); return how many were new."""
+        if type(listed) is not list:
+            return 0
+        new = 0
+        for item in listed[:MAX_PEERS_LISTED]:
+            if type(item) is not list or len(item) != 2:
+                continue
+            key, addr = item
+            if type(key) is not bytes or len(key) != 32 or type(addr) is not str:
+                continue
+            if key == self.keyring.public_key:
+                continue
+            try:
+                split_addr(addr)
+            except ValueError:
+                continue
+            if key not in self.peers:
+                new += 1
+            if key not in self.peers or not self.peers.get(key).addr:
+                self.peers.add(key, addr)
+        return new
+
+    def listing(self) -> list[list]:
+        """Peers to name in our root record: those we have addresses for, best first."""
+        known = sorted(
+            (p for p in self.peers if p.addr),
+            key=lambda p: (-p.trust, -p.last_seen),
+        )
+        return [[p.key, p.addr] for p in known[:MAX_PEERS_LISTED]]
+
+
+def _short(key: bytes) -> str:
+    return encode_peer_id(key)[:12]

@@ -1,0 +1,64 @@
+"""Records this node keeps for the peers it serves: their root pointer and writer lease.
+
+On-disk format, version 1: one file per owner and kind,
+``<state>/records/<owner public key, hex>.<kind>``, holding the record's envelope
+exactly as received (see peers/rootrecord.py). Each write goes to a temporary file
+that is synced and renamed into place, so a crash leaves the old or the new record,
+never a torn one. Records are small (at most 64 KiB) and change at most every few
+seconds per owner.
+
+All methods do blocking file I/O: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+KINDS = ("root", "lease")
+
+
+class RecordStore:
+    """Owners' records, one file each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, owner: bytes, kind: str) -> Path:
+        """Where the record of *owner* of *kind* lives."""
+        if kind not in KINDS or len(owner) != 32:
+            raise ValueError("bad record key")
+        return self.root / f"{owner.hex()}.{kind}"
+
+    def get(self, owner: bytes, kind: str) -> bytes | None:
+        """The stored record, or None."""
+        try:
+            return self.path(owner, kind).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, owner: bytes, kind: str, raw: bytes) -> None:
+        """Replace the stored record, durably."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.path(owner, kind)
+        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
