@@ -72,6 +72,15 @@ def _address(text: str) -> str:
     return text
 
 
+def _trust_policy(text: str):
+    from fluidfs.peers.trust import parse_policy
+
+    try:
+        return parse_policy(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None) -> None:
     parser.add_argument(
         "--listen",
@@ -103,6 +112,11 @@ def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None
     parser.add_argument("--repair-threshold", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--placement", choices=["trust", "even"], default="trust", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--trust", type=_trust_policy, default="", metavar="K=V,...",
+        help="trust model parameters, e.g. rise=1.05,fall=0.7,referral_share=0.1 "
+        "(see docs/decisions.md)",
     )
     parser.add_argument(
         "--repair-bandwidth", type=parse_size, default="64M", help=argparse.SUPPRESS
@@ -378,6 +392,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         repair=RepairPolicy(bandwidth=args.repair_bandwidth),
         repair_threshold=args.repair_threshold,
         even_placement=args.placement == "even",
+        trust=args.trust,
     )
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
@@ -407,6 +422,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         str(args.repair_bandwidth),
         "--placement",
         args.placement,
+        "--trust",
+        ",".join(f"{k}={v}" for k, v in vars(args.trust).items()),
     ]
     if args.repair_threshold is not None:
         argv += ["--repair-threshold", str(args.repair_threshold)]

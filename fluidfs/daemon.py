@@ -35,6 +35,7 @@ from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
+from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount import Remount, RemountError, RemountOptions
 from fluidfs.service import PeerService
 from fluidfs.statedir import StateDir, fsname_for
@@ -78,6 +79,7 @@ class NodeConfig:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
     repair: RepairPolicy = field(default_factory=RepairPolicy)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
     even_placement: bool = False  # benchmark baseline: place uniformly at random
     repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
     remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
@@ -118,7 +120,7 @@ class Node:
 
     def _wire_peers(self) -> None:
         config, keyring = self.config, self.config.keyring
-        self.peers = PeerList(self.meta, keyring.public_key)
+        self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
         self.service = PeerService(
             self.shards,
@@ -163,6 +165,7 @@ class Node:
         peer = self.peers.get(key)
         if peer is not None:
             lost = self.blocks.forget_holder(peer.index)
+            self.repairer.wake()
             log.info(
                 "agreement with %s ended: %d shards to re-create elsewhere",
                 encode_peer_id(key)[:12],

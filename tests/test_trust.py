@@ -75,3 +75,16 @@ def test_weighted_ranking_favours_heavy_peers_and_never_repeats():
     heavy = sum(top[bytes([i]) * 32] for i in range(5, 20)) / (15 * 2000)
     assert light < 0.2 < 0.7 < heavy  # an even spread would give 0.6 each
     assert rank({b"z" * 32: 0.0}) == []
+
+
+def test_trust_parameters_from_the_command_line():
+    from fluidfs.peers.trust import parse_policy
+
+    policy = parse_policy("rise=1.1, vetting_checks=3")
+    assert (policy.rise, policy.vetting_checks, policy.fall) == (1.1, 3, 0.7)
+    for bad in ("rise", "nope=1", "fall=2", "rise=0.5"):
+        try:
+            parse_policy(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")

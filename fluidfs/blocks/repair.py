@@ -42,11 +42,18 @@ class Repairer:
         self.repaired_bytes = 0
         self.rate = 0.0
         self.queue_length = 0
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        """Shards were just lost: repair now rather than at the next interval."""
+        self._wakeup.set()
 
     async def run(self) -> None:
-        """Repair every interval until cancelled."""
+        """Repair every interval (or when woken) until cancelled."""
         while True:
-            await trio.sleep(self.policy.interval)
+            with trio.move_on_after(self.policy.interval):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
             if self.blocks.remote is not None:
                 await self.repair_pass()
 

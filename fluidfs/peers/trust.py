@@ -10,6 +10,7 @@ a number of times, placement gives them only a small weight.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -41,3 +42,18 @@ class TrustPolicy:
 
 
 DEFAULT_POLICY = TrustPolicy()
+
+
+def parse_policy(text: str) -> TrustPolicy:
+    """A policy from 'rise=1.05,fall=0.7,...' (any subset of the fields); ValueError if bad."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrustPolicy)}
+    values: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"unknown trust parameter {name!r} (known: {', '.join(fields)})")
+        values[name] = int(raw) if fields[name] in (int, "int") else float(raw)
+    policy = TrustPolicy(**values)
+    if not (0 < policy.fall <= 1 <= policy.rise and 0 < policy.floor <= policy.ceiling):
+        raise ValueError("trust needs 0 < fall <= 1 <= rise and 0 < floor <= ceiling")
+    return policy

@@ -1,0 +1,152 @@
+"""Repair rate, verification traffic, and what trust-weighted placement costs.
+
+One run, all on 127.0.0.1, 13 `fluidfs serve` peers and one mount:
+
+1. Placement cost: SIZE written with dd reaches full redundancy with uniform
+   placement (``--placement even``, the baseline) and with trust-weighted
+   placement (the default), each in a fresh mount; the ratio should be >= 0.9.
+2. Repair: with the trust-weighted mount (tolerance 2 s, audits every second),
+   the plaintext cache is dropped (so blocks must be rebuilt from K shards), one
+   peer holding shards is killed, and the time from the agreement's end to full
+   redundancy gives MB/s of rebuilt shards. Target >= 50 MB/s.
+3. Verification traffic: bytes of audit answers per audit cycle, scaled to a day
+   of hourly cycles per GiB stored.
+
+Usage: python contrib/bench/bench_repair.py [--size 256M] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_network import ServePeer, start_peers, status_of
+from benchlib import Mount, log, make_source, parse_size, run
+
+BLOCK = 4 * 1024 * 1024
+
+
+def full(st: dict, blocks: int) -> bool:
+    return (
+        st["blocks"] == blocks
+        and st["unsealed_bytes"] == 0
+        and st.get("upload_pending_bytes", 0) == 0
+        and st["redundancy"] == {"12": blocks}
+    )
+
+
+def wait(m: Mount, predicate, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status_of(m)
+        if predicate(st):
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}: {st}")
+        time.sleep(0.05)
+
+
+def write_to_full(work: Path, tag: str, src: Path, peers: list[ServePeer], extra: list[str],
+                  blocks: int) -> tuple[Mount, float]:
+    args = ["--listen", "127.0.0.1:0", "--donate", "64G", *extra]
+    for p in peers:
+        args += ["--peer", p.addr]
+    m = Mount(work, tag, args)
+    m.init()
+    m.mount()
+    wait(m, lambda st: st["peers_with_agreements"] == len(peers), 60, "agreements")
+    started = time.monotonic()
+    run(["dd", f"if={src}", f"of={m.mnt / 'f'}", "bs=1M", "status=none"])
+    wait(m, lambda st: full(st, blocks), 1800, "full redundancy")
+    return m, time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fluidfs-repairbench-"))
+    peers = [ServePeer(work, f"p{i:02d}", donate="8G") for i in range(13)]
+    mounts: list[Mount] = []
+    res: dict = {"size": args.size}
+    blocks = math.ceil(args.size / BLOCK)
+    try:
+        src = work / "src.bin"
+        make_source(src, args.size)
+        start_peers(peers)
+        tuning = ["--audit-interval", "1", "--tolerance", "2"]
+        for placement in ("even", "trust"):
+            log(f"{placement} placement: writing {args.size >> 20} MiB")
+            m, seconds = write_to_full(work, placement, src, peers,
+                                       ["--placement", placement, *tuning], blocks)
+            mounts.append(m)
+            res[f"full_redundancy_{placement}_MBps"] = args.size / seconds / 1e6
+            if placement == "even":
+                m.unmount()
+        m = mounts[-1]
+        st = status_of(m)
+        cycles0, challenged0 = st["audit_cycles"], st["audit_challenges"]
+        time.sleep(3)
+        st = status_of(m)
+        cycles = max(1, st["audit_cycles"] - cycles0)
+        per_cycle = (st["audit_challenges"] - challenged0) / cycles
+        answer = 64 * 1024 + 8 * 32  # one leaf and its path
+        res["audit_bytes_per_cycle"] = per_cycle * answer
+        res["audit_MiB_per_GiB_day_hourly"] = (
+            per_cycle * answer * 24 / (args.size * 1.5 / 2**30) / 2**20
+        )
+        log("repair: dropping the cache, killing one holder")
+        m.unmount()
+        shutil.rmtree(m.state / "cache", ignore_errors=True)
+        m.mount()
+        wait(m, lambda st: st["peers_with_agreements"] == 13, 60, "agreements after remount")
+        victim = next(p for p in peers if p.proc is not None)
+        before = status_of(m)["repaired_bytes"]
+        victim.stop()
+        ended = wait(m, lambda st: st["peers_with_agreements"] == 12, 120, "agreement to end")
+        started = time.monotonic()
+        final = wait(m, lambda st: full(st, blocks) and st["repair_queue"] == 0, 1800,
+                     "repair to finish")
+        seconds = time.monotonic() - started
+        rebuilt = final["repaired_bytes"] - before
+        res["repair_rebuilt_bytes"] = rebuilt
+        res["repair_seconds"] = seconds
+        res["repair_MBps"] = rebuilt / seconds / 1e6 if seconds else 0.0
+        del ended
+    finally:
+        for m in mounts:
+            m.cleanup()
+        for p in peers:
+            p.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = res["full_redundancy_trust_MBps"] / res["full_redundancy_even_MBps"]
+    rows = [
+        ("full redundancy, even placement (baseline)", res["full_redundancy_even_MBps"], "MB/s"),
+        ("full redundancy, trust-weighted placement", res["full_redundancy_trust_MBps"], "MB/s"),
+        ("  ratio trust/even (target >= 0.90)", ratio, "PASS" if ratio >= 0.9 else "SHORT"),
+        ("repair of a dead peer's shards", res["repair_MBps"],
+         "MB/s " + ("PASS" if res["repair_MBps"] >= 50 else "SHORT") + " (target >= 50)"),
+        ("  rebuilt bytes / seconds", res["repair_rebuilt_bytes"], f"B in "
+         f"{res['repair_seconds']:.1f} s"),
+        ("audit answers per cycle (13 peers)", res["audit_bytes_per_cycle"], "B"),
+        ("  hourly cycles, per GiB of shards a day", res["audit_MiB_per_GiB_day_hourly"],
+         "MiB (at this data size; constant per peer)"),
+    ]
+    for name, value, unit in rows:
+        print(f"{name:<46} {value:>12,.2f} {unit}")
+    if args.json:
+        args.json.write_text(json.dumps(res | {"trust_over_even": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
