@@ -119,3 +119,11 @@ def test_reseal_recreates_the_exact_shards():
     assert CODEC.reseal(RECORD, DATA) == SHARDS
     with pytest.raises(CorruptBlock):
         CODEC.reseal(RECORD, DATA[:-1] + b"?")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.integers(0, N - 1), min_size=K, max_size=K), st.data())
+def test_missing_shards_recreated_from_any_k_without_decrypting(subset, data):
+    wanted = data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=4, unique=True))
+    made = CODEC.recreate(RECORD, {i: SHARDS[i] for i in subset}, wanted)
+    assert made == {i: SHARDS[i] for i in wanted}

@@ -73,9 +73,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="write runs per placement")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fluidfs-repairbench-"))
-    peers = [ServePeer(work, f"p{i:02d}", donate="8G") for i in range(13)]
+    peers = [ServePeer(work, f"p{i:02d}", donate="256G") for i in range(13)]
     mounts: list[Mount] = []
     res: dict = {"size": args.size}
     blocks = math.ceil(args.size / BLOCK)
@@ -84,13 +85,17 @@ def main() -> int:
         make_source(src, args.size)
         start_peers(peers)
         tuning = ["--audit-interval", "1", "--tolerance", "2"]
-        for placement in ("even", "trust"):
+        # Alternate the two placements and keep each one's best run: the peers' stores
+        # grow from run to run, so a fixed order would favour the first.
+        order = ["even", "trust"] * args.rounds
+        for round_no, placement in enumerate(order):
             log(f"{placement} placement: writing {args.size >> 20} MiB")
-            m, seconds = write_to_full(work, placement, src, peers,
+            m, seconds = write_to_full(work, f"{placement}{round_no}", src, peers,
                                        ["--placement", placement, *tuning], blocks)
             mounts.append(m)
-            res[f"full_redundancy_{placement}_MBps"] = args.size / seconds / 1e6
-            if placement == "even":
+            key = f"full_redundancy_{placement}_MBps"
+            res[key] = max(res.get(key, 0.0), args.size / seconds / 1e6)
+            if round_no < len(order) - 1:
                 m.unmount()
         m = mounts[-1]
         st = status_of(m)

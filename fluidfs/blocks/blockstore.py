@@ -245,12 +245,12 @@ class BlockStore:
         async for record, shards in self._upload_recv:
             await self.upload(record, shards)
 
-    async def upload(self, record: BlockRecord, shards: list[bytes]) -> None:
-        """Place the shards of *record* that have no holder yet, and record where they went."""
+    async def upload(self, record: BlockRecord, shards: list[bytes]) -> int:
+        """Place the shards of *record* that have no holder yet; return the bytes placed."""
         block_id = record.block_id
         stored = self.load(block_id)
         if stored is None or block_id in self.uploading:
-            return
+            return 0
         self.uploading.add(block_id)
         try:
             holders = list(stored.holders)
@@ -280,6 +280,7 @@ class BlockStore:
                 await self.evict()
         finally:
             self.uploading.discard(block_id)
+        return (len(new) - len(surplus)) * record.shard_size
 
     def mark_lost(self, block_id: bytes, index: int, holder: int) -> None:
         """A holder no longer has a good copy of shard *index*: forget it there.

@@ -134,6 +134,42 @@ class BlockCodec:
         except CryptoError:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]}: key does not unwrap") from None
 
+    def recreate(
+        self, record: BlockRecord, good: dict[int, bytes], wanted: list[int]
+    ) -> dict[int, bytes]:
+        """Recreate shards *wanted* from K verified shards, without decrypting anything.
+
+        The ciphertext pieces are recovered by erasure decoding and only the wanted
+        shards are encoded again; each result is checked against its shard id.
+        """
+        numbers = tuple(sorted(good)[: record.needed])
+        if len(numbers) < record.needed:
+            raise NotEnoughShards(f"{len(numbers)} good shards of {record.needed} needed")
+        if numbers == tuple(range(record.needed)):
+            primaries = tuple(good[i] for i in numbers)
+        else:
+            primaries = tuple(
+                self._decoder_for(record).decode(tuple(good[i] for i in numbers), numbers)
+            )
+        encoder = (
+            self._encoder
+            if (record.needed, record.total) == (self.needed, self.total)
+            else zfec.Encoder(record.needed, record.total)
+        )
+        made = encoder.encode(primaries, tuple(wanted))
+        out = {index: bytes(shard) for index, shard in zip(wanted, made, strict=True)}
+        for index, shard in out.items():
+            if not self.check_shard(record, index, shard):
+                raise CorruptBlock(
+                    f"block {record.block_id.hex()[:16]}: shard {index} came out wrong"
+                )
+        return out
+
+    def _decoder_for(self, record: BlockRecord):
+        if (record.needed, record.total) == (self.needed, self.total):
+            return self._decoder
+        return zfec.Decoder(record.needed, record.total)
+
     def check_shard(self, record: BlockRecord, index: int, data: bytes) -> bool:
         """Is *data* exactly shard *index* of *record*?"""
         return len(data) == record.shard_size and merkle.shard_id(data) == record.shard_ids[index]

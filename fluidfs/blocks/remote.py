@@ -140,6 +140,19 @@ class RemoteShards:
 
     async def fetch(self, record: BlockRecord, holders: list[int]) -> bytes:
         """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be."""
+        good = await self.fetch_shards(record, holders)
+        return await trio.to_thread.run_sync(
+            lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
+        )
+
+    async def fetch_shards(
+        self, record: BlockRecord, holders: list[int], extra: int = EXTRA_FETCHES
+    ) -> dict[int, bytes]:
+        """K shards of the block, each verified against its id; BlockError if unreachable.
+
+        *extra* more requests than needed go out at once (cutting tail latency for
+        readers; repair, which is not waited on, asks for exactly K first).
+        """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
         send, recv = trio.open_memory_channel[tuple[int, bytes | None]](len(order))
@@ -166,7 +179,7 @@ class RemoteShards:
         async with trio.open_nursery() as nursery:
             queue = list(order)
             running = 0
-            for _ in range(min(record.needed + EXTRA_FETCHES, len(queue))):
+            for _ in range(min(record.needed + extra, len(queue))):
                 nursery.start_soon(fetch_one, queue.pop(0))
                 running += 1
             while running and len(good) < record.needed:
@@ -185,9 +198,7 @@ class RemoteShards:
             raise BlockError(
                 f"only {len(good)} of {record.needed} needed shards reachable ({len(order)} placed)"
             )
-        return await trio.to_thread.run_sync(
-            lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
-        )
+        return good
 
     async def _retrieve(self, holder: int, shard_id: bytes) -> bytes | None:
         key = self.peers.key_of(holder)

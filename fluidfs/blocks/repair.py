@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import trio
 
-from fluidfs.blocks.record import StoredBlock
+from fluidfs.blocks.blockstore import BlockUnavailable
+from fluidfs.blocks.codec import BlockError
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class RepairPolicy:
 
     interval: float = 5.0
     bandwidth: float = 64 * 1024 * 1024  # bytes of shards placed per second, at most
+    parallel: int = 8  # blocks being repaired at once
 
 
 class Repairer:
@@ -77,44 +80,70 @@ class Repairer:
         )
 
     async def repair_pass(self) -> int:
-        """Repair what can be repaired now; return the number of blocks repaired."""
+        """Repair what can be repaired now; return the number of blocks repaired.
+
+        Blocks start in order of danger; a few run at once so that fetching shards
+        from peers overlaps with decoding and re-encoding.
+        """
         todo = self._candidates()
         self.queue_length = len(todo)
         started = time.monotonic()
-        sent = 0
-        done = 0
-        for stored in todo:
-            before = self.blocks.uploaded_bytes
+        slots = trio.Semaphore(self.policy.parallel)
+        totals = {"sent": 0, "done": 0}
+
+        async def one(stored: StoredBlock) -> None:
             try:
-                await self.repair(stored)
+                placed = await self.repair(stored)
             except Exception as exc:  # one bad block must not stop the others
                 log.error("repairing block %s failed: %s", stored.record.block_id.hex()[:16], exc)
-                continue
-            placed = self.blocks.uploaded_bytes - before
-            sent += placed
+                placed = 0
+            finally:
+                slots.release()
+                self.queue_length -= 1
+            totals["sent"] += placed
             if placed:
-                done += 1
+                totals["done"] += 1
                 self.repaired_blocks += 1
                 self.repaired_bytes += placed
-            self.queue_length -= 1
-            elapsed = time.monotonic() - started
-            self.rate = sent / max(elapsed, 1e-3)
-            ahead = sent / self.policy.bandwidth - elapsed
-            if ahead > 0:
-                await trio.sleep(ahead)
-        self.queue_length = 0
-        return done
 
-    async def repair(self, stored: StoredBlock) -> None:
-        """Recreate the block's missing shards and place them."""
+        async with trio.open_nursery() as nursery:
+            for stored in todo:
+                await slots.acquire()
+                elapsed = time.monotonic() - started
+                self.rate = totals["sent"] / max(elapsed, 1e-3)
+                ahead = totals["sent"] / self.policy.bandwidth - elapsed
+                if ahead > 0:
+                    await trio.sleep(ahead)
+                nursery.start_soon(one, stored)
+        self.queue_length = 0
+        return totals["done"]
+
+    async def repair(self, stored: StoredBlock) -> int:
+        """Recreate the block's missing shards and place them; return the bytes placed."""
         blocks = self.blocks
-        block_id = stored.record.block_id
+        record = stored.record
         data = await trio.to_thread.run_sync(
-            blocks.cache.read_io, block_id, 0, stored.record.size, limiter=blocks.limiter
+            blocks.cache.read_io, record.block_id, 0, record.size, limiter=blocks.limiter
         )
-        if data is None or len(data) != stored.record.size:
+        if data is not None and len(data) == record.size:  # pinned or cached: reseal
+            shards = await trio.to_thread.run_sync(
+                blocks.codec.reseal, record, data, limiter=blocks.limiter
+            )
+            return await blocks.upload(record, shards)
+        if LOCAL_HOLDER in stored.holders:
             data = await blocks.rebuild(stored)
-        shards = await trio.to_thread.run_sync(
-            blocks.codec.reseal, stored.record, data, limiter=blocks.limiter
+            shards = await trio.to_thread.run_sync(
+                blocks.codec.reseal, record, data, limiter=blocks.limiter
+            )
+            return await blocks.upload(record, shards)
+        # From K shards on peers: only the missing shards are computed, nothing decrypted.
+        try:
+            good = await blocks.remote.fetch_shards(record, stored.holders, extra=0)
+        except BlockError as exc:
+            raise BlockUnavailable(str(exc)) from None
+        wanted = [i for i, h in enumerate(stored.holders) if h == NO_HOLDER]
+        made = await trio.to_thread.run_sync(
+            blocks.codec.recreate, record, good, wanted, limiter=blocks.limiter
         )
-        await blocks.upload(stored.record, shards)
+        shards = [made.get(i, b"") for i in range(record.total)]
+        return await blocks.upload(record, shards)
