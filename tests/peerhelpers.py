@@ -128,3 +128,16 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def running_peers(root: Path, count: int):
+    """*count* started peers named p00, p01, ...; every one is killed on exit."""
+    made = [Peer(root, f"p{i:02d}") for i in range(count)]
+    try:
+        for peer in made:
+            peer.start()
+        yield made
+    finally:
+        for peer in made:
+            peer.kill()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, running_peers, status, wait_for
 
 from fluidfs.blocks.codec import shard_size_for
 
@@ -18,14 +18,8 @@ BLOCK = 256 * 1024
 @pytest.fixture
 def peers(tmp_path: Path):
     """Twelve running peers; all killed at teardown."""
-    made = [Peer(tmp_path, f"p{i:02d}") for i in range(12)]
-    try:
-        for peer in made:
-            peer.start()
+    with running_peers(tmp_path, 12) as made:
         yield made
-    finally:
-        for peer in made:
-            peer.kill()
 
 
 def network_mount(make_mount, peers: list[Peer], name: str = "m"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from mounthelpers import sh, snapshot
-from peerhelpers import Peer, wait_for
+from peerhelpers import Peer, running_peers, wait_for
 
 from fluidfs import keys
 
@@ -34,14 +34,8 @@ REAL_TREE = Path(os.environ.get("FLUIDFS_REMOUNT_TREE", "/usr/share/doc"))
 def peers(tmp_path_factory):
     """Twelve peers shared by the tests here (each test has its own keyfile)."""
     root = tmp_path_factory.mktemp("peers")
-    made = [Peer(root, f"p{i:02d}") for i in range(12)]
-    try:
-        for peer in made:
-            peer.start()
+    with running_peers(root, 12) as made:
         yield made
-    finally:
-        for peer in made:
-            peer.kill()
 
 
 def revive(peers: list[Peer]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, running_peers, status, wait_for
 
 from fluidfs import keys
 
@@ -20,14 +20,8 @@ BLOCK = 256 * 1024
 
 @pytest.fixture
 def peers(tmp_path: Path):
-    made = [Peer(tmp_path, f"p{i:02d}") for i in range(14)]
-    try:
-        for peer in made:
-            peer.start()
+    with running_peers(tmp_path, 14) as made:
         yield made
-    finally:
-        for peer in made:
-            peer.kill()
 
 
 def mount(make_mount, peers, *extra: str):
