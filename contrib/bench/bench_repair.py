@@ -51,7 +51,7 @@ def wait(m: Mount, predicate, timeout: float, what: str) -> dict:
             return st
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}: {st}")
-        time.sleep(0.05)
+        time.sleep(0.25)  # status scans every block record: do not load the node
 
 
 def write_to_full(work: Path, tag: str, src: Path, peers: list[ServePeer], extra: list[str],
@@ -74,6 +74,7 @@ def main() -> int:
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="write runs per placement")
+    parser.add_argument("--order", default="even,trust", help="placements, in run order")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fluidfs-repairbench-"))
     peers = [ServePeer(work, f"p{i:02d}", donate="256G") for i in range(13)]
@@ -87,7 +88,7 @@ def main() -> int:
         tuning = ["--audit-interval", "1", "--tolerance", "2"]
         # Alternate the two placements and keep each one's best run: the peers' stores
         # grow from run to run, so a fixed order would favour the first.
-        order = ["even", "trust"] * args.rounds
+        order = args.order.split(",") * args.rounds
         for round_no, placement in enumerate(order):
             log(f"{placement} placement: writing {args.size >> 20} MiB")
             m, seconds = write_to_full(work, f"{placement}{round_no}", src, peers,
