@@ -1,12 +1,27 @@
-"""Process-wide tuning done once at start-up."""
+"""Process-level tuning: allocator thresholds, and releasing mapped file pages."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (find_library runs a subprocess)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def tune_malloc() -> bool:
@@ -18,11 +33,10 @@ def tune_malloc() -> bool:
     the thresholds keeps that memory in the heap for reuse. Returns False where
     glibc is not available.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok = libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
         ok &= libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):
@@ -42,11 +56,9 @@ def release_mapped_pages(path: str) -> int:
     entries: the data stays in the page cache and the next access faults it back
     in. Called periodically to keep the mount's RSS about its own memory.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return 0
-    libc = ctypes.CDLL(name, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     try:
         with open("/proc/self/maps") as maps:
