@@ -301,7 +301,8 @@ class Node:
             return {"id": encode_peer_id(key), "agreement": agreed}
 
         async def status(_request: dict) -> dict:
-            return self.status()
+            scanned = await trio.to_thread.run_sync(self._redundancy_levels, limiter=self.limiter)
+            return self.status(scanned)
 
         async def check_files(request: dict) -> dict:
             results = await health.check(
@@ -335,11 +336,15 @@ class Node:
 
         return reachable
 
-    def status(self) -> dict:
-        """Figures for `fluidfs status`."""
+    def _redundancy_levels(self) -> tuple[dict[str, int], int, set[bytes]]:
+        """Data blocks per redundancy level, bytes of shards still to upload, metadata ids.
+
+        A scan of every block record: run it in a worker thread. Metadata blocks
+        are reported apart.
+        """
+        nodes = self.remount.index.node_ids()
         levels: dict[str, int] = {}
         pending = 0
-        nodes = self.remount.index.node_ids()  # metadata blocks are reported apart
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self.meta["blocks"]):
                 if bytes(key) in nodes:
@@ -351,6 +356,11 @@ class Node:
                     level = str(stored.record.total - stored.missing())
                     pending += stored.missing() * stored.record.shard_size
                 levels[level] = levels.get(level, 0) + 1
+        return levels, pending, nodes
+
+    def status(self, scanned: tuple[dict[str, int], int, set[bytes]] | None = None) -> dict:
+        """Figures for `fluidfs status` (*scanned*: a result of _redundancy_levels)."""
+        levels, pending, nodes = scanned or self._redundancy_levels()
         order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
         return {
             "peer_id": self.config.keyring.peer_id,

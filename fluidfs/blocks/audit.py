@@ -87,7 +87,7 @@ class Auditor:
     async def cycle(self) -> dict[str, int]:
         """One round of challenges over every holder; returns counts per outcome."""
         outcome: dict[str, int] = defaultdict(int)
-        holdings = self._holdings(self.policy.samples)
+        holdings = await trio.to_thread.run_sync(self._holdings, self.policy.samples)
 
         async def audit_holder(holder: int, items: list[tuple[bytes, int]]) -> None:
             for block_id, index in items:
@@ -106,7 +106,8 @@ class Auditor:
         return dict(outcome)
 
     async def _audit_everything_on(self, holder: int, outcome: dict[str, int]) -> None:
-        for block_id, index in self._holdings(None).get(holder, []):
+        everything = await trio.to_thread.run_sync(self._holdings, None)
+        for block_id, index in everything.get(holder, []):
             result = await self.challenge(holder, block_id, index)
             outcome[result] += 1
             if result == UNREACHABLE:
