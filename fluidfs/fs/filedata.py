@@ -76,6 +76,7 @@ class FileData:
         self.limiter = limiter
         self.sealers = sealers
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
+        self._by_ino: dict[int, dict[int, DirtyBlock]] = {}  # the same blocks, per file
         self.memory_bytes = 0
         self._queue_send, self._queue_recv = trio.open_memory_channel[DirtyBlock](float("inf"))
         self.sealed_bytes = 0
@@ -122,11 +123,24 @@ class FileData:
             self._enqueue(blk)
 
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:
-        return [blk for (i, _), blk in self.dirty.items() if i == ino]
+        return list(self._by_ino.get(ino, {}).values())
 
     def has_dirty(self, ino: int) -> bool:
         """True if *ino* has written data that is not sealed yet."""
-        return any(i == ino for i, _ in self.dirty)
+        return ino in self._by_ino
+
+    def _add(self, blk: DirtyBlock) -> None:
+        self.dirty[(blk.ino, blk.index)] = blk
+        self._by_ino.setdefault(blk.ino, {})[blk.index] = blk
+
+    def _remove(self, blk: DirtyBlock) -> None:
+        """Forget *blk* if it is still the dirty block at its place."""
+        if self.dirty.get((blk.ino, blk.index)) is blk:
+            del self.dirty[(blk.ino, blk.index)]
+            blocks = self._by_ino[blk.ino]
+            del blocks[blk.index]
+            if not blocks:
+                del self._by_ino[blk.ino]
 
     def pending_bytes(self) -> int:
         """Bytes written but not yet sealed."""
@@ -155,7 +169,7 @@ class FileData:
             fd = await trio.to_thread.run_sync(os.open, path, os.O_RDWR)
             length = min(os.fstat(fd).st_size, inode.size - index * self.block_size)
             blk = DirtyBlock(ino, index, path, fd=fd, length=length, ready=True)
-            self.dirty[(ino, index)] = blk
+            self._add(blk)
             self._enqueue(blk)
             found += 1
         return found
@@ -255,14 +269,13 @@ class FileData:
         if blk is not None and not blk.dead:
             return blk
         blk = DirtyBlock(inode.ino, index, self.dirty_dir / f"{inode.ino}.{index}")
-        self.dirty[key] = blk
+        self._add(blk)
         async with blk.lock:
             try:
                 await self._materialise(blk)
             except BaseException:
                 blk.dead = True
-                if self.dirty.get(key) is blk:
-                    del self.dirty[key]
+                self._remove(blk)
                 raise
         return blk
 
@@ -369,8 +382,7 @@ class FileData:
 
     def _discard(self, blk: DirtyBlock) -> None:
         blk.dead = True
-        if self.dirty.get((blk.ino, blk.index)) is blk:
-            del self.dirty[(blk.ino, blk.index)]
+        self._remove(blk)
         if blk.buf is not None:
             self.memory_bytes -= len(blk.buf)
             blk.buf = None
