@@ -292,15 +292,7 @@ def summarise(args: argparse.Namespace, results: dict, prof: Profiler) -> dict:
                 f"  {phase:24} {vals['VmRSS'] / 1024:7.1f} / {vals['RssAnon'] / 1024:7.1f}"
                 f" / {vals['RssFile'] / 1024:7.1f}"
             )
-    for name, report in prof.reports.items():
-        print(f"\npy-spy, phase '{name}':")
-        for role, info in report.items():
-            print(
-                f"  {role} ({info['threads']}): busy {info['busy_cpus']:.2f} thread-equivalents;"
-                " top busy frames (% of that busy time):"
-            )
-            for pct, frame in info["top"]:
-                print(f"    {pct:5.1f}%  {frame}")
+    prof.print_reports()
     out = {
         "size": size,
         "files": nfiles,

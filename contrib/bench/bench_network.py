@@ -691,15 +691,7 @@ def summarise(args, res: dict, prof: Profiler) -> dict:
                 f"{name}: dd {d['dd_wall_s']:.2f} s (incl. close), sealed at {d['sealed_s']:.2f} s,"
                 f" done at {d['done_s']:.2f} s; status {json.dumps(d.get('status'))}"
             )
-    for name, report in prof.reports.items():
-        print(f"\npy-spy, '{name}':")
-        for role, info in report.items():
-            print(
-                f"  {role} ({info['threads']}): busy {info['busy_cpus']:.2f} thread-equivalents;"
-                " top busy frames (% of that busy time):"
-            )
-            for pct, frame in info["top"]:
-                print(f"    {pct:5.1f}%  {frame}")
+    prof.print_reports("py-spy, '{}':")
     out = {
         "size": args.size,
         "peers": n,

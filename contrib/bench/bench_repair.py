@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_network import ServePeer, start_peers, status_of
+from bench_network import ServePeer, start_peers, status_of, wait_status
 from benchlib import Mount, log, make_source, parse_size, run
 
 BLOCK = 4 * 1024 * 1024
@@ -44,14 +44,8 @@ def full(st: dict, blocks: int) -> bool:
 
 
 def wait(m: Mount, predicate, timeout: float, what: str) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status_of(m)
-        if predicate(st):
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}: {st}")
-        time.sleep(0.25)  # status scans every block record: do not load the node
+    # status scans every block record: poll slowly so the node is not loaded by it
+    return wait_status(m, predicate, timeout, what, poll=0.25)
 
 
 def write_to_full(work: Path, tag: str, src: Path, peers: list[ServePeer], extra: list[str],

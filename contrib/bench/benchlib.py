@@ -192,6 +192,18 @@ class Profiler:
             if not os.path.exists(self.spy):
                 raise SystemExit("--profile needs py-spy (pip install py-spy)")
 
+    def print_reports(self, heading: str = "py-spy, phase '{}':") -> None:
+        """Print each phase's report: how busy each thread role was, and its top frames."""
+        for name, report in self.reports.items():
+            print("\n" + heading.format(name))
+            for role, info in report.items():
+                print(
+                    f"  {role} ({info['threads']}): busy {info['busy_cpus']:.2f} "
+                    "thread-equivalents; top busy frames (% of that busy time):"
+                )
+                for pct, frame in info["top"]:
+                    print(f"    {pct:5.1f}%  {frame}")
+
     @contextmanager
     def record(self, name: str, pid: int):
         if self.outdir is None:
