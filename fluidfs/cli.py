@@ -160,6 +160,7 @@ def build_parser() -> Parser:
     serve.add_argument("--state-dir", type=Path, default=None)
     _peer_options(serve, listen_default="0.0.0.0:7470")
     serve.add_argument("--fault-rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    serve.add_argument("--lie-on-retrieve", action="store_true", help=argparse.SUPPRESS)
 
     testnet = commands.add_parser("testnet", help="run a local network of peers to try fluidfs")
     testnet.add_argument("--peers", type=_shard_count, default=12, help="how many (default 12)")
@@ -383,6 +384,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         term=args.term,
         stores_data=args.command == "mount",
         fault_rate=getattr(args, "fault_rate", 0.0),
+        lie_on_retrieve=getattr(args, "lie_on_retrieve", False),
         audit=AuditPolicy(interval=args.audit_interval),
         lifecycle=LifecyclePolicy(
             tolerance=args.tolerance,

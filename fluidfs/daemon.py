@@ -76,6 +76,7 @@ class NodeConfig:
     stores_data: bool = True  # False for `fluidfs serve`: accept agreements, propose none
     discovery: DiscoveryPolicy | None = None
     fault_rate: float = 0.0  # test-only fault injection in the peer service
+    lie_on_retrieve: bool = False  # test-only: serve corrupted shards, answer audits honestly
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
     repair: RepairPolicy = field(default_factory=RepairPolicy)
@@ -130,6 +131,7 @@ class Node:
             ratio=config.ratio,
             limiter=self.limiter,
             fault_rate=config.fault_rate,
+            lie_on_retrieve=config.lie_on_retrieve,
         )
         self.service.records = RecordStore(config.state.path / "records")
         self.conns = Connections(keyring.signing_key, self.service, self.peers)

@@ -53,6 +53,7 @@ class PeerService:
         limiter: trio.CapacityLimiter,
         addr_of: Callable[[], str] = lambda: "",
         fault_rate: float = 0.0,
+        lie_on_retrieve: bool = False,
     ) -> None:
         self.shards = shards
         self.ledger = ledger
@@ -62,6 +63,7 @@ class PeerService:
         self.limiter = limiter
         self.addr_of = addr_of
         self.fault_rate = fault_rate  # test-only: fail this share of shard requests
+        self.lie_on_retrieve = lie_on_retrieve  # test-only: a host that passes audits but lies
         self.on_agreement: Callable[[bytes], None] | None = None
         self.on_end: Callable[[bytes], None] | None = None
 
@@ -145,6 +147,8 @@ class PeerService:
         )
         if data is None:
             raise RpcError("not_found", "no such shard of yours here")
+        if self.lie_on_retrieve and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
         return {"data": data}
 
     async def op_DeleteShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:

@@ -127,3 +127,19 @@ def test_missing_shards_recreated_from_any_k_without_decrypting(subset, data):
     wanted = data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=4, unique=True))
     made = CODEC.recreate(RECORD, {i: SHARDS[i] for i in subset}, wanted)
     assert made == {i: SHARDS[i] for i in wanted}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.integers(0, N - 1), min_size=K, max_size=K), st.data())
+def test_recreate_from_unverified_shards_never_returns_a_wrong_shard(subset, data):
+    wanted = data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=4, unique=True))
+    bad = data.draw(st.sampled_from(sorted(subset)))
+    spoiled = {i: SHARDS[i] for i in subset}
+    spoiled[bad] = data.draw(
+        st.sampled_from([bytes([SHARDS[bad][0] ^ 1]) + SHARDS[bad][1:], SHARDS[bad][:-1]])
+    )
+    try:
+        made = CODEC.recreate(RECORD, spoiled, wanted)
+    except CorruptBlock:
+        return
+    assert made == {i: SHARDS[i] for i in wanted}

@@ -128,6 +128,38 @@ def test_dead_peer_past_tolerance_loses_agreement_and_shards_move(make_mount, pe
     assert (mnt.path / "f").read_bytes() == data
 
 
+def test_repair_is_right_even_when_a_holder_serves_bad_shards(make_mount, peers):
+    """Repair reads K shards without hashing each one; a host that passes audits but
+    lies on reads must neither spoil the rebuilt shards nor stall repair."""
+    mnt = mount(make_mount, peers, "--audit-interval", "1", "--tolerance", "3")
+    me = status(mnt.state)["peer_id"]
+    data = os.urandom(16 * BLOCK)
+    (mnt.path / "f").write_bytes(data)
+    wait_for(lambda: full(mnt.state, 16), 60, "full redundancy")
+    liar, dead = holders(peers, me)[:2]
+    mnt.unmount()  # no audits meanwhile: the liar's restart must not count against it
+    liar.kill()
+    liar.extra += ["--lie-on-retrieve"]
+    liar.start()
+    subprocess.run(["rm", "-rf", str(mnt.state / "cache")], check=True)  # rebuild from shards
+    mnt.mount()
+    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
+             "agreements after the remount")
+    dead.kill()
+    wait_for(lambda: not peer_rows(mnt.state)[dead.peer_id]["active"], 60,
+             "the dead peer's agreement to end")
+    wait_for(lambda: full(mnt.state, 16), 60, "every block back at 12/12")
+    assert status(mnt.state)["repaired_bytes"] > 0
+    assert "fetching verified" in (mnt.state / "fluidfs.log").read_text()
+    rows = peer_rows(mnt.state)
+    honest = [rows[p.peer_id]["trust"] for p in peers if p not in (liar, dead)]
+    assert rows[liar.peer_id]["trust"] < min(honest)
+    ok = cli("check", "--read-data", "--state-dir", str(mnt.state))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    drop_cache_and_remount(mnt)
+    assert (mnt.path / "f").read_bytes() == data
+
+
 def test_short_outage_moves_nothing(make_mount, peers):
     mnt = mount(make_mount, peers, "--audit-interval", "1", "--tolerance", "600")
     me = status(mnt.state)["peer_id"]

@@ -137,14 +137,17 @@ class BlockCodec:
     def recreate(
         self, record: BlockRecord, good: dict[int, bytes], wanted: list[int]
     ) -> dict[int, bytes]:
-        """Recreate shards *wanted* from K verified shards, without decrypting anything.
+        """Recreate shards *wanted* from K shards, without decrypting anything.
 
         The ciphertext pieces are recovered by erasure decoding and only the wanted
-        shards are encoded again; each result is checked against its shard id.
+        shards are encoded again; each result is checked against its shard id, so the
+        inputs need not have been verified: a bad one raises CorruptBlock here.
         """
         numbers = tuple(sorted(good)[: record.needed])
         if len(numbers) < record.needed:
             raise NotEnoughShards(f"{len(numbers)} good shards of {record.needed} needed")
+        if any(len(good[i]) != record.shard_size for i in numbers):
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]}: a shard has the wrong size")
         if numbers == tuple(range(record.needed)):
             primaries = tuple(good[i] for i in numbers)
         else:

@@ -146,12 +146,19 @@ class RemoteShards:
         )
 
     async def fetch_shards(
-        self, record: BlockRecord, holders: list[int], extra: int = EXTRA_FETCHES
+        self,
+        record: BlockRecord,
+        holders: list[int],
+        extra: int = EXTRA_FETCHES,
+        *,
+        verify: bool = True,
     ) -> dict[int, bytes]:
         """K shards of the block, each verified against its id; BlockError if unreachable.
 
         *extra* more requests than needed go out at once (cutting tail latency for
-        readers; repair, which is not waited on, asks for exactly K first).
+        readers; repair, which is not waited on, asks for exactly K first). With
+        *verify* False the shards come back unchecked: for callers that check what
+        they compute from them instead (repair checks each recreated shard's id).
         """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
@@ -159,7 +166,7 @@ class RemoteShards:
 
         async def fetch_one(index: int) -> None:
             data = await self._retrieve(holders[index], record.shard_ids[index])
-            if data is not None:
+            if data is not None and verify:
                 ok = await trio.to_thread.run_sync(
                     self.codec.check_shard, record, index, data, limiter=self.limiter
                 )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from fluidfs.blocks.blockstore import BlockUnavailable
-from fluidfs.blocks.codec import BlockError
+from fluidfs.blocks.codec import BlockError, CorruptBlock
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 
 log = logging.getLogger(__name__)
@@ -137,13 +137,29 @@ class Repairer:
             )
             return await blocks.upload(record, shards)
         # From K shards on peers: only the missing shards are computed, nothing decrypted.
-        try:
-            good = await blocks.remote.fetch_shards(record, stored.holders, extra=0)
-        except BlockError as exc:
-            raise BlockUnavailable(str(exc)) from None
+        # The inputs are not hashed one by one: recreate() checks every shard it makes
+        # against its id, which a bad input would fail. Only then are the inputs fetched
+        # again and verified singly, which finds (and penalises) the peer that lied.
         wanted = [i for i, h in enumerate(stored.holders) if h == NO_HOLDER]
-        made = await trio.to_thread.run_sync(
-            blocks.codec.recreate, record, good, wanted, limiter=blocks.limiter
-        )
+        try:
+            made = await self._recreate(stored, wanted, verify=False)
+        except CorruptBlock:
+            log.warning("block %s: a shard fetched for repair was bad; fetching verified",
+                        record.block_id.hex()[:16])
+            made = await self._recreate(stored, wanted, verify=True)
         shards = [made.get(i, b"") for i in range(record.total)]
         return await blocks.upload(record, shards)
+
+    async def _recreate(
+        self, stored: StoredBlock, wanted: list[int], *, verify: bool
+    ) -> dict[int, bytes]:
+        blocks = self.blocks
+        try:
+            good = await blocks.remote.fetch_shards(
+                stored.record, stored.holders, extra=0, verify=verify
+            )
+        except BlockError as exc:
+            raise BlockUnavailable(str(exc)) from None
+        return await trio.to_thread.run_sync(
+            blocks.codec.recreate, stored.record, good, wanted, limiter=blocks.limiter
+        )
