@@ -15,6 +15,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fluidfs.net import framecipher
 from fluidfs.net.channel import MAX_FRAME, SecureChannel, accept_channel, connect_channel
 from fluidfs.net.errors import ChannelClosed, FrameError, HandshakeError
 
@@ -22,6 +23,18 @@ A = nacl.signing.SigningKey(b"a" * 32)
 B = nacl.signing.SigningKey(b"b" * 32)
 C = nacl.signing.SigningKey(b"c" * 32)
 PK_A, PK_B, PK_C = (k.verify_key.encode() for k in (A, B, C))
+
+
+CIPHERS = ["aes256gcm", "secretstream"] if framecipher.aes_available() else ["secretstream"]
+
+
+@pytest.fixture(autouse=True, params=CIPHERS)
+def cipher(request, monkeypatch) -> str:
+    """Every test here runs once per frame cipher this CPU can run; "secretstream" is what
+    a machine without hardware AES negotiates."""
+    if request.param == "secretstream":
+        monkeypatch.setattr(framecipher, "aes_available", lambda: False)
+    return request.param
 
 
 class TapStream(trio.abc.Stream):
@@ -103,9 +116,10 @@ async def tcp_pair(nursery):
     await s.aclose()
 
 
-async def test_roundtrip_memory_and_identities():
+async def test_roundtrip_memory_and_identities(cipher):
     _, c, s = await memory_pair()
     assert c.peer_key == PK_B and s.peer_key == PK_A
+    assert c.cipher == s.cipher == cipher
     for msg in (b"", b"x", os.urandom(70_000)):
         await c.send(msg)
         assert await s.receive() == msg
@@ -258,6 +272,35 @@ async def test_bad_hello_rejected(hello, why):
     s1, s2 = trio.testing.memory_stream_pair()
     await s1.send_all(hello)
     with pytest.raises(HandshakeError, match=why):
+        await accept_channel(s2, B)
+
+
+@pytest.mark.parametrize(("client", "server"), [
+    (True, True), (True, False), (False, True), (False, False),
+])
+async def test_cipher_is_aes_only_when_both_offer_it(cipher, client, server):
+    agreed = "aes256gcm" if client and server and cipher == "aes256gcm" else "secretstream"
+    s1, s2 = trio.testing.memory_stream_pair()
+    res = {}
+
+    async def serve() -> None:
+        res["s"] = await accept_channel(s2, B, aes=server)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(serve)
+        c = await connect_channel(s1, A, PK_B, aes=client)
+    assert c.cipher == res["s"].cipher == agreed
+    for msg in (b"ping", os.urandom(300_000)):
+        await c.send(msg)
+        assert await res["s"].receive() == msg
+        await res["s"].send(msg)
+        assert await c.receive() == msg
+
+
+async def test_unknown_hello_flags_rejected():
+    s1, s2 = trio.testing.memory_stream_pair()
+    await s1.send_all(b"FLFS\x01\x01\x80\x00" + bytes(64))
+    with pytest.raises(HandshakeError, match="unknown handshake flags"):
         await accept_channel(s2, B)
 
 

@@ -15,8 +15,10 @@ Wire format
            then the sender's secretstream header (24).
    TH    = BLAKE2b-256(person=b"fluidfs-hs-v1", HELLO_i || HELLO_r).
    Keys  = crypto_kx session keys over the ephemeral keys, each bound to TH with keyed
-           BLAKE2b-256 (person=b"fluidfs-key-v1"); one libsodium
-           ``crypto_secretstream_xchacha20poly1305`` stream per direction.
+           BLAKE2b-256 (person=b"fluidfs-key-v1"); one frame cipher state per direction:
+           AES-256-GCM with counter nonces when both HELLOs offer it (hardware AES on
+           both ends), libsodium's ``crypto_secretstream_xchacha20poly1305`` otherwise
+           (``fluidfs.net.framecipher`` has both).
 
    Each side verifies the other's signature; the initiator may also require a specific
    identity (``expected_peer``) and refuses before signing anything itself. The whole
@@ -29,11 +31,12 @@ Wire format
        | length: u32 big-end. | secretstream ciphertext (length bytes)       |
        +----------------------+---------------------------------------------+
        ciphertext = encrypted tag byte (1) || encrypted message || MAC (16)
+       (the same 17 bytes of overhead with either cipher)
 
    ``17 <= length <= max_frame`` (default ``MAX_FRAME`` = 8 MiB + 1024); a length outside
    that range is rejected from the 4-byte prefix alone, before any body is read or
    allocated. Tags: MESSAGE (0) for data; FINAL (3, empty message) for an orderly close.
-   secretstream's internal counter nonce makes every tampered, replayed, reordered or
+   Both ciphers' counter nonces make every tampered, replayed, reordered or
    truncated-then-resumed frame fail authentication (``FrameError``; the connection is then
    closed). End of stream at a frame boundary or a FINAL frame gives ``ChannelClosed``.
 
@@ -49,16 +52,17 @@ from collections.abc import Awaitable, Callable
 import nacl.bindings as sodium
 import nacl.signing
 import trio
-from nacl._sodium import ffi, lib  # direct calls: the bindings copy every frame twice
+from nacl._sodium import ffi
 
+from . import framecipher
 from . import handshake as hs
 from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
+from .framecipher import ABYTES, FrameOpener, FrameSealer
 from .streamio import ExactReader, StreamEOF
 
 __all__ = ["MAX_FRAME", "SecureChannel", "accept_channel", "connect_channel"]
 
 MAX_FRAME = 8 * 1024 * 1024 + 1024
-ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17 = tag byte + MAC
 TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEEP_BUFFER = 1 << 20  # per-channel reusable buffers up to this size; bigger frames allocate
@@ -95,8 +99,8 @@ class SecureChannel:
         self,
         stream: trio.abc.Stream,
         reader: ExactReader,
-        push: hs.SecretStreamState,
-        pull: hs.SecretStreamState,
+        sealer: FrameSealer,
+        opener: FrameOpener,
         peer_key: bytes,
         *,
         max_frame: int,
@@ -104,8 +108,11 @@ class SecureChannel:
     ) -> None:
         self._stream = stream
         self._reader = reader
-        self._push = push.statebuf
-        self._pull = pull.statebuf
+        self._sealer = sealer
+        self._opener = opener
+        self.cipher = "aes256gcm" if isinstance(sealer, framecipher.AesGcmSealer) else (
+            "secretstream"
+        )
         self.peer_key: bytes = peer_key
         self.max_frame = max_frame
         self.offload_bytes = offload_bytes
@@ -115,7 +122,6 @@ class SecureChannel:
         self._recv_busy = False
         self._closed = False
         self._hdr = memoryview(bytearray(4))
-        self._tagp = ffi.new("unsigned char *")
         self._sbuf: bytearray | None = None
         self._rbuf: bytearray | None = None
         self._obuf = None  # reusable cffi plaintext buffer
@@ -176,12 +182,7 @@ class SecureChannel:
     def _encrypt(
         self, frame: bytearray, data: bytes | bytearray | memoryview, n: int, tag: int
     ) -> None:
-        src = ffi.from_buffer(data) if n else ffi.NULL
-        rc = lib.crypto_secretstream_xchacha20poly1305_push(
-            self._push, ffi.from_buffer(frame) + 4, ffi.NULL, src, n, ffi.NULL, 0, tag
-        )
-        if rc != 0:  # pragma: no cover - libsodium never fails here
-            raise FrameError("encryption failed")
+        self._sealer.seal(ffi.from_buffer(frame) + 4, data, n, tag)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -244,37 +245,32 @@ class SecureChannel:
         view = memoryview(buf)[:clen]
         await self._read(view, "body")
         mlen = clen - ABYTES
+        offset = self._opener.offset
         if mlen <= KEEP_BUFFER:
             if self._obuf is None:
-                self._obuf = _alloc("unsigned char[]", KEEP_BUFFER)
+                self._obuf = _alloc("unsigned char[]", KEEP_BUFFER + offset)
             out = self._obuf
         else:
-            out = _alloc("unsigned char[]", mlen)
+            out = _alloc("unsigned char[]", mlen + offset)
         try:
             if self.offload_bytes is not None and mlen >= self.offload_bytes:
-                rc = await trio.to_thread.run_sync(
-                    self._decrypt, out, view, clen, limiter=crypto_limiter()
+                tag = await trio.to_thread.run_sync(
+                    self._opener.open, out, view, clen, limiter=crypto_limiter()
                 )
             else:
-                rc = self._decrypt(out, view, clen)
+                tag = self._opener.open(out, view, clen)
         except BaseException:
             self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
             raise
-        if rc != 0:
+        if tag is None:
             raise await self._fail(
                 FrameError("frame failed authentication (tampered, replayed or reordered)")
             )
-        tag = self._tagp[0]
         if tag == TAG_FINAL:
             raise await self._fail(ChannelClosed("peer closed the channel"))
         if tag != TAG_MESSAGE:
             raise await self._fail(FrameError(f"unexpected frame tag {tag}"))
-        return ffi.buffer(out, mlen)[:]
-
-    def _decrypt(self, out: object, view: memoryview, clen: int) -> int:
-        return lib.crypto_secretstream_xchacha20poly1305_pull(
-            self._pull, out, ffi.NULL, self._tagp, ffi.from_buffer(view), clen, ffi.NULL, 0
-        )
+        return ffi.buffer(out + offset, mlen)[:]
 
     # -- closing -------------------------------------------------------------------------
 
@@ -309,6 +305,23 @@ class SecureChannel:
 
 
 # -- handshake ---------------------------------------------------------------------------
+
+
+def _offer(aes: bool) -> int:
+    """The HELLO flags we send: AES-256-GCM when wanted and this CPU can run it."""
+    return hs.FLAG_AES256GCM if aes and framecipher.aes_available() else 0
+
+
+def _ciphers(
+    agreed: int, push: hs.SecretStreamState, tx: bytes, rx: bytes, peer_header: bytes
+) -> tuple[FrameSealer, FrameOpener]:
+    """The frame ciphers for the flags both sides offered."""
+    if agreed & hs.FLAG_AES256GCM:
+        return framecipher.AesGcmSealer(tx), framecipher.AesGcmOpener(rx)
+    return (
+        framecipher.SecretStreamSealer(push),
+        framecipher.SecretStreamOpener(hs.new_pull(rx, peer_header)),
+    )
 
 
 def _check_args(identity: nacl.signing.SigningKey, max_frame: int) -> None:
@@ -346,12 +359,14 @@ async def connect_channel(
     timeout: float = 10,
     max_frame: int = MAX_FRAME,
     offload_bytes: int | None = DEFAULT_OFFLOAD,
+    aes: bool = True,
 ) -> SecureChannel:
     """Run the initiator side of the handshake on ``stream`` and return the channel.
 
     ``expected_peer``: the 32-byte Ed25519 public key the peer must prove; ``None`` accepts
     any identity (read it from ``channel.peer_key``). ``offload_bytes``: frames at least
-    this large are encrypted/decrypted in a worker thread (``None``: never).
+    this large are encrypted/decrypted in a worker thread (``None``: never). ``aes``: offer
+    AES-256-GCM frames if this CPU has hardware AES (False: never; tests).
     Raises ``HandshakeError`` (and closes ``stream``) on any failure or after ``timeout``.
     """
     _check_args(identity, max_frame)
@@ -361,7 +376,9 @@ async def connect_channel(
 
     async def body() -> SecureChannel:
         eph_pk, eph_sk = sodium.crypto_kx_keypair()
-        hello_i = hs.make_hello(hs.ROLE_INITIATOR, eph_pk, identity.verify_key.encode())
+        hello_i = hs.make_hello(
+            hs.ROLE_INITIATOR, eph_pk, identity.verify_key.encode(), _offer(aes)
+        )
         await stream.send_all(hello_i)
         hello_r = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_RESPONDER)
         if expected_peer is not None and not hs.same_key(hello_r.identity, expected_peer):
@@ -372,11 +389,12 @@ async def connect_channel(
         peer_header = hs.check_auth(auth_r, hello_r.identity, hs.ROLE_RESPONDER, th)
         push, header = hs.new_push(tx)
         await stream.send_all(hs.make_auth(identity, hs.ROLE_INITIATOR, th, header))
+        sealer, opener = _ciphers(_offer(aes) & hello_r.flags, push, tx, rx, peer_header)
         return SecureChannel(
             stream,
             reader,
-            push,
-            hs.new_pull(rx, peer_header),
+            sealer,
+            opener,
             hello_r.identity,
             max_frame=max_frame,
             offload_bytes=offload_bytes,
@@ -392,11 +410,13 @@ async def accept_channel(
     timeout: float = 10,
     max_frame: int = MAX_FRAME,
     offload_bytes: int | None = DEFAULT_OFFLOAD,
+    aes: bool = True,
 ) -> SecureChannel:
     """Run the responder side of the handshake on ``stream`` and return the channel.
 
     The peer's proven identity is ``channel.peer_key``; deciding whether to talk to it is
-    the caller's business. Raises ``HandshakeError`` (and closes ``stream``) on failure.
+    the caller's business. ``aes`` as for ``connect_channel``. Raises ``HandshakeError``
+    (and closes ``stream``) on failure.
     """
     _check_args(identity, max_frame)
     reader = ExactReader(stream)
@@ -404,18 +424,21 @@ async def accept_channel(
     async def body() -> SecureChannel:
         hello_i = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_INITIATOR)
         eph_pk, eph_sk = sodium.crypto_kx_keypair()
-        hello_r = hs.make_hello(hs.ROLE_RESPONDER, eph_pk, identity.verify_key.encode())
+        hello_r = hs.make_hello(
+            hs.ROLE_RESPONDER, eph_pk, identity.verify_key.encode(), _offer(aes)
+        )
         th = hs.transcript_hash(hello_i.raw, hello_r)
         rx, tx = hs.session_keys(hs.ROLE_RESPONDER, eph_pk, eph_sk, hello_i.eph_pk, th)
         push, header = hs.new_push(tx)
         await stream.send_all(hello_r + hs.make_auth(identity, hs.ROLE_RESPONDER, th, header))
         auth_i = await reader.read_exactly(hs.AUTH_LEN)
         peer_header = hs.check_auth(auth_i, hello_i.identity, hs.ROLE_INITIATOR, th)
+        sealer, opener = _ciphers(_offer(aes) & hello_i.flags, push, tx, rx, peer_header)
         return SecureChannel(
             stream,
             reader,
-            push,
-            hs.new_pull(rx, peer_header),
+            sealer,
+            opener,
             hello_i.identity,
             max_frame=max_frame,
             offload_bytes=offload_bytes,

@@ -10,7 +10,8 @@ Three messages, all fixed-size, sent raw on the stream (no length prefix)::
       0   4  magic  b"FLFS"
       4   1  version (1)
       5   1  role    (1 = initiator, 2 = responder)
-      6   2  flags   (0; reserved)
+      6   2  flags   big-endian; bit 0 (FLAG_AES256GCM): the sender can run AES-256-GCM
+                     frames. Other bits are reserved and must be 0.
       8  32  ephemeral X25519 public key (crypto_kx_keypair, fresh per connection)
      40  32  long-term Ed25519 identity public key
 
@@ -26,7 +27,10 @@ Session keys: ``crypto_kx_client_session_keys`` (initiator) / ``..._server_...``
 over the ephemeral keys, each then bound to the transcript:
 ``key = BLAKE2b-256(key=kx_key, person=b"fluidfs-key-v1", TH)``. Each side initialises
 ``crypto_secretstream_xchacha20poly1305`` push with its tx key (sending the header in its
-AUTH) and pull with its rx key and the peer's header.
+AUTH) and pull with its rx key and the peer's header. When both HELLOs carry
+FLAG_AES256GCM, frames use AES-256-GCM under the same tx/rx keys instead, and the
+secretstream headers are unused (see ``fluidfs.net.framecipher``). The flags are part of
+TH, which both sides sign, so nobody in between can take the faster cipher away.
 
 The initiator checks the responder's identity (``expected_peer``) and signature before it
 signs anything itself. Future versions keep bytes 0..5 of HELLO so that a v1 peer can refuse
@@ -57,6 +61,8 @@ AUTH_CONTEXT = b"fluidfs-auth-v1"
 TH_PERSON = b"fluidfs-hs-v1"
 KEY_PERSON = b"fluidfs-key-v1"
 LABELS = {ROLE_INITIATOR: b"initiator", ROLE_RESPONDER: b"responder"}
+FLAG_AES256GCM = 0x0001
+KNOWN_FLAGS = FLAG_AES256GCM
 
 SecretStreamState = sodium.crypto_secretstream_xchacha20poly1305_state
 
@@ -69,11 +75,12 @@ class Hello:
     eph_pk: bytes
     identity: bytes
     raw: bytes
+    flags: int = 0
 
 
-def make_hello(role: int, eph_pk: bytes, identity_pk: bytes) -> bytes:
+def make_hello(role: int, eph_pk: bytes, identity_pk: bytes, flags: int = 0) -> bytes:
     """Encode a HELLO message."""
-    return MAGIC + bytes([VERSION, role]) + b"\0\0" + eph_pk + identity_pk
+    return MAGIC + bytes([VERSION, role]) + flags.to_bytes(2, "big") + eph_pk + identity_pk
 
 
 def parse_hello(raw: bytes, expected_role: int) -> Hello:
@@ -84,9 +91,10 @@ def parse_hello(raw: bytes, expected_role: int) -> Hello:
         raise HandshakeError(f"unsupported protocol version {raw[4]} (we speak {VERSION})")
     if raw[5] != expected_role:
         raise HandshakeError("peer claims the wrong handshake role")
-    if raw[6:8] != b"\0\0":
-        raise HandshakeError("unknown handshake flags")
-    return Hello(role=raw[5], eph_pk=raw[8:40], identity=raw[40:72], raw=raw)
+    flags = int.from_bytes(raw[6:8], "big")
+    if flags & ~KNOWN_FLAGS:
+        raise HandshakeError(f"unknown handshake flags {flags:#06x}")
+    return Hello(role=raw[5], eph_pk=raw[8:40], identity=raw[40:72], raw=raw, flags=flags)
 
 
 def transcript_hash(hello_i: bytes, hello_r: bytes) -> bytes:
