@@ -7,6 +7,9 @@ Prints MB/s (1 MB = 10**6 bytes of payload) for, in the same run:
   RPC          StoreShard calls with one 512 KiB shard each, several in flight; the
                server decodes, validates and answers {stored: [id]} (discards the data)
 
+channel and RPC run once with each frame cipher (secretstream, and AES-256-GCM where the
+CPU has hardware AES), so the two can be compared in one run.
+
 and the ratio of each to raw TCP. The server is a child process (killed by PID at exit).
 Cases are interleaved round by round and the best round is kept, so a machine shared
 with other jobs disturbs the ratio less.
@@ -33,6 +36,7 @@ import trio
 
 from fluidfs.net import accept_channel, connect_channel, serve_connection
 from fluidfs.net.channel import DEFAULT_OFFLOAD
+from fluidfs.net.framecipher import aes_available
 from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.net.rpc import RpcConnection
 
@@ -92,10 +96,10 @@ async def bench_raw(port: int, total: int) -> float:
     return time.perf_counter() - t0
 
 
-async def bench_channel(port: int, total: int, offload: int | None) -> float:
+async def bench_channel(port: int, total: int, offload: int | None, aes: bool) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
-                                    offload_bytes=offload)
+                                    offload_bytes=offload, aes=aes)
     data = os.urandom(SHARD)
     t0 = time.perf_counter()
     for _ in range(total // SHARD):
@@ -108,10 +112,11 @@ async def bench_channel(port: int, total: int, offload: int | None) -> float:
     return dt
 
 
-async def bench_rpc(port: int, total: int, inflight: int, offload: int | None) -> float:
+async def bench_rpc(port: int, total: int, inflight: int, offload: int | None,
+                    aes: bool) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
-                                    offload_bytes=offload)
+                                    offload_bytes=offload, aes=aes)
     conn = RpcConnection(channel)
     data = os.urandom(SHARD)
     count = total // SHARD
@@ -152,14 +157,16 @@ def start_server(mode: str, offload: int | None, mallopt: bool
 
 def run_case(mode: str, total: int, inflight: int, offload: int | None, mallopt: bool
              ) -> float:
-    proc, port = start_server(mode, offload, mallopt)
+    kind, _, cipher = mode.partition("-")
+    proc, port = start_server(kind, offload, mallopt)
+    aes = cipher != "secretstream"  # the client's offer decides; the server always offers
     try:
-        if mode == "raw":
+        if kind == "raw":
             dt = trio.run(bench_raw, port, total)
-        elif mode == "channel":
-            dt = trio.run(bench_channel, port, total, offload)
+        elif kind == "channel":
+            dt = trio.run(bench_channel, port, total, offload, aes)
         else:
-            dt = trio.run(bench_rpc, port, total, inflight, offload)
+            dt = trio.run(bench_rpc, port, total, inflight, offload, aes)
         return total // SHARD * SHARD / dt / 1e6
     finally:
         proc.kill()
@@ -186,15 +193,23 @@ def main() -> None:
     print(f"{args.mib} MiB per case, 512 KiB messages, best of {args.repeat}, "
           f"RPC {args.inflight} in flight, crypto offload >= {offload} bytes, "
           f"mallopt {'on' if args.mallopt else 'off'}")
-    results = dict.fromkeys(("raw", "channel", "rpc"), 0.0)
+    rows = {
+        "raw": "raw trio TCP",
+        "channel-secretstream": "channel, secretstream",
+        "channel-aes256gcm": "channel, AES-256-GCM",
+        "rpc-secretstream": "RPC StoreShard, secretstream",
+        "rpc-aes256gcm": "RPC StoreShard, AES-256-GCM",
+    }
+    if not aes_available():
+        rows = {mode: label for mode, label in rows.items() if "aes" not in mode}
+    results = dict.fromkeys(rows, 0.0)
     for _ in range(args.repeat):
         for mode in results:
             mbps = run_case(mode, total, args.inflight, offload, args.mallopt)
             results[mode] = max(results[mode], mbps)
-    for mode, label in (("raw", "raw trio TCP"), ("channel", "secure channel"),
-                        ("rpc", "channel + RPC StoreShard")):
+    for mode, label in rows.items():
         ratio = results[mode] / results["raw"]
-        print(f"  {label:26s} {results[mode]:8.0f} MB/s   {ratio:6.1%} of raw")
+        print(f"  {label:30s} {results[mode]:8.0f} MB/s   {ratio:6.1%} of raw")
 
 
 if __name__ == "__main__":

@@ -20,16 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_network import ServePeer, start_peers, status_of, wait_status
-from benchlib import Mount, log, make_source, parse_size, run
+from bench_network import CpuMeter, ServePeer, start_peers, status_of, wait_status
+from benchlib import Mount, Profiler, log, make_source, parse_size, run
 
 BLOCK = 4 * 1024 * 1024
 
@@ -63,16 +67,36 @@ def write_to_full(work: Path, tag: str, src: Path, peers: list[ServePeer], extra
     return m, time.monotonic() - started
 
 
+@contextmanager
+def machine_profile(out: Path | None):
+    """Sample every CPU (kernel and user stacks) with perf while the block runs."""
+    if out is None:
+        yield
+        return
+    perf = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499",
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="write runs per placement")
     parser.add_argument("--order", default="even,trust", help="placements, in run order")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy record the mount and one peer during repair into this dir")
+    parser.add_argument("--perf", type=Path, default=None,
+                        help="`perf record` the whole machine during repair into this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fluidfs-repairbench-"))
     peers = [ServePeer(work, f"p{i:02d}", donate="256G") for i in range(13)]
     mounts: list[Mount] = []
+    prof = Profiler(args.profile)
     res: dict = {"size": args.size}
     blocks = math.ceil(args.size / BLOCK)
     try:
@@ -114,9 +138,20 @@ def main() -> int:
         victim.stop()
         ended = wait(m, lambda st: st["peers_with_agreements"] == 12, 120, "agreement to end")
         started = time.monotonic()
-        final = wait(m, lambda st: full(st, blocks) and st["repair_queue"] == 0, 1800,
-                     "repair to finish")
+        survivors = [p for p in peers if p.proc is not None and p.proc.poll() is None]
+        cpu = CpuMeter({"mount": [m.pid()], "peers": [p.pid for p in survivors]})
+        with (
+            prof.record("repair-peer", survivors[0].pid),
+            prof.record("repair-mount", m.pid()),
+            machine_profile(args.perf),
+        ):
+            final = wait(m, lambda st: full(st, blocks) and st["repair_queue"] == 0, 1800,
+                         "repair to finish")
         seconds = time.monotonic() - started
+        used = cpu.stop()
+        res["repair_cpu_mount_s"] = used["mount"]
+        res["repair_cpu_peers_s"] = used["peers"]
+        res["repair_busy_cpus"] = used["machine_busy_cpus"]
         rebuilt = final["repaired_bytes"] - before
         res["repair_rebuilt_bytes"] = rebuilt
         res["repair_seconds"] = seconds
@@ -137,12 +172,16 @@ def main() -> int:
          "MB/s " + ("PASS" if res["repair_MBps"] >= 50 else "SHORT") + " (target >= 50)"),
         ("  rebuilt bytes / seconds", res["repair_rebuilt_bytes"], f"B in "
          f"{res['repair_seconds']:.1f} s"),
+        ("  CPU seconds: mount / 12 peers", res["repair_cpu_mount_s"],
+         f"s / {res['repair_cpu_peers_s']:.1f} s"),
+        ("  busy CPUs, whole machine", res["repair_busy_cpus"], f"of {os.cpu_count()}"),
         ("audit answers per cycle (13 peers)", res["audit_bytes_per_cycle"], "B"),
         ("  hourly cycles, per GiB of shards a day", res["audit_MiB_per_GiB_day_hourly"],
          "MiB (at this data size; constant per peer)"),
     ]
     for name, value, unit in rows:
         print(f"{name:<46} {value:>12,.2f} {unit}")
+    prof.print_reports()
     if args.json:
         args.json.write_text(json.dumps(res | {"trust_over_even": ratio}, indent=2))
     return 0

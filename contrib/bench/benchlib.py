@@ -211,11 +211,10 @@ class Profiler:
             return
         out = self.outdir / f"{name}.txt"
         cmd = [self.spy, "record", "--pid", str(pid), "-r", "100", "--idle", "--threads"]
-        proc = subprocess.Popen(
-            [*cmd, "-f", "raw", "-o", str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(out.with_suffix(".err"), "wb") as errors:
+            proc = subprocess.Popen(
+                [*cmd, "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=errors
+            )
         time.sleep(0.5)  # let py-spy attach
         try:
             yield
