@@ -18,7 +18,7 @@ with other jobs disturbs the ratio less.
 fresh 512 KiB buffer (cbor2 output, received bytes) is mmap'd and page-faulted anew, and
 page faults are expensive in VMs; the RPC figure then shows allocator cost, not ours.
 
-    python contrib/bench/bench_net.py [--mib 256] [--inflight 8] [--offload BYTES|none]
+    python contrib/bench/bench_net.py [--mib 256] [--inflight 8] [--offload BYTES|none|auto]
                                       [--mallopt] [--repeat 3]
 """
 
@@ -57,7 +57,7 @@ class Sink:
 # -- server process ----------------------------------------------------------------------
 
 
-async def serve(mode: str, offload: int | None) -> None:
+async def serve(mode: str, offload: int | str | None) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         if mode == "raw":
             total = 0
@@ -96,7 +96,7 @@ async def bench_raw(port: int, total: int) -> float:
     return time.perf_counter() - t0
 
 
-async def bench_channel(port: int, total: int, offload: int | None, aes: bool) -> float:
+async def bench_channel(port: int, total: int, offload: int | str | None, aes: bool) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
                                     offload_bytes=offload, aes=aes)
@@ -112,7 +112,7 @@ async def bench_channel(port: int, total: int, offload: int | None, aes: bool) -
     return dt
 
 
-async def bench_rpc(port: int, total: int, inflight: int, offload: int | None,
+async def bench_rpc(port: int, total: int, inflight: int, offload: int | str | None,
                     aes: bool) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
@@ -146,7 +146,7 @@ def tune_malloc() -> None:
     libc.mallopt(-3, 64 << 20)
 
 
-def start_server(mode: str, offload: int | None, mallopt: bool
+def start_server(mode: str, offload: int | str | None, mallopt: bool
                  ) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, __file__, "--serve", mode, "--offload", str(offload).lower()]
     proc = subprocess.Popen(cmd + (["--mallopt"] if mallopt else []),
@@ -155,7 +155,7 @@ def start_server(mode: str, offload: int | None, mallopt: bool
     return proc, int(proc.stdout.readline())
 
 
-def run_case(mode: str, total: int, inflight: int, offload: int | None, mallopt: bool
+def run_case(mode: str, total: int, inflight: int, offload: int | str | None, mallopt: bool
              ) -> float:
     kind, _, cipher = mode.partition("-")
     proc, port = start_server(kind, offload, mallopt)
@@ -178,12 +178,14 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256, help="payload per case, MiB")
     ap.add_argument("--inflight", type=int, default=8, help="concurrent RPC calls")
     ap.add_argument("--offload", default=str(DEFAULT_OFFLOAD),
-                    help="frames >= this many bytes are en/decrypted in a thread, or 'none'")
+                    help="frames >= this many bytes are en/decrypted in a thread, 'none', "
+                         "or 'auto' (the channel's per-cipher default)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N rounds per case")
     ap.add_argument("--mallopt", action="store_true", help="tune glibc malloc (see above)")
     ap.add_argument("--serve", choices=["raw", "channel", "rpc"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    offload = None if args.offload == "none" else int(args.offload)
+    named = {"none": None, "auto": "auto"}
+    offload = named[args.offload] if args.offload in named else int(args.offload)
     if args.mallopt:
         tune_malloc()
     if args.serve:

@@ -113,7 +113,10 @@ def main() -> int:
                                        ["--placement", placement, *tuning], blocks)
             mounts.append(m)
             key = f"full_redundancy_{placement}_MBps"
-            res[key] = max(res.get(key, 0.0), args.size / seconds / 1e6)
+            rate = args.size / seconds / 1e6
+            log(f"{placement} placement: full redundancy at {rate:.1f} MB/s")
+            res.setdefault(f"rounds_{placement}_MBps", []).append(rate)
+            res[key] = max(res.get(key, 0.0), rate)
             if round_no < len(order) - 1:
                 m.unmount()
         m = mounts[-1]
