@@ -125,6 +125,12 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"blocks:      {reply['blocks']} ({reply['under_replicated']} under-replicated)")
     print(f"unsealed:    {human(reply['unsealed_bytes'])}")
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
+    if reply["local_shard_bytes"] or reply["redundancy"].get("local"):
+        print(
+            f"on this node: {human(reply['local_shard_bytes'])} of our own shards "
+            f"({reply['redundancy'].get('local', 0)} blocks not yet on peers; they move "
+            "there once enough peers have room)"
+        )
     _print_uploads(reply)
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s")

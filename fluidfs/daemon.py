@@ -19,6 +19,7 @@ from fluidfs.blocks.audit import Auditor, AuditPolicy
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
+from fluidfs.blocks.migrate import Migrator
 from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer, RepairPolicy
@@ -148,7 +149,8 @@ class Node:
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
         self.remote.even_placement = config.even_placement
-        self.manager.on_new_agreement = lambda _key: self.blocks.use_network(self.remote)
+        self.migrator = Migrator(self.blocks)
+        self.manager.on_new_agreement = self._new_agreement
         # Repair a block once its live shards fall to the threshold (default N-1: any loss).
         threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
         self.blocks.total_missing_allowed = max(0, keyring.keyfile.shards_total - threshold - 1)
@@ -161,6 +163,11 @@ class Node:
         self.service.on_end = self._agreement_ended
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
+
+    def _new_agreement(self, _key: bytes) -> None:
+        """Shards can go to peers now; blocks kept only here can start moving there."""
+        self.blocks.use_network(self.remote)
+        self.migrator.wake()
 
     def _agreement_ended(self, key: bytes) -> None:
         """Our shards on that peer no longer count: repair takes over."""
@@ -264,6 +271,7 @@ class Node:
             nursery.start_soon(self.discovery.run)
             nursery.start_soon(self.auditor.run)
             nursery.start_soon(self.repairer.run)
+            nursery.start_soon(self.migrator.run)
             nursery.start_soon(self.lifecycle.run)
             nursery.start_soon(self._measure_rate)
             nursery.start_soon(self._release_shard_pages)
@@ -363,6 +371,7 @@ class Node:
     def status(self, scanned: tuple[dict[str, int], int, set[bytes]] | None = None) -> dict:
         """Figures for `fluidfs status` (*scanned*: a result of _redundancy_levels)."""
         levels, pending, nodes = scanned or self._redundancy_levels()
+        own = self.shards.used(self.blocks.owner)  # shards of ours kept here (no peers yet)
         order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
         return {
             "peer_id": self.config.keyring.peer_id,
@@ -378,11 +387,13 @@ class Node:
             "upload_pending_bytes": pending,
             "upload_rate": self._upload_rate,
             "unsealed_bytes": self.data.pending_bytes(),
-            "hosted_bytes": self.service.hosted_total(),
+            "hosted_bytes": self.service.hosted_total() - own,
+            "local_shard_bytes": own,
             "network": self.blocks.remote is not None,
             "repair_queue": self.repairer.queue_length,
             "repaired_bytes": self.repairer.repaired_bytes,
             "repair_rate": self.repairer.rate,
+            "moved_to_peers_blocks": self.migrator.moved_blocks,
             "audit_cycles": self.auditor.cycles,
             "audit_challenges": self.auditor.challenges,
             "gc_pending_bytes": self.blocks.collector.pending()[1],

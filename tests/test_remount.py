@@ -314,3 +314,31 @@ def test_key_export_prints_a_usable_keyfile(make_mount, peers, tmp_path: Path) -
     missing = run_cli("key", "export", "--with-peers", "--keyfile", str(a.keyfile),
                       "--state-dir", str(a.state))
     assert missing.returncode == 1 and "no peer addresses" in missing.stderr
+
+
+def test_files_written_before_there_were_peers_move_onto_peers(
+    make_mount, peers, tmp_path: Path
+) -> None:
+    revive(peers)
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key")  # no peers at all
+    a.mount()
+    early = os.urandom(5 * 4 * MiB)  # five 4 MiB blocks
+    (a.path / "early.bin").write_bytes(early)
+    (a.path / "notes.txt").write_text("written before there were peers\n")
+    wait_for(lambda: _status(a)["redundancy"] == {"local": 5}, 60, "blocks sealed locally")
+    assert _status(a)["local_shard_bytes"] >= len(early)
+    for peer in peers:
+        added = run_cli("peers", "add", peer.addr, "--state-dir", str(a.state))
+        assert added.returncode == 0, added.stderr
+    wait_for(lambda: _status(a)["redundancy"] == {"12": 5}, 120, "old blocks on 12 peers")
+    wait_for(lambda: _status(a)["local_shard_bytes"] == 0, 30, "local shards deleted")
+    assert _status(a)["moved_to_peers_blocks"] == 5
+    assert sync(a)["local_only_blocks"] == 0
+    key = export_key(a, tmp_path / "exported.key")
+    a.unmount()
+
+    b = machine(make_mount, "b", key)  # this laptop died: only the keyfile is left
+    b.mount()
+    assert (b.path / "early.bin").read_bytes() == early
+    assert (b.path / "notes.txt").read_text() == "written before there were peers\n"
+

@@ -241,6 +241,10 @@ class BlockStore:
                 if stored.missing() > self.total_missing_allowed:
                     self.under.add(bytes(key))
 
+    async def queue_upload(self, record: BlockRecord, shards: list[bytes]) -> None:
+        """Hand a block's shards to the uploaders (waits while the queue is full)."""
+        await self._upload_send.send((record, shards))
+
     async def _uploader(self) -> None:
         async for record, shards in self._upload_recv:
             await self.upload(record, shards)

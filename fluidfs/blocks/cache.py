@@ -104,14 +104,24 @@ class BlockCache:
         target.parent.mkdir(exist_ok=True)
         os.replace(source, target)
 
-    def insert_io(self, block_id: bytes, data: bytes) -> None:
-        """Write the block's plaintext into the cache (atomically)."""
+    def insert_io(self, block_id: bytes, data: bytes, durable: bool = False) -> None:
+        """Write the block's plaintext into the cache (atomically; *durable*: synced to
+        disk before this returns, for a copy that is about to be the only one)."""
         target = self.path(block_id)
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
+        if durable:
+            fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def read_io(self, block_id: bytes, offset: int, size: int) -> bytes | None:
         """Read part of a cached block; None if the file is gone (evicted meanwhile)."""
