@@ -342,3 +342,39 @@ def test_files_written_before_there_were_peers_move_onto_peers(
     assert (b.path / "early.bin").read_bytes() == early
     assert (b.path / "notes.txt").read_text() == "written before there were peers\n"
 
+
+def test_old_snapshot_reads_on_a_fresh_machine_after_repair_moved_its_shards(
+    make_mount, peers, tmp_path: Path
+) -> None:
+    """An old snapshot names the holders its blocks had when it was taken; repair can
+    move those shards later. A fresh machine must still find them."""
+    revive(peers)
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--audit-interval", "1",
+                "--tolerance", "3", *peer_args(peers))
+    a.mount()
+    old = os.urandom(4 * MiB + 12345)
+    (a.path / "old.bin").write_bytes(old)
+    first = sync(a)  # its snapshot names old.bin's blocks with their holders of now
+    (a.path / "old.bin").unlink()
+    (a.path / "new.txt").write_text("after\n")
+    sync(a)  # old.bin lives on only in the first snapshot
+    with running_peers(tmp_path / "more", 5) as newcomers:
+        for peer in newcomers:
+            assert run_cli("peers", "add", peer.addr, "--state-dir", str(a.state)).returncode == 0
+        wait_for(lambda: _status(a)["peers_with_agreements"] == 17, 60, "agreements with 17")
+        try:
+            for peer in peers[:5]:  # more than N-K of every block's recorded holders
+                peer.kill()
+            wait_for(lambda: _status(a)["peers_with_agreements"] == 12, 60,
+                     "the dead peers' agreements to end")
+            wait_for(lambda: _status(a)["redundancy"] == {"12": 2}, 120,
+                     "old.bin's blocks re-created on the newcomers")
+            key = export_key(a, tmp_path / "exported.key")
+            a.unmount()
+            b = machine(make_mount, "b", key)
+            b.mount()
+            snap = b.path / ".snapshots" / first["snapshot"]
+            assert (snap / "old.bin").read_bytes() == old
+            assert (b.path / "new.txt").read_text() == "after\n"
+        finally:
+            revive(peers)

@@ -305,6 +305,22 @@ class BlockStore:
             self.under.add(block_id)
         self.collector.wake()
 
+    def learn_holder(self, block_id: bytes, index: int, holder: int) -> None:
+        """Shard *index* of the block turned up on *holder*: record it there."""
+        with self.meta.write() as txn:
+            stored = self.load(block_id, txn)
+            if stored is None or stored.holders[index] == holder:
+                return
+            old = stored.holders[index]
+            if old not in (NO_HOLDER, LOCAL_HOLDER):  # whatever it still keeps is surplus
+                self.collector.enqueue_one(
+                    txn, old, stored.record.shard_ids[index], stored.record.shard_size
+                )
+            stored.holders[index] = holder
+            txn.put(block_id, stored.encode(), db=self._blocks)
+        if stored.missing() <= self.total_missing_allowed:
+            self.under.discard(block_id)
+
     def forget_holder(self, holder: int) -> int:
         """A peer's agreement ended: none of its shards count any more. Returns how many."""
         lost = 0
@@ -420,8 +436,13 @@ class BlockStore:
             return await trio.to_thread.run_sync(
                 self._rebuild_local, stored.record, limiter=self.limiter
             )
+        block_id = stored.record.block_id
         try:
-            return await self.remote.fetch(stored.record, stored.holders)
+            return await self.remote.fetch(
+                stored.record,
+                stored.holders,
+                on_found=lambda index, holder: self.learn_holder(block_id, index, holder),
+            )
         except BlockError as exc:
             log.error("block %s unrecoverable now: %s", stored.record.block_id.hex()[:16], exc)
             raise BlockUnavailable(str(exc)) from None

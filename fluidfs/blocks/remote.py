@@ -34,6 +34,9 @@ BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
 EXTRA_FETCHES = 2
 
+# Told (shard index, holder) when a shard turns up on a peer its record does not name.
+FoundShard = Callable[[int, int], None]
+
 
 def _window() -> trio.Semaphore:
     """Stores in flight to one peer."""
@@ -138,9 +141,11 @@ class RemoteShards:
                 agreement.they_use = agreement.they_host
         return False
 
-    async def fetch(self, record: BlockRecord, holders: list[int]) -> bytes:
+    async def fetch(
+        self, record: BlockRecord, holders: list[int], on_found: FoundShard | None = None
+    ) -> bytes:
         """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be."""
-        good = await self.fetch_shards(record, holders)
+        good = await self.fetch_shards(record, holders, on_found=on_found)
         return await trio.to_thread.run_sync(
             lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
         )
@@ -152,6 +157,7 @@ class RemoteShards:
         extra: int = EXTRA_FETCHES,
         *,
         verify: bool = True,
+        on_found: FoundShard | None = None,
     ) -> dict[int, bytes]:
         """K shards of the block, each verified against its id; BlockError if unreachable.
 
@@ -159,6 +165,9 @@ class RemoteShards:
         readers; repair, which is not waited on, asks for exactly K first). With
         *verify* False the shards come back unchecked: for callers that check what
         they compute from them instead (repair checks each recreated shard's id).
+        If the named holders do not give K shards, every other peer we have an
+        agreement with is asked for the missing ones (see ``_search``); *on_found* is
+        told where each one turned up.
         """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
@@ -202,10 +211,80 @@ class RemoteShards:
                     running += 1
             nursery.cancel_scope.cancel()
         if len(good) < record.needed:
+            await self._search(record, holders, good, on_found)
+        if len(good) < record.needed:
             raise BlockError(
                 f"only {len(good)} of {record.needed} needed shards reachable ({len(order)} placed)"
             )
         return good
+
+    async def _search(
+        self,
+        record: BlockRecord,
+        holders: list[int],
+        good: dict[int, bytes],
+        on_found: FoundShard | None,
+    ) -> None:
+        """Look for the block's missing shards on every peer we have an agreement with.
+
+        A holder list can be out of date: an old snapshot names the holders its blocks
+        had when it was taken, and repair may have moved shards since. Shards are ids,
+        so any peer can be asked; one that does not have it says so, which costs it no
+        trust. Missing shards are looked for one index at a time, all peers at once,
+        until K good shards are in hand.
+        """
+        peers = [
+            a.peer
+            for a in self.ledger.active()
+            if a.peer in self.peers and not self.conns.backing_off(a.peer)
+        ]
+        for index in range(record.total):
+            if len(good) >= record.needed:
+                return
+            if index in good:
+                continue
+            named = holders[index]
+            asked = [k for k in peers if self.peers.get(k).index != named]
+            found = await self._ask_all(record, index, asked)
+            if found is not None:
+                key, data = found
+                good[index] = data
+                log.info(
+                    "shard %d of block %s found on %s, not where it was recorded",
+                    index,
+                    record.block_id.hex()[:16],
+                    key.hex()[:12],
+                )
+                if on_found is not None:
+                    on_found(index, self.peers.get(key).index)
+
+    async def _ask_all(
+        self, record: BlockRecord, index: int, peers: list[bytes]
+    ) -> tuple[bytes, bytes] | None:
+        """The first of *peers* to return a good copy of shard *index*, with the copy."""
+        result: list[tuple[bytes, bytes]] = []
+        shard_id = record.shard_ids[index]
+
+        async with trio.open_nursery() as nursery:
+
+            async def ask(key: bytes) -> None:
+                try:
+                    reply = await self.conns.call(
+                        key, "RetrieveShard", {"id": shard_id}, timeout=FETCH_TIMEOUT
+                    )
+                except (PeerUnavailable, RpcError):
+                    return  # mostly "not_found": nothing held against the peer
+                data = reply["data"]
+                ok = await trio.to_thread.run_sync(
+                    self.codec.check_shard, record, index, data, limiter=self.limiter
+                )
+                if ok and not result:
+                    result.append((key, data))
+                    nursery.cancel_scope.cancel()
+
+            for key in peers:
+                nursery.start_soon(ask, key)
+        return result[0] if result else None
 
     async def _retrieve(self, holder: int, shard_id: bytes) -> bytes | None:
         key = self.peers.key_of(holder)
