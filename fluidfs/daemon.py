@@ -23,6 +23,7 @@ from fluidfs.blocks.migrate import Migrator
 from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.diskspace import is_disk_full
 from fluidfs.fs import health
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
@@ -227,7 +228,12 @@ class Node:
         self._stopped = True
         with trio.CancelScope(shield=True):
             await self.data.seal_all()
-            await self.remount.on_stop()
+            try:
+                await self.remount.on_stop()
+            except Exception as exc:
+                if not is_disk_full(exc, self.config.state.path):
+                    raise
+                log.error("no commit at unmount: the disk holding the state directory is full")
             with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
                 await self.blocks.drain()
             self.peers.save_all()

@@ -20,6 +20,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughS
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
+from fluidfs.diskspace import is_disk_full
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
 
@@ -353,6 +354,16 @@ class BlockStore:
             self.cache.note(block_id, len(data))
         await self.evict()
 
+    async def make_room(self) -> int:
+        """The disk is full: drop every cached plaintext whose block is safely stored
+        elsewhere (shards here or on peers). Returns the bytes freed."""
+        before = self.cache.used
+        victims = self.cache.shed()
+        if victims:
+            await trio.to_thread.run_sync(self.cache.remove_io, victims, limiter=self.limiter)
+            log.warning("disk full: dropped %d cached blocks to make room", len(victims))
+        return before - self.cache.used
+
     async def evict(self) -> None:
         """Bring the cache back under its capacity."""
         victims = self.cache.victims()
@@ -419,16 +430,30 @@ class BlockStore:
             if stored is None:
                 raise BlockUnavailable(f"no record for block {block_id.hex()[:16]}")
             data = await self.rebuild(stored)
-            await trio.to_thread.run_sync(
-                self.cache.insert_io, block_id, data, limiter=self.limiter
-            )
-            self.cache.note(block_id, len(data))
+            if await self._cache_rebuilt(block_id, data):
+                self.cache.note(block_id, len(data))
             job.data = data
         finally:
             del self._rebuilding[block_id]
             job.done.set()
         await self.evict()
         return data
+
+    async def _cache_rebuilt(self, block_id: bytes, data: bytes) -> bool:
+        """Keep a rebuilt block in the cache if the disk has room; a full disk must not
+        stop reads (the reader gets the rebuilt bytes either way)."""
+        for attempt in range(2):
+            try:
+                await trio.to_thread.run_sync(
+                    self.cache.insert_io, block_id, data, limiter=self.limiter
+                )
+                return True
+            except OSError as exc:
+                if not is_disk_full(exc, self.cache.root):
+                    raise
+            if attempt == 0 and not await self.make_room():
+                break
+        return False
 
     async def rebuild(self, stored: StoredBlock) -> bytes:
         """The block's plaintext, rebuilt from its shards (not via the cache)."""

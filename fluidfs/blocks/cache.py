@@ -96,6 +96,14 @@ class BlockCache:
                 chosen.append(block_id)
         return chosen
 
+    def shed(self) -> list[bytes]:
+        """Every block that may go, whatever the capacity (the disk is full); their
+        bookkeeping is dropped and the caller removes the files."""
+        chosen = [block_id for block_id in list(self._entries) if self.can_evict(block_id)]
+        for block_id in chosen:
+            self.forget(block_id)
+        return chosen
+
     # --- blocking helpers for worker threads -------------------------------------------
 
     def adopt_io(self, block_id: bytes, source: Path) -> None:
@@ -110,12 +118,17 @@ class BlockCache:
         target = self.path(block_id)
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a full disk must not keep the half-written copy
+            raise
         if durable:
             fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

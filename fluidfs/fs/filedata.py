@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
+from fluidfs.diskspace import is_disk_full
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.tree import BLOCK_REF, INLINE, Tree
 
@@ -78,6 +80,7 @@ class FileData:
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
         self._by_ino: dict[int, dict[int, DirtyBlock]] = {}  # the same blocks, per file
         self.memory_bytes = 0
+        self._disk_full = False  # the last seal failed for want of space
         self._queue_send, self._queue_recv = trio.open_memory_channel[DirtyBlock](float("inf"))
         self.sealed_bytes = 0
         self.sealed_blocks = 0
@@ -99,8 +102,20 @@ class FileData:
             blk.queued = False
             try:
                 await self.seal(blk)
-            except Exception:
-                log.exception("sealing block %d of inode %d failed; will retry", blk.index, blk.ino)
+                self._disk_full = False
+            except Exception as exc:
+                if not is_disk_full(exc, self.dirty_dir):
+                    log.exception(
+                        "sealing block %d of inode %d failed; will retry", blk.index, blk.ino
+                    )
+                elif not await self.blocks.make_room() and not self._disk_full:
+                    self._disk_full = True  # one line per episode, not one a second
+                    log.error(
+                        "the disk holding %s is full: %d bytes written to the mount wait "
+                        "to be sealed; they are kept and sealed once there is room",
+                        self.dirty_dir.parent,
+                        self.pending_bytes(),
+                    )
                 await trio.sleep(1)
                 self._enqueue(blk)
 
@@ -253,9 +268,7 @@ class FileData:
                     blk.buf[start:end] = chunk
                     self.memory_bytes += len(blk.buf) - old
                 else:
-                    await trio.to_thread.run_sync(
-                        os.pwrite, blk.fd, chunk, start, limiter=self.limiter
-                    )
+                    await self._to_disk(_pwrite_all, blk.fd, chunk, start)
                 blk.length = max(blk.length, end)
                 blk.last_write = time.monotonic()
                 if end == self.block_size:
@@ -292,15 +305,11 @@ class FileData:
                     )
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 if rebuilt is not None:  # the cache may not keep it: write what we got
-                    blk.fd = await trio.to_thread.run_sync(
-                        _create_with, blk.path, rebuilt, True, limiter=self.limiter
-                    )
+                    blk.fd = await self._to_disk(_create_with, blk.path, rebuilt, True)
                     break
                 source = self.blocks.cache.path(block_id)
                 try:
-                    blk.fd = await trio.to_thread.run_sync(
-                        _copy_to_new, source, blk.path, limiter=self.limiter
-                    )
+                    blk.fd = await self._to_disk(_copy_to_new, source, blk.path)
                 except FileNotFoundError:  # evicted between fetch and copy
                     self.blocks.cache.forget(block_id)
             blk.length = os.fstat(blk.fd).st_size
@@ -310,21 +319,31 @@ class FileData:
             self.memory_bytes += blk.length
         else:
             old = value[1:] if value is not None else b""
-            blk.fd = await trio.to_thread.run_sync(
-                _create_with, blk.path, old, value is not None, limiter=self.limiter
-            )
+            blk.fd = await self._to_disk(_create_with, blk.path, old, value is not None)
             blk.length = len(old)
         blk.ready = True
 
     async def _spill(self, blk: DirtyBlock) -> None:
-        """Move an in-memory dirty block to its file (it grew large)."""
+        """Move an in-memory dirty block to its file (it grew large).
+
+        The memory copy is dropped only once the file holds it: on a full disk the
+        write fails and the block stays in memory, whole."""
         assert blk.buf is not None
-        buf, blk.buf = blk.buf, None
-        self.memory_bytes -= len(buf)
         had_data = self.tree.block(blk.ino, blk.index) is not None
-        blk.fd = await trio.to_thread.run_sync(
-            _create_with, blk.path, buf, had_data, limiter=self.limiter
-        )
+        blk.fd = await self._to_disk(_create_with, blk.path, blk.buf, had_data)
+        self.memory_bytes -= len(blk.buf)
+        blk.buf = None
+
+    async def _to_disk(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking write to the state disk in a worker thread. If the disk is
+        full, the plaintext cache gives back what it safely can and the write is tried
+        once more; if it still fails, ENOSPC goes to the caller (and on to the user)."""
+        try:
+            return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
+        except OSError as exc:
+            if not is_disk_full(exc, self.dirty_dir) or not await self.blocks.make_room():
+                raise
+        return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
 
     # --- truncation and removal ----------------------------------------------------------
 
@@ -445,9 +464,22 @@ class FileData:
             await self.seal(blk)
 
     async def seal_all(self) -> None:
-        """Seal everything (unmount)."""
+        """Seal everything (unmount). A block that cannot be sealed (a full disk) stays
+        in its dirty file, which the next mount recovers; the others are still sealed."""
         for blk in list(self.dirty.values()):
-            await self.seal(blk)
+            try:
+                await self.seal(blk)
+            except Exception as exc:
+                if not is_disk_full(exc, self.dirty_dir):
+                    raise
+        if self.dirty:
+            log.error(
+                "the disk holding %s is full: %d bytes stay unsealed in %s and are sealed "
+                "at the next mount",
+                self.dirty_dir.parent,
+                self.pending_bytes(),
+                self.dirty_dir,
+            )
 
 
 # A dirty file gets its real name (the one recover() adopts after a crash) only once it
@@ -481,6 +513,14 @@ def _new_dirty_file(path: Path, fill: Callable[[int], None], durable: bool) -> i
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
         raise
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite all of *data* (a nearly full disk can take a write in part)."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def _create_with(path: Path, data: bytes | bytearray, durable: bool) -> int:

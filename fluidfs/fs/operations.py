@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from fluidfs.diskspace import is_disk_full
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.health import XATTR_REDUNDANCY, redundancy
 from fluidfs.fs.inode import Inode, now_ns
@@ -34,6 +36,7 @@ XATTR_VALUE_MAX = 64 * 1024
 XATTR_NAMESPACES = (b"user.",)
 TIMEOUT = 60.0
 BLKSIZE = 128 * 1024
+DISK_FULL_WARN_EVERY = 60.0  # seconds between "disk full" log lines
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -47,14 +50,35 @@ def handler(func: F) -> F:
             return await func(*args, **kwargs)
         except FUSEError:
             raise
-        except OSError as exc:
+        except Exception as exc:
+            if _state_disk_full(args, exc):
+                _warn_disk_full(func.__name__)
+                raise FUSEError(errno.ENOSPC) from None
             log.exception("%s failed", func.__name__)
-            raise FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", func.__name__)
-            raise FUSEError(errno.EIO) from None
+            code = exc.errno if isinstance(exc, OSError) else None
+            raise FUSEError(code or errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_full_warned_at = -DISK_FULL_WARN_EVERY
+
+
+def _warn_disk_full(op: str) -> None:
+    """Say once a minute, not once a request, that writes fail for want of space (the
+    log itself is on that disk)."""
+    global _full_warned_at
+    now = time.monotonic()
+    if now - _full_warned_at >= DISK_FULL_WARN_EVERY:
+        _full_warned_at = now
+        log.warning("%s: the disk holding the state directory is full: writers get ENOSPC", op)
+
+
+def _state_disk_full(args: tuple[Any, ...], exc: Exception) -> bool:
+    """Did a handler of the operations object args[0] fail because its disk is full?"""
+    data = getattr(args[0], "data", None) if args else None
+    path = getattr(data, "dirty_dir", None)
+    return path is not None and is_disk_full(exc, path)
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""Telling a full disk from other failures.
+
+A full state disk shows up in two ways: ``OSError`` with ``ENOSPC`` (or ``EDQUOT``)
+from plain file writes, and ``lmdb.Error("...: Input/output error")`` from an LMDB
+commit, because LMDB reports a failed page write as EIO. For the second, the free space
+of the state directory's filesystem decides: a commit that fails while less than
+``LOW_SPACE`` is free is taken to have run out of room. Either way the caller can free
+what it can (the plaintext cache) and answer ``ENOSPC``, which tells the user what to
+do, instead of EIO, which suggests broken hardware.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import lmdb
+
+LOW_SPACE = 32 * 1024 * 1024  # more than one LMDB commit of a sealed block ever needs
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer could still use on the filesystem holding *path*."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, path: Path) -> bool:
+    """Did *exc* come from the disk holding *path* running out of space?"""
+    if isinstance(exc, OSError):
+        return exc.errno in FULL_ERRNOS
+    if isinstance(exc, lmdb.Error):
+        try:
+            return free_bytes(path) < LOW_SPACE
+        except OSError:
+            return False
+    return False

@@ -1,0 +1,92 @@
+"""A full state disk: writers get ENOSPC, nothing acknowledged is lost, and it recovers.
+
+The state directory lives on a small tmpfs of its own, so the mount, not the test
+machine, runs out of room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mount, require_fuse, run_cli
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_state_disk_gives_enospc_and_loses_nothing(tmp_path, keyfile, small_disk):
+    require_fuse()
+    mnt = Mount(tmp_path / "mnt", small_disk / "state", keyfile)
+    mnt.path.mkdir()
+    try:
+        mnt.mount()
+        keep = os.urandom(8 * MiB + 4321)
+        write_synced(mnt.path / "keep.bin", keep)
+
+        filler = subprocess.run(
+            ["dd", "if=/dev/urandom", f"of={mnt.path / 'filler.bin'}", "bs=1M", "count=100",
+             "conv=fsync"], capture_output=True, text=True)
+        assert filler.returncode != 0
+        assert "No space left on device" in filler.stderr
+
+        drop_page_cache()  # what follows is read from what the mount stored
+        assert (mnt.path / "keep.bin").read_bytes() == keep
+        assert "keep.bin" in os.listdir(mnt.path)
+
+        mnt.unmount()  # still full: unmount works, the unsealed rest waits on disk
+        mnt.mount()
+        assert (mnt.path / "keep.bin").read_bytes() == keep
+
+        (mnt.path / "filler.bin").unlink()  # room again: writing works once more
+        later = os.urandom(4 * MiB)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                write_synced(mnt.path / "later.bin", later)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "writes never worked again" + mnt.log()
+                time.sleep(0.5)
+
+        mnt.unmount()
+        mnt.mount()
+        assert digest(mnt.path / "keep.bin") == hashlib.sha256(keep).hexdigest()
+        assert (mnt.path / "later.bin").read_bytes() == later
+        check = run_cli("check", "--read-data", "--state-dir", str(mnt.state))
+        assert check.returncode == 0, check.stdout + check.stderr + mnt.log()
+        log = (mnt.state / "fluidfs.log").read_text()
+        assert "disk" in log and "full" in log  # the node said why writes failed
+        assert "Traceback" not in log  # and nothing failed unexpectedly on the way
+    finally:
+        mnt.cleanup()
