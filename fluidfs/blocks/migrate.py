@@ -43,7 +43,6 @@ class Migrator:
         self.blocks = blocks
         self.max_waiting = max_waiting
         self.moved_blocks = 0
-        self.remaining = 0  # local-only blocks found by the last scan and not yet moved
         self._wakeup = trio.Event()
 
     def wake(self) -> None:
@@ -64,7 +63,6 @@ class Migrator:
         while self.blocks.remote is None:
             await self._nap(INTERVAL)
         todo = await trio.to_thread.run_sync(self._local_block_ids, limiter=self.blocks.limiter)
-        self.remaining = len(todo)
         if todo:
             log.info("moving %d blocks stored before this node had peers onto peers", len(todo))
         for block_id in todo:
@@ -78,7 +76,6 @@ class Migrator:
                         self.moved_blocks += 1
                 except (BlockUnavailable, BlockError, OSError) as exc:
                     log.error("cannot move block %s to peers: %s", block_id.hex()[:16], exc)
-            self.remaining -= 1
 
     def _room_for(self, stored: StoredBlock) -> bool:
         """Cache room to pin one more block, and enough peers with space that the block
