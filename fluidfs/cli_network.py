@@ -133,7 +133,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         )
     _print_uploads(reply)
     print(f"repair:      {reply['repair_queue']} blocks queued, "
-          f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s")
+          f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
+          f"(at most {human(reply['repair_bandwidth'])}/s)")
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
     if "commit" in reply:

@@ -399,6 +399,7 @@ class Node:
             "repair_queue": self.repairer.queue_length,
             "repaired_bytes": self.repairer.repaired_bytes,
             "repair_rate": self.repairer.rate,
+            "repair_bandwidth": self.repairer.policy.bandwidth,
             "moved_to_peers_blocks": self.migrator.moved_blocks,
             "audit_cycles": self.auditor.cycles,
             "audit_challenges": self.auditor.challenges,

@@ -327,6 +327,10 @@ def test_files_written_before_there_were_peers_move_onto_peers(
     (a.path / "notes.txt").write_text("written before there were peers\n")
     wait_for(lambda: _status(a)["redundancy"] == {"local": 5}, 60, "blocks sealed locally")
     assert _status(a)["local_shard_bytes"] >= len(early)
+    shown = run_cli("status", "--state-dir", str(a.state))
+    assert shown.returncode == 0, shown.stderr
+    assert "5 blocks not yet on peers" in shown.stdout
+    assert "at most 64.0M/s" in shown.stdout  # the repair cap
     for peer in peers:
         added = run_cli("peers", "add", peer.addr, "--state-dir", str(a.state))
         assert added.returncode == 0, added.stderr
