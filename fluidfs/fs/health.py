@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
-from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.fs.tree import BLOCK_REF, ROOT_INO, Tree
 
 XATTR_REDUNDANCY = b"user.fluidfs.redundancy"
@@ -65,6 +65,15 @@ def walk(tree: Tree) -> Iterator[tuple[str, int]]:
                 yield path, child
 
 
+async def _live(stored: StoredBlock, reachable: Callable[[int], Awaitable[bool]]) -> int:
+    """Shards of the block whose recorded holder answers now."""
+    live = 0
+    for holder in set(stored.holders) - {NO_HOLDER}:
+        if await reachable(holder):
+            live += stored.holders.count(holder)
+    return live
+
+
 async def check(
     tree: Tree,
     blocks: BlockStore,
@@ -93,10 +102,19 @@ async def check(
                 live = total
                 state = "local" if state == "ok" else state
             else:
-                live = 0
-                for holder in set(stored.holders) - {NO_HOLDER}:
-                    if await reachable(holder):
-                        live += stored.holders.count(holder)
+                live = await _live(stored, reachable)
+                if live < needed:
+                    # The record may be out of date (repair moved shards after the commit
+                    # it came from): rebuilding looks for them on every peer and records
+                    # where they turn up, so count again before calling the block lost.
+                    try:
+                        await blocks.rebuild(stored)
+                    except BlockUnavailable:
+                        pass
+                    else:
+                        verified[block_id] = True
+                        stored = blocks.load(block_id) or stored
+                        live = await _live(stored, reachable)
             worst = live if worst is None else min(worst, live)
             if live < needed:
                 state = "unrecoverable"
