@@ -34,6 +34,9 @@ class RemountControl:
         result = None
         written = CommitStats()
         with trio.move_on_after(timeout):
+            if self.remount.node.blocks.remote is not None:
+                # blocks stored before there were peers go to them first
+                await self.remount.node.migrator.settle(SYNC_STALL)
             changed = self.remount.changed_at is not None
             result = await self.remount.commit(user_changed=changed, stall=SYNC_STALL)
             if result is not None:

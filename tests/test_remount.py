@@ -334,10 +334,11 @@ def test_files_written_before_there_were_peers_move_onto_peers(
     for peer in peers:
         added = run_cli("peers", "add", peer.addr, "--state-dir", str(a.state))
         assert added.returncode == 0, added.stderr
-    wait_for(lambda: _status(a)["redundancy"] == {"12": 5}, 120, "old blocks on 12 peers")
-    wait_for(lambda: _status(a)["local_shard_bytes"] == 0, 30, "local shards deleted")
+    wait_for(lambda: _status(a)["peers_with_agreements"] == 12, 60, "agreements with 12")
+    assert sync(a)["local_only_blocks"] == 0  # sync waits for them to move
+    assert _status(a)["redundancy"] == {"12": 5}
     assert _status(a)["moved_to_peers_blocks"] == 5
-    assert sync(a)["local_only_blocks"] == 0
+    wait_for(lambda: _status(a)["local_shard_bytes"] == 0, 30, "local shards deleted")
     key = export_key(a, tmp_path / "exported.key")
     a.unmount()
 

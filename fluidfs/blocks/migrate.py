@@ -43,6 +43,7 @@ class Migrator:
         self.blocks = blocks
         self.max_waiting = max_waiting
         self.moved_blocks = 0
+        self.done = trio.Event()  # every local-only block found has been dealt with
         self._wakeup = trio.Event()
 
     def wake(self) -> None:
@@ -76,6 +77,18 @@ class Migrator:
                         self.moved_blocks += 1
                 except (BlockUnavailable, BlockError, OSError) as exc:
                     log.error("cannot move block %s to peers: %s", block_id.hex()[:16], exc)
+        self.done.set()
+
+    async def settle(self, stall: float) -> bool:
+        """Wait until migration is done, or until no block has moved for *stall* seconds
+        (too few peers with room). True if it is done."""
+        while not self.done.is_set():
+            before = self.moved_blocks
+            with trio.move_on_after(stall):
+                await self.done.wait()
+            if self.moved_blocks == before:
+                break
+        return self.done.is_set()
 
     def _room_for(self, stored: StoredBlock) -> bool:
         """Cache room to pin one more block, and enough peers with space that the block
