@@ -58,6 +58,7 @@ def add_mount_options(mount: argparse.ArgumentParser) -> None:
     )
     mount.add_argument("--commit-quiet", type=_seconds, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--lease-renew", type=_seconds, default=None, help=argparse.SUPPRESS)
+    mount.add_argument("--refresh-interval", type=_seconds, default=None, help=argparse.SUPPRESS)
 
 
 def mount_passthrough(args: argparse.Namespace) -> list[str]:
@@ -71,6 +72,8 @@ def mount_passthrough(args: argparse.Namespace) -> list[str]:
         argv += ["--commit-quiet", str(args.commit_quiet)]
     if args.lease_renew is not None:
         argv += ["--lease-renew", str(args.lease_renew)]
+    if args.refresh_interval is not None:
+        argv += ["--refresh-interval", str(args.refresh_interval)]
     return argv
 
 
@@ -87,6 +90,8 @@ def remount_options(args: argparse.Namespace):
         options.commit_quiet = args.commit_quiet
     if args.lease_renew is not None:
         options.lease_renew = args.lease_renew
+    if args.refresh_interval is not None:
+        options.refresh_interval = args.refresh_interval
     return options
 
 

@@ -64,7 +64,9 @@ DIAL_WAIT = 6.0
 AUTO_STALL = 2.0  # automatic commits: wait this long without placement progress
 STOP_COMMIT_LIMIT = 300.0
 AUTO_LIMIT = 30.0  # longest wait for data placement before an automatic commit
-REFRESH_INTERVAL = 600.0  # re-commit this often if holders may have changed
+REFRESH_INTERVAL = 600.0  # re-commit this often if holders have changed
+RETENTION_INTERVAL = 3600.0  # and at least this often anyway, so old snapshots expire
+INCOMPLETE_RECHECK = 15.0  # after a commit naming incomplete holders, look again this soon
 PUBLISH_RETRY = 10.0
 
 
@@ -80,6 +82,7 @@ class RemountOptions:
     retention: Retention = field(default_factory=Retention)
     commit_quiet: float = 30.0
     commit_max_delay: float = 300.0
+    refresh_interval: float = REFRESH_INTERVAL
     lease_renew: float = DEFAULT_RENEW
     restore_wait: float = 20.0
     mountpoint: str = ""
@@ -137,6 +140,10 @@ class Remount:
         self.next_publish = 0.0
         self.refresh_at: float | None = None
         self.force_commit = False
+        # BlockStore.holders_version when the last commit read the tree: a refresh that
+        # would name the same holders (and change nothing else) is not worth writing.
+        self.committed_holders_version = -1
+        self.tree_reads = 0  # commits that read and serialised the whole tree
         self.published_to = 0
         self.restored: dict[str, Any] | None = None
         self.last_error = ""
@@ -326,7 +333,7 @@ class Remount:
             self.running = False
 
     async def _commit_loop(self) -> None:
-        last_refresh = time.monotonic()
+        last_refresh = last_full = time.monotonic()
         while True:
             await trio.sleep(0.25)
             if not self.writer or self.stopping or not self.networked:
@@ -338,17 +345,27 @@ class Remount:
                     or now - self.changed_at >= self.options.commit_max_delay
                 ):
                     await self.commit(user_changed=True)
-                    last_refresh = now
+                    last_refresh = last_full = now
                 elif self.force_commit:
                     self.force_commit = False
                     await self.commit(user_changed=False, force=True)
                 elif self.pending_publish is not None and now >= self.next_publish:
                     await self._publish(self.pending_publish)
                 elif (self.refresh_at is not None and now >= self.refresh_at) or (
-                    self.networked and now - last_refresh >= REFRESH_INTERVAL
+                    now - last_refresh >= self.options.refresh_interval
                 ):
-                    self.refresh_at = None
+                    # Re-serialising the tree costs time in proportion to its size, so
+                    # only when some holder changed, or once an hour for retention.
                     last_refresh = now
+                    unchanged = (
+                        self.node.blocks.holders_version == self.committed_holders_version
+                    )
+                    if unchanged and now - last_full < RETENTION_INTERVAL:
+                        if self.refresh_at is not None:
+                            self.refresh_at = now + INCOMPLETE_RECHECK
+                        continue
+                    self.refresh_at = None
+                    last_full = now
                     await self.commit(user_changed=False)
             except (CommitAborted, MetaError) as exc:
                 self.last_error = str(exc)
@@ -405,6 +422,8 @@ class Remount:
         try:
             await self.node.data.seal_all()
             await wait_placed(self.node.blocks, None, stall=stall, limit=max(stall, AUTO_LIMIT))
+            holders_version = self.node.blocks.holders_version
+            self.tree_reads += 1
             result = await self.committer.commit(
                 min_seq=self.network_seq,
                 snapshots=self.snapshots,
@@ -418,6 +437,7 @@ class Remount:
                 self.changed_at = self.last_change = time.monotonic()
                 self.committer.heads.set_flag(DIRTY_KEY, b"1")
             raise
+        self.committed_holders_version = holders_version
         if result is None:
             return None
         stats = result.stats
@@ -435,7 +455,7 @@ class Remount:
             f"; snapshot {result.snapshot}" if result.snapshot else "",
         )
         if stats.incomplete_refs:
-            self.refresh_at = time.monotonic() + 15.0
+            self.refresh_at = time.monotonic() + INCOMPLETE_RECHECK
         await self._publish(result)
         return result
 

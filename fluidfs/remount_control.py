@@ -160,6 +160,7 @@ class RemountControl:
             "lazy_dirs": len(self.remount.restorer.pending()),
             "index_complete": self.remount.committer.index_complete(),
             "restored": self.remount.restored,
+            "tree_reads": self.remount.tree_reads,
             "last_commit": None
             if last is None
             else {

@@ -391,3 +391,27 @@ def test_old_snapshot_reads_on_a_fresh_machine_after_repair_moved_its_shards(
             assert (b.path / "new.txt").read_text() == "after\n"
         finally:
             revive(peers)
+
+
+def test_an_idle_mount_leaves_its_tree_alone_until_a_holder_changes(
+    make_mount, peers, tmp_path: Path
+) -> None:
+    """Refresh commits re-serialise the whole tree; they run only when they would
+    name different holders."""
+    revive(peers)
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--refresh-interval", "1",
+                "--audit-interval", "1", "--tolerance", "3", *peer_args(peers))
+    a.mount()
+    (a.path / "f.bin").write_bytes(os.urandom(4 * MiB))
+    sync(a)
+    time.sleep(2)  # the one follow-up refresh for the commit's own nodes, if any
+    reads = _status(a)["commit"]["tree_reads"]
+    time.sleep(5)  # five refresh intervals with nothing new
+    assert _status(a)["commit"]["tree_reads"] == reads
+    try:
+        peers[0].kill()  # its agreement ends: every block loses a holder
+        wait_for(lambda: _status(a)["peers_with_agreements"] == 11, 60, "the agreement to end")
+        wait_for(lambda: _status(a)["commit"]["tree_reads"] > reads, 30,
+                 "a refresh commit naming the new holders")
+    finally:
+        revive(peers)

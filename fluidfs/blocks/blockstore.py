@@ -79,6 +79,9 @@ class BlockStore:
         self.collector = Collector(meta, shards, owner, limiter)
         # Shards a block may lack and still count as stored (unpinned, not repaired).
         self.total_missing_allowed = 0
+        # Goes up whenever any block's holders change, so a commit can tell whether a
+        # refresh would name anything new (fs/commit.py writes holders into the tree).
+        self.holders_version = 0
 
     # --- records ---------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class BlockStore:
                 holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
                 with self.meta.write() as txn:
                     txn.put(block_id, StoredBlock(record, 1, holders).encode(), db=self._blocks)
+                self.holders_version += 1
                 if not local:
                     self.under.add(block_id)
                     upload = (record, shards)
@@ -277,6 +281,7 @@ class BlockStore:
                         surplus.append(i)
                 if same:
                     txn.put(block_id, current.encode(), db=self._blocks)
+                    self.holders_version += 1
                     self.collector.placed(txn, current.holders, record.shard_ids)
             for i in surplus:  # deleted (or filled) while uploading: take back what we sent
                 self.collector.abandon(holders[i], record.shard_ids[i], record.shard_size)
@@ -299,6 +304,7 @@ class BlockStore:
                 return
             stored.holders[index] = NO_HOLDER
             txn.put(block_id, stored.encode(), db=self._blocks)
+            self.holders_version += 1
             self.collector.enqueue_one(
                 txn, holder, stored.record.shard_ids[index], stored.record.shard_size
             )
@@ -319,6 +325,7 @@ class BlockStore:
                 )
             stored.holders[index] = holder
             txn.put(block_id, stored.encode(), db=self._blocks)
+            self.holders_version += 1
         if stored.missing() <= self.total_missing_allowed:
             self.under.discard(block_id)
 
@@ -333,6 +340,7 @@ class BlockStore:
                 stored.holders = [NO_HOLDER if h == holder else h for h in stored.holders]
                 lost += stored.missing()
                 txn.put(bytes(key), stored.encode(), db=self._blocks)
+                self.holders_version += 1
                 if stored.missing() > self.total_missing_allowed:
                     self.under.add(bytes(key))
         return lost

@@ -127,6 +127,7 @@ class Migrator:
                     blocks.collector.enqueue(txn, current)  # the local shards
                     current.holders = [NO_HOLDER] * record.total
                     txn.put(block_id, current.encode(), db=blocks.meta["blocks"])
+                    blocks.holders_version += 1
                     converted = True
         finally:
             if not converted:
