@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -143,3 +144,30 @@ def test_recreate_from_unverified_shards_never_returns_a_wrong_shard(subset, dat
     except CorruptBlock:
         return
     assert made == {i: SHARDS[i] for i in wanted}
+
+
+def test_shards_show_a_size_class_not_the_exact_length():
+    """A peer sees shard sizes; files of nearby lengths must look the same to it."""
+    sizes = {len(CODEC.seal(os.urandom(n))[1][0]) for n in range(100_000, 100_353, 16)}
+    assert len(sizes) == 1
+    for n in (5_000, 77_777, 1_000_001, 4 * 1024 * 1024):
+        data = os.urandom(n)
+        record, shards = CODEC.seal(data)
+        assert record.size == n
+        assert n + 40 <= record.shard_size * K <= 1.12 * n + 40 + K
+        assert CODEC.open(record, {i: shards[i] for i in range(3, 11)}) == data
+
+
+def test_blocks_sealed_at_their_exact_size_still_open_and_reseal():
+    """Layout version 1 sized shards for the exact length; such blocks keep working."""
+    exact = -(-(len(DATA) + 40) // K)
+    assert exact != RECORD.shard_size
+    key = CODEC._content_key(RECORD)
+    old_shards = CODEC._encode(DATA, RECORD.block_id, key, RECORD.nonce, exact)
+    old = dataclasses.replace(
+        RECORD, shard_size=exact, shard_ids=tuple(merkle.shard_id(s) for s in old_shards)
+    )
+    assert CODEC.open(old, {i: old_shards[i] for i in range(4, 12)}) == DATA
+    assert CODEC.reseal(old, DATA) == old_shards
+    assert CODEC.recreate(old, {i: old_shards[i] for i in range(4, 12)}, [0, 1]) == {
+        0: old_shards[0], 1: old_shards[1]}

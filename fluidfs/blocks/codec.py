@@ -1,8 +1,13 @@
 """Seal and open blocks: keyed hash → AEAD encrypt → erasure-code, and back.
 
-Sealed layout, version 1. The ciphertext is ``nonce(24) || XChaCha20-Poly1305(
-plaintext, aad=block_id)``; it is zero-padded to a multiple of K and split into K
-primary pieces; zfec makes N shards of ``shard_size`` bytes. The per-block random
+Sealed layout, version 2. The ciphertext is ``nonce(24) || XChaCha20-Poly1305(
+plaintext, aad=block_id)``; it is zero-padded to ``K x shard_size`` bytes and split into
+K primary pieces; zfec makes N shards of ``shard_size`` bytes. Version 2 sizes shards for
+the block's *size class* (``padded_size``, the Padmé scheme: at most 12% larger, and
+only about log log of the size shows), so a peer holding a shard cannot tell a block's,
+and so a small file's, exact length. Version 1 sized them for the exact length; both
+open the same way (the record keeps ``size`` and ``shard_size``, and the zero padding
+is covered by the shard ids), and resealing keeps a block's own ``shard_size``. The per-block random
 content key is wrapped as ``nonce(24) || XChaCha20-Poly1305(content_key,
 aad=block_id)`` under the user's key-wrapping key. Block id = keyed BLAKE3 of the
 plaintext (dedup within one user only); shard id = Merkle root (see merkle.py).
@@ -63,9 +68,24 @@ class BlockRecord:
         return len(self.shard_ids)
 
 
+def padded_size(size: int) -> int:
+    """The size class of *size* bytes (Padmé, Nikitin et al., PETS 2019).
+
+    Keeps the top ~log2(log2(size)) bits of the size and rounds the rest up: at most
+    about 12% more, and powers of two (whole blocks) stay as they are.
+    """
+    if size < 2:
+        return size
+    exponent = size.bit_length() - 1
+    low_bits = exponent - exponent.bit_length()
+    mask = (1 << low_bits) - 1
+    return (size + mask) & ~mask
+
+
 def shard_size_for(size: int, needed: int) -> int:
-    """Bytes per shard for a block of *size* plaintext bytes split into *needed* pieces."""
-    return -(-(size + OVERHEAD) // needed)
+    """Bytes per shard for a block of *size* plaintext bytes split into *needed* pieces
+    (sized for its class, see ``padded_size``)."""
+    return -(-(padded_size(size) + OVERHEAD) // needed)
 
 
 class BlockCodec:
@@ -91,7 +111,8 @@ class BlockCodec:
             block_id = self.block_id(plaintext)
         content_key = os.urandom(KEY_SIZE)
         nonce = os.urandom(NONCE_SIZE)
-        shards = self._encode(plaintext, block_id, content_key, nonce)
+        piece = shard_size_for(len(plaintext), self.needed)
+        shards = self._encode(plaintext, block_id, content_key, nonce, piece)
         wrap_nonce = os.urandom(NONCE_SIZE)
         wrapped = wrap_nonce + _encrypt(content_key, block_id, wrap_nonce, self.wrap_key)
         record = BlockRecord(
@@ -109,13 +130,16 @@ class BlockCodec:
         """Recreate the exact shards of *record* from its plaintext (for upload or repair)."""
         if self.block_id(plaintext) != record.block_id:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]}: plaintext does not match")
-        return self._encode(plaintext, record.block_id, self._content_key(record), record.nonce)
+        return self._encode(
+            plaintext, record.block_id, self._content_key(record), record.nonce, record.shard_size
+        )
 
     def _encode(
-        self, plaintext: bytes, block_id: bytes, content_key: bytes, nonce: bytes
+        self, plaintext: bytes, block_id: bytes, content_key: bytes, nonce: bytes, piece: int
     ) -> list[bytes]:
         ciphertext = nonce + _encrypt(plaintext, block_id, nonce, content_key)
-        piece = shard_size_for(len(plaintext), self.needed)
+        if piece * self.needed < len(ciphertext):
+            raise CorruptBlock(f"block {block_id.hex()[:16]}: shard size too small for it")
         padding = piece * self.needed - len(ciphertext)
         if padding:
             ciphertext += bytes(padding)
