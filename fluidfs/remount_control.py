@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fluidfs import control
-from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.fs.commit import CommitStats, wait_placed
 from fluidfs.fs.snapshots import Retention
 
@@ -63,7 +62,10 @@ class RemountControl:
             await self.remount._publish(self.remount.pending_publish)
         head = self.remount.committer.heads.latest()
         blocks = self.remount.node.blocks
-        local = sum(1 for _ in self._local_only())
+        local = 0
+        if blocks.remote is not None:  # without peers, local is simply where blocks live
+            ids = await trio.to_thread.run_sync(blocks.local_only_ids, limiter=blocks.limiter)
+            local = len(ids)
         under = len(blocks.under)
         last = self.remount.committer.last
         weak = last.stats.weak_refs if last is not None else 0
@@ -87,15 +89,6 @@ class RemountControl:
             "seconds": time.monotonic() - started,
             "timed_out": time.monotonic() - started >= timeout,
         }
-
-    def _local_only(self):
-        """Blocks whose shards have not left this machine (stored before it had peers)."""
-        if self.remount.node.blocks.remote is None:
-            return
-        with self.remount.node.meta.read() as txn:
-            for _key, raw in txn.cursor(db=self.remount.node.meta["blocks"]):
-                if _has_local_holder(bytes(raw)):
-                    yield 1
 
     def list_snapshots(self, retention: Retention | None = None) -> list[dict[str, Any]]:
         """The kept snapshots with the retention rule that keeps each."""
@@ -215,7 +208,3 @@ def _retention(text: object) -> Retention | None:
         return Retention.parse(str(text))
     except ValueError as exc:
         raise control.ControlError(str(exc)) from None
-
-
-def _has_local_holder(raw: bytes) -> bool:
-    return LOCAL_HOLDER in StoredBlock.decode(b"", raw).holders

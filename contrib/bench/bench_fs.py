@@ -36,6 +36,7 @@ from benchlib import (
     Profiler,
     RssSampler,
     drop_caches,
+    fmt,
     is_mount,
     log,
     make_source,
@@ -296,11 +297,6 @@ def summarise(args: argparse.Namespace, results: dict, prof: Profiler) -> dict:
         add("rss_peak", "peak VmRSS of mount", "MiB", None, peak["VmRSS"], "rss_peak")
         add("rss_anon_peak", "peak RssAnon", "MiB", None, peak["RssAnon"])
         add("rss_file_peak", "peak RssFile", "MiB", None, peak["RssFile"])
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
     print()
     print(

@@ -47,6 +47,7 @@ from benchlib import (
     Mount,
     Profiler,
     drop_caches,
+    fmt,
     is_mount,
     log,
     make_source,
@@ -646,11 +647,6 @@ def summarise(args, res: dict, prof: Profiler) -> dict:
             None,
             (pe.get("rss_peers_kib") or {}).get(field, 0) / 1024 or None,
         )
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
     sha = [d.get("sha256_ok") for d in (lo, pe) if "sha256_ok" in d]
     sha_ok = all(sha) if sha else None

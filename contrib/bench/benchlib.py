@@ -85,6 +85,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def fmt(value: float | None) -> str:
+    """A figure for the result tables: '-' when missing, no decimals from 100 up."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
 def make_source(path: Path, size: int) -> str:
     """Write *size* random bytes to *path*; return their sha256."""
     digest = hashlib.sha256()

@@ -11,7 +11,9 @@ the trio loop, in the caller's transaction where a file map changes with them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -94,6 +96,21 @@ class BlockStore:
             raw = txn.get(block_id, db=self._blocks)
         return None if raw is None else StoredBlock.decode(block_id, raw)
 
+    def save(self, txn, stored: StoredBlock) -> None:
+        """Write a block record whose holders are new or changed, inside *txn*."""
+        txn.put(stored.record.block_id, stored.encode(), db=self._blocks)
+        self.holders_version += 1
+
+    def local_only_ids(self) -> list[bytes]:
+        """Blocks whose shards are all still on this machine (stored before it had peers).
+        A scan of every record: call it in a worker thread."""
+        with self.meta.read() as txn:
+            return [
+                bytes(key)
+                for key, raw in txn.cursor(db=self._blocks)
+                if LOCAL_HOLDER in StoredBlock.decode(bytes(key), raw).holders
+            ]
+
     def is_fully_stored(self, block_id: bytes) -> bool:
         """True when every shard of the block has a holder (so its plaintext may go)."""
         return block_id not in self.under
@@ -158,8 +175,7 @@ class BlockStore:
             if not self._ref_if_present(block_id):
                 holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
                 with self.meta.write() as txn:
-                    txn.put(block_id, StoredBlock(record, 1, holders).encode(), db=self._blocks)
-                self.holders_version += 1
+                    self.save(txn, StoredBlock(record, 1, holders))
                 if not local:
                     self.under.add(block_id)
                     upload = (record, shards)
@@ -280,8 +296,7 @@ class BlockStore:
                     else:
                         surplus.append(i)
                 if same:
-                    txn.put(block_id, current.encode(), db=self._blocks)
-                    self.holders_version += 1
+                    self.save(txn, current)
                     self.collector.placed(txn, current.holders, record.shard_ids)
             for i in surplus:  # deleted (or filled) while uploading: take back what we sent
                 self.collector.abandon(holders[i], record.shard_ids[i], record.shard_size)
@@ -303,8 +318,7 @@ class BlockStore:
             if stored is None or stored.holders[index] != holder:
                 return
             stored.holders[index] = NO_HOLDER
-            txn.put(block_id, stored.encode(), db=self._blocks)
-            self.holders_version += 1
+            self.save(txn, stored)
             self.collector.enqueue_one(
                 txn, holder, stored.record.shard_ids[index], stored.record.shard_size
             )
@@ -324,8 +338,7 @@ class BlockStore:
                     txn, old, stored.record.shard_ids[index], stored.record.shard_size
                 )
             stored.holders[index] = holder
-            txn.put(block_id, stored.encode(), db=self._blocks)
-            self.holders_version += 1
+            self.save(txn, stored)
         if stored.missing() <= self.total_missing_allowed:
             self.under.discard(block_id)
 
@@ -339,8 +352,7 @@ class BlockStore:
                     continue
                 stored.holders = [NO_HOLDER if h == holder else h for h in stored.holders]
                 lost += stored.missing()
-                txn.put(bytes(key), stored.encode(), db=self._blocks)
-                self.holders_version += 1
+                self.save(txn, stored)
                 if stored.missing() > self.total_missing_allowed:
                     self.under.add(bytes(key))
         return lost
@@ -362,21 +374,29 @@ class BlockStore:
             self.cache.note(block_id, len(data))
         await self.evict()
 
-    async def make_room(self) -> int:
-        """The disk is full: drop every cached plaintext whose block is safely stored
-        elsewhere (shards here or on peers). Returns the bytes freed."""
+    async def evict(self, capacity: int | None = None) -> int:
+        """Bring the cache back under *capacity* (default: its own); return the bytes
+        freed. Blocks not yet safely stored elsewhere stay."""
         before = self.cache.used
-        victims = self.cache.shed()
+        victims = self.cache.victims(capacity)
         if victims:
             await trio.to_thread.run_sync(self.cache.remove_io, victims, limiter=self.limiter)
-            log.warning("disk full: dropped %d cached blocks to make room", len(victims))
         return before - self.cache.used
 
-    async def evict(self) -> None:
-        """Bring the cache back under its capacity."""
-        victims = self.cache.victims()
-        if victims:
-            await trio.to_thread.run_sync(self.cache.remove_io, victims, limiter=self.limiter)
+    async def write_to_disk(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking write to the state disk in a worker thread. If the disk is
+        full, the cache gives back every block that is safely stored elsewhere and the
+        write is tried once more; if it still fails, the OSError (ENOSPC) goes up."""
+        try:
+            return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
+        except OSError as exc:
+            if not is_disk_full(exc, self.cache.root):
+                raise
+            freed = await self.evict(0)
+            if not freed:
+                raise
+            log.warning("disk full: dropped %d bytes of cached blocks to make room", freed)
+        return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -450,18 +470,13 @@ class BlockStore:
     async def _cache_rebuilt(self, block_id: bytes, data: bytes) -> bool:
         """Keep a rebuilt block in the cache if the disk has room; a full disk must not
         stop reads (the reader gets the rebuilt bytes either way)."""
-        for attempt in range(2):
-            try:
-                await trio.to_thread.run_sync(
-                    self.cache.insert_io, block_id, data, limiter=self.limiter
-                )
-                return True
-            except OSError as exc:
-                if not is_disk_full(exc, self.cache.root):
-                    raise
-            if attempt == 0 and not await self.make_room():
-                break
-        return False
+        try:
+            await self.write_to_disk(self.cache.insert_io, block_id, data)
+        except OSError as exc:
+            if not is_disk_full(exc, self.cache.root):
+                raise
+            return False
+        return True
 
     async def rebuild(self, stored: StoredBlock) -> bytes:
         """The block's plaintext, rebuilt from its shards (not via the cache)."""

@@ -83,25 +83,19 @@ class BlockCache:
         self.used -= size
         return True
 
-    def victims(self) -> list[bytes]:
-        """Blocks to evict to get back under capacity (their bookkeeping is dropped)."""
+    def victims(self, capacity: int | None = None) -> list[bytes]:
+        """Blocks to evict, oldest first, to get back under *capacity* (default: the
+        cache's own; 0 when the disk is full). Their bookkeeping is dropped."""
+        limit = self.capacity if capacity is None else capacity
         chosen: list[bytes] = []
-        if self.used <= self.capacity:
+        if self.used <= limit:
             return chosen
         for block_id in list(self._entries):
-            if self.used <= self.capacity:
+            if self.used <= limit:
                 break
             if self.can_evict(block_id):
                 self.forget(block_id)
                 chosen.append(block_id)
-        return chosen
-
-    def shed(self) -> list[bytes]:
-        """Every block that may go, whatever the capacity (the disk is full); their
-        bookkeeping is dropped and the caller removes the files."""
-        chosen = [block_id for block_id in list(self._entries) if self.can_evict(block_id)]
-        for block_id in chosen:
-            self.forget(block_id)
         return chosen
 
     # --- blocking helpers for worker threads -------------------------------------------

@@ -63,7 +63,9 @@ class Migrator:
         """
         while self.blocks.remote is None:
             await self._nap(INTERVAL)
-        todo = await trio.to_thread.run_sync(self._local_block_ids, limiter=self.blocks.limiter)
+        todo = await trio.to_thread.run_sync(
+            self.blocks.local_only_ids, limiter=self.blocks.limiter
+        )
         if todo:
             log.info("moving %d blocks stored before this node had peers onto peers", len(todo))
         for block_id in todo:
@@ -99,14 +101,6 @@ class Migrator:
         usable = remote.usable_peers(stored.record.shard_size) if remote is not None else []
         return len(usable) >= stored.record.needed
 
-    def _local_block_ids(self) -> list[bytes]:
-        with self.blocks.meta.read() as txn:
-            return [
-                bytes(key)
-                for key, raw in txn.cursor(db=self.blocks.meta["blocks"])
-                if LOCAL_HOLDER in StoredBlock.decode(bytes(key), raw).holders
-            ]
-
     async def migrate(self, stored: StoredBlock) -> bool:
         """Turn one local-only block into one waiting for upload (see the module doc)."""
         blocks = self.blocks
@@ -126,8 +120,7 @@ class Migrator:
                 if current is not None and current.holders == stored.holders:
                     blocks.collector.enqueue(txn, current)  # the local shards
                     current.holders = [NO_HOLDER] * record.total
-                    txn.put(block_id, current.encode(), db=blocks.meta["blocks"])
-                    blocks.holders_version += 1
+                    blocks.save(txn, current)
                     converted = True
         finally:
             if not converted:

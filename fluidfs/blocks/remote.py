@@ -174,22 +174,10 @@ class RemoteShards:
         send, recv = trio.open_memory_channel[tuple[int, bytes | None]](len(order))
 
         async def fetch_one(index: int) -> None:
-            data = await self._retrieve(holders[index], record.shard_ids[index])
-            if data is not None and verify:
-                ok = await trio.to_thread.run_sync(
-                    self.codec.check_shard, record, index, data, limiter=self.limiter
-                )
-                if not ok:
-                    key = self.peers.key_of(holders[index])
-                    log.warning(
-                        "peer %s returned a corrupt shard %d of block %s",
-                        key.hex()[:12] if key else "?",
-                        index,
-                        record.block_id.hex()[:16],
-                    )
-                    if key is not None:
-                        self.on_result(key, False)
-                    data = None
+            key = self.peers.key_of(holders[index])
+            data = None
+            if key is not None:
+                data = await self._get_shard(key, record, index, recorded=True, verify=verify)
             send.send_nowait((index, data))
 
         async with trio.open_nursery() as nursery:
@@ -263,22 +251,12 @@ class RemoteShards:
     ) -> tuple[bytes, bytes] | None:
         """The first of *peers* to return a good copy of shard *index*, with the copy."""
         result: list[tuple[bytes, bytes]] = []
-        shard_id = record.shard_ids[index]
 
         async with trio.open_nursery() as nursery:
 
             async def ask(key: bytes) -> None:
-                try:
-                    reply = await self.conns.call(
-                        key, "RetrieveShard", {"id": shard_id}, timeout=FETCH_TIMEOUT
-                    )
-                except (PeerUnavailable, RpcError):
-                    return  # mostly "not_found": nothing held against the peer
-                data = reply["data"]
-                ok = await trio.to_thread.run_sync(
-                    self.codec.check_shard, record, index, data, limiter=self.limiter
-                )
-                if ok and not result:
+                data = await self._get_shard(key, record, index, recorded=False)
+                if data is not None and not result:
                     result.append((key, data))
                     nursery.cancel_scope.cancel()
 
@@ -286,20 +264,40 @@ class RemoteShards:
                 nursery.start_soon(ask, key)
         return result[0] if result else None
 
-    async def _retrieve(self, holder: int, shard_id: bytes) -> bytes | None:
-        key = self.peers.key_of(holder)
-        if key is None:
-            return None
+    async def _get_shard(
+        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True
+    ) -> bytes | None:
+        """Shard *index* of the block from peer *key*, or None.
+
+        A wrong answer always counts against the peer. Not answering, or not having it,
+        counts only when our records say the peer holds it (*recorded*); a peer merely
+        asked in a search owes us nothing. With *verify* False the bytes are not checked
+        (the caller checks what it computes from them).
+        """
         try:
             reply = await self.conns.call(
-                key, "RetrieveShard", {"id": shard_id}, timeout=FETCH_TIMEOUT
+                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=FETCH_TIMEOUT
             )
         except (PeerUnavailable, RpcError) as exc:
-            log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
+            if recorded:
+                log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
+                self.on_result(key, False)
+            return None
+        data = reply["data"]
+        if verify and not await trio.to_thread.run_sync(
+            self.codec.check_shard, record, index, data, limiter=self.limiter
+        ):
+            log.warning(
+                "peer %s returned a corrupt shard %d of block %s",
+                key.hex()[:12],
+                index,
+                record.block_id.hex()[:16],
+            )
             self.on_result(key, False)
             return None
-        self.on_result(key, True)
-        return reply["data"]
+        if recorded:
+            self.on_result(key, True)
+        return data
 
     async def delete_ids(self, holder: int, shard_ids: list[bytes], size: int) -> bool:
         """Ask one holder to drop shards of ours; True once it has confirmed."""

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
@@ -108,7 +107,7 @@ class FileData:
                     log.exception(
                         "sealing block %d of inode %d failed; will retry", blk.index, blk.ino
                     )
-                elif not await self.blocks.make_room() and not self._disk_full:
+                elif not await self.blocks.evict(0) and not self._disk_full:
                     self._disk_full = True  # one line per episode, not one a second
                     log.error(
                         "the disk holding %s is full: %d bytes written to the mount wait "
@@ -268,7 +267,7 @@ class FileData:
                     blk.buf[start:end] = chunk
                     self.memory_bytes += len(blk.buf) - old
                 else:
-                    await self._to_disk(_pwrite_all, blk.fd, chunk, start)
+                    await self.blocks.write_to_disk(_pwrite_all, blk.fd, chunk, start)
                 blk.length = max(blk.length, end)
                 blk.last_write = time.monotonic()
                 if end == self.block_size:
@@ -305,11 +304,11 @@ class FileData:
                     )
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 if rebuilt is not None:  # the cache may not keep it: write what we got
-                    blk.fd = await self._to_disk(_create_with, blk.path, rebuilt, True)
+                    blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, rebuilt, True)
                     break
                 source = self.blocks.cache.path(block_id)
                 try:
-                    blk.fd = await self._to_disk(_copy_to_new, source, blk.path)
+                    blk.fd = await self.blocks.write_to_disk(_copy_to_new, source, blk.path)
                 except FileNotFoundError:  # evicted between fetch and copy
                     self.blocks.cache.forget(block_id)
             blk.length = os.fstat(blk.fd).st_size
@@ -319,7 +318,7 @@ class FileData:
             self.memory_bytes += blk.length
         else:
             old = value[1:] if value is not None else b""
-            blk.fd = await self._to_disk(_create_with, blk.path, old, value is not None)
+            blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, old, value is not None)
             blk.length = len(old)
         blk.ready = True
 
@@ -330,20 +329,9 @@ class FileData:
         write fails and the block stays in memory, whole."""
         assert blk.buf is not None
         had_data = self.tree.block(blk.ino, blk.index) is not None
-        blk.fd = await self._to_disk(_create_with, blk.path, blk.buf, had_data)
+        blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, blk.buf, had_data)
         self.memory_bytes -= len(blk.buf)
         blk.buf = None
-
-    async def _to_disk(self, write: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking write to the state disk in a worker thread. If the disk is
-        full, the plaintext cache gives back what it safely can and the write is tried
-        once more; if it still fails, ENOSPC goes to the caller (and on to the user)."""
-        try:
-            return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
-        except OSError as exc:
-            if not is_disk_full(exc, self.dirty_dir) or not await self.blocks.make_room():
-                raise
-        return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
 
     # --- truncation and removal ----------------------------------------------------------
 

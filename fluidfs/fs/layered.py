@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -172,48 +173,41 @@ class LayeredOperations(FluidOperations):
             raise FUSEError(errno.EEXIST)
         await self._loaded(parent)
 
+    def _changed(self, result: Any) -> Any:
+        """Tell the committer the tree changed; pass *result* through."""
+        self.on_change()
+        return result
+
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
         self._refuse_view(inode)
-        result = await super().setattr(inode, attr, fields, fh, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().setattr(inode, attr, fields, fh, ctx))
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
         await self._creating(parent_inode, name)
-        result = await super().mkdir(parent_inode, name, mode, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().mkdir(parent_inode, name, mode, ctx))
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         await self._creating(parent_inode, name)
-        result = await super().mknod(parent_inode, name, mode, rdev, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().mknod(parent_inode, name, mode, rdev, ctx))
 
     @handler
     async def symlink(self, parent_inode, name, target, ctx):
         await self._creating(parent_inode, name)
-        result = await super().symlink(parent_inode, name, target, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().symlink(parent_inode, name, target, ctx))
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         await self._creating(parent_inode, name)
-        result = await super().create(parent_inode, name, mode, flags, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().create(parent_inode, name, mode, flags, ctx))
 
     @handler
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._refuse_view(inode)
         await self._creating(new_parent_inode, new_name)
-        result = await super().link(inode, new_parent_inode, new_name, ctx)
-        self.on_change()
-        return result
+        return self._changed(await super().link(inode, new_parent_inode, new_name, ctx))
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
@@ -252,9 +246,7 @@ class LayeredOperations(FluidOperations):
         handle = self.handles.get(fh)
         if handle is not None and self._in_view(handle.ino):
             raise FUSEError(errno.EROFS)
-        result = await super().write(fh, off, buf)
-        self.on_change()
-        return result
+        return self._changed(await super().write(fh, off, buf))
 
     @handler
     async def setxattr(self, inode, name, value, ctx):

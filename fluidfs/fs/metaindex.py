@@ -193,8 +193,7 @@ class MetaIndex:
                 for i, holder in enumerate(holders):
                     if stored.holders[i] == NO_HOLDER and holder != NO_HOLDER:
                         stored.holders[i] = holder
-        txn.put(block_id, stored.encode(), db=self._blocks)
-        self.blocks.holders_version += 1
+        self.blocks.save(txn, stored)
         if stored.missing() and self.blocks.remote is not None:
             self.blocks.under.add(block_id)
 

@@ -116,9 +116,7 @@ class SecureChannel:
         self._reader = reader
         self._sealer = sealer
         self._opener = opener
-        self.cipher = "aes256gcm" if isinstance(sealer, framecipher.AesGcmSealer) else (
-            "secretstream"
-        )
+        self.cipher = sealer.name
         self.peer_key: bytes = peer_key
         self.max_frame = max_frame
         self.offload_bytes = (

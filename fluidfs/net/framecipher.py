@@ -40,6 +40,9 @@ def aes_available() -> bool:
 class FrameSealer(Protocol):
     """Encrypts the outgoing frames of one direction."""
 
+    #: the cipher's name as ``SecureChannel.cipher`` reports it
+    name: str
+
     def seal(self, out: object, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
         """Write ``n + ABYTES`` bytes of ciphertext for (tag, data) at cffi pointer *out*."""
 
@@ -58,6 +61,8 @@ class FrameOpener(Protocol):
 
 class SecretStreamSealer:
     """Outgoing frames with crypto_secretstream_xchacha20poly1305."""
+
+    name = "secretstream"
 
     def __init__(self, state: sodium.crypto_secretstream_xchacha20poly1305_state) -> None:
         self._state = state.statebuf
@@ -104,6 +109,8 @@ class _Counter:
 
 class AesGcmSealer(_Counter):
     """Outgoing frames with AES-256-GCM and counter nonces."""
+
+    name = "aes256gcm"
 
     def __init__(self, key: bytes) -> None:
         super().__init__(key)
