@@ -2,7 +2,7 @@
 
 Format version 1. What a peer stores (and checks) is the *envelope*, a CBOR map::
 
-    {"v": 1, "kind": "root" | "lease", "owner": public key (32), "seq": u64,
+    {"v": 1, "kind": "root" | "lease", "owner": public key (32), "seq": uint < 2^63,
      "box": nonce (24) || XChaCha20-Poly1305(body, aad=header, key=metadata key),
      "sig": Ed25519 signature (64) by the owner's identity key over
             "fluidfs-record-v1\\0" || header || box}
@@ -20,7 +20,11 @@ holders can be reached); for ``lease``: ``time``, ``machine``, ``host``, ``mount
 ``pid``, ``addr``, ``ttl`` (seconds) and ``state`` (``"held"`` or ``"released"``).
 
 Peers keep, per owner and kind, the valid envelope with the highest ``seq`` and
-refuse lower ones (service.py, ``PutRecord``/``GetRecord``). An owner looking for its
+refuse lower ones (service.py, ``PutRecord``/``GetRecord``). ``seq`` stays below 2^63 so
+that counting on from any accepted record never overflows a u64. The ``seq`` a peer
+reports in a ``PutRecord`` reply is a claim, never used: an owner believes only seqs of
+records that verify under its own key (``newest()``, and ``publish()`` fetching the
+record a peer says is newer). An owner looking for its
 newest record asks every peer it can reach and believes only what verifies and
 decrypts: a peer that serves an old record loses to any newer one, and a forged
 one is ignored.
@@ -54,6 +58,7 @@ SIG_CONTEXT = b"fluidfs-record-v1\x00"
 NONCE_SIZE = 24
 CALL_TIMEOUT = 10.0
 MAX_PEERS_LISTED = 256
+MAX_SEQ = 2**63  # exclusive
 
 
 class RecordError(ValueError):
@@ -105,8 +110,8 @@ def parse(raw: bytes) -> Envelope:
         raise RecordError("unknown record kind")
     if type(owner) is not bytes or len(owner) != 32:
         raise RecordError("owner must be 32 bytes")
-    if type(seq) is not int or not 0 <= seq < 2**64:
-        raise RecordError("seq must be a u64")
+    if type(seq) is not int or not 0 <= seq < MAX_SEQ:
+        raise RecordError("seq must be an integer below 2^63")
     if type(box) is not bytes or len(box) < NONCE_SIZE + 16:
         raise RecordError("box too short")
     if type(sig) is not bytes or len(sig) != 64:
@@ -118,6 +123,8 @@ def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any]) -> bytes:
     """Make a signed, encrypted record."""
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
+    if not 0 <= seq < MAX_SEQ:
+        raise ValueError(f"record seq {seq} out of range")
     header = _header(kind, keyring.public_key, seq)
     plain = cbor2.dumps({**body, "kind": kind, "seq": seq})
     nonce = os.urandom(NONCE_SIZE)
@@ -171,6 +178,7 @@ class Found:
     raw: bytes
     answered: int  # peers that replied (with a record or not_found)
     holding: int  # peers that hold this exact seq
+    absent: int = 0  # peers that said not_found (none of this kind for us)
 
     @property
     def exists(self) -> bool:
@@ -186,7 +194,9 @@ class RecordClient:
         self.conns = conns
         self.peers = peers
         self.rejected = 0  # records seen that did not verify (forged or corrupt)
-        self.highest: dict[str, int] = {}  # highest seq peers reported holding, per kind
+        # Highest seq per kind among records that verified under our key, from peers that
+        # refused a publish as older than what they hold (never a number a peer reported).
+        self.highest: dict[str, int] = {}
 
     def _targets(self) -> list[bytes]:
         keys = {p.key for p in self.peers if p.addr}
@@ -197,7 +207,9 @@ class RecordClient:
     async def publish(self, kind: str, seq: int, body: dict[str, Any]) -> int:
         """Store the record on every reachable peer; return how many accepted it.
 
-        ``self.highest[kind]`` is left at the highest seq a peer said it holds.
+        When a peer refuses it as older than what it holds, the record it holds is
+        fetched and verified: ``self.highest[kind]`` is raised to its seq only if it is
+        ours. The seq in the reply itself is not believed.
         """
         raw = seal(self.keyring, kind, seq, body)
         stored = 0
@@ -211,22 +223,39 @@ class RecordClient:
             except (PeerUnavailable, RpcError) as exc:
                 log.debug("storing our %s record on %s failed: %s", kind, _short(key), exc)
                 return
-            self.highest[kind] = max(self.highest.get(kind, 0), reply["seq"])
             if reply["stored"]:
                 stored += 1
-            else:
+                return
+            held = await self._verified_seq(key, kind)
+            if held is None:
+                return
+            self.highest[kind] = max(self.highest.get(kind, 0), held)
+            if held > seq:
                 log.info(
-                    "peer %s keeps a newer %s record (seq %d > %d)",
-                    _short(key),
-                    kind,
-                    reply["seq"],
-                    seq,
+                    "peer %s keeps a newer %s record (seq %d > %d)", _short(key), kind, held, seq
                 )
 
         async with trio.open_nursery() as nursery:
             for key in self._targets():
                 nursery.start_soon(one, key)
         return stored
+
+    async def _verified_seq(self, key: bytes, kind: str) -> int | None:
+        """The seq of the record *key* holds for us, if it verifies under our key."""
+        try:
+            reply = await self.conns.call(key, "GetRecord", {"kind": kind}, timeout=CALL_TIMEOUT)
+        except (PeerUnavailable, RpcError) as exc:
+            log.info("peer %s refused our %s record but does not show it: %s",
+                     _short(key), kind, exc)
+            return None
+        try:
+            held, _body = open_record(self.keyring, reply["record"], kind)
+        except RecordError as exc:
+            self.rejected += 1
+            log.warning("peer %s served a bad %s record: %s", _short(key), kind, exc)
+            self.peers.record(key, False)
+            return None
+        return held
 
     async def newest(self, kind: str, *, follow_peers: bool = False) -> Found | None:
         """The newest record of *kind* that verifies, from every peer we can reach.
@@ -236,7 +265,7 @@ class RecordClient:
         """
         asked: set[bytes] = set()
         best: Found | None = None
-        answered = 0
+        answered = absent = 0
         copies: dict[int, int] = {}
         while True:
             targets = [k for k in self._targets() if k not in asked]
@@ -246,7 +275,7 @@ class RecordClient:
             results: list[tuple[int, dict, bytes]] = []
 
             async def one(key: bytes, results: list = results) -> None:
-                nonlocal answered
+                nonlocal answered, absent
                 try:
                     reply = await self.conns.call(
                         key, "GetRecord", {"kind": kind}, timeout=CALL_TIMEOUT
@@ -254,6 +283,7 @@ class RecordClient:
                 except RpcError as exc:
                     if exc.code == "not_found":
                         answered += 1
+                        absent += 1
                     return
                 except PeerUnavailable:
                     return
@@ -278,8 +308,9 @@ class RecordClient:
                     self.learn(body.get("peers", []))
         if best is not None:
             best.answered, best.holding = answered, copies.get(best.seq, 0)
+            best.absent = absent
         elif answered:
-            return Found(0, {}, b"", answered, 0)
+            return Found(0, {}, b"", answered, 0, absent)
         return best
 
     def learn(self, listed: object) -> int:
