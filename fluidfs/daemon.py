@@ -55,6 +55,7 @@ SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
 RELEASE_PAGES_INTERVAL = 0.5
+PEER_WORKER_THREADS = 2  # the peer service's own limiter (docs/protocol.md §5)
 
 
 class MountError(Exception):
@@ -131,9 +132,11 @@ class Node:
             self.peers,
             donate=config.donate,
             ratio=config.ratio,
-            limiter=self.limiter,
+            # Peers' work gets its own threads: a flood of requests cannot starve sealing.
+            limiter=trio.CapacityLimiter(PEER_WORKER_THREADS),
             fault_rate=config.fault_rate,
             lie_on_retrieve=config.lie_on_retrieve,
+            cooldown=config.lifecycle.cooldown,
         )
         self.service.records = RecordStore(config.state.path / "records")
         self.conns = Connections(keyring.signing_key, self.service, self.peers)
@@ -161,6 +164,7 @@ class Node:
             self.conns, self.peers, self.ledger, self.shards, self.limiter, config.lifecycle
         )
         self.lifecycle.on_end = self._agreement_ended
+        self.lifecycle.records = self.service.records
         self.service.on_end = self._agreement_ended
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)

@@ -1,15 +1,25 @@
 """The server half of a peer: answers other peers' RPCs about the shards we host for them.
 
-Rules enforced here (see docs/protocol.md for the wire side):
+Rules enforced here (see docs/protocol.md for the wire side, §5 for the limits):
 
-- An agreement is accepted only if what we would host fits in ``donate`` next to
-  every other promise, and we would not host more than ``ratio`` times what the
-  proposer hosts for us.
-- A store needs an agreement; it is refused (``over_quota``) past the promise or
-  past ``donate``; a shard whose bytes do not match its id is refused
-  (``bad_shard``). Stores are written in one batched LMDB transaction.
+- Agreements (``ProposeAgreement``): offer and ask must each be at least the minimum
+  terms; we never host more than ``ratio`` times what the proposer hosts for us, nor
+  more than a trust-scaled share of ``donate`` for one peer (a larger ask is
+  counter-proposed down to it, at the proposer's ratio); a peer whose trust fell below
+  the floor, or whose agreement we ended less than a cool-down ago, is refused; new
+  agreements are granted at a bounded rate and up to a bounded count (idle, empty ones
+  are evicted first to make room). Renewing never clears a running failure clock.
+- A store needs a live agreement; it is refused (``over_quota``) past the promise or
+  past ``donate`` (bytes held for others). Quota is reserved in memory before any
+  await and checked again inside the write transaction, so concurrent stores can never
+  overshoot; a shard whose bytes do not match its id is refused (``bad_shard``).
 - Only the owner of a shard can retrieve, audit or delete it: shards are keyed
-  by the proven identity of the connection that stored them.
+  by the proven identity of the connection that stored them. Deletes de-duplicate ids
+  and never read a shard.
+- Records (``PutRecord``) are kept only for peers with a live agreement, one per kind,
+  and go with the agreement.
+- Every shard-store and record-store call runs in a worker thread of ``limiter``, the
+  peer service's own (so peers cannot starve the filesystem's sealing threads).
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.peers import rootrecord
-from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.agreements import Agreement, Ledger, TermsPolicy
+from fluidfs.peers.lifecycle import DAY
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
@@ -54,6 +65,8 @@ class PeerService:
         addr_of: Callable[[], str] = lambda: "",
         fault_rate: float = 0.0,
         lie_on_retrieve: bool = False,
+        terms: TermsPolicy | None = None,
+        cooldown: float = DAY,
     ) -> None:
         self.shards = shards
         self.ledger = ledger
@@ -61,6 +74,15 @@ class PeerService:
         self.donate = donate
         self.ratio = ratio
         self.limiter = limiter
+        self.terms = terms or TermsPolicy()
+        self.cooldown = cooldown
+        # Bytes of accepted, not yet written stores: per owner and in total. Counted
+        # against the quota before the write's await, so concurrent stores see each other.
+        self._reserved: dict[bytes, int] = {}
+        self._reserved_total = 0
+        # Token bucket for new agreements (capacity and refill: terms.new_per_hour).
+        self._grants = float(self.terms.new_per_hour)
+        self._grants_at = time.monotonic()
         self.addr_of = addr_of
         self.fault_rate = fault_rate  # test-only: fail this share of shard requests
         self.lie_on_retrieve = lie_on_retrieve  # test-only: a host that passes audits but lies
@@ -77,25 +99,32 @@ class PeerService:
         return await method(peer_key, args)
 
     def hosted_total(self) -> int:
-        """Bytes we hold for all peers together."""
+        """Bytes held in the shard store for every owner, this node included (blocking)."""
         return sum(used for owner, used in self.shards.owners().items())
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     # --- agreements ----------------------------------------------------------------------
 
     async def op_ProposeAgreement(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         offer, ask, term = args["offer"], args["ask"], args["term"]
         addr = args.get("addr", "")
-        reason = None
-        if ask > self.ratio * offer:
-            reason = f"asks {ask} bytes for {offer} offered (ratio limit {self.ratio})"
-        elif self.ledger.promised_by_us(excluding=peer) + ask > self.donate:
-            reason = "no space left to promise"
+        existing = self.ledger.get(peer)
+        renewal = existing is not None and existing.active
+        granted, reason = self._terms_for(peer, offer, ask)
+        if reason is None and not renewal:
+            reason = await self._room_for_new(peer)
         if reason is not None:
+            log.info("declined an agreement with %s: %s", peer.hex()[:12], reason)
             return {"accepted": False, "offer": offer, "ask": ask, "term": term, "reason": reason}
+        if not renewal:
+            self._grants -= 1
         if peer not in self.peers:
             self.peers.add(peer, addr)
         else:
             self.peers.seen(peer, addr)
+        offer, ask = granted
         # The proposer's "ask" is what we host; its "offer" is what it hosts for us.
         self.ledger.record(
             peer, we_host=ask, they_host=offer, term=term, store_at=args.get("store_at")
@@ -103,6 +132,70 @@ class PeerService:
         if self.on_agreement is not None:
             self.on_agreement(peer)
         return {"accepted": True, "offer": offer, "ask": ask, "term": term}
+
+    def _terms_for(self, peer: bytes, offer: int, ask: int) -> tuple[tuple[int, int], str | None]:
+        """The (offer, ask) we would grant *peer*, or a reason to refuse."""
+        terms = self.terms
+        if offer < terms.min_bytes or ask < terms.min_bytes:
+            return (0, 0), f"below the minimum terms: offer and ask of {terms.min_bytes} bytes"
+        if ask > self.ratio * offer:
+            return (0, 0), f"asks {ask} bytes for {offer} offered (ratio limit {self.ratio})"
+        if ask > self.donate:
+            return (0, 0), f"asks more than this node's whole donation: no space ({self.donate})"
+        wait = self.ledger.in_cooldown(peer, self.cooldown)
+        if wait:
+            return (0, 0), f"we ended our agreement for failures; refused for another {wait:.0f} s"
+        known = self.peers.get(peer)
+        initial = self.peers.policy.initial or 1.0
+        factor = (known.trust if known is not None else initial) / initial
+        if factor < terms.min_trust:
+            return (0, 0), "trust too low after failures"
+        left = self.donate - self.ledger.promised_by_us(excluding=peer)
+        granted_ask = min(ask, terms.cap(self.donate, factor), left)
+        if granted_ask < terms.min_bytes:
+            return (0, 0), "no space left to promise"
+        # A counter-proposal keeps the proposer's ratio (rounding in its favour).
+        return (offer * granted_ask // ask, granted_ask), None
+
+    async def _room_for_new(self, peer: bytes) -> str | None:
+        """Whether a new agreement may be made now (rate and count); evicts to make room."""
+        terms = self.terms
+        now = time.monotonic()
+        refill = (now - self._grants_at) * terms.new_per_hour / 3600.0
+        self._grants = min(float(terms.new_per_hour), self._grants + refill)
+        self._grants_at = now
+        if self._grants < 1:
+            return f"too many new agreements (at most {terms.new_per_hour} an hour); try later"
+        live = len(self.ledger.active())
+        ended = len(self.ledger) - live
+        if live < terms.max_agreements and ended < terms.max_ended:
+            return None
+        held = await self._run(self.shards.owners)
+        if ended >= terms.max_ended:
+            for key in self.ledger.evictable(held, ended=True)[: ended - terms.max_ended + 1]:
+                await self._forget(key, "to remember newer ones")
+            if len(self.ledger.ended()) >= terms.max_ended:  # all still hold shards
+                return "too many ended agreements still being cleaned up; try later"
+        if live >= terms.max_agreements:
+            idle = time.time() - terms.idle_grace
+            evictable = [k for k in self.ledger.evictable(held, ended=False, idle_since=idle)
+                         if k != peer]
+            if not evictable:
+                return f"this node keeps at most {terms.max_agreements} agreements"
+            await self._forget(evictable[0], "idle, to make room for a new peer")
+        if len(self.ledger.active()) >= terms.max_agreements:  # taken while we evicted
+            return f"this node keeps at most {terms.max_agreements} agreements"
+        return None
+
+    async def _forget(self, key: bytes, why: str) -> None:
+        """Drop an agreement that holds nothing, with any records we keep for it."""
+        agreement: Agreement | None = self.ledger.get(key)
+        if agreement is None:
+            return
+        log.info("forgetting the agreement with %s: %s", key.hex()[:12], why)
+        self.ledger.end(key)
+        if self.records is not None:
+            await self._run(self.records.delete, key)
 
     async def op_EndAgreement(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         agreement = self.ledger.mark_ended(peer, notified=True)
@@ -118,28 +211,53 @@ class PeerService:
         agreement = self.ledger.get(peer)
         if agreement is None or not agreement.active:
             raise RpcError("no_agreement", "no storage agreement with you")
-        used = self.shards.used(peer)
-        total = self.hosted_total()
+        used, pooled = await self._run(self.shards.used_and_pooled, peer, self.peers.self_key)
+        agreement = self.ledger.get(peer)
+        if agreement is None or not agreement.active:
+            raise RpcError("no_agreement", "no storage agreement with you")
+        # From here to the reservation below there is no await: concurrent stores of the
+        # same owner each see the others' reservations.
+        used += self._reserved.get(peer, 0)
+        pooled += self._reserved_total
         accepted: list[tuple[bytes, bytes]] = []
         refused: list[dict[str, Any]] = []
+        reserved = 0
         for item in args["shards"]:
             size = len(item["data"])
-            if used + size > agreement.we_host or total + size > self.donate:
+            if used + size > agreement.we_host or pooled + size > self.donate:
                 refused.append({"id": item["id"], "code": "over_quota"})
                 continue
             accepted.append((item["id"], item["data"]))
             used += size
-            total += size
-        if accepted:
-            bad = await trio.to_thread.run_sync(self._store, peer, accepted, limiter=self.limiter)
-            refused += [{"id": sid, "code": "bad_shard"} for sid in bad]
-        stored = [sid for sid, _ in accepted if sid not in {r["id"] for r in refused}]
+            pooled += size
+            reserved += size
+        if not accepted:
+            return {"stored": [], "refused": refused}
+        self._reserved[peer] = self._reserved.get(peer, 0) + reserved
+        self._reserved_total += reserved
+        try:
+            bad, over = await self._run(self._store, peer, accepted, agreement.we_host)
+        finally:
+            left = self._reserved.pop(peer) - reserved
+            if left:
+                self._reserved[peer] = left
+            self._reserved_total -= reserved
+        refused += [{"id": sid, "code": "bad_shard"} for sid in bad]
+        refused += [{"id": sid, "code": "over_quota"} for sid in over]
+        failed = bad | over
+        stored = [sid for sid, _ in accepted if sid not in failed]
         return {"stored": stored, "refused": refused}
 
-    def _store(self, peer: bytes, shards: list[tuple[bytes, bytes]]) -> list[bytes]:
+    def _store(
+        self, peer: bytes, shards: list[tuple[bytes, bytes]], quota: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """Check and write shards (worker thread); return (bad ids, over-quota ids)."""
         good = [(sid, data) for sid, data in shards if merkle.shard_id(data) == sid]
-        self.shards.put_many(peer, good)
-        return [sid for sid, data in shards if (sid, data) not in good]
+        bad = {sid for sid, _ in shards} - {sid for sid, _ in good}
+        over = self.shards.put_within(
+            peer, good, quota=quota, pool=self.donate, outside_pool=self.peers.self_key
+        )
+        return bad, set(over)
 
     async def op_RetrieveShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         data = await trio.to_thread.run_sync(
@@ -152,11 +270,8 @@ class PeerService:
         return {"data": data}
 
     async def op_DeleteShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
-        ids = args["ids"]
-        held = await trio.to_thread.run_sync(self.shards.get_many, peer, ids, limiter=self.limiter)
-        present = [sid for sid, data in zip(ids, held, strict=True) if data is not None]
-        await trio.to_thread.run_sync(self.shards.delete_many, peer, present, limiter=self.limiter)
-        return {"deleted": len(present)}
+        deleted, _freed = await self._run(self.shards.delete_counted, peer, args["ids"])
+        return {"deleted": deleted}
 
     async def op_AuditShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         data = await trio.to_thread.run_sync(
@@ -194,8 +309,9 @@ class PeerService:
     async def op_PutRecord(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         if self.records is None:
             raise RpcError("refused", "this peer keeps no records")
-        if self.ledger.get(peer) is None:
-            raise RpcError("no_agreement", "no storage agreement with you")
+        agreement = self.ledger.get(peer)
+        if agreement is None or not agreement.active:
+            raise RpcError("no_agreement", "no live storage agreement with you")
         try:
             record = rootrecord.parse(args["record"])
         except rootrecord.RecordError as exc:

@@ -4,7 +4,8 @@ Stored in ``meta.lmdb`` table ``agreements`` (format version 1): key
 ``peer public key(32)`` → CBOR map ``{"v": 1, "we_host": int, "they_host": int,
 "they_use": int, "term": int, "created": float, "renewed": float,
 "store_at": str | None, "failing_since": float | None, "ended_at": float | None,
-"notified": bool}``. Fields added later default when absent, so older records load.
+"notified": bool, "ended_by_us": bool}``. Fields added later default when absent, so
+older records load (``ended_by_us`` was added in the same version: absent means false).
 
 ``we_host`` is the promise we made (bytes we keep for the peer); ``they_host``
 the promise they made to us; ``they_use`` the bytes of ours they hold, as we
@@ -14,7 +15,13 @@ Lifecycle: ``failing_since`` is when the peer first failed verification (or coul
 not be reached) with no success since; past the tolerance the agreement ends
 (``ended_at``) on our side and the peer is told (``notified``). An ended
 agreement takes no new shards either way; what we host for the peer is kept for
-the keep period after the end, then dropped.
+the keep period after the end, then dropped. An agreement *we* ended (``ended_by_us``:
+the peer failed verification too long) cannot be revived by a proposal until its
+cool-down has passed, and a proposal never clears a live agreement's failure clock.
+
+Terms (``TermsPolicy``, limits in docs/protocol.md §5): an acceptor grants at least
+``min_bytes`` each way, at most a trust-scaled share of its donation to one peer, a
+bounded number of new agreements per hour, and keeps a bounded number of agreements.
 """
 
 from __future__ import annotations
@@ -29,6 +36,26 @@ from fluidfs.store.db import Database
 
 VERSION = 1
 DEFAULT_TERM = 24 * 3600
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TermsPolicy:
+    """Limits on the agreements this node makes (values and reasons: docs/protocol.md §5)."""
+
+    min_bytes: int = MIB  # floor on both offer and ask of a proposal
+    stranger_share: int = 16  # a peer of initial trust is granted at most donate/16 ...
+    max_share: int = 4  # ... scaled by its trust, but never more than donate/4
+    min_trust: float = 0.5  # proposals from peers below half the initial trust are refused
+    new_per_hour: int = 32  # new agreements granted per hour (a burst of as many)
+    max_agreements: int = 256  # live agreements
+    max_ended: int = 1024  # ended agreements remembered (for cool-downs and keep periods)
+    idle_grace: float = 3600.0  # a live agreement holding nothing this long may be evicted
+
+    def cap(self, donate: int, trust_factor: float) -> int:
+        """Most we host for one peer whose trust is *trust_factor* times the initial one."""
+        share = donate // self.stranger_share * max(1.0, trust_factor)
+        return min(donate, max(self.min_bytes, min(int(share), donate // self.max_share)))
 
 
 @dataclass
@@ -46,6 +73,7 @@ class Agreement:
     failing_since: float | None = None
     ended_at: float | None = None
     notified: bool = False
+    ended_by_us: bool = False
 
     @property
     def active(self) -> bool:
@@ -107,10 +135,15 @@ class Ledger:
     def record(
         self, peer: bytes, we_host: int, they_host: int, term: int, store_at: str | None = None
     ) -> Agreement:
-        """Make or renew the agreement with *peer*."""
+        """Make the agreement with *peer*, renew a live one, or start over after an end.
+
+        Renewing a live agreement changes its terms only: a failure clock that is running
+        keeps running (only verification passing stops it). Whether an ended agreement may
+        start over (its cool-down) is for the caller to decide.
+        """
         now = time.time()
         agreement = self.agreements.get(peer)
-        if agreement is None:
+        if agreement is None or not agreement.active:
             agreement = Agreement(peer, created=now)
             self.agreements[peer] = agreement
         agreement.we_host = we_host
@@ -118,11 +151,45 @@ class Ledger:
         agreement.term = term
         agreement.renewed = now
         agreement.store_at = store_at
-        agreement.failing_since = None
-        agreement.ended_at = None
-        agreement.notified = False
         self.save(agreement)
         return agreement
+
+    def ended(self) -> list[Agreement]:
+        """Agreements that have ended and are still remembered."""
+        return [a for a in self.agreements.values() if not a.active]
+
+    def in_cooldown(self, peer: bytes, cooldown: float, now: float | None = None) -> float:
+        """Seconds left before an agreement we ended with *peer* may start again (0: none)."""
+        agreement = self.agreements.get(peer)
+        if agreement is None or agreement.active or not agreement.ended_by_us:
+            return 0.0
+        left = agreement.ended_at + cooldown - (time.time() if now is None else now)
+        return max(0.0, left)
+
+    def evictable(
+        self, held: dict[bytes, int], *, ended: bool, idle_since: float | None = None
+    ) -> list[bytes]:
+        """Peers whose agreement can be forgotten to make room, least useful first.
+
+        *held* maps owners to the bytes we keep for them. With *ended*, ended agreements
+        holding nothing here and nothing of ours (oldest end first; those still in a
+        cool-down we imposed last). Otherwise live ones holding nothing either way,
+        last renewed before *idle_since* (oldest first).
+        """
+        if ended:
+            found = [
+                a for a in self.agreements.values()
+                if not a.active and not held.get(a.peer) and not a.they_use
+            ]
+            found.sort(key=lambda a: (a.ended_by_us, a.ended_at))
+        else:
+            limit = time.time() if idle_since is None else idle_since
+            found = [
+                a for a in self.agreements.values()
+                if a.active and not held.get(a.peer) and not a.they_use and a.renewed < limit
+            ]
+            found.sort(key=lambda a: a.renewed)
+        return [a.peer for a in found]
 
     def passed(self, peer: bytes) -> None:
         """The peer passed verification: the agreement renews."""
@@ -137,13 +204,19 @@ class Ledger:
         if agreement is not None and agreement.active and agreement.failing_since is None:
             agreement.failing_since = time.time()
 
-    def mark_ended(self, peer: bytes, *, notified: bool = False) -> Agreement | None:
-        """End the agreement (both directions); return it if it was live."""
+    def mark_ended(
+        self, peer: bytes, *, notified: bool = False, by_us: bool = False
+    ) -> Agreement | None:
+        """End the agreement (both directions); return it if it was live.
+
+        *by_us*: we ended it because the peer failed (it starts a cool-down).
+        """
         agreement = self.agreements.get(peer)
         if agreement is None or not agreement.active:
             return None
         agreement.ended_at = time.time()
         agreement.notified = notified
+        agreement.ended_by_us = by_us
         self.save(agreement)
         return agreement
 

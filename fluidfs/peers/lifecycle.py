@@ -5,7 +5,10 @@ so an agreement ends only when verification has kept failing for longer than
 the tolerance (default one day). Ending is for both directions: our shards on
 the peer are counted lost (repair re-creates them elsewhere), the peer is told
 with ``EndAgreement`` (retried until it hears it), and what we host for it is
-kept for the keep period (default one day, the seed's minimum) and then dropped.
+kept for the keep period (default one day, the seed's minimum) and then dropped,
+with the records (root pointer, lease) we keep for it. An agreement we ended cannot be
+revived by a proposal for the cool-down (default one day, one tolerance period): a peer
+that just failed us does not get a fresh start by asking again.
 """
 
 from __future__ import annotations
@@ -22,20 +25,24 @@ from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable
+from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
+NOTIFY_FOR = 7 * DAY  # an ended agreement the peer never heard about is forgotten after this
 
 
 @dataclass
 class LifecyclePolicy:
-    """Tolerance for failures, and how long hosted shards outlive an agreement."""
+    """Tolerance for failures, how long hosted shards outlive an agreement, and how long
+    an agreement we ended stays ended."""
 
     tolerance: float = DAY
     keep: float = DAY
     tick: float = 60.0
+    cooldown: float = DAY
 
 
 class Lifecycle:
@@ -56,6 +63,7 @@ class Lifecycle:
         self.shards = shards
         self.limiter = limiter
         self.policy = policy
+        self.records: RecordStore | None = None  # records kept for peers, dropped with them
         self.on_end: Callable[[bytes], None] = lambda _key: None
 
     async def run(self) -> None:
@@ -74,16 +82,19 @@ class Lifecycle:
         for agreement in list(self.ledger):
             if agreement.active:
                 continue
-            if not agreement.notified:
+            age = now - agreement.ended_at
+            if not agreement.notified and age < NOTIFY_FOR:
                 await self._notify(agreement.peer)
-            if now - agreement.ended_at > self.policy.keep:
+            if age > self.policy.keep:
                 await self._drop_hosted(agreement.peer)
-                if agreement.notified:
+                remembered = self.policy.cooldown if agreement.ended_by_us else 0.0
+                if age > remembered and (agreement.notified or age >= NOTIFY_FOR):
                     self.ledger.end(agreement.peer)
+        await self._drop_orphan_records()
 
     def end(self, key: bytes, why: str) -> None:
-        """End the agreement with *key* now (our decision)."""
-        if self.ledger.mark_ended(key) is not None:
+        """End the agreement with *key* now (our decision: it starts the cool-down)."""
+        if self.ledger.mark_ended(key, by_us=True) is not None:
             log.warning("ending the agreement with %s: %s", encode_peer_id(key)[:12], why)
             self.on_end(key)
 
@@ -98,7 +109,11 @@ class Lifecycle:
             self.ledger.save(agreement)
 
     async def _drop_hosted(self, key: bytes) -> None:
-        ids = list(self.shards.ids(key))
+        if self.records is not None:
+            await trio.to_thread.run_sync(self.records.delete, key, limiter=self.limiter)
+        ids = await trio.to_thread.run_sync(
+            lambda: list(self.shards.ids(key)), limiter=self.limiter
+        )
         if ids:
             freed = await trio.to_thread.run_sync(
                 self.shards.delete_many, key, ids, limiter=self.limiter
@@ -109,3 +124,12 @@ class Lifecycle:
                 freed,
                 encode_peer_id(key)[:12],
             )
+
+    async def _drop_orphan_records(self) -> None:
+        """Records of owners with no agreement at all (kept by older versions) go."""
+        if self.records is None:
+            return
+        owners = await trio.to_thread.run_sync(self.records.owners, limiter=self.limiter)
+        for owner in owners:
+            if self.ledger.get(owner) is None:
+                await trio.to_thread.run_sync(self.records.delete, owner, limiter=self.limiter)

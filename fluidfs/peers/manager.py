@@ -17,7 +17,7 @@ import trio
 
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
-from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
+from fluidfs.peers.agreements import DEFAULT_TERM, Ledger, TermsPolicy
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable
 
@@ -40,6 +40,7 @@ class PeerManager:
         agreement_size: int,
         term: int = DEFAULT_TERM,
         propose: bool = True,
+        terms: TermsPolicy | None = None,
     ) -> None:
         self.conns = conns
         self.peers = peers
@@ -48,6 +49,7 @@ class PeerManager:
         self.agreement_size = agreement_size
         self.term = term
         self.propose = propose
+        self.terms = terms or TermsPolicy()
         self.on_new_agreement: Callable[[bytes], None] = lambda _key: None
 
     async def add(self, addr: str) -> tuple[bytes, bool]:
@@ -90,10 +92,31 @@ class PeerManager:
         if not reply["accepted"]:
             log.info("peer %s declined an agreement: %s", _short(key), reply.get("reason", ""))
             return False
-        self.ledger.record(key, we_host=reply["offer"], they_host=reply["ask"], term=reply["term"])
-        log.info("agreement with %s: each hosts %d bytes", _short(key), size)
+        offer, ask, term = reply["offer"], reply["ask"], reply["term"]
+        wrong = self._wrong_terms(args, offer, ask, term)
+        if wrong:
+            log.warning("peer %s accepted with terms we did not propose (%s): declined",
+                        _short(key), wrong)
+            self.peers.record(key, False)
+            return False
+        self.ledger.record(key, we_host=offer, they_host=ask, term=term)
+        log.info("agreement with %s: we host %d bytes, it hosts %d", _short(key), offer, ask)
         self.on_new_agreement(key)
         return True
+
+    def _wrong_terms(self, proposed: dict, offer: int, ask: int, term: int) -> str:
+        """Why accepted terms are not ones we can take ('' if they are)."""
+        if offer > proposed["offer"]:
+            return f"we would host {offer} bytes, more than the {proposed['offer']} offered"
+        if not self.terms.min_bytes <= ask <= proposed["ask"]:
+            return f"it would host {ask} bytes, not {self.terms.min_bytes}..{proposed['ask']}"
+        if offer * proposed["ask"] > proposed["offer"] * ask:
+            return f"{offer} for {ask} is a worse ratio than proposed"
+        if term > proposed["term"]:
+            return f"term {term} s is longer than the {proposed['term']} s proposed"
+        if self.ledger.promised_by_us() + offer > self.donate:
+            return "our donation is fully promised"
+        return ""
 
     async def bootstrap(self, addr: str) -> None:
         """Keep trying *addr* until it is added (run as a background task)."""

@@ -5,7 +5,9 @@ On-disk format, version 1: one file per owner and kind,
 exactly as received (see peers/rootrecord.py). Each write goes to a temporary file
 that is synced and renamed into place, so a crash leaves the old or the new record,
 never a torn one. Records are small (at most 64 KiB) and change at most every few
-seconds per owner.
+seconds per owner. There is at most one record per owner and kind; the service keeps
+them only for owners with a live agreement, and they are deleted with the agreement
+(peers/lifecycle.py), so the directory holds at most two files per agreement.
 
 All methods do blocking file I/O: call them from worker threads.
 """
@@ -37,6 +39,32 @@ class RecordStore:
             return self.path(owner, kind).read_bytes()
         except FileNotFoundError:
             return None
+
+    def delete(self, owner: bytes) -> int:
+        """Forget every record of *owner*; return how many there were."""
+        gone = 0
+        for kind in KINDS:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(owner, kind).unlink()
+                gone += 1
+        return gone
+
+    def owners(self) -> set[bytes]:
+        """Every owner with a record here."""
+        found: set[bytes] = set()
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return found
+        for name in names:
+            stem, _, kind = name.partition(".")
+            try:
+                owner = bytes.fromhex(stem)
+            except ValueError:
+                continue
+            if kind in KINDS and len(owner) == 32:
+                found.add(owner)
+        return found
 
     def put(self, owner: bytes, kind: str, raw: bytes) -> None:
         """Replace the stored record, durably."""

@@ -5,7 +5,9 @@ On-disk format, version 1, in ``shards.lmdb``:
 - table ``shards``: key ``owner(32) || shard_id(32)`` → the shard bytes.
 - table ``usage``:  key ``owner(32)`` → ``u64 big-endian`` bytes held for that owner.
 
-All methods do blocking LMDB I/O: call them from worker threads.
+All methods do blocking LMDB I/O: call them from worker threads. Sizes and presence are
+read through buffer transactions (``buffers=True``): ``len()`` of a value found that way
+is the size LMDB keeps beside it, so no shard is copied (or paged in) just to be measured.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ class ShardStore:
         self._data_file = str(path / "data.mdb")
         self._usage = self.db["usage"]
 
+    def _write(self):
+        return self.db.env.begin(write=True, buffers=True)
+
     def put_many(self, owner: bytes, shards: Iterable[tuple[bytes, bytes]]) -> int:
         """Store shards for *owner* in one transaction; return the bytes newly added."""
         added = 0
-        with self.db.write() as txn:
+        with self._write() as txn:
             for shard_id, data in shards:
                 key = owner + shard_id
                 old = txn.get(key, db=self._shards)
@@ -45,28 +50,69 @@ class ShardStore:
             self._add_usage(txn, owner, added)
         return added
 
+    def put_within(
+        self,
+        owner: bytes,
+        shards: Iterable[tuple[bytes, bytes]],
+        *,
+        quota: int,
+        pool: int,
+        outside_pool: bytes | None = None,
+    ) -> list[bytes]:
+        """Store shards for *owner* as long as they fit; return the ids that did not.
+
+        A shard fits if afterwards *owner* holds at most *quota* bytes and all owners
+        together (except *outside_pool*) at most *pool*. The check and the write are one
+        write transaction, so concurrent callers can never overshoot either limit.
+        """
+        over: list[bytes] = []
+        added = 0
+        with self._write() as txn:
+            used = self._usage_of(txn, owner)
+            pooled = sum(
+                _U64.unpack(v)[0]
+                for k, v in txn.cursor(db=self._usage)
+                if bytes(k) != outside_pool
+            )
+            for shard_id, data in shards:
+                key = owner + shard_id
+                old = txn.get(key, db=self._shards)
+                delta = len(data) - (len(old) if old is not None else 0)
+                if delta > 0 and (used + delta > quota or pooled + delta > pool):
+                    over.append(shard_id)
+                    continue
+                txn.put(key, data, db=self._shards)
+                used += delta
+                pooled += delta
+                added += delta
+            self._add_usage(txn, owner, added)
+        return over
+
     def get(self, owner: bytes, shard_id: bytes) -> bytes | None:
         """The shard's bytes, or None if not held."""
         with self.db.read() as txn:
             return txn.get(owner + shard_id, db=self._shards)
 
-    def get_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> list[bytes | None]:
-        """Several shards in one read transaction (None for those not held)."""
-        with self.db.read() as txn:
-            return [txn.get(owner + sid, db=self._shards) for sid in shard_ids]
-
     def delete_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> int:
         """Delete shards of *owner*; return the bytes freed."""
-        freed = 0
-        with self.db.write() as txn:
-            for shard_id in shard_ids:
+        return self.delete_counted(owner, shard_ids)[1]
+
+    def delete_counted(self, owner: bytes, shard_ids: Iterable[bytes]) -> tuple[int, int]:
+        """Delete shards of *owner*; return (distinct shards deleted, bytes freed).
+
+        An id listed twice counts once; no shard is read.
+        """
+        count = freed = 0
+        with self._write() as txn:
+            for shard_id in dict.fromkeys(shard_ids):
                 key = owner + shard_id
                 old = txn.get(key, db=self._shards)
                 if old is not None:
+                    count += 1
                     freed += len(old)
                     txn.delete(key, db=self._shards)
             self._add_usage(txn, owner, -freed)
-        return freed
+        return count, freed
 
     def release_pages(self) -> None:
         """Drop this process's mapped pages of the shard file (they stay in page cache)."""
@@ -75,8 +121,17 @@ class ShardStore:
     def used(self, owner: bytes) -> int:
         """Bytes held for *owner*."""
         with self.db.read() as txn:
-            raw = txn.get(owner, db=self._usage)
-        return _U64.unpack(raw)[0] if raw else 0
+            return self._usage_of(txn, owner)
+
+    def used_and_pooled(self, owner: bytes, outside_pool: bytes | None = None) -> tuple[int, int]:
+        """(bytes held for *owner*, bytes held for every owner but *outside_pool*)."""
+        with self.db.read() as txn:
+            pooled = sum(
+                _U64.unpack(v)[0]
+                for k, v in txn.cursor(db=self._usage)
+                if bytes(k) != outside_pool
+            )
+            return self._usage_of(txn, owner), pooled
 
     def owners(self) -> dict[bytes, int]:
         """Every owner with shards here, and the bytes held for each."""
@@ -95,11 +150,14 @@ class ShardStore:
                     found.append(bytes(key[32:]))
         return iter(found)
 
+    def _usage_of(self, txn, owner: bytes) -> int:
+        raw = txn.get(owner, db=self._usage)
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
     def _add_usage(self, txn, owner: bytes, delta: int) -> None:
         if not delta:
             return
-        raw = txn.get(owner, db=self._usage)
-        total = max(0, (_U64.unpack(raw)[0] if raw else 0) + delta)
+        total = max(0, self._usage_of(txn, owner) + delta)
         if total:
             txn.put(owner, _U64.pack(total), db=self._usage)
         else:
