@@ -1,7 +1,10 @@
 """The local control socket: how `fluidfs peers`, `fluidfs status` reach a running node.
 
-``<state>/control.sock`` is a Unix stream socket with mode 0600 inside the 0700
-state directory, so only the owner can talk to the node. Protocol version 1:
+``<state>/control.sock`` is a Unix stream socket inside the 0700 state directory,
+so only the owner can talk to the node. It is created under the node's umask (077,
+set when a node process starts: cli.setup_node_process), never chmodded after the
+bind: the directory is made private before the socket exists, so there is no moment
+at which another user could connect. Protocol version 1:
 one JSON object per line each way — a request ``{"v": 1, "cmd": str, ...}`` and
 a reply ``{"ok": true, ...}`` or ``{"ok": false, "error": str}``. Requests are
 capped at 64 KiB.
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,11 +40,13 @@ async def serve(
     path: Path, handlers: dict[str, Handler], *, task_status=trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve control requests on *path* until cancelled."""
+    parent = path.parent
+    if stat.S_IMODE(os.stat(parent).st_mode) & 0o077:
+        os.chmod(parent, 0o700)  # before the socket exists: nobody else can reach it
     if path.exists() or path.is_symlink():
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
-    os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()

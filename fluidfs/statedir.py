@@ -11,18 +11,32 @@ Layout (version 1)::
     <state>/cache/        plaintext block cache (see blocks/cache.py)
     <state>/dirty/        blocks written but not yet sealed (see fs/filedata.py)
     <state>/records/      peers' root and lease records we keep for them (store/records.py)
-    <state>/fluidfs.log   the node's log when it runs in the background
+    <state>/fluidfs.log   the node's log when it runs in the background (rotated:
+                          fluidfs.log.1 … .3, see logsetup.py)
+    <state>/control.sock  the node's control socket (control.py)
+    <state>/new-key       the peer id of a keyfile made for this state directory (by the
+                          mount that created the keyfile, or `fluidfs init`): its first
+                          mount starts a new backup without asking peers (remount.py)
+
+The directory is private: it holds plaintext (the cache, unsealed blocks) and the
+tree's metadata. Every start forces its mode to 0700, with a warning when it was
+looser.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import stat
 import urllib.parse
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 FORMAT = "fluidfs-state-1"
 FSNAME_PREFIX = "fluidfs@"
+PRIVATE = 0o700
 
 
 def fsname_for(state: Path) -> str:
@@ -97,12 +111,58 @@ class StateDir:
         """The node's local control socket."""
         return self.path / "control.sock"
 
+    @property
+    def new_key(self) -> Path:
+        """Marker: the peer id of a keyfile created for this state directory."""
+        return self.path / "new-key"
+
+    def foreign(self) -> bool:
+        """True if the directory holds something else's state (a format we do not know)."""
+        try:
+            return (self.path / "format").read_text().strip() != FORMAT
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError):
+            return True
+
+    def make_private(self) -> int | None:
+        """Force the directory's mode to 0700; return the old mode if it was looser."""
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        if mode == PRIVATE:
+            return None
+        os.chmod(self.path, PRIVATE)
+        return mode if mode & 0o077 else None
+
+    def mark_new_key(self, peer_id: str) -> None:
+        """Record that the keyfile of *peer_id* was just made for this state directory."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=PRIVATE)
+        self.publish("new-key", peer_id + "\n")
+
+    def made_for(self, peer_id: str) -> bool:
+        """True if the keyfile of *peer_id* was created for this state directory."""
+        try:
+            return self.new_key.read_text(encoding="ascii").strip() == peer_id
+        except (OSError, UnicodeDecodeError):
+            return False
+
     def lock(self, peer_id: str) -> None:
         """Take the lock and check (or record) which identity this state belongs to."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path.mkdir(parents=True, exist_ok=True, mode=PRIVATE)
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.path}: {exc}") from None
+        if self.foreign():
+            raise StateError(f"{self.path} holds state of an unknown format")
+        try:
+            loose = self.make_private()
+        except OSError as exc:
+            raise StateError(f"cannot make state directory {self.path} private: {exc}") from None
+        if loose is not None:
+            log.warning(
+                "state directory %s was mode %04o (other users could read it): now 0700",
+                self.path,
+                loose,
+            )
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
