@@ -10,6 +10,7 @@ with back-off until it answers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -94,10 +95,16 @@ class PeerManager:
             return False
         offer, ask, term = reply["offer"], reply["ask"], reply["term"]
         wrong = self._wrong_terms(args, offer, ask, term)
-        if wrong:
-            log.warning("peer %s accepted with terms we did not propose (%s): declined",
-                        _short(key), wrong)
-            self.peers.record(key, False)
+        if wrong or self.ledger.promised_by_us() + offer > self.donate:
+            if wrong:
+                log.warning("peer %s accepted with terms we did not propose (%s): declined",
+                            _short(key), wrong)
+                self.peers.record(key, False)
+            else:
+                log.info("not taking %s's terms: our donation got promised meanwhile",
+                         _short(key))
+            with contextlib.suppress(PeerUnavailable, RpcError):
+                await self.conns.call(key, "EndAgreement", {}, timeout=10)  # its side too
             return False
         self.ledger.record(key, we_host=offer, they_host=ask, term=term)
         log.info("agreement with %s: we host %d bytes, it hosts %d", _short(key), offer, ask)
@@ -114,8 +121,6 @@ class PeerManager:
             return f"{offer} for {ask} is a worse ratio than proposed"
         if term > proposed["term"]:
             return f"term {term} s is longer than the {proposed['term']} s proposed"
-        if self.ledger.promised_by_us() + offer > self.donate:
-            return "our donation is fully promised"
         return ""
 
     async def bootstrap(self, addr: str) -> None:
