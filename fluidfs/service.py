@@ -182,10 +182,22 @@ class PeerService:
                          if k != peer]
             if not evictable:
                 return f"this node keeps at most {terms.max_agreements} agreements"
-            await self._forget(evictable[0], "idle, to make room for a new peer")
+            await self._end_idle(evictable[0])
         if len(self.ledger.active()) >= terms.max_agreements:  # taken while we evicted
             return f"this node keeps at most {terms.max_agreements} agreements"
         return None
+
+    async def _end_idle(self, key: bytes) -> None:
+        """End a live agreement that holds nothing either way, to make room.
+
+        The peer is told by the lifecycle (``EndAgreement``) like after any end we decide;
+        this is no failure of the peer's, so no cool-down applies.
+        """
+        log.info("ending the idle agreement with %s to make room for a new peer", key.hex()[:12])
+        if self.ledger.mark_ended(key) is not None and self.on_end is not None:
+            self.on_end(key)
+        if self.records is not None:
+            await self._run(self.records.delete, key)
 
     async def _forget(self, key: bytes, why: str) -> None:
         """Drop an agreement that holds nothing, with any records we keep for it."""

@@ -171,7 +171,8 @@ async def test_agreements_are_bounded_and_idle_empty_ones_make_room(node):
     newcomer = stranger()
     assert (await node.propose(newcomer))["accepted"]
     assert node.ledger.get(holding) is not None, "a peer whose shards we hold stays"
-    assert node.ledger.get(idle[0]) is None, "the longest idle, empty agreement went"
+    assert not node.ledger.get(idle[0]).active, "the longest idle, empty agreement ended"
+    assert not node.ledger.get(idle[0]).notified, "the lifecycle will tell the peer"
     assert node.svc.records.get(idle[0], "root") is None, "with its records"
     assert len(node.ledger.active()) == 4
 
