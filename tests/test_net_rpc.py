@@ -193,7 +193,7 @@ async def test_request_byte_budget_limits_concurrency(nursery):
 
     async def server() -> None:
         channel = await accept_channel(s2, SERVER)
-        await RpcConnection(channel, svc, ops=TEST_OPS, max_request_bytes=300_000).run()
+        await RpcConnection(channel, svc, ops=TEST_OPS, max_bytes=300_000).run()
 
     nursery.start_soon(server)
     conn = RpcConnection(await connect_channel(s1, CLIENT, SERVER_PK), ops=TEST_OPS)

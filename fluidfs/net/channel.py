@@ -61,12 +61,18 @@ from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
 from .framecipher import ABYTES, FrameOpener, FrameSealer
 from .streamio import ExactReader, StreamEOF
 
-__all__ = ["MAX_FRAME", "SecureChannel", "accept_channel", "connect_channel"]
+__all__ = ["MAX_FRAME", "BodyGate", "SecureChannel", "accept_channel", "connect_channel"]
+
+#: ``before_body(message_length)`` for ``SecureChannel.receive``
+BodyGate = Callable[[int], Awaitable[None]]
 
 MAX_FRAME = 8 * 1024 * 1024 + 1024
 TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
-KEEP_BUFFER = 1 << 20  # per-channel reusable buffers up to this size; bigger frames allocate
+# Per-channel reusable buffers up to this size; bigger frames get buffers of their own
+# (allocated without clearing), held only while the frame moves. Small on purpose: a node
+# has hundreds of connections, and three buffers of 1 MiB each were 3 MiB per connection.
+KEEP_BUFFER = 16 << 10
 # Frames at least this big are en/decrypted in a worker thread, so the trio thread is not
 # held for long. A thread hand-off costs about as much as AES-GCM on 512 KiB, so with that
 # cipher only very large frames go (bench_net.py: RPC 1,365 MB/s offloading at 256 KiB,
@@ -128,9 +134,9 @@ class SecureChannel:
         self._recv_busy = False
         self._closed = False
         self._hdr = memoryview(bytearray(4))
-        self._sbuf: bytearray | None = None
-        self._rbuf: bytearray | None = None
-        self._obuf = None  # reusable cffi plaintext buffer
+        self._sbuf = None  # reusable cffi buffers for frames up to KEEP_BUFFER
+        self._rbuf = None
+        self._obuf = None
 
     @property
     def max_message(self) -> int:
@@ -165,11 +171,10 @@ class SecureChannel:
         clen = n + ABYTES
         if n <= KEEP_BUFFER:
             if self._sbuf is None:
-                self._sbuf = bytearray(KEEP_BUFFER + 4 + ABYTES)
+                self._sbuf = _alloc("unsigned char[]", KEEP_BUFFER + 4 + ABYTES)
             frame = self._sbuf
         else:
-            frame = bytearray(clen + 4)
-        frame[0:4] = clen.to_bytes(4, "big")
+            frame = _alloc("unsigned char[]", clen + 4)
         try:
             if self.offload_bytes is not None and n >= self.offload_bytes:
                 await trio.to_thread.run_sync(
@@ -177,7 +182,7 @@ class SecureChannel:
                 )
             else:
                 self._encrypt(frame, data, n, tag)
-            await self._stream.send_all(memoryview(frame)[: clen + 4])
+            await self._stream.send_all(ffi.buffer(frame, clen + 4))
         except _DEAD as exc:
             self._send_error = ChannelClosed("connection lost while sending")
             raise self._send_error from exc
@@ -186,14 +191,20 @@ class SecureChannel:
             raise
 
     def _encrypt(
-        self, frame: bytearray, data: bytes | bytearray | memoryview, n: int, tag: int
+        self, frame: object, data: bytes | bytearray | memoryview, n: int, tag: int
     ) -> None:
-        self._sealer.seal(ffi.from_buffer(frame) + 4, data, n, tag)
+        frame[0:4] = (n + ABYTES).to_bytes(4, "big")  # type: ignore[index]
+        self._sealer.seal(frame + 4, data, n, tag)  # type: ignore[operator]
 
     # -- receiving -----------------------------------------------------------------------
 
-    async def receive(self) -> bytes:
+    async def receive(self, before_body: BodyGate | None = None) -> bytes:
         """Return the next message.
+
+        ``before_body(length)``, if given, is awaited once the frame's length is known and
+        checked, before its body is allocated or read: it may wait (the peer's bytes stay
+        in the kernel, so TCP slows the peer down) or raise ``FrameError`` to refuse a
+        frame of that size (the connection is then closed).
 
         Raises ``ChannelClosed`` when the peer closed (FINAL frame or end of stream at a
         frame boundary) and ``FrameError`` for a malformed, oversized, truncated, tampered,
@@ -207,7 +218,7 @@ class SecureChannel:
             raise trio.BusyResourceError("another task is already receiving on this channel")
         self._recv_busy = True
         try:
-            return await self._receive_frame()
+            return await self._receive_frame(before_body)
         finally:
             self._recv_busy = False
 
@@ -233,7 +244,7 @@ class SecureChannel:
                 self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
             raise
 
-    async def _receive_frame(self) -> bytes:
+    async def _receive_frame(self, before_body: BodyGate | None) -> bytes:
         await self._read(self._hdr, "header", first=True)
         clen = int.from_bytes(self._hdr, "big")
         if clen > self.max_frame:
@@ -242,22 +253,26 @@ class SecureChannel:
             )
         if clen < ABYTES:
             raise await self._fail(FrameError(f"frame length {clen} is too short"))
-        if clen <= KEEP_BUFFER + ABYTES:
-            if self._rbuf is None:
-                self._rbuf = bytearray(KEEP_BUFFER + ABYTES)
-            buf = self._rbuf
-        else:
-            buf = bytearray(clen)
-        view = memoryview(buf)[:clen]
-        await self._read(view, "body")
         mlen = clen - ABYTES
+        if before_body is not None:
+            try:
+                await before_body(mlen)
+            except FrameError as exc:
+                raise await self._fail(exc) from None
+            except BaseException:
+                self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
+                raise
         offset = self._opener.offset
         if mlen <= KEEP_BUFFER:
-            if self._obuf is None:
+            if self._rbuf is None:
+                self._rbuf = _alloc("unsigned char[]", KEEP_BUFFER + ABYTES)
                 self._obuf = _alloc("unsigned char[]", KEEP_BUFFER + offset)
-            out = self._obuf
+            buf, out = self._rbuf, self._obuf
         else:
+            buf = _alloc("unsigned char[]", clen)
             out = _alloc("unsigned char[]", mlen + offset)
+        view = memoryview(ffi.buffer(buf, clen))
+        await self._read(view, "body")
         try:
             if self.offload_bytes is not None and mlen >= self.offload_bytes:
                 tag = await trio.to_thread.run_sync(
@@ -268,6 +283,7 @@ class SecureChannel:
         except BaseException:
             self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
             raise
+        del view, buf  # the ciphertext is not needed any more: at most two copies at once
         if tag is None:
             raise await self._fail(
                 FrameError("frame failed authentication (tampered, replayed or reordered)")

@@ -8,6 +8,15 @@ Decoding is hardened for untrusted input: the frame is already bounded by the ch
 CBOR tags (dates, bignums, regexes, shared references, ...), indefinite-length items,
 duplicate keys and non-string map keys are refused, nesting is capped at ``MAX_DEPTH``, and
 the envelope's exact shape is checked before anything else looks at it.
+
+Before cbor2 sees a frame, ``peek`` walks its structure in pure Python without building
+anything: it reads the head fields (``v``, ``id``, ``op``), skips over string bodies without
+copying them, counts the data items of the body (``args``/``ok``/``err``) and stops as soon
+as ``max_items`` or ``MAX_DEPTH`` is passed, so its cost is bounded by the item cap whatever
+the frame's size. A decoded message then takes at most its length plus a fixed overhead per
+counted item, which is what the RPC layer charges to the peer's memory budget; it also
+compares the counts with the op's bounds (``fluidfs.net.schema.bounds``) and may refuse a
+message from its ``Head`` alone, without decoding it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import cbor2
 
 VERSION = 1
 MAX_DEPTH = 16  # the deepest v1 message (StoreShard) nests 5 levels
+MAX_ITEMS = 4096  # data items in one message; the largest v1 message has ~1,300
+MAX_TOP_KEYS = 16  # keys of the envelope map that peek reads before giving up
 MAX_OP = 64
 MAX_CODE = 64
 MAX_MSG = 1024
@@ -82,11 +93,151 @@ class EnvelopeError(Exception):
     """A message that is not a valid envelope. ``id`` is set when it could be recovered,
     so the receiver can answer with error ``code``; otherwise the connection is dropped."""
 
-    def __init__(self, why: str, id: int | None = None, code: str = "bad_request") -> None:
+    def __init__(
+        self, why: str, id: int | None = None, code: str = "bad_request", reply: bool = False
+    ) -> None:
         super().__init__(why)
         self.why = why
         self.id = id
         self.code = code
+        self.reply = reply  # the message looked like a reply (has ok/err, no op)
+
+
+class Head(NamedTuple):
+    """What ``peek`` learnt about a frame without decoding it.
+
+    ``op`` is set if the message has an ``op`` key (a request; ``""`` if its value is not
+    a usable op name); ``reply`` is true if it has ``ok`` or ``err`` and no ``op``.
+    ``items`` counts the data items of the whole message, the envelope's own included.
+    """
+
+    id: int
+    op: str | None
+    reply: bool
+    items: int
+
+
+class _Bad(Exception):
+    def __init__(self, why: str, too_many: bool = False) -> None:
+        super().__init__(why)
+        self.too_many = too_many
+
+
+def _arg(frame: bytes, pos: int, ai: int, end: int) -> tuple[int, int]:
+    """The argument of a CBOR head whose additional info is ``ai``; returns (value, pos)."""
+    if ai < 24:
+        return ai, pos
+    if ai > 27:
+        raise _Bad("indefinite-length or reserved CBOR item")
+    n = 1 << (ai - 24)
+    if pos + n > end:
+        raise _Bad("CBOR item runs past the end of the frame")
+    return int.from_bytes(frame[pos : pos + n], "big"), pos + n
+
+
+def _skip(frame: bytes, pos: int, end: int, budget: int, depth: int) -> tuple[int, int]:
+    """Walk the data item at ``pos`` (at nesting level ``depth + 1``), building nothing.
+
+    Returns (position after it, ``budget`` minus the items walked). Raises ``_Bad`` for
+    tags, indefinite lengths, truncation, nesting past ``MAX_DEPTH`` or more items than
+    ``budget``. Costs O(items walked), whatever the strings' lengths.
+    """
+    stack = [1]  # items still to walk at each open level
+    while stack:
+        if not stack[-1]:
+            stack.pop()
+            continue
+        stack[-1] -= 1
+        budget -= 1
+        if budget < 0:
+            raise _Bad("too many CBOR items", too_many=True)
+        if pos >= end:
+            raise _Bad("CBOR item runs past the end of the frame")
+        ib = frame[pos]
+        major, ai = ib >> 5, ib & 31
+        if major == 7 and ai == 31:
+            raise _Bad("indefinite-length CBOR item")
+        value, pos = _arg(frame, pos + 1, ai, end)
+        if major <= 1 or major == 7:  # integer, simple value or float
+            continue
+        if major <= 3:  # byte or text string: skip its body
+            if value > end - pos:
+                raise _Bad("CBOR string runs past the end of the frame")
+            pos += value
+        elif major <= 5:  # array or map
+            count = value if major == 4 else 2 * value
+            if count > budget:
+                raise _Bad("too many CBOR items", too_many=True)
+            if count:
+                if depth + len(stack) >= MAX_DEPTH:
+                    raise _Bad(f"CBOR nesting deeper than {MAX_DEPTH}")
+                stack.append(count)
+        else:
+            raise _Bad("CBOR tags are not allowed")
+    return pos, budget
+
+
+def _text_at(frame: bytes, pos: int, end: int, most: int) -> str | None:
+    """The text string at ``pos`` if it is one of at most ``most`` UTF-8 bytes."""
+    ib = frame[pos]
+    if ib >> 5 != 3:
+        return None
+    n, start = _arg(frame, pos + 1, ib & 31, end)
+    if n > most or n > end - start:
+        return None
+    try:
+        return frame[start : start + n].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def peek(frame: bytes, max_items: int = MAX_ITEMS) -> Head:
+    """Check a frame's structure and read its head (id, op, item count) without decoding.
+
+    Raises ``EnvelopeError`` for anything that is refused on structure alone: not a map,
+    keys that are not distinct short text strings, truncation, trailing bytes, tags,
+    indefinite lengths, nesting past ``MAX_DEPTH`` and more than ``max_items`` items
+    (code ``too_large``). The error carries the id when it was read before the fault.
+    """
+    end = len(frame)
+    mid: int | None = None
+    op: str | None = None
+    items = 1
+    seen: set[str] = set()
+    try:
+        if not end or frame[0] >> 5 != 5:
+            raise _Bad("message is not a map")
+        pairs, pos = _arg(frame, 1, frame[0] & 31, end)
+        if pairs > MAX_TOP_KEYS:
+            raise _Bad("message map has too many keys")
+        for _ in range(pairs):
+            if pos >= end:
+                raise _Bad("CBOR item runs past the end of the frame")
+            key = _text_at(frame, pos, end, 8)
+            if key is None or key in seen:
+                mid = None  # we cannot tell which id the sender meant
+                raise _Bad("envelope keys must be distinct short text strings")
+            seen.add(key)
+            pos, left = _skip(frame, pos, end, max_items - items, 1)
+            start = pos
+            pos, left = _skip(frame, pos, end, left, 1)
+            items = max_items - left
+            if key == "id" and frame[start] >> 5 == 0:
+                mid = _arg(frame, start + 1, frame[start] & 31, end)[0]
+            elif key == "op":
+                op = _text_at(frame, start, end, 4 * MAX_OP) or ""  # "": decode() says why
+        if pos != end:
+            raise _Bad("bytes after the message")
+    except _Bad as exc:
+        if mid is None:
+            raise EnvelopeError(f"not a valid envelope: {exc}") from None
+        code = "too_large" if exc.too_many else "bad_request"
+        reply = op is None and bool({"ok", "err"} & seen)
+        raise EnvelopeError(f"not a valid envelope: {exc}", mid, code, reply) from None
+    if mid is None:
+        raise EnvelopeError("message has no valid id")
+    reply = op is None and ("ok" in seen or "err" in seen)
+    return Head(mid, op, reply, items)
 
 
 def loads(frame: bytes) -> Any:
@@ -106,12 +257,18 @@ def _is_str(v: object, lo: int, hi: int) -> bool:
     return type(v) is str and lo <= len(v) <= hi
 
 
-def decode(frame: bytes) -> Request | Response:
-    """Parse one frame into a ``Request`` or ``Response``; raise ``EnvelopeError``."""
+def decode(frame: bytes, head: Head | None = None) -> Request | Response:
+    """Parse one frame into a ``Request`` or ``Response``; raise ``EnvelopeError``.
+
+    ``head`` is ``peek(frame)`` if the caller already has it; otherwise ``peek`` runs
+    first, so cbor2 never sees a frame with more than ``MAX_ITEMS`` items.
+    """
+    if head is None:
+        head = peek(frame)
     try:
         msg = loads(frame)
     except Exception as exc:  # cbor2 raises several types, incl. ValueError/RecursionError
-        raise EnvelopeError(f"not valid CBOR: {str(exc)[:200]}") from None
+        raise EnvelopeError(f"not valid CBOR: {str(exc)[:200]}", head.id) from None
     if type(msg) is not dict:
         raise EnvelopeError("message is not a map")
     mid = msg.get("id")

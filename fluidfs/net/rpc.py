@@ -2,10 +2,8 @@
 
 One ``RpcConnection`` per channel. Its ``run()`` task reads every frame: replies are routed
 to the waiting ``call()`` by id, requests (if a dispatcher is given) are validated and run
-as handler tasks, at most ``max_handlers`` at a time and holding at most
-``max_request_bytes`` of request frames; the reader stops reading while either cap is
-reached, so a flooding peer is slowed by TCP back-pressure. The connection is
-symmetric: both ends may call and serve on the same channel.
+as handler tasks. The connection is symmetric: both ends may call and serve on the same
+channel.
 
 Lifetime (trio style, the connection never outlives a nursery):
 
@@ -17,6 +15,29 @@ Lifetime (trio style, the connection never outlives a nursery):
 
     await serve_connection(channel, dispatcher)        # server side: returns at disconnect
 
+What a peer can make us hold is bounded before we hold it (limits: ``NetLimits``, memory:
+``fluidfs.net.budget``):
+
+1. From a frame's 4-byte length alone: a frame larger than ``small_frame`` is read only if
+   something the peer may send now is that large — a request of an op whose schema allows
+   it, from a partner (in v1 only ``StoreShard``), or the reply to one of our pending
+   calls whose op allows it (``RetrieveShard``). Anything else ends the connection before
+   the body is allocated. The frame's bytes are reserved from the budget before reading
+   (the reader waits for room; the peer is slowed by TCP back-pressure), and the body
+   must arrive within ``frame_timeout``.
+2. ``envelope.peek`` (bounded pure-Python walk, no decoding) reads id and op and counts
+   items. A request larger (in bytes or items) than its op's schema allows gets a
+   ``too_large`` error reply, an unknown op ``unknown_op`` — neither is decoded. A reply
+   larger than its call's op allows fails that call with ``bad_reply``, undecoded.
+3. The frame is decoded (in a worker thread from ``decode_offload`` bytes) and its
+   decoded size — bytes plus ``item_overhead`` per item — stays reserved while its
+   handler runs. Before the handler starts, the op's largest reply is reserved too
+   (RetrieveShard: 2 x 8 MiB), shrunk to the real reply once it is encoded, and released
+   when it is sent. A reply not sent within ``send_timeout`` ends the connection.
+4. At most ``max_handlers`` requests run at once; the reader waits for a slot.
+5. With ``idle_timeout``, a connection with no pending calls, no running handlers and no
+   frame for that long is closed (our pool dials again when it needs the peer).
+
 Failures never escape ``run()``: a bad frame or an envelope without a usable id drops the
 connection; every other bad request gets an error reply and the connection lives on.
 """
@@ -24,6 +45,7 @@ connection; every other bad request gets an error reply and the connection lives
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import Mapping
@@ -32,6 +54,7 @@ from typing import Any, Protocol
 import trio
 
 from . import envelope
+from .budget import ConnBudget, Hold, NodeBudget
 from .channel import SecureChannel
 from .errors import (
     ChannelClosed,
@@ -41,16 +64,76 @@ from .errors import (
     RpcError,
     RpcTimeout,
 )
+from .limits import DEFAULT_LIMITS, NetLimits
 from .messages import OPS, OpSpec
-from .schema import Schema, SchemaError, validate
+from .schema import Bound, Int, Map, Schema, SchemaError, Str, bounds, validate
 
-__all__ = ["Dispatcher", "RpcConnection", "serve_connection"]
+__all__ = [
+    "ERR_BOUND",
+    "Dispatcher",
+    "RpcConnection",
+    "decode_limiter",
+    "reply_bound",
+    "request_bound",
+    "serve_connection",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
-MAX_HANDLERS = 64  # concurrent handlers per connection
-MAX_REQUEST_BYTES = 64 << 20  # request bytes held by running handlers, per connection
+MAX_HANDLERS = DEFAULT_LIMITS.max_handlers  # concurrent handlers per connection
+
+
+def _envelope_bound(fields: dict[str, Schema]) -> Bound:
+    return bounds(Map({"v": Int(), "id": Int(), **fields}))
+
+
+_EMPTY = bounds(Map({}))
+_REQUEST_ENVELOPE = _envelope_bound({"op": Str(envelope.MAX_OP), "args": Map({})})
+_OK_ENVELOPE = _envelope_bound({"ok": Map({})})
+#: how far past its op's bound a request may go and still be decoded, so that a small
+#: mistake (an unknown key, a wrong type) gets the schema's precise ``bad_request``
+SLACK = Bound(1024, 16)
+#: the largest error reply; any call may get one
+ERR_BOUND = _envelope_bound(
+    {"err": Map({"code": Str(envelope.MAX_CODE), "msg": Str(envelope.MAX_MSG)})}
+)
+
+
+def request_bound(args: Schema) -> Bound:
+    """The largest request envelope whose ``args`` fit ``args``."""
+    b = bounds(args)
+    return Bound(
+        _REQUEST_ENVELOPE.size - _EMPTY.size + b.size,
+        _REQUEST_ENVELOPE.items - _EMPTY.items + b.items,
+    )
+
+
+def reply_bound(ok: Schema | None, max_message: int) -> Bound:
+    """The largest reply to a call whose ``ok`` fits ``ok`` (None: unknown, any size)."""
+    if ok is None:
+        return Bound(max_message, envelope.MAX_ITEMS)
+    b = bounds(ok)
+    return Bound(
+        max(_OK_ENVELOPE.size - _EMPTY.size + b.size, ERR_BOUND.size),
+        max(_OK_ENVELOPE.items - _EMPTY.items + b.items, ERR_BOUND.items),
+    )
+
+
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "fluidfs.net.decode"
+)
+
+
+def decode_limiter(threads: int = DEFAULT_LIMITS.decode_threads) -> trio.CapacityLimiter:
+    """The per-``trio.run`` limiter for decoding large messages off the loop (its own
+    threads: never the filesystem's limiter nor the frame crypto's)."""
+    try:
+        return _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(threads)
+        _DECODE_LIMITER.set(limiter)
+        return limiter
 
 
 class Dispatcher(Protocol):
@@ -67,35 +150,22 @@ class Dispatcher(Protocol):
         ...
 
 
-class _ByteBudget:
-    """Bytes of request frames that may be held by running handlers (one acquirer)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = self.free = total
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, n: int) -> int:
-        n = min(n, self.total)
-        while self.free < n:
-            await self._lot.park()
-        self.free -= n
-        return n
-
-    def release(self, n: int) -> None:
-        self.free += n
-        self._lot.unpark_all()
-
-
 class _Waiter:
-    __slots__ = ("event", "result")
+    __slots__ = ("bound", "event", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, bound: Bound) -> None:
+        self.bound = bound
         self.event = trio.Event()
         self.result: dict[str, Any] | RpcError | None = None
 
 
 class RpcConnection:
-    """Calls and (optionally) serves RPCs over one channel. Needs ``run()`` running."""
+    """Calls and (optionally) serves RPCs over one channel. Needs ``run()`` running.
+
+    ``budget``: this connection's share of the node's memory budget (a private one if
+    None: the peer counts as a partner, with ``max_bytes`` or ``partner_conn_bytes``).
+    ``idle_timeout``: close after that many seconds of nothing (None: never).
+    """
 
     def __init__(
         self,
@@ -103,19 +173,45 @@ class RpcConnection:
         dispatcher: Dispatcher | None = None,
         *,
         ops: Mapping[str, OpSpec] = OPS,
-        max_handlers: int = MAX_HANDLERS,
-        max_request_bytes: int = MAX_REQUEST_BYTES,
+        limits: NetLimits = DEFAULT_LIMITS,
+        budget: ConnBudget | None = None,
+        max_handlers: int | None = None,
+        max_bytes: int | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.channel = channel
         self.dispatcher = dispatcher
         self.ops = ops
-        self._slots = trio.Semaphore(max_handlers)
-        self._budget = _ByteBudget(max_request_bytes)
+        self.limits = limits
+        if budget is None:
+            own = limits
+            if max_bytes is not None:
+                own = dataclasses.replace(
+                    limits,
+                    node_bytes=max_bytes,
+                    stranger_bytes=max_bytes,
+                    partner_conn_bytes=max_bytes,
+                    stranger_conn_bytes=max_bytes,
+                )
+            budget = NodeBudget(own).connection(lambda: True)
+        self._budget = budget
+        self.idle_timeout = idle_timeout
+        self._slots = trio.Semaphore(max_handlers or limits.max_handlers)
+        self._running = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _Waiter] = {}
         self._dead: str | None = None
+        self.peer_closed = False  # the peer ended the connection in an orderly way
         self._started = False
         self._scope: trio.CancelScope | None = None
+        self._frame_scope: trio.CancelScope | None = None
+        self._frame_hold: Hold | None = None
+        self._last_active = trio.current_time()
+        schemas = dispatcher.schemas if dispatcher is not None else {}
+        self._requests = {op: request_bound(schema) for op, schema in schemas.items()}
+        self._largest_request = min(
+            max((b.size for b in self._requests.values()), default=0), channel.max_message
+        )
 
     @property
     def peer_key(self) -> bytes:
@@ -126,6 +222,14 @@ class RpcConnection:
     def closed(self) -> bool:
         """True once the connection has ended; further calls fail at once."""
         return self._dead is not None
+
+    @property
+    def idle_for(self) -> float | None:
+        """Seconds since the last activity, or None while calls, handlers or a frame are
+        under way (admission evicts the longest-idle stranger when full)."""
+        if self._pending or self._running or self._frame_hold is not None:
+            return None
+        return trio.current_time() - self._last_active
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -143,10 +247,15 @@ class RpcConnection:
                 self._scope = nursery.cancel_scope
                 task_status.started()
                 if self._dead is None:
+                    if self.idle_timeout is not None:
+                        nursery.start_soon(self._close_when_idle, self.idle_timeout)
                     reason = await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self._shutdown(reason)
+            if self._frame_hold is not None:
+                self._frame_hold.release()
+                self._frame_hold = None
             with trio.CancelScope(shield=True):
                 await self.channel.aclose()
 
@@ -154,6 +263,10 @@ class RpcConnection:
         """End the connection: pending calls fail with ``RpcConnectionLost``."""
         self._shutdown("connection closed locally")
         await self.channel.aclose()
+
+    def close_soon(self, reason: str) -> None:
+        """End the connection without waiting (``run()`` closes the channel)."""
+        self._shutdown(reason)
 
     def _shutdown(self, reason: str) -> None:
         if self._dead is None:
@@ -165,34 +278,163 @@ class RpcConnection:
             waiter.result = RpcConnectionLost(self._dead)
             waiter.event.set()
 
-    async def _read_loop(self, nursery: trio.Nursery) -> str:
-        channel = self.channel
+    def _touch(self) -> None:
+        self._last_active = trio.current_time()
+
+    async def _close_when_idle(self, timeout: float) -> None:
         while True:
+            await trio.sleep_until(self._last_active + timeout)
+            idle = self.idle_for
+            if idle is None:
+                self._touch()  # busy now: idleness starts again when it is over
+            elif idle >= timeout:
+                log.debug("closing connection to %s: idle for %.0f s", _hex(self.peer_key), idle)
+                self._shutdown(f"idle for {timeout:g} s")
+                return
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _may_receive(self, n: int) -> bool:
+        """Could a frame of ``n`` message bytes be legitimate from this peer now?"""
+        if any(w.bound.size >= n for w in self._pending.values()):
+            return True
+        return n <= self._largest_request and self._budget.is_partner()
+
+    async def _before_body(self, n: int) -> None:
+        """Channel hook: refuse or reserve a frame from its length, before its body."""
+        self._touch()
+        limits = self.limits
+        if n > limits.small_frame and not self._may_receive(n):
+            raise FrameError(f"frame of {n} bytes, more than anything this peer may send now")
+        items = min(n, limits.max_items)
+        self._frame_hold = await self._budget.reserve(2 * n + items * limits.item_overhead)
+        if self._frame_scope is not None:
+            self._frame_scope.deadline = trio.current_time() + limits.frame_timeout
+
+    async def _receive(self) -> bytes | str:
+        """The next message, or why the connection ends."""
+        channel = self.channel
+        try:
+            with trio.CancelScope() as scope:
+                self._frame_scope = scope
+                return await channel.receive(self._before_body)
+        except ChannelClosed as exc:
+            self.peer_closed = True
+            return str(exc)
+        except FrameError as exc:
+            log.info("dropping connection from %s: %s", _hex(self.peer_key), exc)
+            return str(exc)
+        except (ChannelError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            return str(exc) or "connection closed"
+        finally:
+            self._frame_scope = None
+            if scope.cancelled_caught:
+                log.info("dropping connection from %s: frame too slow", _hex(self.peer_key))
+        return f"frame body not received within {self.limits.frame_timeout:g} s"
+
+    async def _read_loop(self, nursery: trio.Nursery) -> str:
+        limits = self.limits
+        while True:
+            frame = await self._receive()
+            if isinstance(frame, str):
+                return frame
+            hold, self._frame_hold = self._frame_hold, None
+            assert hold is not None
+            self._touch()
+            head = None
             try:
-                frame = await channel.receive()
-            except ChannelClosed as exc:
-                return str(exc)
-            except FrameError as exc:
-                log.warning("dropping connection from %s: %s", _hex(self.peer_key), exc)
-                return str(exc)
-            except (ChannelError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                return str(exc) or "connection closed"
-            try:
-                msg = envelope.decode(frame)
+                head = envelope.peek(frame, limits.max_items)
+                hold.shrink(2 * len(frame) + head.items * limits.item_overhead)
+                if head.op:
+                    refusal = self._refuse_request(head, len(frame))
+                    if refusal is not None:
+                        hold.release()
+                        await self._reply(refusal)
+                        continue
+                elif head.reply and not self._reply_fits(head, len(frame)):
+                    hold.release()
+                    continue
+                if len(frame) >= limits.decode_offload:
+                    msg = await trio.to_thread.run_sync(
+                        envelope.decode, frame, head, limiter=decode_limiter(limits.decode_threads)
+                    )
+                else:
+                    msg = envelope.decode(frame, head)
             except envelope.EnvelopeError as exc:
+                hold.release()
                 if exc.id is None:
-                    log.warning("dropping connection from %s: %s", _hex(self.peer_key), exc)
+                    log.info("dropping connection from %s: %s", _hex(self.peer_key), exc)
                     return f"protocol violation by peer: {exc.why}"
-                await self._reply(envelope.encode_err(exc.id, exc.code, exc.why))
+                reply = exc.reply or (head is not None and head.reply)
+                waiter = self._pending.pop(exc.id, None) if reply else None
+                if waiter is not None:  # a malformed reply fails its call; we answer no reply
+                    waiter.result = RpcError("bad_reply", exc.why)
+                    waiter.event.set()
+                else:
+                    await self._reply(envelope.encode_err(exc.id, exc.code, exc.why))
                 continue
             size = len(frame)
             del frame
+            hold.shrink(size + head.items * limits.item_overhead)
             if isinstance(msg, envelope.Request):
                 await self._slots.acquire()
-                held = await self._budget.acquire(size)
-                nursery.start_soon(self._serve_one, msg, held)
+                self._running += 1
+                try:
+                    reply = await self._budget.reserve(self._reply_reserve(msg.op), hold)
+                except BaseException:
+                    self._running -= 1
+                    self._slots.release()
+                    hold.release()
+                    raise
+                nursery.start_soon(self._serve_one, msg, hold, reply)
             else:
                 self._route_reply(msg)
+                hold.release()
+            del msg
+
+    def _refuse_request(self, head: envelope.Head, size: int) -> bytes | None:
+        """An error reply for a request refused from its head alone (None: go on)."""
+        assert head.op is not None
+        bound = self._requests.get(head.op)
+        if bound is None:
+            return envelope.encode_err(head.id, "unknown_op", f"unknown op {head.op[:64]!r}")
+        if size > bound.size + SLACK.size or head.items > bound.items + SLACK.items:
+            return envelope.encode_err(
+                head.id, "too_large", f"{head.op} request of {size} bytes, {head.items} items"
+            )
+        return None
+
+    def _reply_reserve(self, op: str) -> int:
+        """Bytes to hold for a request's handler and its reply until the reply is sent:
+        the decoded result, the encoded reply and its encrypted frame. An op without a
+        response schema (only tests have such ops) reserves as if its reply were a small
+        frame and overdraws the budget if it is larger."""
+        spec = self.ops.get(op)
+        limits = self.limits
+        if spec is None:
+            bound = Bound(limits.small_frame, envelope.MAX_ITEMS)
+        else:
+            bound = reply_bound(spec.response, self.channel.max_message)
+        return (
+            2 * min(bound.size, self.channel.max_message)
+            + bound.items * limits.item_overhead
+            + limits.handler_overhead
+        )
+
+    def _reply_fits(self, head: envelope.Head, size: int) -> bool:
+        """False (and the call failed) for a reply larger than its call's op allows."""
+        waiter = self._pending.get(head.id)
+        if waiter is None:
+            log.debug("reply %d from %s matches no pending call", head.id, _hex(self.peer_key))
+            return False
+        if size > waiter.bound.size or head.items > waiter.bound.items:
+            del self._pending[head.id]
+            waiter.result = RpcError(
+                "bad_reply", f"reply of {size} bytes, {head.items} items is larger than allowed"
+            )
+            waiter.event.set()
+            return False
+        return True
 
     # -- client side -----------------------------------------------------------------------
 
@@ -202,7 +444,8 @@ class RpcConnection:
         """Call ``op`` on the peer and return its ``ok`` map.
 
         ``args`` is checked against the op's request schema first (``SchemaError`` for a
-        bug of ours); the reply against its response schema (``RpcError("bad_reply")``).
+        bug of ours); the reply against its response schema (``RpcError("bad_reply")``;
+        a reply larger than the schema allows is refused before it is decoded).
         Ops missing from ``ops`` get only envelope checks. Raises ``RpcError`` with the
         peer's code, ``RpcTimeout`` after ``timeout`` seconds (covering the send too) and
         ``RpcConnectionLost`` if the connection is or becomes dead.
@@ -216,13 +459,17 @@ class RpcConnection:
         data = envelope.encode_request(rid, op, args)
         if len(data) > self.channel.max_message:
             raise RpcError("too_large", f"{op} request of {len(data)} bytes exceeds one frame")
-        waiter = self._pending[rid] = _Waiter()
+        bound = reply_bound(spec.response if spec else None, self.channel.max_message)
+        waiter = self._pending[rid] = _Waiter(bound)
+        self._touch()
         try:
             with trio.move_on_after(timeout):
                 await self._send_request(data)
+                del data
                 await waiter.event.wait()
         finally:
             self._pending.pop(rid, None)
+            self._touch()
         result = waiter.result
         if result is None:
             raise RpcTimeout(f"{op}: no reply within {timeout} s")
@@ -257,12 +504,34 @@ class RpcConnection:
 
     # -- server side -----------------------------------------------------------------------
 
-    async def _serve_one(self, req: envelope.Request, held: int) -> None:
+    async def _serve_one(self, req: envelope.Request, request: Hold, reply: Hold) -> None:
         try:
-            await self._reply(await self._dispatch(req))
+            rid, op = req.id, req.op
+            data = await self._dispatch(req)
+            del req
+            request.release()
+            need = 2 * len(data) + self.limits.handler_overhead
+            reply.shrink(need)
+            if need > reply.amount:
+                if op in self.ops:
+                    # the reservation was clamped to a stranger's share: the reply would
+                    # hold more than that until the peer reads it, so it is not sent
+                    data = envelope.encode_err(
+                        rid, "too_large", f"{op} reply of {len(data)} bytes needs an agreement"
+                    )
+                else:
+                    reply.overdraw(need - reply.amount)
+            with trio.move_on_after(self.limits.send_timeout) as scope:
+                await self._reply(data)
+            if scope.cancelled_caught:
+                log.info("dropping connection from %s: it does not read", _hex(self.peer_key))
+                self._shutdown(f"reply not taken within {self.limits.send_timeout:g} s")
         finally:
-            self._budget.release(held)
+            request.release()
+            reply.release()
+            self._running -= 1
             self._slots.release()
+            self._touch()
 
     async def _dispatch(self, req: envelope.Request) -> bytes:
         dispatcher = self.dispatcher
@@ -300,8 +569,10 @@ async def serve_connection(
     channel: SecureChannel,
     dispatcher: Dispatcher,
     *,
-    max_handlers: int = MAX_HANDLERS,
     ops: Mapping[str, OpSpec] = OPS,
+    limits: NetLimits = DEFAULT_LIMITS,
+    budget: ConnBudget | None = None,
+    idle_timeout: float | None = None,
 ) -> None:
     """Serve RPCs from the peer on ``channel`` until it disconnects; closes the channel.
 
@@ -309,7 +580,10 @@ async def serve_connection(
     an ``internal`` error and a log line). Never raises because of anything the peer sends
     (only cancellation propagates).
     """
-    await RpcConnection(channel, dispatcher, ops=ops, max_handlers=max_handlers).run()
+    conn = RpcConnection(
+        channel, dispatcher, ops=ops, limits=limits, budget=budget, idle_timeout=idle_timeout
+    )
+    await conn.run()
 
 
 def _hex(key: bytes) -> str:

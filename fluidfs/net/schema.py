@@ -7,15 +7,33 @@
 Only ``bytes``, ``int`` (never ``bool``), ``str``, ``bool``, ``list`` and ``dict`` with
 ``str`` keys are accepted; unknown map keys are rejected. Every schema is bounded, so
 validating a value costs at most its size (cycles cannot make it loop).
+
+Because every schema is bounded, ``bounds(schema)`` gives the most CBOR bytes and items
+any fitting value can take, whatever encoder the peer used (every head counted at its
+longest, 9 bytes; text at 4 bytes a character). The RPC layer refuses a message larger
+than its op allows before decoding it.
 """
 
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Bool", "Bytes", "Int", "List", "Map", "Schema", "SchemaError", "Str", "validate"]
+__all__ = [
+    "Bool",
+    "Bound",
+    "Bytes",
+    "Int",
+    "List",
+    "Map",
+    "Schema",
+    "SchemaError",
+    "Str",
+    "bounds",
+    "validate",
+]
 
 
 class SchemaError(ValueError):
@@ -31,12 +49,26 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+HEAD = 9  # the longest CBOR head: initial byte + 8-byte argument
+
+
+class Bound(NamedTuple):
+    """The most a value fitting a schema can take on the wire: CBOR bytes and data items."""
+
+    size: int
+    items: int
+
+
 class Schema(abc.ABC):
-    """Base class: subclasses implement ``check(value, path)``."""
+    """Base class: subclasses implement ``check(value, path)`` and ``bound()``."""
 
     @abc.abstractmethod
     def check(self, value: Any, path: str) -> None:
         """Raise ``SchemaError`` unless ``value`` fits."""
+
+    @abc.abstractmethod
+    def bound(self) -> Bound:
+        """The largest CBOR encoding of any value that fits (see ``bounds``)."""
 
 
 class Bytes(Schema):
@@ -52,6 +84,10 @@ class Bytes(Schema):
         if not self.min <= len(value) <= self.max:
             raise SchemaError(path, f"length {len(value)} not in [{self.min}, {self.max}]")
 
+    def bound(self) -> Bound:
+        """Head plus ``max`` bytes."""
+        return Bound(HEAD + self.max, 1)
+
 
 class Int(Schema):
     """An integer (``bool`` excluded) with ``min <= value <= max``."""
@@ -65,6 +101,10 @@ class Int(Schema):
             raise SchemaError(path, f"expected int, got {_kind(value)}")
         if not self.min <= value <= self.max:
             raise SchemaError(path, f"{value} not in [{self.min}, {self.max}]")
+
+    def bound(self) -> Bound:
+        """One head."""
+        return Bound(HEAD, 1)
 
 
 class Str(Schema):
@@ -80,6 +120,10 @@ class Str(Schema):
         if not self.min <= len(value) <= self.max:
             raise SchemaError(path, f"length {len(value)} not in [{self.min}, {self.max}]")
 
+    def bound(self) -> Bound:
+        """Head plus ``max`` characters of up to 4 UTF-8 bytes each."""
+        return Bound(HEAD + 4 * self.max, 1)
+
 
 class Bool(Schema):
     """``True`` or ``False``."""
@@ -88,6 +132,10 @@ class Bool(Schema):
         """Raise ``SchemaError`` unless ``value`` is a bool."""
         if type(value) is not bool:
             raise SchemaError(path, f"expected bool, got {_kind(value)}")
+
+    def bound(self) -> Bound:
+        """One head."""
+        return Bound(HEAD, 1)
 
 
 class List(Schema):
@@ -104,6 +152,11 @@ class List(Schema):
             raise SchemaError(path, f"{len(value)} items not in [{self.min_len}, {self.max_len}]")
         for i, v in enumerate(value):
             self.item.check(v, f"{path}[{i}]")
+
+    def bound(self) -> Bound:
+        """Head plus ``max_len`` items at their bound."""
+        item = self.item.bound()
+        return Bound(HEAD + self.max_len * item.size, 1 + self.max_len * item.items)
 
 
 class Map(Schema):
@@ -135,6 +188,26 @@ class Map(Schema):
         for key, schema in self.optional.items():
             if key in value:
                 schema.check(value[key], prefix + key)
+
+    def bound(self) -> Bound:
+        """Head plus every key (required and optional) and its value at their bound."""
+        size, items = HEAD, 1
+        for key, schema in (*self.fields.items(), *self.optional.items()):
+            value = schema.bound()
+            size += HEAD + len(key.encode()) + value.size
+            items += 1 + value.items
+        return Bound(size, items)
+
+
+def bounds(schema: Schema) -> Bound:
+    """The most CBOR bytes and items any value fitting ``schema`` can take (cached)."""
+    cached = _BOUNDS.get(schema)
+    if cached is None:
+        cached = _BOUNDS[schema] = schema.bound()
+    return cached
+
+
+_BOUNDS: weakref.WeakKeyDictionary[Schema, Bound] = weakref.WeakKeyDictionary()
 
 
 def validate(schema: Schema, value: Any, path: str = "") -> Any:

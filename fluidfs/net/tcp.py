@@ -1,20 +1,24 @@
-"""TCP glue: dial a peer, serve peers, open an RPC connection as a context manager."""
+"""TCP glue: dial a peer, serve peers (under admission caps), open an RPC connection."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import nacl.signing
 import trio
 
+from .admission import Admission, Ticket
+from .budget import NodeBudget
 from .channel import MAX_FRAME, SecureChannel, accept_channel, connect_channel
 from .errors import ChannelError, HandshakeError
+from .limits import DEFAULT_LIMITS, NetLimits
 from .messages import OPS, OpSpec
-from .rpc import MAX_HANDLERS, Dispatcher, RpcConnection, serve_connection
+from .rpc import Dispatcher, RpcConnection
 
-__all__ = ["dial", "open_rpc", "serve_tcp"]
+__all__ = ["accept_peer", "dial", "open_rpc", "serve_tcp"]
 
 log = logging.getLogger(__name__)
 
@@ -77,46 +81,98 @@ async def open_rpc(
             await conn.aclose()
 
 
+async def accept_peer(
+    stream: trio.SocketStream, identity: nacl.signing.SigningKey, admission: Admission
+) -> tuple[SecureChannel, Ticket] | None:
+    """Run the responder handshake on an inbound connection under ``admission``'s caps.
+
+    Returns the channel and the ticket to pass to ``admission.admit`` (which the caller
+    must do at once), or None when the connection was refused, timed out, was dropped to
+    make room or failed its handshake (the stream is closed; logged at debug level only,
+    since a stranger can cause any number of these).
+    """
+    try:
+        ip = stream.socket.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        ip = "?"
+    ticket = admission.begin(ip)
+    if ticket is None:
+        await trio.aclose_forcefully(stream)
+        return None
+    channel = None
+    try:
+        with ticket.scope:
+            channel = await accept_channel(
+                stream, identity, timeout=admission.limits.handshake_timeout
+            )
+    except HandshakeError as exc:
+        log.debug("inbound handshake from %s failed: %s", ip, exc)
+    except Exception:
+        log.exception("inbound connection from %s failed", ip)
+    finally:
+        if channel is None:
+            admission.end_handshake(ticket)
+            await trio.aclose_forcefully(stream)
+    if channel is None:
+        return None
+    return channel, ticket
+
+
 async def serve_tcp(
     host: str,
     port: int,
     identity: nacl.signing.SigningKey,
     dispatcher: Dispatcher,
     *,
-    handshake_timeout: float = 10,
-    max_connections: int = 1024,
-    max_handlers: int = MAX_HANDLERS,
+    limits: NetLimits = DEFAULT_LIMITS,
+    is_partner: Callable[[bytes], bool] | None = None,
+    max_connections: int | None = None,
     ops: Mapping[str, OpSpec] = OPS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept peers on ``host:port`` forever: handshake, then ``serve_connection``.
+    """Accept peers on ``host:port`` forever: admission, handshake, ``RpcConnection``.
 
     ``task_status.started(actual_port)`` reports the bound port (useful with ``port=0``).
     Each connection lives in its own task and every failure in it is contained (logged), so
-    one bad client never affects another. Connections beyond ``max_connections`` are
-    closed at once.
+    one bad client never affects another. ``limits`` apply as in a node's pool
+    (``fluidfs.net.admission``, ``fluidfs.net.budget``); ``is_partner`` tells peers with
+    an agreement from strangers (None: every peer counts as a partner, for a service
+    without agreements); ``max_connections`` overrides ``limits.max_connections``.
     """
-    slots = trio.CapacityLimiter(max_connections)
+    if max_connections is not None:
+        limits = dataclasses.replace(
+            limits,
+            max_connections=max_connections,
+            max_strangers=min(limits.max_strangers, max_connections),
+        )
+    partner = is_partner or (lambda _key: True)
+    admission = Admission(limits, partner)
+    budget = NodeBudget(limits)
 
     async def handle(stream: trio.SocketStream) -> None:
-        try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            log.warning("connection limit (%d) reached; refusing a peer", max_connections)
-            await trio.aclose_forcefully(stream)
+        accepted = await accept_peer(stream, identity, admission)
+        if accepted is None:
+            return
+        channel, ticket = accepted
+        key = channel.peer_key
+        conn = RpcConnection(
+            channel,
+            dispatcher,
+            ops=ops,
+            limits=limits,
+            budget=budget.connection(lambda: partner(key)),
+            idle_timeout=limits.idle_timeout,
+        )
+        admitted = admission.admit(ticket, key, conn)
+        if admitted is None:
+            await channel.aclose()
             return
         try:
-            try:
-                channel = await accept_channel(stream, identity, timeout=handshake_timeout)
-            except HandshakeError as exc:
-                log.info("handshake failed: %s", exc)
-                return
-            await serve_connection(channel, dispatcher, max_handlers=max_handlers, ops=ops)
+            await conn.run()
         except Exception:
             log.exception("connection handler failed")
-            await trio.aclose_forcefully(stream)
         finally:
-            slots.release()
+            admission.leave(admitted)
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])

@@ -1,0 +1,128 @@
+"""Memory held for peers, counted at three levels: connection, strangers, node.
+
+Every byte the RPC layer holds because of a peer (a frame being received, a decoded
+request while its handler runs, a reply until it is sent) is a ``Hold`` taken from that
+connection's ``ConnBudget``. A hold must fit at every level at once:
+
+* the connection: ``partner_conn_bytes`` while the peer has an active agreement,
+  ``stranger_conn_bytes`` otherwise (asked again at every reservation, so a stranger that
+  makes an agreement gets the larger share from its next frame on);
+* strangers together: ``stranger_bytes`` (partners do not draw on it, so strangers can
+  never take the room partners need);
+* the node: ``node_bytes``, shared by every connection (``NodeBudget``).
+
+Reserving waits (the RPC reader stops reading, so the peer is slowed by TCP back-pressure)
+until the hold fits. Only connection readers reserve, one at a time per connection, and
+holds are released by tasks that never wait for a reader (handlers finishing, replies sent
+or abandoned after ``send_timeout``), so waiting cannot deadlock. A single hold larger than
+its connection's share is clamped to the share: the peer then gets that one message at a
+time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from .limits import DEFAULT_LIMITS, NetLimits
+
+__all__ = ["ConnBudget", "Hold", "NodeBudget"]
+
+
+class NodeBudget:
+    """The node-wide pools (all connections, and strangers' share of them)."""
+
+    def __init__(self, limits: NetLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.free = limits.node_bytes
+        self.stranger_free = limits.stranger_bytes
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def held(self) -> int:
+        """Bytes held for all peers now."""
+        return self.limits.node_bytes - self.free
+
+    def connection(self, is_partner: Callable[[], bool]) -> ConnBudget:
+        """A budget for one connection; ``is_partner()`` says which share applies now."""
+        return ConnBudget(self, is_partner)
+
+    def _fits(self, n: int, stranger: bool) -> bool:
+        return self.free >= n and (not stranger or self.stranger_free >= n)
+
+    def _take(self, n: int, stranger: bool) -> None:
+        self.free -= n
+        if stranger:
+            self.stranger_free -= n
+
+    def _give(self, n: int, stranger: bool) -> None:
+        self.free += n
+        if stranger:
+            self.stranger_free += n
+        self._lot.unpark_all()
+
+
+class ConnBudget:
+    """The bytes one connection may hold; see the module docstring."""
+
+    def __init__(self, node: NodeBudget, is_partner: Callable[[], bool]) -> None:
+        self.node = node
+        self.is_partner = is_partner
+        self.held = 0
+
+    def share(self) -> int:
+        """What this connection may hold now (depends on whether the peer is a partner)."""
+        limits = self.node.limits
+        return limits.partner_conn_bytes if self.is_partner() else limits.stranger_conn_bytes
+
+    async def reserve(self, n: int, alongside: Hold | None = None) -> Hold:
+        """Wait until ``n`` bytes fit; return the hold.
+
+        ``n`` is clamped to the connection's share, less ``alongside`` (a hold that will be
+        kept together with this one), so that a single message never waits for room the
+        connection can never have.
+        """
+        node = self.node
+        while True:
+            stranger = not self.is_partner()
+            share = self.share()
+            want = max(0, min(n, share - (alongside.amount if alongside else 0)))
+            if self.held + want <= share and node._fits(want, stranger):
+                break
+            await node._lot.park()
+        node._take(want, stranger)
+        self.held += want
+        return Hold(self, want, stranger)
+
+    def _release(self, n: int, stranger: bool) -> None:
+        self.held -= n
+        self.node._give(n, stranger)
+
+
+class Hold:
+    """Bytes reserved for one thing a peer made us hold; release exactly once (idempotent)."""
+
+    __slots__ = ("amount", "budget", "stranger")
+
+    def __init__(self, budget: ConnBudget, amount: int, stranger: bool) -> None:
+        self.budget = budget
+        self.amount = amount
+        self.stranger = stranger
+
+    def shrink(self, n: int) -> None:
+        """Keep at most ``n`` bytes of the hold, giving back the rest now."""
+        if n < self.amount:
+            self.budget._release(self.amount - n, self.stranger)
+            self.amount = n
+
+    def overdraw(self, n: int) -> None:
+        """Add ``n`` bytes at once, even past the limits (only for replies of ops that have
+        no response schema, whose size could not be reserved ahead: never a v1 op)."""
+        self.budget.held += n
+        self.budget.node._take(n, self.stranger)
+        self.amount += n
+
+    def release(self) -> None:
+        """Give the whole hold back."""
+        self.shrink(0)
