@@ -81,6 +81,16 @@ def _trust_policy(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _net_limits(text: str):
+    """--net-limits K=V,...: network limits (fluidfs/net/limits.py); tests shrink timeouts."""
+    from fluidfs.net.limits import parse_limits
+
+    try:
+        return parse_limits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None) -> None:
     parser.add_argument(
         "--listen",
@@ -161,6 +171,7 @@ def build_parser() -> Parser:
     _peer_options(serve, listen_default="0.0.0.0:7470")
     serve.add_argument("--fault-rate", type=float, default=0.0, help=argparse.SUPPRESS)
     serve.add_argument("--lie-on-retrieve", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--net-limits", type=_net_limits, default=None, help=argparse.SUPPRESS)
 
     testnet = commands.add_parser("testnet", help="run a local network of peers to try fluidfs")
     testnet.add_argument("--peers", type=_shard_count, default=12, help="how many (default 12)")
@@ -385,6 +396,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         stores_data=args.command == "mount",
         fault_rate=getattr(args, "fault_rate", 0.0),
         lie_on_retrieve=getattr(args, "lie_on_retrieve", False),
+        net_limits=getattr(args, "net_limits", None) or _net_limits(""),
         audit=AuditPolicy(interval=args.audit_interval),
         lifecycle=LifecyclePolicy(
             tolerance=args.tolerance,

@@ -31,6 +31,7 @@ from fluidfs.fs.layered import LayeredOperations
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net.errors import RpcError
+from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
@@ -87,6 +88,7 @@ class NodeConfig:
     even_placement: bool = False  # benchmark baseline: place uniformly at random
     repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
     remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
+    net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
 
 
 class Node:
@@ -139,7 +141,13 @@ class Node:
             cooldown=config.lifecycle.cooldown,
         )
         self.service.records = RecordStore(config.state.path / "records")
-        self.conns = Connections(keyring.signing_key, self.service, self.peers)
+        self.conns = Connections(
+            keyring.signing_key,
+            self.service,
+            self.peers,
+            limits=config.net_limits,
+            is_partner=lambda key: (a := self.ledger.get(key)) is not None and a.active,
+        )
         self.manager = PeerManager(
             self.conns,
             self.peers,

@@ -4,22 +4,33 @@ Inbound connections (a peer dialled us) are registered too, so we call the peer
 back on the connection it opened instead of dialling a second one. A peer that
 could not be reached is not dialled again for a short back-off, so reads and
 uploads skip it quickly.
+
+Inbound connections pass ``fluidfs.net.admission`` (caps per address, per identity and
+in all, with room kept for partners: peers with an active agreement, as ``is_partner``
+says), and every connection draws on one node-wide memory budget
+(``fluidfs.net.budget``). Connections idle for ``limits.idle_timeout`` are closed by
+either end; ``get`` then dials again, and a call that meets a connection the peer has
+just closed is retried once on a new one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nacl.signing
 import trio
 
 from fluidfs.keys import encode_peer_id
-from fluidfs.net.channel import accept_channel
-from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcError
+from fluidfs.net.admission import Admission
+from fluidfs.net.budget import NodeBudget
+from fluidfs.net.channel import SecureChannel
+from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnectionLost, RpcError
+from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.net.rpc import Dispatcher, RpcConnection
-from fluidfs.net.tcp import dial
+from fluidfs.net.tcp import accept_peer, dial
 from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
@@ -44,11 +55,21 @@ class Connections:
     """The node's connections to its peers."""
 
     def __init__(
-        self, identity: nacl.signing.SigningKey, dispatcher: Dispatcher, peers: PeerList
+        self,
+        identity: nacl.signing.SigningKey,
+        dispatcher: Dispatcher,
+        peers: PeerList,
+        *,
+        limits: NetLimits = DEFAULT_LIMITS,
+        is_partner: Callable[[bytes], bool] = lambda _key: False,
     ) -> None:
         self.identity = identity
         self.dispatcher = dispatcher
         self.peers = peers
+        self.limits = limits
+        self.is_partner = is_partner
+        self.admission = Admission(limits, is_partner)
+        self.budget = NodeBudget(limits)
         self.conns: dict[bytes, RpcConnection] = {}
         self._dialling: dict[bytes, trio.Lock] = {}
         self._down_until: dict[bytes, float] = {}
@@ -86,20 +107,31 @@ class Connections:
         task_status.started(bound)
         await trio.serve_listeners(self._accept, listeners)
 
+    def _new_conn(self, channel: SecureChannel) -> RpcConnection:
+        key = channel.peer_key
+        return RpcConnection(
+            channel,
+            self.dispatcher,
+            limits=self.limits,
+            budget=self.budget.connection(lambda: self.is_partner(key)),
+            idle_timeout=self.limits.idle_timeout,
+        )
+
     async def _accept(self, stream: trio.SocketStream) -> None:
+        accepted = await accept_peer(stream, self.identity, self.admission)
+        if accepted is None:
+            return
+        channel, ticket = accepted
+        conn = self._new_conn(channel)
+        admitted = self.admission.admit(ticket, channel.peer_key, conn)
+        if admitted is None:
+            await channel.aclose()
+            return
         try:
-            channel = await accept_channel(stream, self.identity, timeout=DIAL_TIMEOUT)
-        except (HandshakeError, ChannelError) as exc:
-            log.info("inbound handshake failed: %s", exc)
-            await trio.aclose_forcefully(stream)
-            return
-        except Exception:
-            log.exception("inbound connection failed")
-            await trio.aclose_forcefully(stream)
-            return
-        conn = RpcConnection(channel, self.dispatcher)
-        self._adopt(conn)
-        await self._run_conn(conn)
+            self._adopt(conn)
+            await self._run_conn(conn)
+        finally:
+            self.admission.leave(admitted)
 
     # --- outbound ------------------------------------------------------------------------
 
@@ -112,7 +144,7 @@ class Connections:
             raise PeerUnavailable(f"{addr}: {exc}") from None
         except (ChannelError, OSError) as exc:
             raise PeerUnavailable(f"{addr}: {exc}") from None
-        conn = RpcConnection(channel, self.dispatcher)
+        conn = self._new_conn(channel)
         assert self._nursery is not None, "Connections.run() is not running"
         await self._nursery.start(self._run_conn, conn)
         self._adopt(conn, addr)
@@ -149,18 +181,29 @@ class Connections:
     async def call(
         self, key: bytes, op: str, args: dict[str, Any], *, timeout: float = 30.0
     ) -> dict[str, Any]:
-        """Call *op* on the peer; network failures become PeerUnavailable, replies RpcError."""
-        conn = await self.get(key)
-        try:
-            reply = await conn.call(op, args, timeout=timeout)
-            self.peers.seen(key)
-            return reply
-        except RpcError as exc:
-            if exc.code in ("timeout", "connection_lost"):
+        """Call *op* on the peer; network failures become PeerUnavailable, replies RpcError.
+
+        If the peer closed the connection as we used it (its idle timeout), the call is
+        made once more on a new connection: a peer closing an idle connection has not
+        read what we sent on it, and every op may be repeated.
+        """
+        for attempt in (1, 2):
+            conn = await self.get(key)
+            try:
+                reply = await conn.call(op, args, timeout=timeout)
+                self.peers.seen(key)
+                return reply
+            except RpcConnectionLost as exc:
+                if attempt == 1 and conn.peer_closed:
+                    continue
                 raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None
-            raise
-        except NetError as exc:
-            raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None
+            except RpcError as exc:
+                if exc.code in ("timeout", "connection_lost"):
+                    raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None
+                raise
+            except NetError as exc:
+                raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         """Close every connection."""
