@@ -32,6 +32,7 @@ from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.peers.address import format_host_port
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
@@ -45,6 +46,7 @@ from fluidfs.statedir import StateDir, fsname_for
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
+from fluidfs.supervise import supervise
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +265,7 @@ class Node:
         elapsed = 0.0
         while True:
             await trio.sleep(SAVE_INTERVAL)
-            self.peers.save_all()
+            await self.peers.flush()
             self.ledger.save_all()
             elapsed += SAVE_INTERVAL
             if elapsed >= SYNC_INTERVAL:
@@ -278,23 +280,28 @@ class Node:
             if self.config.listen:
                 host, port = split_addr(self.config.listen)
                 bound = await nursery.start(self.conns.serve, host, port)
-                self.conns.listen_addr = f"{host}:{bound}"
+                self.conns.listen_addr = format_host_port(host, bound)
                 self.service.addr_of = lambda: self.conns.listen_addr
                 self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
             await nursery.start(self.blocks.run)
-            nursery.start_soon(self._sync_timer)
-            nursery.start_soon(self.manager.reconnect_known)
-            nursery.start_soon(self.discovery.run)
-            nursery.start_soon(self.auditor.run)
-            nursery.start_soon(self.repairer.run)
-            nursery.start_soon(self.migrator.run)
-            nursery.start_soon(self.lifecycle.run)
-            nursery.start_soon(self._measure_rate)
-            nursery.start_soon(self._release_shard_pages)
+            # Each loop is supervised: whatever it raises is logged and it is restarted
+            # with back-off, so no failure in one can end the node (fluidfs/supervise.py).
+            for name, loop in [
+                ("sync timer", self._sync_timer),
+                ("reconnect", self.manager.reconnect_known),
+                ("discovery", self.discovery.run),
+                ("auditor", self.auditor.run),
+                ("repairer", self.repairer.run),
+                ("migrator", self.migrator.run),
+                ("lifecycle", self.lifecycle.run),
+                ("upload rate", self._measure_rate),
+                ("shard pages", self._release_shard_pages),
+            ]:
+                nursery.start_soon(supervise, name, loop)
             for addr in self.config.bootstrap:
-                nursery.start_soon(self.manager.bootstrap, addr)
+                nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
 
     def control_handlers(self) -> dict[str, control.Handler]:

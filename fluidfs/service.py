@@ -36,9 +36,10 @@ from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.peers import rootrecord
+from fluidfs.peers.address import AddressError, PeerAddr, UnusableAddress
 from fluidfs.peers.agreements import Agreement, Ledger, TermsPolicy
 from fluidfs.peers.lifecycle import DAY
-from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.peerlist import ORIGIN_PEER, PeerList
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -109,7 +110,7 @@ class PeerService:
 
     async def op_ProposeAgreement(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         offer, ask, term = args["offer"], args["ask"], args["term"]
-        addr = args.get("addr", "")
+        addr = _claimed_addr(args)
         existing = self.ledger.get(peer)
         renewal = existing is not None and existing.active
         granted, reason = self._terms_for(peer, offer, ask)
@@ -121,9 +122,8 @@ class PeerService:
         if not renewal:
             self._grants -= 1
         if peer not in self.peers:
-            self.peers.add(peer, addr)
-        else:
-            self.peers.seen(peer, addr)
+            self.peers.add(peer, origin=ORIGIN_PEER)  # its address once verified
+        self._note_addr(peer, addr)
         offer, ask = granted
         # The proposer's "ask" is what we host; its "offer" is what it hosts for us.
         self.ledger.record(
@@ -300,19 +300,22 @@ class PeerService:
     # --- discovery and liveness -------------------------------------------------------------
 
     async def op_ShareNewPeers(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        # Verified rows only, trusted and long-known first (never the newest strangers).
         limit = min(args["max"], SHARE_LIMIT)
-        known = [p for p in self.peers if p.key != peer and p.addr]
-        known.sort(key=lambda p: -p.last_seen)
-        return {"peers": [{"id": p.key, "addr": p.addr} for p in known[:limit]]}
+        self.peers.seen(peer)
+        shared = self.peers.referrals(limit, exclude=peer)
+        return {"peers": [{"id": p.key, "addr": p.addr} for p in shared]}
 
     async def op_Ping(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
-        addr = args.get("addr", "")
-        if addr:
-            if peer in self.peers:
-                self.peers.seen(peer, addr)
-            else:
-                self.peers.add(peer, addr)
+        self._note_addr(peer, _claimed_addr(args))
         return {"time": int(time.time())}
+
+    def _note_addr(self, peer: bytes, addr: PeerAddr | None) -> None:
+        """The connection proved *peer*; where it listens is a claim for discovery to check."""
+        if addr is None:
+            self.peers.seen(peer)
+        else:
+            self.peers.claim(peer, addr, source=peer)
 
     # --- owners' records (root pointer, writer lease) -------------------------------------
 
@@ -356,3 +359,18 @@ class PeerService:
         if raw is None:
             raise RpcError("not_found", "no such record of yours here")
         return {"record": raw}
+
+
+def _claimed_addr(args: dict[str, Any]) -> PeerAddr | None:
+    """The ``addr`` a caller says it listens at: None if absent or undialable (a wildcard
+    such as ``0.0.0.0:7470`` is a hint we cannot use, not an error); ``bad_request`` if
+    malformed."""
+    text = args.get("addr", "")
+    if not text:
+        return None
+    try:
+        return PeerAddr.parse(text)
+    except UnusableAddress:
+        return None
+    except AddressError as exc:
+        raise RpcError("bad_request", f"addr: {exc}") from None

@@ -2,10 +2,27 @@
 
 While fewer than ``target`` peers are known, ask a few of the known ones for
 theirs every ``fast`` seconds; once there are enough, keep asking every
-``slow`` seconds so the list stays fresh. A peer learned this way remembers who
-referred it (for referral trust). Peers without an agreement are offered one;
-peers unseen for ``forget_after`` seconds that hold nothing of ours and host
-nothing for us are forgotten.
+``slow`` seconds so the list stays fresh. Peers without an agreement are offered
+one (a peer that declines or cannot be reached is asked again only after a growing
+pause); peers unseen for ``forget_after`` seconds that we have no agreement with are
+forgotten.
+
+What peers tell us (``ShareNewPeers`` answers, ``Ping`` addresses) are claims: they wait
+in the peer list's candidate table until a handshake at the claimed address proves the
+claimed identity. Those verification dials are what a stranger could aim at a victim, so
+they are bounded (docs/protocol.md §5):
+
+- a token bucket: ``dial_burst`` dials at once, then one every ``dial_interval`` s;
+- at most ``verify_parallel`` at a time, each given up after ``VERIFY_TIMEOUT`` s;
+- an address is dialled at most once per ``retry_after`` s, whoever names it, and never
+  again after ``max_failures`` dials where no fluidfs peer answered (while remembered:
+  the last ``TRIED_MEMORY`` addresses dialled); one address is never dialled twice at once;
+- an address where a different identity answered is a live peer's: the claim is
+  dropped and the address not held against that peer (its own claim is admitted
+  without a second dial); a third party cannot name a known peer's address for another.
+
+A verified peer becomes a row (it remembers who referred it, for referral trust) if the
+table has room; see peers/peerlist.py for its cap and eviction.
 """
 
 from __future__ import annotations
@@ -13,29 +30,78 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
 
 from fluidfs.keys import encode_peer_id
-from fluidfs.net.errors import RpcError
+from fluidfs.net.errors import ChannelError, RpcError
+from fluidfs.net.tcp import dial
+from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.manager import PeerManager
-from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.peerlist import Candidate, PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 
+TRIED_MEMORY = 4096  # addresses remembered after a verification dial
+VERIFY_TICK = 0.25  # seconds between looks at the candidate table
+PROPOSE_RETRY_MIN = 5.0  # a declined or failed proposal is repeated after this, doubling
+VERIFY_TIMEOUT = 5.0  # connect and handshake of one verification dial
+PROPOSE_RETRY_MAX = 3600.0
+
 
 @dataclass
 class DiscoveryPolicy:
-    """How eagerly to look for peers."""
+    """How eagerly to look for peers, and how hard a stranger may make us dial."""
 
     target: int = 24  # default 2N
     fast: float = 1.0
     slow: float = 30.0
     fanout: int = 3  # peers asked per round
     forget_after: float = 7 * 24 * 3600
+    table_factor: int = 4  # rows admitted on a peer's word: at most this x target
+    dial_burst: int = 16  # verification dials at once ...
+    dial_interval: float = 10.0  # ... then one per this many seconds
+    verify_parallel: int = 8
+    retry_after: float = 600.0  # an address that failed once may be tried again after this
+    max_failures: int = 2  # ... and is given up after this many failures
+
+
+@dataclass
+class Tried:
+    """The last verification dial to one address."""
+
+    failures: int = 0  # dials where no fluidfs peer answered
+    at: float = 0.0  # trio clock of the last dial
+    answered: bytes | None = None  # who completed the handshake there last time
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at one per ``interval`` seconds (trio's clock)."""
+
+    def __init__(self, burst: int, interval: float) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.tokens = float(burst)
+        self.at = trio.current_time()
+
+    def _refill(self) -> None:
+        now = trio.current_time()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.at) / self.interval)
+        self.at = now
+
+    def ready(self) -> bool:
+        """True if a token is available now."""
+        self._refill()
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        """Spend one token (check ``ready`` first)."""
+        self._refill()
+        self.tokens -= 1.0
 
 
 class Discovery:
@@ -54,14 +120,23 @@ class Discovery:
         self.ledger = ledger
         self.manager = manager
         self.policy = policy
+        peers.capacity = policy.table_factor * policy.target
+        peers.keep = lambda key: ledger.get(key) is not None
+        self._tried: OrderedDict[PeerAddr, Tried] = OrderedDict()  # oldest first
+        self._in_flight: set[PeerAddr] = set()
+        self._proposed: dict[bytes, tuple[float, float]] = {}  # key -> (next try, pause)
+        self._bucket: TokenBucket | None = None
+        self.verified = 0  # claims proven by a handshake (for status and tests)
 
     async def run(self) -> None:
         """Discover until cancelled."""
-        while True:
-            wanting = len(self.peers) < self.policy.target
-            await self.round()
-            self.forget_stale()
-            await trio.sleep(self.policy.fast if wanting else self.policy.slow)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.verify_claims)
+            while True:
+                wanting = len(self.peers) < self.policy.target
+                await self.round()
+                self.forget_stale()
+                await trio.sleep(self.policy.fast if wanting else self.policy.slow)
 
     async def round(self) -> None:
         """Ask a few known peers for theirs, and offer agreements where there are none."""
@@ -71,28 +146,137 @@ class Discovery:
             for key in reachable[: self.policy.fanout]:
                 nursery.start_soon(self._ask, key)
         if self.manager.propose:
+            now = trio.current_time()
             async with trio.open_nursery() as nursery:
                 for peer in self.peers:
-                    if self.ledger.get(peer.key) is None and not self.conns.backing_off(peer.key):
-                        nursery.start_soon(self.manager.ensure_agreement, peer.key)
+                    if (
+                        self.ledger.get(peer.key) is None
+                        and not self.conns.backing_off(peer.key)
+                        and self._proposed.get(peer.key, (0.0, 0.0))[0] <= now
+                    ):
+                        nursery.start_soon(self._propose, peer.key)
+
+    async def _propose(self, key: bytes) -> None:
+        if await self.manager.ensure_agreement(key):
+            self._proposed.pop(key, None)
+            return
+        _, pause = self._proposed.get(key, (0.0, PROPOSE_RETRY_MIN / 2))
+        pause = min(pause * 2, PROPOSE_RETRY_MAX)
+        self._proposed[key] = (trio.current_time() + pause, pause)
 
     async def _ask(self, key: bytes) -> None:
         try:
             reply = await self.conns.call(key, "ShareNewPeers", {"max": 64}, timeout=10)
         except (PeerUnavailable, RpcError) as exc:
-            log.debug("asking %s for peers failed: %s", encode_peer_id(key)[:12], exc)
+            log.debug("asking %s for peers failed: %s", _short(key), exc)
             return
-        learned = 0
+        claimed = unusable = 0
         for item in reply["peers"]:
-            other, addr = item["id"], item["addr"]
-            if other == self.peers.self_key or other in self.peers:
-                continue
             if len(self.peers) >= self.policy.target:
                 break
-            self.peers.add(other, addr, referrer=key)
-            learned += 1
-        if learned:
-            log.info("learned %d peers from %s", learned, encode_peer_id(key)[:12])
+            other = item["id"]
+            if other == self.peers.self_key or other in self.peers.candidates:
+                continue
+            known = self.peers.get(other)
+            if known is not None and known.addr:
+                continue
+            try:
+                addr = PeerAddr.parse(item["addr"])
+            except AddressError:
+                unusable += 1
+                continue
+            self.peers.claim(other, addr, source=key)
+            claimed += 1
+        if unusable:
+            log.info("peer %s named %d unusable addresses", _short(key), unusable)
+        if claimed:
+            log.info("%d peers to verify, named by %s", claimed, _short(key))
+
+    # --- verifying claims ------------------------------------------------------------------
+
+    def _remember(self, addr: PeerAddr, answered: bytes | None) -> None:
+        failures = self._tried.pop(addr, Tried()).failures
+        self._tried[addr] = Tried(failures + (answered is None), trio.current_time(), answered)
+        while len(self._tried) > TRIED_MEMORY:
+            self._tried.popitem(last=False)
+
+    def _decide(self, claim: Candidate) -> str:
+        """"dial", "admit" (a recent handshake there proved this identity) or "drop"."""
+        addr, text = claim.addr, str(claim.addr)
+        if text == self.conns.listen_addr or addr in self._in_flight:
+            return "drop"
+        known = self.peers.get(claim.key)
+        if known is not None and known.addr == text:
+            return "drop"
+        if claim.key not in claim.sources and any(
+            p.addr == text and p.key != claim.key for p in self.peers
+        ):
+            return "drop"  # a third party naming a known peer's address for someone else
+        tried = self._tried.get(addr)
+        if tried is not None:
+            if tried.answered == claim.key:
+                return "admit"
+            recent = trio.current_time() - tried.at < self.policy.retry_after
+            if recent or tried.failures >= self.policy.max_failures:
+                return "drop"
+        if known is None and not self.peers.has_room():
+            return "drop"
+        return "dial"
+
+    async def verify_claims(self) -> None:
+        """Dial claimed addresses, within the dial budget, to prove who is there."""
+        self._bucket = TokenBucket(self.policy.dial_burst, self.policy.dial_interval)
+        async with trio.open_nursery() as nursery:
+            while True:
+                while len(self._in_flight) < self.policy.verify_parallel and self._bucket.ready():
+                    claim = self.peers.candidates.take()
+                    if claim is None:
+                        break
+                    decision = self._decide(claim)
+                    if decision == "admit":
+                        self._admit(claim)
+                    elif decision == "dial":
+                        self._bucket.take()
+                        self._in_flight.add(claim.addr)
+                        nursery.start_soon(self._verify, claim)
+                await trio.sleep(VERIFY_TICK)
+
+    async def _verify(self, claim: Candidate) -> None:
+        try:
+            answered = await self._who_answers(claim.addr)
+        finally:
+            self._in_flight.discard(claim.addr)
+        self._remember(claim.addr, answered)
+        if answered is None:
+            log.info("no peer answers at %s (claimed for %s)", claim.addr, _short(claim.key))
+        elif answered != claim.key:
+            log.info("%s is %s, not %s as claimed", claim.addr, _short(answered),
+                     _short(claim.key))
+        else:
+            self._admit(claim)
+
+    def _admit(self, claim: Candidate) -> None:
+        referrers = [s for s in claim.sources if s != claim.key and s in self.peers]
+        peer = self.peers.admit(claim.key, claim.addr, referrers[0] if referrers else None)
+        if peer is not None:
+            self.verified += 1
+            log.info("verified peer %s at %s", _short(claim.key), claim.addr)
+
+    async def _who_answers(self, addr: PeerAddr) -> bytes | None:
+        """The identity that completes a handshake at *addr*, or None.
+
+        No ``expected_peer``: a different identity answering tells us the address is a
+        live peer's (not a victim's), which we must not hold against it.
+        """
+        try:
+            channel = await dial(addr.host, addr.port, self.conns.identity, None,
+                                 timeout=VERIFY_TIMEOUT)
+        except (ChannelError, OSError):
+            return None
+        try:
+            return channel.peer_key
+        finally:
+            await channel.aclose()
 
     def forget_stale(self) -> None:
         """Drop peers unseen for long that we have no agreement with."""
@@ -100,9 +284,11 @@ class Discovery:
         for peer in self.peers:
             seen = peer.last_seen or peer.first_seen
             if seen < cutoff and self.ledger.get(peer.key) is None:
-                log.info(
-                    "forgetting peer %s (unseen since %s)",
-                    encode_peer_id(peer.key)[:12],
-                    time.ctime(seen),
-                )
+                log.info("forgetting peer %s (unseen since %s)", _short(peer.key),
+                         time.ctime(seen))
                 self.peers.forget(peer.key)
+                self._proposed.pop(peer.key, None)
+
+
+def _short(key: bytes) -> str:
+    return encode_peer_id(key)[:12]

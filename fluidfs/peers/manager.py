@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN = 0.5
 RETRY_MAX = 30.0
+RECONNECT_PARALLEL = 16
 
 
 class PeerManager:
@@ -136,19 +137,24 @@ class PeerManager:
             delay = min(delay * 2, RETRY_MAX)
 
     async def reconnect_known(self) -> None:
-        """Say hello to every known peer (after a restart), so they can call us back."""
+        """Say hello to every known peer with an address (after a restart), so they can
+        call us back; at most RECONNECT_PARALLEL dials at a time."""
+        slots = trio.Semaphore(RECONNECT_PARALLEL)
 
         async def hello(key: bytes) -> None:
             args = {"addr": self.conns.listen_addr} if self.conns.listen_addr else {}
-            try:
-                await self.conns.call(key, "Ping", args, timeout=5)
-            except (PeerUnavailable, RpcError):
-                return
+            async with slots:
+                try:
+                    await self.conns.call(key, "Ping", args, timeout=5)
+                except (PeerUnavailable, RpcError, ValueError) as exc:
+                    log.debug("hello to %s failed: %s", _short(key), exc)
+                    return
             await self.ensure_agreement(key)
 
         async with trio.open_nursery() as nursery:
             for peer in self.peers:
-                nursery.start_soon(hello, peer.key)
+                if peer.addr:
+                    nursery.start_soon(hello, peer.key)
 
 
 def _short(key: bytes) -> str:

@@ -31,6 +31,7 @@ from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnec
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.net.rpc import Dispatcher, RpcConnection
 from fluidfs.net.tcp import accept_peer, dial
+from fluidfs.peers.address import split_host_port
 from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,12 @@ class PeerUnavailable(Exception):
 
 
 def split_addr(addr: str) -> tuple[str, int]:
-    """'host:port' → (host, port); raise ValueError on anything else."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"not a HOST:PORT address: {addr!r}")
-    return host.strip("[]"), int(port)
+    """'host:port' → (host, port); raise ``AddressError`` (a ValueError) on anything else.
+
+    Lenient enough for a listening address (port 0, ``0.0.0.0``); addresses that come
+    from peers are parsed strictly with ``PeerAddr.parse`` where they arrive.
+    """
+    return split_host_port(addr, bind=True)
 
 
 class Connections:
