@@ -234,7 +234,7 @@ class Discovery:
                         break
                     decision = self._decide(claim)
                     if decision == "admit":
-                        self._admit(claim)
+                        nursery.start_soon(self._admit, claim)
                     elif decision == "dial":
                         self._bucket.take()
                         self._in_flight.add(claim.addr)
@@ -253,14 +253,15 @@ class Discovery:
             log.info("%s is %s, not %s as claimed", claim.addr, _short(answered),
                      _short(claim.key))
         else:
-            self._admit(claim)
+            await self._admit(claim)
 
-    def _admit(self, claim: Candidate) -> None:
+    async def _admit(self, claim: Candidate) -> None:
         referrers = [s for s in claim.sources if s != claim.key and s in self.peers]
         peer = self.peers.admit(claim.key, claim.addr, referrers[0] if referrers else None)
         if peer is not None:
             self.verified += 1
             log.info("verified peer %s at %s", _short(claim.key), claim.addr)
+            await self.peers.flush()
 
     async def _who_answers(self, addr: PeerAddr) -> bytes | None:
         """The identity that completes a handshake at *addr*, or None.

@@ -26,7 +26,9 @@ bounded in-memory ``Candidates`` table until discovery verifies them by a handsh
 
 Writes: a new index is written at once (block records may name it right away, so it must
 never be lost and reused); every other change (addresses, last-seen times, trust,
-evictions) is batched and written by ``flush`` in a worker thread, or ``save_all`` at exit.
+evictions) is batched and written by ``flush`` in a worker thread: every few seconds, and
+right after discovery verified an address (so a verified address survives ``kill -9``),
+or by ``save_all`` at exit.
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ class PeerList:
         self._dirty: set[bytes] = set()
         self._deleted: set[bytes] = set()
         self._unwritten_index: dict[int, bytes] = {}
+        self._flush_lock = trio.Lock()
         self._load()
         self._next_index = max(self.by_index) + 1
 
@@ -504,13 +507,15 @@ class PeerList:
                 txn.put(key, raw, db=self._peers_db)
 
     async def flush(self) -> None:
-        """Write changed rows and deletions in a worker thread (periodically)."""
-        rows, deleted, index = self._pending(everything=False)
-        if not (rows or deleted or index):
-            return
-        await trio.to_thread.run_sync(self._write, rows, deleted, index)
-        # A row deleted and learned again while the thread ran: write it once more.
-        self._dirty.update(k for k in deleted if k in self.peers)
+        """Write changed rows and deletions in a worker thread (periodically, and after a
+        handshake verified an address). One flush at a time, so writes land in order."""
+        async with self._flush_lock:
+            rows, deleted, index = self._pending(everything=False)
+            if not (rows or deleted or index):
+                return
+            await trio.to_thread.run_sync(self._write, rows, deleted, index)
+            # A row deleted and learned again while the thread ran: write it once more.
+            self._dirty.update(k for k in deleted if k in self.peers)
 
     def save_all(self) -> None:
         """Persist every record now (at exit)."""
