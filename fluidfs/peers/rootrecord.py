@@ -46,8 +46,9 @@ from nacl import bindings as sodium
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net import envelope
 from fluidfs.net.errors import RpcError
+from fluidfs.peers.address import PeerAddr
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
+from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class RecordClient:
             if key == self.keyring.public_key:
                 continue
             try:
-                split_addr(addr)
+                PeerAddr.parse(addr)
             except ValueError:
                 continue
             if key not in self.peers:
