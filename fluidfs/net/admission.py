@@ -2,12 +2,14 @@
 
 A TCP connection goes through two gates:
 
-1. ``begin(ip)`` when it arrives, before any cryptography: at most ``max_handshakes``
-   handshakes in progress (when full, the oldest one is dropped, so a flood of silent
-   sockets cannot keep honest peers from getting through: to starve them an attacker
-   must open ``max_handshakes`` connections per handshake round trip) and at most
-   ``max_handshakes_per_ip`` from one address (IPv4 address or IPv6 /64; refused when
-   full). The handshake runs in the ticket's cancel scope with ``handshake_timeout``.
+1. ``begin(ip)`` when it arrives, before any cryptography: at most
+   ``max_handshakes_per_ip`` handshakes in progress from one address (IPv4 address or
+   IPv6 /64) and ``max_handshakes`` in all. When a cap is full the oldest handshake under
+   it is dropped, not the newcomer: a flood of silent sockets cannot keep honest peers
+   from getting through (to starve them an attacker must open a cap's worth of
+   connections per handshake round trip), and one address can only ever drop its own
+   handshakes, never those of others. The handshake runs in the ticket's cancel scope,
+   ended after ``handshake_timeout``.
 2. ``admit(ticket, key, conn)`` once the peer has proven its identity:
 
    * at most ``max_per_identity`` connections per identity (when full, that identity's
@@ -123,19 +125,22 @@ class Admission:
         """A connection from ``ip`` arrived: its handshake ticket, or None to close it."""
         limits = self.limits
         group = address_group(ip)
-        if sum(t.group == group for t in self._handshakes) >= limits.max_handshakes_per_ip:
-            return self._refuse(f"{limits.max_handshakes_per_ip} handshakes from {group}")
         if len(self._conns) >= limits.max_connections and not self._strangers():
             return self._refuse(f"{limits.max_connections} connections, none evictable")
-        if len(self._handshakes) >= limits.max_handshakes:
-            oldest = next(iter(self._handshakes))
-            self.end_handshake(oldest)
-            oldest.scope.cancel()
-            self.refused += 1
-            log.debug("dropping the oldest handshake (from %s): too many", oldest.group)
+        local = [t for t in self._handshakes if t.group == group]
+        if len(local) >= limits.max_handshakes_per_ip:
+            self._drop_handshake(local[0])
+        elif len(self._handshakes) >= limits.max_handshakes:
+            self._drop_handshake(next(iter(self._handshakes)))
         ticket = Ticket(group, limits.handshake_timeout)
         self._handshakes[ticket] = None
         return ticket
+
+    def _drop_handshake(self, oldest: Ticket) -> None:
+        self.end_handshake(oldest)
+        oldest.scope.cancel()
+        self.refused += 1
+        log.debug("dropping the oldest handshake in progress (from %s): too many", oldest.group)
 
     def end_handshake(self, ticket: Ticket) -> None:
         """The handshake is over (failed or passed on to ``admit``). Idempotent."""

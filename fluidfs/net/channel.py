@@ -185,7 +185,9 @@ class SecureChannel:
             await self._stream.send_all(ffi.buffer(frame, clen + 4))
         except _DEAD as exc:
             self._send_error = ChannelClosed("connection lost while sending")
-            raise self._send_error from exc
+            # raise a copy: the sticky error must not carry a traceback, whose frames
+            # would keep this frame's buffer alive in a reference cycle with the channel
+            raise ChannelClosed(*self._send_error.args) from exc
         except BaseException:
             self._send_error = ChannelClosed("a send was interrupted mid-frame")
             raise
@@ -223,7 +225,7 @@ class SecureChannel:
             self._recv_busy = False
 
     async def _fail(self, exc: ChannelError) -> ChannelError:
-        self._recv_error = exc
+        self._recv_error = type(exc)(*exc.args)  # a copy: see _send_frame
         if isinstance(exc, FrameError):
             self._send_error = ChannelClosed("closed after a bad frame from the peer")
             await trio.aclose_forcefully(self._stream)

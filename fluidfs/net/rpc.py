@@ -334,7 +334,9 @@ class RpcConnection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> str:
         limits = self.limits
+        frame: bytes | str | None = None
         while True:
+            frame = None  # let go of the last frame before receiving the next one
             frame = await self._receive()
             if isinstance(frame, str):
                 return frame
@@ -374,7 +376,7 @@ class RpcConnection:
                     await self._reply(envelope.encode_err(exc.id, exc.code, exc.why))
                 continue
             size = len(frame)
-            del frame
+            frame = None
             hold.shrink(size + head.items * limits.item_overhead)
             if isinstance(msg, envelope.Request):
                 await self._slots.acquire()
@@ -521,11 +523,7 @@ class RpcConnection:
                     )
                 else:
                     reply.overdraw(need - reply.amount)
-            with trio.move_on_after(self.limits.send_timeout) as scope:
-                await self._reply(data)
-            if scope.cancelled_caught:
-                log.info("dropping connection from %s: it does not read", _hex(self.peer_key))
-                self._shutdown(f"reply not taken within {self.limits.send_timeout:g} s")
+            await self._reply(data)
         finally:
             request.release()
             reply.release()
@@ -560,9 +558,16 @@ class RpcConnection:
             return envelope.encode_err(req.id, "internal", "internal error")
 
     async def _reply(self, data: bytes) -> None:
+        """Send a reply; a peer that does not take it within ``send_timeout`` is dropped."""
         # if the connection is gone, the read loop notices and cleans up
-        with contextlib.suppress(ChannelError, trio.ClosedResourceError):
+        with (
+            contextlib.suppress(ChannelError, trio.ClosedResourceError),
+            trio.move_on_after(self.limits.send_timeout) as scope,
+        ):
             await self.channel.send(data)
+        if scope.cancelled_caught:
+            log.info("dropping connection from %s: it does not read", _hex(self.peer_key))
+            self._shutdown(f"reply not taken within {self.limits.send_timeout:g} s")
 
 
 async def serve_connection(
