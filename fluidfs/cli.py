@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import re
 import subprocess
@@ -72,6 +71,14 @@ def _address(text: str) -> str:
     return text
 
 
+def _peer_entry(text: str) -> str:
+    try:
+        keymod.parse_peer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _trust_policy(text: str):
     from fluidfs.peers.trust import parse_policy
 
@@ -107,11 +114,11 @@ def _peer_options(parser: argparse.ArgumentParser, *, listen_default: str | None
     )
     parser.add_argument(
         "--peer",
-        type=_address,
+        type=_peer_entry,
         action="append",
         default=[],
-        metavar="HOST:PORT",
-        help="a peer to start from (repeatable)",
+        metavar="[PEERID@]HOST:PORT",
+        help="a peer to start from (repeatable); with PEERID, only that peer is accepted there",
     )
     parser.add_argument("--ratio", type=float, default=1.5, help=argparse.SUPPRESS)
     parser.add_argument("--term", type=int, default=24 * 3600, help=argparse.SUPPRESS)
@@ -144,6 +151,13 @@ def build_parser() -> Parser:
     init.add_argument("--keyfile", type=Path, default=None, help="where to write it")
     init.add_argument("--shards", type=_shard_count, default=12, help="shards per block (N)")
     init.add_argument("--needed", type=_shard_count, default=8, help="shards to rebuild (K)")
+    init.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the state directory this keyfile's first mount will use: that mount starts a "
+        "new backup without asking peers (default: the default one, for the default keyfile)",
+    )
 
     mount = commands.add_parser("mount", help="mount the backup folder")
     mount.add_argument("mountpoint", type=Path)
@@ -160,6 +174,7 @@ def build_parser() -> Parser:
     )
     mount.add_argument("--block-size", type=parse_size, default="4M", help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    mount.add_argument("--log-file", type=Path, default=None, help=argparse.SUPPRESS)
     _peer_options(mount, listen_default=None)
     from fluidfs import cli_remount
 
@@ -168,6 +183,9 @@ def build_parser() -> Parser:
     serve = commands.add_parser("serve", help="run a peer that donates space (no mount)")
     serve.add_argument("--keyfile", type=Path, default=None)
     serve.add_argument("--state-dir", type=Path, default=None)
+    serve.add_argument(
+        "--log-file", type=Path, default=None, help="log here, rotated (default: stderr)"
+    )
     _peer_options(serve, listen_default="0.0.0.0:7470")
     serve.add_argument("--fault-rate", type=float, default=0.0, help=argparse.SUPPRESS)
     serve.add_argument("--lie-on-retrieve", action="store_true", help=argparse.SUPPRESS)
@@ -245,6 +263,12 @@ def cmd_init(args: argparse.Namespace) -> None:
     except OSError as exc:
         fail(f"cannot write keyfile {path}: {exc}")
     ring = keymod.KeyRing(keyfile)
+    state_path = args.state_dir or (default_data_dir() if args.keyfile is None else None)
+    if state_path is not None:
+        try:
+            StateDir(state_path.expanduser()).mark_new_key(ring.peer_id)
+        except OSError as exc:
+            fail(f"cannot use state directory {state_path}: {exc}")
     print(f"keyfile: {path}")
     print(f"peer id: {ring.peer_id}")
     print(f"coding:  {args.shards} shards per block, any {args.needed} rebuild it")
@@ -252,12 +276,19 @@ def cmd_init(args: argparse.Namespace) -> None:
     print("         safe, off this machine. If it is lost, the backup is lost with it.")
 
 
-def load_or_create_keyfile(path: Path | None) -> keymod.KeyRing:
-    """Read the keyfile; create one at the default place if none was named or exists."""
+def load_or_create_keyfile(path: Path | None, state: StateDir | None = None) -> keymod.KeyRing:
+    """Read the keyfile; create one at the default place if none was named or exists.
+
+    A keyfile created here is new for *state*: its first mount there starts a new
+    backup without asking peers whether one exists (statedir.py, ``new-key``).
+    """
     explicit = path is not None
     path = (path or default_keyfile()).absolute()
     if not path.exists() and not explicit:
-        keymod.write_keyfile(path, keymod.generate())
+        created = keymod.generate()
+        keymod.write_keyfile(path, created)
+        if state is not None:
+            state.mark_new_key(keymod.KeyRing(created).peer_id)
         print(f"fluidfs: created a new keyfile at {path}", file=sys.stderr)
         print(
             "fluidfs: keep a copy of it somewhere safe: without it the backup cannot be recovered",
@@ -304,6 +335,18 @@ def _check_state_dir(state: StateDir) -> None:
         fail(f"state directory {state.path} is not a directory", EXIT_USAGE)
     if not os.access(state.path, os.W_OK | os.X_OK):
         fail(f"state directory {state.path} is not writable", EXIT_USAGE)
+    if state.foreign():
+        fail(f"{state.path} holds state of an unknown format")
+    try:
+        loose = state.make_private()
+    except OSError as exc:
+        fail(f"cannot make state directory {state.path} private: {exc.strerror}", EXIT_USAGE)
+    if loose is not None:
+        print(
+            f"fluidfs: warning: state directory {state.path} was mode {loose:04o} "
+            "(other users could read it): now 0700",
+            file=sys.stderr,
+        )
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
@@ -314,7 +357,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
     _check_state_dir(state)
     if args.block_size < 64 * 1024 or args.block_size > 64 << 20:
         fail("--block-size must be between 64K and 64M", EXIT_USAGE)
-    keyring = load_or_create_keyfile(args.keyfile)
+    keyring = load_or_create_keyfile(args.keyfile, state)
     if state.is_locked():
         pid = state.running_pid()
         fail(
@@ -329,14 +372,40 @@ def cmd_mount(args: argparse.Namespace) -> None:
         run_background(args, mountpoint, state)
 
 
-def setup_node_process() -> None:
-    """Logging and allocator settings for a process that runs a node."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_node_process(log_file: Path | None = None) -> None:
+    """Logging, file-mode and allocator settings for a process that runs a node.
+
+    Everything the node creates (LMDB files, cache, log, control socket) is for its
+    owner only: umask 077 from the start, so no file is ever briefly readable by others.
+    The log is rate-limited per cause and, in a file, rotated (logsetup.py).
+    """
+    from fluidfs import logsetup
+
+    os.umask(0o077)
+    logsetup.configure(log_file)
     tune_malloc()
+
+
+def bootstrap_entries(args: argparse.Namespace, keyring: keymod.KeyRing):
+    """The --peer entries and the keyfile's, parsed, without repeats."""
+    entries = [keymod.parse_peer(p) for p in args.peer] + keyring.keyfile.bootstrap()
+    return list({str(e): e for e in entries}.values())
+
+
+def add_pinned(node, entries) -> None:
+    """Bootstrap entries naming a peer id become known peers, dialled only as that peer.
+
+    They are not dialled as bare addresses (that would let whoever answers there in):
+    the node's reconnect, discovery and remount dial known peers with the identity
+    they must prove (peers/pool.py, ``Connections.get``).
+    """
+    pinned = [e for e in entries if e.key is not None and e.key != node.peers.self_key]
+    for entry in pinned:
+        known = node.peers.get(entry.key)
+        if known is None or not known.addr:
+            node.peers.add(entry.key, entry.addr)
+    if pinned:
+        node.blocks.use_network(node.remote)
 
 
 def run_foreground(
@@ -347,7 +416,7 @@ def run_foreground(
 
     from fluidfs.daemon import MountError, Node
 
-    setup_node_process()
+    setup_node_process(args.log_file)
     ready_fd = args.ready_fd
 
     def report(message: str) -> None:
@@ -361,10 +430,12 @@ def run_foreground(
             ready_fd = None
 
     try:
-        node = Node(node_config(args, keyring, state))
+        config = node_config(args, keyring, state)
+        node = Node(config)
     except StateError as exc:
         report(f"error: {exc}")
         fail(str(exc))
+    add_pinned(node, config.remount.pinned)
     try:
         trio.run(
             lambda: node.mount(
@@ -385,12 +456,13 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
     from fluidfs.daemon import NodeConfig
     from fluidfs.peers.lifecycle import LifecyclePolicy
 
+    entries = bootstrap_entries(args, keyring)
     config = NodeConfig(
         keyring,
         state,
         listen=args.listen,
         donate=args.donate,
-        bootstrap=list(args.peer) + list(keyring.keyfile.peers),
+        bootstrap=[e.addr for e in entries if e.key is None],
         ratio=args.ratio,
         term=args.term,
         stores_data=args.command == "mount",
@@ -414,6 +486,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
         from fluidfs import cli_remount
 
         config.remount = cli_remount.remount_options(args)
+        config.remount.pinned = [e for e in entries if e.key is not None]
     return config
 
 
@@ -450,7 +523,6 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
 
 def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) -> None:
     """Start the node as a detached process; return once the mount is usable."""
-    state.path.mkdir(parents=True, exist_ok=True, mode=0o700)
     read_fd, write_fd = os.pipe()
     argv = [
         sys.executable,
@@ -467,6 +539,8 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         str(args.block_size),
         "--ready-fd",
         str(write_fd),
+        "--log-file",
+        str(state.log),
         *_passthrough(args),
     ]
     from fluidfs import cli_remount
@@ -476,7 +550,10 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         argv += ["--keyfile", str(args.keyfile.absolute())]
     if args.allow_other:
         argv.append("--allow-other")
-    with open(state.log, "ab") as logfile:
+    # The child logs through a rotating handler on the same file, which takes over its
+    # stdout and stderr; until then (and for a crash at start) they append here.
+    fd = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as logfile:
         child = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -10,6 +10,8 @@ from pathlib import Path
 from fluidfs import keys as keymod
 from fluidfs.cli import (
     EXIT_USAGE,
+    add_pinned,
+    bootstrap_entries,
     fail,
     load_or_create_keyfile,
     node_config,
@@ -28,11 +30,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     state = StateDir((args.state_dir or default_data_dir()).expanduser())
     keyring = load_or_create_keyfile(args.keyfile)
-    setup_node_process()
+    setup_node_process(args.log_file)
     try:
         node = Node(node_config(args, keyring, state))
     except StateError as exc:
         fail(str(exc))
+    add_pinned(node, bootstrap_entries(args, keyring))
     print(f"fluidfs: serving as peer {keyring.peer_id} on {args.listen}", file=sys.stderr)
     try:
         trio.run(node.serve)

@@ -49,6 +49,12 @@ def add_mount_options(mount: argparse.ArgumentParser) -> None:
         "(that mount turns read-only)",
     )
     mount.add_argument(
+        "--new",
+        action="store_true",
+        help="this keyfile starts a new backup: on a fresh state directory, start empty "
+        "without waiting for enough peers to confirm that no backup exists",
+    )
+    mount.add_argument(
         "--retention",
         type=_retention,
         default=None,
@@ -59,6 +65,7 @@ def add_mount_options(mount: argparse.ArgumentParser) -> None:
     mount.add_argument("--commit-quiet", type=_seconds, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--lease-renew", type=_seconds, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--refresh-interval", type=_seconds, default=None, help=argparse.SUPPRESS)
+    mount.add_argument("--restore-wait", type=_seconds, default=None, help=argparse.SUPPRESS)
 
 
 def mount_passthrough(args: argparse.Namespace) -> list[str]:
@@ -66,6 +73,8 @@ def mount_passthrough(args: argparse.Namespace) -> list[str]:
     argv = []
     if args.takeover:
         argv.append("--takeover")
+    if args.new:
+        argv.append("--new")
     if args.retention is not None:
         argv += ["--retention", str(args.retention)]
     if args.commit_quiet is not None:
@@ -74,6 +83,8 @@ def mount_passthrough(args: argparse.Namespace) -> list[str]:
         argv += ["--lease-renew", str(args.lease_renew)]
     if args.refresh_interval is not None:
         argv += ["--refresh-interval", str(args.refresh_interval)]
+    if args.restore_wait is not None:
+        argv += ["--restore-wait", str(args.restore_wait)]
     return argv
 
 
@@ -82,7 +93,9 @@ def remount_options(args: argparse.Namespace):
     from fluidfs.remount import RemountOptions
 
     options = RemountOptions(
-        takeover=args.takeover, mountpoint=str(args.mountpoint.expanduser().absolute())
+        takeover=args.takeover,
+        mountpoint=str(args.mountpoint.expanduser().absolute()),
+        new=args.new,
     )
     if args.retention is not None:
         options.retention = args.retention
@@ -92,6 +105,8 @@ def remount_options(args: argparse.Namespace):
         options.lease_renew = args.lease_renew
     if args.refresh_interval is not None:
         options.refresh_interval = args.refresh_interval
+    if args.restore_wait is not None:
+        options.restore_wait = args.restore_wait
     return options
 
 
@@ -131,7 +146,7 @@ def add_commands(commands) -> None:
     key.add_argument(
         "--with-peers",
         action="store_true",
-        help="include the addresses of the peers this node knows now",
+        help="include the peers this node knows now (as PEERID@HOST:PORT)",
     )
 
 
@@ -248,11 +263,15 @@ def cmd_key(args: argparse.Namespace) -> None:
     except keymod.KeyfileError as exc:
         fail(str(exc))
     if args.with_peers:
-        addrs = _current_peers(args)
-        if not addrs:
+        current = _current_peers(args)
+        if not current:
             fail("no peer addresses known: mount once (with --peer) or run with --state-dir")
-        merged = list(dict.fromkeys([*addrs, *keyfile.peers]))[:MAX_EXPORTED_PEERS]
-        keyfile = keymod.with_peers(keyfile, merged)
+        # One entry per address; an entry that names the peer's id wins over one that does not.
+        merged: dict[str, keymod.BootstrapPeer] = {}
+        for entry in [*current, *keyfile.bootstrap()]:
+            if entry.addr not in merged or merged[entry.addr].key is None:
+                merged[entry.addr] = entry
+        keyfile = keymod.with_peers(keyfile, list(merged.values())[:MAX_EXPORTED_PEERS])
     sys.stdout.write(keymod.dumps(keyfile))
     print(
         f"fluidfs: keyfile with {len(keyfile.peers)} peer addresses; keep it somewhere safe, "
@@ -261,21 +280,26 @@ def cmd_key(args: argparse.Namespace) -> None:
     )
 
 
-def _current_peers(args: argparse.Namespace) -> list[str]:
-    """Addresses of the peers the node knows, agreements and trust first."""
+def _current_peers(args: argparse.Namespace) -> list[keymod.BootstrapPeer]:
+    """The peers the node knows (id and address), agreements and trust first."""
     from fluidfs import control
 
     state = _state(args)
     try:
         rows = control.call(state.control, "peers")["peers"]
-        ranked = sorted(rows, key=lambda r: (-(r["they_host"] > 0), -r["trust"], -r["last_seen"]))
-        return [r["addr"] for r in ranked if r["addr"]]
     except control.ControlError:
-        pass
-    return _peers_from_state(state)
+        return _peers_from_state(state)
+    ranked = sorted(rows, key=lambda r: (-(r["they_host"] > 0), -r["trust"], -r["last_seen"]))
+    found = []
+    for row in ranked:
+        try:
+            found.append(keymod.parse_peer(f"{row['id']}@{row['addr']}"))
+        except ValueError:
+            continue  # no (usable) address
+    return found
 
 
-def _peers_from_state(state: StateDir) -> list[str]:
+def _peers_from_state(state: StateDir) -> list[keymod.BootstrapPeer]:
     """The same, read from a state directory whose node is not running."""
     import lmdb
 
@@ -292,11 +316,23 @@ def _peers_from_state(state: StateDir) -> list[str]:
             return []
         with env.begin() as txn:
             agreed = {bytes(k) for k in txn.cursor(db=agreements_db).iternext(values=False)}
-            found = [Peer.decode(bytes(k), bytes(v)) for k, v in txn.cursor(db=peers_db)]
+            found = []
+            for k, v in txn.cursor(db=peers_db):
+                try:
+                    decoded = Peer.decode(bytes(k), bytes(v))
+                except ValueError:
+                    continue  # a row the node itself would skip
+                found.append(decoded[0] if isinstance(decoded, tuple) else decoded)
     finally:
         env.close()
     found.sort(key=lambda p: (-(p.key in agreed), -p.trust, -p.last_seen))
-    return [p.addr for p in found if p.addr]
+    entries = []
+    for peer in found:
+        try:
+            entries.append(keymod.parse_peer(f"{keymod.encode_peer_id(peer.key)}@{peer.addr}"))
+        except ValueError:
+            continue
+    return entries
 
 
 def print_commit_status(commit: dict) -> None:

@@ -8,7 +8,14 @@ Keyfile format, version 1 (text, one line, mode 0600)::
      "root": bytes(32),       # the one secret; every key derives from it
      "n": int,                # shards per block (erasure-coding N)
      "k": int,                # shards needed to rebuild a block (K)
-     "peers": [str, ...]}     # optional bootstrap peer addresses "host:port"
+     "peers": [str, ...]}     # optional bootstrap peers, see below
+
+Bootstrap peer entries, revision 2: ``PEERID@HOST:PORT``, where PEERID is the peer's
+id as printed (``encode_peer_id``): a mount dials HOST:PORT and refuses whoever answers
+unless it proves that identity. ``fluidfs key export --with-peers`` writes this form.
+Revision 1 entries are plain ``HOST:PORT`` (they pin no identity); they are still read.
+The map itself is unchanged, so the format version stays 1 (a fluidfs that predates
+revision 2 reads such a keyfile but cannot dial those entries).
 
 Derivations use BLAKE3's key-derivation mode with one context string per
 purpose, each carrying its own version, so that a purpose can be re-keyed
@@ -37,8 +44,35 @@ CONTEXT_WRAP = "fluidfs 2026-11 block key wrapping key v1"
 CONTEXT_DEDUP = "fluidfs 2026-11 block id keyed hash v1"
 
 
+MAX_PEERS = 64  # bootstrap entries a keyfile may carry
+MAX_ENTRY = 300  # characters in one entry (an id is 52, a host name at most 253)
+
+
 class KeyfileError(Exception):
     """The keyfile is missing, unreadable, malformed or of an unknown version."""
+
+
+@dataclass(frozen=True)
+class BootstrapPeer:
+    """One bootstrap entry: an address and, when the entry names it, the peer's identity."""
+
+    addr: str
+    key: bytes | None = None
+
+    def __str__(self) -> str:
+        return self.addr if self.key is None else f"{encode_peer_id(self.key)}@{self.addr}"
+
+
+def parse_peer(text: str) -> BootstrapPeer:
+    """Parse ``PEERID@HOST:PORT`` or ``HOST:PORT``; raise ValueError saying what is wrong."""
+    if type(text) is not str or not 0 < len(text) <= MAX_ENTRY:
+        raise ValueError("a peer entry must be PEERID@HOST:PORT or HOST:PORT")
+    ident, sep, addr = text.rpartition("@")
+    key = decode_peer_id(ident) if sep else None
+    host, colon, port = addr.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a HOST:PORT address: {addr!r}")
+    return BootstrapPeer(addr, key)
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,10 @@ class Keyfile:
         if len(self.root) != ROOT_SECRET_BYTES:
             raise KeyfileError("root secret must be 32 bytes")
         check_coding(self.shards_total, self.shards_needed)
+
+    def bootstrap(self) -> list[BootstrapPeer]:
+        """The bootstrap entries, parsed (``loads`` has checked every one)."""
+        return [parse_peer(p) for p in self.peers]
 
 
 def check_coding(n: int, k: int) -> None:
@@ -103,6 +141,13 @@ def loads(text: str) -> Keyfile:
         raise KeyfileError("keyfile is corrupt: bad shard settings")
     if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
         raise KeyfileError("keyfile is corrupt: bad peer list")
+    if len(peers) > MAX_PEERS:
+        raise KeyfileError(f"keyfile is corrupt: more than {MAX_PEERS} peers")
+    for entry in peers:
+        try:
+            parse_peer(entry)
+        except ValueError as exc:
+            raise KeyfileError(f"keyfile is corrupt: bad peer {entry[:80]!r}: {exc}") from None
     try:
         return Keyfile(root, n, k, tuple(peers))
     except ValueError as exc:
@@ -131,9 +176,12 @@ def write_keyfile(path: Path, keyfile: Keyfile) -> None:
         os.close(fd)
 
 
-def with_peers(keyfile: Keyfile, peers: list[str]) -> Keyfile:
-    """Return a copy of *keyfile* listing *peers* as bootstrap addresses."""
-    return replace(keyfile, peers=tuple(peers))
+def with_peers(keyfile: Keyfile, peers: list[str] | list[BootstrapPeer]) -> Keyfile:
+    """Return a copy of *keyfile* listing *peers* (entries or their text) for bootstrap."""
+    entries = tuple(str(p) for p in peers)
+    for entry in entries:
+        parse_peer(entry)
+    return replace(keyfile, peers=entries[:MAX_PEERS])
 
 
 def derive(root: bytes, context: str) -> bytes:

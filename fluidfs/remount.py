@@ -5,6 +5,15 @@ This is the node's part that makes "remount anywhere from the keyfile" work:
 - at mount: reach the keyfile's peers, take the writer lease (peers/lease.py), find
   the newest valid root record (peers/rootrecord.py) and, on a fresh state directory,
   adopt that commit (fs/restore.py) before the mount is made usable;
+- a fresh state directory starts *empty* only when that cannot orphan a backup: a
+  quorum of peers must say they hold no root record for this keyfile (``not_found``
+  from at least K of them, K = shards needed to rebuild a block, and from no fewer
+  than the keyfile lists), or the backup is known to be new (``--new``, or the keyfile
+  was created for this state directory: statedir.py ``new-key``). Otherwise the mount
+  is refused. One peer saying ``not_found`` proves nothing: it may be new, have lost
+  its records, or be someone else answering at a bootstrap address. An empty start
+  would commit a tree whose records, once the mount reached the real holders, replace
+  the real backup's root there;
 - while mounted: commit (fs/commit.py) once changes have been quiet for a while
   (``commit_quiet``, default 30 s; at the latest ``commit_max_delay`` after the first
   change), publish a root record for each commit, renew the lease, load the rest of
@@ -18,7 +27,10 @@ as before, instead of being kept by snapshots nobody asked for.
 
 A state directory gets a random machine id (``settings`` table, key
 ``b"machine_id"``, 16 bytes) the first time it is used: the lease and the root
-records say which machine wrote them.
+records say which machine wrote them. Key ``b"origin"`` says how a fresh state
+directory settled its tree: ``b"new"`` (started empty: quorum, ``--new`` or a keyfile
+made for it; a later mount of the still-empty state skips the quorum) or
+``b"restored"`` (adopted a root record).
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ from fluidfs.fs.metaindex import Holders, MetaError, MetaIndex
 from fluidfs.fs.restore import Restorer
 from fluidfs.fs.snapshots import Retention, Snapshot, SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO
-from fluidfs.keys import derive
+from fluidfs.keys import BootstrapPeer, derive
 from fluidfs.peers.lease import DEFAULT_RENEW, LeaseHeld, WriterLease
 from fluidfs.peers.pool import PeerUnavailable
 from fluidfs.peers.rootrecord import Found, RecordClient
@@ -60,6 +72,7 @@ log = logging.getLogger(__name__)
 
 CONTEXT_CHUNKING = "fluidfs 2026-11 tree chunking key v1"
 MACHINE_KEY = b"machine_id"
+ORIGIN_KEY = b"origin"
 DIAL_WAIT = 6.0
 AUTO_STALL = 2.0  # automatic commits: wait this long without placement progress
 STOP_COMMIT_LIMIT = 300.0
@@ -86,6 +99,8 @@ class RemountOptions:
     lease_renew: float = DEFAULT_RENEW
     restore_wait: float = 20.0
     mountpoint: str = ""
+    new: bool = False  # --new: a fresh state directory starts a new backup, no quorum
+    pinned: list[BootstrapPeer] = field(default_factory=list)  # entries naming a peer id
 
 
 class Remount:
@@ -146,6 +161,7 @@ class Remount:
         self.tree_reads = 0  # commits that read and serialised the whole tree
         self.published_to = 0
         self.restored: dict[str, Any] | None = None
+        self.dial_errors: dict[str, str] = {}  # bootstrap address -> why it failed
         self.last_error = ""
         self.control = RemountControl(self)
         if self.committer.heads.flag(DIRTY_KEY) is not None:
@@ -170,7 +186,11 @@ class Remount:
     def networked(self) -> bool:
         """True when the node has (or is told about) peers."""
         node = self.node
-        return node.blocks.remote is not None or bool(node.config.bootstrap)
+        return (
+            node.blocks.remote is not None
+            or bool(node.config.bootstrap)
+            or bool(self.options.pinned)
+        )
 
     def note_change(self) -> None:
         """The tree changed through the mount (called by the FUSE operations)."""
@@ -186,6 +206,29 @@ class Remount:
             return False
         return self.node.tree.is_empty(ROOT_INO) and self.node.blocks.count() == 0
 
+    def _origin(self) -> bytes | None:
+        with self.node.meta.read() as txn:
+            raw = txn.get(ORIGIN_KEY, db=self.node.meta["settings"])
+        return None if raw is None else bytes(raw)
+
+    def _set_origin(self, origin: bytes) -> None:
+        with self.node.meta.write() as txn:
+            txn.put(ORIGIN_KEY, origin, db=self.node.meta["settings"])
+
+    def _known_new(self) -> bool:
+        """This state directory may start empty without asking peers (see the docstring)."""
+        config = self.node.config
+        return (
+            self.options.new
+            or self._origin() == b"new"
+            or config.state.made_for(config.keyring.peer_id)
+        )
+
+    def quorum(self) -> int:
+        """``not_found`` answers a fresh state directory needs before it starts empty."""
+        keyfile = self.node.config.keyring.keyfile
+        return max(keyfile.shards_needed, len(keyfile.peers))
+
     # --- mounting --------------------------------------------------------------------------
 
     async def before_mount(self) -> None:
@@ -195,30 +238,41 @@ class Remount:
         if not self.networked:
             return
         fresh = self._fresh()
+        new = fresh and self._known_new()
         await self._reach_peers()
         try:
             await self.lease.acquire(takeover=self.options.takeover)
         except LeaseHeld as exc:
             raise RemountError(str(exc)) from None
-        deadline = time.monotonic() + (self.options.restore_wait if fresh else 0.0)
+        waiting = fresh and not new
+        deadline = time.monotonic() + (self.options.restore_wait if waiting else 0.0)
         while True:
             found = await self.records.newest("root", follow_peers=True)
-            if found is not None or time.monotonic() >= deadline:
+            if found is not None and (found.exists or not waiting or self._quorate(found)):
+                break
+            if time.monotonic() >= deadline:
                 break
             await trio.sleep(1.0)
             await self._reach_peers()
         if found is not None and found.exists:
             self.network_seq = found.seq
         if fresh:
-            if found is None:
-                raise RemountError(
-                    "no peer answered, so fluidfs cannot tell whether this keyfile already has "
-                    "a backup; mount again once a peer is reachable (tried: "
-                    + (", ".join(self.node.config.bootstrap) or "no addresses")
-                    + ")"
-                )
-            if found.exists:
+            if found is not None and found.exists:
+                if self.options.new:
+                    log.warning("--new, but this keyfile has a backup (commit %d): restoring it",
+                                found.seq)
                 await self._restore(found)
+                self._set_origin(b"restored")
+                return
+            if not new and (found is None or not self._quorate(found)):
+                self._refuse_empty(found)
+            self._set_origin(b"new")
+            log.info(
+                "starting a new backup (%s)",
+                "known new"
+                if new
+                else f"{found.absent} peers said this keyfile has none, {self.quorum()} needed",
+            )
             return
         head = self.committer.heads.latest()
         if found is not None and found.exists:
@@ -234,26 +288,54 @@ class Remount:
                     f"(commit {ours}); mount with a new --state-dir to get the current tree"
                 )
 
+    def _quorate(self, found: Found) -> bool:
+        return found.absent >= self.quorum()
+
+    def _refuse_empty(self, found: Found | None) -> None:
+        """Raise the RemountError of a fresh state directory that may not start empty."""
+        failed = "; ".join(f"{a}: {e}" for a, e in list(self.dial_errors.items())[:4])
+        failed = f" ({failed})" if failed else ""
+        advice = "or mount with --new if this keyfile is for a new backup"
+        if found is None:
+            tried = [str(e) for e in self.options.pinned] + list(self.node.config.bootstrap)
+            raise RemountError(
+                "no peer answered, so fluidfs cannot tell whether this keyfile already has "
+                "a backup; mount again once a peer is reachable (tried: "
+                f"{', '.join(tried[:8]) or 'no addresses'}){failed}; {advice}"
+            )
+        raise RemountError(
+            f"cannot tell whether this keyfile already has a backup: {found.absent} of the "
+            f"{found.answered} peers that answered say it has none, and {self.quorum()} must "
+            "before fluidfs starts an empty one (an empty start could replace an existing "
+            f"backup){failed}; mount again once more peers are reachable, {advice}"
+        )
+
     async def _reach_peers(self) -> None:
         node = self.node
         live = {key for key, conn in node.conns.conns.items() if not conn.closed}
         connected = {p.addr for p in node.peers if p.key in live}
-        targets = [
-            a for a in node.config.bootstrap if a != node.conns.listen_addr and a not in connected
+        targets: list[tuple[str, bytes | None]] = [
+            (a, None)
+            for a in node.config.bootstrap
+            if a != node.conns.listen_addr and a not in connected
         ]
+        # Entries naming a peer id are dialled as that peer only: anyone else there is refused.
+        targets += [(e.addr, e.key) for e in self.options.pinned if e.key not in live]
 
-        async def one(addr: str) -> None:
+        async def one(addr: str, expected: bytes | None) -> None:
             try:
-                conn = await node.conns.connect(addr)
-            except (PeerUnavailable, ValueError):
+                conn = await node.conns.connect(addr, expected=expected)
+            except (PeerUnavailable, ValueError) as exc:
+                self.dial_errors[addr] = str(exc).removeprefix(f"{addr}: ")
                 return
+            self.dial_errors.pop(addr, None)
             if conn.peer_key != node.config.keyring.public_key:
                 node.peers.add(conn.peer_key, addr)
 
         with trio.move_on_after(DIAL_WAIT):
             async with trio.open_nursery() as nursery:
-                for addr in targets:
-                    nursery.start_soon(one, addr)
+                for addr, expected in targets:
+                    nursery.start_soon(one, addr, expected)
 
     async def _restore(self, found: Found) -> None:
         """Adopt the commit a root record points to (fresh state directory)."""

@@ -38,7 +38,8 @@ def cluster(tmp_path: Path):
 
 
 def mount_with(make_mount, *bootstrap: Peer, donate: str = "24G"):
-    args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", donate]
+    # --new: a fresh keyfile on networks too small (or too new) for a quorum of not_found
+    args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", donate, "--new"]
     for peer in bootstrap:
         args += ["--peer", peer.addr]
     mnt = make_mount("m", extra=args)
@@ -169,7 +170,8 @@ def test_testnet_starts_a_network_to_mount_with(make_mount, tmp_path):
             line = proc.stdout.readline()
             assert line, proc.stderr.read()
         assert f"--peer 127.0.0.1:{base}" in line
-        mnt = make_mount("m", extra=["--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{base}"])
+        mnt = make_mount("m", extra=["--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{base}",
+                                     "--new"])
         mnt.mount()
         wait_for(lambda: status(mnt.state)["peers_with_agreements"] == 3, 60, "3 agreements")
         mnt.unmount()

@@ -3,6 +3,7 @@ stranger cannot flood or grow without bound, and dependency floors that match wh
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -65,11 +66,11 @@ def test_the_control_socket_is_never_chmodded_after_bind() -> None:
 def _junk(addr: str, count: int) -> None:
     host, port = addr.rsplit(":", 1)
     for i in range(count):
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
-            try:
-                sock.sendall(os.urandom(64) + str(i).encode())
-            except OSError:
-                pass  # the node may have closed it already
+        # the node may close it before the junk is all sent
+        with socket.create_connection((host, int(port)), timeout=5) as sock, contextlib.suppress(
+            OSError
+        ):
+            sock.sendall(os.urandom(64) + str(i).encode())
 
 
 def test_a_thousand_failed_handshakes_leave_a_few_dozen_log_lines(tmp_path: Path) -> None:

@@ -297,7 +297,8 @@ def _forge(raw: bytes, seq: int) -> bytes:
 
 
 def test_key_export_prints_a_usable_keyfile(make_mount, peers, tmp_path: Path) -> None:
-    a = machine(make_mount, "a", tmp_path / "fluidfs.key", *peer_args(peers[:3]))
+    # three peers are no quorum: a keyfile used nowhere yet is declared new
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--new", *peer_args(peers[:3]))
     a.mount()
     plain = run_cli("key", "export", "--keyfile", str(a.keyfile))
     assert plain.returncode == 0 and plain.stdout == (a.keyfile).read_text()
@@ -305,7 +306,7 @@ def test_key_export_prints_a_usable_keyfile(make_mount, peers, tmp_path: Path) -
     exported = keys.loads(run_cli("key", "export", "--with-peers", "--keyfile", str(a.keyfile),
                                   "--state-dir", str(a.state)).stdout)
     assert exported.root == keys.read_keyfile(a.keyfile).root
-    assert set(exported.peers) >= {p.addr for p in peers[:3]}
+    assert set(exported.peers) >= {f"{p.peer_id}@{p.addr}" for p in peers[:3]}
     a.unmount()  # with the node stopped the addresses come from its state directory
     offline = keys.loads(run_cli("key", "export", "--with-peers", "--keyfile", str(a.keyfile),
                                  "--state-dir", str(a.state)).stdout)
