@@ -160,6 +160,35 @@ def test_repair_is_right_even_when_a_holder_serves_bad_shards(make_mount, peers)
     assert (mnt.path / "f").read_bytes() == data
 
 
+def test_a_holder_caught_corrupting_reads_has_its_shards_rebuilt_elsewhere(make_mount, peers):
+    """A host that passes every audit but corrupts RetrieveShard answers: once reads catch
+    it, every shard it holds for us is counted lost and re-created on other peers, so no
+    block relies on it and the data survives it vanishing."""
+    mnt = mount(make_mount, peers, "--audit-interval", "1")
+    me = status(mnt.state)["peer_id"]
+    data = os.urandom(16 * BLOCK)
+    (mnt.path / "f").write_bytes(data)
+    wait_for(lambda: full(mnt.state, 16), 60, "full redundancy")
+    liar = holders(peers, me)[0]
+    mnt.unmount()
+    liar.kill()
+    liar.extra += ["--lie-on-retrieve"]
+    liar.start()
+    subprocess.run(["rm", "-rf", str(mnt.state / "cache")], check=True)  # reads go to peers
+    mnt.mount()
+    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
+             "agreements after the remount")
+    assert (mnt.path / "f").read_bytes() == data  # corrupt copies are never used
+    wait_for(lambda: liar.hosted_for(me) == 0, 60, "the liar's copies to be given up")
+    wait_for(lambda: full(mnt.state, 16), 60, "every block back at 12/12 without the liar")
+    assert "counted lost" in (mnt.state / "fluidfs.log").read_text()
+    liar.kill()
+    ok = cli("check", "--read-data", "--state-dir", str(mnt.state))
+    assert ok.returncode == 0 and "0 unrecoverable" in ok.stdout, ok.stdout + ok.stderr
+    drop_cache_and_remount(mnt)
+    assert (mnt.path / "f").read_bytes() == data
+
+
 def test_short_outage_moves_nothing(make_mount, peers):
     mnt = mount(make_mount, peers, "--audit-interval", "1", "--tolerance", "600")
     me = status(mnt.state)["peer_id"]

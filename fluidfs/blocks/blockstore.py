@@ -6,6 +6,8 @@ block from the plaintext cache, rebuilding it from shards when it is not there.
 CPU work and shard I/O run in worker threads under a capacity limiter; records
 and reference counts live in ``meta.lmdb`` table ``blocks`` and change only on
 the trio loop, in the caller's transaction where a file map changes with them.
+
+A holder caught returning a corrupt copy of a shard is dealt with in suspects.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughS
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
+from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import is_disk_full
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
@@ -84,6 +87,7 @@ class BlockStore:
         # Goes up whenever any block's holders change, so a commit can tell whether a
         # refresh would name anything new (fs/commit.py writes holders into the tree).
         self.holders_version = 0
+        self.suspects = Suspects(self)  # holders caught returning corrupt shards
 
     # --- records ---------------------------------------------------------------------
 
@@ -227,11 +231,19 @@ class BlockStore:
             self._running = False
             self._nursery = None
 
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run *fn(*args)* in the blockstore's background; False if it is not running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def use_network(self, remote: RemoteShards) -> None:
         """From now on, shards go to peers (called once the node has peers)."""
         if self.remote is None:
             self.remote = remote
             remote.journal = self.collector
+            remote.on_corrupt = self.suspects.caught
             self.collector.remote_delete = remote.delete_ids
             self._find_under_replicated()
 

@@ -6,6 +6,13 @@ flight, so one slow peer never holds up uploads to the others. Fetching asks mor
 holders than needed at once (K plus a few), each with its own timeout, verifies
 every shard against its id, and starts another request whenever one fails, so one
 slow or dead peer never stalls a read.
+
+A holder our records name that returns a shard failing its id check is reported
+(``on_corrupt``): the blockstore counts that shard lost, so repair re-creates it
+elsewhere, and checks a few more of that holder's shards (blockstore.py). A holder
+caught lying there is put in ``caught``: no shard is placed on it again while this
+node runs (audits cannot tell such a host from an honest one: it answers them from
+the good copy it keeps).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ EXTRA_FETCHES = 2
 
 # Told (shard index, holder) when a shard turns up on a peer its record does not name.
 FoundShard = Callable[[int, int], None]
+# Told (block id, shard index, holder) when a recorded holder returns a corrupt copy.
+CorruptShard = Callable[[bytes, int, int], None]
+GOOD, BAD, UNREACHABLE = "good", "bad", "unreachable"
 
 
 def _window() -> trio.Semaphore:
@@ -63,6 +73,8 @@ class RemoteShards:
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
         self.even_placement = False  # benchmarks: ignore trust and space (a baseline)
         self.on_result: Callable[[bytes, bool], None] = peers.record
+        self.on_corrupt: CorruptShard = lambda _block, _index, _holder: None
+        self.caught: set[bytes] = set()  # served corrupt shards: placed on no more
 
     def usable_peers(self, shard_size: int) -> list[bytes]:
         """Peers that can take a shard now, in weighted random order (best first)."""
@@ -70,6 +82,8 @@ class RemoteShards:
         for agreement in self.ledger:
             key = agreement.peer
             if agreement.room < shard_size or key not in self.peers or self.conns.backing_off(key):
+                continue
+            if key in self.caught:
                 continue
             if self.even_placement:
                 weights[key] = 1.0
@@ -269,11 +283,28 @@ class RemoteShards:
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
-        A wrong answer always counts against the peer. Not answering, or not having it,
-        counts only when our records say the peer holds it (*recorded*); a peer merely
-        asked in a search owes us nothing. With *verify* False the bytes are not checked
+        A wrong answer always counts against the peer, and when our records say the
+        peer holds that shard (*recorded*) it is reported to ``on_corrupt``. Not
+        answering, or not having it, counts only when *recorded*; a peer merely asked
+        in a search owes us nothing. With *verify* False the bytes are not checked
         (the caller checks what it computes from them).
         """
+        outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify)
+        if outcome == BAD and recorded:
+            peer = self.peers.get(key)
+            if peer is not None:
+                self.on_corrupt(record.block_id, index, peer.index)
+        return data if outcome == GOOD else None
+
+    async def check_shard(self, key: bytes, record: BlockRecord, index: int) -> str:
+        """Fetch shard *index* from its recorded holder *key* and verify it: GOOD, BAD
+        (corrupt or gone) or UNREACHABLE. Nothing is reported to ``on_corrupt``."""
+        outcome, _data = await self._retrieve(key, record, index, recorded=True, verify=True)
+        return outcome
+
+    async def _retrieve(
+        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool
+    ) -> tuple[str, bytes | None]:
         try:
             reply = await self.conns.call(
                 key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=FETCH_TIMEOUT
@@ -282,7 +313,8 @@ class RemoteShards:
             if recorded:
                 log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
                 self.on_result(key, False)
-            return None
+            gone = isinstance(exc, RpcError) and exc.code == "not_found"
+            return (BAD if gone else UNREACHABLE), None
         data = reply["data"]
         if verify and not await trio.to_thread.run_sync(
             self.codec.check_shard, record, index, data, limiter=self.limiter
@@ -294,10 +326,10 @@ class RemoteShards:
                 record.block_id.hex()[:16],
             )
             self.on_result(key, False)
-            return None
+            return BAD, None
         if recorded:
             self.on_result(key, True)
-        return data
+        return GOOD, data
 
     async def delete_ids(self, holder: int, shard_ids: list[bytes], size: int) -> bool:
         """Ask one holder to drop shards of ours; True once it has confirmed."""
