@@ -48,9 +48,6 @@ class NodeBudget:
         """A budget for one connection; ``is_partner()`` says which share applies now."""
         return ConnBudget(self, is_partner)
 
-    def _fits(self, n: int, stranger: bool) -> bool:
-        return self.free >= n and (not stranger or self.stranger_free >= n)
-
     def _take(self, n: int, stranger: bool) -> None:
         self.free -= n
         if stranger:
@@ -76,6 +73,21 @@ class ConnBudget:
         limits = self.node.limits
         return limits.partner_conn_bytes if self.is_partner() else limits.stranger_conn_bytes
 
+    def try_reserve(self, n: int, alongside: Hold | None = None) -> Hold | None:
+        """The hold ``reserve`` would give, if it fits now (None otherwise)."""
+        node = self.node
+        limits = node.limits
+        stranger = not self.is_partner()
+        share = limits.stranger_conn_bytes if stranger else limits.partner_conn_bytes
+        want = max(0, min(n, share - (alongside.amount if alongside else 0)))
+        if self.held + want > share or node.free < want:
+            return None
+        if stranger and node.stranger_free < want:
+            return None
+        node._take(want, stranger)
+        self.held += want
+        return Hold(self, want, stranger)
+
     async def reserve(self, n: int, alongside: Hold | None = None) -> Hold:
         """Wait until ``n`` bytes fit; return the hold.
 
@@ -83,17 +95,9 @@ class ConnBudget:
         kept together with this one), so that a single message never waits for room the
         connection can never have.
         """
-        node = self.node
-        while True:
-            stranger = not self.is_partner()
-            share = self.share()
-            want = max(0, min(n, share - (alongside.amount if alongside else 0)))
-            if self.held + want <= share and node._fits(want, stranger):
-                break
-            await node._lot.park()
-        node._take(want, stranger)
-        self.held += want
-        return Hold(self, want, stranger)
+        while (hold := self.try_reserve(n, alongside)) is None:
+            await self.node._lot.park()
+        return hold
 
     def _release(self, n: int, stranger: bool) -> None:
         self.held -= n
