@@ -2,8 +2,9 @@
 
 Modules: ``handshake`` + ``channel`` (authenticated encrypted frames), ``schema`` (tiny
 validation DSL), ``messages`` (op schemas), ``envelope`` (hardened CBOR envelopes), ``rpc``
-(``RpcConnection``, ``serve_connection``), ``tcp`` (``dial``, ``open_rpc``, ``serve_tcp``).
-Wire format: docs/protocol.md.
+(``RpcConnection``, ``serve_connection``), ``tcp`` (``dial``, ``open_rpc``, ``serve_tcp``),
+and the resource limits: ``limits`` (``NetLimits``), ``admission`` (connection caps),
+``budget`` (memory held for peers). Wire format and limits: docs/protocol.md.
 """
 
 from .channel import MAX_FRAME, SecureChannel, accept_channel, connect_channel
@@ -17,11 +18,13 @@ from .errors import (
     RpcError,
     RpcTimeout,
 )
+from .limits import DEFAULT_LIMITS, NetLimits
 from .rpc import Dispatcher, RpcConnection, serve_connection
 from .schema import SchemaError, validate
 from .tcp import dial, open_rpc, serve_tcp
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAX_FRAME",
     "ChannelClosed",
     "ChannelError",
@@ -29,6 +32,7 @@ __all__ = [
     "FrameError",
     "HandshakeError",
     "NetError",
+    "NetLimits",
     "RpcConnection",
     "RpcConnectionLost",
     "RpcError",
