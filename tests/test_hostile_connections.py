@@ -22,6 +22,7 @@ from fluidfs.net import envelope
 from fluidfs.net.channel import SecureChannel
 from fluidfs.net.errors import ChannelError, HandshakeError, RpcConnectionLost
 from fluidfs.net.limits import DEFAULT_LIMITS
+from fluidfs.net.rpc import RpcConnection
 from fluidfs.net.tcp import dial, open_rpc
 
 MIB = 1 << 20
@@ -87,8 +88,31 @@ async def flood(
         await trio.aclose_forcefully(channel._stream)
 
 
+@contextlib.asynccontextmanager
+async def connect(port: int, key: nacl.signing.SigningKey):
+    """An RPC connection to the node, dialling again for up to 5 s if the node turns us
+    away (as a node's pool does after its back-off): the attackers share our address,
+    and the node limits how often one address may connect."""
+    deadline = trio.current_time() + 5
+    while True:
+        try:
+            channel = await dial("127.0.0.1", port, key)
+            break
+        except (HandshakeError, ChannelError):
+            if trio.current_time() > deadline:
+                raise
+            await trio.sleep(0.2)
+    conn = RpcConnection(channel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+
+
 async def make_partner(port: int, key: nacl.signing.SigningKey) -> None:
-    async with open_rpc("127.0.0.1", port, key) as conn:
+    async with connect(port, key) as conn:
         reply = await conn.call(
             "ProposeAgreement", {"offer": 64 * MIB, "ask": 32 * MIB, "term": 3600}
         )
@@ -98,14 +122,14 @@ async def make_partner(port: int, key: nacl.signing.SigningKey) -> None:
 async def honest_partner_round_trip(port: int, key: nacl.signing.SigningKey) -> None:
     data = os.urandom(1 * MIB)
     sid = merkle.shard_id(data)
-    async with open_rpc("127.0.0.1", port, key) as conn:
+    async with connect(port, key) as conn:
         stored = await conn.call("StoreShard", {"shards": [{"id": sid, "data": data}]})
         assert stored["stored"] == [sid], stored
         assert (await conn.call("RetrieveShard", {"id": sid}))["data"] == data
 
 
 async def honest_stranger_ping(port: int) -> None:
-    async with open_rpc("127.0.0.1", port, nacl.signing.SigningKey.generate()) as conn:
+    async with connect(port, nacl.signing.SigningKey.generate()) as conn:
         assert (await conn.call("Ping", {}))["time"] > 0
 
 
@@ -206,7 +230,8 @@ def test_an_idle_connection_is_closed(peer):
 
 def test_a_handshake_flood_does_not_lock_out_honest_peers(peer):
     """Two hundred sockets that never finish the handshake, from the honest peers' own
-    address: honest peers still get in at once (the oldest silent ones are dropped)."""
+    address: the node closes all but a few at once (its per-address rate and handshake
+    caps), and an honest peer at that address gets in within a second."""
     peer.start()
     port = endpoint(peer)[1]
 
@@ -214,7 +239,7 @@ def test_a_handshake_flood_does_not_lock_out_honest_peers(peer):
         silent = []
         for _ in range(200):
             silent.append(await trio.open_tcp_stream("127.0.0.1", port))
-        with trio.fail_after(3):
+        with trio.fail_after(1):
             await honest_stranger_ping(port)
         dropped = 0
         for stream in silent:

@@ -389,6 +389,26 @@ async def test_one_address_only_drops_its_own_handshakes(nursery):
         await stream.aclose()
 
 
+async def test_an_address_that_connects_too_often_is_turned_away_before_the_handshake(
+    nursery,
+):
+    """An attacker dropped for every bad frame dials again at once; each handshake costs
+    the node signatures. One address gets a burst, then a few connections a second."""
+    port = await start(nursery, connect_rate_per_ip=5, connect_burst_per_ip=5)
+    results = []
+    for _ in range(10):
+        try:
+            channel = await dial("127.0.0.1", port, stranger(), SERVER_PK)
+            results.append(True)
+            await channel.aclose()
+        except HandshakeError:
+            results.append(False)
+    assert results.count(True) <= 6 and results[:5] == [True] * 5
+    await trio.sleep(0.3)  # tokens come back at 5 a second
+    async with client(port) as conn:
+        assert await conn.call("Ping", {})
+
+
 async def test_idle_connections_are_closed_and_the_pool_dials_again(nursery, tmp_path):
     port = await start(nursery, idle_timeout=0.3)
     db = Database(tmp_path / "meta", META_TABLES)

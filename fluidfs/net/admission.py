@@ -2,7 +2,13 @@
 
 A TCP connection goes through two gates:
 
-1. ``begin(ip)`` when it arrives, before any cryptography: at most
+1. ``begin(ip)`` when it arrives, before any cryptography. Each address may open
+   ``connect_rate_per_ip`` connections a second on average (``connect_burst_per_ip`` at
+   once; a token bucket); beyond that the socket is closed at once. A handshake costs
+   the responder ~0.2 ms of key exchange and signatures on the event loop, and an
+   attacker that is dropped for every bad frame dials again: without this, 200 hostile
+   connections made a node do a thousand handshakes a second. Honest peers keep their
+   connections and need a few a minute. Then at most
    ``max_handshakes_per_ip`` handshakes in progress from one address (IPv4 address or
    IPv6 /64) and ``max_handshakes`` in all. When a cap is full the oldest handshake under
    it is dropped, not the newcomer: a flood of silent sockets cannot keep honest peers
@@ -44,6 +50,8 @@ from .limits import DEFAULT_LIMITS, NetLimits
 __all__ = ["Admission", "Admitted", "Evictable", "Ticket", "address_group"]
 
 log = logging.getLogger(__name__)
+
+MAX_BUCKETS = 4096  # addresses whose connection rate is remembered before cleanup
 
 
 def address_group(ip: str) -> str:
@@ -107,6 +115,7 @@ class Admission:
         self.is_partner = is_partner
         self._handshakes: dict[Ticket, None] = {}  # insertion order: oldest first
         self._conns: dict[Admitted, None] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, when)
         self.refused = 0  # connections refused or dropped by a cap, for status and tests
 
     @property
@@ -125,6 +134,8 @@ class Admission:
         """A connection from ``ip`` arrived: its handshake ticket, or None to close it."""
         limits = self.limits
         group = address_group(ip)
+        if not self._spend_token(group):
+            return self._refuse(f"{group} connects too often")
         if len(self._conns) >= limits.max_connections and not self._strangers():
             return self._refuse(f"{limits.max_connections} connections, none evictable")
         local = [t for t in self._handshakes if t.group == group]
@@ -135,6 +146,27 @@ class Admission:
         ticket = Ticket(group, limits.handshake_timeout)
         self._handshakes[ticket] = None
         return ticket
+
+    def _spend_token(self, group: str) -> bool:
+        """Take one token from ``group``'s connection bucket, if it has one."""
+        limits = self.limits
+        now = trio.current_time()
+        tokens, then = self._buckets.get(group, (float(limits.connect_burst_per_ip), now))
+        tokens = min(
+            limits.connect_burst_per_ip, tokens + (now - then) * limits.connect_rate_per_ip
+        )
+        if tokens < 1:
+            self._buckets[group] = (tokens, now)
+            return False
+        self._buckets[group] = (tokens - 1, now)
+        if len(self._buckets) > MAX_BUCKETS:  # forget addresses whose bucket is full again
+            refill = limits.connect_burst_per_ip / limits.connect_rate_per_ip
+            for key in [k for k, (_, t) in self._buckets.items() if now - t > refill]:
+                del self._buckets[key]
+            if len(self._buckets) > MAX_BUCKETS // 2:  # still many: keep the busiest half
+                recent = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
+                self._buckets = dict(recent[-(MAX_BUCKETS // 2) :])
+        return True
 
     def _drop_handshake(self, oldest: Ticket) -> None:
         self.end_handshake(oldest)

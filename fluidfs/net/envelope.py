@@ -195,7 +195,7 @@ def peek(frame: bytes, max_items: int = MAX_ITEMS) -> Head:
     """Check a frame's structure and read its head (id, op, item count) without decoding.
 
     Raises ``EnvelopeError`` for anything that is refused on structure alone: not a map,
-    keys that are not distinct short text strings, truncation, trailing bytes, tags,
+    a repeated envelope key, truncation, trailing bytes, tags,
     indefinite lengths, nesting past ``MAX_DEPTH`` and more than ``max_items`` items
     (code ``too_large``). The error carries the id when it was read before the fault.
     """
@@ -213,11 +213,12 @@ def peek(frame: bytes, max_items: int = MAX_ITEMS) -> Head:
         for _ in range(pairs):
             if pos >= end:
                 raise _Bad("CBOR item runs past the end of the frame")
-            key = _text_at(frame, pos, end, 8)
-            if key is None or key in seen:
-                mid = None  # we cannot tell which id the sender meant
-                raise _Bad("envelope keys must be distinct short text strings")
-            seen.add(key)
+            key = _text_at(frame, pos, end, 8)  # None: not one of ours (decode says so)
+            if key is not None:
+                if key in seen:
+                    mid = None  # we cannot tell which id the sender meant
+                    raise _Bad("duplicate envelope key")
+                seen.add(key)
             pos, left = _skip(frame, pos, end, max_items - items, 1)
             start = pos
             pos, left = _skip(frame, pos, end, left, 1)

@@ -24,13 +24,13 @@ import nacl.signing
 import trio
 
 from fluidfs.keys import encode_peer_id
-from fluidfs.net.admission import Admission
+from fluidfs.net.admission import Admission, Ticket
 from fluidfs.net.budget import NodeBudget
 from fluidfs.net.channel import SecureChannel
 from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnectionLost, RpcError
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.net.rpc import Dispatcher, RpcConnection
-from fluidfs.net.tcp import accept_peer, dial
+from fluidfs.net.tcp import accept_loop, accept_peer, dial
 from fluidfs.peers.address import split_host_port
 from fluidfs.peers.peerlist import PeerList
 
@@ -107,7 +107,7 @@ class Connections:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         task_status.started(bound)
-        await trio.serve_listeners(self._accept, listeners)
+        await accept_loop(listeners, self.admission, self._accept)
 
     def _new_conn(self, channel: SecureChannel) -> RpcConnection:
         key = channel.peer_key
@@ -119,11 +119,10 @@ class Connections:
             idle_timeout=self.limits.idle_timeout,
         )
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        accepted = await accept_peer(stream, self.identity, self.admission)
-        if accepted is None:
+    async def _accept(self, stream: trio.SocketStream, ticket: Ticket) -> None:
+        channel = await accept_peer(stream, self.identity, self.admission, ticket)
+        if channel is None:
             return
-        channel, ticket = accepted
         conn = self._new_conn(channel)
         admitted = self.admission.admit(ticket, channel.peer_key, conn)
         if admitted is None:
