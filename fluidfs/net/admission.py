@@ -2,13 +2,16 @@
 
 A TCP connection goes through two gates:
 
-1. ``begin(ip)`` when it arrives, before any cryptography. Each address may open
-   ``connect_rate_per_ip`` connections a second on average (``connect_burst_per_ip`` at
-   once; a token bucket); beyond that the socket is closed at once. A handshake costs
-   the responder ~0.2 ms of key exchange and signatures on the event loop, and an
-   attacker that is dropped for every bad frame dials again: without this, 200 hostile
-   connections made a node do a thousand handshakes a second. Honest peers keep their
-   connections and need a few a minute. Then at most
+1. ``begin(ip)`` when it arrives, before any cryptography. Each address may start
+   ``connect_rate_per_ip`` handshakes a second on average (``connect_burst_per_ip`` at
+   once; a token bucket). Up to ``connect_queue_per_ip`` more connections wait for their
+   turn (the handshake starts late) and beyond that the socket is closed at once. A
+   handshake costs the responder ~0.2 ms of key exchange and signatures on the event
+   loop, and an attacker dropped for every bad frame dials again: without this, 200
+   hostile connections made a node do a thousand handshakes a second. Waiting instead
+   of refusing keeps honest peers that share an address with a flood (a NAT, or every
+   test on 127.0.0.1) getting in, a little later, as long as they wait their turn. Then
+   at most
    ``max_handshakes_per_ip`` handshakes in progress from one address (IPv4 address or
    IPv6 /64) and ``max_handshakes`` in all. When a cap is full the oldest handshake under
    it is dropped, not the newcomer: a flood of silent sockets cannot keep honest peers
@@ -84,11 +87,12 @@ class Evictable(Protocol):
 class Ticket:
     """One handshake in progress: run it inside ``scope`` (cancelled if it is dropped)."""
 
-    __slots__ = ("group", "scope")
+    __slots__ = ("delay", "group", "scope")
 
-    def __init__(self, group: str, timeout: float) -> None:
+    def __init__(self, group: str, timeout: float, delay: float = 0.0) -> None:
         self.group = group
-        self.scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        self.delay = delay  # seconds to wait for this address's turn before the handshake
+        self.scope = trio.CancelScope(deadline=trio.current_time() + delay + timeout)
 
 
 class Admitted:
@@ -134,7 +138,8 @@ class Admission:
         """A connection from ``ip`` arrived: its handshake ticket, or None to close it."""
         limits = self.limits
         group = address_group(ip)
-        if not self._spend_token(group):
+        delay = self._spend_token(group)
+        if delay is None:
             return self._refuse(f"{group} connects too often")
         if len(self._conns) >= limits.max_connections and not self._strangers():
             return self._refuse(f"{limits.max_connections} connections, none evictable")
@@ -143,22 +148,23 @@ class Admission:
             self._drop_handshake(local[0])
         elif len(self._handshakes) >= limits.max_handshakes:
             self._drop_handshake(next(iter(self._handshakes)))
-        ticket = Ticket(group, limits.handshake_timeout)
+        ticket = Ticket(group, limits.handshake_timeout, delay)
         self._handshakes[ticket] = None
         return ticket
 
-    def _spend_token(self, group: str) -> bool:
-        """Take one token from ``group``'s connection bucket, if it has one."""
+    def _spend_token(self, group: str) -> float | None:
+        """Take a token from ``group``'s bucket: the seconds to wait for it (0: now), or
+        None if ``connect_queue_per_ip`` connections are waiting already."""
         limits = self.limits
+        rate = limits.connect_rate_per_ip
         now = trio.current_time()
         tokens, then = self._buckets.get(group, (float(limits.connect_burst_per_ip), now))
-        tokens = min(
-            limits.connect_burst_per_ip, tokens + (now - then) * limits.connect_rate_per_ip
-        )
-        if tokens < 1:
+        tokens = min(limits.connect_burst_per_ip, tokens + (now - then) * rate)
+        if tokens < 1 - limits.connect_queue_per_ip:
             self._buckets[group] = (tokens, now)
-            return False
-        self._buckets[group] = (tokens - 1, now)
+            return None
+        tokens -= 1
+        self._buckets[group] = (tokens, now)
         if len(self._buckets) > MAX_BUCKETS:  # forget addresses whose bucket is full again
             refill = limits.connect_burst_per_ip / limits.connect_rate_per_ip
             for key in [k for k, (_, t) in self._buckets.items() if now - t > refill]:
@@ -166,7 +172,7 @@ class Admission:
             if len(self._buckets) > MAX_BUCKETS // 2:  # still many: keep the busiest half
                 recent = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
                 self._buckets = dict(recent[-(MAX_BUCKETS // 2) :])
-        return True
+        return max(0.0, -tokens / rate)
 
     def _drop_handshake(self, oldest: Ticket) -> None:
         self.end_handshake(oldest)

@@ -57,7 +57,8 @@ class NodeBudget:
         self.free += n
         if stranger:
             self.stranger_free += n
-        self._lot.unpark_all()
+        if self._lot:  # waiters only while a pool is exhausted
+            self._lot.unpark_all()
 
 
 class ConnBudget:
@@ -67,6 +68,7 @@ class ConnBudget:
         self.node = node
         self.is_partner = is_partner
         self.held = 0
+        self._lot = trio.lowlevel.ParkingLot()  # waiting for this connection's own holds
 
     def share(self) -> int:
         """What this connection may hold now (depends on whether the peer is a partner)."""
@@ -75,15 +77,21 @@ class ConnBudget:
 
     def try_reserve(self, n: int, alongside: Hold | None = None) -> Hold | None:
         """The hold ``reserve`` would give, if it fits now (None otherwise)."""
+        hold = self._try(n, alongside)
+        return hold if isinstance(hold, Hold) else None
+
+    def _try(self, n: int, alongside: Hold | None) -> Hold | trio.lowlevel.ParkingLot:
+        """The hold, or the parking lot to wait in: this connection's if its own share is
+        full (only its own releases can help), the node's if a pool is."""
         node = self.node
         limits = node.limits
         stranger = not self.is_partner()
         share = limits.stranger_conn_bytes if stranger else limits.partner_conn_bytes
         want = max(0, min(n, share - (alongside.amount if alongside else 0)))
-        if self.held + want > share or node.free < want:
-            return None
-        if stranger and node.stranger_free < want:
-            return None
+        if self.held + want > share:
+            return self._lot
+        if node.free < want or (stranger and node.stranger_free < want):
+            return node._lot
         node._take(want, stranger)
         self.held += want
         return Hold(self, want, stranger)
@@ -95,12 +103,13 @@ class ConnBudget:
         kept together with this one), so that a single message never waits for room the
         connection can never have.
         """
-        while (hold := self.try_reserve(n, alongside)) is None:
-            await self.node._lot.park()
+        while not isinstance(hold := self._try(n, alongside), Hold):
+            await hold.park()
         return hold
 
     def _release(self, n: int, stranger: bool) -> None:
         self.held -= n
+        self._lot.unpark_all()
         self.node._give(n, stranger)
 
 

@@ -35,10 +35,11 @@ class NetLimits:
     max_strangers_per_ip: int = 32  # per IPv4 address / IPv6 /64
     max_per_identity: int = 4  # inbound connections per proven identity
     max_handshakes: int = 64  # handshakes in progress (the oldest is dropped when full)
-    max_handshakes_per_ip: int = 16
+    max_handshakes_per_ip: int = 32  # including those waiting for their turn
     handshake_timeout: float = 5.0  # seconds for the whole responder handshake
-    connect_rate_per_ip: float = 8.0  # new connections a second per address, on average
-    connect_burst_per_ip: int = 64  # ... and at once
+    connect_rate_per_ip: float = 64.0  # handshakes a second per address, on average
+    connect_burst_per_ip: int = 128  # ... and at once
+    connect_queue_per_ip: int = 16  # connections over the rate that wait for their turn
     idle_timeout: float = 60.0  # no calls, handlers or frames for this long: close
     min_idle_to_evict: float = 1.0  # a stranger idle at least this long may be evicted
     # -- frames and messages (fluidfs.net.rpc, fluidfs.net.envelope) -----------------------

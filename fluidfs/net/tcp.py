@@ -142,6 +142,8 @@ async def accept_peer(
     channel = None
     try:
         with ticket.scope:
+            if ticket.delay:
+                await trio.sleep(ticket.delay)  # this address's turn (admission.py)
             channel = await accept_channel(
                 stream, identity, timeout=admission.limits.handshake_timeout
             )
