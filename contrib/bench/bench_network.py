@@ -275,7 +275,9 @@ async def store_shards(
 
 def shard_rpc_round(work: Path, n: int, shards, ids, inflight: int) -> float:
     """One round against a fresh `fluidfs serve`; MB/s of shard payload."""
-    donate = f"{(4 * len(shards) * SHARD) // MIB + 1024}M"
+    # A stranger is granted at most donate/16 (docs/protocol.md §5); the donation is only a
+    # promise, so a large one costs nothing.
+    donate = f"{(40 * len(shards) * SHARD) // MIB + 1024}M"
     peer = ServePeer(work / "shard-server", f"server{n}", donate=donate)
     try:
         start_peers([peer])
