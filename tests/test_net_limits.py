@@ -439,3 +439,38 @@ async def test_idle_connections_are_closed_and_the_pool_dials_again(nursery, tmp
     finally:
         await pool.aclose()
         db.close()
+
+
+async def test_a_strangers_flood_of_cheap_requests_is_paced_but_a_partner_is_not(nursery):
+    service = Service()
+    port = await start(nursery, service, stranger_conn_msg_rate=20.0,
+                       stranger_conn_msg_burst=10, stranger_msg_rate=50.0,
+                       stranger_msg_burst=20)
+    ping = envelope.encode_request(1, "Ping", {})
+    channels = [await dial("127.0.0.1", port, stranger(), SERVER_PK) for _ in range(4)]
+
+    async def flood(channel) -> None:
+        with contextlib.suppress(ChannelError, trio.BrokenResourceError):
+            while True:
+                await channel.send(ping)
+
+    async with trio.open_nursery() as flooders:
+        for channel in channels:
+            flooders.start_soon(flood, channel)
+        await trio.sleep(1.0)
+        before = service.calls.get("Ping", 0)
+        t0 = trio.current_time()
+        async with client(port) as conn:  # a partner is served at once meanwhile
+            for _ in range(50):
+                await conn.call("Ping", {})
+        assert trio.current_time() - t0 < 2.0
+        await trio.sleep(1.0)
+        strangers = service.calls.get("Ping", 0) - 50 - before
+        flooders.cancel_scope.cancel()
+    for channel in channels:
+        await channel.aclose()
+    # four strangers together get the node's stranger rate (50/s), not 4 x 20/s, nor
+    # the thousands a second they send
+    seconds = trio.current_time() - t0
+    assert strangers <= 50 * seconds + 20 + 10, strangers
+    assert service.calls["Ping"] <= 20 + 50 * (seconds + 1.5) + 50, service.calls

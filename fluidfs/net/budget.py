@@ -11,6 +11,11 @@ connection's ``ConnBudget``. A hold must fit at every level at once:
   never take the room partners need);
 * the node: ``node_bytes``, shared by every connection (``NodeBudget``).
 
+Strangers are also held to a message rate (``RateBucket``), per connection and for all of
+them together: the reader of a stranger's connection waits for its turn before it reads
+the next frame, so a stranger flooding cheap requests is slowed by TCP back-pressure
+instead of costing the node CPU for each one. Partners are not rate-limited.
+
 Reserving waits (the RPC reader stops reading, so the peer is slowed by TCP back-pressure)
 until the hold fits. Only connection readers reserve, one at a time per connection, and
 holds are released by tasks that never wait for a reader (handlers finishing, replies sent
@@ -27,7 +32,29 @@ import trio
 
 from .limits import DEFAULT_LIMITS, NetLimits
 
-__all__ = ["ConnBudget", "Hold", "NodeBudget"]
+__all__ = ["ConnBudget", "Hold", "NodeBudget", "RateBucket"]
+
+
+class RateBucket:
+    """A token bucket whose takers queue in virtual time: ``take()`` spends one token now
+    and returns how long the taker must wait for it (0 while tokens are left). The bucket
+    may go into debt by one token per waiting taker, so waits are first come, first served
+    and a waiter never needs waking."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self._at: float | None = None  # made outside trio.run: the clock starts at first use
+
+    def take(self) -> float:
+        """Spend one token; seconds to wait before using it."""
+        now = trio.current_time()
+        if self._at is not None:
+            self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 class NodeBudget:
@@ -37,6 +64,7 @@ class NodeBudget:
         self.limits = limits
         self.free = limits.node_bytes
         self.stranger_free = limits.stranger_bytes
+        self.stranger_msgs = RateBucket(limits.stranger_msg_rate, limits.stranger_msg_burst)
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
@@ -69,6 +97,19 @@ class ConnBudget:
         self.is_partner = is_partner
         self.held = 0
         self._lot = trio.lowlevel.ParkingLot()  # waiting for this connection's own holds
+        limits = node.limits
+        self._msgs = RateBucket(limits.stranger_conn_msg_rate, limits.stranger_conn_msg_burst)
+
+    async def pace(self) -> None:
+        """Wait for a stranger's turn to send one more message (partners never wait)."""
+        if self.is_partner():
+            return
+        wait = self._msgs.take()
+        if wait:
+            await trio.sleep(wait)
+        wait = self.node.stranger_msgs.take()
+        if wait:
+            await trio.sleep(wait)
 
     def share(self) -> int:
         """What this connection may hold now (depends on whether the peer is a partner)."""

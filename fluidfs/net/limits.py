@@ -57,6 +57,11 @@ class NetLimits:
     stranger_bytes: int = 64 * MIB  # of which for peers without an active agreement
     partner_conn_bytes: int = 48 * MIB  # one partner's connection
     stranger_conn_bytes: int = 1 * MIB  # one stranger's connection
+    # -- message rates (fluidfs.net.budget.RateBucket) -------------------------------------
+    stranger_msg_rate: float = 200.0  # messages a second from all strangers together
+    stranger_msg_burst: int = 400  # ... and at once
+    stranger_conn_msg_rate: float = 20.0  # messages a second from one stranger's connection
+    stranger_conn_msg_burst: int = 40  # ... and at once
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

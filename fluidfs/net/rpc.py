@@ -344,6 +344,7 @@ class RpcConnection:
         frame: bytes | str | None = None
         while True:
             frame = None  # let go of the last frame before receiving the next one
+            await self._budget.pace()
             frame = await self._receive()
             if isinstance(frame, str):
                 return frame
