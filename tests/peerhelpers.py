@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluidfs import keys
+from fluidfs.blocks import merkle
 
 FLUIDFS = [sys.executable, "-m", "fluidfs"]
 
@@ -141,3 +142,15 @@ def running_peers(root: Path, count: int):
     finally:
         for peer in made:
             peer.kill()
+
+
+def endpoint(peer: Peer) -> tuple[str, int]:
+    """(host, port) of a started peer, for ``fluidfs.net.tcp.open_rpc``."""
+    host, port = peer.addr.rsplit(":", 1)
+    return host, int(port)
+
+
+def random_shard(size: int) -> dict:
+    """A StoreShard item: *size* random bytes under their true shard id."""
+    data = os.urandom(size)
+    return {"id": merkle.shard_id(data), "data": data}

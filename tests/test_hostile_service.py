@@ -16,10 +16,9 @@ import nacl.signing
 import pytest
 import trio
 from conftest import run_cli
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, endpoint, random_shard, status, wait_for
 
 from fluidfs import keys
-from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.net.tcp import open_rpc, serve_tcp
 from fluidfs.peers import rootrecord
@@ -42,14 +41,7 @@ def peer(tmp_path_factory):
     p.kill()
 
 
-def endpoint(peer: Peer) -> tuple[str, int]:
-    host, port = peer.addr.rsplit(":", 1)
-    return host, int(port)
-
-
-def shard(size: int) -> dict:
-    data = os.urandom(size)
-    return {"id": merkle.shard_id(data), "data": data}
+shard = random_shard
 
 
 def peak_rss(pid: int) -> int:

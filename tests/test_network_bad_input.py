@@ -11,7 +11,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peerhelpers import Peer
+from peerhelpers import Peer, endpoint, random_shard
 
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import HandshakeError, NetError, RpcError
@@ -27,14 +27,7 @@ def peer(tmp_path_factory):
     p.kill()
 
 
-def endpoint(peer: Peer) -> tuple[str, int]:
-    host, port = peer.addr.rsplit(":", 1)
-    return host, int(port)
-
-
-def shard(size: int) -> dict:
-    data = os.urandom(size)
-    return {"id": merkle.shard_id(data), "data": data}
+shard = random_shard
 
 
 async def expect_code(code: str, coro) -> None:

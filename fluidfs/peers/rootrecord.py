@@ -249,14 +249,18 @@ class RecordClient:
             log.info("peer %s refused our %s record but does not show it: %s",
                      _short(key), kind, exc)
             return None
+        opened = self._open_from(key, reply["record"], kind)
+        return None if opened is None else opened[0]
+
+    def _open_from(self, key: bytes, raw: bytes, kind: str) -> tuple[int, dict[str, Any]] | None:
+        """(seq, body) of a record peer *key* served, if it verifies; a bad one costs trust."""
         try:
-            held, _body = open_record(self.keyring, reply["record"], kind)
+            return open_record(self.keyring, raw, kind)
         except RecordError as exc:
             self.rejected += 1
             log.warning("peer %s served a bad %s record: %s", _short(key), kind, exc)
             self.peers.record(key, False)
             return None
-        return held
 
     async def newest(self, kind: str, *, follow_peers: bool = False) -> Found | None:
         """The newest record of *kind* that verifies, from every peer we can reach.
@@ -289,14 +293,9 @@ class RecordClient:
                 except PeerUnavailable:
                     return
                 answered += 1
-                try:
-                    seq, body = open_record(self.keyring, reply["record"], kind)
-                except RecordError as exc:
-                    self.rejected += 1
-                    log.warning("peer %s served a bad %s record: %s", _short(key), kind, exc)
-                    self.peers.record(key, False)
-                    return
-                results.append((seq, body, reply["record"]))
+                opened = self._open_from(key, reply["record"], kind)
+                if opened is not None:
+                    results.append((*opened, reply["record"]))
 
             async with trio.open_nursery() as nursery:
                 for key in targets:
