@@ -10,9 +10,9 @@ Rules enforced here (see docs/protocol.md for the wire side, §5 for the limits)
   agreements are granted at a bounded rate and up to a bounded count (idle, empty ones
   are evicted first to make room). Renewing never clears a running failure clock.
 - A store needs a live agreement; it is refused (``over_quota``) past the promise or
-  past ``donate`` (bytes held for others). Quota is reserved in memory before any
-  await and checked again inside the write transaction, so concurrent stores can never
-  overshoot; a shard whose bytes do not match its id is refused (``bad_shard``).
+  past ``donate`` (bytes held for others). Quota is checked inside the write
+  transaction that stores the shards, so concurrent stores can never overshoot; a
+  shard whose bytes do not match its id is refused (``bad_shard``).
 - Only the owner of a shard can retrieve, audit or delete it: shards are keyed
   by the proven identity of the connection that stored them. Deletes de-duplicate ids
   and never read a shard.
@@ -77,10 +77,6 @@ class PeerService:
         self.limiter = limiter
         self.terms = terms or TermsPolicy()
         self.cooldown = cooldown
-        # Bytes of accepted, not yet written stores: per owner and in total. Counted
-        # against the quota before the write's await, so concurrent stores see each other.
-        self._reserved: dict[bytes, int] = {}
-        self._reserved_total = 0
         # Token bucket for new agreements (capacity and refill: terms.new_per_hour).
         self._grants = float(self.terms.new_per_hour)
         self._grants_at = time.monotonic()
@@ -223,42 +219,16 @@ class PeerService:
         agreement = self.ledger.get(peer)
         if agreement is None or not agreement.active:
             raise RpcError("no_agreement", "no storage agreement with you")
-        used, pooled = await self._run(self.shards.used_and_pooled, peer, self.peers.self_key)
-        agreement = self.ledger.get(peer)
-        if agreement is None or not agreement.active:
-            raise RpcError("no_agreement", "no storage agreement with you")
-        # From here to the reservation below there is no await: concurrent stores of the
-        # same owner each see the others' reservations.
-        used += self._reserved.get(peer, 0)
-        pooled += self._reserved_total
-        accepted: list[tuple[bytes, bytes]] = []
-        refused: list[dict[str, Any]] = []
-        reserved = 0
-        for item in args["shards"]:
-            size = len(item["data"])
-            if used + size > agreement.we_host or pooled + size > self.donate:
-                refused.append({"id": item["id"], "code": "over_quota"})
-                continue
-            accepted.append((item["id"], item["data"]))
-            used += size
-            pooled += size
-            reserved += size
-        if not accepted:
-            return {"stored": [], "refused": refused}
-        self._reserved[peer] = self._reserved.get(peer, 0) + reserved
-        self._reserved_total += reserved
-        try:
-            bad, over = await self._run(self._store, peer, accepted, agreement.we_host)
-        finally:
-            left = self._reserved.pop(peer) - reserved
-            if left:
-                self._reserved[peer] = left
-            self._reserved_total -= reserved
-        refused += [{"id": sid, "code": "bad_shard"} for sid in bad]
+        # The quota (this owner's and the donation's) is checked inside the one write
+        # transaction that stores the shards: LMDB runs write transactions one at a time,
+        # so concurrent stores can never overshoot, and no extra worker-thread trip is
+        # needed to read the usage first.
+        items = [(item["id"], item["data"]) for item in args["shards"]]
+        bad, over = await self._run(self._store, peer, items, agreement.we_host)
+        refused = [{"id": sid, "code": "bad_shard"} for sid in bad]
         refused += [{"id": sid, "code": "over_quota"} for sid in over]
         failed = bad | over
-        stored = [sid for sid, _ in accepted if sid not in failed]
-        return {"stored": stored, "refused": refused}
+        return {"stored": [sid for sid, _ in items if sid not in failed], "refused": refused}
 
     def _store(
         self, peer: bytes, shards: list[tuple[bytes, bytes]], quota: int

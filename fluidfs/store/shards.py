@@ -123,16 +123,6 @@ class ShardStore:
         with self.db.read() as txn:
             return self._usage_of(txn, owner)
 
-    def used_and_pooled(self, owner: bytes, outside_pool: bytes | None = None) -> tuple[int, int]:
-        """(bytes held for *owner*, bytes held for every owner but *outside_pool*)."""
-        with self.db.read() as txn:
-            pooled = sum(
-                _U64.unpack(v)[0]
-                for k, v in txn.cursor(db=self._usage)
-                if bytes(k) != outside_pool
-            )
-            return self._usage_of(txn, owner), pooled
-
     def owners(self) -> dict[bytes, int]:
         """Every owner with shards here, and the bytes held for each."""
         with self.db.read() as txn:
