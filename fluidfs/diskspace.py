@@ -7,6 +7,11 @@ of the state directory's filesystem decides: a commit that fails while less than
 ``LOW_SPACE`` is free is taken to have run out of room. Either way the caller can free
 what it can (the plaintext cache) and answer ``ENOSPC``, which tells the user what to
 do, instead of EIO, which suggests broken hardware.
+
+Data writers (dirty blocks, the plaintext cache, local shards) stop ``DATA_RESERVE``
+short of a full disk (``keep_reserve``), like ext4's reserved blocks: the last few MiB
+stay for metadata transactions, so deleting a file — what a user does to make room —
+still gets through on a full disk instead of failing for want of one LMDB page.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import lmdb
 
 LOW_SPACE = 32 * 1024 * 1024  # more than one LMDB commit of a sealed block ever needs
+DATA_RESERVE = 4 * 1024 * 1024  # free bytes data writers leave for metadata
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -37,3 +43,9 @@ def is_disk_full(exc: BaseException, path: Path) -> bool:
         except OSError:
             return False
     return False
+
+
+def keep_reserve(path: Path) -> None:
+    """Raise ``OSError(ENOSPC)`` if writing data would eat into the metadata reserve."""
+    if free_bytes(path) < DATA_RESERVE:
+        raise OSError(errno.ENOSPC, "no space left for data (the last MiB are kept for metadata)")

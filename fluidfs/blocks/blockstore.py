@@ -25,7 +25,7 @@ from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.suspects import Suspects
-from fluidfs.diskspace import is_disk_full
+from fluidfs.diskspace import is_disk_full, keep_reserve
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
 
@@ -212,6 +212,7 @@ class BlockStore:
 
     def _seal_and_store(self, data: bytes, block_id: bytes) -> tuple[BlockRecord, list[bytes]]:
         record, shards = self.codec.seal(data, block_id)
+        keep_reserve(self.cache.root)
         self.shards.put_many(self.owner, zip(record.shard_ids, shards, strict=True))
         return record, shards
 
@@ -400,7 +401,7 @@ class BlockStore:
         full, the cache gives back every block that is safely stored elsewhere and the
         write is tried once more; if it still fails, the OSError (ENOSPC) goes up."""
         try:
-            return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
+            return await trio.to_thread.run_sync(self._reserved, write, *args, limiter=self.limiter)
         except OSError as exc:
             if not is_disk_full(exc, self.cache.root):
                 raise
@@ -408,7 +409,12 @@ class BlockStore:
             if not freed:
                 raise
             log.warning("disk full: dropped %d bytes of cached blocks to make room", freed)
-        return await trio.to_thread.run_sync(write, *args, limiter=self.limiter)
+        return await trio.to_thread.run_sync(self._reserved, write, *args, limiter=self.limiter)
+
+    def _reserved(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Run a data write unless it would eat the metadata reserve (diskspace.py)."""
+        keep_reserve(self.cache.root)
+        return write(*args)
 
     # --- reading -----------------------------------------------------------------------
 
