@@ -148,7 +148,7 @@ class Node:
             self.service,
             self.peers,
             limits=config.net_limits,
-            is_partner=lambda key: (a := self.ledger.get(key)) is not None and a.active,
+            is_partner=lambda key: self.ledger.live(key) is not None,
         )
         self.manager = PeerManager(
             self.conns,

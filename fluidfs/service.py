@@ -107,8 +107,7 @@ class PeerService:
     async def op_ProposeAgreement(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         offer, ask, term = args["offer"], args["ask"], args["term"]
         addr = _claimed_addr(args)
-        existing = self.ledger.get(peer)
-        renewal = existing is not None and existing.active
+        renewal = self.ledger.live(peer) is not None
         granted, reason = self._terms_for(peer, offer, ask)
         if reason is None and not renewal:
             reason = await self._room_for_new(peer)
@@ -216,8 +215,8 @@ class PeerService:
     # --- shards --------------------------------------------------------------------------
 
     async def op_StoreShard(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
-        agreement = self.ledger.get(peer)
-        if agreement is None or not agreement.active:
+        agreement = self.ledger.live(peer)
+        if agreement is None:
             raise RpcError("no_agreement", "no storage agreement with you")
         # The quota (this owner's and the donation's) is checked inside the one write
         # transaction that stores the shards: LMDB runs write transactions one at a time,
@@ -294,8 +293,7 @@ class PeerService:
     async def op_PutRecord(self, peer: bytes, args: dict[str, Any]) -> dict[str, Any]:
         if self.records is None:
             raise RpcError("refused", "this peer keeps no records")
-        agreement = self.ledger.get(peer)
-        if agreement is None or not agreement.active:
+        if self.ledger.live(peer) is None:
             raise RpcError("no_agreement", "no live storage agreement with you")
         try:
             record = rootrecord.parse(args["record"])

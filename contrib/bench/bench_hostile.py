@@ -47,14 +47,20 @@ from pathlib import Path
 import cbor2
 import nacl.signing
 import trio
-from bench_network import ServePeer, fully_redundant, start_peers, status_of, warm
+from bench_network import (
+    ServePeer,
+    fully_redundant,
+    mount_with_peers,
+    start_peers,
+    status_of,
+    warm,
+)
 from benchlib import MB, MIB, REPO, Mount, fmt, is_mount, log, make_source, parse_size, read_rss
 
 from fluidfs.net.errors import NetError
 from fluidfs.net.tcp import dial
 
 PEER_DONATE = "8G"
-MOUNT_DONATE = "64G"
 GOAL_RATIO = 0.8
 GOAL_RSS_MB = 400
 
@@ -217,18 +223,7 @@ def run_bench(args, work: Path, res: dict, cleanup: list) -> None:
     cleanup.append(lambda: [p.stop() for p in peers])
     log(f"starting {args.peers} fluidfs serve peers")
     start_peers(peers)
-    extra = ["--listen", "127.0.0.1:0", "--donate", MOUNT_DONATE]
-    for p in peers:
-        extra += ["--peer", p.addr]
-    m = Mount(work, "hostile", extra)
-    cleanup.append(m.cleanup)
-    m.init()
-    m.mount()
-    deadline = time.monotonic() + 90
-    while status_of(m).get("peers_with_agreements", 0) < args.peers:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the mount did not make agreements with every peer")
-        time.sleep(0.2)
+    m = mount_with_peers(work, "hostile", peers, cleanup)
     addr = (m.state / "listen").read_text().strip()
     res["rounds"] = []
     for n in range(args.rounds):

@@ -356,6 +356,25 @@ def wait_status(m: Mount, done, timeout: float, what: str, poll: float = 0.05) -
         time.sleep(poll)
 
 
+def mount_with_peers(work: Path, tag: str, peers: list[ServePeer], cleanup: list) -> Mount:
+    """A listening mount with every peer as a bootstrap peer, once it has agreements with
+    all of them (its cleanup is queued on *cleanup*)."""
+    extra = ["--listen", "127.0.0.1:0", "--donate", MOUNT_DONATE]
+    for p in peers:
+        extra += ["--peer", p.addr]
+    m = Mount(work, tag, extra)
+    cleanup.append(m.cleanup)
+    m.init()
+    m.mount()
+    wait_status(
+        m,
+        lambda st: st["peers_with_agreements"] >= len(peers),
+        90,
+        f"agreements with {len(peers)} peers",
+    )
+    return m
+
+
 def write_phase(args, m: Mount, src: Path, peers: list[ServePeer], prof: Profiler) -> dict:
     """dd into the mount; time until all sealed and (with peers) fully redundant."""
     blocks = math.ceil(args.size / BLOCK_SIZE)
@@ -479,19 +498,7 @@ def bench(args, work: Path, res: dict, prof: Profiler, cleanup: list) -> None:
     cleanup.append(lambda: [p.stop() for p in peers])
     log(f"starting {args.peers} fluidfs serve peers")
     start_peers(peers)
-    extra = ["--listen", "127.0.0.1:0", "--donate", MOUNT_DONATE]
-    for p in peers:
-        extra += ["--peer", p.addr]
-    net = Mount(work, "peers", extra)
-    cleanup.append(net.cleanup)
-    net.init()
-    net.mount()
-    wait_status(
-        net,
-        lambda st: st["peers_with_agreements"] >= args.peers,
-        60,
-        f"agreements with {args.peers} peers",
-    )
+    net = mount_with_peers(work, "peers", peers, cleanup)
     log(f"mount with {args.peers} peers: dd write, until fully redundant")
     res["peers"] = write_phase(args, net, src, peers, prof)
     log(f"mount with {args.peers} peers: cold read")

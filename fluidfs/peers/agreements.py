@@ -124,6 +124,11 @@ class Ledger:
         """The agreement with *peer*, or None."""
         return self.agreements.get(peer)
 
+    def live(self, peer: bytes) -> Agreement | None:
+        """The agreement with *peer* if it has not ended (the peer is a partner), or None."""
+        agreement = self.agreements.get(peer)
+        return agreement if agreement is not None and agreement.active else None
+
     def active(self) -> list[Agreement]:
         """Agreements that have not ended."""
         return [a for a in self.agreements.values() if a.active]
