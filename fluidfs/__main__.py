@@ -1,5 +1,5 @@
 """``python -m fluidfs`` runs the command line."""
 
-from fluidfs.cli import main
+from fluidfs.cli.main import main
 
 main()

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from fluidfs import keys
-from fluidfs.daemon import Node, NodeConfig
 from fluidfs.fs.metaformat import Entry, encode_leaf
 from fluidfs.fs.tree import ROOT_INO
+from fluidfs.node.node import Node, NodeConfig
 from fluidfs.peers.rootrecord import Found
 from fluidfs.statedir import StateDir
 

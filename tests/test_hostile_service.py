@@ -25,7 +25,7 @@ from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections
-from fluidfs.service import PeerService
+from fluidfs.service.host import PeerService
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from peerhelpers import Peer, wait_for
 
-from fluidfs import control, logsetup
+from fluidfs import control
+from fluidfs.node import logsetup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +114,7 @@ def test_the_log_file_rotates_and_keeps_what_a_crash_prints(tmp_path: Path) -> N
     script = (
         "import logging, sys\n"
         "from pathlib import Path\n"
-        "from fluidfs import logsetup\n"
+        "from fluidfs.node import logsetup\n"
         f"logsetup.configure(Path({str(log)!r}), max_bytes=20_000)\n"
         "for i in range(3000):\n"
         "    logging.getLogger('fluidfs.t').info('line ' + str(i) + ' ' + 'x' * 40)\n"

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from fluidfs import keys
-from fluidfs.daemon import Node, NodeConfig
 from fluidfs.fs.tree import ROOT_INO
+from fluidfs.node.node import Node, NodeConfig
 from fluidfs.statedir import StateDir
 
 CTX = pyfuse3.RequestContext()

@@ -16,7 +16,7 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.lease import LeaseInfo
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.rootrecord import RecordError, open_record, parse, seal
-from fluidfs.service import PeerService
+from fluidfs.service.host import PeerService
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore

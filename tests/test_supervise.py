@@ -1,5 +1,5 @@
 """Background loops run supervised: a failure is logged and the loop restarted with back-off,
-never the end of the node; cancellation passes through (fluidfs/supervise.py).
+never the end of the node; cancellation passes through (fluidfs/node/supervise.py).
 
 Run on trio's MockClock (autojump): hours of virtual time take milliseconds.
 """
@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from fluidfs import supervise as sup
+from fluidfs.node import supervise as sup
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_loop_that_keeps_failing_is_restarted_with_bounded_back_off(mock_clock
         with trio.move_on_after(3600):
             await sup.supervise("broken", broken, state=state)
 
-    caplog.set_level(logging.INFO, logger="fluidfs.supervise")
+    caplog.set_level(logging.INFO, logger="fluidfs.node.supervise")
     run(main, mock_clock)
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # 1, 2, 4, ... seconds, then never more often than once a minute: no busy spin.
@@ -47,7 +47,7 @@ def test_a_loop_that_keeps_failing_is_restarted_with_bounded_back_off(mock_clock
     assert len(starts) < 3600 / sup.BACKOFF_MAX + 10
     assert state.failures == len(starts) and "ValueError" in state.last_error
     # The first failure with its traceback, then at most one line a minute.
-    records = [r for r in caplog.records if r.name == "fluidfs.supervise"]
+    records = [r for r in caplog.records if r.name == "fluidfs.node.supervise"]
     assert records[0].exc_info is not None
     assert len(records) <= 3600 / sup.LOG_EVERY + 1
 

@@ -258,7 +258,7 @@ class Profiler:
                         f
                         for f in reversed(frames[1:-1])
                         if "fluidfs/" in f
-                        and "fluidfs/cli.py" not in f
+                        and "fluidfs/cli/" not in f
                         and "fluidfs/__main__" not in f
                     ),
                     "",

@@ -16,7 +16,7 @@ from fluidfs.fs.commit import CommitStats, wait_placed
 from fluidfs.fs.snapshots import Retention
 
 if TYPE_CHECKING:
-    from fluidfs.remount import Remount
+    from fluidfs.remount.remount import Remount
 
 SYNC_STALL = 20.0  # fluidfs sync: seconds without placement progress before reporting
 

@@ -176,7 +176,7 @@ def build_parser() -> Parser:
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--log-file", type=Path, default=None, help=argparse.SUPPRESS)
     _peer_options(mount, listen_default=None)
-    from fluidfs import cli_remount
+    from fluidfs.cli import remount as cli_remount
 
     cli_remount.add_mount_options(mount)
 
@@ -227,7 +227,8 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fluidfs`` command."""
     args = build_parser().parse_args(argv)
-    from fluidfs import cli_network, cli_remount
+    from fluidfs.cli import network as cli_network
+    from fluidfs.cli import remount as cli_remount
 
     handlers = {
         "init": cmd_init,
@@ -379,7 +380,7 @@ def setup_node_process(log_file: Path | None = None) -> None:
     owner only: umask 077 from the start, so no file is ever briefly readable by others.
     The log is rate-limited per cause and, in a file, rotated (logsetup.py).
     """
-    from fluidfs import logsetup
+    from fluidfs.node import logsetup
 
     os.umask(0o077)
     logsetup.configure(log_file)
@@ -414,7 +415,7 @@ def run_foreground(
     """Run the node in this process until it is unmounted."""
     import trio
 
-    from fluidfs.daemon import MountError, Node
+    from fluidfs.node.node import MountError, Node
 
     setup_node_process(args.log_file)
     ready_fd = args.ready_fd
@@ -453,7 +454,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
     """NodeConfig from command-line arguments."""
     from fluidfs.blocks.audit import AuditPolicy
     from fluidfs.blocks.repair import RepairPolicy
-    from fluidfs.daemon import NodeConfig
+    from fluidfs.node.node import NodeConfig
     from fluidfs.peers.lifecycle import LifecyclePolicy
 
     entries = bootstrap_entries(args, keyring)
@@ -483,7 +484,7 @@ def node_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateD
     if hasattr(args, "cache_size"):
         config.cache_size = args.cache_size
         config.block_size = args.block_size
-        from fluidfs import cli_remount
+        from fluidfs.cli import remount as cli_remount
 
         config.remount = cli_remount.remount_options(args)
         config.remount.pinned = [e for e in entries if e.key is not None]
@@ -543,7 +544,7 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         str(state.log),
         *_passthrough(args),
     ]
-    from fluidfs import cli_remount
+    from fluidfs.cli import remount as cli_remount
 
     argv += cli_remount.mount_passthrough(args)
     if args.keyfile is not None:

@@ -19,7 +19,7 @@ This is the node's part that makes "remount anywhere from the keyfile" work:
   change), publish a root record for each commit, renew the lease, load the rest of
   a restored tree in the background, and apply the snapshot retention;
 - at unmount: a last commit and the lease released;
-- on request (control socket): ``sync``, ``snapshots``, ``forget`` (remount_control.py).
+- on request (control socket): ``sync``, ``snapshots``, ``forget`` (remount/control.py).
 
 A node without peers has nowhere to back up to: it commits (and so takes
 snapshots) only when asked, with ``fluidfs sync``; deleted data then goes at once
@@ -63,10 +63,10 @@ from fluidfs.keys import BootstrapPeer, derive
 from fluidfs.peers.lease import DEFAULT_RENEW, LeaseHeld, WriterLease
 from fluidfs.peers.pool import PeerUnavailable
 from fluidfs.peers.rootrecord import Found, RecordClient
-from fluidfs.remount_control import RemountControl
+from fluidfs.remount.control import RemountControl
 
 if TYPE_CHECKING:
-    from fluidfs.daemon import Node
+    from fluidfs.node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +610,7 @@ class Remount:
 
     # --- control requests ------------------------------------------------------------------
 
-    # --- control requests (remount_control.py) ---------------------------------------------
+    # --- control requests (remount/control.py) ---------------------------------------------
 
     async def sync(self, timeout: float) -> dict[str, Any]:
         """fluidfs sync (see RemountControl.sync)."""

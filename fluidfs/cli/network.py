@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from fluidfs import keys as keymod
-from fluidfs.cli import (
+from fluidfs.cli.main import (
     EXIT_USAGE,
     add_pinned,
     bootstrap_entries,
@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """fluidfs serve: run a peer that only donates space, in the foreground."""
     import trio
 
-    from fluidfs.daemon import Node
+    from fluidfs.node.node import Node
 
     state = StateDir((args.state_dir or default_data_dir()).expanduser())
     keyring = load_or_create_keyfile(args.keyfile)
@@ -141,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
     if "commit" in reply:
-        from fluidfs.cli_remount import print_commit_status
+        from fluidfs.cli.remount import print_commit_status
 
         print_commit_status(reply["commit"])
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")

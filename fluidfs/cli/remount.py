@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fluidfs import keys as keymod
-from fluidfs.cli import EXIT_FAIL, EXIT_USAGE, fail
+from fluidfs.cli.main import EXIT_FAIL, EXIT_USAGE, fail
 from fluidfs.statedir import StateDir, default_data_dir, default_keyfile
 
 MAX_EXPORTED_PEERS = 16
@@ -90,7 +90,7 @@ def mount_passthrough(args: argparse.Namespace) -> list[str]:
 
 def remount_options(args: argparse.Namespace):
     """RemountOptions from ``fluidfs mount`` arguments."""
-    from fluidfs.remount import RemountOptions
+    from fluidfs.remount.remount import RemountOptions
 
     options = RemountOptions(
         takeover=args.takeover,

@@ -32,6 +32,7 @@ from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.node.supervise import supervise
 from fluidfs.peers.address import format_host_port
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
@@ -40,13 +41,12 @@ from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
 from fluidfs.peers.trust import TrustPolicy
-from fluidfs.remount import Remount, RemountError, RemountOptions
-from fluidfs.service import PeerService
+from fluidfs.remount.remount import Remount, RemountError, RemountOptions
+from fluidfs.service.host import PeerService
 from fluidfs.statedir import StateDir, fsname_for
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
-from fluidfs.supervise import supervise
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class Node:
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
             await nursery.start(self.blocks.run)
             # Each loop is supervised: whatever it raises is logged and it is restarted
-            # with back-off, so no failure in one can end the node (fluidfs/supervise.py).
+            # with back-off, so no failure in one can end the node (fluidfs/node/supervise.py).
             for name, loop in [
                 ("sync timer", self._sync_timer),
                 ("reconnect", self.manager.reconnect_known),

@@ -1,0 +1,1 @@
+"""The host side: what we do for peers who store shards and records with us."""
