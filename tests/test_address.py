@@ -13,7 +13,7 @@ from fluidfs.peers.address import (
     format_host_port,
     split_host_port,
 )
-from fluidfs.peers.pool import split_addr
+from fluidfs.peers.connections import split_addr
 
 GOOD = {
     "127.0.0.1:7470": ("127.0.0.1", 7470),

@@ -21,10 +21,10 @@ from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.net.tcp import serve_tcp
 from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger, TermsPolicy
+from fluidfs.peers.connections import Connections
 from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections
 from fluidfs.service.host import PeerService
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore

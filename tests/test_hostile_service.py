@@ -23,8 +23,8 @@ from fluidfs.net.errors import RpcError
 from fluidfs.net.tcp import open_rpc, serve_tcp
 from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections
 from fluidfs.service.host import PeerService
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore

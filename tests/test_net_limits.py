@@ -28,8 +28,8 @@ from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits, parse_limits
 from fluidfs.net.messages import OPS, REQUEST_SCHEMAS
 from fluidfs.net.rpc import RpcConnection, reply_bound, request_bound
 from fluidfs.net.tcp import dial, open_rpc, serve_tcp
+from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections
 from fluidfs.store.db import META_TABLES, Database
 
 SERVER = nacl.signing.SigningKey(b"S" * 32)

@@ -30,7 +30,7 @@ import trio
 from fluidfs.blocks import merkle
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.net.errors import RpcError
-from fluidfs.peers.pool import PeerUnavailable
+from fluidfs.peers.connections import PeerUnavailable
 
 log = logging.getLogger(__name__)
 

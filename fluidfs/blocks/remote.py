@@ -28,9 +28,9 @@ from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.placement import rank
-from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 

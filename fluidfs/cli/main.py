@@ -62,7 +62,7 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
 
 
 def _address(text: str) -> str:
-    from fluidfs.peers.pool import split_addr
+    from fluidfs.peers.connections import split_addr
 
     try:
         split_addr(text)
@@ -398,7 +398,7 @@ def add_pinned(node, entries) -> None:
 
     They are not dialled as bare addresses (that would let whoever answers there in):
     the node's reconnect, discovery and remount dial known peers with the identity
-    they must prove (peers/pool.py, ``Connections.get``).
+    they must prove (peers/connections.py, ``Connections.get``).
     """
     pinned = [e for e in entries if e.key is not None and e.key != node.peers.self_key]
     for entry in pinned:

@@ -189,7 +189,7 @@ class CommitInfo:
 
 
 @dataclass
-class Node:
+class TreeNode:
     """A decoded node (only the fields of its type are filled)."""
 
     type: str
@@ -450,7 +450,7 @@ def encode_commit(info: CommitInfo) -> bytes:
     return _finish(body, peers)
 
 
-def decode_node(plain: bytes) -> Node:
+def decode_node(plain: bytes) -> TreeNode:
     """Parse any node; raise NodeError if it is not a well-formed version-1 node."""
     try:
         raw = envelope.loads(plain)
@@ -461,7 +461,8 @@ def decode_node(plain: bytes) -> Node:
     table = [_bytes(k, "peer key", KEY_SIZE, KEY_SIZE) for k in _list(raw.get("p"), "peers")]
     kind = raw.get("t")
     if kind == LEAF:
-        return Node(LEAF, entries=[_dec_entry(e, table) for e in _list(raw.get("e"), "entries")])
+        entries = [_dec_entry(e, table) for e in _list(raw.get("e"), "entries")]
+        return TreeNode(LEAF, entries=entries)
     if kind == INDEX:
         children = []
         for item in _list(raw.get("c"), "children"):
@@ -477,7 +478,7 @@ def decode_node(plain: bytes) -> Node:
             )
         if not children:
             raise NodeError("index node without children")
-        return Node(INDEX, children=children, height=_int(raw.get("h"), "height", 1, 64))
+        return TreeNode(INDEX, children=children, height=_int(raw.get("h"), "height", 1, 64))
     if kind == MANIFEST:
         blocks = _dec_pairs_ref(raw.get("b", []), "manifest blocks", table)
         inline = []
@@ -486,7 +487,7 @@ def decode_node(plain: bytes) -> Node:
             if len(item) != 2:
                 raise NodeError("inline: expected [index, bytes]")
             inline.append((_int(item[0], "inline index"), _bytes(item[1], "inline data")))
-        return Node(MANIFEST, blocks=blocks, inline=inline)
+        return TreeNode(MANIFEST, blocks=blocks, inline=inline)
     if kind == COMMIT:
         info = CommitInfo(
             seq=_int(raw.get("seq"), "seq"),
@@ -498,7 +499,7 @@ def decode_node(plain: bytes) -> Node:
             next_ino=_int(raw.get("next_ino"), "next_ino", 2),
             block_size=_int(raw.get("bs"), "block size", 4096, 1 << 30),
         )
-        return Node(COMMIT, commit=info)
+        return TreeNode(COMMIT, commit=info)
     raise NodeError(f"unknown node type {str(kind)[:16]!r}")
 
 

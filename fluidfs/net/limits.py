@@ -1,6 +1,6 @@
 """The network layer's resource limits in one place (docs/protocol.md, section 5).
 
-``NetLimits`` is what a node gives its connection pool (``fluidfs.peers.pool``) and what
+``NetLimits`` is what a node gives its connection pool (``fluidfs.peers.connections``) and what
 ``serve_tcp`` / ``RpcConnection`` take; every cap a stranger can run into is a field here.
 Defaults are the production values; tests shrink the timeouts (``fluidfs serve
 --net-limits idle_timeout=1,...``, parsed by ``parse_limits``).

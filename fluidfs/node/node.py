@@ -35,11 +35,11 @@ from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.node.supervise import supervise
 from fluidfs.peers.address import format_host_port
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
+from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable, split_addr
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.remount import Remount, RemountError, RemountOptions
 from fluidfs.service.host import PeerService

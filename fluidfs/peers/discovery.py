@@ -40,9 +40,9 @@ from fluidfs.net.errors import ChannelError, RpcError
 from fluidfs.net.tcp import dial
 from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import Candidate, PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 

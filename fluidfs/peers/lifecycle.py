@@ -23,8 +23,8 @@ import trio
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 

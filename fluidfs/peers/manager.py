@@ -19,8 +19,8 @@ import trio
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger, TermsPolicy
+from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from fluidfs.keys import KeyRing, encode_peer_id
 from fluidfs.net import envelope
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.address import PeerAddr
+from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.pool import Connections, PeerUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -60,8 +60,8 @@ from fluidfs.fs.restore import Restorer
 from fluidfs.fs.snapshots import Retention, Snapshot, SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.keys import BootstrapPeer, derive
+from fluidfs.peers.connections import PeerUnavailable
 from fluidfs.peers.lease import DEFAULT_RENEW, LeaseHeld, WriterLease
-from fluidfs.peers.pool import PeerUnavailable
 from fluidfs.peers.rootrecord import Found, RecordClient
 from fluidfs.remount.control import RemountControl
 
