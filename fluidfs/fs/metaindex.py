@@ -37,9 +37,9 @@ from fluidfs.fs.metaformat import (
     LEAF,
     MANIFEST,
     Entry,
-    Node,
     NodeError,
     Ref,
+    TreeNode,
     decode_node,
 )
 from fluidfs.store.db import Database
@@ -226,7 +226,7 @@ class MetaIndex:
         await self.blocks.release(dead)
         return len(dead)
 
-    async def load(self, block_id: bytes) -> Node:
+    async def load(self, block_id: bytes) -> TreeNode:
         """Fetch, parse and (if new to us) register the node *block_id*."""
         stored = self.blocks.load(block_id)
         if stored is None:
