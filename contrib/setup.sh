@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install whatever fluidfs needs that is missing on Debian 12, then the package into .venv.
+# Install whatever fluidfs needs that is missing on Debian 12, then the package into .venv
+# with the dependency versions pinned in contrib/constraints.txt (the ones last tested).
 # Safe to run again: it only does what is not done yet. Usage: bash contrib/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +28,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PYTHON" -m venv .venv
 fi
+# The stamp holds the checksum of what the install was made from: editing either file
+# (a new dependency, a new pinned version) reinstalls, whatever the files' mtimes say.
 stamp=".venv/.fluidfs-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing fluidfs and its dependencies into .venv" >&2
+wanted="$(cat pyproject.toml contrib/constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "setup: installing fluidfs and its pinned dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[test]'
-  touch "$stamp"
+  .venv/bin/python -m pip install -q -c contrib/constraints.txt -e '.[test]'
+  echo "$wanted" > "$stamp"
 fi
