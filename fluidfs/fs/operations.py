@@ -590,16 +590,18 @@ class FluidOperations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        node = self._inode(inode)
-        names = self.tree.xattr_names(inode)
-        return [*names, XATTR_REDUNDANCY] if node.is_reg else names
+        # Computed attributes are readable by name but never listed (as Ceph does with
+        # ceph.*): listed, `rsync -aX` into the mount would never converge and `cp -a` out
+        # of it would plant them on other filesystems.
+        self._inode(inode)
+        return self.tree.xattr_names(inode)
 
     @handler
     async def removexattr(self, inode, name, ctx):
         self._writable()
         node = self._inode(inode)
         if name == XATTR_REDUNDANCY and node.is_reg:
-            return  # computed and always listed: `rsync -aX` into the mount removes it
+            return  # computed, not stored: removing it is harmless, like setting it
         if not self.tree.set_xattr(inode, name, None):
             raise FUSEError(pyfuse3.ENOATTR)
         node.touch(ctime=True)
