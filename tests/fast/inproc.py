@@ -1,0 +1,249 @@
+"""In-process parts for the fast tests: real LMDB, real trio, real sockets on 127.0.0.1.
+
+Nothing here is a mock. ``PeerNode`` is the peer side of a node (its peer list, ledger,
+shard store, record store, ``PeerService`` and ``Connections``) serving on a loopback
+port from the test's own trio run; ``LocalStore`` is the storage side (block store,
+tree, file data) with no network, and ``Metadata`` adds commits and restore on top.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from fluidfs import keys
+from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.blocks.cache import BlockCache
+from fluidfs.blocks.codec import BlockCodec
+from fluidfs.fs.commit import Committer
+from fluidfs.fs.filedata import FileData
+from fluidfs.fs.inode import Inode, now_ns
+from fluidfs.fs.metaindex import Holders, MetaIndex
+from fluidfs.fs.restore import Restorer
+from fluidfs.fs.snapshots import Retention, SnapshotStore
+from fluidfs.fs.tree import ROOT_INO, Tree
+from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections
+from fluidfs.peers.peerlist import PeerList
+from fluidfs.service.host import PeerService
+from fluidfs.store.db import META_TABLES, Database
+from fluidfs.store.records import RecordStore
+from fluidfs.store.shards import ShardStore
+
+MIB = 1024 * 1024
+
+
+class PeerNode:
+    """A node's peer side, in this process (``start`` it in a nursery)."""
+
+    def __init__(
+        self,
+        root: Path,
+        keyring: keys.KeyRing | None = None,
+        *,
+        limits: NetLimits = DEFAULT_LIMITS,
+        service: type[PeerService] = PeerService,
+    ) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.ended: list[bytes] = []  # peers whose agreement with us ended
+        self.keyring = keyring or keys.KeyRing(keys.generate())
+        self.db = Database(root / "meta", META_TABLES)
+        self.shards = ShardStore(root / "shards")
+        self.ledger = Ledger(self.db)
+        self.peers = PeerList(self.db, self.key)
+        self.service = service(
+            self.shards,
+            self.ledger,
+            self.peers,
+            donate=1 << 30,
+            ratio=1.5,
+            limiter=trio.CapacityLimiter(2),
+            records=RecordStore(root / "records"),
+            on_end=self.ended.append,
+        )
+        self.conns = Connections(
+            self.keyring.signing_key,
+            self.service,
+            self.peers,
+            limits=limits,
+            is_partner=lambda key: self.ledger.live(key) is not None,
+        )
+        self.addr = ""
+
+    @property
+    def key(self) -> bytes:
+        return self.keyring.public_key
+
+    async def start(self, nursery: trio.Nursery, *, listen: bool = True) -> PeerNode:
+        """Run its connections (and, with *listen*, accept peers on a loopback port)."""
+        await nursery.start(self.conns.run)
+        if listen:
+            port = await nursery.start(self.conns.serve, "127.0.0.1", 0)
+            self.addr = f"127.0.0.1:{port}"
+        return self
+
+    def host_for(self, owner: PeerNode, size: int = 64 * MIB) -> None:
+        """Agree to host *owner*'s shards and records (the owner's side: ``use``)."""
+        self.ledger.record(owner.key, we_host=size, they_host=size, term=3600)
+
+    def use(self, host: PeerNode, size: int = 64 * MIB) -> None:
+        """Know *host* by address and hold an agreement with it (both sides)."""
+        host.host_for(self, size)
+        self.ledger.record(host.key, we_host=size, they_host=size, term=3600)
+        self.peers.add(host.key, host.addr)
+
+    def close(self) -> None:
+        self.db.close()
+        self.shards.close()
+
+
+@asynccontextmanager
+async def peer_nodes(
+    root: Path, count: int, **kw
+) -> AsyncIterator[tuple[trio.Nursery, list[PeerNode]]]:
+    """*count* listening ``PeerNode``s; all cancelled and closed on exit."""
+    made = [PeerNode(root / f"n{i}", **kw) for i in range(count)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in made:
+                await node.start(nursery)
+            yield nursery, made
+            nursery.cancel_scope.cancel()
+    finally:
+        for node in made:
+            node.close()
+
+
+class LocalStore:
+    """Block store, tree and file data over one state directory, with no network."""
+
+    def __init__(self, root: Path, keyring: keys.KeyRing, block_size: int = 64 * 1024) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.keyring = keyring
+        self.db = Database(root / "meta", META_TABLES)
+        self.shards = ShardStore(root / "shards")
+        self.limiter = trio.CapacityLimiter(4)
+        self.codec = BlockCodec(
+            dedup_key=keyring.dedup_key,
+            wrap_key=keyring.wrap_key,
+            needed=keyring.keyfile.shards_needed,
+            total=keyring.keyfile.shards_total,
+        )
+        self.cache = BlockCache(root / "cache", 1 << 30, lambda _bid: True)
+        self.blocks = BlockStore(
+            self.db, self.shards, self.codec, self.cache, keyring.public_key, self.limiter
+        )
+        self.tree = Tree(self.db)
+        self.data = FileData(self.tree, self.blocks, root / "dirty", block_size, self.limiter)
+        if self.tree.get(ROOT_INO) is None:
+            t = now_ns()
+            self.tree.save(
+                Inode(ROOT_INO, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), nlink=2,
+                      atime_ns=t, mtime_ns=t, ctime_ns=t)
+            )
+
+    # --- a few filesystem operations, the way fs/operations.py does them ----------------
+
+    def new_inode(self, parent: int, name: str, mode: int) -> Inode:
+        """Create and link an inode (a directory bumps its parent's link count)."""
+        t = now_ns()
+        with self.db.write() as txn:
+            ino = self.tree.new_ino(txn)
+            is_dir = stat.S_ISDIR(mode)
+            inode = Inode(ino, mode, os.getuid(), os.getgid(), nlink=2 if is_dir else 1,
+                          atime_ns=t, mtime_ns=t, ctime_ns=t)
+            self.tree.put(txn, inode)
+            self.tree.link(txn, parent, name.encode(), ino)
+            if is_dir:
+                up = self.tree.get(parent)
+                up.nlink += 1
+                self.tree.put(txn, up)
+        return inode
+
+    def mkdir(self, parent: int, name: str) -> int:
+        return self.new_inode(parent, name, stat.S_IFDIR | 0o755).ino
+
+    async def write(self, ino: int, offset: int, data: bytes) -> None:
+        """Write through FileData and grow the size, as the FUSE write handler does."""
+        inode = self.tree.get(ino)
+        await self.data.write(inode, offset, data)
+        if offset + len(data) > inode.size:
+            inode.size = offset + len(data)
+            self.tree.save(inode)
+
+    async def create(self, parent: int, name: str, data: bytes = b"") -> int:
+        """A regular file holding *data*, sealed."""
+        ino = self.new_inode(parent, name, stat.S_IFREG | 0o644).ino
+        if data:
+            await self.write(ino, 0, data)
+            await self.data.seal_inode(ino)
+        return ino
+
+    def hard_link(self, ino: int, parent: int, name: str) -> None:
+        with self.db.write() as txn:
+            inode = self.tree.get(ino)
+            inode.nlink += 1
+            self.tree.put(txn, inode)
+            self.tree.link(txn, parent, name.encode(), ino)
+
+    async def read(self, ino: int) -> bytes:
+        inode = self.tree.get(ino)
+        return await self.data.read(inode, 0, inode.size)
+
+    def refcount(self, block_id: bytes) -> int:
+        """References held on a block (0 once its record is gone)."""
+        stored = self.blocks.load(block_id)
+        return 0 if stored is None else stored.refcount
+
+    def close(self) -> None:
+        self.db.close()
+        self.shards.close()
+
+
+class Metadata:
+    """Commits and restore over a ``LocalStore`` (what remount wires, without the node)."""
+
+    CHUNK_KEY = b"k" * 32  # any fixed key: it only decides where directory lists are cut
+
+    def __init__(self, store: LocalStore, machine: bytes = b"m" * 16) -> None:
+        self.store = store
+        self.peers = PeerList(store.db, store.keyring.public_key)
+        self.holders = Holders(store.keyring.public_key, self.peers.key_of, self._index_of)
+        self.index = MetaIndex(store.db, store.blocks, self.holders)
+        self.committer = Committer(
+            store.db, store.tree, store.data, store.blocks, self.index, self.holders,
+            self.CHUNK_KEY, machine,
+        )
+        self.snapshots = SnapshotStore(store.db, store.blocks, self.holders)
+        self.restorer = Restorer(store.db, store.tree, store.blocks, self.index)
+
+    def _index_of(self, key: bytes) -> int:
+        peer = self.peers.get(key)
+        return peer.index if peer is not None else self.peers.add(key).index
+
+    async def commit(self, *, user_changed: bool = True):
+        """One commit of the live tree (None when nothing changed)."""
+        await self.store.data.seal_all()
+        return await self.committer.commit(
+            min_seq=0,
+            snapshots=self.snapshots,
+            retention=Retention(),
+            user_changed=user_changed,
+            prune=self.committer.index_complete(),
+        )
+
+
+async def until(predicate, timeout: float = 5.0, what: str = "a condition") -> None:
+    """Poll *predicate* on the trio clock until it is true; fail after *timeout* seconds."""
+    with trio.move_on_after(timeout) as scope:
+        while not predicate():
+            await trio.sleep(0.005)
+    if scope.cancelled_caught:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
