@@ -1,13 +1,25 @@
 """The pyfuse3 Operations: POSIX semantics over the metadata tree and file data.
 
-Every handler is wrapped so that no exception but FUSEError escapes (one would
-end ``pyfuse3.main`` and the mount): anything unexpected becomes EIO and a log
-line. Lookup counts are kept as pyfuse3 documents; an inode's data goes only
-when it has no links, no lookups and no open handles.
+Errors: every handler is wrapped so that no exception but FUSEError escapes (one would
+end ``pyfuse3.main`` and the mount). An errno reaches the caller only when the code
+chose it, by raising ``FUSEError`` (ENOENT for a name that is not there, EEXIST,
+ENOTEMPTY, EROFS, ENAMETOOLONG, E2BIG/ERANGE/ENOATTR for xattrs, ...), or when the disk
+holding the state directory is full (ENOSPC, which tells the user what to do). Any other
+failure, an ``OSError`` from the node's own files included, is logged and becomes EIO:
+a dirty file that vanished is the node's trouble, not "no such file" for the writer.
+
+Inode changes are transactional: a handler changes a copy of the cached inode
+(``_edit``) and writes it in a ``_transaction``; if the transaction fails, the inodes it
+wrote are dropped from the cache, so the next call sees what LMDB holds and a retry
+starts from there.
+
+Lookup counts are kept as pyfuse3 documents; an inode's data goes only when it has no
+links, no lookups and no open handles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -15,8 +27,8 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -42,7 +54,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def handler(func: F) -> F:
-    """Turn any exception other than FUSEError into EIO plus a log line."""
+    """Let a deliberate FUSEError through; a full state disk becomes ENOSPC; anything
+    else (an internal OSError too: its errno meant something to the node, not to the
+    caller) becomes EIO plus a log line."""
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,8 +69,7 @@ def handler(func: F) -> F:
                 _warn_disk_full(func.__name__)
                 raise FUSEError(errno.ENOSPC) from None
             log.exception("%s failed", func.__name__)
-            code = exc.errno if isinstance(exc, OSError) else None
-            raise FUSEError(code or errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -87,6 +100,20 @@ class OpenFile:
 
     ino: int
     writable: bool
+
+
+@dataclass
+class InodeWrites:
+    """The inodes written in one metadata transaction (see ``_transaction``)."""
+
+    txn: Any
+    tree: Tree
+    written: list[int] = field(default_factory=list)
+
+    def put(self, inode: Inode) -> None:
+        """Write *inode* in this transaction."""
+        self.written.append(inode.ino)
+        self.tree.put(self.txn, inode)
 
 
 def _check_name(name: bytes) -> None:
@@ -133,6 +160,32 @@ class FluidOperations(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         return inode
 
+    def _edit(self, ino: int) -> Inode:
+        """A copy of the inode to change and write in a ``_transaction``.
+
+        Take it after the handler's last await, so that no other handler changes the
+        inode between the copy and the write."""
+        return replace(self._inode(ino))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[InodeWrites]:
+        """A metadata write transaction; if it fails, the inodes written in it leave the
+        cache, so nothing in memory claims a change that LMDB does not hold."""
+        writes = InodeWrites(None, self.tree)
+        try:
+            with self.tree.db.write() as txn:
+                writes.txn = txn
+                yield writes
+        except BaseException:
+            for ino in writes.written:
+                self.tree.uncache(ino)
+            raise
+
+    def _save(self, inode: Inode) -> None:
+        """Write one changed inode in its own transaction."""
+        with self._transaction() as writes:
+            writes.put(inode)
+
     def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """The inode as EntryAttributes for the kernel."""
         entry = pyfuse3.EntryAttributes()
@@ -159,7 +212,7 @@ class FluidOperations(pyfuse3.Operations):
 
     def _new_inode(
         self,
-        txn,
+        writes: InodeWrites,
         parent: Inode,
         mode: int,
         ctx: pyfuse3.RequestContext,
@@ -174,7 +227,7 @@ class FluidOperations(pyfuse3.Operations):
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         inode = Inode(
-            self.tree.new_ino(txn),
+            self.tree.new_ino(writes.txn),
             mode,
             ctx.uid,
             gid,
@@ -186,7 +239,7 @@ class FluidOperations(pyfuse3.Operations):
             ctime_ns=t,
             target=target,
         )
-        self.tree.put(txn, inode)
+        writes.put(inode)
         return inode
 
     def _make(
@@ -201,16 +254,17 @@ class FluidOperations(pyfuse3.Operations):
     ) -> Inode:
         self._writable()
         _check_name(name)
-        parent = self._dir(parent_ino)
+        self._dir(parent_ino)
         if self.tree.lookup(parent_ino, name) is not None:
             raise FUSEError(errno.EEXIST)
-        with self.tree.db.write() as txn:
-            inode = self._new_inode(txn, parent, mode, ctx, rdev=rdev, target=target)
-            self.tree.link(txn, parent_ino, name, inode.ino)
+        parent = self._edit(parent_ino)
+        with self._transaction() as writes:
+            inode = self._new_inode(writes, parent, mode, ctx, rdev=rdev, target=target)
+            self.tree.link(writes.txn, parent_ino, name, inode.ino)
             if inode.is_dir:
                 parent.nlink += 1
             parent.touch(mtime=True, ctime=True)
-            self.tree.put(txn, parent)
+            writes.put(parent)
         self.lookups[inode.ino] += 1
         return inode
 
@@ -269,6 +323,8 @@ class FluidOperations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             if attr.st_size < node.size:
                 await self.data.truncate(node, attr.st_size)
+        node = self._edit(inode)
+        if fields.update_size:
             node.size = attr.st_size
             node.touch(mtime=True, ctime=True)
         if fields.update_mode:
@@ -285,7 +341,7 @@ class FluidOperations(pyfuse3.Operations):
             node.ctime_ns = attr.st_ctime_ns
         else:
             node.ctime_ns = now_ns()
-        self.tree.save(node)
+        self._save(node)
         return self.attrs(node)
 
     @handler
@@ -350,59 +406,60 @@ class FluidOperations(pyfuse3.Operations):
     @handler
     async def rmdir(self, parent_inode, name, ctx):
         self._writable()
-        parent = self._dir(parent_inode)
+        self._dir(parent_inode)
         ino = self.tree.lookup(parent_inode, name)
         if ino is None:
             raise FUSEError(errno.ENOENT)
-        node = self._dir(ino)
+        self._dir(ino)
         if not self.tree.is_empty(ino):
             raise FUSEError(errno.ENOTEMPTY)
-        with self.tree.db.write() as txn:
-            self.tree.unlink(txn, parent_inode, name)
+        node, parent = self._edit(ino), self._edit(parent_inode)
+        with self._transaction() as writes:
+            self.tree.unlink(writes.txn, parent_inode, name)
             node.nlink = 0
             node.touch(ctime=True)
-            self.tree.put(txn, node)
+            writes.put(node)
             parent.nlink -= 1
             parent.touch(mtime=True, ctime=True)
-            self.tree.put(txn, parent)
+            writes.put(parent)
         await self._maybe_purge(ino)
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
         self._writable()
-        parent = self._dir(parent_inode)
+        self._dir(parent_inode)
         ino = self.tree.lookup(parent_inode, name)
         if ino is None:
             raise FUSEError(errno.ENOENT)
-        node = self._inode(ino)
-        if node.is_dir:
+        if self._inode(ino).is_dir:
             raise FUSEError(errno.EISDIR)
-        with self.tree.db.write() as txn:
-            self.tree.unlink(txn, parent_inode, name)
+        node, parent = self._edit(ino), self._edit(parent_inode)
+        with self._transaction() as writes:
+            self.tree.unlink(writes.txn, parent_inode, name)
             node.nlink -= 1
             node.touch(ctime=True)
-            self.tree.put(txn, node)
+            writes.put(node)
             parent.touch(mtime=True, ctime=True)
-            self.tree.put(txn, parent)
+            writes.put(parent)
         await self._maybe_purge(ino)
 
     @handler
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._writable()
         _check_name(new_name)
-        node = self._inode(inode)
-        if node.is_dir:
+        if self._inode(inode).is_dir:
             raise FUSEError(errno.EPERM)
-        parent = self._dir(new_parent_inode)
+        self._dir(new_parent_inode)
         if self.tree.lookup(new_parent_inode, new_name) is not None:
             raise FUSEError(errno.EEXIST)
-        with self.tree.db.write() as txn:
-            self.tree.link(txn, new_parent_inode, new_name, inode)
+        node, parent = self._edit(inode), self._edit(new_parent_inode)
+        with self._transaction() as writes:
+            self.tree.link(writes.txn, new_parent_inode, new_name, inode)
             node.nlink += 1
             node.touch(ctime=True)
-            self.tree.put(txn, node)
+            writes.put(node)
             parent.touch(mtime=True, ctime=True)
-            self.tree.put(txn, parent)
+            writes.put(parent)
         self.lookups[inode] += 1
         return self.attrs(node)
 
@@ -410,12 +467,12 @@ class FluidOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._writable()
         _check_name(name_new)
-        old_parent = self._dir(parent_inode_old)
-        new_parent = self._dir(parent_inode_new)
+        self._dir(parent_inode_old)
+        self._dir(parent_inode_new)
         ino = self.tree.lookup(parent_inode_old, name_old)
         if ino is None:
             raise FUSEError(errno.ENOENT)
-        node = self._inode(ino)
+        moved = self._inode(ino)
         target_ino = self.tree.lookup(parent_inode_new, name_new)
         target = self.tree.get(target_ino) if target_ino is not None else None
         if flags & pyfuse3.RENAME_NOREPLACE and target is not None:
@@ -423,60 +480,66 @@ class FluidOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             if target is None:
                 raise FUSEError(errno.ENOENT)
-            self._exchange(old_parent, name_old, node, new_parent, name_new, target)
+            self._exchange(parent_inode_old, name_old, ino, parent_inode_new, name_new, target.ino)
             return
         if target_ino == ino:
             return  # both names are links to one file: nothing to do
         if target is not None:
             if target.is_dir:
-                if not node.is_dir:
+                if not moved.is_dir:
                     raise FUSEError(errno.EISDIR)
                 if not self.tree.is_empty(target.ino):
                     raise FUSEError(errno.ENOTEMPTY)
-            elif node.is_dir:
+            elif moved.is_dir:
                 raise FUSEError(errno.ENOTDIR)
-        with self.tree.db.write() as txn:
+        parents = self._edit_parents(parent_inode_old, parent_inode_new)
+        old_parent, new_parent = parents[parent_inode_old], parents[parent_inode_new]
+        node = self._edit(ino)
+        with self._transaction() as writes:
             if target is not None:
+                target = self._edit(target.ino)
                 target.nlink = 0 if target.is_dir else target.nlink - 1
                 if target.is_dir:
                     new_parent.nlink -= 1
                 target.touch(ctime=True)
-                self.tree.put(txn, target)
-            self.tree.unlink(txn, parent_inode_old, name_old)
-            self.tree.link(txn, parent_inode_new, name_new, ino)
+                writes.put(target)
+            self.tree.unlink(writes.txn, parent_inode_old, name_old)
+            self.tree.link(writes.txn, parent_inode_new, name_new, ino)
             if node.is_dir and old_parent is not new_parent:
                 old_parent.nlink -= 1
                 new_parent.nlink += 1
             node.touch(ctime=True)
-            self.tree.put(txn, node)
-            for parent in {id(old_parent): old_parent, id(new_parent): new_parent}.values():
+            writes.put(node)
+            for parent in parents.values():
                 parent.touch(mtime=True, ctime=True)
-                self.tree.put(txn, parent)
+                writes.put(parent)
         if target is not None:
             await self._maybe_purge(target.ino)
 
+    def _edit_parents(self, old: int, new: int) -> dict[int, Inode]:
+        """Copies of the two parent directories of a rename (one if they are the same)."""
+        return {ino: self._edit(ino) for ino in dict.fromkeys((old, new))}
+
     def _exchange(
-        self,
-        old_parent: Inode,
-        name_old: bytes,
-        node: Inode,
-        new_parent: Inode,
-        name_new: bytes,
-        target: Inode,
+        self, old_parent_ino: int, name_old: bytes, ino: int, new_parent_ino: int,
+        name_new: bytes, target_ino: int,
     ) -> None:
-        with self.tree.db.write() as txn:
-            self.tree.link(txn, old_parent.ino, name_old, target.ino)
-            self.tree.link(txn, new_parent.ino, name_new, node.ino)
+        parents = self._edit_parents(old_parent_ino, new_parent_ino)
+        old_parent, new_parent = parents[old_parent_ino], parents[new_parent_ino]
+        node, target = self._edit(ino), self._edit(target_ino)
+        with self._transaction() as writes:
+            self.tree.link(writes.txn, old_parent_ino, name_old, target_ino)
+            self.tree.link(writes.txn, new_parent_ino, name_new, ino)
             if old_parent is not new_parent and node.is_dir != target.is_dir:
                 shift = 1 if node.is_dir else -1
                 old_parent.nlink -= shift
                 new_parent.nlink += shift
             for inode in (node, target):
                 inode.touch(ctime=True)
-                self.tree.put(txn, inode)
-            for parent in {id(old_parent): old_parent, id(new_parent): new_parent}.values():
+                writes.put(inode)
+            for parent in parents.values():
                 parent.touch(mtime=True, ctime=True)
-                self.tree.put(txn, parent)
+                writes.put(parent)
 
     # --- files ------------------------------------------------------------------------
 
@@ -497,9 +560,10 @@ class FluidOperations(pyfuse3.Operations):
             self._writable()
         if flags & os.O_TRUNC and node.size:
             await self.data.truncate(node, 0)
+            node = self._edit(inode)
             node.size = 0
             node.touch(mtime=True, ctime=True)
-            self.tree.save(node)
+            self._save(node)
         return self._open_handle(inode, flags)
 
     @handler
@@ -520,11 +584,11 @@ class FluidOperations(pyfuse3.Operations):
         if handle is None:
             raise FUSEError(errno.EBADF)
         self._writable()
-        node = self._inode(handle.ino)
-        await self.data.write(node, off, buf)
+        await self.data.write(self._inode(handle.ino), off, buf)
+        node = self._edit(handle.ino)
         node.size = max(node.size, off + len(buf))
         node.touch(mtime=True, ctime=True)
-        self.tree.save(node)
+        self._save(node)
         return len(buf)
 
     @handler
@@ -571,10 +635,11 @@ class FluidOperations(pyfuse3.Operations):
             raise FUSEError(errno.E2BIG)
         if name == XATTR_REDUNDANCY:
             return  # computed, not stored; accepted so that `cp -a` between mounts works
-        node = self._inode(inode)
+        self._inode(inode)
         self.tree.set_xattr(inode, name, value)
+        node = self._edit(inode)
         node.touch(ctime=True)
-        self.tree.save(node)
+        self._save(node)
 
     @handler
     async def getxattr(self, inode, name, ctx):
@@ -604,5 +669,6 @@ class FluidOperations(pyfuse3.Operations):
             return  # computed, not stored: removing it is harmless, like setting it
         if not self.tree.set_xattr(inode, name, None):
             raise FUSEError(pyfuse3.ENOATTR)
+        node = self._edit(inode)
         node.touch(ctime=True)
-        self.tree.save(node)
+        self._save(node)
