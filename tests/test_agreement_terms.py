@@ -43,12 +43,17 @@ class Node:
         self.shards = ShardStore(root / "shards")
         self.ledger = Ledger(self.db)
         self.peers = PeerList(self.db, os.urandom(32))
+        self.records = RecordStore(root / "records")
+        self.ended: list[bytes] = []
         self.svc = PeerService(self.shards, self.ledger, self.peers, donate=DONATE, ratio=1.5,
-                               limiter=trio.CapacityLimiter(2), terms=terms, cooldown=cooldown)
-        self.svc.records = RecordStore(root / "records")
+                               limiter=trio.CapacityLimiter(2), records=self.records,
+                               on_end=self.ended.append, terms=terms, cooldown=cooldown)
 
     async def propose(self, peer: bytes, **terms: int) -> dict[str, Any]:
-        return await self.svc.op_ProposeAgreement(peer, {**TERMS, **terms})
+        return await self.call(peer, "ProposeAgreement", {**TERMS, **terms})
+
+    async def call(self, peer: bytes, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.svc.handle(peer, op, args)
 
     def close(self) -> None:
         self.db.close()
@@ -99,7 +104,7 @@ async def test_huge_echoed_terms_cannot_lock_out_later_proposals(node):
     assert (await node.propose(stranger()))["accepted"]
 
 
-async def test_new_agreements_are_rate_limited_but_renewals_are_not(tmp_path):
+async def test_new_agreements_are_rate_limited_but_renewals_are_not(tmp_path, mock_clock):
     node = Node(tmp_path, TermsPolicy(new_per_hour=3))
     first = stranger()
     assert (await node.propose(first))["accepted"]
@@ -108,7 +113,7 @@ async def test_new_agreements_are_rate_limited_but_renewals_are_not(tmp_path):
     late = await node.propose(stranger())
     assert not late["accepted"] and "3 an hour" in late["reason"]
     assert (await node.propose(first, ask=2 * MIB, offer=2 * MIB))["accepted"], "renewal"
-    node.svc._grants_at -= 3600 / 3  # a third of an hour later: one more grant
+    mock_clock.jump(3600 / 3)  # a third of an hour later: one more grant
     assert (await node.propose(stranger()))["accepted"]
     assert not (await node.propose(stranger()))["accepted"]
     node.close()
@@ -134,8 +139,9 @@ async def test_an_agreement_we_ended_stays_ended_for_the_cooldown(node, tmp_path
     assert (await node.propose(peer, ask=2 * MIB, offer=2 * MIB))["accepted"]
     assert node.ledger.get(peer).failing_since == failing
     assert node.ledger.get(peer).we_host == 2 * MIB
-    life = Lifecycle(None, node.peers, node.ledger, node.shards, trio.CapacityLimiter(1),
-                     LifecyclePolicy(cooldown=3600))
+    life = Lifecycle(None, node.ledger, node.shards, trio.CapacityLimiter(1),
+                     LifecyclePolicy(cooldown=3600), on_end=node.ended.append,
+                     records=node.records)
     life.end(peer, "failed audits")
     reply = await node.propose(peer)
     assert not reply["accepted"] and "refused for another" in reply["reason"]
@@ -149,31 +155,32 @@ async def test_an_agreement_we_ended_stays_ended_for_the_cooldown(node, tmp_path
 async def test_an_agreement_the_peer_ended_may_start_again(node):
     peer = stranger()
     assert (await node.propose(peer))["accepted"]
-    assert (await node.svc.op_EndAgreement(peer, {}))["ended"]
+    assert (await node.call(peer, "EndAgreement", {}))["ended"]
     assert (await node.propose(peer))["accepted"]
 
 
-async def test_agreements_are_bounded_and_idle_empty_ones_make_room(node):
+async def test_agreements_are_bounded_and_idle_empty_ones_make_room(node, mock_clock):
     holding, idle = stranger(), [stranger() for _ in range(3)]
     for key in (holding, *idle):
         assert (await node.propose(key))["accepted"]
     data = os.urandom(1000)
-    stored = await node.svc.op_StoreShard(holding, {"shards": [{"id": merkle.shard_id(data),
-                                                                "data": data}]})
+    stored = await node.call(holding, "StoreShard", {"shards": [{"id": merkle.shard_id(data),
+                                                                 "data": data}]})
     assert stored["stored"]
     record = rootrecord.seal(_ring(idle[0]), "root", 1, {"time": 1})
-    assert (await node.svc.op_PutRecord(idle[0], {"record": record}))["stored"]
+    assert (await node.call(idle[0], "PutRecord", {"record": record}))["stored"]
     full = await node.propose(stranger())
     assert not full["accepted"] and "at most 4" in full["reason"], "nothing idle long enough"
     for key in (holding, *idle):
         node.ledger.get(key).renewed -= 120  # past the idle grace
-    node.svc._grants = 5
+    mock_clock.jump(3600)  # the rate limit allows new agreements again
     newcomer = stranger()
     assert (await node.propose(newcomer))["accepted"]
     assert node.ledger.get(holding) is not None, "a peer whose shards we hold stays"
     assert not node.ledger.get(idle[0]).active, "the longest idle, empty agreement ended"
     assert not node.ledger.get(idle[0]).notified, "the lifecycle will tell the peer"
-    assert node.svc.records.get(idle[0], "root") is None, "with its records"
+    assert node.ended == [idle[0]], "our shards on it no longer count"
+    assert node.records.get(idle[0], "root") is None, "with its records"
     assert len(node.ledger.active()) == 4
 
 
@@ -182,7 +189,7 @@ async def test_ended_agreements_remembered_are_bounded(node):
     for key in ended:
         assert (await node.propose(key))["accepted"]
     for key in ended:
-        await node.svc.op_EndAgreement(key, {})
+        await node.call(key, "EndAgreement", {})
     assert len(node.ledger.ended()) == 3
     assert (await node.propose(stranger()))["accepted"]
     assert len(node.ledger.ended()) < 2, "the oldest ended ones are forgotten first"
@@ -193,12 +200,12 @@ async def test_records_need_a_live_agreement(node):
     peer = stranger()
     ring = _ring(peer)
     with pytest.raises(Exception, match="agreement"):
-        await node.svc.op_PutRecord(peer, {"record": rootrecord.seal(ring, "root", 1, {})})
+        await node.call(peer, "PutRecord", {"record": rootrecord.seal(ring, "root", 1, {})})
     assert (await node.propose(peer))["accepted"]
-    await node.svc.op_PutRecord(peer, {"record": rootrecord.seal(ring, "root", 1, {})})
-    await node.svc.op_EndAgreement(peer, {})
+    await node.call(peer, "PutRecord", {"record": rootrecord.seal(ring, "root", 1, {})})
+    await node.call(peer, "EndAgreement", {})
     with pytest.raises(Exception, match="agreement"):
-        await node.svc.op_PutRecord(peer, {"record": rootrecord.seal(ring, "root", 2, {})})
+        await node.call(peer, "PutRecord", {"record": rootrecord.seal(ring, "root", 2, {})})
 
 
 def test_records_refuse_seqs_from_2_63() -> None:

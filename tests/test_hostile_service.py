@@ -163,16 +163,18 @@ def _raw_seq(ring: keys.KeyRing, seq: int = 2**63) -> bytes:
 class LyingRecords(PeerService):
     """A real peer service (real LMDB) whose PutRecord answer claims a seq near 2^64."""
 
-    async def op_PutRecord(self, peer: bytes, args: dict) -> dict:
-        return {"stored": False, "seq": 2**64 - 1}
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op == "PutRecord":
+            return {"stored": False, "seq": 2**64 - 1}
+        return await super().handle(peer_key, op, args)
 
 
 def _service(root: Path, self_key: bytes) -> tuple[PeerService, list]:
     db = Database(root / "meta", META_TABLES)
     shards = ShardStore(root / "shards")
     svc = LyingRecords(shards, Ledger(db), PeerList(db, self_key), donate=1 << 30, ratio=1.5,
-                       limiter=trio.CapacityLimiter(2))
-    svc.records = RecordStore(root / "records")
+                       limiter=trio.CapacityLimiter(2), records=RecordStore(root / "records"),
+                       on_end=lambda _key: None)
     return svc, [db, shards]
 
 

@@ -105,19 +105,29 @@ def test_lease_info_is_tolerant_and_expires() -> None:
 # --- the peer side ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def service(tmp_path: Path):
-    db = Database(tmp_path / "meta", META_TABLES)
-    shards = ShardStore(tmp_path / "shards")
+def _service(root: Path, records: RecordStore | None) -> tuple[PeerService, Ledger, list]:
+    db = Database(root / "meta", META_TABLES)
+    shards = ShardStore(root / "shards")
     ledger = Ledger(db)
     peers = PeerList(db, os.urandom(32))
     svc = PeerService(shards, ledger, peers, donate=1 << 30, ratio=1.5,
-                      limiter=trio.CapacityLimiter(2))
-    svc.records = RecordStore(tmp_path / "records")
+                      limiter=trio.CapacityLimiter(2), records=records,
+                      on_end=lambda _key: None)
+    return svc, ledger, [db, shards]
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    svc, ledger, stores = _service(tmp_path, RecordStore(tmp_path / "records"))
     ledger.record(ME.public_key, we_host=1 << 20, they_host=1 << 20, term=3600)
     yield svc
-    db.close()
-    shards.close()
+    for store in stores:
+        store.close()
+
+
+def _op(service: PeerService, op: str):
+    """The service's answer to *op*, as a function of (caller key, args)."""
+    return lambda peer, args: service.handle(peer, op, args)
 
 
 async def expect_code(code: str, coro) -> None:
@@ -127,7 +137,7 @@ async def expect_code(code: str, coro) -> None:
 
 
 async def test_peer_keeps_the_highest_valid_record(service, tmp_path: Path) -> None:
-    put, get = service.op_PutRecord, service.op_GetRecord
+    put, get = _op(service, "PutRecord"), _op(service, "GetRecord")
     await expect_code("not_found", get(ME.public_key, {"kind": "root"}))
     assert await put(ME.public_key, {"record": seal(ME, "root", 5, BODY)}) == {
         "stored": True, "seq": 5}
@@ -148,15 +158,19 @@ async def test_peer_keeps_the_highest_valid_record(service, tmp_path: Path) -> N
     assert files == [f"{ME.public_key.hex()}.lease", f"{ME.public_key.hex()}.root"]
 
 
-async def test_peer_refuses_bad_and_foreign_records(service) -> None:
-    put = service.op_PutRecord
+async def test_peer_refuses_bad_and_foreign_records(service, tmp_path: Path) -> None:
+    put = _op(service, "PutRecord")
     await expect_code("bad_request", put(ME.public_key, {"record": b"junk"}))
     await expect_code("bad_request", put(ME.public_key, {"record": seal(OTHER, "root", 1, {})}))
     forged = _reseal(seal(ME, "root", 1, BODY), sig=os.urandom(64))
     await expect_code("bad_request", put(ME.public_key, {"record": forged}))
     await expect_code("no_agreement", put(OTHER.public_key, {"record": seal(OTHER, "root", 1, {})}))
-    service.records = None
+    keeps_none, ledger, stores = _service(tmp_path / "no-records", None)
+    ledger.record(ME.public_key, we_host=1 << 20, they_host=1 << 20, term=3600)
+    put = _op(keeps_none, "PutRecord")
     await expect_code("refused", put(ME.public_key, {"record": seal(ME, "root", 1, {})}))
+    for store in stores:
+        store.close()
 
 
 def test_record_store_replaces_atomically(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.remount import Remount, RemountError, RemountOptions
+from fluidfs.service.faults import FaultInjection
 from fluidfs.service.host import PeerService
 from fluidfs.statedir import StateDir, fsname_for
 from fluidfs.store.db import META_TABLES, Database
@@ -130,6 +131,7 @@ class Node:
         config, keyring = self.config, self.config.keyring
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
+        records = RecordStore(config.state.path / "records")
         self.service = PeerService(
             self.shards,
             self.ledger,
@@ -138,11 +140,11 @@ class Node:
             ratio=config.ratio,
             # Peers' work gets its own threads: a flood of requests cannot starve sealing.
             limiter=trio.CapacityLimiter(PEER_WORKER_THREADS),
-            fault_rate=config.fault_rate,
-            lie_on_retrieve=config.lie_on_retrieve,
+            records=records,
+            on_end=self._agreement_ended,
+            faults=FaultInjection(config.fault_rate, config.lie_on_retrieve),
             cooldown=config.lifecycle.cooldown,
         )
-        self.service.records = RecordStore(config.state.path / "records")
         self.conns = Connections(
             keyring.signing_key,
             self.service,
@@ -158,24 +160,22 @@ class Node:
             agreement_size=config.donate // (2 * keyring.keyfile.shards_total),
             term=config.term,
             propose=config.stores_data,
+            on_new_agreement=self._new_agreement,
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
         self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
         self.remote.even_placement = config.even_placement
         self.migrator = Migrator(self.blocks)
-        self.manager.on_new_agreement = self._new_agreement
         # Repair a block once its live shards fall to the threshold (default N-1: any loss).
         threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
         self.blocks.total_missing_allowed = max(0, keyring.keyfile.shards_total - threshold - 1)
         self.auditor = Auditor(self.blocks, self.remote, config.audit)
         self.repairer = Repairer(self.blocks, config.repair)
         self.lifecycle = Lifecycle(
-            self.conns, self.peers, self.ledger, self.shards, self.limiter, config.lifecycle
+            self.conns, self.ledger, self.shards, self.limiter, config.lifecycle,
+            on_end=self._agreement_ended, records=records,
         )
-        self.lifecycle.on_end = self._agreement_ended
-        self.lifecycle.records = self.service.records
-        self.service.on_end = self._agreement_ended
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
 
@@ -281,7 +281,6 @@ class Node:
                 host, port = split_addr(self.config.listen)
                 bound = await nursery.start(self.conns.serve, host, port)
                 self.conns.listen_addr = format_host_port(host, bound)
-                self.service.addr_of = lambda: self.conns.listen_addr
                 self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())

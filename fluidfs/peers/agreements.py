@@ -27,7 +27,7 @@ bounded number of new agreements per hour, and keeps a bounded number of agreeme
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import cbor2
@@ -103,10 +103,15 @@ class Agreement:
 
 
 class Ledger:
-    """All agreements of this node, persisted in LMDB and mirrored in memory."""
+    """All agreements of this node, persisted in LMDB and mirrored in memory.
 
-    def __init__(self, db: Database) -> None:
+    Its times (created, renewed, failing since, ended at) are read from *clock*, the wall
+    clock unless a test passes its own.
+    """
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
+        self.clock = clock
         self._db = db["agreements"]
         self.agreements: dict[bytes, Agreement] = {}
         with db.read() as txn:
@@ -146,7 +151,7 @@ class Ledger:
         keeps running (only verification passing stops it). Whether an ended agreement may
         start over (its cool-down) is for the caller to decide.
         """
-        now = time.time()
+        now = self.clock()
         agreement = self.agreements.get(peer)
         if agreement is None or not agreement.active:
             agreement = Agreement(peer, created=now)
@@ -168,7 +173,7 @@ class Ledger:
         agreement = self.agreements.get(peer)
         if agreement is None or agreement.active or not agreement.ended_by_us:
             return 0.0
-        left = agreement.ended_at + cooldown - (time.time() if now is None else now)
+        left = agreement.ended_at + cooldown - (self.clock() if now is None else now)
         return max(0.0, left)
 
     def evictable(
@@ -188,7 +193,7 @@ class Ledger:
             ]
             found.sort(key=lambda a: (a.ended_by_us, a.ended_at))
         else:
-            limit = time.time() if idle_since is None else idle_since
+            limit = self.clock() if idle_since is None else idle_since
             found = [
                 a for a in self.agreements.values()
                 if a.active and not held.get(a.peer) and not a.they_use and a.renewed < limit
@@ -201,13 +206,13 @@ class Ledger:
         agreement = self.agreements.get(peer)
         if agreement is not None and agreement.active:
             agreement.failing_since = None
-            agreement.renewed = time.time()
+            agreement.renewed = self.clock()
 
     def failed(self, peer: bytes) -> None:
         """The peer failed verification (or was unreachable)."""
         agreement = self.agreements.get(peer)
         if agreement is not None and agreement.active and agreement.failing_since is None:
-            agreement.failing_since = time.time()
+            agreement.failing_since = self.clock()
 
     def mark_ended(
         self, peer: bytes, *, notified: bool = False, by_us: bool = False
@@ -219,7 +224,7 @@ class Ledger:
         agreement = self.agreements.get(peer)
         if agreement is None or not agreement.active:
             return None
-        agreement.ended_at = time.time()
+        agreement.ended_at = self.clock()
         agreement.notified = notified
         agreement.ended_by_us = by_us
         self.save(agreement)

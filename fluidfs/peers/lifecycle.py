@@ -14,17 +14,16 @@ that just failed us does not get a fresh start by asking again.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, Protocol
 
 import trio
 
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
-from fluidfs.peers.connections import Connections, PeerUnavailable
-from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.connections import PeerUnavailable
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -32,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
 NOTIFY_FOR = 7 * DAY  # an ended agreement the peer never heard about is forgotten after this
+DROP_BATCH = 1024  # shards deleted per write transaction when dropping an ended partner's
 
 
 @dataclass
@@ -45,26 +45,33 @@ class LifecyclePolicy:
     cooldown: float = DAY
 
 
-class Lifecycle:
-    """Ends agreements whose peers failed too long, and cleans up after ended ones."""
+class Caller(Protocol):
+    """How the lifecycle reaches a peer (peers/connections.py's ``Connections``)."""
 
-    def __init__(
-        self,
-        conns: Connections,
-        peers: PeerList,
-        ledger: Ledger,
-        shards: ShardStore,
-        limiter: trio.CapacityLimiter,
-        policy: LifecyclePolicy,
-    ) -> None:
-        self.conns = conns
-        self.peers = peers
-        self.ledger = ledger
-        self.shards = shards
-        self.limiter = limiter
-        self.policy = policy
-        self.records: RecordStore | None = None  # records kept for peers, dropped with them
-        self.on_end: Callable[[bytes], None] = lambda _key: None
+    async def call(
+        self, key: bytes, op: str, args: dict[str, Any], *, timeout: float = ...
+    ) -> dict[str, Any]:
+        """Call *op* on the peer; PeerUnavailable or RpcError if it does not answer."""
+        ...
+
+
+@dataclass
+class Lifecycle:
+    """Ends agreements whose peers failed too long, and cleans up after ended ones.
+
+    *on_end* is called with the peer's key when we end an agreement (our shards there no
+    longer count); *records* are the records we keep for peers, dropped with what we host
+    for them. Times are the ledger's clock.
+    """
+
+    conns: Caller
+    ledger: Ledger
+    shards: ShardStore
+    limiter: trio.CapacityLimiter
+    policy: LifecyclePolicy
+    _: KW_ONLY
+    on_end: Callable[[bytes], None]
+    records: RecordStore | None
 
     async def run(self) -> None:
         """Check every tick until cancelled."""
@@ -74,7 +81,7 @@ class Lifecycle:
 
     async def tick(self) -> None:
         """End overdue agreements, tell peers, drop what we hosted past the keep period."""
-        now = time.time()
+        now = self.ledger.clock()
         for agreement in self.ledger.active():
             since = agreement.failing_since
             if since is not None and now - since > self.policy.tolerance:
@@ -114,10 +121,13 @@ class Lifecycle:
         ids = await trio.to_thread.run_sync(
             lambda: list(self.shards.ids(key)), limiter=self.limiter
         )
-        if ids:
-            freed = await trio.to_thread.run_sync(
-                self.shards.delete_many, key, ids, limiter=self.limiter
+        freed = 0
+        for start in range(0, len(ids), DROP_BATCH):  # bounded write transactions
+            freed += await trio.to_thread.run_sync(
+                self.shards.delete_many, key, ids[start : start + DROP_BATCH],
+                limiter=self.limiter,
             )
+        if ids:
             log.info(
                 "dropped %d shards (%d bytes) of ended partner %s",
                 len(ids),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 import trio
 
@@ -29,30 +30,28 @@ RETRY_MAX = 30.0
 RECONNECT_PARALLEL = 16
 
 
-class PeerManager:
-    """Adds peers and keeps agreements with them."""
+def _ignore(_key: bytes) -> None:
+    pass
 
-    def __init__(
-        self,
-        conns: Connections,
-        peers: PeerList,
-        ledger: Ledger,
-        *,
-        donate: int,
-        agreement_size: int,
-        term: int = DEFAULT_TERM,
-        propose: bool = True,
-        terms: TermsPolicy | None = None,
-    ) -> None:
-        self.conns = conns
-        self.peers = peers
-        self.ledger = ledger
-        self.donate = donate
-        self.agreement_size = agreement_size
-        self.term = term
-        self.propose = propose
-        self.terms = terms or TermsPolicy()
-        self.on_new_agreement: Callable[[bytes], None] = lambda _key: None
+
+@dataclass
+class PeerManager:
+    """Adds peers and keeps agreements with them.
+
+    *on_new_agreement* is called with the peer's key once an agreement we proposed is
+    in place (our shards can go there).
+    """
+
+    conns: Connections
+    peers: PeerList
+    ledger: Ledger
+    _: KW_ONLY
+    donate: int
+    agreement_size: int
+    term: int = DEFAULT_TERM
+    propose: bool = True
+    terms: TermsPolicy = field(default_factory=TermsPolicy)
+    on_new_agreement: Callable[[bytes], None] = _ignore
 
     async def add(self, addr: str) -> tuple[bytes, bool]:
         """Connect to *addr*, record the peer, and propose an agreement if there is none.

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("root", "lease")
 
 
+@dataclass
 class RecordStore:
-    """Owners' records, one file each."""
+    """Owners' records, one file each, in the directory *root*."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    root: Path
 
     def path(self, owner: bytes, kind: str) -> Path:
         """Where the record of *owner* of *kind* lives."""

@@ -1,0 +1,101 @@
+"""Per-owner quota: one store at a time per owner, checked and counted in one place.
+
+A ``StoreShard`` batch goes through these steps, in this order, holding its owner's lock:
+
+1. the quota is what the owner's live agreement promises (the caller reads it);
+2. shards whose bytes do not hash to their id are set aside (``bad_shard``);
+3. the rest are written while they fit (``ShardStore.put_within``): the owner's usage and
+   the donation pool are read, each shard counts only the bytes it adds (a shard already
+   held, a dedup, adds nothing), and the new usage is written, all in one LMDB write
+   transaction. What does not fit is refused (``over_quota``).
+
+Steps 2 and 3 run in one trip to a worker thread of the service's limiter.
+
+The lock orders one owner's stores: an owner sending many batches at once, over several
+connections, occupies one worker thread and not all of them, and each batch sees the usage
+its predecessors counted. Owners are kept together within the donation by the write
+transaction, which LMDB runs one at a time.
+
+The lock table holds an entry only while a store of that owner runs or waits for it, and
+entries for at most ``limit`` owners at once: a store for one more owner waits until an
+entry is free. The service looks for a live agreement first, so only partners reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from fluidfs.blocks import merkle
+from fluidfs.store.shards import ShardStore
+
+
+@dataclass
+class _Entry:
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0  # tasks holding or waiting for the lock
+
+
+class OwnerLocks:
+    """A lock per owner, in a table bounded by the number of owners storing at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._entries: dict[bytes, _Entry] = {}
+        self._room = trio.Semaphore(limit)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def hold(self, owner: bytes) -> AsyncIterator[None]:
+        """Hold *owner*'s lock (waiting for room in the table if it is full)."""
+        entry = self._entries.get(owner)
+        if entry is None:
+            await self._room.acquire()
+            entry = self._entries.get(owner)  # made while we waited for room
+            if entry is None:
+                entry = self._entries[owner] = _Entry()
+            else:
+                self._room.release()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._entries[owner]
+                self._room.release()
+
+
+@dataclass
+class ShardQuota:
+    """Stores owners' shards within their quota and within the donation."""
+
+    shards: ShardStore
+    donate: int  # bytes held for all others together, at most
+    self_key: bytes  # this node's own shards do not count against the donation
+    limiter: trio.CapacityLimiter
+    locks: OwnerLocks
+
+    async def store(
+        self, owner: bytes, items: list[tuple[bytes, bytes]], quota: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        """Store (id, bytes) pairs for *owner* up to *quota*; return (bad ids, over ids)."""
+        async with self.locks.hold(owner):
+            return await trio.to_thread.run_sync(
+                self._check_and_write, owner, items, quota, limiter=self.limiter
+            )
+
+    def _check_and_write(
+        self, owner: bytes, items: list[tuple[bytes, bytes]], quota: int
+    ) -> tuple[set[bytes], set[bytes]]:
+        good = [(sid, data) for sid, data in items if merkle.shard_id(data) == sid]
+        bad = {sid for sid, _ in items} - {sid for sid, _ in good}
+        over = self.shards.put_within(
+            owner, good, quota=quota, pool=self.donate, outside_pool=self.self_key
+        )
+        return bad, set(over)

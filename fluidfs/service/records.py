@@ -1,0 +1,72 @@
+"""Record RPCs: partners keep their signed root pointer and writer lease with us.
+
+A record (``PutRecord``) is kept only for a peer with a live agreement, only if the peer
+is its owner and its signature verifies, one per kind; a lower seq never replaces a higher
+one, nor other contents at the same seq. Records go with the agreement (peers/lifecycle.py).
+Every record-store call runs in a worker thread of the service's limiter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from fluidfs.net.errors import RpcError
+from fluidfs.peers import rootrecord
+from fluidfs.peers.agreements import Ledger
+from fluidfs.service.ops import Args, Op, Reply
+from fluidfs.store.records import RecordStore
+
+
+@dataclass
+class RecordOps:
+    """Answers PutRecord and GetRecord (``records`` None: this node keeps no records)."""
+
+    records: RecordStore | None
+    ledger: Ledger
+    limiter: trio.CapacityLimiter
+
+    def ops(self) -> dict[str, Op]:
+        """The ops served here, by wire name."""
+        return {"PutRecord": self.put, "GetRecord": self.get}
+
+    async def put(self, peer: bytes, args: Args) -> Reply:
+        """Keep the caller's record unless we hold a newer one."""
+        if self.records is None:
+            raise RpcError("refused", "this peer keeps no records")
+        if self.ledger.live(peer) is None:
+            raise RpcError("no_agreement", "no live storage agreement with you")
+        try:
+            record = rootrecord.parse(args["record"])
+        except rootrecord.RecordError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        if record.owner != peer:
+            raise RpcError("bad_request", "a record can only be stored by its owner")
+        if not record.signed_ok():
+            raise RpcError("bad_request", "record signature does not verify")
+        raw = await trio.to_thread.run_sync(
+            self.records.get, peer, record.kind, limiter=self.limiter
+        )
+        if raw is not None:
+            try:
+                held = rootrecord.parse(raw).seq
+            except rootrecord.RecordError:
+                held = -1  # unreadable: replace it
+            if held > record.seq or (held == record.seq and raw != record.raw):
+                return {"stored": False, "seq": held}
+        await trio.to_thread.run_sync(
+            self.records.put, peer, record.kind, record.raw, limiter=self.limiter
+        )
+        return {"stored": True, "seq": record.seq}
+
+    async def get(self, peer: bytes, args: Args) -> Reply:
+        """The caller's record of a kind."""
+        if self.records is None or args["kind"] not in rootrecord.KINDS:
+            raise RpcError("not_found", "no such record here")
+        raw = await trio.to_thread.run_sync(
+            self.records.get, peer, args["kind"], limiter=self.limiter
+        )
+        if raw is None:
+            raise RpcError("not_found", "no such record of yours here")
+        return {"record": raw}

@@ -1,0 +1,88 @@
+"""Shard RPCs: partners store, retrieve, audit and delete the shards we host for them.
+
+- A store needs a live agreement; what does not fit the promise or the donation is
+  refused (``over_quota``), a shard whose bytes do not match its id too (``bad_shard``);
+  see service/quota.py for how concurrent stores are kept within the quota.
+- Only the owner of a shard can retrieve, audit or delete it: shards are keyed by the
+  proven identity of the connection that stored them. Deletes de-duplicate ids and never
+  read a shard.
+- Every shard-store call (and every Merkle proof) runs in a worker thread of the service's
+  own limiter, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from fluidfs.blocks import merkle
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import Ledger
+from fluidfs.service.faults import FaultInjection
+from fluidfs.service.ops import Args, Op, Reply
+from fluidfs.service.quota import ShardQuota
+from fluidfs.store.shards import ShardStore
+
+
+@dataclass
+class ShardOps:
+    """Answers StoreShard, RetrieveShard, DeleteShard and AuditShard."""
+
+    shards: ShardStore
+    ledger: Ledger
+    quota: ShardQuota
+    limiter: trio.CapacityLimiter
+    faults: FaultInjection
+
+    def ops(self) -> dict[str, Op]:
+        """The ops served here, by wire name."""
+        return {
+            "StoreShard": self.store,
+            "RetrieveShard": self.retrieve,
+            "DeleteShard": self.delete,
+            "AuditShard": self.audit,
+        }
+
+    async def store(self, peer: bytes, args: Args) -> Reply:
+        """Store what fits of the batch; report each shard stored or refused."""
+        agreement = self.ledger.live(peer)
+        if agreement is None:
+            raise RpcError("no_agreement", "no storage agreement with you")
+        items = [(item["id"], item["data"]) for item in args["shards"]]
+        bad, over = await self.quota.store(peer, items, agreement.we_host)
+        refused = [{"id": sid, "code": "bad_shard"} for sid in bad]
+        refused += [{"id": sid, "code": "over_quota"} for sid in over]
+        failed = bad | over
+        return {"stored": [sid for sid, _ in items if sid not in failed], "refused": refused}
+
+    async def retrieve(self, peer: bytes, args: Args) -> Reply:
+        """The bytes of one of the caller's shards."""
+        data = await self._get(peer, args["id"])
+        if self.faults.lie_on_retrieve and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return {"data": data}
+
+    async def delete(self, peer: bytes, args: Args) -> Reply:
+        """Delete some of the caller's shards (each id counted once)."""
+        deleted, _freed = await trio.to_thread.run_sync(
+            self.shards.delete_counted, peer, args["ids"], limiter=self.limiter
+        )
+        return {"deleted": deleted}
+
+    async def audit(self, peer: bytes, args: Args) -> Reply:
+        """One Merkle leaf of one of the caller's shards, with its proof."""
+        data = await self._get(peer, args["id"])
+        index = args["leaf"]
+        if index >= merkle.leaf_count(len(data)):
+            raise RpcError("bad_request", "leaf index out of range")
+        path = await trio.to_thread.run_sync(merkle.proof, data, index, limiter=self.limiter)
+        return {"leaf_data": merkle.leaf(data, index), "path": path}
+
+    async def _get(self, peer: bytes, shard_id: bytes) -> bytes:
+        data = await trio.to_thread.run_sync(
+            self.shards.get, peer, shard_id, limiter=self.limiter
+        )
+        if data is None:
+            raise RpcError("not_found", "no such shard of yours here")
+        return data
