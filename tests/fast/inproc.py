@@ -57,6 +57,7 @@ class PeerNode:
         self.shards = ShardStore(root / "shards")
         self.ledger = Ledger(self.db)
         self.peers = PeerList(self.db, self.key)
+        self.records = RecordStore(root / "records")
         self.service = service(
             self.shards,
             self.ledger,
@@ -64,7 +65,7 @@ class PeerNode:
             donate=1 << 30,
             ratio=1.5,
             limiter=trio.CapacityLimiter(2),
-            records=RecordStore(root / "records"),
+            records=self.records,
             on_end=self.ended.append,
         )
         self.conns = Connections(
