@@ -119,6 +119,27 @@ async def test_new_agreements_are_rate_limited_but_renewals_are_not(tmp_path, mo
     node.close()
 
 
+async def test_concurrent_proposals_cannot_share_one_grant(tmp_path, mock_clock):
+    """Two strangers proposing at once while the node made room both passed the rate check
+    before either took the one grant left: both were granted."""
+    node = Node(tmp_path, TermsPolicy(new_per_hour=3, max_agreements=2, idle_grace=60))
+    for _ in range(2):
+        assert (await node.propose(stranger()))["accepted"]
+    for agreement in node.ledger.active():
+        agreement.renewed -= 120  # idle and empty: either may make room
+    replies: list[dict[str, Any]] = []
+
+    async def propose() -> None:
+        replies.append(await node.propose(stranger()))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(propose)
+    assert sorted(r["accepted"] for r in replies) == [False, True], replies
+    assert "an hour" in next(r["reason"] for r in replies if not r["accepted"])
+    node.close()
+
+
 async def test_peer_with_low_trust_is_refused(node):
     bad = stranger()
     peer = node.peers.add(bad)
