@@ -1,0 +1,155 @@
+"""File contents (fs/filedata.py) over a real block store, no network: dirty blocks,
+sealing, holes, inline data, shared blocks, truncation, and recovery after a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from inproc import LocalStore
+
+from fluidfs import keys
+from fluidfs.fs.filedata import MEMORY_BLOCK_MAX
+from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO
+
+BS = 64 * 1024
+RING = keys.KeyRing(keys.generate())
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    made = LocalStore(tmp_path / "state", RING, BS)
+    yield made
+    made.close()
+
+
+def block_ids(store: LocalStore, ino: int) -> list[bytes]:
+    """The sealed blocks of a file, in order (asserting none is inline)."""
+    values = [value for _, value in store.tree.blocks_of(ino)]
+    assert all(v[:1] == BLOCK_REF for v in values), values
+    return [v[1:] for v in values]
+
+
+async def test_writes_read_back_before_and_after_sealing(store: LocalStore) -> None:
+    data = os.urandom(3 * BS + BS // 2)
+    ino = await store.create(ROOT_INO, "f")
+    await store.write(ino, 0, data)
+    assert store.data.has_dirty(ino) and store.data.pending_bytes() == len(data)
+    assert await store.read(ino) == data, "read from the dirty blocks"
+    inode = store.tree.get(ino)
+    assert await store.data.read(inode, BS - 3, 6) == data[BS - 3 : BS + 3], "across an edge"
+    await store.data.seal_all()
+    assert not store.data.has_dirty(ino) and store.data.pending_bytes() == 0
+    ids = block_ids(store, ino)
+    assert len(ids) == 4 and all(store.refcount(b) == 1 for b in ids)
+    assert await store.read(ino) == data, "read from the cache"
+    for block_id in ids:  # the plaintext is gone: blocks are rebuilt from their shards
+        assert store.cache.forget(block_id)
+    assert await store.read(ino) == data
+
+
+async def test_holes_and_short_blocks_read_as_zeros(store: LocalStore) -> None:
+    ino = await store.create(ROOT_INO, "sparse")
+    await store.write(ino, 2 * BS + 10, b"tail")
+    await store.write(ino, 5, b"head")
+    inode = store.tree.get(ino)
+    inode.size = 3 * BS + 100  # grown by a truncate: the rest reads as zeros
+    store.tree.save(inode)
+    want = bytearray(3 * BS + 100)
+    want[5:9], want[2 * BS + 10 : 2 * BS + 14] = b"head", b"tail"
+    assert await store.read(ino) == want
+    await store.data.seal_all()
+    assert [i for i, _ in store.tree.blocks_of(ino)] == [0, 2], "the hole stores nothing"
+    assert await store.read(ino) == want
+
+
+async def test_a_small_file_is_kept_inline(store: LocalStore) -> None:
+    ino = await store.create(ROOT_INO, "small", b"hello")
+    assert store.tree.blocks_of(ino) == [(0, INLINE + b"hello")]
+    assert store.blocks.count() == 0, "no block for it"
+    assert await store.read(ino) == b"hello"
+
+
+async def test_identical_blocks_are_stored_once_and_counted(store: LocalStore) -> None:
+    data = os.urandom(2 * BS)
+    one = await store.create(ROOT_INO, "one", data)
+    two = await store.create(ROOT_INO, "two", data)
+    ids = block_ids(store, one)
+    assert ids == block_ids(store, two) and store.blocks.count() == 2
+    assert [store.refcount(b) for b in ids] == [2, 2]
+    await store.data.remove(one)
+    assert [store.refcount(b) for b in ids] == [1, 1]
+    assert await store.read(two) == data
+    await store.data.remove(two)
+    assert store.blocks.count() == 0
+    assert not any(store.cache.path(b).exists() for b in ids), "cached plaintext deleted"
+
+
+async def test_rewriting_part_of_a_sealed_block_keeps_the_rest(store: LocalStore) -> None:
+    data = os.urandom(BS)
+    ino = await store.create(ROOT_INO, "f", data)
+    (old,) = block_ids(store, ino)
+    await store.write(ino, 100, b"patch")
+    want = data[:100] + b"patch" + data[105:]
+    assert await store.read(ino) == want
+    await store.data.seal_inode(ino)
+    (new,) = block_ids(store, ino)
+    assert new != old and store.refcount(old) == 0 and store.refcount(new) == 1
+    assert await store.read(ino) == want
+
+
+async def test_truncate_drops_whole_blocks_and_cuts_the_last(store: LocalStore) -> None:
+    data = os.urandom(3 * BS)
+    ino = await store.create(ROOT_INO, "f", data)
+    ids = block_ids(store, ino)
+    inode = store.tree.get(ino)
+    await store.data.truncate(inode, BS + 10)
+    inode.size = BS + 10
+    store.tree.save(inode)
+    assert store.refcount(ids[2]) == 0, "the third block is released"
+    assert await store.read(ino) == data[: BS + 10]
+    inode.size = 2 * BS  # growing again shows zeros, not the old bytes
+    store.tree.save(inode)
+    assert await store.read(ino) == data[: BS + 10] + bytes(BS - 10)
+
+
+async def test_unsealed_data_survives_a_crash_and_is_sealed_at_the_next_mount(
+    tmp_path: Path,
+) -> None:
+    big = 4 * MEMORY_BLOCK_MAX  # one block; dirty blocks this large live in files
+    first = LocalStore(tmp_path / "state", RING, big)
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
+    ino = await first.create(ROOT_INO, "f")
+    await first.write(ino, 0, data)
+    assert (tmp_path / "state" / "dirty" / f"{ino}.0").stat().st_size == len(data)
+    for blk in first.data.dirty.values():  # kill -9: the process and its files go away
+        os.close(blk.fd)
+    first.close()
+
+    again = LocalStore(tmp_path / "state", RING, big)
+    try:
+        assert await again.data.recover() == 1
+        assert await again.read(ino) == data, "readable before it is sealed"
+        await again.data.seal_all()
+        assert len(block_ids(again, ino)) == 1
+        assert await again.read(ino) == data
+        assert os.listdir(tmp_path / "state" / "dirty") == []
+    finally:
+        again.close()
+
+
+async def test_recovery_discards_what_it_cannot_trust(store: LocalStore) -> None:
+    ino = await store.create(ROOT_INO, "f", os.urandom(BS))
+    dirty = store.data.dirty_dir
+    leftovers = {
+        f"{ino}.0.part": "a copy cut short: the sealed block is still the truth",
+        "999.0": "an inode that does not exist",
+        f"{ino}.5": "past the end of the file",
+    }
+    for name in leftovers:
+        (dirty / name).write_bytes(b"x" * 100)
+    (dirty / "notes.txt").write_bytes(b"not ours")
+    assert await store.data.recover() == 0
+    assert sorted(os.listdir(dirty)) == ["notes.txt"]
+    assert not store.data.has_dirty(ino)
