@@ -4,8 +4,12 @@
 returns with one reference taken for the caller. ``read`` serves bytes of a
 block from the plaintext cache, rebuilding it from shards when it is not there.
 CPU work and shard I/O run in worker threads under a capacity limiter; records
-and reference counts live in ``meta.lmdb`` table ``blocks`` and change only on
-the trio loop, in the caller's transaction where a file map changes with them.
+and reference counts live in ``meta.lmdb`` table ``blocks`` and change on the trio
+loop, in the caller's transaction where a file map changes with them. The two scans
+that visit every record (``forget_holder`` when an agreement ends, and
+``find_under_replicated`` when the node gets peers) run in worker threads, SCAN_BATCH
+records per transaction, so the loop never waits on them and a writer on the loop
+waits at most for one batch to commit.
 
 A holder caught returning a corrupt copy of a shard is dealt with in suspects.py.
 """
@@ -26,7 +30,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import is_disk_full, keep_reserve
-from fluidfs.store.db import Database
+from fluidfs.store.db import Database, scan_batch
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
+SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 
 
 class BlockUnavailable(Exception):
@@ -226,6 +231,8 @@ class BlockStore:
                 self._running = True
                 for _ in range(UPLOADERS):
                     nursery.start_soon(self._uploader)
+                if self.remote is not None:
+                    nursery.start_soon(self.find_under_replicated)
                 nursery.start_soon(self.collector.run)
                 task_status.started()
         finally:
@@ -246,7 +253,7 @@ class BlockStore:
             remote.journal = self.collector
             remote.on_corrupt = self.suspects.caught
             self.collector.remote_delete = remote.delete_ids
-            self._find_under_replicated()
+            self.start_soon(self.find_under_replicated)  # else run() starts it
 
     def recover_journal(self) -> int:
         """After a restart, shards sent but never recorded become garbage."""
@@ -268,12 +275,29 @@ class BlockStore:
         ):
             await trio.sleep(0.05)
 
-    def _find_under_replicated(self) -> None:
+    async def find_under_replicated(self) -> int:
+        """Add every block short of holders to ``under`` (a scan in worker threads, in
+        batches of SCAN_BATCH records); return how many were found."""
+        found = 0
+        after: bytes | None = b""
+        while after is not None:
+            under, after = await trio.to_thread.run_sync(
+                self._under_batch, after, limiter=self.limiter
+            )
+            self.under.update(under)
+            found += len(under)
+        return found
+
+    def _under_batch(self, after: bytes) -> tuple[list[bytes], bytes | None]:
+        """Blocks short of holders among the SCAN_BATCH records after key *after*, and
+        where the next batch starts (None at the end). Runs in a worker thread."""
         with self.meta.read() as txn:
-            for key, raw in txn.cursor(db=self._blocks):
-                stored = StoredBlock.decode(bytes(key), raw)
-                if stored.missing() > self.total_missing_allowed:
-                    self.under.add(bytes(key))
+            records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
+        return [
+            key
+            for key, raw in records
+            if StoredBlock.decode(key, raw).missing() > self.total_missing_allowed
+        ], after
 
     async def queue_upload(self, record: BlockRecord, shards: list[bytes]) -> None:
         """Hand a block's shards to the uploaders (waits while the queue is full)."""
@@ -355,20 +379,48 @@ class BlockStore:
         if stored.missing() <= self.total_missing_allowed:
             self.under.discard(block_id)
 
-    def forget_holder(self, holder: int) -> int:
-        """A peer's agreement ended: none of its shards count any more. Returns how many."""
+    async def forget_holder(self, holder: int) -> int:
+        """A peer's agreement ended: none of its shards count any more. Returns how many
+        shards are now missing in the blocks it held.
+
+        Every record is visited, in worker threads, SCAN_BATCH records per write
+        transaction: the loop stays free, and a writer on the loop waits at most for
+        one batch. Each batch commits on its own; if the process stops half way, the
+        holder is simply forgotten again at the next end of that agreement (lifecycle)
+        or repaired as lost when audits find its shards gone.
+        """
         lost = 0
+        after: bytes | None = b""
+        while after is not None:
+            missing, under, after = await trio.to_thread.run_sync(
+                self._forget_batch, holder, after, limiter=self.limiter
+            )
+            lost += missing
+            self.under.update(under)
+            if under or missing:
+                self.holders_version += 1
+        return lost
+
+    def _forget_batch(
+        self, holder: int, after: bytes
+    ) -> tuple[int, list[bytes], bytes | None]:
+        """Forget *holder* in the SCAN_BATCH records after key *after*, in one write
+        transaction (in a worker thread). Returns (shards now missing in the records
+        changed, blocks now short of holders, last key visited or None at the end)."""
+        lost = 0
+        under: list[bytes] = []
         with self.meta.write() as txn:
-            for key, raw in list(txn.cursor(db=self._blocks)):
-                stored = StoredBlock.decode(bytes(key), raw)
+            records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
+            for key, raw in records:
+                stored = StoredBlock.decode(key, raw)
                 if holder not in stored.holders:
                     continue
                 stored.holders = [NO_HOLDER if h == holder else h for h in stored.holders]
                 lost += stored.missing()
-                self.save(txn, stored)
+                txn.put(key, stored.encode(), db=self._blocks)
                 if stored.missing() > self.total_missing_allowed:
-                    self.under.add(bytes(key))
-        return lost
+                    under.append(key)
+        return lost, under, after
 
     async def _cache_put(self, block_id: bytes, data: bytes, source: Path | None) -> None:
         if block_id in self.cache:

@@ -9,12 +9,21 @@ the cache, so they are topped up without any download. Otherwise the block is
 rebuilt from K shards. Either way the exact missing shards are recreated (the
 record keeps the nonce) and placed on peers that hold nothing of the block.
 Repair traffic is held under ``bandwidth`` bytes per second.
+
+Planning a pass (``plan``) reads the records of every block in ``under`` in worker
+threads, PLAN_BATCH per read transaction, and keeps only block ids and their
+shortfall: the loop stays free and memory stays small even when an agreement that
+held a shard of every block has just ended. When one ends, ``holder_gone`` queues the
+holder; the repairer forgets it in every record (``BlockStore.forget_holder``, in
+batches in worker threads) and then repairs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
@@ -25,6 +34,8 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 
 log = logging.getLogger(__name__)
 
+PLAN_BATCH = 2000  # block records read per transaction while planning a pass
+
 
 @dataclass
 class RepairPolicy:
@@ -33,6 +44,33 @@ class RepairPolicy:
     interval: float = 5.0
     bandwidth: float = 64 * 1024 * 1024  # bytes of shards placed per second, at most
     parallel: int = 8  # blocks being repaired at once
+
+
+def has_room(stored: StoredBlock, open_peers: dict[int, int]) -> bool:
+    """True if some peer that takes shards now (*open_peers*: index -> room in bytes)
+    holds nothing of the block and has room for one of its shards."""
+    holding = set(stored.holders)
+    return any(
+        room >= stored.record.shard_size and index not in holding
+        for index, room in open_peers.items()
+    )
+
+
+def plan(
+    records: Iterable[StoredBlock], open_peers: dict[int, int], busy: frozenset[bytes]
+) -> list[tuple[int, bytes]]:
+    """(shards missing, block id) of the blocks to repair, the most endangered first.
+
+    Blocks being uploaded (*busy*) are left to their upload, and blocks that no open
+    peer could take a shard of wait for the next pass. Ties keep the input order.
+    """
+    found = [
+        (stored.missing(), stored.record.block_id)
+        for stored in records
+        if stored.record.block_id not in busy and has_room(stored, open_peers)
+    ]
+    found.sort(key=lambda item: -item[0])
+    return found
 
 
 class Repairer:
@@ -46,38 +84,73 @@ class Repairer:
         self.rate = 0.0
         self.queue_length = 0
         self._wakeup = trio.Event()
+        self._gone_send, self._gone_recv = trio.open_memory_channel[tuple[int, str]](math.inf)
 
     def wake(self) -> None:
         """Shards were just lost: repair now rather than at the next interval."""
         self._wakeup.set()
 
-    async def run(self) -> None:
-        """Repair every interval (or when woken) until cancelled."""
-        while True:
-            with trio.move_on_after(self.policy.interval):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            if self.blocks.remote is not None:
-                await self.repair_pass()
+    def holder_gone(self, holder: int, name: str = "") -> None:
+        """The agreement with peer *holder* ended: its shards no longer count.
 
-    def _candidates(self) -> list[StoredBlock]:
-        found = []
-        for block_id in list(self.blocks.under):
-            stored = self.blocks.load(block_id)
-            if stored is None:
-                self.blocks.under.discard(block_id)
-            elif block_id not in self.blocks.uploading and self._has_room(stored):
-                found.append(stored)
-        found.sort(key=lambda s: -s.missing())  # fewest live shards first
+        Returns at once; ``run`` forgets the holder in the background and then repairs.
+        """
+        self._gone_send.send_nowait((holder, name))
+
+    async def run(self) -> None:
+        """Forget ended holders and repair every interval (or when woken), until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forget_gone)
+            while True:
+                with trio.move_on_after(self.policy.interval):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                if self.blocks.remote is not None:
+                    await self.repair_pass()
+
+    async def _forget_gone(self) -> None:
+        async for holder, name in self._gone_recv:
+            lost = await self.blocks.forget_holder(holder)
+            self.wake()
+            log.info("agreement with %s ended: %d shards to re-create elsewhere",
+                     name or f"peer {holder}", lost)
+
+    def _open_peers(self) -> dict[int, int]:
+        remote = self.blocks.remote
+        rooms = {agreement.peer: agreement.room for agreement in remote.ledger}
+        return {remote.peers.get(key).index: rooms[key] for key in remote.usable_peers(1)}
+
+    async def _candidates(self) -> list[tuple[int, bytes]]:
+        """Plan a pass: records are read in worker threads, PLAN_BATCH at a time."""
+        blocks = self.blocks
+        open_peers = self._open_peers()
+        busy = frozenset(blocks.uploading)
+        ids = list(blocks.under)
+        found: list[tuple[int, bytes]] = []
+        for start in range(0, len(ids), PLAN_BATCH):
+            batch = ids[start : start + PLAN_BATCH]
+            planned, gone = await trio.to_thread.run_sync(
+                self._plan_batch, batch, open_peers, busy, limiter=blocks.limiter
+            )
+            found += planned
+            blocks.under.difference_update(gone)
+        found.sort(key=lambda item: -item[0])  # stable: each batch is sorted already
         return found
 
-    def _has_room(self, stored: StoredBlock) -> bool:
-        remote = self.blocks.remote
-        holding = set(stored.holders)
-        return any(
-            remote.peers.get(key).index not in holding
-            for key in remote.usable_peers(stored.record.shard_size)
-        )
+    def _plan_batch(
+        self, ids: list[bytes], open_peers: dict[int, int], busy: frozenset[bytes]
+    ) -> tuple[list[tuple[int, bytes]], list[bytes]]:
+        """(plan of these blocks, ids that no longer have a record); in a worker thread."""
+        records: list[StoredBlock] = []
+        gone: list[bytes] = []
+        with self.blocks.meta.read() as txn:
+            for block_id in ids:
+                stored = self.blocks.load(block_id, txn)
+                if stored is None:
+                    gone.append(block_id)
+                else:
+                    records.append(stored)
+        return plan(records, open_peers, busy), gone
 
     async def repair_pass(self) -> int:
         """Repair what can be repaired now; return the number of blocks repaired.
@@ -85,7 +158,7 @@ class Repairer:
         Blocks start in order of danger; a few run at once so that fetching shards
         from peers overlaps with decoding and re-encoding.
         """
-        todo = self._candidates()
+        todo = await self._candidates()
         self.queue_length = len(todo)
         started = time.monotonic()
         slots = trio.Semaphore(self.policy.parallel)
@@ -107,8 +180,13 @@ class Repairer:
                 self.repaired_bytes += placed
 
         async with trio.open_nursery() as nursery:
-            for stored in todo:
+            for _missing, block_id in todo:
                 await slots.acquire()
+                stored = self.blocks.load(block_id)  # as it is now, not when planned
+                if stored is None or block_id not in self.blocks.under:
+                    slots.release()
+                    self.queue_length -= 1
+                    continue
                 elapsed = time.monotonic() - started
                 self.rate = totals["sent"] / max(elapsed, 1e-3)
                 ahead = totals["sent"] / self.policy.bandwidth - elapsed

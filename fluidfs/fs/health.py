@@ -5,19 +5,28 @@ file's is the minimum over its blocks. Files small enough to live inline in the
 metadata, and blocks kept on this node only (no peers yet), are reported as
 such. The check can also probe which holders answer right now, and with
 ``read_data`` rebuild every block from its shards and verify it.
+
+The check walks the tree in worker threads (``TreeScan``), WALK_BATCH files per read
+transaction, reading inodes, block maps and block records straight from the tables:
+the loop stays free, and the walk leaves the inode cache as it found it. Batches are
+separate snapshots, so a file moved during the check may be reported twice or not
+at all; the check reports, it changes nothing.
 """
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import trio
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.fs.tree import BLOCK_REF, ROOT_INO, Tree
 
 XATTR_REDUNDANCY = b"user.fluidfs.redundancy"
+WALK_BATCH = 1000  # files per worker-thread trip of the check
 
 
 @dataclass
@@ -49,20 +58,69 @@ def redundancy(tree: Tree, blocks: BlockStore, ino: int) -> str:
     return f"{worst}/{total}"
 
 
-def walk(tree: Tree) -> Iterator[tuple[str, int]]:
-    """(path, ino) of every regular file, depth first from the root."""
-    stack = [("", ROOT_INO)]
-    while stack:
-        prefix, ino = stack.pop()
-        for _cookie, name, child in tree.entries(ino):
-            node = tree.get(child)
-            if node is None:
-                continue
-            path = f"{prefix}/{name.decode(errors='surrogateescape')}"
-            if node.is_dir:
-                stack.append((path, child))
-            elif stat.S_ISREG(node.mode):
-                yield path, child
+@dataclass
+class ScannedFile:
+    """A regular file as one batch of the scan saw it."""
+
+    path: str
+    ino: int
+    values: list[bytes]  # its block map values (BLOCK_REF / INLINE prefixed)
+    records: dict[bytes, StoredBlock | None]  # the blocks it names, by id
+
+
+class TreeScan:
+    """Every regular file, depth first from the root, a batch at a time.
+
+    Each ``next_batch`` call reads from a read transaction of its own and bypasses the
+    inode cache: call it from a worker thread.
+    """
+
+    def __init__(self, tree: Tree, blocks: BlockStore, batch: int = WALK_BATCH) -> None:
+        self.tree = tree
+        self.blocks = blocks
+        self.batch = batch
+        # Directories still to list: (path prefix, ino, cookie listed up to).
+        self._stack: list[tuple[str, int, int]] = [("", ROOT_INO, 0)]
+
+    @property
+    def done(self) -> bool:
+        """True once every file has been returned."""
+        return not self._stack
+
+    def next_batch(self) -> list[ScannedFile]:
+        """The files among the next ``batch`` directory entries."""
+        found: list[ScannedFile] = []
+        visited = 0  # entries of any kind: a tree of empty directories is bounded too
+        with self.tree.db.read() as txn:
+            while self._stack and visited < self.batch:
+                prefix, ino, after = self._stack.pop()
+                subdirs: list[tuple[str, int, int]] = []
+                resume = None
+                for cookie, name, child in self.tree.entries_in(txn, ino, after):
+                    if visited >= self.batch:
+                        resume = (prefix, ino, after)
+                        break
+                    visited += 1
+                    after = cookie
+                    node = self.tree.inode_in(txn, child)
+                    if node is None:
+                        continue
+                    path = f"{prefix}/{name.decode(errors='surrogateescape')}"
+                    if node.is_dir:
+                        subdirs.append((path, child, 0))
+                    elif stat.S_ISREG(node.mode):
+                        found.append(self._file(txn, path, child))
+                self._stack.extend(subdirs)
+                if resume is not None:
+                    self._stack.append(resume)
+        return found
+
+    def _file(self, txn, path: str, ino: int) -> ScannedFile:
+        values = [v for _, v in self.tree.blocks_in(txn, ino)]
+        records = {
+            v[1:]: self.blocks.load(v[1:], txn) for v in values if v[:1] == BLOCK_REF
+        }
+        return ScannedFile(path, ino, values, records)
 
 
 async def _live(stored: StoredBlock, reachable: Callable[[int], Awaitable[bool]]) -> int:
@@ -85,49 +143,65 @@ async def check(
     verified: dict[bytes, bool] = {}
     results: list[FileHealth] = []
     needed = blocks.codec.needed
-    for path, ino in list(walk(tree)):
-        values = tree.blocks_of(ino)
-        refs = [v[1:] for _, v in values if v[:1] == BLOCK_REF]
-        if not refs:
-            results.append(FileHealth(path, "inline" if values else "empty", "-"))
-            continue
-        state, worst, total = "ok", None, blocks.codec.total
-        for block_id in refs:
-            stored = blocks.load(block_id)
-            if stored is None:
-                state, worst = "unrecoverable", 0
-                break
-            total = stored.record.total
-            if LOCAL_HOLDER in stored.holders:
-                live = total
-                state = "local" if state == "ok" else state
-            else:
-                live = await _live(stored, reachable)
-                if live < needed:
-                    # The record may be out of date (repair moved shards after the commit
-                    # it came from): rebuilding looks for them on every peer and records
-                    # where they turn up, so count again before calling the block lost.
-                    try:
-                        await blocks.rebuild(stored)
-                    except BlockUnavailable:
-                        pass
-                    else:
-                        verified[block_id] = True
-                        stored = blocks.load(block_id) or stored
-                        live = await _live(stored, reachable)
-            worst = live if worst is None else min(worst, live)
-            if live < needed:
-                state = "unrecoverable"
-            elif read_data:
-                if block_id not in verified:
-                    try:
-                        await blocks.rebuild(stored)
-                        verified[block_id] = True
-                    except BlockUnavailable:
-                        verified[block_id] = False
-                if not verified[block_id]:
-                    state = "unrecoverable"
-            if state == "ok" and live < total:
-                state = "degraded"
-        results.append(FileHealth(path, state, f"{worst}/{total}"))
+    scan = TreeScan(tree, blocks)
+    while not scan.done:
+        batch = await trio.to_thread.run_sync(scan.next_batch, limiter=blocks.limiter)
+        for scanned in batch:
+            results.append(
+                await _judge(scanned, blocks, reachable, read_data, needed, verified)
+            )
     return results
+
+
+async def _judge(
+    scanned: ScannedFile,
+    blocks: BlockStore,
+    reachable: Callable[[int], Awaitable[bool]],
+    read_data: bool,
+    needed: int,
+    verified: dict[bytes, bool],
+) -> FileHealth:
+    """One file's verdict (*verified*: blocks rebuilt so far, shared across files)."""
+    path, values = scanned.path, scanned.values
+    refs = [v[1:] for v in values if v[:1] == BLOCK_REF]
+    if not refs:
+        return FileHealth(path, "inline" if values else "empty", "-")
+    state, worst, total = "ok", None, blocks.codec.total
+    for block_id in refs:
+        stored = scanned.records.get(block_id)
+        if stored is None:
+            state, worst = "unrecoverable", 0
+            break
+        total = stored.record.total
+        if LOCAL_HOLDER in stored.holders:
+            live = total
+            state = "local" if state == "ok" else state
+        else:
+            live = await _live(stored, reachable)
+            if live < needed:
+                # The record may be out of date (repair moved shards after the commit
+                # it came from): rebuilding looks for them on every peer and records
+                # where they turn up, so count again before calling the block lost.
+                try:
+                    await blocks.rebuild(stored)
+                except BlockUnavailable:
+                    pass
+                else:
+                    verified[block_id] = True
+                    stored = blocks.load(block_id) or stored
+                    live = await _live(stored, reachable)
+        worst = live if worst is None else min(worst, live)
+        if live < needed:
+            state = "unrecoverable"
+        elif read_data:
+            if block_id not in verified:
+                try:
+                    await blocks.rebuild(stored)
+                    verified[block_id] = True
+                except BlockUnavailable:
+                    verified[block_id] = False
+            if not verified[block_id]:
+                state = "unrecoverable"
+        if state == "ok" and live < total:
+            state = "degraded"
+    return FileHealth(path, state, f"{worst}/{total}")

@@ -11,7 +11,10 @@ Tables (format version 1; integers are big-endian u64):
 - ``counters``: b"next_ino", b"next_cookie" → u64
 
 All calls are short and run on the trio loop; writes take the caller's
-transaction so that related changes commit together.
+transaction so that related changes commit together. The ``*_in`` readers take a
+read transaction instead and bypass the inode cache: whole-tree scans (fs/health.py)
+use them from worker threads, batch by batch, so the cache only ever holds the
+inodes the kernel knows.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ class Tree:
                 return None
             inode = self._cache[ino] = Inode.decode(ino, raw)
         return inode
+
+    def inode_in(self, txn, ino: int) -> Inode | None:
+        """The inode as *txn* sees it (no cache: for scans, from any thread)."""
+        raw = txn.get(u64(ino), db=self._inodes)
+        return None if raw is None else Inode.decode(ino, raw)
 
     def put(self, txn, inode: Inode) -> None:
         """Write the inode (and keep it cached)."""
@@ -136,18 +144,24 @@ class Tree:
 
         Yields lazily from one read transaction; stop early to end it.
         """
-        prefix = u64(parent)
         with self.db.read() as txn:
-            cursor = txn.cursor(db=self._cookies)
-            if not cursor.set_range(prefix + u64(after + 1)):
+            yield from self.entries_in(txn, parent, after)
+
+    def entries_in(
+        self, txn, parent: int, after: int = 0
+    ) -> Iterator[tuple[int, bytes, int]]:
+        """``entries`` as *txn* sees them."""
+        prefix = u64(parent)
+        cursor = txn.cursor(db=self._cookies)
+        if not cursor.set_range(prefix + u64(after + 1)):
+            return
+        for key, name in cursor:
+            if key[:8] != prefix:
                 return
-            for key, name in cursor:
-                if key[:8] != prefix:
-                    return
-                raw = txn.get(prefix + name, db=self._dirents)
-                if raw is None:
-                    continue
-                yield _U64.unpack(key[8:])[0], bytes(name), _U64x2.unpack(raw)[0]
+            raw = txn.get(prefix + name, db=self._dirents)
+            if raw is None:
+                continue
+            yield _U64.unpack(key[8:])[0], bytes(name), _U64x2.unpack(raw)[0]
 
     def is_empty(self, parent: int) -> bool:
         """True if the directory has no entries."""
@@ -187,15 +201,19 @@ class Tree:
 
     def blocks_of(self, ino: int) -> list[tuple[int, bytes]]:
         """All (index, value) block map entries of *ino*."""
+        with self.db.read() as txn:
+            return self.blocks_in(txn, ino)
+
+    def blocks_in(self, txn, ino: int) -> list[tuple[int, bytes]]:
+        """``blocks_of`` as *txn* sees it."""
         prefix = u64(ino)
         found: list[tuple[int, bytes]] = []
-        with self.db.read() as txn:
-            cursor = txn.cursor(db=self._blockmap)
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if key[:8] != prefix:
-                        break
-                    found.append((_U64.unpack(key[8:])[0], bytes(value)))
+        cursor = txn.cursor(db=self._blockmap)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if key[:8] != prefix:
+                    break
+                found.append((_U64.unpack(key[8:])[0], bytes(value)))
         return found
 
     # --- xattrs ------------------------------------------------------------------------

@@ -185,16 +185,11 @@ class Node:
         self.migrator.wake()
 
     def _agreement_ended(self, key: bytes) -> None:
-        """Our shards on that peer no longer count: repair takes over."""
+        """Our shards on that peer no longer count: repair takes over (the repairer
+        forgets the holder in every block record in the background, then repairs)."""
         peer = self.peers.get(key)
         if peer is not None:
-            lost = self.blocks.forget_holder(peer.index)
-            self.repairer.wake()
-            log.info(
-                "agreement with %s ended: %d shards to re-create elsewhere",
-                encode_peer_id(key)[:12],
-                lost,
-            )
+            self.repairer.holder_gone(peer.index, encode_peer_id(key)[:12])
 
     def _settled_block_size(self, wanted: int) -> int:
         """The block size is fixed when the state is created; later runs keep it."""

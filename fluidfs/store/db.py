@@ -43,6 +43,29 @@ META_TABLES = [
 ]
 
 
+def scan_batch(
+    txn: lmdb.Transaction, table: lmdb._Database, after: bytes, limit: int
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """Up to *limit* (key, value) pairs of *table* with keys above *after*, in key order,
+    and the key to pass as *after* for the next batch (None once the table is done).
+
+    Scans that grow with the data run batch by batch, each in a short transaction of
+    its own in a worker thread (DESIGN.md promise 4); ``after=b""`` starts at the top.
+    """
+    cursor = txn.cursor(db=table)
+    found: list[tuple[bytes, bytes]] = []
+    if not cursor.set_range(after):
+        return found, None
+    if cursor.key() == after and not cursor.next():
+        return found, None
+    while True:
+        found.append((bytes(cursor.key()), bytes(cursor.value())))
+        if not cursor.next():
+            return found, None
+        if len(found) >= limit:
+            return found, found[-1][0]
+
+
 class Database:
     """An LMDB environment with named tables."""
 
@@ -53,9 +76,20 @@ class Database:
         *,
         map_size: int = TERABYTE,
         readahead: bool = False,
+        readonly: bool = False,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        """Open (and create) the environment at *path* with *tables*.
+
+        With *readonly*, open an existing environment and tables for reading only, creating
+        and writing nothing (``FileNotFoundError`` if either is missing): for looking into
+        the state of a node that is not running.
+        """
         names = list(tables)
+        self.readonly = readonly
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"no database at {path}")
         self.env = lmdb.open(
             str(path),
             map_size=map_size,
@@ -65,8 +99,15 @@ class Database:
             readahead=readahead,
             max_readers=256,
             max_spare_txns=8,
+            readonly=readonly,
         )
-        self.tables = {name: self.env.open_db(name.encode()) for name in names}
+        try:
+            self.tables = {
+                name: self.env.open_db(name.encode(), create=not readonly) for name in names
+            }
+        except lmdb.NotFoundError:
+            self.env.close()
+            raise FileNotFoundError(f"{path} lacks one of the tables {names}") from None
 
     def read(self) -> lmdb.Transaction:
         """A read-only transaction (use as a context manager)."""
@@ -85,5 +126,6 @@ class Database:
 
     def close(self) -> None:
         """Sync and close the environment."""
-        self.env.sync(True)
+        if not self.readonly:
+            self.env.sync(True)
         self.env.close()
