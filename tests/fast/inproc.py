@@ -49,6 +49,7 @@ class PeerNode:
         *,
         limits: NetLimits = DEFAULT_LIMITS,
         service: type[PeerService] = PeerService,
+        **service_kw,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.ended: list[bytes] = []  # peers whose agreement with us ended
@@ -67,6 +68,7 @@ class PeerNode:
             limiter=trio.CapacityLimiter(2),
             records=self.records,
             on_end=self.ended.append,
+            **service_kw,
         )
         self.conns = Connections(
             self.keyring.signing_key,

@@ -1,0 +1,157 @@
+"""Shard placement and fetching (blocks/remote.py, peers/placement.py): one shard per
+peer, standbys when a store fails, no shard on a full or caught peer, choice weighted by
+trust and free space, and reads that survive a lying holder.
+
+The owner and its hosts are real peer services in this process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from inproc import MIB, PeerNode, peer_nodes
+
+from fluidfs import keys
+from fluidfs.blocks.codec import BlockCodec, BlockRecord
+from fluidfs.blocks.record import NO_HOLDER
+from fluidfs.blocks.remote import RemoteShards
+from fluidfs.service.faults import FaultInjection
+
+K, N = 2, 4
+
+
+@asynccontextmanager
+async def owner_with_hosts(
+    tmp_path: Path, hosts: int, **owner_kw
+) -> AsyncIterator[tuple[PeerNode, RemoteShards, list[PeerNode], trio.Nursery]]:
+    """An owner (keyfile K=2, N=4) with agreements with *hosts* peers."""
+    ring = keys.KeyRing(keys.generate(shards_total=N, shards_needed=K))
+    async with peer_nodes(tmp_path, hosts) as (nursery, made):
+        owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
+        try:
+            for host in made:
+                owner.use(host)
+            codec = BlockCodec(dedup_key=ring.dedup_key, wrap_key=ring.wrap_key,
+                               needed=K, total=N)
+            remote = RemoteShards(owner.conns, owner.peers, owner.ledger, codec,
+                                  trio.CapacityLimiter(2))
+            yield owner, remote, made, nursery
+        finally:
+            owner.close()
+
+
+def sealed(remote: RemoteShards, data: bytes) -> tuple[BlockRecord, list[bytes]]:
+    return remote.codec.seal(data, remote.codec.block_id(data))
+
+
+def holding(host: PeerNode, owner: PeerNode, record: BlockRecord) -> list[int]:
+    """Indexes of the block's shards *host* keeps for *owner*."""
+    return [i for i, sid in enumerate(record.shard_ids) if host.shards.get(owner.key, sid)]
+
+
+async def test_each_shard_goes_to_a_different_peer_and_comes_back(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, 6) as (owner, remote, hosts, _):
+        data = os.urandom(100_000)
+        record, shards = sealed(remote, data)
+        holders = [NO_HOLDER] * N
+        await remote.place(record, shards, holders)
+        assert NO_HOLDER not in holders and len(set(holders)) == N
+        for host in hosts:
+            index = owner.peers.get(host.key).index
+            expect = [i for i, h in enumerate(holders) if h == index]
+            assert holding(host, owner, record) == expect, "what the record says, no more"
+            used = owner.ledger.get(host.key).they_use
+            assert used == len(expect) * record.shard_size
+        assert await remote.fetch(record, holders) == data
+
+
+async def test_never_two_shards_on_one_peer(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, N - 1) as (owner, remote, hosts, _):
+        record, shards = sealed(remote, os.urandom(50_000))
+        holders = [NO_HOLDER] * N
+        await remote.place(record, shards, holders)
+        assert holders.count(NO_HOLDER) == 1, "the fourth shard waits for a fourth peer"
+        placed = [h for h in holders if h != NO_HOLDER]
+        assert len(set(placed)) == N - 1
+        assert all(len(holding(h, owner, record)) == 1 for h in hosts)
+        # placing again fills nothing on peers that already hold a shard of the block
+        await remote.place(record, shards, holders)
+        assert holders.count(NO_HOLDER) == 1
+
+
+async def test_a_store_that_fails_goes_to_a_standby_peer(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, N + 1) as (owner, remote, hosts, _):
+        refuser = hosts[0]
+        refuser.ledger.end(owner.key)  # it forgot our agreement: StoreShard is refused
+        record, shards = sealed(remote, os.urandom(50_000))
+        for _ in range(3):  # whichever peers are drawn, every shard finds a home
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            assert NO_HOLDER not in holders and len(set(holders)) == N
+            assert owner.peers.get(refuser.key).index not in holders
+        assert holding(refuser, owner, record) == []
+
+
+async def test_full_and_caught_peers_get_no_shard(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, N + 2) as (owner, remote, hosts, _):
+        full, caught = hosts[0], hosts[1]
+        record, shards = sealed(remote, os.urandom(50_000))
+        owner.ledger.record(full.key, we_host=MIB, they_host=record.shard_size - 1, term=3600)
+        remote.caught.add(caught.key)
+        assert set(remote.usable_peers(record.shard_size)) == {h.key for h in hosts[2:]}
+        holders = [NO_HOLDER] * N
+        await remote.place(record, shards, holders)
+        excluded = {owner.peers.get(h.key).index for h in (full, caught)}
+        assert NO_HOLDER not in holders and not excluded & set(holders)
+
+
+async def test_placement_is_weighted_by_trust_and_free_space(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, 3) as (owner, remote, hosts, _):
+        vetted, new, half_full = (h.key for h in hosts)
+        for key in (vetted, half_full):
+            for _ in range(10):  # enough kept promises to be vetted: full weight
+                owner.peers.record(key, True)
+        owner.ledger.add_use(half_full, owner.ledger.get(half_full).they_host // 2)
+        weights = {k: remote.peers.weight(k) for k in (vetted, new, half_full)}
+        assert weights[new] < weights[vetted] / 10, "a new peer is damped while vetted"
+        draws = 4000
+        first = Counter(remote.usable_peers(1024)[0] for _ in range(draws))
+        total = weights[vetted] + weights[new] + weights[half_full] / 2
+        for key, weight in ((vetted, weights[vetted]), (new, weights[new]),
+                            (half_full, weights[half_full] / 2)):
+            assert abs(first[key] / draws - weight / total) < 0.04, (first, weights)
+
+
+async def test_a_holder_serving_corrupt_shards_is_reported_and_read_around(
+    tmp_path: Path,
+) -> None:
+    async with owner_with_hosts(tmp_path, N) as (owner, remote, hosts, nursery):
+        liar = await PeerNode(tmp_path / "liar", faults=FaultInjection(lie_on_retrieve=True)
+                              ).start(nursery)
+        try:
+            owner.use(liar)
+            data = os.urandom(80_000)
+            record, shards = sealed(remote, data)
+            holders = [NO_HOLDER] * N
+            remote.caught.update(h.key for h in hosts)  # only the liar can take one
+            await remote.place(record, shards, holders)
+            remote.caught.clear()
+            await remote.place(record, shards, holders)
+            lied = holders.index(owner.peers.get(liar.key).index)
+            assert NO_HOLDER not in holders
+            reported = []
+            remote.on_corrupt = lambda block, index, holder: reported.append((index, holder))
+            trust = owner.peers.get(liar.key).trust
+            good = await remote.fetch_shards(record, holders, extra=N)  # ask every holder
+            assert lied not in good and len(good) >= K
+            assert reported == [(lied, holders[lied])]
+            assert owner.peers.get(liar.key).trust < trust
+            assert await remote.fetch(record, holders) == data
+        finally:
+            liar.close()
+
