@@ -1,48 +1,16 @@
-"""Command-line handlers for the peer network: serve, id, peers, status, testnet."""
+"""Looking at a node: ``id``, ``peers``, ``status`` and ``check``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from pathlib import Path
 
 from fluidfs import keys as keymod
-from fluidfs.cli.main import (
-    EXIT_USAGE,
-    add_pinned,
-    bootstrap_entries,
-    fail,
-    load_or_create_keyfile,
-    node_config,
-    setup_node_process,
-)
-from fluidfs.statedir import StateDir, StateError, default_data_dir, default_keyfile
-
-# --- serve, id, peers, status ---------------------------------------------------------
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    """fluidfs serve: run a peer that only donates space, in the foreground."""
-    import trio
-
-    from fluidfs.node.node import Node
-
-    state = StateDir((args.state_dir or default_data_dir()).expanduser())
-    keyring = load_or_create_keyfile(args.keyfile)
-    setup_node_process(args.log_file)
-    try:
-        node = Node(node_config(args, keyring, state))
-    except StateError as exc:
-        fail(str(exc))
-    add_pinned(node, bootstrap_entries(args, keyring))
-    print(f"fluidfs: serving as peer {keyring.peer_id} on {args.listen}", file=sys.stderr)
-    try:
-        trio.run(node.serve)
-    except OSError as exc:
-        fail(f"cannot serve on {args.listen}: {exc}")
-    finally:
-        node.close()
+from fluidfs.cli.common import EXIT_USAGE, counted, fail
+from fluidfs.cli.nodecall import call_node
+from fluidfs.statedir import default_keyfile
 
 
 def cmd_id(args: argparse.Namespace) -> None:
@@ -51,16 +19,6 @@ def cmd_id(args: argparse.Namespace) -> None:
     try:
         print(keymod.KeyRing(keymod.read_keyfile(path)).peer_id)
     except keymod.KeyfileError as exc:
-        fail(str(exc))
-
-
-def _control(args: argparse.Namespace, cmd: str, timeout: float = 60.0, **request) -> dict:
-    from fluidfs import control
-
-    state = StateDir((args.state_dir or default_data_dir()).expanduser())
-    try:
-        return control.call(state.control, cmd, timeout=timeout, **request)
-    except control.ControlError as exc:
         fail(str(exc))
 
 
@@ -88,16 +46,14 @@ def cmd_peers(args: argparse.Namespace) -> None:
     if args.action == "add":
         if not args.addr:
             fail("peers add needs HOST:PORT", EXIT_USAGE)
-        reply = _control(args, "add_peer", addr=args.addr)
+        reply = call_node(args, "add_peer", addr=args.addr)
         note = "agreement made" if reply["agreement"] else "no agreement (yet)"
         print(f"added peer {reply['id']} at {args.addr}: {note}")
         return
     if args.addr:
         fail("peers list takes no address", EXIT_USAGE)
-    rows = _control(args, "peers")["peers"]
+    rows = call_node(args, "peers")["peers"]
     if args.json:
-        import json
-
         print(json.dumps({"peers": rows}, indent=2))
         return
     print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}")
@@ -111,9 +67,7 @@ def cmd_peers(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     """fluidfs status: peers, uploads and redundancy of the running node."""
-    import json
-
-    reply = _control(args, "status")
+    reply = call_node(args, "status")
     reply.pop("ok", None)
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -141,8 +95,6 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
     if "commit" in reply:
-        from fluidfs.cli.remount import print_commit_status
-
         print_commit_status(reply["commit"])
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")
     for level, count in reply["redundancy"].items():
@@ -165,6 +117,7 @@ def _print_uploads(reply: dict) -> None:
             f"({human(done)} sent)"
         )
         return
+    # Lazy: rich draws the bar only on a terminal; scripts reading status need not load it.
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -181,83 +134,9 @@ def _print_uploads(reply: dict) -> None:
     progress.console.print(progress.get_renderable())
 
 
-def cmd_testnet(args: argparse.Namespace) -> None:
-    """fluidfs testnet: run N `fluidfs serve` peers on 127.0.0.1 until interrupted."""
-    import signal
-    import subprocess
-    import tempfile
-
-    root = args.dir or Path(tempfile.mkdtemp(prefix="fluidfs-testnet-"))
-    root.mkdir(parents=True, exist_ok=True)
-    first = f"127.0.0.1:{args.base_port}"
-    procs: list[subprocess.Popen] = []
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        for i in range(args.peers):
-            key = root / f"peer{i}.key"
-            if not key.exists():
-                keymod.write_keyfile(key, keymod.generate())
-            argv = [
-                sys.executable,
-                "-m",
-                "fluidfs",
-                "serve",
-                "--keyfile",
-                str(key),
-                "--state-dir",
-                str(root / f"peer{i}"),
-                "--donate",
-                str(args.donate),
-                "--listen",
-                f"127.0.0.1:{args.base_port + i}",
-            ]
-            if i:
-                argv += ["--peer", first]
-            log = open(root / f"peer{i}.log", "ab")  # noqa: SIM115 - the child keeps it
-            procs.append(
-                subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-                )
-            )
-        _wait_listening(root, args.peers, procs)
-        print(
-            f"testnet: {args.peers} peers on 127.0.0.1:{args.base_port}-"
-            f"{args.base_port + args.peers - 1} (state and logs in {root})"
-        )
-        print(f"mount with: fluidfs mount ~/Backup --listen 127.0.0.1:0 --peer {first}", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        fail("a testnet peer exited; see the logs in " + str(root))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    print("testnet: stopped", file=sys.stderr)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _wait_listening(root: Path, count: int, procs: list) -> None:
-    deadline = time.monotonic() + 60
-    while not all((root / f"peer{i}" / "listen").exists() for i in range(count)):
-        if any(p.poll() is not None for p in procs):
-            fail(f"a testnet peer failed to start; see the logs in {root}")
-        if time.monotonic() > deadline:
-            fail("testnet peers did not start within 60 s")
-        time.sleep(0.1)
-
-
 def cmd_check(args: argparse.Namespace) -> None:
     """fluidfs check: per-file recoverability; exit 1 if anything is unrecoverable."""
-    reply = _control(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
+    reply = call_node(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
     files = reply["files"]
     bad = [f for f in files if f["state"] == "unrecoverable"]
     for f in files:
@@ -269,3 +148,20 @@ def cmd_check(args: argparse.Namespace) -> None:
     )
     if bad:
         sys.exit(1)
+
+
+def print_commit_status(commit: dict) -> None:
+    """The commit lines of `fluidfs status`."""
+    if commit["head_seq"]:
+        age = max(0, int(time.time() - commit["head_time"]))
+        state = "published" if commit["published"] else "not yet on peers"
+        line = f"commit {commit['head_seq']}, {age} s ago, {state}"
+    else:
+        line = "none yet"
+    if commit["changes_pending"]:
+        line += "; changes waiting for the next commit"
+    print(f"committed:   {line}; {counted(commit['snapshots'], 'snapshot')}")
+    if not commit["writer"]:
+        print(f"writer:      no, this mount is read-only: {commit['last_error']}")
+    if commit["lazy_dirs"] or not commit["index_complete"]:
+        print(f"restoring:   {commit['lazy_dirs']} directories not fetched yet")

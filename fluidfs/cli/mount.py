@@ -1,0 +1,195 @@
+"""``fluidfs mount`` (in this process or a background one) and ``fluidfs unmount``."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fluidfs import keys as keymod
+from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
+from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
+from fluidfs.cli.options import reexec_argv
+from fluidfs.statedir import FSNAME_PREFIX, StateDir, StateError, state_dir_from_fsname
+
+
+def _check_mountpoint(path: Path) -> None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        fail(f"mount point {path} does not exist", EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            fail(f"{path} is a dead mount left by a crash: run 'fluidfs unmount {path}' first")
+        fail(f"cannot use mount point {path}: {exc.strerror}", EXIT_USAGE)
+    if not path.is_dir():
+        fail(f"mount point {path} is not a directory", EXIT_USAGE)
+    if os.path.ismount(path):
+        fail(f"{path} is already a mount point", EXIT_USAGE)
+    try:
+        if any(os.scandir(path)):
+            fail(f"mount point {path} is not empty", EXIT_USAGE)
+    except PermissionError:
+        fail(f"cannot read mount point {path}", EXIT_USAGE)
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    """fluidfs mount: check everything, then mount (in a background process by default)."""
+    mountpoint = args.mountpoint.expanduser().absolute()
+    _check_mountpoint(mountpoint)
+    state = state_dir(args)
+    check_state_dir(state)
+    if args.block_size < 64 * 1024 or args.block_size > 64 << 20:
+        fail("--block-size must be between 64K and 64M", EXIT_USAGE)
+    keyring = load_or_create_keyfile(args.keyfile, state)
+    if state.is_locked():
+        pid = state.running_pid()
+        fail(
+            f"state directory {state.path} is already in use"
+            + (f" by fluidfs pid {pid}" if pid else "")
+        )
+    if not os.path.exists("/dev/fuse"):
+        fail("/dev/fuse is missing: install fuse3 and load the fuse module")
+    if args.foreground:
+        run_foreground(args, mountpoint, state, keyring)
+    else:
+        run_background(args, mountpoint, state)
+
+
+def run_foreground(
+    args: argparse.Namespace, mountpoint: Path, state: StateDir, keyring: keymod.KeyRing
+) -> None:
+    """Run the node in this process until it is unmounted."""
+    # Lazy: only the process that runs the node loads trio, pyfuse3 and the node; the
+    # parent of a background mount and `fluidfs unmount` do not wait for them.
+    import trio
+
+    from fluidfs.cli.nodeargs import add_pinned, mount_config, setup_node_process
+    from fluidfs.node.node import MountError, Node
+
+    setup_node_process(args.log_file)
+    ready_fd = args.ready_fd
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+    try:
+        config = mount_config(args, keyring, state)
+        node = Node(config)
+    except StateError as exc:
+        report(f"error: {exc}")
+        fail(str(exc))
+    add_pinned(node, config.remount.pinned)
+    try:
+        trio.run(
+            lambda: node.mount(
+                mountpoint, allow_other=args.allow_other, on_ready=lambda: report("ok")
+            )
+        )
+    except MountError as exc:
+        report(f"error: {exc}")
+        fail(str(exc))
+    finally:
+        node.close()
+
+
+def background_argv(
+    args: argparse.Namespace, mountpoint: Path, state: StateDir, ready_fd: int
+) -> list[str]:
+    """The command line of the background node: this one, in the foreground, resolved.
+
+    Paths are made absolute (the node's directory is the same, but its mountpoint and
+    state must not depend on it); the node reports on *ready_fd* and logs to the state's
+    log. Every other option is written back as given (options.py, ``reexec_argv``).
+    """
+    resolved = argparse.Namespace(
+        **{
+            **vars(args),
+            "mountpoint": mountpoint,
+            "state_dir": state.path,
+            "keyfile": args.keyfile.absolute() if args.keyfile is not None else None,
+            "foreground": True,
+            "ready_fd": ready_fd,
+            "log_file": state.log,
+        }
+    )
+    return [sys.executable, "-m", "fluidfs", *reexec_argv(resolved, "mount")]
+
+
+def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) -> None:
+    """Start the node as a detached process; return once the mount is usable."""
+    read_fd, write_fd = os.pipe()
+    argv = background_argv(args, mountpoint, state, write_fd)
+    # The child logs through a rotating handler on the same file, which takes over its
+    # stdout and stderr; until then (and for a crash at start) they append here.
+    fd = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as logfile:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.readline().decode().strip()
+    if answer == "ok":
+        print(f"fluidfs: mounted {mountpoint} (pid {child.pid}, log {state.log})")
+        return
+    child.wait(timeout=30)
+    if answer.startswith("error: "):
+        fail(answer[len("error: ") :])
+    fail(f"the mount process exited early (code {child.returncode}); see {state.log}")
+
+
+# --- unmount --------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: bytes) -> str:
+    """Undo the octal escapes (\\040 and friends) of /proc/self/mountinfo."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    return os.fsdecode(raw)
+
+
+def find_mount_source(mountpoint: Path) -> str | None:
+    """The fsname of the FUSE mount at *mountpoint*, from /proc/self/mountinfo."""
+    target = str(mountpoint)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, sep, right = line.partition(b" - ")
+            if sep and _unescape_mountinfo(left.split()[4]) == target:
+                return _unescape_mountinfo(right.split()[1])
+    return None
+
+
+def cmd_unmount(args: argparse.Namespace) -> None:
+    """fluidfs unmount: unmount, then wait for the node to seal and exit."""
+    mountpoint = Path(os.path.realpath(args.mountpoint.expanduser()))
+    source = find_mount_source(mountpoint)
+    if source is None or not source.startswith(FSNAME_PREFIX):
+        fail(f"{mountpoint} is not a fluidfs mount", EXIT_USAGE)
+    state = StateDir(state_dir_from_fsname(source))
+    pid = state.running_pid()
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount3 failed'}")
+    deadline = time.monotonic() + args.timeout
+    while state.is_locked():
+        if time.monotonic() > deadline:
+            fail(f"unmounted, but fluidfs (pid {pid}) is still flushing; it will finish alone")
+        time.sleep(0.05)
+    print(f"fluidfs: unmounted {mountpoint}")

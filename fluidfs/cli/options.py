@@ -1,0 +1,271 @@
+"""The options table: every argument of every command, declared once.
+
+Each ``Option`` names its flags, its argparse keywords, the commands that take it (with
+the keywords that differ there: a default, a help text), and how its value is written
+back as arguments (``render``). main.py builds each command's parser from this table, in
+table order; a background ``fluidfs mount`` re-runs itself with ``reexec_argv``, which
+writes every option of the command back from the same table, so an option added here
+reaches the background process without a second list to keep in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fluidfs.cli.argtypes import (
+    listen_address,
+    net_limits,
+    parse_size,
+    peer_entry,
+    retention,
+    seconds,
+    shard_count,
+    trust_policy,
+    trust_text,
+)
+
+HIDDEN = argparse.SUPPRESS  # test and benchmark knobs: parsed, not shown in --help
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Option:
+    """One argument: flags, argparse keywords, the commands that take it, its re-rendering."""
+
+    flags: tuple[str, ...]  # ("--donate",), or ("mountpoint",) for a positional
+    settings: Mapping[str, Any]  # add_argument keywords, the same for every command
+    commands: Mapping[str, Mapping[str, Any]]  # command -> keywords that differ there
+    render: Callable[[Any], str] = str  # value -> text that parses back to it
+    example: str | None = None  # a non-default value (the round-trip test uses it)
+
+    @property
+    def positional(self) -> bool:
+        """True for an argument without a flag (``mountpoint``)."""
+        return not self.flags[0].startswith("-")
+
+    def keywords(self, command: str) -> dict[str, Any]:
+        """The add_argument keywords of this option in *command*."""
+        return {**self.settings, **self.commands[command]}
+
+    def argv(self, value: Any) -> list[str]:
+        """Arguments that give this option *value* again (none for an unset one)."""
+        if value is None or value is False:
+            return []
+        if self.positional:
+            values = value if isinstance(value, list) else [value]
+            return [self.render(v) for v in values]
+        flag = self.flags[0]
+        if self.settings.get("action") == "store_true":
+            return [flag]
+        values = value if self.settings.get("action") == "append" else [value]
+        # FLAG=VALUE, so a value that starts with '-' is not taken for an option.
+        return [f"{flag}={self.render(v)}" for v in values]
+
+
+def on(*commands: str, **different: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The commands that take an option: *commands* as declared, *different* with changes."""
+    return {**{name: {} for name in commands}, **different}
+
+
+def option(
+    *flags: str,
+    commands: Mapping[str, Mapping[str, Any]],
+    render: Callable[[Any], str] = str,
+    example: str | None = None,
+    **settings: Any,
+) -> Option:
+    """An ``Option``, written like add_argument."""
+    return Option(flags, settings, commands, render, example)
+
+
+NODE = ("mount", "serve")  # the commands that run a node
+STATE = ("mount", "serve", "peers", "check", "status", "sync", "snapshots", "forget", "key")
+RETENTION_HELP = (
+    "which snapshots to keep (default all=1d,hourly=7d,daily=90d; "
+    "rules: all, hourly, daily, weekly, monthly)"
+)
+
+# Table order is help order in every command (positionals first).
+OPTIONS: list[Option] = [
+    # --- positionals --------------------------------------------------------------------
+    option("mountpoint", type=Path, commands=on("mount", "unmount"), example="/mnt/backup"),
+    option(
+        "action",
+        commands=on(
+            peers={"nargs": "?", "choices": ["list", "add"], "default": "list"},
+            key={"choices": ["export"]},
+        ),
+    ),
+    option("addr", nargs="?", type=listen_address, help="HOST:PORT (with add)",
+           commands=on("peers")),
+    option("names", nargs="*", metavar="SNAPSHOT", help="snapshots to drop",
+           commands=on("forget")),
+    # --- keyfile and state --------------------------------------------------------------
+    option(
+        "--keyfile", type=Path, default=None,
+        commands=on("mount", "serve", "id", "key", init={"help": "where to write it"}),
+        example="/tmp/other.key",
+    ),
+    option("--shards", type=shard_count, default=12, help="shards per block (N)",
+           commands=on("init")),
+    option("--needed", type=shard_count, default=8, help="shards to rebuild (K)",
+           commands=on("init")),
+    option("--read-data", action="store_true",
+           help="rebuild and verify every block from its shards", commands=on("check")),
+    option(
+        "--state-dir", type=Path, default=None,
+        commands=on(*STATE, init={
+            "help": "the state directory this keyfile's first mount will use: that mount "
+            "starts a new backup without asking peers (default: the default one, for the "
+            "default keyfile)"
+        }),
+        example="/tmp/state",
+    ),
+    # --- the mount process ----------------------------------------------------------------
+    option("--cache-size", type=parse_size, default="1G",
+           help="plaintext cache bound (default 1G)", commands=on("mount"), example="3G"),
+    option("--foreground", action="store_true", help="stay in the foreground",
+           commands=on("mount")),
+    option("--allow-other", action="store_true",
+           help="let other local users use the mount (modes are enforced)",
+           commands=on("mount")),
+    option("--block-size", type=parse_size, default="4M", help=HIDDEN, commands=on("mount"),
+           example="256K"),
+    # The pipe a background mount's child reports "ok" or "error: ..." on.
+    option("--ready-fd", type=int, default=None, help=HIDDEN, commands=on("mount"),
+           example="9"),
+    option(
+        "--log-file", type=Path, default=None,
+        commands=on(mount={"help": HIDDEN}, serve={"help": "log here, rotated (default: stderr)"}),
+        example="/tmp/fluidfs.log",
+    ),
+    # --- testnet --------------------------------------------------------------------------
+    option("--peers", type=shard_count, default=12, help="how many (default 12)",
+           commands=on("testnet")),
+    option("--base-port", type=int, default=7471, help="first port (default 7471)",
+           commands=on("testnet")),
+    option("--dir", type=Path, default=None, help="where their state lives",
+           commands=on("testnet")),
+    # --- the peer network -----------------------------------------------------------------
+    option(
+        "--listen", type=listen_address,
+        commands=on(
+            mount={"default": None, "help": "HOST:PORT where peers reach this node"},
+            serve={"default": "0.0.0.0:7470",
+                   "help": "HOST:PORT where peers reach this node (default 0.0.0.0:7470)"},
+        ),
+        example="127.0.0.1:0",
+    ),
+    option(
+        "--donate", type=parse_size, default="16G",
+        help="space this node offers to peers (default 16G)",
+        commands=on(*NODE, testnet={"default": "2G", "help": "space per peer"}),
+        example="5G",
+    ),
+    option(
+        "--peer", type=peer_entry, action="append", default=[],
+        metavar="[PEERID@]HOST:PORT",
+        help="a peer to start from (repeatable); with PEERID, only that peer is accepted there",
+        commands=on(*NODE), example="127.0.0.1:7471",
+    ),
+    option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
+    option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
+    # Verification and repair knobs (seconds); tests shrink a day to seconds.
+    option("--audit-interval", type=float, default=3600.0, help=HIDDEN, commands=on(*NODE),
+           example="0.5"),
+    option("--tolerance", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),
+           example="3"),
+    option("--keep-shards", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),
+           example="4"),
+    option("--repair-threshold", type=int, default=None, help=HIDDEN, commands=on(*NODE),
+           example="10"),
+    option("--placement", choices=["trust", "even"], default="trust", help=HIDDEN,
+           commands=on(*NODE), example="even"),
+    option(
+        "--trust", type=trust_policy, default="", metavar="K=V,...",
+        help="trust model parameters, e.g. rise=1.05,fall=0.7,referral_share=0.1 "
+        "(see docs/decisions.md)",
+        commands=on(*NODE), render=trust_text, example="rise=1.2,vetting_checks=3",
+    ),
+    option("--repair-bandwidth", type=parse_size, default="64M", help=HIDDEN,
+           commands=on(*NODE), example="1M"),
+    # Test-only misbehaviour of a peer service (service/faults.py).
+    option("--fault-rate", type=float, default=0.0, help=HIDDEN, commands=on("serve")),
+    option("--lie-on-retrieve", action="store_true", help=HIDDEN, commands=on("serve")),
+    option("--net-limits", type=net_limits, default=None, help=HIDDEN, commands=on("serve")),
+    # --- commits, snapshots and the writer lease ------------------------------------------
+    option(
+        "--takeover", action="store_true",
+        help="become the writer even if this keyfile is mounted elsewhere "
+        "(that mount turns read-only)",
+        commands=on("mount"),
+    ),
+    option(
+        "--new", action="store_true",
+        help="this keyfile starts a new backup: on a fresh state directory, start empty "
+        "without waiting for enough peers to confirm that no backup exists",
+        commands=on("mount"),
+    ),
+    option(
+        "--retention", type=retention, default=None, metavar="RULES",
+        commands=on(
+            mount={"help": RETENTION_HELP},
+            snapshots={"help": "show which snapshots these rules would keep"},
+            forget={"help": "rules to apply instead of the mount's"},
+        ),
+        example="all=2d,weekly=30d",
+    ),
+    option("--commit-quiet", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
+           example="0.5"),
+    option("--lease-renew", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
+           example="2"),
+    option("--refresh-interval", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
+           example="1.5"),
+    option("--restore-wait", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
+           example="5"),
+    # --- output and waiting ---------------------------------------------------------------
+    option(
+        "--timeout", type=float,
+        commands=on(
+            sync={"default": 3600.0, "help": "give up after this many seconds"},
+            unmount={"default": 600.0, "help": HIDDEN},
+        ),
+    ),
+    option("--json", action="store_true", help="machine-readable output",
+           commands=on("peers", "status", "sync", "snapshots")),
+    option("--dry-run", action="store_true", help="only say what would go",
+           commands=on("forget")),
+    option("--with-peers", action="store_true",
+           help="include the peers this node knows now (as PEERID@HOST:PORT)",
+           commands=on("key")),
+]
+
+
+def options_of(command: str) -> list[Option]:
+    """The options *command* takes, in table order."""
+    return [o for o in OPTIONS if command in o.commands]
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Give *parser* the arguments of *command*."""
+    for o in options_of(command):
+        parser.add_argument(*o.flags, **o.keywords(command))
+
+
+def reexec_argv(args: argparse.Namespace, command: str) -> list[str]:
+    """*command* and its arguments, written so that parsing them again gives *args*."""
+    argv = [command]
+    for o in options_of(command):
+        argv += o.argv(getattr(args, dest(o)))
+    return argv
+
+
+def dest(o: Option) -> str:
+    """The Namespace attribute an option fills (argparse's rule for its dest)."""
+    if "dest" in o.settings:
+        return o.settings["dest"]
+    return o.flags[0].lstrip("-").replace("-", "_")

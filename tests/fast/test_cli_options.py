@@ -1,0 +1,129 @@
+"""The command line's options table: a background mount gets every option it was given.
+
+`fluidfs mount` re-runs itself in the background with a command line rebuilt from the
+parsed arguments (cli/options.py, ``reexec_argv``). These tests walk the real parser's
+arguments, not a list kept here, so an option added to `mount` without a way back to
+text fails them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from fluidfs import keys
+from fluidfs.cli.main import build_parser
+from fluidfs.cli.mount import background_argv
+from fluidfs.cli.options import OPTIONS, Option, reexec_argv
+from fluidfs.statedir import StateDir
+
+BASE = ["mount", "/mnt/base"]
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def _mount_arguments() -> list[argparse.Action]:
+    mount = _subparser(build_parser(), "mount")
+    return [a for a in mount._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def _table_entry(action: argparse.Action) -> Option:
+    name = action.option_strings[0] if action.option_strings else action.dest
+    found = [o for o in OPTIONS if o.flags[0] == name and "mount" in o.commands]
+    assert found, f"{name}: mount has it but the options table (cli/options.py) does not"
+    return found[0]
+
+
+def _argv_using(action: argparse.Action) -> list[str]:
+    """A mount command line that gives *action* a value other than its default."""
+    if action.nargs == 0:  # a switch
+        return [*BASE, action.option_strings[0]]
+    example = _table_entry(action).example
+    assert example, f"{action.dest}: give it an example value in the options table"
+    if not action.option_strings:
+        return ["mount", example]
+    return [*BASE, action.option_strings[0], example]
+
+
+@pytest.mark.parametrize("action", _mount_arguments(), ids=lambda a: a.dest)
+def test_each_mount_option_survives_the_background_reexec(action: argparse.Action) -> None:
+    parser = build_parser()
+    given = parser.parse_args(_argv_using(action))
+    default = parser.parse_args(BASE)
+    assert getattr(given, action.dest) != getattr(default, action.dest), (
+        f"{action.dest}: the example does not change the value; pick another"
+    )
+    again = parser.parse_args(reexec_argv(given, "mount"))
+    assert vars(again) == vars(given)
+
+
+def test_all_mount_options_at_once_reach_the_background_node(tmp_path: Path) -> None:
+    parser = build_parser()
+    argv = ["mount"]
+    for action in _mount_arguments():
+        argv += _argv_using(action)[len(BASE) if action.option_strings else 1 :]
+    given = parser.parse_args(argv)
+    state = StateDir(tmp_path / "state")
+    rebuilt = parser.parse_args(background_argv(given, Path("/abs/mnt"), state, 7)[3:])
+    expected = {
+        **vars(given),
+        "mountpoint": Path("/abs/mnt"),
+        "state_dir": state.path,
+        "foreground": True,
+        "ready_fd": 7,
+        "log_file": state.log,
+    }
+    assert vars(rebuilt) == expected
+
+
+def test_a_relative_keyfile_reaches_the_background_node_absolute(tmp_path: Path) -> None:
+    parser = build_parser()
+    given = parser.parse_args([*BASE, "--keyfile", "some.key"])
+    argv = background_argv(given, Path("/abs/mnt"), StateDir(tmp_path), 7)
+    assert parser.parse_args(argv[3:]).keyfile == Path("some.key").absolute()
+
+
+def test_every_command_is_built_from_the_table() -> None:
+    parser = build_parser()
+    for o in OPTIONS:
+        for command in o.commands:
+            sub = _subparser(parser, command)
+            assert any(
+                a.option_strings[:1] == [o.flags[0]] or (o.positional and a.dest == o.flags[0])
+                for a in sub._actions
+            ), (o.flags, command)
+
+
+def test_key_export_lists_saved_peers_of_a_stopped_node(tmp_path: Path, capsys) -> None:
+    """`key export --with-peers` reads the peer table of a node that is not running,
+    partners first, without writing to its state."""
+    from fluidfs.cli.main import main
+    from fluidfs.peers.agreements import Ledger
+    from fluidfs.peers.peerlist import PeerList
+    from fluidfs.store.db import META_TABLES, Database
+
+    keyfile = tmp_path / "k.key"
+    keys.write_keyfile(keyfile, keys.generate())
+    ring = keys.KeyRing(keys.read_keyfile(keyfile))
+    state = StateDir(tmp_path / "state")
+    stranger, partner, nowhere = b"s" * 32, b"p" * 32, b"n" * 32
+    db = Database(state.meta, META_TABLES)
+    peers = PeerList(db, ring.public_key)
+    peers.add(stranger, "10.0.0.1:7470")
+    peers.add(partner, "10.0.0.2:7470")
+    peers.add(nowhere, "")
+    Ledger(db).record(partner, 1 << 20, 1 << 20, 3600)
+    db.close()
+    before = {p.name: p.read_bytes() for p in state.meta.iterdir() if p.name == "data.mdb"}
+
+    main(["key", "export", "--with-peers", "--keyfile", str(keyfile),
+          "--state-dir", str(state.path)])
+
+    exported = keys.loads(capsys.readouterr().out)
+    assert [e.key for e in exported.bootstrap()] == [partner, stranger]
+    assert {p.name: p.read_bytes() for p in state.meta.iterdir() if p.name == "data.mdb"} == before
