@@ -394,15 +394,32 @@ def _offer(aes: bool) -> int:
     return hs.FLAG_AES256GCM if aes and framecipher.aes_available() else 0
 
 
-def _ciphers(
-    agreed: int, push: hs.SecretStreamState, tx: bytes, rx: bytes, peer_header: bytes
-) -> tuple[FrameSealer, FrameOpener]:
-    """The frame ciphers for the flags both sides offered."""
-    if agreed & hs.FLAG_AES256GCM:
-        return framecipher.AesGcmSealer(tx), framecipher.AesGcmOpener(rx)
-    return (
-        framecipher.SecretStreamSealer(push),
-        framecipher.SecretStreamOpener(hs.new_pull(rx, peer_header)),
+def _open_channel(
+    stream: trio.abc.Stream,
+    reader: ExactReader,
+    session: hs.Session,
+    peer_header: bytes,
+    *,
+    max_frame: int,
+    offload_bytes: int | Literal["auto"] | None,
+) -> SecureChannel:
+    """The channel a finished handshake opens, with the frame cipher both sides offered."""
+    sealer: FrameSealer
+    opener: FrameOpener
+    if session.flags & hs.FLAG_AES256GCM:
+        sealer = framecipher.AesGcmSealer(session.tx)
+        opener = framecipher.AesGcmOpener(session.rx)
+    else:
+        sealer = framecipher.SecretStreamSealer(session.push)
+        opener = framecipher.SecretStreamOpener(hs.new_pull(session.rx, peer_header))
+    return SecureChannel(
+        stream,
+        reader,
+        sealer,
+        opener,
+        session.peer.identity,
+        max_frame=max_frame,
+        offload_bytes=offload_bytes,
     )
 
 
@@ -458,29 +475,16 @@ async def connect_channel(
     reader = ExactReader(stream)
 
     async def body() -> SecureChannel:
-        eph_pk, eph_sk = sodium.crypto_kx_keypair()
-        hello_i = hs.make_hello(
-            hs.ROLE_INITIATOR, eph_pk, identity.verify_key.encode(), _offer(aes)
-        )
-        await stream.send_all(hello_i)
-        hello_r = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_RESPONDER)
-        if expected_peer is not None and not hs.same_key(hello_r.identity, expected_peer):
+        me = hs.Side.start(hs.ROLE_INITIATOR, identity, _offer(aes))
+        await stream.send_all(me.hello)
+        peer = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_RESPONDER)
+        if expected_peer is not None and not hs.same_key(peer.identity, expected_peer):
             raise HandshakeError("peer's identity is not the expected one")
-        th = hs.transcript_hash(hello_i, hello_r.raw)
-        rx, tx = hs.session_keys(hs.ROLE_INITIATOR, eph_pk, eph_sk, hello_r.eph_pk, th)
-        auth_r = await reader.read_exactly(hs.AUTH_LEN)
-        peer_header = hs.check_auth(auth_r, hello_r.identity, hs.ROLE_RESPONDER, th)
-        push, header = hs.new_push(tx)
-        await stream.send_all(hs.make_auth(identity, hs.ROLE_INITIATOR, th, header))
-        sealer, opener = _ciphers(_offer(aes) & hello_r.flags, push, tx, rx, peer_header)
-        return SecureChannel(
-            stream,
-            reader,
-            sealer,
-            opener,
-            hello_r.identity,
-            max_frame=max_frame,
-            offload_bytes=offload_bytes,
+        session = me.meet(peer)
+        peer_header = session.check_peer_auth(await reader.read_exactly(hs.AUTH_LEN))
+        await stream.send_all(session.auth())  # signed only once the responder proved itself
+        return _open_channel(
+            stream, reader, session, peer_header, max_frame=max_frame, offload_bytes=offload_bytes
         )
 
     return await _run_handshake(stream, timeout, body)
@@ -505,26 +509,13 @@ async def accept_channel(
     reader = ExactReader(stream)
 
     async def body() -> SecureChannel:
-        hello_i = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_INITIATOR)
-        eph_pk, eph_sk = sodium.crypto_kx_keypair()
-        hello_r = hs.make_hello(
-            hs.ROLE_RESPONDER, eph_pk, identity.verify_key.encode(), _offer(aes)
-        )
-        th = hs.transcript_hash(hello_i.raw, hello_r)
-        rx, tx = hs.session_keys(hs.ROLE_RESPONDER, eph_pk, eph_sk, hello_i.eph_pk, th)
-        push, header = hs.new_push(tx)
-        await stream.send_all(hello_r + hs.make_auth(identity, hs.ROLE_RESPONDER, th, header))
-        auth_i = await reader.read_exactly(hs.AUTH_LEN)
-        peer_header = hs.check_auth(auth_i, hello_i.identity, hs.ROLE_INITIATOR, th)
-        sealer, opener = _ciphers(_offer(aes) & hello_i.flags, push, tx, rx, peer_header)
-        return SecureChannel(
-            stream,
-            reader,
-            sealer,
-            opener,
-            hello_i.identity,
-            max_frame=max_frame,
-            offload_bytes=offload_bytes,
+        peer = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_INITIATOR)
+        me = hs.Side.start(hs.ROLE_RESPONDER, identity, _offer(aes))
+        session = me.meet(peer)
+        await stream.send_all(me.hello + session.auth())
+        peer_header = session.check_peer_auth(await reader.read_exactly(hs.AUTH_LEN))
+        return _open_channel(
+            stream, reader, session, peer_header, max_frame=max_frame, offload_bytes=offload_bytes
         )
 
     return await _run_handshake(stream, timeout, body)

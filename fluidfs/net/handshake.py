@@ -142,6 +142,66 @@ def session_keys(
     return bind(rx), bind(tx)
 
 
+@dataclass(frozen=True)
+class Side:
+    """Our side of a handshake: role, identity, fresh ephemeral keys and the HELLO we send.
+
+    Both roles take the same steps, in an order their role decides: ``start``, send or
+    read HELLOs, ``meet`` the peer's HELLO, then exchange and check AUTH messages.
+    """
+
+    role: int
+    identity: nacl.signing.SigningKey
+    flags: int
+    eph_pk: bytes
+    eph_sk: bytes
+    hello: bytes
+
+    @classmethod
+    def start(cls, role: int, identity: nacl.signing.SigningKey, flags: int) -> Side:
+        """Make fresh ephemeral keys and our HELLO."""
+        eph_pk, eph_sk = sodium.crypto_kx_keypair()
+        hello = make_hello(role, eph_pk, identity.verify_key.encode(), flags)
+        return cls(role, identity, flags, eph_pk, eph_sk, hello)
+
+    def meet(self, peer: Hello) -> Session:
+        """Both HELLOs are known: the transcript hash and the session keys."""
+        if self.role == ROLE_INITIATOR:
+            th = transcript_hash(self.hello, peer.raw)
+        else:
+            th = transcript_hash(peer.raw, self.hello)
+        rx, tx = session_keys(self.role, self.eph_pk, self.eph_sk, peer.eph_pk, th)
+        push, header = new_push(tx)
+        return Session(self, peer, th, rx, tx, push, header)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A handshake past its HELLOs: keys bound to the transcript, AUTH still to exchange."""
+
+    side: Side
+    peer: Hello
+    th: bytes
+    rx: bytes
+    tx: bytes
+    push: SecretStreamState  # our outgoing secretstream (unused with AES-256-GCM frames)
+    header: bytes
+
+    @property
+    def flags(self) -> int:
+        """The features both HELLOs offered."""
+        return self.side.flags & self.peer.flags
+
+    def auth(self) -> bytes:
+        """Our AUTH message: our identity's signature over the transcript."""
+        return make_auth(self.side.identity, self.side.role, self.th, self.header)
+
+    def check_peer_auth(self, raw: bytes) -> bytes:
+        """Verify the peer's AUTH message; return its secretstream header."""
+        peer_role = ROLE_RESPONDER if self.side.role == ROLE_INITIATOR else ROLE_INITIATOR
+        return check_auth(raw, self.peer.identity, peer_role, self.th)
+
+
 def new_push(tx_key: bytes) -> tuple[SecretStreamState, bytes]:
     """A push (encrypting) secretstream state and its 24-byte header."""
     state = SecretStreamState()
