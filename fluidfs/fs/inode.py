@@ -1,9 +1,15 @@
 """Inode records and their on-disk encoding (``meta.lmdb`` table ``inodes``).
 
+``Inode`` is the one definition of an inode's fields: the record below, metadata
+entries (fs/metaformat.py) and everything else that copies them derive the list from
+``FIELDS`` instead of spelling it out.
+
 Format version 1 (big-endian)::
 
     u8 version | u32 mode | u32 uid | u32 gid | u32 nlink | u64 size | u64 rdev
     | i64 atime_ns | i64 mtime_ns | i64 ctime_ns | symlink target (rest)
+
+that is the fields between ``ino`` (the key) and ``target`` (the rest), in order.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 VERSION = 1
-_LAYOUT = struct.Struct(">BIIIIQQqqq")
+_FIXED = "IIIIQQqqq"  # the fixed-size fields' types, in FIELDS order
+_LAYOUT = struct.Struct(">B" + _FIXED)
 
 
 def now_ns() -> int:
@@ -60,26 +67,27 @@ class Inode:
 
     def encode(self) -> bytes:
         """Serialise (version 1)."""
-        return (
-            _LAYOUT.pack(
-                VERSION,
-                self.mode,
-                self.uid,
-                self.gid,
-                self.nlink,
-                self.size,
-                self.rdev,
-                self.atime_ns,
-                self.mtime_ns,
-                self.ctime_ns,
-            )
-            + self.target
-        )
+        return _encode(self)
 
     @classmethod
     def decode(cls, ino: int, raw: bytes) -> Inode:
         """Parse what encode() wrote."""
-        version, mode, uid, gid, nlink, size, rdev, at, mt, ct = _LAYOUT.unpack_from(raw)
-        if version != VERSION:
-            raise ValueError(f"unknown inode record version {version}")
-        return cls(ino, mode, uid, gid, nlink, size, rdev, at, mt, ct, bytes(raw[_LAYOUT.size :]))
+        fixed = _LAYOUT.unpack_from(raw)
+        if fixed[0] != VERSION:
+            raise ValueError(f"unknown inode record version {fixed[0]}")
+        return cls(ino, *fixed[1:], bytes(raw[_LAYOUT.size :]))
+
+
+#: The inode's fields, in order: ``ino``, the fixed-size attributes, ``target``.
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Inode))
+if FIELDS[0] != "ino" or FIELDS[-1] != "target" or len(FIELDS) - 2 != len(_FIXED):
+    raise AssertionError("the inode record layout no longer matches Inode's fields")
+
+# encode() runs on every inode write: generated from FIELDS (as dataclasses generates
+# __init__) it costs what the hand-written field list did.
+_encode = eval(  # the source is built from our own field names
+    "lambda inode, pack=_LAYOUT.pack: pack(VERSION, "
+    + ", ".join(f"inode.{name}" for name in FIELDS[1:-1])
+    + ") + inode.target",
+    {"_LAYOUT": _LAYOUT, "VERSION": VERSION},
+)

@@ -47,20 +47,41 @@ into leaves where a keyed hash of the name falls below the entry's share of
 depends only on that entry: adding or changing one entry rewrites one leaf (two if
 the cut moves) and the index nodes above it. Leaves are grouped into index nodes the
 same way, level by level, until one node is left.
+
+Decoding checks every node against the schemas below (fluidfs.wire): a missing or
+mistyped field is an error; unknown keys are refused inside entries and references
+and ignored at a node's top level (a later version may add node fields). Nodes are
+authenticated (keyed hash and AEAD) before they are decoded, so the bound is the
+node's size, without the item prescan untrusted network frames get.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
+from operator import attrgetter
 
 import blake3
 import cbor2
 
 from fluidfs.blocks.codec import KEY_SIZE, NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.fs.inode import FIELDS as INODE_FIELDS
 from fluidfs.fs.inode import Inode
-from fluidfs.net import envelope
+from fluidfs.wire import (
+    IGNORE,
+    Bound,
+    Bytes,
+    Int,
+    List,
+    Map,
+    OneOf,
+    Schema,
+    SchemaError,
+    Tuple,
+    cbor,
+)
 
 VERSION = 1
 LEAF, INDEX, MANIFEST, COMMIT = "d", "i", "f", "c"
@@ -75,6 +96,7 @@ NODE_SIZE_CAP = 256 * 1024  # a node is cut here even without a hash boundary
 MANIFEST_INLINE_BLOCKS = 64  # files with more blocks get "f" manifest chunks
 MANIFEST_CHUNK_BLOCKS = 512  # block indexes per manifest chunk (fixed ranges)
 REF_SIZE_ESTIMATE = 600
+MAX_NODE = 64 * 1024 * 1024  # bytes of one decoded node (a block: far above NODE_SIZE_CAP)
 
 
 class NodeError(ValueError):
@@ -129,37 +151,15 @@ class Entry:
 
     def inode(self, ino: int | None = None) -> Inode:
         """The entry's attributes as an Inode."""
-        return Inode(
-            self.ino if ino is None else ino,
-            self.mode,
-            self.uid,
-            self.gid,
-            self.nlink,
-            self.size,
-            self.rdev,
-            self.atime_ns,
-            self.mtime_ns,
-            self.ctime_ns,
-            self.target,
-        )
+        inode = Inode(*_inode_attrs(self))
+        if ino is not None:
+            inode.ino = ino
+        return inode
 
     @classmethod
     def of_inode(cls, name: bytes, inode: Inode) -> Entry:
         """An entry carrying *inode*'s attributes (no data yet)."""
-        return cls(
-            name,
-            inode.ino,
-            inode.mode,
-            inode.uid,
-            inode.gid,
-            inode.nlink,
-            inode.size,
-            inode.rdev,
-            inode.atime_ns,
-            inode.mtime_ns,
-            inode.ctime_ns,
-            inode.target,
-        )
+        return cls(name, *_inode_attrs(inode))
 
     def size_estimate(self) -> int:
         """Rough encoded size, for cutting nodes before they get too large."""
@@ -172,6 +172,12 @@ class Entry:
             + REF_SIZE_ESTIMATE
             * (len(self.blocks) + len(self.chunks) + (self.content is not None))
         )
+
+
+# An entry's fields after its name are an Inode's, in the same order (fs/inode.py).
+_inode_attrs = attrgetter(*INODE_FIELDS)
+if tuple(f.name for f in fields(Entry))[1 : 1 + len(INODE_FIELDS)] != INODE_FIELDS:
+    raise AssertionError("Entry's attributes no longer follow Inode's fields")
 
 
 @dataclass
@@ -249,39 +255,31 @@ def _enc_ref(ref: Ref, peers: _PeerTable) -> list:
     ]
 
 
-def _int(value: object, what: str, lo: int = 0, hi: int = U64_MAX) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise NodeError(f"{what}: expected an integer in [{lo}, {hi}]")
-    return value
+ID = Bytes(ID_SIZE, ID_SIZE)
+U64 = Int(0, U64_MAX)
+TIME_NS = Int(-(2**63), 2**63 - 1)
+NAME = Bytes(0, 4096)
+DATA = Bytes(0, 1 << 24)
+MANY = 1 << 20  # items of one list in a node
 
 
-def _bytes(value: object, what: str, lo: int = 0, hi: int = 1 << 24) -> bytes:
-    if type(value) is not bytes or not lo <= len(value) <= hi:
-        raise NodeError(f"{what}: expected {lo}..{hi} bytes")
-    return value
-
-
-def _list(value: object, what: str, hi: int = 1 << 20) -> list:
-    if type(value) is not list or len(value) > hi:
-        raise NodeError(f"{what}: expected a list")
-    return value
-
-
-def _dec_ref(raw: object, table: list[bytes]) -> Ref:
-    raw = _list(raw, "ref", 8)
-    if len(raw) != 8:
-        raise NodeError("ref: expected 8 fields")
-    block_id = _bytes(raw[0], "ref block id", ID_SIZE, ID_SIZE)
-    size = _int(raw[1], "ref size", 0, 2**32 - 1)
-    shard_size = _int(raw[2], "ref shard size", 1, 2**32 - 1)
-    needed = _int(raw[3], "ref K", 1, MAX_SHARDS)
-    wrapped = _bytes(raw[4], "ref wrapped key", WRAPPED_KEY_SIZE, WRAPPED_KEY_SIZE)
-    nonce = _bytes(raw[5], "ref nonce", NONCE_SIZE, NONCE_SIZE)
-    ids = _bytes(raw[6], "ref shard ids", ID_SIZE, ID_SIZE * MAX_SHARDS)
+def _ref(
+    table: list[bytes],
+    block_id: bytes,
+    size: int,
+    shard_size: int,
+    needed: int,
+    wrapped: bytes,
+    nonce: bytes,
+    ids: bytes,
+    holders_raw: bytes,
+) -> Ref:
+    """A reference from its checked parts; ``table`` is the node's peer table."""
     total, rest = divmod(len(ids), ID_SIZE)
     if rest or total < needed:
-        raise NodeError("ref: bad shard id list")
-    holders_raw = _bytes(raw[7], "ref holders", 2 * total, 2 * total)
+        raise SchemaError("", "bad shard id list")
+    if len(holders_raw) != 2 * total:
+        raise SchemaError("", f"expected {2 * total} bytes of holders")
     holders = []
     for index in struct.unpack(f">{total}H", holders_raw):
         if index == NO_HOLDER:
@@ -289,7 +287,7 @@ def _dec_ref(raw: object, table: list[bytes]) -> Ref:
         elif index < len(table):
             holders.append(table[index])
         else:
-            raise NodeError("ref: holder outside the peer table")
+            raise SchemaError("", "holder outside the peer table")
     record = BlockRecord(
         block_id,
         size,
@@ -302,25 +300,56 @@ def _dec_ref(raw: object, table: list[bytes]) -> Ref:
     return Ref(record, tuple(holders))
 
 
+def _ref_schema(table: list[bytes]) -> Schema:
+    """A reference, resolving its holders in ``table``."""
+    return Tuple(
+        ID,
+        Int(0, 2**32 - 1),  # size
+        Int(1, 2**32 - 1),  # shard size
+        Int(1, MAX_SHARDS),  # K
+        Bytes(WRAPPED_KEY_SIZE, WRAPPED_KEY_SIZE),
+        Bytes(NONCE_SIZE, NONCE_SIZE),
+        Bytes(ID_SIZE, ID_SIZE * MAX_SHARDS),  # shard ids
+        Bytes(0, 2 * MAX_SHARDS),  # holders
+        into=partial(_ref, table),
+    )
+
+
 # --- entries -------------------------------------------------------------------------
+
+
+# An entry's keys (the format above) and the Entry attribute each one carries. Numbers
+# and the target are left out when they have their default (0, empty).
+_ENTRY_NUMBERS = {
+    "i": "ino",
+    "m": "mode",
+    "u": "uid",
+    "g": "gid",
+    "l": "nlink",
+    "s": "size",
+    "r": "rdev",
+    "a": "atime_ns",
+    "M": "mtime_ns",
+    "c": "ctime_ns",
+    "q": "seq",
+    "w": "when",
+}
+_ENTRY_ATTRS = {
+    "n": "name",
+    **_ENTRY_NUMBERS,
+    "t": "target",
+    "x": "xattrs",
+    "b": "blocks",
+    "I": "inline",
+    "B": "chunks",
+    "d": "content",
+}
+_numbers = attrgetter(*_ENTRY_NUMBERS.values())
 
 
 def _enc_entry(e: Entry, peers: _PeerTable) -> dict:
     out: dict = {"n": e.name}
-    for key, value in (
-        ("i", e.ino),
-        ("m", e.mode),
-        ("u", e.uid),
-        ("g", e.gid),
-        ("l", e.nlink),
-        ("s", e.size),
-        ("r", e.rdev),
-        ("a", e.atime_ns),
-        ("M", e.mtime_ns),
-        ("c", e.ctime_ns),
-        ("q", e.seq),
-        ("w", e.when),
-    ):
+    for key, value in zip(_ENTRY_NUMBERS, _numbers(e), strict=True):
         if value:
             out[key] = value
     if e.target:
@@ -338,58 +367,28 @@ def _enc_entry(e: Entry, peers: _PeerTable) -> dict:
     return out
 
 
-_ENTRY_INTS = {
-    "i": "ino",
-    "m": "mode",
-    "u": "uid",
-    "g": "gid",
-    "l": "nlink",
-    "s": "size",
-    "r": "rdev",
-    "q": "seq",
-    "w": "when",
-}
-_ENTRY_TIMES = {"a": "atime_ns", "M": "mtime_ns", "c": "ctime_ns"}
-_ENTRY_KEYS = set(_ENTRY_INTS) | set(_ENTRY_TIMES) | {"n", "t", "x", "b", "I", "B", "d"}
+def _entry(parts: dict) -> Entry:
+    return Entry(**{_ENTRY_ATTRS[key]: value for key, value in parts.items()})
 
 
-def _dec_pairs_ref(raw: object, what: str, table: list[bytes]) -> list[tuple[int, Ref]]:
-    out = []
-    for item in _list(raw, what):
-        item = _list(item, what, 2)
-        if len(item) != 2:
-            raise NodeError(f"{what}: expected [index, ref]")
-        out.append((_int(item[0], what), _dec_ref(item[1], table)))
-    return out
-
-
-def _dec_entry(raw: object, table: list[bytes]) -> Entry:
-    if type(raw) is not dict or not raw.keys() <= _ENTRY_KEYS:
-        raise NodeError("entry: expected a map of known keys")
-    entry = Entry(_bytes(raw.get("n"), "entry name", 0, 4096))
-    for key, attr in _ENTRY_INTS.items():
-        if key in raw:
-            setattr(entry, attr, _int(raw[key], f"entry {attr}"))
-    for key, attr in _ENTRY_TIMES.items():
-        if key in raw:
-            setattr(entry, attr, _int(raw[key], f"entry {attr}", -(2**63), 2**63 - 1))
-    if "t" in raw:
-        entry.target = _bytes(raw["t"], "entry target", 0, 65536)
-    for item in _list(raw.get("x", []), "entry xattrs", 65536):
-        item = _list(item, "xattr", 2)
-        if len(item) != 2:
-            raise NodeError("xattr: expected [name, value]")
-        entry.xattrs.append((_bytes(item[0], "xattr name", 1, 255), _bytes(item[1], "xattr")))
-    entry.blocks = _dec_pairs_ref(raw.get("b", []), "entry blocks", table)
-    for item in _list(raw.get("I", []), "entry inline"):
-        item = _list(item, "inline", 2)
-        if len(item) != 2:
-            raise NodeError("inline: expected [index, bytes]")
-        entry.inline.append((_int(item[0], "inline index"), _bytes(item[1], "inline data")))
-    entry.chunks = _dec_pairs_ref(raw.get("B", []), "entry chunks", table)
-    if "d" in raw:
-        entry.content = _dec_ref(raw["d"], table)
-    return entry
+def _entry_schema(ref: Schema) -> Schema:
+    """A directory or snapshot-list entry whose references are ``ref``."""
+    numbers = {
+        key: TIME_NS if attr.endswith("_ns") else U64 for key, attr in _ENTRY_NUMBERS.items()
+    }
+    return Map(
+        {"n": NAME},
+        {
+            **numbers,
+            "t": Bytes(0, 65536),
+            "x": List(Tuple(Bytes(1, 255), DATA), 65536),
+            "b": List(Tuple(U64, ref), MANY),
+            "I": List(Tuple(U64, DATA), MANY),
+            "B": List(Tuple(U64, ref), MANY),
+            "d": ref,
+        },
+        into=_entry,
+    )
 
 
 # --- nodes ---------------------------------------------------------------------------
@@ -450,57 +449,94 @@ def encode_commit(info: CommitInfo) -> bytes:
     return _finish(body, peers)
 
 
+_HEAD = Map(
+    {
+        "v": OneOf(VERSION),
+        "t": OneOf(LEAF, INDEX, MANIFEST, COMMIT),
+        "p": List(Bytes(KEY_SIZE, KEY_SIZE), MANY),
+    },
+    extra=IGNORE,
+)
+
+
+class _NodeSchema(Schema):
+    """Any node: the head (version, type, peer table) decides the rest's schema."""
+
+    def parse(self, value: object) -> TreeNode:
+        head = _HEAD.parse(value)
+        return _node_schema(head["t"], head["p"]).parse(value)
+
+    def bound(self) -> Bound:
+        return Bound(MAX_NODE, MAX_NODE)
+
+
+NODE = _NodeSchema()
+
+
+def _node_schema(kind: str, table: list[bytes]) -> Schema:
+    """The schema of a node of type ``kind`` whose peer table is ``table``."""
+    ref = _ref_schema(table)
+    pairs = List(Tuple(U64, ref), MANY)
+    inline = List(Tuple(U64, DATA), MANY)
+    if kind == LEAF:
+        return Map(
+            {"e": List(_entry_schema(ref), MANY)},
+            extra=IGNORE,
+            into=lambda m: TreeNode(LEAF, entries=m["e"]),
+        )
+    if kind == INDEX:
+        return Map(
+            {"h": Int(1, 64), "c": List(Tuple(NAME, ref, U64, into=_child), MANY, min_len=1)},
+            extra=IGNORE,
+            into=lambda m: TreeNode(INDEX, children=m["c"], height=m["h"]),
+        )
+    if kind == MANIFEST:
+        return Map(
+            {},
+            {"b": pairs, "I": inline},
+            extra=IGNORE,
+            into=lambda m: TreeNode(MANIFEST, blocks=m.get("b", []), inline=m.get("I", [])),
+        )
+    return Map(
+        {
+            "seq": U64,
+            "time": U64,
+            "machine": Bytes(1, 64),
+            "root": _entry_schema(ref),
+            "nsnaps": U64,
+            "next_ino": Int(2, U64_MAX),
+            "bs": Int(4096, 1 << 30),
+        },
+        {"snaps": ref},
+        extra=IGNORE,
+        into=_commit,
+    )
+
+
+def _child(first: bytes, ref: Ref, count: int) -> tuple[bytes, Ref, int]:
+    return first, ref, count
+
+
+def _commit(m: dict) -> TreeNode:
+    info = CommitInfo(
+        seq=m["seq"],
+        time_ns=m["time"],
+        machine=m["machine"],
+        root=m["root"],
+        snaps=m.get("snaps"),
+        nsnaps=m["nsnaps"],
+        next_ino=m["next_ino"],
+        block_size=m["bs"],
+    )
+    return TreeNode(COMMIT, commit=info)
+
+
 def decode_node(plain: bytes) -> TreeNode:
     """Parse any node; raise NodeError if it is not a well-formed version-1 node."""
     try:
-        raw = envelope.loads(plain)
-    except Exception as exc:
-        raise NodeError(f"not CBOR: {str(exc)[:100]}") from None
-    if type(raw) is not dict or raw.get("v") != VERSION:
-        raise NodeError("not a version-1 metadata node")
-    table = [_bytes(k, "peer key", KEY_SIZE, KEY_SIZE) for k in _list(raw.get("p"), "peers")]
-    kind = raw.get("t")
-    if kind == LEAF:
-        entries = [_dec_entry(e, table) for e in _list(raw.get("e"), "entries")]
-        return TreeNode(LEAF, entries=entries)
-    if kind == INDEX:
-        children = []
-        for item in _list(raw.get("c"), "children"):
-            item = _list(item, "child", 3)
-            if len(item) != 3:
-                raise NodeError("child: expected [first name, ref, count]")
-            children.append(
-                (
-                    _bytes(item[0], "child first name", 0, 4096),
-                    _dec_ref(item[1], table),
-                    _int(item[2], "child count"),
-                )
-            )
-        if not children:
-            raise NodeError("index node without children")
-        return TreeNode(INDEX, children=children, height=_int(raw.get("h"), "height", 1, 64))
-    if kind == MANIFEST:
-        blocks = _dec_pairs_ref(raw.get("b", []), "manifest blocks", table)
-        inline = []
-        for item in _list(raw.get("I", []), "manifest inline"):
-            item = _list(item, "inline", 2)
-            if len(item) != 2:
-                raise NodeError("inline: expected [index, bytes]")
-            inline.append((_int(item[0], "inline index"), _bytes(item[1], "inline data")))
-        return TreeNode(MANIFEST, blocks=blocks, inline=inline)
-    if kind == COMMIT:
-        info = CommitInfo(
-            seq=_int(raw.get("seq"), "seq"),
-            time_ns=_int(raw.get("time"), "time"),
-            machine=_bytes(raw.get("machine"), "machine", 1, 64),
-            root=_dec_entry(raw.get("root"), table),
-            snaps=_dec_ref(raw["snaps"], table) if "snaps" in raw else None,
-            nsnaps=_int(raw.get("nsnaps"), "nsnaps"),
-            next_ino=_int(raw.get("next_ino"), "next_ino", 2),
-            block_size=_int(raw.get("bs"), "block size", 4096, 1 << 30),
-        )
-        return TreeNode(COMMIT, commit=info)
-    raise NodeError(f"unknown node type {str(kind)[:16]!r}")
+        return cbor.decode(NODE, plain, max_size=MAX_NODE)
+    except SchemaError as exc:
+        raise NodeError(f"not a well-formed version-1 metadata node: {exc}") from None
 
 
 # --- chunking ------------------------------------------------------------------------

@@ -4,10 +4,11 @@
     success   {"v": 1, "id": uint, "ok": map}
     failure   {"v": 1, "id": uint, "err": {"code": str, "msg": str}}
 
-Decoding is hardened for untrusted input: the frame is already bounded by the channel;
-CBOR tags (dates, bignums, regexes, shared references, ...), indefinite-length items,
-duplicate keys and non-string map keys are refused, nesting is capped at ``MAX_DEPTH``, and
-the envelope's exact shape is checked before anything else looks at it.
+Decoding is hardened for untrusted input (fluidfs.wire.cbor): the frame is already bounded
+by the channel; CBOR tags (dates, bignums, regexes, shared references, ...),
+indefinite-length items, duplicate keys and non-string map keys are refused, nesting is
+capped at ``MAX_DEPTH``, and the envelope's exact shape is checked before anything else
+looks at it. The ``args``/``ok`` maps are then checked by their op's schema (net/rpc.py).
 
 Before cbor2 sees a frame, ``peek`` walks its structure in pure Python without building
 anything: it reads the head fields (``v``, ``id``, ``op``), skips over string bodies without
@@ -25,52 +26,29 @@ from typing import Any, NamedTuple
 
 import cbor2
 
+from fluidfs.wire.cbor import MAX_DEPTH, ScanError, loads, read_arg, skip
+
+__all__ = [
+    "MAX_DEPTH",
+    "EnvelopeError",
+    "Head",
+    "Request",
+    "Response",
+    "decode",
+    "encode_err",
+    "encode_ok",
+    "encode_request",
+    "loads",
+    "peek",
+]
+
 VERSION = 1
-MAX_DEPTH = 16  # the deepest v1 message (StoreShard) nests 5 levels
 MAX_ITEMS = 4096  # data items in one message; the largest v1 message has ~1,300
 MAX_TOP_KEYS = 16  # keys of the envelope map that peek reads before giving up
 MAX_OP = 64
 MAX_CODE = 64
 MAX_MSG = 1024
 MAX_ID = 2**64 - 1
-
-# cbor2's built-in semantic tags; each is overridden to fail (unknown tags go to tag_hook).
-_BUILTIN_TAGS = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    25,
-    28,
-    29,
-    30,
-    35,
-    36,
-    37,
-    52,
-    54,
-    100,
-    256,
-    258,
-    260,
-    261,
-    1004,
-    43000,
-    55799,
-)
-
-
-class _TagRefused(Exception):
-    pass
-
-
-def _refuse_tag(*_args: object) -> Any:
-    raise _TagRefused("CBOR tags are not allowed")
-
-
-_NO_TAGS = dict.fromkeys(_BUILTIN_TAGS, _refuse_tag)
 
 
 class Request(NamedTuple):
@@ -117,72 +95,12 @@ class Head(NamedTuple):
     items: int
 
 
-class _Bad(Exception):
-    def __init__(self, why: str, too_many: bool = False) -> None:
-        super().__init__(why)
-        self.too_many = too_many
-
-
-def _arg(frame: bytes, pos: int, ai: int, end: int) -> tuple[int, int]:
-    """The argument of a CBOR head whose additional info is ``ai``; returns (value, pos)."""
-    if ai < 24:
-        return ai, pos
-    if ai > 27:
-        raise _Bad("indefinite-length or reserved CBOR item")
-    n = 1 << (ai - 24)
-    if pos + n > end:
-        raise _Bad("CBOR item runs past the end of the frame")
-    return int.from_bytes(frame[pos : pos + n], "big"), pos + n
-
-
-def _skip(frame: bytes, pos: int, end: int, budget: int, depth: int) -> tuple[int, int]:
-    """Walk the data item at ``pos`` (at nesting level ``depth + 1``), building nothing.
-
-    Returns (position after it, ``budget`` minus the items walked). Raises ``_Bad`` for
-    tags, indefinite lengths, truncation, nesting past ``MAX_DEPTH`` or more items than
-    ``budget``. Costs O(items walked), whatever the strings' lengths.
-    """
-    stack = [1]  # items still to walk at each open level
-    while stack:
-        if not stack[-1]:
-            stack.pop()
-            continue
-        stack[-1] -= 1
-        budget -= 1
-        if budget < 0:
-            raise _Bad("too many CBOR items", too_many=True)
-        if pos >= end:
-            raise _Bad("CBOR item runs past the end of the frame")
-        ib = frame[pos]
-        major, ai = ib >> 5, ib & 31
-        if major == 7 and ai == 31:
-            raise _Bad("indefinite-length CBOR item")
-        value, pos = _arg(frame, pos + 1, ai, end)
-        if major <= 1 or major == 7:  # integer, simple value or float
-            continue
-        if major <= 3:  # byte or text string: skip its body
-            if value > end - pos:
-                raise _Bad("CBOR string runs past the end of the frame")
-            pos += value
-        elif major <= 5:  # array or map
-            count = value if major == 4 else 2 * value
-            if count > budget:
-                raise _Bad("too many CBOR items", too_many=True)
-            if count:
-                if depth + len(stack) >= MAX_DEPTH:
-                    raise _Bad(f"CBOR nesting deeper than {MAX_DEPTH}")
-                stack.append(count)
-        else:
-            raise _Bad("CBOR tags are not allowed")
-    return pos, budget
-
-
 def _text_at(frame: bytes, pos: int, end: int, most: int) -> str | None:
     """The text string at ``pos`` if it is one of at most ``most`` UTF-8 bytes."""
     ib = frame[pos]
     if ib >> 5 != 3:
         return None
-    n, start = _arg(frame, pos + 1, ib & 31, end)
+    n, start = read_arg(frame, pos + 1, ib & 31, end)
     if n > most or n > end - start:
         return None
     try:
@@ -206,30 +124,30 @@ def peek(frame: bytes, max_items: int = MAX_ITEMS) -> Head:
     seen: set[str] = set()
     try:
         if not end or frame[0] >> 5 != 5:
-            raise _Bad("message is not a map")
-        pairs, pos = _arg(frame, 1, frame[0] & 31, end)
+            raise ScanError("message is not a map")
+        pairs, pos = read_arg(frame, 1, frame[0] & 31, end)
         if pairs > MAX_TOP_KEYS:
-            raise _Bad("message map has too many keys")
+            raise ScanError("message map has too many keys")
         for _ in range(pairs):
             if pos >= end:
-                raise _Bad("CBOR item runs past the end of the frame")
+                raise ScanError("CBOR item runs past the end of the frame")
             key = _text_at(frame, pos, end, 8)  # None: not one of ours (decode says so)
             if key is not None:
                 if key in seen:
                     mid = None  # we cannot tell which id the sender meant
-                    raise _Bad("duplicate envelope key")
+                    raise ScanError("duplicate envelope key")
                 seen.add(key)
-            pos, left = _skip(frame, pos, end, max_items - items, 1)
+            pos, left = skip(frame, pos, end, max_items - items, 1)
             start = pos
-            pos, left = _skip(frame, pos, end, left, 1)
+            pos, left = skip(frame, pos, end, left, 1)
             items = max_items - left
             if key == "id" and frame[start] >> 5 == 0:
-                mid = _arg(frame, start + 1, frame[start] & 31, end)[0]
+                mid = read_arg(frame, start + 1, frame[start] & 31, end)[0]
             elif key == "op":
                 op = _text_at(frame, start, end, 4 * MAX_OP) or ""  # "": decode() says why
         if pos != end:
-            raise _Bad("bytes after the message")
-    except _Bad as exc:
+            raise ScanError("bytes after the message")
+    except ScanError as exc:
         if mid is None:
             raise EnvelopeError(f"not a valid envelope: {exc}") from None
         code = "too_large" if exc.too_many else "bad_request"
@@ -239,19 +157,6 @@ def peek(frame: bytes, max_items: int = MAX_ITEMS) -> Head:
         raise EnvelopeError("message has no valid id")
     reply = op is None and ("ok" in seen or "err" in seen)
     return Head(mid, op, reply, items)
-
-
-def loads(frame: bytes) -> Any:
-    """Decode untrusted CBOR with every hardening option on."""
-    return cbor2.loads(
-        frame,
-        tag_hook=_refuse_tag,
-        semantic_decoders=_NO_TAGS,
-        max_depth=MAX_DEPTH,
-        allow_indefinite=False,
-        allow_duplicate_keys=False,
-        strict_hashable_types=True,
-    )
 
 
 def _is_str(v: object, lo: int, hi: int) -> bool:

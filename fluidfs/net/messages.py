@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .schema import Bool, Bytes, Int, List, Map, Schema, Str
+from fluidfs.wire.schema import Bool, Bytes, Int, List, Map, Schema, Str
 
 __all__ = [
     "ERROR_CODES",
