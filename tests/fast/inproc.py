@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -250,3 +251,14 @@ async def until(predicate, timeout: float = 5.0, what: str = "a condition") -> N
             await trio.sleep(0.005)
     if scope.cancelled_caught:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def until_on_mock_clock(predicate, timeout: float = 10.0, what: str = "a condition") -> None:
+    """``until`` for tests on a MockClock: checkpoints without a timer, so that virtual time
+    stands still while we wait (an autojump clock would jump to any timer of ours, and
+    other tasks' timeouts with it); *timeout* is in real seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await trio.sleep(0)

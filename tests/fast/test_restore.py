@@ -1,0 +1,187 @@
+"""Bringing a committed tree back (fs/restore.py): adopted lazily, loaded a directory at
+a time on demand or in the background, with hard links, attributes and reference
+counts as they were.
+
+Machine a commits its tree (fs/commit.py); machine b starts from a fresh state
+directory holding a copy of a's shard store (same keyfile, no network), adopts the
+commit and restores it. Real LMDB, real block store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import trio
+from inproc import LocalStore, Metadata, until_on_mock_clock
+
+from fluidfs import keys
+from fluidfs.fs.metaformat import CommitInfo
+from fluidfs.fs.metaindex import MetaError
+from fluidfs.fs.tree import ROOT_INO
+from fluidfs.fs.treewalk import TreeReader
+
+BS = 16 * 1024
+RING = keys.KeyRing(keys.generate())
+
+
+class Committed:
+    """Machine a's tree, committed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def build(self) -> Committed:
+        a = self.store = LocalStore(self.root / "a", RING, BS)
+        meta = Metadata(a)
+        self.docs = a.mkdir(ROOT_INO, "docs")
+        self.photos = a.mkdir(ROOT_INO, "photos")
+        deep = a.mkdir(a.mkdir(self.docs, "x"), "y")
+        self.big = os.urandom(5 * BS + 17)
+        await a.create(deep, "big", self.big)
+        self.note = await a.create(self.docs, "note", b"hello")
+        a.hard_link(self.note, self.photos, "note-link")
+        for i in range(40):
+            await a.create(self.photos, f"p{i:02d}", os.urandom(i * 50))
+        a.tree.set_xattr(self.docs, b"user.k", b"v")
+        root = a.tree.get(ROOT_INO)
+        root.mode = stat.S_IFDIR | 0o750
+        a.tree.save(root)
+        self.result = await meta.commit()
+        self.refcounts = refcounts(a)
+        a.close()
+        return self
+
+    def fresh_machine(self, name: str, *, with_shards: bool = True) -> LocalStore:
+        if with_shards:
+            shutil.copytree(self.root / "a" / "shards", self.root / name / "shards")
+        return LocalStore(self.root / name, RING, BS)
+
+
+def refcounts(store: LocalStore) -> dict[bytes, int]:
+    with store.db.read() as txn:
+        return {bytes(k): store.blocks.load(bytes(k), txn).refcount
+                for k in txn.cursor(db=store.db["blocks"]).iternext(values=False)}
+
+
+async def adopt(meta: Metadata, ref) -> CommitInfo:
+    """What a mount does with the newest root record on a fresh state: hold the commit
+    node, fetch it, and adopt its root (the rest stays lazy)."""
+    meta.holders.learn([ref])
+    with meta.store.db.write() as txn:
+        meta.index.adopt(txn, ref)
+    info = (await meta.index.load(ref.block_id)).commit
+    meta.restorer.adopt_root(info)
+    return info
+
+
+def names(store: LocalStore, ino: int) -> list[bytes]:
+    return sorted(name for _, name, _ in store.tree.entries(ino))
+
+
+async def test_a_restored_tree_is_loaded_a_directory_at_a_time(tmp_path: Path) -> None:
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        restorer = meta.restorer
+        assert restorer.pending() == [ROOT_INO], "nothing but the root is known yet"
+        assert b.tree.get(ROOT_INO).mode == stat.S_IFDIR | 0o750
+        assert names(b, ROOT_INO) == []
+        await restorer.ensure(ROOT_INO)
+        assert names(b, ROOT_INO) == [b"docs", b"photos"]
+        assert sorted(restorer.pending()) == sorted([a.docs, a.photos])
+        assert b.tree.lookup(ROOT_INO, b"docs") == a.docs, "inode numbers are kept"
+        assert b.tree.xattr(a.docs, b"user.k") == b"v"
+        await restorer.ensure(a.docs)
+        await restorer.ensure(b.tree.lookup(a.docs, b"x"))
+        y = b.tree.lookup(b.tree.lookup(a.docs, b"x"), b"y")
+        await restorer.ensure(y)
+        assert await b.read(b.tree.lookup(y, b"big")) == a.big
+        assert await b.read(a.note) == b"hello"
+        assert a.photos in restorer.pending(), "reading docs did not load photos"
+        # a walk for the next commit names the unloaded directory by its committed nodes
+        with b.db.read() as txn:
+            levels, lazy = TreeReader(b.db, meta.holders).walk(txn)
+        assert set(lazy) == {a.photos} and a.photos not in {i for lv in levels for i in lv}
+        await restorer.load_all()
+        assert restorer.pending() == []
+        assert b.tree.lookup(a.photos, b"note-link") == a.note
+        assert b.tree.get(a.note).nlink == 2
+        assert len(names(b, a.photos)) == 41
+    finally:
+        b.close()
+
+
+async def test_reference_counts_are_exact_once_every_node_is_registered(
+    tmp_path: Path,
+) -> None:
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.load_all()
+        await meta.restorer.register_all([a.result.ref.block_id])
+        assert refcounts(b) == a.refcounts, "every block held as often as on machine a"
+        with b.db.write() as txn:  # a new inode never reuses a restored number
+            assert b.tree.new_ino(txn) > max(a.docs, a.photos, a.note)
+    finally:
+        b.close()
+
+
+async def test_two_loads_of_one_directory_load_it_once(tmp_path: Path) -> None:
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.ensure(ROOT_INO)
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(meta.restorer.ensure, a.photos)
+        assert meta.restorer.loaded_dirs == 2 and len(names(b, a.photos)) == 41
+        assert b.tree.get(a.note).nlink == 2, "links counted once"
+    finally:
+        b.close()
+
+
+async def test_a_directory_that_cannot_be_fetched_is_retried(
+    tmp_path: Path, autojump_clock, caplog
+) -> None:
+    """Its nodes are unreachable for a while: it stays lazy, the rest loads, and the
+    background loader tries again (RETRY_SECONDS later, on a virtual clock)."""
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.ensure(ROOT_INO)
+        top = meta.restorer.lazy_top(a.photos)
+        record = b.blocks.load(top).record
+        kept = {sid: b.shards.get(RING.public_key, sid) for sid in record.shard_ids}
+        b.shards.delete_many(RING.public_key, list(kept))
+        b.cache.forget(top)
+        try:
+            await meta.restorer.ensure(a.photos)
+            raise AssertionError("loaded a directory whose node is gone")
+        except MetaError:
+            pass
+        assert a.photos in meta.restorer.pending()
+        caplog.set_level(logging.WARNING, logger="fluidfs.fs.restore")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(meta.restorer.load_all)
+            await until_on_mock_clock(
+                lambda: "will retry" in caplog.text and a.docs not in meta.restorer.pending(),
+                what="a failed attempt, and docs loaded meanwhile",
+            )
+            assert a.photos in meta.restorer.pending()
+            b.shards.put_many(RING.public_key, kept.items())  # the peers are back
+        assert meta.restorer.pending() == []
+        assert len(names(b, a.photos)) == 41
+    finally:
+        b.close()
