@@ -20,6 +20,7 @@ from fluidfs.service.host import PeerService
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
+from fluidfs.wire import SchemaError
 
 ME = keys.KeyRing(keys.generate())
 OTHER = keys.KeyRing(keys.generate())
@@ -93,13 +94,17 @@ def test_malformed_envelopes(raw: bytes) -> None:
         parse(raw)
 
 
-def test_lease_info_is_tolerant_and_expires() -> None:
-    info = LeaseInfo.of(3, {"machine": b"x", "host": "h", "mount": "/m", "pid": 5,
-                            "time": 1_000 * 10**9, "ttl": 60, "state": "held"})
+def test_lease_info_is_strict_and_expires() -> None:
+    body = {"kind": "lease", "seq": 3, "machine": b"x", "host": "h", "mount": "/m", "pid": 5,
+            "addr": "", "time": 1_000 * 10**9, "ttl": 60, "state": "held"}
+    info = LeaseInfo.of(3, body)
     assert info.live(1_030) and not info.live(1_061)
     assert info.where() == "host h at /m (pid 5)"
-    junk = LeaseInfo.of(4, {"host": 7, "time": "soon"})
-    assert junk.host == "?" and not junk.live()
+    assert LeaseInfo.of(3, {**body, "later": "ignored"}) == info
+    with pytest.raises(SchemaError, match=r"lease\.host: expected str"):
+        LeaseInfo.of(4, {**body, "host": 7})
+    with pytest.raises(SchemaError, match="missing key 'state'"):
+        LeaseInfo.of(4, {k: v for k, v in body.items() if k != "state"})
 
 
 # --- the peer side ------------------------------------------------------------------------

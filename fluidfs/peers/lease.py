@@ -16,6 +16,12 @@ released.
 
 This is a lease, not consensus: two machines that cannot reach the same peers can
 both believe they hold it. Times are the writers' clocks.
+
+A lease is read strictly (``LEASE_BODY``): a missing or mistyped field makes it
+unreadable, never a default — a default once made an unreadable lease look released.
+An unreadable newest lease refuses the mount unless ``--takeover`` is given, and stops
+a holder that finds it newer than its own. Unknown keys are ignored, so that a later
+version may add some.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.wire import IGNORE, Bytes, Int, Map, OneOf, SchemaError, Str, validate
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,36 @@ TTL_FACTOR = 4  # a lease lives for this many renewal intervals
 
 
 class LeaseHeld(Exception):
-    """Another machine holds the writer lease."""
+    """Another machine holds the writer lease (or its lease cannot be read)."""
+
+
+class LeaseUnreadable(Exception):
+    """The newest lease verifies as ours but its body does not fit ``LEASE_BODY``."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"the newest writer lease (seq {seq}) cannot be read: {why}")
+        self.seq = seq
+
+
+U64 = Int(0, 2**64 - 1)
+
+#: The decrypted body of a ``lease`` record (``kind`` and ``seq`` are checked against
+#: the record's header by rootrecord.open_record).
+LEASE_BODY = Map(
+    {
+        "kind": OneOf("lease"),
+        "seq": U64,
+        "time": U64,  # ns
+        "machine": Bytes(1, 64),
+        "host": Str(1024),
+        "mount": Str(4096),
+        "pid": U64,
+        "addr": Str(300),
+        "ttl": U64,  # seconds
+        "state": OneOf("held", "released"),
+    },
+    extra=IGNORE,
+)
 
 
 @dataclass
@@ -53,20 +90,13 @@ class LeaseInfo:
     state: str
 
     @classmethod
-    def of(cls, seq: int, body: dict) -> LeaseInfo:
-        def get(key, kind, default):
-            value = body.get(key, default)
-            return value if isinstance(value, kind) else default
-
+    def of(cls, seq: int, body: dict[str, Any]) -> LeaseInfo:
+        """The lease in a record's decrypted *body*; ``SchemaError`` unless every field
+        is there with its type."""
+        b = validate(LEASE_BODY, body, "lease")
         return cls(
-            seq,
-            get("machine", bytes, b""),
-            get("host", str, "?"),
-            get("mount", str, "?"),
-            get("pid", int, 0),
-            float(get("time", int, 0)) / 1e9,
-            float(get("ttl", int, 0)),
-            get("state", str, "released"),
+            seq, b["machine"], b["host"], b["mount"], b["pid"], b["time"] / 1e9,
+            float(b["ttl"]), b["state"],
         )
 
     def live(self, now: float | None = None) -> bool:
@@ -98,7 +128,8 @@ class WriterLease:
         self.ttl = renew * TTL_FACTOR
         self.addr_of = addr_of
         self.seq = 0
-        self.lost: LeaseInfo | None = None  # who took it over
+        self.taken = False  # another mount took the lease over: we stopped writing
+        self.lost: LeaseInfo | None = None  # who took it over (None if unreadable)
         self.published = 0  # peers that stored our latest lease
 
     def _body(self, state: str) -> dict:
@@ -114,15 +145,27 @@ class WriterLease:
         }
 
     async def current(self) -> LeaseInfo | None:
-        """The newest lease on the reachable peers (None if none answered or none exists)."""
+        """The newest lease on the reachable peers (None if none answered or none exists);
+        ``LeaseUnreadable`` if it does not fit the lease schema."""
         found = await self.client.newest("lease")
         if found is None or not found.exists:
             return None
-        return LeaseInfo.of(found.seq, found.body)
+        try:
+            return LeaseInfo.of(found.seq, found.body)
+        except SchemaError as exc:
+            raise LeaseUnreadable(found.seq, str(exc)) from None
 
     async def acquire(self, *, takeover: bool) -> LeaseInfo | None:
         """Take the lease (refusing if another live mount holds it); return the one replaced."""
-        held = await self.current()
+        try:
+            held = await self.current()
+        except LeaseUnreadable as exc:
+            if not takeover:
+                raise LeaseHeld(f"{exc}; mount with --takeover to replace it") from None
+            log.warning("replacing an unreadable writer lease: %s", exc)
+            self.seq = exc.seq + 1
+            self.published = await self.client.publish("lease", self.seq, self._body("held"))
+            return None
         if held is not None and held.machine != self.machine and held.live() and not takeover:
             ago = max(0, int(time.time() - held.time))
             raise LeaseHeld(
@@ -137,12 +180,20 @@ class WriterLease:
         return held
 
     async def check(self) -> bool:
-        """Renew the lease; False (and ``lost`` set) if another machine has taken it."""
-        if self.lost is not None:
+        """Renew the lease; False (``taken``, and ``lost`` set if it can be read) if another
+        machine has taken it."""
+        if self.taken:
             return False
-        held = await self.current()
+        try:
+            held = await self.current()
+        except LeaseUnreadable as exc:
+            if exc.seq > self.seq:
+                self.taken = True
+                log.error("%s: newer than ours, so this mount stops writing", exc)
+                return False
+            held = None  # an old one: ours replaces it
         if held is not None and held.machine != self.machine and held.seq > self.seq:
-            self.lost = held
+            self.taken, self.lost = True, held
             log.error("the writer lease was taken over by %s: this mount stops writing",
                       held.where())
             return False
@@ -152,7 +203,7 @@ class WriterLease:
 
     async def release(self) -> None:
         """Give the lease up (clean unmount)."""
-        if self.lost is not None or not self.seq:
+        if self.taken or not self.seq:
             return
         self.seq += 1
         await self.client.publish("lease", self.seq, self._body("released"))

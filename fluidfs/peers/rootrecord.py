@@ -28,6 +28,11 @@ record a peer says is newer). An owner looking for its
 newest record asks every peer it can reach and believes only what verifies and
 decrypts: a peer that serves an old record loses to any newer one, and a forged
 one is ignored.
+
+Envelopes and bodies are checked by the schemas ``RECORD`` and ``BODY_HEAD``
+(fluidfs.wire): the envelope exactly (it comes from anyone), the body's ``kind`` and
+``seq`` (the rest is the kind's own: see lease.py's ``LEASE_BODY``; unknown keys are
+kept, for later versions).
 """
 
 from __future__ import annotations
@@ -44,11 +49,11 @@ import trio
 from nacl import bindings as sodium
 
 from fluidfs.keys import KeyRing, encode_peer_id
-from fluidfs.net import envelope
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.address import PeerAddr
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.wire import IGNORE, Bytes, Int, Map, OneOf, SchemaError, Str, Tuple, cbor
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,8 @@ NONCE_SIZE = 24
 CALL_TIMEOUT = 10.0
 MAX_PEERS_LISTED = 256
 MAX_SEQ = 2**63  # exclusive
+MAX_ADDR = 300  # "host:port"
+RECORD_ITEMS = 16  # data items of an envelope (it has 13)
 
 
 class RecordError(ValueError):
@@ -94,30 +101,30 @@ def _header(kind: str, owner: bytes, seq: int) -> bytes:
     return cbor2.dumps([VERSION, kind, owner, seq])
 
 
+#: What a peer stores: exactly these keys.
+RECORD = Map(
+    {
+        "v": OneOf(VERSION),
+        "kind": OneOf(*KINDS),
+        "owner": Bytes(32, 32),
+        "seq": Int(0, MAX_SEQ - 1),
+        "box": Bytes(NONCE_SIZE + 16, MAX_RECORD),
+        "sig": Bytes(64, 64),
+    }
+)
+#: The part of a decrypted body every kind shares.
+BODY_HEAD = Map({"kind": OneOf(*KINDS), "seq": Int(0, MAX_SEQ - 1)}, extra=IGNORE)
+#: One item of a root record's ``peers`` list.
+LISTED_PEER = Tuple(Bytes(32, 32), Str(MAX_ADDR))
+
+
 def parse(raw: bytes) -> Envelope:
     """Parse an envelope (bounded, strict); raise RecordError. Does not check the signature."""
-    if type(raw) is not bytes or len(raw) > MAX_RECORD:
-        raise RecordError("record too large")
     try:
-        data = envelope.loads(raw)
-    except Exception:
-        raise RecordError("record is not CBOR") from None
-    if type(data) is not dict or data.keys() != {"v", "kind", "owner", "seq", "box", "sig"}:
-        raise RecordError("record must have exactly v, kind, owner, seq, box, sig")
-    if data["v"] != VERSION or type(data["v"]) is not int:
-        raise RecordError(f"record version must be {VERSION}")
-    kind, owner, seq, box, sig = (data[k] for k in ("kind", "owner", "seq", "box", "sig"))
-    if kind not in KINDS:
-        raise RecordError("unknown record kind")
-    if type(owner) is not bytes or len(owner) != 32:
-        raise RecordError("owner must be 32 bytes")
-    if type(seq) is not int or not 0 <= seq < MAX_SEQ:
-        raise RecordError("seq must be an integer below 2^63")
-    if type(box) is not bytes or len(box) < NONCE_SIZE + 16:
-        raise RecordError("box too short")
-    if type(sig) is not bytes or len(sig) != 64:
-        raise RecordError("signature must be 64 bytes")
-    return Envelope(kind, owner, seq, box, sig, raw)
+        f = cbor.decode(RECORD, raw, max_size=MAX_RECORD, max_items=RECORD_ITEMS)
+    except SchemaError as exc:
+        raise RecordError(f"malformed record: {exc}") from None
+    return Envelope(f["kind"], f["owner"], f["seq"], f["box"], f["sig"], raw)
 
 
 def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any]) -> bytes:
@@ -162,10 +169,14 @@ def open_record(keyring: KeyRing, raw: bytes, kind: str) -> tuple[int, dict[str,
         plain = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
             sealed, env.header(), nonce, keyring.metadata_key
         )
-        body = envelope.loads(plain)
+        body = cbor.loads(plain)
     except Exception:
         raise RecordError("record does not decrypt") from None
-    if type(body) is not dict or body.get("kind") != kind or body.get("seq") != env.seq:
+    try:
+        head = BODY_HEAD.parse(body)
+    except SchemaError as exc:
+        raise RecordError(f"malformed record body: {exc}") from None
+    if head["kind"] != kind or head["seq"] != env.seq:
         raise RecordError("record body does not match its header")
     return env.seq, body
 
@@ -319,10 +330,9 @@ class RecordClient:
             return 0
         new = 0
         for item in listed[:MAX_PEERS_LISTED]:
-            if type(item) is not list or len(item) != 2:
-                continue
-            key, addr = item
-            if type(key) is not bytes or len(key) != 32 or type(addr) is not str:
+            try:  # the list is ours (signed), but a bad item costs only itself
+                key, addr = LISTED_PEER.parse(item)
+            except SchemaError:
                 continue
             if key == self.keyring.public_key:
                 continue
