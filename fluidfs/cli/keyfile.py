@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 
 from fluidfs import control
 from fluidfs import keys as keymod
@@ -91,7 +92,7 @@ def _saved_peers(state: StateDir, self_key: bytes) -> list[keymod.BootstrapPeer]
     return _entries(f"{keymod.encode_peer_id(p.key)}@{p.addr}" for p in peers)
 
 
-def _entries(texts) -> list[keymod.BootstrapPeer]:
+def _entries(texts: Iterable[str]) -> list[keymod.BootstrapPeer]:
     """Parsed PEERID@HOST:PORT entries, skipping those without a (usable) address."""
     found = []
     for text in texts:

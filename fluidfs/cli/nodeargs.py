@@ -35,7 +35,9 @@ def setup_node_process(log_file: Path | None = None) -> None:
     tune_malloc()
 
 
-def bootstrap_entries(args: argparse.Namespace, keyring: keymod.KeyRing) -> list:
+def bootstrap_entries(
+    args: argparse.Namespace, keyring: keymod.KeyRing
+) -> list[keymod.BootstrapPeer]:
     """The --peer entries and the keyfile's, parsed, without repeats."""
     entries = [keymod.parse_peer(p) for p in args.peer] + keyring.keyfile.bootstrap()
     return list({str(e): e for e in entries}.values())

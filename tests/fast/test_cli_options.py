@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from fluidfs import keys
-from fluidfs.cli.main import build_parser
+from fluidfs.cli.main import build_parser, main
 from fluidfs.cli.mount import background_argv
 from fluidfs.cli.options import OPTIONS, Option, reexec_argv
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.peerlist import PeerList
 from fluidfs.statedir import StateDir
+from fluidfs.store.db import META_TABLES, Database
 
 BASE = ["mount", "/mnt/base"]
 
@@ -102,11 +105,6 @@ def test_every_command_is_built_from_the_table() -> None:
 def test_key_export_lists_saved_peers_of_a_stopped_node(tmp_path: Path, capsys) -> None:
     """`key export --with-peers` reads the peer table of a node that is not running,
     partners first, without writing to its state."""
-    from fluidfs.cli.main import main
-    from fluidfs.peers.agreements import Ledger
-    from fluidfs.peers.peerlist import PeerList
-    from fluidfs.store.db import META_TABLES, Database
-
     keyfile = tmp_path / "k.key"
     keys.write_keyfile(keyfile, keys.generate())
     ring = keys.KeyRing(keys.read_keyfile(keyfile))
