@@ -2,7 +2,8 @@
 
 A ``StoreShard`` batch goes through these steps, in this order, holding its owner's lock:
 
-1. the quota is what the owner's live agreement promises (the caller reads it);
+1. the quota is read: what the owner's live agreement promises now (0 if it ended while
+   the store waited for the lock);
 2. shards whose bytes do not hash to their id are set aside (``bad_shard``);
 3. the rest are written while they fit (``ShardStore.put_within``): the owner's usage and
    the donation pool are read, each shard counts only the bytes it adds (a shard already
@@ -23,7 +24,7 @@ entry is free. The service looks for a live agreement first, so only partners re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -82,10 +83,12 @@ class ShardQuota:
     locks: OwnerLocks
 
     async def store(
-        self, owner: bytes, items: list[tuple[bytes, bytes]], quota: int
+        self, owner: bytes, items: list[tuple[bytes, bytes]], promised: Callable[[bytes], int]
     ) -> tuple[set[bytes], set[bytes]]:
-        """Store (id, bytes) pairs for *owner* up to *quota*; return (bad ids, over ids)."""
+        """Store (id, bytes) pairs for *owner* within ``promised(owner)`` bytes; return
+        (ids whose bytes do not match, ids that do not fit)."""
         async with self.locks.hold(owner):
+            quota = promised(owner)
             return await trio.to_thread.run_sync(
                 self._check_and_write, owner, items, quota, limiter=self.limiter
             )

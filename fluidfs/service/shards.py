@@ -46,11 +46,10 @@ class ShardOps:
 
     async def store(self, peer: bytes, args: Args) -> Reply:
         """Store what fits of the batch; report each shard stored or refused."""
-        agreement = self.ledger.live(peer)
-        if agreement is None:
+        if self.ledger.live(peer) is None:  # strangers never reach the quota's lock table
             raise RpcError("no_agreement", "no storage agreement with you")
         items = [(item["id"], item["data"]) for item in args["shards"]]
-        bad, over = await self.quota.store(peer, items, agreement.we_host)
+        bad, over = await self.quota.store(peer, items, self._promised)
         refused = [{"id": sid, "code": "bad_shard"} for sid in bad]
         refused += [{"id": sid, "code": "over_quota"} for sid in over]
         failed = bad | over
@@ -78,6 +77,11 @@ class ShardOps:
             raise RpcError("bad_request", "leaf index out of range")
         path = await trio.to_thread.run_sync(merkle.proof, data, index, limiter=self.limiter)
         return {"leaf_data": merkle.leaf(data, index), "path": path}
+
+    def _promised(self, owner: bytes) -> int:
+        """Bytes we promised to host for *owner* (0 once its agreement ended)."""
+        agreement = self.ledger.live(owner)
+        return agreement.we_host if agreement is not None else 0
 
     async def _get(self, peer: bytes, shard_id: bytes) -> bytes:
         data = await trio.to_thread.run_sync(

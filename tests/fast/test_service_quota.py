@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fluidfs.blocks import merkle
 from fluidfs.peers.agreements import Ledger
@@ -103,6 +104,26 @@ async def test_concurrent_stores_of_many_owners_keep_the_donation(tmp_path: Path
     assert held == MIB, f"{held} bytes held on a {MIB}-byte donation"
     assert sum(host.shards.used(owner) for owner in owners) == held
     host.close()
+
+
+async def test_stores_waiting_behind_an_end_take_nothing(host):
+    """Stores queued behind one owner's lock once kept the quota read before they waited,
+    so an agreement that ended meanwhile still took all of them."""
+    owner = host.partner(quota=MIB)
+    batches = [[shard(64 * KIB) for _ in range(2)] for _ in range(8)]  # all fit the quota
+    replies: list[dict] = []
+
+    async def one(batch: list[dict]) -> None:
+        replies.append(await host.svc.handle(owner, "StoreShard", {"shards": batch}))
+
+    async with trio.open_nursery() as nursery:
+        for batch in batches:
+            nursery.start_soon(one, batch)
+        await trio.testing.wait_all_tasks_blocked()  # one store runs, the others wait
+        assert (await host.svc.handle(owner, "EndAgreement", {}))["ended"]
+    taken = [reply for reply in replies if reply["stored"]]
+    assert len(taken) <= 2, f"{len(taken)} of 8 stores took space after the agreement ended"
+    assert host.shards.used(owner) == 2 * 64 * KIB * len(taken)
 
 
 async def test_a_bad_shard_is_refused_and_never_counted(host):
