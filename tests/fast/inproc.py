@@ -153,6 +153,13 @@ class LocalStore:
                       atime_ns=t, mtime_ns=t, ctime_ns=t)
             )
 
+    async def recover(self) -> int:
+        """The storage side of a node's start after a crash (node.py ``start``): load the
+        cache, settle the shard journal, adopt dirty blocks; return how many were adopted."""
+        self.cache.load(await trio.to_thread.run_sync(self.cache.scan_io))
+        self.blocks.recover_journal()
+        return await self.data.recover()
+
     # --- a few filesystem operations, the way fs/operations.py does them ----------------
 
     def new_inode(self, parent: int, name: str, mode: int) -> Inode:

@@ -129,7 +129,7 @@ async def test_unsealed_data_survives_a_crash_and_is_sealed_at_the_next_mount(
 
     again = LocalStore(tmp_path / "state", RING, big)
     try:
-        assert await again.data.recover() == 1
+        assert await again.recover() == 1
         assert await again.read(ino) == data, "readable before it is sealed"
         await again.data.seal_all()
         assert len(block_ids(again, ino)) == 1
@@ -153,3 +153,32 @@ async def test_recovery_discards_what_it_cannot_trust(store: LocalStore) -> None
     assert await store.data.recover() == 0
     assert sorted(os.listdir(dirty)) == ["notes.txt"]
     assert not store.data.has_dirty(ino)
+
+
+async def test_a_crash_between_storing_a_block_and_mapping_it_leaks_nothing(
+    tmp_path: Path,
+) -> None:
+    """Sealing stores the block (taking its reference, and moving the dirty file into the
+    cache), then points the block map at it in a second transaction. A kill -9 between
+    the two leaves a block record whose reference nobody holds: the data was never
+    acknowledged (no fsync had returned), but the block must not stay stored forever."""
+    big = 4 * MEMORY_BLOCK_MAX
+    first = LocalStore(tmp_path / "state", RING, big)
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
+    ino = await first.create(ROOT_INO, "f")
+    await first.write(ino, 0, data)
+    block_id = await first.blocks.put(data, first.data.dirty_dir / f"{ino}.0")  # seal, step 1
+    for blk in first.data.dirty.values():  # kill -9 before step 2
+        os.close(blk.fd)
+    first.close()
+
+    again = LocalStore(tmp_path / "state", RING, big)
+    try:
+        await again.recover()
+        await again.data.seal_all()
+        await again.data.remove(ino)
+        assert again.refcount(block_id) == 0 and again.blocks.count() == 0, (
+            "a block nothing references is kept (and its shards stay on peers) for good"
+        )
+    finally:
+        again.close()
