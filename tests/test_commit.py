@@ -92,7 +92,7 @@ async def restore_into(tmp_path, source: str, target: str, result) -> Machine:
     shutil.copytree(tmp_path / source / "shards.lmdb", tmp_path / target / "shards.lmdb")
     machine = Machine(tmp_path / target)
     await machine.__aenter__()
-    await machine.node.remount._restore(found_for(result))
+    await machine.node.tree_restore.adopt(found_for(result))
     return machine
 
 
@@ -108,12 +108,12 @@ async def test_restore_is_lazy_and_commits_reuse_unloaded_directories(tmp_path) 
         ino = await a.write(docs, "note", b"hello")
         await a.ops.link(ino, photos, b"note-link", CTX)
         await a.ops.setxattr(docs, b"user.k", b"v", CTX)
-        first = await a.node.remount.commit(user_changed=True)
+        first = await a.node.commits.commit(user_changed=True)
         assert first.stats.nodes_written > 5 and first.stats.files == 303
 
     b = await restore_into(tmp_path, "a", "b", first)
     try:
-        restorer = b.node.remount.restorer
+        restorer = b.node.restorer
         assert restorer.pending() == [ROOT_INO], "nothing but the root is known yet"
         assert await b.names(ROOT_INO) == [b"docs", b"photos"]
         assert sorted(restorer.pending()) == sorted([docs, photos])
@@ -123,8 +123,8 @@ async def test_restore_is_lazy_and_commits_reuse_unloaded_directories(tmp_path) 
         assert await b.ops.getxattr(docs, b"user.k", CTX) == b"v"
         # a change while photos is still lazy: the commit reuses its committed nodes
         await b.write(await b.lookup("docs"), "from-b", b"new")
-        b.node.remount.note_change()
-        second = await b.node.remount.commit(user_changed=True)
+        b.node.commits.note_change()
+        second = await b.node.commits.commit(user_changed=True)
         assert second.head.seq == first.head.seq + 1
         assert second.stats.nodes_written <= 6, second.stats
         assert photos in restorer.pending()
@@ -133,7 +133,7 @@ async def test_restore_is_lazy_and_commits_reuse_unloaded_directories(tmp_path) 
         link = await b.lookup("photos/note-link")
         assert link == await b.lookup("docs/note") and b.node.tree.get(link).nlink == 2
         assert b.node.tree.get(link).nlink == 2
-        await b.node.remount.restorer.register_all(b.node.remount.committer.held_nodes())
+        await b.node.restorer.register_all(b.node.committer.held_nodes())
     finally:
         await b.__aexit__()
 
@@ -143,7 +143,7 @@ async def test_restore_is_lazy_and_commits_reuse_unloaded_directories(tmp_path) 
         assert await c.read("photos/p299.jpg") is not None
         assert len(await c.names(await c.lookup("photos"))) == 301
         assert await c.read("docs/x/y/big") == big
-        snaps = c.node.remount.snapshots.list()
+        snaps = c.node.snapshots.list()
         assert [s.seq for s in snaps] == [first.head.seq, second.head.seq]
     finally:
         await c.__aexit__()
@@ -151,31 +151,32 @@ async def test_restore_is_lazy_and_commits_reuse_unloaded_directories(tmp_path) 
 
 async def test_reference_counts_follow_snapshots(tmp_path) -> None:
     async with Machine(tmp_path / "a") as a:
-        remount = a.node.remount
+        node = a.node
         d = await a.mkdir(ROOT_INO, "d")
         ino = await a.write(d, "f", os.urandom(3 * BS))
         data_blocks = {v[1:] for _, v in a.node.tree.blocks_of(ino)}
         assert all(a.refcounts()[b] == 1 for b in data_blocks)
-        first = await remount.commit(user_changed=True)
+        first = await node.commits.commit(user_changed=True)
         assert all(a.refcounts()[b] == 2 for b in data_blocks), "file map + committed node"
-        assert await remount.commit(user_changed=False) is None, "nothing changed"
+        assert await node.commits.commit(user_changed=False) is None, "nothing changed"
         await a.ops.unlink(d, b"f", CTX)
         await a.ops.forget([(ino, 1)])
-        second = await remount.commit(user_changed=True)
+        second = await node.commits.commit(user_changed=True)
         assert all(a.refcounts()[b] == 1 for b in data_blocks), "held by snapshot 1 only"
-        assert len(remount.committer.heads.all()) == 1, "the older head was released"
+        assert len(node.committer.heads.all()) == 1, "the older head was released"
         # every registered node is referenced exactly as often as nodes and heads name it
         counts = a.refcounts()
         expected: dict[bytes, int] = {}
-        for node in remount.index.node_ids():
-            for child, _ in remount.index.children(node):
+        for meta_node in node.index.node_ids():
+            for child, _ in node.index.children(meta_node):
                 expected[child] = expected.get(child, 0) + 1
-        for head in remount.committer.heads.all():
+        for head in node.committer.heads.all():
             expected[head.node] = expected.get(head.node, 0) + 1
         assert {k: counts[k] for k in expected} == expected
         assert set(counts) == set(expected), "no block is held by nothing"
         # forgetting the first snapshot releases the file's blocks
-        forgot = await remount.forget(None, [remount.snapshots.list()[0].name], dry_run=False)
+        oldest = node.snapshots.list()[0].name
+        forgot = await node.remount_requests.forget(None, [oldest], dry_run=False)
         assert forgot["expired"] and forgot["released_blocks"] >= len(data_blocks)
         assert not data_blocks & set(a.refcounts())
         assert first.head.seq < second.head.seq
@@ -189,11 +190,11 @@ async def test_large_file_manifests_and_large_directories(tmp_path, files: int) 
         d = await a.mkdir(ROOT_INO, "many")
         for i in range(files):
             await a.write(d, f"{i:04d}-{'x' * 100}", os.urandom(3000))
-        first = await a.node.remount.commit(user_changed=True)
+        first = await a.node.commits.commit(user_changed=True)
         fi = await a.ops.open(ino, os.O_RDWR, CTX)
         await a.ops.write(fi.fh, 100 * BS, b"patch")
         await a.ops.release(fi.fh)
-        second = await a.node.remount.commit(user_changed=True)
+        second = await a.node.commits.commit(user_changed=True)
         assert second.stats.bytes_written < first.stats.bytes_written / 5, second.stats
     b = await restore_into(tmp_path, "a", "b", second)
     try:
@@ -217,9 +218,9 @@ async def test_nodes_naming_unknown_holders_teach_the_peer_list(tmp_path) -> Non
                       blocks=[(0, Ref(record, tuple(strangers)))])
         leaf = await node.blocks.put(encode_leaf([entry]))
         with trio.fail_after(10):
-            loaded = await node.remount.index.load(leaf)
+            loaded = await node.index.load(leaf)
         assert loaded.entries == [entry]
         indexes = [node.peers.get(k).index for k in strangers]
         assert node.blocks.load(data_id).refcount == 2, "the put's and the node's"
-        assert node.remount.index.children(leaf) == [(data_id, False)]
+        assert node.index.children(leaf) == [(data_id, False)]
         assert node.blocks.load(data_id).holders[0] in (0, indexes[0])

@@ -166,7 +166,7 @@ async def test_check_of_many_files_does_not_stall_the_loop(node) -> None:
 
 async def test_commit_of_many_files_does_not_stall_the_loop(node) -> None:
     add_files(node, 1, 50_000)
-    remount = node.remount
+    remount = node.commits
     first, probe = await measured(lambda: remount.commit(user_changed=True))
     print(f"commit: longest step {probe.longest * 1000:.0f} ms ({probe.task})")
     assert first is not None and first.stats.files == 50_000

@@ -63,6 +63,8 @@ class RemoteShards:
         ledger: Ledger,
         codec: BlockCodec,
         limiter: trio.CapacityLimiter,
+        *,
+        even_placement: bool = False,
     ) -> None:
         self.conns = conns
         self.peers = peers
@@ -71,7 +73,7 @@ class RemoteShards:
         self.limiter = limiter
         self._slots: dict[bytes, trio.Semaphore] = defaultdict(_window)
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
-        self.even_placement = False  # benchmarks: ignore trust and space (a baseline)
+        self.even_placement = even_placement  # benchmarks: ignore trust and space
         self.on_result: Callable[[bytes, bool], None] = peers.record
         self.on_corrupt: CorruptShard = lambda _block, _index, _holder: None
         self.caught: set[bytes] = set()  # served corrupt shards: placed on no more

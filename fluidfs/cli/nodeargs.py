@@ -17,7 +17,7 @@ from fluidfs.net.limits import DEFAULT_LIMITS
 from fluidfs.node import logsetup
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.peers.lifecycle import LifecyclePolicy
-from fluidfs.remount.remount import RemountOptions
+from fluidfs.remount.options import RemountOptions
 from fluidfs.service.faults import FaultInjection
 from fluidfs.statedir import StateDir
 from fluidfs.sysutil import tune_malloc
@@ -116,14 +116,11 @@ def remount_options(
 
 def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: StateDir) -> NodeConfig:
     """NodeConfig of ``fluidfs serve``: a peer that accepts agreements and proposes none."""
-    faults = serve_faults(args)
     return NodeConfig(
         keyring,
         state,
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
-        fault_rate=faults.fault_rate,
-        lie_on_retrieve=faults.lie_on_retrieve,
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
 

@@ -15,7 +15,13 @@ import trio
 from fluidfs import keys as keymod
 from fluidfs.cli.common import fail, state_dir
 from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
-from fluidfs.cli.nodeargs import add_pinned, bootstrap_entries, serve_config, setup_node_process
+from fluidfs.cli.nodeargs import (
+    add_pinned,
+    bootstrap_entries,
+    serve_config,
+    serve_faults,
+    setup_node_process,
+)
 from fluidfs.node.node import Node
 from fluidfs.statedir import StateError
 
@@ -27,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     keyring = load_or_create_keyfile(args.keyfile, state)
     setup_node_process(args.log_file)
     try:
-        node = Node(serve_config(args, keyring, state))
+        node = Node(serve_config(args, keyring, state), faults=serve_faults(args))
     except StateError as exc:
         fail(str(exc))
     add_pinned(node, bootstrap_entries(args, keyring))

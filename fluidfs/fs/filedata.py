@@ -156,6 +156,12 @@ class FileData:
             if not blocks:
                 del self._by_ino[blk.ino]
 
+    def adopt_block_size(self, block_size: int) -> None:
+        """Cut files into *block_size* from now on (a restored backup's, before any data)."""
+        if self.dirty and block_size != self.block_size:
+            raise ValueError("the block size cannot change while data is unsealed")
+        self.block_size = block_size
+
     def pending_bytes(self) -> int:
         """Bytes written but not yet sealed."""
         return sum(blk.length for blk in self.dirty.values())

@@ -30,11 +30,18 @@ from fluidfs.fs.tree import ROOT_INO
 class LayeredOperations(FluidOperations):
     """FluidOperations plus lazily loaded directories and the snapshot view."""
 
-    def __init__(self, *args, **kw) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        restorer: Restorer | None = None,
+        view: SnapshotView | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        **kw: Any,
+    ) -> None:
         super().__init__(*args, **kw)
-        self.restorer: Restorer | None = None
-        self.view: SnapshotView | None = None
-        self.on_change: Callable[[], None] = lambda: None
+        self.restorer = restorer
+        self.view = view
+        self.on_change = on_change
 
     # --- helpers ------------------------------------------------------------------------
 

@@ -1,110 +1,94 @@
-"""The node: the one place that wires the parts together and runs them in one trio.run."""
+"""The node: the composition root that builds the parts over one state directory.
+
+It constructs every collaborator and hands each what it needs, in dependency order:
+storage (meta.lmdb, shards, block store, tree, file data), the peer side (peer
+list, ledger, peer service, connections, manager, discovery, remote shards, repair,
+audit, lifecycle), the remount part (commits, publishing, the lease gate, restore),
+then the FUSE operations and the session. What each part does is in its own module;
+here are only the wiring, the order things start and stop in, and crash recovery.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from fluidfs import control
-from fluidfs.blocks.audit import Auditor, AuditPolicy
+from fluidfs.blocks.audit import Auditor
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.migrate import Migrator
-from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
-from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.blocks.repair import Repairer
 from fluidfs.diskspace import is_disk_full
-from fluidfs.fs import health
+from fluidfs.fs.commit import Committer
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.layered import LayeredOperations
+from fluidfs.fs.metaindex import Holders, MetaIndex
+from fluidfs.fs.restore import Restorer
+from fluidfs.fs.snapshots import SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO, Tree
-from fluidfs.keys import KeyRing, encode_peer_id
-from fluidfs.net.errors import RpcError
-from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.keys import derive, encode_peer_id
+from fluidfs.node.config import NodeConfig
+from fluidfs.node.handlers import node_handlers
+from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
+from fluidfs.node.status import NodeStatus, UploadRate
 from fluidfs.node.supervise import supervise
-from fluidfs.peers.address import format_host_port
-from fluidfs.peers.agreements import DEFAULT_TERM, Ledger
-from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
-from fluidfs.peers.lifecycle import Lifecycle, LifecyclePolicy
+from fluidfs.peers.lease import WriterLease
+from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.peers.trust import TrustPolicy
-from fluidfs.remount.remount import Remount, RemountError, RemountOptions
-from fluidfs.service.faults import FaultInjection
+from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.remount import control as remount_control
+from fluidfs.remount.commits import Commits
+from fluidfs.remount.dialer import PeerDialer
+from fluidfs.remount.gate import MountGate, quorum
+from fluidfs.remount.leasekeeper import LeaseKeeper
+from fluidfs.remount.options import RemountError
+from fluidfs.remount.publisher import RootPublisher
+from fluidfs.remount.restore import TreeRestore
+from fluidfs.remount.schedule import CommitSchedule
+from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.host import PeerService
-from fluidfs.statedir import StateDir, fsname_for
+from fluidfs.statedir import fsname_for
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
+from fluidfs.store.settings import StateSettings
 from fluidfs.store.shards import ShardStore
+
+__all__ = ["MountError", "Node", "NodeConfig"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
-DEFAULT_CACHE_SIZE = 1 << 30
-DEFAULT_DONATE = 16 << 30
-DEFAULT_RATIO = 1.5
 SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
 RELEASE_PAGES_INTERVAL = 0.5
 PEER_WORKER_THREADS = 2  # the peer service's own limiter (docs/protocol.md §5)
-
-
-class MountError(Exception):
-    """The filesystem could not be mounted."""
-
-
-@dataclass
-class NodeConfig:
-    """What a node needs to start."""
-
-    keyring: KeyRing
-    state: StateDir
-    cache_size: int = DEFAULT_CACHE_SIZE
-    block_size: int = DEFAULT_BLOCK_SIZE
-    worker_threads: int = 4
-    listen: str | None = None
-    donate: int = DEFAULT_DONATE
-    bootstrap: list[str] = field(default_factory=list)
-    ratio: float = DEFAULT_RATIO
-    term: int = DEFAULT_TERM
-    stores_data: bool = True  # False for `fluidfs serve`: accept agreements, propose none
-    discovery: DiscoveryPolicy | None = None
-    fault_rate: float = 0.0  # test-only fault injection in the peer service
-    lie_on_retrieve: bool = False  # test-only: serve corrupted shards, answer audits honestly
-    audit: AuditPolicy = field(default_factory=AuditPolicy)
-    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
-    repair: RepairPolicy = field(default_factory=RepairPolicy)
-    trust: TrustPolicy = field(default_factory=TrustPolicy)
-    even_placement: bool = False  # benchmark baseline: place uniformly at random
-    repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
-    remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
-    net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
+CONTEXT_CHUNKING = "fluidfs 2026-11 tree chunking key v1"  # commits' chunk-boundary key
 
 
 class Node:
     """A fluidfs node: metadata, blockstore and filesystem over one state directory."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, faults: FaultInjection = NO_FAULTS) -> None:
         self.config = config
         keyring = config.keyring
         config.state.lock(keyring.peer_id)
         self.meta = Database(config.state.meta, META_TABLES)
+        self.settings = StateSettings(self.meta)
         self.shards = ShardStore(config.state.shards)
         self.limiter = trio.CapacityLimiter(config.worker_threads)
-        self.block_size = self._settled_block_size(config.block_size)
         self.codec = BlockCodec(
             dedup_key=keyring.dedup_key,
             wrap_key=keyring.wrap_key,
@@ -116,18 +100,44 @@ class Node:
             self.meta, self.shards, self.codec, self.cache, keyring.public_key, self.limiter
         )
         self.tree = Tree(self.meta)
-        self.data = FileData(
-            self.tree, self.blocks, config.state.dirty, self.block_size, self.limiter
-        )
-        self.ops = LayeredOperations(self.tree, self.data, str(config.state.path))
+        block_size = self.settings.settle_block_size(config.block_size)
+        self.data = FileData(self.tree, self.blocks, config.state.dirty, block_size, self.limiter)
         self._ensure_root()
-        self._wire_peers()
-        self.remount = Remount(self, config.remount)
-        self._fuse_open = False
+        self._wire_peers(faults)
+        self._wire_remount()
+        self.ops = LayeredOperations(
+            self.tree,
+            self.data,
+            str(config.state.path),
+            restorer=self.restorer,
+            view=self.view,
+            on_change=self.commits.note_change,
+        )
+        self.session = FuseSession(self.ops, fsname_for(config.state.path), keyring.peer_id)
+        self.upload_rate = UploadRate(self.blocks)
+        self.status = NodeStatus(
+            keyring.peer_id,
+            self.meta,
+            self.blocks,
+            self.codec,
+            self.shards,
+            self.data,
+            self.conns,
+            self.peers,
+            self.ledger,
+            self.service,
+            self.repairer,
+            self.migrator,
+            self.auditor,
+            self.upload_rate,
+            metadata_ids=self.index.node_ids,
+            commit_status=self.remount_requests.status,
+        )
         self._stopped = False
-        self._upload_rate = 0.0
 
-    def _wire_peers(self) -> None:
+    # --- wiring ----------------------------------------------------------------------------
+
+    def _wire_peers(self, faults: FaultInjection) -> None:
         config, keyring = self.config, self.config.keyring
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
@@ -142,7 +152,7 @@ class Node:
             limiter=trio.CapacityLimiter(PEER_WORKER_THREADS),
             records=records,
             on_end=self._agreement_ended,
-            faults=FaultInjection(config.fault_rate, config.lie_on_retrieve),
+            faults=faults,
             cooldown=config.lifecycle.cooldown,
         )
         self.conns = Connections(
@@ -164,8 +174,14 @@ class Node:
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
-        self.remote = RemoteShards(self.conns, self.peers, self.ledger, self.codec, self.limiter)
-        self.remote.even_placement = config.even_placement
+        self.remote = RemoteShards(
+            self.conns,
+            self.peers,
+            self.ledger,
+            self.codec,
+            self.limiter,
+            even_placement=config.even_placement,
+        )
         self.migrator = Migrator(self.blocks)
         # Repair a block once its live shards fall to the threshold (default N-1: any loss).
         threshold = config.repair_threshold or keyring.keyfile.shards_total - 1
@@ -179,10 +195,122 @@ class Node:
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
 
+    def _wire_remount(self) -> None:
+        """Commits, root records, the lease gate and restore (fluidfs/remount/)."""
+        config, keyring, options = self.config, self.config.keyring, self.config.remount
+        machine = self.settings.machine_id()
+        self.holders = Holders(keyring.public_key, self.peers.key_of, self._peer_index)
+        self.index = MetaIndex(self.meta, self.blocks, self.holders)
+        self.committer = Committer(
+            self.meta,
+            self.tree,
+            self.data,
+            self.blocks,
+            self.index,
+            self.holders,
+            derive(keyring.metadata_key, CONTEXT_CHUNKING),
+            machine,
+        )
+        self.snapshots = SnapshotStore(self.meta, self.blocks, self.holders)
+        self.restorer = Restorer(self.meta, self.tree, self.blocks, self.index)
+        self.view = SnapshotView(
+            self.snapshots,
+            self.index,
+            self.blocks,
+            lambda: self.data.block_size,
+            lambda: self.tree.get(ROOT_INO),
+        )
+        records = RecordClient(keyring, self.conns, self.peers)
+        lease = WriterLease(
+            records,
+            machine,
+            options.mountpoint,
+            renew=options.lease_renew,
+            addr_of=lambda: self.conns.listen_addr,
+        )
+        self.keeper = LeaseKeeper(lease, on_lost=self._lease_lost)
+        self.publisher = RootPublisher(
+            records,
+            self.committer,
+            self.keeper,
+            machine,
+            needed=self.codec.needed,
+            partners=lambda: len(self.ledger),
+            networked=self.networked,
+        )
+        self.commits = Commits(
+            CommitSchedule(options.schedule(), automatic=self.networked()),
+            self.committer,
+            self.snapshots,
+            self.blocks,
+            self.publisher,
+            self.keeper,
+            seal_all=self.data.seal_all,
+            retention=options.retention,
+            networked=self.networked,
+        )
+        self.tree_restore = TreeRestore(
+            self.meta,
+            records,
+            self.holders,
+            self.index,
+            self.committer,
+            self.snapshots,
+            self.restorer,
+            adopt_block_size=self._adopt_block_size,
+        )
+        keyfile = keyring.keyfile
+        self.gate = MountGate(
+            options,
+            PeerDialer(self.conns, self.peers, keyring.public_key, config.bootstrap,
+                       options.pinned),
+            self.keeper,
+            records,
+            self.publisher,
+            self.tree_restore,
+            self.settings,
+            self.committer.heads,
+            self.tree,
+            self.blocks,
+            machine=machine,
+            quorum=quorum(keyfile.shards_needed, len(keyfile.peers)),
+            made_for_state=config.state.made_for(keyring.peer_id),
+            networked=self.networked,
+        )
+        self.remount_requests = remount_control.RemountRequests(
+            self.commits,
+            self.publisher,
+            self.committer,
+            self.snapshots,
+            self.index,
+            self.restorer,
+            self.tree_restore,
+            self.keeper,
+            self.blocks,
+            settle=self.migrator.settle,
+            retention=options.retention,
+            networked=self.networked,
+        )
+
+    # --- what the parts are told of each other -------------------------------------------------
+
+    def networked(self) -> bool:
+        """True when the node has (or is told about) peers to back up to."""
+        return (
+            self.blocks.remote is not None
+            or bool(self.config.bootstrap)
+            or bool(self.config.remount.pinned)
+        )
+
+    def _peer_index(self, key: bytes) -> int:
+        peer = self.peers.get(key)
+        return peer.index if peer is not None else self.peers.add(key).index
+
     def _new_agreement(self, _key: bytes) -> None:
         """Shards can go to peers now; blocks kept only here can start moving there."""
         self.blocks.use_network(self.remote)
         self.migrator.wake()
+        self.commits.network_changed()
 
     def _agreement_ended(self, key: bytes) -> None:
         """Our shards on that peer no longer count: repair takes over (the repairer
@@ -191,14 +319,15 @@ class Node:
         if peer is not None:
             self.repairer.holder_gone(peer.index, encode_peer_id(key)[:12])
 
-    def _settled_block_size(self, wanted: int) -> int:
-        """The block size is fixed when the state is created; later runs keep it."""
-        with self.meta.write() as txn:
-            raw = txn.get(b"block_size", db=self.meta["settings"])
-            if raw is not None:
-                return struct.unpack(">Q", raw)[0]
-            txn.put(b"block_size", struct.pack(">Q", wanted), db=self.meta["settings"])
-        return wanted
+    def _lease_lost(self) -> None:
+        """Another mount writes now: this one turns read-only."""
+        self.ops.read_only = True
+
+    def _adopt_block_size(self, block_size: int) -> None:
+        """A restored backup's block size replaces the one this fresh state started with."""
+        if block_size != self.data.block_size:
+            self.data.adopt_block_size(block_size)
+            self.settings.set_block_size(block_size)
 
     def _ensure_root(self) -> None:
         if self.tree.get(ROOT_INO) is None:
@@ -214,6 +343,8 @@ class Node:
                 ctime_ns=t,
             )
             self.tree.save(root)
+
+    # --- starting and stopping -------------------------------------------------------------
 
     async def start(self) -> None:
         """Recover from a crash: adopt dirty blocks, drop orphaned inodes, load the cache."""
@@ -231,18 +362,20 @@ class Node:
                 self.tree.delete(txn, ino)
 
     async def stop(self) -> None:
-        """Seal everything, give uploads a while to finish, and flush to disk."""
+        """Seal everything, commit, give uploads a while to finish, and flush to disk."""
         if self._stopped:
             return
         self._stopped = True
         with trio.CancelScope(shield=True):
+            self.keeper.stop()
             await self.data.seal_all()
             try:
-                await self.remount.on_stop()
+                await self.commits.finish()
             except Exception as exc:
                 if not is_disk_full(exc, self.config.state.path):
                     raise
                 log.error("no commit at unmount: the disk holding the state directory is full")
+            await self.keeper.release()
             with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
                 await self.blocks.drain()
             self.peers.save_all()
@@ -255,6 +388,8 @@ class Node:
         self.meta.close()
         self.shards.close()
         self.config.state.unlock()
+
+    # --- running ---------------------------------------------------------------------------
 
     async def _sync_timer(self) -> None:
         elapsed = 0.0
@@ -274,8 +409,7 @@ class Node:
             await nursery.start(self.conns.run)
             if self.config.listen:
                 host, port = split_addr(self.config.listen)
-                bound = await nursery.start(self.conns.serve, host, port)
-                self.conns.listen_addr = format_host_port(host, bound)
+                await nursery.start(self.conns.serve, host, port)
                 self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
@@ -290,7 +424,7 @@ class Node:
                 ("repairer", self.repairer.run),
                 ("migrator", self.migrator.run),
                 ("lifecycle", self.lifecycle.run),
-                ("upload rate", self._measure_rate),
+                ("upload rate", self.upload_rate.run),
                 ("shard pages", self._release_shard_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
@@ -299,126 +433,18 @@ class Node:
             task_status.started()
 
     def control_handlers(self) -> dict[str, control.Handler]:
-        """What `fluidfs peers`, `fluidfs status` and friends can ask."""
-
-        async def peers(_request: dict) -> dict:
-            rows = []
-            for peer in self.peers:
-                agreement = self.ledger.get(peer.key)
-                rows.append(
-                    {
-                        "active": bool(agreement and agreement.active),
-                        "id": encode_peer_id(peer.key),
-                        "addr": peer.addr,
-                        "last_seen": peer.last_seen,
-                        "trust": peer.trust,
-                        "we_host": agreement.we_host if agreement else 0,
-                        "we_use": self.shards.used(peer.key),
-                        "they_host": agreement.they_host if agreement else 0,
-                        "they_use": agreement.they_use if agreement else 0,
-                    }
-                )
-            return {"peers": rows}
-
-        async def add_peer(request: dict) -> dict:
-            addr = str(request.get("addr", ""))
-            try:
-                split_addr(addr)
-                key, agreed = await self.manager.add(addr)
-            except (ValueError, PeerUnavailable) as exc:
-                raise control.ControlError(str(exc)) from None
-            return {"id": encode_peer_id(key), "agreement": agreed}
-
-        async def status(_request: dict) -> dict:
-            scanned = await trio.to_thread.run_sync(self._redundancy_levels, limiter=self.limiter)
-            return self.status(scanned)
-
-        async def check_files(request: dict) -> dict:
-            results = await health.check(
-                self.tree,
-                self.blocks,
-                reachable=self._reachable_cache(),
-                read_data=bool(request.get("read_data")),
-            )
-            return {"files": [vars(r) for r in results], "shards_needed": self.codec.needed}
-
-        handlers = {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
-        return handlers | self.remount.control_handlers()
-
-    def _reachable_cache(self):
-        """A holder-index → answers-now probe that pings each peer once."""
-        answers: dict[int, bool] = {}
-
-        async def reachable(holder: int) -> bool:
-            if holder == LOCAL_HOLDER:
-                return True
-            if holder not in answers:
-                key = self.peers.key_of(holder)
-                try:
-                    if key is None:
-                        raise PeerUnavailable("unknown holder")
-                    await self.conns.call(key, "Ping", {}, timeout=5)
-                    answers[holder] = True
-                except (PeerUnavailable, RpcError):
-                    answers[holder] = False
-            return answers[holder]
-
-        return reachable
-
-    def _redundancy_levels(self) -> tuple[dict[str, int], int, set[bytes]]:
-        """Data blocks per redundancy level, bytes of shards still to upload, metadata ids.
-
-        A scan of every block record: run it in a worker thread. Metadata blocks
-        are reported apart.
-        """
-        nodes = self.remount.index.node_ids()
-        levels: dict[str, int] = {}
-        pending = 0
-        with self.meta.read() as txn:
-            for key, raw in txn.cursor(db=self.meta["blocks"]):
-                if bytes(key) in nodes:
-                    continue
-                stored = StoredBlock.decode(bytes(key), raw)
-                if LOCAL_HOLDER in stored.holders:
-                    level = "local"
-                else:
-                    level = str(stored.record.total - stored.missing())
-                    pending += stored.missing() * stored.record.shard_size
-                levels[level] = levels.get(level, 0) + 1
-        return levels, pending, nodes
-
-    def status(self, scanned: tuple[dict[str, int], int, set[bytes]] | None = None) -> dict:
-        """Figures for `fluidfs status` (*scanned*: a result of _redundancy_levels)."""
-        levels, pending, nodes = scanned or self._redundancy_levels()
-        own = self.shards.used(self.blocks.owner)  # shards of ours kept here (no peers yet)
-        order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
-        return {
-            "peer_id": self.config.keyring.peer_id,
-            "listen": self.conns.listen_addr,
-            "peers_known": len(self.peers),
-            "peers_with_agreements": len(self.ledger.active()),
-            "shards_total": self.codec.total,
-            "shards_needed": self.codec.needed,
-            "blocks": sum(levels.values()),
-            "redundancy": {k: levels[k] for k in order},
-            "under_replicated": len(self.blocks.under - nodes),
-            "uploaded_bytes": self.blocks.uploaded_bytes,
-            "upload_pending_bytes": pending,
-            "upload_rate": self._upload_rate,
-            "unsealed_bytes": self.data.pending_bytes(),
-            "hosted_bytes": self.service.hosted_total() - own,
-            "local_shard_bytes": own,
-            "network": self.blocks.remote is not None,
-            "repair_queue": self.repairer.queue_length,
-            "repaired_bytes": self.repairer.repaired_bytes,
-            "repair_rate": self.repairer.rate,
-            "repair_bandwidth": self.repairer.policy.bandwidth,
-            "moved_to_peers_blocks": self.migrator.moved_blocks,
-            "audit_cycles": self.auditor.cycles,
-            "audit_challenges": self.auditor.challenges,
-            "gc_pending_bytes": self.blocks.collector.pending()[1],
-            "commit": self.remount.status(),
-        }
+        """Everything the control socket answers: the node's requests and the remount's."""
+        handlers = node_handlers(
+            self.peers,
+            self.ledger,
+            self.shards,
+            self.manager,
+            self.conns,
+            self.tree,
+            self.blocks,
+            self.status,
+        )
+        return handlers | remount_control.handlers(self.remount_requests)
 
     async def _release_shard_pages(self) -> None:
         """Keep LMDB's mapped shard pages from inflating RSS (see sysutil)."""
@@ -426,21 +452,29 @@ class Node:
             await trio.sleep(RELEASE_PAGES_INTERVAL)
             self.shards.release_pages()
 
-    async def _measure_rate(self) -> None:
-        """Upload rate for status: exponentially weighted over the last seconds."""
-        last = self.blocks.uploaded_bytes
-        while True:
-            await trio.sleep(1.0)
-            now = self.blocks.uploaded_bytes
-            self._upload_rate = 0.7 * self._upload_rate + 0.3 * (now - last)
-            last = now
+    async def _run_remount(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """While mounted: the commit loop, lease renewals and the rest of a restore."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.commits.run)
+            if self.networked():
+                nursery.start_soon(self.keeper.run)
+            if self.tree_restore.unfinished:
+                nursery.start_soon(self.tree_restore.run)
+            task_status.started()
+
+    async def _settle_before_mount(self) -> None:
+        """The lease gate (remount/gate.py); its refusal becomes a MountError."""
+        try:
+            await self.gate.before_mount()
+        except RemountError as exc:
+            raise MountError(str(exc)) from None
 
     async def serve(self) -> None:
         """Run as a peer with no mount (fluidfs serve) until signalled."""
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.run_services)
-                await self._on_signals(nursery.cancel_scope)
+                await cancel_on_signals(nursery.cancel_scope)
         finally:
             with trio.CancelScope(shield=True):
                 self.peers.save_all()
@@ -455,68 +489,17 @@ class Node:
         allow_other: bool = False,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
-        """Mount at *mountpoint* and serve until unmounted or signalled."""
+        """Mount at *mountpoint* and serve until unmounted or signalled (node/session.py)."""
         await self.start()
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=" + fsname_for(self.config.state.path), "subtype=fluidfs"}
-        if allow_other:
-            options.add("allow_other")
-        fuse_scope = trio.CancelScope()
-        refused: MountError | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                # Peers first: the writer lease and (on a fresh state) the restored tree
-                # must be settled before the mount is usable.
-                await nursery.start(self.run_services)
-                refused = await self._open_fuse(mountpoint, options)
-                if refused is not None:
-                    nursery.cancel_scope.cancel()
-                    return  # raised below, outside the nursery (no exception group)
-                await nursery.start(self.data.run)
-                await nursery.start(self.remount.run)
-                nursery.start_soon(self._on_signals, fuse_scope)
-                if on_ready is not None:
-                    on_ready()
-                with fuse_scope:
-                    await pyfuse3.main()
-                # The kernel ended the session (fusermount3 -u) or a signal came.
-                self._close_fuse(unmount=fuse_scope.cancel_called)
-                await self.stop()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                self._close_fuse(unmount=True)
-                await self.stop()
-            if refused is not None:
-                raise refused
-            log.info("unmounted %s", mountpoint)
-
-    async def _open_fuse(self, mountpoint: Path, options: set[str]) -> MountError | None:
-        """Settle the lease and the tree (remount.py), then open the FUSE session."""
-        try:
-            await self.remount.before_mount()
-            pyfuse3.init(self.ops, str(mountpoint), options)
-        except (RemountError, RuntimeError) as exc:
-            with trio.move_on_after(10):
-                await self.remount.lease.release()  # if it was taken
-            if isinstance(exc, RemountError):
-                return MountError(str(exc))
-            return MountError(f"cannot mount at {mountpoint}: {exc}")
-        self._fuse_open = True
-        log.info("mounted %s (peer %s)", mountpoint, self.config.keyring.peer_id)
-        return None
-
-    def _close_fuse(self, *, unmount: bool) -> None:
-        if self._fuse_open:
-            self._fuse_open = False
-            try:
-                pyfuse3.close(unmount=unmount)
-            except Exception:
-                log.exception("closing the FUSE session")
-
-    async def _on_signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("signal %d: unmounting", signum)
-                scope.cancel()
-                return
+        if self.data.dirty:
+            self.commits.note_change()  # blocks recovered after a crash are changes to commit
+        await self.session.run(
+            mountpoint,
+            allow_other=allow_other,
+            services=self.run_services,
+            prepare=self._settle_before_mount,
+            abandon=self.keeper.release,
+            background=[self.data.run, self._run_remount],
+            stop=self.stop,
+            on_ready=on_ready,
+        )

@@ -31,7 +31,7 @@ from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnec
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.net.rpc import Dispatcher, RpcConnection
 from fluidfs.net.tcp import accept_loop, accept_peer, dial
-from fluidfs.peers.address import split_host_port
+from fluidfs.peers.address import format_host_port, split_host_port
 from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,13 @@ class Connections:
     # --- inbound -------------------------------------------------------------------------
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept peers on host:port; report the bound port through task_status."""
+        """Accept peers on host:port; report the bound port through task_status.
+
+        From then on ``listen_addr`` is where peers reach us (host and the bound port).
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
+        self.listen_addr = format_host_port(host, bound)
         task_status.started(bound)
         await accept_loop(listeners, self.admission, self._accept)
 

@@ -1,86 +1,120 @@
-"""What `fluidfs sync`, `snapshots`, `forget` and `status` ask of the node's remount part.
+"""What `fluidfs sync`, `snapshots`, `forget` and `status` ask of the remount part.
 
-Split from remount.py (the loops and mount-time checks): these are the answers to
-control-socket requests (control.py, protocol version 1), each a JSON-able dict.
+:class:`RemountRequests` answers in domain terms (each answer a JSON-able dict) and
+raises domain errors; :func:`handlers` is the edge to the control socket (control.py,
+protocol version 1), the one place those errors become ``ControlError`` replies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import trio
 
 from fluidfs import control
-from fluidfs.fs.commit import CommitStats, wait_placed
-from fluidfs.fs.snapshots import Retention
-
-if TYPE_CHECKING:
-    from fluidfs.remount.remount import Remount
+from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.fs.commit import CommitStats, Committer, wait_placed
+from fluidfs.fs.metaindex import MetaIndex
+from fluidfs.fs.restore import Restorer
+from fluidfs.fs.snapshots import Retention, SnapshotStore
+from fluidfs.remount.commits import Commits, NotWriter
+from fluidfs.remount.leasekeeper import LeaseKeeper
+from fluidfs.remount.publisher import RootPublisher
+from fluidfs.remount.restore import TreeRestore
 
 SYNC_STALL = 20.0  # fluidfs sync: seconds without placement progress before reporting
+SYNC_ROUNDS = 3  # commits again while holders improve after the tree was written
 
 
-class RemountControl:
-    """Answers control requests for one node's Remount."""
+class RequestRefused(Exception):
+    """A request that cannot be done now or as asked (the message says why)."""
 
-    def __init__(self, remount: Remount) -> None:
-        self.remount = remount
+
+class RemountRequests:
+    """Answers the remount part's control requests."""
+
+    def __init__(
+        self,
+        commits: Commits,
+        publisher: RootPublisher,
+        committer: Committer,
+        snapshots: SnapshotStore,
+        index: MetaIndex,
+        restorer: Restorer,
+        restore: TreeRestore,
+        keeper: LeaseKeeper,
+        blocks: BlockStore,
+        *,
+        settle: Callable[[float], Awaitable[Any]],
+        retention: Retention,
+        networked: Callable[[], bool],
+    ) -> None:
+        self.commits = commits
+        self.publisher = publisher
+        self.committer = committer
+        self.snapshots = snapshots
+        self.index = index
+        self.restorer = restorer
+        self.restore = restore
+        self.keeper = keeper
+        self.blocks = blocks
+        self.settle = settle  # moves blocks stored before there were peers onto peers
+        self.retention = retention
+        self.networked = networked
 
     async def sync(self, timeout: float) -> dict[str, Any]:
         """fluidfs sync: commit, and wait until everything it names is fully stored."""
         started = time.monotonic()
+        commits = self.commits
         result = None
         written = CommitStats()
         with trio.move_on_after(timeout):
-            if self.remount.node.blocks.remote is not None:
-                # blocks stored before there were peers go to them first
-                await self.remount.node.migrator.settle(SYNC_STALL)
-            changed = self.remount.changed_at is not None
-            result = await self.remount.commit(user_changed=changed, stall=SYNC_STALL)
+            if self.blocks.remote is not None:
+                await self.settle(SYNC_STALL)
+            result = await commits.commit(user_changed=commits.changes_pending, stall=SYNC_STALL)
             if result is not None:
                 written.add(result.stats)
-            for _ in range(3):  # holders may have improved after the tree was written
-                full = await wait_placed(
-                    self.remount.node.blocks, None, stall=SYNC_STALL, limit=timeout
-                )
-                last = self.remount.committer.last
+            for _ in range(SYNC_ROUNDS):
+                full = await wait_placed(self.blocks, None, stall=SYNC_STALL, limit=timeout)
+                last = self.committer.last
+                again = commits.schedule.again_pending
                 if last is None or not (last.stats.incomplete_refs or last.stats.weak_refs):
-                    if not self.remount.force_commit:
+                    if not again:
                         break
-                elif not full and not self.remount.force_commit:
+                elif not full and not again:
                     break
-                again = await self.remount.commit(
-                    user_changed=False, force=self.remount.force_commit, stall=SYNC_STALL
-                )
-                self.remount.force_commit = False
-                if again is None:
+                more = await commits.commit(user_changed=False, force=again, stall=SYNC_STALL)
+                if more is None:
                     break
-                result = again
-                written.add(again.stats)
-        if self.remount.pending_publish is not None:
-            await self.remount._publish(self.remount.pending_publish)
-        head = self.remount.committer.heads.latest()
-        blocks = self.remount.node.blocks
+                result = more
+                written.add(more.stats)
+        await commits.publish_pending()
+        head = self.committer.heads.latest()
+        blocks = self.blocks
         local = 0
         if blocks.remote is not None:  # without peers, local is simply where blocks live
             ids = await trio.to_thread.run_sync(blocks.local_only_ids, limiter=blocks.limiter)
             local = len(ids)
         under = len(blocks.under)
-        last = self.remount.committer.last
+        last = self.committer.last
         weak = last.stats.weak_refs if last is not None else 0
-        published = head is not None and head.published and self.remount.pending_publish is None
-        full = self.remount.networked and under == 0 and local == 0 and published and not weak
+        waiting = self.publisher.pending is not None
+        published = head is not None and head.published and not waiting
+        networked = self.networked()
+        full = networked and under == 0 and local == 0 and published and not weak
         stats = written if result is not None else None
         return {
             "seq": head.seq if head else 0,
             "snapshot": result.snapshot if result is not None else None,
             "committed": result is not None,
-            "network": self.remount.networked,
+            "network": networked,
             "full": full,
             "under_replicated": under,
             "local_only_blocks": local,
-            "root_peers": self.remount.published_to,
+            "root_peers": self.publisher.published_to,
             "published": published,
             "weak_refs": weak,
             "nodes_written": stats.nodes_written if stats else 0,
@@ -92,8 +126,8 @@ class RemountControl:
 
     def list_snapshots(self, retention: Retention | None = None) -> list[dict[str, Any]]:
         """The kept snapshots with the retention rule that keeps each."""
-        retention = retention or self.remount.options.retention
-        snaps = self.remount.snapshots.list()
+        retention = retention or self.retention
+        snaps = self.snapshots.list()
         rules = retention.keep([(s.seq, s.when) for s in snaps], time.time_ns())
         return [
             {
@@ -109,51 +143,54 @@ class RemountControl:
         self, retention: Retention | None, names: list[str], dry_run: bool
     ) -> dict[str, Any]:
         """fluidfs forget: drop the snapshots the policy (or the names given) no longer keeps."""
-        if not self.remount.committer.index_complete():
-            left = len(self.remount.restorer.pending())
-            raise control.ControlError(
+        if not self.committer.index_complete():
+            left = len(self.restorer.pending())
+            raise RequestRefused(
                 "this state directory is still rebuilding its index from the network "
                 f"({left} directories to go); forgetting snapshots is safe once that is done"
             )
-        policy = retention or self.remount.options.retention
-        snaps = self.remount.snapshots.list()
+        policy = retention or self.retention
+        snaps = self.snapshots.list()
         known = {s.name for s in snaps}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise control.ControlError("no such snapshot: " + ", ".join(unknown))
+            raise RequestRefused("no such snapshot: " + ", ".join(unknown))
         chooser = _Chooser(policy, {s.seq for s in snaps if s.name in names} if names else None)
         keep = chooser.keep([(s.seq, s.when) for s in snaps], time.time_ns())
         expire = [s.name for s in snaps if s.seq not in keep]
         if dry_run or not expire:
             return {"expired": expire, "kept": len(snaps) - len(expire), "released_blocks": 0}
-        before = self.remount.node.blocks.count()
-        changed = self.remount.changed_at is not None
-        result = await self.remount.commit(user_changed=changed, retention=chooser)
-        released = max(0, before - self.remount.node.blocks.count())
+        before = self.blocks.count()
+        result = await self.commits.commit(
+            user_changed=self.commits.changes_pending, retention=chooser
+        )
+        released = max(0, before - self.blocks.count())
         return {
             "expired": result.expired if result is not None else [],
-            "kept": len(self.remount.snapshots.list()),
+            "kept": len(self.snapshots.list()),
             "released_blocks": released,
             "seq": result.head.seq if result is not None else 0,
         }
 
     def status(self) -> dict[str, Any]:
-        """Figures for `fluidfs status`."""
-        head = self.remount.committer.heads.latest()
-        last = self.remount.committer.last
+        """The ``commit`` figures of `fluidfs status`."""
+        head = self.committer.heads.latest()
+        last = self.committer.last
+        lost = self.keeper.lost_to
+        restored = self.restore.restored
         return {
-            "writer": self.remount.writer,
-            "lost_to": self.remount.lease.lost.where() if self.remount.lease.lost else None,
+            "writer": self.keeper.writer,
+            "lost_to": lost.where() if lost else None,
             "head_seq": head.seq if head else 0,
             "head_time": head.time_ns / 1e9 if head else 0,
-            "published": self.remount.pending_publish is None,
-            "changes_pending": self.remount.changed_at is not None,
-            "snapshots": len(self.remount.snapshots.list()),
-            "metadata_nodes": self.remount.index.count(),
-            "lazy_dirs": len(self.remount.restorer.pending()),
-            "index_complete": self.remount.committer.index_complete(),
-            "restored": self.remount.restored,
-            "tree_reads": self.remount.tree_reads,
+            "published": self.publisher.pending is None,
+            "changes_pending": self.commits.changes_pending,
+            "snapshots": len(self.snapshots.list()),
+            "metadata_nodes": self.index.count(),
+            "lazy_dirs": len(self.restorer.pending()),
+            "index_complete": self.committer.index_complete(),
+            "restored": vars(restored) if restored is not None else None,
+            "tree_reads": self.commits.tree_reads,
             "last_commit": None
             if last is None
             else {
@@ -164,27 +201,40 @@ class RemountControl:
                 "nodes_reused": last.stats.nodes_reused,
                 "seconds": last.stats.seconds,
             },
-            "last_error": self.remount.last_error,
+            "last_error": self.keeper.lost_reason or self.commits.last_error,
         }
 
-    def handlers(self) -> dict[str, control.Handler]:
-        """Control-socket commands: sync, snapshots, forget."""
 
-        async def sync(request: dict) -> dict:
-            timeout = float(request.get("wait", 3600))
-            return await self.sync(timeout)
+def handlers(requests: RemountRequests) -> dict[str, control.Handler]:
+    """Control-socket commands: sync, snapshots, forget (domain errors become replies)."""
 
-        async def snapshots(request: dict) -> dict:
+    async def sync(request: dict) -> dict:
+        timeout = float(request.get("wait", 3600))
+        with _refusals():
+            return await requests.sync(timeout)
+
+    async def snapshots(request: dict) -> dict:
+        with _refusals():
             retention = _retention(request.get("retention"))
-            policy = retention or self.remount.options.retention
-            return {"snapshots": self.list_snapshots(policy), "retention": str(policy)}
+        policy = retention or requests.retention
+        return {"snapshots": requests.list_snapshots(policy), "retention": str(policy)}
 
-        async def forget(request: dict) -> dict:
+    async def forget(request: dict) -> dict:
+        names = [str(n) for n in request.get("names", [])]
+        with _refusals():
             retention = _retention(request.get("retention"))
-            names = [str(n) for n in request.get("names", [])]
-            return await self.forget(retention, names, bool(request.get("dry_run")))
+            return await requests.forget(retention, names, bool(request.get("dry_run")))
 
-        return {"sync": sync, "snapshots": snapshots, "forget": forget}
+    return {"sync": sync, "snapshots": snapshots, "forget": forget}
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """Turn the remount part's domain errors into control replies."""
+    try:
+        yield
+    except (NotWriter, RequestRefused) as exc:
+        raise control.ControlError(str(exc)) from None
 
 
 class _Chooser:
@@ -202,9 +252,10 @@ class _Chooser:
 
 
 def _retention(text: object) -> Retention | None:
+    """A retention rule from a request (RequestRefused if it does not parse)."""
     if not text:
         return None
     try:
         return Retention.parse(str(text))
     except ValueError as exc:
-        raise control.ControlError(str(exc)) from None
+        raise RequestRefused(str(exc)) from None

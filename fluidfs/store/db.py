@@ -32,7 +32,7 @@ META_TABLES = [
     "counters",  # fs/tree.py
     "blocks",  # blocks/record.py
     "gc", "placing",  # blocks/gc.py
-    "settings",  # node/node.py, remount/remount.py
+    "settings",  # store/settings.py
     "peers",
     "peer_index",  # peers/peerlist.py
     "agreements",  # peers/agreements.py

@@ -1,0 +1,47 @@
+"""What a node needs to start: NodeConfig and its defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fluidfs.blocks.audit import AuditPolicy
+from fluidfs.blocks.repair import RepairPolicy
+from fluidfs.keys import KeyRing
+from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.peers.agreements import DEFAULT_TERM
+from fluidfs.peers.discovery import DiscoveryPolicy
+from fluidfs.peers.lifecycle import LifecyclePolicy
+from fluidfs.peers.trust import TrustPolicy
+from fluidfs.remount.options import RemountOptions
+from fluidfs.statedir import StateDir
+
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+DEFAULT_CACHE_SIZE = 1 << 30
+DEFAULT_DONATE = 16 << 30
+DEFAULT_RATIO = 1.5
+
+
+@dataclass
+class NodeConfig:
+    """What a node needs to start (test-only misbehaviour is service/faults.py, apart)."""
+
+    keyring: KeyRing
+    state: StateDir
+    cache_size: int = DEFAULT_CACHE_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE  # for a new state; a used one keeps its own
+    worker_threads: int = 4
+    listen: str | None = None
+    donate: int = DEFAULT_DONATE
+    bootstrap: list[str] = field(default_factory=list)
+    ratio: float = DEFAULT_RATIO
+    term: int = DEFAULT_TERM
+    stores_data: bool = True  # False for `fluidfs serve`: accept agreements, propose none
+    discovery: DiscoveryPolicy | None = None
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
+    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    repair: RepairPolicy = field(default_factory=RepairPolicy)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
+    even_placement: bool = False  # benchmark baseline: place uniformly at random
+    repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
+    remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
+    net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)

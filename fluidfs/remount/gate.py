@@ -1,0 +1,222 @@
+"""The lease gate: whether a mount may go ahead, and with which tree.
+
+Before the mount is made usable, a node with peers (or told of some):
+
+- reaches the keyfile's peers (remount/dialer.py) and takes the writer lease
+  (peers/lease.py; refused while another live mount holds it, unless ``--takeover``);
+- finds the newest valid root record (peers/rootrecord.py) and, on a fresh state
+  directory, adopts that commit (remount/restore.py) before the mount is usable;
+- lets a fresh state directory start *empty* only when that cannot orphan a backup: a
+  quorum of peers must say they hold no root record for this keyfile (``not_found``
+  from at least K of them, K = shards needed to rebuild a block, and from no fewer
+  than the keyfile lists), or the backup is known to be new (``--new``, or the keyfile
+  was created for this state directory: statedir.py ``new-key``, or an earlier mount
+  of this still-empty state started it new: store/settings.py ``origin``). Otherwise
+  the mount is refused. One peer saying ``not_found`` proves nothing: it may be new,
+  have lost its records, or be someone else answering at a bootstrap address. An
+  empty start would commit a tree whose records, once the mount reached the real
+  holders, replace the real backup's root there. While not enough peers have answered,
+  it asks again every second for up to ``restore_wait`` seconds;
+- refuses a state directory that is not fresh when the newest root was written by
+  another machine after this state's last commit: mounting it would fork the backup.
+
+A node without peers has nowhere to back up to and nothing to check: the gate lets it
+through at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.fs.commit import Heads
+from fluidfs.fs.tree import ROOT_INO, Tree
+from fluidfs.peers.lease import LeaseHeld
+from fluidfs.peers.rootrecord import Found, RecordClient
+from fluidfs.remount.dialer import PeerDialer
+from fluidfs.remount.leasekeeper import LeaseKeeper
+from fluidfs.remount.options import RemountError, RemountOptions
+from fluidfs.remount.publisher import RootPublisher
+from fluidfs.remount.restore import RestoreError, TreeRestore
+from fluidfs.store.settings import ORIGIN_NEW, ORIGIN_RESTORED, StateSettings
+
+log = logging.getLogger(__name__)
+
+ASK_AGAIN = 1.0  # seconds between asks while too few peers answered
+
+
+class FreshStart(enum.Enum):
+    """What a fresh state directory does with the root records peers answered with."""
+
+    RESTORE = "restore"
+    START_NEW = "start new"
+    REFUSE = "refuse"
+
+
+def quorum(needed: int, listed: int) -> int:
+    """``not_found`` answers a fresh state needs to start empty: K, and all the keyfile lists."""
+    return max(needed, listed)
+
+
+def answered_enough(found: Found | None, *, waiting: bool, quorum: int) -> bool:
+    """True when the answers so far settle the question (stop asking again)."""
+    if found is None:
+        return False
+    return found.exists or not waiting or found.absent >= quorum
+
+
+def fresh_start(found: Found | None, *, known_new: bool, quorum: int) -> FreshStart:
+    """The fresh-state rule of the module docstring."""
+    if found is not None and found.exists:
+        return FreshStart.RESTORE
+    if known_new or (found is not None and found.absent >= quorum):
+        return FreshStart.START_NEW
+    return FreshStart.REFUSE
+
+
+def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
+    """Why a used state directory may not mount (another machine committed since), or None."""
+    if found is None or not found.exists:
+        return None
+    if found.body.get("machine") == machine or found.seq <= our_seq:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.body.get("time", 0) / 1e9))
+    return (
+        f"the backup of this keyfile was changed on host {found.body.get('host', '?')} "
+        f"(commit {found.seq} at {when}) after this state directory was last used "
+        f"(commit {our_seq}); mount with a new --state-dir to get the current tree"
+    )
+
+
+class MountGate:
+    """Settles the lease and the tree before a mount; raises RemountError to refuse."""
+
+    def __init__(
+        self,
+        options: RemountOptions,
+        dialer: PeerDialer,
+        keeper: LeaseKeeper,
+        records: RecordClient,
+        publisher: RootPublisher,
+        restore: TreeRestore,
+        settings: StateSettings,
+        heads: Heads,
+        tree: Tree,
+        blocks: BlockStore,
+        *,
+        machine: bytes,
+        quorum: int,
+        made_for_state: bool,
+        networked: Callable[[], bool],
+    ) -> None:
+        self.options = options
+        self.dialer = dialer
+        self.keeper = keeper
+        self.records = records
+        self.publisher = publisher
+        self.restore = restore
+        self.settings = settings
+        self.heads = heads
+        self.tree = tree
+        self.blocks = blocks
+        self.machine = machine
+        self.quorum = quorum
+        self.made_for_state = made_for_state  # the keyfile was created for this state
+        self.networked = networked
+
+    def fresh(self) -> bool:
+        """A state directory that has never held or committed a tree."""
+        if self.heads.latest() is not None:
+            return False
+        return self.tree.is_empty(ROOT_INO) and self.blocks.count() == 0
+
+    def known_new(self) -> bool:
+        """This state directory may start empty without asking peers."""
+        return (
+            self.options.new
+            or self.settings.origin() == ORIGIN_NEW
+            or self.made_for_state
+        )
+
+    async def before_mount(self) -> None:
+        """Lease, newest root, and restore on a fresh state; raise RemountError to refuse."""
+        if not self.networked():
+            return
+        fresh = self.fresh()
+        new = fresh and self.known_new()
+        await self.dialer.reach()
+        try:
+            await self.keeper.acquire(takeover=self.options.takeover)
+        except LeaseHeld as exc:
+            raise RemountError(str(exc)) from None
+        waiting = fresh and not new
+        found = await self._newest_root(self.options.restore_wait if waiting else 0.0, waiting)
+        if found is not None and found.exists:
+            self.publisher.seen(found.seq)
+        if fresh:
+            await self._settle_fresh(found, new)
+            return
+        head = self.heads.latest()
+        refusal = forked(found, self.machine, head.seq if head is not None else 0)
+        if refusal is not None:
+            raise RemountError(refusal)
+
+    async def _newest_root(self, wait: float, waiting: bool) -> Found | None:
+        deadline = trio.current_time() + wait
+        while True:
+            found = await self.records.newest("root", follow_peers=True)
+            if answered_enough(found, waiting=waiting, quorum=self.quorum):
+                return found
+            if trio.current_time() >= deadline:
+                return found
+            await trio.sleep(ASK_AGAIN)
+            await self.dialer.reach()
+
+    async def _settle_fresh(self, found: Found | None, new: bool) -> None:
+        decision = fresh_start(found, known_new=new, quorum=self.quorum)
+        if decision is FreshStart.REFUSE:
+            self._refuse_empty(found)
+        if decision is FreshStart.RESTORE:
+            assert found is not None
+            if self.options.new:
+                log.warning("--new, but this keyfile has a backup (commit %d): restoring it",
+                            found.seq)
+            try:
+                await self.restore.adopt(found)
+            except RestoreError as exc:
+                raise RemountError(str(exc)) from None
+            self.settings.set_origin(ORIGIN_RESTORED)
+            return
+        self.settings.set_origin(ORIGIN_NEW)
+        log.info(
+            "starting a new backup (%s)",
+            "known new"
+            if new
+            else f"{found.absent if found else 0} peers said this keyfile has none, "
+            f"{self.quorum} needed",
+        )
+
+    def _refuse_empty(self, found: Found | None) -> None:
+        """Raise the RemountError of a fresh state directory that may not start empty."""
+        errors = self.dialer.errors
+        failed = "; ".join(f"{a}: {e}" for a, e in list(errors.items())[:4])
+        failed = f" ({failed})" if failed else ""
+        advice = "or mount with --new if this keyfile is for a new backup"
+        if found is None:
+            tried = self.dialer.tried()
+            raise RemountError(
+                "no peer answered, so fluidfs cannot tell whether this keyfile already has "
+                "a backup; mount again once a peer is reachable (tried: "
+                f"{', '.join(tried[:8]) or 'no addresses'}){failed}; {advice}"
+            )
+        raise RemountError(
+            f"cannot tell whether this keyfile already has a backup: {found.absent} of the "
+            f"{found.answered} peers that answered say it has none, and {self.quorum} must "
+            "before fluidfs starts an empty one (an empty start could replace an existing "
+            f"backup){failed}; mount again once more peers are reachable, {advice}"
+        )

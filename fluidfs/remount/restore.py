@@ -1,0 +1,155 @@
+"""Bringing a backup's tree onto a fresh state directory, from its newest root record.
+
+At mount, :meth:`TreeRestore.adopt` makes the commit a root record points to the
+live one: the head, the snapshot list and the root directory, with everything below
+left lazy (fs/restore.py) and the ``index`` flag of the heads table set to
+``partial``. While mounted, :meth:`TreeRestore.run` loads the remaining directories
+and registers every node of every kept commit, then clears the flag so that older
+commits may be released again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from fluidfs.fs.commit import INDEX_KEY, Committer, Head
+from fluidfs.fs.metaformat import Entry, NodeError, decode_node
+from fluidfs.fs.metaindex import Holders, MetaError, MetaIndex
+from fluidfs.fs.restore import Restorer
+from fluidfs.fs.snapshots import Snapshot, SnapshotStore
+from fluidfs.peers.rootrecord import Found, RecordClient
+from fluidfs.store.db import Database
+
+log = logging.getLogger(__name__)
+
+INDEX_RETRY = 10.0
+
+
+class RestoreError(Exception):
+    """The root record found cannot be restored from."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a mount restored (shown by ``fluidfs status``)."""
+
+    seq: int
+    time: float
+    host: str
+    snapshots: int
+    peers_answered: int
+    peers_holding: int
+
+
+class TreeRestore:
+    """Adopts a committed tree at mount and completes it in the background."""
+
+    def __init__(
+        self,
+        db: Database,
+        records: RecordClient,
+        holders: Holders,
+        index: MetaIndex,
+        committer: Committer,
+        snapshots: SnapshotStore,
+        restorer: Restorer,
+        *,
+        adopt_block_size: Callable[[int], None],
+    ) -> None:
+        self.db = db
+        self.records = records
+        self.holders = holders
+        self.index = index
+        self.committer = committer
+        self.snapshots = snapshots
+        self.restorer = restorer
+        self.adopt_block_size = adopt_block_size
+        self.restored: Restored | None = None
+
+    async def adopt(self, found: Found) -> Restored:
+        """Adopt the commit *found* points to (fresh state directory); RestoreError if not."""
+        body = found.body
+        self.records.learn(body.get("peers", []))
+        try:
+            (pointer,) = decode_node(body["commit"]).entries
+            ref = pointer.content
+            if ref is None:
+                raise NodeError("no commit reference")
+        except (KeyError, TypeError, ValueError, NodeError) as exc:
+            raise RestoreError(f"the newest root record is unusable: {exc}") from None
+        self.holders.learn([ref])
+        with self.db.write() as txn:
+            self.index.adopt(txn, ref)  # the head's reference
+        try:
+            commit = (await self.index.load(ref.block_id)).commit
+            if commit is None:
+                raise MetaError("the root record does not point to a commit node")
+            snaps: list[Entry] = []
+            if commit.snaps is not None:
+                snaps = await self.index.entries(commit.snaps.block_id)
+        except MetaError as exc:
+            raise RestoreError(f"cannot fetch the committed tree: {exc}") from None
+        self.adopt_block_size(commit.block_size)
+        tree = commit.root.content.block_id if commit.root.content is not None else None
+        head = Head(
+            commit.seq,
+            ref.block_id,
+            commit.time_ns,
+            tree,
+            commit.snaps.block_id if commit.snaps is not None else None,
+            published=True,
+        )
+        with self.db.write() as txn:
+            self.committer.heads.put(txn, head)
+            self.snapshots.replace_all(txn, [Snapshot(e.seq, e) for e in snaps])
+            txn.put(INDEX_KEY, b"partial", db=self.db["commits"])
+        self.restorer.adopt_root(commit)
+        self.restored = Restored(
+            seq=commit.seq,
+            time=commit.time_ns / 1e9,
+            host=body.get("host", "?"),
+            snapshots=len(snaps),
+            peers_answered=found.answered,
+            peers_holding=found.holding,
+        )
+        log.info(
+            "restored commit %d of %s from %s (%d snapshots; %d peers answered)",
+            commit.seq,
+            time.ctime(commit.time_ns / 1e9),
+            body.get("host", "?"),
+            len(snaps),
+            found.answered,
+        )
+        return self.restored
+
+    @property
+    def unfinished(self) -> bool:
+        """Directories still lazy, or the index of kept commits not rebuilt yet."""
+        return bool(self.restorer.pending()) or not self.committer.index_complete()
+
+    async def run(self) -> None:
+        """Load every lazy directory, then register every kept node (retrying on errors)."""
+        started = time.monotonic()
+        await self.restorer.load_all()
+        log.info(
+            "loaded %d directories (%d entries) in %.1f s",
+            self.restorer.loaded_dirs,
+            self.restorer.loaded_entries,
+            time.monotonic() - started,
+        )
+        while not self.committer.index_complete():
+            try:
+                tops = self.committer.held_nodes()
+                fetched = await self.restorer.register_all(tops)
+            except MetaError as exc:
+                log.warning("rebuilding the index: %s (will retry)", exc)
+                await trio.sleep(INDEX_RETRY)
+                continue
+            self.committer.heads.set_flag(INDEX_KEY, None)
+            log.info("index complete: %d more metadata nodes registered", fetched)
+            await self.committer.release_old()

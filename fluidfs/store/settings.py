@@ -1,0 +1,74 @@
+"""What a state directory settles once: its block size, machine id and origin.
+
+Table ``settings`` of meta.lmdb (format version 1):
+
+- ``b"block_size"`` → u64 big-endian: the size files are cut into. Fixed when the
+  state is created; a fresh state that restores a backup takes the backup's.
+- ``b"machine_id"`` → 16 random bytes, made the first time the state is used: the
+  writer lease and the root records say which machine wrote them.
+- ``b"origin"`` → how a fresh state directory settled its tree: ``b"new"`` (started
+  empty: a quorum of peers said there is no backup, ``--new``, or the keyfile was made
+  for it; a later mount of the still-empty state skips the quorum) or ``b"restored"``
+  (adopted a root record). See remount/gate.py.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from fluidfs.store.db import Database
+
+_U64 = struct.Struct(">Q")
+BLOCK_SIZE_KEY = b"block_size"
+MACHINE_KEY = b"machine_id"
+ORIGIN_KEY = b"origin"
+ORIGIN_NEW = b"new"
+ORIGIN_RESTORED = b"restored"
+
+
+class StateSettings:
+    """The ``settings`` table."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._table = db["settings"]
+
+    def _get(self, key: bytes) -> bytes | None:
+        with self.db.read() as txn:
+            raw = txn.get(key, db=self._table)
+        return None if raw is None else bytes(raw)
+
+    def _put(self, key: bytes, value: bytes) -> None:
+        with self.db.write() as txn:
+            txn.put(key, value, db=self._table)
+
+    def settle_block_size(self, wanted: int) -> int:
+        """The block size: *wanted* on a new state, the one it was created with after."""
+        with self.db.write() as txn:
+            raw = txn.get(BLOCK_SIZE_KEY, db=self._table)
+            if raw is not None:
+                return _U64.unpack(raw)[0]
+            txn.put(BLOCK_SIZE_KEY, _U64.pack(wanted), db=self._table)
+        return wanted
+
+    def set_block_size(self, size: int) -> None:
+        """Record the block size of a restored backup."""
+        self._put(BLOCK_SIZE_KEY, _U64.pack(size))
+
+    def machine_id(self) -> bytes:
+        """This state directory's machine id (made on first use)."""
+        with self.db.write() as txn:
+            raw = txn.get(MACHINE_KEY, db=self._table)
+            if raw is None:
+                raw = os.urandom(16)
+                txn.put(MACHINE_KEY, raw, db=self._table)
+        return bytes(raw)
+
+    def origin(self) -> bytes | None:
+        """``ORIGIN_NEW``, ``ORIGIN_RESTORED`` or None (never settled)."""
+        return self._get(ORIGIN_KEY)
+
+    def set_origin(self, origin: bytes) -> None:
+        """Record how the tree was settled."""
+        self._put(ORIGIN_KEY, origin)
