@@ -70,7 +70,8 @@ def run_foreground(
     import trio
 
     from fluidfs.cli.nodeargs import add_pinned, mount_config, setup_node_process
-    from fluidfs.node.node import MountError, Node
+    from fluidfs.node.node import Node
+    from fluidfs.node.session import MountError
 
     setup_node_process(args.log_file)
     ready_fd = args.ready_fd

@@ -15,7 +15,8 @@ from fluidfs.blocks.audit import AuditPolicy
 from fluidfs.blocks.repair import RepairPolicy
 from fluidfs.net.limits import DEFAULT_LIMITS
 from fluidfs.node import logsetup
-from fluidfs.node.node import Node, NodeConfig
+from fluidfs.node.config import NodeConfig
+from fluidfs.node.node import Node
 from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.service.faults import FaultInjection
