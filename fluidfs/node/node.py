@@ -27,7 +27,7 @@ from fluidfs.blocks.migrate import Migrator
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer
 from fluidfs.diskspace import is_disk_full
-from fluidfs.fs.commit import Committer
+from fluidfs.fs.commit import DIRTY_KEY, Committer
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.layered import LayeredOperations
@@ -239,7 +239,11 @@ class Node:
             networked=self.networked,
         )
         self.commits = Commits(
-            CommitSchedule(options.schedule(), automatic=self.networked()),
+            CommitSchedule(
+                options.schedule(),
+                automatic=self.networked(),
+                dirty=self.committer.heads.flag(DIRTY_KEY) is not None,  # left by a crash
+            ),
             self.committer,
             self.snapshots,
             self.blocks,

@@ -87,10 +87,7 @@ class Commits:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Commit whenever the schedule says, until cancelled."""
-        now = trio.current_time()
-        self.schedule.start(now)
-        if self.committer.heads.flag(DIRTY_KEY) is not None:
-            self.schedule.changed(now)  # changes the last run did not commit
+        self.schedule.start(trio.current_time())
         self.schedule.network(self.networked())
         self.running = True
         task_status.started()

@@ -73,12 +73,13 @@ _ORDER = [Action.COMMIT_CHANGES, Action.COMMIT_AGAIN, Action.PUBLISH, Action.REF
 class CommitSchedule:
     """The commit scheduler's state; every method is an event or a question."""
 
-    def __init__(self, policy: SchedulePolicy, *, automatic: bool) -> None:
+    def __init__(self, policy: SchedulePolicy, *, automatic: bool, dirty: bool = False) -> None:
         self.policy = policy
         self.automatic = automatic  # False without peers: commits only on request
         self.writer = True
         self.stopping = False
-        self.changed_at: float | None = None  # first change not yet committed
+        # The first change not yet committed; *dirty*: changes a previous run left.
+        self.changed_at: float | None = 0.0 if dirty else None
         self.last_change = 0.0
         self.again_at: float | None = None  # commit the same tree again (COMMIT_AGAIN)
         self.publish_at: float | None = None  # a root record waits to be sent again
@@ -93,10 +94,10 @@ class CommitSchedule:
     # --- events ----------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        """The loop starts at *now*: the refresh and retention intervals count from here."""
-        self.last_refresh = self.last_full = now
-        if self.changed_at is None:
-            self.last_change = now
+        """The loop starts at *now*: every interval counts from here, open changes too."""
+        self.last_refresh = self.last_full = self.last_change = now
+        if self.changed_at is not None:
+            self.changed_at = now
 
     def changed(self, now: float) -> bool:
         """The tree changed; True if this opened a new window of uncommitted changes."""

@@ -84,6 +84,14 @@ def test_changes_that_never_pause_are_committed_after_the_max_delay() -> None:
     assert "300" in due.reason
 
 
+def test_changes_a_previous_run_left_are_due_a_quiet_period_after_the_start() -> None:
+    s = CommitSchedule(POLICY, automatic=True, dirty=True)
+    assert s.changes_pending, "known before the loop runs (fluidfs sync sees them)"
+    s.start(100.0)
+    due = s.next(100.0)
+    assert due.action is Action.COMMIT_CHANGES and due.at == 130.0
+
+
 def test_without_peers_nothing_is_ever_due() -> None:
     s = schedule(automatic=False)
     s.changed(5.0)
