@@ -2,12 +2,14 @@
 
 ``<state>/control.sock`` is a Unix stream socket inside the 0700 state directory,
 so only the owner can talk to the node. It is created under the node's umask (077,
-set when a node process starts: cli.setup_node_process), never chmodded after the
+set when a node process starts: cli/nodeargs.py setup_node_process), never chmodded after the
 bind: the directory is made private before the socket exists, so there is no moment
 at which another user could connect. Protocol version 1:
 one JSON object per line each way — a request ``{"v": 1, "cmd": str, ...}`` and
 a reply ``{"ok": true, ...}`` or ``{"ok": false, "error": str}``. Requests are
-capped at 64 KiB.
+capped at 64 KiB. The commands are in node/handlers.py (peers, status, check) and
+remount/control.py (sync, snapshots, forget); ``ControlError`` is raised only there, at
+the edge, never by the parts they ask.
 """
 
 from __future__ import annotations
