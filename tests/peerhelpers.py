@@ -102,6 +102,14 @@ class Peer:
             return (self.root / f"{self.name}.log").read_text()[-3000:]
         return ""
 
+    def logged(self, text: str) -> bool:
+        """True once *text* appears in the peer's log (its output, or its log file)."""
+        for path in (self.root / f"{self.name}.log", self.state / "fluidfs.log"):
+            with contextlib.suppress(OSError):
+                if text in path.read_text(errors="replace"):
+                    return True
+        return False
+
 
 def status(state: Path) -> dict:
     """`fluidfs status --json` of the node with this state dir."""

@@ -161,11 +161,11 @@ def test_memory_stays_bounded_under_the_worst_frames(peer):
             for i in range(8):
                 nursery.start_soon(flood, port, STRANGER_FRAMES, stop, None, i % 2 == 0)
             nursery.start_soon(flood, port, partner_flood, stop, hostile_partner)
-            await trio.sleep(2)
+            await trio.sleep(2)  # on purpose: the attack is under way before we check
             with trio.fail_after(20):
                 await honest_stranger_ping(port)
                 await honest_partner_round_trip(port, partner)
-            await trio.sleep(1)
+            await trio.sleep(1)  # on purpose: the attack goes on a while after we were served
             stop.set()
         peak = memory_kib(peer)["VmHWM"]
         assert peer.proc.poll() is None, peer.log()
@@ -215,7 +215,7 @@ def test_an_idle_connection_is_closed(peer):
     async def main() -> None:
         async with open_rpc("127.0.0.1", port, nacl.signing.SigningKey.generate()) as conn:
             assert await conn.call("Ping", {})
-            await trio.sleep(0.5)
+            await trio.sleep(0.5)  # on purpose: half the idle timeout passes
             assert await conn.call("Ping", {})  # activity keeps it open
             with trio.fail_after(5):
                 while not conn.closed:

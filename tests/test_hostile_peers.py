@@ -137,7 +137,9 @@ async def test_malformed_addresses_neither_crash_the_node_nor_survive_a_restart(
                 await conn.call("ProposeAgreement", {**TERMS, "addr": addr})
             except RpcError as exc:
                 assert exc.code == "bad_request", exc
-    await trio.sleep(2.5)  # two discovery rounds (1 s apart while the node wants peers)
+    # On purpose: the node must outlive two discovery rounds over what it was told (1 s
+    # apart while it wants peers); a round that does not crash leaves nothing to wait for.
+    await trio.sleep(2.5)
     await alive(node)
     # A peer whose ShareNewPeers answer names malformed addresses: the node asks it once
     # it has verified it (it listens where it says it does).
@@ -148,14 +150,16 @@ async def test_malformed_addresses_neither_crash_the_node_nor_survive_a_restart(
         async with open_rpc(*endpoint(node), liar_key) as conn:
             await conn.call("Ping", {"addr": liar_addr})
         await wait_until(lambda: _true(liar.asked >= 2), 30, "the node to ask the liar twice")
-        await trio.sleep(2.5)  # two more discovery rounds (1 s apart while it wants peers)
+        asked = liar.asked
+        await wait_until(lambda: _true(liar.asked >= asked + 2), 30,
+                         "two more discovery rounds over the liar's answer")
         await alive(node)
         nursery.cancel_scope.cancel()
     addrs = [row["addr"] for row in (await rows_of(node)).values()]
     assert not set(addrs) & set(bad), addrs
     node.stop()
     node.start()
-    await trio.sleep(2.5)
+    await trio.sleep(2.5)  # on purpose: discovery rounds over the rows saved before
     await alive(node)
 
 
@@ -187,7 +191,7 @@ def test_bad_peer_rows_on_disk_are_skipped(server):
         txn.put(b"\xff" + os.urandom(31), cbor2.dumps({**row, "index": 7}), db=peers)  # taken
     db.env.close()
     node.start()
-    time.sleep(2.5)  # a couple of discovery rounds
+    time.sleep(2.5)  # on purpose: a couple of discovery rounds over the rows (once fatal)
     assert node.proc is not None and node.proc.poll() is None, node.log()
     rows = {row["id"]: row for row in node.control("peers", "--json")["peers"]}
     assert set(rows) == {keys.encode_peer_id(good), keys.encode_peer_id(bad_addr)}, rows
@@ -223,7 +227,7 @@ async def test_a_flood_of_identities_neither_fills_the_table_nor_aims_the_node_a
         async with trio.open_nursery() as flood:
             for i in range(500):
                 flood.start_soon(stranger, i)
-        await trio.sleep(6)
+        await trio.sleep(6)  # on purpose: the time in which dials to the victims are counted
         elapsed = time.monotonic() - started
         await alive(node)
         nursery.cancel_scope.cancel()
@@ -255,10 +259,11 @@ async def test_a_ping_moves_a_known_peer_only_to_an_address_where_it_answers(ser
             await wait_until(verified, 20, "the node to verify the stranger's address")
             await conn.call("Ping", {"addr": elsewhere})
             await wait_until(lambda: _true(len(hits) >= 1), 20, "a dial-back to the new address")
-            await trio.sleep(1)
+            await wait_until(lambda: _true(node.logged(f"no peer answers at {elsewhere}")), 20,
+                             "the node to find no peer at the new address")
             assert (await rows_of(node))[mine]["addr"] == home
             await conn.call("Ping", {"addr": elsewhere})
-            await trio.sleep(1.5)
+            await trio.sleep(1.5)  # on purpose: time for a second dial, which must not come
         assert len(hits) == 1, hits
         nursery.cancel_scope.cancel()
 

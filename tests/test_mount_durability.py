@@ -233,8 +233,8 @@ def test_unmount_while_busy_refuses_and_keeps_mount(mounted) -> None:
     """`fluidfs unmount` on a busy mount says so and leaves it working."""
     (mounted.path / "f").write_bytes(b"x")
     busy = subprocess.Popen(["sleep", "60"], cwd=mounted.path)
-    try:
-        time.sleep(0.2)
+    try:  # Popen returns once the child has exec'd, inside the mount: it is busy now
+        assert os.readlink(f"/proc/{busy.pid}/cwd") == str(mounted.path)
         result = run_cli("unmount", str(mounted.path))
         assert result.returncode != 0
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -292,7 +292,7 @@ def test_kill9_while_rewriting_sealed_blocks_keeps_fsynced_data(make_mount) -> N
         worker = threading.Thread(target=churn, args=(stop,))
         worker.start()
         try:
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(rng.uniform(0.2, 1.0))  # on purpose: the crash comes at a random moment
             mnt.kill9()
         finally:
             stop.set()

@@ -139,9 +139,14 @@ async def test_connection_limit_and_unreachable_peer(nursery, service):
         with pytest.raises(HandshakeError):  # refused: the only slot is taken
             await dial("127.0.0.1", port, OTHER, SERVER_PK)
         assert await conn.call("Ping", {})
-    await trio.sleep(0.05)  # let the server release the slot
-    async with client(port) as conn:
-        assert await conn.call("Ping", {})
+    with trio.fail_after(5):  # the slot is free once the server has seen us leave
+        while True:
+            try:
+                async with client(port) as conn:
+                    assert await conn.call("Ping", {})
+                break
+            except HandshakeError:
+                await trio.sleep(0.01)
     with trio.socket.socket() as sock:  # a port nobody listens on
         await sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
@@ -273,7 +278,8 @@ async def test_dead_connection_fails_pending_calls(nursery, service):
     port = await nursery.start(run_server)
     async with client(port, ops=TEST_OPS) as conn:
         async def kill_soon() -> None:
-            await trio.sleep(0.1)
+            while not service.active:  # the call is running on the server
+                await trio.sleep(0.005)
             scope.cancel()
 
         nursery.start_soon(kill_soon)
