@@ -14,7 +14,7 @@ from inproc import LocalStore, Metadata
 from fluidfs import keys
 from fluidfs.fs.metaformat import Entry
 from fluidfs.fs.tree import ROOT_INO
-from fluidfs.fs.treewalk import TreeReader, write_tree
+from fluidfs.fs.treewalk import Snapshots, TreeReader, write_tree
 
 BS = 16 * 1024
 RING = keys.KeyRing(keys.generate())
@@ -37,8 +37,7 @@ async def write(meta: Metadata) -> tuple[Entry, object]:
     The top node stays held (as a commit head would hold it), so the next write can
     reuse what did not change."""
     writer = meta.committer.writer()
-    with meta.store.db.read() as txn:
-        root = await write_tree(reader(meta), writer, txn)
+    root, _next_ino = await write_tree(reader(meta), writer, Snapshots(meta.store.db))
     await writer.finish(keep=root.content.block_id)
     return root, writer.stats
 
