@@ -38,20 +38,33 @@ TXN = 5_000  # records written per transaction while building the data
 
 
 class LongestStep(trio.abc.Instrument):
-    """Records the longest single task step (the loop cannot serve anyone meanwhile)."""
+    """Records the longest single task step (the loop cannot serve anyone meanwhile).
+
+    A step is measured in CPU time of the loop's thread: that is the work done without
+    yielding, and unlike wall time it does not grow when a busy machine (tests run in
+    parallel) takes the CPU away. The wall time is recorded too, for the report.
+    """
 
     def __init__(self) -> None:
-        self.longest = 0.0
+        self.longest = 0.0  # CPU seconds of the longest step
+        self.wall = 0.0  # wall seconds of the longest step by wall time
         self.task = ""
-        self._started = time.perf_counter()
+        self._cpu = time.thread_time()
+        self._wall = time.perf_counter()
 
     def before_task_step(self, task) -> None:
-        self._started = time.perf_counter()
+        self._cpu = time.thread_time()
+        self._wall = time.perf_counter()
 
     def after_task_step(self, task) -> None:
-        took = time.perf_counter() - self._started
-        if took > self.longest:
-            self.longest, self.task = took, task.name
+        cpu = time.thread_time() - self._cpu
+        self.wall = max(self.wall, time.perf_counter() - self._wall)
+        if cpu > self.longest:
+            self.longest, self.task = cpu, task.name
+
+    def report(self, what: str) -> None:
+        print(f"{what}: longest step {self.longest * 1000:.0f} ms CPU "
+              f"({self.task}), {self.wall * 1000:.0f} ms wall")
 
 
 async def measured(fn, *args):
@@ -145,7 +158,7 @@ async def test_an_ending_agreement_does_not_stall_the_loop(node) -> None:
         await wait_for(lambda: len(node.blocks.under) == 50_000)
 
     _, probe = await measured(end_agreement)
-    print(f"agreement end: longest step {probe.longest * 1000:.0f} ms ({probe.task})")
+    probe.report("agreement end")
     assert probe.longest < LIMIT, f"{probe.task} ran {probe.longest:.3f} s without yielding"
     stored = node.blocks.load(blocks[0].record.block_id)
     assert peer.index not in stored.holders and stored.missing() == 1
@@ -157,7 +170,7 @@ async def test_check_of_many_files_does_not_stall_the_loop(node) -> None:
     cached = len(node.tree._cache)
     check = node.control_handlers()["check"]
     reply, probe = await measured(check, {})
-    print(f"check: longest step {probe.longest * 1000:.0f} ms ({probe.task})")
+    probe.report("check")
     assert len(reply["files"]) == files == 50_000
     assert {f["state"] for f in reply["files"]} == {"local"}
     assert probe.longest < LIMIT, f"{probe.task} ran {probe.longest:.3f} s without yielding"
@@ -168,13 +181,13 @@ async def test_commit_of_many_files_does_not_stall_the_loop(node) -> None:
     add_files(node, 1, 50_000)
     remount = node.commits
     first, probe = await measured(lambda: remount.commit(user_changed=True))
-    print(f"commit: longest step {probe.longest * 1000:.0f} ms ({probe.task})")
+    probe.report("commit")
     assert first is not None and first.stats.files == 50_000
     assert probe.longest < LIMIT, f"{probe.task} ran {probe.longest:.3f} s without yielding"
     # A second commit after a change releases the first one's nodes (MetaIndex.drop).
     with node.meta.write() as txn:
         node.tree.unlink(txn, node.tree.lookup(ROOT_INO, b"d000"), b"file-000000")
     second, probe = await measured(lambda: remount.commit(user_changed=True))
-    print(f"second commit: longest step {probe.longest * 1000:.0f} ms ({probe.task})")
+    probe.report("second commit")
     assert second.stats.files == 49_999
     assert probe.longest < LIMIT, f"{probe.task} ran {probe.longest:.3f} s without yielding"

@@ -1,9 +1,24 @@
 """Commits: the live tree written into metadata nodes, unchanged parts reused.
 
-A commit reads the whole tree from one LMDB read transaction (a consistent view
-even while the mount keeps changing), and writes it bottom-up (fs/treewalk.py): the
-directories of height 0 first, then their parents, so that each parent can name its
-children's nodes with their final holders. Every directory is serialised again at every
+A commit describes the tree as it was at one moment, even while the mount keeps
+changing, and writes it bottom-up (fs/treewalk.py): the directories of height 0 first,
+then their parents, so that each parent can name its children's nodes with their
+final holders.
+
+Reading at one moment used to mean one LMDB read transaction held for the whole
+commit, across every await of writing nodes and waiting for their placement on peers:
+meanwhile no page freed in meta.lmdb could be reused, so uploads, repair and GC grew
+the file. Now the tree is first read in short snapshots, one per batch of directories,
+none open while the loop waits (treewalk ``Snapshots``). The tree's change counter
+(``tree_gen``, fs/tree.py, bumped by every change to the tree tables) is read in each:
+if it never moved, no tree table changed between the first and the last snapshot, so
+the commit is exactly what one snapshot would have given. If it moved, the short
+snapshots may disagree (a file moved between two directories read at different times
+could appear twice or not at all), so the commit starts over from one held snapshot,
+as before; the nodes already written are reused by content. Holders come from the
+block records as each batch reads them: newer holders only make the references
+better, and a block that went away meanwhile aborts the commit (CommitAborted) as it
+always could when registering. Every directory is serialised again at every
 commit, but a node whose bytes did not change has the same block id and is already
 registered, so only changed directories (and the path above them) make new blocks:
 the bytes written by a commit grow with what changed, not with the tree.
@@ -47,7 +62,14 @@ from fluidfs.fs.metaformat import (
 )
 from fluidfs.fs.metaindex import Holders, MetaIndex
 from fluidfs.fs.tree import Tree
-from fluidfs.fs.treewalk import CommitAborted, TreeReader, write_tree
+from fluidfs.fs.treewalk import (
+    CommitAborted,
+    HeldSnapshot,
+    Snapshots,
+    TreeChanged,
+    TreeReader,
+    write_tree,
+)
 from fluidfs.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -188,9 +210,11 @@ class TreeWriter:
             lock = self._locks.setdefault(block_id, trio.Lock())
             new = False
             async with lock:
-                if self.index.registered(block_id):
-                    with self.index.meta.write() as txn:
+                with self.index.meta.write() as txn:  # one transaction: a drain may run
+                    reused = self.index.registered(block_id, txn)
+                    if reused:
                         self.blocks.add_ref(txn, block_id)
+                if reused:
                     self.holds.append(block_id)
                     self.stats.nodes_reused += 1
                 else:
@@ -231,22 +255,19 @@ class TreeWriter:
         Blocks held only by this machine (stored before it had peers) are not counted:
         they are reported on their own and would otherwise hold every commit back.
         """
-        held = [h for h in ref.holders if h is not None]
-        if len(held) < len(ref.holders):
-            self.stats.incomplete_refs += 1
-        peers = [h for h in held if h != self.holders.self_key]
-        if held and not peers:
-            return
-        if len(peers) < ref.record.needed:
-            self.stats.weak_refs += 1
+        incomplete, weak = _ref_flaws(ref, self.holders.self_key)
+        self.stats.incomplete_refs += incomplete
+        self.stats.weak_refs += weak
 
-    async def write_list(self, entries: list[Entry]) -> Ref | None:
-        """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
-        if not entries:
-            return None
+    def _leaf_groups(self, entries: list[Entry]) -> tuple[list[list[Entry]], int, int]:
+        """*entries* cut into leaves, and the flawed references they hold (see
+        ``note_ref``): work that grows with the directory, done in a worker thread."""
+        incomplete = weak = 0
         for entry in entries:
             for ref, _ in entry.refs():
-                self.note_ref(ref)
+                flaws = _ref_flaws(ref, self.holders.self_key)
+                incomplete += flaws[0]
+                weak += flaws[1]
         ends = cut_points(
             [e.name for e in entries], [e.size_estimate() for e in entries], self.chunk_key, 0
         )
@@ -255,6 +276,15 @@ class TreeWriter:
         for end in ends:
             groups.append(entries[start:end])
             start = end
+        return groups, incomplete, weak
+
+    async def write_list(self, entries: list[Entry]) -> Ref | None:
+        """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
+        if not entries:
+            return None
+        groups, incomplete, weak = await trio.to_thread.run_sync(self._leaf_groups, entries)
+        self.stats.incomplete_refs += incomplete
+        self.stats.weak_refs += weak
         refs: list[Ref | None] = [None] * len(groups)
 
         async def leaf(i: int, group: list[Entry]) -> None:
@@ -314,6 +344,16 @@ class TreeWriter:
         if keep is not None:
             holds.remove(keep)
         await self.index.drop_and_release(holds)
+
+
+def _ref_flaws(ref: Ref, self_key: bytes) -> tuple[bool, bool]:
+    """(names fewer holders than shards, held by fewer than K peers) for ``note_ref``."""
+    held = [h for h in ref.holders if h is not None]
+    incomplete = len(held) < len(ref.holders)
+    peers = [h for h in held if h != self_key]
+    if held and not peers:
+        return incomplete, False
+    return incomplete, len(peers) < ref.record.needed
 
 
 def _describe(plain: bytes) -> str:
@@ -461,12 +501,16 @@ class Committer:
     async def _commit(
         self, writer: TreeWriter, min_seq, snapshots, retention, user_changed, prune, force, now_ns
     ) -> CommitResult | None:
-        txn = self.db.env.begin(write=False)
         try:
-            root = await write_tree(self.reader, writer, txn)
-            next_ino = self.reader.next_ino(txn)
-        finally:
-            txn.abort()
+            root, next_ino = await write_tree(self.reader, writer, Snapshots(self.db))
+        except TreeChanged:
+            log.debug("the tree changed during the commit: reading it from one snapshot")
+            writer.stats.dirs = writer.stats.files = 0
+            held = HeldSnapshot(self.db)
+            try:
+                root, next_ino = await write_tree(self.reader, writer, held)
+            finally:
+                held.close()
         tree_id = root.content.block_id if root.content is not None else None
         previous = self.heads.latest()
         seq = max(min_seq, previous.seq if previous else 0) + 1
@@ -546,9 +590,8 @@ class Committer:
             with self.db.write() as txn:
                 for head in old:
                     self.heads.delete(txn, head.seq)
-                dead = self.index.drop(txn, [h.node for h in old])
-            await self.blocks.release(dead)
-            return len(dead)
+                self.index.journal_drops(txn, [h.node for h in old])
+            return await self.index.drain()
 
     def held_nodes(self) -> list[bytes]:
         """Commit nodes held by kept heads."""

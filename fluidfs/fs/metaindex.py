@@ -20,6 +20,16 @@ it holds nothing.
 
 Table ``meta_nodes`` (meta.lmdb, format version 1): key node block id (32) → ``u8 1 ||
 u32 count || count x (u8 kind || block id (32))``, kind 1 = metadata node, 0 = data.
+
+Dropping a snapshot can cascade through every node of a tree, so ``drop_and_release``
+does not do it in one transaction on the loop. It journals the references to drop in
+table ``dropping`` (format version 1: key block id (32) → ``u32`` references still to
+drop), in the caller's transaction when it has one (``journal_drops``), and ``drain``
+works the journal off in worker threads, DROP_BATCH entries per write transaction:
+each batch drops its references, deletes the nodes that died and journals their
+children, all in one transaction. So a crash half way loses nothing: whatever is left
+in the journal is drained by the next ``drain`` (the next release, or the start of
+the mount).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from fluidfs.fs.metaformat import (
     TreeNode,
     decode_node,
 )
-from fluidfs.store.db import Database
+from fluidfs.store.db import Database, scan_batch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ VERSION = 1
 _HEAD = struct.Struct(">BI")
 _CHILD = 33
 FETCHERS = 8  # nodes fetched at once when one listing needs several
+DROP_BATCH = 500  # journal entries worked off per write transaction
+_COUNT = struct.Struct(">I")
 
 
 class MetaError(Exception):
@@ -130,6 +142,7 @@ class MetaIndex:
         self.blocks = blocks
         self.holders = holders
         self._nodes = meta["meta_nodes"]
+        self._dropping = meta["dropping"]
         self._blocks = meta["blocks"]
         self._loading: dict[bytes, trio.Lock] = {}
 
@@ -197,34 +210,65 @@ class MetaIndex:
         if stored.missing() and self.blocks.remote is not None:
             self.blocks.under.add(block_id)
 
-    def drop(self, txn, block_ids: list[bytes]) -> list[StoredBlock]:
-        """Drop one reference to each block, cascading through nodes that die.
+    def journal_drops(self, txn, block_ids: list[bytes]) -> None:
+        """Journal one reference to drop for each of *block_ids*, inside *txn*; ``drain``
+        drops them (and whatever dies with them)."""
+        for block_id in block_ids:
+            raw = txn.get(block_id, db=self._dropping)
+            count = _COUNT.unpack(raw)[0] if raw is not None else 0
+            txn.put(block_id, _COUNT.pack(count + 1), db=self._dropping)
 
-        Returns the blocks that are now unreferenced; pass them to
-        ``BlockStore.release`` after the transaction commits.
-        """
+    async def drain(self) -> int:
+        """Drop every journalled reference, cascading through nodes that die, in
+        worker threads (DROP_BATCH per transaction); release what died batch by batch.
+        Returns how many blocks died."""
+        died = 0
+        more = True
+        while more:
+            dead, more = await trio.to_thread.run_sync(
+                self._drain_batch, limiter=self.blocks.limiter
+            )
+            died += len(dead)
+            await self.blocks.release(dead)
+        return died
+
+    def _drain_batch(self) -> tuple[list[StoredBlock], bool]:
+        """Work off up to DROP_BATCH journal entries in one write transaction (in a
+        worker thread); return the blocks that died and whether entries remain."""
         dead: list[StoredBlock] = []
-        stack = list(block_ids)
-        while stack:
-            block_id = stack.pop()
-            gone = self.blocks.drop_ref(txn, block_id)
-            if gone is None:
-                continue
-            dead.append(gone)
-            raw = txn.get(block_id, db=self._nodes)
-            if raw is not None:
-                txn.delete(block_id, db=self._nodes)
-                stack.extend(bid for bid, _ in decode_children(bytes(raw)))
-        return dead
+        with self.meta.write() as txn:
+            found, _ = scan_batch(txn, self._dropping, b"", DROP_BATCH)
+            for block_id, _ in found:
+                # Read again: a node that died earlier in this batch may have added to it.
+                raw = txn.get(block_id, db=self._dropping)
+                if raw is None:
+                    continue
+                txn.delete(block_id, db=self._dropping)
+                for _ in range(_COUNT.unpack(raw)[0]):
+                    gone = self.blocks.drop_ref(txn, block_id)
+                    if gone is None:
+                        continue
+                    dead.append(gone)
+                    node = txn.get(block_id, db=self._nodes)
+                    if node is not None:
+                        txn.delete(block_id, db=self._nodes)
+                        children = decode_children(bytes(node))
+                        self.journal_drops(txn, [bid for bid, _ in children])
+            more = txn.stat(self._dropping)["entries"] > 0
+        return dead, more
 
     async def drop_and_release(self, block_ids: list[bytes]) -> int:
-        """``drop`` in its own transaction, then release what died; return how many died."""
-        if not block_ids:
-            return 0
+        """Drop one reference to each block (cascading), releasing what died; return
+        how many died."""
+        for start in range(0, len(block_ids), DROP_BATCH):
+            await trio.to_thread.run_sync(
+                self._journal, block_ids[start : start + DROP_BATCH], limiter=self.blocks.limiter
+            )
+        return await self.drain()
+
+    def _journal(self, block_ids: list[bytes]) -> None:
         with self.meta.write() as txn:
-            dead = self.drop(txn, block_ids)
-        await self.blocks.release(dead)
-        return len(dead)
+            self.journal_drops(txn, block_ids)
 
     async def load(self, block_id: bytes) -> TreeNode:
         """Fetch, parse and (if new to us) register the node *block_id*."""

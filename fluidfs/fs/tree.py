@@ -8,7 +8,12 @@ Tables (format version 1; integers are big-endian u64):
   ever larger cookies, so a listing never skips or repeats entries that stay)
 - ``blockmap``: ino ‖ block index → ``b"B"`` ‖ block id, or ``b"I"`` ‖ inline bytes
 - ``xattrs``:  ino ‖ name → value
-- ``counters``: b"next_ino", b"next_cookie" → u64
+- ``counters``: b"next_ino", b"next_cookie", b"tree_gen" → u64
+
+``tree_gen`` goes up in every transaction that changes the five tree tables through
+this class (every change the mount makes does). A reader that finds the same value in
+two read transactions knows the tree did not change between them; commits rely on
+that to read the tree in short snapshots (fs/commit.py).
 
 All calls are short and run on the trio loop; writes take the caller's
 transaction so that related changes commit together. The ``*_in`` readers take a
@@ -38,6 +43,12 @@ def u64(n: int) -> bytes:
     return _U64.pack(n)
 
 
+def tree_generation(db: Database, txn) -> int:
+    """The ``tree_gen`` counter as *txn* sees it (0 before the first change)."""
+    raw = txn.get(b"tree_gen", db=db["counters"])
+    return _U64.unpack(raw)[0] if raw else 0
+
+
 class Tree:
     """Typed access to the metadata tables."""
 
@@ -58,6 +69,13 @@ class Tree:
         value = _U64.unpack(raw)[0] if raw else 2
         txn.put(name, u64(value + 1), db=self._counters)
         return value
+
+    def _changed(self, txn) -> None:
+        self._next(txn, b"tree_gen")
+
+    def generation(self, txn) -> int:
+        """The tree's change counter as *txn* sees it (see the module docstring)."""
+        return tree_generation(self.db, txn)
 
     def new_ino(self, txn) -> int:
         """Allocate an inode number (never reused)."""
@@ -85,6 +103,7 @@ class Tree:
         """Write the inode (and keep it cached)."""
         self._cache[inode.ino] = inode
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
+        self._changed(txn)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""
@@ -94,6 +113,7 @@ class Tree:
     def delete(self, txn, ino: int) -> None:
         """Remove the inode record and its xattrs (its block map is the caller's job)."""
         self._cache.pop(ino, None)
+        self._changed(txn)
         txn.delete(u64(ino), db=self._inodes)
         cursor = txn.cursor(db=self._xattrs)
         prefix = u64(ino)
@@ -127,6 +147,7 @@ class Tree:
         old = txn.get(key, db=self._dirents)
         if old is not None:
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
+        self._changed(txn)
         cookie = self._next(txn, b"next_cookie")
         txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
         txn.put(u64(parent) + u64(cookie), name, db=self._cookies)
@@ -136,6 +157,7 @@ class Tree:
         key = u64(parent) + name
         old = txn.get(key, db=self._dirents)
         if old is not None:
+            self._changed(txn)
             txn.delete(key, db=self._dirents)
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
 
@@ -180,6 +202,7 @@ class Tree:
         """Set (or clear, with None) a block map entry; return the previous value."""
         key = u64(ino) + u64(index)
         old = txn.get(key, db=self._blockmap)
+        self._changed(txn)
         if value is None:
             if old is not None:
                 txn.delete(key, db=self._blockmap)
@@ -191,6 +214,7 @@ class Tree:
         """Remove block map entries with index >= *first*; return their values."""
         prefix = u64(ino)
         removed: list[bytes] = []
+        self._changed(txn)
         cursor = txn.cursor(db=self._blockmap)
         if cursor.set_range(prefix + u64(first)):
             while cursor.key()[:8] == prefix:
@@ -228,6 +252,7 @@ class Tree:
         key = u64(ino) + name
         with self.db.write() as txn:
             existed = txn.get(key, db=self._xattrs) is not None
+            self._changed(txn)
             if value is None:
                 txn.delete(key, db=self._xattrs)
             else:

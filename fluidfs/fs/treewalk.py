@@ -1,27 +1,43 @@
 """Reading the live tree for a commit, and writing it bottom-up (fs/commit.py).
 
-``TreeReader`` reads everything a commit needs from one LMDB read transaction, in
-worker threads (py-lmdb read transactions may move between threads as long as one
-uses them at a time): the directories grouped by height, and each directory's
-entries with their attributes, xattrs and block references (holders as public keys).
+``TreeReader`` reads what a commit needs, in worker threads: the directories grouped
+by height, and each directory's entries with their attributes, xattrs and block
+references (holders as public keys). Where it reads from is a ``Reads``:
+
+- ``Snapshots``: every batch (the walk, DIRS_PER_BATCH directories, the root) opens a
+  read transaction of its own and closes it before the loop gets the result back, so
+  no reader stays open while nodes are written and placed on peers (an open LMDB
+  reader keeps every page freed after it began from being reused: the file grows).
+  Each transaction also reads the tree's change counter (``tree_gen``, fs/tree.py);
+  if it differs from the first one's, the tree changed and ``TreeChanged`` is raised.
+  When it never differs, no tree table changed between the first and the last batch,
+  so the batches saw exactly what one snapshot would have.
+- ``HeldSnapshot``: one read transaction for the whole walk (how every commit read
+  before; the fallback when the tree keeps changing, fs/commit.py).
+
 ``write_tree`` writes the directories of height 0 first, then their parents, so that
 a parent names its children's nodes with their final holders; lazy directories (not
 loaded yet on a restored machine, fs/restore.py) are named by their committed nodes
-as they are.
+as they are. Whatever grows with a directory's size (building its entries, deciding
+which files need manifests) runs in the worker thread with the read.
 """
 
 from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import lmdb
 import trio
 
 from fluidfs.blocks.record import StoredBlock
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.metaformat import MANIFEST_INLINE_BLOCKS, Entry, Ref
 from fluidfs.fs.metaindex import Holders
-from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO
+from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, tree_generation
 from fluidfs.store.db import Database
 
 _U64 = struct.Struct(">Q")
@@ -32,8 +48,46 @@ class CommitAborted(Exception):
     """The tree changed under the commit in a way it cannot use; try again."""
 
 
+class TreeChanged(Exception):
+    """The tree changed between two of the short snapshots of one commit."""
+
+
+class Snapshots:
+    """Each read in a fresh, short read transaction; the tree must not change meanwhile."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.generation: int | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(txn, *args)`` in a new read transaction (call from a worker thread)."""
+        with self.db.read() as txn:
+            seen = tree_generation(self.db, txn)
+            if self.generation is None:
+                self.generation = seen
+            elif seen != self.generation:
+                raise TreeChanged
+            return fn(txn, *args)
+
+
+class HeldSnapshot:
+    """Every read from one read transaction, held until ``close``."""
+
+    def __init__(self, db: Database) -> None:
+        self.txn: lmdb.Transaction = db.read()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(txn, *args)`` in the held transaction (py-lmdb read transactions may move
+        between threads as long as one uses them at a time)."""
+        return fn(self.txn, *args)
+
+    def close(self) -> None:
+        """End the transaction."""
+        self.txn.abort()
+
+
 class TreeReader:
-    """Reads the live tree from one read transaction (runs in worker threads)."""
+    """Reads the live tree inside given read transactions (runs in worker threads)."""
 
     def __init__(self, db: Database, holders: Holders) -> None:
         self.db = db
@@ -126,30 +180,56 @@ class TreeReader:
         return _U64.unpack(raw)[0] if raw else 2
 
 
-async def write_tree(reader: TreeReader, writer, txn) -> Entry:
-    """Write the tree seen by *txn*; return the root directory's entry (name empty)."""
-    levels, lazy = await trio.to_thread.run_sync(reader.walk, txn)
+@dataclass
+class Listed:
+    """One directory as read for a commit, prepared in the worker thread."""
+
+    entries: list[Entry]
+    big: list[Entry]  # files whose block lists go to manifest chunks
+    files: int  # entries that are not directories
+
+
+def _list_batch(
+    txn, reader: TreeReader, inos: list[int], content: dict[int, Ref | None]
+) -> dict[int, Listed]:
+    listed = {}
+    for ino in inos:
+        entries = reader.directory(txn, ino, content)
+        listed[ino] = Listed(
+            entries,
+            [e for e in entries if len(e.blocks) + len(e.inline) > MANIFEST_INLINE_BLOCKS],
+            sum(1 for e in entries if not stat.S_ISDIR(e.mode)),
+        )
+    return listed
+
+
+async def write_tree(reader: TreeReader, writer, reads) -> tuple[Entry, int]:
+    """Write the tree as *reads* sees it; return the root directory's entry (name
+    empty) and the next inode number. May raise TreeChanged (see ``Snapshots``)."""
+    levels, lazy = await trio.to_thread.run_sync(reads.run, reader.walk)
     content: dict[int, Ref | None] = dict(lazy)
     for level in levels:
         for start in range(0, len(level), DIRS_PER_BATCH):
             batch = level[start : start + DIRS_PER_BATCH]
             listed = await trio.to_thread.run_sync(
-                lambda b=batch: {ino: reader.directory(txn, ino, content) for ino in b}
+                reads.run, _list_batch, reader, batch, content
             )
 
-            async def one(ino: int, entries: list[Entry]) -> None:
-                for entry in entries:
-                    if len(entry.blocks) + len(entry.inline) > MANIFEST_INLINE_BLOCKS:
-                        entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
-                        entry.blocks, entry.inline = [], []
-                writer.stats.files += sum(1 for e in entries if not stat.S_ISDIR(e.mode))
-                content[ino] = await writer.write_list(entries)
+            async def one(ino: int, dir_: Listed) -> None:
+                for entry in dir_.big:
+                    entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
+                    entry.blocks, entry.inline = [], []
+                writer.stats.files += dir_.files
+                content[ino] = await writer.write_list(dir_.entries)
 
             async with trio.open_nursery() as nursery:
-                for ino, entries in listed.items():
-                    nursery.start_soon(one, ino, entries)
+                for ino, dir_ in listed.items():
+                    nursery.start_soon(one, ino, dir_)
             writer.stats.dirs += len(batch)
-    root_inode = await trio.to_thread.run_sync(reader.inode, txn, ROOT_INO)
-    root = await trio.to_thread.run_sync(reader.entry, txn, b"", root_inode)
+    root, next_ino = await trio.to_thread.run_sync(reads.run, _root, reader)
     root.content = content.get(ROOT_INO)
-    return root
+    return root, next_ino
+
+
+def _root(txn, reader: TreeReader) -> tuple[Entry, int]:
+    return reader.entry(txn, b"", reader.inode(txn, ROOT_INO)), reader.next_ino(txn)

@@ -36,7 +36,7 @@ META_TABLES = [
     "peers",
     "peer_index",  # peers/peerlist.py
     "agreements",  # peers/agreements.py
-    "meta_nodes",  # fs/metaindex.py
+    "meta_nodes", "dropping",  # fs/metaindex.py
     "commits",
     "snapshots",  # fs/snapshots.py
     "lazy",  # fs/restore.py
