@@ -10,6 +10,7 @@ import cbor2
 import pytest
 
 from fluidfs.blocks.codec import BlockCodec
+from fluidfs.fs.inode import FIELDS, Inode
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
     NODE_SIZE_CAP,
@@ -202,3 +203,17 @@ def test_snapshot_names_sort_by_time() -> None:
     names = [snapshot_name(t * NS) for t in times]
     assert names == sorted(names)
     assert snapshot_name(1_700_000_000 * NS) == "2023-11-14T22:13:20Z"
+
+
+def test_inode_fields_survive_the_record_and_a_metadata_entry() -> None:
+    """Every Inode field (the one definition) reaches the record and an entry and back."""
+    values = {name: 1000 + i for i, name in enumerate(FIELDS)}
+    inode = Inode(**{**values, "atime_ns": -5, "target": b"../t"})
+    assert Inode.decode(inode.ino, inode.encode()) == inode
+    entry = Entry.of_inode(b"n", inode)
+    (back,) = decode_node(encode_leaf([entry])).entries
+    assert back.inode() == inode and back.inode(7) == Inode(**{**vars_of(inode), "ino": 7})
+
+
+def vars_of(inode: Inode) -> dict:
+    return {name: getattr(inode, name) for name in FIELDS}
