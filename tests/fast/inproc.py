@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from fluidfs import keys
 from fluidfs.blocks.blockstore import BlockStore
@@ -38,6 +39,25 @@ from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 MIB = 1024 * 1024
+
+
+def silent_on(*ops: str) -> type[PeerService]:
+    """A real peer service that takes requests for *ops* and never answers them."""
+
+    class Silent(PeerService):
+        async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+            if op in ops:
+                await trio.sleep_forever()
+            return await super().handle(peer_key, op, args)
+
+    return Silent
+
+
+def slow_jump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps once the run has been idle 0.2 s of real time: long enough
+    that worker threads (sealing, LMDB) and loopback sockets finish first, so only what
+    waits on purpose (a call nobody answers) sees time jump."""
+    return trio.testing.MockClock(autojump_threshold=0.2)
 
 
 class PeerNode:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from inproc import PeerNode, peer_nodes
+import trio
+from inproc import PeerNode, peer_nodes, silent_on, slow_jump_clock
 
 from fluidfs import keys
 from fluidfs.peers.lease import LeaseHeld, WriterLease
-from fluidfs.peers.rootrecord import RecordClient, open_record
+from fluidfs.peers.rootrecord import CALL_TIMEOUT, RecordClient, open_record
 
 RENEW = 15.0
 
@@ -140,3 +141,31 @@ async def test_a_release_after_an_unnoticed_takeover_leaves_the_new_holder(
         now = await b.lease.current()
         assert (now.machine, now.state) == (b"b" * 16, "held"), "a's release lost to b's lease"
         assert await b.lease.check()
+
+
+@pytest.fixture
+def clock():
+    return slow_jump_clock()
+
+
+async def test_a_peer_that_never_answers_delays_the_lease_by_one_timeout(
+    tmp_path: Path, clock
+) -> None:
+    ring = keys.KeyRing(keys.generate())
+    async with peer_nodes(tmp_path, 2) as (nursery, hosts):
+        silent = await PeerNode(tmp_path / "silent", service=silent_on("GetRecord", "PutRecord")
+                                ).start(nursery)
+        a = await PeerNode(tmp_path / "a", ring).start(nursery, listen=False)
+        try:
+            for host in (*hosts, silent):
+                a.use(host)
+            lease = WriterLease(RecordClient(ring, a.conns, a.peers), b"a" * 16, "/mnt/a")
+            started = trio.current_time()
+            assert await lease.acquire(takeover=False) is None
+            waited = trio.current_time() - started
+            assert lease.published == 2, "the two peers that answer hold it"
+            assert CALL_TIMEOUT <= waited <= 2 * CALL_TIMEOUT + 1, waited  # look, then publish
+        finally:
+            nursery.cancel_scope.cancel()
+            silent.close()
+            a.close()

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from inproc import MIB, PeerNode, peer_nodes, until_on_mock_clock
+from inproc import MIB, PeerNode, peer_nodes, silent_on, slow_jump_clock, until_on_mock_clock
 
 from fluidfs import keys
 from fluidfs.blocks.codec import BlockCodec, BlockRecord
 from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.blocks.remote import STORE_TIMEOUT, RemoteShards
 from fluidfs.service.faults import FaultInjection
-from fluidfs.service.host import PeerService
 
 K, N = 2, 4
 
@@ -160,28 +159,16 @@ async def test_a_holder_serving_corrupt_shards_is_reported_and_read_around(
 
 
 
-class Unanswering(PeerService):
-    """A real peer service that takes StoreShard requests and never answers them."""
-
-    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
-        if op == "StoreShard":
-            await trio.sleep_forever()
-        return await super().handle(peer_key, op, args)
-
-
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps once the test has been idle 0.2 s of real time: only the
-    store that never gets an answer waits long enough (quick jumps would also fire
-    while worker threads seal or store shards)."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return slow_jump_clock()
 
 
 async def test_a_peer_that_never_answers_holds_up_only_its_own_shard(
     tmp_path: Path, clock
 ) -> None:
     async with owner_with_hosts(tmp_path, N) as (owner, remote, _, nursery):
-        slow = await PeerNode(tmp_path / "slow", service=Unanswering).start(nursery)
+        slow = await PeerNode(tmp_path / "slow", service=silent_on("StoreShard")).start(nursery)
         try:
             owner.use(slow)
             for _ in range(100):  # the most trusted peer: drawn first
