@@ -29,8 +29,9 @@ RING = keys.KeyRing(keys.generate())
 class Machine:
     """A node plus its FileData tasks, on its own state directory."""
 
-    def __init__(self, path) -> None:
-        self.node = Node(NodeConfig(RING, StateDir(path), cache_size=1 << 30, block_size=BS))
+    def __init__(self, path, block_size: int = BS) -> None:
+        config = NodeConfig(RING, StateDir(path), cache_size=1 << 30, block_size=block_size)
+        self.node = Node(config)
         self.ops = self.node.ops
 
     async def __aenter__(self) -> Machine:
@@ -88,9 +89,9 @@ def found_for(result) -> Found:
     return Found(result.head.seq, body, b"raw", 1, 1)
 
 
-async def restore_into(tmp_path, source: str, target: str, result) -> Machine:
+async def restore_into(tmp_path, source: str, target: str, result, block_size=BS) -> Machine:
     shutil.copytree(tmp_path / source / "shards.lmdb", tmp_path / target / "shards.lmdb")
-    machine = Machine(tmp_path / target)
+    machine = Machine(tmp_path / target, block_size)
     await machine.__aenter__()
     await machine.node.tree_restore.adopt(found_for(result))
     return machine
@@ -224,3 +225,25 @@ async def test_nodes_naming_unknown_holders_teach_the_peer_list(tmp_path) -> Non
         assert node.blocks.load(data_id).refcount == 2, "the put's and the node's"
         assert node.index.children(leaf) == [(data_id, False)]
         assert node.blocks.load(data_id).holders[0] in (0, indexes[0])
+
+
+async def test_a_restored_backup_keeps_its_block_size(tmp_path) -> None:
+    """A fresh state started with another block size takes the backup's, for good."""
+    data = os.urandom(3 * BS + 10)
+    async with Machine(tmp_path / "a") as a:
+        await a.write(ROOT_INO, "f", data)
+        result = await a.node.commits.commit(user_changed=True)
+    b = await restore_into(tmp_path, "a", "b", result, block_size=4 * BS)
+    try:
+        assert b.node.data.block_size == BS
+        assert await b.read("f") == data
+        await b.write(ROOT_INO, "g", data)
+        await b.node.data.seal_all()
+        assert len(b.node.tree.blocks_of(await b.lookup("g"))) == 4, "cut in the backup's size"
+    finally:
+        await b.__aexit__()
+    again = Machine(tmp_path / "b", block_size=4 * BS)
+    try:
+        assert again.node.data.block_size == BS, "the state remembers it"
+    finally:
+        again.node.close()
