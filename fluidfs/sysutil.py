@@ -47,27 +47,52 @@ def tune_malloc() -> bool:
 MADV_DONTNEED = 4
 
 
-def release_mapped_pages(path: str) -> int:
-    """Unmap the resident pages of every mapping of *path* in this process; return bytes.
+class MappedFile:
+    """Drops this process's resident pages of a file's mappings (LMDB's shard file).
 
     LMDB reads shards through a shared, read-only file mapping, so each shard read
-    leaves its pages mapped and counted in the process's RSS although they are
-    clean page cache. MADV_DONTNEED on such a mapping only drops the page-table
-    entries: the data stays in the page cache and the next access faults it back
-    in. Called periodically to keep the mount's RSS about its own memory.
+    leaves its pages mapped and counted in the process's RSS although they are clean
+    page cache. MADV_DONTNEED on such a mapping only drops the page-table entries: the
+    data stays in the page cache and the next access faults it back in.
+
+    The mapping's address range is looked up in ``/proc/self/maps`` once and kept: LMDB
+    maps its file once, at its full map size. It is looked up again only if madvise
+    says the range is no longer mapped. Blocking calls: use from a worker thread.
     """
-    libc = _libc()
-    if libc is None:
-        return 0
-    released = 0
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = [line for line in maps if line.rstrip("\n").endswith(path)]
-    except OSError:
-        return 0
-    for line in lines:
-        start_s, end_s = line.split()[0].split("-")
-        start, end = int(start_s, 16), int(end_s, 16)
-        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
-            released += end - start
-    return released
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._ranges: list[tuple[int, int]] | None = None
+
+    def _lookup(self) -> list[tuple[int, int]]:
+        try:
+            with open("/proc/self/maps") as maps:
+                lines = [line for line in maps if line.rstrip("\n").endswith(self.path)]
+        except OSError:
+            return []
+        ranges = []
+        for line in lines:
+            start_s, end_s = line.split()[0].split("-")
+            ranges.append((int(start_s, 16), int(end_s, 16)))
+        return ranges
+
+    def release(self) -> int:
+        """Unmap the resident pages of every mapping of the file; return the bytes
+        covered (0 where glibc is not available or the file is not mapped)."""
+        libc = _libc()
+        if libc is None:
+            return 0
+        if self._ranges is None:
+            self._ranges = self._lookup()
+        released = 0
+        for start, end in self._ranges:
+            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+                released += end - start
+            else:
+                self._ranges = None  # remapped or unmapped: look it up again next time
+        return released
+
+
+def release_mapped_pages(path: str) -> int:
+    """``MappedFile(path).release()`` without keeping the range (looks it up each time)."""
+    return MappedFile(path).release()

@@ -12,13 +12,16 @@ Two tables in ``meta.lmdb`` (format version 1) make this crash-safe:
   that holder after all.
 
 Either way no promised space leaks for longer than it takes a holder to come back.
+
+``collect`` walks ``gc`` in key order (so holder by holder), BATCH entries of one
+holder at a time, each read and each removal in a short transaction in a worker
+thread: a long backlog never holds the loop, and memory stays at one batch.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -134,29 +137,48 @@ class Collector:
 
     async def collect(self, *, local_only: bool = False) -> int:
         """Try to delete everything pending (or only this node's own); return how many."""
-        by_holder: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
-        with self.meta.read() as txn:
-            for key, size in txn.cursor(db=self._gc):
-                key = bytes(key)
-                holder = _HOLDER.unpack(key[:4])[0]
-                by_holder[holder].append((key[4:], _SIZE.unpack(size)[0]))
         done = 0
-        for holder, items in by_holder.items():
-            if local_only and holder != LOCAL_HOLDER:
+        after = b""
+        while True:
+            holder, ids, size = await trio.to_thread.run_sync(
+                self._next_run, after, limiter=self.limiter
+            )
+            if holder is None or (local_only and holder != LOCAL_HOLDER):
+                return done
+            after = _key(holder, ids[-1])
+            if holder == LOCAL_HOLDER:
+                await trio.to_thread.run_sync(
+                    self.shards.delete_many, self.owner, ids, limiter=self.limiter
+                )
+            elif self.remote_delete is None or not await self.remote_delete(holder, ids, size):
+                after = _key(holder, b"\xff" * 32)  # unreachable: try again next round
                 continue
-            for start in range(0, len(items), BATCH):
-                chunk = items[start : start + BATCH]
-                ids = [sid for sid, _ in chunk]
-                if holder == LOCAL_HOLDER:
-                    await trio.to_thread.run_sync(
-                        self.shards.delete_many, self.owner, ids, limiter=self.limiter
-                    )
-                elif self.remote_delete is None or not await self.remote_delete(
-                    holder, ids, sum(size for _, size in chunk)
-                ):
-                    break  # holder unreachable: try again next round
-                with self.meta.write() as txn:
-                    for sid in ids:
-                        txn.delete(_key(holder, sid), db=self._gc)
-                done += len(chunk)
-        return done
+            await trio.to_thread.run_sync(self._forget, holder, ids, limiter=self.limiter)
+            done += len(ids)
+
+    def _next_run(self, after: bytes) -> tuple[int | None, list[bytes], int]:
+        """(holder, up to BATCH of its shard ids, their bytes) of the first entries with
+        keys above *after*, all of one holder; holder None when none are left."""
+        ids: list[bytes] = []
+        total = 0
+        first: int | None = None
+        with self.meta.read() as txn:
+            cursor = txn.cursor(db=self._gc)
+            if not cursor.set_range(after):
+                return None, ids, 0
+            if bytes(cursor.key()) == after and not cursor.next():
+                return None, ids, 0
+            for key, size in cursor:
+                holder = _HOLDER.unpack(key[:4])[0]
+                if first is None:
+                    first = holder
+                elif holder != first or len(ids) >= BATCH:
+                    break
+                ids.append(bytes(key[4:]))
+                total += _SIZE.unpack(size)[0]
+        return first, ids, total
+
+    def _forget(self, holder: int, ids: list[bytes]) -> None:
+        with self.meta.write() as txn:
+            for sid in ids:
+                txn.delete(_key(holder, sid), db=self._gc)

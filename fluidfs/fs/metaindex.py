@@ -28,8 +28,7 @@ drop), in the caller's transaction when it has one (``journal_drops``), and ``dr
 works the journal off in worker threads, DROP_BATCH entries per write transaction:
 each batch drops its references, deletes the nodes that died and journals their
 children, all in one transaction. So a crash half way loses nothing: whatever is left
-in the journal is drained by the next ``drain`` (the next release, or the start of
-the mount).
+in the journal is drained by the next ``drain`` (every commit ends with one).
 """
 
 from __future__ import annotations

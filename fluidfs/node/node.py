@@ -454,7 +454,7 @@ class Node:
         """Keep LMDB's mapped shard pages from inflating RSS (see sysutil)."""
         while True:
             await trio.sleep(RELEASE_PAGES_INTERVAL)
-            self.shards.release_pages()
+            await trio.to_thread.run_sync(self.shards.release_pages, limiter=self.limiter)
 
     async def _run_remount(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """While mounted: the commit loop, lease renewals and the rest of a restore."""

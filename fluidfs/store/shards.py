@@ -5,7 +5,9 @@ On-disk format, version 1, in ``shards.lmdb``:
 - table ``shards``: key ``owner(32) || shard_id(32)`` → the shard bytes.
 - table ``usage``:  key ``owner(32)`` → ``u64 big-endian`` bytes held for that owner.
 
-All methods do blocking LMDB I/O: call them from worker threads. Sizes and presence are
+All methods do blocking LMDB I/O: call them from worker threads. ``release_pages``
+gives back the mapped pages that shard traffic left in this process's RSS; it costs
+nothing when no shard was touched since the last call. Sizes and presence are
 read through buffer transactions (``buffers=True``): ``len()`` of a value found that way
 is the size LMDB keeps beside it, so no shard is copied (or paged in) just to be measured.
 """
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fluidfs.store.db import Database
-from fluidfs.sysutil import release_mapped_pages
+from fluidfs.sysutil import MappedFile
 
 _U64 = struct.Struct(">Q")
 
@@ -30,11 +32,17 @@ class ShardStore:
         # ~15x faster here (measured 70 vs 1,150 MB/s).
         self.db = Database(path, ["shards", "usage"], readahead=True)
         self._shards = self.db["shards"]
-        self._data_file = str(path / "data.mdb")
+        self._mapped = MappedFile(str(path / "data.mdb"))
+        self._touched = True  # shard pages may be mapped since the last release_pages
         self._usage = self.db["usage"]
 
     def _write(self):
+        self._touched = True
         return self.db.env.begin(write=True, buffers=True)
+
+    def _read(self):
+        self._touched = True
+        return self.db.read()
 
     def put_many(self, owner: bytes, shards: Iterable[tuple[bytes, bytes]]) -> int:
         """Store shards for *owner* in one transaction; return the bytes newly added."""
@@ -90,7 +98,7 @@ class ShardStore:
 
     def get(self, owner: bytes, shard_id: bytes) -> bytes | None:
         """The shard's bytes, or None if not held."""
-        with self.db.read() as txn:
+        with self._read() as txn:
             return txn.get(owner + shard_id, db=self._shards)
 
     def delete_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> int:
@@ -114,9 +122,13 @@ class ShardStore:
             self._add_usage(txn, owner, -freed)
         return count, freed
 
-    def release_pages(self) -> None:
-        """Drop this process's mapped pages of the shard file (they stay in page cache)."""
-        release_mapped_pages(self._data_file)
+    def release_pages(self) -> int:
+        """Drop this process's mapped pages of the shard file (they stay in page cache),
+        if shards were read or written since the last call; return the bytes covered."""
+        if not self._touched:
+            return 0
+        self._touched = False  # before: traffic from now on is released next time
+        return self._mapped.release()
 
     def used(self, owner: bytes) -> int:
         """Bytes held for *owner*."""
@@ -130,7 +142,7 @@ class ShardStore:
 
     def ids(self, owner: bytes) -> Iterator[bytes]:
         """Shard ids held for *owner* (a snapshot taken when called)."""
-        with self.db.read() as txn:
+        with self._read() as txn:
             cursor = txn.cursor(db=self._shards)
             found: list[bytes] = []
             if cursor.set_range(owner):
