@@ -1,0 +1,96 @@
+"""The lease gate and the lease keeper of a real node, against real peers in this process.
+
+Three ``PeerNode`` hosts (real peer services on 127.0.0.1) keep the records; the node
+under test reaches them as pinned peers, as ``fluidfs mount`` with ``PEERID@HOST:PORT``
+entries does. Nothing is mounted: the gate is what runs before the FUSE session opens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from inproc import PeerNode, peer_nodes
+
+from fluidfs import control, keys
+from fluidfs.keys import BootstrapPeer
+from fluidfs.node.node import Node, NodeConfig
+from fluidfs.peers.lease import WriterLease
+from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.remount.commits import NotWriter
+from fluidfs.remount.options import RemountError, RemountOptions
+from fluidfs.statedir import StateDir
+from fluidfs.store.settings import ORIGIN_NEW
+
+MIB = 1024 * 1024
+
+
+@asynccontextmanager
+async def node_and_hosts(
+    tmp_path: Path, ring: keys.KeyRing, **options
+) -> AsyncIterator[tuple[Node, list[PeerNode]]]:
+    """A node of *ring* whose pinned peers are three hosts that keep its records."""
+    async with peer_nodes(tmp_path / "hosts", 3) as (nursery, hosts):
+        for host in hosts:
+            host.ledger.record(ring.public_key, we_host=64 * MIB, they_host=64 * MIB, term=3600)
+        pinned = [BootstrapPeer(h.addr, h.key) for h in hosts]
+        config = NodeConfig(
+            ring,
+            StateDir(tmp_path / "state"),
+            cache_size=1 << 24,
+            remount=RemountOptions(pinned=pinned, mountpoint="/mnt/a", **options),
+        )
+        node = Node(config)
+        try:
+            await nursery.start(node.conns.run)
+            yield node, hosts
+        finally:
+            nursery.cancel_scope.cancel()
+            node.close()
+
+
+async def other_machine(tmp_path: Path, ring: keys.KeyRing, hosts: list[PeerNode], nursery):
+    """The lease as a second machine of the same keyfile sees it."""
+    other = await PeerNode(tmp_path / "b", ring).start(nursery, listen=False)
+    for host in hosts:
+        other.peers.add(host.key, host.addr)
+    return other, WriterLease(RecordClient(ring, other.conns, other.peers), b"b" * 16, "/mnt/b")
+
+
+async def test_a_fresh_state_without_a_quorum_of_answers_is_refused(tmp_path) -> None:
+    ring = keys.KeyRing(keys.generate())  # K = 8: three not_found answers are not enough
+    async with node_and_hosts(tmp_path, ring, restore_wait=0.0) as (node, _hosts):
+        with pytest.raises(RemountError, match=r"3 of the 3 peers .* and 8 must"):
+            await node.gate.before_mount()
+        assert node.settings.origin() is None, "nothing settled"
+
+
+async def test_a_fresh_state_known_new_starts_empty_and_says_so(tmp_path) -> None:
+    ring = keys.KeyRing(keys.generate())
+    async with node_and_hosts(tmp_path, ring, new=True) as (node, _hosts):
+        await node.gate.before_mount()
+        assert node.settings.origin() == ORIGIN_NEW
+        assert node.keeper.lease.published == 3, "the lease is on every host"
+
+
+async def test_a_mount_whose_lease_is_taken_over_stops_writing(tmp_path) -> None:
+    ring = keys.KeyRing(keys.generate())
+    async with node_and_hosts(tmp_path, ring, new=True) as (node, hosts):
+        await node.gate.before_mount()
+        async with trio.open_nursery() as nursery:
+            other, lease = await other_machine(tmp_path, ring, hosts, nursery)
+            await lease.acquire(takeover=True)  # fluidfs mount --takeover elsewhere
+            nursery.cancel_scope.cancel()
+        other.close()
+        assert not await node.keeper.check()
+        assert node.ops.read_only, "the FUSE operations turned read-only"
+        with pytest.raises(NotWriter):
+            await node.commits.commit(user_changed=True)
+        sync = node.control_handlers()["sync"]
+        with pytest.raises(control.ControlError, match="no longer writes: taken over by"):
+            await sync({"wait": 5})
+        status = node.remount_requests.status()
+        assert status["writer"] is False and "/mnt/b" in status["lost_to"]
