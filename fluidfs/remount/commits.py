@@ -183,8 +183,10 @@ class Commits:
 
     async def publish_pending(self) -> None:
         """Send the root record that reached too few peers again, if there is one."""
-        if self.publisher.pending is not None:
-            await self._publish(self.publisher.pending)
+        if self.publisher.pending is None:
+            self.schedule.published()  # sent meanwhile, by a later commit
+            return
+        await self._publish(self.publisher.pending)
 
     async def _publish(self, result: CommitResult) -> None:
         outcome = await self.publisher.publish(result)
