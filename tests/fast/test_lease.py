@@ -19,8 +19,9 @@ import trio
 from inproc import PeerNode, peer_nodes, silent_on, slow_jump_clock
 
 from fluidfs import keys
+from fluidfs.net.errors import RpcError
 from fluidfs.peers.lease import LeaseHeld, WriterLease
-from fluidfs.peers.rootrecord import CALL_TIMEOUT, RecordClient, open_record
+from fluidfs.peers.rootrecord import CALL_TIMEOUT, RecordClient, open_record, parse, seal
 
 RENEW = 15.0
 
@@ -169,3 +170,50 @@ async def test_a_peer_that_never_answers_delays_the_lease_by_one_timeout(
             nursery.cancel_scope.cancel()
             silent.close()
             a.close()
+
+
+async def test_two_mounts_taking_the_lease_at_once_do_not_both_get_it(tmp_path: Path) -> None:
+    """Both look (no lease yet), then both publish seq 1; each peer keeps whichever came
+    first. Both mounts then went ahead as the writer (until a renewal showed one of them
+    the other's newer lease), though they reach the very same peers."""
+    async with two_machines(tmp_path) as (a, b, _):
+        outcomes: dict[str, str] = {}
+
+        async def take(machine: Machine, name: str) -> None:
+            try:
+                await machine.lease.acquire(takeover=False)
+                outcomes[name] = "held"
+            except LeaseHeld:
+                outcomes[name] = "refused"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take, a, "a")
+            nursery.start_soon(take, b, "b")
+        assert sorted(outcomes.values()) == ["held", "refused"], outcomes
+
+
+async def test_a_peer_keeps_the_newest_of_two_leases_published_at_once(tmp_path: Path) -> None:
+    """Two mounts of one keyfile publish their leases at the same moment. The peer
+    checked the seq it held, then wrote, in two worker-thread steps with an await between,
+    both under one temporary file name: one of the two writes failed with a traceback,
+    and the older lease could overwrite the newer one."""
+    async with two_machines(tmp_path) as (a, b, hosts):
+        host = hosts[0]
+        failed = kept_older = 0
+        for round_ in range(10):
+            newer, older = 2 * round_ + 2, 2 * round_ + 1
+
+            async def put(machine: Machine, seq: int) -> None:
+                nonlocal failed
+                record = seal(machine.node.keyring, "lease", seq, {"state": "held"})
+                try:
+                    await machine.node.conns.call(host.key, "PutRecord", {"record": record})
+                except RpcError:
+                    failed += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(put, a, newer)
+                nursery.start_soon(put, b, older)
+            if parse(host.records.get(a.node.key, "lease")).seq != newer:
+                kept_older += 1
+        assert (failed, kept_older) == (0, 0), "of 10 rounds: failed, kept the older lease"
