@@ -140,14 +140,18 @@ class Repairer:
     def _plan_batch(
         self, ids: list[bytes], open_peers: dict[int, int], busy: frozenset[bytes]
     ) -> tuple[list[tuple[int, bytes]], list[bytes]]:
-        """(plan of these blocks, ids that no longer have a record); in a worker thread."""
+        """(plan of these blocks, ids to leave ``under``: deleted, or no longer short of
+        holders); in a worker thread."""
         records: list[StoredBlock] = []
         gone: list[bytes] = []
+        allowed = self.blocks.total_missing_allowed
         with self.blocks.meta.read() as txn:
             for block_id in ids:
                 stored = self.blocks.load(block_id, txn)
-                if stored is None:
-                    gone.append(block_id)
+                if stored is None or (
+                    stored.missing() <= allowed and block_id not in busy
+                ):
+                    gone.append(block_id)  # deleted, or whole again (as upload finds)
                 else:
                     records.append(stored)
         return plan(records, open_peers, busy), gone

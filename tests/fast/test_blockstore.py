@@ -1,0 +1,151 @@
+"""The block store's reference counts and journals (blocks/blockstore.py, gc.py,
+fs/metaindex.py), on real LMDB with no network: put, dedup, references taken and
+dropped, the shard journal after a crash, an ended agreement forgotten in batches, and
+the drop journal that cascades through dead metadata nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from inproc import LocalStore, Metadata
+
+from fluidfs import keys
+from fluidfs.blocks import blockstore
+from fluidfs.blocks.codec import NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.fs import metaindex
+
+BS = 16 * 1024
+RING = keys.KeyRing(keys.generate())
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    made = LocalStore(tmp_path / "state", RING, BS)
+    yield made
+    made.close()
+
+
+def gc_entries(store: LocalStore) -> set[tuple[int, bytes]]:
+    """(holder, shard id) of every shard waiting to be deleted."""
+    with store.db.read() as txn:
+        return {
+            (struct.unpack(">I", bytes(k[:4]))[0], bytes(k[4:]))
+            for k in txn.cursor(db=store.db["gc"]).iternext(values=False)
+        }
+
+
+def fake_block(n: int, holders: list[int], refcount: int = 1) -> StoredBlock:
+    block_id = hashlib.blake2b(struct.pack(">Q", n), digest_size=32).digest()
+    ids = tuple(block_id[:28] + struct.pack(">I", i) for i in range(len(holders)))
+    record = BlockRecord(block_id, BS, BS // 2, 2, bytes(WRAPPED_KEY_SIZE), bytes(NONCE_SIZE), ids)
+    return StoredBlock(record, refcount, holders)
+
+
+async def test_put_dedups_and_the_last_reference_frees_the_shards(store: LocalStore) -> None:
+    blocks, owner = store.blocks, RING.public_key
+    data = os.urandom(BS)
+    block_id = await blocks.put(data)
+    stored = blocks.load(block_id)
+    assert stored.refcount == 1 and stored.holders == [LOCAL_HOLDER] * stored.record.total
+    held = store.shards.used(owner)
+    assert held == stored.record.shard_size * stored.record.total
+    assert await blocks.put(data) == block_id, "same bytes, same block"
+    assert blocks.load(block_id).refcount == 2 and store.shards.used(owner) == held
+    with store.db.write() as txn:
+        blocks.add_ref(txn, block_id)
+        assert blocks.drop_ref(txn, block_id) is None
+        assert blocks.drop_ref(txn, block_id) is None
+    assert blocks.load(block_id).refcount == 1 and blocks.count() == 1
+    with store.db.write() as txn:
+        dead = blocks.drop_ref(txn, block_id)
+        assert dead is not None and dead.record.block_id == block_id
+    # The record is gone and its shards are journalled for deletion in the same txn.
+    assert blocks.load(block_id) is None
+    assert gc_entries(store) == {(LOCAL_HOLDER, sid) for sid in dead.record.shard_ids}
+    await blocks.release([dead])
+    assert store.shards.used(owner) == 0 and not gc_entries(store)
+    assert block_id not in store.cache
+    with store.db.write() as txn:
+        assert blocks.drop_ref(txn, block_id) is None, "a missing block drops nothing"
+        with pytest.raises(KeyError):
+            blocks.add_ref(txn, block_id)
+
+
+async def test_shards_sent_before_a_crash_become_garbage_unless_recorded(
+    store: LocalStore,
+) -> None:
+    kept, lost = fake_block(1, [NO_HOLDER, 7]), fake_block(2, [NO_HOLDER, NO_HOLDER])
+    with store.db.write() as txn:
+        store.blocks.save(txn, kept)
+        store.blocks.save(txn, lost)
+    collector = store.blocks.collector
+    # Journalled before sending; the crash came before the records named the holder,
+    # except for shard 1 of *kept*, which was recorded.
+    collector.placing(7, kept.record.shard_ids[1], BS // 2, kept.record.block_id)
+    collector.placing(7, kept.record.shard_ids[0], BS // 2, kept.record.block_id)
+    collector.placing(9, lost.record.shard_ids[0], BS // 2, lost.record.block_id)
+    assert store.blocks.recover_journal() == 2
+    assert gc_entries(store) == {(7, kept.record.shard_ids[0]), (9, lost.record.shard_ids[0])}
+    with store.db.read() as txn:
+        assert txn.stat(store.db["placing"])["entries"] == 0, "the journal is settled"
+    assert collector.pending() == (2, BS)
+
+
+async def test_an_ended_agreement_is_forgotten_in_batches(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blockstore, "SCAN_BATCH", 3)  # 10 records: four transactions
+    made = [fake_block(i, [5, 6] if i % 2 else [6, 6]) for i in range(10)]
+    with store.db.write() as txn:
+        for stored in made:
+            store.blocks.save(txn, stored)
+    version = store.blocks.holders_version
+    assert await store.blocks.forget_holder(5) == 5
+    for stored in made:
+        now = store.blocks.load(stored.record.block_id)
+        assert now.holders == [NO_HOLDER if h == 5 else h for h in stored.holders]
+        assert now.refcount == stored.refcount
+    assert store.blocks.under == {s.record.block_id for s in made if 5 in s.holders}
+    assert store.blocks.holders_version > version, "commits learn that holders changed"
+    assert await store.blocks.forget_holder(5) == 0, "nothing left to forget"
+    store.blocks.under.clear()
+    assert await store.blocks.find_under_replicated() == 5
+    assert store.blocks.under == {s.record.block_id for s in made if 5 in s.holders}
+
+
+async def test_dropped_nodes_cascade_through_a_journal_that_survives_a_crash(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metaindex, "DROP_BATCH", 1)  # every entry in its own transaction
+    meta = Metadata(store)
+    index = meta.index
+    shared, own = await store.blocks.put(os.urandom(BS)), await store.blocks.put(os.urandom(BS))
+    leaf, top = await store.blocks.put(b"leaf node"), await store.blocks.put(b"top node")
+    other = await store.blocks.put(b"another top")
+    with store.db.write() as txn:
+        index.register(txn, leaf, [(shared, False), (own, False), (shared, False)])
+        index.register(txn, top, [(leaf, True), (shared, False)])
+        index.register(txn, other, [(shared, False)])
+    assert store.refcount(shared) == 1 + 2 + 1 + 1  # put, twice by leaf, top, other
+    assert store.refcount(leaf) == 2  # put, top
+    with store.db.write() as txn:  # as put's own references would be given back
+        for block_id in (shared, own, leaf):
+            store.blocks.drop_ref(txn, block_id)
+    # A crash right after journalling: a fresh index over the same tables drains it.
+    with store.db.write() as txn:
+        index.journal_drops(txn, [top])
+    again = metaindex.MetaIndex(store.db, store.blocks, meta.holders)
+    assert await again.drain() == 3, "top, then leaf, then own die"
+    assert {store.refcount(b) for b in (top, leaf, own)} == {0}
+    assert store.refcount(shared) == 1, "still held by the other node"
+    assert not index.registered(top) and not index.registered(leaf)
+    assert index.registered(other) and store.refcount(other) == 1
+    with store.db.read() as txn:
+        assert txn.stat(store.db["dropping"])["entries"] == 0
+    assert await index.drop_and_release([other]) == 2
+    assert store.blocks.count() == 0 and store.shards.used(RING.public_key) == 0
