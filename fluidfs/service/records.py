@@ -45,20 +45,16 @@ class RecordOps:
             raise RpcError("bad_request", "a record can only be stored by its owner")
         if not record.signed_ok():
             raise RpcError("bad_request", "record signature does not verify")
-        raw = await trio.to_thread.run_sync(
-            self.records.get, peer, record.kind, limiter=self.limiter
+        stored, held = await trio.to_thread.run_sync(
+            self.records.put_if_newer,
+            peer,
+            record.kind,
+            record.raw,
+            record.seq,
+            _held_seq,
+            limiter=self.limiter,
         )
-        if raw is not None:
-            try:
-                held = rootrecord.parse(raw).seq
-            except rootrecord.RecordError:
-                held = -1  # unreadable: replace it
-            if held > record.seq or (held == record.seq and raw != record.raw):
-                return {"stored": False, "seq": held}
-        await trio.to_thread.run_sync(
-            self.records.put, peer, record.kind, record.raw, limiter=self.limiter
-        )
-        return {"stored": True, "seq": record.seq}
+        return {"stored": stored, "seq": held}
 
     async def get(self, peer: bytes, args: Args) -> Reply:
         """The caller's record of a kind."""
@@ -70,3 +66,11 @@ class RecordOps:
         if raw is None:
             raise RpcError("not_found", "no such record of yours here")
         return {"record": raw}
+
+
+def _held_seq(raw: bytes) -> int:
+    """The seq of a record we hold (-1 if it no longer parses: it gets replaced)."""
+    try:
+        return rootrecord.parse(raw).seq
+    except rootrecord.RecordError:
+        return -1

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 KINDS = ("root", "lease")
@@ -27,6 +29,9 @@ class RecordStore:
     """Owners' records, one file each, in the directory *root*."""
 
     root: Path
+    # Serialises compare-and-replace: two PutRecords of one owner handled by two worker
+    # threads must not both read the old seq and then race their writes.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def path(self, owner: bytes, kind: str) -> Path:
         """Where the record of *owner* of *kind* lives."""
@@ -67,11 +72,30 @@ class RecordStore:
                 found.add(owner)
         return found
 
+    def put_if_newer(
+        self, owner: bytes, kind: str, raw: bytes, seq: int, seq_of: Callable[[bytes], int]
+    ) -> tuple[bool, int]:
+        """Store *raw* (at *seq*) unless the held record is newer or differs at that seq.
+
+        *seq_of* reads a held record's seq (-1 for an unreadable one, which is replaced).
+        The read and the write happen under one lock, so of two concurrent puts the
+        higher seq always ends up stored. Returns (stored, seq now held).
+        """
+        with self._lock:
+            held_raw = self.get(owner, kind)
+            if held_raw is not None:
+                held = seq_of(held_raw)
+                if held > seq or (held == seq and held_raw != raw):
+                    return False, held
+            self.put(owner, kind, raw)
+            return True, seq
+
     def put(self, owner: bytes, kind: str, raw: bytes) -> None:
         """Replace the stored record, durably."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = self.path(owner, kind)
-        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        # A name of its own per write: concurrent writers never share a temporary file.
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(raw)
