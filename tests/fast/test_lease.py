@@ -172,26 +172,6 @@ async def test_a_peer_that_never_answers_delays_the_lease_by_one_timeout(
             a.close()
 
 
-async def test_two_mounts_taking_the_lease_at_once_do_not_both_get_it(tmp_path: Path) -> None:
-    """Both look (no lease yet), then both publish seq 1; each peer keeps whichever came
-    first. Both mounts then went ahead as the writer (until a renewal showed one of them
-    the other's newer lease), though they reach the very same peers."""
-    async with two_machines(tmp_path) as (a, b, _):
-        outcomes: dict[str, str] = {}
-
-        async def take(machine: Machine, name: str) -> None:
-            try:
-                await machine.lease.acquire(takeover=False)
-                outcomes[name] = "held"
-            except LeaseHeld:
-                outcomes[name] = "refused"
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(take, a, "a")
-            nursery.start_soon(take, b, "b")
-        assert sorted(outcomes.values()) == ["held", "refused"], outcomes
-
-
 async def test_a_peer_keeps_the_newest_of_two_leases_published_at_once(tmp_path: Path) -> None:
     """Two mounts of one keyfile publish their leases at the same moment. The peer
     checked the seq it held, then wrote, in two worker-thread steps with an await between,
