@@ -112,13 +112,18 @@ class BlockStore:
 
     def local_only_ids(self) -> list[bytes]:
         """Blocks whose shards are all still on this machine (stored before it had peers).
-        A scan of every record: call it in a worker thread."""
-        with self.meta.read() as txn:
-            return [
-                bytes(key)
-                for key, raw in txn.cursor(db=self._blocks)
-                if LOCAL_HOLDER in StoredBlock.decode(bytes(key), raw).holders
+        A scan of every record: call it in a worker thread. Each SCAN_BATCH records are
+        read in a transaction of their own, so no reader stays open for the whole scan."""
+        found: list[bytes] = []
+        after: bytes | None = b""
+        while after is not None:
+            with self.meta.read() as txn:
+                records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
+            found += [
+                key for key, raw in records
+                if LOCAL_HOLDER in StoredBlock.decode(key, raw).holders
             ]
+        return found
 
     def is_fully_stored(self, block_id: bytes) -> bool:
         """True when every shard of the block has a holder (so its plaintext may go)."""
