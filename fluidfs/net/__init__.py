@@ -1,7 +1,7 @@
 """fluidfs network layer: secure channels, framing, RPC and message schemas (no files).
 
-Modules: ``handshake`` + ``channel`` (authenticated encrypted frames), ``schema`` (tiny
-validation DSL), ``messages`` (op schemas), ``envelope`` (hardened CBOR envelopes), ``rpc``
+Modules: ``handshake`` + ``channel`` (authenticated encrypted frames), ``messages`` (op
+schemas, in the language of ``fluidfs.wire.schema``), ``envelope`` (CBOR envelopes), ``rpc``
 (``RpcConnection``, ``serve_connection``), ``tcp`` (``dial``, ``open_rpc``, ``serve_tcp``),
 and the resource limits: ``limits`` (``NetLimits``), ``admission`` (connection caps),
 ``budget`` (memory held for peers). Wire format and limits: docs/protocol.md.
@@ -20,7 +20,6 @@ from .errors import (
 )
 from .limits import DEFAULT_LIMITS, NetLimits
 from .rpc import Dispatcher, RpcConnection, serve_connection
-from .schema import SchemaError, validate
 from .tcp import dial, open_rpc, serve_tcp
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "RpcConnectionLost",
     "RpcError",
     "RpcTimeout",
-    "SchemaError",
     "SecureChannel",
     "accept_channel",
     "connect_channel",
@@ -45,5 +43,4 @@ __all__ = [
     "open_rpc",
     "serve_connection",
     "serve_tcp",
-    "validate",
 ]

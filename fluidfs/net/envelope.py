@@ -16,7 +16,7 @@ copying them, counts the data items of the body (``args``/``ok``/``err``) and st
 as ``max_items`` or ``MAX_DEPTH`` is passed, so its cost is bounded by the item cap whatever
 the frame's size. A decoded message then takes at most its length plus a fixed overhead per
 counted item, which is what the RPC layer charges to the peer's memory budget; it also
-compares the counts with the op's bounds (``fluidfs.net.schema.bounds``) and may refuse a
+compares the counts with the op's bounds (``fluidfs.wire.schema.bounds``) and may refuse a
 message from its ``Head`` alone, without decoding it.
 """
 

@@ -54,6 +54,8 @@ from typing import Any, Protocol
 
 import trio
 
+from fluidfs.wire.schema import Bound, Int, Map, Schema, SchemaError, Str, bounds, validate
+
 from . import envelope
 from .budget import ConnBudget, Hold, NodeBudget
 from .channel import SecureChannel, buffer_cost
@@ -67,7 +69,6 @@ from .errors import (
 )
 from .limits import DEFAULT_LIMITS, NetLimits
 from .messages import OPS, OpSpec
-from .schema import Bound, Int, Map, Schema, SchemaError, Str, bounds, validate
 
 __all__ = [
     "ERR_BOUND",

@@ -23,7 +23,6 @@ from fluidfs.net import (
     RpcConnectionLost,
     RpcError,
     RpcTimeout,
-    SchemaError,
     accept_channel,
     connect_channel,
     dial,
@@ -33,7 +32,7 @@ from fluidfs.net import (
 from fluidfs.net.channel import ChannelClosed
 from fluidfs.net.envelope import loads as safe_loads
 from fluidfs.net.messages import OPS, REQUEST_SCHEMAS, OpSpec
-from fluidfs.net.schema import Bytes, Int, Map
+from fluidfs.wire.schema import Bytes, Int, Map, SchemaError
 
 SERVER = nacl.signing.SigningKey(b"s" * 32)
 CLIENT = nacl.signing.SigningKey(b"c" * 32)
