@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import cbor2
@@ -259,32 +259,60 @@ class TreeWriter:
         self.stats.incomplete_refs += incomplete
         self.stats.weak_refs += weak
 
-    def _leaf_groups(self, entries: list[Entry]) -> tuple[list[list[Entry]], int, int]:
-        """*entries* cut into leaves, and the flawed references they hold (see
-        ``note_ref``): work that grows with the directory, done in a worker thread."""
+    def _cut(
+        self, carry: list[Entry], fresh: list[Entry], final: bool
+    ) -> tuple[list[list[Entry]], list[Entry], int, int]:
+        """Cut *carry* + *fresh* into leaves: (whole leaves, what to carry into the next
+        slice, flawed references in *fresh* (see ``note_ref``)). Unless *final*, the last
+        leaf is carried: it may go on in the next slice. Carried entries start right after
+        a cut, where cutting starts afresh, so the leaves come out as if the directory had
+        been cut whole. Grows with the slice: runs in a worker thread."""
         incomplete = weak = 0
-        for entry in entries:
+        for entry in fresh:
             for ref, _ in entry.refs():
                 flaws = _ref_flaws(ref, self.holders.self_key)
                 incomplete += flaws[0]
                 weak += flaws[1]
+        pending = carry + fresh
         ends = cut_points(
-            [e.name for e in entries], [e.size_estimate() for e in entries], self.chunk_key, 0
+            [e.name for e in pending], [e.size_estimate() for e in pending], self.chunk_key, 0
         )
         groups = []
         start = 0
         for end in ends:
-            groups.append(entries[start:end])
+            groups.append(pending[start:end])
             start = end
-        return groups, incomplete, weak
+        carry = [] if final or not groups else groups.pop()
+        return groups, carry, incomplete, weak
 
     async def write_list(self, entries: list[Entry]) -> Ref | None:
         """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
-        if not entries:
+
+        async def whole():
+            yield entries, True
+
+        return await self.write_slices(whole())
+
+    async def write_slices(self, slices: AsyncIterator[tuple[list[Entry], bool]]) -> Ref | None:
+        """``write_list`` for entries that come in sorted slices of (entries, last slice?):
+        leaves are written slice by slice, so only one slice is in memory at a time."""
+        items: list[tuple[bytes, Ref, int]] = []
+        carry: list[Entry] = []
+        async for fresh, final in slices:
+            groups, carry, incomplete, weak = await trio.to_thread.run_sync(
+                self._cut, carry, fresh, final
+            )
+            self.stats.incomplete_refs += incomplete
+            self.stats.weak_refs += weak
+            items += await self._leaves(groups)
+        if carry:  # the slices ended without a last one
+            items += await self._leaves([carry])
+        if not items:
             return None
-        groups, incomplete, weak = await trio.to_thread.run_sync(self._leaf_groups, entries)
-        self.stats.incomplete_refs += incomplete
-        self.stats.weak_refs += weak
+        return await self._index(items)
+
+    async def _leaves(self, groups: list[list[Entry]]) -> list[tuple[bytes, Ref, int]]:
+        """Write one leaf node per group, concurrently; (first name, ref, entries) each."""
         refs: list[Ref | None] = [None] * len(groups)
 
         async def leaf(i: int, group: list[Entry]) -> None:
@@ -295,7 +323,10 @@ class TreeWriter:
         async with trio.open_nursery() as nursery:
             for i, group in enumerate(groups):
                 nursery.start_soon(leaf, i, group)
-        items = [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        return [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+
+    async def _index(self, items: list[tuple[bytes, Ref, int]]) -> Ref:
+        """Index nodes over the leaves *items*, level by level; the top's reference."""
         height = 1
         while len(items) > 1:
             ends = cut_points(

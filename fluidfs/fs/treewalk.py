@@ -18,8 +18,11 @@ references (holders as public keys). Where it reads from is a ``Reads``:
 ``write_tree`` writes the directories of height 0 first, then their parents, so that
 a parent names its children's nodes with their final holders; lazy directories (not
 loaded yet on a restored machine, fs/restore.py) are named by their committed nodes
-as they are. Whatever grows with a directory's size (building its entries, deciding
-which files need manifests) runs in the worker thread with the read.
+as they are. A directory is read SLICE entries at a time and its leaves are written
+slice by slice (``TreeWriter.write_slices``), so a huge directory never sits in memory
+whole (its objects would make every garbage collection pass long); whatever grows
+with a slice (building entries, deciding which files need manifests, freeing them)
+runs in worker threads.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from fluidfs.store.db import Database
 
 _U64 = struct.Struct(">Q")
 DIRS_PER_BATCH = 64
+SLICE = 2000  # entries of one directory read (and cut into leaves) at a time
+FREE_PIECE = 500  # entries freed at once (see _free)
 
 
 class CommitAborted(Exception):
@@ -99,13 +104,15 @@ class TreeReader:
         self._blocks = db["blocks"]
         self._lazy = db["lazy"]
 
-    def _prefix(self, txn, table, ino: int):
+    def _prefix(self, txn, table, ino: int, after: bytes = b""):
         prefix = _U64.pack(ino)
         cursor = txn.cursor(db=table)
-        if cursor.set_range(prefix):
+        if cursor.set_range(prefix + after):
             for key, value in cursor:
                 if key[:8] != prefix:
                     return
+                if after and key[8:] == after:
+                    continue
                 yield bytes(key[8:]), bytes(value)
 
     def inode(self, txn, ino: int) -> Inode | None:
@@ -163,8 +170,22 @@ class TreeReader:
 
     def directory(self, txn, ino: int, content: dict[int, Ref | None]) -> list[Entry]:
         """The entries of directory *ino*, sorted by name; subdirectories from *content*."""
+        return self.directory_slice(txn, ino, content)[0]
+
+    def directory_slice(
+        self,
+        txn,
+        ino: int,
+        content: dict[int, Ref | None],
+        after: bytes = b"",
+        limit: int | None = None,
+    ) -> tuple[list[Entry], bool]:
+        """Up to *limit* entries of directory *ino* named after *after*, sorted by name,
+        and whether more follow."""
         entries = []
-        for name, value in self._prefix(txn, self._dirents, ino):
+        for name, value in self._prefix(txn, self._dirents, ino, after):
+            if limit is not None and len(entries) >= limit:
+                return entries, True
             child = _U64.unpack(value[:8])[0]
             inode = self.inode(txn, child)
             if inode is None:
@@ -173,7 +194,7 @@ class TreeReader:
             if inode.is_dir:
                 entry.content = content.get(child)
             entries.append(entry)
-        return entries
+        return entries, False
 
     def next_ino(self, txn) -> int:
         raw = txn.get(b"next_ino", db=self.db["counters"])
@@ -182,25 +203,36 @@ class TreeReader:
 
 @dataclass
 class Listed:
-    """One directory as read for a commit, prepared in the worker thread."""
+    """A slice of one directory as read for a commit, prepared in the worker thread."""
 
     entries: list[Entry]
     big: list[Entry]  # files whose block lists go to manifest chunks
     files: int  # entries that are not directories
+    more: bool  # the directory goes on after the last of these entries
+
+    @classmethod
+    def of(cls, entries: list[Entry], more: bool) -> Listed:
+        return cls(
+            entries,
+            [e for e in entries if len(e.blocks) + len(e.inline) > MANIFEST_INLINE_BLOCKS],
+            sum(1 for e in entries if not stat.S_ISDIR(e.mode)),
+            more,
+        )
 
 
 def _list_batch(
     txn, reader: TreeReader, inos: list[int], content: dict[int, Ref | None]
 ) -> dict[int, Listed]:
-    listed = {}
-    for ino in inos:
-        entries = reader.directory(txn, ino, content)
-        listed[ino] = Listed(
-            entries,
-            [e for e in entries if len(e.blocks) + len(e.inline) > MANIFEST_INLINE_BLOCKS],
-            sum(1 for e in entries if not stat.S_ISDIR(e.mode)),
-        )
-    return listed
+    """The first slice of each directory of a batch."""
+    return {
+        ino: Listed.of(*reader.directory_slice(txn, ino, content, limit=SLICE)) for ino in inos
+    }
+
+
+def _list_slice(
+    txn, reader: TreeReader, ino: int, content: dict[int, Ref | None], after: bytes
+) -> Listed:
+    return Listed.of(*reader.directory_slice(txn, ino, content, after, limit=SLICE))
 
 
 async def write_tree(reader: TreeReader, writer, reads) -> tuple[Entry, int]:
@@ -215,20 +247,48 @@ async def write_tree(reader: TreeReader, writer, reads) -> tuple[Entry, int]:
                 reads.run, _list_batch, reader, batch, content
             )
 
-            async def one(ino: int, dir_: Listed) -> None:
-                for entry in dir_.big:
-                    entry.chunks = await writer.manifest(entry.ino, entry.blocks, entry.inline)
-                    entry.blocks, entry.inline = [], []
-                writer.stats.files += dir_.files
-                content[ino] = await writer.write_list(dir_.entries)
+            async def one(ino: int, first: Listed) -> None:
+                async def slices():
+                    part = first
+                    while True:
+                        for entry in part.big:
+                            entry.chunks = await writer.manifest(
+                                entry.ino, entry.blocks, entry.inline
+                            )
+                            entry.blocks, entry.inline = [], []
+                        writer.stats.files += part.files
+                        yield part.entries, not part.more
+                        if not part.more:
+                            return
+                        after = part.entries[-1].name
+                        await trio.to_thread.run_sync(_free, [part])
+                        part = await trio.to_thread.run_sync(
+                            reads.run, _list_slice, reader, ino, content, after
+                        )
+
+                content[ino] = await writer.write_slices(slices())
 
             async with trio.open_nursery() as nursery:
-                for ino, dir_ in listed.items():
-                    nursery.start_soon(one, ino, dir_)
+                for ino, first in listed.items():
+                    nursery.start_soon(one, ino, first)
             writer.stats.dirs += len(batch)
+            # Freeing a big directory's entries takes as long as making them: not here.
+            dropped, listed = list(listed.values()), {}
+            await trio.to_thread.run_sync(_free, dropped)
     root, next_ino = await trio.to_thread.run_sync(reads.run, _root, reader)
     root.content = content.get(ROOT_INO)
     return root, next_ino
+
+
+def _free(dropped: list[Listed]) -> None:
+    """Let go of listed directories a few hundred entries at a time (in a worker thread;
+    the pauses between the pieces let other threads have the GIL)."""
+    while dropped:
+        entries = dropped[-1].entries
+        dropped[-1].big.clear()
+        while entries:
+            del entries[-FREE_PIECE:]
+        dropped.pop()
 
 
 def _root(txn, reader: TreeReader) -> tuple[Entry, int]:

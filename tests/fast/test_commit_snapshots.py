@@ -13,6 +13,7 @@ import trio
 from inproc import LocalStore, Metadata
 
 from fluidfs import keys
+from fluidfs.fs import treewalk
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.fs.treewalk import TreeReader
 
@@ -80,8 +81,8 @@ class MovesAFileMidway(TreeReader):
         self.store, self.src, self.dst = store, src, dst
         self.moved = False
 
-    def directory(self, txn, ino, content):
-        entries = super().directory(txn, ino, content)
+    def directory_slice(self, txn, ino, content, after=b"", limit=None):
+        entries = super().directory_slice(txn, ino, content, after, limit)
         if not self.moved:
             self.moved = True
             with self.store.db.write() as move:  # another transaction: the user's rename
@@ -140,3 +141,35 @@ def test_every_change_to_the_tree_moves_its_generation(store: LocalStore) -> Non
     assert seen == sorted(set(seen)), "strictly up at every change"
     tree.get(ino), tree.blocks_of(ino), list(tree.entries(ROOT_INO))
     assert now() == seen[-1], "reading changes nothing"
+
+
+async def test_a_directory_read_in_slices_gets_the_same_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tops = []
+    for slice_size in (100_000, 7, 1):
+        monkeypatch.setattr(treewalk, "SLICE", slice_size)
+        store = LocalStore(tmp_path / f"s{slice_size}", RING, BS)
+        try:
+            big = store.mkdir(ROOT_INO, "big")
+            for f in range(600):  # several leaves
+                store.new_inode(big, f"{f:05}-" + "n" * 200, 0o100644)
+            for ino in (big, ROOT_INO):
+                inode = store.tree.get(ino)
+                inode.mtime_ns = inode.ctime_ns = inode.atime_ns = 1
+                store.tree.save(inode)
+            with store.db.write() as txn:  # the same times everywhere: the same bytes
+                for _, _, child in list(store.tree.entries_in(txn, big)):
+                    inode = store.tree.inode_in(txn, child)
+                    inode.mtime_ns = inode.ctime_ns = inode.atime_ns = 1
+                    store.tree.put(txn, inode)
+            meta = Metadata(store)
+            result = await meta.commit()
+            assert result.stats.files == 600
+            (entry,) = await meta.index.entries(result.info.root.content.block_id)
+            leaves = meta.index.children(entry.content.block_id)
+            assert len(leaves) > 3 and all(is_node for _, is_node in leaves)
+            tops.append(leaves)  # leaf ids: keyed hashes of their bytes
+        finally:
+            store.close()
+    assert tops[0] == tops[1] == tops[2], "the leaves are cut where a whole read cuts them"
