@@ -85,3 +85,34 @@ def test_block_map_cut(tmp_path):
     assert cut == [b"I\x02", b"I\x03", b"I\x04"]
     assert [i for i, _ in tree.blocks_of(7)] == [0, 1]
     assert tree.blocks_of(8) == [(0, b"Ix")]
+
+
+def test_shard_pages_are_released_only_after_shard_traffic(tmp_path):
+    store = ShardStore(tmp_path / "s")
+    store.put_many(OWNER_A, [(b"1" * 32, os.urandom(1 << 20))])
+    assert store.release_pages() > 0, "the write touched the mapping"
+    assert store.release_pages() == 0, "nothing since: nothing to do"
+    assert store.used(OWNER_A) == 1 << 20 and store.release_pages() == 0, "no shard read"
+    assert len(store.get(OWNER_A, b"1" * 32)) == 1 << 20
+    assert store.release_pages() > 0
+    # The mapping's range is looked up once and kept; releasing still gives back the
+    # pages that reading left in this process's RSS.
+    shards = [(bytes([i]) * 32, os.urandom(1 << 20)) for i in range(2, 34)]
+    store.put_many(OWNER_A, shards)
+    store.release_pages()
+    before = rss_file()
+    for shard_id, data in shards:
+        assert store.get(OWNER_A, shard_id) == data
+    assert rss_file() - before > 16 << 20, "the reads mapped the shards' pages"
+    store.release_pages()
+    assert rss_file() - before < 4 << 20, "and releasing gave them back"
+    store.close()
+
+
+def rss_file() -> int:
+    """Bytes of file-backed pages mapped in this process (RssFile in /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
