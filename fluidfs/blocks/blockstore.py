@@ -1,8 +1,10 @@
 """The blockstore: sealed blocks, their records and references, and the cache.
 
 ``put`` turns plaintext into a stored block (deduplicated by block id) and
-returns with one reference taken for the caller. ``read`` serves bytes of a
-block from the plaintext cache, rebuilding it from shards when it is not there.
+returns with one reference taken for the caller (or for the holder its ``bind``
+records in the same transaction, so a crash never leaves a reference nobody holds).
+``read`` serves bytes of a block from the plaintext cache, rebuilding it from shards
+when it is not there.
 CPU work and shard I/O run in worker threads under a capacity limiter; records
 and reference counts live in ``meta.lmdb`` table ``blocks`` and change on the trio
 loop, in the caller's transaction where a file map changes with them. The two scans
@@ -16,6 +18,7 @@ A holder caught returning a corrupt copy of a shard is dealt with in suspects.py
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +42,10 @@ UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
+
+# Records who holds a new reference, in the transaction that takes it (see ``put``):
+# bind(txn, block_id) -> the blocks it left unreferenced.
+Bind = Callable[[Any, bytes], list[StoredBlock]]
 
 
 class BlockUnavailable(Exception):
@@ -169,7 +176,7 @@ class BlockStore:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def put(self, data: bytes, source: Path | None = None) -> bytes:
+    async def put(self, data: bytes, source: Path | None = None, bind: Bind | None = None) -> bytes:
         """Store *data* as a block and take a reference to it; return the block id.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
@@ -177,19 +184,32 @@ class BlockStore:
         shards are queued for upload and its plaintext stays pinned in the cache
         until every shard has a holder; the queue is bounded, so a slow network
         slows sealing (never the writes to the mount, which land in dirty blocks).
+
+        *bind*, if given, is called as ``bind(txn, block_id)`` inside the write
+        transaction that takes the reference, to record who holds it (a file's block
+        map): a crash leaves both or neither, never a reference nobody holds. It returns
+        the blocks it left unreferenced, released once that transaction commits. *source*
+        moves into the cache only after the commit, so until then it is still there to be
+        stored again. The reference then belongs to what *bind* wrote: if caching fails,
+        the error goes up, the reference stays and *source* stays where it was (putting
+        it again finds the block, a dedup). Without *bind*, a failure gives the reference
+        back.
         """
         block_id = await trio.to_thread.run_sync(self.codec.block_id, data, limiter=self.limiter)
         upload: tuple[BlockRecord, list[bytes]] | None = None
-        if not self._ref_if_present(block_id):
+        dead = self._ref_if_present(block_id, bind)
+        if dead is None:
             local = self.remote is None
             seal = self._seal_and_store if local else self.codec.seal
             record, shards = await trio.to_thread.run_sync(
                 seal, data, block_id, limiter=self.limiter
             )
-            if not self._ref_if_present(block_id):
+            dead = self._ref_if_present(block_id, bind)
+            if dead is None:
                 holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
                 with self.meta.write() as txn:
                     self.save(txn, StoredBlock(record, 1, holders))
+                    dead = bind(txn, block_id) if bind is not None else []
                 if not local:
                     self.under.add(block_id)
                     upload = (record, shards)
@@ -201,24 +221,31 @@ class BlockStore:
                     limiter=self.limiter,
                 )
         try:
+            await self.release(dead)
             await self._cache_put(block_id, data, source)
         except BaseException:
-            with self.meta.write() as txn:  # give back the reference this call took
-                dead = self.drop_ref(txn, block_id)
-            if dead is not None:
-                with trio.CancelScope(shield=True):
-                    await self.release([dead])
+            if bind is None:
+                with self.meta.write() as txn:  # give back the reference this call took
+                    gone = self.drop_ref(txn, block_id)
+                if gone is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.release([gone])
+            elif upload is not None:  # mapped: its shards should still go out (else repair)
+                with contextlib.suppress(trio.WouldBlock):
+                    self._upload_send.send_nowait(upload)
             raise
         if upload is not None:
             await self._upload_send.send(upload)
         return block_id
 
-    def _ref_if_present(self, block_id: bytes) -> bool:
+    def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
+        """Take a reference to the block (and run *bind*) if it is stored; None if not,
+        else the blocks *bind* left unreferenced."""
         with self.meta.write() as txn:
             if txn.get(block_id, db=self._blocks) is None:
-                return False
+                return None
             self.add_ref(txn, block_id)
-        return True
+            return bind(txn, block_id) if bind is not None else []
 
     def _seal_and_store(self, data: bytes, block_id: bytes) -> tuple[BlockRecord, list[bytes]]:
         record, shards = self.codec.seal(data, block_id)

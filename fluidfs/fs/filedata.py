@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
+from fluidfs.blocks.record import StoredBlock
 from fluidfs.diskspace import is_disk_full
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.tree import BLOCK_REF, INLINE, Tree
@@ -417,7 +418,14 @@ class FileData:
     # --- sealing ------------------------------------------------------------------------
 
     async def seal(self, blk: DirtyBlock) -> None:
-        """Turn a dirty block into a stored block and point the block map at it."""
+        """Turn a dirty block into a stored block and point the block map at it.
+
+        The block's reference and the block map entry that holds it are written in one
+        transaction (``BlockStore.put``'s *bind*), and only then does the dirty file move
+        into the cache. A crash before that commit leaves the old entry and the dirty
+        file, sealed again at the next mount; a crash after it leaves the new entry, and
+        perhaps the dirty file beside it, whose sealing again finds the same block."""
+        dead: list[StoredBlock] = []
         async with blk.lock:
             if blk.dead or not blk.ready:
                 return
@@ -432,25 +440,32 @@ class FileData:
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
                 )
             if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
-                value = INLINE + data
                 self._discard(blk)
+                with self.tree.db.write() as txn:
+                    dead = self._map(txn, blk, INLINE + data)
             else:
+
+                def bind(txn, block_id: bytes) -> list[StoredBlock]:
+                    return self._map(txn, blk, BLOCK_REF + block_id)
+
                 # The dirty file (if any) becomes the cached plaintext: no copy.
                 source = blk.path if blk.fd is not None else None
-                block_id = await self.blocks.put(data, source)
-                value = BLOCK_REF + block_id
+                await self.blocks.put(data, source, bind)
                 if source is not None:
                     os.close(blk.fd)
                     blk.fd = None
                 self._discard(blk)
                 self.sealed_bytes += len(data)
                 self.sealed_blocks += 1
-            with self.tree.db.write() as txn:
-                old = self.tree.set_block(txn, blk.ino, blk.index, value)
-                dead = self._drop_values(txn, [old] if old is not None else [])
         await self.blocks.release(dead)
         if self.on_sealed is not None:
             self.on_sealed()
+
+    def _map(self, txn, blk: DirtyBlock, value: bytes) -> list[StoredBlock]:
+        """Point *blk*'s block map entry at *value* in *txn*; return the blocks left
+        unreferenced (to release after the commit)."""
+        old = self.tree.set_block(txn, blk.ino, blk.index, value)
+        return self._drop_values(txn, [old] if old is not None else [])
 
     async def seal_inode(self, ino: int) -> None:
         """Seal every dirty block of *ino* now (fsync)."""

@@ -155,30 +155,84 @@ async def test_recovery_discards_what_it_cannot_trust(store: LocalStore) -> None
     assert not store.data.has_dirty(ino)
 
 
+class Killed(BaseException):
+    """kill -9 here: nothing after this point runs or cleans up."""
+
+
+def kill_at(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> None:
+    """The process dies when it calls *obj.name* (the call does not happen)."""
+
+    def die(*_args, **_kw):
+        raise Killed(name)
+
+    monkeypatch.setattr(obj, name, die)
+
+
+@pytest.mark.parametrize("point", ["mapping", "caching"])
 async def test_a_crash_between_storing_a_block_and_mapping_it_leaks_nothing(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
 ) -> None:
-    """Sealing stores the block (taking its reference, and moving the dirty file into the
-    cache), then points the block map at it in a second transaction. A kill -9 between
-    the two leaves a block record whose reference nobody holds: the data was never
-    acknowledged (no fsync had returned), but the block must not stay stored forever."""
+    """Sealing takes the block's reference, points the block map at it and moves the dirty
+    file into the cache. A kill -9 at any point must leave either the old map entry and
+    the dirty file (sealed again at the next mount) or the new entry; never a reference
+    nobody holds (a block kept, with its shards, for good) and never the dirty data gone.
+    The reference and the map entry once took two transactions with the dirty file moved
+    between them: a kill there lost the data and leaked the block."""
     big = 4 * MEMORY_BLOCK_MAX
     first = LocalStore(tmp_path / "state", RING, big)
     data = os.urandom(MEMORY_BLOCK_MAX + 1000)
     ino = await first.create(ROOT_INO, "f")
     await first.write(ino, 0, data)
-    block_id = await first.blocks.put(data, first.data.dirty_dir / f"{ino}.0")  # seal, step 1
-    for blk in first.data.dirty.values():  # kill -9 before step 2
-        os.close(blk.fd)
+    if point == "mapping":  # as the block map entry is written
+        kill_at(monkeypatch, first.tree, "set_block")
+    else:  # as the dirty file moves into the cache
+        kill_at(monkeypatch, first.cache, "adopt_io")
+    with pytest.raises(Killed):
+        await first.data.seal_all()
+    for blk in first.data.dirty.values():  # the process and its files go away
+        if blk.fd is not None:
+            os.close(blk.fd)
     first.close()
 
     again = LocalStore(tmp_path / "state", RING, big)
     try:
         await again.recover()
         await again.data.seal_all()
+        assert await again.read(ino) == data, "the written data survives the crash"
+        (block_id,) = block_ids(again, ino)
+        assert again.refcount(block_id) == 1 and again.blocks.count() == 1
+        assert os.listdir(again.data.dirty_dir) == []
+        shard_ids = set(again.blocks.load(block_id).record.shard_ids)
         await again.data.remove(ino)
-        assert again.refcount(block_id) == 0 and again.blocks.count() == 0, (
+        assert again.blocks.count() == 0, (
             "a block nothing references is kept (and its shards stay on peers) for good"
         )
+        assert not shard_ids & set(again.shards.ids(RING.public_key)), "its shards are gone"
     finally:
         again.close()
+
+
+async def test_a_block_mapped_but_not_cached_is_sealed_again_without_a_second_reference(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When moving the dirty file into the cache fails (a full disk), the block is already
+    stored and mapped: the dirty block stays and its next seal finds the same block."""
+    store.data.block_size = 4 * MEMORY_BLOCK_MAX
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
+    ino = await store.create(ROOT_INO, "f")
+    await store.write(ino, 0, data)
+    (blk,) = store.data.dirty.values()
+
+    def full(*_args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.cache, "adopt_io", full)
+        with pytest.raises(OSError):
+            await store.data.seal(blk)
+    assert store.data.has_dirty(ino), "the dirty block is kept"
+    await store.data.seal(blk)
+    (block_id,) = block_ids(store, ino)
+    assert store.refcount(block_id) == 1, "one map entry, one reference"
+    assert block_id in store.cache and os.listdir(store.data.dirty_dir) == []
+    assert await store.read(ino) == data
