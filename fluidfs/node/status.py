@@ -1,12 +1,13 @@
 """The figures behind `fluidfs status`: redundancy, uploads, repair, audit, commits.
 
-Everything here reads; nothing changes. The one scan that grows with the data (every
-block record, for the redundancy levels) runs in a worker thread.
+Everything here reads; nothing changes. Every read of the stores (each block record for
+the redundancy levels, shard usage, the GC queue) runs in one worker-thread call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -28,12 +29,12 @@ from fluidfs.store.shards import ShardStore
 RATE_WEIGHT = 0.3  # weight of the last second in the upload rate
 
 
+@dataclass
 class UploadRate:
     """Bytes uploaded per second, exponentially weighted over the last seconds."""
 
-    def __init__(self, blocks: BlockStore) -> None:
-        self.blocks = blocks
-        self.rate = 0.0
+    blocks: BlockStore
+    rate: float = 0.0
 
     async def run(self) -> None:
         """Measure once a second until cancelled."""
@@ -45,59 +46,48 @@ class UploadRate:
             last = now
 
 
-Scanned = tuple[dict[str, int], int, set[bytes]]
+@dataclass
+class Scanned:
+    """What status reads from the stores (in a worker thread: it grows with the data)."""
+
+    levels: dict[str, int]  # data blocks per redundancy level ("local", "12", …)
+    pending: int  # bytes of shards still to upload
+    nodes: set[bytes]  # ids of blocks holding metadata nodes, reported apart
+    own: int  # bytes of our own shards kept here (no peers yet)
+    hosted: int  # bytes of shards kept here for everyone, us included
+    gc_pending: int  # bytes of shards waiting to be deleted
 
 
+@dataclass
 class NodeStatus:
     """Answers `fluidfs status`."""
 
-    def __init__(
-        self,
-        peer_id: str,
-        meta: Database,
-        blocks: BlockStore,
-        codec: BlockCodec,
-        shards: ShardStore,
-        data: FileData,
-        conns: Connections,
-        peers: PeerList,
-        ledger: Ledger,
-        service: PeerService,
-        repairer: Repairer,
-        migrator: Migrator,
-        auditor: Auditor,
-        upload: UploadRate,
-        *,
-        metadata_ids: Callable[[], set[bytes]],
-        commit_status: Callable[[], dict[str, Any]],
-    ) -> None:
-        self.peer_id = peer_id
-        self.meta = meta
-        self.blocks = blocks
-        self.codec = codec
-        self.shards = shards
-        self.data = data
-        self.conns = conns
-        self.peers = peers
-        self.ledger = ledger
-        self.service = service
-        self.repairer = repairer
-        self.migrator = migrator
-        self.auditor = auditor
-        self.upload = upload
-        self.metadata_ids = metadata_ids  # blocks holding metadata nodes: reported apart
-        self.commit_status = commit_status
+    peer_id: str
+    meta: Database
+    blocks: BlockStore
+    codec: BlockCodec
+    shards: ShardStore
+    data: FileData
+    conns: Connections
+    peers: PeerList
+    ledger: Ledger
+    service: PeerService
+    repairer: Repairer
+    migrator: Migrator
+    auditor: Auditor
+    upload: UploadRate
+    metadata_ids: Callable[[], set[bytes]]  # blocks holding metadata nodes
+    commit_status: Callable[[], dict[str, Any]]
 
     async def report(self) -> dict[str, Any]:
-        """The figures, with the block scan in a worker thread."""
-        scanned = await trio.to_thread.run_sync(self.redundancy_levels, limiter=self.blocks.limiter)
+        """The figures, with every store read in a worker thread."""
+        scanned = await trio.to_thread.run_sync(self.scan, limiter=self.blocks.limiter)
         return self.figures(scanned)
 
-    def redundancy_levels(self) -> Scanned:
-        """Data blocks per redundancy level, bytes of shards still to upload, metadata ids.
+    def scan(self) -> Scanned:
+        """Read the stores: every block record, shard usage and the GC queue.
 
-        A scan of every block record: run it in a worker thread. Metadata blocks
-        are reported apart.
+        Blocking and proportional to the data: run it in a worker thread.
         """
         nodes = self.metadata_ids()
         levels: dict[str, int] = {}
@@ -113,12 +103,18 @@ class NodeStatus:
                     level = str(stored.record.total - stored.missing())
                     pending += stored.missing() * stored.record.shard_size
                 levels[level] = levels.get(level, 0) + 1
-        return levels, pending, nodes
+        return Scanned(
+            levels=levels,
+            pending=pending,
+            nodes=nodes,
+            own=self.shards.used(self.blocks.owner),
+            hosted=self.service.hosted_total(),
+            gc_pending=self.blocks.collector.pending()[1],
+        )
 
     def figures(self, scanned: Scanned) -> dict[str, Any]:
-        """Figures for `fluidfs status` (*scanned*: a result of redundancy_levels)."""
-        levels, pending, nodes = scanned
-        own = self.shards.used(self.blocks.owner)  # shards of ours kept here (no peers yet)
+        """Figures for `fluidfs status` from *scanned* (a result of scan)."""
+        levels = scanned.levels
         order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
         return {
             "peer_id": self.peer_id,
@@ -129,13 +125,13 @@ class NodeStatus:
             "shards_needed": self.codec.needed,
             "blocks": sum(levels.values()),
             "redundancy": {k: levels[k] for k in order},
-            "under_replicated": len(self.blocks.under - nodes),
+            "under_replicated": len(self.blocks.under - scanned.nodes),
             "uploaded_bytes": self.blocks.uploaded_bytes,
-            "upload_pending_bytes": pending,
+            "upload_pending_bytes": scanned.pending,
             "upload_rate": self.upload.rate,
             "unsealed_bytes": self.data.pending_bytes(),
-            "hosted_bytes": self.service.hosted_total() - own,
-            "local_shard_bytes": own,
+            "hosted_bytes": scanned.hosted - scanned.own,
+            "local_shard_bytes": scanned.own,
             "network": self.blocks.remote is not None,
             "repair_queue": self.repairer.queue_length,
             "repaired_bytes": self.repairer.repaired_bytes,
@@ -144,6 +140,6 @@ class NodeStatus:
             "moved_to_peers_blocks": self.migrator.moved_blocks,
             "audit_cycles": self.auditor.cycles,
             "audit_challenges": self.auditor.challenges,
-            "gc_pending_bytes": self.blocks.collector.pending()[1],
+            "gc_pending_bytes": scanned.gc_pending,
             "commit": self.commit_status(),
         }
