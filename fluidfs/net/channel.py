@@ -57,6 +57,7 @@ from nacl._sodium import ffi
 
 from . import framecipher
 from . import handshake as hs
+from .bandwidth import SERVE, Bandwidth, Deadline, paused
 from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
 from .framecipher import ABYTES, FrameOpener, FrameSealer
 from .streamio import ExactReader, StreamEOF
@@ -157,8 +158,11 @@ class SecureChannel:
         *,
         max_frame: int,
         offload_bytes: int | Literal["auto"] | None,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self._stream = stream
+        self._bandwidth = bandwidth
+        self._send_waiting: list[int] = []  # priorities of senders waiting for the lock
         self._reader = reader
         self._sealer = sealer
         self._opener = opener
@@ -190,8 +194,18 @@ class SecureChannel:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        priority: int = SERVE,
+        deadline: Deadline | None = None,
+    ) -> None:
         """Encrypt ``data`` as one frame and send it.
+
+        Under an upload limit the frame goes out in chunks, each when the node's upload
+        bucket gives this ``priority`` its turn; the caller's ``deadline`` is paused while
+        the frame waits for that and for frames queued ahead on this channel.
 
         Raises ``FrameError`` (channel still usable) if ``data`` is larger than
         ``max_message``, ``ChannelClosed`` if the connection is gone, and
@@ -200,10 +214,30 @@ class SecureChannel:
         n = memoryview(data).nbytes
         if n > self.max_message:
             raise FrameError(f"message of {n} bytes exceeds the {self.max_message}-byte limit")
-        async with self._send_lock:
-            await self._send_frame(data, n, TAG_MESSAGE)
+        paced = self._bandwidth is not None and self._bandwidth.up.limited
+        if not paced:
+            async with self._send_lock:
+                await self._send_frame(data, n, TAG_MESSAGE)
+            return
+        self._send_waiting.append(priority)
+        try:
+            with paused(deadline):
+                await self._send_lock.acquire()
+        finally:
+            self._send_waiting.remove(priority)
+        try:
+            await self._send_frame(data, n, TAG_MESSAGE, priority, deadline)
+        finally:
+            self._send_lock.release()
 
-    async def _send_frame(self, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
+    async def _send_frame(
+        self,
+        data: bytes | bytearray | memoryview,
+        n: int,
+        tag: int,
+        priority: int = SERVE,
+        deadline: Deadline | None = None,
+    ) -> None:
         if self._closed:
             raise trio.ClosedResourceError("channel was closed")
         if self._send_error is not None:
@@ -223,7 +257,13 @@ class SecureChannel:
                 )
             else:
                 self._encrypt(frame, data, n, tag)
-            await self._stream.send_all(ffi.buffer(frame, clen + 4))
+            if self._bandwidth is None:
+                await self._stream.send_all(ffi.buffer(frame, clen + 4))
+            elif not self._bandwidth.up.limited:
+                await self._stream.send_all(ffi.buffer(frame, clen + 4))
+                self._bandwidth.up.count(clen + 4)
+            else:
+                await self._send_paced(memoryview(ffi.buffer(frame, clen + 4)), priority, deadline)
         except _DEAD as exc:
             self._send_error = ChannelClosed("connection lost while sending")
             # raise a copy: the sticky error must not carry a traceback, whose frames
@@ -236,6 +276,19 @@ class SecureChannel:
             if pooled:
                 _POOL.give(frame)
 
+    async def _send_paced(
+        self, view: memoryview, priority: int, deadline: Deadline | None
+    ) -> None:
+        """Send *view* chunk by chunk, each when the upload bucket lets it through. A
+        sender of higher priority waiting behind this frame lends it its priority."""
+        assert self._bandwidth is not None
+        up = self._bandwidth.up
+        for pos in range(0, len(view), up.chunk):
+            chunk = view[pos : pos + up.chunk]
+            with paused(deadline):
+                await up.take(len(chunk), min([priority, *self._send_waiting]))
+            await self._stream.send_all(chunk)
+
     def _encrypt(
         self, frame: object, data: bytes | bytearray | memoryview, n: int, tag: int
     ) -> None:
@@ -244,8 +297,14 @@ class SecureChannel:
 
     # -- receiving -----------------------------------------------------------------------
 
-    async def receive(self, before_body: BodyGate | None = None) -> bytes:
+    async def receive(
+        self, before_body: BodyGate | None = None, deadline: Deadline | None = None
+    ) -> bytes:
         """Return the next message.
+
+        Under a download limit the body is read chunk by chunk, each paid for in the
+        node's download bucket before the next is read; ``deadline`` (the caller's frame
+        timeout) is paused meanwhile.
 
         ``before_body(length)``, if given, is awaited once the frame's length is known and
         checked, before its body is allocated or read: it may wait (the peer's bytes stay
@@ -264,7 +323,7 @@ class SecureChannel:
             raise trio.BusyResourceError("another task is already receiving on this channel")
         self._recv_busy = True
         try:
-            return await self._receive_frame(before_body)
+            return await self._receive_frame(before_body, deadline)
         finally:
             self._recv_busy = False
 
@@ -275,10 +334,18 @@ class SecureChannel:
             await trio.aclose_forcefully(self._stream)
         return exc
 
-    async def _read(self, view: memoryview, what: str, *, first: bool = False) -> None:
+    async def _read(
+        self,
+        view: memoryview,
+        what: str,
+        *,
+        first: bool = False,
+        deadline: Deadline | None = None,
+    ) -> None:
         reader = self._reader
+        down = self._bandwidth.down if self._bandwidth is not None else None
         try:
-            await reader.readinto(view)
+            await reader.readinto(view, down, deadline)
         except StreamEOF as exc:
             if first and exc.got == 0:
                 raise await self._fail(ChannelClosed("peer closed the connection")) from None
@@ -290,7 +357,9 @@ class SecureChannel:
                 self._recv_error = ChannelClosed("a receive was interrupted mid-frame")
             raise
 
-    async def _receive_frame(self, before_body: BodyGate | None) -> bytes:
+    async def _receive_frame(
+        self, before_body: BodyGate | None, deadline: Deadline | None
+    ) -> bytes:
         await self._read(self._hdr, "header", first=True)
         clen = int.from_bytes(self._hdr, "big")
         if clen > self.max_frame:
@@ -321,7 +390,7 @@ class SecureChannel:
             buf = _alloc("unsigned char[]", clen)
             out = _alloc("unsigned char[]", mlen + offset)
         try:
-            tag = await self._open(buf, out, clen)
+            tag = await self._open(buf, out, clen, deadline)
         finally:
             if pooled:
                 _POOL.give(buf)
@@ -340,10 +409,12 @@ class SecureChannel:
             raise await self._fail(ChannelClosed("peer closed the channel"))
         raise await self._fail(FrameError(f"unexpected frame tag {tag}"))
 
-    async def _open(self, buf: object, out: object, clen: int) -> int | None:
+    async def _open(
+        self, buf: object, out: object, clen: int, deadline: Deadline | None = None
+    ) -> int | None:
         """Read a frame's body into ``buf`` and decrypt it into ``out``; return its tag."""
         view = memoryview(ffi.buffer(buf, clen))
-        await self._read(view, "body")
+        await self._read(view, "body", deadline=deadline)
         try:
             if self.offload_bytes is not None and clen - ABYTES >= self.offload_bytes:
                 return await trio.to_thread.run_sync(
@@ -402,6 +473,7 @@ def _open_channel(
     *,
     max_frame: int,
     offload_bytes: int | Literal["auto"] | None,
+    bandwidth: Bandwidth | None,
 ) -> SecureChannel:
     """The channel a finished handshake opens, with the frame cipher both sides offered."""
     sealer: FrameSealer
@@ -420,6 +492,7 @@ def _open_channel(
         session.peer.identity,
         max_frame=max_frame,
         offload_bytes=offload_bytes,
+        bandwidth=bandwidth,
     )
 
 
@@ -459,6 +532,7 @@ async def connect_channel(
     max_frame: int = MAX_FRAME,
     offload_bytes: int | Literal["auto"] | None = DEFAULT_OFFLOAD,
     aes: bool = True,
+    bandwidth: Bandwidth | None = None,
 ) -> SecureChannel:
     """Run the initiator side of the handshake on ``stream`` and return the channel.
 
@@ -466,7 +540,8 @@ async def connect_channel(
     any identity (read it from ``channel.peer_key``). ``offload_bytes``: frames at least
     this large are encrypted/decrypted in a worker thread (``None``: never; ``"auto"``: a
     threshold that suits the negotiated cipher). ``aes``: offer
-    AES-256-GCM frames if this CPU has hardware AES (False: never; tests).
+    AES-256-GCM frames if this CPU has hardware AES (False: never; tests). ``bandwidth``:
+    the node's limits, which every frame of this channel then passes (None: no limits).
     Raises ``HandshakeError`` (and closes ``stream``) on any failure or after ``timeout``.
     """
     _check_args(identity, max_frame)
@@ -484,7 +559,13 @@ async def connect_channel(
         peer_header = session.check_peer_auth(await reader.read_exactly(hs.AUTH_LEN))
         await stream.send_all(session.auth())  # signed only once the responder proved itself
         return _open_channel(
-            stream, reader, session, peer_header, max_frame=max_frame, offload_bytes=offload_bytes
+            stream,
+            reader,
+            session,
+            peer_header,
+            max_frame=max_frame,
+            offload_bytes=offload_bytes,
+            bandwidth=bandwidth,
         )
 
     return await _run_handshake(stream, timeout, body)
@@ -498,12 +579,13 @@ async def accept_channel(
     max_frame: int = MAX_FRAME,
     offload_bytes: int | Literal["auto"] | None = DEFAULT_OFFLOAD,
     aes: bool = True,
+    bandwidth: Bandwidth | None = None,
 ) -> SecureChannel:
     """Run the responder side of the handshake on ``stream`` and return the channel.
 
     The peer's proven identity is ``channel.peer_key``; deciding whether to talk to it is
-    the caller's business. ``aes`` as for ``connect_channel``. Raises ``HandshakeError``
-    (and closes ``stream``) on failure.
+    the caller's business. ``aes`` and ``bandwidth`` as for ``connect_channel``. Raises
+    ``HandshakeError`` (and closes ``stream``) on failure.
     """
     _check_args(identity, max_frame)
     reader = ExactReader(stream)
@@ -515,7 +597,13 @@ async def accept_channel(
         await stream.send_all(me.hello + session.auth())
         peer_header = session.check_peer_auth(await reader.read_exactly(hs.AUTH_LEN))
         return _open_channel(
-            stream, reader, session, peer_header, max_frame=max_frame, offload_bytes=offload_bytes
+            stream,
+            reader,
+            session,
+            peer_header,
+            max_frame=max_frame,
+            offload_bytes=offload_bytes,
+            bandwidth=bandwidth,
         )
 
     return await _run_handshake(stream, timeout, body)

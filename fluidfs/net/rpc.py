@@ -57,6 +57,7 @@ import trio
 from fluidfs.wire.schema import Bound, Int, Map, Schema, SchemaError, Str, bounds, validate
 
 from . import envelope
+from .bandwidth import SERVE, Deadline
 from .budget import ConnBudget, Hold, NodeBudget
 from .channel import SecureChannel, buffer_cost
 from .errors import (
@@ -207,6 +208,10 @@ class RpcConnection:
         self._started = False
         self._scope: trio.CancelScope | None = None
         self._frame_started = 0.0  # when the frame now arriving announced its length
+        # paused while the frame waits for our own download limit: not the peer's time
+        self._frame_deadline = Deadline(
+            lambda: self._frame_started, lambda t: setattr(self, "_frame_started", t)
+        )
         self._sends: dict[object, float] = {}  # replies being sent, and since when
         self._frame_hold: Hold | None = None
         self._last_active = trio.current_time()
@@ -330,7 +335,7 @@ class RpcConnection:
     async def _receive(self) -> bytes | str:
         """The next message, or why the connection ends."""
         try:
-            return await self.channel.receive(self._before_body)
+            return await self.channel.receive(self._before_body, self._frame_deadline)
         except ChannelClosed as exc:
             self.peer_closed = True
             return str(exc)
@@ -454,9 +459,17 @@ class RpcConnection:
     # -- client side -----------------------------------------------------------------------
 
     async def call(
-        self, op: str, args: dict[str, Any], *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        priority: int = SERVE,
     ) -> dict[str, Any]:
         """Call ``op`` on the peer and return its ``ok`` map.
+
+        ``priority``: the request's turn under an upload limit (``net/bandwidth.py``);
+        time spent waiting for that turn does not count against ``timeout``.
 
         ``args`` is checked against the op's request schema first (``SchemaError`` for a
         bug of ours); the reply against its response schema (``RpcError("bad_reply")``;
@@ -478,8 +491,8 @@ class RpcConnection:
         waiter = self._pending[rid] = _Waiter(bound)
         self._touch()
         try:
-            with trio.move_on_after(timeout):
-                await self._send_request(data)
+            with trio.move_on_after(timeout) as scope:
+                await self._send_request(data, priority, scope)
                 del data
                 await waiter.event.wait()
         finally:
@@ -497,9 +510,11 @@ class RpcConnection:
                 raise RpcError("bad_reply", f"{op}: {exc}") from None
         return result
 
-    async def _send_request(self, data: bytes) -> None:
+    async def _send_request(self, data: bytes, priority: int, scope: trio.CancelScope) -> None:
+        # the queue for our own upload limit does not count against the call's timeout
+        deadline = Deadline(lambda: scope.deadline, lambda t: setattr(scope, "deadline", t))
         try:
-            await self.channel.send(data)
+            await self.channel.send(data, priority=priority, deadline=deadline)
         except (ChannelError, trio.ClosedResourceError) as exc:
             self._shutdown(f"send failed: {exc}")
             raise RpcConnectionLost(self._dead or "") from None
@@ -576,10 +591,12 @@ class RpcConnection:
         (by ``_watch``)."""
         token = object()
         self._sends[token] = trio.current_time()
+        # the queue for our own upload limit does not count against send_timeout
+        deadline = Deadline(lambda: self._sends[token], lambda t: self._sends.__setitem__(token, t))
         try:
             # if the connection is gone, the read loop notices and cleans up
             with contextlib.suppress(ChannelError, trio.ClosedResourceError):
-                await self.channel.send(data)
+                await self.channel.send(data, priority=SERVE, deadline=deadline)
         finally:
             del self._sends[token]
 

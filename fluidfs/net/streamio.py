@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import trio
 
+from .bandwidth import Deadline, TokenBucket, paused
+
 
 class StreamEOF(Exception):
     """The stream ended before the requested bytes arrived; ``got`` says how many did."""
@@ -27,8 +29,16 @@ class ExactReader:
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.consumed = 0  # bytes the last/current readinto() has taken from the stream
 
-    async def readinto(self, view: memoryview) -> None:
+    async def readinto(
+        self,
+        view: memoryview,
+        down: TokenBucket | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
         """Fill ``view`` completely.
+
+        With a limited ``down`` bucket at most one chunk is read at a time and paid for
+        before the next read (``deadline`` is paused meanwhile); an unlimited one counts.
 
         Raises ``StreamEOF`` if the stream ends first and ``trio.BrokenResourceError`` if the
         connection breaks. If interrupted, ``consumed`` says how many bytes were taken.
@@ -36,20 +46,27 @@ class ExactReader:
         want = len(view)
         got = self.consumed = 0
         sock = self._sock
+        pace = down if down is not None and down.limited else None
         while got < want:
+            ask = want - got if pace is None else min(want - got, pace.chunk)
             if sock is not None:
                 try:
-                    n = await sock.recv_into(view[got:], want - got)
+                    n = await sock.recv_into(view[got:], ask)
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
             else:
-                chunk = await self.stream.receive_some(want - got)
+                chunk = await self.stream.receive_some(ask)
                 n = len(chunk)
                 view[got : got + n] = chunk
             if n == 0:
                 raise StreamEOF(got)
             got += n
             self.consumed = got
+            if pace is not None:
+                with paused(deadline):
+                    await pace.take(n)
+            elif down is not None:
+                down.count(n)
 
     async def read_exactly(self, n: int) -> bytes:
         """Return exactly ``n`` bytes (small reads, e.g. handshake messages)."""

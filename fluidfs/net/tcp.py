@@ -12,6 +12,7 @@ import nacl.signing
 import trio
 
 from .admission import Admission, Ticket
+from .bandwidth import Bandwidth
 from .budget import NodeBudget
 from .channel import MAX_FRAME, SecureChannel, accept_channel, connect_channel
 from .errors import ChannelError, HandshakeError
@@ -32,8 +33,11 @@ async def dial(
     *,
     timeout: float = 10,
     max_frame: int = MAX_FRAME,
+    bandwidth: Bandwidth | None = None,
 ) -> SecureChannel:
     """Connect over TCP and run the initiator handshake (``timeout`` covers both).
+
+    ``bandwidth``: the node's limits, which the channel's frames then pass.
 
     Raises ``HandshakeError`` for a bad or unexpected peer and ``ChannelError`` if the TCP
     connection cannot be made.
@@ -46,7 +50,9 @@ async def dial(
     if scope.cancelled_caught:
         raise ChannelError(f"cannot connect to {host}:{port}: timed out")
     left = max(scope.deadline - trio.current_time(), 0.001)
-    return await connect_channel(stream, identity, expected_peer, timeout=left, max_frame=max_frame)
+    return await connect_channel(
+        stream, identity, expected_peer, timeout=left, max_frame=max_frame, bandwidth=bandwidth
+    )
 
 
 @asynccontextmanager
@@ -131,6 +137,7 @@ async def accept_peer(
     identity: nacl.signing.SigningKey,
     admission: Admission,
     ticket: Ticket,
+    bandwidth: Bandwidth | None = None,
 ) -> SecureChannel | None:
     """Run the responder handshake on a connection ``admission.begin`` gave ``ticket``.
 
@@ -145,7 +152,10 @@ async def accept_peer(
             if ticket.delay:
                 await trio.sleep(ticket.delay)  # this address's turn (admission.py)
             channel = await accept_channel(
-                stream, identity, timeout=admission.limits.handshake_timeout
+                stream,
+                identity,
+                timeout=admission.limits.handshake_timeout,
+                bandwidth=bandwidth,
             )
     except HandshakeError as exc:
         log.debug("inbound handshake from %s failed: %s", ip, exc)

@@ -25,6 +25,7 @@ import trio
 
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.admission import Admission, Ticket
+from fluidfs.net.bandwidth import SERVE, Bandwidth
 from fluidfs.net.budget import NodeBudget
 from fluidfs.net.channel import SecureChannel
 from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnectionLost, RpcError
@@ -64,8 +65,11 @@ class Connections:
         *,
         limits: NetLimits = DEFAULT_LIMITS,
         is_partner: Callable[[bytes], bool] = lambda _key: False,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.identity = identity
+        # every frame to and from peers passes it: limits, priorities, byte counts
+        self.bandwidth = bandwidth if bandwidth is not None else Bandwidth()
         self.dispatcher = dispatcher
         self.peers = peers
         self.limits = limits
@@ -124,7 +128,9 @@ class Connections:
         )
 
     async def _accept(self, stream: trio.SocketStream, ticket: Ticket) -> None:
-        channel = await accept_peer(stream, self.identity, self.admission, ticket)
+        channel = await accept_peer(
+            stream, self.identity, self.admission, ticket, bandwidth=self.bandwidth
+        )
         if channel is None:
             return
         conn = self._new_conn(channel)
@@ -144,7 +150,9 @@ class Connections:
         """Dial *addr*, prove identities, and keep the connection."""
         host, port = split_addr(addr)
         try:
-            channel = await dial(host, port, self.identity, expected, timeout=DIAL_TIMEOUT)
+            channel = await dial(
+                host, port, self.identity, expected, timeout=DIAL_TIMEOUT, bandwidth=self.bandwidth
+            )
         except HandshakeError as exc:
             raise PeerUnavailable(f"{addr}: {exc}") from None
         except (ChannelError, OSError) as exc:
@@ -184,9 +192,17 @@ class Connections:
                 raise
 
     async def call(
-        self, key: bytes, op: str, args: dict[str, Any], *, timeout: float = 30.0
+        self,
+        key: bytes,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float = 30.0,
+        priority: int = SERVE,
     ) -> dict[str, Any]:
         """Call *op* on the peer; network failures become PeerUnavailable, replies RpcError.
+
+        *priority* is the request's turn under the upload limit (net/bandwidth.py).
 
         If the peer closed the connection as we used it (its idle timeout), the call is
         made once more on a new connection: a peer closing an idle connection has not
@@ -195,7 +211,7 @@ class Connections:
         for attempt in (1, 2):
             conn = await self.get(key)
             try:
-                reply = await conn.call(op, args, timeout=timeout)
+                reply = await conn.call(op, args, timeout=timeout, priority=priority)
                 self.peers.seen(key)
                 return reply
             except RpcConnectionLost as exc:
