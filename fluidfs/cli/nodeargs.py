@@ -18,6 +18,8 @@ from fluidfs.node import logsetup
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.node import Node
 from fluidfs.peers.lifecycle import LifecyclePolicy
+from fluidfs.peers.portmap import PortMapPolicy
+from fluidfs.peers.reach import ReachPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.service.faults import FaultInjection
 from fluidfs.statedir import StateDir
@@ -69,6 +71,8 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
         "ratio": args.ratio,
         "term": args.term,
         "audit": AuditPolicy(interval=args.audit_interval),
+        "reach": ReachPolicy(interval=args.reach_interval),
+        "portmap": PortMapPolicy(enabled=not args.no_upnp),
         "lifecycle": LifecyclePolicy(
             tolerance=args.tolerance,
             keep=args.keep_shards,

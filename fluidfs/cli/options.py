@@ -177,6 +177,10 @@ OPTIONS: list[Option] = [
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
     option("--audit-interval", type=float, default=3600.0, help=HIDDEN, commands=on(*NODE),
            example="0.5"),
+    option("--reach-interval", type=float, default=60.0, help=HIDDEN, commands=on(*NODE),
+           example="1"),
+    option("--no-upnp", action="store_true", commands=on(*NODE),
+           help="never ask the router to forward a port (UPnP) to this node"),
     option("--tolerance", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),
            example="3"),
     option("--keep-shards", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),

@@ -25,6 +25,7 @@ MAX_SHARD = 8 * 1024 * 1024  # bytes of one shard
 MAX_LEAF = 64 * 1024  # bytes of one audited Merkle leaf
 MAX_ADDR = 300  # "host:port" hint
 MAX_RECORD = 64 * 1024  # one signed per-owner record
+MAX_ADDR_RECORD = 640  # one signed address record (peers/addrrecord.py)
 U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
@@ -95,7 +96,10 @@ OPS: dict[str, OpSpec] = {
     ),
     "ShareNewPeers": OpSpec(
         Map({"max": Int(0, 256)}),
-        Map({"peers": List(Map({"id": ID, "addr": Str(MAX_ADDR)}), max_len=256)}),
+        # record (optional): that peer's own signed address record, the newest we hold.
+        Map({"peers": List(Map({"id": ID, "addr": Str(MAX_ADDR)},
+                               optional={"record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
+                           max_len=256)}),
     ),
     # Prove possession of shard `id`: return Merkle leaf `leaf` (keyed by `nonce` as the
     # service defines) and the sibling path up to the root (the shard id).
@@ -105,7 +109,14 @@ OPS: dict[str, OpSpec] = {
     ),
     # time: the responder's clock, Unix seconds.
     # addr (optional): where the caller accepts connections, so the callee can call back.
-    "Ping": OpSpec(Map({}, optional={"addr": Str(MAX_ADDR)}), Map({"time": U64})),
+    # record (optional): the caller's signed address record (peers/addrrecord.py).
+    # seen (reply, optional): the caller's address as the responder sees the connection
+    # ("host:port" after any NAT), so a node learns the address the internet gives it.
+    "Ping": OpSpec(
+        Map({}, optional={"addr": Str(MAX_ADDR),
+                          "record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
+        Map({"time": U64}, optional={"seen": Str(MAX_ADDR)}),
+    ),
     # Small signed per-owner records (root pointer, writer lease; see peers/rootrecord.py).
     # PutRecord: the peer keeps the record if it verifies as the caller's own and its seq
     # is higher than the one held (stored=false and the held seq otherwise).

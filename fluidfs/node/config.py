@@ -11,6 +11,8 @@ from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.peers.agreements import DEFAULT_TERM
 from fluidfs.peers.discovery import DiscoveryPolicy
 from fluidfs.peers.lifecycle import LifecyclePolicy
+from fluidfs.peers.portmap import PortMapPolicy
+from fluidfs.peers.reach import ReachPolicy
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.statedir import StateDir
@@ -45,3 +47,5 @@ class NodeConfig:
     repair_threshold: int | None = None  # repair at this many live shards or fewer; N-1
     remount: RemountOptions = field(default_factory=RemountOptions)  # commits, lease, restore
     net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
+    reach: ReachPolicy = field(default_factory=ReachPolicy)  # address records (peers/reach.py)
+    portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)

@@ -41,6 +41,7 @@ from fluidfs.node.handlers import node_handlers
 from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
 from fluidfs.node.status import NodeStatus, UploadRate
 from fluidfs.node.supervise import supervise
+from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
@@ -48,6 +49,8 @@ from fluidfs.peers.lease import WriterLease
 from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.portmap import PortMapper
+from fluidfs.peers.reach import Reachability
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
@@ -142,6 +145,7 @@ class Node:
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
         records = RecordStore(config.state.path / "records")
+        self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.service = PeerService(
             self.shards,
             self.ledger,
@@ -154,6 +158,8 @@ class Node:
             on_end=self._agreement_ended,
             faults=faults,
             cooldown=config.lifecycle.cooldown,
+            addresses=self.addresses,
+            remote_of=lambda key: self.conns.remote.get(key, ""),
         )
         self.conns = Connections(
             keyring.signing_key,
@@ -173,7 +179,11 @@ class Node:
             on_new_agreement=self._new_agreement,
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
-        self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy)
+        self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
+                                   self.addresses)
+        self.portmap = PortMapper(lambda: self.conns.listen_addr, config.portmap)
+        self.reach = Reachability(self.conns, self.peers, self.ledger, keyring.signing_key,
+                                  config.reach, mapped=lambda: self.portmap.mapped)
         self.remote = RemoteShards(
             self.conns,
             self.peers,
@@ -424,6 +434,8 @@ class Node:
                 ("sync timer", self._sync_timer),
                 ("reconnect", self.manager.reconnect_known),
                 ("discovery", self.discovery.run),
+                ("reachability", self.reach.run),
+                ("port mapping", self.portmap.run),
                 ("auditor", self.auditor.run),
                 ("repairer", self.repairer.run),
                 ("migrator", self.migrator.run),

@@ -15,8 +15,10 @@ just closed is retried once on a new one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +34,7 @@ from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnec
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
 from fluidfs.net.rpc import Dispatcher, RpcConnection
 from fluidfs.net.tcp import accept_loop, accept_peer, dial
-from fluidfs.peers.address import format_host_port, split_host_port
+from fluidfs.peers.address import AddressError, PeerAddr, format_host_port, split_host_port
 from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class Connections:
         self._down_until: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
         self.listen_addr = ""
+        # where each peer's latest connection comes from, as we see it (after any NAT)
+        self.remote: dict[bytes, str] = {}
+        self._dialled: weakref.WeakKeyDictionary[RpcConnection, str] = (
+            weakref.WeakKeyDictionary())  # the address each outbound connection went to
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that connection tasks live in (until cancelled)."""
@@ -134,6 +140,7 @@ class Connections:
         if channel is None:
             return
         conn = self._new_conn(channel)
+        self._note_remote(channel.peer_key, stream)
         admitted = self.admission.admit(ticket, channel.peer_key, conn)
         if admitted is None:
             await channel.aclose()
@@ -161,7 +168,33 @@ class Connections:
         assert self._nursery is not None, "Connections.run() is not running"
         await self._nursery.start(self._run_conn, conn)
         self._adopt(conn, addr)
+        self.remote[conn.peer_key] = addr
+        with contextlib.suppress(AddressError):
+            self._dialled[conn] = str(PeerAddr.parse(addr))
         return conn
+
+    def _left(self, key: bytes, conn: RpcConnection) -> bool:
+        """True if *conn* went to an address other than the one the peer's row names."""
+        dialled = self._dialled.get(conn)
+        peer = self.peers.get(key)
+        return bool(dialled and peer is not None and peer.addr and peer.addr != dialled)
+
+    def _note_remote(self, key: bytes, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except (OSError, ValueError):
+            return
+        self.remote[key] = format_host_port(host, port)
+        if len(self.remote) > 2 * self.limits.max_connections:
+            self.remote = {k: v for k, v in self.remote.items() if k in self.conns}
+
+    def drop(self, key: bytes) -> None:
+        """Stop using the connection to the peer and close it (its next call dials afresh):
+        for a connection that stopped answering, e.g. after this machine's address
+        changed."""
+        conn = self.conns.pop(key, None)
+        if conn is not None:
+            conn.close_soon("dropped: the peer stopped answering on it")
 
     def backing_off(self, key: bytes) -> bool:
         """True while a failed dial to the peer is still fresh (no live connection)."""
@@ -171,10 +204,19 @@ class Connections:
         return self._down_until.get(key, 0) > time.monotonic()
 
     async def get(self, key: bytes) -> RpcConnection:
-        """A live connection to the peer, dialling its last known address if needed."""
+        """A live connection to the peer, dialling its last known address if needed.
+
+        A connection we dialled to an address the peer has since left (its row moved:
+        a newer address record) is closed and the new address dialled: the old one is
+        bound to an address nobody answers at any more.
+        """
         conn = self.conns.get(key)
         if conn is not None and not conn.closed:
-            return conn
+            if not self._left(key, conn):
+                return conn
+            del self.conns[key]
+            assert self._nursery is not None
+            self._nursery.start_soon(conn.aclose)
         if self._down_until.get(key, 0) > time.monotonic():
             raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]} is unreachable (backing off)")
         lock = self._dialling.setdefault(key, trio.Lock())

@@ -23,6 +23,10 @@ they are bounded (docs/protocol.md §5):
 
 A verified peer becomes a row (it remembers who referred it, for referral trust) if the
 table has room; see peers/peerlist.py for its cap and eviction.
+
+A ``ShareNewPeers`` answer may carry peers' signed address records: a valid record newer
+than the one held moves a known peer's row to its new address at once (the signature is
+the peer's own, so no verification dial is needed; peers/addrrecord.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import ChannelError, RpcError
 from fluidfs.net.tcp import dial
 from fluidfs.peers.address import AddressError, PeerAddr
+from fluidfs.peers.addrrecord import AddressBook, RecordError, learn, read_record
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.manager import PeerManager
@@ -77,6 +82,7 @@ class Tried:
     failures: int = 0  # dials where no fluidfs peer answered
     at: float = 0.0  # trio clock of the last dial
     answered: bytes | None = None  # who completed the handshake there last time
+    wall_ms: int = 0  # Unix milliseconds of the last dial
 
 
 class TokenBucket:
@@ -114,8 +120,10 @@ class Discovery:
         ledger: Ledger,
         manager: PeerManager,
         policy: DiscoveryPolicy,
+        addresses: AddressBook | None = None,
     ) -> None:
         self.conns = conns
+        self.addresses = addresses if addresses is not None else AddressBook()
         self.peers = peers
         self.ledger = ledger
         self.manager = manager
@@ -170,6 +178,9 @@ class Discovery:
         except (PeerUnavailable, RpcError) as exc:
             log.debug("asking %s for peers failed: %s", _short(key), exc)
             return
+        moved = self._learn_records(key, reply["peers"])
+        if moved:
+            log.info("peer %s told us of %d peers' new addresses", _short(key), moved)
         claimed = unusable = 0
         for item in reply["peers"]:
             if len(self.peers) >= self.policy.target:
@@ -192,11 +203,28 @@ class Discovery:
         if claimed:
             log.info("%d peers to verify, named by %s", claimed, _short(key))
 
+    def _learn_records(self, source: bytes, items: list[dict]) -> int:
+        """Signed address records of peers we know, passed on by *source*: the newest
+        moves its peer's row (peers/addrrecord.py). Returns how many rows moved."""
+        moved = 0
+        for item in items:
+            raw = item.get("record")
+            if raw is None or item["id"] not in self.peers:
+                continue
+            try:
+                record = read_record(raw, expected=item["id"])
+            except RecordError as exc:
+                log.info("peer %s passed on a bad address record: %s", _short(source), exc)
+                continue
+            moved += learn(self.peers, self.addresses, record, source)
+        return moved
+
     # --- verifying claims ------------------------------------------------------------------
 
     def _remember(self, addr: PeerAddr, answered: bytes | None) -> None:
         failures = self._tried.pop(addr, Tried()).failures
-        self._tried[addr] = Tried(failures + (answered is None), trio.current_time(), answered)
+        self._tried[addr] = Tried(failures + (answered is None), trio.current_time(), answered,
+                                  int(time.time() * 1000))
         while len(self._tried) > TRIED_MEMORY:
             self._tried.popitem(last=False)
 
@@ -217,11 +245,20 @@ class Discovery:
             if tried.answered == claim.key:
                 return "admit"
             recent = trio.current_time() - tried.at < self.policy.retry_after
-            if recent or tried.failures >= self.policy.max_failures:
+            if (recent or tried.failures >= self.policy.max_failures) and \
+                    not self._signed_since(claim, tried):
                 return "drop"
         if known is None and not self.peers.has_room():
             return "drop"
         return "dial"
+
+    def _signed_since(self, claim: Candidate, tried: Tried) -> bool:
+        """True if the peer itself signed this address after our last dial there failed
+        (a port mapping it got since: try once more). Each retry needs a newer record
+        from the peer and a token from the dial bucket."""
+        record = self.addresses.get(claim.key)
+        return (claim.key in claim.sources and record is not None
+                and claim.addr in record.addrs and record.time > tried.wall_ms)
 
     async def verify_claims(self) -> None:
         """Dial claimed addresses, within the dial budget, to prove who is there."""

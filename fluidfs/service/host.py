@@ -19,6 +19,7 @@ import trio
 
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import REQUEST_SCHEMAS
+from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.lifecycle import DAY
 from fluidfs.peers.peerlist import PeerList
@@ -41,6 +42,8 @@ class PeerService:
     *records*: where records are kept for partners (None: this node keeps none).
     *on_end*: called with a peer's key when an agreement ends here (the peer ended it, or
     an idle one made room); our shards on that peer no longer count.
+    *addresses*: peers' signed address records; *remote_of*: where a peer's connection
+    comes from (service/discovery.py).
     """
 
     schemas = REQUEST_SCHEMAS
@@ -59,6 +62,8 @@ class PeerService:
         faults: FaultInjection = NO_FAULTS,
         terms: TermsPolicy | None = None,
         cooldown: float = DAY,
+        addresses: AddressBook | None = None,
+        remote_of: Callable[[bytes], str] = lambda _key: "",
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -72,7 +77,8 @@ class PeerService:
             **agreements.ops(),
             **ShardOps(shards, ledger, quota, limiter, faults).ops(),
             **RecordOps(records, ledger, limiter).ops(),
-            **DiscoveryOps(peers).ops(),
+            **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
+                           remote_of).ops(),
         }
 
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
