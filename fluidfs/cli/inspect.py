@@ -73,6 +73,10 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(json.dumps(reply, indent=2))
         return
     n, k = reply["shards_total"], reply["shards_needed"]
+    if "overview" in reply:
+        print(f"{reply['overview']['level'].upper()}: {reply['overview']['sentence']}")
+        for warning in reply["overview"]["warnings"]:
+            print(f"  warning: {warning['text']}")
     print(f"peer id:     {reply['peer_id']}")
     print(f"listening:   {reply['listen'] or 'no'}")
     print(

@@ -16,6 +16,7 @@ from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
 from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
 from fluidfs.cli.options import reexec_argv
 from fluidfs.statedir import FSNAME_PREFIX, StateDir, StateError, state_dir_from_fsname
+from fluidfs.web.token import read_url
 
 
 def _check_mountpoint(path: Path) -> None:
@@ -150,6 +151,9 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
         answer = pipe.readline().decode().strip()
     if answer == "ok":
         print(f"fluidfs: mounted {mountpoint} (pid {child.pid}, log {state.log})")
+        url = None if args.no_web else read_url(state.path)
+        if url:
+            print(f"fluidfs: status and restore page: {url}")
         return
     child.wait(timeout=30)
     if answer.startswith("error: "):

@@ -95,6 +95,8 @@ def mount_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         block_size=args.block_size,
         stores_data=True,
         remount=remount_options(args, [e for e in entries if e.key is not None]),
+        web=None if args.no_web else args.web,
+        web_refresh=args.web_refresh,
         **_peer_settings(args, entries),
     )
 

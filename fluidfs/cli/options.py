@@ -231,6 +231,14 @@ OPTIONS: list[Option] = [
            example="1.5"),
     option("--restore-wait", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
            example="5"),
+    # --- the status and restore page (fluidfs/web/, docs/web.md) --------------------------
+    option("--web", type=listen_address, default="127.0.0.1:8470", metavar="HOST:PORT",
+           help="serve the status and restore page here (default 127.0.0.1:8470)",
+           commands=on("mount"), example="127.0.0.1:0"),
+    option("--no-web", action="store_true", help="no status and restore page",
+           commands=on("mount")),
+    option("--web-refresh", type=seconds, default=5.0, help=HIDDEN, commands=on("mount"),
+           example="0.5"),
     # --- output and waiting ---------------------------------------------------------------
     option(
         "--timeout", type=float,

@@ -49,3 +49,5 @@ class NodeConfig:
     net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
     reach: ReachPolicy = field(default_factory=ReachPolicy)  # address records (peers/reach.py)
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
+    web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off
+    web_refresh: float = 5.0  # seconds between the page's status polls

@@ -53,6 +53,9 @@ def node_handlers(
                     "we_use": shards.used(peer.key),
                     "they_host": agreement.they_host if agreement else 0,
                     "they_use": agreement.they_use if agreement else 0,
+                    "audits_passed": peer.ok,
+                    "audits_failed": peer.fail,
+                    "failing_since": agreement.failing_since if agreement else None,
                 }
             )
         return {"peers": rows}

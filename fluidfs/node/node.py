@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from fluidfs import control
+from fluidfs import control, keysaved
 from fluidfs.blocks.audit import Auditor
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
@@ -135,6 +135,8 @@ class Node:
             self.upload_rate,
             metadata_ids=self.index.node_ids,
             commit_status=self.remount_requests.status,
+            state_path=config.state.path,
+            keyfile_saved=lambda: keysaved.saved_at(config.state.path) is not None,
         )
         self._stopped = False
 
@@ -427,6 +429,8 @@ class Node:
                 self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
+            if self.config.web:
+                await nursery.start(self._run_web)
             await nursery.start(self.blocks.run)
             # Each loop is supervised: whatever it raises is logged and it is restarted
             # with back-off, so no failure in one can end the node (fluidfs/node/supervise.py).
@@ -461,6 +465,30 @@ class Node:
             self.status,
         )
         return handlers | remount_control.handlers(self.remount_requests)
+
+    async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The status and restore page (fluidfs/web/, docs/web.md) on config.web."""
+        # Lazy: the web stack (Starlette, Hypercorn, segno) loads only where a page runs,
+        # not in every `fluidfs serve` peer.
+        from fluidfs.fs.snapcopy import invalidate_entry
+        from fluidfs.keys import dumps
+        from fluidfs.web.site import Page
+
+        def invalidate(parent: int, name: bytes) -> None:
+            if self.session.is_open:
+                invalidate_entry(parent, name)
+
+        page = Page(
+            self.config.web,
+            self.config.state.path,
+            self.control_handlers(),
+            self.view,
+            self.ops,
+            lambda: dumps(self.config.keyring.keyfile),
+            self.config.web_refresh,
+            invalidate,
+        )
+        await page.run(task_status=task_status)
 
     async def _release_shard_pages(self) -> None:
         """Keep LMDB's mapped shard pages from inflating RSS (see sysutil)."""

@@ -6,8 +6,11 @@ the redundancy levels, shard usage, the GC queue) runs in one worker-thread call
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -18,7 +21,11 @@ from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.migrate import Migrator
 from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.repair import Repairer
+from fluidfs.diskspace import free_bytes
 from fluidfs.fs.filedata import FileData
+from fluidfs.fs.inode import Inode
+from fluidfs.keys import encode_peer_id
+from fluidfs.node.overview import overview
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
@@ -27,6 +34,7 @@ from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
 
 RATE_WEIGHT = 0.3  # weight of the last second in the upload rate
+GONE_WITHIN = 7 * 86400.0  # an agreement that ended this recently is "provider gone"
 
 
 @dataclass
@@ -56,6 +64,9 @@ class Scanned:
     own: int  # bytes of our own shards kept here (no peers yet)
     hosted: int  # bytes of shards kept here for everyone, us included
     gc_pending: int  # bytes of shards waiting to be deleted
+    files: int = 0  # regular files in the live tree
+    disk_free: int = 0  # bytes free on the disk holding the state directory
+    disk_total: int = 0
 
 
 @dataclass
@@ -78,6 +89,8 @@ class NodeStatus:
     upload: UploadRate
     metadata_ids: Callable[[], set[bytes]]  # blocks holding metadata nodes
     commit_status: Callable[[], dict[str, Any]]
+    state_path: Path | None = None  # for the disk figures
+    keyfile_saved: Callable[[], bool] = lambda: True  # keysaved.py
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
@@ -103,7 +116,17 @@ class NodeStatus:
                     level = str(stored.record.total - stored.missing())
                     pending += stored.missing() * stored.record.shard_size
                 levels[level] = levels.get(level, 0) + 1
+            files = 0
+            for _key, raw in txn.cursor(db=self.meta["inodes"]):
+                files += Inode.decode(0, bytes(raw)).is_reg
+        disk_free = disk_total = 0
+        if self.state_path is not None:
+            disk_free = free_bytes(self.state_path)
+            disk_total = _disk_total(self.state_path)
         return Scanned(
+            files=files,
+            disk_free=disk_free,
+            disk_total=disk_total,
             levels=levels,
             pending=pending,
             nodes=nodes,
@@ -113,10 +136,18 @@ class NodeStatus:
         )
 
     def figures(self, scanned: Scanned) -> dict[str, Any]:
-        """Figures for `fluidfs status` from *scanned* (a result of scan)."""
+        """Figures for `fluidfs status` from *scanned* (a result of scan), with the
+        overview (node/overview.py): the one sentence that says whether it is safe."""
         levels = scanned.levels
         order = sorted(levels, key=lambda k: -1 if k == "local" else int(k), reverse=True)
-        return {
+        now = time.time()
+        failing = [
+            {"id": encode_peer_id(a.peer), "since": a.failing_since}
+            for a in self.ledger.active()
+            if a.failing_since is not None
+        ]
+        gone = [a for a in self.ledger.ended() if now - (a.ended_at or 0) < GONE_WITHIN]
+        figures = {
             "peer_id": self.peer_id,
             "listen": self.conns.listen_addr,
             "peers_known": len(self.peers),
@@ -142,4 +173,17 @@ class NodeStatus:
             "audit_challenges": self.auditor.challenges,
             "gc_pending_bytes": scanned.gc_pending,
             "commit": self.commit_status(),
+            "files": scanned.files,
+            "peers_failing": failing,
+            "providers_gone": len(gone),
+            "keyfile_saved": self.keyfile_saved(),
+            "disk_free": scanned.disk_free,
+            "disk_total": scanned.disk_total,
         }
+        figures["overview"] = overview(figures, now)
+        return figures
+
+
+def _disk_total(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize

@@ -1,0 +1,265 @@
+// The fluidfs page: polls the JSON API (the same answers as `fluidfs status --json`),
+// browses snapshots, downloads and restores. No framework, nothing from elsewhere.
+"use strict";
+
+const state = { csrf: "", refresh: 5, snapshot: null, path: [], tab: "overview" };
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (cls) node.className = cls;
+  return node;
+}
+
+function human(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
+}
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Date.now() / 1000 - t);
+  if (s >= 86400) return Math.floor(s / 86400) + " d ago";
+  if (s >= 3600) return Math.floor(s / 3600) + " h ago";
+  if (s >= 60) return Math.floor(s / 60) + " min ago";
+  return Math.floor(s) + " s ago";
+}
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options));
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+async function post(path, payload) {
+  return api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-Fluidfs-CSRF": state.csrf },
+    body: JSON.stringify(payload || {}),
+  });
+}
+
+// --- overview -------------------------------------------------------------------------
+
+function showStatus(s) {
+  const o = s.overview;
+  $("verdict").dataset.level = o.level;
+  $("sentence").textContent = o.sentence;
+  const warnings = $("warnings");
+  warnings.replaceChildren(...o.warnings.map((w) => {
+    const li = el("li", w.text);
+    li.dataset.kind = w.kind;
+    return li;
+  }));
+  const n = s.shards_total, k = s.shards_needed;
+  $("redundancy-note").textContent =
+    `${s.blocks} data blocks; shards on distinct peers, of ${n} (${k} rebuild a block)`;
+  const max = Math.max(1, ...Object.values(s.redundancy));
+  const rows = Object.entries(s.redundancy).map(([level, count]) => {
+    const row = el("div", undefined, "hist-row");
+    const label = level === "local" ? "this node only" : `${level} of ${n}`;
+    row.append(el("span", label, "hist-label"));
+    const bar = el("span", undefined, "hist-bar");
+    if (level === "local") bar.classList.add("local");
+    else if (Number(level) < k) bar.classList.add("low");
+    bar.style.width = (200 * count / max) + "px";
+    row.append(bar, el("span", String(count)));
+    return row;
+  });
+  $("histogram").replaceChildren(...rows);
+  const done = s.uploaded_bytes, pending = s.upload_pending_bytes, rate = s.upload_rate;
+  const total = done + pending;
+  $("upload-bar").style.width = (total ? 100 * done / total : 100) + "%";
+  const eta = pending ? (rate > 1 ? Math.round(pending / rate) + " s" : "–") : "done";
+  $("uploads").textContent =
+    `${human(done)} sent, ${human(pending)} pending, ${human(rate)}/s, ETA ${eta}` +
+    (s.unsealed_bytes ? `; ${human(s.unsealed_bytes)} not sealed yet` : "");
+  $("repair").textContent =
+    `${s.repair_queue} blocks queued, ${human(s.repaired_bytes)} rebuilt, ` +
+    `${human(s.repair_rate)}/s`;
+  const c = s.commit;
+  $("commit").textContent = c.head_seq
+    ? `commit ${c.head_seq}, ${ago(c.head_time)}, ` +
+      (c.published ? "published to peers" : "not yet on peers") +
+      `; ${c.snapshots} snapshots` + (c.changes_pending ? "; changes waiting" : "")
+    : "no commit yet";
+  $("node").textContent =
+    `peer ${s.peer_id.slice(0, 16)}…, ${s.peers_with_agreements} agreements with ` +
+    `${s.peers_known} known peers; hosting ${human(s.hosted_bytes)} for peers`;
+}
+
+async function refreshStatus() {
+  try {
+    showStatus(await api("/api/status"));
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    $("verdict").dataset.level = "unknown";
+    $("sentence").textContent = "The node does not answer: " + err.message;
+  }
+}
+
+// --- peers ------------------------------------------------------------------------------
+
+async function refreshPeers() {
+  const { peers } = await api("/api/peers");
+  $("peer-rows").replaceChildren(...peers.map((p) => {
+    const tr = el("tr");
+    tr.dataset.peer = p.id;
+    const agreement = p.failing_since
+      ? "failing for " + ago(p.failing_since).replace(" ago", "")
+      : (p.active ? "active" : "none");
+    tr.append(
+      el("td", p.id.slice(0, 16) + "…"), el("td", p.addr), el("td", p.trust.toFixed(2)),
+      el("td", `${human(p.we_use)} of ${human(p.we_host)}`),
+      el("td", `${human(p.they_use)} of ${human(p.they_host)}`),
+      el("td", `${p.audits_passed ?? "?"} passed, ${p.audits_failed ?? "?"} failed`),
+      el("td", ago(p.last_seen)), el("td", agreement));
+    return tr;
+  }));
+}
+
+// --- snapshots ------------------------------------------------------------------------
+
+function query(extra) {
+  const path = "/" + state.path.join("/");
+  return new URLSearchParams(Object.assign({ snapshot: state.snapshot, path }, extra));
+}
+
+async function refreshSnapshots() {
+  const { snapshots } = await api("/api/snapshots");
+  $("snapshot-list").replaceChildren(...snapshots.slice().reverse().map((s) => {
+    const li = el("li");
+    const b = el("button", s.name);
+    b.dataset.snapshot = s.name;
+    if (s.name === state.snapshot) b.classList.add("active");
+    b.addEventListener("click", () => { state.snapshot = s.name; state.path = []; browse(); });
+    li.append(b);
+    return li;
+  }));
+}
+
+async function browse() {
+  for (const b of document.querySelectorAll("#snapshot-list button")) {
+    b.classList.toggle("active", b.dataset.snapshot === state.snapshot);
+  }
+  $("browse-title").textContent = state.snapshot;
+  const crumbs = [el("a", "/")];
+  crumbs[0].href = "#";
+  crumbs[0].addEventListener("click", (e) => { e.preventDefault(); state.path = []; browse(); });
+  state.path.forEach((name, i) => {
+    const a = el("a", name + "/");
+    a.href = "#";
+    a.addEventListener("click", (e) => {
+      e.preventDefault(); state.path = state.path.slice(0, i + 1); browse();
+    });
+    crumbs.push(a);
+  });
+  $("crumbs").replaceChildren(...crumbs);
+  const folder = $("download-folder");
+  folder.href = "/api/download?" + query();
+  folder.hidden = false;
+  let listing;
+  try {
+    listing = await api("/api/browse?" + query());
+  } catch (err) {
+    $("message").textContent = err.message;
+    return;
+  }
+  $("entries").replaceChildren(...listing.entries.map((e) => {
+    const tr = el("tr");
+    tr.dataset.name = e.name;
+    const name = el("td");
+    const target = query({ path: "/" + [...state.path, e.name].join("/") });
+    if (e.type === "dir") {
+      const a = el("a", e.name + "/");
+      a.href = "#";
+      a.className = "open";
+      a.addEventListener("click", (ev) => {
+        ev.preventDefault(); state.path.push(e.name); browse();
+      });
+      name.append(a);
+    } else {
+      name.textContent = e.name;
+    }
+    const actions = el("td");
+    const download = el("a", e.type === "dir" ? "download (tar)" : "download", "download");
+    download.href = "/api/download?" + target;
+    download.setAttribute("download", e.type === "dir" ? e.name + ".tar" : e.name);
+    actions.append(download);
+    if (e.type === "file") {
+      const restore = el("button", "restore", "restore");
+      restore.addEventListener("click", () => restoreFile(e.name));
+      actions.append(" ", restore);
+    }
+    tr.append(name, el("td", e.type === "dir" ? "" : human(e.size)),
+      el("td", new Date(e.mtime * 1000).toLocaleString()), actions);
+    return tr;
+  }));
+}
+
+async function restoreFile(name) {
+  const path = "/" + [...state.path, name].join("/");
+  $("message").textContent = "restoring " + path + "…";
+  try {
+    const r = await post("/api/restore", { snapshot: state.snapshot, path });
+    $("message").textContent = "restored to " + r.restored_to;
+    $("message").dataset.restored = r.restored_to;
+  } catch (err) {
+    $("message").textContent = "restore failed: " + err.message;
+  }
+}
+
+// --- keyfile ----------------------------------------------------------------------------
+
+function setupKeyfile() {
+  $("keyfile-show").addEventListener("click", () => {
+    $("keyfile-qr").src = "/api/keyfile.svg";
+    $("keyfile-qr").hidden = false;
+  });
+  $("keyfile-saved").addEventListener("click", async () => {
+    try {
+      await post("/api/keyfile/saved");
+      $("saved-note").textContent = "Thank you: the warning is gone.";
+      refreshStatus();
+    } catch (err) {
+      $("saved-note").textContent = "failed: " + err.message;
+    }
+  });
+}
+
+// --- tabs and polling -------------------------------------------------------------------
+
+function show(tab) {
+  state.tab = tab;
+  for (const b of document.querySelectorAll(".tab")) {
+    b.classList.toggle("active", b.dataset.tab === tab);
+  }
+  for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== tab;
+  if (tab === "peers") refreshPeers();
+  if (tab === "snapshots") refreshSnapshots();
+}
+
+async function tick() {
+  await refreshStatus();
+  if (state.tab === "peers") await refreshPeers().catch(() => {});
+  setTimeout(tick, state.refresh * 1000);
+}
+
+async function start() {
+  const session = await api("/api/session");
+  state.csrf = session.csrf;
+  state.refresh = session.refresh;
+  for (const b of document.querySelectorAll(".tab")) {
+    b.addEventListener("click", () => show(b.dataset.tab));
+  }
+  setupKeyfile();
+  show(location.hash.slice(1) || "overview");
+  tick();
+}
+
+start();
