@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fluidfs.blocks.durability import DurabilityModel
 from fluidfs.net.bandwidth import repair_priority
+from fluidfs.peers.copysets import groups, prefer_group
 from fluidfs.peers.lifecycle import DAY, LifecyclePolicy
 from fluidfs.peers.placement import rank
 from fluidfs.peers.trust import DEFAULT_POLICY, TrustPolicy
@@ -80,6 +81,7 @@ class SimConfig:
     years: float = 5.0
     owners: int = 100
     partners: int = 24  # agreements each owner keeps: the distinct peers its backup uses
+    placement_groups: bool = True  # blocks kept within groups of N partners (copysets)
     groups: int = 48  # block groups per backup (each: 12 holders)
     backup_bytes: float = 1e12
     lifetime_days: float = 730.0  # mean, exponential
@@ -112,7 +114,9 @@ class SimConfig:
                 f"{self.uplink_mbit[1]:g}); downlink {self.downlink_factor:g} x uplink",
                 f"{self.owners} owners, each a {self.backup_bytes / 1e12:g} TB backup in "
                 f"{self.groups} groups of {self.n} shards (any {self.k} rebuild) over "
-                f"{self.partners} partners",
+                f"{self.partners} partners, "
+                + ("blocks kept within groups of N partners" if self.placement_groups
+                   else "each block on any N partners"),
                 f"{self.liar_share:.0%} liars, each caught with chance "
                 f"{self.catch_chance:g} per audit round ({self.audit_hours:g} h)",
                 f"tolerance {self.lifecycle.tolerance / DAY:g} d, keep "
@@ -147,6 +151,7 @@ class Backup:
     owner: int
     shard_bytes: float
     partners: set[int] = field(default_factory=set)
+    since: dict[int, float] = field(default_factory=dict)  # partner -> agreement made at
     holders: list[list[int]] = field(default_factory=list)  # per group; -1 = missing
     missing_since: dict[tuple[int, int], float] = field(default_factory=dict)
     queue: list[tuple[int, float, int, int]] = field(default_factory=list)
@@ -179,6 +184,7 @@ class Report:
             repair_days=max(mean_repair, 1e-3),
             n=self.config.n,
             k=self.config.k,
+            grouped=self.config.placement_groups,
         )
 
     def lines(self) -> list[str]:
@@ -198,7 +204,8 @@ class Report:
             f"losses: {self.losses} in {self.backup_years:.0f} backup-years "
             f"(observed rate {self.losses / max(self.backup_years, 1e-9):.2g} per backup-year)",
             f"modelled annual loss per backup: {model.loss_probability():.2g} "
-            f"({model.peers} peers, lifetime {model.lifetime_days:g} d, measured mean repair "
+            f"({model.peers} peers{' in groups of N' if model.grouped else ''}, lifetime "
+            f"{model.lifetime_days:g} d, measured mean repair "
             f"{model.repair_days:.2f} d)",
             f"lost shard -> full redundancy: p50 {pct(0.5)}, p90 {pct(0.9)}, p99 {pct(0.99)} "
             f"({len(times)} shards re-created)",
@@ -384,6 +391,7 @@ class Simulation:
         for backup in self.backups.values():
             if peer.ident in backup.partners:
                 backup.partners.discard(peer.ident)
+                backup.since.pop(peer.ident, None)
                 self._fill_partners(backup)
 
     # --- backups and repair ---------------------------------------------------------
@@ -417,6 +425,7 @@ class Simulation:
         }
         for key in rank(weights, self.rng)[:want]:
             backup.partners.add(int.from_bytes(key, "big"))
+            backup.since[int.from_bytes(key, "big")] = self.now
 
     def _choose(self, backup: Backup, group: int) -> int | None:
         holding = set(backup.holders[group])
@@ -427,6 +436,10 @@ class Simulation:
             if ident not in holding and (p := self.peers[ident]).alive and p.online
         }
         ranked = rank(weights, self.rng)
+        if self.config.placement_groups and ranked:
+            made = [(backup.since[i], i.to_bytes(8, "big")) for i in backup.partners]
+            held = [i.to_bytes(8, "big") for i in holding if i >= 0]
+            ranked = prefer_group(ranked, groups(made, self.config.n), held)
         return int.from_bytes(ranked[0], "big") if ranked else None
 
     def _place(self, backup: Backup, group: int, slot: int, holder: int) -> None:
@@ -514,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--years", type=float, default=5.0)
     parser.add_argument("--owners", type=int, default=100)
     parser.add_argument("--partners", type=int, default=24)
+    parser.add_argument("--spread", action="store_true",
+                        help="place each block on any N partners (no placement groups)")
     parser.add_argument("--lifetime-days", type=float, default=730.0)
     parser.add_argument("--tolerance-days", type=float, default=1.0)
     parser.add_argument("--liars", type=float, default=0.02, help="share of peers that lie")
@@ -522,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     day = args.tolerance_days * DAY
     config = SimConfig(
         peers=args.peers, years=args.years, owners=args.owners, partners=args.partners,
+        placement_groups=not args.spread,
         lifetime_days=args.lifetime_days, liar_share=args.liars, seed=args.seed,
         lifecycle=LifecyclePolicy(tolerance=day, keep=DAY, cooldown=max(day, DAY)),
     )

@@ -36,12 +36,27 @@ class DurabilityModel:
     repair_days: float  # mean time from a peer's death to its shards re-created
     n: int = 12
     k: int = 8
+    grouped: bool = False  # blocks kept within groups of N peers (peers/copysets.py)
 
     def loss_probability(self, horizon_days: float = YEAR_DAYS) -> float:
-        """Probability that the backup loses data within *horizon_days*."""
-        return loss_probability(
-            self.peers, self.lifetime_days, self.repair_days, self.n, self.k, horizon_days
+        """Probability that the backup loses data within *horizon_days*.
+
+        Spread placement: any N-K+1 of all the peers. Grouped placement: N-K+1 within one
+        group, the groups failing independently (the remainder of P/N joins a group).
+        """
+        if not self.grouped or self.peers < 2 * self.n:
+            return loss_probability(
+                self.peers, self.lifetime_days, self.repair_days, self.n, self.k, horizon_days
+            )
+        count = self.peers // self.n
+        small = loss_probability(
+            self.n, self.lifetime_days, self.repair_days, self.n, self.k, horizon_days
         )
+        big = loss_probability(
+            self.n + self.peers % self.n, self.lifetime_days, self.repair_days, self.n,
+            self.k, horizon_days,
+        )
+        return 1.0 - (1.0 - small) ** (count - 1) * (1.0 - big)
 
 
 def loss_probability(

@@ -29,6 +29,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
+from fluidfs.peers.copysets import groups, prefer_group
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.placement import rank
 
@@ -96,6 +97,14 @@ class RemoteShards:
                 weights[key] *= BUSY_WEIGHT
         return rank(weights)
 
+    def placement_groups(self) -> list[list[bytes]]:
+        """The live agreements cut into groups of N peers (peers/copysets.py)."""
+        members = ((agreement.created, agreement.peer) for agreement in self.ledger.active())
+        return groups(members, self.codec.total)
+
+    def _holder_keys(self, indexes: set[int]) -> list[bytes]:
+        return [self.peers.by_index[i] for i in indexes if i in self.peers.by_index]
+
     async def place(self, record: BlockRecord, shards: list[bytes], holders: list[int]) -> None:
         """Store every shard without a holder on a distinct peer; fill in *holders*."""
         holding = {h for h in holders if h not in (NO_HOLDER, LOCAL_HOLDER)}
@@ -104,6 +113,9 @@ class RemoteShards:
             for key in self.usable_peers(record.shard_size)
             if self.peers.get(key).index not in holding
         ]
+        if not self.even_placement:  # keep the block within one placement group
+            candidates = prefer_group(candidates, self.placement_groups(),
+                                      self._holder_keys(holding))
         missing = [i for i, h in enumerate(holders) if h == NO_HOLDER]
 
         async def store_one(index: int) -> None:

@@ -99,3 +99,13 @@ def test_a_longer_tolerance_rides_out_holidays_with_less_repair() -> None:
         return churn.Simulation(_small(lifecycle=policy, lifetime_days=1e9)).run().recreated_bytes
 
     assert recreated(14) < recreated(1) / 2
+
+
+def test_placement_groups_cut_the_risk_of_a_wide_spread() -> None:
+    spread = DurabilityModel(48, 730, 1.0).loss_probability()
+    grouped = DurabilityModel(48, 730, 1.0, grouped=True).loss_probability()
+    assert grouped < spread / 100
+    # fewer than 2N peers make one group: the same as spreading
+    assert DurabilityModel(20, 730, 1.0, grouped=True).loss_probability() == (
+        DurabilityModel(20, 730, 1.0).loss_probability()
+    )

@@ -187,3 +187,28 @@ async def test_a_peer_that_never_answers_holds_up_only_its_own_shard(
             assert owner.peers.get(slow.key).fail == 1
         finally:
             slow.close()
+
+
+async def test_blocks_stay_within_placement_groups_of_n_peers(tmp_path: Path) -> None:
+    """With 2N peers, every block lands on one of two fixed groups of N (copysets): far
+    fewer sets of peers whose loss together loses a block than random spreading gives."""
+    async with owner_with_hosts(tmp_path, 2 * N + 1) as (owner, remote, _hosts, _):
+        grouped = remote.placement_groups()
+        assert sorted(len(g) for g in grouped) == [N, N + 1]
+        index_group = [{owner.peers.get(key).index for key in g} for g in grouped]
+        for _ in range(24):
+            record, shards = sealed(remote, os.urandom(20_000))
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            assert NO_HOLDER not in holders
+            assert any(set(holders) <= g for g in index_group), (holders, index_group)
+        # a repair keeps to the group of the block's remaining holders
+        record, shards = sealed(remote, os.urandom(20_000))
+        holders = [NO_HOLDER] * N
+        await remote.place(record, shards, holders)
+        home = next(g for g in index_group if set(holders) <= g)
+        holders[0] = NO_HOLDER
+        for _ in range(5):
+            again = list(holders)
+            await remote.place(record, shards, again)
+            assert set(again) <= home
