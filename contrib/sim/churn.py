@@ -55,6 +55,12 @@ YEAR = 365 * DAY
 MBIT = 1_000_000 / 8  # bytes per second
 
 
+def repair_seconds(size: float, k: int, downlink: float, uplink: float) -> float:
+    """Seconds an owner needs to re-create *size* bytes of shards: K times as much
+    fetched at its downlink, then sent once at its uplink (bytes/s)."""
+    return k * size / downlink + size / uplink
+
+
 @dataclass(frozen=True)
 class PeerClass:
     """How a kind of machine is online: hours offline each day, holidays a year."""
@@ -482,7 +488,7 @@ class Simulation:
             self.at(self.now + HOUR, lambda: self._repair_next(backup))
             return
         size = backup.shard_bytes
-        seconds = self.config.k * size / owner.downlink + size / owner.uplink
+        seconds = repair_seconds(size, self.config.k, owner.downlink, owner.uplink)
         backup.repairing = True
 
         def done() -> None:
