@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from fluidfs.cli.argtypes import (
+    RATE_HELP,
+    bandwidth_limit,
+    bandwidth_text,
     listen_address,
     net_limits,
     parse_size,
@@ -172,6 +175,14 @@ OPTIONS: list[Option] = [
         help="a peer to start from (repeatable); with PEERID, only that peer is accepted there",
         commands=on(*NODE), example="127.0.0.1:7471",
     ),
+    option("--limit-upload", type=bandwidth_limit, default=None, metavar="RATE",
+           help=f"bytes per second sent to all peers, at most: {RATE_HELP}",
+           commands=on(*NODE), render=bandwidth_text,
+           example="512K"),
+    option("--limit-download", type=bandwidth_limit, default=None, metavar="RATE",
+           help=f"bytes per second read from all peers, at most: {RATE_HELP}",
+           commands=on(*NODE), render=bandwidth_text,
+           example="20Mbit"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.

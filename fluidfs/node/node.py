@@ -36,6 +36,7 @@ from fluidfs.fs.restore import Restorer
 from fluidfs.fs.snapshots import SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import derive, encode_peer_id
+from fluidfs.net.bandwidth import Bandwidth
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.handlers import node_handlers
 from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
@@ -169,6 +170,7 @@ class Node:
             self.peers,
             limits=config.net_limits,
             is_partner=lambda key: self.ledger.live(key) is not None,
+            bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
         )
         self.manager = PeerManager(
             self.conns,
