@@ -93,6 +93,7 @@ def cmd_status(args: argparse.Namespace) -> None:
             "there once enough peers have room)"
         )
     _print_uploads(reply)
+    print(f"network:     {network_line(reply)}")
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
@@ -109,6 +110,37 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             label = f"{level:>3}/{n}"
         print(f"  {label}: {count} blocks")
+
+
+def network_line(reply: dict) -> str:
+    """Rates to and from peers against their limits, and when the uploads will be done."""
+
+    def rate(key: str, limit: float | None) -> str:
+        return f"{human(reply[key])}/s " + (f"of {human(limit)}/s" if limit else "(no limit)")
+
+    eta = reply["upload_eta"]
+    if eta == 0:
+        done = "uploads done"
+    elif eta is None:
+        done = "upload ETA unknown (not moving)"
+    else:
+        done = f"upload ETA {duration(eta)}"
+    return (
+        f"sending {rate('send_rate', reply['limit_upload'])}, "
+        f"receiving {rate('receive_rate', reply['limit_download'])}; {done}"
+    )
+
+
+def duration(seconds: float) -> str:
+    """A time span as '45s', '12m 5s', '3h 20m', '2d 4h'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def _print_uploads(reply: dict) -> None:

@@ -42,6 +42,7 @@ from fluidfs.node.handlers import node_handlers
 from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
 from fluidfs.node.status import NodeStatus, UploadRate
 from fluidfs.node.supervise import supervise
+from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
@@ -119,6 +120,7 @@ class Node:
         )
         self.session = FuseSession(self.ops, fsname_for(config.state.path), keyring.peer_id)
         self.upload_rate = UploadRate(self.blocks)
+        self.traffic = TrafficRate(self.conns.bandwidth)
         self.status = NodeStatus(
             keyring.peer_id,
             self.meta,
@@ -138,6 +140,7 @@ class Node:
             commit_status=self.remount_requests.status,
             state_path=config.state.path,
             keyfile_saved=lambda: keysaved.saved_at(config.state.path) is not None,
+            traffic=self.traffic,
         )
         self._stopped = False
 
@@ -447,6 +450,7 @@ class Node:
                 ("migrator", self.migrator.run),
                 ("lifecycle", self.lifecycle.run),
                 ("upload rate", self.upload_rate.run),
+                ("traffic rate", self.traffic.run),
                 ("shard pages", self._release_shard_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
