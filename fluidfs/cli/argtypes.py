@@ -103,6 +103,20 @@ def listen_address(text: str) -> str:
     return text
 
 
+def peer_target(text: str) -> str:
+    """What `peers add` takes: HOST:PORT, or an invite code (checked); kept as text."""
+    # Lazy: address records load the wire schema and nacl, which --help need not wait for.
+    from fluidfs.peers.invite import InviteError, is_invite, read_invite
+
+    if is_invite(text):
+        try:
+            read_invite(text)
+        except InviteError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return listen_address(text)
+
+
 def peer_entry(text: str) -> str:
     """[PEERID@]HOST:PORT, checked and kept as text."""
     try:

@@ -9,6 +9,7 @@ import time
 
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, counted, fail
+from fluidfs.cli.invite import add_invited, is_invite
 from fluidfs.cli.nodecall import call_node
 from fluidfs.statedir import default_keyfile
 
@@ -42,10 +43,13 @@ def human(n: float) -> str:
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
-    """fluidfs peers [list] | peers add HOST:PORT."""
+    """fluidfs peers [list] | peers add HOST:PORT | peers add CODE."""
     if args.action == "add":
         if not args.addr:
-            fail("peers add needs HOST:PORT", EXIT_USAGE)
+            fail("peers add needs HOST:PORT or an invite code", EXIT_USAGE)
+        if is_invite(args.addr):
+            add_invited(args)
+            return
         reply = call_node(args, "add_peer", addr=args.addr)
         note = "agreement made" if reply["agreement"] else "no agreement (yet)"
         print(f"added peer {reply['id']} at {args.addr}: {note}")

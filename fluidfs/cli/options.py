@@ -24,6 +24,7 @@ from fluidfs.cli.argtypes import (
     net_limits,
     parse_size,
     peer_entry,
+    peer_target,
     retention,
     seconds,
     shard_count,
@@ -86,7 +87,8 @@ def option(
 
 
 NODE = ("mount", "serve")  # the commands that run a node
-STATE = ("mount", "serve", "peers", "check", "status", "sync", "snapshots", "forget", "key")
+STATE = ("mount", "serve", "peers", "invite", "check", "status", "sync", "snapshots", "forget",
+         "key")
 RETENTION_HELP = (
     "which snapshots to keep (default all=1d,hourly=7d,daily=90d; "
     "rules: all, hourly, daily, weekly, monthly)"
@@ -103,7 +105,8 @@ OPTIONS: list[Option] = [
             key={"choices": ["export"]},
         ),
     ),
-    option("addr", nargs="?", type=listen_address, help="HOST:PORT (with add)",
+    option("addr", nargs="?", type=peer_target,
+           help="HOST:PORT, or a friend's invite code from `fluidfs invite` (with add)",
            commands=on("peers")),
     option("names", nargs="*", metavar="SNAPSHOT", help="snapshots to drop",
            commands=on("forget")),
@@ -259,7 +262,7 @@ OPTIONS: list[Option] = [
         ),
     ),
     option("--json", action="store_true", help="machine-readable output",
-           commands=on("peers", "status", "sync", "snapshots")),
+           commands=on("peers", "invite", "status", "sync", "snapshots")),
     option("--dry-run", action="store_true", help="only say what would go",
            commands=on("forget")),
     option("--with-peers", action="store_true",

@@ -39,6 +39,7 @@ from fluidfs.keys import derive, encode_peer_id
 from fluidfs.net.bandwidth import Bandwidth
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.handlers import node_handlers
+from fluidfs.node.invite import invite_handlers
 from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
 from fluidfs.node.status import NodeStatus, UploadRate
 from fluidfs.node.supervise import supervise
@@ -470,7 +471,11 @@ class Node:
             self.blocks,
             self.status,
         )
-        return handlers | remount_control.handlers(self.remount_requests)
+        return (
+            handlers
+            | invite_handlers(self.reach, self.manager)
+            | remount_control.handlers(self.remount_requests)
+        )
 
     async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The status and restore page (fluidfs/web/, docs/web.md) on config.web."""
