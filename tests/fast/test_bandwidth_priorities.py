@@ -64,10 +64,11 @@ async def test_a_peers_retrieval_is_answered_before_queued_uploads(tmp_path: Pat
                 uploads_left = up.waiting
 
             assert answer["data"] == shard
-            # Served first, it goes out with at most a little of the uploads beside it
-            # (what was on the wire, and what passed while the request came in); taking
-            # turns with the four uploads it would wait for about four times its size.
-            assert sent_meanwhile < 2 * ANSWER, f"{sent_meanwhile} bytes went before it"
+            # Served first, it goes out with little of the uploads beside it (what was on
+            # the wire, and what passed while the request came in and was read from the
+            # store: up to a quarter second on a loaded machine); taking turns with the
+            # four uploads it would wait for four times its size (~5.6 x in all).
+            assert sent_meanwhile < 3 * ANSWER, f"{sent_meanwhile} bytes went before it"
             assert uploads_left > 0, "the uploads were still queued when it was answered"
             assert NO_HOLDER not in holders, "and the uploads finished afterwards"
         finally:
