@@ -104,7 +104,8 @@ def listen_address(text: str) -> str:
 
 
 def peer_target(text: str) -> str:
-    """What `peers add` takes: HOST:PORT, or an invite code (checked); kept as text."""
+    """What `peers add` takes: [PEERID@]HOST:PORT, or an invite code (checked); kept as
+    text."""
     # Lazy: address records load the wire schema and nacl, which --help need not wait for.
     from fluidfs.peers.invite import InviteError, is_invite, read_invite
 
@@ -114,6 +115,8 @@ def peer_target(text: str) -> str:
         except InviteError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return text
+    if "@" in text:
+        return peer_entry(text)
     return listen_address(text)
 
 

@@ -46,13 +46,13 @@ def cmd_peers(args: argparse.Namespace) -> None:
     """fluidfs peers [list] | peers add HOST:PORT | peers add CODE."""
     if args.action == "add":
         if not args.addr:
-            fail("peers add needs HOST:PORT or an invite code", EXIT_USAGE)
+            fail("peers add needs [PEERID@]HOST:PORT or an invite code", EXIT_USAGE)
         if is_invite(args.addr):
             add_invited(args)
             return
         reply = call_node(args, "add_peer", addr=args.addr)
         note = "agreement made" if reply["agreement"] else "no agreement (yet)"
-        print(f"added peer {reply['id']} at {args.addr}: {note}")
+        print(f"added peer {reply['id']} at {args.addr.rpartition('@')[2]}: {note}")
         return
     if args.addr:
         fail("peers list takes no address", EXIT_USAGE)

@@ -106,7 +106,8 @@ OPTIONS: list[Option] = [
         ),
     ),
     option("addr", nargs="?", type=peer_target,
-           help="HOST:PORT, or a friend's invite code from `fluidfs invite` (with add)",
+           help="[PEERID@]HOST:PORT, or a friend's invite code from `fluidfs invite` "
+           "(with add; with a PEERID or a code, only that peer is met)",
            commands=on("peers")),
     option("names", nargs="*", metavar="SNAPSHOT", help="snapshots to drop",
            commands=on("forget")),

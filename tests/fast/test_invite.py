@@ -83,6 +83,20 @@ async def test_a_code_whose_id_does_not_answer_at_its_address_is_refused(
         assert not list(friend.ledger)
 
 
+async def test_peers_add_with_a_peer_id_meets_only_that_peer(tmp_path: Path) -> None:
+    """`peers add PEERID@HOST:PORT` pins the id as a code does; plain HOST:PORT meets
+    whoever answers."""
+    async with nodes(tmp_path, 2) as (me, friend):
+        addr = me.conns.listen_addr
+        stranger = keys.KeyRing(keys.generate())
+        with pytest.raises(control.ControlError, match="identity is not the expected one"):
+            await ask(friend, "add_peer", addr=f"{stranger.peer_id}@{addr}")
+        assert friend.peers.get(me.config.keyring.public_key) is None
+        met = await ask(friend, "add_peer", addr=f"{me.config.keyring.peer_id}@{addr}")
+        assert met["id"] == me.config.keyring.peer_id and met["agreement"]
+        assert (await ask(friend, "add_peer", addr=addr))["id"] == me.config.keyring.peer_id
+
+
 async def test_a_node_without_a_dialable_address_says_so(tmp_path: Path) -> None:
     node = Node(NodeConfig(keys.KeyRing(keys.generate()), StateDir(tmp_path / "n")))
     try:
@@ -117,6 +131,8 @@ def test_peers_add_takes_a_code_or_an_address_and_refuses_a_bad_code(capsys) -> 
     parser = build_parser()
     assert parser.parse_args(["peers", "add", code]).addr == code
     assert parser.parse_args(["peers", "add", "198.51.100.7:7470"]).addr == "198.51.100.7:7470"
+    pinned = f"{ring.peer_id}@198.51.100.7:7470"
+    assert parser.parse_args(["peers", "add", pinned]).addr == pinned
     with pytest.raises(SystemExit):
         parser.parse_args(["peers", "add", code[:-8]])
     assert "not a valid invite code" in capsys.readouterr().err
