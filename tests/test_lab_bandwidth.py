@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer
+from labnodes import PORT, LabMount, LabPeer, cli
 from netlab import Host, Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -107,6 +107,10 @@ def test_a_mounts_upload_limit_holds_on_its_network_interface(
         s = wait_for(lambda: (lambda s: s if s["blocks"] == 12 and s["under_replicated"] == 0
                               and s["redundancy"] == {"4": 12} else None)(status(mnt.state)),
                      60, "the file fully placed")
+    shown = cli("status", "--state-dir", str(mnt.state))
+    assert shown.returncode == 0, shown.stderr
+    assert "network:     sending " in shown.stdout and "of 512.0K/s" in shown.stdout
+    assert "uploads done" in shown.stdout, shown.stdout
     worst, span = sampler.worst_rate(WINDOW)
     print(f"worst {worst / KIB:.1f} KiB/s over {span:.2f} s; samples {len(sampler.samples)}")
     assert s["limit_upload"] == LIMIT
