@@ -33,6 +33,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import is_disk_full, keep_reserve
+from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.store.db import Database, scan_batch
 from fluidfs.store.shards import ShardStore
 
@@ -339,8 +340,13 @@ class BlockStore:
         async for record, shards in self._upload_recv:
             await self.upload(record, shards)
 
-    async def upload(self, record: BlockRecord, shards: list[bytes]) -> int:
-        """Place the shards of *record* that have no holder yet; return the bytes placed."""
+    async def upload(
+        self, record: BlockRecord, shards: list[bytes], priority: int = UPLOAD
+    ) -> int:
+        """Place the shards of *record* that have no holder yet; return the bytes placed.
+
+        *priority*: their turn under the upload limit (net/bandwidth.py); new data by
+        default, repair passes the block's ``repair_priority``."""
         block_id = record.block_id
         stored = self.load(block_id)
         if stored is None or block_id in self.uploading:
@@ -348,7 +354,7 @@ class BlockStore:
         self.uploading.add(block_id)
         try:
             holders = list(stored.holders)
-            await self.remote.place(record, shards, holders)
+            await self.remote.place(record, shards, holders, priority)
             new = [
                 i
                 for i, h in enumerate(holders)

@@ -26,6 +26,7 @@ import trio
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
+from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -105,8 +106,17 @@ class RemoteShards:
     def _holder_keys(self, indexes: set[int]) -> list[bytes]:
         return [self.peers.by_index[i] for i in indexes if i in self.peers.by_index]
 
-    async def place(self, record: BlockRecord, shards: list[bytes], holders: list[int]) -> None:
-        """Store every shard without a holder on a distinct peer; fill in *holders*."""
+    async def place(
+        self,
+        record: BlockRecord,
+        shards: list[bytes],
+        holders: list[int],
+        priority: int = UPLOAD,
+    ) -> None:
+        """Store every shard without a holder on a distinct peer; fill in *holders*.
+
+        *priority*: the stores' turn under the upload limit (net/bandwidth.py): new data
+        by default, a repair passes its block's ``repair_priority``."""
         holding = {h for h in holders if h not in (NO_HOLDER, LOCAL_HOLDER)}
         candidates = [
             key
@@ -121,7 +131,10 @@ class RemoteShards:
         async def store_one(index: int) -> None:
             while candidates:
                 key = candidates.pop(0)
-                if await self._store(key, record.shard_ids[index], shards[index], record.block_id):
+                stored = await self._store(
+                    key, record.shard_ids[index], shards[index], record.block_id, priority
+                )
+                if stored:
                     holders[index] = self.peers.get(key).index
                     return
 
@@ -129,7 +142,14 @@ class RemoteShards:
             for index in missing:
                 nursery.start_soon(store_one, index)
 
-    async def _store(self, key: bytes, shard_id: bytes, data: bytes, block_id: bytes = b"") -> bool:
+    async def _store(
+        self,
+        key: bytes,
+        shard_id: bytes,
+        data: bytes,
+        block_id: bytes = b"",
+        priority: int = UPLOAD,
+    ) -> bool:
         slot = self._slots[key]
         acquired = False
         with trio.move_on_after(SLOT_WAIT):
@@ -140,17 +160,20 @@ class RemoteShards:
         try:
             if self.journal is not None:
                 self.journal.placing(self.peers.get(key).index, shard_id, len(data), block_id)
-            return await self._store_on(key, shard_id, data)
+            return await self._store_on(key, shard_id, data, priority)
         finally:
             slot.release()
 
-    async def _store_on(self, key: bytes, shard_id: bytes, data: bytes) -> bool:
+    async def _store_on(
+        self, key: bytes, shard_id: bytes, data: bytes, priority: int = UPLOAD
+    ) -> bool:
         try:
             reply = await self.conns.call(
                 key,
                 "StoreShard",
                 {"shards": [{"id": shard_id, "data": data}]},
                 timeout=STORE_TIMEOUT,
+                priority=priority,
             )
         except (PeerUnavailable, RpcError) as exc:
             log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)

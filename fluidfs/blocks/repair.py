@@ -31,6 +31,7 @@ import trio
 from fluidfs.blocks.blockstore import BlockUnavailable
 from fluidfs.blocks.codec import BlockError, CorruptBlock
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.net.bandwidth import repair_priority
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,14 @@ class Repairer:
         return totals["done"]
 
     async def repair(self, stored: StoredBlock) -> int:
-        """Recreate the block's missing shards and place them; return the bytes placed."""
+        """Recreate the block's missing shards and place them; return the bytes placed.
+
+        Under an upload limit they go before new uploads, and the fewer live shards the
+        block has left on peers, the sooner (net/bandwidth.py, ``repair_priority``)."""
         blocks = self.blocks
         record = stored.record
+        live = sum(h not in (NO_HOLDER, LOCAL_HOLDER) for h in stored.holders)
+        priority = repair_priority(live)
         data = await trio.to_thread.run_sync(
             blocks.cache.read_io, record.block_id, 0, record.size, limiter=blocks.limiter
         )
@@ -211,13 +217,13 @@ class Repairer:
             shards = await trio.to_thread.run_sync(
                 blocks.codec.reseal, record, data, limiter=blocks.limiter
             )
-            return await blocks.upload(record, shards)
+            return await blocks.upload(record, shards, priority)
         if LOCAL_HOLDER in stored.holders:
             data = await blocks.rebuild(stored)
             shards = await trio.to_thread.run_sync(
                 blocks.codec.reseal, record, data, limiter=blocks.limiter
             )
-            return await blocks.upload(record, shards)
+            return await blocks.upload(record, shards, priority)
         # From K shards on peers: only the missing shards are computed, nothing decrypted.
         # The inputs are not hashed one by one: recreate() checks every shard it makes
         # against its id, which a bad input would fail. Only then are the inputs fetched
@@ -230,7 +236,7 @@ class Repairer:
                         record.block_id.hex()[:16])
             made = await self._recreate(stored, wanted, verify=True)
         shards = [made.get(i, b"") for i in range(record.total)]
-        return await blocks.upload(record, shards)
+        return await blocks.upload(record, shards, priority)
 
     async def _recreate(
         self, stored: StoredBlock, wanted: list[int], *, verify: bool

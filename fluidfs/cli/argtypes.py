@@ -31,6 +31,47 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+# --limit-upload/--limit-download, as rclone's --bwlimit: a bare number is KiB/s, K/M/G/T
+# are binary bytes per second (B: bytes), and bits are spelled out in decimal units as
+# ISPs and tc count them (kbit, Mbit, Gbit).
+_RATE_BYTES = {"b": 1, "": 1 << 10, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_RATE_BITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+MIN_RATE = 1 << 10  # bytes per second: below one KiB/s a limit only stalls the node
+RATE_HELP = (
+    "a bare number is KiB/s, K/M/G are KiB/MiB/GiB per second, bits as 20Mbit "
+    "(default: off, no limit)"
+)
+
+
+def bandwidth_limit(text: str) -> int | None:
+    """A bandwidth limit in bytes per second: '512' or '512K' (KiB/s), '2M', '1.5G',
+    '4096B', '20Mbit', '800kbit'; 'off' is no limit (None)."""
+    spelled = text.strip()
+    if spelled.lower() == "off":
+        return None
+    bits = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)bits?(?:/s)?", spelled, re.IGNORECASE)
+    octets = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?(?:/s)?", spelled, re.IGNORECASE)
+    if bits:
+        rate = int(float(bits.group(1)) * _RATE_BITS[bits.group(2).lower()] / 8)
+    elif octets:
+        rate = int(float(octets.group(1)) * _RATE_BYTES[octets.group(2).lower()])
+    else:
+        raise argparse.ArgumentTypeError(
+            f"not a bandwidth: {text!r} (try 512K or 2M for bytes per second, "
+            "20Mbit for bits, off for no limit)"
+        )
+    if rate < MIN_RATE:
+        raise argparse.ArgumentTypeError(
+            f"bandwidth limit {text!r} is below 1K (1 KiB/s); use off for no limit"
+        )
+    return rate
+
+
+def bandwidth_text(rate: int) -> str:
+    """The inverse of ``bandwidth_limit``: bytes per second, spelled with B."""
+    return f"{rate}B"
+
+
 def shard_count(text: str) -> int:
     """A number of shards (or peers): a whole number from 1 to 256."""
     try:
@@ -60,6 +101,23 @@ def listen_address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def peer_target(text: str) -> str:
+    """What `peers add` takes: [PEERID@]HOST:PORT, or an invite code (checked); kept as
+    text."""
+    # Lazy: address records load the wire schema and nacl, which --help need not wait for.
+    from fluidfs.peers.invite import InviteError, is_invite, read_invite
+
+    if is_invite(text):
+        try:
+            read_invite(text)
+        except InviteError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    if "@" in text:
+        return peer_entry(text)
+    return listen_address(text)
 
 
 def peer_entry(text: str) -> str:

@@ -9,6 +9,7 @@ import time
 
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, counted, fail
+from fluidfs.cli.invite import add_invited, is_invite
 from fluidfs.cli.nodecall import call_node
 from fluidfs.statedir import default_keyfile
 
@@ -42,13 +43,16 @@ def human(n: float) -> str:
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
-    """fluidfs peers [list] | peers add HOST:PORT."""
+    """fluidfs peers [list] | peers add HOST:PORT | peers add CODE."""
     if args.action == "add":
         if not args.addr:
-            fail("peers add needs HOST:PORT", EXIT_USAGE)
+            fail("peers add needs [PEERID@]HOST:PORT or an invite code", EXIT_USAGE)
+        if is_invite(args.addr):
+            add_invited(args)
+            return
         reply = call_node(args, "add_peer", addr=args.addr)
         note = "agreement made" if reply["agreement"] else "no agreement (yet)"
-        print(f"added peer {reply['id']} at {args.addr}: {note}")
+        print(f"added peer {reply['id']} at {args.addr.rpartition('@')[2]}: {note}")
         return
     if args.addr:
         fail("peers list takes no address", EXIT_USAGE)
@@ -93,6 +97,7 @@ def cmd_status(args: argparse.Namespace) -> None:
             "there once enough peers have room)"
         )
     _print_uploads(reply)
+    print(f"network:     {network_line(reply)}")
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
@@ -109,6 +114,37 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             label = f"{level:>3}/{n}"
         print(f"  {label}: {count} blocks")
+
+
+def network_line(reply: dict) -> str:
+    """Rates to and from peers against their limits, and when the uploads will be done."""
+
+    def rate(key: str, limit: float | None) -> str:
+        return f"{human(reply[key])}/s " + (f"of {human(limit)}/s" if limit else "(no limit)")
+
+    eta = reply["upload_eta"]
+    if eta == 0:
+        done = "uploads done"
+    elif eta is None:
+        done = "upload ETA unknown (not moving)"
+    else:
+        done = f"upload ETA {duration(eta)}"
+    return (
+        f"sending {rate('send_rate', reply['limit_upload'])}, "
+        f"receiving {rate('receive_rate', reply['limit_download'])}; {done}"
+    )
+
+
+def duration(seconds: float) -> str:
+    """A time span as '45s', '12m 5s', '3h 20m', '2d 4h'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def _print_uploads(reply: dict) -> None:

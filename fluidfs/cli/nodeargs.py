@@ -82,6 +82,8 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
         "repair_threshold": args.repair_threshold,
         "even_placement": args.placement == "even",
         "trust": args.trust,
+        "limit_upload": args.limit_upload,
+        "limit_download": args.limit_download,
     }
 
 

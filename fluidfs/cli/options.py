@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from fluidfs.cli.argtypes import (
+    RATE_HELP,
+    bandwidth_limit,
+    bandwidth_text,
     listen_address,
     net_limits,
     parse_size,
     peer_entry,
+    peer_target,
     retention,
     seconds,
     shard_count,
@@ -83,7 +87,8 @@ def option(
 
 
 NODE = ("mount", "serve")  # the commands that run a node
-STATE = ("mount", "serve", "peers", "check", "status", "sync", "snapshots", "forget", "key")
+STATE = ("mount", "serve", "peers", "invite", "check", "status", "sync", "snapshots", "forget",
+         "key")
 RETENTION_HELP = (
     "which snapshots to keep (default all=1d,hourly=7d,daily=90d; "
     "rules: all, hourly, daily, weekly, monthly)"
@@ -100,7 +105,9 @@ OPTIONS: list[Option] = [
             key={"choices": ["export"]},
         ),
     ),
-    option("addr", nargs="?", type=listen_address, help="HOST:PORT (with add)",
+    option("addr", nargs="?", type=peer_target,
+           help="[PEERID@]HOST:PORT, or a friend's invite code from `fluidfs invite` "
+           "(with add; with a PEERID or a code, only that peer is met)",
            commands=on("peers")),
     option("names", nargs="*", metavar="SNAPSHOT", help="snapshots to drop",
            commands=on("forget")),
@@ -172,6 +179,14 @@ OPTIONS: list[Option] = [
         help="a peer to start from (repeatable); with PEERID, only that peer is accepted there",
         commands=on(*NODE), example="127.0.0.1:7471",
     ),
+    option("--limit-upload", type=bandwidth_limit, default=None, metavar="RATE",
+           help=f"bytes per second sent to all peers, at most: {RATE_HELP}",
+           commands=on(*NODE), render=bandwidth_text,
+           example="512K"),
+    option("--limit-download", type=bandwidth_limit, default=None, metavar="RATE",
+           help=f"bytes per second read from all peers, at most: {RATE_HELP}",
+           commands=on(*NODE), render=bandwidth_text,
+           example="20Mbit"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
@@ -248,7 +263,7 @@ OPTIONS: list[Option] = [
         ),
     ),
     option("--json", action="store_true", help="machine-readable output",
-           commands=on("peers", "status", "sync", "snapshots")),
+           commands=on("peers", "invite", "status", "sync", "snapshots")),
     option("--dry-run", action="store_true", help="only say what would go",
            commands=on("forget")),
     option("--with-peers", action="store_true",

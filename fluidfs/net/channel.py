@@ -57,7 +57,7 @@ from nacl._sodium import ffi
 
 from . import framecipher
 from . import handshake as hs
-from .bandwidth import SERVE, Bandwidth, Deadline, paused
+from .bandwidth import SERVE, Bandwidth, Deadline, on_wire, paused
 from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
 from .framecipher import ABYTES, FrameOpener, FrameSealer
 from .streamio import ExactReader, StreamEOF
@@ -261,7 +261,7 @@ class SecureChannel:
                 await self._stream.send_all(ffi.buffer(frame, clen + 4))
             elif not self._bandwidth.up.limited:
                 await self._stream.send_all(ffi.buffer(frame, clen + 4))
-                self._bandwidth.up.count(clen + 4)
+                self._bandwidth.up.count(on_wire(clen + 4))
             else:
                 await self._send_paced(memoryview(ffi.buffer(frame, clen + 4)), priority, deadline)
         except _DEAD as exc:
@@ -286,7 +286,7 @@ class SecureChannel:
         for pos in range(0, len(view), up.chunk):
             chunk = view[pos : pos + up.chunk]
             with paused(deadline):
-                await up.take(len(chunk), min([priority, *self._send_waiting]))
+                await up.take(on_wire(len(chunk)), min([priority, *self._send_waiting]))
             await self._stream.send_all(chunk)
 
     def _encrypt(

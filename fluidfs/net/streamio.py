@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from .bandwidth import Deadline, TokenBucket, paused
+from .bandwidth import Deadline, TokenBucket, on_wire, paused
 
 
 class StreamEOF(Exception):
@@ -64,9 +64,9 @@ class ExactReader:
             self.consumed = got
             if pace is not None:
                 with paused(deadline):
-                    await pace.take(n)
+                    await pace.take(on_wire(n))
             elif down is not None:
-                down.count(n)
+                down.count(on_wire(n))
 
     async def read_exactly(self, n: int) -> bytes:
         """Return exactly ``n`` bytes (small reads, e.g. handshake messages)."""

@@ -49,5 +49,7 @@ class NodeConfig:
     net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
     reach: ReachPolicy = field(default_factory=ReachPolicy)  # address records (peers/reach.py)
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
+    limit_upload: float | None = None  # bytes/s to all peers (net/bandwidth.py); None: off
+    limit_download: float | None = None  # bytes/s from all peers
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off
     web_refresh: float = 5.0  # seconds between the page's status polls

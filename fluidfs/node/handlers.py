@@ -14,7 +14,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.record import LOCAL_HOLDER
 from fluidfs.fs import health
 from fluidfs.fs.tree import Tree
-from fluidfs.keys import encode_peer_id
+from fluidfs.keys import encode_peer_id, parse_peer
 from fluidfs.net.errors import RpcError
 from fluidfs.node.status import NodeStatus
 from fluidfs.peers.agreements import Ledger
@@ -61,10 +61,11 @@ def node_handlers(
         return {"peers": rows}
 
     async def add_peer(request: dict) -> dict:
-        addr = str(request.get("addr", ""))
+        # HOST:PORT, or PEERID@HOST:PORT: then only that peer is met there
         try:
-            split_addr(addr)
-            key, agreed = await manager.add(addr)
+            entry = parse_peer(str(request.get("addr", "")))
+            split_addr(entry.addr)
+            key, agreed = await manager.add(entry.addr, expected=entry.key)
         except (ValueError, PeerUnavailable) as exc:
             raise control.ControlError(str(exc)) from None
         return {"id": encode_peer_id(key), "agreement": agreed}

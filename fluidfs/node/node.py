@@ -36,11 +36,14 @@ from fluidfs.fs.restore import Restorer
 from fluidfs.fs.snapshots import SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import derive, encode_peer_id
+from fluidfs.net.bandwidth import Bandwidth
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.handlers import node_handlers
+from fluidfs.node.invite import invite_handlers
 from fluidfs.node.session import FuseSession, MountError, cancel_on_signals
 from fluidfs.node.status import NodeStatus, UploadRate
 from fluidfs.node.supervise import supervise
+from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
@@ -118,6 +121,7 @@ class Node:
         )
         self.session = FuseSession(self.ops, fsname_for(config.state.path), keyring.peer_id)
         self.upload_rate = UploadRate(self.blocks)
+        self.traffic = TrafficRate(self.conns.bandwidth)
         self.status = NodeStatus(
             keyring.peer_id,
             self.meta,
@@ -137,6 +141,7 @@ class Node:
             commit_status=self.remount_requests.status,
             state_path=config.state.path,
             keyfile_saved=lambda: keysaved.saved_at(config.state.path) is not None,
+            traffic=self.traffic,
         )
         self._stopped = False
 
@@ -169,6 +174,7 @@ class Node:
             self.peers,
             limits=config.net_limits,
             is_partner=lambda key: self.ledger.live(key) is not None,
+            bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
         )
         self.manager = PeerManager(
             self.conns,
@@ -445,6 +451,7 @@ class Node:
                 ("migrator", self.migrator.run),
                 ("lifecycle", self.lifecycle.run),
                 ("upload rate", self.upload_rate.run),
+                ("traffic rate", self.traffic.run),
                 ("shard pages", self._release_shard_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
@@ -464,7 +471,11 @@ class Node:
             self.blocks,
             self.status,
         )
-        return handlers | remount_control.handlers(self.remount_requests)
+        return (
+            handlers
+            | invite_handlers(self.reach, self.manager)
+            | remount_control.handlers(self.remount_requests)
+        )
 
     async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The status and restore page (fluidfs/web/, docs/web.md) on config.web."""

@@ -26,6 +26,7 @@ from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode
 from fluidfs.keys import encode_peer_id
 from fluidfs.node.overview import overview
+from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
@@ -91,6 +92,7 @@ class NodeStatus:
     commit_status: Callable[[], dict[str, Any]]
     state_path: Path | None = None  # for the disk figures
     keyfile_saved: Callable[[], bool] = lambda: True  # keysaved.py
+    traffic: TrafficRate | None = None  # rates to and from peers, limits (node/traffic.py)
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
@@ -180,6 +182,8 @@ class NodeStatus:
             "disk_free": scanned.disk_free,
             "disk_total": scanned.disk_total,
         }
+        traffic = self.traffic or TrafficRate(self.conns.bandwidth)
+        figures.update(traffic.figures(scanned.pending, self.upload.rate))
         figures["overview"] = overview(figures, now)
         return figures
 

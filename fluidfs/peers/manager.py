@@ -53,12 +53,14 @@ class PeerManager:
     terms: TermsPolicy = field(default_factory=TermsPolicy)
     on_new_agreement: Callable[[bytes], None] = _ignore
 
-    async def add(self, addr: str) -> tuple[bytes, bool]:
+    async def add(self, addr: str, expected: bytes | None = None) -> tuple[bytes, bool]:
         """Connect to *addr*, record the peer, and propose an agreement if there is none.
 
-        Returns (peer key, whether an agreement is in place). Raises PeerUnavailable.
+        With *expected* (an invite code's peer id) only a node proving that identity is
+        met there. Returns (peer key, whether an agreement is in place). Raises
+        PeerUnavailable.
         """
-        conn = await self.conns.connect(addr)
+        conn = await self.conns.connect(addr, expected=expected)
         key = conn.peer_key
         if key == self.peers.self_key:
             raise PeerUnavailable(f"{addr} is this node itself")

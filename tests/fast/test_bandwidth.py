@@ -16,6 +16,7 @@ from fluidfs.net.bandwidth import (
     UPLOAD,
     Bandwidth,
     TokenBucket,
+    on_wire,
     repair_priority,
 )
 from fluidfs.net.channel import accept_channel, connect_channel
@@ -68,6 +69,15 @@ def test_bucket_holds_the_rate_over_every_window() -> None:
     total = sum(n for _t, n in events)
     assert rate * 20 <= total <= rate * 20 * 1.01
     assert max_in_window(events, 5.0) <= rate * 5 * 1.05
+
+
+def test_the_limit_counts_what_the_link_carries() -> None:
+    """Headers of each TCP segment count: a full 1500-byte frame on the link carries
+    1448 bytes of payload (Ethernet, IPv4, TCP with timestamps)."""
+    assert on_wire(1448) == 1514
+    assert on_wire(1449) == 1449 + 2 * 66
+    assert on_wire(100) == 166
+    assert on_wire(MIB) / MIB == pytest.approx(1.0456, abs=1e-3)
 
 
 def test_unlimited_bucket_never_waits_and_counts() -> None:
@@ -181,8 +191,8 @@ def test_channel_sends_at_the_limit_and_lends_priority() -> None:
         assert bw.up.total >= 4 * 256 * KIB + 128 * KIB
 
     run(main)
-    # 1,152 KiB at 256 KiB/s: about 4.5 s in all; the answer after ~1 s, not at the end
-    assert max(finished.values()) == pytest.approx(4.5, abs=0.2)
+    # 1,152 KiB at 256 KiB/s, and segment headers: ~4.7 s in all; the answer after ~1 s
+    assert max(finished.values()) == pytest.approx(4.5 * on_wire(MIB) / MIB, abs=0.2)
     assert finished["answer"] < 1.5
 
 
@@ -196,7 +206,8 @@ def test_channel_receives_at_the_download_limit() -> None:
             nursery.start_soon(a.send, b"y" * 512 * KIB)
             data = await b.receive()
         assert len(data) == 512 * KIB
-        assert trio.current_time() == pytest.approx(4.0, abs=0.2)  # 512 KiB at 128 KiB/s
+        # 512 KiB at 128 KiB/s, and the headers of the segments they came in
+        assert trio.current_time() == pytest.approx(4.0 * on_wire(MIB) / MIB, abs=0.2)
         assert bw.down.total >= 512 * KIB
 
     run(main)
@@ -236,7 +247,8 @@ def test_waiting_for_the_limit_does_not_count_against_a_call_timeout() -> None:
             async with trio.open_nursery() as calls:
                 for i in range(8):
                     calls.start_soon(one, i)
-            assert trio.current_time() == pytest.approx(16.0, abs=0.5)
+            # with the headers of the TCP segments they travel in (on_wire)
+            assert trio.current_time() == pytest.approx(16.0 * on_wire(MIB) / MIB, abs=0.5)
             nursery.cancel_scope.cancel()
         assert sorted(replies) == list(range(8))
 

@@ -79,6 +79,10 @@ function showStatus(s) {
   $("uploads").textContent =
     `${human(done)} sent, ${human(pending)} pending, ${human(rate)}/s, ETA ${eta}` +
     (s.unsealed_bytes ? `; ${human(s.unsealed_bytes)} not sealed yet` : "");
+  const limited = (rate, limit) => `${human(rate)}/s` + (limit ? ` of ${human(limit)}/s` : "");
+  $("network").textContent =
+    `network: sending ${limited(s.send_rate, s.limit_upload)}, ` +
+    `receiving ${limited(s.receive_rate, s.limit_download)}`;
   $("repair").textContent =
     `${s.repair_queue} blocks queued, ${human(s.repaired_bytes)} rebuilt, ` +
     `${human(s.repair_rate)}/s`;
