@@ -127,6 +127,7 @@ def page(site: Site, browser: WebDriver, tmp_path: Path) -> Iterator[WebDriver]:
     browser.execute_cdp_cmd("Browser.setDownloadBehavior",
                             {"behavior": "allow", "downloadPath": str(tmp_path)})
     browser.get(site.url)
+    wait(browser, "its first status", lambda d: by_id(d, "updated").text, timeout=30)
     try:
         yield browser
     finally:
