@@ -1,9 +1,10 @@
 """Whether the user said the keyfile is saved somewhere safe (the "never exported" warning).
 
 ``<state>/keyfile-saved`` (format version 1): one line, the UTC time in seconds at which
-the user confirmed it, written by the web page's "I have saved it" or by
-``fluidfs key export``. While it is missing, status warns that the keyfile was never
-exported: losing this machine would lose the backup with it.
+the user confirmed it, written by the web page's "I have saved it", by a download of the
+keyfile from the page, or by ``fluidfs key export`` (into the keyfile's own state
+directory only). While it is missing, status warns that the keyfile was never exported:
+losing this machine would lose the backup with it. Deleting it brings the warning back.
 """
 
 from __future__ import annotations

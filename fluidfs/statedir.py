@@ -138,6 +138,13 @@ class StateDir:
         self.path.mkdir(parents=True, exist_ok=True, mode=PRIVATE)
         self.publish("new-key", peer_id + "\n")
 
+    def identity(self) -> str | None:
+        """The peer id this state belongs to (recorded by its first lock), if any."""
+        try:
+            return (self.path / "identity").read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def made_for(self, peer_id: str) -> bool:
         """True if the keyfile of *peer_id* was created for this state directory."""
         try:

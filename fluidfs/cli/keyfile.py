@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterable
 
-from fluidfs import control
+from fluidfs import control, keysaved
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
 from fluidfs.peers.agreements import Ledger
@@ -61,11 +61,28 @@ def cmd_key(args: argparse.Namespace) -> None:
                 merged[entry.addr] = entry
         keyfile = keymod.with_peers(keyfile, list(merged.values())[:MAX_EXPORTED_PEERS])
     sys.stdout.write(keymod.dumps(keyfile))
+    sys.stdout.flush()  # only a keyfile that was handed out counts as exported
     print(
         f"fluidfs: keyfile with {len(keyfile.peers)} peer addresses; keep it somewhere safe, "
         "off this machine: it is all that is needed to get the backup back",
         file=sys.stderr,
     )
+    _record_export(state_dir(args), keymod.KeyRing(keyfile).peer_id)
+
+
+def _record_export(state: StateDir, peer_id: str) -> None:
+    """Silence the "keyfile never exported" warning of this keyfile's own state directory.
+
+    Only a state directory that belongs to the keyfile (its recorded identity, or the
+    ``new-key`` mark of ``fluidfs init``) is touched: exporting one key must not silence
+    the warning of another backup, and a state directory that does not exist is not made.
+    """
+    if not (state.identity() == peer_id or state.made_for(peer_id)):
+        return
+    try:
+        keysaved.mark_saved(state.path)
+    except OSError as exc:
+        print(f"fluidfs: could not record the export in {state.path}: {exc}", file=sys.stderr)
 
 
 def _current_peers(state: StateDir, self_key: bytes) -> list[keymod.BootstrapPeer]:

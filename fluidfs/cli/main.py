@@ -45,6 +45,8 @@ COMMANDS = [
             "snapshots"),
     Command("key", "keyfile tools (key export)", "keyfile"),
     Command("unmount", "flush and unmount", "mount"),
+    Command("service", "mount at login (service install writes a systemd user unit)",
+            "autostart"),
 ]
 
 

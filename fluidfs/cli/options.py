@@ -97,14 +97,17 @@ RETENTION_HELP = (
 # Table order is help order in every command (positionals first).
 OPTIONS: list[Option] = [
     # --- positionals --------------------------------------------------------------------
-    option("mountpoint", type=Path, commands=on("mount", "unmount"), example="/mnt/backup"),
     option(
         "action",
         commands=on(
             peers={"nargs": "?", "choices": ["list", "add"], "default": "list"},
             key={"choices": ["export"]},
+            service={"choices": ["install"]},
         ),
     ),
+    option("mountpoint", type=Path, example="/mnt/backup", commands=on(
+        "mount", "unmount",
+        service={"nargs": "?", "default": None, "help": "the folder (default ~/Backup)"})),
     option("addr", nargs="?", type=peer_target,
            help="[PEERID@]HOST:PORT, or a friend's invite code from `fluidfs invite` "
            "(with add; with a PEERID or a code, only that peer is met)",
@@ -114,7 +117,8 @@ OPTIONS: list[Option] = [
     # --- keyfile and state --------------------------------------------------------------
     option(
         "--keyfile", type=Path, default=None,
-        commands=on("mount", "serve", "id", "key", init={"help": "where to write it"}),
+        commands=on("mount", "serve", "id", "key", "service",
+                    init={"help": "where to write it"}),
         example="/tmp/other.key",
     ),
     option("--shards", type=shard_count, default=12, help="shards per block (N)",
@@ -125,7 +129,7 @@ OPTIONS: list[Option] = [
            help="rebuild and verify every block from its shards", commands=on("check")),
     option(
         "--state-dir", type=Path, default=None,
-        commands=on(*STATE, init={
+        commands=on(*STATE, "service", init={
             "help": "the state directory this keyfile's first mount will use: that mount "
             "starts a new backup without asking peers (default: the default one, for the "
             "default keyfile)"
@@ -254,6 +258,8 @@ OPTIONS: list[Option] = [
            commands=on("mount")),
     option("--web-refresh", type=seconds, default=5.0, help=HIDDEN, commands=on("mount"),
            example="0.5"),
+    option("--print", action="store_true", dest="print_unit",
+           help="print the unit instead of writing it", commands=on("service")),
     # --- output and waiting ---------------------------------------------------------------
     option(
         "--timeout", type=float,

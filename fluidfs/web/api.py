@@ -133,7 +133,11 @@ class WebApi:
         return JSON({"restored_to": "/" + "/".join(text(p) for p in live)})
 
     async def keyfile(self, _request: Request) -> Response:
-        return Response(self.keyfile_text(), media_type="text/plain",
+        """The keyfile as a download; handing it out counts as exporting it (keysaved.py).
+        The QR code does not: showing it is not keeping it, so that takes "I have saved it"."""
+        text = self.keyfile_text()
+        self.mark_saved()
+        return Response(text, media_type="text/plain",
                         headers={"content-disposition": _attachment("fluidfs.key")})
 
     async def keyfile_qr(self, _request: Request) -> Response:

@@ -287,3 +287,18 @@ async def test_keyfile_export_and_qr(tmp_path) -> None:
         qr = await s.get("/api/keyfile.svg")
         assert qr.status == 200 and qr.headers["content-type"].startswith("image/svg+xml")
         assert b"<svg" in qr.body
+
+
+async def test_downloading_the_keyfile_silences_the_never_exported_warning(tmp_path) -> None:
+    async with site(tmp_path) as s:
+        def kinds(reply) -> list[str]:
+            return [w["kind"] for w in reply.json()["overview"]["warnings"]]
+
+        await s.get("/api/keyfile.svg")  # looking at the code is not keeping a copy
+        assert "keyfile" in kinds(await s.get("/api/status"))
+        refused = await s.get("/api/keyfile", login=False)
+        assert refused.status == 401
+        assert "keyfile" in kinds(await s.get("/api/status"))
+        assert (await s.get("/api/keyfile")).status == 200
+        after = await s.get("/api/status")
+        assert after.json()["keyfile_saved"] and "keyfile" not in kinds(after)

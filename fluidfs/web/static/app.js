@@ -255,14 +255,15 @@ async function tick() {
 }
 
 async function start() {
-  const session = await api("/api/session");
-  state.csrf = session.csrf;
-  state.refresh = session.refresh;
+  // Tabs answer at once, even while the session is still being read.
   for (const b of document.querySelectorAll(".tab")) {
     b.addEventListener("click", () => show(b.dataset.tab));
   }
   setupKeyfile();
-  show(location.hash.slice(1) || "overview");
+  const session = await api("/api/session");
+  state.csrf = session.csrf;
+  state.refresh = session.refresh;
+  if (state.tab === "overview") show(location.hash.slice(1) || "overview");
   tick();
 }
 
