@@ -137,8 +137,10 @@ def page(site: Site, browser: WebDriver, tmp_path: Path) -> Iterator[WebDriver]:
 
 
 def wait(driver: WebDriver, what: str, predicate, timeout: float = 10.0):
-    """WebDriverWait with a message that says what did not happen."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+    """WebDriverWait with a message that says what did not happen. The page redraws its
+    lists on every poll, so an element read mid-redraw (stale) just means: look again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: predicate(d), message=f"page never showed {what}")
 
 
