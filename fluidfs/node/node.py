@@ -115,6 +115,7 @@ class Node:
             restorer=self.restorer,
             view=self.view,
             on_change=self.commits.note_change,
+            may_write=self.keeper.may_write,
         )
         self.session = FuseSession(self.ops, fsname_for(config.state.path), keyring.peer_id)
         self.upload_rate = UploadRate(self.blocks)
@@ -336,8 +337,10 @@ class Node:
             self.repairer.holder_gone(peer.index, encode_peer_id(key)[:12])
 
     def _lease_lost(self) -> None:
-        """Another mount writes now: this one turns read-only."""
+        """Another mount writes now (or asked to): this one turns read-only, and the commit
+        loop looks (a handover's last commit)."""
         self.ops.read_only = True
+        self.commits.lease_changed()
 
     def _adopt_block_size(self, block_size: int) -> None:
         """A restored backup's block size replaces the one this fresh state started with."""

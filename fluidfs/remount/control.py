@@ -176,11 +176,11 @@ class RemountRequests:
         """The ``commit`` figures of `fluidfs status`."""
         head = self.committer.heads.latest()
         last = self.committer.last
-        lost = self.keeper.lost_to
+        lost = self.keeper.lease.lost
         restored = self.restore.restored
         return {
             "writer": self.keeper.writer,
-            "lost_to": lost.where() if lost else None,
+            "lost_to": lost.where() if lost else (self.keeper.lost_reason or None),
             "head_seq": head.seq if head else 0,
             "head_time": head.time_ns / 1e9 if head else 0,
             "published": self.publisher.pending is None,

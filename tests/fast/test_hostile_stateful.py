@@ -126,7 +126,7 @@ def _record(key: nacl.signing.SigningKey, seq: int) -> bytes:
     owner = bytes(key.verify_key)
     header = cbor2.dumps([rootrecord.VERSION, "root", owner, seq])
     box = os.urandom(64)
-    sig = key.sign(rootrecord.SIG_CONTEXT + header + box).signature
+    sig = key.sign(rootrecord.SIG_CONTEXTS[1] + header + box).signature
     return cbor2.dumps({"v": rootrecord.VERSION, "kind": "root", "owner": owner, "seq": seq,
                         "box": box, "sig": sig})
 

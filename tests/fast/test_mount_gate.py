@@ -76,21 +76,39 @@ async def test_a_fresh_state_known_new_starts_empty_and_says_so(tmp_path) -> Non
         assert node.keeper.lease.published == 3, "the lease is on every host"
 
 
-async def test_a_mount_whose_lease_is_taken_over_stops_writing(tmp_path) -> None:
+async def test_a_mount_asked_to_hand_over_stops_writing_and_hands_over(tmp_path) -> None:
+    """--takeover elsewhere asks; this mount's next renewal sees the request, it stops
+    acknowledging writes, commits and releases, and the taker has the lease long before
+    the bound it would otherwise wait out."""
     ring = keys.KeyRing(keys.generate())
     async with node_and_hosts(tmp_path, ring, new=True) as (node, hosts):
         await node.gate.before_mount()
+        assert node.keeper.may_write()
         async with trio.open_nursery() as nursery:
             other, lease = await other_machine(tmp_path, ring, hosts, nursery)
-            await lease.acquire(takeover=True)  # fluidfs mount --takeover elsewhere
+            started = trio.current_time()
+            took = trio.Event()
+
+            async def take() -> None:
+                await lease.acquire(takeover=True)  # fluidfs mount --takeover elsewhere
+                took.set()
+
+            nursery.start_soon(take)
+            while await node.keeper.check():  # the holder's renewals
+                await trio.sleep(0.05)
+            assert node.ops.read_only and not node.keeper.may_write(), "writes stopped first"
+            assert not took.is_set(), "the taker waits for the handover"
+            await node.commits.hand_over()
+            await took.wait()
+            assert trio.current_time() - started < lease.bound / 2
+            assert lease.fence == node.keeper.lease.fence + 1
             nursery.cancel_scope.cancel()
         other.close()
         assert not await node.keeper.check()
-        assert node.ops.read_only, "the FUSE operations turned read-only"
         with pytest.raises(NotWriter):
             await node.commits.commit(user_changed=True)
         sync = node.control_handlers()["sync"]
-        with pytest.raises(control.ControlError, match="no longer writes: taken over by"):
+        with pytest.raises(control.ControlError, match="no longer writes: handed over to"):
             await sync({"wait": 5})
         status = node.remount_requests.status()
-        assert status["writer"] is False and "/mnt/b" in status["lost_to"]
+        assert status["writer"] is False and "handed over" in status["lost_to"]
