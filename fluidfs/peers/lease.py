@@ -385,21 +385,23 @@ class WriterLease:
         self.seq = seq
         stored = sum(1 for r in results.values() if r.stored)
         self.published = stored
-        for r in results.values():
-            if r.stored or r.held is None:
-                continue
-            if r.held.fence > self.fence:
-                self._taken(r.held)
-                return Renewal.TAKEN
-            if r.held.fence == self.fence and r.held.body.get("state") == "handover":
+        refused = [r.held for r in results.values() if not r.stored and r.held is not None]
+        later = [h for h in refused if h.fence > self.fence]
+        if later:
+            self._taken(max(later, key=lambda h: (h.fence, h.seq)))
+            return Renewal.TAKEN
+        if stored >= majority(len(self.holders)):
+            # A request on fewer holders than that did not reach its majority: the asker
+            # gave up or asks again on top of this renewal.
+            self.fresh_until = started + self.bound
+            return Renewal.RENEWED
+        for held in refused:
+            if held.fence == self.fence and held.body.get("state") == "handover":
                 try:
-                    self.asked_by = LeaseInfo.of(r.held.seq, r.held.body, r.held.fence)
+                    self.asked_by = LeaseInfo.of(held.seq, held.body, held.fence)
                 except SchemaError:
                     self.asked_by = None
                 return Renewal.HANDOVER
-        if stored >= majority(len(self.holders)):
-            self.fresh_until = started + self.bound
-            return Renewal.RENEWED
         log.warning("lease renewal reached %d of %d holders (%d needed)", stored,
                     len(self.holders), majority(len(self.holders)))
         return Renewal.NO_QUORUM

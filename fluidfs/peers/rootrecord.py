@@ -288,6 +288,9 @@ class RecordClient:
                 stored += 1
                 return
             held = await self._verified(key, kind)
+            if kind != "lease" and (held is None or held.seq < seq):
+                # Refused for its fence: the lease there shows the later writer's.
+                await self._verified(key, "lease")
             if held is None:
                 return
             if held.fence > fence:
