@@ -10,6 +10,7 @@ here are only the wiring, the order things start and stop in, and crash recovery
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -509,10 +510,10 @@ class Node:
                 nursery.start_soon(self.tree_restore.run)
             task_status.started()
 
-    async def _settle_before_mount(self) -> None:
+    async def _settle_before_mount(self, on_progress: Callable[[str], None]) -> None:
         """The lease gate (remount/gate.py); its refusal becomes a MountError."""
         try:
-            await self.gate.before_mount()
+            await self.gate.before_mount(on_progress=on_progress)
         except RemountError as exc:
             raise MountError(str(exc)) from None
 
@@ -535,8 +536,10 @@ class Node:
         *,
         allow_other: bool = False,
         on_ready: Callable[[], None] | None = None,
+        on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
-        """Mount at *mountpoint* and serve until unmounted or signalled (node/session.py)."""
+        """Mount at *mountpoint* and serve until unmounted or signalled (node/session.py);
+        *on_progress* is told what the mount waits for (the writer lease's countdown)."""
         await self.start()
         if self.data.dirty:
             self.commits.note_change()  # blocks recovered after a crash are changes to commit
@@ -544,7 +547,7 @@ class Node:
             mountpoint,
             allow_other=allow_other,
             services=self.run_services,
-            prepare=self._settle_before_mount,
+            prepare=functools.partial(self._settle_before_mount, on_progress),
             abandon=self.keeper.release,
             background=[self.data.run, self._run_remount],
             stop=self.stop,
