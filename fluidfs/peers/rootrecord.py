@@ -400,7 +400,8 @@ class RecordClient:
         return Held(env.seq, env.fence, body)
 
     async def newest(self, kind: str, *, follow_peers: bool = False) -> Found | None:
-        """The newest record of *kind* that verifies, from every peer we can reach.
+        """The newest record of *kind* that verifies, from every peer we can reach: the
+        highest fence, then the highest seq.
 
         With *follow_peers*, peers listed in the records found are learned and asked
         too (a fresh machine knows only the keyfile's few addresses).
@@ -439,7 +440,9 @@ class RecordClient:
                     nursery.start_soon(one, key)
             for held, raw in results:
                 copies[held.seq] = copies.get(held.seq, 0) + 1
-                if best is None or held.seq > best.seq:
+                # A later writer's record wins over any of an earlier one (its fence),
+                # whatever seq a replaced writer went on to publish where it could.
+                if best is None or (held.fence, held.seq) > (best.fence, best.seq):
                     best = Found(held.seq, held.body, raw, 0, 0, fence=held.fence)
                 if follow_peers:
                     self.learn(held.body.get("peers", []))

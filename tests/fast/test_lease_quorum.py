@@ -31,6 +31,7 @@ DEAD = "127.0.0.1:9"  # nothing listens there: connections are refused at once
 class Machine:
     node: PeerNode
     lease: WriterLease
+    nursery: trio.Nursery
 
 
 @asynccontextmanager
@@ -45,8 +46,8 @@ async def machines(
             for host in hosts:
                 node.use(host)
             client = RecordClient(ring, node.conns, node.peers)
-            made.append(Machine(node, WriterLease(client, name.encode() * 16, f"/mnt/{name}",
-                                                  renew=RENEW)))
+            lease = WriterLease(client, name.encode() * 16, f"/mnt/{name}", renew=RENEW)
+            made.append(Machine(node, lease, nursery))
         try:
             yield made[0], made[1], hosts
         finally:
@@ -201,3 +202,25 @@ async def test_an_unreachable_holder_is_waited_out_with_a_countdown(tmp_path: Pa
         assert len(shown) >= int(wait) - 1 and shown == sorted(shown, reverse=True)
         assert shown[0] <= wait and shown[-1] <= 1.0
         assert b.lease.fence == a.lease.fence + 1
+
+
+async def test_a_later_writers_root_wins_over_a_higher_seq_of_a_replaced_one(
+    tmp_path: Path,
+) -> None:
+    """A replaced writer, cut off with a peer that never saw the later fence, publishes a
+    root numbered far past the new writer's there. A fresh machine asking every peer must
+    still find the new writer's root: fence first, then seq. Before, the highest seq won."""
+    async with machines(tmp_path, peers=4) as (a, b, hosts):
+        nursery = a.nursery
+        partition(hosts[3:], b)
+        assert await b.lease.client.publish("root", 10, {"time": 1}, fence=2) == 3
+        partition(hosts[:3], a)
+        assert await a.lease.client.publish("root", 99, {"time": 2}, fence=1) == 1
+        fresh = await PeerNode(tmp_path / "c", a.node.keyring).start(nursery, listen=False)
+        try:
+            for host in hosts:
+                fresh.peers.add(host.key, host.addr)
+            found = await RecordClient(a.node.keyring, fresh.conns, fresh.peers).newest("root")
+        finally:
+            fresh.close()
+        assert (found.answered, found.seq, found.fence) == (4, 10, 2)
