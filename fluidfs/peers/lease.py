@@ -202,6 +202,7 @@ class WriterLease:
         self.lost: LeaseInfo | None = None  # who took it over (None if unreadable)
         self.asked_by: LeaseInfo | None = None  # the handover request seen
         self.published = 0  # holders that stored our latest lease
+        self.stored: list[bytes] = []  # which of them stored the lease when we took it
 
     def _body(self, state: str, **extra: Any) -> dict:
         return {
@@ -277,7 +278,7 @@ class WriterLease:
             if not answered:
                 raise LeaseHeld("no peer answered: the writer lease cannot be taken")
             self.holders = tuple(answered[:MAX_HOLDERS])
-            return await self._take(seen, None, 0)
+            return await self._take_first(seen)
         if held is not None:
             self.holders = held.holders
         else:  # unreadable: keep to the peers that hold it
@@ -304,7 +305,7 @@ class WriterLease:
             bound = self.bound  # nothing readable says otherwise: wait our own
         for _ in range(REQUEST_TRIES):
             started = trio.current_time()
-            stored = await self._put(seen, body, seen.newest.seq + 1, fence)
+            stored = len(await self._put(seen, body, seen.newest.seq + 1, fence))
             if stored >= majority(len(self.holders)):
                 break
             # The holder renewed between our look and our request (or holders are away):
@@ -334,19 +335,37 @@ class WriterLease:
             on_wait(left, held)
             await trio.sleep(min(POLL, left))
 
-    async def _put(self, seen: Look, body: dict, seq: int, fence: int) -> int:
+    async def _put(self, seen: Look, body: dict, seq: int, fence: int) -> list[bytes]:
+        """Compare-and-swap on the holders; those that stored it."""
         raw = seal(self.client.keyring, "lease", seq, body, fence)
         results = await self.client.put_each(
             "lease", raw, list(self.holders), seen.expect(), timeout=self.call_timeout
         )
-        return sum(1 for r in results.values() if r.stored)
+        return sorted(k for k, r in results.items() if r.stored)
+
+    async def _take_first(self, seen: Look) -> None:
+        """The keyfile's first lease. Peers that answered but keep no records for us (no
+        agreement yet) are no holders: the set shrinks to those that stored it, and a
+        renewal writes that set into the lease."""
+        try:
+            await self._take(seen, None, 0)
+            return
+        except LeaseHeld:
+            others = [h for h in (await self.look()).each.values()
+                      if h is not None and h.body.get("machine") != self.machine]
+            if not self.stored or others:  # another first mount raced us: it won
+                raise
+        self.holders = tuple(self.stored)
+        if await self.renew_now() is not Renewal.RENEWED:
+            raise LeaseHeld(self._no_majority("take the writer lease", self.published))
 
     async def _take(self, seen: Look, held: LeaseInfo | None, fence: int) -> LeaseInfo | None:
         started = trio.current_time()
         newest = seen.newest.seq if seen.newest is not None else 0
         self.fence = fence + 1
         self.seq = newest + 1
-        self.published = await self._put(seen, self._body("held"), self.seq, self.fence)
+        self.stored = await self._put(seen, self._body("held"), self.seq, self.fence)
+        self.published = len(self.stored)
         if self.published < majority(len(self.holders)):
             raise LeaseHeld(self._no_majority("take the writer lease", self.published))
         self.fresh_until = started + self.bound
@@ -448,6 +467,6 @@ class WriterLease:
         mine = {k: h for k, h in seen.each.items() if h is not None and h.fence == self.fence}
         seen = Look(mine, seen.newest, seen.info)
         self.seq = seen.newest.seq + 1
-        stored = await self._put(seen, self._body("released"), self.seq, self.fence)
+        stored = len(await self._put(seen, self._body("released"), self.seq, self.fence))
         self.fresh_until = -math.inf
         return stored

@@ -224,3 +224,27 @@ async def test_a_later_writers_root_wins_over_a_higher_seq_of_a_replaced_one(
         finally:
             fresh.close()
         assert (found.answered, found.seq, found.fence) == (4, 10, 2)
+
+
+async def test_the_first_lease_is_kept_by_the_peers_that_keep_records_for_us(
+    tmp_path: Path,
+) -> None:
+    """Three peers answer, but two have no agreement with us yet and keep no records: the
+    first lease names the one that stored it as its holder set, instead of failing for
+    want of a majority of three."""
+    ring = keys.KeyRing(keys.generate())
+    async with peer_nodes(tmp_path, 3) as (nursery, hosts):
+        node = await PeerNode(tmp_path / "a", ring).start(nursery, listen=False)
+        try:
+            node.use(hosts[0])
+            for host in hosts[1:]:
+                node.peers.add(host.key, host.addr)
+            lease = WriterLease(RecordClient(ring, node.conns, node.peers), b"a" * 16, "/mnt/a",
+                                renew=RENEW)
+            await lease.acquire(takeover=False)
+            assert lease.holders == (hosts[0].key,) and lease.fresh()
+            held = await lease.current()
+            assert held.holders == (hosts[0].key,) and held.machine == b"a" * 16
+        finally:
+            nursery.cancel_scope.cancel()
+            node.close()
