@@ -64,6 +64,7 @@ class Commits:
         self.tree_reads = 0  # commits that read and serialised the whole tree
         self.last_error = ""
         self._wakeup = trio.Event()
+        self._told_unpublished = False
 
     # --- events ------------------------------------------------------------------------
 
@@ -102,7 +103,8 @@ class Commits:
                 self.schedule.holders_changed(self.blocks.holders_version)
                 if self.keeper.stepping_down:
                     await self.hand_over()
-                if not self.keeper.writer:
+                if not self.keeper.writer and not self.keeper.stepping_down:
+                    self._note_unpublished()
                     self.schedule.lease_lost()
                 now = trio.current_time()
                 due = self.schedule.next(now)
@@ -204,6 +206,15 @@ class Commits:
         else:
             self.schedule.lease_lost()
         self._wakeup.set()
+
+    def _note_unpublished(self) -> None:
+        """Say once, in the log, that acknowledged writes can no longer be published."""
+        if self._told_unpublished:
+            return
+        if self.schedule.changes_pending or self.publisher.pending is not None:
+            self._told_unpublished = True
+            log.error("the writer lease was lost with writes acknowledged here and never "
+                      "published: they stay readable in this mount and its state directory")
 
     def lease_changed(self) -> None:
         """The lease was lost or is being handed over: the loop looks at once."""

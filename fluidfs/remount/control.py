@@ -202,6 +202,14 @@ class RemountRequests:
                 "seconds": last.stats.seconds,
             },
             "last_error": self.keeper.lost_reason or self.commits.last_error,
+            # Writes acknowledged here that no published commit holds, with no lease left
+            # to publish them under: kept in this state directory and readable here.
+            "unpublished": not self.keeper.may_commit
+            and (
+                self.commits.changes_pending
+                or self.publisher.pending is not None
+                or (head is not None and not head.published)
+            ),
         }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from inproc import PeerNode, peer_nodes
 
 from fluidfs import control, keys
@@ -112,3 +113,28 @@ async def test_a_mount_asked_to_hand_over_stops_writing_and_hands_over(tmp_path)
             await sync({"wait": 5})
         status = node.remount_requests.status()
         assert status["writer"] is False and "handed over" in status["lost_to"]
+
+
+async def test_a_mount_replaced_with_unpublished_writes_says_so(tmp_path, caplog) -> None:
+    """Cut off, this mount was replaced (a later fence on the holders) while it held
+    acknowledged changes no commit had published: status warns, the log says it once."""
+    ring = keys.KeyRing(keys.generate())
+    async with node_and_hosts(tmp_path, ring, new=True) as (node, hosts):
+        await node.gate.before_mount()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.commits.run)
+            node.commits.note_change()  # a write acknowledged, not yet committed
+            assert node.remount_requests.status()["unpublished"] is False
+            other, lease = await other_machine(tmp_path, ring, hosts, nursery)
+            seen = await lease.look()
+            lease.holders = seen.info.holders
+            lease.fence, lease.seq = seen.newest.fence, seen.newest.seq
+            await lease._take(seen, seen.info, lease.fence)  # as after waiting it out
+            assert not await node.keeper.check()
+            await trio.testing.wait_all_tasks_blocked()
+            status = node.remount_requests.status()
+            assert status["writer"] is False and status["unpublished"] is True
+            assert "taken over by host" in status["last_error"]
+            nursery.cancel_scope.cancel()
+        other.close()
+        assert caplog.text.count("never published") == 1
