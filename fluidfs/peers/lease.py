@@ -192,7 +192,6 @@ class WriterLease:
         self.bound = renew * FRESH_FACTOR
         # A renewal must end well within the bound, so a silent peer costs it this much.
         self.call_timeout = min(CALL_TIMEOUT, max(renew, 1.0))
-        self.ttl = self.bound
         self.addr_of = addr_of
         self.seq = 0
         self.fence = 0
