@@ -150,10 +150,10 @@ def _keyring(signing: nacl.signing.SigningKey) -> keys.KeyRing:
 
 def _raw_seq(ring: keys.KeyRing, seq: int = 2**63) -> bytes:
     """A well-signed record whose seq no honest owner reaches (seal() would refuse it)."""
-    header = cbor2.dumps([rootrecord.VERSION, "root", ring.public_key, seq])
+    header = cbor2.dumps([1, "root", ring.public_key, seq])  # version 1: no fence
     box = os.urandom(rootrecord.NONCE_SIZE + 32)
-    sig = ring.signing_key.sign(rootrecord.SIG_CONTEXT + header + box).signature
-    return cbor2.dumps({"v": rootrecord.VERSION, "kind": "root", "owner": ring.public_key,
+    sig = ring.signing_key.sign(rootrecord.SIG_CONTEXTS[1] + header + box).signature
+    return cbor2.dumps({"v": 1, "kind": "root", "owner": ring.public_key,
                         "seq": seq, "box": box, "sig": sig})
 
 

@@ -203,5 +203,9 @@ def print_commit_status(commit: dict) -> None:
     print(f"committed:   {line}; {counted(commit['snapshots'], 'snapshot')}")
     if not commit["writer"]:
         print(f"writer:      no, this mount is read-only: {commit['last_error']}")
+    if commit.get("unpublished"):
+        print("warning:     writes acknowledged by this mount were never published before it "
+              "lost the writer lease; they are readable here only: copy what you need out "
+              "of this mount before unmounting")
     if commit["lazy_dirs"] or not commit["index_complete"]:
         print(f"restoring:   {commit['lazy_dirs']} directories not fetched yet")

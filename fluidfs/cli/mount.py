@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -94,10 +95,22 @@ def run_foreground(
         report(f"error: {exc}")
         fail(str(exc))
     add_pinned(node, config.remount.pinned)
+    def progress(line: str) -> None:
+        """A line for the person mounting: on the parent's stderr through the ready pipe,
+        or on ours in the foreground."""
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"wait: {line}\n".encode())
+        else:
+            print(f"fluidfs: {line}", file=sys.stderr, flush=True)
+
     try:
         trio.run(
             lambda: node.mount(
-                mountpoint, allow_other=args.allow_other, on_ready=lambda: report("ok")
+                mountpoint,
+                allow_other=args.allow_other,
+                on_ready=lambda: report("ok"),
+                on_progress=progress,
             )
         )
     except MountError as exc:
@@ -149,6 +162,9 @@ def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) 
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode().strip()
+        while answer.startswith("wait: "):  # the lease countdown, a line a second
+            print(f"fluidfs: {answer[len('wait: '):]}", file=sys.stderr, flush=True)
+            answer = pipe.readline().decode().strip()
     if answer == "ok":
         print(f"fluidfs: mounted {mountpoint} (pid {child.pid}, log {state.log})")
         url = None if args.no_web else read_url(state.path)

@@ -135,8 +135,16 @@ class FluidOperations(pyfuse3.Operations):
 
     enable_writeback_cache = True
 
-    def __init__(self, tree: Tree, data: FileData, statfs_path: str) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        data: FileData,
+        statfs_path: str,
+        *,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
         super().__init__()
+        self.may_write = may_write  # the writer lease is fresh (remount/leasekeeper.py)
         self.tree = tree
         self.data = data
         self.statfs_path = statfs_path
@@ -207,7 +215,7 @@ class FluidOperations(pyfuse3.Operations):
         return entry
 
     def _writable(self) -> None:
-        if self.read_only:
+        if self.read_only or not self.may_write():
             raise FUSEError(errno.EROFS)
 
     def _new_inode(

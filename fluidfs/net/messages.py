@@ -118,11 +118,13 @@ OPS: dict[str, OpSpec] = {
         Map({"time": U64}, optional={"seen": Str(MAX_ADDR)}),
     ),
     # Small signed per-owner records (root pointer, writer lease; see peers/rootrecord.py).
-    # PutRecord: the peer keeps the record if it verifies as the caller's own and its seq
-    # is higher than the one held (stored=false and the held seq otherwise).
+    # PutRecord: the peer keeps the record if it verifies as the caller's own, its fence
+    # is not below the highest the peer holds for the caller, and its seq is higher than
+    # the one held - or, with expect, the held seq is exactly expect (0: none held);
+    # stored=false and the held seq otherwise.
     # GetRecord: the caller's own record of that kind (not_found if none).
     "PutRecord": OpSpec(
-        Map({"record": Bytes(min=1, max=MAX_RECORD)}),
+        Map({"record": Bytes(min=1, max=MAX_RECORD)}, optional={"expect": U64}),
         Map({"stored": Bool(), "seq": U64}),
     ),
     "GetRecord": OpSpec(

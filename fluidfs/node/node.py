@@ -10,6 +10,7 @@ here are only the wiring, the order things start and stop in, and crash recovery
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -118,6 +119,7 @@ class Node:
             restorer=self.restorer,
             view=self.view,
             on_change=self.commits.note_change,
+            may_write=self.keeper.may_write,
         )
         self.session = FuseSession(self.ops, fsname_for(config.state.path), keyring.peer_id)
         self.upload_rate = UploadRate(self.blocks)
@@ -342,8 +344,10 @@ class Node:
             self.repairer.holder_gone(peer.index, encode_peer_id(key)[:12])
 
     def _lease_lost(self) -> None:
-        """Another mount writes now: this one turns read-only."""
+        """Another mount writes now (or asked to): this one turns read-only, and the commit
+        loop looks (a handover's last commit)."""
         self.ops.read_only = True
+        self.commits.lease_changed()
 
     def _adopt_block_size(self, block_size: int) -> None:
         """A restored backup's block size replaces the one this fresh state started with."""
@@ -517,10 +521,10 @@ class Node:
                 nursery.start_soon(self.tree_restore.run)
             task_status.started()
 
-    async def _settle_before_mount(self) -> None:
+    async def _settle_before_mount(self, on_progress: Callable[[str], None]) -> None:
         """The lease gate (remount/gate.py); its refusal becomes a MountError."""
         try:
-            await self.gate.before_mount()
+            await self.gate.before_mount(on_progress=on_progress)
         except RemountError as exc:
             raise MountError(str(exc)) from None
 
@@ -543,8 +547,10 @@ class Node:
         *,
         allow_other: bool = False,
         on_ready: Callable[[], None] | None = None,
+        on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
-        """Mount at *mountpoint* and serve until unmounted or signalled (node/session.py)."""
+        """Mount at *mountpoint* and serve until unmounted or signalled (node/session.py);
+        *on_progress* is told what the mount waits for (the writer lease's countdown)."""
         await self.start()
         if self.data.dirty:
             self.commits.note_change()  # blocks recovered after a crash are changes to commit
@@ -552,7 +558,7 @@ class Node:
             mountpoint,
             allow_other=allow_other,
             services=self.run_services,
-            prepare=self._settle_before_mount,
+            prepare=functools.partial(self._settle_before_mount, on_progress),
             abandon=self.keeper.release,
             background=[self.data.run, self._run_remount],
             stop=self.stop,

@@ -1,32 +1,45 @@
-"""The writer lease: one mount per keyfile at a time.
+"""The writer lease: one mount per keyfile writes at a time, by a quorum and a fence.
 
-The mount that writes the tree holds a *lease*: a ``lease`` record (see
-rootrecord.py) naming its machine (a random id per state directory), host, mount
-point and pid, renewed every ``renew`` seconds with a higher sequence number and
-valid for ``ttl`` seconds after its last renewal. A clean unmount publishes it as
-released.
+The mount that writes the tree holds a *lease*: a ``lease`` record (see rootrecord.py)
+naming its machine (a random id per state directory), host, mount point and pid, kept
+on a fixed set of peers, its *holders* (listed in the record; chosen by the first mount
+of the keyfile among the peers that answered it, at most ``MAX_HOLDERS``). Every change
+of the lease is a compare-and-swap (``PutRecord`` with ``expect``, the seq each holder
+had when we looked) that counts only when a *majority* of the holders stored it: of two
+mounts changing it at once at most one gets a majority, and two groups of peers that
+cannot reach each other cannot both hold one.
 
-- A mount finds the newest lease on the peers it can reach. If another machine
-  holds it and it has not expired, the mount is refused with a message saying where
-  the tree is mounted — unless ``--takeover`` was given, in which case the new mount
-  publishes its own lease with a higher sequence number.
-- At every renewal the holder looks first: a newer lease of another machine means
-  it was taken over, and the old mount stops writing (it turns read-only and makes
-  no more commits). It also looks before publishing each root record.
+- **Fence.** The record's envelope carries a fencing number, one more at each change of
+  writer; renewals keep it. Every root record is written under the writer's fence, and
+  peers refuse any record whose fence is below the highest they hold for the keyfile: a
+  replaced writer can change nothing any more, whatever it believes.
+- **Freshness.** The holder renews every ``renew`` seconds. It may acknowledge writes
+  only until ``bound`` (``FRESH_FACTOR`` x ``renew``) after the start of its last renewal
+  that reached a majority (its monotonic clock). Another machine takes a lease held by
+  someone else only after its own request reached a majority and ``bound`` +
+  ``margin(bound)`` more seconds passed on its own clock - or earlier, when the holder
+  hands over. By then the old holder has stopped acknowledging writes: its renewals
+  cannot reach a majority past the request.
+- **Handover.** To take the lease a mount first writes a ``handover`` request (state
+  ``"handover"``, same fence, naming who asks). The holder sees it at its next renewal,
+  stops acknowledging writes, commits what it acknowledged, and writes the lease
+  ``"released"``; the asker then takes it with the next fence at once. A ``released``
+  lease, or one of this very machine (a crashed earlier mount of this state
+  directory), is taken at once.
+- Without ``--takeover``, a lease that another machine renewed within its bound (by
+  its wall clock) refuses the mount with a message saying where the tree is mounted.
 
-This is a lease, not consensus: two machines that cannot reach the same peers can
-both believe they hold it. Times are the writers' clocks.
-
-A lease is read strictly (``LEASE_BODY``): a missing or mistyped field makes it
-unreadable, never a default — a default once made an unreadable lease look released.
-An unreadable newest lease refuses the mount unless ``--takeover`` is given, and stops
-a holder that finds it newer than its own. Unknown keys are ignored, so that a later
-version may add some.
+A lease is read strictly (``LEASE_BODY``, body version 2): a missing or mistyped field
+makes it unreadable, never a default. An unreadable newest lease refuses the mount
+unless ``--takeover`` is given (then it is waited out like a silent holder). Unknown
+keys are ignored, so that a later version may add some.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 import os
 import socket
 import time
@@ -34,13 +47,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fluidfs.peers.rootrecord import RecordClient
-from fluidfs.wire import IGNORE, Bytes, Int, Map, OneOf, SchemaError, Str, validate
+import trio
+
+from fluidfs.peers.rootrecord import CALL_TIMEOUT, Held, RecordClient, seal
+from fluidfs.wire import IGNORE, Bytes, Int, List, Map, OneOf, SchemaError, Str, validate
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RENEW = 15.0
-TTL_FACTOR = 4  # a lease lives for this many renewal intervals
+DEFAULT_RENEW = 5.0
+FRESH_FACTOR = 3  # the holder acknowledges writes this many renewal intervals on
+MAX_HOLDERS = 64
+POLL = 1.0  # seconds between looks while waiting for a handover (at most)
+REQUEST_TRIES = 5  # asks for a handover that lost a race with a renewal, at most
+REQUEST_PAUSE = 0.2
+
+
+def margin(bound: float) -> float:
+    """What a taker waits past the holder's *bound*: clock rate drift between two
+    machines and scheduling delays, never less than 2 s."""
+    return max(2.0, bound / 5)
 
 
 class LeaseHeld(Exception):
@@ -55,7 +80,17 @@ class LeaseUnreadable(Exception):
         self.seq = seq
 
 
+class Renewal(enum.Enum):
+    """What a renewal found."""
+
+    RENEWED = "renewed"  # a majority of the holders stored it
+    NO_QUORUM = "no quorum"  # too few holders answered or agreed: not fresher
+    HANDOVER = "handover"  # another mount asks us to hand over
+    TAKEN = "taken"  # another mount holds it now
+
+
 U64 = Int(0, 2**64 - 1)
+BODY_VERSION = 2
 
 #: The decrypted body of a ``lease`` record (``kind`` and ``seq`` are checked against
 #: the record's header by rootrecord.open_record).
@@ -63,15 +98,19 @@ LEASE_BODY = Map(
     {
         "kind": OneOf("lease"),
         "seq": U64,
+        "v": OneOf(BODY_VERSION),
         "time": U64,  # ns
         "machine": Bytes(1, 64),
         "host": Str(1024),
         "mount": Str(4096),
         "pid": U64,
         "addr": Str(300),
-        "ttl": U64,  # seconds
-        "state": OneOf("held", "released"),
+        "ttl": U64,  # seconds: the bound, rounded up (for messages)
+        "bound_ms": U64,  # the holder's freshness bound
+        "holders": List(Bytes(32, 32), max_len=MAX_HOLDERS, min_len=1),
+        "state": OneOf("held", "released", "handover"),
     },
+    optional={"by_machine": Bytes(1, 64), "by_host": Str(1024)},  # who asks a handover
     extra=IGNORE,
 )
 
@@ -88,25 +127,50 @@ class LeaseInfo:
     time: float
     ttl: float
     state: str
+    fence: int = 0
+    bound: float = 0.0
+    holders: tuple[bytes, ...] = ()
+    by_machine: bytes = b""
+    by_host: str = ""
 
     @classmethod
-    def of(cls, seq: int, body: dict[str, Any]) -> LeaseInfo:
+    def of(cls, seq: int, body: dict[str, Any], fence: int = 0) -> LeaseInfo:
         """The lease in a record's decrypted *body*; ``SchemaError`` unless every field
         is there with its type."""
         b = validate(LEASE_BODY, body, "lease")
         return cls(
             seq, b["machine"], b["host"], b["mount"], b["pid"], b["time"] / 1e9,
-            float(b["ttl"]), b["state"],
+            float(b["ttl"]), b["state"], fence, b["bound_ms"] / 1000,
+            tuple(dict.fromkeys(b["holders"])), b.get("by_machine", b""), b.get("by_host", ""),
         )
 
     def live(self, now: float | None = None) -> bool:
-        """Held and not expired."""
+        """Held (or asked to hand over) and renewed within its bound, by its wall clock."""
         now = time.time() if now is None else now
-        return self.state == "held" and now < self.time + self.ttl
+        return self.state != "released" and now < self.time + self.ttl
 
     def where(self) -> str:
         """Where the lease holder is mounted, for messages."""
         return f"host {self.host} at {self.mount} (pid {self.pid})"
+
+
+@dataclass
+class Look:
+    """The lease records the holders (and other reachable peers) hold."""
+
+    each: dict[bytes, Held | None]  # peer -> its verified record (None: none)
+    newest: Held | None
+    info: LeaseInfo | None  # the newest, read (None if none, or unreadable)
+    unreadable: str = ""
+
+    def expect(self) -> dict[bytes, int]:
+        """The compare-and-swap condition for each peer: the seq it holds (0: none)."""
+        return {k: (h.seq if h is not None else 0) for k, h in self.each.items()}
+
+
+def majority(holders: int) -> int:
+    """How many of *holders* make a majority."""
+    return holders // 2 + 1
 
 
 class WriterLease:
@@ -125,47 +189,82 @@ class WriterLease:
         self.machine = machine
         self.mount = mount
         self.renew = renew
-        self.ttl = renew * TTL_FACTOR
+        self.bound = renew * FRESH_FACTOR
+        # A renewal must end well within the bound, so a silent peer costs it this much.
+        self.call_timeout = min(CALL_TIMEOUT, max(renew, 1.0))
         self.addr_of = addr_of
         self.seq = 0
+        self.fence = 0
+        self.holders: tuple[bytes, ...] = ()
+        self.fresh_until = -math.inf  # trio clock: acknowledge writes until then
         self.taken = False  # another mount took the lease over: we stopped writing
         self.lost: LeaseInfo | None = None  # who took it over (None if unreadable)
-        self.published = 0  # peers that stored our latest lease
+        self.asked_by: LeaseInfo | None = None  # the handover request seen
+        self.published = 0  # holders that stored our latest lease
+        self.stored: list[bytes] = []  # which of them stored the lease when we took it
 
-    def _body(self, state: str) -> dict:
+    def _body(self, state: str, **extra: Any) -> dict:
         return {
+            "v": BODY_VERSION,
             "time": time.time_ns(),
             "machine": self.machine,
             "host": socket.gethostname(),
             "mount": self.mount,
             "pid": os.getpid(),
             "addr": self.addr_of(),
-            "ttl": int(self.ttl),
+            "ttl": math.ceil(self.bound),
+            "bound_ms": int(self.bound * 1000),
+            "holders": list(self.holders),
             "state": state,
+            **extra,
         }
+
+    def fresh(self) -> bool:
+        """True while this mount may acknowledge writes (see the module docstring)."""
+        return not self.taken and trio.current_time() < self.fresh_until
+
+    async def look(self, holders: tuple[bytes, ...] = ()) -> Look:
+        """Read the lease from *holders* and every peer we would ask."""
+        keys = sorted(set(holders) | set(self.client.targets()))
+        each = await self.client.read_each("lease", keys, timeout=self.call_timeout)
+        found = [h for h in each.values() if h is not None]
+        newest = max(found, key=lambda h: (h.fence, h.seq), default=None)
+        if newest is None:
+            return Look(each, None, None)
+        try:
+            return Look(each, newest, LeaseInfo.of(newest.seq, newest.body, newest.fence))
+        except SchemaError as exc:
+            return Look(each, newest, None, str(exc))
 
     async def current(self) -> LeaseInfo | None:
         """The newest lease on the reachable peers (None if none answered or none exists);
         ``LeaseUnreadable`` if it does not fit the lease schema."""
-        found = await self.client.newest("lease")
-        if found is None or not found.exists:
-            return None
-        try:
-            return LeaseInfo.of(found.seq, found.body)
-        except SchemaError as exc:
-            raise LeaseUnreadable(found.seq, str(exc)) from None
+        seen = await self.look(self.holders)
+        if seen.unreadable:
+            assert seen.newest is not None
+            raise LeaseUnreadable(seen.newest.seq, seen.unreadable)
+        return seen.info
 
-    async def acquire(self, *, takeover: bool) -> LeaseInfo | None:
-        """Take the lease (refusing if another live mount holds it); return the one replaced."""
-        try:
-            held = await self.current()
-        except LeaseUnreadable as exc:
+    async def acquire(
+        self,
+        *,
+        takeover: bool,
+        on_wait: Callable[[float, LeaseInfo | None], None] = lambda left, holder: None,
+    ) -> LeaseInfo | None:
+        """Take the lease; return the one replaced. Raises ``LeaseHeld`` when another live
+        mount holds it (without *takeover*) or when no majority of its holders agrees.
+
+        A lease another machine holds is asked to hand over, then waited for (its bound
+        plus the margin) with ``on_wait(seconds left, holder)`` called about every second.
+        """
+        seen = await self.look()
+        held = seen.info
+        if seen.unreadable:
+            assert seen.newest is not None
             if not takeover:
-                raise LeaseHeld(f"{exc}; mount with --takeover to replace it") from None
-            log.warning("replacing an unreadable writer lease: %s", exc)
-            self.seq = exc.seq + 1
-            self.published = await self.client.publish("lease", self.seq, self._body("held"))
-            return None
+                raise LeaseHeld(f"{LeaseUnreadable(seen.newest.seq, seen.unreadable)}; "
+                                "mount with --takeover to replace it")
+            log.warning("replacing an unreadable writer lease: %s", seen.unreadable)
         if held is not None and held.machine != self.machine and held.live() and not takeover:
             ago = max(0, int(time.time() - held.time))
             raise LeaseHeld(
@@ -173,37 +272,200 @@ class WriterLease:
                 "unmount it there, wait for its lease to expire "
                 f"({int(held.ttl)} s after its last renewal), or mount with --takeover"
             )
-        self.seq = (held.seq if held is not None else 0) + 1
-        self.published = await self.client.publish("lease", self.seq, self._body("held"))
-        if held is not None and held.machine != self.machine and held.live():
-            log.warning("took over the writer lease from %s", held.where())
+        if seen.newest is None:
+            answered = sorted(seen.each)
+            if not answered:
+                raise LeaseHeld("no peer answered: the writer lease cannot be taken")
+            self.holders = tuple(answered[:MAX_HOLDERS])
+            return await self._take_first(seen)
+        if held is not None:
+            self.holders = held.holders
+        else:  # unreadable: keep to the peers that hold it
+            self.holders = tuple(sorted(k for k, h in seen.each.items() if h is not None))
+        if held is not None and (held.state == "released" or held.machine == self.machine):
+            return await self._take(seen, held, seen.newest.fence)
+        seen = await self._ask_handover(seen, held, on_wait)
+        return await self._take(seen, held, seen.newest.fence if seen.newest else 0)
+
+    async def _ask_handover(
+        self, seen: Look, held: LeaseInfo | None, on_wait: Callable[[float, LeaseInfo | None], None]
+    ) -> Look:
+        """Write the handover request, then wait for the release or the bound; the look
+        to take the lease over from."""
+        assert seen.newest is not None
+        fence = seen.newest.fence
+        if held is not None:
+            body = {k: v for k, v in seen.newest.body.items() if k not in ("kind", "seq")}
+            body |= {"state": "handover", "by_machine": self.machine,
+                     "by_host": socket.gethostname()}
+            bound = held.bound
+        else:
+            body = self._body("handover", by_machine=self.machine, by_host=socket.gethostname())
+            bound = self.bound  # nothing readable says otherwise: wait our own
+        for _ in range(REQUEST_TRIES):
+            started = trio.current_time()
+            stored = len(await self._put(seen, body, seen.newest.seq + 1, fence))
+            if stored >= majority(len(self.holders)):
+                break
+            # The holder renewed between our look and our request (or holders are away):
+            # look again and ask on top of what is there now.
+            await trio.sleep(REQUEST_PAUSE)
+            seen = await self.look(self.holders)
+            if seen.newest is None or seen.newest.fence != fence:
+                raise LeaseHeld("the writer lease changed hands while we asked for it")
+        else:
+            raise LeaseHeld(self._no_majority("ask the writer to hand over", stored))
+        if held is not None:
+            log.warning("asked %s to hand over the writer lease", held.where())
+        deadline = started + bound + margin(bound)
+        while True:
+            seen = await self.look(self.holders)
+            now = seen.info
+            if now is not None and seen.newest is not None and seen.newest.fence > fence:
+                raise LeaseHeld(f"the writer lease was taken meanwhile by {now.where()}")
+            if now is not None and now.state == "released":
+                log.info("the writer on %s handed over", now.host)
+                return seen
+            left = deadline - trio.current_time()
+            if left <= 0:
+                log.warning("the writer did not hand over within %.0f s: taking the lease",
+                            bound + margin(bound))
+                return seen
+            on_wait(left, held)
+            await trio.sleep(min(POLL, left))
+
+    async def _put(self, seen: Look, body: dict, seq: int, fence: int) -> list[bytes]:
+        """Compare-and-swap on the holders; those that stored it."""
+        raw = seal(self.client.keyring, "lease", seq, body, fence)
+        results = await self.client.put_each(
+            "lease", raw, list(self.holders), seen.expect(), timeout=self.call_timeout
+        )
+        return sorted(k for k, r in results.items() if r.stored)
+
+    async def _take_first(self, seen: Look) -> None:
+        """The keyfile's first lease. Peers that answered but keep no records for us (no
+        agreement yet) are no holders: the set shrinks to those that stored it, and a
+        renewal writes that set into the lease."""
+        try:
+            await self._take(seen, None, 0)
+            return
+        except LeaseHeld:
+            others = [h for h in (await self.look()).each.values()
+                      if h is not None and h.body.get("machine") != self.machine]
+            if not self.stored or others:  # another first mount raced us: it won
+                raise
+        self.holders = tuple(self.stored)
+        if await self.renew_now() is not Renewal.RENEWED:
+            raise LeaseHeld(self._no_majority("take the writer lease", self.published))
+
+    async def _take(self, seen: Look, held: LeaseInfo | None, fence: int) -> LeaseInfo | None:
+        started = trio.current_time()
+        newest = seen.newest.seq if seen.newest is not None else 0
+        self.fence = fence + 1
+        self.seq = newest + 1
+        self.stored = await self._put(seen, self._body("held"), self.seq, self.fence)
+        self.published = len(self.stored)
+        if self.published < majority(len(self.holders)):
+            raise LeaseHeld(self._no_majority("take the writer lease", self.published))
+        self.fresh_until = started + self.bound
+        self.taken, self.lost, self.asked_by = False, None, None
+        if held is not None and held.machine != self.machine and held.state != "released":
+            log.warning("took over the writer lease from %s (fence %d)", held.where(),
+                        self.fence)
         return held
 
-    async def check(self) -> bool:
-        """Renew the lease; False (``taken``, and ``lost`` set if it can be read) if another
-        machine has taken it."""
-        if self.taken:
-            return False
-        try:
-            held = await self.current()
-        except LeaseUnreadable as exc:
-            if exc.seq > self.seq:
-                self.taken = True
-                log.error("%s: newer than ours, so this mount stops writing", exc)
-                return False
-            held = None  # an old one: ours replaces it
-        if held is not None and held.machine != self.machine and held.seq > self.seq:
-            self.taken, self.lost = True, held
-            log.error("the writer lease was taken over by %s: this mount stops writing",
-                      held.where())
-            return False
-        self.seq = max(self.seq, held.seq if held is not None else 0) + 1
-        self.published = await self.client.publish("lease", self.seq, self._body("held"))
-        return True
+    def _no_majority(self, what: str, stored: int) -> str:
+        return (
+            f"could not {what}: {stored} of its {len(self.holders)} holders agreed and "
+            f"{majority(len(self.holders))} must (another mount changed it meanwhile, or "
+            "too few of them are reachable); mount again later"
+        )
 
-    async def release(self) -> None:
-        """Give the lease up (clean unmount)."""
-        if self.taken or not self.seq:
-            return
-        self.seq += 1
-        await self.client.publish("lease", self.seq, self._body("released"))
+    async def renew_now(self) -> Renewal:
+        """Renew the lease by compare-and-swap on the holders (see ``Renewal``)."""
+        if self.taken:
+            return Renewal.TAKEN
+        started = trio.current_time()
+        seq = self.seq + 1
+        raw = seal(self.client.keyring, "lease", seq, self._body("held"), self.fence)
+        expect = {k: self.seq for k in self.holders}
+        results = await self.client.put_each(
+            "lease", raw, list(self.holders), expect, timeout=self.call_timeout
+        )
+        # A holder that missed one of our renewals still holds ours: swap from that one.
+        behind = {k: r.held.seq for k, r in results.items()
+                  if not r.stored and r.held is not None and self._ours(r.held)}
+        if behind:
+            again = await self.client.put_each(
+                "lease", raw, sorted(behind), behind, timeout=self.call_timeout
+            )
+            results |= again
+        self.seq = seq
+        stored = sum(1 for r in results.values() if r.stored)
+        self.published = stored
+        refused = [r.held for r in results.values() if not r.stored and r.held is not None]
+        later = [h for h in refused if h.fence > self.fence]
+        if later:
+            self._taken(max(later, key=lambda h: (h.fence, h.seq)))
+            return Renewal.TAKEN
+        if stored >= majority(len(self.holders)):
+            # A request on fewer holders than that did not reach its majority: the asker
+            # gave up or asks again on top of this renewal.
+            self.fresh_until = started + self.bound
+            return Renewal.RENEWED
+        for held in refused:
+            if held.fence == self.fence and held.body.get("state") == "handover":
+                try:
+                    self.asked_by = LeaseInfo.of(held.seq, held.body, held.fence)
+                except SchemaError:
+                    self.asked_by = None
+                return Renewal.HANDOVER
+        log.warning("lease renewal reached %d of %d holders (%d needed)", stored,
+                    len(self.holders), majority(len(self.holders)))
+        return Renewal.NO_QUORUM
+
+    def _ours(self, held: Held) -> bool:
+        return (
+            held.fence == self.fence
+            and held.body.get("machine") == self.machine
+            and held.body.get("state") == "held"
+            and held.seq < self.seq + 1
+        )
+
+    def _taken(self, held: Held | None) -> None:
+        self.taken, self.fresh_until = True, -math.inf
+        try:
+            self.lost = LeaseInfo.of(held.seq, held.body, held.fence) if held else None
+        except SchemaError:
+            self.lost = None
+        log.error("the writer lease was taken over by %s: this mount stops writing",
+                  self.lost.where() if self.lost else "another mount")
+
+    def fenced(self) -> bool:
+        """A record of a later writer was seen: we have been replaced."""
+        if not self.taken and self.client.fence_seen > self.fence:
+            self._taken(None)
+        return self.taken
+
+    async def check(self) -> bool:
+        """Renew now; False once another machine has taken the lease (``lost`` set if it
+        can be read). A request to hand over counts as taken here."""
+        outcome = await self.renew_now()
+        if outcome is Renewal.HANDOVER:
+            self.taken, self.fresh_until, self.lost = True, -math.inf, self.asked_by
+        return outcome in (Renewal.RENEWED, Renewal.NO_QUORUM)
+
+    async def release(self) -> int:
+        """Give the lease up under our fence (clean unmount, or the end of a handover);
+        how many holders stored the release."""
+        if not self.seq or (self.taken and self.asked_by is None):
+            return 0
+        seen = await self.look(self.holders)
+        if seen.newest is None or seen.newest.fence != self.fence:
+            return 0  # someone else's by now
+        mine = {k: h for k, h in seen.each.items() if h is not None and h.fence == self.fence}
+        seen = Look(mine, seen.newest, seen.info)
+        self.seq = seen.newest.seq + 1
+        stored = len(await self._put(seen, self._body("released"), self.seq, self.fence))
+        self.fresh_until = -math.inf
+        return stored

@@ -1,13 +1,20 @@
 """Small signed records an owner keeps on its peers: the root pointer and the writer lease.
 
-Format version 1. What a peer stores (and checks) is the *envelope*, a CBOR map::
+Format version 2. What a peer stores (and checks) is the *envelope*, a CBOR map::
 
-    {"v": 1, "kind": "root" | "lease", "owner": public key (32), "seq": uint < 2^63,
+    {"v": 2, "kind": "root" | "lease", "owner": public key (32), "seq": uint < 2^63,
+     "fence": uint < 2^63,
      "box": nonce (24) || XChaCha20-Poly1305(body, aad=header, key=metadata key),
      "sig": Ed25519 signature (64) by the owner's identity key over
-            "fluidfs-record-v1\\0" || header || box}
+            "fluidfs-record-v2\\0" || header || box}
 
-    header = CBOR [1, kind, owner, seq]
+    header = CBOR [2, kind, owner, seq, fence]
+
+``fence`` is the fencing number of the writer lease the record was written under (see
+lease.py): it grows by one at each change of writer, and a peer refuses a record whose
+fence is below the highest it holds for that owner, so a writer that was replaced can
+no longer change anything. Version 1 (no ``fence``, header ``[1, kind, owner, seq]``,
+context ``"fluidfs-record-v1\\0"``) is still read, as fence 0; it is never written.
 
 A peer can check who wrote a record and compare sequence numbers, but learns
 nothing else: the body is encrypted with the owner's metadata key, which never
@@ -57,16 +64,17 @@ from fluidfs.wire import IGNORE, Bytes, Int, Map, OneOf, SchemaError, Str, Tuple
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 KINDS = ("root", "lease")
 MAX_RECORD = 64 * 1024
-SIG_CONTEXT = b"fluidfs-record-v1\x00"
+SIG_CONTEXTS = {1: b"fluidfs-record-v1\x00", 2: b"fluidfs-record-v2\x00"}
 NONCE_SIZE = 24
 CALL_TIMEOUT = 10.0
 MAX_PEERS_LISTED = 256
 MAX_SEQ = 2**63  # exclusive
 MAX_ADDR = 300  # "host:port"
-RECORD_ITEMS = 16  # data items of an envelope (it has 13)
+RECORD_ITEMS = 18  # data items of an envelope (it has 15)
 
 
 class RecordError(ValueError):
@@ -83,34 +91,39 @@ class Envelope:
     box: bytes
     sig: bytes
     raw: bytes
+    fence: int = 0
+    version: int = VERSION
 
     def header(self) -> bytes:
-        return _header(self.kind, self.owner, self.seq)
+        return _header(self.kind, self.owner, self.seq, self.fence, self.version)
 
     def signed_ok(self) -> bool:
         """True if the signature is the owner's."""
         try:
             key = nacl.signing.VerifyKey(self.owner)
-            key.verify(SIG_CONTEXT + self.header() + self.box, self.sig)
+            key.verify(SIG_CONTEXTS[self.version] + self.header() + self.box, self.sig)
         except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
             return False
         return True
 
 
-def _header(kind: str, owner: bytes, seq: int) -> bytes:
-    return cbor2.dumps([VERSION, kind, owner, seq])
+def _header(kind: str, owner: bytes, seq: int, fence: int, version: int = VERSION) -> bytes:
+    if version == 1:
+        return cbor2.dumps([1, kind, owner, seq])
+    return cbor2.dumps([version, kind, owner, seq, fence])
 
 
-#: What a peer stores: exactly these keys.
+#: What a peer stores: exactly these keys (``fence`` in version 2 only).
 RECORD = Map(
     {
-        "v": OneOf(VERSION),
+        "v": OneOf(*VERSIONS),
         "kind": OneOf(*KINDS),
         "owner": Bytes(32, 32),
         "seq": Int(0, MAX_SEQ - 1),
         "box": Bytes(NONCE_SIZE + 16, MAX_RECORD),
         "sig": Bytes(64, 64),
-    }
+    },
+    optional={"fence": Int(0, MAX_SEQ - 1)},
 )
 #: The part of a decrypted body every kind shares.
 BODY_HEAD = Map({"kind": OneOf(*KINDS), "seq": Int(0, MAX_SEQ - 1)}, extra=IGNORE)
@@ -124,28 +137,35 @@ def parse(raw: bytes) -> Envelope:
         f = cbor.decode(RECORD, raw, max_size=MAX_RECORD, max_items=RECORD_ITEMS)
     except SchemaError as exc:
         raise RecordError(f"malformed record: {exc}") from None
-    return Envelope(f["kind"], f["owner"], f["seq"], f["box"], f["sig"], raw)
+    if (f["v"] == 1) != ("fence" not in f):
+        raise RecordError("malformed record: a fence belongs in version 2, and only there")
+    return Envelope(
+        f["kind"], f["owner"], f["seq"], f["box"], f["sig"], raw, f.get("fence", 0), f["v"]
+    )
 
 
-def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any]) -> bytes:
-    """Make a signed, encrypted record."""
+def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any], fence: int = 0) -> bytes:
+    """Make a signed, encrypted record written under lease fence *fence*."""
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
     if not 0 <= seq < MAX_SEQ:
         raise ValueError(f"record seq {seq} out of range")
-    header = _header(kind, keyring.public_key, seq)
+    if not 0 <= fence < MAX_SEQ:
+        raise ValueError(f"record fence {fence} out of range")
+    header = _header(kind, keyring.public_key, seq, fence)
     plain = cbor2.dumps({**body, "kind": kind, "seq": seq})
     nonce = os.urandom(NONCE_SIZE)
     box = nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
         plain, header, nonce, keyring.metadata_key
     )
-    sig = keyring.signing_key.sign(SIG_CONTEXT + header + box).signature
+    sig = keyring.signing_key.sign(SIG_CONTEXTS[VERSION] + header + box).signature
     raw = cbor2.dumps(
         {
             "v": VERSION,
             "kind": kind,
             "owner": keyring.public_key,
             "seq": seq,
+            "fence": fence,
             "box": box,
             "sig": sig,
         }
@@ -157,6 +177,12 @@ def seal(keyring: KeyRing, kind: str, seq: int, body: dict[str, Any]) -> bytes:
 
 def open_record(keyring: KeyRing, raw: bytes, kind: str) -> tuple[int, dict[str, Any]]:
     """Check and decrypt one of our own records; return (seq, body). Raises RecordError."""
+    env, body = open_envelope(keyring, raw, kind)
+    return env.seq, body
+
+
+def open_envelope(keyring: KeyRing, raw: bytes, kind: str) -> tuple[Envelope, dict[str, Any]]:
+    """Check and decrypt one of our own records; return (envelope, body). Raises RecordError."""
     env = parse(raw)
     if env.kind != kind:
         raise RecordError(f"expected a {kind} record, got {env.kind}")
@@ -178,7 +204,7 @@ def open_record(keyring: KeyRing, raw: bytes, kind: str) -> tuple[int, dict[str,
         raise RecordError(f"malformed record body: {exc}") from None
     if head["kind"] != kind or head["seq"] != env.seq:
         raise RecordError("record body does not match its header")
-    return env.seq, body
+    return env, body
 
 
 @dataclass
@@ -191,11 +217,30 @@ class Found:
     answered: int  # peers that replied (with a record or not_found)
     holding: int  # peers that hold this exact seq
     absent: int = 0  # peers that said not_found (none of this kind for us)
+    fence: int = 0  # the fence it was written under
+
 
     @property
     def exists(self) -> bool:
         """False when peers answered but none holds a record of this kind."""
         return bool(self.raw)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A record of ours a peer holds, read back and verified under our key."""
+
+    seq: int
+    fence: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """How one peer answered one ``PutRecord``."""
+
+    stored: bool
+    held: Held | None = None  # when refused: what it holds instead (None: nothing readable)
 
 
 class RecordClient:
@@ -209,6 +254,9 @@ class RecordClient:
         # Highest seq per kind among records that verified under our key, from peers that
         # refused a publish as older than what they hold (never a number a peer reported).
         self.highest: dict[str, int] = {}
+        # Highest fence among our records that peers refused ours for (verified, as above):
+        # a writer whose fence is below it has been replaced.
+        self.fence_seen = 0
 
     def _targets(self) -> list[bytes]:
         keys = {p.key for p in self.peers if p.addr}
@@ -216,14 +264,15 @@ class RecordClient:
         keys.discard(self.keyring.public_key)
         return sorted(keys)
 
-    async def publish(self, kind: str, seq: int, body: dict[str, Any]) -> int:
+    async def publish(self, kind: str, seq: int, body: dict[str, Any], *, fence: int = 0) -> int:
         """Store the record on every reachable peer; return how many accepted it.
 
         When a peer refuses it as older than what it holds, the record it holds is
-        fetched and verified: ``self.highest[kind]`` is raised to its seq only if it is
-        ours. The seq in the reply itself is not believed.
+        fetched and verified: ``self.highest[kind]`` is raised to its seq (and
+        ``fence_seen`` to its fence) only if it is ours. The seq in the reply itself is
+        not believed.
         """
-        raw = seal(self.keyring, kind, seq, body)
+        raw = seal(self.keyring, kind, seq, body, fence)
         stored = 0
 
         async def one(key: bytes) -> None:
@@ -238,43 +287,121 @@ class RecordClient:
             if reply["stored"]:
                 stored += 1
                 return
-            held = await self._verified_seq(key, kind)
+            held = await self._verified(key, kind)
+            if kind != "lease" and (held is None or held.seq < seq):
+                # Refused for its fence: the lease there shows the later writer's.
+                await self._verified(key, "lease")
             if held is None:
                 return
-            self.highest[kind] = max(self.highest.get(kind, 0), held)
-            if held > seq:
-                log.info(
-                    "peer %s keeps a newer %s record (seq %d > %d)", _short(key), kind, held, seq
-                )
+            if held.fence > fence:
+                log.info("peer %s holds a %s record of a later writer (fence %d > %d)",
+                         _short(key), kind, held.fence, fence)
+            if held.seq > seq:
+                log.info("peer %s keeps a newer %s record (seq %d > %d)",
+                         _short(key), kind, held.seq, seq)
 
         async with trio.open_nursery() as nursery:
             for key in self._targets():
                 nursery.start_soon(one, key)
         return stored
 
-    async def _verified_seq(self, key: bytes, kind: str) -> int | None:
-        """The seq of the record *key* holds for us, if it verifies under our key."""
+    async def put_each(
+        self,
+        kind: str,
+        raw: bytes,
+        keys: list[bytes],
+        expect: dict[bytes, int] | None = None,
+        *,
+        timeout: float = CALL_TIMEOUT,
+    ) -> dict[bytes, PutResult]:
+        """``PutRecord`` of *raw* to each of *keys* (with ``expect[key]`` as its
+        compare-and-swap condition, if given); the peers that answered, with how.
+
+        A refusal is followed by reading back what the peer holds (verified under our key:
+        neither its reply's seq nor its word is believed).
+        """
+        results: dict[bytes, PutResult] = {}
+
+        async def one(key: bytes) -> None:
+            args: dict[str, Any] = {"record": raw}
+            if expect is not None:
+                args["expect"] = expect.get(key, 0)
+            try:
+                reply = await self.conns.call(key, "PutRecord", args, timeout=timeout)
+            except (PeerUnavailable, RpcError) as exc:
+                log.debug("storing our %s record on %s failed: %s", kind, _short(key), exc)
+                return
+            if reply["stored"]:
+                results[key] = PutResult(True)
+                return
+            held = await self._verified(key, kind)
+            if held is not None:
+                self._note(kind, held)
+            results[key] = PutResult(False, held)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+        return results
+
+    async def read_each(
+        self, kind: str, keys: list[bytes], *, timeout: float = CALL_TIMEOUT
+    ) -> dict[bytes, Held | None]:
+        """What each of *keys* holds of ours (None: nothing, or nothing that verifies);
+        peers that did not answer are left out."""
+        found: dict[bytes, Held | None] = {}
+
+        async def one(key: bytes) -> None:
+            try:
+                reply = await self.conns.call(key, "GetRecord", {"kind": kind}, timeout=timeout)
+            except RpcError as exc:
+                if exc.code == "not_found":
+                    found[key] = None
+                return
+            except PeerUnavailable:
+                return
+            found[key] = self._open_from(key, reply["record"], kind)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+        return found
+
+    def targets(self) -> list[bytes]:
+        """The peers we would ask now."""
+        return self._targets()
+
+    def _note(self, kind: str, held: Held) -> None:
+        self.highest[kind] = max(self.highest.get(kind, 0), held.seq)
+        self.fence_seen = max(self.fence_seen, held.fence)
+
+    async def _verified(self, key: bytes, kind: str) -> Held | None:
+        """The record *key* holds for us, if it verifies under our key."""
         try:
             reply = await self.conns.call(key, "GetRecord", {"kind": kind}, timeout=CALL_TIMEOUT)
         except (PeerUnavailable, RpcError) as exc:
             log.info("peer %s refused our %s record but does not show it: %s",
                      _short(key), kind, exc)
             return None
-        opened = self._open_from(key, reply["record"], kind)
-        return None if opened is None else opened[0]
+        held = self._open_from(key, reply["record"], kind)
+        if held is not None:
+            self._note(kind, held)
+        return held
 
-    def _open_from(self, key: bytes, raw: bytes, kind: str) -> tuple[int, dict[str, Any]] | None:
-        """(seq, body) of a record peer *key* served, if it verifies; a bad one costs trust."""
+    def _open_from(self, key: bytes, raw: bytes, kind: str) -> Held | None:
+        """A record peer *key* served, if it verifies; a bad one costs trust."""
         try:
-            return open_record(self.keyring, raw, kind)
+            env, body = open_envelope(self.keyring, raw, kind)
         except RecordError as exc:
             self.rejected += 1
             log.warning("peer %s served a bad %s record: %s", _short(key), kind, exc)
             self.peers.record(key, False)
             return None
+        return Held(env.seq, env.fence, body)
 
     async def newest(self, kind: str, *, follow_peers: bool = False) -> Found | None:
-        """The newest record of *kind* that verifies, from every peer we can reach.
+        """The newest record of *kind* that verifies, from every peer we can reach: the
+        highest fence, then the highest seq.
 
         With *follow_peers*, peers listed in the records found are learned and asked
         too (a fresh machine knows only the keyfile's few addresses).
@@ -288,7 +415,7 @@ class RecordClient:
             if not targets:
                 break
             asked.update(targets)
-            results: list[tuple[int, dict, bytes]] = []
+            results: list[tuple[Held, bytes]] = []
 
             async def one(key: bytes, results: list = results) -> None:
                 nonlocal answered, absent
@@ -306,17 +433,19 @@ class RecordClient:
                 answered += 1
                 opened = self._open_from(key, reply["record"], kind)
                 if opened is not None:
-                    results.append((*opened, reply["record"]))
+                    results.append((opened, reply["record"]))
 
             async with trio.open_nursery() as nursery:
                 for key in targets:
                     nursery.start_soon(one, key)
-            for seq, body, raw in results:
-                copies[seq] = copies.get(seq, 0) + 1
-                if best is None or seq > best.seq:
-                    best = Found(seq, body, raw, 0, 0)
+            for held, raw in results:
+                copies[held.seq] = copies.get(held.seq, 0) + 1
+                # A later writer's record wins over any of an earlier one (its fence),
+                # whatever seq a replaced writer went on to publish where it could.
+                if best is None or (held.fence, held.seq) > (best.fence, best.seq):
+                    best = Found(held.seq, held.body, raw, 0, 0, fence=held.fence)
                 if follow_peers:
-                    self.learn(body.get("peers", []))
+                    self.learn(held.body.get("peers", []))
         if best is not None:
             best.answered, best.holding = answered, copies.get(best.seq, 0)
             best.absent = absent

@@ -64,6 +64,7 @@ class Commits:
         self.tree_reads = 0  # commits that read and serialised the whole tree
         self.last_error = ""
         self._wakeup = trio.Event()
+        self._told_unpublished = False
 
     # --- events ------------------------------------------------------------------------
 
@@ -100,7 +101,10 @@ class Commits:
                 # The facts the schedule cannot be told of as they happen: look now.
                 self.schedule.network(self.networked())
                 self.schedule.holders_changed(self.blocks.holders_version)
-                if not self.keeper.writer:
+                if self.keeper.stepping_down:
+                    await self.hand_over()
+                if not self.keeper.writer and not self.keeper.stepping_down:
+                    self._note_unpublished()
                     self.schedule.lease_lost()
                 now = trio.current_time()
                 due = self.schedule.next(now)
@@ -146,7 +150,7 @@ class Commits:
         Raises NotWriter once the lease is lost, and CommitAborted or MetaError when the
         commit could not be written (its changes stay due).
         """
-        if not self.keeper.writer:
+        if not self.keeper.may_commit:
             raise NotWriter(f"this mount no longer writes: {self.keeper.lost_reason}")
         self.schedule.commit_started(user_changed=user_changed)
         if user_changed:
@@ -203,9 +207,43 @@ class Commits:
             self.schedule.lease_lost()
         self._wakeup.set()
 
+    def _note_unpublished(self) -> None:
+        """Say once, in the log, that acknowledged writes can no longer be published."""
+        if self._told_unpublished:
+            return
+        if self.schedule.changes_pending or self.publisher.pending is not None:
+            self._told_unpublished = True
+            log.error("the writer lease was lost with writes acknowledged here and never "
+                      "published: they stay readable in this mount and its state directory")
+
+    def lease_changed(self) -> None:
+        """The lease was lost or is being handed over: the loop looks at once."""
+        self._wakeup.set()
+
+    async def hand_over(self) -> None:
+        """Another mount asked for the lease: commit what this mount acknowledged (writes
+        stopped already), then release the lease to it, even if the commit failed (it
+        then waits no longer; what was not published stays in this state directory)."""
+        try:
+            with trio.move_on_after(STOP_COMMIT_LIMIT):
+                if self.schedule.changes_pending:
+                    await self.commit(user_changed=True)
+                else:
+                    await self.publish_pending()
+                if self.publisher.pending is not None:
+                    log.error("handing over with commit %d not published",
+                              self.publisher.pending.head.seq)
+        except (CommitAborted, MetaError, NotWriter) as exc:
+            log.error("last commit before the handover failed: %s", exc)
+        finally:
+            await self.keeper.hand_over()
+
     async def finish(self) -> None:
         """At unmount: a last commit of what changed (or the pending root sent again)."""
         self.schedule.stop()
+        if self.keeper.stepping_down and self.running:
+            await self.hand_over()
+            return
         if not self.running or not self.keeper.writer or not self.networked():
             return
         try:

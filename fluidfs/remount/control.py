@@ -176,11 +176,11 @@ class RemountRequests:
         """The ``commit`` figures of `fluidfs status`."""
         head = self.committer.heads.latest()
         last = self.committer.last
-        lost = self.keeper.lost_to
+        lost = self.keeper.lease.lost
         restored = self.restore.restored
         return {
             "writer": self.keeper.writer,
-            "lost_to": lost.where() if lost else None,
+            "lost_to": lost.where() if lost else (self.keeper.lost_reason or None),
             "head_seq": head.seq if head else 0,
             "head_time": head.time_ns / 1e9 if head else 0,
             "published": self.publisher.pending is None,
@@ -202,6 +202,14 @@ class RemountRequests:
                 "seconds": last.stats.seconds,
             },
             "last_error": self.keeper.lost_reason or self.commits.last_error,
+            # Writes acknowledged here that no published commit holds, with no lease left
+            # to publish them under: kept in this state directory and readable here.
+            "unpublished": not self.keeper.may_commit
+            and (
+                self.commits.changes_pending
+                or self.publisher.pending is not None
+                or (head is not None and not head.published)
+            ),
         }
 
 

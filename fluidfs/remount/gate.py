@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -36,7 +37,7 @@ import trio
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.fs.commit import Heads
 from fluidfs.fs.tree import ROOT_INO, Tree
-from fluidfs.peers.lease import LeaseHeld
+from fluidfs.peers.lease import LeaseHeld, LeaseInfo
 from fluidfs.peers.rootrecord import Found, RecordClient
 from fluidfs.remount.dialer import PeerDialer
 from fluidfs.remount.leasekeeper import LeaseKeeper
@@ -77,6 +78,15 @@ def fresh_start(found: Found | None, *, known_new: bool, quorum: int) -> FreshSt
     if known_new or (found is not None and found.absent >= quorum):
         return FreshStart.START_NEW
     return FreshStart.REFUSE
+
+
+def countdown(left: float, holder: LeaseInfo | None) -> str:
+    """The line shown each second while a lease that was not handed over is waited out."""
+    who = f"the writer on {holder.where()}" if holder is not None else "the last writer"
+    return (
+        f"waiting for {who} to hand over the writer lease; taking it in {math.ceil(left)} s "
+        "if it does not answer"
+    )
 
 
 def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
@@ -143,15 +153,19 @@ class MountGate:
             or self.made_for_state
         )
 
-    async def before_mount(self) -> None:
-        """Lease, newest root, and restore on a fresh state; raise RemountError to refuse."""
+    async def before_mount(self, on_progress: Callable[[str], None] = lambda line: None) -> None:
+        """Lease, newest root, and restore on a fresh state; raise RemountError to refuse.
+        *on_progress* gets a line a second while the lease is waited for."""
         if not self.networked():
             return
         fresh = self.fresh()
         new = fresh and self.known_new()
         await self.dialer.reach()
         try:
-            await self.keeper.acquire(takeover=self.options.takeover)
+            await self.keeper.acquire(
+                takeover=self.options.takeover,
+                on_wait=lambda left, holder: on_progress(countdown(left, holder)),
+            )
         except LeaseHeld as exc:
             raise RemountError(str(exc)) from None
         waiting = fresh and not new

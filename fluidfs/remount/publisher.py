@@ -5,6 +5,9 @@ peers that hold our records; its body is ``{"time": ns, "machine": 16 bytes, "ho
 str, "commit": a metadata leaf with one entry b"commit" whose content is the commit
 node's reference, "peers": RecordClient.listing()}``, sealed under the keyfile.
 
+Each root record is written under the lease's fence (peers/lease.py): once a later
+writer holds the lease, peers refuse it, and the outcome is ``LEASE_LOST``.
+
 A commit counts as published once ``min(K, partners)`` peers (at least one) stored its
 root; only then may older heads go (fs/commit.py ``mark_published``). A commit naming
 a block that fewer than K peers hold is not published at all: a fresh machine would
@@ -83,7 +86,7 @@ class RootPublisher:
             )
             self.pending = None
             return Outcome.WITHHELD
-        if not await self.keeper.check():
+        if not await self.keeper.before_publish():
             return Outcome.LEASE_LOST
         body = {
             "time": result.head.time_ns,
@@ -92,8 +95,13 @@ class RootPublisher:
             "commit": encode_leaf([Entry(b"commit", content=result.ref)]),
             "peers": self.records.listing(),
         }
-        stored = await self.records.publish("root", seq, body)
+        stored = await self.records.publish("root", seq, body, fence=self.keeper.lease.fence)
         self.published_to = stored
+        if self.keeper.lease.fenced():
+            # Peers hold records of a later writer: ours are refused, now and later.
+            log.error("root %d refused: a later writer holds the lease", seq)
+            self.pending = None
+            return Outcome.LEASE_LOST
         self.seen(max(seq, self.records.highest.get("root", 0)))
         wanted = max(1, min(self.needed, self.partners()))
         if stored >= wanted:

@@ -2,12 +2,17 @@
 
 A record (``PutRecord``) is kept only for a peer with a live agreement, only if the peer
 is its owner and its signature verifies, one per kind; a lower seq never replaces a higher
-one, nor other contents at the same seq. Records go with the agreement (peers/lifecycle.py).
-Every record-store call runs in a worker thread of the service's limiter.
+one, nor other contents at the same seq; a record whose fence is below the highest fence
+of the owner's records held here is refused (its writer was replaced); and with
+``expect`` (compare-and-swap, how the writer lease is taken and renewed) it is kept only
+if the held record of its kind has exactly that seq (0: none held). Records go with
+the agreement (peers/lifecycle.py). Every record-store call runs in a worker thread of
+the service's limiter.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import trio
@@ -46,15 +51,19 @@ class RecordOps:
         if not record.signed_ok():
             raise RpcError("bad_request", "record signature does not verify")
         stored, held = await trio.to_thread.run_sync(
-            self.records.put_if_newer,
-            peer,
-            record.kind,
-            record.raw,
-            record.seq,
-            _held_seq,
+            functools.partial(
+                self.records.put_if_newer,
+                peer,
+                record.kind,
+                record.raw,
+                record.seq,
+                _held,
+                fence=record.fence,
+                expect=args.get("expect"),
+            ),
             limiter=self.limiter,
         )
-        return {"stored": stored, "seq": held}
+        return {"stored": stored, "seq": max(held, 0)}
 
     async def get(self, peer: bytes, args: Args) -> Reply:
         """The caller's record of a kind."""
@@ -68,9 +77,11 @@ class RecordOps:
         return {"record": raw}
 
 
-def _held_seq(raw: bytes) -> int:
-    """The seq of a record we hold (-1 if it no longer parses: it gets replaced)."""
+def _held(raw: bytes) -> tuple[int, int]:
+    """The (seq, fence) of a record we hold ((-1, 0) if it no longer parses: it gets
+    replaced)."""
     try:
-        return rootrecord.parse(raw).seq
+        env = rootrecord.parse(raw)
     except rootrecord.RecordError:
-        return -1
+        return -1, 0
+    return env.seq, env.fence

@@ -73,20 +73,43 @@ class RecordStore:
         return found
 
     def put_if_newer(
-        self, owner: bytes, kind: str, raw: bytes, seq: int, seq_of: Callable[[bytes], int]
+        self,
+        owner: bytes,
+        kind: str,
+        raw: bytes,
+        seq: int,
+        read_held: Callable[[bytes], tuple[int, int]],
+        *,
+        fence: int = 0,
+        expect: int | None = None,
     ) -> tuple[bool, int]:
-        """Store *raw* (at *seq*) unless the held record is newer or differs at that seq.
+        """Store *raw* (at *seq*, written under *fence*) unless a rule below refuses it.
 
-        *seq_of* reads a held record's seq (-1 for an unreadable one, which is replaced).
-        The read and the write happen under one lock, so of two concurrent puts the
-        higher seq always ends up stored. Returns (stored, seq now held).
+        *read_held* reads a held record's (seq, fence) ((-1, 0) for an unreadable one,
+        which is replaced). Refused: a *fence* below the highest fence of any record held
+        for *owner* (its writer was replaced); with *expect* (compare-and-swap), a held
+        record of this kind whose seq is not *expect* (0: none held) or a *seq* not above
+        *expect*; otherwise a held record that is newer or differs at that seq. The read
+        and the write happen under one lock, so of two concurrent puts the rules hold
+        between them. Returns (stored, seq now held; -1 for none).
         """
         with self._lock:
-            held_raw = self.get(owner, kind)
-            if held_raw is not None:
-                held = seq_of(held_raw)
-                if held > seq or (held == seq and held_raw != raw):
-                    return False, held
+            held: dict[str, tuple[int, int]] = {}
+            for k in KINDS:
+                held_raw = self.get(owner, k)
+                if held_raw is not None:
+                    held[k] = read_held(held_raw)
+            same = held.get(kind)
+            now = same[0] if same is not None else -1
+            if fence < max((f for _, f in held.values()), default=0):
+                return False, now
+            if expect is not None:
+                if now != (expect if expect else -1) or seq <= expect:
+                    return False, now
+            elif same is not None:
+                held_raw = self.get(owner, kind)
+                if now > seq or (now == seq and held_raw != raw):
+                    return False, now
             self.put(owner, kind, raw)
             return True, seq
 

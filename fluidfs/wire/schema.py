@@ -299,7 +299,7 @@ class Map(Schema):
                 out[key] = schema.parse(v)
             except SchemaError as exc:
                 raise exc.under(key) from None
-        if len(out) < len(self.fields):
+        if len(out) < len(self._all):  # a required key may be missing (optional ones count)
             for key in self.fields:
                 if key not in out:
                     raise SchemaError("", f"missing key {key!r}")

@@ -124,10 +124,10 @@ def _shard(size: int) -> tuple[bytes, bytes]:
 def _record(key: nacl.signing.SigningKey, seq: int) -> bytes:
     """A record signed by *key* (its box is opaque to the node, so random bytes do)."""
     owner = bytes(key.verify_key)
-    header = cbor2.dumps([rootrecord.VERSION, "root", owner, seq])
+    header = cbor2.dumps([1, "root", owner, seq])  # a version 1 record: no fence
     box = os.urandom(64)
-    sig = key.sign(rootrecord.SIG_CONTEXT + header + box).signature
-    return cbor2.dumps({"v": rootrecord.VERSION, "kind": "root", "owner": owner, "seq": seq,
+    sig = key.sign(rootrecord.SIG_CONTEXTS[1] + header + box).signature
+    return cbor2.dumps({"v": 1, "kind": "root", "owner": owner, "seq": seq,
                         "box": box, "sig": sig})
 
 

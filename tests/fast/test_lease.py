@@ -20,10 +20,10 @@ from inproc import PeerNode, peer_nodes, silent_on, slow_jump_clock
 
 from fluidfs import keys
 from fluidfs.net.errors import RpcError
-from fluidfs.peers.lease import LeaseHeld, WriterLease
+from fluidfs.peers.lease import LeaseHeld, WriterLease, margin
 from fluidfs.peers.rootrecord import CALL_TIMEOUT, RecordClient, open_record, parse, seal
 
-RENEW = 15.0
+RENEW = 1.0  # seconds: short, so waiting out a bound is a few jumps of the mock clock
 
 
 @dataclass
@@ -58,13 +58,14 @@ async def two_machines(
 
 
 async def test_a_lease_is_taken_renewed_and_released(tmp_path: Path) -> None:
-    async with two_machines(tmp_path) as (a, b, _):
+    async with two_machines(tmp_path) as (a, b, _hosts):
         assert await a.lease.current() is None
         assert await a.lease.acquire(takeover=False) is None, "nobody held it before"
         assert a.lease.published == 3
         held = await b.lease.current()
         assert (held.machine, held.state, held.seq, held.mount) == (b"a" * 16, "held", 1, "/mnt/a")
-        assert held.live() and held.ttl == 4 * RENEW
+        assert held.live() and held.ttl == 3 * RENEW and held.fence == 1
+        assert set(held.holders) == {h.key for h in _hosts}
         assert await a.lease.check()
         assert (await b.lease.current()).seq == 2, "a renewal publishes a higher seq"
         await a.lease.release()
@@ -74,7 +75,7 @@ async def test_a_lease_is_taken_renewed_and_released(tmp_path: Path) -> None:
         assert (await a.lease.current()).machine == b"b" * 16
 
 
-async def test_a_live_lease_elsewhere_is_taken_only_with_takeover(tmp_path: Path) -> None:
+async def test_a_live_lease_elsewhere_is_taken_only_with_takeover(tmp_path: Path, clock) -> None:
     async with two_machines(tmp_path) as (a, b, _):
         await a.lease.acquire(takeover=False)
         with pytest.raises(LeaseHeld, match=r"mounted on host .* at /mnt/a .*--takeover"):
@@ -93,16 +94,21 @@ async def test_a_live_lease_elsewhere_is_taken_only_with_takeover(tmp_path: Path
         assert await b.lease.check(), "b keeps renewing"
 
 
-async def test_an_expired_lease_is_taken_without_takeover(tmp_path: Path) -> None:
-    async with two_machines(tmp_path) as (a, b, _):
-        ttl = 4 * RENEW
+async def test_an_expired_lease_is_taken_without_takeover(tmp_path: Path, clock) -> None:
+    """Taken without --takeover, but only after its bound and margin: the clock in the
+    record is another machine's, so an old time proves nothing on its own."""
+    async with two_machines(tmp_path) as (a, b, hosts):
+        ttl = 3 * RENEW
         crashed = {"time": time.time_ns() - int(2 * ttl * 1e9), "machine": b"a" * 16,
                    "host": "old", "mount": "/mnt/a", "pid": 1, "addr": "", "ttl": int(ttl),
-                   "state": "held"}
-        assert await a.lease.client.publish("lease", 7, crashed) == 3
+                   "state": "held", "v": 2, "bound_ms": int(ttl * 1000),
+                   "holders": [h.key for h in hosts]}
+        assert await a.lease.client.publish("lease", 7, crashed, fence=1) == 3
+        started = trio.current_time()
         old = await b.lease.acquire(takeover=False)
+        assert trio.current_time() - started >= ttl + margin(ttl)
         assert old.seq == 7 and old.state == "held" and not old.live()
-        assert b.lease.seq == 8
+        assert (b.lease.seq, b.lease.fence) == (9, 2), "7 crashed, 8 the request, 9 ours"
 
 
 async def test_the_same_machine_takes_its_own_live_lease_back(tmp_path: Path) -> None:
@@ -116,7 +122,7 @@ async def test_the_same_machine_takes_its_own_live_lease_back(tmp_path: Path) ->
 
 
 async def test_the_newest_lease_wins_over_a_peer_that_missed_the_takeover(
-    tmp_path: Path,
+    tmp_path: Path, clock
 ) -> None:
     """b took over reaching two of the three peers; the third still holds a's lease."""
     async with two_machines(tmp_path, b_reaches=2) as (a, b, hosts):
@@ -132,7 +138,7 @@ async def test_the_newest_lease_wins_over_a_peer_that_missed_the_takeover(
 
 
 async def test_a_release_after_an_unnoticed_takeover_leaves_the_new_holder(
-    tmp_path: Path,
+    tmp_path: Path, clock
 ) -> None:
     """a unmounts cleanly before its next renewal would have shown it b's takeover."""
     async with two_machines(tmp_path) as (a, b, _):
@@ -165,7 +171,10 @@ async def test_a_peer_that_never_answers_delays_the_lease_by_one_timeout(
             assert await lease.acquire(takeover=False) is None
             waited = trio.current_time() - started
             assert lease.published == 2, "the two peers that answer hold it"
-            assert CALL_TIMEOUT <= waited <= 2 * CALL_TIMEOUT + 1, waited  # look, then publish
+            assert len(lease.holders) == 2, "the silent one is no holder"
+            timeout = lease.call_timeout
+            assert timeout <= CALL_TIMEOUT
+            assert timeout <= waited <= 2 * timeout + 1, waited  # look, then publish
         finally:
             nursery.cancel_scope.cancel()
             silent.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from inproc import PeerNode, peer_nodes
 
 from fluidfs import control, keys
@@ -76,21 +77,64 @@ async def test_a_fresh_state_known_new_starts_empty_and_says_so(tmp_path) -> Non
         assert node.keeper.lease.published == 3, "the lease is on every host"
 
 
-async def test_a_mount_whose_lease_is_taken_over_stops_writing(tmp_path) -> None:
+async def test_a_mount_asked_to_hand_over_stops_writing_and_hands_over(tmp_path) -> None:
+    """--takeover elsewhere asks; this mount's next renewal sees the request, it stops
+    acknowledging writes, commits and releases, and the taker has the lease long before
+    the bound it would otherwise wait out."""
+    ring = keys.KeyRing(keys.generate())
+    async with node_and_hosts(tmp_path, ring, new=True) as (node, hosts):
+        await node.gate.before_mount()
+        assert node.keeper.may_write()
+        async with trio.open_nursery() as nursery:
+            other, lease = await other_machine(tmp_path, ring, hosts, nursery)
+            started = trio.current_time()
+            took = trio.Event()
+
+            async def take() -> None:
+                await lease.acquire(takeover=True)  # fluidfs mount --takeover elsewhere
+                took.set()
+
+            nursery.start_soon(take)
+            while await node.keeper.check():  # the holder's renewals
+                await trio.sleep(0.3)
+            assert node.ops.read_only and not node.keeper.may_write(), "writes stopped first"
+            assert not took.is_set(), "the taker waits for the handover"
+            await node.commits.hand_over()
+            await took.wait()
+            assert trio.current_time() - started < lease.bound, "no waiting out the bound"
+            assert lease.fence == node.keeper.lease.fence + 1
+            nursery.cancel_scope.cancel()
+        other.close()
+        assert not await node.keeper.check()
+        with pytest.raises(NotWriter):
+            await node.commits.commit(user_changed=True)
+        sync = node.control_handlers()["sync"]
+        with pytest.raises(control.ControlError, match="no longer writes: handed over to"):
+            await sync({"wait": 5})
+        status = node.remount_requests.status()
+        assert status["writer"] is False and "handed over" in status["lost_to"]
+
+
+async def test_a_mount_replaced_with_unpublished_writes_says_so(tmp_path, caplog) -> None:
+    """Cut off, this mount was replaced (a later fence on the holders) while it held
+    acknowledged changes no commit had published: status warns, the log says it once."""
     ring = keys.KeyRing(keys.generate())
     async with node_and_hosts(tmp_path, ring, new=True) as (node, hosts):
         await node.gate.before_mount()
         async with trio.open_nursery() as nursery:
+            await nursery.start(node.commits.run)
+            node.commits.note_change()  # a write acknowledged, not yet committed
+            assert node.remount_requests.status()["unpublished"] is False
             other, lease = await other_machine(tmp_path, ring, hosts, nursery)
-            await lease.acquire(takeover=True)  # fluidfs mount --takeover elsewhere
+            seen = await lease.look()
+            lease.holders = seen.info.holders
+            lease.fence, lease.seq = seen.newest.fence, seen.newest.seq
+            await lease._take(seen, seen.info, lease.fence)  # as after waiting it out
+            assert not await node.keeper.check()
+            await trio.testing.wait_all_tasks_blocked()
+            status = node.remount_requests.status()
+            assert status["writer"] is False and status["unpublished"] is True
+            assert "taken over by host" in status["last_error"]
             nursery.cancel_scope.cancel()
         other.close()
-        assert not await node.keeper.check()
-        assert node.ops.read_only, "the FUSE operations turned read-only"
-        with pytest.raises(NotWriter):
-            await node.commits.commit(user_changed=True)
-        sync = node.control_handlers()["sync"]
-        with pytest.raises(control.ControlError, match="no longer writes: taken over by"):
-            await sync({"wait": 5})
-        status = node.remount_requests.status()
-        assert status["writer"] is False and "/mnt/b" in status["lost_to"]
+        assert caplog.text.count("never published") == 1

@@ -52,6 +52,7 @@ def test_tampering_is_detected() -> None:
         "box changed": _reseal(raw, box=bytes(box)),
         "signature forged": _reseal(raw, sig=os.urandom(64)),
         "kind swapped": _reseal(raw, kind="lease"),
+        "fence raised": _reseal(raw, fence=5),
     }
     for what, bad in cases.items():
         with pytest.raises(RecordError):
@@ -96,7 +97,8 @@ def test_malformed_envelopes(raw: bytes) -> None:
 
 def test_lease_info_is_strict_and_expires() -> None:
     body = {"kind": "lease", "seq": 3, "machine": b"x", "host": "h", "mount": "/m", "pid": 5,
-            "addr": "", "time": 1_000 * 10**9, "ttl": 60, "state": "held"}
+            "addr": "", "time": 1_000 * 10**9, "ttl": 60, "state": "held", "v": 2,
+            "bound_ms": 60_000, "holders": [b"k" * 32]}
     info = LeaseInfo.of(3, body)
     assert info.live(1_030) and not info.live(1_061)
     assert info.where() == "host h at /m (pid 5)"
