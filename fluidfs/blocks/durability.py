@@ -116,3 +116,85 @@ def _expm(a: Matrix) -> Matrix:
     for _ in range(squarings):
         result = _matmul(result, result)
     return result
+
+
+ASSUMED_LIFETIME_DAYS = 730.0  # until peers' deaths are observed: two years, as issue 18
+OBSERVED_WINDOW_DAYS = 30.0  # agreement ends counted over at most this many days
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """This backup's chance of loss within a year, and what it was computed from."""
+
+    annual_loss: float
+    model: DurabilityModel
+    tolerance_days: float
+    recreate_days: float  # to re-create one peer's share of our shards
+    share_bytes: float  # our shards on one peer, on average
+    repair_rate: float  # bytes of shards re-created per second
+    rate_measured: bool  # the repairer's own rate, not its limit
+    ends_per_peer_year: float  # agreements we ended, per peer and year, as observed
+
+    def figures(self) -> dict[str, float | int | bool]:
+        """For `fluidfs status --json`."""
+        return {
+            "annual_loss": self.annual_loss,
+            "peers": self.model.peers,
+            "grouped": self.model.grouped,
+            "lifetime_days": self.model.lifetime_days,
+            "repair_days": self.model.repair_days,
+            "tolerance_days": self.tolerance_days,
+            "recreate_days": self.recreate_days,
+            "share_bytes": self.share_bytes,
+            "repair_rate": self.repair_rate,
+            "rate_measured": self.rate_measured,
+            "ends_per_peer_year": self.ends_per_peer_year,
+        }
+
+
+def estimate(
+    *,
+    holders: list[int],
+    n: int,
+    k: int,
+    grouped: bool,
+    tolerance_days: float,
+    repair_rate: float,
+    rate_measured: bool,
+    ended_recently: int,
+    observed_days: float,
+) -> Estimate | None:
+    """The estimate for a backup whose shards sit on peers holding *holders* bytes each.
+
+    A peer is taken to leave for good after ASSUMED_LIFETIME_DAYS, or sooner when the
+    agreements we ended lately (*ended_recently* over the last *observed_days*, at most
+    OBSERVED_WINDOW_DAYS) say peers go faster; each departure costs the tolerance plus
+    the time to re-create its share at *repair_rate*. None when the backup is not yet
+    on N peers (nothing to estimate: blocks are below full spread).
+    """
+    holding = [size for size in holders if size > 0]
+    if len(holding) < n or repair_rate <= 0:
+        return None
+    window = max(1.0, min(observed_days, OBSERVED_WINDOW_DAYS))
+    ends_per_peer_year = ended_recently / len(holding) / window * YEAR_DAYS
+    lifetime = 1.0 / (1.0 / ASSUMED_LIFETIME_DAYS + ends_per_peer_year / YEAR_DAYS)
+    share = sum(holding) / len(holding)
+    recreate_days = share / repair_rate / 86400.0
+    model = DurabilityModel(
+        peers=len(holding),
+        lifetime_days=lifetime,
+        repair_days=tolerance_days + recreate_days,
+        n=n,
+        k=k,
+        grouped=grouped,
+    )
+    return Estimate(
+        annual_loss=model.loss_probability(),
+        model=model,
+        tolerance_days=tolerance_days,
+        recreate_days=recreate_days,
+        share_bytes=share,
+        repair_rate=repair_rate,
+        rate_measured=rate_measured,
+        ends_per_peer_year=ends_per_peer_year,
+    )

@@ -102,6 +102,8 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
+    for line in durability_lines(reply.get("durability"), n):
+        print(line)
     print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
     if "commit" in reply:
         print_commit_status(reply["commit"])
@@ -114,6 +116,21 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             label = f"{level:>3}/{n}"
         print(f"  {label}: {count} blocks")
+
+
+def durability_lines(figures: dict | None, n: int) -> list[str]:
+    """The estimated chance of losing data this year, with its assumptions one line below."""
+    if figures is None:
+        return [f"durability:  no estimate until the backup is on {n} peers"]
+    spread = f"in groups of {n}" if figures["grouped"] and figures["peers"] >= 2 * n else "spread"
+    how = "measured" if figures["rate_measured"] else "at most (the limit)"
+    return [
+        f"durability:  estimated chance of losing data this year: {figures['annual_loss']:.1g}",
+        f"             ({figures['peers']} peers, {spread}; a peer assumed to last "
+        f"{figures['lifetime_days']:.0f} days; a lost peer repaired in "
+        f"{figures['repair_days']:.1f} days = {figures['tolerance_days']:g} days' tolerance + "
+        f"{human(figures['share_bytes'])} re-created at {human(figures['repair_rate'])}/s, {how})",
+    ]
 
 
 def network_line(reply: dict) -> str:

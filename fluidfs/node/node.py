@@ -144,6 +144,8 @@ class Node:
             state_path=config.state.path,
             keyfile_saved=lambda: keysaved.saved_at(config.state.path) is not None,
             traffic=self.traffic,
+            tolerance=config.lifecycle.tolerance,
+            grouped=not config.even_placement,
         )
         self._stopped = False
 

@@ -18,6 +18,7 @@ import trio
 from fluidfs.blocks.audit import Auditor
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.codec import BlockCodec
+from fluidfs.blocks.durability import OBSERVED_WINDOW_DAYS, estimate
 from fluidfs.blocks.migrate import Migrator
 from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.repair import Repairer
@@ -93,6 +94,8 @@ class NodeStatus:
     state_path: Path | None = None  # for the disk figures
     keyfile_saved: Callable[[], bool] = lambda: True  # keysaved.py
     traffic: TrafficRate | None = None  # rates to and from peers, limits (node/traffic.py)
+    tolerance: float = 86400.0  # seconds of failure before an agreement ends (lifecycle)
+    grouped: bool = True  # placement keeps blocks within groups of N peers (copysets)
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
@@ -184,8 +187,39 @@ class NodeStatus:
         }
         traffic = self.traffic or TrafficRate(self.conns.bandwidth)
         figures.update(traffic.figures(scanned.pending, self.upload.rate))
+        figures["durability"] = self.durability(figures, now)
         figures["overview"] = overview(figures, now)
         return figures
+
+    def durability(self, figures: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """The estimated chance of losing data this year (blocks/durability.py), from the
+        agreements' use, the ends we observed, and the repair rate (measured, or else
+        the tightest of the repair cap and the bandwidth limits)."""
+        agreements = list(self.ledger)
+        window = OBSERVED_WINDOW_DAYS * 86400.0
+        ended = [a for a in self.ledger.ended()
+                 if a.ended_by_us and now - (a.ended_at or 0) < window]
+        first = min((a.created for a in agreements if a.created), default=now)
+        rate, measured = self.repairer.rate, self.repairer.rate > 0
+        if not measured:
+            limits = [self.repairer.policy.bandwidth]
+            if figures.get("limit_download"):
+                limits.append(figures["limit_download"] / self.codec.needed)
+            if figures.get("limit_upload"):
+                limits.append(figures["limit_upload"])
+            rate = min(limits)
+        found = estimate(
+            holders=[a.they_use for a in self.ledger.active()],
+            n=self.codec.total,
+            k=self.codec.needed,
+            grouped=self.grouped,
+            tolerance_days=self.tolerance / 86400.0,
+            repair_rate=rate,
+            rate_measured=measured,
+            ended_recently=len(ended),
+            observed_days=(now - first) / 86400.0,
+        )
+        return found.figures() if found is not None else None
 
 
 def _disk_total(path: Path) -> int:

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fluidfs.blocks.durability import DurabilityModel, loss_probability
+from fluidfs import keys
+from fluidfs.blocks.durability import DurabilityModel, estimate, loss_probability
+from fluidfs.cli.inspect import durability_lines
+from fluidfs.node.node import Node, NodeConfig
 from fluidfs.peers.lifecycle import DAY, LifecyclePolicy
+from fluidfs.statedir import StateDir
 
 SIM = Path(__file__).resolve().parents[2] / "contrib" / "sim" / "churn.py"
 
@@ -109,3 +113,60 @@ def test_placement_groups_cut_the_risk_of_a_wide_spread() -> None:
     assert DurabilityModel(20, 730, 1.0, grouped=True).loss_probability() == (
         DurabilityModel(20, 730, 1.0).loss_probability()
     )
+
+
+GIB = 1 << 30
+
+
+def test_the_estimate_waits_for_a_full_spread_and_follows_the_repair_time() -> None:
+    common = dict(n=12, k=8, grouped=True, tolerance_days=1.0, rate_measured=False,
+                  ended_recently=0, observed_days=30.0)
+    assert estimate(holders=[40 * GIB] * 11 + [0], repair_rate=64e6, **common) is None
+    fast = estimate(holders=[40 * GIB] * 24, repair_rate=64e6, **common)
+    assert fast is not None and fast.model.peers == 24
+    assert fast.recreate_days == pytest.approx(40 * GIB / 64e6 / 86400)
+    assert fast.annual_loss == pytest.approx(DurabilityModel(
+        24, 730.0, 1.0 + fast.recreate_days, grouped=True).loss_probability())
+    slow = estimate(holders=[40 * GIB] * 24, repair_rate=64e3, **common)  # a thin line
+    assert slow is not None and slow.recreate_days > 7 and slow.annual_loss > 100 * fast.annual_loss
+
+
+def test_agreements_we_ended_lately_shorten_the_lifetime_the_estimate_assumes() -> None:
+    common = dict(holders=[GIB] * 24, n=12, k=8, grouped=False, tolerance_days=1.0,
+                  repair_rate=64e6, rate_measured=True, observed_days=30.0)
+    calm = estimate(ended_recently=0, **common)
+    churning = estimate(ended_recently=6, **common)  # 6 of 24 in 30 days: ~3 a year each
+    assert calm is not None and churning is not None
+    assert calm.model.lifetime_days == 730.0
+    assert churning.model.lifetime_days < 120
+    assert churning.annual_loss > 1000 * calm.annual_loss
+
+
+async def test_status_shows_the_chance_of_losing_data_with_its_assumptions(
+    tmp_path: Path,
+) -> None:
+    ring = keys.KeyRing(keys.generate())
+    node = Node(NodeConfig(ring, StateDir(tmp_path / "state"), listen="127.0.0.1:0"))
+    try:
+        await node.start()
+        peers = [keys.KeyRing(keys.generate()).public_key for _ in range(24)]
+        for key in peers[:11]:
+            node.ledger.record(key, we_host=64 * GIB, they_host=64 * GIB, term=3600)
+            node.ledger.add_use(key, 2 * GIB)
+        figures = await node.status.report()
+        assert figures["durability"] is None
+        assert durability_lines(None, 12) == [
+            "durability:  no estimate until the backup is on 12 peers"]
+        for key in peers[11:]:
+            node.ledger.record(key, we_host=64 * GIB, they_host=64 * GIB, term=3600)
+            node.ledger.add_use(key, 2 * GIB)
+        figures = await node.status.report()
+    finally:
+        node.close()
+    shown = figures["durability"]
+    assert shown["peers"] == 24 and shown["grouped"] and not shown["rate_measured"]
+    assert shown["repair_rate"] == 64 * 1024 * 1024  # the repair cap: no limits set
+    assert 0 < shown["annual_loss"] < 1e-6
+    first, second = durability_lines(shown, 12)
+    assert "estimated chance of losing data this year: " in first
+    assert "24 peers, in groups of 12" in second and "1 days' tolerance" in second
