@@ -78,6 +78,20 @@ class RemoteShards:
         self.on_corrupt: CorruptShard = lambda _block, _index, _holder: None
         self.caught: set[bytes] = set()  # served corrupt shards: placed on no more
 
+    def failing_holders(self) -> set[int]:
+        """Holder indexes that do not count as reachable now: the agreement with the
+        holder is failing (its last audit or contact failed) or gone, or the peer is
+        forgotten. Agreed holders still count until their tolerance ends; this is the
+        other half of the truth, shown beside them."""
+        failing = set()
+        for agreement in self.ledger:
+            if agreement.active and agreement.failing_since is None:
+                continue
+            peer = self.peers.get(agreement.peer)
+            if peer is not None:
+                failing.add(peer.index)
+        return failing
+
     def usable_peers(self, shard_size: int) -> list[bytes]:
         """Peers that can take a shard now, in weighted random order (best first)."""
         weights = {}
