@@ -144,6 +144,20 @@ class Collector:
                     moved += 1
         return moved
 
+    def in_flight(self, holder: int) -> set[bytes]:
+        """Shard ids journalled as sent to *holder* and not yet recorded (reconcile.py).
+        Bounded by the uploads in flight; a short read."""
+        prefix = _HOLDER.pack(holder)
+        found: set[bytes] = set()
+        with self.meta.read() as txn:
+            cursor = txn.cursor(db=self._placing)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:4] != prefix:
+                        break
+                    found.add(bytes(key[4:]))
+        return found
+
     # --- the collector -----------------------------------------------------------------
 
     def pending(self) -> tuple[int, int]:
