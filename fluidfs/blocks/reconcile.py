@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from fluidfs.blocks.record import StoredBlock
+from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_LIST_PAGE
 from fluidfs.peers.connections import PeerUnavailable
@@ -105,7 +106,7 @@ class Reconciler:
             done += len(chunk)
         if done:
             log.info("peer %s kept %d shards of ours that we no longer reference: deleted",
-                     key.hex()[:12], done)
+                     encode_peer_id(key)[:12], done)
         self.deleted += done
         return done
 
@@ -120,7 +121,7 @@ class Reconciler:
                     timeout=self.policy.timeout,
                 )
             except (PeerUnavailable, RpcError) as exc:
-                log.info("listing our shards on %s failed: %s", key.hex()[:12], exc)
+                log.info("listing our shards on %s failed: %s", encode_peer_id(key)[:12], exc)
                 return set()  # judge nothing on half a listing: next cycle
             ids = reply["ids"]
             if any(b <= a for a, b in zip([after, *ids], ids, strict=False)):
