@@ -126,7 +126,7 @@ class Reconciler:
             ids = reply["ids"]
             if any(b <= a for a, b in zip([after, *ids], ids, strict=False)):
                 log.warning("peer %s listed shards out of order: reconciling later",
-                            key.hex()[:12])
+                            encode_peer_id(key)[:12])
                 return set()
             found.update(ids)
             if not reply["more"] or not ids:

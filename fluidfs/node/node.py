@@ -509,7 +509,7 @@ class Node:
             await nursery.start(self.commits.run)
             if self.networked():
                 nursery.start_soon(self.keeper.run)
-                nursery.start_soon(supervise, "reconciler", self.reconciler.run)
+            nursery.start_soon(supervise, "reconciler", self.reconciler.run)
             if self.tree_restore.unfinished:
                 nursery.start_soon(self.tree_restore.run)
             task_status.started()
