@@ -46,7 +46,9 @@ class ReconcilePolicy:
 
     interval: float = 24 * 3600.0
     page: int = MAX_LIST_PAGE
-    max_ids: int = 1 << 20  # ids listed per host per cycle (a liar cannot page forever)
+    # ids listed per host per cycle: a liar cannot page forever, and memory stays at
+    # ~20 MB a host; judging a partial listing is still sound (surplus is surplus).
+    max_ids: int = 1 << 18
     timeout: float = 30.0
 
 
@@ -71,34 +73,50 @@ class Reconciler:
                 await self.cycle()
 
     async def cycle(self) -> int:
-        """Reconcile with every live partner at once; return the surplus shards deleted."""
-        deleted = 0
+        """Reconcile with every live partner; return the surplus shards deleted.
 
-        async def one(key: bytes, holder: int) -> None:
-            nonlocal deleted
-            deleted += await self.reconcile(key, holder)
+        Hosts are listed at once (each with its own timeout), then one scan of the block
+        records judges every listing, then each host's surplus is deleted at once.
+        """
+        hosts: dict[int, bytes] = {}
+        for agreement in self.remote.ledger.active():
+            peer = self.remote.peers.get(agreement.peer)
+            if peer is not None:
+                hosts[peer.index] = agreement.peer
+        listed: dict[int, set[bytes]] = {}
+
+        async def list_one(holder: int, key: bytes) -> None:
+            ids = await self._list(key)
+            if ids:
+                listed[holder] = ids
 
         async with trio.open_nursery() as nursery:
-            for agreement in self.remote.ledger.active():
-                peer = self.remote.peers.get(agreement.peer)
-                if peer is not None:
-                    nursery.start_soon(one, agreement.peer, peer.index)
-        self.cycles += 1
-        return deleted
-
-    async def reconcile(self, key: bytes, holder: int) -> int:
-        """Reconcile with one host; return the surplus shards deleted there."""
-        listed = await self._list(key)
-        if not listed:
-            return 0
-        listed -= self.blocks.collector.in_flight(holder)
+            for holder, key in hosts.items():
+                nursery.start_soon(list_one, holder, key)
+        for holder, ids in listed.items():  # after every listing: see the module doc
+            ids -= self.blocks.collector.in_flight(holder)
         surplus = await trio.to_thread.run_sync(
-            self._unreferenced, holder, listed, limiter=self.blocks.limiter
+            self._unreferenced, listed, limiter=self.blocks.limiter
         )
+        deleted = 0
         if not self.may_run():
             return 0
+
+        async def delete_one(holder: int, ids: set[bytes]) -> None:
+            nonlocal deleted
+            deleted += await self._delete(hosts[holder], holder, sorted(ids))
+
+        async with trio.open_nursery() as nursery:
+            for holder, ids in surplus.items():
+                if ids:
+                    nursery.start_soon(delete_one, holder, ids)
+        self.cycles += 1
+        self.deleted += deleted
+        return deleted
+
+    async def _delete(self, key: bytes, holder: int, ids: list[bytes]) -> int:
+        """Delete surplus *ids* on one host, a DeleteShard batch at a time."""
         done = 0
-        ids = sorted(surplus)
         for start in range(0, len(ids), DELETE_BATCH):
             chunk = ids[start : start + DELETE_BATCH]
             if not await self.remote.delete_ids(holder, chunk, 0):
@@ -107,7 +125,6 @@ class Reconciler:
         if done:
             log.info("peer %s kept %d shards of ours that we no longer reference: deleted",
                      encode_peer_id(key)[:12], done)
-        self.deleted += done
         return done
 
     async def _list(self, key: bytes) -> set[bytes]:
@@ -134,17 +151,20 @@ class Reconciler:
             after = ids[-1]
         return found
 
-    def _unreferenced(self, holder: int, listed: set[bytes]) -> set[bytes]:
-        """Those of *listed* that no block record names on *holder* (worker thread)."""
-        left = set(listed)
+    def _unreferenced(self, listed: dict[int, set[bytes]]) -> dict[int, set[bytes]]:
+        """Per holder, those of its listed ids that no block record names on it: one
+        scan of the records for every host (worker thread, a batch per transaction)."""
+        left = {holder: set(ids) for holder, ids in listed.items()}
         after: bytes | None = b""
         table = self.blocks.meta["blocks"]
-        while after is not None and left:
+        while after is not None and any(left.values()):
             with self.blocks.meta.read() as txn:
                 records, after = scan_batch(txn, table, after, SCAN_BATCH)
             for key, raw in records:
                 stored = StoredBlock.decode(key, raw)
-                for shard_id, h in zip(stored.record.shard_ids, stored.holders, strict=True):
-                    if h == holder:
-                        left.discard(shard_id)
+                for shard_id, holder in zip(stored.record.shard_ids, stored.holders,
+                                            strict=True):
+                    ids = left.get(holder)
+                    if ids:
+                        ids.discard(shard_id)
         return left
