@@ -2,14 +2,22 @@
 
 Two tables in ``meta.lmdb`` (format version 1) make this crash-safe:
 
-- ``gc``: key ``holder(u32) || shard_id(32)`` → ``u32`` shard size. Written in the
-  same transaction that drops a block's last reference (or that finds a shard
-  orphaned), removed once the holder confirms the delete. Retried until done.
-- ``placing``: same key; value ``u32 size || block id(32)``. Written just before a
-  shard is sent to a peer and cleared once the block record names that peer as
-  the shard's holder. After a crash, any entry left here is a shard a peer may
-  hold without our record knowing: it moves to ``gc``, unless the record names
-  that holder after all.
+- ``gc``: key ``holder(u32) || shard_id(32)`` → ``u32`` shard size, optionally followed
+  by one byte ``0``: *uncounted*, a shard the holder may have although our usage figure
+  for it never counted it (a store whose answer never came). Written in the same
+  transaction that drops a block's last reference (or that finds a shard orphaned),
+  removed once the holder confirms the delete. Retried until done. A confirmed delete
+  gives back only the counted bytes of what the holder's usage figure holds.
+- ``placing``: same key; value ``u32 size || block id(32) || outcome(1)``: the attempt,
+  journalled just before a shard is sent, and its outcome: ``0`` sent, no answer yet;
+  ``1`` stored (the holder confirmed it and its usage counts it). A store the holder
+  refused is taken out at once (nothing to collect, nothing to give back); one whose
+  answer never came (timeout, lost connection) moves to ``gc`` uncounted at once. The
+  entry is cleared once the block record names that peer as the shard's holder. After a
+  crash, any entry left here is a shard a peer may hold without our record knowing: it
+  moves to ``gc`` (counted if the holder had confirmed it), unless the record names that
+  holder after all. Entries without the outcome byte (written before it existed) read
+  as ``0``.
 
 Either way no promised space leaks for longer than it takes a holder to come back.
 
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _HOLDER = struct.Struct(">I")
 _SIZE = struct.Struct(">I")
+UNCOUNTED = b"\x00"  # gc value suffix: our usage figure never counted this shard
+SENT, STORED = b"\x00", b"\x01"  # placing outcomes
 GC_INTERVAL = 10.0
 BATCH = 1024
 
@@ -80,7 +90,28 @@ class Collector:
     def placing(self, holder: int, shard_id: bytes, size: int, block_id: bytes) -> None:
         """Journal a shard of *block_id* about to be sent to *holder*."""
         with self.meta.write() as txn:
-            txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id, db=self._placing)
+            txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id + SENT,
+                    db=self._placing)
+
+    def stored(self, holder: int, shard_id: bytes) -> None:
+        """The holder confirmed the shard (our usage figure for it now counts it)."""
+        key = _key(holder, shard_id)
+        with self.meta.write() as txn:
+            value = txn.get(key, db=self._placing)
+            if value is not None:
+                txn.put(key, bytes(value)[:36] + STORED, db=self._placing)
+
+    def refused(self, holder: int, shard_id: bytes) -> None:
+        """The holder answered that it did not store the shard: nothing to take back."""
+        with self.meta.write() as txn:
+            txn.delete(_key(holder, shard_id), db=self._placing)
+
+    def unanswered(self, holder: int, shard_id: bytes, size: int) -> None:
+        """No answer came: the holder may have the shard, uncounted. Collect it."""
+        with self.meta.write() as txn:
+            txn.delete(_key(holder, shard_id), db=self._placing)
+            txn.put(_key(holder, shard_id), _SIZE.pack(size) + UNCOUNTED, db=self._gc)
+        self.wake()
 
     def placed(self, txn, holders: list[int], shard_ids: tuple[bytes, ...]) -> None:
         """Clear journal entries now that the record names these holders."""
@@ -89,7 +120,7 @@ class Collector:
                 txn.delete(_key(holder, shard_id), db=self._placing)
 
     def abandon(self, holder: int, shard_id: bytes, size: int) -> None:
-        """A sent shard will not be recorded (its block went away): collect it."""
+        """A stored shard will not be recorded (its block went away): collect it."""
         with self.meta.write() as txn:
             txn.delete(_key(holder, shard_id), db=self._placing)
             self.enqueue_one(txn, holder, shard_id, size)
@@ -107,10 +138,25 @@ class Collector:
                 key, value = bytes(key), bytes(value)
                 holder, shard_id = _HOLDER.unpack(key[:4])[0], key[4:]
                 txn.delete(key, db=self._placing)
-                if not holds(txn, value[4:], holder, shard_id):
-                    txn.put(key, value[:4], db=self._gc)
+                if not holds(txn, value[4:36], holder, shard_id):
+                    counted = value[36:37] == STORED
+                    txn.put(key, value[:4] + (b"" if counted else UNCOUNTED), db=self._gc)
                     moved += 1
         return moved
+
+    def in_flight(self, holder: int) -> set[bytes]:
+        """Shard ids journalled as sent to *holder* and not yet recorded (reconcile.py).
+        Bounded by the uploads in flight; a short read."""
+        prefix = _HOLDER.pack(holder)
+        found: set[bytes] = set()
+        with self.meta.read() as txn:
+            cursor = txn.cursor(db=self._placing)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:4] != prefix:
+                        break
+                    found.add(bytes(key[4:]))
+        return found
 
     # --- the collector -----------------------------------------------------------------
 
@@ -120,7 +166,7 @@ class Collector:
         with self.meta.read() as txn:
             for size in txn.cursor(db=self._gc).iternext(keys=False, values=True):
                 count += 1
-                total += _SIZE.unpack(size)[0]
+                total += _SIZE.unpack(size[:4])[0]
         return count, total
 
     def wake(self) -> None:
@@ -157,8 +203,8 @@ class Collector:
             done += len(ids)
 
     def _next_run(self, after: bytes) -> tuple[int | None, list[bytes], int]:
-        """(holder, up to BATCH of its shard ids, their bytes) of the first entries with
-        keys above *after*, all of one holder; holder None when none are left."""
+        """(holder, up to BATCH of its shard ids, their counted bytes) of the first entries
+        with keys above *after*, all of one holder; holder None when none are left."""
         ids: list[bytes] = []
         total = 0
         first: int | None = None
@@ -175,7 +221,8 @@ class Collector:
                 elif holder != first or len(ids) >= BATCH:
                     break
                 ids.append(bytes(key[4:]))
-                total += _SIZE.unpack(size)[0]
+                if bytes(size[4:5]) != UNCOUNTED:
+                    total += _SIZE.unpack(size[:4])[0]
         return first, ids, total
 
     def _forget(self, holder: int, ids: list[bytes]) -> None:

@@ -19,6 +19,7 @@ About 500 bytes per 4 MiB block for N=12: a terabyte needs ~130 MB of records.
 from __future__ import annotations
 
 import struct
+from collections.abc import Set
 from dataclasses import dataclass
 
 from fluidfs.blocks.codec import NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
@@ -40,6 +41,10 @@ class StoredBlock:
     def missing(self) -> int:
         """Shards that have no holder yet."""
         return self.holders.count(NO_HOLDER)
+
+    def reachable(self, failing: Set[int]) -> int:
+        """Shards with a holder that is not among *failing* (holders failing now)."""
+        return sum(1 for h in self.holders if h != NO_HOLDER and h not in failing)
 
     def encode(self) -> bytes:
         """Serialise to the version-1 layout above."""

@@ -48,6 +48,9 @@ FoundShard = Callable[[int, int], None]
 # Told (block id, shard index, holder) when a recorded holder returns a corrupt copy.
 CorruptShard = Callable[[bytes, int, int], None]
 GOOD, BAD, UNREACHABLE = "good", "bad", "unreachable"
+STORED, REFUSED, UNANSWERED = "stored", "refused", "unanswered"
+# Failures after which a sent shard may be on the peer all the same.
+UNCERTAIN_CODES = frozenset({"timeout", "connection_lost", "bad_reply", "internal"})
 
 
 def _window() -> trio.Semaphore:
@@ -79,6 +82,23 @@ class RemoteShards:
         self.on_result: Callable[[bytes, bool], None] = peers.record
         self.on_corrupt: CorruptShard = lambda _block, _index, _holder: None
         self.caught: set[bytes] = set()  # served corrupt shards: placed on no more
+        # Refused a store as over its quota: placed on no more until it frees some room
+        # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
+        self.full: set[bytes] = set()
+
+    def failing_holders(self) -> set[int]:
+        """Holder indexes that do not count as reachable now: the agreement with the
+        holder is failing (its last audit or contact failed) or gone, or the peer is
+        forgotten. Agreed holders still count until their tolerance ends; this is the
+        other half of the truth, shown beside them."""
+        failing = set()
+        for agreement in self.ledger:
+            if agreement.active and agreement.failing_since is None:
+                continue
+            peer = self.peers.get(agreement.peer)
+            if peer is not None:
+                failing.add(peer.index)
+        return failing
 
     def usable_peers(self, shard_size: int) -> list[bytes]:
         """Peers that can take a shard now, in weighted random order (best first)."""
@@ -87,7 +107,7 @@ class RemoteShards:
             key = agreement.peer
             if agreement.room < shard_size or key not in self.peers or self.conns.backing_off(key):
                 continue
-            if key in self.caught:
+            if key in self.caught or key in self.full:
                 continue
             if self.even_placement:
                 weights[key] = 1.0
@@ -158,15 +178,26 @@ class RemoteShards:
         if not acquired:
             return False  # a slow peer: this shard goes to another one
         try:
+            holder = self.peers.get(key).index
             if self.journal is not None:
-                self.journal.placing(self.peers.get(key).index, shard_id, len(data), block_id)
-            return await self._store_on(key, shard_id, data, priority)
+                self.journal.placing(holder, shard_id, len(data), block_id)
+            outcome = await self._store_on(key, shard_id, data, priority)
+            if self.journal is not None:
+                if outcome == STORED:
+                    self.journal.stored(holder, shard_id)
+                elif outcome == REFUSED:
+                    self.journal.refused(holder, shard_id)
+                else:
+                    self.journal.unanswered(holder, shard_id, len(data))
+            return outcome == STORED
         finally:
             slot.release()
 
     async def _store_on(
         self, key: bytes, shard_id: bytes, data: bytes, priority: int = UPLOAD
-    ) -> bool:
+    ) -> str:
+        """STORED, REFUSED (the peer answered that it did not store it) or UNANSWERED
+        (it may have: the call timed out, the connection was lost, the answer was bad)."""
         try:
             reply = await self.conns.call(
                 key,
@@ -178,19 +209,22 @@ class RemoteShards:
         except (PeerUnavailable, RpcError) as exc:
             log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)
             self.on_result(key, False)
-            return False
+            if isinstance(exc, RpcError) and exc.code not in UNCERTAIN_CODES:
+                return REFUSED
+            # Unreachable covers timeouts and lost connections too: the shard may be
+            # there. Deleting a shard the peer never got costs one request.
+            return UNANSWERED
         if shard_id in reply["stored"]:
             self.ledger.add_use(key, len(data))
             self.on_result(key, True)
-            return True
+            self.full.discard(key)
+            return STORED
         codes = {r["code"] for r in reply["refused"]}
         log.info("peer %s refused a shard: %s", key.hex()[:12], ", ".join(sorted(codes)))
         self.on_result(key, False)
         if "over_quota" in codes:  # its idea of our usage is larger than ours: stop using it
-            agreement = self.ledger.get(key)
-            if agreement is not None:
-                agreement.they_use = agreement.they_host
-        return False
+            self.full.add(key)
+        return REFUSED
 
     async def fetch(
         self, record: BlockRecord, holders: list[int], on_found: FoundShard | None = None
@@ -379,4 +413,5 @@ class RemoteShards:
             log.info("deleting shards on %s failed: %s", key.hex()[:12], exc)
             return False
         self.ledger.add_use(key, -size)
+        self.full.discard(key)
         return True

@@ -116,6 +116,22 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             label = f"{level:>3}/{n}"
         print(f"  {label}: {count} blocks")
+    _print_reachable(reply, n, k)
+
+
+def _print_reachable(reply: dict, n: int, k: int) -> None:
+    """Shards whose holder answers now, and the holders that are failing since when."""
+    reachable, failing = reply.get("reachable", {}), reply.get("peers_failing", [])
+    if not failing:
+        return
+    print(f"reachable:   shards whose holder is not failing now, of {n}")
+    for level, count in reachable.items():
+        note = f"  below {k}: not readable now" if int(level) < k else ""
+        print(f"  {level:>3}/{n}{note}: {count} blocks")
+    print(f"failing:     {len(failing)} holders (agreements end after the tolerance)")
+    for peer in failing:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer["since"]))
+        print(f"  {peer['id'][:18]}…  since {since} ({_ago(peer['since'])})")
 
 
 def durability_lines(figures: dict | None, n: int) -> list[str]:

@@ -77,6 +77,7 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
             tolerance=args.tolerance,
             keep=args.keep_shards,
             tick=min(60.0, max(0.5, args.tolerance / 4)),
+            cooldown=args.tolerance,  # one tolerance period, as documented
         ),
         "repair": RepairPolicy(bandwidth=args.repair_bandwidth),
         "repair_threshold": args.repair_threshold,

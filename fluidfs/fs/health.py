@@ -39,13 +39,20 @@ class FileHealth:
 
 
 def redundancy(tree: Tree, blocks: BlockStore, ino: int) -> str:
-    """The file's redundancy as shown in the xattr: "12/12", "local", "inline", "empty"."""
+    """The file's redundancy as shown in the xattr: "12/12", "local", "inline", "empty".
+
+    Agreed holders count until the lifecycle ends their agreement (the tolerance), so
+    during an outage the agreed figure stays up; when fewer shards are reachable (their
+    holder is failing now, see ``RemoteShards.failing_holders``) that is shown beside
+    it: "12/12 (10 reachable)". Both are the minimum over the file's blocks.
+    """
     values = tree.blocks_of(ino)
     refs = [v[1:] for _, v in values if v[:1] == BLOCK_REF]
     if not refs:
         return "inline" if values else "empty"
-    worst = None
+    worst = worst_reachable = None
     total = blocks.codec.total
+    failing = blocks.remote.failing_holders() if blocks.remote is not None else set()
     for block_id in refs:
         stored = blocks.load(block_id)
         if stored is None:
@@ -53,8 +60,12 @@ def redundancy(tree: Tree, blocks: BlockStore, ino: int) -> str:
         if LOCAL_HOLDER in stored.holders:
             return "local"
         live = stored.record.total - stored.missing()
+        reachable = stored.reachable(failing)
         worst = live if worst is None else min(worst, live)
+        worst_reachable = reachable if worst_reachable is None else min(worst_reachable, reachable)
         total = stored.record.total
+    if worst_reachable is not None and worst_reachable < worst:
+        return f"{worst}/{total} ({worst_reachable} reachable)"
     return f"{worst}/{total}"
 
 

@@ -14,6 +14,7 @@ from fluidfs.wire.schema import Bool, Bytes, Int, List, Map, Schema, Str
 
 __all__ = [
     "ERROR_CODES",
+    "MAX_LIST_PAGE",
     "MAX_SHARD",
     "OPS",
     "REQUEST_SCHEMAS",
@@ -26,6 +27,7 @@ MAX_LEAF = 64 * 1024  # bytes of one audited Merkle leaf
 MAX_ADDR = 300  # "host:port" hint
 MAX_RECORD = 64 * 1024  # one signed per-owner record
 MAX_ADDR_RECORD = 640  # one signed address record (peers/addrrecord.py)
+MAX_LIST_PAGE = 1024  # shard ids in one ListShards page (~35 KB reply)
 U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
@@ -93,6 +95,12 @@ OPS: dict[str, OpSpec] = {
     "DeleteShard": OpSpec(
         Map({"ids": List(ID, max_len=1024)}),
         Map({"deleted": Int(0, 1024)}),
+    ),
+    # One page of the ids of the caller's shards the peer holds, ascending, all above
+    # `after` (b"" for the first page); `more`: another page follows.
+    "ListShards": OpSpec(
+        Map({"after": Bytes(max=32), "limit": Int(1, MAX_LIST_PAGE)}),
+        Map({"ids": List(ID, max_len=MAX_LIST_PAGE), "more": Bool()}),
     ),
     "ShareNewPeers": OpSpec(
         Map({"max": Int(0, 256)}),

@@ -25,6 +25,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.migrate import Migrator
+from fluidfs.blocks.reconcile import ReconcilePolicy, Reconciler
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer
 from fluidfs.diskspace import is_disk_full
@@ -210,6 +211,12 @@ class Node:
         self.blocks.total_missing_allowed = max(0, keyring.keyfile.shards_total - threshold - 1)
         self.auditor = Auditor(self.blocks, self.remote, config.audit)
         self.repairer = Repairer(self.blocks, config.repair)
+        # Reconcile with hosts once a tolerance period (a day by default): what they keep
+        # for us beyond what we reference is deleted. Only the writer; see _run_remount.
+        self.reconciler = Reconciler(
+            self.blocks, self.remote, ReconcilePolicy(interval=config.lifecycle.tolerance),
+            may_run=lambda: self.keeper.writer,
+        )
         self.lifecycle = Lifecycle(
             self.conns, self.ledger, self.shards, self.limiter, config.lifecycle,
             on_end=self._agreement_ended, records=records,
@@ -519,6 +526,7 @@ class Node:
             await nursery.start(self.commits.run)
             if self.networked():
                 nursery.start_soon(self.keeper.run)
+            nursery.start_soon(supervise, "reconciler", self.reconciler.run)
             if self.tree_restore.unfinished:
                 nursery.start_soon(self.tree_restore.run)
             task_status.started()

@@ -45,6 +45,10 @@ def overview(figures: dict[str, Any], now: float | None = None) -> dict[str, Any
     lowest = min(remote) if remote else n
     files = figures["files"]
     failing = figures["peers_failing"]
+    # Blocks with fewer than K shards on holders that answer now: unreadable until
+    # those holders come back or their tolerance ends and repair starts.
+    unreadable = sum(n_blocks for level, n_blocks in figures.get("reachable", {}).items()
+                     if int(level) < k)
     warnings: list[dict[str, str]] = []
 
     def warn(kind: str, text: str) -> None:
@@ -62,6 +66,9 @@ def overview(figures: dict[str, Any], now: float | None = None) -> dict[str, Any
     if figures["providers_gone"]:
         warn("gone", f"{_counted(figures['providers_gone'], 'peer')} holding our data "
              "ended the agreement: repair moves its shards elsewhere.")
+    if unreadable:
+        warn("unreachable", f"{_counted(unreadable, 'block')} with fewer than {k} shards "
+             "on peers that answer now: unreadable until they come back.")
     if lowest < k:
         warn("lost", f"Some blocks have fewer than {k} shards on peers: they cannot be "
              "rebuilt from peers now.")
@@ -74,7 +81,7 @@ def overview(figures: dict[str, Any], now: float | None = None) -> dict[str, Any
     if not figures["network"]:
         level = "danger"
         sentence = f"{_exist(files, 'file')} only on this machine: no peers yet."
-    elif local or lowest < k or len(failing) > n - k:
+    elif local or lowest < k or len(failing) > n - k or unreadable:
         level = "danger"
         if local:
             sentence = f"{_exist(local, 'block')} only on this machine."
@@ -82,8 +89,11 @@ def overview(figures: dict[str, Any], now: float | None = None) -> dict[str, Any
             sentence = (f"{_counted(len(failing), 'peer')} failing for "
                         f"{_duration(now - min(p['since'] for p in failing))}: "
                         f"fewer than {k} of {n} answer.")
-        else:
+        elif lowest < k:
             sentence = f"Some files cannot be rebuilt: blocks with fewer than {k} shards."
+        else:
+            sentence = (f"{_counted(unreadable, 'block')} unreadable now: fewer than {k} "
+                        "of their shards are on peers that answer.")
     elif failing:
         level = "warning"
         sentence = (f"{_counted(len(failing), 'peer')} failing for "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class Scanned:
     files: int = 0  # regular files in the live tree
     disk_free: int = 0  # bytes free on the disk holding the state directory
     disk_total: int = 0
+    # data blocks per number of shards whose holder is not failing now ("12", "10", …)
+    reachable: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,16 +101,22 @@ class NodeStatus:
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
-        scanned = await trio.to_thread.run_sync(self.scan, limiter=self.blocks.limiter)
+        remote = self.blocks.remote
+        failing = remote.failing_holders() if remote is not None else set()
+        scanned = await trio.to_thread.run_sync(
+            self.scan, failing, limiter=self.blocks.limiter
+        )
         return self.figures(scanned)
 
-    def scan(self) -> Scanned:
+    def scan(self, failing: frozenset[int] | set[int] = frozenset()) -> Scanned:
         """Read the stores: every block record, shard usage and the GC queue.
 
-        Blocking and proportional to the data: run it in a worker thread.
+        *failing*: holders that do not count as reachable now. Blocking and
+        proportional to the data: run it in a worker thread.
         """
         nodes = self.metadata_ids()
         levels: dict[str, int] = {}
+        reachable: dict[str, int] = {}
         pending = 0
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self.meta["blocks"]):
@@ -120,6 +128,8 @@ class NodeStatus:
                 else:
                     level = str(stored.record.total - stored.missing())
                     pending += stored.missing() * stored.record.shard_size
+                    up = str(stored.reachable(failing))
+                    reachable[up] = reachable.get(up, 0) + 1
                 levels[level] = levels.get(level, 0) + 1
             files = 0
             for _key, raw in txn.cursor(db=self.meta["inodes"]):
@@ -133,6 +143,7 @@ class NodeStatus:
             disk_free=disk_free,
             disk_total=disk_total,
             levels=levels,
+            reachable=reachable,
             pending=pending,
             nodes=nodes,
             own=self.shards.used(self.blocks.owner),
@@ -148,7 +159,7 @@ class NodeStatus:
         now = time.time()
         failing = [
             {"id": encode_peer_id(a.peer), "since": a.failing_since}
-            for a in self.ledger.active()
+            for a in sorted(self.ledger.active(), key=lambda a: a.failing_since or 0)
             if a.failing_since is not None
         ]
         gone = [a for a in self.ledger.ended() if now - (a.ended_at or 0) < GONE_WITHIN]
@@ -161,6 +172,8 @@ class NodeStatus:
             "shards_needed": self.codec.needed,
             "blocks": sum(levels.values()),
             "redundancy": {k: levels[k] for k in order},
+            "reachable": {k: scanned.reachable[k]
+                          for k in sorted(scanned.reachable, key=int, reverse=True)},
             "under_replicated": len(self.blocks.under - scanned.nodes),
             "uploaded_bytes": self.blocks.uploaded_bytes,
             "upload_pending_bytes": scanned.pending,

@@ -4,8 +4,9 @@ Stored in ``meta.lmdb`` table ``agreements`` (format version 1): key
 ``peer public key(32)`` → CBOR map ``{"v": 1, "we_host": int, "they_host": int,
 "they_use": int, "term": int, "created": float, "renewed": float,
 "store_at": str | None, "failing_since": float | None, "ended_at": float | None,
-"notified": bool, "ended_by_us": bool}``. Fields added later default when absent, so
-older records load (``ended_by_us`` was added in the same version: absent means false).
+"notified": bool, "ended_by_us": bool, "unclaimed_since": float | None}``. Fields added
+later default when absent, so older records load (``ended_by_us`` and ``unclaimed_since``
+were added in the same version: absent means false / None).
 
 ``we_host`` is the promise we made (bytes we keep for the peer); ``they_host``
 the promise they made to us; ``they_use`` the bytes of ours they hold, as we
@@ -18,6 +19,9 @@ agreement takes no new shards either way; what we host for the peer is kept for
 the keep period after the end, then dropped. An agreement *we* ended (``ended_by_us``:
 the peer failed verification too long) cannot be revived by a proposal until its
 cool-down has passed, and a proposal never clears a live agreement's failure clock.
+A new agreement that follows an ended one carries the old end time (``unclaimed_since``):
+the shards still kept from the old one are dropped a keep period after that end unless
+the owner re-claims them meanwhile (store/shards.py, peers/lifecycle.py).
 
 Terms (``TermsPolicy``, limits in docs/protocol.md §5): an acceptor grants at least
 ``min_bytes`` each way, at most a trust-scaled share of its donation to one peer, a
@@ -74,6 +78,7 @@ class Agreement:
     ended_at: float | None = None
     notified: bool = False
     ended_by_us: bool = False
+    unclaimed_since: float | None = None  # the previous agreement's end (see above)
 
     @property
     def active(self) -> bool:
@@ -154,7 +159,8 @@ class Ledger:
         now = self.clock()
         agreement = self.agreements.get(peer)
         if agreement is None or not agreement.active:
-            agreement = Agreement(peer, created=now)
+            before = agreement.ended_at if agreement is not None else None
+            agreement = Agreement(peer, created=now, unclaimed_since=before)
             self.agreements[peer] = agreement
         agreement.we_host = we_host
         agreement.they_host = they_host

@@ -9,6 +9,11 @@ kept for the keep period (default one day, the seed's minimum) and then dropped,
 with the records (root pointer, lease) we keep for it. An agreement we ended cannot be
 revived by a proposal for the cool-down (default one day, one tolerance period): a peer
 that just failed us does not get a fresh start by asking again.
+
+A new agreement that follows an ended one starts clean: shards kept from the old one
+were marked unclaimed when it began (service/agreements.py), and those the owner has not
+stored, retrieved or audited since are dropped when the old agreement's keep period ends
+(``unclaimed_since`` + keep), as they would have been without the new agreement.
 """
 
 from __future__ import annotations
@@ -86,6 +91,11 @@ class Lifecycle:
             since = agreement.failing_since
             if since is not None and now - since > self.policy.tolerance:
                 self.end(agreement.peer, f"failing for {now - since:.0f} s")
+            ended = agreement.unclaimed_since
+            if agreement.active and ended is not None and now - ended > self.policy.keep:
+                await self._drop_unclaimed(agreement.peer)
+                agreement.unclaimed_since = None
+                self.ledger.save(agreement)
         for agreement in list(self.ledger):
             if agreement.active:
                 continue
@@ -131,6 +141,23 @@ class Lifecycle:
             log.info(
                 "dropped %d shards (%d bytes) of ended partner %s",
                 len(ids),
+                freed,
+                encode_peer_id(key)[:12],
+            )
+
+    async def _drop_unclaimed(self, key: bytes) -> None:
+        """Drop the shards kept from an earlier agreement that the owner never re-claimed."""
+        count = freed = 0
+        more = True
+        while more:  # bounded write transactions
+            dropped, size, more = await trio.to_thread.run_sync(
+                self.shards.drop_unclaimed, key, DROP_BATCH, limiter=self.limiter
+            )
+            count, freed = count + dropped, freed + size
+        if count:
+            log.info(
+                "dropped %d unclaimed shards (%d bytes) of %s kept from an ended agreement",
+                count,
                 freed,
                 encode_peer_id(key)[:12],
             )

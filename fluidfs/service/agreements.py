@@ -13,6 +13,9 @@ Rules (limits and reasons in docs/protocol.md §5):
   ended agreements that hold nothing are forgotten, and live ones idle and empty are
   ended, to make room.
 - Renewing a live agreement changes its terms, never its running failure clock.
+- A new agreement that follows an ended one does not adopt the shards kept from the
+  old one: they are marked unclaimed, and dropped when the old agreement's keep period
+  ends unless the owner stores, retrieves or audits them meanwhile (peers/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
+
+MARK_BATCH = 2000  # shards marked unclaimed per write transaction
 
 
 @dataclass
@@ -103,10 +108,20 @@ class AgreementOps:
         note_claim(self.peers, peer, addr)
         offer, ask = granted
         # The proposer's "ask" is what we host; its "offer" is what it hosts for us.
-        self.ledger.record(
+        agreement = self.ledger.record(
             peer, we_host=ask, they_host=offer, term=term, store_at=args.get("store_at")
         )
+        if not renewal and agreement.unclaimed_since is not None:
+            await self._mark_unclaimed(peer)
         return {"accepted": True, "offer": offer, "ask": ask, "term": term}
+
+    async def _mark_unclaimed(self, peer: bytes) -> None:
+        """Mark every shard kept from the peer's ended agreement unclaimed, in batches."""
+        after: bytes | None = b""
+        while after is not None:
+            after = await trio.to_thread.run_sync(
+                self.shards.mark_unclaimed, peer, after, MARK_BATCH, limiter=self.limiter
+            )
 
     async def end(self, peer: bytes, args: Args) -> Reply:
         """The peer ends our agreement (no cool-down: it was not its failure)."""

@@ -3,6 +3,8 @@
 - A store needs a live agreement; what does not fit the promise or the donation is
   refused (``over_quota``), a shard whose bytes do not match its id too (``bad_shard``);
   see service/quota.py for how concurrent stores are kept within the quota.
+- ``ListShards`` pages through the ids of the caller's shards (any agreement, live or
+  ended, remembered: an owner reconciles what we hold; see blocks/reconcile.py).
 - Only the owner of a shard can retrieve, audit or delete it: shards are keyed by the
   proven identity of the connection that stored them. Deletes de-duplicate ids and never
   read a shard.
@@ -27,7 +29,7 @@ from fluidfs.store.shards import ShardStore
 
 @dataclass
 class ShardOps:
-    """Answers StoreShard, RetrieveShard, DeleteShard and AuditShard."""
+    """Answers StoreShard, RetrieveShard, DeleteShard, AuditShard and ListShards."""
 
     shards: ShardStore
     ledger: Ledger
@@ -42,6 +44,7 @@ class ShardOps:
             "RetrieveShard": self.retrieve,
             "DeleteShard": self.delete,
             "AuditShard": self.audit,
+            "ListShards": self.list_ids,
         }
 
     async def store(self, peer: bytes, args: Args) -> Reply:
@@ -78,6 +81,16 @@ class ShardOps:
         path = await trio.to_thread.run_sync(merkle.proof, data, index, limiter=self.limiter)
         return {"leaf_data": merkle.leaf(data, index), "path": path}
 
+    async def list_ids(self, peer: bytes, args: Args) -> Reply:
+        """One page of the ids of the caller's shards held here, in order, after
+        ``after``: at most ``limit`` (itself at most MAX_LIST_PAGE, by the schema)."""
+        if self.ledger.get(peer) is None:
+            raise RpcError("no_agreement", "no storage agreement with you")
+        ids, more = await trio.to_thread.run_sync(
+            self.shards.ids_after, peer, args["after"], args["limit"], limiter=self.limiter
+        )
+        return {"ids": ids, "more": more}
+
     def _promised(self, owner: bytes) -> int:
         """Bytes we promised to host for *owner* (0 once its agreement ended)."""
         agreement = self.ledger.live(owner)
@@ -89,4 +102,10 @@ class ShardOps:
         )
         if data is None:
             raise RpcError("not_found", "no such shard of yours here")
+        agreement = self.ledger.live(peer)
+        if agreement is not None and agreement.unclaimed_since is not None:
+            # The owner uses a shard kept from an ended agreement: it is claimed again.
+            await trio.to_thread.run_sync(
+                self.shards.claim, peer, shard_id, limiter=self.limiter
+            )
         return data

@@ -4,6 +4,11 @@ On-disk format, version 1, in ``shards.lmdb``:
 
 - table ``shards``: key ``owner(32) || shard_id(32)`` → the shard bytes.
 - table ``usage``:  key ``owner(32)`` → ``u64 big-endian`` bytes held for that owner.
+- table ``unclaimed``: key ``owner(32) || shard_id(32)`` → empty: a shard kept from an
+  ended agreement when a new one with the same owner began. Storing, retrieving or
+  auditing it (the owner re-claims it) or deleting it removes the mark; what is still
+  marked when the old agreement's keep period ends is dropped (marked in
+  service/agreements.py, dropped in peers/lifecycle.py).
 
 All methods do blocking LMDB I/O: call them from worker threads. ``release_pages``
 gives back the mapped pages that shard traffic left in this process's RSS; it costs
@@ -30,8 +35,9 @@ class ShardStore:
     def __init__(self, path: Path) -> None:
         # Shards are read whole and sequentially: kernel read-ahead makes cold reads
         # ~15x faster here (measured 70 vs 1,150 MB/s).
-        self.db = Database(path, ["shards", "usage"], readahead=True)
+        self.db = Database(path, ["shards", "usage", "unclaimed"], readahead=True)
         self._shards = self.db["shards"]
+        self._unclaimed = self.db["unclaimed"]
         self._mapped = MappedFile(str(path / "data.mdb"))
         self._touched = True  # shard pages may be mapped since the last release_pages
         self._usage = self.db["usage"]
@@ -54,6 +60,7 @@ class ShardStore:
                 if old is not None:
                     added -= len(old)
                 txn.put(key, data, db=self._shards)
+                txn.delete(key, db=self._unclaimed)
                 added += len(data)
             self._add_usage(txn, owner, added)
         return added
@@ -90,6 +97,7 @@ class ShardStore:
                     over.append(shard_id)
                     continue
                 txn.put(key, data, db=self._shards)
+                txn.delete(key, db=self._unclaimed)
                 used += delta
                 pooled += delta
                 added += delta
@@ -119,6 +127,7 @@ class ShardStore:
                     count += 1
                     freed += len(old)
                     txn.delete(key, db=self._shards)
+                    txn.delete(key, db=self._unclaimed)
             self._add_usage(txn, owner, -freed)
         return count, freed
 
@@ -151,6 +160,60 @@ class ShardStore:
                         break
                     found.append(bytes(key[32:]))
         return iter(found)
+
+    def ids_after(self, owner: bytes, after: bytes, limit: int) -> tuple[list[bytes], bool]:
+        """Up to *limit* shard ids held for *owner* above *after*, in order, and whether
+        more follow (one page of ``ListShards``). No shard is read."""
+        found: list[bytes] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._shards)
+            if not cursor.set_range(owner + after):
+                return found, False
+            for key in cursor.iternext(keys=True, values=False):
+                if key[:32] != owner:
+                    return found, False
+                shard_id = bytes(key[32:])
+                if shard_id == after:
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append(shard_id)
+        return found, False
+
+    def mark_unclaimed(self, owner: bytes, after: bytes, limit: int) -> bytes | None:
+        """Mark up to *limit* of *owner*'s shards above *after* unclaimed; return the last
+        id marked (to continue after), or None once every shard is marked."""
+        ids, more = self.ids_after(owner, after, limit)
+        with self._write() as txn:
+            for shard_id in ids:
+                txn.put(owner + shard_id, b"", db=self._unclaimed)
+        return ids[-1] if more and ids else None
+
+    def claim(self, owner: bytes, shard_id: bytes) -> None:
+        """The owner uses the shard again: it is no longer unclaimed."""
+        with self._write() as txn:
+            txn.delete(owner + shard_id, db=self._unclaimed)
+
+    def drop_unclaimed(self, owner: bytes, limit: int) -> tuple[int, int, bool]:
+        """Delete up to *limit* of *owner*'s shards still marked unclaimed; return
+        (shards deleted, bytes freed, whether more are marked)."""
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._unclaimed)
+            ids: list[bytes] = []
+            more = False
+            if cursor.set_range(owner):
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:32] != owner:
+                        break
+                    if len(ids) == limit:
+                        more = True
+                        break
+                    ids.append(bytes(key[32:]))
+        with self._write() as txn:
+            for shard_id in ids:
+                txn.delete(owner + shard_id, db=self._unclaimed)
+        count, freed = self.delete_counted(owner, ids)
+        return count, freed, more
 
     def _usage_of(self, txn, owner: bytes) -> int:
         raw = txn.get(owner, db=self._usage)

@@ -54,3 +54,17 @@ def test_warnings_that_matter() -> None:
     assert [w["kind"] for w in o["warnings"]] == ["keyfile", "gone", "disk"]
     alone = overview(figures(network=False, redundancy={"local": 2}, files=1), NOW)
     assert alone["sentence"] == "1 file exists only on this machine: no peers yet."
+
+
+def test_blocks_below_k_reachable_are_danger_before_any_tolerance_ends() -> None:
+    """Issue 19: agreed holders still count, but a block with fewer than K shards on
+    holders that answer cannot be read now. Before, two failing peers were a warning."""
+    o = overview(figures(peers_failing=failing(2, NOW - 60),
+                         reachable={"12": 30, "10": 9, "7": 1}), NOW)
+    assert o["level"] == "danger"
+    assert o["sentence"] == ("1 block unreadable now: fewer than 8 of their shards "
+                             "are on peers that answer.")
+    assert "unreachable" in [w["kind"] for w in o["warnings"]]
+    fine = overview(figures(peers_failing=failing(2, NOW - 60), reachable={"12": 30, "10": 10}),
+                    NOW)
+    assert fine["level"] == "warning"

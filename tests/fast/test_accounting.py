@@ -1,0 +1,101 @@
+"""Honest accounting (issue 19): the placing journal records each store's attempt and
+outcome, so that after refused and unanswered stores and a restart, what the owner
+thinks each peer holds for it is what the peer holds.
+
+The owner's block store uploads through real peer services on 127.0.0.1: four honest
+hosts, one that refuses as over quota after its first shard, and one that stores every
+shard but answers only every other store (the answer lost on the way).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from inproc import LocalStore, PeerNode, peer_nodes
+
+from fluidfs import keys
+from fluidfs.blocks import remote as remote_mod
+from fluidfs.blocks.record import NO_HOLDER, StoredBlock
+from fluidfs.blocks.remote import RemoteShards
+from fluidfs.service.host import PeerService
+
+N = 4
+RING = keys.KeyRing(keys.generate(shards_total=N, shards_needed=2))
+MIB = 1 << 20
+
+
+class AnswersEveryOtherStore(PeerService):
+    """Stores what it is sent, but every other answer never comes back (a flaky link)."""
+
+    stores = 0
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        reply = await super().handle(peer_key, op, args)
+        if op == "StoreShard":
+            self.stores += 1
+            if self.stores % 2 == 0:
+                await trio.sleep_forever()
+        return reply
+
+
+async def upload(store: LocalStore, data: bytes) -> StoredBlock:
+    record, shards = store.codec.seal(data, store.codec.block_id(data))
+    with store.db.write() as txn:
+        store.blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
+    await store.blocks.upload(record, shards)
+    return store.blocks.load(record.block_id)
+
+
+async def test_usage_matches_the_hosts_after_refused_and_unanswered_stores_and_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the journal kept outcomes, the refused and unanswered stores stayed in it;
+    at the restart they became garbage whose deletion was subtracted from usage that
+    never counted them (the refusing host's figure fell below what it held)."""
+    monkeypatch.setattr(remote_mod, "STORE_TIMEOUT", 0.2)
+    async with peer_nodes(tmp_path, 4) as (nursery, honest):
+        refuser = await PeerNode(tmp_path / "refuser").start(nursery)
+        silent = await PeerNode(tmp_path / "silent", service=AnswersEveryOtherStore).start(
+            nursery
+        )
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        hosts = [*honest, refuser, silent]
+        try:
+            for host in hosts:
+                owner.use(host)
+            store.blocks.use_network(
+                RemoteShards(owner.conns, owner.peers, owner.ledger, store.codec, store.limiter)
+            )
+            sample = os.urandom(1000)
+            shard = store.codec.seal(sample, store.codec.block_id(sample))[0].shard_size
+            # The refuser promised room for one shard only (the owner thinks far more).
+            refuser.ledger.record(owner.key, we_host=shard, they_host=MIB, term=3600)
+            for _ in range(20):  # placement is random: until both misbehaved
+                await upload(store, os.urandom(1000))
+                if refuser.key in store.blocks.remote.full and silent.service.stores >= 4:
+                    break
+            assert refuser.shards.used(owner.key) == shard, "one store taken, one refused"
+            assert refuser.key in store.blocks.remote.full
+            assert silent.service.stores >= 4
+
+            # A clean stop and start: usage saved, the journal settled, garbage collected.
+            owner.ledger.save_all()
+            store.blocks.recover_journal()
+            await store.blocks.collector.collect()
+            assert store.blocks.collector.pending() == (0, 0)
+            for host in hosts:
+                assert owner.ledger.get(host.key).they_use == host.shards.used(owner.key), (
+                    f"usage of {hosts.index(host)}"
+                )
+            assert silent.shards.used(owner.key) == (silent.service.stores + 1) // 2 * shard, (
+                "unanswered stores are taken back, answered ones kept"
+            )
+        finally:
+            store.close()
+            owner.close()
+            refuser.close()
+            silent.close()
