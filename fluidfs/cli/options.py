@@ -83,7 +83,8 @@ def option(
 
 
 NODE = ("mount", "serve")  # the commands that run a node
-STATE = ("mount", "serve", "peers", "check", "status", "sync", "snapshots", "forget", "key")
+STATE = ("mount", "serve", "peers", "check", "status", "sync", "snapshots", "forget", "key",
+         "provider")
 RETENTION_HELP = (
     "which snapshots to keep (default all=1d,hourly=7d,daily=90d; "
     "rules: all, hourly, daily, weekly, monthly)"
@@ -98,8 +99,13 @@ OPTIONS: list[Option] = [
         commands=on(
             peers={"nargs": "?", "choices": ["list", "add"], "default": "list"},
             key={"choices": ["export"]},
+            provider={"choices": ["add", "list", "remove"]},
         ),
     ),
+    option("customer", nargs="?", metavar="CUSTOMER_ID", help="the customer's peer id",
+           commands=on("provider")),
+    option("--quota", type=parse_size, default=None, help="space the customer may reserve",
+           commands=on("provider"), example="200G"),
     option("addr", nargs="?", type=listen_address, help="HOST:PORT (with add)",
            commands=on("peers")),
     option("names", nargs="*", metavar="SNAPSHOT", help="snapshots to drop",
@@ -172,6 +178,13 @@ OPTIONS: list[Option] = [
         help="a peer to start from (repeatable); with PEERID, only that peer is accepted there",
         commands=on(*NODE), example="127.0.0.1:7471",
     ),
+    # Storage providers (docs/federation.md).
+    option("--provider", action="store_true", commands=on("serve"),
+           help="be a storage provider for the customers admitted with `fluidfs provider`"),
+    option("--provider", type=peer_entry, default=None, metavar="PEERID@HOST:PORT",
+           dest="use_provider", commands=on("mount"),
+           help="a storage provider that holds this node's side of its agreements",
+           example="aaaqeayeaudaocajbifqydiob4ibceqtcqkrmfyydenbwha5dypq@127.0.0.1:7471"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
@@ -248,7 +261,7 @@ OPTIONS: list[Option] = [
         ),
     ),
     option("--json", action="store_true", help="machine-readable output",
-           commands=on("peers", "status", "sync", "snapshots")),
+           commands=on("peers", "status", "sync", "snapshots", "provider")),
     option("--dry-run", action="store_true", help="only say what would go",
            commands=on("forget")),
     option("--with-peers", action="store_true",

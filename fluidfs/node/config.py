@@ -51,3 +51,5 @@ class NodeConfig:
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off
     web_refresh: float = 5.0  # seconds between the page's status polls
+    provider: bool = False  # serve as a storage provider for admitted customers
+    use_provider: tuple[bytes, str] | None = None  # (id, HOST:PORT) holding our side

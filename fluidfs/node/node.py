@@ -50,6 +50,7 @@ from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.portmap import PortMapper
+from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
@@ -64,6 +65,7 @@ from fluidfs.remount.schedule import CommitSchedule
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.host import PeerService
 from fluidfs.statedir import fsname_for
+from fluidfs.store.accounts import AccountBook
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
@@ -162,14 +164,21 @@ class Node:
             cooldown=config.lifecycle.cooldown,
             addresses=self.addresses,
             remote_of=lambda key: self.conns.remote.get(key, ""),
+            accounts=AccountBook(self.meta) if config.provider else None,
+            keep=config.lifecycle.keep,
         )
         self.conns = Connections(
             keyring.signing_key,
             self.service,
             self.peers,
             limits=config.net_limits,
-            is_partner=lambda key: self.ledger.live(key) is not None,
+            is_partner=self._is_partner,
+            store_at=self.ledger.store_at_of,
         )
+        self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
+        if config.use_provider is not None:
+            self.provider = ProviderClient(self.conns, self.ledger, *config.use_provider,
+                                           tick=config.lifecycle.tick)
         self.manager = PeerManager(
             self.conns,
             self.peers,
@@ -179,6 +188,7 @@ class Node:
             term=config.term,
             propose=config.stores_data,
             on_new_agreement=self._new_agreement,
+            provider=self.provider,
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
@@ -318,6 +328,13 @@ class Node:
             or bool(self.config.remount.pinned)
         )
 
+    def _is_partner(self, key: bytes) -> bool:
+        """A peer with a live agreement; on a provider, also its customers and the peers
+        storing under their reservations."""
+        if self.ledger.live(key) is not None:
+            return True
+        return self.service.provider is not None and self.service.provider.is_partner(key)
+
     def _peer_index(self, key: bytes) -> int:
         peer = self.peers.get(key)
         return peer.index if peer is not None else self.peers.add(key).index
@@ -448,6 +465,11 @@ class Node:
                 ("shard pages", self._release_shard_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
+            if self.service.provider is not None:
+                tick = self.config.lifecycle.tick
+                nursery.start_soon(supervise, "reservations", self.service.provider.run, tick)
+            if self.provider is not None:
+                nursery.start_soon(supervise, "provider", self.provider.run)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -464,6 +486,8 @@ class Node:
             self.blocks,
             self.status,
         )
+        if self.provider is not None:
+            handlers["status"] = self.provider.with_status(handlers["status"])
         return handlers | remount_control.handlers(self.remount_requests)
 
     async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -5,7 +5,8 @@ Agreements are sized from what this node donates: each one offers
 the donation) and asks the same amount back. A node that only donates space
 (``fluidfs serve``) has nothing to store, so it accepts agreements but proposes
 none. A bootstrap address that cannot be reached is retried
-with back-off until it answers.
+with back-off until it answers. With a storage provider (peers/provider.py) our side of
+each agreement we propose is reserved there first and held there (``store_at``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger, TermsPolicy
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.provider import ProviderClient
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class PeerManager:
     propose: bool = True
     terms: TermsPolicy = field(default_factory=TermsPolicy)
     on_new_agreement: Callable[[bytes], None] = _ignore
+    provider: ProviderClient | None = None  # holds our side of the agreements we propose
 
     async def add(self, addr: str) -> tuple[bytes, bool]:
         """Connect to *addr*, record the peer, and propose an agreement if there is none.
@@ -85,6 +88,18 @@ class PeerManager:
         args = {"offer": size, "ask": size, "term": self.term}
         if self.conns.listen_addr:
             args["addr"] = self.conns.listen_addr
+        provider = self.provider if self.provider and self.provider.key != key else None
+        if provider is not None:
+            if not await provider.reserve(key, size):
+                return False  # no space held for it: proposing would promise what we lack
+            args["store_at"] = provider.store_at()
+        agreed = await self._propose(key, args, provider is not None)
+        if not agreed and provider is not None:
+            await provider.unreserve(key)  # refused: the provider holds nothing for it
+        return agreed
+
+    async def _propose(self, key: bytes, args: dict, held: bool) -> bool:
+        """Send the proposal and take the reply; True if an agreement is in place."""
         try:
             reply = await self.conns.call(key, "ProposeAgreement", args, timeout=10)
         except (PeerUnavailable, RpcError) as exc:
@@ -106,7 +121,9 @@ class PeerManager:
             with contextlib.suppress(PeerUnavailable, RpcError):
                 await self.conns.call(key, "EndAgreement", {}, timeout=10)  # its side too
             return False
-        self.ledger.record(key, we_host=offer, they_host=ask, term=term)
+        reserved_at = self.provider.key if held and self.provider else None
+        self.ledger.record(key, we_host=offer, they_host=ask, term=term,
+                           reserved_at=reserved_at)
         log.info("agreement with %s: we host %d bytes, it hosts %d", _short(key), offer, ask)
         self.on_new_agreement(key)
         return True

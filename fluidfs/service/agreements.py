@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.peerlist import ORIGIN_PEER, PeerList
 from fluidfs.service.discovery import claimed_addr, note_claim
@@ -93,6 +94,9 @@ class AgreementOps:
         addr = claimed_addr(args)
         renewal = self.ledger.live(peer) is not None
         granted, reason = self._terms_for(peer, offer, ask)
+        store_at = None
+        if reason is None and "store_at" in args:
+            store_at, reason = self._store_at(peer, args["store_at"])
         if reason is None and not renewal:
             reason = await self._room_for_new(peer)
         if reason is not None:
@@ -104,7 +108,7 @@ class AgreementOps:
         offer, ask = granted
         # The proposer's "ask" is what we host; its "offer" is what it hosts for us.
         self.ledger.record(
-            peer, we_host=ask, they_host=offer, term=term, store_at=args.get("store_at")
+            peer, we_host=ask, they_host=offer, term=term, store_at=store_at
         )
         return {"accepted": True, "offer": offer, "ask": ask, "term": term}
 
@@ -115,6 +119,17 @@ class AgreementOps:
             log.info("peer %s ended our agreement", peer.hex()[:12])
             self.on_end(peer)
         return {"ended": agreement is not None}
+
+    def _store_at(self, peer: bytes, where: Args) -> tuple[tuple[bytes, str] | None, str | None]:
+        """The provider a proposer's side is held at, parsed; or why we refuse it."""
+        provider = where["id"]
+        if provider in (peer, self.peers.self_key):
+            return None, "store_at must name a third node: the proposer's provider"
+        try:
+            addr = str(PeerAddr.parse(where["addr"]))
+        except AddressError as exc:
+            return None, f"store_at address: {exc}"
+        return (provider, addr), None
 
     def _terms_for(self, peer: bytes, offer: int, ask: int) -> tuple[tuple[int, int], str | None]:
         """The (offer, ask) we would grant *peer*, or a reason to refuse."""

@@ -3,7 +3,8 @@
 What each op does, and the rules it enforces, is in the module that answers it:
 service/agreements.py (ProposeAgreement, EndAgreement), service/shards.py (StoreShard,
 RetrieveShard, DeleteShard, AuditShard; quotas in service/quota.py), service/records.py
-(PutRecord, GetRecord) and service/discovery.py (ShareNewPeers, Ping). The wire side is in
+(PutRecord, GetRecord), service/discovery.py (ShareNewPeers, Ping) and, on a storage
+provider, service/provider.py (Reserve, Unreserve, shard ops for a customer). The wire side is in
 docs/protocol.md, the limits in its §5.
 
 Every shard-store and record-store call runs in a worker thread of ``limiter``, the
@@ -27,9 +28,11 @@ from fluidfs.service.agreements import AgreementOps
 from fluidfs.service.discovery import DiscoveryOps
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
+from fluidfs.service.provider import ProviderOps
 from fluidfs.service.quota import OwnerLocks, ShardQuota
 from fluidfs.service.records import RecordOps
 from fluidfs.service.shards import ShardOps
+from fluidfs.store.accounts import AccountBook
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -44,6 +47,8 @@ class PeerService:
     an idle one made room); our shards on that peer no longer count.
     *addresses*: peers' signed address records; *remote_of*: where a peer's connection
     comes from (service/discovery.py).
+    *accounts*: a storage provider's customers (None: this node is no provider), whose
+    removed reservations are served for *keep* seconds (service/provider.py).
     """
 
     schemas = REQUEST_SCHEMAS
@@ -64,6 +69,8 @@ class PeerService:
         cooldown: float = DAY,
         addresses: AddressBook | None = None,
         remote_of: Callable[[bytes], str] = lambda _key: "",
+        accounts: AccountBook | None = None,
+        keep: float = DAY,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -73,19 +80,27 @@ class PeerService:
                            OwnerLocks(terms.max_agreements))
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
                                   donate, ratio, terms, cooldown)
+        direct = ShardOps(shards, ledger, quota, limiter, faults)
         self._ops: dict[str, Op] = {
             **agreements.ops(),
-            **ShardOps(shards, ledger, quota, limiter, faults).ops(),
+            **direct.ops(),
             **RecordOps(records, ledger, limiter).ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
         }
+        self.provider: ProviderOps | None = None
+        if accounts is not None:
+            self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
+                                        peers.self_key, keep)
+            self._ops.update(self.provider.ops())
 
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
         """Serve one validated request from *peer_key*."""
         answer = self._ops.get(op)
         if answer is None:
             raise RpcError("unknown_op", f"{op} is not served here")
+        if "for" in args and self.provider is None:
+            raise RpcError("refused", "this node is no storage provider")
         rate = self.faults.fault_rate
         if rate and op in FAULTY_OPS and random.random() < rate:
             raise RpcError("busy", "injected fault (--fault-rate)")
