@@ -172,7 +172,7 @@ class Node:
             self.service,
             self.peers,
             limits=config.net_limits,
-            is_partner=self._is_partner,
+            is_partner=self.service.is_partner,
             store_at=self.ledger.store_at_of,
         )
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
@@ -327,13 +327,6 @@ class Node:
             or bool(self.config.bootstrap)
             or bool(self.config.remount.pinned)
         )
-
-    def _is_partner(self, key: bytes) -> bool:
-        """A peer with a live agreement; on a provider, also its customers and the peers
-        storing under their reservations."""
-        if self.ledger.live(key) is not None:
-            return True
-        return self.service.provider is not None and self.service.provider.is_partner(key)
 
     def _peer_index(self, key: bytes) -> int:
         peer = self.peers.get(key)

@@ -75,6 +75,7 @@ class PeerService:
         terms = terms or TermsPolicy()
         self.faults = faults
         self.shards = shards
+        self.ledger = ledger
         # One store per owner at a time; at most one table entry per live agreement.
         quota = ShardQuota(shards, donate, peers.self_key, limiter,
                            OwnerLocks(terms.max_agreements))
@@ -93,6 +94,13 @@ class PeerService:
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
                                         peers.self_key, keep)
             self._ops.update(self.provider.ops())
+
+    def is_partner(self, key: bytes) -> bool:
+        """A peer with a live agreement; on a provider, also its customers and the peers
+        storing under their reservations (they get a partner's limits, net/admission.py)."""
+        if self.ledger.live(key) is not None:
+            return True
+        return self.provider is not None and self.provider.is_partner(key)
 
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
         """Serve one validated request from *peer_key*."""

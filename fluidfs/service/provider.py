@@ -51,15 +51,15 @@ class ProviderOps:
     limiter: trio.CapacityLimiter
     self_key: bytes
     keep: float  # seconds a removed reservation's shards are still served
-    _storing: set[bytes] = field(default_factory=set, init=False)  # with a live reservation
+    _storing: set[bytes] = field(default_factory=set, init=False)  # with a reservation
 
     def __post_init__(self) -> None:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read which peers store under a live reservation (the operator may have
-        closed an account from another process)."""
-        self._storing = {r.peer for r in self.book.reservations() if r.live}
+        """Re-read which peers store under a reservation, live or in its keep period (the
+        operator may have closed an account from another process)."""
+        self._storing = {r.peer for r in self.book.reservations()}
 
     def ops(self) -> dict[str, Op]:
         """The ops served here, by wire name (the shard ops wrap the direct ones)."""
@@ -73,8 +73,8 @@ class ProviderOps:
         }
 
     def is_partner(self, key: bytes) -> bool:
-        """True for a customer, or a peer storing under one of its reservations: they get
-        a partner's room at admission (net/admission.py)."""
+        """True for a customer, or a peer with shards under one of its reservations: they
+        get a partner's room at admission (net/admission.py)."""
         return key in self._storing or self.book.account(key) is not None
 
     # --- the customer -------------------------------------------------------------------
@@ -106,7 +106,6 @@ class ProviderOps:
         """Remove the reservation for ``peer``; its shards stay for the keep period."""
         self._customer(customer)
         removed = self.book.unreserve(customer, args["peer"])
-        self.refresh()
         if removed:
             log.info("customer %s removed its reservation for %s",
                      _short(customer), _short(args["peer"]))
@@ -189,6 +188,7 @@ class ProviderOps:
                                               ids[start : start + DROP_BATCH],
                                               limiter=self.limiter)
             self.book.forget(reservation)
+            self.refresh()
             dropped += 1
             log.info("dropped %d shards of %s's removed reservation for %s", len(ids),
                      _short(reservation.customer), _short(reservation.peer))
