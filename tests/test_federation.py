@@ -36,6 +36,18 @@ def small_keyfile(path: Path) -> Path:
     return path
 
 
+def assert_holds_no_secret(state: Path, plaintext: bytes, keyfiles: list[Path]) -> None:
+    """No file under *state* holds a piece of *plaintext* or any key of *keyfiles*."""
+    secrets = [plaintext[i : i + 64] for i in range(0, len(plaintext), 64 * 1024)]
+    for path in keyfiles:
+        ring = keys.KeyRing(keys.read_keyfile(path))
+        secrets += [ring.keyfile.root, ring.metadata_key, ring.wrap_key, ring.dedup_key]
+    for path in state.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            content = path.read_bytes()
+            assert not any(secret in content for secret in secrets), path
+
+
 def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount):
     provider = Peer(tmp_path, "provider", extra=["--provider"])
     hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
@@ -75,6 +87,7 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
         assert synced.returncode == 0, synced.stderr + x.log()
         assert status(provider.state)["hosted_bytes"] > 0  # U's side of the agreement
+        assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
 
         u.unmount()  # U goes away
         passed_before = peer_rows(x.state)[user_id]["audits_passed"]
@@ -87,7 +100,11 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         row = peer_rows(x.state)[user_id]
         assert row["audits_failed"] == 0
         assert row["audits_passed"] > passed_before  # answered by P while U was away
+        # Reads of U's side go to P too: with S0 gone and no cache, K=2 needs S1 and U's.
+        x.unmount()
         drop_cache(x.state)
+        hosts[0].kill()
+        x.mount()
         assert (x.path / "file").read_bytes() == data
     finally:
         for peer in (provider, *hosts):

@@ -166,6 +166,7 @@ class Node:
             remote_of=lambda key: self.conns.remote.get(key, ""),
             accounts=AccountBook(self.meta) if config.provider else None,
             keep=config.lifecycle.keep,
+            proposes_only=config.use_provider is not None,
         )
         self.conns = Connections(
             keyring.signing_key,

@@ -13,6 +13,9 @@ Rules (limits and reasons in docs/protocol.md §5):
   ended agreements that hold nothing are forgotten, and live ones idle and empty are
   ended, to make room.
 - Renewing a live agreement changes its terms, never its running failure clock.
+- A node whose side is held by a storage provider (``mount --provider``) declines new
+  proposals: it would have to host on the machine that goes offline; it proposes itself,
+  with ``store_at`` (docs/federation.md).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class AgreementOps:
     ratio: float
     terms: TermsPolicy
     cooldown: float
+    proposes_only: bool = False  # our side is at a provider: we propose, never accept new
     grants: GrantBucket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +98,8 @@ class AgreementOps:
         addr = claimed_addr(args)
         renewal = self.ledger.live(peer) is not None
         granted, reason = self._terms_for(peer, offer, ask)
+        if reason is None and self.proposes_only and not renewal:
+            reason = "this node's side is held by a storage provider: it proposes to you itself"
         store_at = None
         if reason is None and "store_at" in args:
             store_at, reason = self._store_at(peer, args["store_at"])

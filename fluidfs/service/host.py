@@ -49,6 +49,7 @@ class PeerService:
     comes from (service/discovery.py).
     *accounts*: a storage provider's customers (None: this node is no provider), whose
     removed reservations are served for *keep* seconds (service/provider.py).
+    *proposes_only*: our side is held by our own provider; new proposals are declined.
     """
 
     schemas = REQUEST_SCHEMAS
@@ -71,6 +72,7 @@ class PeerService:
         remote_of: Callable[[bytes], str] = lambda _key: "",
         accounts: AccountBook | None = None,
         keep: float = DAY,
+        proposes_only: bool = False,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -80,7 +82,7 @@ class PeerService:
         quota = ShardQuota(shards, donate, peers.self_key, limiter,
                            OwnerLocks(terms.max_agreements))
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
-                                  donate, ratio, terms, cooldown)
+                                  donate, ratio, terms, cooldown, proposes_only)
         direct = ShardOps(shards, ledger, quota, limiter, faults)
         self._ops: dict[str, Op] = {
             **agreements.ops(),

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import trio
-from inproc import PeerNode
+from inproc import PeerNode, until
 
 from fluidfs.blocks import merkle
 from fluidfs.cli.main import main as fluidfs_main
@@ -37,7 +37,7 @@ class Net:
 
     def __init__(self, tmp_path) -> None:
         self.p = PeerNode(tmp_path / "p", provider=True)
-        self.u = PeerNode(tmp_path / "u")
+        self.u = PeerNode(tmp_path / "u", proposes_only=True)
         self.x = PeerNode(tmp_path / "x")
         self.y = PeerNode(tmp_path / "y")
         self.book: AccountBook = self.p.service.provider.book
@@ -211,6 +211,21 @@ async def test_a_refused_proposal_or_an_ended_agreement_removes_the_reservation(
         assert not net.book.reservation(net.u.key, net.y.key).live
         assert net.u.ledger.get(net.y.key).reserved_at is None
         assert net.client.status()["reachable"] is True
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_user_with_a_provider_declines_proposals_it_would_host_itself(tmp_path):
+    """U's laptop goes offline: hosting a proposer's shards there would break its promise,
+    so U declines (and proposes itself, with store_at)."""
+
+    async def body(net: Net) -> None:
+        await net.u.conns.connect(net.x.addr)  # U does not listen: X calls back on this
+        await until(lambda: net.u.key in net.x.conns.conns, what="X seeing U's connection")
+        reply = await net.x.conns.call(net.u.key, "ProposeAgreement",
+                                       {"offer": SIZE, "ask": SIZE, "term": 3600})
+        assert reply["accepted"] is False and "storage provider" in reply["reason"]
+        assert net.u.ledger.get(net.x.key) is None
 
     await with_net(tmp_path, body)
 
