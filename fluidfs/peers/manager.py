@@ -94,8 +94,11 @@ class PeerManager:
                 return False  # no space held for it: proposing would promise what we lack
             args["store_at"] = provider.store_at()
         agreed = await self._propose(key, args, provider is not None)
-        if not agreed and provider is not None:
-            await provider.unreserve(key)  # refused: the provider holds nothing for it
+        if provider is not None:
+            if not agreed:
+                await provider.unreserve(key)  # refused: the provider holds nothing for it
+            elif (granted := self.ledger.live(key).we_host) < size:
+                await provider.reserve(key, granted)  # a counter-proposal: hold no more
         return agreed
 
     async def _propose(self, key: bytes, args: dict, held: bool) -> bool:

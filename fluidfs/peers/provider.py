@@ -108,6 +108,13 @@ class ProviderClient:
         async def handler(request: dict) -> dict:
             reply = await status(request)
             reply["provider"] = self.status()
+            if self.reachable is False and "overview" in reply:
+                reply["overview"]["warnings"].append({
+                    "kind": "provider",
+                    "text": f"The storage provider {encode_peer_id(self.key)[:12]} at "
+                            f"{self.addr} does not answer: while this machine is offline, "
+                            "partners cannot check the shards we keep for them.",
+                })
             return reply
 
         return handler

@@ -56,10 +56,11 @@ class ProviderOps:
     def __post_init__(self) -> None:
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self, reservations: list[Reservation] | None = None) -> None:
         """Re-read which peers store under a reservation, live or in its keep period (the
         operator may have closed an account from another process)."""
-        self._storing = {r.peer for r in self.book.reservations()}
+        found = self.book.reservations() if reservations is None else reservations
+        self._storing = {r.peer for r in found}
 
     def ops(self) -> dict[str, Op]:
         """The ops served here, by wire name (the shard ops wrap the direct ones)."""
@@ -170,14 +171,16 @@ class ProviderOps:
         """Drop removed reservations past the keep period, every *tick*, until cancelled."""
         while True:
             await trio.sleep(tick)
-            self.refresh()
             await self.expire()
 
     async def expire(self) -> int:
         """Drop the shards and entries of reservations removed more than ``keep`` ago."""
         now = self.book.clock()
         dropped = 0
-        for reservation in self.book.reservations():
+        # Every customer's reservations: read off the loop (they grow with the customers).
+        every = await trio.to_thread.run_sync(self.book.reservations, limiter=self.limiter)
+        self.refresh(every)
+        for reservation in every:
             if reservation.live or now - reservation.removed <= self.keep:
                 continue
             holder = reservation.holder
@@ -188,10 +191,12 @@ class ProviderOps:
                                               ids[start : start + DROP_BATCH],
                                               limiter=self.limiter)
             self.book.forget(reservation)
-            self.refresh()
             dropped += 1
             log.info("dropped %d shards of %s's removed reservation for %s", len(ids),
                      _short(reservation.customer), _short(reservation.peer))
+        if dropped:  # ... so read again which peers still hold shards here
+            self.refresh(await trio.to_thread.run_sync(self.book.reservations,
+                                                       limiter=self.limiter))
         return dropped
 
 

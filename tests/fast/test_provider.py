@@ -212,6 +212,15 @@ async def test_a_refused_proposal_or_an_ended_agreement_removes_the_reservation(
         assert net.u.ledger.get(net.y.key).reserved_at is None
         assert net.client.status()["reachable"] is True
 
+        # X counter-proposes less than offered (its per-peer cap, a 16th of its
+        # donation): the reservation shrinks to what was granted.
+        net.book.add(net.u.key, 1 << 30)
+        net.manager.agreement_size = 128 * MIB
+        assert (await net.manager.add(net.x.addr))[1] is True
+        granted = net.u.ledger.live(net.x.key).we_host
+        assert granted < 128 * MIB
+        assert net.book.reservation(net.u.key, net.x.key).size == granted
+
     await with_net(tmp_path, body)
 
 
@@ -226,6 +235,24 @@ async def test_a_user_with_a_provider_declines_proposals_it_would_host_itself(tm
                                        {"offer": SIZE, "ask": SIZE, "term": 3600})
         assert reply["accepted"] is False and "storage provider" in reply["reason"]
         assert net.u.ledger.get(net.x.key) is None
+
+    await with_net(tmp_path, body)
+
+
+async def test_status_says_loudly_when_the_provider_does_not_answer(tmp_path):
+    async def body(net: Net) -> None:
+        gone = ProviderClient(net.u.conns, net.u.ledger, net.y.key, "127.0.0.1:9")
+
+        async def report(_request: dict) -> dict:
+            return {"overview": {"warnings": []}}
+
+        await gone.check()
+        reply = await gone.with_status(report)({})
+        assert reply["provider"]["reachable"] is False
+        assert "does not answer" in reply["overview"]["warnings"][0]["text"]
+        await net.client.check()
+        reply = await net.client.with_status(report)({})
+        assert reply["provider"]["reachable"] is True and not reply["overview"]["warnings"]
 
     await with_net(tmp_path, body)
 
