@@ -78,6 +78,8 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
                             30, "U's status showing its provider")
         assert u_status["provider"]["id"] == provider.peer_id
         assert u_status["provider"]["reservations"] >= 1
+        shown = run_cli("status", "--state-dir", str(u.state)).stdout
+        assert f"provider:    {provider.peer_id[:18]}" in shown and ": reachable;" in shown
         listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
         customers = json.loads(listed.stdout)["customers"]
         assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1
@@ -86,7 +88,10 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         (x.path / "file").write_bytes(data)
         synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
         assert synced.returncode == 0, synced.stderr + x.log()
-        assert status(provider.state)["hosted_bytes"] > 0  # U's side of the agreement
+        serving = status(provider.state)["serving_as_provider"]
+        assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
+        assert "provider for: 1 customers" in run_cli(
+            "status", "--state-dir", str(provider.state)).stdout
         assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
 
         u.unmount()  # U goes away

@@ -88,6 +88,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
     if "provider" in reply:
         _print_provider(reply["provider"])
+    if "serving_as_provider" in reply:
+        serving = reply["serving_as_provider"]
+        print(f"provider for: {serving['customers']} customers, {serving['reservations']} "
+              f"reservations, {human(serving['reserved_bytes'])} reserved, "
+              f"{human(serving['held_bytes'])} held")
     if reply["local_shard_bytes"] or reply["redundancy"].get("local"):
         print(
             f"on this node: {human(reply['local_shard_bytes'])} of our own shards "

@@ -480,8 +480,9 @@ class Node:
             self.blocks,
             self.status,
         )
-        if self.provider is not None:
-            handlers["status"] = self.provider.with_status(handlers["status"])
+        for part in (self.provider, self.service.provider):  # ours; the one we are
+            if part is not None:
+                handlers["status"] = part.with_status(handlers["status"])
         return handlers | remount_control.handlers(self.remount_requests)
 
     async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -22,6 +22,7 @@ everything else the node holds, against its donation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -164,6 +165,32 @@ class ProviderOps:
         if reservation is None or (live and not reservation.live):
             raise RpcError("no_agreement", "no reservation for you from that customer here")
         return reservation
+
+    # --- what the operator is shown -----------------------------------------------------
+
+    def figures(self) -> dict[str, int]:
+        """Customers, live reservations and bytes reserved and held (blocking: LMDB)."""
+        reservations = self.book.reservations()
+        live = [r for r in reservations if r.live]
+        return {
+            "customers": len(self.book.accounts()),
+            "reservations": len(live),
+            "reserved_bytes": sum(r.size for r in live),
+            "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+        }
+
+    def with_status(
+        self, status: Callable[[dict], Awaitable[dict]]
+    ) -> Callable[[dict], Awaitable[dict]]:
+        """The node's ``status`` control handler, with the provider's figures added."""
+
+        async def handler(request: dict) -> dict:
+            reply = await status(request)
+            reply["serving_as_provider"] = await trio.to_thread.run_sync(
+                self.figures, limiter=self.limiter)
+            return reply
+
+        return handler
 
     # --- the keep period ------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(
         proof = await net.x.conns.call(net.u.key, "AuditShard",
                                        {"id": sid, "leaf": leaf, "nonce": os.urandom(32)})
         assert merkle.verify(sid, len(data), leaf, proof["leaf_data"], proof["path"])
+        figures = net.p.service.provider.figures()
+        assert figures == {"customers": 1, "reservations": 1, "reserved_bytes": SIZE,
+                           "held_bytes": len(data)}
         deleted = await net.x.conns.call(net.u.key, "DeleteShard", {"ids": [sid, sid]})
         assert deleted == {"deleted": 1}
         assert net.p.shards.used(holder_key(net.u.key, net.x.key)) == 0
