@@ -179,7 +179,8 @@ class Node:
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
         if config.use_provider is not None:
             self.provider = ProviderClient(self.conns, self.ledger, *config.use_provider,
-                                           tick=config.lifecycle.tick)
+                                           tick=config.lifecycle.tick,
+                                           give_up=config.lifecycle.tolerance / 2)
         self.manager = PeerManager(
             self.conns,
             self.peers,
@@ -463,7 +464,8 @@ class Node:
                 tick = self.config.lifecycle.tick
                 nursery.start_soon(supervise, "reservations", self.service.provider.run, tick)
             if self.provider is not None:
-                nursery.start_soon(supervise, "provider", self.provider.run)
+                nursery.start_soon(supervise, "provider", self.provider.run,
+                                   self.manager.take_back)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()

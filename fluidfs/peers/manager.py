@@ -113,7 +113,7 @@ class PeerManager:
             return False
         offer, ask, term = reply["offer"], reply["ask"], reply["term"]
         wrong = self._wrong_terms(args, offer, ask, term)
-        if wrong or self.ledger.promised_by_us() + offer > self.donate:
+        if wrong or self.ledger.promised_by_us(excluding=key) + offer > self.donate:
             if wrong:
                 log.warning("peer %s accepted with terms we did not propose (%s): declined",
                             _short(key), wrong)
@@ -130,6 +130,20 @@ class PeerManager:
         log.info("agreement with %s: we host %d bytes, it hosts %d", _short(key), offer, ask)
         self.on_new_agreement(key)
         return True
+
+    async def take_back(self, key: bytes) -> bool:
+        """Renew the live agreement with *key* without ``store_at``: our provider is gone,
+        so we hold our side ourselves from now on (the peer's shards that were at the
+        provider are lost to it, and its audits and repair re-create them). True if the
+        peer renewed."""
+        agreement = self.ledger.live(key)
+        if agreement is None:
+            return False
+        args = {"offer": agreement.we_host, "ask": agreement.they_host,
+                "term": agreement.term}
+        if self.conns.listen_addr:
+            args["addr"] = self.conns.listen_addr
+        return await self._propose(key, args, held=False)
 
     def _wrong_terms(self, proposed: dict, offer: int, ask: int, term: int) -> str:
         """Why accepted terms are not ones we can take ('' if they are)."""

@@ -11,6 +11,11 @@ The provider is reached by its id at the given address only (it must prove that 
 Ends are forwarded by ``run``: every tick it pings the provider (so ``status`` can say
 whether it answers) and removes the reservation of every agreement that has ended, until
 the provider confirms; an agreement's ``reserved_at`` is cleared once it has.
+
+A provider that has not answered for ``give_up`` seconds (half the tolerance partners
+give us, so they have not ended anything yet) is taken for gone: every agreement it held
+is renewed without ``store_at`` (``take_back``), so partners come to this node again,
+and ``status`` says so loudly.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fluidfs.peers.connections import Connections, PeerUnavailable
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 10.0
+TakeBack = Callable[[bytes], Awaitable[bool]]  # renew with a partner without store_at
 
 
 @dataclass
@@ -42,9 +48,12 @@ class ProviderClient:
     key: bytes  # the provider's id
     addr: str  # where it listens
     tick: float = 30.0
+    give_up: float = 12 * 3600.0  # seconds unanswered before the provider counts as gone
     reachable: bool | None = field(default=None, init=False)  # None: not asked yet
     last_seen: float | None = field(default=None, init=False)
     last_error: str = field(default="", init=False)
+    silent_since: float | None = field(default=None, init=False)  # monotonic
+    taken_back: int = field(default=0, init=False)  # agreements brought home
 
     def store_at(self) -> dict[str, Any]:
         """The ``store_at`` field of our proposals."""
@@ -70,22 +79,35 @@ class ProviderClient:
             return False
         return True
 
-    async def run(self) -> None:
+    async def run(self, take_back: TakeBack) -> None:
         """Ping the provider and forward ended agreements, every tick, until cancelled."""
         while True:
-            await self.check()
+            await self.check(take_back)
             await trio.sleep(self.tick)
 
-    async def check(self) -> None:
-        """One tick: is the provider there, and does it still reserve for ended partners?"""
+    async def check(self, take_back: TakeBack | None = None) -> None:
+        """One tick: is the provider there, and does it still reserve for ended partners?
+        If it has been silent past ``give_up``, bring its agreements home (*take_back*)."""
         try:
             await self._call("Ping", {})
         except (PeerUnavailable, RpcError):
+            now = trio.current_time()
+            self.silent_since = self.silent_since if self.silent_since is not None else now
+            if take_back is not None and now - self.silent_since >= self.give_up:
+                await self._bring_home(take_back)
             return
+        self.silent_since = None
         for agreement in self.ledger.ended():
             if agreement.reserved_at == self.key and await self.unreserve(agreement.peer):
                 agreement.reserved_at = None
                 self.ledger.save(agreement)
+
+    async def _bring_home(self, take_back: TakeBack) -> None:
+        for agreement in self.ledger.active():
+            if agreement.reserved_at == self.key and await take_back(agreement.peer):
+                self.taken_back += 1
+                log.warning("provider %s is gone: we hold our side for %s ourselves now",
+                            _short(self.key), _short(agreement.peer))
 
     def status(self) -> dict[str, Any]:
         """What ``fluidfs status`` shows of the provider."""
@@ -98,6 +120,7 @@ class ProviderClient:
             "last_error": self.last_error,
             "reservations": len(held),
             "reserved_bytes": sum(a.we_host for a in held),
+            "taken_back": self.taken_back,
         }
 
     def with_status(
@@ -109,12 +132,13 @@ class ProviderClient:
             reply = await status(request)
             reply["provider"] = self.status()
             if self.reachable is False and "overview" in reply:
-                reply["overview"]["warnings"].append({
-                    "kind": "provider",
-                    "text": f"The storage provider {encode_peer_id(self.key)[:12]} at "
-                            f"{self.addr} does not answer: while this machine is offline, "
-                            "partners cannot check the shards we keep for them.",
-                })
+                text = (f"The storage provider {encode_peer_id(self.key)[:12]} at "
+                        f"{self.addr} does not answer: while this machine is offline, "
+                        "partners cannot check the shards we keep for them.")
+                if self.taken_back:
+                    text += (f" {self.taken_back} agreements were brought back to this "
+                             "machine: keep it online.")
+                reply["overview"]["warnings"].append({"kind": "provider", "text": text})
             return reply
 
         return handler

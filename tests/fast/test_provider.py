@@ -260,6 +260,30 @@ async def test_status_says_loudly_when_the_provider_does_not_answer(tmp_path):
     await with_net(tmp_path, body)
 
 
+async def test_a_user_whose_provider_is_gone_takes_its_side_back_home(tmp_path):
+    """P stops answering for longer than give_up: U renews with X without store_at, and
+    X's shard ops come to U again. Fails before: U's side stayed at the vanished P."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        gone = ProviderClient(net.u.conns, net.u.ledger, net.p.key, "127.0.0.1:9",
+                              give_up=0.0)
+        net.u.conns.drop(net.p.key)  # P vanished: only a dead address is left
+        await gone.check(net.manager.take_back)
+        assert gone.status()["taken_back"] == 1 and gone.reachable is False
+        assert net.x.ledger.live(net.u.key).store_at_id is None
+        assert net.u.ledger.live(net.x.key).reserved_at is None
+
+        sid, data = shard()
+        reply = await net.x.conns.call(net.u.key, "StoreShard",
+                                       {"shards": [{"id": sid, "data": data}]})
+        assert reply["stored"] == [sid]
+        assert net.u.shards.get(net.x.key, sid) == data  # U holds its side itself now
+
+    await with_net(tmp_path, body)
+
+
 async def test_a_proposal_with_a_bad_store_at_is_declined(tmp_path):
     """store_at naming the acceptor itself, or an address no one can dial, is refused."""
 
