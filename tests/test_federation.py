@@ -114,3 +114,52 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
     finally:
         for peer in (provider, *hosts):
             peer.kill()
+
+
+def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, make_mount):
+    """P is killed for good while U is online: after half U's tolerance U renews its
+    agreement with X without store_at, status says so, and X's agreement with U stays
+    (X's audits reach U again; the shards lost with P are rebuilt by X's repair).
+    X accepts the renewal on the terms it had granted even though its failed audits of
+    U (at the dead P) lowered its trust in U."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        u = make_mount("u", key=user_key, extra=[
+            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", "--tolerance", "2",
+            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        (x.path / "file").write_bytes(os.urandom(256 * 1024))
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+
+        provider.kill()
+        home = wait_for(lambda: (s := status(u.state))["provider"]["taken_back"] and s, 60,
+                        "U taking its side back home")
+        assert home["provider"]["reachable"] is False
+        assert any(w["kind"] == "provider" and "brought back" in w["text"]
+                   for w in home["overview"]["warnings"])
+        assert "NOT REACHABLE" in run_cli("status", "--state-dir", str(u.state)).stdout
+        # X's audits of U reach U again: one passes once X's repair has put back the
+        # shard lost with P (or moved it), and the agreement never ended.
+        wait_for(lambda: (r := peer_rows(x.state)[user_id])["failing_since"] is None
+                 and r["audits_passed"] > 0 and status(x.state)["under_replicated"] == 0,
+                 90, "X's audits of U passing again and its blocks fully placed")
+        assert peer_rows(x.state)[user_id]["active"]
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()

@@ -88,7 +88,9 @@ class PeerManager:
         args = {"offer": size, "ask": size, "term": self.term}
         if self.conns.listen_addr:
             args["addr"] = self.conns.listen_addr
-        provider = self.provider if self.provider and self.provider.key != key else None
+        provider = self.provider
+        if provider is not None and (provider.key == key or provider.gone):
+            provider = None  # never at itself; and a vanished one holds nothing new
         if provider is not None:
             if not await provider.reserve(key, size):
                 return False  # no space held for it: proposing would promise what we lack

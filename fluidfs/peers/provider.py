@@ -55,6 +55,13 @@ class ProviderClient:
     silent_since: float | None = field(default=None, init=False)  # monotonic
     taken_back: int = field(default=0, init=False)  # agreements brought home
 
+    @property
+    def gone(self) -> bool:
+        """True once the provider has been silent for ``give_up`` seconds: new agreements
+        are then proposed without it."""
+        silent = self.silent_since
+        return silent is not None and trio.current_time() - silent >= self.give_up
+
     def store_at(self) -> dict[str, Any]:
         """The ``store_at`` field of our proposals."""
         return {"id": self.key, "addr": self.addr}
@@ -91,9 +98,9 @@ class ProviderClient:
         try:
             await self._call("Ping", {})
         except (PeerUnavailable, RpcError):
-            now = trio.current_time()
-            self.silent_since = self.silent_since if self.silent_since is not None else now
-            if take_back is not None and now - self.silent_since >= self.give_up:
+            if self.silent_since is None:
+                self.silent_since = trio.current_time()
+            if take_back is not None and self.gone:
                 await self._bring_home(take_back)
             return
         self.silent_since = None

@@ -12,7 +12,9 @@ Rules (limits and reasons in docs/protocol.md §5):
   is awaited, so concurrent proposals cannot share one grant) and up to a bounded count:
   ended agreements that hold nothing are forgotten, and live ones idle and empty are
   ended, to make room.
-- Renewing a live agreement changes its terms, never its running failure clock.
+- Renewing a live agreement changes its terms, never its running failure clock. A
+  partner whose side was at a provider may renew without ``store_at`` (taking its side
+  home) on the terms it already has, even with trust below the floor.
 - A node whose side is held by a storage provider (``mount --provider``) declines new
   proposals: it would have to host on the machine that goes offline; it proposes itself,
   with ``store_at`` (docs/federation.md).
@@ -96,8 +98,13 @@ class AgreementOps:
         """Grant the proposed terms, smaller ones, or refuse with a reason."""
         offer, ask, term = args["offer"], args["ask"], args["term"]
         addr = claimed_addr(args)
-        renewal = self.ledger.live(peer) is not None
+        live = self.ledger.live(peer)
+        renewal = live is not None
         granted, reason = self._terms_for(peer, offer, ask)
+        if live is not None and live.store_at_id is not None and "store_at" not in args:
+            # Its provider vanished and it takes its side home: on the terms we already
+            # granted, whatever its trust now (its failure clock keeps running).
+            granted, reason = (min(offer, live.they_host), min(ask, live.we_host)), None
         if reason is None and self.proposes_only and not renewal:
             reason = "this node's side is held by a storage provider: it proposes to you itself"
         store_at = None
