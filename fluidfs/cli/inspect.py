@@ -90,6 +90,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"blocks:      {reply['blocks']} ({reply['under_replicated']} under-replicated)")
     print(f"unsealed:    {human(reply['unsealed_bytes'])}")
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
+    if "provider" in reply:
+        _print_provider(reply["provider"])
+    if "serving_as_provider" in reply:
+        serving = reply["serving_as_provider"]
+        print(f"provider for: {serving['customers']} customers, {serving['reservations']} "
+              f"reservations, {human(serving['reserved_bytes'])} reserved, "
+              f"{human(serving['held_bytes'])} held")
     if reply["local_shard_bytes"] or reply["redundancy"].get("local"):
         print(
             f"on this node: {human(reply['local_shard_bytes'])} of our own shards "
@@ -178,6 +185,17 @@ def duration(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _print_provider(provider: dict) -> None:
+    """The provider line: who holds our side of the agreements, and whether it answers."""
+    state = {True: "reachable", False: "NOT REACHABLE", None: "not asked yet"}
+    answer = state[provider["reachable"]]
+    if provider["reachable"] is False and provider["last_error"]:
+        answer += f" ({provider['last_error']})"
+    print(f"provider:    {provider['id'][:18]}… at {provider['addr']}: {answer}; holds our "
+          f"side of {provider['reservations']} agreements "
+          f"({human(provider['reserved_bytes'])} reserved)")
 
 
 def _print_uploads(reply: dict) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from fluidfs import keys as keymod
 from fluidfs.blocks.audit import AuditPolicy
 from fluidfs.blocks.repair import RepairPolicy
+from fluidfs.cli.common import EXIT_USAGE, fail
 from fluidfs.net.limits import DEFAULT_LIMITS
 from fluidfs.node import logsetup
 from fluidfs.node.config import NodeConfig
@@ -100,8 +101,20 @@ def mount_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         remount=remount_options(args, [e for e in entries if e.key is not None]),
         web=None if args.no_web else args.web,
         web_refresh=args.web_refresh,
+        use_provider=provider_entry(args.use_provider),
         **_peer_settings(args, entries),
     )
+
+
+def provider_entry(text: str | None) -> tuple[bytes, str] | None:
+    """``--provider PEERID@HOST:PORT`` as (id, address): the id is required, so no one
+    else answering at that address can take our side of the agreements."""
+    if text is None:
+        return None
+    entry = keymod.parse_peer(text)
+    if entry.key is None:
+        fail("--provider needs the provider's id: PEERID@HOST:PORT", EXIT_USAGE)
+    return entry.key, entry.addr
 
 
 def remount_options(
@@ -131,6 +144,7 @@ def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         state,
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
+        provider=args.provider,
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
 

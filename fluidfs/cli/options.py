@@ -88,7 +88,7 @@ def option(
 
 NODE = ("mount", "serve")  # the commands that run a node
 STATE = ("mount", "serve", "peers", "invite", "check", "status", "sync", "snapshots", "forget",
-         "key")
+         "key", "provider")
 RETENTION_HELP = (
     "which snapshots to keep (default all=1d,hourly=7d,daily=90d; "
     "rules: all, hourly, daily, weekly, monthly)"
@@ -103,11 +103,16 @@ OPTIONS: list[Option] = [
             peers={"nargs": "?", "choices": ["list", "add"], "default": "list"},
             key={"choices": ["export"]},
             service={"choices": ["install"]},
+            provider={"choices": ["add", "list", "remove"]},
         ),
     ),
     option("mountpoint", type=Path, example="/mnt/backup", commands=on(
         "mount", "unmount",
         service={"nargs": "?", "default": None, "help": "the folder (default ~/Backup)"})),
+    option("customer", nargs="?", metavar="CUSTOMER_ID", help="the customer's peer id",
+           commands=on("provider")),
+    option("--quota", type=parse_size, default=None, help="space the customer may reserve",
+           commands=on("provider"), example="200G"),
     option("addr", nargs="?", type=peer_target,
            help="[PEERID@]HOST:PORT, or a friend's invite code from `fluidfs invite` "
            "(with add; with a PEERID or a code, only that peer is met)",
@@ -191,6 +196,13 @@ OPTIONS: list[Option] = [
            help=f"bytes per second read from all peers, at most: {RATE_HELP}",
            commands=on(*NODE), render=bandwidth_text,
            example="20Mbit"),
+    # Storage providers (docs/federation.md).
+    option("--provider", action="store_true", commands=on("serve"),
+           help="be a storage provider for the customers admitted with `fluidfs provider`"),
+    option("--provider", type=peer_entry, default=None, metavar="PEERID@HOST:PORT",
+           dest="use_provider", commands=on("mount"),
+           help="a storage provider that holds this node's side of its agreements",
+           example="aaaqeayeaudaocajbifqydiob4ibceqtcqkrmfyydenbwha5dypq@127.0.0.1:7471"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
@@ -269,7 +281,7 @@ OPTIONS: list[Option] = [
         ),
     ),
     option("--json", action="store_true", help="machine-readable output",
-           commands=on("peers", "invite", "status", "sync", "snapshots")),
+           commands=on("peers", "invite", "status", "sync", "snapshots", "provider")),
     option("--dry-run", action="store_true", help="only say what would go",
            commands=on("forget")),
     option("--with-peers", action="store_true",

@@ -31,6 +31,10 @@ MAX_LIST_PAGE = 1024  # shard ids in one ListShards page (~35 KB reply)
 U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
+STORE_AT = Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR)})
+# "for" (shard ops, optional): sent to a storage provider, the customer whose reservation
+# the shard is under (docs/federation.md); absent: the caller's own agreement with us.
+FOR = {"for": ID}
 
 # Error codes on the wire. The RPC layer itself produces the first group; a service uses
 # the second for its ops (it may add more; clients must treat unknown codes as failures).
@@ -64,12 +68,13 @@ class OpSpec(NamedTuple):
 
 OPS: dict[str, OpSpec] = {
     # offer: bytes I host for you; ask: bytes you host for me; term: seconds.
-    # store_at: "host:port" of a storage provider that will hold the shards for me.
+    # store_at: the storage provider that holds the proposer's side (docs/federation.md):
+    # send StoreShard/RetrieveShard/DeleteShard/AuditShard for this agreement there.
     # addr: where the proposer accepts connections (so the peer can call back and refer it).
     "ProposeAgreement": OpSpec(
         Map(
             {"offer": U64, "ask": U64, "term": U64},
-            optional={"store_at": Str(MAX_ADDR), "addr": Str(MAX_ADDR)},
+            optional={"store_at": STORE_AT, "addr": Str(MAX_ADDR)},
         ),
         Map(
             {"accepted": Bool(), "offer": U64, "ask": U64, "term": U64},
@@ -80,7 +85,8 @@ OPS: dict[str, OpSpec] = {
     # shards, and drops what it hosts for it after its keep period.
     "EndAgreement": OpSpec(Map({}), Map({"ended": Bool()})),
     "StoreShard": OpSpec(
-        Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)}),
+        Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)},
+            optional=FOR),
         Map(
             {
                 "stored": List(ID, max_len=64),
@@ -89,11 +95,11 @@ OPS: dict[str, OpSpec] = {
         ),
     ),
     "RetrieveShard": OpSpec(
-        Map({"id": ID}),
+        Map({"id": ID}, optional=FOR),
         Map({"data": Bytes(max=MAX_SHARD)}),
     ),
     "DeleteShard": OpSpec(
-        Map({"ids": List(ID, max_len=1024)}),
+        Map({"ids": List(ID, max_len=1024)}, optional=FOR),
         Map({"deleted": Int(0, 1024)}),
     ),
     # One page of the ids of the caller's shards the peer holds, ascending, all above
@@ -112,7 +118,7 @@ OPS: dict[str, OpSpec] = {
     # Prove possession of shard `id`: return Merkle leaf `leaf` (keyed by `nonce` as the
     # service defines) and the sibling path up to the root (the shard id).
     "AuditShard": OpSpec(
-        Map({"id": ID, "leaf": U64, "nonce": ID}),
+        Map({"id": ID, "leaf": U64, "nonce": ID}, optional=FOR),
         Map({"leaf_data": Bytes(max=MAX_LEAF), "path": List(ID, max_len=40)}),
     ),
     # time: the responder's clock, Unix seconds.
@@ -140,6 +146,12 @@ OPS: dict[str, OpSpec] = {
         Map({"record": Bytes(min=1, max=MAX_RECORD)}),
     ),
 }
+
+# A customer and its storage provider (docs/federation.md). Reserve: make or resize the
+# space held for the shards of the customer's partner `peer` (at most `size` bytes,
+# within the customer's quota); Unreserve: remove it (shards kept for the keep period).
+OPS["Reserve"] = OpSpec(Map({"peer": ID, "size": U64}), Map({"size": U64}))
+OPS["Unreserve"] = OpSpec(Map({"peer": ID}), Map({"removed": Bool()}))
 
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}
 RESPONSE_SCHEMAS: dict[str, Schema] = {op: spec.response for op, spec in OPS.items()}

@@ -53,3 +53,5 @@ class NodeConfig:
     limit_download: float | None = None  # bytes/s from all peers
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off
     web_refresh: float = 5.0  # seconds between the page's status polls
+    provider: bool = False  # serve as a storage provider for admitted customers
+    use_provider: tuple[bytes, str] | None = None  # (id, HOST:PORT) holding our side

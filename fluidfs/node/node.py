@@ -55,6 +55,7 @@ from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.portmap import PortMapper
+from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
@@ -69,6 +70,7 @@ from fluidfs.remount.schedule import CommitSchedule
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.host import PeerService
 from fluidfs.statedir import fsname_for
+from fluidfs.store.accounts import AccountBook
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
@@ -172,15 +174,24 @@ class Node:
             cooldown=config.lifecycle.cooldown,
             addresses=self.addresses,
             remote_of=lambda key: self.conns.remote.get(key, ""),
+            accounts=AccountBook(self.meta) if config.provider else None,
+            keep=config.lifecycle.keep,
+            proposes_only=config.use_provider is not None,
         )
         self.conns = Connections(
             keyring.signing_key,
             self.service,
             self.peers,
             limits=config.net_limits,
-            is_partner=lambda key: self.ledger.live(key) is not None,
+            is_partner=self.service.is_partner,
+            store_at=self.ledger.store_at_of,
             bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
         )
+        self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
+        if config.use_provider is not None:
+            self.provider = ProviderClient(self.conns, self.ledger, *config.use_provider,
+                                           tick=config.lifecycle.tick,
+                                           give_up=config.lifecycle.tolerance / 2)
         self.manager = PeerManager(
             self.conns,
             self.peers,
@@ -190,6 +201,7 @@ class Node:
             term=config.term,
             propose=config.stores_data,
             on_new_agreement=self._new_agreement,
+            provider=self.provider,
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
@@ -468,6 +480,12 @@ class Node:
                 ("shard pages", self._release_shard_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
+            if self.service.provider is not None:
+                tick = self.config.lifecycle.tick
+                nursery.start_soon(supervise, "reservations", self.service.provider.run, tick)
+            if self.provider is not None:
+                nursery.start_soon(supervise, "provider", self.provider.run,
+                                   self.manager.take_back)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -484,6 +502,9 @@ class Node:
             self.blocks,
             self.status,
         )
+        for part in (self.provider, self.service.provider):  # ours; the one we are
+            if part is not None:
+                handlers["status"] = part.with_status(handlers["status"])
         return (
             handlers
             | invite_handlers(self.reach, self.manager)

@@ -3,10 +3,16 @@
 Stored in ``meta.lmdb`` table ``agreements`` (format version 1): key
 ``peer public key(32)`` → CBOR map ``{"v": 1, "we_host": int, "they_host": int,
 "they_use": int, "term": int, "created": float, "renewed": float,
-"store_at": str | None, "failing_since": float | None, "ended_at": float | None,
+"store_at": str | None, "store_at_id": bytes | None, "reserved_at": bytes | None,
+"failing_since": float | None, "ended_at": float | None,
 "notified": bool, "ended_by_us": bool, "unclaimed_since": float | None}``. Fields added
-later default when absent, so older records load (``ended_by_us`` and ``unclaimed_since``
-were added in the same version: absent means false / None).
+later default when absent, so older records load (``ended_by_us``, ``unclaimed_since``,
+``store_at_id`` and ``reserved_at`` were added in the same version: absent means false /
+None).
+
+Storage providers (docs/federation.md): ``store_at`` / ``store_at_id`` are the address and
+id of the provider the peer (the proposer) asked us to send its side's shard ops to;
+``reserved_at`` is the id of our own provider, where we reserved space for the peer.
 
 ``we_host`` is the promise we made (bytes we keep for the peer); ``they_host``
 the promise they made to us; ``they_use`` the bytes of ours they hold, as we
@@ -74,6 +80,8 @@ class Agreement:
     created: float = 0.0
     renewed: float = 0.0
     store_at: str | None = None
+    store_at_id: bytes | None = None
+    reserved_at: bytes | None = None
     failing_since: float | None = None
     ended_at: float | None = None
     notified: bool = False
@@ -148,13 +156,20 @@ class Ledger:
         return sum(a.we_host for a in self.active() if a.peer != excluding)
 
     def record(
-        self, peer: bytes, we_host: int, they_host: int, term: int, store_at: str | None = None
+        self,
+        peer: bytes,
+        we_host: int,
+        they_host: int,
+        term: int,
+        store_at: tuple[bytes, str] | None = None,
+        reserved_at: bytes | None = None,
     ) -> Agreement:
         """Make the agreement with *peer*, renew a live one, or start over after an end.
 
         Renewing a live agreement changes its terms only: a failure clock that is running
         keeps running (only verification passing stops it). Whether an ended agreement may
-        start over (its cool-down) is for the caller to decide.
+        start over (its cool-down) is for the caller to decide. *store_at*: (id, address)
+        of the provider holding the peer's side; *reserved_at*: our provider's id.
         """
         now = self.clock()
         agreement = self.agreements.get(peer)
@@ -166,7 +181,8 @@ class Ledger:
         agreement.they_host = they_host
         agreement.term = term
         agreement.renewed = now
-        agreement.store_at = store_at
+        agreement.store_at_id, agreement.store_at = store_at or (None, None)
+        agreement.reserved_at = reserved_at
         self.save(agreement)
         return agreement
 
@@ -206,6 +222,13 @@ class Ledger:
             ]
             found.sort(key=lambda a: a.renewed)
         return [a.peer for a in found]
+
+    def store_at_of(self, peer: bytes) -> tuple[bytes, str] | None:
+        """(id, address) of the provider holding *peer*'s side of our agreement, if any."""
+        agreement = self.agreements.get(peer)
+        if agreement is None or agreement.store_at_id is None or not agreement.store_at:
+            return None
+        return agreement.store_at_id, agreement.store_at
 
     def passed(self, peer: bytes) -> None:
         """The peer passed verification: the agreement renews."""

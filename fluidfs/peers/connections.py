@@ -11,6 +11,11 @@ says), and every connection draws on one node-wide memory budget
 (``fluidfs.net.budget``). Connections idle for ``limits.idle_timeout`` are closed by
 either end; ``get`` then dials again, and a call that meets a connection the peer has
 just closed is retried once on a new one.
+
+A partner whose side of our agreement is held by its storage provider (``store_at``,
+docs/federation.md) is reached there for the shard ops: ``call`` sends them to the
+provider with ``for: PARTNER``, so audits and reads of that partner are answered while
+it is offline, and their outcomes count for the partner as before.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
 
+SHARD_OPS = frozenset({"StoreShard", "RetrieveShard", "DeleteShard", "AuditShard"})
 DIAL_TIMEOUT = 5.0
 BACKOFF_SECONDS = 2.0
 
@@ -68,8 +74,10 @@ class Connections:
         limits: NetLimits = DEFAULT_LIMITS,
         is_partner: Callable[[bytes], bool] = lambda _key: False,
         bandwidth: Bandwidth | None = None,
+        store_at: Callable[[bytes], tuple[bytes, str] | None] = lambda _key: None,
     ) -> None:
         self.identity = identity
+        self.store_at = store_at  # partner -> (provider id, address) holding its side
         # every frame to and from peers passes it: limits, priorities, byte counts
         self.bandwidth = bandwidth if bandwidth is not None else Bandwidth()
         self.dispatcher = dispatcher
@@ -197,14 +205,18 @@ class Connections:
             conn.close_soon("dropped: the peer stopped answering on it")
 
     def backing_off(self, key: bytes) -> bool:
-        """True while a failed dial to the peer is still fresh (no live connection)."""
+        """True while a failed dial to the peer is still fresh (no live connection); for a
+        partner held at a provider, the provider's dial."""
+        where = self.store_at(key)
+        if where is not None:
+            key = where[0]
         conn = self.conns.get(key)
         if conn is not None and not conn.closed:
             return False
         return self._down_until.get(key, 0) > time.monotonic()
 
-    async def get(self, key: bytes) -> RpcConnection:
-        """A live connection to the peer, dialling its last known address if needed.
+    async def get(self, key: bytes, addr: str = "") -> RpcConnection:
+        """A live connection to the peer, dialling *addr* or its last known address.
 
         A connection we dialled to an address the peer has since left (its row moved:
         a newer address record) is closed and the new address dialled: the old one is
@@ -225,10 +237,11 @@ class Connections:
             if conn is not None and not conn.closed:
                 return conn
             peer = self.peers.get(key)
-            if peer is None or not peer.addr:
+            addr = addr or (peer.addr if peer is not None else "")
+            if not addr:
                 raise PeerUnavailable(f"no address for peer {encode_peer_id(key)[:12]}")
             try:
-                return await self.connect(peer.addr, expected=key)
+                return await self.connect(addr, expected=key)
             except PeerUnavailable:
                 self._down_until[key] = time.monotonic() + BACKOFF_SECONDS
                 raise
@@ -241,17 +254,24 @@ class Connections:
         *,
         timeout: float = 30.0,
         priority: int = SERVE,
+        addr: str = "",
     ) -> dict[str, Any]:
         """Call *op* on the peer; network failures become PeerUnavailable, replies RpcError.
 
-        *priority* is the request's turn under the upload limit (net/bandwidth.py).
+        *priority* is the request's turn under the upload limit (net/bandwidth.py);
+        *addr*: where to dial the peer if there is no connection (else its row's address).
 
         If the peer closed the connection as we used it (its idle timeout), the call is
         made once more on a new connection: a peer closing an idle connection has not
         read what we sent on it, and every op may be repeated.
         """
+        if op in SHARD_OPS and "for" not in args:
+            where = self.store_at(key)
+            if where is not None:  # the partner's provider answers for it
+                args = {**args, "for": key}
+                key, addr = where
         for attempt in (1, 2):
-            conn = await self.get(key)
+            conn = await self.get(key, addr)
             try:
                 reply = await conn.call(op, args, timeout=timeout, priority=priority)
                 self.peers.seen(key)

@@ -5,7 +5,8 @@ Agreements are sized from what this node donates: each one offers
 the donation) and asks the same amount back. A node that only donates space
 (``fluidfs serve``) has nothing to store, so it accepts agreements but proposes
 none. A bootstrap address that cannot be reached is retried
-with back-off until it answers.
+with back-off until it answers. With a storage provider (peers/provider.py) our side of
+each agreement we propose is reserved there first and held there (``store_at``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import DEFAULT_TERM, Ledger, TermsPolicy
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.provider import ProviderClient
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class PeerManager:
     propose: bool = True
     terms: TermsPolicy = field(default_factory=TermsPolicy)
     on_new_agreement: Callable[[bytes], None] = _ignore
+    provider: ProviderClient | None = None  # holds our side of the agreements we propose
 
     async def add(self, addr: str, expected: bytes | None = None) -> tuple[bytes, bool]:
         """Connect to *addr*, record the peer, and propose an agreement if there is none.
@@ -87,6 +90,23 @@ class PeerManager:
         args = {"offer": size, "ask": size, "term": self.term}
         if self.conns.listen_addr:
             args["addr"] = self.conns.listen_addr
+        provider = self.provider
+        if provider is not None and (provider.key == key or provider.gone):
+            provider = None  # never at itself; and a vanished one holds nothing new
+        if provider is not None:
+            if not await provider.reserve(key, size):
+                return False  # no space held for it: proposing would promise what we lack
+            args["store_at"] = provider.store_at()
+        agreed = await self._propose(key, args, provider is not None)
+        if provider is not None:
+            if not agreed:
+                await provider.unreserve(key)  # refused: the provider holds nothing for it
+            elif (granted := self.ledger.live(key).we_host) < size:
+                await provider.reserve(key, granted)  # a counter-proposal: hold no more
+        return agreed
+
+    async def _propose(self, key: bytes, args: dict, held: bool) -> bool:
+        """Send the proposal and take the reply; True if an agreement is in place."""
         try:
             reply = await self.conns.call(key, "ProposeAgreement", args, timeout=10)
         except (PeerUnavailable, RpcError) as exc:
@@ -97,7 +117,7 @@ class PeerManager:
             return False
         offer, ask, term = reply["offer"], reply["ask"], reply["term"]
         wrong = self._wrong_terms(args, offer, ask, term)
-        if wrong or self.ledger.promised_by_us() + offer > self.donate:
+        if wrong or self.ledger.promised_by_us(excluding=key) + offer > self.donate:
             if wrong:
                 log.warning("peer %s accepted with terms we did not propose (%s): declined",
                             _short(key), wrong)
@@ -108,10 +128,26 @@ class PeerManager:
             with contextlib.suppress(PeerUnavailable, RpcError):
                 await self.conns.call(key, "EndAgreement", {}, timeout=10)  # its side too
             return False
-        self.ledger.record(key, we_host=offer, they_host=ask, term=term)
+        reserved_at = self.provider.key if held and self.provider else None
+        self.ledger.record(key, we_host=offer, they_host=ask, term=term,
+                           reserved_at=reserved_at)
         log.info("agreement with %s: we host %d bytes, it hosts %d", _short(key), offer, ask)
         self.on_new_agreement(key)
         return True
+
+    async def take_back(self, key: bytes) -> bool:
+        """Renew the live agreement with *key* without ``store_at``: our provider is gone,
+        so we hold our side ourselves from now on (the peer's shards that were at the
+        provider are lost to it, and its audits and repair re-create them). True if the
+        peer renewed."""
+        agreement = self.ledger.live(key)
+        if agreement is None:
+            return False
+        args = {"offer": agreement.we_host, "ask": agreement.they_host,
+                "term": agreement.term}
+        if self.conns.listen_addr:
+            args["addr"] = self.conns.listen_addr
+        return await self._propose(key, args, held=False)
 
     def _wrong_terms(self, proposed: dict, offer: int, ask: int, term: int) -> str:
         """Why accepted terms are not ones we can take ('' if they are)."""

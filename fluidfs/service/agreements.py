@@ -12,10 +12,15 @@ Rules (limits and reasons in docs/protocol.md §5):
   is awaited, so concurrent proposals cannot share one grant) and up to a bounded count:
   ended agreements that hold nothing are forgotten, and live ones idle and empty are
   ended, to make room.
-- Renewing a live agreement changes its terms, never its running failure clock.
+- Renewing a live agreement changes its terms, never its running failure clock. A
+  partner whose side was at a provider may renew without ``store_at`` (taking its side
+  home) on the terms it already has, even with trust below the floor.
 - A new agreement that follows an ended one does not adopt the shards kept from the
   old one: they are marked unclaimed, and dropped when the old agreement's keep period
   ends unless the owner stores, retrieves or audits them meanwhile (peers/lifecycle.py).
+- A node whose side is held by a storage provider (``mount --provider``) declines new
+  proposals: it would have to host on the machine that goes offline; it proposes itself,
+  with ``store_at`` (docs/federation.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.peerlist import ORIGIN_PEER, PeerList
 from fluidfs.service.discovery import claimed_addr, note_claim
@@ -83,6 +89,7 @@ class AgreementOps:
     ratio: float
     terms: TermsPolicy
     cooldown: float
+    proposes_only: bool = False  # our side is at a provider: we propose, never accept new
     grants: GrantBucket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,8 +103,18 @@ class AgreementOps:
         """Grant the proposed terms, smaller ones, or refuse with a reason."""
         offer, ask, term = args["offer"], args["ask"], args["term"]
         addr = claimed_addr(args)
-        renewal = self.ledger.live(peer) is not None
+        live = self.ledger.live(peer)
+        renewal = live is not None
         granted, reason = self._terms_for(peer, offer, ask)
+        if live is not None and live.store_at_id is not None and "store_at" not in args:
+            # Its provider vanished and it takes its side home: on the terms we already
+            # granted, whatever its trust now (its failure clock keeps running).
+            granted, reason = (min(offer, live.they_host), min(ask, live.we_host)), None
+        if reason is None and self.proposes_only and not renewal:
+            reason = "this node's side is held by a storage provider: it proposes to you itself"
+        store_at = None
+        if reason is None and "store_at" in args:
+            store_at, reason = self._store_at(peer, args["store_at"])
         if reason is None and not renewal:
             reason = await self._room_for_new(peer)
         if reason is not None:
@@ -109,7 +126,7 @@ class AgreementOps:
         offer, ask = granted
         # The proposer's "ask" is what we host; its "offer" is what it hosts for us.
         agreement = self.ledger.record(
-            peer, we_host=ask, they_host=offer, term=term, store_at=args.get("store_at")
+            peer, we_host=ask, they_host=offer, term=term, store_at=store_at
         )
         if not renewal and agreement.unclaimed_since is not None:
             await self._mark_unclaimed(peer)
@@ -130,6 +147,17 @@ class AgreementOps:
             log.info("peer %s ended our agreement", peer.hex()[:12])
             self.on_end(peer)
         return {"ended": agreement is not None}
+
+    def _store_at(self, peer: bytes, where: Args) -> tuple[tuple[bytes, str] | None, str | None]:
+        """The provider a proposer's side is held at, parsed; or why we refuse it."""
+        provider = where["id"]
+        if provider in (peer, self.peers.self_key):
+            return None, "store_at must name a third node: the proposer's provider"
+        try:
+            addr = str(PeerAddr.parse(where["addr"]))
+        except AddressError as exc:
+            return None, f"store_at address: {exc}"
+        return (provider, addr), None
 
     def _terms_for(self, peer: bytes, offer: int, ask: int) -> tuple[tuple[int, int], str | None]:
         """The (offer, ask) we would grant *peer*, or a reason to refuse."""

@@ -3,7 +3,8 @@
 What each op does, and the rules it enforces, is in the module that answers it:
 service/agreements.py (ProposeAgreement, EndAgreement), service/shards.py (StoreShard,
 RetrieveShard, DeleteShard, AuditShard; quotas in service/quota.py), service/records.py
-(PutRecord, GetRecord) and service/discovery.py (ShareNewPeers, Ping). The wire side is in
+(PutRecord, GetRecord), service/discovery.py (ShareNewPeers, Ping) and, on a storage
+provider, service/provider.py (Reserve, Unreserve, shard ops for a customer). The wire side is in
 docs/protocol.md, the limits in its §5.
 
 Every shard-store and record-store call runs in a worker thread of ``limiter``, the
@@ -27,9 +28,11 @@ from fluidfs.service.agreements import AgreementOps
 from fluidfs.service.discovery import DiscoveryOps
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
+from fluidfs.service.provider import ProviderOps
 from fluidfs.service.quota import OwnerLocks, ShardQuota
 from fluidfs.service.records import RecordOps
 from fluidfs.service.shards import ShardOps
+from fluidfs.store.accounts import AccountBook
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -44,6 +47,9 @@ class PeerService:
     an idle one made room); our shards on that peer no longer count.
     *addresses*: peers' signed address records; *remote_of*: where a peer's connection
     comes from (service/discovery.py).
+    *accounts*: a storage provider's customers (None: this node is no provider), whose
+    removed reservations are served for *keep* seconds (service/provider.py).
+    *proposes_only*: our side is held by our own provider; new proposals are declined.
     """
 
     schemas = REQUEST_SCHEMAS
@@ -64,28 +70,47 @@ class PeerService:
         cooldown: float = DAY,
         addresses: AddressBook | None = None,
         remote_of: Callable[[bytes], str] = lambda _key: "",
+        accounts: AccountBook | None = None,
+        keep: float = DAY,
+        proposes_only: bool = False,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
         self.shards = shards
+        self.ledger = ledger
         # One store per owner at a time; at most one table entry per live agreement.
         quota = ShardQuota(shards, donate, peers.self_key, limiter,
                            OwnerLocks(terms.max_agreements))
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
-                                  donate, ratio, terms, cooldown)
+                                  donate, ratio, terms, cooldown, proposes_only)
+        direct = ShardOps(shards, ledger, quota, limiter, faults)
         self._ops: dict[str, Op] = {
             **agreements.ops(),
-            **ShardOps(shards, ledger, quota, limiter, faults).ops(),
+            **direct.ops(),
             **RecordOps(records, ledger, limiter).ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
         }
+        self.provider: ProviderOps | None = None
+        if accounts is not None:
+            self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
+                                        peers.self_key, keep)
+            self._ops.update(self.provider.ops())
+
+    def is_partner(self, key: bytes) -> bool:
+        """A peer with a live agreement; on a provider, also its customers and the peers
+        storing under their reservations (they get a partner's limits, net/admission.py)."""
+        if self.ledger.live(key) is not None:
+            return True
+        return self.provider is not None and self.provider.is_partner(key)
 
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
         """Serve one validated request from *peer_key*."""
         answer = self._ops.get(op)
         if answer is None:
             raise RpcError("unknown_op", f"{op} is not served here")
+        if "for" in args and self.provider is None:
+            raise RpcError("refused", "this node is no storage provider")
         rate = self.faults.fault_rate
         if rate and op in FAULTY_OPS and random.random() < rate:
             raise RpcError("busy", "injected fault (--fault-rate)")

@@ -40,6 +40,7 @@ META_TABLES = [
     "commits",
     "snapshots",  # fs/snapshots.py
     "lazy",  # fs/restore.py
+    "accounts", "reservations",  # store/accounts.py (storage providers)
 ]
 
 

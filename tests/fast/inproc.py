@@ -34,6 +34,7 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.host import PeerService
+from fluidfs.store.accounts import AccountBook
 from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
@@ -70,6 +71,7 @@ class PeerNode:
         *,
         limits: NetLimits = DEFAULT_LIMITS,
         service: type[PeerService] = PeerService,
+        provider: bool = False,
         **service_kw,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,7 @@ class PeerNode:
             limiter=trio.CapacityLimiter(2),
             records=self.records,
             on_end=self.ended.append,
+            accounts=AccountBook(self.db) if provider else None,
             **service_kw,
         )
         self.conns = Connections(
@@ -96,7 +99,8 @@ class PeerNode:
             self.service,
             self.peers,
             limits=limits,
-            is_partner=lambda key: self.ledger.live(key) is not None,
+            is_partner=self.service.is_partner,
+            store_at=self.ledger.store_at_of,
         )
         self.addr = ""
 

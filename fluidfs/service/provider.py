@@ -1,0 +1,231 @@
+"""The storage provider's side (docs/federation.md): reservations and the shards under them.
+
+Who may call what:
+
+- ``Reserve`` / ``Unreserve``: only a customer the operator admitted (``fluidfs provider
+  add``); anyone else is ``refused``. A reservation names the customer's partner and a
+  size; all of a customer's live reservations together stay within its quota
+  (``over_quota``), at most ``MAX_RESERVATIONS`` per customer, never below what the
+  reservation already holds.
+- ``StoreShard`` / ``RetrieveShard`` / ``DeleteShard`` / ``AuditShard`` carrying
+  ``for: CUSTOMER``: the caller is the customer's partner. A store needs a live
+  reservation for (customer, caller) and fits within its size (``no_agreement`` /
+  ``over_quota``); retrieve, audit and delete are answered while the reservation exists,
+  live or removed and within its keep period, whether or not the customer is online.
+  Without ``for`` the ops are the node's ordinary ones (service/shards.py).
+
+Shards under a reservation live in the shard store under the reservation's own owner key
+(store/accounts.py ``holder_key``), counted against the reservation's size and, with
+everything else the node holds, against its donation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from fluidfs.keys import encode_peer_id
+from fluidfs.net.errors import RpcError
+from fluidfs.service.ops import Args, Op, Reply
+from fluidfs.service.quota import ShardQuota
+from fluidfs.service.shards import ShardOps
+from fluidfs.store.accounts import MAX_RESERVATIONS, AccountBook, Reservation
+from fluidfs.store.shards import ShardStore
+
+log = logging.getLogger(__name__)
+
+DROP_BATCH = 1024  # shards deleted per write transaction when a removed reservation expires
+SHARD_OPS = ("StoreShard", "RetrieveShard", "DeleteShard", "AuditShard")
+
+
+@dataclass
+class ProviderOps:
+    """Answers Reserve and Unreserve, and shard ops sent ``for`` a customer."""
+
+    book: AccountBook
+    shards: ShardStore
+    quota: ShardQuota
+    direct: ShardOps  # the node's own shard ops, for requests without "for"
+    limiter: trio.CapacityLimiter
+    self_key: bytes
+    keep: float  # seconds a removed reservation's shards are still served
+    _storing: set[bytes] = field(default_factory=set, init=False)  # with a reservation
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self, reservations: list[Reservation] | None = None) -> None:
+        """Re-read which peers store under a reservation, live or in its keep period (the
+        operator may have closed an account from another process)."""
+        found = self.book.reservations() if reservations is None else reservations
+        self._storing = {r.peer for r in found}
+
+    def ops(self) -> dict[str, Op]:
+        """The ops served here, by wire name (the shard ops wrap the direct ones)."""
+        return {
+            "Reserve": self.reserve,
+            "Unreserve": self.unreserve,
+            "StoreShard": self.store,
+            "RetrieveShard": self.retrieve,
+            "DeleteShard": self.delete,
+            "AuditShard": self.audit,
+        }
+
+    def is_partner(self, key: bytes) -> bool:
+        """True for a customer, or a peer with shards under one of its reservations: they
+        get a partner's room at admission (net/admission.py)."""
+        return key in self._storing or self.book.account(key) is not None
+
+    # --- the customer -------------------------------------------------------------------
+
+    async def reserve(self, customer: bytes, args: Args) -> Reply:
+        """Make or resize the reservation for the customer's partner ``peer``."""
+        account = self._customer(customer)
+        peer, size = args["peer"], args["size"]
+        if peer in (customer, self.self_key):
+            raise RpcError("bad_request", "a reservation is for one of your other partners")
+        if size == 0:
+            raise RpcError("bad_request", "a reservation needs a size")
+        old = self.book.reservation(customer, peer)
+        if old is None and len(self.book.reservations(customer)) >= MAX_RESERVATIONS:
+            raise RpcError("refused", f"at most {MAX_RESERVATIONS} reservations per customer")
+        if self.book.reserved(customer, excluding=peer) + size > account.quota:
+            raise RpcError("over_quota", f"your quota is {account.quota} bytes")
+        if old is not None:
+            held = await trio.to_thread.run_sync(self.shards.used, old.holder,
+                                                 limiter=self.limiter)
+            if size < held:
+                raise RpcError("refused", f"the reservation already holds {held} bytes")
+        self.book.reserve(customer, peer, size)
+        self._storing.add(peer)
+        log.info("customer %s reserved %d bytes for %s", _short(customer), size, _short(peer))
+        return {"size": size}
+
+    async def unreserve(self, customer: bytes, args: Args) -> Reply:
+        """Remove the reservation for ``peer``; its shards stay for the keep period."""
+        self._customer(customer)
+        removed = self.book.unreserve(customer, args["peer"])
+        if removed:
+            log.info("customer %s removed its reservation for %s",
+                     _short(customer), _short(args["peer"]))
+        return {"removed": removed}
+
+    def _customer(self, key: bytes):
+        account = self.book.account(key)
+        if account is None:
+            raise RpcError("refused", "not a customer of this provider")
+        return account
+
+    # --- the customer's partners ----------------------------------------------------------
+
+    async def store(self, peer: bytes, args: Args) -> Reply:
+        """Store a batch under the reservation the customer made for the caller."""
+        if "for" not in args:
+            return await self.direct.store(peer, args)
+        reservation = self._reservation(args["for"], peer, live=True)
+        items = [(item["id"], item["data"]) for item in args["shards"]]
+
+        def size_of(_owner: bytes) -> int:  # read again under the lock: it may be removed
+            now = self.book.reservation(reservation.customer, peer)
+            return now.size if now is not None and now.live else 0
+
+        bad, over = await self.quota.store(reservation.holder, items, size_of)
+        refused = [{"id": sid, "code": "bad_shard"} for sid in bad]
+        refused += [{"id": sid, "code": "over_quota"} for sid in over]
+        failed = bad | over
+        return {"stored": [sid for sid, _ in items if sid not in failed], "refused": refused}
+
+    async def retrieve(self, peer: bytes, args: Args) -> Reply:
+        """A shard stored under a reservation (or the caller's own, without ``for``)."""
+        if "for" not in args:
+            return await self.direct.retrieve(peer, args)
+        holder = self._reservation(args["for"], peer, live=False).holder
+        return await self.direct.retrieve(holder, {"id": args["id"]})
+
+    async def delete(self, peer: bytes, args: Args) -> Reply:
+        """Delete shards stored under a reservation."""
+        if "for" not in args:
+            return await self.direct.delete(peer, args)
+        holder = self._reservation(args["for"], peer, live=False).holder
+        return await self.direct.delete(holder, {"ids": args["ids"]})
+
+    async def audit(self, peer: bytes, args: Args) -> Reply:
+        """Prove a shard stored under a reservation."""
+        if "for" not in args:
+            return await self.direct.audit(peer, args)
+        holder = self._reservation(args["for"], peer, live=False).holder
+        body = {k: v for k, v in args.items() if k != "for"}
+        return await self.direct.audit(holder, body)
+
+    def _reservation(self, customer: bytes, peer: bytes, *, live: bool) -> Reservation:
+        reservation = self.book.reservation(customer, peer)
+        if reservation is None or (live and not reservation.live):
+            raise RpcError("no_agreement", "no reservation for you from that customer here")
+        return reservation
+
+    # --- what the operator is shown -----------------------------------------------------
+
+    def figures(self) -> dict[str, int]:
+        """Customers, live reservations and bytes reserved and held (blocking: LMDB)."""
+        reservations = self.book.reservations()
+        live = [r for r in reservations if r.live]
+        return {
+            "customers": len(self.book.accounts()),
+            "reservations": len(live),
+            "reserved_bytes": sum(r.size for r in live),
+            "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+        }
+
+    def with_status(
+        self, status: Callable[[dict], Awaitable[dict]]
+    ) -> Callable[[dict], Awaitable[dict]]:
+        """The node's ``status`` control handler, with the provider's figures added."""
+
+        async def handler(request: dict) -> dict:
+            reply = await status(request)
+            reply["serving_as_provider"] = await trio.to_thread.run_sync(
+                self.figures, limiter=self.limiter)
+            return reply
+
+        return handler
+
+    # --- the keep period ------------------------------------------------------------------
+
+    async def run(self, tick: float = 60.0) -> None:
+        """Drop removed reservations past the keep period, every *tick*, until cancelled."""
+        while True:
+            await trio.sleep(tick)
+            await self.expire()
+
+    async def expire(self) -> int:
+        """Drop the shards and entries of reservations removed more than ``keep`` ago."""
+        now = self.book.clock()
+        dropped = 0
+        # Every customer's reservations: read off the loop (they grow with the customers).
+        every = await trio.to_thread.run_sync(self.book.reservations, limiter=self.limiter)
+        self.refresh(every)
+        for reservation in every:
+            if reservation.live or now - reservation.removed <= self.keep:
+                continue
+            holder = reservation.holder
+            ids = await trio.to_thread.run_sync(lambda h=holder: list(self.shards.ids(h)),
+                                                limiter=self.limiter)
+            for start in range(0, len(ids), DROP_BATCH):
+                await trio.to_thread.run_sync(self.shards.delete_many, holder,
+                                              ids[start : start + DROP_BATCH],
+                                              limiter=self.limiter)
+            self.book.forget(reservation)
+            dropped += 1
+            log.info("dropped %d shards of %s's removed reservation for %s", len(ids),
+                     _short(reservation.customer), _short(reservation.peer))
+        if dropped:  # ... so read again which peers still hold shards here
+            self.refresh(await trio.to_thread.run_sync(self.book.reservations,
+                                                       limiter=self.limiter))
+        return dropped
+
+
+def _short(key: bytes) -> str:
+    return encode_peer_id(key)[:12]

@@ -1,0 +1,326 @@
+"""Storage providers (issue 13, docs/federation.md): a provider P holds a user U's side of
+its agreements, so U's partner X stores, audits and reads U's side at P while U is away.
+
+Real parts in-process: P, U and X are ``PeerNode``s (real services, real LMDB, real
+loopback sockets); U's side is the real ``PeerManager`` with a ``ProviderClient``. U does
+not listen at all in these tests: whatever X gets for U comes from P.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+from inproc import PeerNode, until
+
+from fluidfs.blocks import merkle
+from fluidfs.cli.main import main as fluidfs_main
+from fluidfs.keys import encode_peer_id
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import MIB
+from fluidfs.peers.manager import PeerManager
+from fluidfs.peers.provider import ProviderClient
+from fluidfs.store.accounts import AccountBook, holder_key
+from fluidfs.store.db import META_TABLES, Database
+
+SIZE = 4 * MIB  # what U offers each partner, reserved at P
+
+
+def shard(n: int = 1, size: int = 200_000) -> tuple[bytes, bytes]:
+    data = os.urandom(size) if n else b""
+    return merkle.shard_id(data), data
+
+
+class Net:
+    """P (provider), U (customer, offline: it never listens), X and Y (peers)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.p = PeerNode(tmp_path / "p", provider=True)
+        self.u = PeerNode(tmp_path / "u", proposes_only=True)
+        self.x = PeerNode(tmp_path / "x")
+        self.y = PeerNode(tmp_path / "y")
+        self.book: AccountBook = self.p.service.provider.book
+        self.client: ProviderClient | None = None
+        self.manager: PeerManager | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        for node in (self.p, self.x, self.y):
+            await node.start(nursery)
+        await self.u.start(nursery, listen=False)
+        self.client = ProviderClient(self.u.conns, self.u.ledger, self.p.key, self.p.addr)
+        self.manager = PeerManager(self.u.conns, self.u.peers, self.u.ledger,
+                                   donate=1 << 30, agreement_size=SIZE, provider=self.client)
+
+    def close(self) -> None:
+        for node in (self.p, self.u, self.x, self.y):
+            node.close()
+
+
+async def with_net(tmp_path, body) -> None:
+    net = Net(tmp_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            await net.start(nursery)
+            await body(net)
+            nursery.cancel_scope.cancel()
+    finally:
+        net.close()
+
+
+async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(tmp_path):
+    """U reserves at P, proposes to X with store_at; X's stores, audits and reads of U's
+    side reach P (U never listens) and pass. Fails before issue 13: X sends them to U."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        key, agreed = await net.manager.add(net.x.addr)
+        assert (key, agreed) == (net.x.key, True)
+        at_x = net.x.ledger.live(net.u.key)
+        assert (at_x.store_at_id, at_x.store_at) == (net.p.key, net.p.addr)
+        assert net.u.ledger.live(net.x.key).reserved_at == net.p.key
+        reservation = net.book.reservation(net.u.key, net.x.key)
+        assert reservation.live and reservation.size == SIZE
+
+        sid, data = shard()
+        reply = await net.x.conns.call(net.u.key, "StoreShard",
+                                       {"shards": [{"id": sid, "data": data}]})
+        assert reply == {"stored": [sid], "refused": []}
+        assert net.p.shards.get(holder_key(net.u.key, net.x.key), sid) == data
+        assert net.p.shards.get(net.x.key, sid) is None  # not under X's own name
+        assert net.u.shards.get(net.x.key, sid) is None  # U holds nothing itself
+
+        got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
+        assert got["data"] == data
+        leaf = merkle.leaf_count(len(data)) - 1
+        proof = await net.x.conns.call(net.u.key, "AuditShard",
+                                       {"id": sid, "leaf": leaf, "nonce": os.urandom(32)})
+        assert merkle.verify(sid, len(data), leaf, proof["leaf_data"], proof["path"])
+        figures = net.p.service.provider.figures()
+        assert figures == {"customers": 1, "reservations": 1, "reserved_bytes": SIZE,
+                           "held_bytes": len(data)}
+        deleted = await net.x.conns.call(net.u.key, "DeleteShard", {"ids": [sid, sid]})
+        assert deleted == {"deleted": 1}
+        assert net.p.shards.used(holder_key(net.u.key, net.x.key)) == 0
+
+    await with_net(tmp_path, body)
+
+
+async def test_the_provider_refuses_shards_outside_a_live_reservation(tmp_path):
+    """No reservation, more than its size, or after it was removed: refused; what it held
+    is still served for the keep period, then dropped."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        u = net.u.key
+        sid, data = shard()
+
+        # Y has no reservation from U (a stranger's frames are small: a small shard).
+        tiny_id, tiny = shard(size=1000)
+        with pytest.raises(RpcError) as err:
+            await net.y.conns.call(net.p.key, "StoreShard",
+                                   {"shards": [{"id": tiny_id, "data": tiny}], "for": u},
+                                   addr=net.p.addr)
+        assert err.value.code == "no_agreement"
+
+        # Over the reservation's size: the rest is refused, shard by shard.
+        net.book.reserve(u, net.x.key, 300_000)
+        sid2, data2 = shard()
+        reply = await net.x.conns.call(u, "StoreShard", {"shards": [
+            {"id": sid, "data": data}, {"id": sid2, "data": data2}]})
+        assert reply["stored"] == [sid]
+        assert reply["refused"] == [{"id": sid2, "code": "over_quota"}]
+
+        # Removed: no more stores, but reads and audits go on for the keep period.
+        await net.client.unreserve(net.x.key)
+        assert not net.book.reservation(u, net.x.key).live
+        with pytest.raises(RpcError) as err:
+            await net.x.conns.call(u, "StoreShard", {"shards": [{"id": sid2, "data": data2}]})
+        assert err.value.code == "no_agreement"
+        assert (await net.x.conns.call(u, "RetrieveShard", {"id": sid}))["data"] == data
+
+        provider = net.p.service.provider
+        assert await provider.expire() == 0  # within the keep period
+        provider.keep = -1.0
+        assert await provider.expire() == 1
+        assert net.p.shards.get(holder_key(u, net.x.key), sid) is None
+        with pytest.raises(RpcError) as err:
+            await net.x.conns.call(u, "RetrieveShard", {"id": sid})
+        assert err.value.code == "no_agreement"
+
+    await with_net(tmp_path, body)
+
+
+async def test_only_admitted_customers_reserve_and_only_within_their_quota(tmp_path):
+    """Hostile Reserve/Unreserve: strangers, sizes past the quota, zero, and reservations
+    naming the customer or the provider itself are refused; the node keeps serving."""
+
+    async def body(net: Net) -> None:
+        stranger = net.y
+        for op, args in (("Reserve", {"peer": net.x.key, "size": SIZE}),
+                         ("Unreserve", {"peer": net.x.key})):
+            with pytest.raises(RpcError) as err:
+                await stranger.conns.call(net.p.key, op, args, addr=net.p.addr)
+            assert err.value.code == "refused"
+        assert not await net.client.reserve(net.x.key, SIZE)  # U not admitted yet
+        assert net.book.reservations() == []
+
+        net.book.add(net.u.key, 10 * MIB)
+        assert await net.client.reserve(net.x.key, 6 * MIB)
+        assert not await net.client.reserve(net.y.key, 6 * MIB)  # 12 MiB > quota
+        assert await net.client.reserve(net.y.key, 4 * MIB)
+        assert await net.client.reserve(net.x.key, 5 * MIB)  # a resize within the quota
+        for bad in ({"peer": net.u.key, "size": MIB}, {"peer": net.p.key, "size": MIB},
+                    {"peer": net.x.key, "size": 0}):
+            with pytest.raises(RpcError) as err:
+                await net.u.conns.call(net.p.key, "Reserve", bad, addr=net.p.addr)
+            assert err.value.code == "bad_request"
+        for bad in ({"peer": b"x" * 31, "size": MIB}, {"peer": net.x.key, "size": -1},
+                    {"peer": net.x.key, "size": MIB, "extra": 1}):
+            conn = await net.u.conns.get(net.p.key, net.p.addr)
+            conn.ops = {}  # no client-side checks: the provider must refuse
+            with pytest.raises(RpcError) as err:
+                await conn.call("Reserve", bad)
+            assert err.value.code == "bad_request"
+        assert await net.u.conns.call(net.p.key, "Ping", {}, addr=net.p.addr)
+
+        # Shard ops "for" a customer, sent to a node that is no provider.
+        sid, data = shard(size=1000)
+        with pytest.raises(RpcError) as err:
+            await net.u.conns.call(net.x.key, "StoreShard",
+                                   {"shards": [{"id": sid, "data": data}], "for": net.y.key},
+                                   addr=net.x.addr)
+        assert err.value.code == "refused"
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_refused_proposal_or_an_ended_agreement_removes_the_reservation(tmp_path):
+    """The seed: a refused proposal is followed by a reservation removal, and an ended
+    agreement is forwarded as one."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        net.manager.agreement_size = MIB // 2  # below X's minimum terms: X declines
+        assert (await net.manager.add(net.x.addr))[1] is False
+        assert not net.book.reservation(net.u.key, net.x.key).live
+
+        net.manager.agreement_size = SIZE
+        assert (await net.manager.add(net.y.addr))[1] is True
+        assert net.book.reservation(net.u.key, net.y.key).live
+        net.u.ledger.mark_ended(net.y.key)
+        await net.client.check()
+        assert not net.book.reservation(net.u.key, net.y.key).live
+        assert net.u.ledger.get(net.y.key).reserved_at is None
+        assert net.client.status()["reachable"] is True
+
+        # X counter-proposes less than offered (its per-peer cap, a 16th of its
+        # donation): the reservation shrinks to what was granted.
+        net.book.add(net.u.key, 1 << 30)
+        net.manager.agreement_size = 128 * MIB
+        assert (await net.manager.add(net.x.addr))[1] is True
+        granted = net.u.ledger.live(net.x.key).we_host
+        assert granted < 128 * MIB
+        assert net.book.reservation(net.u.key, net.x.key).size == granted
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_user_with_a_provider_declines_proposals_it_would_host_itself(tmp_path):
+    """U's laptop goes offline: hosting a proposer's shards there would break its promise,
+    so U declines (and proposes itself, with store_at)."""
+
+    async def body(net: Net) -> None:
+        await net.u.conns.connect(net.x.addr)  # U does not listen: X calls back on this
+        await until(lambda: net.u.key in net.x.conns.conns, what="X seeing U's connection")
+        reply = await net.x.conns.call(net.u.key, "ProposeAgreement",
+                                       {"offer": SIZE, "ask": SIZE, "term": 3600})
+        assert reply["accepted"] is False and "storage provider" in reply["reason"]
+        assert net.u.ledger.get(net.x.key) is None
+
+    await with_net(tmp_path, body)
+
+
+async def test_status_says_loudly_when_the_provider_does_not_answer(tmp_path):
+    async def body(net: Net) -> None:
+        gone = ProviderClient(net.u.conns, net.u.ledger, net.y.key, "127.0.0.1:9")
+
+        async def report(_request: dict) -> dict:
+            return {"overview": {"warnings": []}}
+
+        await gone.check()
+        reply = await gone.with_status(report)({})
+        assert reply["provider"]["reachable"] is False
+        assert "does not answer" in reply["overview"]["warnings"][0]["text"]
+        await net.client.check()
+        reply = await net.client.with_status(report)({})
+        assert reply["provider"]["reachable"] is True and not reply["overview"]["warnings"]
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_user_whose_provider_is_gone_takes_its_side_back_home(tmp_path):
+    """P stops answering for longer than give_up: U renews with X without store_at, and
+    X's shard ops come to U again. Fails before: U's side stayed at the vanished P."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        gone = ProviderClient(net.u.conns, net.u.ledger, net.p.key, "127.0.0.1:9",
+                              give_up=0.0)
+        net.u.conns.drop(net.p.key)  # P vanished: only a dead address is left
+        for _ in range(8):  # X's audits of U failed meanwhile: trust below the floor
+            net.x.peers.record(net.u.key, False)
+        await gone.check(net.manager.take_back)
+        assert gone.status()["taken_back"] == 1 and gone.reachable is False
+        assert net.x.ledger.live(net.u.key).store_at_id is None
+        assert net.u.ledger.live(net.x.key).reserved_at is None
+
+        sid, data = shard()
+        reply = await net.x.conns.call(net.u.key, "StoreShard",
+                                       {"shards": [{"id": sid, "data": data}]})
+        assert reply["stored"] == [sid]
+        assert net.u.shards.get(net.x.key, sid) == data  # U holds its side itself now
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_proposal_with_a_bad_store_at_is_declined(tmp_path):
+    """store_at naming the acceptor itself, or an address no one can dial, is refused."""
+
+    async def body(net: Net) -> None:
+        conn = await net.u.conns.connect(net.x.addr)
+        base = {"offer": SIZE, "ask": SIZE, "term": 3600}
+        for where in ({"id": net.x.key, "addr": net.p.addr},
+                      {"id": net.u.key, "addr": net.p.addr},
+                      {"id": net.p.key, "addr": "not an address"}):
+            reply = await conn.call("ProposeAgreement", {**base, "store_at": where})
+            assert reply["accepted"] is False
+        assert net.x.ledger.get(net.u.key) is None
+
+    await with_net(tmp_path, body)
+
+
+def test_the_operator_admits_lists_and_removes_customers(tmp_path, capsys):
+    """`fluidfs provider add|list|remove` writes the accounts a provider node reads."""
+    state = tmp_path / "state"
+    Database(state / "meta.lmdb", META_TABLES).close()  # a provider's state directory
+    customer = encode_peer_id(b"\x07" * 32)
+    fluidfs_main(["provider", "add", customer, "--quota", "200G", "--state-dir", str(state)])
+    fluidfs_main(["provider", "list", "--json", "--state-dir", str(state)])
+    assert f'"quota": {200 << 30}' in capsys.readouterr().out
+    db = Database(state / "meta.lmdb", META_TABLES)
+    book = AccountBook(db)
+    assert book.account(b"\x07" * 32).quota == 200 << 30
+    book.reserve(b"\x07" * 32, b"\x08" * 32, 1 << 30)
+    db.close()
+    fluidfs_main(["provider", "remove", customer, "--state-dir", str(state)])
+    db = Database(state / "meta.lmdb", META_TABLES)
+    book = AccountBook(db)
+    assert book.account(b"\x07" * 32) is None
+    assert not book.reservation(b"\x07" * 32, b"\x08" * 32).live  # kept, removed
+    db.close()
+    with pytest.raises(SystemExit) as exit_:
+        fluidfs_main(["provider", "add", customer, "--state-dir", str(state)])
+    assert exit_.value.code == 2

@@ -1,0 +1,165 @@
+"""Storage providers with real processes (issue 13, docs/federation.md).
+
+P runs `fluidfs serve --provider`; the operator admits user U with `fluidfs provider
+add`. U mounts with `--provider P` and makes an agreement with X, another user's mount:
+U's side of it (the shards X stores with U) lives at P. U unmounts and stays away for
+several tolerance periods; X's audits of U keep passing (P answers them) and X's
+agreement with U does not end. Without a provider X's audits of U fail while U is away
+and X ends the agreement once the tolerance has passed (test_repair.py's
+``test_dead_peer_past_tolerance_loses_agreement_and_shards_move``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from conftest import run_cli
+from mounthelpers import drop_cache
+from peerhelpers import Peer, status, wait_for
+
+from fluidfs import keys
+
+TOLERANCE = 3.0  # seconds X tolerates failing audits before it ends an agreement
+
+
+def peer_rows(state: Path) -> dict[str, dict]:
+    result = run_cli("peers", "--json", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    return {row["id"]: row for row in json.loads(result.stdout)["peers"]}
+
+
+def small_keyfile(path: Path) -> Path:
+    keys.write_keyfile(path, keys.generate(shards_total=3, shards_needed=2))
+    return path
+
+
+def assert_holds_no_secret(state: Path, plaintext: bytes, keyfiles: list[Path]) -> None:
+    """No file under *state* holds a piece of *plaintext* or any key of *keyfiles*."""
+    secrets = [plaintext[i : i + 64] for i in range(0, len(plaintext), 64 * 1024)]
+    for path in keyfiles:
+        ring = keys.KeyRing(keys.read_keyfile(path))
+        secrets += [ring.keyfile.root, ring.metadata_key, ring.wrap_key, ring.dedup_key]
+    for path in state.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            content = path.read_bytes()
+            assert not any(secret in content for secret in secrets), path
+
+
+def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount):
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
+        admitted = run_cli("provider", "add", user_id, "--quota", "1G",
+                           "--state-dir", str(provider.state))
+        assert admitted.returncode == 0, admitted.stderr
+
+        # X: another user, storing with S0, S1 and (once it proposes) U; N=3 puts one
+        # shard of every block on each of them.
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", str(TOLERANCE), "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        u = make_mount("u", key=user_key, extra=[
+            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
+            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"] and s,
+                            30, "U's status showing its provider")
+        assert u_status["provider"]["id"] == provider.peer_id
+        assert u_status["provider"]["reservations"] >= 1
+        shown = run_cli("status", "--state-dir", str(u.state)).stdout
+        assert f"provider:    {provider.peer_id[:18]}" in shown and ": reachable;" in shown
+        listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
+        customers = json.loads(listed.stdout)["customers"]
+        assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1
+
+        data = os.urandom(3 * 256 * 1024)
+        (x.path / "file").write_bytes(data)
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        serving = status(provider.state)["serving_as_provider"]
+        assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
+        assert "provider for: 1 customers" in run_cli(
+            "status", "--state-dir", str(provider.state)).stdout
+        assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
+
+        u.unmount()  # U goes away
+        passed_before = peer_rows(x.state)[user_id]["audits_passed"]
+        away_until = time.monotonic() + 4 * TOLERANCE
+        while time.monotonic() < away_until:
+            row = peer_rows(x.state)[user_id]
+            assert row["active"], "X ended its agreement with the offline user"
+            assert row["failing_since"] is None, row
+            time.sleep(0.5)
+        row = peer_rows(x.state)[user_id]
+        assert row["audits_failed"] == 0
+        assert row["audits_passed"] > passed_before  # answered by P while U was away
+        # Reads of U's side go to P too: with S0 gone and no cache, K=2 needs S1 and U's.
+        x.unmount()
+        drop_cache(x.state)
+        hosts[0].kill()
+        x.mount()
+        assert (x.path / "file").read_bytes() == data
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()
+
+
+def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, make_mount):
+    """P is killed for good while U is online: after half U's tolerance U renews its
+    agreement with X without store_at, status says so, and X's agreement with U stays
+    (X's audits reach U again; the shards lost with P are rebuilt by X's repair).
+    X accepts the renewal on the terms it had granted even though its failed audits of
+    U (at the dead P) lowered its trust in U."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        u = make_mount("u", key=user_key, extra=[
+            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", "--tolerance", "2",
+            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        (x.path / "file").write_bytes(os.urandom(256 * 1024))
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+
+        provider.kill()
+        home = wait_for(lambda: (s := status(u.state))["provider"]["taken_back"] and s, 60,
+                        "U taking its side back home")
+        assert home["provider"]["reachable"] is False
+        assert any(w["kind"] == "provider" and "brought back" in w["text"]
+                   for w in home["overview"]["warnings"])
+        assert "NOT REACHABLE" in run_cli("status", "--state-dir", str(u.state)).stdout
+        # X's audits of U reach U again: one passes once X's repair has put back the
+        # shard lost with P (or moved it), and the agreement never ended.
+        wait_for(lambda: (r := peer_rows(x.state)[user_id])["failing_since"] is None
+                 and r["audits_passed"] > 0 and status(x.state)["under_replicated"] == 0,
+                 90, "X's audits of U passing again and its blocks fully placed")
+        assert peer_rows(x.state)[user_id]["active"]
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()
