@@ -70,9 +70,8 @@ async def owner_on(tmp_path: Path, hosts: list[PeerNode], nursery: trio.Nursery
 
 async def put_blocks(owner: Owner, count: int = BLOCKS) -> list[bytes]:
     ids = [await owner.store.blocks.put(os.urandom(20_000)) for _ in range(count)]
-    await owner.store.blocks.drain()
-    for block_id in ids:
-        assert NO_HOLDER not in owner.holders(block_id)
+    await until(lambda: all(NO_HOLDER not in owner.holders(b) for b in ids),
+                what="every shard placed")
     return ids
 
 
