@@ -316,6 +316,13 @@ class RemoteShards:
         outcome, _data = await self._retrieve(key, record, index, recorded=True, verify=True)
         return outcome
 
+    async def read_copy(
+        self, key: bytes, record: BlockRecord, index: int
+    ) -> tuple[str, bytes | None]:
+        """Shard *index* from its recorded holder *key*, verified: (outcome, the bytes if
+        GOOD). Nothing is reported to ``on_corrupt``: the caller decides."""
+        return await self._retrieve(key, record, index, recorded=True, verify=True)
+
     async def _retrieve(
         self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool
     ) -> tuple[str, bytes | None]:

@@ -73,13 +73,20 @@ def node_handlers(
         return await node_status.report()
 
     async def check_files(request: dict) -> dict:
+        copies = health.CopyReport()
         results = await health.check(
             tree,
             blocks,
             reachable=reachable_probe(peer_list, conns),
             read_data=bool(request.get("read_data")),
+            copies=copies,
         )
-        return {"files": [vars(r) for r in results], "shards_needed": blocks.codec.needed}
+        return {
+            "files": [vars(r) for r in results],
+            "shards_needed": blocks.codec.needed,
+            "bad_blocks": copies.blocks,
+            "copies_by_peer": {peer: dict(counts) for peer, counts in copies.peers.items()},
+        }
 
     return {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
 

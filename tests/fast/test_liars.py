@@ -24,6 +24,9 @@ from fluidfs.blocks.audit import Auditor, AuditPolicy
 from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.fs import health
+from fluidfs.fs.tree import ROOT_INO
+from fluidfs.keys import encode_peer_id
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.faults import FaultInjection
@@ -185,3 +188,47 @@ async def test_a_hung_holder_delays_no_other_holders_audits(tmp_path: Path, cloc
                 assert owner.index(hung) in auditor.busy, "its one audit still waits"
         finally:
             hung.close()
+
+
+async def test_check_read_data_verifies_every_copy_and_names_bad_ones(tmp_path: Path) -> None:
+    """Before this change `check --read-data` rebuilt each block from the first K good
+    shards: a block with a corrupt copy on the liar was reported OK 4/4."""
+    async with peer_nodes(tmp_path / "hosts", N - 1) as (nursery, honest):
+        liar = await PeerNode(tmp_path / "liar", faults=FaultInjection(lie_on_retrieve=True)
+                              ).start(nursery)
+        try:
+            async with owner_on(tmp_path, [*honest, liar], nursery) as owner:
+                store = owner.store
+                ino = await store.create(ROOT_INO, "f", os.urandom(3 * 64 * 1024 + 5))
+                ids = [v[1:] for _, v in store.tree.blocks_of(ino)]
+                await until(lambda: all(NO_HOLDER not in owner.holders(b) for b in ids),
+                            what="every shard placed")
+                liar_id = encode_peer_id(liar.key)
+
+                async def check() -> tuple[list[health.FileHealth], health.CopyReport]:
+                    copies = health.CopyReport()
+                    files = await health.check(store.tree, store.blocks, reachable=None,
+                                               read_data=True, copies=copies)
+                    return files, copies
+
+                files, copies = await check()
+                assert [(f.path, f.state, f.redundancy) for f in files] == [
+                    ("/f", "degraded", f"{N - 1}/{N}")]
+                assert sorted(b["block"] for b in copies.blocks) == sorted(b.hex() for b in ids)
+                # Once caught, the liar is asked to delete what it holds for us: its later
+                # copies may be gone rather than corrupt. Either way, on it and only on it.
+                assert [b["corrupt"] + b["missing"] for b in copies.blocks] == [
+                    [liar_id]] * len(ids), copies.blocks
+                assert copies.blocks[0]["corrupt"] == [liar_id]
+                assert sum(copies.peers[liar_id].values()) == len(ids)
+                assert copies.peers[liar_id]["good"] == 0
+                assert copies.peers[encode_peer_id(honest[0].key)] == {"good": len(ids)}
+                assert owner.liars == [liar.key], "and the liar is caught"
+
+                for host in honest[:2]:  # two more copies of every block gone: 1 < K left
+                    host.shards.delete_many(owner.peer.key, list(host.shards.ids(owner.peer.key)))
+                files, copies = await check()
+                assert [(f.path, f.state) for f in files] == [("/f", "unrecoverable")]
+                assert [b["good"] for b in copies.blocks] == [1] * len(ids), copies.blocks
+        finally:
+            liar.close()
