@@ -14,7 +14,8 @@ is proof enough (remote.py, ``on_corrupt``). Then:
 - the holder is *caught*: its trust drops to the floor and grows back only slowly for
   the caught period, and no agreement is made with it meanwhile (peers/peerlist.py,
   ``mark_caught``; peers/trust.py), nothing more is placed on it (``RemoteShards.caught``);
-- ``RemoteShards.on_liar`` is told, so the node ends the agreement (peers/lifecycle.py).
+- once they are, ``RemoteShards.on_liar`` is told, so the node ends the agreement
+  (peers/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -60,11 +61,16 @@ class Suspects:
         self.dropped.add(holder)
         remote.caught.add(key)
         remote.peers.mark_caught(key)
-        remote.on_liar(key)
-        blocks.start_soon(self._drop_all, holder, key)
+        if not blocks.start_soon(self._drop_all, holder, key):
+            remote.on_liar(key)
 
     async def _drop_all(self, holder: int, key: bytes) -> None:
-        dropped = await self._drop(holder)
+        # Dropped (deletion queued) before the agreement ends: once it has ended, its
+        # shards would only be forgotten, and left on the liar for its keep period.
+        try:
+            dropped = await self._drop(holder)
+        finally:
+            self.blocks.remote.on_liar(key)
         log.warning(
             "peer %s (holder %d) served a corrupt shard: all %d more shards it holds for us "
             "are counted lost, and it gets no more",

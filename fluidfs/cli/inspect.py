@@ -97,7 +97,8 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
-    print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
+    print(f"verified:    {reply['audit_challenges']} challenges and {reply['audit_fetches']} "
+          f"whole shards in {reply['audit_cycles']} cycles")
     if "commit" in reply:
         print_commit_status(reply["commit"])
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")

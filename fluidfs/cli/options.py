@@ -115,7 +115,8 @@ OPTIONS: list[Option] = [
     option("--needed", type=shard_count, default=8, help="shards to rebuild (K)",
            commands=on("init")),
     option("--read-data", action="store_true",
-           help="rebuild and verify every block from its shards", commands=on("check")),
+           help="fetch and verify every shard copy of every block (exit 3 if one is bad)",
+           commands=on("check")),
     option(
         "--state-dir", type=Path, default=None,
         commands=on(*STATE, init={
