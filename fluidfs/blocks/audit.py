@@ -176,7 +176,7 @@ class Auditor:
             return OK  # changed meanwhile
         self.fetches += 1
         result = await self.remote.check_shard(key, stored.record, index)
-        if result == GOOD:
+        if result == GOOD:  # no trust for it: the challenges earn that (remote.read_copy)
             self.audit_bytes += stored.record.shard_size
             self.passed[key] += 1
             self.remote.ledger.passed(key)

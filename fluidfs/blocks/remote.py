@@ -312,19 +312,29 @@ class RemoteShards:
 
     async def check_shard(self, key: bytes, record: BlockRecord, index: int) -> str:
         """Fetch shard *index* from its recorded holder *key* and verify it: GOOD, GONE,
-        CORRUPT or UNREACHABLE. Nothing is reported to ``on_corrupt``."""
-        outcome, _data = await self._retrieve(key, record, index, recorded=True, verify=True)
+        CORRUPT or UNREACHABLE (see ``read_copy``)."""
+        outcome, _data = await self.read_copy(key, record, index)
         return outcome
 
     async def read_copy(
         self, key: bytes, record: BlockRecord, index: int
     ) -> tuple[str, bytes | None]:
         """Shard *index* from its recorded holder *key*, verified: (outcome, the bytes if
-        GOOD). Nothing is reported to ``on_corrupt``: the caller decides."""
-        return await self._retrieve(key, record, index, recorded=True, verify=True)
+        GOOD). Nothing is reported to ``on_corrupt``: the caller decides. A failure counts
+        against the peer; a good copy earns it nothing (these are checks run in sweeps —
+        audits, ``check --read-data`` — and dozens of them would inflate its trust)."""
+        return await self._retrieve(key, record, index, recorded=True, verify=True,
+                                    credit=False)
 
     async def _retrieve(
-        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool
+        self,
+        key: bytes,
+        record: BlockRecord,
+        index: int,
+        *,
+        recorded: bool,
+        verify: bool,
+        credit: bool = True,
     ) -> tuple[str, bytes | None]:
         try:
             reply = await self.conns.call(
@@ -348,7 +358,7 @@ class RemoteShards:
             )
             self.on_result(key, False)
             return CORRUPT, None
-        if recorded:
+        if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
 
