@@ -62,6 +62,8 @@ def cmd_peers(args: argparse.Namespace) -> None:
             f"{row['id'][:18] + '…':<20} {row['addr']:<22} {_ago(row['last_seen']):<10} "
             f"{human(row['we_use']) + '/' + human(row['we_host']):>17} "
             f"{human(row['they_use']) + '/' + human(row['they_host']):>17}"
+            + (f"  LIAR: served a corrupt shard {_ago(row['caught'])}" if row.get("caught")
+               else "")
         )
 
 

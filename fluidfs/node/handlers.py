@@ -56,6 +56,7 @@ def node_handlers(
                     "audits_passed": peer.ok,
                     "audits_failed": peer.fail,
                     "failing_since": agreement.failing_since if agreement else None,
+                    "caught": peer.caught or None,  # when it last served a corrupt shard
                 }
             )
         return {"peers": rows}
