@@ -107,7 +107,9 @@ class Auditor:
 
     def _pick_fetches(self, holdings: dict[int, list[Held]]) -> dict[int, list[Held]]:
         """Whole shards to fetch this cycle: random ones among *holdings*, within the
-        retrieve budget (at least one)."""
+        retrieve budget (at least one, unless the budget is 0: tests only)."""
+        if self.policy.retrieve_budget <= 0:
+            return defaultdict(list)
         pool = [(holder, item) for holder, items in holdings.items() for item in items]
         random.shuffle(pool)
         chosen: dict[int, list[Held]] = defaultdict(list)

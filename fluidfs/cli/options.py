@@ -178,6 +178,9 @@ OPTIONS: list[Option] = [
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
     option("--audit-interval", type=float, default=3600.0, help=HIDDEN, commands=on(*NODE),
            example="0.5"),
+    # Bytes of whole shards each audit cycle fetches and verifies (0: none, for tests).
+    option("--audit-fetch-budget", type=int, default=1 << 20, help=HIDDEN,
+           commands=on(*NODE), example="0"),
     option("--reach-interval", type=float, default=60.0, help=HIDDEN, commands=on(*NODE),
            example="1"),
     option("--no-upnp", action="store_true", commands=on(*NODE),
