@@ -130,8 +130,10 @@ def test_dead_peer_past_tolerance_loses_agreement_and_shards_move(make_mount, pe
 
 def test_repair_is_right_even_when_a_holder_serves_bad_shards(make_mount, peers):
     """Repair reads K shards without hashing each one; a host that passes audits but
-    lies on reads must neither spoil the rebuilt shards nor stall repair."""
-    mnt = mount(make_mount, peers, "--audit-interval", "1", "--tolerance", "3")
+    lies on reads must neither spoil the rebuilt shards nor stall repair. (Audits fetch no
+    whole shards here: they would catch the liar before repair ever reads from it.)"""
+    mnt = mount(make_mount, peers, "--audit-interval", "1", "--tolerance", "3",
+                "--audit-fetch-budget", "0")
     me = status(mnt.state)["peer_id"]
     data = os.urandom(16 * BLOCK)
     (mnt.path / "f").write_bytes(data)
@@ -143,7 +145,8 @@ def test_repair_is_right_even_when_a_holder_serves_bad_shards(make_mount, peers)
     liar.start()
     subprocess.run(["rm", "-rf", str(mnt.state / "cache")], check=True)  # rebuild from shards
     mnt.mount()
-    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
+    # Sampled retrieval audits may catch the liar (and end its agreement) before that.
+    wait_for(lambda: status(mnt.state)["peers_with_agreements"] >= len(peers) - 1, 60,
              "agreements after the remount")
     dead.kill()
     wait_for(lambda: not peer_rows(mnt.state)[dead.peer_id]["active"], 60,
@@ -176,7 +179,8 @@ def test_a_holder_caught_corrupting_reads_has_its_shards_rebuilt_elsewhere(make_
     liar.start()
     subprocess.run(["rm", "-rf", str(mnt.state / "cache")], check=True)  # reads go to peers
     mnt.mount()
-    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
+    # Sampled retrieval audits may catch the liar (and end its agreement) before that.
+    wait_for(lambda: status(mnt.state)["peers_with_agreements"] >= len(peers) - 1, 60,
              "agreements after the remount")
     assert (mnt.path / "f").read_bytes() == data  # corrupt copies are never used
     wait_for(lambda: liar.hosted_for(me) == 0, 60, "the liar's copies to be given up")

@@ -285,6 +285,7 @@ class BlockStore:
             self.remote = remote
             remote.journal = self.collector
             remote.on_corrupt = self.suspects.caught
+            remote.on_missing = self.mark_lost
             self.collector.remote_delete = remote.delete_ids
             self.start_soon(self.find_under_replicated)  # else run() starts it
 

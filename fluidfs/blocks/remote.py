@@ -8,11 +8,11 @@ every shard against its id, and starts another request whenever one fails, so on
 slow or dead peer never stalls a read.
 
 A holder our records name that returns a shard failing its id check is reported
-(``on_corrupt``): the blockstore counts that shard lost, so repair re-creates it
-elsewhere, and checks a few more of that holder's shards (blockstore.py). A holder
-caught lying there is put in ``caught``: no shard is placed on it again while this
-node runs (audits cannot tell such a host from an honest one: it answers them from
-the good copy it keeps).
+(``on_corrupt``): the blockstore counts everything it holds for us lost and marks it
+caught (suspects.py); it is put in ``caught`` and no shard is placed on it again, and
+``on_liar`` is told so the node ends the agreement. Audits alone cannot tell such a host
+from an honest one (it answers them from the good copy it keeps): the auditor also
+fetches a few whole shards each cycle (audit.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,16 @@ EXTRA_FETCHES = 2
 FoundShard = Callable[[int, int], None]
 # Told (block id, shard index, holder) when a recorded holder returns a corrupt copy.
 CorruptShard = Callable[[bytes, int, int], None]
-GOOD, BAD, UNREACHABLE = "good", "bad", "unreachable"
+# Outcomes of fetching one shard from a holder: a good copy, none (it says it has not got
+# it), a copy that fails its id check (a lie), or no answer.
+GOOD, GONE, CORRUPT, UNREACHABLE = "good", "gone", "corrupt", "unreachable"
 STORED, REFUSED, UNANSWERED = "stored", "refused", "unanswered"
 # Failures after which a sent shard may be on the peer all the same.
 UNCERTAIN_CODES = frozenset({"timeout", "connection_lost", "bad_reply", "internal"})
+
+
+def _ignore(_key: bytes) -> None:
+    pass
 
 
 def _window() -> trio.Semaphore:
@@ -70,6 +76,7 @@ class RemoteShards:
         limiter: trio.CapacityLimiter,
         *,
         even_placement: bool = False,
+        on_liar: Callable[[bytes], None] = _ignore,
     ) -> None:
         self.conns = conns
         self.peers = peers
@@ -81,7 +88,10 @@ class RemoteShards:
         self.even_placement = even_placement  # benchmarks: ignore trust and space
         self.on_result: Callable[[bytes, bool], None] = peers.record
         self.on_corrupt: CorruptShard = lambda _block, _index, _holder: None
+        # Told the same when a recorded holder says it no longer has the shard.
+        self.on_missing: CorruptShard = lambda _block, _index, _holder: None
         self.caught: set[bytes] = set()  # served corrupt shards: placed on no more
+        self.on_liar = on_liar  # told the key of a holder caught serving a corrupt shard
         # Refused a store as over its quota: placed on no more until it frees some room
         # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
         self.full: set[bytes] = set()
@@ -107,7 +117,7 @@ class RemoteShards:
             key = agreement.peer
             if agreement.room < shard_size or key not in self.peers or self.conns.backing_off(key):
                 continue
-            if key in self.caught or key in self.full:
+            if key in self.caught or key in self.full or self.peers.caught_left(key):
                 continue
             if self.even_placement:
                 weights[key] = 1.0
@@ -355,26 +365,45 @@ class RemoteShards:
         """Shard *index* of the block from peer *key*, or None.
 
         A wrong answer always counts against the peer, and when our records say the
-        peer holds that shard (*recorded*) it is reported to ``on_corrupt``. Not
+        peer holds that shard (*recorded*) it is reported to ``on_corrupt`` (and a
+        ``not_found`` to ``on_missing``). Not
         answering, or not having it, counts only when *recorded*; a peer merely asked
         in a search owes us nothing. With *verify* False the bytes are not checked
         (the caller checks what it computes from them).
         """
         outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify)
-        if outcome == BAD and recorded:
-            peer = self.peers.get(key)
-            if peer is not None:
-                self.on_corrupt(record.block_id, index, peer.index)
+        peer = self.peers.get(key) if recorded else None
+        if outcome == CORRUPT and peer is not None:
+            self.on_corrupt(record.block_id, index, peer.index)
+        elif outcome == GONE and peer is not None:
+            self.on_missing(record.block_id, index, peer.index)
         return data if outcome == GOOD else None
 
     async def check_shard(self, key: bytes, record: BlockRecord, index: int) -> str:
-        """Fetch shard *index* from its recorded holder *key* and verify it: GOOD, BAD
-        (corrupt or gone) or UNREACHABLE. Nothing is reported to ``on_corrupt``."""
-        outcome, _data = await self._retrieve(key, record, index, recorded=True, verify=True)
+        """Fetch shard *index* from its recorded holder *key* and verify it: GOOD, GONE,
+        CORRUPT or UNREACHABLE (see ``read_copy``)."""
+        outcome, _data = await self.read_copy(key, record, index)
         return outcome
 
+    async def read_copy(
+        self, key: bytes, record: BlockRecord, index: int
+    ) -> tuple[str, bytes | None]:
+        """Shard *index* from its recorded holder *key*, verified: (outcome, the bytes if
+        GOOD). Nothing is reported to ``on_corrupt``: the caller decides. A failure counts
+        against the peer; a good copy earns it nothing (these are checks run in sweeps —
+        audits, ``check --read-data`` — and dozens of them would inflate its trust)."""
+        return await self._retrieve(key, record, index, recorded=True, verify=True,
+                                    credit=False)
+
     async def _retrieve(
-        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool
+        self,
+        key: bytes,
+        record: BlockRecord,
+        index: int,
+        *,
+        recorded: bool,
+        verify: bool,
+        credit: bool = True,
     ) -> tuple[str, bytes | None]:
         try:
             reply = await self.conns.call(
@@ -385,7 +414,7 @@ class RemoteShards:
                 log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
                 self.on_result(key, False)
             gone = isinstance(exc, RpcError) and exc.code == "not_found"
-            return (BAD if gone else UNREACHABLE), None
+            return (GONE if gone else UNREACHABLE), None
         data = reply["data"]
         if verify and not await trio.to_thread.run_sync(
             self.codec.check_shard, record, index, data, limiter=self.limiter
@@ -397,8 +426,8 @@ class RemoteShards:
                 record.block_id.hex()[:16],
             )
             self.on_result(key, False)
-            return BAD, None
-        if recorded:
+            return CORRUPT, None
+        if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
 

@@ -1,51 +1,46 @@
-"""Holders caught returning corrupt shards: what they hold for us is counted lost.
+"""Holders caught returning corrupt shards: liars, dealt with for good.
 
 A host can pass every audit (it answers challenges from the good copy it keeps) and still
 corrupt what it sends back on ``RetrieveShard``. Reads verify every shard against its id,
-so such a copy is never used, but unless something else happens its shards stay counted
-as held, and the block keeps relying on a holder that would fail a restore.
+so such a copy is never used; sampled retrieval audits (audit.py) fetch whole shards to
+catch such a host without waiting for a read.
 
-So when a holder our records name returns a bad copy (remote.py, ``on_corrupt``):
+A host verified each shard against its id when it stored it (``bad_shard``), so an
+honest host never serves different bytes: one corrupt copy from a holder our records name
+is proof enough (remote.py, ``on_corrupt``). Then:
 
-- that shard is counted lost at once (repair re-creates it on another peer, and the
-  holder is asked to delete its copy);
-- up to ``SUSPECT_SAMPLES`` more of the shards it holds for us are fetched and verified.
-  If any of them is bad too, the holder is *dropped*: every shard it holds for us is
-  counted lost and deleted there, and nothing more is placed on it while this node runs
-  (``RemoteShards.caught``), so repair moves all of them. If they are all good, it was
-  one bad copy (bit rot) and only that shard moves.
-
-The check costs at most ``SUSPECT_SAMPLES`` shard downloads per holder at a time; a
-holder is checked again only after its last check ended without dropping it.
+- that shard, and every other shard the holder keeps for us, is counted lost at once and
+  its deletion there queued, so repair re-creates all of them on other peers;
+- the holder is *caught*: its trust drops to the floor and grows back only slowly for
+  the caught period, and no agreement is made with it meanwhile (peers/peerlist.py,
+  ``mark_caught``; peers/trust.py), nothing more is placed on it (``RemoteShards.caught``);
+- once they are, ``RemoteShards.on_liar`` is told, so the node ends the agreement
+  (peers/lifecycle.py).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import TYPE_CHECKING
 
 import trio
 
 from fluidfs.blocks.record import NO_HOLDER, StoredBlock
-from fluidfs.blocks.remote import BAD, GOOD
 
 if TYPE_CHECKING:
     from fluidfs.blocks.blockstore import BlockStore
 
 log = logging.getLogger(__name__)
 
-SUSPECT_SAMPLES = 4  # more shards fetched from a holder caught returning a corrupt one
 DROP_BATCH = 256  # block records rewritten per transaction when a holder is dropped
 
 
 class Suspects:
-    """Checks and drops holders caught returning corrupt shards (see the module docstring)."""
+    """Drops holders caught returning corrupt shards (see the module docstring)."""
 
     def __init__(self, blocks: BlockStore) -> None:
         self.blocks = blocks
-        self.checking: set[int] = set()  # holders whose shards are being checked
-        self.dropped: set[int] = set()  # caught twice: all their shards counted lost
+        self.dropped: set[int] = set()  # caught: all their shards counted lost
 
     def caught(self, block_id: bytes, index: int, holder: int) -> None:
         """A holder our records name returned a corrupt copy of shard *index*."""
@@ -57,64 +52,32 @@ class Suspects:
             holder,
         )
         blocks.mark_lost(block_id, index, holder)
-        if holder in self.checking or holder in self.dropped:
-            return
-        if blocks.start_soon(self._check, holder):
-            self.checking.add(holder)
-
-    async def _check(self, holder: int) -> None:
-        blocks = self.blocks
         remote = blocks.remote
-        try:
-            key = remote.peers.key_of(holder) if remote is not None else None
-            if key is None:
-                return
-            sample = await trio.to_thread.run_sync(
-                self._sample, holder, SUSPECT_SAMPLES, limiter=blocks.limiter
-            )
-            outcomes = [await remote.check_shard(key, s.record, i) for s, i in sample]
-            bad = outcomes.count(BAD)
-            if not bad:
-                log.info(
-                    "holder %d: %d more of its shards checked, %d good: one bad copy",
-                    holder,
-                    len(outcomes),
-                    outcomes.count(GOOD),
-                )
-                return
-            remote.caught.add(key)
-            self.dropped.add(holder)
-            dropped = await self._drop(holder)
-            log.warning(
-                "peer %s (holder %d) served corrupt shards again (%d of %d checked): all %d "
-                "shards it holds for us are counted lost, and it gets no more",
-                key.hex()[:12],
-                holder,
-                bad,
-                len(outcomes),
-                dropped,
-            )
-        finally:
-            self.checking.discard(holder)
+        key = remote.peers.key_of(holder) if remote is not None else None
+        if key is None:
+            return
+        if holder in self.dropped and key in remote.caught:
+            return
+        self.dropped.add(holder)
+        remote.caught.add(key)
+        remote.peers.mark_caught(key)
+        if not blocks.start_soon(self._drop_all, holder, key):
+            remote.on_liar(key)
 
-    def _sample(self, holder: int, count: int) -> list[tuple[StoredBlock, int]]:
-        """Up to *count* (block, shard index) that *holder* keeps, at random. A scan of
-        every record: run it in a worker thread."""
-        chosen: list[tuple[StoredBlock, int]] = []
-        seen = 0
-        blocks = self.blocks
-        with blocks.meta.read() as txn:
-            for key, raw in txn.cursor(db=blocks.meta["blocks"]):
-                stored = StoredBlock.decode(bytes(key), raw)
-                for index, h in enumerate(stored.holders):
-                    if h != holder:
-                        continue
-                    seen += 1
-                    if len(chosen) < count:
-                        chosen.append((stored, index))
-                    elif (slot := random.randrange(seen)) < count:
-                        chosen[slot] = (stored, index)
-        return chosen
+    async def _drop_all(self, holder: int, key: bytes) -> None:
+        # Dropped (deletion queued) before the agreement ends: once it has ended, its
+        # shards would only be forgotten, and left on the liar for its keep period.
+        try:
+            dropped = await self._drop(holder)
+        finally:
+            self.blocks.remote.on_liar(key)
+        log.warning(
+            "peer %s (holder %d) served a corrupt shard: all %d more shards it holds for us "
+            "are counted lost, and it gets no more",
+            key.hex()[:12],
+            holder,
+            dropped,
+        )
 
     async def _drop(self, holder: int) -> int:
         """Count every shard *holder* keeps for us lost and queue its deletion there;

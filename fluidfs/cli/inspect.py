@@ -66,6 +66,8 @@ def cmd_peers(args: argparse.Namespace) -> None:
             f"{row['id'][:18] + '…':<20} {row['addr']:<22} {_ago(row['last_seen']):<10} "
             f"{human(row['we_use']) + '/' + human(row['we_host']):>17} "
             f"{human(row['they_use']) + '/' + human(row['they_host']):>17}"
+            + (f"  LIAR: served a corrupt shard {_ago(row['caught'])}" if row.get("caught")
+               else "")
         )
 
 
@@ -111,7 +113,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     for line in durability_lines(reply.get("durability"), n):
         print(line)
-    print(f"verified:    {reply['audit_challenges']} challenges in {reply['audit_cycles']} cycles")
+    print(f"verified:    {reply['audit_challenges']} challenges and {reply['audit_fetches']} "
+          f"whole shards in {reply['audit_cycles']} cycles")
     if "commit" in reply:
         print_commit_status(reply["commit"])
     print(f"redundancy:  shards on distinct peers, of {n} ({k} rebuild a block)")
@@ -225,20 +228,46 @@ def _print_uploads(reply: dict) -> None:
     progress.console.print(progress.get_renderable())
 
 
+EXIT_UNRECOVERABLE = 1  # some file cannot be rebuilt
+EXIT_DEGRADED = 3  # --read-data: every file rebuilds, but some copy is corrupt or missing
+
+
 def cmd_check(args: argparse.Namespace) -> None:
-    """fluidfs check: per-file recoverability; exit 1 if anything is unrecoverable."""
+    """fluidfs check: per-file recoverability; exit 1 if anything is unrecoverable. With
+    --read-data every shard copy is fetched and verified: bad copies are listed per block
+    and per peer, and a check that found one exits 3 if every file still rebuilds."""
     reply = call_node(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
     files = reply["files"]
     bad = [f for f in files if f["state"] == "unrecoverable"]
     for f in files:
         print(f"{f['state'].upper():<14} {f['redundancy']:>7}  {f['path']}")
-    what = "blocks rebuilt and verified" if args.read_data else "holders probed"
+    blocks = reply.get("bad_blocks", [])
+    for b in blocks:
+        parts = [f"{len(b['corrupt'])} corrupt ({', '.join(p[:12] for p in b['corrupt'])})"
+                 if b["corrupt"] else "",
+                 f"{len(b['missing'])} missing ({', '.join(p[:12] for p in b['missing'])})"
+                 if b["missing"] else ""]
+        print(f"BLOCK {b['block'][:16]} {b['good']}/{b['total']} good copies: "
+              f"{'; '.join(p for p in parts if p)}  (in {b['path']})")
+    by_peer = reply.get("copies_by_peer", {})
+    for peer, counts in sorted(by_peer.items()):
+        if counts.get("corrupt") or counts.get("missing"):
+            print(f"PEER {peer}: {counts.get('good', 0)} good, {counts.get('corrupt', 0)} "
+                  f"corrupt, {counts.get('missing', 0)} missing copies")
+    what = "every shard copy fetched and verified" if args.read_data else "holders probed"
+    copies = sum(len(b["corrupt"]) + len(b["missing"]) for b in blocks)
     print(
-        f"fluidfs check: {len(files)} files, {len(bad)} unrecoverable ({what}; "
+        f"fluidfs check: {len(files)} files, {len(bad)} unrecoverable, "
+        f"{copies} bad shard copies in {len(blocks)} blocks ({what}; "
         f"{reply['shards_needed']} shards rebuild a block)"
     )
     if bad:
-        sys.exit(1)
+        print("fluidfs check: UNRECOVERABLE: some files cannot be rebuilt")
+        sys.exit(EXIT_UNRECOVERABLE)
+    if copies:
+        print("fluidfs check: DEGRADED: every file can be rebuilt, but some copies are bad "
+              "(repair re-creates them)")
+        sys.exit(EXIT_DEGRADED)
 
 
 def print_commit_status(commit: dict) -> None:

@@ -71,7 +71,8 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
         "bootstrap": [e.addr for e in entries if e.key is None],
         "ratio": args.ratio,
         "term": args.term,
-        "audit": AuditPolicy(interval=args.audit_interval),
+        "audit": AuditPolicy(interval=args.audit_interval,
+                             retrieve_budget=args.audit_fetch_budget),
         "reach": ReachPolicy(interval=args.reach_interval),
         "portmap": PortMapPolicy(enabled=not args.no_upnp),
         "lifecycle": LifecyclePolicy(

@@ -131,7 +131,8 @@ OPTIONS: list[Option] = [
     option("--needed", type=shard_count, default=8, help="shards to rebuild (K)",
            commands=on("init")),
     option("--read-data", action="store_true",
-           help="rebuild and verify every block from its shards", commands=on("check")),
+           help="fetch and verify every shard copy of every block (exit 3 if one is bad)",
+           commands=on("check")),
     option(
         "--state-dir", type=Path, default=None,
         commands=on(*STATE, "service", init={
@@ -208,6 +209,9 @@ OPTIONS: list[Option] = [
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
     option("--audit-interval", type=float, default=3600.0, help=HIDDEN, commands=on(*NODE),
            example="0.5"),
+    # Bytes of whole shards each audit cycle fetches and verifies (0: none, for tests).
+    option("--audit-fetch-budget", type=int, default=1 << 20, help=HIDDEN,
+           commands=on(*NODE), example="0"),
     option("--reach-interval", type=float, default=60.0, help=HIDDEN, commands=on(*NODE),
            example="1"),
     option("--no-upnp", action="store_true", commands=on(*NODE),

@@ -56,6 +56,7 @@ def node_handlers(
                     "audits_passed": peer.ok,
                     "audits_failed": peer.fail,
                     "failing_since": agreement.failing_since if agreement else None,
+                    "caught": peer.caught or None,  # when it last served a corrupt shard
                 }
             )
         return {"peers": rows}
@@ -74,13 +75,20 @@ def node_handlers(
         return await node_status.report()
 
     async def check_files(request: dict) -> dict:
+        copies = health.CopyReport()
         results = await health.check(
             tree,
             blocks,
             reachable=reachable_probe(peer_list, conns),
             read_data=bool(request.get("read_data")),
+            copies=copies,
         )
-        return {"files": [vars(r) for r in results], "shards_needed": blocks.codec.needed}
+        return {
+            "files": [vars(r) for r in results],
+            "shards_needed": blocks.codec.needed,
+            "bad_blocks": copies.blocks,
+            "copies_by_peer": {peer: dict(counts) for peer, counts in copies.peers.items()},
+        }
 
     return {"peers": peers, "add_peer": add_peer, "status": status, "check": check_files}
 

@@ -216,6 +216,7 @@ class Node:
             self.codec,
             self.limiter,
             even_placement=config.even_placement,
+            on_liar=self._liar_caught,
         )
         self.migrator = Migrator(self.blocks)
         # Repair a block once its live shards fall to the threshold (default N-1: any loss).
@@ -363,6 +364,11 @@ class Node:
         peer = self.peers.get(key)
         if peer is not None:
             self.repairer.holder_gone(peer.index, encode_peer_id(key)[:12])
+
+    def _liar_caught(self, key: bytes) -> None:
+        """A holder served a corrupt shard: its agreement ends now (suspects.py has
+        counted its shards lost and marked it caught)."""
+        self.lifecycle.end(key, "served a corrupt shard")
 
     def _lease_lost(self) -> None:
         """Another mount writes now (or asked to): this one turns read-only, and the commit

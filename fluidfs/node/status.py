@@ -189,6 +189,7 @@ class NodeStatus:
             "moved_to_peers_blocks": self.migrator.moved_blocks,
             "audit_cycles": self.auditor.cycles,
             "audit_challenges": self.auditor.challenges,
+            "audit_fetches": self.auditor.fetches,
             "gc_pending_bytes": scanned.gc_pending,
             "commit": self.commit_status(),
             "files": scanned.files,

@@ -321,7 +321,8 @@ class Discovery:
         cutoff = time.time() - self.policy.forget_after
         for peer in self.peers:
             seen = peer.last_seen or peer.first_seen
-            if seen < cutoff and self.ledger.get(peer.key) is None:
+            if (seen < cutoff and self.ledger.get(peer.key) is None
+                    and not self.peers.caught_left(peer.key)):  # a liar is remembered
                 log.info("forgetting peer %s (unseen since %s)", _short(peer.key),
                          time.ctime(seen))
                 self.peers.forget(peer.key)

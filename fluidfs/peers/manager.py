@@ -83,6 +83,10 @@ class PeerManager:
             return existing.active
         if not self.propose:
             return False
+        if wait := self.peers.caught_left(key):
+            log.info("not proposing to %s: caught serving a corrupt shard (%.0f s more)",
+                     _short(key), wait)
+            return False
         size = self.agreement_size
         if self.ledger.promised_by_us() + size > self.donate:
             log.info("not proposing to %s: our donation is fully promised", _short(key))

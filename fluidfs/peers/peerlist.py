@@ -1,15 +1,19 @@
 """The peer list: every peer we know, where to reach it, and how it has behaved.
 
-Stored in ``meta.lmdb`` (format version 2):
+Stored in ``meta.lmdb`` (format version 3):
 
 - table ``peers``: key ``public key(32)`` → CBOR map
-  ``{"v": 2, "index": int, "addr": str, "first_seen": float, "last_seen": float,
-  "referrer": bytes | None, "trust": float, "ok": int, "fail": int, "origin": str}``.
+  ``{"v": 3, "index": int, "addr": str, "first_seen": float, "last_seen": float,
+  "referrer": bytes | None, "trust": float, "ok": int, "fail": int, "origin": str,
+  "caught": float}``.
   ``addr`` is ``""`` or a ``PeerAddr`` in canonical text form (peers/address.py).
   ``origin`` is ``"ours"`` (a peer this node chose: bootstrap, ``peers add``, its own
   root record, its own block records) or ``"peer"`` (admitted on a peer's word: a claim
   verified by a handshake, or a proposal we accepted). Version 1 rows (no ``origin``)
-  read as ``"ours"``.
+  read as ``"ours"``. ``caught`` is the wall-clock time this peer was last caught
+  serving a corrupt shard of ours, 0 if never (peers/trust.py: for ``caught_for`` after
+  it, trust grows slowly and no agreement is made with it); version 1 and 2 rows (no
+  ``caught``) read as 0.
 - table ``peer_index``: ``u32 index`` → public key. Index 0 is this node; block
   records name shard holders by these small indexes instead of 32-byte keys. An index is
   never reused and a key keeps its index when it is forgotten and learned again.
@@ -50,7 +54,7 @@ from fluidfs.store.db import Database
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 SELF_INDEX = 0
 MAX_INDEX = 2**32 - 1
 ORIGIN_OURS = "ours"
@@ -97,16 +101,17 @@ class Peer:
     ok: int = 0
     fail: int = 0
     origin: str = ORIGIN_OURS
+    caught: float = 0.0
 
     def encode(self) -> bytes:
-        """CBOR, version 2."""
+        """CBOR, version 3."""
         body = asdict(self)
         del body["key"]
         return cbor2.dumps({"v": VERSION, **body})
 
     @classmethod
     def decode(cls, key: bytes, raw: bytes) -> tuple[Peer, str]:
-        """Parse and check what encode() wrote (or a version 1 row).
+        """Parse and check what encode() wrote (or a version 1 or 2 row).
 
         Returns the peer and, if its stored address was unusable and dropped, why.
         Raises ``RowError`` for anything else that is wrong.
@@ -121,8 +126,10 @@ class Peer:
             raise RowError("not a map")
         version = body.get("v")
         expected = {"v", "index", "addr", "first_seen", "last_seen", "referrer", "trust",
-                    "ok", "fail"} | ({"origin"} if version == VERSION else set())
-        if version not in (1, VERSION):
+                    "ok", "fail"}
+        expected |= {"origin"} if version in (2, VERSION) else set()
+        expected |= {"caught"} if version == VERSION else set()
+        if version not in (1, 2, VERSION):
             raise RowError(f"unknown version {version!r}")
         if set(body) != expected:
             raise RowError(f"fields {sorted(map(str, set(body) ^ expected))} differ")
@@ -151,6 +158,7 @@ class Peer:
             ok=_count(body, "ok"),
             fail=_count(body, "fail"),
             origin=origin,
+            caught=_number(body, "caught") if "caught" in body else 0.0,
         )
         return peer, dropped
 
@@ -394,7 +402,10 @@ class PeerList:
         return peer
 
     def _evictable(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.origin == ORIGIN_PEER and not self.keep(p.key)]
+        # A caught liar's row stays for its caught period: forgotten, it would come back
+        # as a stranger with fresh trust.
+        return [p for p in self.peers.values() if p.origin == ORIGIN_PEER
+                and not self.keep(p.key) and not self.caught_left(p.key)]
 
     def _usefulness(self, peer: Peer, now: float) -> tuple:
         alive = now - peer.last_seen < ALIVE_WITHIN
@@ -460,7 +471,7 @@ class PeerList:
         if peer is None:
             return
         before = peer.trust
-        peer.trust = self.policy.after(peer.trust, ok)
+        peer.trust = self.policy.after(peer.trust, ok, caught=self.caught_left(key) > 0)
         if ok:
             peer.ok += 1
             peer.last_seen = time.time()
@@ -472,6 +483,34 @@ class PeerList:
             share = self.policy.referral_share * (peer.trust - before)
             referrer.trust = self.policy.clamp(referrer.trust + share)
             self._dirty.add(referrer.key)
+
+    def caught_left(self, key: bytes, now: float | None = None) -> float:
+        """Seconds left of the peer's caught period (0: never caught, or long ago)."""
+        peer = self.peers.get(key)
+        if peer is None or not peer.caught:
+            return 0.0
+        now = time.time() if now is None else now
+        return max(0.0, peer.caught + self.policy.caught_for - now)
+
+    def mark_caught(self, key: bytes) -> None:
+        """The peer served a corrupt copy of a shard it holds for us: its trust drops to
+        the floor (its referrer loses its share) and its caught period starts. Written at
+        once: a restart must not forgive it."""
+        peer = self.peers.get(key)
+        if peer is None:
+            return
+        before = peer.trust
+        peer.trust = self.policy.floor
+        peer.fail += 1
+        peer.caught = time.time()
+        referrer = self.peers.get(peer.referrer) if peer.referrer else None
+        if referrer is not None and referrer is not peer:
+            share = self.policy.referral_share * (peer.trust - before)
+            referrer.trust = self.policy.clamp(referrer.trust + share)
+            self._dirty.add(referrer.key)
+        self._dirty.discard(key)
+        with self.db.write() as txn:  # one small row, rare
+            txn.put(key, peer.encode(), db=self._peers_db)
 
     def weight(self, key: bytes) -> float:
         """Placement weight of the peer (trust, damped while vetting)."""

@@ -6,6 +6,11 @@ When a peer's trust rises, the peer that introduced it (its referrer) gains a
 share of the rise; when it falls, the referrer loses the same share, so
 referring liars never pays. New peers are *vetted*: until they have succeeded
 a number of times, placement gives them only a small weight.
+
+A peer *caught* serving a corrupt shard (blocks/suspects.py) drops to the floor at
+once, and for ``caught_for`` (30 days) each success raises its trust by ``caught_rise``
+only — a caught lie is evidence, not noise: passing audits it can answer from a good
+copy it keeps must not buy back the trust a lie cost.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ class TrustPolicy:
     referral_share: float = 0.1  # fraction of a referred peer's change passed to its referrer
     vetting_checks: int = 10  # successes before a new peer gets its full weight
     vetting_weight: float = 0.1  # weight factor while vetting
+    caught_rise: float = 1.002  # multiplier on each success while caught lying
+    caught_for: float = 30 * 24 * 3600.0  # how long a caught lie weighs (seconds)
 
-    def after(self, trust: float, ok: bool) -> float:
-        """Trust after one success or failure."""
-        value = trust * (self.rise if ok else self.fall)
+    def after(self, trust: float, ok: bool, *, caught: bool = False) -> float:
+        """Trust after one success or failure (*caught*: within its caught period)."""
+        rise = self.caught_rise if caught else self.rise
+        value = trust * (rise if ok else self.fall)
         return min(self.ceiling, max(self.floor, value))
 
     def clamp(self, trust: float) -> float:
@@ -56,4 +64,6 @@ def parse_policy(text: str) -> TrustPolicy:
     policy = TrustPolicy(**values)
     if not (0 < policy.fall <= 1 <= policy.rise and 0 < policy.floor <= policy.ceiling):
         raise ValueError("trust needs 0 < fall <= 1 <= rise and 0 < floor <= ceiling")
+    if not (1 <= policy.caught_rise <= policy.rise and policy.caught_for >= 0):
+        raise ValueError("trust needs 1 <= caught_rise <= rise and caught_for >= 0")
     return policy

@@ -171,6 +171,8 @@ class AgreementOps:
         wait = self.ledger.in_cooldown(peer, self.cooldown)
         if wait:
             return (0, 0), f"we ended our agreement for failures; refused for another {wait:.0f} s"
+        if wait := self.peers.caught_left(peer):
+            return (0, 0), f"you served us a corrupt shard; refused for another {wait:.0f} s"
         known = self.peers.get(peer)
         initial = self.peers.policy.initial or 1.0
         factor = (known.trust if known is not None else initial) / initial
