@@ -129,6 +129,11 @@ OPS: dict[str, OpSpec] = {
         Map({"kind": Str(min=1, max=16)}),
         Map({"record": Bytes(min=1, max=MAX_RECORD)}),
     ),
+    # Relays (peers/relay.py, net/relaywire.py). RelayRegister: register the caller (the
+    # identity it proved) at this relay for `ttl` seconds, renewed by calling it again.
+    # RelayIncoming (relay → registered peer): open a stream back with ACCEPT and `token`.
+    "RelayRegister": OpSpec(Map({}), Map({"ttl": Int(1, 86400)})),
+    "RelayIncoming": OpSpec(Map({"token": Bytes(min=16, max=16)}), Map({})),
 }
 
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}

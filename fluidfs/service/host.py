@@ -43,7 +43,8 @@ class PeerService:
     *on_end*: called with a peer's key when an agreement ends here (the peer ended it, or
     an idle one made room); our shards on that peer no longer count.
     *addresses*: peers' signed address records; *remote_of*: where a peer's connection
-    comes from (service/discovery.py).
+    comes from (service/discovery.py). *relay_ops*: RelayRegister when this node relays
+    (peers/relay.py), RelayIncoming when it keeps registrations (peers/relayclient.py).
     """
 
     schemas = REQUEST_SCHEMAS
@@ -64,6 +65,7 @@ class PeerService:
         cooldown: float = DAY,
         addresses: AddressBook | None = None,
         remote_of: Callable[[bytes], str] = lambda _key: "",
+        relay_ops: dict[str, Op] | None = None,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -79,6 +81,7 @@ class PeerService:
             **RecordOps(records, ledger, limiter).ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
+            **(relay_ops or {}),
         }
 
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:

@@ -1,0 +1,134 @@
+"""Keeping registrations at relays, and taking the calls they pass on (``--relay-via``).
+
+A node that cannot be dialled (behind a NAT without UPnP) registers at one or two relays
+(peers/relay.py) and renews each registration well before it runs out; the connection it
+keeps to the relay is the one the relay uses to say someone is calling
+(``RelayIncoming`` with a token). We then open a stream to the relay, send ACCEPT with
+the token (net/relaywire.py) and, once the relay says ok, run the responder side of the
+handshake on it like on any inbound connection (``Connections.accept_relayed``).
+
+Only relays we registered at may send ``RelayIncoming`` (anyone else gets ``refused``),
+and at most ``max_callbacks`` call-backs run at once (then ``busy``): a relay cannot make
+us open streams without end. The relays we hold registrations at are announced in our
+address record (peers/reach.py) as the ``via`` list.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from fluidfs.net.errors import NetError, RpcError
+from fluidfs.net.relaywire import STATUS_LEN, RelayError, Status, make_accept, parse_status
+from fluidfs.net.streamio import ExactReader, StreamEOF
+from fluidfs.peers.address import AddressError, PeerAddr
+from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
+
+log = logging.getLogger(__name__)
+
+MAX_RELAYS = 2  # registrations kept at once (an address record names at most two)
+
+
+@dataclass(frozen=True)
+class RelayClientPolicy:
+    """Where to keep registrations and how."""
+
+    relays: tuple[str, ...] = ()  # HOST:PORT of relays (--relay-via), best first
+    max_callbacks: int = 8  # call-backs to relays running at once
+    callback_timeout: float = 10.0  # seconds to open a stream back and hear ok
+
+
+class RelayClient:
+    """This node's registrations at relays."""
+
+    def __init__(self, conns: Connections, policy: RelayClientPolicy) -> None:
+        self.conns = conns
+        self.policy = policy
+        self._at: dict[bytes, tuple[str, float]] = {}  # relay key → (address, expires)
+        self._callbacks = 0
+        self._nursery: trio.Nursery | None = None
+
+    def via(self) -> list[PeerAddr]:
+        """The relays we are registered at now (for our address record), best first."""
+        now = trio.current_time()
+        order = {addr: i for i, addr in enumerate(self.policy.relays)}
+        live = sorted((addr for addr, until in self._at.values() if until > now),
+                      key=lambda a: order.get(a, len(order)))
+        out = []
+        for text in live[:MAX_RELAYS]:
+            try:
+                out.append(PeerAddr.parse(text))
+            except AddressError:
+                continue
+        return out
+
+    async def run(self) -> None:
+        """Register at each configured relay and renew at a third of what it grants."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for addr in self.policy.relays[:MAX_RELAYS]:
+                nursery.start_soon(self._keep, addr)
+
+    async def _keep(self, addr: str) -> None:
+        retry = 5.0
+        while True:
+            try:
+                ttl = await self.register(addr)
+            except (PeerUnavailable, RpcError, NetError) as exc:
+                log.info("could not register at relay %s: %s", addr, exc)
+                await trio.sleep(retry)
+                retry = min(retry * 2, 300.0)
+                continue
+            retry = 5.0
+            await trio.sleep(max(1.0, ttl / 3))
+
+    async def register(self, addr: str) -> int:
+        """Register (or renew) at the relay at *addr*; the seconds it granted."""
+        key = next((k for k, (a, _) in self._at.items() if a == addr), None)
+        if key is None or key not in self.conns.conns or self.conns.conns[key].closed:
+            key = (await self.conns.connect(addr)).peer_key
+        reply = await self.conns.call(key, "RelayRegister", {})
+        ttl = reply["ttl"]
+        self._at[key] = (addr, trio.current_time() + ttl)
+        log.debug("registered at relay %s for %d s", addr, ttl)
+        return ttl
+
+    # -- the RelayIncoming op --------------------------------------------------------------
+
+    def ops(self) -> dict[str, Any]:
+        """The ops a registered node answers, by wire name."""
+        return {"RelayIncoming": self._incoming_op}
+
+    async def _incoming_op(self, relay: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        held = self._at.get(relay)
+        if held is None:
+            raise RpcError("refused", "not registered at you")
+        if self._callbacks >= self.policy.max_callbacks or self._nursery is None:
+            raise RpcError("busy", "too many relayed calls at once")
+        self._callbacks += 1
+        self._nursery.start_soon(self._call_back, held[0], args["token"])
+        return {}
+
+    async def _call_back(self, addr: str, token: bytes) -> None:
+        stream = None
+        try:
+            host, port = split_addr(addr)
+            with trio.fail_after(self.policy.callback_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(make_accept(token))
+                status = parse_status(await ExactReader(stream).read_exactly(STATUS_LEN))
+            if status != Status.OK:
+                raise RelayError(f"relay answered {status.name.lower()}")
+            relay_ip = stream.socket.getpeername()[0]
+            await self.conns.accept_relayed(stream, relay_ip)
+            stream = None
+        except (trio.TooSlowError, StreamEOF, RelayError, AddressError, OSError,
+                trio.BrokenResourceError) as exc:
+            log.debug("relayed call through %s failed: %s", addr, exc)
+        finally:
+            self._callbacks -= 1
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
