@@ -20,6 +20,7 @@ from fluidfs.node.node import Node
 from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
+from fluidfs.peers.relay import RelayPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.service.faults import FaultInjection
 from fluidfs.statedir import StateDir
@@ -73,6 +74,7 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
         "audit": AuditPolicy(interval=args.audit_interval),
         "reach": ReachPolicy(interval=args.reach_interval),
         "portmap": PortMapPolicy(enabled=not args.no_upnp),
+        "relay_via": tuple(args.relay_via),
         "lifecycle": LifecyclePolicy(
             tolerance=args.tolerance,
             keep=args.keep_shards,
@@ -130,6 +132,7 @@ def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         state,
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
+        relay=RelayPolicy() if args.relay else None,
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
 

@@ -98,11 +98,8 @@ class RelayClient:
 
     # -- the RelayIncoming op --------------------------------------------------------------
 
-    def ops(self) -> dict[str, Any]:
-        """The ops a registered node answers, by wire name."""
-        return {"RelayIncoming": self._incoming_op}
-
-    async def _incoming_op(self, relay: bytes, args: dict[str, Any]) -> dict[str, Any]:
+    async def incoming(self, relay: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        """The ``RelayIncoming`` op: a relay we are registered at passes on a call."""
         held = self._at.get(relay)
         if held is None:
             raise RpcError("refused", "not registered at you")

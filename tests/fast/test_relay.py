@@ -53,7 +53,7 @@ class Lab:
         holder["server"] = self.relay
         _wire(self.r, relay=self.relay)
         self.x = PeerNode(tmp_path / "x", relay_ops={
-            "RelayIncoming": lambda k, a: holder["client"]._incoming_op(k, a)})
+            "RelayIncoming": lambda k, a: holder["client"].incoming(k, a)})
         self.d = PeerNode(tmp_path / "d")
         self.via: list[str] = []
         _wire(self.d, via_of=lambda key: list(self.via) if key == self.x.key else [])
@@ -273,3 +273,29 @@ async def test_pair_rate_and_idle_timeout(tmp_path):
         conn = net.d.conns.conns[net.x.key]
         await until(lambda: net.relay.relayed == 0, timeout=2, what="the idle pair cut")
         await until(lambda: conn.closed, timeout=2, what="D seeing the pair end")
+
+
+def test_address_record_version_2_names_relays():
+    """A node nobody can dial signs a record with no address and its relays; a tampered
+    relay list fails the signature; each version keeps its own rules."""
+    import cbor2
+
+    from fluidfs.peers.address import PeerAddr
+    from fluidfs.peers.addrrecord import RecordError, make_record, read_record
+
+    me = nacl.signing.SigningKey.generate()
+    relay = PeerAddr.parse("198.51.100.7:7470")
+    record = read_record(make_record(me, [], via=[relay]).raw, bytes(me.verify_key))
+    assert record.addrs == () and record.via == (relay,)
+    plain = make_record(me, [PeerAddr.parse("198.51.100.9:7470")])
+    assert cbor2.loads(plain.raw)["v"] == 1  # no relays: readable by nodes before them
+
+    body = cbor2.loads(make_record(me, [], via=[relay]).raw)
+    for change in ({"via": ["203.0.113.66:7470"]},  # redirected through another relay
+                   {"v": 1},  # a version 1 record has no relays
+                   {"via": ["a:1", "b:2", "c:3"]}):  # too many
+        with pytest.raises(RecordError):
+            read_record(cbor2.dumps({**body, **change}))
+    no_via = {k: v for k, v in body.items() if k != "via"}
+    with pytest.raises(RecordError):
+        read_record(cbor2.dumps(no_via))
