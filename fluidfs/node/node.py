@@ -494,7 +494,7 @@ class Node:
         )
         return (
             handlers
-            | invite_handlers(self.reach, self.manager)
+            | invite_handlers(self.reach, self.manager, self.addresses)
             | remount_control.handlers(self.remount_requests)
         )
 

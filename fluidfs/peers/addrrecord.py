@@ -11,7 +11,8 @@ Version 2 adds the relays the node can be reached through (peers/relay.py)::
 
     {"v": 2, "id", "time",
      "addrs": [...] (0 to MAX_ADDRS: a node nobody can dial has none),
-     "via": ["host:port", ...] (1 to MAX_VIA relays, best first),
+     "via": ["host:port", ...] (1 to MAX_VIA relays, best first;
+            addrs and via together at most MAX_ADDRS, so a record stays within MAX_RECORD),
      "sig": by ``id`` over "fluidfs-address-v2\\0" || CBOR [2, id, time, addrs, via]}
 
 A node signs version 2 only when it has relays to name, so peers from before relays keep
@@ -92,9 +93,9 @@ def make_record(identity: nacl.signing.SigningKey, addrs: list[PeerAddr],
                 when_ms: int | None = None, via: list[PeerAddr] = ()) -> AddressRecord:
     """Sign a record that this node is reachable at *addrs* (best first), or through
     the relays *via* (version 2, only when there are any)."""
-    if not len(addrs) <= MAX_ADDRS or not len(via) <= MAX_VIA or not (addrs or via):
-        raise ValueError(f"a record names 1 to {MAX_ADDRS} addresses or up to {MAX_VIA} "
-                         "relays")
+    if not 1 <= len(addrs) + len(via) <= MAX_ADDRS or len(via) > MAX_VIA:
+        raise ValueError(f"a record names 1 to {MAX_ADDRS} addresses and relays, at most "
+                         f"{MAX_VIA} relays")
     if any(len(str(a)) > MAX_ADDR_TEXT for a in [*addrs, *via]):
         raise ValueError(f"an address in a record has at most {MAX_ADDR_TEXT} characters")
     key = bytes(identity.verify_key)
@@ -124,8 +125,9 @@ def read_record(raw: bytes, expected: bytes | None = None,
     relays = body.get("via")
     if body["v"] == VERSION and (relays is not None or not body["addrs"]):
         raise RecordError("a version 1 record names 1 to 3 addresses and no relays")
-    if body["v"] == VERSION_VIA and relays is None:
-        raise RecordError("a version 2 record names its relays")
+    if body["v"] == VERSION_VIA and (relays is None
+                                     or len(relays) + len(body["addrs"]) > MAX_ADDRS):
+        raise RecordError("a version 2 record names 1 or 2 relays, 3 entries in all")
     if expected is not None and key != expected:
         raise RecordError("the record names another identity")
     try:

@@ -119,6 +119,7 @@ class Reachability:
         await self._ask_some()
         addrs = await trio.to_thread.run_sync(self.addresses)
         via = self.relays()[:MAX_VIA]
+        addrs = addrs[:MAX_ADDRS - len(via)]  # a record names three places in all
         if not addrs and not via:
             return
         if self.record is not None and list(self.record.addrs) == addrs \

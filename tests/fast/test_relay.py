@@ -286,14 +286,17 @@ def test_address_record_version_2_names_relays():
     me = nacl.signing.SigningKey.generate()
     relay = PeerAddr.parse("198.51.100.7:7470")
     record = read_record(make_record(me, [], via=[relay]).raw, bytes(me.verify_key))
+    longest = [PeerAddr(".".join(["a" * 60] * 2), 65535)] * 3  # 127 characters each
+    assert len(make_record(me, longest[:1], via=longest[:2]).raw) <= 640
     assert record.addrs == () and record.via == (relay,)
     plain = make_record(me, [PeerAddr.parse("198.51.100.9:7470")])
     assert cbor2.loads(plain.raw)["v"] == 1  # no relays: readable by nodes before them
 
-    body = cbor2.loads(make_record(me, [], via=[relay]).raw)
+    body = cbor2.loads(make_record(me, [PeerAddr.parse("198.51.100.9:7470")], via=[relay]).raw)
     for change in ({"via": ["203.0.113.66:7470"]},  # redirected through another relay
                    {"v": 1},  # a version 1 record has no relays
-                   {"via": ["a:1", "b:2", "c:3"]}):  # too many
+                   {"via": ["a:1", "b:2", "c:3"]},  # too many relays
+                   {"addrs": ["a:1", "b:2"]}):  # four places in all
         with pytest.raises(RecordError):
             read_record(cbor2.dumps({**body, **change}))
     no_via = {k: v for k, v in body.items() if k != "via"}
