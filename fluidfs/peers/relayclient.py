@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from fluidfs.keys import parse_peer
 from fluidfs.net.errors import NetError, RpcError
 from fluidfs.net.relaywire import STATUS_LEN, RelayError, Status, make_accept, parse_status
 from fluidfs.net.streamio import ExactReader, StreamEOF
@@ -36,7 +37,7 @@ MAX_RELAYS = 2  # registrations kept at once (an address record names at most tw
 class RelayClientPolicy:
     """Where to keep registrations and how."""
 
-    relays: tuple[str, ...] = ()  # HOST:PORT of relays (--relay-via), best first
+    relays: tuple[str, ...] = ()  # [PEERID@]HOST:PORT of relays (--relay-via), best first
     max_callbacks: int = 8  # call-backs to relays running at once
     callback_timeout: float = 10.0  # seconds to open a stream back and hear ok
 
@@ -54,7 +55,7 @@ class RelayClient:
     def via(self) -> list[PeerAddr]:
         """The relays we are registered at now (for our address record), best first."""
         now = trio.current_time()
-        order = {addr: i for i, addr in enumerate(self.policy.relays)}
+        order = {parse_peer(e).addr: i for i, e in enumerate(self.policy.relays)}
         live = sorted((addr for addr, until in self._at.values() if until > now),
                       key=lambda a: order.get(a, len(order)))
         out = []
@@ -85,11 +86,14 @@ class RelayClient:
             retry = 5.0
             await trio.sleep(max(1.0, ttl / 3))
 
-    async def register(self, addr: str) -> int:
-        """Register (or renew) at the relay at *addr*; the seconds it granted."""
+    async def register(self, entry: str) -> int:
+        """Register (or renew) at the relay *entry* names (``[PEERID@]HOST:PORT``: with
+        an id, only a node proving it is taken for the relay); the seconds it granted."""
+        relay = parse_peer(entry)
+        addr = relay.addr
         key = next((k for k, (a, _) in self._at.items() if a == addr), None)
         if key is None or key not in self.conns.conns or self.conns.conns[key].closed:
-            key = (await self.conns.connect(addr)).peer_key
+            key = (await self.conns.connect(addr, expected=relay.key)).peer_key
         reply = await self.conns.call(key, "RelayRegister", {})
         ttl = reply["ttl"]
         self._at[key] = (addr, trio.current_time() + ttl)

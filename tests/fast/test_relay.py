@@ -302,3 +302,21 @@ def test_address_record_version_2_names_relays():
     no_via = {k: v for k, v in body.items() if k != "via"}
     with pytest.raises(RecordError):
         read_record(cbor2.dumps(no_via))
+
+
+async def test_a_relay_named_with_an_id_must_prove_it(tmp_path):
+    """--relay-via PEERID@HOST:PORT: a node at that address with another id is not taken
+    for the relay (no registration, nothing announced)."""
+    from fluidfs.keys import encode_peer_id
+
+    async with lab(tmp_path) as net:
+        other = encode_peer_id(nacl.signing.SigningKey.generate().verify_key.encode())
+        pinned = RelayClient(net.d.conns, RelayClientPolicy(relays=(f"{other}@{net.r.addr}",)))
+        with pytest.raises(PeerUnavailable, match="not the expected one"):
+            await pinned.register(pinned.policy.relays[0])
+        assert not net.relay.is_registered(net.d.key) and pinned.via() == []
+        right = f"{encode_peer_id(net.r.key)}@{net.r.addr}"
+        pinned = RelayClient(net.d.conns, RelayClientPolicy(relays=(right,)))
+        await pinned.register(right)
+        assert net.relay.is_registered(net.d.key)
+        assert [str(a) for a in pinned.via()] == [net.r.addr]
