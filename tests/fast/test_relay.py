@@ -33,7 +33,7 @@ from fluidfs.net.tcp import open_rpc
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.relay import RelayPolicy, RelayServer
 from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
-from fluidfs.wire.schema import Map
+from fluidfs.wire.schema import Bytes, Map
 
 
 def _wire(node: PeerNode, **kw) -> None:
@@ -320,3 +320,23 @@ async def test_a_relay_named_with_an_id_must_prove_it(tmp_path):
         await pinned.register(right)
         assert net.relay.is_registered(net.d.key)
         assert [str(a) for a in pinned.via()] == [net.r.addr]
+
+
+async def test_relay_ops_with_bad_fields_and_on_a_node_that_does_not_relay(tmp_path):
+    """A token of the wrong size is refused by the schema at the peer; a node that is not
+    a relay answers RelayRegister with unknown_op."""
+    async with lab(tmp_path) as net:
+        host, port = net.r.addr.split(":")
+        await net.d.conns.call(net.x.key, "Ping", {})
+        conn = net.d.conns.conns[net.x.key]
+        conn.ops = {**OPS, "RelayIncoming": OpSpec(Map({"token": Bytes(max=64)}), Map({}))}
+        for token in (b"", os.urandom(15), os.urandom(17), os.urandom(64)):
+            with pytest.raises(RpcError) as err:  # our side lets any token through
+                await conn.call("RelayIncoming", {"token": token})
+            assert err.value.code == "bad_request"
+        async with open_rpc(host, int(port), net.x.keyring.signing_key) as to_relay:
+            assert (await to_relay.call("RelayRegister", {}))["ttl"] > 0
+        with pytest.raises(RpcError) as err:
+            await net.x.conns.call(net.d.key, "RelayRegister", {})
+        assert err.value.code == "unknown_op"
+
