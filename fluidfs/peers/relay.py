@@ -11,8 +11,9 @@ end to end over the splice, so we carry their HELLOs and ciphertext frames and h
 
 Everything a stranger can make us spend is bounded by ``RelayPolicy``: registered peers,
 relayed pairs per registered peer and in all (a CONNECT over a cap gets STATUS busy),
-bytes a second each way of one pair (a token bucket, net/bandwidth.py), the time a peer
-has to call back, and idle pairs (no byte either way for ``idle_timeout``) are cut.
+CONNECTs passed on to one peer a second (each makes it open a stream), bytes a second
+each way of one pair (a token bucket, net/bandwidth.py), the time a peer has to call
+back, and idle pairs (no byte either way for ``idle_timeout``) are cut.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class RelayPolicy:
     max_registered: int = 64  # peers registered at once
     max_per_peer: int = 8  # relayed pairs to one registered peer at once
     max_relayed: int = 128  # relayed pairs in all
+    calls_per_second: float = 2.0  # CONNECTs passed on to one registered peer, on average
+    calls_burst: int = 8  # ... and at once
     rate: float = 1 << 20  # bytes a second, each way, of one relayed pair
     idle_timeout: float = 300.0  # a pair with no byte either way for this long is cut
     callback_timeout: float = 10.0  # seconds the peer has to open its stream back
@@ -99,6 +102,7 @@ class RelayServer:
         self._registered: dict[bytes, float] = {}  # peer → when it expires (trio clock)
         self._pending: dict[bytes, _Pending] = {}  # token → CONNECT waiting for it
         self._per_peer: Counter[bytes] = Counter()
+        self._calls: dict[bytes, tuple[float, float]] = {}  # peer → (call tokens, when)
         self.relayed = 0  # pairs being set up or spliced now
         self.bytes_relayed = 0
 
@@ -119,6 +123,7 @@ class RelayServer:
         now = trio.current_time()
         for key in [k for k, until in self._registered.items() if until <= now]:
             del self._registered[key]
+            self._calls.pop(key, None)
         if peer not in self._registered and len(self._registered) >= self.policy.max_registered:
             raise RpcError("busy", f"this relay keeps {self.policy.max_registered} peers")
         self._registered[peer] = now + self.policy.registration_ttl
@@ -164,7 +169,8 @@ class RelayServer:
         if not self.is_registered(target):
             await self._refuse(stream, Status.NOT_REGISTERED)
             return
-        if self.relayed >= policy.max_relayed or self._per_peer[target] >= policy.max_per_peer:
+        if self.relayed >= policy.max_relayed or self._per_peer[target] >= policy.max_per_peer \
+                or not self._take_call(target):
             await self._refuse(stream, Status.BUSY)
             return
         self.relayed += 1
@@ -203,6 +209,17 @@ class RelayServer:
             self._per_peer[target] -= 1
             if not self._per_peer[target]:
                 del self._per_peer[target]
+
+    def _take_call(self, target: bytes) -> bool:
+        """Spend one of *target*'s call tokens: each CONNECT makes the peer open a
+        stream, so strangers may not make it do so faster than ``calls_per_second``."""
+        policy, now = self.policy, trio.current_time()
+        tokens, then = self._calls.get(target, (float(policy.calls_burst), now))
+        tokens = min(float(policy.calls_burst), tokens + (now - then) * policy.calls_per_second)
+        if tokens < 1:
+            return False
+        self._calls[target] = (tokens - 1, now)
+        return True
 
     async def _splice(self, a: trio.abc.Stream, b: trio.abc.Stream) -> None:
         """Copy bytes both ways until either side ends or the pair is idle too long."""

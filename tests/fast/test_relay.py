@@ -251,6 +251,16 @@ async def test_relayed_pairs_per_peer_are_capped(tmp_path):
         assert parse_status(answer) == Status.BUSY
 
 
+async def test_calls_passed_on_to_one_peer_are_rate_limited(tmp_path):
+    """CONNECTs to one peer beyond its call rate get busy without the peer being asked:
+    strangers cannot make it open streams without end."""
+    async with lab(tmp_path, calls_burst=2, calls_per_second=0.01) as net:
+        answers = [parse_status(await _raw(net.r.addr, make_connect(net.x.key)))
+                   for _ in range(3)]
+        # the first two were passed on (the raw dialler ran no handshake afterwards)
+        assert answers == [Status.OK, Status.OK, Status.BUSY], answers
+
+
 async def test_relay_incoming_from_a_node_we_are_not_registered_at(tmp_path):
     """Nobody but our relays can make us open streams."""
     async with lab(tmp_path) as net:
@@ -265,11 +275,11 @@ async def test_pair_rate_and_idle_timeout(tmp_path):
     async with lab(tmp_path, rate=512 << 10, idle_timeout=0.3) as net:
         net.x.host_for(net.d)
         net.d.ledger.record(net.x.key, we_host=1 << 20, they_host=1 << 20, term=3600)
-        data = os.urandom(512 << 10)
+        data = os.urandom(384 << 10)
         start = trio.current_time()
         await net.d.conns.call(net.x.key, "StoreShard",
                                {"shards": [{"id": shard_id(data), "data": data}]})
-        assert trio.current_time() - start >= 0.85  # 512 KiB at 512 KiB/s, less the burst
+        assert trio.current_time() - start >= 0.65  # 384 KiB at 512 KiB/s, less the burst
         conn = net.d.conns.conns[net.x.key]
         await until(lambda: net.relay.relayed == 0, timeout=2, what="the idle pair cut")
         await until(lambda: conn.closed, timeout=2, what="D seeing the pair end")
