@@ -11,6 +11,10 @@ says), and every connection draws on one node-wide memory budget
 (``fluidfs.net.budget``). Connections idle for ``limits.idle_timeout`` are closed by
 either end; ``get`` then dials again, and a call that meets a connection the peer has
 just closed is retried once on a new one.
+
+Relays (peers/relay.py): a peer with no address that works is dialled through the relays
+its address record names (``via_of``), after its own address; on a node that relays,
+the first byte of an inbound stream tells a relay preamble from a HELLO.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ the token (net/relaywire.py) and, once the relay says ok, run the responder side
 handshake on it like on any inbound connection (``Connections.accept_relayed``).
 
 Only relays we registered at may send ``RelayIncoming`` (anyone else gets ``refused``),
-and at most ``max_callbacks`` call-backs run at once (then ``busy``): a relay cannot make
-us open streams without end. The relays we hold registrations at are announced in our
+and at most ``max_callbacks`` relayed connections (from the call-back until the
+connection ends) run at once (then ``busy``): a relay cannot make us open streams
+without end. The relays we hold registrations at are announced in our
 address record (peers/reach.py) as the ``via`` list.
 """
 
@@ -38,7 +39,7 @@ class RelayClientPolicy:
     """Where to keep registrations and how."""
 
     relays: tuple[str, ...] = ()  # [PEERID@]HOST:PORT of relays (--relay-via), best first
-    max_callbacks: int = 8  # call-backs to relays running at once
+    max_callbacks: int = 8  # relayed connections at once (call-back to connection end)
     callback_timeout: float = 10.0  # seconds to open a stream back and hear ok
 
 
