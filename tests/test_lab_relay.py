@@ -31,12 +31,13 @@ def met_through_relay(lab: Lab, tmp_path: Path, keyfile: Path, make_mount,
                       relay_host: Host | None = None, relay_entry: str | None = None
                       ) -> tuple[LabPeer, LabPeer, LabMount]:
     """A public relay (on *relay_host*), a friend behind a NAT without UPnP registered
-    at it (at *relay_entry*, default the relay's own address), and a mount behind another
-    such NAT that met the friend by its invite code: (relay, friend, mount)."""
+    at it (given *relay_entry* with --relay-via; else it knows the relay as a peer and
+    learns that it relays), and a mount behind another such NAT that met the friend by
+    its invite code: (relay, friend, mount)."""
     relay = LabPeer(relay_host or lab.public("relay"), tmp_path, [*QUICK, "--relay"]).start()
     via = relay_entry or relay.addr
-    friend = LabPeer(lab.home("hf").host("pf"), tmp_path,
-                     [*QUICK, "--no-upnp", "--relay-via", via]).start()
+    told = ["--relay-via", via] if relay_entry else ["--peer", relay.addr]
+    friend = LabPeer(lab.home("hf").host("pf"), tmp_path, [*QUICK, "--no-upnp", *told]).start()
 
     def invite() -> str | None:
         result = cli("invite", "--state-dir", str(friend.state))
@@ -68,9 +69,10 @@ def settled(mnt: LabMount) -> dict | None:
 def test_a_mount_behind_a_nat_stores_to_and_audits_a_natted_peer_through_a_relay(
     lab: Lab, tmp_path: Path, pair_keyfile: Path, make_mount
 ) -> None:
-    """A friend behind a NAT without UPnP keeps a registration at a public relay and its
-    invite names the relay; a mount behind another NAT without UPnP adds the code, makes
-    an agreement with the friend through the relay, places shards on it and audits them.
+    """A friend behind a NAT without UPnP, which knows a public relay only as a peer,
+    finds that nobody can dial it, registers at the relay and its invite names it; a
+    mount behind another NAT without UPnP adds the code, makes an agreement with the
+    friend through the relay, places shards on it and audits them.
     (Before relays neither could reach the other: the friend's invite had no address.)"""
     _, friend, mnt = met_through_relay(lab, tmp_path, pair_keyfile, make_mount)
     me = status(mnt.state)["peer_id"]

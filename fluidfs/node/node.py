@@ -157,8 +157,8 @@ class Node:
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
         relay_ops = self.relay.ops() if self.relay is not None else {}
-        if config.relay_via:  # the client is made with the pool below; bound late
-            relay_ops["RelayIncoming"] = lambda key, args: self.relay_client.incoming(key, args)
+        # the client is made with the pool below (it may learn relays: always answers)
+        relay_ops["RelayIncoming"] = lambda key, args: self.relay_client.incoming(key, args)
         self.service = PeerService(
             self.shards,
             self.ledger,
@@ -185,7 +185,13 @@ class Node:
             relay=self.relay,
             via_of=self._relays_of,
         )
-        self.relay_client = RelayClient(self.conns, RelayClientPolicy(relays=config.relay_via))
+        self.relay_client = RelayClient(
+            self.conns,
+            RelayClientPolicy(relays=config.relay_via),
+            unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
+            candidates=lambda: [(p.key, p.addr) for p in sorted(
+                (p for p in self.peers if p.addr), key=lambda p: -p.trust)],
+        )
         self.manager = PeerManager(
             self.conns,
             self.peers,

@@ -87,6 +87,7 @@ class Reachability:
     record: AddressRecord | None = None
     seen: dict[bytes, str] = field(default_factory=dict)  # peer -> host it sees us at
     announced: int = 0  # records signed (for status and tests)
+    direct: list[PeerAddr] | None = None  # where we can be dialled, as of the last check
     _moved_from: int = 0  # time of the record whose addresses we found gone
 
     async def run(self) -> None:
@@ -118,6 +119,7 @@ class Reachability:
                 self.conns.drop(key)
         await self._ask_some()
         addrs = await trio.to_thread.run_sync(self.addresses)
+        self.direct = addrs
         via = self.relays()[:MAX_VIA]
         addrs = addrs[:MAX_ADDRS - len(via)]  # a record names three places in all
         if not addrs and not via:

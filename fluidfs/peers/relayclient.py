@@ -12,11 +12,19 @@ and at most ``max_callbacks`` relayed connections (from the call-back until the
 connection ends) run at once (then ``busy``): a relay cannot make us open streams
 without end. The relays we hold registrations at are announced in our
 address record (peers/reach.py) as the ``via`` list.
+
+Given no relays (``--relay-via``), a node learns them from its peers: while its
+reachability check finds no address anyone can dial (``unreachable``), it asks known
+peers that have an address, most trusted first, to register it (``RelayRegister``: a
+peer that does not relay answers ``unknown_op``) until two have, renews those, and lets
+them lapse once it can be dialled again. A peer that refused is asked again only after
+``retry_refused``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,22 +49,37 @@ class RelayClientPolicy:
     relays: tuple[str, ...] = ()  # [PEERID@]HOST:PORT of relays (--relay-via), best first
     max_callbacks: int = 8  # relayed connections at once (call-back to connection end)
     callback_timeout: float = 10.0  # seconds to open a stream back and hear ok
+    learn: bool = True  # with no relays given: find some among peers when undialable
+    learn_interval: float = 5.0  # seconds between looks at reachability and renewals
+    retry_refused: float = 600.0  # a peer that would not relay for us is asked again after
 
 
 class RelayClient:
     """This node's registrations at relays."""
 
-    def __init__(self, conns: Connections, policy: RelayClientPolicy) -> None:
+    def __init__(
+        self,
+        conns: Connections,
+        policy: RelayClientPolicy,
+        *,
+        unreachable: Callable[[], bool] = lambda: False,
+        candidates: Callable[[], list[tuple[bytes, str]]] = list,
+    ) -> None:
+        """*unreachable*: True when our reachability check found no address anyone can
+        dial; *candidates*: known peers with an address, (key, HOST:PORT), best first."""
         self.conns = conns
         self.policy = policy
+        self.unreachable = unreachable
+        self.candidates = candidates
         self._at: dict[bytes, tuple[str, float]] = {}  # relay key → (address, expires)
+        self._refused: dict[bytes, float] = {}  # peer → when it last would not relay
         self._callbacks = 0
         self._nursery: trio.Nursery | None = None
 
     def via(self) -> list[PeerAddr]:
         """The relays we are registered at now (for our address record), best first."""
         now = trio.current_time()
-        order = {parse_peer(e).addr: i for i, e in enumerate(self.policy.relays)}
+        order = {parse_peer(e).addr: i for i, e in enumerate(self.policy.relays)}  # learnt: last
         live = sorted((addr for addr, until in self._at.values() if until > now),
                       key=lambda a: order.get(a, len(order)))
         out = []
@@ -68,11 +91,58 @@ class RelayClient:
         return out
 
     async def run(self) -> None:
-        """Register at each configured relay and renew at a third of what it grants."""
+        """Register at each configured relay and renew at a third of what it grants; with
+        none configured, learn relays among peers while nobody can dial us."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for addr in self.policy.relays[:MAX_RELAYS]:
                 nursery.start_soon(self._keep, addr)
+            if not self.policy.relays and self.policy.learn:
+                nursery.start_soon(self._learn)
+
+    async def _learn(self) -> None:
+        renew_at: dict[bytes, float] = {}
+        while True:
+            now = trio.current_time()
+            for key in [k for k, (_, until) in self._at.items() if until <= now]:
+                del self._at[key]  # lapsed (not renewed, or the renewal failed)
+            if self.unreachable():
+                for key, (addr, _) in list(self._at.items()):
+                    if now >= renew_at.get(key, 0.0):
+                        with_ttl = await self._register_learnt(key, addr)
+                        if with_ttl:
+                            renew_at[key] = now + with_ttl / 3
+                await self._find_more(renew_at)
+            await trio.sleep(self.policy.learn_interval)
+
+    async def _find_more(self, renew_at: dict[bytes, float]) -> None:
+        now = trio.current_time()
+        for key, addr in self.candidates():
+            if len(self._at) >= MAX_RELAYS:
+                return
+            refused = self._refused.get(key)
+            if key in self._at or (refused is not None
+                                   and now < refused + self.policy.retry_refused):
+                continue
+            ttl = await self._register_learnt(key, addr)
+            if ttl:
+                renew_at[key] = now + ttl / 3
+                log.info("relay learnt: peers can reach this node through %s", addr)
+
+    async def _register_learnt(self, key: bytes, addr: str) -> int:
+        """RelayRegister at a known peer; the seconds granted, or 0 (it will not, or
+        cannot be reached: asked again after ``retry_refused``)."""
+        try:
+            reply = await self.conns.call(key, "RelayRegister", {}, timeout=10)
+        except (PeerUnavailable, RpcError, NetError) as exc:
+            log.debug("peer at %s does not relay for us: %s", addr, exc)
+            self._at.pop(key, None)
+            self._refused[key] = trio.current_time()
+            if len(self._refused) > 4096:  # bounded by the peer table, but be sure
+                self._refused.pop(next(iter(self._refused)))
+            return 0
+        self._at[key] = (addr, trio.current_time() + reply["ttl"])
+        return reply["ttl"]
 
     async def _keep(self, addr: str) -> None:
         retry = 5.0

@@ -45,7 +45,8 @@ def _wire(node: PeerNode, **kw) -> None:
 class Lab:
     """A relay R (listening), a registered node X and a dialler D (neither listening)."""
 
-    def __init__(self, tmp_path, policy: RelayPolicy) -> None:
+    def __init__(self, tmp_path, policy: RelayPolicy, learn: bool = False) -> None:
+        self.learn = learn
         holder: dict[str, object] = {}
         self.r = PeerNode(tmp_path / "r", relay_ops={
             "RelayRegister": lambda k, a: holder["server"]._register_op(k, a)})
@@ -67,7 +68,14 @@ class Lab:
         await self.r.start(nursery)
         await self.x.start(nursery, listen=False)
         await self.d.start(nursery, listen=False)
-        self.client = RelayClient(self.x.conns, RelayClientPolicy(relays=(self.r.addr,)))
+        if self.learn:  # X is given no relay: it asks the peers it knows, best first
+            self.client = RelayClient(
+                self.x.conns, RelayClientPolicy(learn_interval=0.05),
+                unreachable=lambda: True,
+                candidates=lambda: [(self.d.key, "127.0.0.1:9"), (self.r.key, self.r.addr)])
+            self.x.peers.add(self.r.key, self.r.addr)
+        else:
+            self.client = RelayClient(self.x.conns, RelayClientPolicy(relays=(self.r.addr,)))
         self._holder["client"] = self.client
         nursery.start_soon(self.client.run)
         await until(lambda: self.relay.is_registered(self.x.key), what="X registered")
@@ -80,8 +88,8 @@ class Lab:
 
 
 @asynccontextmanager
-async def lab(tmp_path, **policy):
-    made = Lab(tmp_path, RelayPolicy(**policy))
+async def lab(tmp_path, learn: bool = False, **policy):
+    made = Lab(tmp_path, RelayPolicy(**policy), learn)
     try:
         async with trio.open_nursery() as nursery:
             await made.start(nursery)
@@ -102,6 +110,16 @@ async def test_a_node_nobody_can_dial_is_reached_through_its_relay(tmp_path):
         # X sees D as D (the handshake ran between them), and can call it back on it
         await until(lambda: net.d.key in net.x.conns.conns, what="X adopting D")
         assert (await net.x.conns.call(net.d.key, "Ping", {}))["time"] > 0
+
+
+async def test_an_undialable_node_learns_a_relay_among_its_peers(tmp_path):
+    """Given no relay, a node nobody can dial asks the peers it knows: one that cannot
+    relay is passed over, the relay registers it, and it is reached through it.
+    (Fails before: relays had to be given.)"""
+    async with lab(tmp_path, learn=True) as net:
+        assert [str(a) for a in net.client.via()] == [net.r.addr]
+        assert (await net.d.conns.call(net.x.key, "Ping", {}))["time"] > 0
+        assert net.relay.bytes_relayed > 0
 
 
 async def test_direct_address_is_tried_first(tmp_path):
