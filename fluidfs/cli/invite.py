@@ -20,7 +20,8 @@ def cmd_invite(args: argparse.Namespace) -> None:
         print(json.dumps(reply, indent=2))
         return
     print(reply["code"], flush=True)
-    print(f"(peer {reply['id']} at {', '.join(reply['addrs'])}; on your friend's machine "
+    where = [*reply["addrs"], *(f"via relay {a}" for a in reply.get("via", []))]
+    print(f"(peer {reply['id']} at {', '.join(where)}; on your friend's machine "
           "run: fluidfs peers add CODE)", file=sys.stderr)
 
 

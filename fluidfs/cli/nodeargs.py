@@ -21,6 +21,7 @@ from fluidfs.node.node import Node
 from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
+from fluidfs.peers.relay import RelayPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.service.faults import FaultInjection
 from fluidfs.statedir import StateDir
@@ -75,6 +76,7 @@ def _peer_settings(args: argparse.Namespace, entries: list[keymod.BootstrapPeer]
                              retrieve_budget=args.audit_fetch_budget),
         "reach": ReachPolicy(interval=args.reach_interval),
         "portmap": PortMapPolicy(enabled=not args.no_upnp),
+        "relay_via": tuple(args.relay_via),
         "lifecycle": LifecyclePolicy(
             tolerance=args.tolerance,
             keep=args.keep_shards,
@@ -146,6 +148,7 @@ def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
         provider=args.provider,
+        relay=RelayPolicy() if args.relay else None,
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
 

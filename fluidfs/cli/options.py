@@ -216,6 +216,14 @@ OPTIONS: list[Option] = [
            example="1"),
     option("--no-upnp", action="store_true", commands=on(*NODE),
            help="never ask the router to forward a port (UPnP) to this node"),
+    option("--relay", action="store_true", commands=on("serve"),
+           help="relay for peers nobody can dial (give this node a public address)"),
+    option("--relay-via", type=peer_entry, action="append", default=[],
+           metavar="[PEERID@]HOST:PORT", commands=on(*NODE),
+           help="keep a registration at this relay so peers reach this node through it "
+                "when they cannot dial it (repeatable, two at most; with PEERID, only "
+                "that node is taken for the relay)",
+           example="198.51.100.7:7470"),
     option("--tolerance", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),
            example="3"),
     option("--keep-shards", type=float, default=float(DAY), help=HIDDEN, commands=on(*NODE),

@@ -145,6 +145,11 @@ OPS: dict[str, OpSpec] = {
         Map({"kind": Str(min=1, max=16)}),
         Map({"record": Bytes(min=1, max=MAX_RECORD)}),
     ),
+    # Relays (peers/relay.py, net/relaywire.py). RelayRegister: register the caller (the
+    # identity it proved) at this relay for `ttl` seconds, renewed by calling it again.
+    # RelayIncoming (relay → registered peer): open a stream back with ACCEPT and `token`.
+    "RelayRegister": OpSpec(Map({}), Map({"ttl": Int(1, 86400)})),
+    "RelayIncoming": OpSpec(Map({"token": Bytes(min=16, max=16)}), Map({})),
 }
 
 # A customer and its storage provider (docs/federation.md). Reserve: make or resize the

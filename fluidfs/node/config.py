@@ -13,6 +13,7 @@ from fluidfs.peers.discovery import DiscoveryPolicy
 from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
+from fluidfs.peers.relay import RelayPolicy
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.statedir import StateDir
@@ -49,6 +50,8 @@ class NodeConfig:
     net_limits: NetLimits = DEFAULT_LIMITS  # peer port caps, timeouts, budgets (net/limits.py)
     reach: ReachPolicy = field(default_factory=ReachPolicy)  # address records (peers/reach.py)
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
+    relay: RelayPolicy | None = None  # relay for undialable peers (serve --relay); None: off
+    relay_via: tuple[str, ...] = ()  # relays to keep registrations at (--relay-via)
     limit_upload: float | None = None  # bytes/s to all peers (net/bandwidth.py); None: off
     limit_download: float | None = None  # bytes/s from all peers
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off

@@ -57,6 +57,8 @@ from fluidfs.peers.peerlist import PeerList
 from fluidfs.peers.portmap import PortMapper
 from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
+from fluidfs.peers.relay import RelayServer
+from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
@@ -160,6 +162,10 @@ class Node:
         self.ledger = Ledger(self.meta)
         records = RecordStore(config.state.path / "records")
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
+        self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
+        relay_ops = self.relay.ops() if self.relay is not None else {}
+        # the client is made with the pool below (it may learn relays: always answers)
+        relay_ops["RelayIncoming"] = lambda key, args: self.relay_client.incoming(key, args)
         self.service = PeerService(
             self.shards,
             self.ledger,
@@ -177,6 +183,7 @@ class Node:
             accounts=AccountBook(self.meta) if config.provider else None,
             keep=config.lifecycle.keep,
             proposes_only=config.use_provider is not None,
+            relay_ops=relay_ops,
         )
         self.conns = Connections(
             keyring.signing_key,
@@ -186,6 +193,15 @@ class Node:
             is_partner=self.service.is_partner,
             store_at=self.ledger.store_at_of,
             bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
+            relay=self.relay,
+            via_of=self._relays_of,
+        )
+        self.relay_client = RelayClient(
+            self.conns,
+            RelayClientPolicy(relays=config.relay_via),
+            unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
+            candidates=lambda: [(p.key, p.addr) for p in sorted(
+                (p for p in self.peers if p.addr), key=lambda p: -p.trust)],
         )
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
         if config.use_provider is not None:
@@ -208,7 +224,8 @@ class Node:
                                    self.addresses)
         self.portmap = PortMapper(lambda: self.conns.listen_addr, config.portmap)
         self.reach = Reachability(self.conns, self.peers, self.ledger, keyring.signing_key,
-                                  config.reach, mapped=lambda: self.portmap.mapped)
+                                  config.reach, mapped=lambda: self.portmap.mapped,
+                                  relays=self.relay_client.via)
         self.remote = RemoteShards(
             self.conns,
             self.peers,
@@ -456,6 +473,15 @@ class Node:
                 await trio.to_thread.run_sync(self.meta.sync)
                 await trio.to_thread.run_sync(self.shards.sync)
 
+    async def _relay_ask(self, target: bytes, token: bytes) -> None:
+        """As a relay: tell a registered peer to call back for *token* (peers/relay.py)."""
+        await self.conns.call(target, "RelayIncoming", {"token": token}, timeout=10)
+
+    def _relays_of(self, key: bytes) -> list[str]:
+        """The relays a peer's newest address record says it can be reached through."""
+        record = self.addresses.get(key)
+        return [str(a) for a in record.via] if record is not None else []
+
     async def run_services(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the peer service, control socket and background loops until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -477,6 +503,7 @@ class Node:
                 ("discovery", self.discovery.run),
                 ("reachability", self.reach.run),
                 ("port mapping", self.portmap.run),
+                ("relay registrations", self.relay_client.run),
                 ("auditor", self.auditor.run),
                 ("repairer", self.repairer.run),
                 ("migrator", self.migrator.run),
@@ -513,7 +540,7 @@ class Node:
                 handlers["status"] = part.with_status(handlers["status"])
         return (
             handlers
-            | invite_handlers(self.reach, self.manager)
+            | invite_handlers(self.reach, self.manager, self.addresses)
             | remount_control.handlers(self.remount_requests)
         )
 

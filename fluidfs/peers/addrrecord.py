@@ -7,6 +7,18 @@ Format version 1, a CBOR map (at most ``MAX_RECORD`` bytes)::
      "sig": Ed25519 signature (64) by ``id`` over
             "fluidfs-address-v1\\0" || CBOR [1, id, time, addrs]}
 
+Version 2 adds the relays the node can be reached through (peers/relay.py)::
+
+    {"v": 2, "id", "time",
+     "addrs": [...] (0 to MAX_ADDRS: a node nobody can dial has none),
+     "via": ["host:port", ...] (1 to MAX_VIA relays, best first;
+            addrs and via together at most MAX_ADDRS, so a record stays within MAX_RECORD),
+     "sig": by ``id`` over "fluidfs-address-v2\\0" || CBOR [2, id, time, addrs, via]}
+
+A node signs version 2 only when it has relays to name, so peers from before relays keep
+reading the records of every node that needs none. A dialler tries ``addrs`` first, then
+each relay in ``via`` (peers/connections.py).
+
 ``addrs`` is in order of preference (a port mapping the gateway granted, then the
 address peers see us at, then the one we listen on). A record is believed only as the
 identity it names: nobody else can plant an address for a peer or redirect it, whoever
@@ -35,20 +47,24 @@ from fluidfs.peers.peerlist import PeerList
 from fluidfs.wire import Bytes, Int, List, Map, SchemaError, Str, cbor
 
 VERSION = 1
+VERSION_VIA = 2
 MAX_ADDRS = 3
+MAX_VIA = 2
 MAX_ADDR_TEXT = 128
 MAX_RECORD = MAX_ADDR_RECORD  # 640: three addresses of 128 characters fit
 MAX_SKEW_MS = 10 * 60 * 1000  # a record may be this far ahead of our clock
 MAX_KEPT = 4096
 SIG_CONTEXT = b"fluidfs-address-v1\x00"
+SIG_CONTEXT_VIA = b"fluidfs-address-v2\x00"
 
-RECORD = Map({
-    "v": Int(VERSION, VERSION),
+ADDR_TEXTS = List(Str(min=1, max=MAX_ADDR_TEXT), max_len=MAX_ADDRS)
+RECORD = Map({  # both versions; read_record checks what each requires
+    "v": Int(VERSION, VERSION_VIA),
     "id": Bytes(min=32, max=32),
     "time": Int(0, 2**63 - 1),
-    "addrs": List(Str(min=1, max=MAX_ADDR_TEXT), min_len=1, max_len=MAX_ADDRS),
+    "addrs": ADDR_TEXTS,
     "sig": Bytes(min=64, max=64),
-})
+}, optional={"via": List(Str(min=1, max=MAX_ADDR_TEXT), min_len=1, max_len=MAX_VIA)})
 
 
 class RecordError(ValueError):
@@ -63,25 +79,35 @@ class AddressRecord:
     time: int
     addrs: tuple[PeerAddr, ...]
     raw: bytes  # the signed encoding, passed on as it came
+    via: tuple[PeerAddr, ...] = ()  # relays it can be reached through (version 2)
 
 
-def _signed_part(key: bytes, when: int, addrs: list[str]) -> bytes:
-    return SIG_CONTEXT + cbor2.dumps([VERSION, key, when, addrs])
+def _signed_part(key: bytes, when: int, addrs: list[str],
+                 via: list[str] | None = None) -> bytes:
+    if via is None:
+        return SIG_CONTEXT + cbor2.dumps([VERSION, key, when, addrs])
+    return SIG_CONTEXT_VIA + cbor2.dumps([VERSION_VIA, key, when, addrs, via])
 
 
 def make_record(identity: nacl.signing.SigningKey, addrs: list[PeerAddr],
-                when_ms: int | None = None) -> AddressRecord:
-    """Sign a record that this node is reachable at *addrs* (best first)."""
-    if not 1 <= len(addrs) <= MAX_ADDRS:
-        raise ValueError(f"a record names 1 to {MAX_ADDRS} addresses")
-    if any(len(str(a)) > MAX_ADDR_TEXT for a in addrs):
+                when_ms: int | None = None, via: list[PeerAddr] = ()) -> AddressRecord:
+    """Sign a record that this node is reachable at *addrs* (best first), or through
+    the relays *via* (version 2, only when there are any)."""
+    if not 1 <= len(addrs) + len(via) <= MAX_ADDRS or len(via) > MAX_VIA:
+        raise ValueError(f"a record names 1 to {MAX_ADDRS} addresses and relays, at most "
+                         f"{MAX_VIA} relays")
+    if any(len(str(a)) > MAX_ADDR_TEXT for a in [*addrs, *via]):
         raise ValueError(f"an address in a record has at most {MAX_ADDR_TEXT} characters")
     key = bytes(identity.verify_key)
     when = int(time.time() * 1000) if when_ms is None else when_ms
     texts = [str(a) for a in addrs]
-    sig = identity.sign(_signed_part(key, when, texts)).signature
-    raw = cbor2.dumps({"v": VERSION, "id": key, "time": when, "addrs": texts, "sig": sig})
-    return AddressRecord(key, when, tuple(addrs), raw)
+    relays = [str(a) for a in via] or None
+    sig = identity.sign(_signed_part(key, when, texts, relays)).signature
+    body = {"v": VERSION if relays is None else VERSION_VIA, "id": key, "time": when,
+            "addrs": texts, "sig": sig}
+    if relays is not None:
+        body["via"] = relays
+    return AddressRecord(key, when, tuple(addrs), cbor2.dumps(body), tuple(via))
 
 
 def read_record(raw: bytes, expected: bytes | None = None,
@@ -96,27 +122,39 @@ def read_record(raw: bytes, expected: bytes | None = None,
     except SchemaError as exc:
         raise RecordError(f"address record: {exc}") from None
     key = body["id"]
+    relays = body.get("via")
+    if body["v"] == VERSION and (relays is not None or not body["addrs"]):
+        raise RecordError("a version 1 record names 1 to 3 addresses and no relays")
+    if body["v"] == VERSION_VIA and (relays is None
+                                     or len(relays) + len(body["addrs"]) > MAX_ADDRS):
+        raise RecordError("a version 2 record names 1 or 2 relays, 3 entries in all")
     if expected is not None and key != expected:
         raise RecordError("the record names another identity")
     try:
-        nacl.signing.VerifyKey(key).verify(_signed_part(key, body["time"], body["addrs"]),
-                                           body["sig"])
+        signed = _signed_part(key, body["time"], body["addrs"], relays)
+        nacl.signing.VerifyKey(key).verify(signed, body["sig"])
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
         raise RecordError("bad signature") from None
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if body["time"] > now + MAX_SKEW_MS:
         raise RecordError("the record is dated in the future")
-    addrs = []
-    for text in body["addrs"]:
+    addrs, via = _dialable(body["addrs"]), _dialable(relays or [])
+    if not addrs and not via:
+        raise RecordError("no dialable address in the record")
+    return AddressRecord(key, body["time"], tuple(addrs), raw, tuple(via))
+
+
+def _dialable(texts: list[str]) -> list[PeerAddr]:
+    """The addresses among *texts* one can dial, each once, in order."""
+    out: list[PeerAddr] = []
+    for text in texts:
         try:
             addr = PeerAddr.parse(text)
         except AddressError:
             continue
-        if addr not in addrs:
-            addrs.append(addr)
-    if not addrs:
-        raise RecordError("no dialable address in the record")
-    return AddressRecord(key, body["time"], tuple(addrs), raw)
+        if addr not in out:
+            out.append(addr)
+    return out
 
 
 class AddressBook:
@@ -165,12 +203,13 @@ def learn(peers: PeerList, book: AddressBook, record: AddressRecord, source: byt
     if row is None:
         if source == record.key:
             book.offer(record)
-        peers.claim(record.key, record.addrs[0], source)
+        if record.addrs:  # a node reached only through relays is met some other way
+            peers.claim(record.key, record.addrs[0], source)
         return False
     if not book.offer(record):
         return False
     texts = [str(a) for a in record.addrs]
-    if row.addr in texts:
+    if not texts or row.addr in texts:
         return False
     row.addr = texts[0]
     peers.save(row)

@@ -16,12 +16,17 @@ A partner whose side of our agreement is held by its storage provider (``store_a
 docs/federation.md) is reached there for the shard ops: ``call`` sends them to the
 provider with ``for: PARTNER``, so audits and reads of that partner are answered while
 it is offline, and their outcomes count for the partner as before.
+
+Relays (peers/relay.py): a peer with no address that works is dialled through the relays
+its address record names (``via_of``), after its own address; on a node that relays,
+the first byte of an inbound stream tells a relay preamble from a HELLO.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -34,19 +39,30 @@ from fluidfs.keys import encode_peer_id
 from fluidfs.net.admission import Admission, Ticket
 from fluidfs.net.bandwidth import SERVE, Bandwidth
 from fluidfs.net.budget import NodeBudget
-from fluidfs.net.channel import SecureChannel
+from fluidfs.net.channel import SecureChannel, connect_channel
 from fluidfs.net.errors import ChannelError, HandshakeError, NetError, RpcConnectionLost, RpcError
 from fluidfs.net.limits import DEFAULT_LIMITS, NetLimits
+from fluidfs.net.relaywire import (
+    FIRST_BYTE,
+    STATUS_LEN,
+    RelayError,
+    Status,
+    make_connect,
+    parse_status,
+)
 from fluidfs.net.rpc import Dispatcher, RpcConnection
+from fluidfs.net.streamio import ExactReader, StreamEOF
 from fluidfs.net.tcp import accept_loop, accept_peer, dial
 from fluidfs.peers.address import AddressError, PeerAddr, format_host_port, split_host_port
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.relay import RelayServer, read_preamble
 
 log = logging.getLogger(__name__)
 
 SHARD_OPS = frozenset({"StoreShard", "RetrieveShard", "DeleteShard", "AuditShard"})
 DIAL_TIMEOUT = 5.0
 BACKOFF_SECONDS = 2.0
+RELAY_CALLBACK_WAIT = 10.0  # a relay gives the peer this long to call back (peers/relay.py)
 
 
 class PeerUnavailable(Exception):
@@ -75,9 +91,13 @@ class Connections:
         is_partner: Callable[[bytes], bool] = lambda _key: False,
         bandwidth: Bandwidth | None = None,
         store_at: Callable[[bytes], tuple[bytes, str] | None] = lambda _key: None,
+        relay: RelayServer | None = None,
+        via_of: Callable[[bytes], list[str]] = lambda _key: [],
     ) -> None:
         self.identity = identity
         self.store_at = store_at  # partner -> (provider id, address) holding its side
+        self.relay = relay  # set when this node relays for others (serve --relay)
+        self.via_of = via_of  # the relays a peer said it can be reached through
         # every frame to and from peers passes it: limits, priorities, byte counts
         self.bandwidth = bandwidth if bandwidth is not None else Bandwidth()
         self.dispatcher = dispatcher
@@ -142,13 +162,55 @@ class Connections:
         )
 
     async def _accept(self, stream: trio.SocketStream, ticket: Ticket) -> None:
+        if self.relay is not None and not await self._hello_first(stream, ticket):
+            return
+        await self._accept_channel(stream, ticket, relayed=False)
+
+    async def _hello_first(self, stream: trio.SocketStream, ticket: Ticket) -> bool:
+        """On a relay's port: True if the stream starts a handshake; a relay preamble is
+        read here (under the handshake's caps and deadline) and served (False)."""
+        preamble = None
+        first = b""
+        try:
+            # ticket.scope is the handshake's (one use only); its deadline bounds us too
+            with trio.move_on_at(ticket.scope.deadline):
+                if ticket.delay:
+                    await trio.sleep(ticket.delay)  # this address's turn (admission.py)
+                    ticket.delay = 0.0
+                first = await stream.socket.recv(1, socket.MSG_PEEK)
+                if first == FIRST_BYTE:
+                    preamble = await read_preamble(stream)
+        except (RelayError, OSError, trio.BrokenResourceError) as exc:
+            log.debug("relay preamble failed: %s", exc)
+        if first and first != FIRST_BYTE:
+            return True  # a HELLO: the handshake reads it
+        self.admission.end_handshake(ticket)
+        if preamble is None:
+            await trio.aclose_forcefully(stream)
+            return False
+        assert self.relay is not None
+        await self.relay.serve(stream, preamble)
+        return False
+
+    async def accept_relayed(self, stream: trio.abc.Stream, relay_ip: str) -> None:
+        """Run the responder side on a stream a relay spliced to a dialler, then serve the
+        connection as any inbound one (counted under the relay's address by admission)."""
+        ticket = self.admission.begin(relay_ip)
+        if ticket is None:
+            await trio.aclose_forcefully(stream)
+            return
+        await self._accept_channel(stream, ticket, relayed=True)
+
+    async def _accept_channel(self, stream: trio.abc.Stream, ticket: Ticket,
+                              *, relayed: bool) -> None:
         channel = await accept_peer(
             stream, self.identity, self.admission, ticket, bandwidth=self.bandwidth
         )
         if channel is None:
             return
         conn = self._new_conn(channel)
-        self._note_remote(channel.peer_key, stream)
+        if not relayed:  # a relayed peer's address is not the relay's
+            self._note_remote(channel.peer_key, stream)
         admitted = self.admission.admit(ticket, channel.peer_key, conn)
         if admitted is None:
             await channel.aclose()
@@ -179,6 +241,36 @@ class Connections:
         self.remote[conn.peer_key] = addr
         with contextlib.suppress(AddressError):
             self._dialled[conn] = str(PeerAddr.parse(addr))
+        return conn
+
+    async def connect_via(self, relay_addr: str, key: bytes) -> RpcConnection:
+        """Reach peer *key* through the relay at *relay_addr* and keep the connection.
+
+        The handshake runs end to end with the peer and pins *key*: the relay only
+        carries ciphertext and cannot answer as the peer.
+        """
+        host, port = split_addr(relay_addr)
+        where = f"{encode_peer_id(key)[:12]} via {relay_addr}"
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(DIAL_TIMEOUT + RELAY_CALLBACK_WAIT):
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(make_connect(key))
+                status = parse_status(await ExactReader(stream).read_exactly(STATUS_LEN))
+            if status != Status.OK:
+                raise RelayError(f"the relay answered {status.name.lower()}")
+            channel = await connect_channel(
+                stream, self.identity, key, timeout=DIAL_TIMEOUT, bandwidth=self.bandwidth
+            )
+        except (trio.TooSlowError, StreamEOF, RelayError, HandshakeError, ChannelError,
+                OSError, trio.BrokenResourceError) as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise PeerUnavailable(f"{where}: {exc or 'timed out'}") from None
+        conn = self._new_conn(channel)
+        assert self._nursery is not None, "Connections.run() is not running"
+        await self._nursery.start(self._run_conn, conn)
+        self._adopt(conn)
         return conn
 
     def _left(self, key: bytes, conn: RpcConnection) -> bool:
@@ -236,15 +328,33 @@ class Connections:
             conn = self.conns.get(key)
             if conn is not None and not conn.closed:
                 return conn
-            peer = self.peers.get(key)
-            addr = addr or (peer.addr if peer is not None else "")
-            if not addr:
-                raise PeerUnavailable(f"no address for peer {encode_peer_id(key)[:12]}")
             try:
-                return await self.connect(addr, expected=key)
+                return await self._dial_known(key, addr)
             except PeerUnavailable:
                 self._down_until[key] = time.monotonic() + BACKOFF_SECONDS
                 raise
+
+    async def _dial_known(self, key: bytes, addr: str = "") -> RpcConnection:
+        """Dial *addr* or the peer's address first; if that fails (or there is none), the
+        relays it announced, in its order."""
+        peer = self.peers.get(key)
+        relays = self.via_of(key)
+        addr = addr or (peer.addr if peer is not None else "")
+        if not addr and not relays:
+            raise PeerUnavailable(f"no address for peer {encode_peer_id(key)[:12]}")
+        failure = None
+        if addr:
+            try:
+                return await self.connect(addr, expected=key)
+            except PeerUnavailable as exc:
+                failure = exc
+        for relay_addr in relays:
+            try:
+                return await self.connect_via(relay_addr, key)
+            except PeerUnavailable as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     async def call(
         self,

@@ -76,6 +76,16 @@ class PeerManager:
                 log.info("greeting %s failed: %s", _short(key), exc)
         return key, await self.ensure_agreement(key)
 
+    async def add_via(self, relay_addr: str, key: bytes) -> tuple[bytes, bool]:
+        """``add`` for a peer nobody can dial: reach *key* through the relay at
+        *relay_addr* (the handshake pins *key*); record it without an address."""
+        if key == self.peers.self_key:
+            raise PeerUnavailable("that is this node itself")
+        await self.conns.connect_via(relay_addr, key)
+        self.peers.add(key)
+        self.peers.seen(key)
+        return key, await self.ensure_agreement(key)
+
     async def ensure_agreement(self, key: bytes) -> bool:
         """Propose an agreement to *key* unless one exists; True if one is in place."""
         existing = self.ledger.get(key)

@@ -36,7 +36,13 @@ import trio
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.address import AddressError, PeerAddr, split_host_port
-from fluidfs.peers.addrrecord import MAX_ADDR_TEXT, MAX_ADDRS, AddressRecord, make_record
+from fluidfs.peers.addrrecord import (
+    MAX_ADDR_TEXT,
+    MAX_ADDRS,
+    MAX_VIA,
+    AddressRecord,
+    make_record,
+)
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
@@ -77,9 +83,11 @@ class Reachability:
     identity: nacl.signing.SigningKey
     policy: ReachPolicy = field(default_factory=ReachPolicy)
     mapped: Callable[[], PeerAddr | None] = lambda: None  # the gateway's mapping, if any
+    relays: Callable[[], list[PeerAddr]] = list  # relays we are registered at (relayclient)
     record: AddressRecord | None = None
     seen: dict[bytes, str] = field(default_factory=dict)  # peer -> host it sees us at
     announced: int = 0  # records signed (for status and tests)
+    direct: list[PeerAddr] | None = None  # where we can be dialled, as of the last check
     _moved_from: int = 0  # time of the record whose addresses we found gone
 
     async def run(self) -> None:
@@ -93,7 +101,8 @@ class Reachability:
         args: dict = {}
         if self.record is not None:
             args["record"] = self.record.raw
-            args["addr"] = str(self.record.addrs[0])
+            if self.record.addrs:
+                args["addr"] = str(self.record.addrs[0])
         elif self.conns.listen_addr:
             args["addr"] = self.conns.listen_addr
         return args
@@ -110,13 +119,18 @@ class Reachability:
                 self.conns.drop(key)
         await self._ask_some()
         addrs = await trio.to_thread.run_sync(self.addresses)
-        if not addrs:
+        self.direct = addrs
+        via = self.relays()[:MAX_VIA]
+        addrs = addrs[:MAX_ADDRS - len(via)]  # a record names three places in all
+        if not addrs and not via:
             return
-        if self.record is not None and list(self.record.addrs) == addrs:
+        if self.record is not None and list(self.record.addrs) == addrs \
+                and list(self.record.via) == via:
             return
-        self.record = make_record(self.identity, addrs)
+        self.record = make_record(self.identity, addrs, via=via)
         self.announced += 1
-        log.info("reachable at %s: telling peers", ", ".join(map(str, addrs)))
+        log.info("reachable at %s: telling peers",
+                 ", ".join([*map(str, addrs), *(f"via relay {a}" for a in via)]))
         await self.announce()
 
     def _moved(self) -> bool:

@@ -50,6 +50,8 @@ class PeerService:
     *accounts*: a storage provider's customers (None: this node is no provider), whose
     removed reservations are served for *keep* seconds (service/provider.py).
     *proposes_only*: our side is held by our own provider; new proposals are declined.
+    *relay_ops*: RelayRegister when this node relays (peers/relay.py), RelayIncoming when
+    it keeps registrations (peers/relayclient.py).
     """
 
     schemas = REQUEST_SCHEMAS
@@ -73,6 +75,7 @@ class PeerService:
         accounts: AccountBook | None = None,
         keep: float = DAY,
         proposes_only: bool = False,
+        relay_ops: dict[str, Op] | None = None,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -90,6 +93,7 @@ class PeerService:
             **RecordOps(records, ledger, limiter).ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
+            **(relay_ops or {}),
         }
         self.provider: ProviderOps | None = None
         if accounts is not None:
