@@ -40,6 +40,7 @@ META_TABLES = [
     "commits",
     "snapshots",  # fs/snapshots.py
     "lazy",  # fs/restore.py
+    "dir_parents", "dir_dirty", "dir_nodes", "dir_state",  # fs/dirstate.py
 ]
 
 
