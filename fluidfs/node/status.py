@@ -30,8 +30,10 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.host import PeerService
+from fluidfs.store.compact import StoreUsage
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
+from fluidfs.sysutil import process_memory
 
 RATE_WEIGHT = 0.3  # weight of the last second in the upload rate
 GONE_WITHIN = 7 * 86400.0  # an agreement that ended this recently is "provider gone"
@@ -67,6 +69,7 @@ class Scanned:
     files: int = 0  # regular files in the live tree
     disk_free: int = 0  # bytes free on the disk holding the state directory
     disk_total: int = 0
+    meta_usage: StoreUsage | None = None  # meta.lmdb's file against its tables
 
 
 @dataclass
@@ -124,6 +127,7 @@ class NodeStatus:
             disk_free = free_bytes(self.state_path)
             disk_total = _disk_total(self.state_path)
         return Scanned(
+            meta_usage=self.meta.usage(),
             files=files,
             disk_free=disk_free,
             disk_total=disk_total,
@@ -179,7 +183,14 @@ class NodeStatus:
             "keyfile_saved": self.keyfile_saved(),
             "disk_free": scanned.disk_free,
             "disk_total": scanned.disk_total,
+            "memory": process_memory(),
         }
+        if scanned.meta_usage is not None:
+            figures["meta_store"] = {
+                "file_bytes": scanned.meta_usage.file_bytes,
+                "live_bytes": scanned.meta_usage.live_bytes,
+                "compaction_due": scanned.meta_usage.due,
+            }
         figures["overview"] = overview(figures, now)
         return figures
 
