@@ -16,12 +16,14 @@ Four tables of meta.lmdb (format version 1; integers are big-endian u64):
   here is reachable from the newest commit head, so a commit may name it again.
 - ``dir_state``: ``b"index"`` → u8 1 once ``dir_parents`` covers every directory entry
   (built in batches by ``DirState.build_index``: stores from before this table have none);
-  ``b"since_full"`` → u64 commits since the last full one.
+  ``b"since_full"`` → u64 commits since the last full one. A new store is indexed from
+  the start (``DirState.start``: no entries, nothing to index).
 
 A commit writes the marked directories and every directory on the path from each of
 them to the root, deepest first; every other directory is named by its ``dir_nodes``
-node, unread. A full commit (the first after the index is built, every ``FULL_EVERY``-th,
-or on request) reads every directory and rewrites ``dir_nodes`` whole.
+node, unread. A full commit (the first after the index is built on a store from before
+these tables, every ``FULL_EVERY``-th, or on request) reads every directory and rewrites
+``dir_nodes`` whole.
 """
 
 from __future__ import annotations
@@ -183,6 +185,13 @@ class DirState:
         with self.db.write() as txn:
             since = 0 if full else self.since_full(txn) + 1
             txn.put(_SINCE_FULL, _u64(since), db=self._state)
+
+    def start(self) -> None:
+        """On a store without directory entries yet, ``dir_parents`` is complete as it
+        is: say so, so that the first commit need not rebuild it."""
+        with self.db.write() as txn:
+            if not self.indexed(txn) and txn.stat(self._dirents)["entries"] == 0:
+                txn.put(_INDEX, bytes([VERSION]), db=self._state)
 
     def build_index(self) -> None:
         """Fill ``dir_parents`` from ``dirents`` (stores from before it), BATCH entries

@@ -67,6 +67,8 @@ class Tree:
         self._counters = db["counters"]
         self._cache: dict[int, Inode] = {}
         self.dirs = DirState(db)
+        if not db.readonly:
+            self.dirs.start()
 
     # --- counters ----------------------------------------------------------------------
 
