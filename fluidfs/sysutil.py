@@ -96,3 +96,23 @@ class MappedFile:
 def release_mapped_pages(path: str) -> int:
     """``MappedFile(path).release()`` without keeping the range (looks it up each time)."""
     return MappedFile(path).release()
+
+
+_MEMORY_FIELDS = {"VmRSS": "vm_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory in bytes, split: ``rss_anon`` (its own heap and
+    stacks), ``rss_file`` (mapped file pages, mostly LMDB's: page cache that can be
+    dropped) and ``vm_rss`` (their sum, with shared memory); empty where /proc is not."""
+    try:
+        with open("/proc/self/status") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in _MEMORY_FIELDS:
+            out[_MEMORY_FIELDS[key]] = int(rest.split()[0]) * 1024
+    return out

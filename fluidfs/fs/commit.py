@@ -18,10 +18,15 @@ could appear twice or not at all), so the commit starts over from one held snaps
 as before; the nodes already written are reused by content. Holders come from the
 block records as each batch reads them: newer holders only make the references
 better, and a block that went away meanwhile aborts the commit (CommitAborted) as it
-always could when registering. Every directory is serialised again at every
-commit, but a node whose bytes did not change has the same block id and is already
-registered, so only changed directories (and the path above them) make new blocks:
-the bytes written by a commit grow with what changed, not with the tree.
+always could when registering.
+
+A commit reads and serialises only the directories marked changed since the last
+commit and the path from each to the root (fs/dirstate.py); every other directory is
+named by the node it was last committed as, so the work of a commit, not only the bytes
+it writes, grows with what changed rather than with the tree. A node whose bytes did
+not change still has the same block id and is reused. Every ``FULL_EVERY``-th commit
+(and one asked for with ``full=True``, or when the dirty-directory tables cannot be
+trusted: ``StaleDirState``) reads every directory, as all commits once did.
 
 The ``commits`` table of meta.lmdb (format version 1) holds the commit heads this
 machine keeps: key ``u64 seq`` → CBOR ``{"v": 1, "node": commit node id, "time": ns,
@@ -46,6 +51,7 @@ import cbor2
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.fs.dirstate import FULL_EVERY, DirState, StaleDirState
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
@@ -68,6 +74,7 @@ from fluidfs.fs.treewalk import (
     Snapshots,
     TreeChanged,
     TreeReader,
+    Written,
     write_tree,
 )
 from fluidfs.store.db import Database
@@ -95,6 +102,7 @@ class CommitStats:
     incomplete_refs: int = 0  # references naming fewer holders than shards
     weak_refs: int = 0  # references to blocks fewer than K peers hold (not restorable)
     seconds: float = 0.0
+    full: bool = False  # every directory was read (not only the changed ones)
 
     def add(self, other: CommitStats) -> None:
         """Add what another commit wrote (several commits for one sync)."""
@@ -474,6 +482,7 @@ class Committer:
         self.machine = machine
         self.heads = Heads(db)
         self.reader = TreeReader(db, holders)
+        self.dirs = DirState(db)
         self.lock = trio.Lock()
         self.stall = 1.0  # seconds without placement progress before moving on
         self.limit = 120.0  # longest wait for one node's placement
@@ -503,17 +512,21 @@ class Committer:
         user_changed: bool,
         prune: bool,
         force: bool = False,
+        full: bool = False,
         now_ns: int | None = None,
         on_written: Callable[[CommitResult], None] | None = None,
     ) -> CommitResult | None:
-        """Write a commit of the tree as it is now; None if nothing would change."""
+        """Write a commit of the tree as it is now; None if nothing would change.
+
+        With *full*, every directory is read and serialised, not only changed ones."""
         async with self.lock:
             started = time.monotonic()
             now_ns = now_ns or time.time_ns()
             writer = self.writer()
             try:
                 result = await self._commit(
-                    writer, min_seq, snapshots, retention, user_changed, prune, force, now_ns
+                    writer, min_seq, snapshots, retention, user_changed, prune, force, full,
+                    now_ns,
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -529,19 +542,57 @@ class Committer:
                 on_written(result)
             return result
 
-    async def _commit(
-        self, writer: TreeWriter, min_seq, snapshots, retention, user_changed, prune, force, now_ns
-    ) -> CommitResult | None:
+    async def _full_due(self) -> bool:
+        """Whether this commit must read every directory (see the module docstring)."""
+
+        def due() -> bool:
+            with self.db.read() as txn:
+                if self.dirs.indexed(txn):
+                    return self.dirs.since_full(txn) + 1 >= FULL_EVERY
+            self.dirs.build_index()
+            return True
+
+        return await trio.to_thread.run_sync(due)
+
+    async def _write_tree(self, writer: TreeWriter, full: bool) -> Written:
+        full = full or await self._full_due()
         try:
-            root, next_ino = await write_tree(self.reader, writer, Snapshots(self.db))
+            return await self._write_tree_once(writer, full)
+        except (StaleDirState, BaseExceptionGroup) as exc:
+            stale = exc if isinstance(exc, StaleDirState) else exc.subgroup(StaleDirState)
+            if full or stale is None:
+                raise
+            log.warning("reading every directory: %s", stale)
+            writer.stats.dirs = writer.stats.files = 0
+            return await self._write_tree_once(writer, True)
+
+    async def _write_tree_once(self, writer: TreeWriter, full: bool) -> Written:
+        writer.stats.full = full
+        try:
+            return await write_tree(self.reader, writer, Snapshots(self.db), full=full)
         except TreeChanged:
             log.debug("the tree changed during the commit: reading it from one snapshot")
             writer.stats.dirs = writer.stats.files = 0
             held = HeldSnapshot(self.db)
             try:
-                root, next_ino = await write_tree(self.reader, writer, held)
+                return await write_tree(self.reader, writer, held, full=full)
             finally:
                 held.close()
+
+    async def _commit(
+        self,
+        writer: TreeWriter,
+        min_seq,
+        snapshots,
+        retention,
+        user_changed,
+        prune,
+        force,
+        full,
+        now_ns,
+    ) -> CommitResult | None:
+        written = await self._write_tree(writer, full)
+        root, next_ino = written.root, written.next_ino
         tree_id = root.content.block_id if root.content is not None else None
         previous = self.heads.latest()
         seq = max(min_seq, previous.seq if previous else 0) + 1
@@ -560,6 +611,8 @@ class Committer:
             and tree_id == previous.tree
             and not plan.changed()
         ):
+            # The same tree as the newest head's: the nodes just named are held by it.
+            await self._record_dirs(written)
             return None
         kept = plan.entries()
         snaps_ref = await writer.write_list(kept)
@@ -592,7 +645,14 @@ class Committer:
         with self.db.write() as wtxn:
             self.heads.put(wtxn, head)
             snapshots.apply(wtxn, plan)
+        await self._record_dirs(written)
         return CommitResult(head, info, ref, writer.stats, plan.name, plan.expired_names())
+
+    async def _record_dirs(self, written: Written) -> None:
+        """Remember the directories' nodes once a head holds them (fs/dirstate.py)."""
+        await trio.to_thread.run_sync(
+            self.dirs.record, written.dirs, written.plan.marks, written.plan.full
+        )
 
     async def mark_published(self, seq: int) -> None:
         """The head *seq* reached the network: older heads can go (once the index is whole)."""

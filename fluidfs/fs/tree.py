@@ -10,6 +10,10 @@ Tables (format version 1; integers are big-endian u64):
 - ``xattrs``:  ino ‖ name → value
 - ``counters``: b"next_ino", b"next_cookie", b"tree_gen" → u64
 
+Every change also keeps the dirty-directory tables (fs/dirstate.py) in the same
+transaction: the reverse index of entries and the mark of each directory whose
+committed listing the change makes stale, so a commit writes only those.
+
 ``tree_gen`` goes up in every transaction that changes the five tree tables through
 this class (every change the mount makes does). A reader that finds the same value in
 two read transactions knows the tree did not change between them; commits rely on
@@ -27,6 +31,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from fluidfs.fs.dirstate import DirState
 from fluidfs.fs.inode import Inode
 from fluidfs.store.db import Database
 
@@ -61,6 +66,9 @@ class Tree:
         self._xattrs = db["xattrs"]
         self._counters = db["counters"]
         self._cache: dict[int, Inode] = {}
+        self.dirs = DirState(db)
+        if not db.readonly:
+            self.dirs.start()
 
     # --- counters ----------------------------------------------------------------------
 
@@ -70,8 +78,12 @@ class Tree:
         txn.put(name, u64(value + 1), db=self._counters)
         return value
 
-    def _changed(self, txn) -> None:
-        self._next(txn, b"tree_gen")
+    def _changed(self, txn, ino: int | None = None) -> int:
+        """Count a change (and mark the directories naming *ino*); the new generation."""
+        gen = self._next(txn, b"tree_gen") + 1
+        if ino is not None:
+            self.dirs.mark_parents(txn, ino, gen)
+        return gen
 
     def generation(self, txn) -> int:
         """The tree's change counter as *txn* sees it (see the module docstring)."""
@@ -103,7 +115,7 @@ class Tree:
         """Write the inode (and keep it cached)."""
         self._cache[inode.ino] = inode
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
-        self._changed(txn)
+        self._changed(txn, inode.ino)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""
@@ -113,7 +125,8 @@ class Tree:
     def delete(self, txn, ino: int) -> None:
         """Remove the inode record and its xattrs (its block map is the caller's job)."""
         self._cache.pop(ino, None)
-        self._changed(txn)
+        self._changed(txn, ino)
+        self.dirs.forget(txn, ino)
         txn.delete(u64(ino), db=self._inodes)
         cursor = txn.cursor(db=self._xattrs)
         prefix = u64(ino)
@@ -145,9 +158,14 @@ class Tree:
         """Add (or replace) the entry *name* → *child* in *parent*."""
         key = u64(parent) + name
         old = txn.get(key, db=self._dirents)
+        gen = self._changed(txn)
         if old is not None:
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
-        self._changed(txn)
+            self.dirs.unlinked(txn, parent, name, _U64x2.unpack(old)[0], gen)
+        self.dirs.linked(txn, parent, name, child, gen)
+        raw = txn.get(u64(child), db=self._inodes)
+        if raw is not None and Inode.decode(child, raw).is_dir and self.dirs.is_new_dir(txn, child):
+            self.dirs.mark(txn, child, gen)  # never committed: its (empty) listing too
         cookie = self._next(txn, b"next_cookie")
         txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
         txn.put(u64(parent) + u64(cookie), name, db=self._cookies)
@@ -157,7 +175,8 @@ class Tree:
         key = u64(parent) + name
         old = txn.get(key, db=self._dirents)
         if old is not None:
-            self._changed(txn)
+            gen = self._changed(txn)
+            self.dirs.unlinked(txn, parent, name, _U64x2.unpack(old)[0], gen)
             txn.delete(key, db=self._dirents)
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
 
@@ -202,7 +221,7 @@ class Tree:
         """Set (or clear, with None) a block map entry; return the previous value."""
         key = u64(ino) + u64(index)
         old = txn.get(key, db=self._blockmap)
-        self._changed(txn)
+        self._changed(txn, ino)
         if value is None:
             if old is not None:
                 txn.delete(key, db=self._blockmap)
@@ -214,7 +233,7 @@ class Tree:
         """Remove block map entries with index >= *first*; return their values."""
         prefix = u64(ino)
         removed: list[bytes] = []
-        self._changed(txn)
+        self._changed(txn, ino)
         cursor = txn.cursor(db=self._blockmap)
         if cursor.set_range(prefix + u64(first)):
             while cursor.key()[:8] == prefix:
@@ -252,7 +271,7 @@ class Tree:
         key = u64(ino) + name
         with self.db.write() as txn:
             existed = txn.get(key, db=self._xattrs) is not None
-            self._changed(txn)
+            self._changed(txn, ino)
             if value is None:
                 txn.delete(key, db=self._xattrs)
             else:

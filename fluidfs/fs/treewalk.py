@@ -15,6 +15,11 @@ references (holders as public keys). Where it reads from is a ``Reads``:
 - ``HeldSnapshot``: one read transaction for the whole walk (how every commit read
   before; the fallback when the tree keeps changing, fs/commit.py).
 
+A commit either reads every directory (``full``) or only those the dirty-directory
+tables (fs/dirstate.py) say changed, and the path from each to the root, deepest first;
+a directory it does not read is named by the node it was last committed as
+(``dir_nodes``), which the new parent node references again without reading it.
+
 ``write_tree`` writes the directories of height 0 first, then their parents, so that
 a parent names its children's nodes with their final holders; lazy directories (not
 loaded yet on a restored machine, fs/restore.py) are named by their committed nodes
@@ -37,6 +42,7 @@ import lmdb
 import trio
 
 from fluidfs.blocks.record import StoredBlock
+from fluidfs.fs.dirstate import DirState, StaleDirState
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.metaformat import MANIFEST_INLINE_BLOCKS, Entry, Ref
 from fluidfs.fs.metaindex import Holders
@@ -103,6 +109,7 @@ class TreeReader:
         self._xattrs = db["xattrs"]
         self._blocks = db["blocks"]
         self._lazy = db["lazy"]
+        self.dirs = DirState(db)
 
     def _prefix(self, txn, table, ino: int, after: bytes = b""):
         prefix = _U64.pack(ino)
@@ -125,11 +132,41 @@ class TreeReader:
             raise CommitAborted(f"block {block_id.hex()[:16]} has no record")
         return self.holders.ref(StoredBlock.decode(block_id, raw))
 
-    def walk(self, txn) -> tuple[list[list[int]], dict[int, Ref]]:
-        """Directories grouped by height (leaves first), and lazy directories' refs."""
-        lazy = {
+    def lazy(self, txn) -> dict[int, Ref]:
+        """Lazy directories' committed refs (fs/restore.py)."""
+        return {
             _U64.unpack(k)[0]: self.ref(txn, bytes(v)) for k, v in txn.cursor(db=self._lazy)
         }
+
+    def plan(self, txn, full: bool) -> Plan:
+        """What a commit writes, as *txn* sees the tree (see ``Plan``)."""
+        gen = tree_generation(self.db, txn)
+        if full:
+            levels, lazy = self.walk(txn)
+            marks = {
+                _U64.unpack(k)[0]: _U64.unpack(v)[0]
+                for k, v in txn.cursor(db=self.db["dir_dirty"])
+            }
+        else:
+            lazy = self.lazy(txn)
+            levels, marks = self.dirs.changed_in(txn, set(lazy))
+        return Plan(levels, lazy, marks, gen, full)
+
+    def committed(self, txn, ino: int) -> Ref | None:
+        """The committed top node of a directory this commit does not write."""
+        top = self.dirs.committed_in(txn, ino)
+        if top is None:
+            raise StaleDirState(f"directory {ino} has no committed node")
+        if not top:
+            return None
+        raw = txn.get(top, db=self._blocks)
+        if raw is None:
+            raise StaleDirState(f"the committed node of directory {ino} is gone")
+        return self.holders.ref(StoredBlock.decode(top, raw))
+
+    def walk(self, txn) -> tuple[list[list[int]], dict[int, Ref]]:
+        """Directories grouped by height (leaves first), and lazy directories' refs."""
+        lazy = self.lazy(txn)
         heights: dict[int, int] = {}
         subdirs: dict[int, list[int]] = {}
         stack: list[tuple[int, bool]] = [(ROOT_INO, False)]
@@ -192,13 +229,39 @@ class TreeReader:
                 continue
             entry = self.entry(txn, name, inode)
             if inode.is_dir:
-                entry.content = content.get(child)
+                entry.content = (
+                    content[child] if child in content else self.committed(txn, child)
+                )
             entries.append(entry)
         return entries, False
 
     def next_ino(self, txn) -> int:
         raw = txn.get(b"next_ino", db=self.db["counters"])
         return _U64.unpack(raw)[0] if raw else 2
+
+
+@dataclass
+class Plan:
+    """The directories one commit writes, grouped so each comes after its children;
+    the lazy directories' refs; the dirty marks seen (ino → generation, fs/dirstate.py)
+    and the tree generation the plan was read at; whether every directory is written."""
+
+    levels: list[list[int]]
+    lazy: dict[int, Ref]
+    marks: dict[int, int]
+    generation: int
+    full: bool
+
+
+@dataclass
+class Written:
+    """What ``write_tree`` wrote: the root's entry, the next inode number, the top node
+    id of each directory it wrote (None if empty), and the plan it followed."""
+
+    root: Entry
+    next_ino: int
+    dirs: dict[int, bytes | None]
+    plan: Plan
 
 
 @dataclass
@@ -235,12 +298,13 @@ def _list_slice(
     return Listed.of(*reader.directory_slice(txn, ino, content, after, limit=SLICE))
 
 
-async def write_tree(reader: TreeReader, writer, reads) -> tuple[Entry, int]:
-    """Write the tree as *reads* sees it; return the root directory's entry (name
-    empty) and the next inode number. May raise TreeChanged (see ``Snapshots``)."""
-    levels, lazy = await trio.to_thread.run_sync(reads.run, reader.walk)
-    content: dict[int, Ref | None] = dict(lazy)
-    for level in levels:
+async def write_tree(reader: TreeReader, writer, reads, *, full: bool = True) -> Written:
+    """Write the tree as *reads* sees it: every directory if *full*, else those marked
+    changed and the paths above them. May raise TreeChanged (see ``Snapshots``), and
+    StaleDirState when a directory it does not write has no usable committed node."""
+    plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
+    content: dict[int, Ref | None] = dict(plan.lazy)
+    for level in plan.levels:
         for start in range(0, len(level), DIRS_PER_BATCH):
             batch = level[start : start + DIRS_PER_BATCH]
             listed = await trio.to_thread.run_sync(
@@ -275,9 +339,14 @@ async def write_tree(reader: TreeReader, writer, reads) -> tuple[Entry, int]:
             # Freeing a big directory's entries takes as long as making them: not here.
             dropped, listed = list(listed.values()), {}
             await trio.to_thread.run_sync(_free, dropped)
-    root, next_ino = await trio.to_thread.run_sync(reads.run, _root, reader)
-    root.content = content.get(ROOT_INO)
-    return root, next_ino
+    root, next_ino = await trio.to_thread.run_sync(reads.run, _root, reader, content)
+    lazy = plan.lazy
+    dirs = {
+        ino: (ref.block_id if ref is not None else None)
+        for ino, ref in content.items()
+        if ino not in lazy
+    }
+    return Written(root, next_ino, dirs, plan)
 
 
 def _free(dropped: list[Listed]) -> None:
@@ -291,5 +360,7 @@ def _free(dropped: list[Listed]) -> None:
         dropped.pop()
 
 
-def _root(txn, reader: TreeReader) -> tuple[Entry, int]:
-    return reader.entry(txn, b"", reader.inode(txn, ROOT_INO)), reader.next_ino(txn)
+def _root(txn, reader: TreeReader, content: dict[int, Ref | None]) -> tuple[Entry, int]:
+    root = reader.entry(txn, b"", reader.inode(txn, ROOT_INO))
+    root.content = content[ROOT_INO] if ROOT_INO in content else reader.committed(txn, ROOT_INO)
+    return root, reader.next_ino(txn)

@@ -77,6 +77,7 @@ from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
 from fluidfs.store.shards import ShardStore
+from fluidfs.sysutil import MappedFile
 
 __all__ = ["MountError", "Node", "NodeConfig"]
 
@@ -86,6 +87,7 @@ SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
 RELEASE_PAGES_INTERVAL = 0.5
+META_RELEASE_INTERVAL = 10.0  # seconds between giving back meta.lmdb's mapped pages
 PEER_WORKER_THREADS = 2  # the peer service's own limiter (docs/protocol.md §5)
 CONTEXT_CHUNKING = "fluidfs 2026-11 tree chunking key v1"  # commits' chunk-boundary key
 
@@ -97,7 +99,7 @@ class Node:
         self.config = config
         keyring = config.keyring
         config.state.lock(keyring.peer_id)
-        self.meta = Database(config.state.meta, META_TABLES)
+        self.meta = Database(config.state.meta, META_TABLES, compacting=True)
         self.settings = StateSettings(self.meta)
         self.shards = ShardStore(config.state.shards)
         self.limiter = trio.CapacityLimiter(config.worker_threads)
@@ -511,6 +513,7 @@ class Node:
                 ("upload rate", self.upload_rate.run),
                 ("traffic rate", self.traffic.run),
                 ("shard pages", self._release_shard_pages),
+                ("metadata pages", self._release_meta_pages),
             ]:
                 nursery.start_soon(supervise, name, loop)
             if self.service.provider is not None:
@@ -573,6 +576,14 @@ class Node:
         while True:
             await trio.sleep(RELEASE_PAGES_INTERVAL)
             await trio.to_thread.run_sync(self.shards.release_pages, limiter=self.limiter)
+
+    async def _release_meta_pages(self) -> None:
+        """Give back meta.lmdb's mapped pages now and then (see sysutil): the hot ones
+        fault back in from the page cache at once, the cold ones stop counting in RSS."""
+        mapped = MappedFile(str(self.config.state.meta / "data.mdb"))
+        while True:
+            await trio.sleep(META_RELEASE_INTERVAL)
+            await trio.to_thread.run_sync(mapped.release, limiter=self.limiter)
 
     async def _run_remount(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """While mounted: the commit loop, lease renewals and the rest of a restore."""

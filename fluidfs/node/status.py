@@ -32,8 +32,10 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.host import PeerService
+from fluidfs.store.compact import StoreUsage
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
+from fluidfs.sysutil import process_memory
 
 RATE_WEIGHT = 0.3  # weight of the last second in the upload rate
 GONE_WITHIN = 7 * 86400.0  # an agreement that ended this recently is "provider gone"
@@ -71,6 +73,7 @@ class Scanned:
     disk_total: int = 0
     # data blocks per number of shards whose holder is not failing now ("12", "10", …)
     reachable: dict[str, int] = field(default_factory=dict)
+    meta_usage: StoreUsage | None = None  # meta.lmdb's file against its tables
 
 
 @dataclass
@@ -139,6 +142,7 @@ class NodeStatus:
             disk_free = free_bytes(self.state_path)
             disk_total = _disk_total(self.state_path)
         return Scanned(
+            meta_usage=self.meta.usage(),
             files=files,
             disk_free=disk_free,
             disk_total=disk_total,
@@ -198,10 +202,17 @@ class NodeStatus:
             "keyfile_saved": self.keyfile_saved(),
             "disk_free": scanned.disk_free,
             "disk_total": scanned.disk_total,
+            "memory": process_memory(),
         }
         traffic = self.traffic or TrafficRate(self.conns.bandwidth)
         figures.update(traffic.figures(scanned.pending, self.upload.rate))
         figures["durability"] = self.durability(figures, now)
+        if scanned.meta_usage is not None:
+            figures["meta_store"] = {
+                "file_bytes": scanned.meta_usage.file_bytes,
+                "live_bytes": scanned.meta_usage.live_bytes,
+                "compaction_due": scanned.meta_usage.due,
+            }
         figures["overview"] = overview(figures, now)
         return figures
 

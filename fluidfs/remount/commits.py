@@ -144,8 +144,10 @@ class Commits:
         stall: float = AUTO_STALL,
         retention: Retention | None = None,
         force: bool = False,
+        full: bool = False,
     ) -> CommitResult | None:
-        """Seal, commit and publish; None when there was nothing to commit.
+        """Seal, commit and publish; None when there was nothing to commit. With *full*,
+        every directory is read (fs/commit.py), not only those that changed.
 
         Raises NotWriter once the lease is lost, and CommitAborted or MetaError when the
         commit could not be written (its changes stay due).
@@ -167,6 +169,7 @@ class Commits:
                 user_changed=user_changed,
                 prune=self.committer.index_complete(),
                 force=force,
+                full=full,
             )
         except BaseException:
             if self.schedule.commit_failed(trio.current_time(), reopen=user_changed):

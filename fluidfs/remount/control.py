@@ -200,6 +200,8 @@ class RemountRequests:
                 "shard_bytes": last.stats.shard_bytes,
                 "nodes_reused": last.stats.nodes_reused,
                 "seconds": last.stats.seconds,
+                "dirs": last.stats.dirs,
+                "full": last.stats.full,
             },
             "last_error": self.keeper.lost_reason or self.commits.last_error,
             # Writes acknowledged here that no published commit holds, with no lease left

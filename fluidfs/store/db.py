@@ -15,10 +15,15 @@ called on fsync, unmount and on a timer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import lmdb
+
+from fluidfs.store.compact import StoreUsage, compact, compact_closed, swap, usage
+
+log = logging.getLogger(__name__)
 
 TERABYTE = 1 << 40
 
@@ -41,6 +46,7 @@ META_TABLES = [
     "snapshots",  # fs/snapshots.py
     "lazy",  # fs/restore.py
     "accounts", "reservations",  # store/accounts.py (storage providers)
+    "dir_parents", "dir_dirty", "dir_nodes", "dir_state",  # fs/dirstate.py
 ]
 
 
@@ -78,17 +84,24 @@ class Database:
         map_size: int = TERABYTE,
         readahead: bool = False,
         readonly: bool = False,
+        compacting: bool = False,
     ) -> None:
         """Open (and create) the environment at *path* with *tables*.
 
         With *readonly*, open an existing environment and tables for reading only, creating
         and writing nothing (``FileNotFoundError`` if either is missing): for looking into
-        the state of a node that is not running.
+        the state of a node that is not running. With *compacting*, the file is compacted
+        when it has grown well past its tables (store/compact.py), before it opens and
+        when it closes: only for an environment no other process writes.
         """
         names = list(tables)
         self.readonly = readonly
+        self.path = path
+        self.compacting = compacting and not readonly
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
+            if self.compacting:
+                compact_closed(path, len(names) + 2)
         elif not (path / "data.mdb").exists():
             raise FileNotFoundError(f"no database at {path}")
         self.env = lmdb.open(
@@ -121,12 +134,27 @@ class Database:
     def __getitem__(self, name: str) -> lmdb._Database:
         return self.tables[name]
 
+    def usage(self) -> StoreUsage:
+        """The file's size against its tables' pages (blocking, small: one stat a table)."""
+        return usage(self.env, self.path)
+
     def sync(self) -> None:
         """Flush committed transactions to stable storage."""
         self.env.sync(True)
 
     def close(self) -> None:
-        """Sync and close the environment."""
+        """Sync and close the environment (compacting it first if due, see __init__).
+
+        No transaction may be open any more."""
+        copied = None
         if not self.readonly:
             self.env.sync(True)
+            if self.compacting:
+                try:
+                    if self.usage().due:
+                        copied = compact(self.env, self.path)
+                except (OSError, lmdb.Error) as exc:
+                    log.warning("compacting %s failed: %s", self.path, exc)
         self.env.close()
+        if copied is not None:
+            swap(copied, self.path)

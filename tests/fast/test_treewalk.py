@@ -37,7 +37,7 @@ async def write(meta: Metadata) -> tuple[Entry, object]:
     The top node stays held (as a commit head would hold it), so the next write can
     reuse what did not change."""
     writer = meta.committer.writer()
-    root, _next_ino = await write_tree(reader(meta), writer, Snapshots(meta.store.db))
+    root = (await write_tree(reader(meta), writer, Snapshots(meta.store.db))).root
     await writer.finish(keep=root.content.block_id)
     return root, writer.stats
 

@@ -210,7 +210,7 @@ async def test_page_status_is_the_status_command_answer(tmp_path) -> None:
             lambda: control.call(s.node.config.state.control, "status"))
         socket_reply.pop("ok")
         assert page.keys() == socket_reply.keys()
-        moving = {"upload_rate", "repair_rate", "disk_free", "commit"}
+        moving = {"upload_rate", "repair_rate", "disk_free", "commit", "memory", "meta_store"}
         for key in page.keys() - moving:
             assert page[key] == socket_reply[key], key
         assert page["files"] == 1
