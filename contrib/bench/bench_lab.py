@@ -60,6 +60,12 @@ def tx_bytes(host: Host) -> int:
     return int(shown[0]["stats64"]["tx"]["bytes"])
 
 
+def rx_bytes(host: Host) -> int:
+    """Bytes received on *host*'s line (as ``tx_bytes``)."""
+    shown = json.loads(host.run("ip", "-s", "-j", "link", "show", "dev", host.iface))
+    return int(shown[0]["stats64"]["rx"]["bytes"])
+
+
 class Sampler:
     """(monotonic time, bytes sent) of a host about every 0.2 s, in a thread."""
 
@@ -177,10 +183,12 @@ def main() -> int:
                                  *quick])
             mounts.append(fresh)
             mounted = time.monotonic() - began
+            received = rx_bytes(hosts[1])
             began = time.monotonic()
             subprocess.run(["cat", str(fresh.path / "data.bin")], stdout=subprocess.DEVNULL,
                            check=True, timeout=3600)
             read = time.monotonic() - began
+            fetched = rx_bytes(hosts[1]) - received
             fresh.unmount()
 
             limited_key = root / "limited.key"
@@ -208,7 +216,9 @@ def main() -> int:
     print(f"restore on a fresh mount: mount {mounted:.1f} s, read {read:.1f} s = "
           f"{args.size / read * 8 / 1e6:.1f} Mbit/s; bound {restore_bound:.1f} s: "
           f"{restore_bound / read:.0%} of the bound (goal >= 70%); "
-          f"{args.size / nominal / read:.0%} of the nominal {nominal * 8 / 1e6:g} Mbit/s")
+          f"{args.size / nominal / read:.0%} of the nominal {nominal * 8 / 1e6:g} Mbit/s; "
+          f"{fetched / args.size:.2f} bytes received per byte read (K + 2 shards are asked "
+          f"for each block: {(K + 2) / K:.2f})")
     print(f"with --limit-upload {args.limit} ({limit * 8 / 1e6:.1f} Mbit/s): upload to 12/12 "
           f"{limited:.1f} s; worst {WINDOW:g} s window {worst * 8 / 1e6:.2f} Mbit/s = "
           f"{worst / limit - 1:+.1%} against the limit (goal <= +5%)")
