@@ -63,6 +63,10 @@ SHARD_OPS = frozenset({"StoreShard", "RetrieveShard", "DeleteShard", "AuditShard
 DIAL_TIMEOUT = 5.0
 BACKOFF_SECONDS = 2.0
 RELAY_CALLBACK_WAIT = 10.0  # a relay gives the peer this long to call back (peers/relay.py)
+# A connection that answered a call this recently has not stopped answering: on a thin
+# uplink a small call waits seconds behind the shards queued before it, and dropping
+# the connection for that would throw away every shard in flight on it.
+ANSWERED_WITHIN = 5.0
 
 
 class PeerUnavailable(Exception):
@@ -115,6 +119,8 @@ class Connections:
         self.remote: dict[bytes, str] = {}
         self._dialled: weakref.WeakKeyDictionary[RpcConnection, str] = (
             weakref.WeakKeyDictionary())  # the address each outbound connection went to
+        self._answered: weakref.WeakKeyDictionary[RpcConnection, float] = (
+            weakref.WeakKeyDictionary())  # when each connection last brought a reply
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that connection tasks live in (until cancelled)."""
@@ -291,10 +297,18 @@ class Connections:
     def drop(self, key: bytes) -> None:
         """Stop using the connection to the peer and close it (its next call dials afresh):
         for a connection that stopped answering, e.g. after this machine's address
-        changed."""
-        conn = self.conns.pop(key, None)
-        if conn is not None:
-            conn.close_soon("dropped: the peer stopped answering on it")
+        changed. One that brought a reply within ``ANSWERED_WITHIN`` seconds is kept: it
+        is slow (a busy uplink), not dead."""
+        conn = self.conns.get(key)
+        if conn is None:
+            return
+        answered = self._answered.get(conn)
+        if answered is not None and time.monotonic() - answered < ANSWERED_WITHIN:
+            log.info("kept the connection to %s: it answered %.1f s ago",
+                     encode_peer_id(key)[:12], time.monotonic() - answered)
+            return
+        del self.conns[key]
+        conn.close_soon("dropped: the peer stopped answering on it")
 
     def backing_off(self, key: bytes) -> bool:
         """True while a failed dial to the peer is still fresh (no live connection); for a
@@ -384,6 +398,7 @@ class Connections:
             conn = await self.get(key, addr)
             try:
                 reply = await conn.call(op, args, timeout=timeout, priority=priority)
+                self._answered[conn] = time.monotonic()
                 self.peers.seen(key)
                 return reply
             except RpcConnectionLost as exc:
@@ -393,6 +408,7 @@ class Connections:
             except RpcError as exc:
                 if exc.code in ("timeout", "connection_lost"):
                     raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None
+                self._answered[conn] = time.monotonic()  # a refusal is an answer too
                 raise
             except NetError as exc:
                 raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]}: {exc}") from None

@@ -15,6 +15,7 @@ from inproc import PeerNode, peer_nodes, until
 
 from fluidfs import keys
 from fluidfs.net.limits import NetLimits
+from fluidfs.peers import connections
 from fluidfs.peers.connections import PeerUnavailable
 from fluidfs.service.host import PeerService
 
@@ -137,3 +138,28 @@ async def test_a_reconnecting_identity_replaces_its_idle_connection(tmp_path: Pa
             nursery.cancel_scope.cancel()
             for node in (b, old, new):
                 node.close()
+
+
+async def test_a_connection_that_just_answered_is_not_dropped_as_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reachability ping that times out behind shards queued on a thin uplink must not
+    close a connection that is still answering (every shard in flight on it would be
+    lost and sent again); one that has been silent for longer is closed. (Before, drop
+    closed it whatever it had just answered.)"""
+    monkeypatch.setattr(connections, "ANSWERED_WITHIN", 0.3)
+    async with peer_nodes(tmp_path, 2) as (_, (a, b)):
+        a.peers.add(b.key, b.addr)
+        await a.conns.call(b.key, "Ping", {})
+        first = a.conns.conns[b.key]
+        a.conns.drop(b.key)
+        await trio.sleep(0.05)
+        assert a.conns.conns.get(b.key) is first and not first.closed
+        assert "time" in await a.conns.call(b.key, "Ping", {})  # still the same connection
+        assert a.conns.conns[b.key] is first
+        await trio.sleep(0.4)  # silent for longer than ANSWERED_WITHIN
+        a.conns.drop(b.key)
+        await until(lambda: first.closed)
+        assert b.key not in a.conns.conns
+        assert "time" in await a.conns.call(b.key, "Ping", {})
+        assert a.conns.conns[b.key] is not first
