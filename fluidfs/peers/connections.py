@@ -294,16 +294,17 @@ class Connections:
         if len(self.remote) > 2 * self.limits.max_connections:
             self.remote = {k: v for k, v in self.remote.items() if k in self.conns}
 
-    def drop(self, key: bytes) -> None:
+    def drop(self, key: bytes, *, even_if_answering: bool = False) -> None:
         """Stop using the connection to the peer and close it (its next call dials afresh):
         for a connection that stopped answering, e.g. after this machine's address
         changed. One that brought a reply within ``ANSWERED_WITHIN`` seconds is kept: it
-        is slow (a busy uplink), not dead."""
+        is slow (a busy uplink), not dead — unless *even_if_answering*."""
         conn = self.conns.get(key)
         if conn is None:
             return
         answered = self._answered.get(conn)
-        if answered is not None and time.monotonic() - answered < ANSWERED_WITHIN:
+        recent = answered is not None and time.monotonic() - answered < ANSWERED_WITHIN
+        if recent and not even_if_answering:
             log.info("kept the connection to %s: it answered %.1f s ago",
                      encode_peer_id(key)[:12], time.monotonic() - answered)
             return

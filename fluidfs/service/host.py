@@ -95,6 +95,7 @@ class PeerService:
                            remote_of).ops(),
             **(relay_ops or {}),
         }
+        self.keep = keep
         self.provider: ProviderOps | None = None
         if accounts is not None:
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
@@ -102,9 +103,15 @@ class PeerService:
             self._ops.update(self.provider.ops())
 
     def is_partner(self, key: bytes) -> bool:
-        """A peer with a live agreement; on a provider, also its customers and the peers
-        storing under their reservations (they get a partner's limits, net/admission.py)."""
-        if self.ledger.live(key) is not None:
+        """A peer with a live agreement, or one whose ended agreement is still in its keep
+        period (we keep its shards so it can fetch them back: it needs a partner's reply
+        sizes for that); on a provider, also its customers and the peers storing under
+        their reservations (they get a partner's limits, net/admission.py)."""
+        agreement = self.ledger.get(key)
+        if agreement is not None and (
+            agreement.active
+            or self.ledger.clock() - (agreement.ended_at or 0.0) <= self.keep
+        ):
             return True
         return self.provider is not None and self.provider.is_partner(key)
 

@@ -61,7 +61,7 @@ def partition(hosts: list[PeerNode], machine: Machine) -> None:
     so the cut is on the machine's side: the hosts' addresses go dead for it)."""
     for host in hosts:
         machine.node.peers.add(host.key, DEAD)
-        machine.node.conns.drop(host.key)
+        machine.node.conns.drop(host.key, even_if_answering=True)
 
 
 def heal(hosts: list[PeerNode], machine: Machine) -> None:

@@ -269,7 +269,7 @@ async def test_a_user_whose_provider_is_gone_takes_its_side_back_home(tmp_path):
         await net.manager.add(net.x.addr)
         gone = ProviderClient(net.u.conns, net.u.ledger, net.p.key, "127.0.0.1:9",
                               give_up=0.0)
-        net.u.conns.drop(net.p.key)  # P vanished: only a dead address is left
+        net.u.conns.drop(net.p.key, even_if_answering=True)  # P vanished: a dead address left
         for _ in range(8):  # X's audits of U failed meanwhile: trust below the floor
             net.x.peers.record(net.u.key, False)
         await gone.check(net.manager.take_back)
