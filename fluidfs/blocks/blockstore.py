@@ -377,6 +377,7 @@ class BlockStore:
             ]
             self.uploaded_bytes += len(new) * record.shard_size
             surplus: list[int] = []
+            recounted: dict[int, int] = {}  # holder -> bytes counted twice (reclaim)
             failing = self.remote.failing_holders() if replacing else set()
             with self.meta.write() as txn:
                 current = self.load(block_id, txn)
@@ -396,9 +397,16 @@ class BlockStore:
                         current.holders[i] = holders[i]
                     else:
                         surplus.append(i)
+                        continue
+                    # A copy left there by an earlier emergency may still wait for deletion.
+                    back = self.collector.reclaim(txn, holders[i], record.shard_ids[i])
+                    if back:
+                        recounted[holders[i]] = recounted.get(holders[i], 0) + back
                 if same:
                     self.save(txn, current)
                     self.collector.placed(txn, current.holders, record.shard_ids)
+            for holder, size in recounted.items():
+                self.remote.give_back(holder, size)
             for i in surplus:  # deleted (or filled) while uploading: take back what we sent
                 self.collector.abandon(holders[i], record.shard_ids[i], record.shard_size)
             if replacing:

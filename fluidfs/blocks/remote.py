@@ -406,6 +406,12 @@ class RemoteShards:
             self.on_result(key, True)
         return GOOD, data
 
+    def give_back(self, holder: int, size: int) -> None:
+        """Our usage figure for *holder* counted *size* bytes twice: take them off."""
+        key = self.peers.key_of(holder)
+        if key is not None:
+            self.ledger.add_use(key, -size)
+
     async def delete_ids(self, holder: int, shard_ids: list[bytes], size: int) -> bool:
         """Ask one holder to drop shards of ours; True once it has confirmed."""
         key = self.peers.key_of(holder)

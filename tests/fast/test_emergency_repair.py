@@ -233,3 +233,37 @@ async def test_a_holder_back_before_the_repair_is_recorded_keeps_its_copy(
         lab.assert_usage_matches_and_agreements_live()
 
     await with_lab(tmp_path, body)
+
+
+async def test_a_shard_placed_back_on_a_holder_awaiting_its_deletion_is_kept(
+    tmp_path: Path,
+) -> None:
+    """After an emergency the returned holder's old copy waits in the collector's queue.
+    If a later repair puts that very shard back there, the queued delete must not run:
+    before, the collector deleted the copy the record named (and our usage figure for
+    the holder counted it twice)."""
+
+    async def body(lab: Lab, nursery: trio.Nursery) -> None:
+        store = lab.store
+        stored = await upload(store)
+        block_id, ids = stored.record.block_id, stored.record.shard_ids
+        silent = stored.holders[:4]
+        lab.silence(silent)
+        repairer = Repairer(store.blocks, RepairPolicy(interval=0.02, bandwidth=BANDWIDTH))
+        nursery.start_soon(repairer.run)
+        await until(lambda: reachable(store, stored) == N, what="the emergency repair")
+        lab.bring_back(silent)  # back, but not yet collected
+        stand_in = store.blocks.load(block_id).holders[0]
+        for other in [*silent[1:], stand_in]:  # only shard 0's old holder can take it now
+            store.blocks.remote.full.add(lab.by_index[other].key)
+        store.blocks.mark_lost(block_id, 0, stand_in)  # its stand-in lost it
+        await until(lambda: store.blocks.load(block_id).holders[0] == silent[0],
+                    what="shard 0 placed back on its old holder")
+        store.blocks.remote.full.clear()
+        await store.blocks.collector.collect()
+        assert lab.by_index[silent[0]].shards.get(lab.owner.key, ids[0]), "kept"
+        lab.assert_hosts_keep_only_what_records_name([stored])
+        lab.assert_usage_matches_and_agreements_live()
+        assert await store.blocks.rebuild(store.blocks.load(block_id))
+
+    await with_lab(tmp_path, body)
