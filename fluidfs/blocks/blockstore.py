@@ -342,40 +342,76 @@ class BlockStore:
             await self.upload(record, shards)
 
     async def upload(
-        self, record: BlockRecord, shards: list[bytes], priority: int = UPLOAD
+        self,
+        record: BlockRecord,
+        shards: list[bytes],
+        priority: int = UPLOAD,
+        replacing: dict[int, int] | None = None,
     ) -> int:
         """Place the shards of *record* that have no holder yet; return the bytes placed.
 
         *priority*: their turn under the upload limit (net/bandwidth.py); new data by
-        default, repair passes the block's ``repair_priority``."""
+        default, repair passes the block's ``repair_priority``. *replacing* (emergency
+        repair, blocks/emergency.py): shard index -> a failing holder whose copy is
+        placed anew elsewhere; the old copy is queued for deletion only in the
+        transaction that records the new holder, and only if the old holder is still
+        failing then (otherwise its copy counts again and the new one is taken back)."""
         block_id = record.block_id
         stored = self.load(block_id)
         if stored is None or block_id in self.uploading:
             return 0
+        replacing = {
+            i: old for i, old in (replacing or {}).items() if stored.holders[i] == old
+        }
         self.uploading.add(block_id)
         try:
-            holders = list(stored.holders)
-            await self.remote.place(record, shards, holders, priority)
+            wanted = [NO_HOLDER if i in replacing else h for i, h in enumerate(stored.holders)]
+            holders = list(wanted)
+            # An emergency avoids every failing holder, not only this block's: a silent
+            # peer would hold the new copy back until the store times out.
+            avoid = self.remote.failing_holders() | set(replacing.values()) if replacing else ()
+            await self.remote.place(record, shards, holders, priority, avoid=frozenset(avoid))
             new = [
                 i
                 for i, h in enumerate(holders)
-                if stored.holders[i] == NO_HOLDER and h != NO_HOLDER
+                if wanted[i] == NO_HOLDER and h != NO_HOLDER
             ]
             self.uploaded_bytes += len(new) * record.shard_size
             surplus: list[int] = []
+            recounted: dict[int, int] = {}  # holder -> bytes counted twice (reclaim)
+            failing = self.remote.failing_holders() if replacing else set()
             with self.meta.write() as txn:
                 current = self.load(block_id, txn)
                 same = current is not None and current.record.shard_ids == record.shard_ids
                 for i in new:
                     if same and current.holders[i] == NO_HOLDER:
                         current.holders[i] = holders[i]
+                    elif (
+                        same
+                        and i in replacing
+                        and current.holders[i] == replacing[i]
+                        and replacing[i] in failing
+                    ):
+                        self.collector.enqueue_one(
+                            txn, replacing[i], record.shard_ids[i], record.shard_size
+                        )
+                        current.holders[i] = holders[i]
                     else:
                         surplus.append(i)
+                        continue
+                    # A copy left there by an earlier emergency may still wait for deletion.
+                    back = self.collector.reclaim(txn, holders[i], record.shard_ids[i])
+                    if back:
+                        recounted[holders[i]] = recounted.get(holders[i], 0) + back
                 if same:
                     self.save(txn, current)
                     self.collector.placed(txn, current.holders, record.shard_ids)
+            for holder, size in recounted.items():
+                self.remote.give_back(holder, size)
             for i in surplus:  # deleted (or filled) while uploading: take back what we sent
                 self.collector.abandon(holders[i], record.shard_ids[i], record.shard_size)
+            if replacing:
+                self.collector.wake()
             if same and current.missing() <= self.total_missing_allowed:
                 self.under.discard(block_id)
                 await self.evict()

@@ -6,7 +6,8 @@ Two tables in ``meta.lmdb`` (format version 1) make this crash-safe:
   by one byte ``0``: *uncounted*, a shard the holder may have although our usage figure
   for it never counted it (a store whose answer never came). Written in the same
   transaction that drops a block's last reference (or that finds a shard orphaned),
-  removed once the holder confirms the delete. Retried until done. A confirmed delete
+  removed once the holder confirms the delete (or cancelled, in the transaction that
+  records that holder for that shard again: ``reclaim``). Retried until done. A confirmed delete
   gives back only the counted bytes of what the holder's usage figure holds.
 - ``placing``: same key; value ``u32 size || block id(32) || outcome(1)``: the attempt,
   journalled just before a shard is sent, and its outcome: ``0`` sent, no answer yet;
@@ -86,6 +87,18 @@ class Collector:
     def enqueue_one(self, txn, holder: int, shard_id: bytes, size: int) -> None:
         """Schedule deletion of one shard on one holder."""
         txn.put(_key(holder, shard_id), _SIZE.pack(size), db=self._gc)
+
+    def reclaim(self, txn, holder: int, shard_id: bytes) -> int:
+        """The record names *holder* for this shard again: a deletion still queued there
+        must not run. Cancel it; return the bytes our usage figure counted for the old
+        copy (counted twice now that the shard was stored again), 0 if none."""
+        key = _key(holder, shard_id)
+        value = txn.get(key, db=self._gc)
+        if value is None:
+            return 0
+        txn.delete(key, db=self._gc)
+        value = bytes(value)
+        return 0 if value[4:5] == UNCOUNTED else _SIZE.unpack(value[:4])[0]
 
     def placing(self, holder: int, shard_id: bytes, size: int, block_id: bytes) -> None:
         """Journal a shard of *block_id* about to be sent to *holder*."""

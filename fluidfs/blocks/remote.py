@@ -142,16 +142,20 @@ class RemoteShards:
         shards: list[bytes],
         holders: list[int],
         priority: int = UPLOAD,
+        *,
+        avoid: frozenset[int] = frozenset(),
     ) -> None:
         """Store every shard without a holder on a distinct peer; fill in *holders*.
 
         *priority*: the stores' turn under the upload limit (net/bandwidth.py): new data
-        by default, a repair passes its block's ``repair_priority``."""
+        by default, a repair passes its block's ``repair_priority``. *avoid*: holder
+        indexes that get none of these shards either (an emergency repair's failing
+        holders, which still keep a copy)."""
         holding = {h for h in holders if h not in (NO_HOLDER, LOCAL_HOLDER)}
         candidates = [
             key
             for key in self.usable_peers(record.shard_size)
-            if self.peers.get(key).index not in holding
+            if self.peers.get(key).index not in holding | avoid
         ]
         if not self.even_placement:  # keep the block within one placement group
             candidates = prefer_group(candidates, self.placement_groups(),
@@ -430,6 +434,12 @@ class RemoteShards:
         if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
+
+    def give_back(self, holder: int, size: int) -> None:
+        """Our usage figure for *holder* counted *size* bytes twice: take them off."""
+        key = self.peers.key_of(holder)
+        if key is not None:
+            self.ledger.add_use(key, -size)
 
     async def delete_ids(self, holder: int, shard_ids: list[bytes], size: int) -> bool:
         """Ask one holder to drop shards of ours; True once it has confirmed."""

@@ -16,6 +16,12 @@ shortfall: the loop stays free and memory stays small even when an agreement tha
 held a shard of every block has just ended. When one ends, ``holder_gone`` queues the
 holder; the repairer forgets it in every record (``BlockStore.forget_holder``, in
 batches in worker threads) and then repairs.
+
+Blocks whose *reachable* shards fall to K+1 or fewer while their holders are still
+inside the tolerance are repaired too, at once (``endangered``; blocks/emergency.py):
+their shards on failing holders are placed anew and the old copies collected.
+Danger is reachable shards: a pass starts with the fewest, and a repair's turn under the
+upload limit is ``repair_priority`` of the reachable count.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import trio
 
 from fluidfs.blocks.blockstore import BlockUnavailable
 from fluidfs.blocks.codec import BlockError, CorruptBlock
+from fluidfs.blocks.emergency import endangered_batch, is_endangered, stale_shards
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.net.bandwidth import repair_priority
 
@@ -58,15 +65,19 @@ def has_room(stored: StoredBlock, open_peers: dict[int, int]) -> bool:
 
 
 def plan(
-    records: Iterable[StoredBlock], open_peers: dict[int, int], busy: frozenset[bytes]
+    records: Iterable[StoredBlock],
+    open_peers: dict[int, int],
+    busy: frozenset[bytes],
+    failing: frozenset[int] = frozenset(),
 ) -> list[tuple[int, bytes]]:
-    """(shards missing, block id) of the blocks to repair, the most endangered first.
+    """(shards not reachable, block id) of the blocks to repair, the most endangered
+    first: a shard is not reachable when it has no holder or its holder is in *failing*.
 
     Blocks being uploaded (*busy*) are left to their upload, and blocks that no open
     peer could take a shard of wait for the next pass. Ties keep the input order.
     """
     found = [
-        (stored.missing(), stored.record.block_id)
+        (stored.record.total - stored.reachable(failing), stored.record.block_id)
         for stored in records
         if stored.record.block_id not in busy and has_room(stored, open_peers)
     ]
@@ -84,6 +95,9 @@ class Repairer:
         self.repaired_bytes = 0
         self.rate = 0.0
         self.queue_length = 0
+        self.endangered: set[bytes] = set()  # reachable shards at K+1 or fewer
+        self.emergency_repairs = 0  # blocks repaired before their holders' tolerance ended
+        self._failing_seen: frozenset[int] = frozenset()
         self._wakeup = trio.Event()
         self._gone_send, self._gone_recv = trio.open_memory_channel[tuple[int, str]](math.inf)
 
@@ -107,6 +121,7 @@ class Repairer:
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if self.blocks.remote is not None:
+                    await self.find_endangered()
                     await self.repair_pass()
 
     async def _forget_gone(self) -> None:
@@ -115,6 +130,32 @@ class Repairer:
             self.wake()
             log.info("agreement with %s ended: %d shards to re-create elsewhere",
                      name or f"peer {holder}", lost)
+
+    async def find_endangered(self) -> int:
+        """If holders started failing since the last look, add the blocks that are now
+        endangered and hold a shard on one of them to ``endangered``; return how many.
+
+        The failing set is one walk of the ledger; the records are scanned only when it
+        gained a member, in worker threads, a batch per read transaction."""
+        failing = frozenset(self.blocks.remote.failing_holders())
+        newly = failing - self._failing_seen
+        self._failing_seen = failing
+        if not newly:
+            return 0
+        found = 0
+        after: bytes | None = b""
+        while after is not None:
+            ids, after = await trio.to_thread.run_sync(
+                endangered_batch, self.blocks.meta, failing, newly, after,
+                limiter=self.blocks.limiter,
+            )
+            self.endangered.update(ids)
+            found += len(ids)
+        if found:
+            log.warning("%d blocks are down to %d reachable shards or fewer: repairing them "
+                        "before their holders' tolerance ends", found,
+                        self.blocks.codec.needed + 1)
+        return found
 
     def _open_peers(self) -> dict[int, int]:
         remote = self.blocks.remote
@@ -126,36 +167,46 @@ class Repairer:
         blocks = self.blocks
         open_peers = self._open_peers()
         busy = frozenset(blocks.uploading)
-        ids = list(blocks.under)
+        failing = frozenset(blocks.remote.failing_holders()) if blocks.remote else frozenset()
+        ids = list(blocks.under | self.endangered)
         found: list[tuple[int, bytes]] = []
         for start in range(0, len(ids), PLAN_BATCH):
             batch = ids[start : start + PLAN_BATCH]
-            planned, gone = await trio.to_thread.run_sync(
-                self._plan_batch, batch, open_peers, busy, limiter=blocks.limiter
+            planned, gone, safe = await trio.to_thread.run_sync(
+                self._plan_batch, batch, open_peers, busy, failing, limiter=blocks.limiter
             )
             found += planned
             blocks.under.difference_update(gone)
+            self.endangered.difference_update(safe)
         found.sort(key=lambda item: -item[0])  # stable: each batch is sorted already
         return found
 
     def _plan_batch(
-        self, ids: list[bytes], open_peers: dict[int, int], busy: frozenset[bytes]
-    ) -> tuple[list[tuple[int, bytes]], list[bytes]]:
+        self,
+        ids: list[bytes],
+        open_peers: dict[int, int],
+        busy: frozenset[bytes],
+        failing: frozenset[int],
+    ) -> tuple[list[tuple[int, bytes]], list[bytes], list[bytes]]:
         """(plan of these blocks, ids to leave ``under``: deleted, or no longer short of
-        holders); in a worker thread."""
+        holders, ids to leave ``endangered``: deleted, or enough reachable shards again);
+        in a worker thread."""
         records: list[StoredBlock] = []
         gone: list[bytes] = []
+        safe: list[bytes] = []
         allowed = self.blocks.total_missing_allowed
         with self.blocks.meta.read() as txn:
             for block_id in ids:
                 stored = self.blocks.load(block_id, txn)
-                if stored is None or (
-                    stored.missing() <= allowed and block_id not in busy
-                ):
+                short = stored is not None and (stored.missing() > allowed or block_id in busy)
+                danger = stored is not None and is_endangered(stored, failing)
+                if not short:
                     gone.append(block_id)  # deleted, or whole again (as upload finds)
-                else:
+                if not danger:
+                    safe.append(block_id)  # deleted, or its holders are back or replaced
+                if short or danger:
                     records.append(stored)
-        return plan(records, open_peers, busy), gone
+        return plan(records, open_peers, busy, failing), gone, safe
 
     async def repair_pass(self) -> int:
         """Repair what can be repaired now; return the number of blocks repaired.
@@ -188,7 +239,9 @@ class Repairer:
             for _missing, block_id in todo:
                 await slots.acquire()
                 stored = self.blocks.load(block_id)  # as it is now, not when planned
-                if stored is None or block_id not in self.blocks.under:
+                if stored is None or (
+                    block_id not in self.blocks.under and block_id not in self.endangered
+                ):
                     slots.release()
                     self.queue_length -= 1
                     continue
@@ -204,12 +257,33 @@ class Repairer:
     async def repair(self, stored: StoredBlock) -> int:
         """Recreate the block's missing shards and place them; return the bytes placed.
 
-        Under an upload limit they go before new uploads, and the fewer live shards the
-        block has left on peers, the sooner (net/bandwidth.py, ``repair_priority``)."""
+        Under an upload limit they go before new uploads, and the fewer reachable shards
+        the block has left on peers, the sooner (net/bandwidth.py, ``repair_priority``).
+        An endangered block (blocks/emergency.py) also gets its shards on failing holders
+        placed anew; the old copies are collected once the new ones are recorded."""
+        blocks = self.blocks
+        failing = frozenset(blocks.remote.failing_holders())
+        replacing = stale_shards(stored, failing) if is_endangered(stored, failing) else {}
+        live = sum(
+            h not in (NO_HOLDER, LOCAL_HOLDER) and h not in failing for h in stored.holders
+        )
+        priority = repair_priority(live)
+        wanted = [
+            i for i, h in enumerate(stored.holders) if h == NO_HOLDER or i in replacing
+        ]
+        if not wanted:
+            return 0
+        placed = await self._remake(stored, wanted, replacing, priority)
+        if replacing and placed:
+            self.emergency_repairs += 1
+        return placed
+
+    async def _remake(
+        self, stored: StoredBlock, wanted: list[int], replacing: dict[int, int], priority: int
+    ) -> int:
+        """Recreate shards *wanted* and place them (see ``repair``)."""
         blocks = self.blocks
         record = stored.record
-        live = sum(h not in (NO_HOLDER, LOCAL_HOLDER) for h in stored.holders)
-        priority = repair_priority(live)
         data = await trio.to_thread.run_sync(
             blocks.cache.read_io, record.block_id, 0, record.size, limiter=blocks.limiter
         )
@@ -217,26 +291,30 @@ class Repairer:
             shards = await trio.to_thread.run_sync(
                 blocks.codec.reseal, record, data, limiter=blocks.limiter
             )
-            return await blocks.upload(record, shards, priority)
+            return await blocks.upload(record, shards, priority, replacing)
         if LOCAL_HOLDER in stored.holders:
             data = await blocks.rebuild(stored)
             shards = await trio.to_thread.run_sync(
                 blocks.codec.reseal, record, data, limiter=blocks.limiter
             )
-            return await blocks.upload(record, shards, priority)
+            return await blocks.upload(record, shards, priority, replacing)
         # From K shards on peers: only the missing shards are computed, nothing decrypted.
         # The inputs are not hashed one by one: recreate() checks every shard it makes
         # against its id, which a bad input would fail. Only then are the inputs fetched
         # again and verified singly, which finds (and penalises) the peer that lied.
-        wanted = [i for i, h in enumerate(stored.holders) if h == NO_HOLDER]
+        # Failing holders are asked only if the reachable ones cannot give K shards.
+        source = stored
+        if record.total - len(wanted) >= record.needed:
+            masked = [NO_HOLDER if i in replacing else h for i, h in enumerate(stored.holders)]
+            source = StoredBlock(record, stored.refcount, masked)
         try:
-            made = await self._recreate(stored, wanted, verify=False)
+            made = await self._recreate(source, wanted, verify=False)
         except CorruptBlock:
             log.warning("block %s: a shard fetched for repair was bad; fetching verified",
                         record.block_id.hex()[:16])
-            made = await self._recreate(stored, wanted, verify=True)
+            made = await self._recreate(source, wanted, verify=True)
         shards = [made.get(i, b"") for i in range(record.total)]
-        return await blocks.upload(record, shards, priority)
+        return await blocks.upload(record, shards, priority, replacing)
 
     async def _recreate(
         self, stored: StoredBlock, wanted: list[int], *, verify: bool

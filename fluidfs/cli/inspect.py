@@ -110,6 +110,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
+    if reply.get("endangered_blocks"):
+        print(f"             {reply['endangered_blocks']} blocks down to K+1 reachable shards "
+              "or fewer: repaired now, before their holders' tolerance ends")
     print(f"deleting:    {human(reply['gc_pending_bytes'])} of old shards still on peers")
     for line in durability_lines(reply.get("durability"), n):
         print(line)

@@ -187,6 +187,8 @@ class NodeStatus:
             "local_shard_bytes": scanned.own,
             "network": self.blocks.remote is not None,
             "repair_queue": self.repairer.queue_length,
+            "endangered_blocks": len(self.repairer.endangered),
+            "emergency_repairs": self.repairer.emergency_repairs,
             "repaired_bytes": self.repairer.repaired_bytes,
             "repair_rate": self.repairer.rate,
             "repair_bandwidth": self.repairer.policy.bandwidth,
