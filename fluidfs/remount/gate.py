@@ -17,8 +17,11 @@ Before the mount is made usable, a node with peers (or told of some):
   empty start would commit a tree whose records, once the mount reached the real
   holders, replace the real backup's root there. While not enough peers have answered,
   it asks again every second for up to ``restore_wait`` seconds;
-- refuses a state directory that is not fresh when the newest root was written by
-  another machine after this state's last commit: mounting it would fork the backup.
+- on a state directory that is not fresh, when the newest root was written by another
+  machine after this state's last commit (this state was replaced as the writer), keeps
+  what this state holds beyond its last published commit and adopts the newer tree
+  (remount/conflicts.py); then brings any kept writes into the live tree under
+  ``.fluidfs-conflicts/``.
 
 A node without peers has nowhere to back up to and nothing to check: the gate lets it
 through at once.
@@ -39,6 +42,7 @@ from fluidfs.fs.commit import Heads
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.peers.lease import LeaseHeld, LeaseInfo
 from fluidfs.peers.rootrecord import Found, RecordClient
+from fluidfs.remount.conflicts import FOLDER, Conflicts
 from fluidfs.remount.dialer import PeerDialer
 from fluidfs.remount.leasekeeper import LeaseKeeper
 from fluidfs.remount.options import RemountError, RemountOptions
@@ -90,7 +94,8 @@ def countdown(left: float, holder: LeaseInfo | None) -> str:
 
 
 def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
-    """Why a used state directory may not mount (another machine committed since), or None."""
+    """How another machine moved the backup on since this used state directory's last
+    commit (its writes outside that tree are then kept as conflicts), or None."""
     if found is None or not found.exists:
         return None
     if found.body.get("machine") == machine or found.seq <= our_seq:
@@ -99,7 +104,7 @@ def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
     return (
         f"the backup of this keyfile was changed on host {found.body.get('host', '?')} "
         f"(commit {found.seq} at {when}) after this state directory was last used "
-        f"(commit {our_seq}); mount with a new --state-dir to get the current tree"
+        f"(commit {our_seq})"
     )
 
 
@@ -118,6 +123,7 @@ class MountGate:
         heads: Heads,
         tree: Tree,
         blocks: BlockStore,
+        conflicts: Conflicts,
         *,
         machine: bytes,
         quorum: int,
@@ -134,6 +140,7 @@ class MountGate:
         self.heads = heads
         self.tree = tree
         self.blocks = blocks
+        self.conflicts = conflicts
         self.machine = machine
         self.quorum = quorum
         self.made_for_state = made_for_state  # the keyfile was created for this state
@@ -176,9 +183,16 @@ class MountGate:
             await self._settle_fresh(found, new)
             return
         head = self.heads.latest()
-        refusal = forked(found, self.machine, head.seq if head is not None else 0)
-        if refusal is not None:
-            raise RemountError(refusal)
+        moved_on = forked(found, self.machine, head.seq if head is not None else 0)
+        if moved_on is not None:
+            assert found is not None
+            log.warning("%s: adopting it; what this state directory held beyond its last "
+                        "published commit goes to %s/", moved_on, FOLDER.decode())
+            try:
+                await self.conflicts.rescue(found)
+            except RestoreError as exc:
+                raise RemountError(str(exc)) from None
+        await self.conflicts.import_pending()
 
     async def _newest_root(self, wait: float, waiting: bool) -> Found | None:
         deadline = trio.current_time() + wait

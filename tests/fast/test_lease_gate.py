@@ -61,4 +61,3 @@ def test_a_used_state_is_refused_once_another_machine_committed_past_it() -> Non
     assert forked(root(5), MACHINE, our_seq=5) is None, "not past ours"
     refusal = forked(root(6), MACHINE, our_seq=5)
     assert refusal is not None and "changed on host elsewhere" in refusal
-    assert "--state-dir" in refusal
