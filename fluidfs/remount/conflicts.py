@@ -106,7 +106,9 @@ class Conflicts:
             changed = await diverged(self.tree, self.index, published[-1].tree)
         else:
             changed = await diverged(self.tree, self.index, None, whole=True)
-        if changed:
+        # A complete spool left now is this same rescue, cut short by a crash before the
+        # tree was dropped: the tree has not changed since, and that spool has it all.
+        if changed and not await trio.to_thread.run_sync(self._complete_spools):
             when = time.time_ns()
             name = folder_name(self.host(), when)
             by = f"commit {found.seq} of host {found.body.get('host', '?')}"
@@ -147,14 +149,29 @@ class Conflicts:
 
     # --- the spool -----------------------------------------------------------------------
 
+    def _new_spool(self, name: str) -> Path:
+        """A new spool directory named *name* (``.N`` appended if taken, as snapshots do)."""
+        self.spool_root.mkdir(exist_ok=True)
+        for n in range(1, 1000):
+            spool = self.spool_root / (name if n == 1 else f"{name}.{n}")
+            try:
+                spool.mkdir()
+            except FileExistsError:
+                continue
+            (spool / "data").mkdir()
+            return spool
+        raise FileExistsError(self.spool_root / name)
+
+    def _complete_spools(self) -> list[str]:
+        return [n for n in self._spools() if _read_manifest(self.spool_root / n) is not None]
+
     def _spools(self) -> list[str]:
         if not self.spool_root.is_dir():
             return []
         return sorted(p.name for p in self.spool_root.iterdir() if p.is_dir())
 
     async def _spool(self, name: str, changed: list[Diverged], when: int, by: str) -> None:
-        spool = self.spool_root / name
-        await trio.to_thread.run_sync(lambda: (spool / "data").mkdir(parents=True))
+        spool = await trio.to_thread.run_sync(self._new_spool, name)
         entries = []
         files = 0
         for item in changed:
@@ -345,6 +362,35 @@ def _read_manifest(spool: Path) -> dict | None:
             manifest = cbor.loads(raw)
         except ValueError:
             return None
-        if isinstance(manifest, dict) and manifest.get("v") == SPOOL_VERSION:
+        if _valid(manifest):
             return manifest
     return None
+
+
+_ENTRY_TYPES = (bytes, int, int, int, int, int, int, bytes, list, int)
+
+
+def _valid(manifest: object) -> bool:
+    """A manifest of the documented shape (it is read back after crashes, so checked)."""
+    if not isinstance(manifest, dict) or manifest.get("v") != SPOOL_VERSION:
+        return False
+    if not isinstance(manifest.get("host"), str) or not isinstance(
+        manifest.get("replaced_by"), str
+    ):
+        return False
+    entries = manifest.get("entries")
+    if not isinstance(entries, list):
+        return False
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == len(_ENTRY_TYPES)):
+            return False
+        if not all(isinstance(v, t) for v, t in zip(entry, _ENTRY_TYPES, strict=True)):
+            return False
+        if not entry[0] or entry[0].startswith(b"/") or b"\0" in entry[0] or any(
+            part in (b"", b".", b"..") for part in entry[0].split(b"/")
+        ):
+            return False
+        if not all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, bytes) for v in x)
+                   for x in entry[8]):
+            return False
+    return True

@@ -39,6 +39,7 @@ import trio
 
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.fs.commit import Heads
+from fluidfs.fs.metaindex import MetaError
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.peers.lease import LeaseHeld, LeaseInfo
 from fluidfs.peers.rootrecord import Found, RecordClient
@@ -192,6 +193,11 @@ class MountGate:
                 await self.conflicts.rescue(found)
             except RestoreError as exc:
                 raise RemountError(str(exc)) from None
+            except MetaError as exc:  # the last published tree, to compare with
+                raise RemountError(
+                    f"cannot read this state directory's last published commit to keep "
+                    f"its unpublished writes: {exc}; mount again once peers are reachable"
+                ) from None
         await self.conflicts.import_pending()
 
     async def _newest_root(self, wait: float, waiting: bool) -> Found | None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from inproc import PeerNode, peer_nodes
 
@@ -23,6 +24,7 @@ from fluidfs.fs.inode import Inode, now_ns
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.keys import BootstrapPeer
 from fluidfs.node.node import Node, NodeConfig
+from fluidfs.remount.conflicts import Conflicts
 from fluidfs.remount.options import RemountOptions
 from fluidfs.statedir import StateDir
 
@@ -108,34 +110,47 @@ async def sync(node: Node) -> None:
     assert reply["published"] and not reply.get("missing"), reply
 
 
-async def test_a_replaced_mounts_unpublished_writes_come_back_in_its_conflicts_folder(
-    tmp_path: Path, caplog, capsys
-) -> None:
+async def replaced_writer(tmp_path: Path, ring: keys.KeyRing, hosts: list[PeerNode]) -> bytes:
     """A commits, then acknowledges more writes and is cut off (its lease lapses, nothing
-    published); B takes over from the network and commits its own. A's next mount of the
-    same state directory takes B's tree and keeps A's late writes under
-    .fluidfs-conflicts/<host>-<time>/, where a third machine then finds them too.
-    (On the code before: A's state directory was refused as behind the network.)"""
+    published); B takes over from the network and commits its own. Returns the
+    contents of A's late new/deep.bin."""
+    async with machine(tmp_path / "a", ring, hosts, new=True) as a:
+        await write_file(a, ROOT_INO, b"shared.txt", b"committed by a")
+        await sync(a)
+        await write_file(a, ROOT_INO, b"shared.txt", b"changed by a, never published")
+        sub = new_inode(a, ROOT_INO, b"new", stat.S_IFDIR | 0o750)
+        await write_file(a, sub, b"deep.bin", os.urandom(150_000))
+        deep = await read_path(a, b"new/deep.bin")
+        await a.data.seal_all()  # in its state directory, as at an unmount
+        await a.keeper.release()  # its lease lapses: no commit, no handover
+    async with machine(tmp_path / "b", ring, hosts) as b:
+        assert await read_path(b, b"shared.txt") == b"committed by a"
+        assert await read_path(b, b"new/deep.bin") is None, "never published by a"
+        await write_file(b, ROOT_INO, b"from-b.txt", b"b's own")
+        await sync(b)
+        await b.keeper.release()
+    assert deep is not None
+    return deep
+
+
+@asynccontextmanager
+async def keyfile_hosts(tmp_path: Path) -> AsyncIterator[tuple[keys.KeyRing, list[PeerNode]]]:
     ring = keys.KeyRing(keys.generate(shards_total=3, shards_needed=2))
     async with peer_nodes(tmp_path / "hosts", 3) as (_nursery, hosts):
         for host in hosts:
             host.ledger.record(ring.public_key, we_host=64 * MIB, they_host=64 * MIB,
                                term=3600)
-        async with machine(tmp_path / "a", ring, hosts, new=True) as a:
-            await write_file(a, ROOT_INO, b"shared.txt", b"committed by a")
-            await sync(a)
-            await write_file(a, ROOT_INO, b"shared.txt", b"changed by a, never published")
-            sub = new_inode(a, ROOT_INO, b"new", stat.S_IFDIR | 0o750)
-            await write_file(a, sub, b"deep.bin", os.urandom(150_000))
-            deep = await read_path(a, b"new/deep.bin")
-            await a.data.seal_all()  # in its state directory, as at an unmount
-            await a.keeper.release()  # its lease lapses: no commit, no handover
-        async with machine(tmp_path / "b", ring, hosts) as b:
-            assert await read_path(b, b"shared.txt") == b"committed by a"
-            assert await read_path(b, b"new/deep.bin") is None, "never published by a"
-            await write_file(b, ROOT_INO, b"from-b.txt", b"b's own")
-            await sync(b)
-            await b.keeper.release()
+        yield ring, hosts
+
+
+async def test_a_replaced_mounts_unpublished_writes_come_back_in_its_conflicts_folder(
+    tmp_path: Path, caplog, capsys
+) -> None:
+    """A's next mount of the same state directory takes B's tree and keeps A's late
+    writes under .fluidfs-conflicts/<host>-<time>/, where a third machine then finds them
+    too. (On the code before: A's state directory was refused as behind the network.)"""
+    async with keyfile_hosts(tmp_path) as (ring, hosts):
+        deep = await replaced_writer(tmp_path, ring, hosts)
         async with machine(tmp_path / "a", ring, hosts) as a2:
             assert await read_path(a2, b"from-b.txt") == b"b's own", "the newer tree"
             assert await read_path(a2, b"shared.txt") == b"committed by a"
@@ -156,3 +171,33 @@ async def test_a_replaced_mounts_unpublished_writes_come_back_in_its_conflicts_f
             assert await read_path(c, kept + b"/new/deep.bin") == deep
             assert await read_path(c, kept + b"/shared.txt") == b"changed by a, never published"
             assert await read_path(c, b"from-b.txt") == b"b's own"
+
+
+class Crash(Exception):
+    """The process dies here."""
+
+
+async def test_a_crash_after_keeping_the_writes_loses_none_and_keeps_them_once(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The mount dies after the spool is written, before the old tree is dropped: the
+    next mount keeps the writes from that spool, in one folder, not two."""
+    async with keyfile_hosts(tmp_path) as (ring, hosts):
+        deep = await replaced_writer(tmp_path, ring, hosts)
+
+        async def crash(*_args) -> None:
+            raise Crash
+
+        with monkeypatch.context() as patched:
+            patched.setattr(Conflicts, "_drop_local", crash)
+            with pytest.raises(BaseException) as died:
+                async with machine(tmp_path / "a", ring, hosts):
+                    pass
+            assert died.group_contains(Crash)
+        assert len(list((tmp_path / "a" / "conflicts").iterdir())) == 1, "the spool is kept"
+        async with machine(tmp_path / "a", ring, hosts) as a2:
+            (folder,) = a2.conflicts.present()
+            kept = b".fluidfs-conflicts/" + folder.encode()
+            assert await read_path(a2, kept + b"/new/deep.bin") == deep
+            assert await read_path(a2, kept + b"/shared.txt") == b"changed by a, never published"
+            assert await read_path(a2, b"from-b.txt") == b"b's own"
