@@ -94,18 +94,23 @@ def countdown(left: float, holder: LeaseInfo | None) -> str:
     )
 
 
-def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
-    """How another machine moved the backup on since this used state directory's last
-    commit (its writes outside that tree are then kept as conflicts), or None."""
+def forked(found: Found | None, machine: bytes, published_seq: int) -> str | None:
+    """How another machine moved the backup on since the last commit this used state
+    directory published or adopted (*published_seq*; its writes outside that tree are
+    then kept as conflicts), or None.
+
+    Any other root than that one counts, whatever its number: this state may hold local
+    commits numbered past it that never reached the network, and a root of another
+    machine's with a lower number but a later fence is still the backup now."""
     if found is None or not found.exists:
         return None
-    if found.body.get("machine") == machine or found.seq <= our_seq:
+    if found.body.get("machine") == machine or found.seq == published_seq:
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.body.get("time", 0) / 1e9))
     return (
         f"the backup of this keyfile was changed on host {found.body.get('host', '?')} "
-        f"(commit {found.seq} at {when}) after this state directory was last used "
-        f"(commit {our_seq})"
+        f"(commit {found.seq} at {when}) after this state directory last published "
+        f"(commit {published_seq})"
     )
 
 
@@ -183,8 +188,8 @@ class MountGate:
         if fresh:
             await self._settle_fresh(found, new)
             return
-        head = self.heads.latest()
-        moved_on = forked(found, self.machine, head.seq if head is not None else 0)
+        published = [h.seq for h in self.heads.all() if h.published]
+        moved_on = forked(found, self.machine, published[-1] if published else 0)
         if moved_on is not None:
             assert found is not None
             log.warning("%s: adopting it; what this state directory held beyond its last "
