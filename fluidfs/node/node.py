@@ -292,6 +292,7 @@ class Node:
             self.committer,
             self.restorer,
             self.tree_restore,
+            self.snapshots,
             on_change=self.commits.note_change,
         )
         keyfile = keyring.keyfile

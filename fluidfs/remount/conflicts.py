@@ -5,8 +5,10 @@ may hold acknowledged writes that no published commit has, while the network mov
 to a newer tree written elsewhere. At its next mount (remount/gate.py), instead of
 refusing the state directory as behind the network:
 
-1. ``rescue`` finds what differs between the live tree and the last commit this state
-   directory published (fs/divergence.py; everything, if it never published one) and
+1. ``rescue`` finds what differs between the live tree and the last tree both
+   histories share — the newest snapshot this state directory and the newer tree's
+   snapshot list both hold (same commit number and time); everything, if there is none
+   — (fs/divergence.py) and
    copies it into a *spool*, ``<state>/conflicts/<host>-<UTC time>/``, made durable
    before anything is dropped;
 2. drops the local tree (its inodes, their data references, the local heads the newer
@@ -48,8 +50,10 @@ from fluidfs.fs.commit import DIRTY_KEY, Committer
 from fluidfs.fs.divergence import Diverged, diverged
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
+from fluidfs.fs.metaformat import Entry
 from fluidfs.fs.metaindex import MetaIndex
 from fluidfs.fs.restore import Restorer
+from fluidfs.fs.snapshots import Snapshot, SnapshotStore
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.peers.rootrecord import Found
 from fluidfs.remount.restore import TreeRestore
@@ -69,6 +73,14 @@ def folder_name(host: str, when_ns: int) -> str:
     return f"{host.replace('/', '_') or 'host'}-{stamp}"
 
 
+def common_ancestor(ours: list[Snapshot], theirs: list[Entry]) -> Snapshot | None:
+    """The newest of our snapshots that the newer tree's snapshot list also holds (same
+    commit number and time): the last tree both histories share, or None."""
+    shared = {(e.seq, e.when) for e in theirs}
+    common = [s for s in ours if (s.seq, s.when) in shared]
+    return max(common, key=lambda s: (s.when, s.seq)) if common else None
+
+
 class Conflicts:
     """Keeps a replaced mount's unpublished writes and brings them into the live tree."""
 
@@ -81,6 +93,7 @@ class Conflicts:
         committer: Committer,
         restorer: Restorer,
         restore: TreeRestore,
+        snapshots: SnapshotStore,
         *,
         on_change: Callable[[], None],
         host: Callable[[], str] = socket.gethostname,
@@ -92,6 +105,7 @@ class Conflicts:
         self.committer = committer
         self.restorer = restorer
         self.restore = restore
+        self.snapshots = snapshots
         self.on_change = on_change
         self.host = host
 
@@ -101,9 +115,10 @@ class Conflicts:
         """Spool what this state holds beyond its last published commit, drop the local
         tree and adopt *found* (the newer root written elsewhere). Returns how many
         names were spooled."""
-        published = [h for h in self.committer.heads.all() if h.published]
-        if published:
-            changed = await diverged(self.tree, self.index, published[-1].tree)
+        fetched = await self.restore.fetch(found)
+        base = common_ancestor(self.snapshots.list(), fetched.snaps)
+        if base is not None:
+            changed = await diverged(self.tree, self.index, base.tree)
         else:
             changed = await diverged(self.tree, self.index, None, whole=True)
         # A complete spool left now is this same rescue, cut short by a crash before the
@@ -114,7 +129,7 @@ class Conflicts:
             by = f"commit {found.seq} of host {found.body.get('host', '?')}"
             await self._spool(name, changed, when, by)
         await self._drop_local(found.seq)
-        await self.restore.adopt(found)
+        await self.restore.adopt(found, fetched)
         return len(changed)
 
     async def import_pending(self) -> list[str]:

@@ -21,10 +21,12 @@ from inproc import PeerNode, peer_nodes
 from fluidfs import keys
 from fluidfs.cli.inspect import print_commit_status
 from fluidfs.fs.inode import Inode, now_ns
+from fluidfs.fs.metaformat import Entry
+from fluidfs.fs.snapshots import Snapshot
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.keys import BootstrapPeer
 from fluidfs.node.node import Node, NodeConfig
-from fluidfs.remount.conflicts import Conflicts
+from fluidfs.remount.conflicts import Conflicts, common_ancestor
 from fluidfs.remount.options import RemountOptions
 from fluidfs.statedir import StateDir
 
@@ -201,3 +203,17 @@ async def test_a_crash_after_keeping_the_writes_loses_none_and_keeps_them_once(
             assert await read_path(a2, kept + b"/new/deep.bin") == deep
             assert await read_path(a2, kept + b"/shared.txt") == b"changed by a, never published"
             assert await read_path(a2, b"from-b.txt") == b"b's own"
+
+
+def test_the_writes_kept_are_those_since_the_last_tree_both_histories_share() -> None:
+    """A published commit 3 only to the peers on its side of a partition; B took over
+    from commit 2 and wrote its own commit 3. What A keeps is compared with commit 2 —
+    the newest snapshot in both lists by number *and* time — not with A's commit 3,
+    whose changes B's tree does not have."""
+    def snap(seq: int, when: int) -> Snapshot:
+        return Snapshot(seq, Entry(name=str(seq).encode(), seq=seq, when=when))
+
+    ours = [snap(1, 100), snap(2, 200), snap(3, 300)]
+    theirs = [snap(1, 100).entry, snap(2, 200).entry, snap(3, 350).entry]
+    assert common_ancestor(ours, theirs) == ours[1]
+    assert common_ancestor(ours, [snap(9, 900).entry]) is None, "nothing shared: keep all"
