@@ -171,8 +171,8 @@ def test_writes_of_a_replaced_writer_come_back_in_its_conflicts_folder(
     a.mount()
     (a.path / "first.txt").write_text("from A\n")
     (a.path / "keep").mkdir()
-    wait_for(lambda: status(a)["commit"]["head_seq"] >= 1, 60, "A's first commit")
-    sync(a)
+    wait_for(lambda: status(a)["commit"]["head_seq"] >= 1 and status(a)["commit"]["published"],
+             60, "A's first commit, published")
     key = export_key(a, tmp_path / "exported.key")
     a.unmount()
     a.mount("--commit-quiet", "600")  # what A acknowledges now waits for its next commit
