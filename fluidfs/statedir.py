@@ -10,6 +10,8 @@ Layout (version 1)::
     <state>/shards.lmdb/  hosted shards (see store/shards.py)
     <state>/cache/        plaintext block cache (see blocks/cache.py)
     <state>/dirty/        blocks written but not yet sealed (see fs/filedata.py)
+    <state>/conflicts/    writes of a replaced mount on their way into the live tree's
+                          .fluidfs-conflicts/ (remount/conflicts.py; gone once there)
     <state>/records/      peers' root and lease records we keep for them (store/records.py)
     <state>/fluidfs.log   the node's log when it runs in the background (rotated:
                           fluidfs.log.1 … .3, see logsetup.py)

@@ -150,3 +150,69 @@ def test_an_unreachable_writer_is_waited_out_with_a_countdown_and_then_fenced(
     assert (c.path / "first.txt").read_text() == "from A\n"
     assert not (c.path / "late.txt").exists()
     c.unmount()
+
+
+def conflicts_of(mnt) -> list[Path]:
+    """The folders of *mnt*'s .fluidfs-conflicts/."""
+    folder = mnt.path / ".fluidfs-conflicts"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_writes_of_a_replaced_writer_come_back_in_its_conflicts_folder(
+    make_mount, peers, tmp_path: Path
+) -> None:
+    """A acknowledges writes it has not committed yet, then its machine stops (SIGSTOP):
+    B takes over and writes; A's writes are not on B. A's next mount of the same state
+    directory takes B's tree and puts A's writes under .fluidfs-conflicts/<host>-<time>/,
+    where a fresh machine from the keyfile also finds them: every acknowledged write is
+    somewhere. Before: A's state directory was refused as behind the network."""
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--commit-quiet", "1",
+                *[arg for p in peers for arg in ("--peer", p.addr)])
+    a.mount()
+    (a.path / "first.txt").write_text("from A\n")
+    (a.path / "keep").mkdir()
+    wait_for(lambda: status(a)["commit"]["head_seq"] >= 1 and status(a)["commit"]["published"],
+             60, "A's first commit, published")
+    key = export_key(a, tmp_path / "exported.key")
+    a.unmount()
+    a.mount("--commit-quiet", "600")  # what A acknowledges now waits for its next commit
+    late = {f"keep/late{i}.txt": f"acknowledged by A, not committed {i}\n" for i in range(20)}
+    for name, text in late.items():
+        (a.path / name).write_text(text)
+    (a.path / "first.txt").write_text("changed on A\n")
+    late["first.txt"] = "changed on A\n"
+    pid = a.pid()
+    os.kill(pid, signal.SIGSTOP)  # A's machine is off the network: it cannot hand over
+    try:
+        b = machine(make_mount, "b", key)
+        b.mount("--takeover")
+        assert (b.path / "first.txt").read_text() == "from A\n"
+        assert not (b.path / "keep" / "late0.txt").exists(), "never committed by A"
+        (b.path / "from-b.txt").write_text("B's own\n")
+        sync(b)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: status(a)["commit"]["unpublished"] is True, 30, "A to warn")
+    a.unmount()
+    b.unmount()
+    a.mount()  # the same state directory: no refusal, B's tree, A's writes kept
+    assert (a.path / "from-b.txt").read_text() == "B's own\n"
+    assert (a.path / "first.txt").read_text() == "from A\n"
+    (folder,) = conflicts_of(a)
+    assert folder.name.startswith(os.uname().nodename + "-"), folder.name
+    for name, text in late.items():
+        assert (folder / name).read_text() == text, name
+    shown = status(a)["commit"]
+    assert shown["conflicts"] == [folder.name]
+    text = run_cli("status", "--state-dir", str(a.state)).stdout
+    assert ".fluidfs-conflicts/ holds writes" in text, text
+    assert ".fluidfs-conflicts/" in a.log()
+    sync(a)
+    a.unmount()
+    c = machine(make_mount, "c", key)
+    c.mount()
+    kept = c.path / ".fluidfs-conflicts" / folder.name
+    lost = [n for n, t in late.items() if not (kept / n).exists() or (kept / n).read_text() != t]
+    assert not lost, f"{len(lost)} acknowledged writes lost: {lost[:5]}"
+    assert (c.path / "from-b.txt").read_text() == "B's own\n"
+    c.unmount()

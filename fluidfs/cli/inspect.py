@@ -290,5 +290,9 @@ def print_commit_status(commit: dict) -> None:
         print("warning:     writes acknowledged by this mount were never published before it "
               "lost the writer lease; they are readable here only: copy what you need out "
               "of this mount before unmounting")
+    if commit.get("conflicts"):
+        print(f"warning:     .fluidfs-conflicts/ holds writes acknowledged by a mount that "
+              f"was replaced before it could publish them ({', '.join(commit['conflicts'])}): "
+              "move what you need into place, then delete the folder")
     if commit["lazy_dirs"] or not commit["index_complete"]:
         print(f"restoring:   {commit['lazy_dirs']} directories not fetched yet")

@@ -62,6 +62,7 @@ from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
+from fluidfs.remount.conflicts import Conflicts
 from fluidfs.remount.dialer import PeerDialer
 from fluidfs.remount.gate import MountGate, quorum
 from fluidfs.remount.leasekeeper import LeaseKeeper
@@ -324,6 +325,17 @@ class Node:
             self.restorer,
             adopt_block_size=self._adopt_block_size,
         )
+        self.conflicts = Conflicts(
+            config.state.path / "conflicts",
+            self.tree,
+            self.data,
+            self.index,
+            self.committer,
+            self.restorer,
+            self.tree_restore,
+            self.snapshots,
+            on_change=self.commits.note_change,
+        )
         keyfile = keyring.keyfile
         self.gate = MountGate(
             options,
@@ -337,6 +349,7 @@ class Node:
             self.committer.heads,
             self.tree,
             self.blocks,
+            self.conflicts,
             machine=machine,
             quorum=quorum(keyfile.shards_needed, len(keyfile.peers)),
             made_for_state=config.state.made_for(keyring.peer_id),
@@ -352,6 +365,7 @@ class Node:
             self.tree_restore,
             self.keeper,
             self.blocks,
+            conflicts=self.conflicts.present,
             settle=self.migrator.settle,
             retention=options.retention,
             networked=self.networked,

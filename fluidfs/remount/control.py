@@ -48,6 +48,7 @@ class RemountRequests:
         keeper: LeaseKeeper,
         blocks: BlockStore,
         *,
+        conflicts: Callable[[], list[str]] = lambda: [],
         settle: Callable[[float], Awaitable[Any]],
         retention: Retention,
         networked: Callable[[], bool],
@@ -58,6 +59,7 @@ class RemountRequests:
         self.snapshots = snapshots
         self.index = index
         self.restorer = restorer
+        self.conflicts = conflicts
         self.restore = restore
         self.keeper = keeper
         self.blocks = blocks
@@ -206,6 +208,9 @@ class RemountRequests:
             "last_error": self.keeper.lost_reason or self.commits.last_error,
             # Writes acknowledged here that no published commit holds, with no lease left
             # to publish them under: kept in this state directory and readable here.
+            # Folders of .fluidfs-conflicts/: kept writes of a replaced mount, shown
+            # until the user has moved what they need and deleted the folder.
+            "conflicts": self.conflicts(),
             "unpublished": not self.keeper.may_commit
             and (
                 self.commits.changes_pending

@@ -17,8 +17,11 @@ Before the mount is made usable, a node with peers (or told of some):
   empty start would commit a tree whose records, once the mount reached the real
   holders, replace the real backup's root there. While not enough peers have answered,
   it asks again every second for up to ``restore_wait`` seconds;
-- refuses a state directory that is not fresh when the newest root was written by
-  another machine after this state's last commit: mounting it would fork the backup.
+- on a state directory that is not fresh, when the newest root was written by another
+  machine after this state's last commit (this state was replaced as the writer), keeps
+  what this state holds beyond its last published commit and adopts the newer tree
+  (remount/conflicts.py); then brings any kept writes into the live tree under
+  ``.fluidfs-conflicts/``.
 
 A node without peers has nowhere to back up to and nothing to check: the gate lets it
 through at once.
@@ -36,9 +39,11 @@ import trio
 
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.fs.commit import Heads
+from fluidfs.fs.metaindex import MetaError
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.peers.lease import LeaseHeld, LeaseInfo
 from fluidfs.peers.rootrecord import Found, RecordClient
+from fluidfs.remount.conflicts import FOLDER, Conflicts
 from fluidfs.remount.dialer import PeerDialer
 from fluidfs.remount.leasekeeper import LeaseKeeper
 from fluidfs.remount.options import RemountError, RemountOptions
@@ -89,17 +94,23 @@ def countdown(left: float, holder: LeaseInfo | None) -> str:
     )
 
 
-def forked(found: Found | None, machine: bytes, our_seq: int) -> str | None:
-    """Why a used state directory may not mount (another machine committed since), or None."""
+def forked(found: Found | None, machine: bytes, published_seq: int) -> str | None:
+    """How another machine moved the backup on since the last commit this used state
+    directory published or adopted (*published_seq*; its writes outside that tree are
+    then kept as conflicts), or None.
+
+    Any other root than that one counts, whatever its number: this state may hold local
+    commits numbered past it that never reached the network, and a root of another
+    machine's with a lower number but a later fence is still the backup now."""
     if found is None or not found.exists:
         return None
-    if found.body.get("machine") == machine or found.seq <= our_seq:
+    if found.body.get("machine") == machine or found.seq == published_seq:
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.body.get("time", 0) / 1e9))
     return (
         f"the backup of this keyfile was changed on host {found.body.get('host', '?')} "
-        f"(commit {found.seq} at {when}) after this state directory was last used "
-        f"(commit {our_seq}); mount with a new --state-dir to get the current tree"
+        f"(commit {found.seq} at {when}) after this state directory last published "
+        f"(commit {published_seq})"
     )
 
 
@@ -118,6 +129,7 @@ class MountGate:
         heads: Heads,
         tree: Tree,
         blocks: BlockStore,
+        conflicts: Conflicts,
         *,
         machine: bytes,
         quorum: int,
@@ -134,6 +146,7 @@ class MountGate:
         self.heads = heads
         self.tree = tree
         self.blocks = blocks
+        self.conflicts = conflicts
         self.machine = machine
         self.quorum = quorum
         self.made_for_state = made_for_state  # the keyfile was created for this state
@@ -175,10 +188,22 @@ class MountGate:
         if fresh:
             await self._settle_fresh(found, new)
             return
-        head = self.heads.latest()
-        refusal = forked(found, self.machine, head.seq if head is not None else 0)
-        if refusal is not None:
-            raise RemountError(refusal)
+        published = [h.seq for h in self.heads.all() if h.published]
+        moved_on = forked(found, self.machine, published[-1] if published else 0)
+        if moved_on is not None:
+            assert found is not None
+            log.warning("%s: adopting it; what this state directory held beyond its last "
+                        "published commit goes to %s/", moved_on, FOLDER.decode())
+            try:
+                await self.conflicts.rescue(found)
+            except RestoreError as exc:
+                raise RemountError(str(exc)) from None
+            except MetaError as exc:  # the last published tree, to compare with
+                raise RemountError(
+                    f"cannot read this state directory's last published commit to keep "
+                    f"its unpublished writes: {exc}; mount again once peers are reachable"
+                ) from None
+        await self.conflicts.import_pending()
 
     async def _newest_root(self, wait: float, waiting: bool) -> Found | None:
         deadline = trio.current_time() + wait

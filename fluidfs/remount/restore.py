@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from fluidfs.fs.commit import INDEX_KEY, Committer, Head
-from fluidfs.fs.metaformat import Entry, NodeError, decode_node
+from fluidfs.fs.metaformat import CommitInfo, Entry, NodeError, Ref, decode_node
 from fluidfs.fs.metaindex import Holders, MetaError, MetaIndex
 from fluidfs.fs.restore import Restorer
 from fluidfs.fs.snapshots import Snapshot, SnapshotStore
@@ -46,6 +46,15 @@ class Restored:
     peers_holding: int
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A root record's commit, fetched: its node's reference, the commit, its snapshot list."""
+
+    ref: Ref
+    commit: CommitInfo
+    snaps: list[Entry]
+
+
 class TreeRestore:
     """Adopts a committed tree at mount and completes it in the background."""
 
@@ -71,8 +80,10 @@ class TreeRestore:
         self.adopt_block_size = adopt_block_size
         self.restored: Restored | None = None
 
-    async def adopt(self, found: Found) -> Restored:
-        """Adopt the commit *found* points to (fresh state directory); RestoreError if not."""
+    async def fetch(self, found: Found) -> Fetched:
+        """Fetch the commit *found* points to and its snapshot list (the commit node's
+        record is made, without a reference: ``adopt`` takes the head's); RestoreError if
+        that fails."""
         body = found.body
         self.records.learn(body.get("peers", []))
         try:
@@ -84,7 +95,7 @@ class TreeRestore:
             raise RestoreError(f"the newest root record is unusable: {exc}") from None
         self.holders.learn([ref])
         with self.db.write() as txn:
-            self.index.adopt(txn, ref)  # the head's reference
+            self.index.adopt(txn, ref, refs=0)
         try:
             commit = (await self.index.load(ref.block_id)).commit
             if commit is None:
@@ -94,11 +105,23 @@ class TreeRestore:
                 snaps = await self.index.entries(commit.snaps.block_id)
         except MetaError as exc:
             raise RestoreError(f"cannot fetch the committed tree: {exc}") from None
+        return Fetched(ref, commit, snaps)
+
+    async def adopt(self, found: Found, fetched: Fetched | None = None) -> Restored:
+        """Adopt the commit *found* points to (fresh state directory, or one that gave up
+        its own tree: remount/conflicts.py), as *fetched* already if given; RestoreError
+        if it cannot be fetched."""
+        if fetched is None:
+            fetched = await self.fetch(found)
+        body = found.body
+        commit, snaps = fetched.commit, fetched.snaps
+        with self.db.write() as txn:
+            self.index.adopt(txn, fetched.ref)  # the head's reference
         self.adopt_block_size(commit.block_size)
         tree = commit.root.content.block_id if commit.root.content is not None else None
         head = Head(
             commit.seq,
-            ref.block_id,
+            fetched.ref.block_id,
             commit.time_ns,
             tree,
             commit.snaps.block_id if commit.snaps is not None else None,

@@ -54,11 +54,13 @@ def test_asking_again_stops_once_the_answers_settle_the_question() -> None:
     assert answered_enough(root(1), waiting=True, quorum=3), "a backup settles it"
 
 
-def test_a_used_state_is_refused_once_another_machine_committed_past_it() -> None:
-    assert forked(None, MACHINE, our_seq=5) is None
-    assert forked(none_found(3, 3), MACHINE, our_seq=5) is None
-    assert forked(root(9, MACHINE), MACHINE, our_seq=5) is None, "our own, newer elsewhere"
-    assert forked(root(5), MACHINE, our_seq=5) is None, "not past ours"
-    refusal = forked(root(6), MACHINE, our_seq=5)
-    assert refusal is not None and "changed on host elsewhere" in refusal
-    assert "--state-dir" in refusal
+def test_a_used_state_keeps_its_writes_once_another_machine_committed() -> None:
+    assert forked(None, MACHINE, published_seq=5) is None
+    assert forked(none_found(3, 3), MACHINE, published_seq=5) is None
+    assert forked(root(9, MACHINE), MACHINE, published_seq=5) is None, "our own, newer elsewhere"
+    assert forked(root(5), MACHINE, published_seq=5) is None, "the one we published or adopted"
+    moved = forked(root(6), MACHINE, published_seq=5)
+    assert moved is not None and "changed on host elsewhere" in moved
+    # This state committed 2..5 locally, never published past 1; B took over from 1 and
+    # published 3: B's tree is the backup, although this state's newest head is 5.
+    assert forked(root(3), MACHINE, published_seq=1) is not None
