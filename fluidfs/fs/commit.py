@@ -174,7 +174,7 @@ async def wait_placed(
         quiet = now - last_change
         if now - started >= limit or quiet >= (weak_stall if weak else stall):
             return False
-        await trio.sleep(0.05)
+        await blocks.upload_ended(0.05)
 
 
 class TreeWriter:
