@@ -84,6 +84,12 @@ STAGES = (
     ("blocks, placement, peers", ("fluidfs/blocks/", "fluidfs/peers/", "fluidfs/remount/")),
 )
 OTHER = "other (trio scheduling, logging, ...)"
+# Waits that py-spy --nonblocking still reports as running (it cannot always tell): trio's
+# epoll wait and a worker thread waiting for its next job. Such samples are idle.
+IDLE = (
+    "get_events (trio/_core/_io_epoll.py",
+    "_work (trio/_core/_thread_cache.py",
+)
 
 # (figure, unit, higher is better, goal from the issue)
 GOALS = {
@@ -211,6 +217,8 @@ class StageSampler:
             stack, _, n = line.rpartition(" ")
             if stack and n.isdigit():
                 frames = stack.split(";")[1:]
+                if frames and any(pattern in frames[-1] for pattern in IDLE):
+                    continue
                 stage = cls.stage_of(frames)
                 counts[stage] = counts.get(stage, 0) + int(n)
                 if stage == OTHER and frames:  # what is left unnamed, by innermost frame
