@@ -161,14 +161,11 @@ class Commits:
             async def check_lease() -> None:
                 # Renewed while the tree is written; publishing needs a fresh check.
                 nonlocal lease_checked_at
-                if await self.keeper.check():
+                if self.networked() and await self.keeper.check():
                     lease_checked_at = trio.current_time()
 
             async with trio.open_nursery() as nursery:
-                # Only for commits expected to publish: a refresh that finds nothing new
-                # renews the lease no more often than before.
-                if self.networked() and (user_changed or force):
-                    nursery.start_soon(check_lease)
+                nursery.start_soon(check_lease)
                 result = await self.committer.commit(
                     min_seq=self.publisher.network_seq,
                     snapshots=self.snapshots,
