@@ -156,24 +156,14 @@ class Commits:
             await wait_placed(self.blocks, None, stall=stall, limit=max(stall, AUTO_LIMIT))
             holders_version = self.blocks.holders_version
             self.tree_reads += 1
-            lease_checked_at: float | None = None
-
-            async def check_lease() -> None:
-                # Renewed while the tree is written; publishing needs a fresh check.
-                nonlocal lease_checked_at
-                if self.networked() and await self.keeper.check():
-                    lease_checked_at = trio.current_time()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(check_lease)
-                result = await self.committer.commit(
-                    min_seq=self.publisher.network_seq,
-                    snapshots=self.snapshots,
-                    retention=retention or self.retention,
-                    user_changed=user_changed,
-                    prune=self.committer.index_complete(),
-                    force=force,
-                )
+            result = await self.committer.commit(
+                min_seq=self.publisher.network_seq,
+                snapshots=self.snapshots,
+                retention=retention or self.retention,
+                user_changed=user_changed,
+                prune=self.committer.index_complete(),
+                force=force,
+            )
         except BaseException:
             if self.schedule.commit_failed(trio.current_time(), reopen=user_changed):
                 self.committer.heads.set_flag(DIRTY_KEY, b"1")
@@ -188,7 +178,7 @@ class Commits:
         if result is None:
             return None
         _log_commit(result)
-        await self._publish(result, lease_checked_at)
+        await self._publish(result)
         return result
 
     async def publish_pending(self) -> None:
@@ -198,8 +188,8 @@ class Commits:
             return
         await self._publish(self.publisher.pending)
 
-    async def _publish(self, result: CommitResult, lease_checked_at: float | None = None) -> None:
-        outcome = await self.publisher.publish(result, lease_checked_at=lease_checked_at)
+    async def _publish(self, result: CommitResult) -> None:
+        outcome = await self.publisher.publish(result)
         now = trio.current_time()
         if outcome is Outcome.PUBLISHED:
             self.schedule.published()

@@ -18,19 +18,12 @@ import logging
 import socket
 from collections.abc import Callable
 
-import trio
-
 from fluidfs.fs.commit import CommitResult, Committer
 from fluidfs.fs.metaformat import Entry, encode_leaf
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount.leasekeeper import LeaseKeeper
 
 log = logging.getLogger(__name__)
-
-# A lease check that ended at most this long before a root record is sent stands for the
-# check before sending it: the window in which a mount that lost the lease may still
-# publish grows by at most this much (a later writer commits past it: remount docs).
-LEASE_FRESH = 1.0
 
 
 class Outcome(enum.Enum):
@@ -72,15 +65,8 @@ class RootPublisher:
         """A root numbered *seq* exists on the network: ours must go past it."""
         self.network_seq = max(self.network_seq, seq)
 
-    async def publish(
-        self, result: CommitResult, *, lease_checked_at: float | None = None
-    ) -> Outcome:
-        """Publish the root record of *result* (see the module docstring).
-
-        The lease is checked first, unless a check that kept it ended at trio time
-        *lease_checked_at*, at most LEASE_FRESH seconds ago (the commit loop checks it
-        while the tree is being written, so a small sync does not wait for it after).
-        """
+    async def publish(self, result: CommitResult) -> Outcome:
+        """Publish the root record of *result* (see the module docstring)."""
         seq = result.head.seq
         if not self.networked():
             self.pending = None
@@ -97,12 +83,7 @@ class RootPublisher:
             )
             self.pending = None
             return Outcome.WITHHELD
-        fresh = (
-            lease_checked_at is not None
-            and trio.current_time() - lease_checked_at <= LEASE_FRESH
-            and self.keeper.writer
-        )
-        if not fresh and not await self.keeper.check():
+        if not await self.keeper.check():
             return Outcome.LEASE_LOST
         body = {
             "time": result.head.time_ns,
