@@ -13,7 +13,7 @@ from peerhelpers import running_peers, status, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.network]
 
-ROUNDS = 8
+ROUNDS = 10
 
 
 def test_sync_after_three_small_files_is_quick(make_mount, tmp_path) -> None:
