@@ -86,6 +86,7 @@ class BlockStore:
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self.uploading: set[bytes] = set()
+        self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
         ](UPLOAD_QUEUE)
@@ -307,7 +308,15 @@ class BlockStore:
         while self._running and (
             self._upload_send.statistics().current_buffer_used or self.uploading
         ):
-            await trio.sleep(0.05)
+            await self.upload_ended(0.05)
+
+    async def upload_ended(self, timeout: float) -> None:
+        """Return as soon as an upload ends (holders may have changed), at the latest
+        after *timeout* seconds. Waiters on placement wake the moment it happens instead
+        of at their next poll: a small commit waits for a few nodes in turn, and polling
+        cost each of them up to a whole interval."""
+        with trio.move_on_after(timeout):
+            await self._upload_ended.wait()
 
     async def find_under_replicated(self) -> int:
         """Add every block short of holders to ``under`` (a scan in worker threads, in
@@ -417,6 +426,8 @@ class BlockStore:
                 await self.evict()
         finally:
             self.uploading.discard(block_id)
+            self._upload_ended.set()
+            self._upload_ended = trio.Event()
         return (len(new) - len(surplus)) * record.shard_size
 
     def mark_lost(self, block_id: bytes, index: int, holder: int) -> None:

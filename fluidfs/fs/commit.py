@@ -87,6 +87,7 @@ DIRTY_KEY = b"dirty"
 INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 16
+QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 
 
 @dataclass
@@ -182,7 +183,10 @@ async def wait_placed(
         quiet = now - last_change
         if now - started >= limit or quiet >= (weak_stall if weak else stall):
             return False
-        await trio.sleep(0.05)
+        if len(pending) <= QUICK_WAKE:
+            await blocks.upload_ended(0.05)
+        else:  # re-reading many records at every upload's end would cost more than it saves
+            await trio.sleep(0.05)
 
 
 class TreeWriter:
