@@ -72,6 +72,10 @@ class LeaseHeld(Exception):
     """Another machine holds the writer lease (or its lease cannot be read)."""
 
 
+class NoPeerAnswered(LeaseHeld):
+    """No peer answered at all: nobody can say whether a lease exists."""
+
+
 class LeaseUnreadable(Exception):
     """The newest lease verifies as ours but its body does not fit ``LEASE_BODY``."""
 
@@ -275,7 +279,7 @@ class WriterLease:
         if seen.newest is None:
             answered = sorted(seen.each)
             if not answered:
-                raise LeaseHeld("no peer answered: the writer lease cannot be taken")
+                raise NoPeerAnswered("no peer answered: the writer lease cannot be taken")
             self.holders = tuple(answered[:MAX_HOLDERS])
             return await self._take_first(seen)
         if held is not None:

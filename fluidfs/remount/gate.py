@@ -41,7 +41,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.fs.commit import Heads
 from fluidfs.fs.metaindex import MetaError
 from fluidfs.fs.tree import ROOT_INO, Tree
-from fluidfs.peers.lease import LeaseHeld, LeaseInfo
+from fluidfs.peers.lease import LeaseHeld, LeaseInfo, NoPeerAnswered
 from fluidfs.peers.rootrecord import Found, RecordClient
 from fluidfs.remount.conflicts import FOLDER, Conflicts
 from fluidfs.remount.dialer import PeerDialer
@@ -174,15 +174,26 @@ class MountGate:
         fresh = self.fresh()
         new = fresh and self.known_new()
         await self.dialer.reach()
+        waiting = fresh and not new
+        if waiting:
+            # A fresh machine knows only the keyfile's few addresses: the newest root lists
+            # the backup's peers (the lease's holders among them), and whether a backup
+            # exists at all must be settled before anything is taken or written.
+            early = await self._newest_root(self.options.restore_wait, waiting)
+            if fresh_start(early, known_new=False, quorum=self.quorum) is FreshStart.REFUSE:
+                self._refuse_empty(early)
         try:
             await self.keeper.acquire(
                 takeover=self.options.takeover,
                 on_wait=lambda left, holder: on_progress(countdown(left, holder)),
             )
+        except NoPeerAnswered as exc:
+            if waiting:
+                self._refuse_empty(None)
+            raise RemountError(str(exc)) from None
         except LeaseHeld as exc:
             raise RemountError(str(exc)) from None
-        waiting = fresh and not new
-        found = await self._newest_root(self.options.restore_wait if waiting else 0.0, waiting)
+        found = await self._newest_root(0.0, waiting)
         if found is not None and found.exists:
             self.publisher.seen(found.seq)
         if fresh:
