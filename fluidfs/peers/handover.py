@@ -41,6 +41,7 @@ from fluidfs.net.messages import MAX_LIST_PAGE
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.provider import CALL_TIMEOUT, ProviderClient
+from fluidfs.store.settings import StateSettings
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Handover:
 
     async def move_all(self) -> int:
         """One pass over the partners still at OLD; how many moved."""
+        await self.forward_ends()
         moved = 0
         for peer in self.pending():
             try:
@@ -85,6 +87,19 @@ class Handover:
                 log.info("moving our side for %s to the new provider: %s (will retry)",
                          _short(peer), exc)
         return moved
+
+    async def forward_ends(self) -> None:
+        """Remove at OLD the reservations of agreements that ended while held there (the
+        client of the current provider forwards only its own)."""
+        for agreement in self.ledger.ended():
+            if agreement.reserved_at != self.old[0]:
+                continue
+            try:
+                await self._old("Unreserve", {"peer": agreement.peer})
+            except (PeerUnavailable, RpcError):
+                continue  # OLD gone or the account closed: its keep period drops them
+            agreement.reserved_at = None
+            self.ledger.save(agreement)
 
     async def move(self, peer: bytes) -> bool:
         """Move our side for *peer* (steps 1-5 above); True once it is held at NEW."""
@@ -174,3 +189,15 @@ class Handover:
 
 def _short(key: bytes) -> str:
     return encode_peer_id(key)[:12]
+
+
+async def switch_providers(settings: StateSettings, conns: Connections, ledger: Ledger,
+                           new: ProviderClient, renew: Renew) -> None:
+    """Hand our side over from the provider it was last held at, if that is not *new*
+    (run once per mount), then remember *new* as the one holding it."""
+    previous = settings.provider()
+    if previous is not None and previous[0] != new.key:
+        log.warning("switching providers: moving our side from %s to %s",
+                    _short(previous[0]), _short(new.key))
+        await Handover(conns, ledger, new, previous, renew, tick=new.tick).run()
+    settings.set_provider((new.key, new.addr))

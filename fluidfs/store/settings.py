@@ -10,7 +10,7 @@ Table ``settings`` of meta.lmdb (format version 1):
   empty: a quorum of peers said there is no backup, ``--new``, or the keyfile was made
   for it; a later mount of the still-empty state skips the quorum) or ``b"restored"``
   (adopted a root record). See remount/gate.py.
-- ``b"provider"`` → CBOR ``{"id": bytes(32), "addr": str}``: the storage provider this
+- ``b"provider"`` → CBOR ``{"v": 1, "id": bytes(32), "addr": str}``: the storage provider this
   node's side was last held at (``mount --provider``), so a mount with another provider
   knows where to fetch what the previous one holds (peers/handover.py).
 """
@@ -23,7 +23,7 @@ import struct
 import cbor2
 
 from fluidfs.store.db import Database
-from fluidfs.wire.schema import Bytes, Map, Str, validate
+from fluidfs.wire.schema import Bytes, Map, OneOf, Str, validate
 
 _U64 = struct.Struct(">Q")
 BLOCK_SIZE_KEY = b"block_size"
@@ -32,7 +32,7 @@ ORIGIN_KEY = b"origin"
 ORIGIN_NEW = b"new"
 ORIGIN_RESTORED = b"restored"
 PROVIDER_KEY = b"provider"
-PROVIDER_SCHEMA = Map({"id": Bytes(min=32, max=32), "addr": Str(min=1, max=300)})
+PROVIDER_SCHEMA = Map({"v": OneOf(1), "id": Bytes(min=32, max=32), "addr": Str(min=1, max=300)})
 
 
 class StateSettings:
@@ -95,4 +95,4 @@ class StateSettings:
             with self.db.write() as txn:
                 txn.delete(PROVIDER_KEY, db=self._table)
             return
-        self._put(PROVIDER_KEY, cbor2.dumps({"id": where[0], "addr": where[1]}))
+        self._put(PROVIDER_KEY, cbor2.dumps({"v": 1, "id": where[0], "addr": where[1]}))

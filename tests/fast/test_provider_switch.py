@@ -18,10 +18,11 @@ from inproc import PeerNode
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
-from fluidfs.peers.handover import Handover
+from fluidfs.peers.handover import Handover, switch_providers
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.provider import ProviderClient
 from fluidfs.store.accounts import holder_key
+from fluidfs.store.settings import StateSettings
 
 SIZE = 4 * MIB
 
@@ -220,5 +221,44 @@ async def test_only_the_customer_lists_fetches_and_hands_over_its_reservations(t
                 await conn.call("ListReserved", bad)
             assert err.value.code == "bad_request"
         assert await net.u.conns.call(net.p2.key, "Ping", {}, addr=net.p2.addr)
+
+    await with_net(tmp_path, body)
+
+
+async def test_a_mount_with_another_provider_moves_from_the_one_remembered(tmp_path):
+    """U's state remembers P; mounted with P2 it moves its side there and then remembers
+    P2, so the next mount has nothing to move. Fails before: nothing is remembered."""
+
+    async def body(net: Net) -> None:
+        settings = StateSettings(net.u.db)
+        old = net.manager(net.p)
+        await old.add(net.x.addr)
+        await switch_providers(settings, net.u.conns, net.u.ledger, old.provider,
+                               old.move_to_provider)
+        assert settings.provider() == (net.p.key, net.p.addr)
+        new = net.manager(net.p2)
+        with trio.fail_after(5):
+            await switch_providers(settings, net.u.conns, net.u.ledger, new.provider,
+                                   new.move_to_provider)
+        assert settings.provider() == (net.p2.key, net.p2.addr)
+        assert net.x.ledger.live(net.u.key).store_at_id == net.p2.key
+        assert not net.p.service.provider.book.reservation(net.u.key, net.x.key).live
+
+    await with_net(tmp_path, body)
+
+
+async def test_an_agreement_that_ended_at_the_old_provider_is_unreserved_there(tmp_path):
+    """The old provider's client no longer runs: the handover forwards the end."""
+
+    async def body(net: Net) -> None:
+        await net.manager(net.p).add(net.x.addr)
+        net.u.ledger.mark_ended(net.x.key)
+        new = net.manager(net.p2)
+        handover = Handover(net.u.conns, net.u.ledger, new.provider, (net.p.key, net.p.addr),
+                            new.move_to_provider)
+        assert await handover.move_all() == 0
+        assert not net.p.service.provider.book.reservation(net.u.key, net.x.key).live
+        assert net.u.ledger.get(net.x.key).reserved_at is None
+        assert net.p2.service.provider.book.reservation(net.u.key, net.x.key) is None
 
     await with_net(tmp_path, body)
