@@ -77,8 +77,10 @@ class Handover:
             await trio.sleep(self.tick)
 
     async def move_all(self) -> int:
-        """One pass over the partners still at OLD; how many moved."""
+        """One pass over the partners still at OLD; how many moved. The new provider's
+        status shows how many are left there (``moving``)."""
         await self.forward_ends()
+        self.new.moving_from, self.new.moving = self.old[0], len(self.pending())
         moved = 0
         for peer in self.pending():
             try:
@@ -86,6 +88,8 @@ class Handover:
             except (PeerUnavailable, RpcError) as exc:
                 log.info("moving our side for %s to the new provider: %s (will retry)",
                          _short(peer), exc)
+        left = len(self.pending())
+        self.new.moving_from, self.new.moving = (self.old[0] if left else None), left
         return moved
 
     async def forward_ends(self) -> None:

@@ -16,6 +16,7 @@ import trio
 from inproc import PeerNode
 
 from fluidfs.blocks import merkle
+from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
 from fluidfs.peers.handover import Handover, switch_providers
@@ -166,10 +167,13 @@ async def test_a_partner_that_does_not_renew_stays_at_the_old_provider(tmp_path)
         with trio.fail_after(5):
             assert await handover.move_all() == 0
         assert handover.pending() == [net.x.key]
+        shown = new.provider.status()
+        assert (shown["moving_from"], shown["moving"]) == (encode_peer_id(net.p.key), 1)
         assert net.p.service.provider.book.reservation(net.u.key, net.x.key).live
         assert (await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid}))["data"] == data
         handover.renew = new.move_to_provider
         assert await handover.move_all() == 1
+        assert new.provider.status()["moving_from"] is None
         assert (await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid}))["data"] == data
 
     await with_net(tmp_path, body)
