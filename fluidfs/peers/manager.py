@@ -159,7 +159,10 @@ class PeerManager:
                 "term": agreement.term, "store_at": self.provider.store_at()}
         if self.conns.listen_addr:
             args["addr"] = self.conns.listen_addr
-        return await self._propose(key, args, held=True)
+        renewed = await self._propose(key, args, held=True)
+        if renewed and (granted := self.ledger.live(key).we_host) < args["offer"]:
+            await self.provider.reserve(key, granted)  # it granted less: hold no more
+        return renewed
 
     def _wrong_terms(self, proposed: dict, offer: int, ask: int, term: int) -> str:
         """Why accepted terms are not ones we can take ('' if they are)."""
