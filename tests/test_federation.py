@@ -163,3 +163,57 @@ def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, m
     finally:
         for peer in (provider, *hosts):
             peer.kill()
+
+
+def test_a_user_switches_providers_with_no_agreement_broken(tmp_path: Path, make_mount):
+    """U's side of its agreement with X is at P; U remounts with --provider P2: its side
+    is handed over to P2 (X's agreement with U stays), P removes its reservation, and with
+    U away and P killed X's audits of U pass, answered by P2."""
+    old = Peer(tmp_path, "provider", extra=["--provider"])
+    new = Peer(tmp_path, "provider2", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (old, new, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
+        for provider in (old, new):
+            assert run_cli("provider", "add", user_id, "--quota", "1G",
+                           "--state-dir", str(provider.state)).returncode == 0
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+        u = make_mount("u", key=user_key,
+                       extra=[*base, f"--provider={old.peer_id}@{old.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        data = os.urandom(3 * 256 * 1024)
+        (x.path / "file").write_bytes(data)
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        assert status(old.state)["serving_as_provider"]["held_bytes"] > 0
+        u.unmount()
+
+        u.extra = [*base, f"--provider={new.peer_id}@{new.addr}"]
+        u.mount()
+        wait_for(lambda: status(old.state)["serving_as_provider"]["reservations"] == 0
+                 and status(new.state)["serving_as_provider"]["held_bytes"] > 0, 60,
+                 "U's side handed over from P to P2")
+        moved = status(u.state)["provider"]
+        assert moved["id"] == new.peer_id and moved["reservations"] >= 1
+        assert not moved["moving_from"]
+        u.unmount()
+        old.kill()  # neither U nor P answers now: X's audits of U pass at P2 alone
+        passed = peer_rows(x.state)[user_id]["audits_passed"]
+        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
+                 "X's audits of U passing at P2")
+        row = peer_rows(x.state)[user_id]
+        assert row["active"] and row["failing_since"] is None
+    finally:
+        for peer in (old, new, *hosts):
+            peer.kill()

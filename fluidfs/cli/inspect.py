@@ -202,6 +202,9 @@ def _print_provider(provider: dict) -> None:
     print(f"provider:    {provider['id'][:18]}… at {provider['addr']}: {answer}; holds our "
           f"side of {provider['reservations']} agreements "
           f"({human(provider['reserved_bytes'])} reserved)")
+    if provider.get("moving_from"):
+        print(f"             moving from provider {provider['moving_from'][:18]}…: "
+              f"{provider['moving']} agreements still held there")
 
 
 def _print_uploads(reply: dict) -> None:

@@ -157,6 +157,19 @@ OPS: dict[str, OpSpec] = {
 # within the customer's quota); Unreserve: remove it (shards kept for the keep period).
 OPS["Reserve"] = OpSpec(Map({"peer": ID, "size": U64}), Map({"size": U64}))
 OPS["Unreserve"] = OpSpec(Map({"peer": ID}), Map({"removed": Bool()}))
+# A customer's own access to the shards under its reservations, to hand them over when
+# it switches providers (docs/federation.md): list one page of a reservation's shard ids
+# (as ListShards), fetch one, and store into a live reservation (as StoreShard).
+OPS["ListReserved"] = OpSpec(
+    Map({"peer": ID, "after": Bytes(max=32), "limit": Int(1, MAX_LIST_PAGE)}),
+    OPS["ListShards"].response,
+)
+OPS["FetchReserved"] = OpSpec(Map({"peer": ID, "id": ID}), OPS["RetrieveShard"].response)
+OPS["StoreReserved"] = OpSpec(
+    Map({"peer": ID, "shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}),
+                                    max_len=64)}),
+    OPS["StoreShard"].response,
+)
 
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}
 RESPONSE_SCHEMAS: dict[str, Schema] = {op: spec.response for op, spec in OPS.items()}

@@ -50,6 +50,7 @@ from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
+from fluidfs.peers.handover import switch_providers
 from fluidfs.peers.lease import WriterLease
 from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
@@ -536,6 +537,9 @@ class Node:
             if self.provider is not None:
                 nursery.start_soon(supervise, "provider", self.provider.run,
                                    self.manager.take_back)
+                nursery.start_soon(supervise, "provider switch", switch_providers,
+                                   self.settings, self.conns, self.ledger, self.provider,
+                                   self.manager.move_to_provider)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()

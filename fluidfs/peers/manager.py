@@ -163,6 +163,21 @@ class PeerManager:
             args["addr"] = self.conns.listen_addr
         return await self._propose(key, args, held=False)
 
+    async def move_to_provider(self, key: bytes) -> bool:
+        """Renew the live agreement with *key* on its terms, with ``store_at`` naming our
+        provider now (after switching providers, peers/handover.py). True if renewed."""
+        agreement = self.ledger.live(key)
+        if agreement is None or self.provider is None:
+            return False
+        args = {"offer": agreement.we_host, "ask": agreement.they_host,
+                "term": agreement.term, "store_at": self.provider.store_at()}
+        if self.conns.listen_addr:
+            args["addr"] = self.conns.listen_addr
+        renewed = await self._propose(key, args, held=True)
+        if renewed and (granted := self.ledger.live(key).we_host) < args["offer"]:
+            await self.provider.reserve(key, granted)  # it granted less: hold no more
+        return renewed
+
     def _wrong_terms(self, proposed: dict, offer: int, ask: int, term: int) -> str:
         """Why accepted terms are not ones we can take ('' if they are)."""
         if offer > proposed["offer"]:

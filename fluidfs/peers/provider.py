@@ -54,6 +54,8 @@ class ProviderClient:
     last_error: str = field(default="", init=False)
     silent_since: float | None = field(default=None, init=False)  # monotonic
     taken_back: int = field(default=0, init=False)  # agreements brought home
+    moving_from: bytes | None = field(default=None, init=False)  # switching providers
+    moving: int = field(default=0, init=False)  # agreements still at that one
 
     @property
     def gone(self) -> bool:
@@ -128,6 +130,8 @@ class ProviderClient:
             "reservations": len(held),
             "reserved_bytes": sum(a.we_host for a in held),
             "taken_back": self.taken_back,
+            "moving_from": None if self.moving_from is None else encode_peer_id(self.moving_from),
+            "moving": self.moving,
         }
 
     def with_status(

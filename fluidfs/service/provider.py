@@ -13,6 +13,10 @@ Who may call what:
   ``over_quota``); retrieve, audit and delete are answered while the reservation exists,
   live or removed and within its keep period, whether or not the customer is online.
   Without ``for`` the ops are the node's ordinary ones (service/shards.py).
+- ``ListReserved`` / ``FetchReserved`` / ``StoreReserved``: only the customer, on its own
+  reservations: list and fetch what one holds (live or in its keep period), store into a
+  live one within its size. The customer uses them to hand its side over when it switches
+  providers (peers/handover.py); nobody else reaches shards under a reservation this way.
 
 Shards under a reservation live in the shard store under the reservation's own owner key
 (store/accounts.py ``holder_key``), counted against the reservation's size and, with
@@ -72,6 +76,9 @@ class ProviderOps:
             "RetrieveShard": self.retrieve,
             "DeleteShard": self.delete,
             "AuditShard": self.audit,
+            "ListReserved": self.list_reserved,
+            "FetchReserved": self.fetch_reserved,
+            "StoreReserved": self.store_reserved,
         }
 
     def is_partner(self, key: bytes) -> bool:
@@ -113,6 +120,26 @@ class ProviderOps:
                      _short(customer), _short(args["peer"]))
         return {"removed": removed}
 
+    async def list_reserved(self, customer: bytes, args: Args) -> Reply:
+        """One page of the ids held under the customer's reservation for ``peer``."""
+        self._customer(customer)
+        holder = self._reservation(customer, args["peer"], live=False).holder
+        ids, more = await trio.to_thread.run_sync(
+            self.shards.ids_after, holder, args["after"], args["limit"], limiter=self.limiter)
+        return {"ids": ids, "more": more}
+
+    async def fetch_reserved(self, customer: bytes, args: Args) -> Reply:
+        """One shard held under the customer's reservation for ``peer``."""
+        self._customer(customer)
+        holder = self._reservation(customer, args["peer"], live=False).holder
+        return await self.direct.retrieve(holder, {"id": args["id"]})
+
+    async def store_reserved(self, customer: bytes, args: Args) -> Reply:
+        """Shards the customer hands over into its live reservation for ``peer`` (from its
+        previous provider), checked and counted as the partner's own stores are."""
+        self._customer(customer)
+        return await self._store_under(customer, args["peer"], args["shards"])
+
     def _customer(self, key: bytes):
         account = self.book.account(key)
         if account is None:
@@ -125,11 +152,15 @@ class ProviderOps:
         """Store a batch under the reservation the customer made for the caller."""
         if "for" not in args:
             return await self.direct.store(peer, args)
-        reservation = self._reservation(args["for"], peer, live=True)
-        items = [(item["id"], item["data"]) for item in args["shards"]]
+        return await self._store_under(args["for"], peer, args["shards"])
+
+    async def _store_under(self, customer: bytes, peer: bytes, shards: list) -> Reply:
+        """Store a batch under *customer*'s live reservation for *peer*, within its size."""
+        reservation = self._reservation(customer, peer, live=True)
+        items = [(item["id"], item["data"]) for item in shards]
 
         def size_of(_owner: bytes) -> int:  # read again under the lock: it may be removed
-            now = self.book.reservation(reservation.customer, peer)
+            now = self.book.reservation(customer, peer)
             return now.size if now is not None and now.live else 0
 
         bad, over = await self.quota.store(reservation.holder, items, size_of)

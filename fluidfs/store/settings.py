@@ -10,6 +10,9 @@ Table ``settings`` of meta.lmdb (format version 1):
   empty: a quorum of peers said there is no backup, ``--new``, or the keyfile was made
   for it; a later mount of the still-empty state skips the quorum) or ``b"restored"``
   (adopted a root record). See remount/gate.py.
+- ``b"provider"`` → CBOR ``{"v": 1, "id": bytes(32), "addr": str}``: the storage provider this
+  node's side was last held at (``mount --provider``), so a mount with another provider
+  knows where to fetch what the previous one holds (peers/handover.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import os
 import struct
 
+import cbor2
+
 from fluidfs.store.db import Database
+from fluidfs.wire.schema import Bytes, Map, OneOf, Str, validate
 
 _U64 = struct.Struct(">Q")
 BLOCK_SIZE_KEY = b"block_size"
@@ -25,6 +31,8 @@ MACHINE_KEY = b"machine_id"
 ORIGIN_KEY = b"origin"
 ORIGIN_NEW = b"new"
 ORIGIN_RESTORED = b"restored"
+PROVIDER_KEY = b"provider"
+PROVIDER_SCHEMA = Map({"v": OneOf(1), "id": Bytes(min=32, max=32), "addr": Str(min=1, max=300)})
 
 
 class StateSettings:
@@ -72,3 +80,19 @@ class StateSettings:
     def set_origin(self, origin: bytes) -> None:
         """Record how the tree was settled."""
         self._put(ORIGIN_KEY, origin)
+
+    def provider(self) -> tuple[bytes, str] | None:
+        """The provider our side was last held at, as (id, address), or None."""
+        raw = self._get(PROVIDER_KEY)
+        if raw is None:
+            return None
+        body = validate(PROVIDER_SCHEMA, cbor2.loads(raw))
+        return body["id"], body["addr"]
+
+    def set_provider(self, where: tuple[bytes, str] | None) -> None:
+        """Record the provider our side is held at now (None: no provider)."""
+        if where is None:
+            with self.db.write() as txn:
+                txn.delete(PROVIDER_KEY, db=self._table)
+            return
+        self._put(PROVIDER_KEY, cbor2.dumps({"v": 1, "id": where[0], "addr": where[1]}))

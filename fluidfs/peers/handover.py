@@ -1,0 +1,207 @@
+"""Switching storage providers: our side of each agreement moves from the old provider
+to the new one, with no partner's shard ever out of reach (docs/federation.md).
+
+A node mounted with ``--provider NEW`` whose agreements are still reserved at an older
+provider OLD (``reserved_at``) moves them one partner X at a time:
+
+1. reserve at NEW what we host for X (``Reserve``);
+2. copy X's shards from OLD to NEW through this node (``ListReserved`` and
+   ``FetchReserved`` at OLD, ``StoreReserved`` at NEW, one shard at a time; NEW checks
+   every shard against its id, as it checks a partner's store);
+3. renew the agreement with X on its terms with ``store_at`` naming NEW
+   (``PeerManager.move_to_provider``): X's shard ops go to NEW from then on;
+4. copy again what X stored at OLD between 2 and 3;
+5. remove the reservation at OLD (``Unreserve``): OLD keeps serving what it held for the
+   keep period, then drops it.
+
+Until step 3, X's shard ops go to OLD, which holds everything; after it, NEW holds
+everything X had stored before step 2 ended. Only a shard X stores in the short gap
+between steps 2 and 3 is briefly at OLD alone (step 4 brings it over a moment later).
+A partner that does not renew (or an OLD that does not answer) stays at OLD: the move
+is tried again every tick. Each step may be repeated (the copy skips what NEW holds), so
+a move cut short by a restart resumes.
+
+An OLD that has not answered for the new provider's ``give_up`` (half the tolerance) is
+taken for gone, as a vanished provider is (peers/provider.py): the agreements move to NEW
+without the copy, and the partners' audits and repair re-create what OLD took with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from fluidfs.keys import encode_peer_id
+from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import MAX_LIST_PAGE
+from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.connections import Connections, PeerUnavailable
+from fluidfs.peers.provider import CALL_TIMEOUT, ProviderClient
+from fluidfs.store.settings import StateSettings
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 1 << 20  # shard ids read from one reservation's listing (a hostile OLD's bound)
+Renew = Callable[[bytes], Awaitable[bool]]  # renew with a partner, store_at naming NEW
+
+
+@dataclass
+class Handover:
+    """Moves our side of every agreement from provider *old* (id, address) to *new*."""
+
+    conns: Connections
+    ledger: Ledger
+    new: ProviderClient
+    old: tuple[bytes, str]
+    renew: Renew
+    tick: float = 30.0
+    moved: int = field(default=0, init=False)  # agreements now held at NEW
+    copied: int = field(default=0, init=False)  # shards handed over
+    old_silent_since: float | None = field(default=None, init=False)  # trio clock
+
+    def pending(self) -> list[bytes]:
+        """The partners whose side is still reserved at the old provider."""
+        return [a.peer for a in self.ledger.active() if a.reserved_at == self.old[0]]
+
+    async def run(self) -> None:
+        """Move every agreement, retrying each tick until none is left at OLD."""
+        while True:
+            await self.move_all()
+            if not self.pending():
+                log.info("every agreement moved to provider %s", _short(self.new.key))
+                return
+            await trio.sleep(self.tick)
+
+    async def move_all(self) -> int:
+        """One pass over the partners still at OLD; how many moved. The new provider's
+        status shows how many are left there (``moving``)."""
+        await self.forward_ends()
+        self.new.moving_from, self.new.moving = self.old[0], len(self.pending())
+        moved = 0
+        for peer in self.pending():
+            try:
+                moved += await self.move(peer)
+            except (PeerUnavailable, RpcError) as exc:
+                log.info("moving our side for %s to the new provider: %s (will retry)",
+                         _short(peer), exc)
+        left = len(self.pending())
+        self.new.moving_from, self.new.moving = (self.old[0] if left else None), left
+        return moved
+
+    async def forward_ends(self) -> None:
+        """Remove at OLD the reservations of agreements that ended while held there (the
+        client of the current provider forwards only its own)."""
+        for agreement in self.ledger.ended():
+            if agreement.reserved_at != self.old[0]:
+                continue
+            try:
+                await self._old("Unreserve", {"peer": agreement.peer})
+            except (PeerUnavailable, RpcError):
+                continue  # OLD gone or the account closed: its keep period drops them
+            agreement.reserved_at = None
+            self.ledger.save(agreement)
+
+    async def move(self, peer: bytes) -> bool:
+        """Move our side for *peer* (steps 1-5 above); True once it is held at NEW."""
+        agreement = self.ledger.live(peer)
+        if agreement is None or agreement.reserved_at != self.old[0]:
+            return False
+        if not await self.new.reserve(peer, agreement.we_host):
+            return False
+        try:
+            await self.copy(peer)
+        except PeerUnavailable:
+            if not self._old_gone():
+                raise
+            log.warning("provider %s is gone: our side for %s moves to the new one empty",
+                        _short(self.old[0]), _short(peer))
+        if not await self.renew(peer):
+            log.info("partner %s did not renew with the new provider: it stays at the old",
+                     _short(peer))
+            return False
+        with contextlib.suppress(PeerUnavailable):  # OLD went away since: nothing more
+            await self.copy(peer)
+        try:
+            await self._old("Unreserve", {"peer": peer})
+        except (PeerUnavailable, RpcError) as exc:
+            # NEW holds it now; the old reservation ends with OLD's account or keep period.
+            log.info("removing the old reservation for %s failed: %s", _short(peer), exc)
+        self.moved += 1
+        log.info("our side for %s moved to provider %s", _short(peer), _short(self.new.key))
+        return True
+
+    async def copy(self, peer: bytes) -> int:
+        """Copy the shards OLD holds for *peer* that NEW lacks; how many were copied."""
+        held = set(await self._listing(self._new, peer))
+        try:
+            there = await self._listing(self._old, peer)
+        except RpcError as exc:
+            if exc.code != "no_agreement":
+                raise
+            return 0  # OLD dropped that reservation (account closed): nothing to hand over
+        copied = 0
+        for sid in there:
+            if sid in held:
+                continue
+            reply = await self._old("FetchReserved", {"peer": peer, "id": sid})
+            stored = await self._new("StoreReserved", {
+                "peer": peer, "shards": [{"id": sid, "data": reply["data"]}]})
+            if stored["refused"]:
+                code = stored["refused"][0]["code"]
+                raise RpcError(code, f"the new provider refused shard {sid.hex()[:12]}")
+            copied += 1
+        self.copied += copied
+        return copied
+
+    async def _listing(self, call, peer: bytes) -> list[bytes]:
+        """Every shard id held for *peer* at one provider (paged, at most MAX_LISTED)."""
+        ids: list[bytes] = []
+        after = b""
+        while len(ids) < MAX_LISTED:
+            page = await call("ListReserved",
+                              {"peer": peer, "after": after, "limit": MAX_LIST_PAGE})
+            fresh = sorted(sid for sid in page["ids"] if sid > after)  # or we would loop
+            ids.extend(fresh)
+            if not page["more"] or not fresh:
+                break
+            after = fresh[-1]
+        return ids
+
+    def _old_gone(self) -> bool:
+        silent = self.old_silent_since
+        return silent is not None and trio.current_time() - silent >= self.new.give_up
+
+    async def _old(self, op: str, args: dict) -> dict:
+        try:
+            reply = await self.conns.call(self.old[0], op, args, timeout=CALL_TIMEOUT,
+                                          addr=self.old[1])
+        except PeerUnavailable:
+            if self.old_silent_since is None:
+                self.old_silent_since = trio.current_time()
+            raise
+        self.old_silent_since = None
+        return reply
+
+    async def _new(self, op: str, args: dict) -> dict:
+        return await self.conns.call(self.new.key, op, args, timeout=CALL_TIMEOUT,
+                                     addr=self.new.addr)
+
+
+def _short(key: bytes) -> str:
+    return encode_peer_id(key)[:12]
+
+
+async def switch_providers(settings: StateSettings, conns: Connections, ledger: Ledger,
+                           new: ProviderClient, renew: Renew) -> None:
+    """Hand our side over from the provider it was last held at, if that is not *new*
+    (run once per mount), then remember *new* as the one holding it."""
+    previous = settings.provider()
+    if previous is not None and previous[0] != new.key:
+        log.warning("switching providers: moving our side from %s to %s",
+                    _short(previous[0]), _short(new.key))
+        await Handover(conns, ledger, new, previous, renew, tick=new.tick).run()
+    settings.set_provider((new.key, new.addr))
