@@ -3,8 +3,12 @@
 ``fluidfs service install`` writes ``$XDG_CONFIG_HOME/systemd/user/fluidfs.service``
 (default ``~/.config/systemd/user``) from ``unit_text``; contrib/systemd/fluidfs.service
 is the same text for an installation on the PATH, with the folder ``%h/Backup`` (a test
-keeps them in step). Format version 1 (the header comment says so):
+keeps them in step). Format version 2 (the header comment says so):
 
+- ``ExecStartPre``: ``fluidfs unmount --if-dead MOUNTPOINT [--state-dir S]`` clears the
+  dead FUSE mount a crash of this unit's node left (the folder answers ENOTCONN), so
+  ``Restart=on-failure`` can mount again; a live mount is never touched. Then
+  ``mkdir -p MOUNTPOINT`` (its failure ignored: the mount then says what is wrong);
 - ``ExecStart``: ``fluidfs mount --foreground MOUNTPOINT [--keyfile K] [--state-dir S]``,
   the node in the unit's main process, logging to the journal (stderr);
 - ``ExecStop``: ``fluidfs unmount MOUNTPOINT``, which returns once the node has sealed,
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NAME = "fluidfs.service"
-FORMAT = 1
+FORMAT = 2  # 2: ExecStartPre clears a dead mount (unmount --if-dead)
 STOP_TIMEOUT = "15min"  # sealing and uploading what is left can take a while
 RESTART_DELAY = "30s"
 
@@ -63,6 +67,7 @@ def command_line(words: Sequence[Word]) -> str:
 def unit_text(program: Sequence[Word], mountpoint: Word, mount_options: Sequence[Word] = (),
               mkdir: str = "/usr/bin/mkdir") -> str:
     """The unit that runs ``PROGRAM mount --foreground MOUNTPOINT …`` for the session."""
+    state_options = _state_dir_option(mount_options)
     shown = mountpoint.text if isinstance(mountpoint, Raw) else mountpoint.replace("%", "%%")
     return "\n".join([
         f"# fluidfs user unit, format {FORMAT}: mount the backup folder at login, unmount it",
@@ -73,6 +78,8 @@ def unit_text(program: Sequence[Word], mountpoint: Word, mount_options: Sequence
         "",
         "[Service]",
         "Type=exec",
+        "ExecStartPre=" + command_line([*program, "unmount", "--if-dead", mountpoint,
+                                        *state_options]),
         f"ExecStartPre=-{command_line([mkdir, '-p', mountpoint])}",
         "ExecStart=" + command_line([*program, "mount", "--foreground", mountpoint,
                                      *mount_options]),
@@ -86,6 +93,15 @@ def unit_text(program: Sequence[Word], mountpoint: Word, mount_options: Sequence
         "WantedBy=default.target",
         "",
     ])
+
+
+def _state_dir_option(mount_options: Sequence[Word]) -> list[Word]:
+    """``--state-dir S`` from the mount's options, for the commands about its mount."""
+    words = list(mount_options)
+    for i, word in enumerate(words[:-1]):
+        if word == "--state-dir":
+            return ["--state-dir", words[i + 1]]
+    return []
 
 
 def contrib_text() -> str:

@@ -185,6 +185,59 @@ def test_login_drops_the_token_and_the_overview_says_safe(site: Site, page: WebD
     assert f"{PEERS} of {PEERS}" in by_id(page, "histogram").text
 
 
+def shown_figures(driver: WebDriver) -> dict:
+    """The overview's figures as the page shows them (the histograms' rows, counts)."""
+
+    def rows(container: str) -> dict[str, int]:
+        return {row.get_attribute("data-level"): int(
+            row.find_element(By.CLASS_NAME, "hist-count").text)
+            for row in driver.find_elements(By.CSS_SELECTOR, f"#{container} .hist-row")}
+
+    loss = by_id(driver, "durability").get_attribute("data-annual-loss")
+    return {
+        "blocks": int(by_id(driver, "redundancy-note").text.split()[0]),
+        "redundancy": rows("histogram"),
+        "reachable": rows("reachable"),
+        "endangered_blocks": int(by_id(driver, "endangered-blocks").text),
+        "emergency_repairs": int(by_id(driver, "emergency-repairs").text),
+        "annual_loss": float(loss) if loss else None,
+        "unlimited": by_id(driver, "network").text.count("(no limit)"),
+    }
+
+
+def status_figures(reply: dict) -> dict:
+    """The same figures from `fluidfs status --json`."""
+    return {
+        "blocks": reply["blocks"],
+        "redundancy": reply["redundancy"],
+        "reachable": reply["reachable"],
+        "endangered_blocks": reply["endangered_blocks"],
+        "emergency_repairs": reply["emergency_repairs"],
+        "annual_loss": reply["durability"]["annual_loss"] if reply["durability"] else None,
+        "unlimited": [reply["limit_upload"], reply["limit_download"]].count(None),
+    }
+
+
+def test_the_overview_shows_the_durability_and_the_figures_of_status_json(
+        site: Site, page: WebDriver):
+    wait(page, "the durability estimate", lambda d: by_id(d, "durability").text.startswith(
+        "Estimated chance of losing data this year: "), timeout=30)
+    assumptions = by_id(page, "durability-assumptions").text
+    assert assumptions.startswith(f"{PEERS} peers, spread; a peer assumed to last "), assumptions
+    assert "tolerance" in assumptions
+    # The page polls; a figure may move between its poll and ours: compare until they meet.
+    deadline = time.monotonic() + 30
+    while True:
+        shown, reply = shown_figures(page), status(site.mount.state)
+        if shown == status_figures(reply) or time.monotonic() > deadline:
+            break
+        time.sleep(REFRESH)
+    assert shown == status_figures(reply)
+    assert shown["redundancy"] == {str(PEERS): shown["blocks"]}, "all blocks on 12 after sync"
+    assert shown["reachable"] == {str(PEERS): shown["blocks"]}, "and all reachable"
+    assert shown["annual_loss"] is not None
+
+
 def test_browse_a_snapshot_and_download_a_file(site: Site, page: WebDriver, tmp_path: Path):
     open_snapshot_folder(page, site.snapshot, "docs", "big.bin")
     names = {tr.get_attribute("data-name") for tr in page.find_elements(
@@ -280,3 +333,6 @@ def test_killing_five_peers_turns_the_page_within_the_refresh_interval(
     sentence = by_id(page, "sentence").text
     assert re.match(r"\d+ peers failing for .*: fewer than 8 of 12 answer\.", sentence), sentence
     print(f"the page turned {took:.2f} s after the node saw the peers failing")
+    reachable = wait(page, "the reachable redundancy fall", lambda d: (
+        rows := shown_figures(d)["reachable"]) and str(PEERS) not in rows and rows)
+    assert all(int(level) <= PEERS - KILLED for level in reachable), reachable

@@ -32,6 +32,8 @@ def _check_mountpoint(path: Path) -> None:
     if not path.is_dir():
         fail(f"mount point {path} is not a directory", EXIT_USAGE)
     if os.path.ismount(path):
+        if connection_dead(path):
+            fail(f"{path} is a dead mount left by a crash: run 'fluidfs unmount {path}' first")
         fail(f"{path} is already a mount point", EXIT_USAGE)
     try:
         if any(os.scandir(path)):
@@ -197,9 +199,54 @@ def find_mount_source(mountpoint: Path) -> str | None:
     return None
 
 
+def connection_dead(path: Path) -> bool:
+    """Whether *path* is a FUSE mount whose node is gone: the kernel answers ENOTCONN
+    ("Transport endpoint is not connected"). A live mount, a plain folder or a missing
+    path is not. statfs, because the kernel answers stat of the root from its cache."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def clear_dead_mount(mountpoint: Path, state: StateDir) -> None:
+    """`fluidfs unmount --if-dead` (the user unit's ExecStartPre): unmount what a crash of
+    this state directory's node left at *mountpoint*, so the unit's restart can mount.
+
+    Only a dead connection is cleared, and only one this state directory mounted (its
+    fsname): a live mount, another backup's or another filesystem's mount is left alone
+    (then the mount itself refuses, and says why). Nothing can be lost: a dead connection
+    reaches no node, and what it acknowledged is in the state directory.
+    """
+    if not connection_dead(mountpoint):
+        return
+    source = find_mount_source(mountpoint)
+    if source is None or not source.startswith(FSNAME_PREFIX):
+        fail(f"{mountpoint} is a dead mount, but not fluidfs's: left alone")
+    ours = os.path.realpath(state.path)
+    if os.path.realpath(state_dir_from_fsname(source)) != ours:
+        fail(f"{mountpoint} is a dead mount of another state directory "
+             f"({state_dir_from_fsname(source)}, not {ours}): left alone")
+    # A process whose working directory was inside keeps a dead mount busy: detach it
+    # then (-z); nothing is served through it anyway.
+    for flags in ("-u", "-uz"):
+        result = subprocess.run(["fusermount3", flags, str(mountpoint)], capture_output=True,
+                                text=True)
+        if result.returncode == 0:
+            print(f"fluidfs: cleared the dead mount at {mountpoint} left by a crash")
+            return
+    fail(f"cannot clear the dead mount at {mountpoint}: {result.stderr.strip()}")
+
+
 def cmd_unmount(args: argparse.Namespace) -> None:
     """fluidfs unmount: unmount, then wait for the node to seal and exit."""
     mountpoint = Path(os.path.realpath(args.mountpoint.expanduser()))
+    if args.if_dead:
+        # Resolve the parent only: looking into a dead mount fails.
+        given = Path(os.path.abspath(args.mountpoint.expanduser()))
+        clear_dead_mount(Path(os.path.realpath(given.parent)) / given.name, state_dir(args))
+        return
     source = find_mount_source(mountpoint)
     if source is None or not source.startswith(FSNAME_PREFIX):
         fail(f"{mountpoint} is not a fluidfs mount", EXIT_USAGE)

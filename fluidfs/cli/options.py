@@ -135,7 +135,9 @@ OPTIONS: list[Option] = [
            commands=on("check")),
     option(
         "--state-dir", type=Path, default=None,
-        commands=on(*STATE, "service", init={
+        commands=on(*STATE, "service", unmount={
+            "help": "with --if-dead: the state directory whose mount may be cleared "
+            "(default: the default one)"}, init={
             "help": "the state directory this keyfile's first mount will use: that mount "
             "starts a new backup without asking peers (default: the default one, for the "
             "default keyfile)"
@@ -282,6 +284,10 @@ OPTIONS: list[Option] = [
            commands=on("mount")),
     option("--web-refresh", type=seconds, default=5.0, help=HIDDEN, commands=on("mount"),
            example="0.5"),
+    option("--if-dead", action="store_true",
+           help="only clear a mount of this state directory whose node is gone "
+           "(the folder answers 'Transport endpoint is not connected'); a live mount, "
+           "or none, is left alone (the user unit's ExecStartPre)", commands=on("unmount")),
     option("--print", action="store_true", dest="print_unit",
            help="print the unit instead of writing it", commands=on("service")),
     # --- output and waiting ---------------------------------------------------------------

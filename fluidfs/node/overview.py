@@ -72,6 +72,11 @@ def overview(figures: dict[str, Any], now: float | None = None) -> dict[str, Any
     if lowest < k:
         warn("lost", f"Some blocks have fewer than {k} shards on peers: they cannot be "
              "rebuilt from peers now.")
+    conflicts = (figures.get("commit") or {}).get("conflicts") or []
+    if conflicts:
+        warn("conflicts", f".fluidfs-conflicts/ holds writes acknowledged by a mount that was "
+             f"replaced before it could publish them ({', '.join(conflicts)}): move what "
+             "you need into place, then delete the folder.")
     disk_free, disk_total = figures["disk_free"], figures["disk_total"]
     if disk_total and disk_free < DISK_LOW_BYTES and disk_free < DISK_LOW_FRACTION * disk_total:
         warn("disk", f"The disk holding the state directory is nearly full "

@@ -56,6 +56,15 @@ def test_warnings_that_matter() -> None:
     assert alone["sentence"] == "1 file exists only on this machine: no peers yet."
 
 
+def test_a_conflicts_folder_is_a_warning_until_it_is_deleted() -> None:
+    kept = overview(figures(commit={"conflicts": ["laptop-20261201-1200"]}), NOW)
+    assert kept["level"] == "safe", "the data is safe; the folder is listed apart"
+    (warning,) = kept["warnings"]
+    assert warning["kind"] == "conflicts"
+    assert "laptop-20261201-1200" in warning["text"]
+    assert overview(figures(commit={"conflicts": []}), NOW)["warnings"] == []
+
+
 def test_blocks_below_k_reachable_are_danger_before_any_tolerance_ends() -> None:
     """Issue 19: agreed holders still count, but a block with fewer than K shards on
     holders that answer cannot be read now. Before, two failing peers were a warning."""

@@ -34,10 +34,17 @@ def verify(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
 
 
+def exec_lines(text: str, key: str) -> list[list[str]]:
+    """The argv systemd makes of each of the unit's *key*= lines (quotes, %% and $$
+    undone), in order."""
+    return [[w.replace("%%", "%").replace("$$", "$") for w in shlex.split(x[len(key) + 1:])]
+            for x in text.splitlines() if x.startswith(key + "=")]
+
+
 def exec_words(text: str, key: str) -> list[str]:
-    """The argv systemd makes of the unit's *key*= line (quotes, %% and $$ undone)."""
-    (line,) = [x for x in text.splitlines() if x.startswith(key + "=")]
-    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line[len(key) + 1:])]
+    """The argv of the unit's one *key*= line."""
+    (words,) = exec_lines(text, key)
+    return words
 
 
 def test_the_contrib_unit_is_the_one_the_code_writes_and_systemd_accepts_it(tmp_path):
@@ -48,6 +55,8 @@ def test_the_contrib_unit_is_the_one_the_code_writes_and_systemd_accepts_it(tmp_
     assert exec_words(text, "ExecStart") == ["/usr/bin/env", "fluidfs", "mount", "--foreground",
                                              "%h/Backup"]
     assert "WantedBy=default.target" in text.splitlines()
+    assert exec_lines(text, "ExecStartPre")[0] == ["/usr/bin/env", "fluidfs", "unmount",
+                                                   "--if-dead", "%h/Backup"]
 
 
 def test_verify_would_catch_a_broken_unit(tmp_path):
@@ -68,7 +77,10 @@ def test_service_install_writes_the_unit_for_this_user(tmp_path, monkeypatch, ca
                                              "--foreground", ODD, "--keyfile", str(key),
                                              "--state-dir", str(state)]
     assert exec_words(text, "ExecStop") == [sys.executable, "-m", "fluidfs", "unmount", ODD]
-    assert exec_words(text, "ExecStartPre")[-2:] == ["-p", ODD]
+    clear, mkdir = exec_lines(text, "ExecStartPre")
+    assert clear == [sys.executable, "-m", "fluidfs", "unmount", "--if-dead", ODD,
+                     "--state-dir", str(state)], "a dead mount of this unit's node goes first"
+    assert mkdir[-2:] == ["-p", ODD]
 
     main(["service", "install", "--print"])
     printed = capsys.readouterr().out
@@ -82,3 +94,14 @@ def test_a_path_systemd_cannot_carry_is_refused(tmp_path, monkeypatch, capsys):
         main(["service", "install", "/tmp/new\nline"])
     assert "control characters" in capsys.readouterr().err
     assert not (tmp_path / "config").exists()
+
+
+def test_if_dead_leaves_a_folder_that_is_no_dead_mount_alone(tmp_path, capsys):
+    folder = tmp_path / "Backup"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("kept")
+    main(["unmount", "--if-dead", str(folder), "--state-dir", str(tmp_path / "state")])
+    main(["unmount", "--if-dead", str(tmp_path / "missing")])
+    assert capsys.readouterr().out == ""
+    assert (folder / "mine.txt").read_text() == "kept"
+    assert not (tmp_path / "missing").exists()

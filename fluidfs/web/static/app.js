@@ -59,33 +59,26 @@ function showStatus(s) {
   const n = s.shards_total, k = s.shards_needed;
   $("redundancy-note").textContent =
     `${s.blocks} data blocks; shards on distinct peers, of ${n} (${k} rebuild a block)`;
-  const max = Math.max(1, ...Object.values(s.redundancy));
-  const rows = Object.entries(s.redundancy).map(([level, count]) => {
-    const row = el("div", undefined, "hist-row");
-    const label = level === "local" ? "this node only" : `${level} of ${n}`;
-    row.append(el("span", label, "hist-label"));
-    const bar = el("span", undefined, "hist-bar");
-    if (level === "local") bar.classList.add("local");
-    else if (Number(level) < k) bar.classList.add("low");
-    bar.style.width = (200 * count / max) + "px";
-    row.append(bar, el("span", String(count)));
-    return row;
-  });
-  $("histogram").replaceChildren(...rows);
+  histogram($("histogram"), s.redundancy, n, k);
+  histogram($("reachable"), s.reachable, n, k);
+  showDurability(s.durability, n);
   const done = s.uploaded_bytes, pending = s.upload_pending_bytes, rate = s.upload_rate;
   const total = done + pending;
   $("upload-bar").style.width = (total ? 100 * done / total : 100) + "%";
-  const eta = pending ? (rate > 1 ? Math.round(pending / rate) + " s" : "–") : "done";
   $("uploads").textContent =
-    `${human(done)} sent, ${human(pending)} pending, ${human(rate)}/s, ETA ${eta}` +
+    `${human(done)} sent, ${human(pending)} pending, ${human(rate)}/s, ${eta(s.upload_eta)}` +
     (s.unsealed_bytes ? `; ${human(s.unsealed_bytes)} not sealed yet` : "");
-  const limited = (rate, limit) => `${human(rate)}/s` + (limit ? ` of ${human(limit)}/s` : "");
+  const limited = (rate, limit) =>
+    `${human(rate)}/s ` + (limit ? `of ${human(limit)}/s` : "(no limit)");
   $("network").textContent =
     `network: sending ${limited(s.send_rate, s.limit_upload)}, ` +
     `receiving ${limited(s.receive_rate, s.limit_download)}`;
   $("repair").textContent =
     `${s.repair_queue} blocks queued, ${human(s.repaired_bytes)} rebuilt, ` +
-    `${human(s.repair_rate)}/s`;
+    `${human(s.repair_rate)}/s (at most ${human(s.repair_bandwidth)}/s)`;
+  $("endangered-blocks").textContent = String(s.endangered_blocks);
+  $("emergency-repairs").textContent = String(s.emergency_repairs);
+  $("emergency").dataset.endangered = String(s.endangered_blocks);
   const c = s.commit;
   $("commit").textContent = c.head_seq
     ? `commit ${c.head_seq}, ${ago(c.head_time)}, ` +
@@ -95,6 +88,88 @@ function showStatus(s) {
   $("node").textContent =
     `peer ${s.peer_id.slice(0, 16)}…, ${s.peers_with_agreements} agreements with ` +
     `${s.peers_known} known peers; hosting ${human(s.hosted_bytes)} for peers`;
+  showProvider(s.provider);
+  const memory = s.memory && s.memory.vm_rss ? `memory ${human(s.memory.vm_rss)} resident` : "";
+  const meta = s.meta_store
+    ? `metadata store ${human(s.meta_store.file_bytes)} on disk, ` +
+      `${human(s.meta_store.live_bytes)} live` +
+      (s.meta_store.compaction_due ? ", compaction due" : "")
+    : "";
+  $("resources").textContent = [memory, meta].filter(Boolean).join("; ");
+}
+
+// Blocks per level ("12" of N shards, "local"), one row per level, data-level on each.
+function histogram(container, levels, n, k) {
+  const max = Math.max(1, ...Object.values(levels));
+  const rows = Object.entries(levels).map(([level, count]) => {
+    const row = el("div", undefined, "hist-row");
+    row.dataset.level = level;
+    const label = level === "local" ? "this node only" : `${level} of ${n}`;
+    row.append(el("span", label, "hist-label"));
+    const bar = el("span", undefined, "hist-bar");
+    if (level === "local") bar.classList.add("local");
+    else if (Number(level) < k) bar.classList.add("low");
+    bar.style.width = (100 * count / max) + "px";
+    row.append(bar, el("span", String(count), "hist-count"));
+    return row;
+  });
+  if (!rows.length) rows.push(el("div", "no blocks on peers", "muted"));
+  container.replaceChildren(...rows);
+}
+
+function eta(seconds) {
+  if (seconds === 0) return "uploads done";
+  if (seconds === null || seconds === undefined) return "ETA unknown (not moving)";
+  return "ETA " + span(seconds);
+}
+
+function span(seconds) {
+  const s = Math.round(seconds);
+  const units = [[86400, "d"], [3600, "h"], [60, "min"], [1, "s"]];
+  const found = units.findIndex(([size]) => s >= size);
+  const i = found < 0 ? units.length - 1 : found;
+  // The two largest units that apply, the second left out when it is 0: "10 min", "2 d 4 h".
+  const parts = [[Math.floor(s / units[i][0]), units[i][1]]];
+  if (i + 1 < units.length) {
+    parts.push([Math.floor(s % units[i][0] / units[i + 1][0]), units[i + 1][1]]);
+  }
+  return parts.filter(([n], j) => n || j === 0).map(([n, u]) => `${n} ${u}`).join(" ");
+}
+
+// One significant digit, as `fluidfs status` prints it.
+function chance(p) {
+  return p !== 0 && p < 1e-4 ? p.toExponential(0) : String(Number(p.toPrecision(1)));
+}
+
+// The estimate of blocks/durability.py and what it assumes (the same words as the CLI).
+function showDurability(d, n) {
+  const line = $("durability");
+  if (!d) {
+    line.textContent = `No estimate until the backup is on ${n} peers.`;
+    delete line.dataset.annualLoss;
+    $("durability-assumptions").textContent = "";
+    return;
+  }
+  line.textContent = `Estimated chance of losing data this year: ${chance(d.annual_loss)}`;
+  line.dataset.annualLoss = String(d.annual_loss);
+  const spread = d.grouped && d.peers >= 2 * n ? `in groups of ${n}` : "spread";
+  const how = d.rate_measured ? "measured" : "at most (the limit)";
+  $("durability-assumptions").textContent =
+    `${d.peers} peers, ${spread}; a peer assumed to last ${d.lifetime_days.toFixed(0)} days; ` +
+    `a lost peer repaired in ${span(d.repair_days * 86400)} = ` +
+    `${span(d.tolerance_days * 86400)} tolerance + ${human(d.share_bytes)} re-created at ` +
+    `${human(d.repair_rate)}/s, ${how}`;
+}
+
+function showProvider(p) {
+  const line = $("provider");
+  line.hidden = !p;
+  if (!p) return;
+  const answer = { true: "reachable", false: "NOT REACHABLE", null: "not asked yet" }[p.reachable];
+  line.dataset.reachable = String(p.reachable);
+  line.textContent = `storage provider ${p.id.slice(0, 12)}… at ${p.addr}: ${answer}` +
+    (p.reachable === false && p.last_error ? ` (${p.last_error})` : "") +
+    `; holds our side of ${p.reservations} agreements (${human(p.reserved_bytes)} reserved)`;
 }
 
 async function refreshStatus() {
