@@ -290,6 +290,7 @@ class Node:
             options.mountpoint,
             renew=options.lease_renew,
             addr_of=lambda: self.conns.listen_addr,
+            partners=lambda: [a.peer for a in self.ledger.active()],
         )
         self.keeper = LeaseKeeper(lease, on_lost=self._lease_lost)
         self.publisher = RootPublisher(

@@ -29,6 +29,23 @@ cannot reach each other cannot both hold one.
 - Without ``--takeover``, a lease that another machine renewed within its bound (by
   its wall clock) refuses the mount with a message saying where the tree is mounted.
 
+- **Re-forming the holder set (joint consensus).** The set follows the holder's live
+  agreements: while it holds a fresh lease, a renewal whose set ``S`` differs from its
+  partners (holders whose agreement ended dropped, new partners added, at most
+  ``MAX_HOLDERS``) writes a *joint* lease naming ``S`` and ``S'`` (``joining``). Only
+  once a joint renewal was stored by a majority of ``S`` *and* a majority of ``S'`` does
+  the next renewal name ``S'`` alone. Safety, as in Raft's membership change: every
+  record is a compare-and-swap needing a majority of each set it names, and a taker
+  needs majorities of every set named in the newest lease it read. Before the switch
+  every record is on a majority of ``S``, so any taker (it needs a majority of ``S``
+  whatever it read) meets it. After the switch, a majority of ``S`` holds the joint
+  record or later ones: a taker that reached a majority of ``S`` read at least the joint
+  one and needs a majority of ``S'``, where every later renewal is. A taker working from
+  an older record fails its compare-and-swap where those majorities intersect. The
+  holder counts a joint renewal as fresh on a majority of ``S`` alone (every taker needs
+  one), so partners that do not answer yet delay the switch, never the writes. A taker
+  takes over the set (and a pending ``joining``) as it found it.
+
 A lease is read strictly (``LEASE_BODY``, body version 2): a missing or mistyped field
 makes it unreadable, never a default. An unreadable newest lease refuses the mount
 unless ``--takeover`` is given (then it is waited out like a silent holder). Unknown
@@ -114,7 +131,10 @@ LEASE_BODY = Map(
         "holders": List(Bytes(32, 32), max_len=MAX_HOLDERS, min_len=1),
         "state": OneOf("held", "released", "handover"),
     },
-    optional={"by_machine": Bytes(1, 64), "by_host": Str(1024)},  # who asks a handover
+    optional={
+        "by_machine": Bytes(1, 64), "by_host": Str(1024),  # who asks a handover
+        "joining": List(Bytes(32, 32), max_len=MAX_HOLDERS, min_len=1),  # S' of a re-forming
+    },
     extra=IGNORE,
 )
 
@@ -136,6 +156,7 @@ class LeaseInfo:
     holders: tuple[bytes, ...] = ()
     by_machine: bytes = b""
     by_host: str = ""
+    joining: tuple[bytes, ...] = ()  # the set being re-formed toward (see module docstring)
 
     @classmethod
     def of(cls, seq: int, body: dict[str, Any], fence: int = 0) -> LeaseInfo:
@@ -146,6 +167,7 @@ class LeaseInfo:
             seq, b["machine"], b["host"], b["mount"], b["pid"], b["time"] / 1e9,
             float(b["ttl"]), b["state"], fence, b["bound_ms"] / 1000,
             tuple(dict.fromkeys(b["holders"])), b.get("by_machine", b""), b.get("by_host", ""),
+            tuple(dict.fromkeys(b.get("joining", ()))),
         )
 
     def live(self, now: float | None = None) -> bool:
@@ -177,6 +199,24 @@ def majority(holders: int) -> int:
     return holders // 2 + 1
 
 
+def quorum(stored: set[bytes], holders: tuple[bytes, ...], joining: tuple[bytes, ...]) -> bool:
+    """*stored* holds a majority of *holders* and, while re-forming, of *joining* too."""
+    if len(stored & set(holders)) < majority(len(holders)):
+        return False
+    return not joining or len(stored & set(joining)) >= majority(len(joining))
+
+
+def reformed(holders: tuple[bytes, ...], partners: list[bytes]) -> tuple[bytes, ...]:
+    """The holder set to move toward: the holders still partners (in their order), then
+    the other partners, at most ``MAX_HOLDERS``; *holders* unchanged with no partners."""
+    if not partners:
+        return holders
+    live = set(partners)
+    kept = [k for k in holders if k in live]
+    new = sorted(live - set(kept))
+    return tuple((kept + new)[:MAX_HOLDERS])
+
+
 class WriterLease:
     """This mount's side of the lease."""
 
@@ -188,6 +228,7 @@ class WriterLease:
         *,
         renew: float = DEFAULT_RENEW,
         addr_of: Callable[[], str] = lambda: "",
+        partners: Callable[[], list[bytes]] = lambda: [],
     ) -> None:
         self.client = client
         self.machine = machine
@@ -197,9 +238,11 @@ class WriterLease:
         # A renewal must end well within the bound, so a silent peer costs it this much.
         self.call_timeout = min(CALL_TIMEOUT, max(renew, 1.0))
         self.addr_of = addr_of
+        self.partners = partners  # peers with a live agreement: the holders to be
         self.seq = 0
         self.fence = 0
         self.holders: tuple[bytes, ...] = ()
+        self.joining: tuple[bytes, ...] = ()  # S' while re-forming the holder set
         self.fresh_until = -math.inf  # trio clock: acknowledge writes until then
         self.taken = False  # another mount took the lease over: we stopped writing
         self.lost: LeaseInfo | None = None  # who took it over (None if unreadable)
@@ -220,8 +263,13 @@ class WriterLease:
             "bound_ms": int(self.bound * 1000),
             "holders": list(self.holders),
             "state": state,
+            **({"joining": list(self.joining)} if self.joining else {}),
             **extra,
         }
+
+    def members(self) -> tuple[bytes, ...]:
+        """Every peer a change of the lease goes to: the holders and any joining."""
+        return tuple(dict.fromkeys(self.holders + self.joining))
 
     def fresh(self) -> bool:
         """True while this mount may acknowledge writes (see the module docstring)."""
@@ -243,7 +291,7 @@ class WriterLease:
     async def current(self) -> LeaseInfo | None:
         """The newest lease on the reachable peers (None if none answered or none exists);
         ``LeaseUnreadable`` if it does not fit the lease schema."""
-        seen = await self.look(self.holders)
+        seen = await self.look(self.members())
         if seen.unreadable:
             assert seen.newest is not None
             raise LeaseUnreadable(seen.newest.seq, seen.unreadable)
@@ -280,12 +328,13 @@ class WriterLease:
             answered = sorted(seen.each)
             if not answered:
                 raise NoPeerAnswered("no peer answered: the writer lease cannot be taken")
-            self.holders = tuple(answered[:MAX_HOLDERS])
+            self.holders, self.joining = tuple(answered[:MAX_HOLDERS]), ()
             return await self._take_first(seen)
         if held is not None:
-            self.holders = held.holders
+            self.holders, self.joining = held.holders, held.joining
         else:  # unreadable: keep to the peers that hold it
             self.holders = tuple(sorted(k for k, h in seen.each.items() if h is not None))
+            self.joining = ()
         if held is not None and (held.state == "released" or held.machine == self.machine):
             return await self._take(seen, held, seen.newest.fence)
         seen = await self._ask_handover(seen, held, on_wait)
@@ -308,13 +357,14 @@ class WriterLease:
             bound = self.bound  # nothing readable says otherwise: wait our own
         for _ in range(REQUEST_TRIES):
             started = trio.current_time()
-            stored = len(await self._put(seen, body, seen.newest.seq + 1, fence))
-            if stored >= majority(len(self.holders)):
+            agreed = await self._put(seen, body, seen.newest.seq + 1, fence)
+            stored = len(agreed)
+            if quorum(set(agreed), self.holders, self.joining):
                 break
             # The holder renewed between our look and our request (or holders are away):
             # look again and ask on top of what is there now.
             await trio.sleep(REQUEST_PAUSE)
-            seen = await self.look(self.holders)
+            seen = await self.look(self.members())
             if seen.newest is None or seen.newest.fence != fence:
                 raise LeaseHeld("the writer lease changed hands while we asked for it")
         else:
@@ -323,7 +373,7 @@ class WriterLease:
             log.warning("asked %s to hand over the writer lease", held.where())
         deadline = started + bound + margin(bound)
         while True:
-            seen = await self.look(self.holders)
+            seen = await self.look(self.members())
             now = seen.info
             if now is not None and seen.newest is not None and seen.newest.fence > fence:
                 raise LeaseHeld(f"the writer lease was taken meanwhile by {now.where()}")
@@ -342,7 +392,7 @@ class WriterLease:
         """Compare-and-swap on the holders; those that stored it."""
         raw = seal(self.client.keyring, "lease", seq, body, fence)
         results = await self.client.put_each(
-            "lease", raw, list(self.holders), seen.expect(), timeout=self.call_timeout
+            "lease", raw, list(self.members()), seen.expect(), timeout=self.call_timeout
         )
         return sorted(k for k, r in results.items() if r.stored)
 
@@ -358,7 +408,7 @@ class WriterLease:
                       if h is not None and h.body.get("machine") != self.machine]
             if not self.stored or others:  # another first mount raced us: it won
                 raise
-        self.holders = tuple(self.stored)
+        self.holders, self.joining = tuple(self.stored), ()
         if await self.renew_now() is not Renewal.RENEWED:
             raise LeaseHeld(self._no_majority("take the writer lease", self.published))
 
@@ -369,7 +419,7 @@ class WriterLease:
         self.seq = newest + 1
         self.stored = await self._put(seen, self._body("held"), self.seq, self.fence)
         self.published = len(self.stored)
-        if self.published < majority(len(self.holders)):
+        if not quorum(set(self.stored), self.holders, self.joining):
             raise LeaseHeld(self._no_majority("take the writer lease", self.published))
         self.fresh_until = started + self.bound
         self.taken, self.lost, self.asked_by = False, None, None
@@ -379,43 +429,57 @@ class WriterLease:
         return held
 
     def _no_majority(self, what: str, stored: int) -> str:
+        also = (f", and a majority of the {len(self.joining)} it is moving to"
+                if self.joining else "")
         return (
             f"could not {what}: {stored} of its {len(self.holders)} holders agreed and "
-            f"{majority(len(self.holders))} must (another mount changed it meanwhile, or "
-            "too few of them are reachable); mount again later"
+            f"{majority(len(self.holders))} must{also} (another mount changed it meanwhile, "
+            "or too few of them are reachable); mount again later"
         )
 
     async def renew_now(self) -> Renewal:
-        """Renew the lease by compare-and-swap on the holders (see ``Renewal``)."""
+        """Renew the lease by compare-and-swap on the holders (see ``Renewal``), re-forming
+        the holder set toward our partners while the lease is fresh."""
         if self.taken:
             return Renewal.TAKEN
         started = trio.current_time()
+        if self.fresh():
+            self._aim()
+        holders, joining = self.holders, self.joining
         seq = self.seq + 1
         raw = seal(self.client.keyring, "lease", seq, self._body("held"), self.fence)
-        expect = {k: self.seq for k in self.holders}
+        members = self.members()
+        expect = {k: self.seq for k in members}
         results = await self.client.put_each(
-            "lease", raw, list(self.holders), expect, timeout=self.call_timeout
+            "lease", raw, list(members), expect, timeout=self.call_timeout
         )
-        # A holder that missed one of our renewals still holds ours: swap from that one.
-        behind = {k: r.held.seq for k, r in results.items()
-                  if not r.stored and r.held is not None and self._ours(r.held)}
+        # A holder that missed one of our renewals still holds ours, and a joining one
+        # may hold none yet (or a replaced writer's): swap from what it holds.
+        behind = {k: at for k, r in results.items()
+                  if not r.stored and (at := self._swap_from(r.held, seq)) is not None}
         if behind:
             again = await self.client.put_each(
                 "lease", raw, sorted(behind), behind, timeout=self.call_timeout
             )
             results |= again
         self.seq = seq
-        stored = sum(1 for r in results.values() if r.stored)
+        agreed = {k for k, r in results.items() if r.stored}
+        stored = len(agreed)
         self.published = stored
         refused = [r.held for r in results.values() if not r.stored and r.held is not None]
         later = [h for h in refused if h.fence > self.fence]
         if later:
             self._taken(max(later, key=lambda h: (h.fence, h.seq)))
             return Renewal.TAKEN
-        if stored >= majority(len(self.holders)):
+        if quorum(agreed, holders, ()):
             # A request on fewer holders than that did not reach its majority: the asker
-            # gave up or asks again on top of this renewal.
+            # gave up or asks again on top of this renewal. (Every taker needs a majority
+            # of the current holders, joint or not: that alone makes us fresh.)
             self.fresh_until = started + self.bound
+            if joining and quorum(agreed, joining, ()):
+                log.info("the writer lease moves to %d holders (from %d)", len(joining),
+                         len(holders))
+                self.holders, self.joining = joining, ()
             return Renewal.RENEWED
         for held in refused:
             if held.fence == self.fence and held.body.get("state") == "handover":
@@ -424,9 +488,27 @@ class WriterLease:
                 except SchemaError:
                     self.asked_by = None
                 return Renewal.HANDOVER
-        log.warning("lease renewal reached %d of %d holders (%d needed)", stored,
-                    len(self.holders), majority(len(self.holders)))
+        log.warning("lease renewal reached %d of %d holders (%d needed)",
+                    len(agreed & set(holders)), len(holders), majority(len(holders)))
         return Renewal.NO_QUORUM
+
+    def _aim(self) -> None:
+        """Set ``joining`` to the set our partners make, or clear it when that is the
+        holder set already (safe at any time before the switch: every record we write
+        until then is on a majority of the holders)."""
+        target = reformed(self.holders, self.partners())
+        self.joining = () if set(target) == set(self.holders) else target
+
+    def _swap_from(self, held: Held | None, seq: int) -> int | None:
+        """The seq to compare-and-swap from on a peer that refused our renewal holding
+        *held*; None if we must not (another writer's lease, or a handover request)."""
+        if held is None:
+            return 0  # it holds nothing of ours that verifies: a joining peer
+        if self._ours(held):
+            return held.seq
+        if held.fence < self.fence and held.seq < seq:
+            return held.seq  # a replaced writer's lease: it can change nothing any more
+        return None
 
     def _ours(self, held: Held) -> bool:
         return (
@@ -464,7 +546,7 @@ class WriterLease:
         how many holders stored the release."""
         if not self.seq or (self.taken and self.asked_by is None):
             return 0
-        seen = await self.look(self.holders)
+        seen = await self.look(self.members())
         if seen.newest is None or seen.newest.fence != self.fence:
             return 0  # someone else's by now
         mine = {k: h for k, h in seen.each.items() if h is not None and h.fence == self.fence}
