@@ -20,7 +20,7 @@ from fluidfs.fs.tree import ROOT_INO
 
 BS = 16 * 1024
 RING = keys.KeyRing(keys.generate())
-FETCH_DELAY = 0.03
+FETCH_DELAY = 0.05
 TOP, BELOW = 4, 8  # directories in the root, and in each of those
 
 
