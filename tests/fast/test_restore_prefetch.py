@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import trio
-from inproc import LocalStore, Metadata
+from inproc import LocalStore, Metadata, until
 
 from fluidfs import keys
+from fluidfs.blocks.blockstore import BlockUnavailable
 from fluidfs.fs.tree import ROOT_INO
 
 BS = 16 * 1024
@@ -113,5 +114,41 @@ async def test_a_walk_of_a_restored_tree_fetches_directories_ahead_at_once(
             f"walking {dirs} directories took {took:.2f} s; one at a time is {sequential:.2f} s"
         )
         assert meta.restorer.pending() == []
+    finally:
+        b.close()
+
+
+async def test_a_directory_that_fails_to_come_ahead_is_loaded_by_the_walk(
+    tmp_path: Path,
+) -> None:
+    ref, expected = await committed_tree(tmp_path)
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    try:
+        meta = Metadata(b)
+        meta.holders.learn([ref])
+        with b.db.write() as txn:
+            meta.index.adopt(txn, ref)
+        meta.restorer.adopt_root((await meta.index.load(ref.block_id)).commit)
+        await meta.restorer.ensure(ROOT_INO)
+        last = b.tree.lookup(ROOT_INO, f"t{TOP - 1}".encode())
+        failing = meta.restorer.lazy_top(last)
+        reads = SlowReads(b)
+        failed = []
+
+        async def first_read_fails(block_id, *args, **kw):
+            if block_id == failing and not failed:
+                failed.append(block_id)
+                raise BlockUnavailable("holders unreachable (this once)")
+            return await reads.read(block_id, *args, **kw)
+
+        b.blocks.read = first_read_fails
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(meta.restorer.prefetch)
+            await until(lambda: failed, what="the prefetcher to try the last directory")
+            seen = await walk(b, meta)
+            nursery.cancel_scope.cancel()
+        assert seen == expected, "the walk loaded the directory the prefetcher could not"
+        assert meta.restorer.prefetched_dirs >= BELOW, "the prefetcher went on after the failure"
     finally:
         b.close()
