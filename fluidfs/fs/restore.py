@@ -9,6 +9,14 @@ with one reference per block), and marks its subdirectories lazy in turn. Inode
 numbers are the committed ones, so hard links are hard links again. File contents
 are never fetched ahead: reads rebuild blocks from their holders as usual.
 
+Loading a directory queues its subdirectories to be fetched *ahead* of the walk
+(``prefetch``: PREFETCHERS at once, newest first, so a depth-first walk such as
+``find`` finds the next directories loaded or in flight instead of paying one round
+trip each). The queue keeps at most PREFETCH_QUEUE directory numbers, dropping the
+oldest (the furthest from where the walk is now); those are loaded by the background
+task or on demand. So what prefetching holds is bounded: PREFETCHERS directories being
+fetched and decoded (decoding in worker threads) plus the queue of inode numbers.
+
 A background task loads the remaining directories (metadata only) so that walking
 the tree soon needs no network, then registers every node of every kept commit so
 that reference counts are exact again; until that is done, nothing older than the
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 
 import trio
 
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 _U64 = struct.Struct(">Q")
 BACKGROUND_LOADERS = 8
 RETRY_SECONDS = 5.0
+PREFETCHERS = 16  # directories fetched ahead of a walk at once
+PREFETCH_QUEUE = 4096  # directories waiting to be fetched ahead; beyond it the oldest go
 
 
 class Restorer:
@@ -50,6 +61,9 @@ class Restorer:
         self._locks: dict[int, trio.Lock] = {}
         self.loaded_dirs = 0
         self.loaded_entries = 0
+        self.prefetched_dirs = 0
+        self._ahead: deque[int] = deque(maxlen=PREFETCH_QUEUE)
+        self._queued = trio.Event()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -100,10 +114,14 @@ class Restorer:
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
-            self._materialise(ino, entries, files)
+            subdirs = self._materialise(ino, entries, files)
         self._locks.pop(ino, None)
+        self._fetch_ahead(subdirs)
 
-    def _materialise(self, parent: int, entries: list[Entry], files: dict) -> None:
+    def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
+        """Write *parent*'s entries into the live tables; return the subdirectories it
+        marked lazy, in name order."""
+        subdirs: list[int] = []
         inodes = self.db["inodes"]
         counters = self.db["counters"]
         for entry in entries:
@@ -111,7 +129,7 @@ class Restorer:
             self.index.holders.learn(ref for _, ref in blocks)
         with self.db.write() as txn:
             if txn.get(_U64.pack(parent), db=self._lazy) is None:
-                return
+                return []
             highest = 0
             for entry in entries:
                 ino = entry.ino
@@ -127,6 +145,7 @@ class Restorer:
                         self.tree.set_block(txn, ino, index, INLINE + data)
                     if entry.content is not None:
                         txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
+                        subdirs.append(ino)
                 self.tree.link(txn, parent, entry.name, ino)
             raw = txn.get(b"next_ino", db=counters)
             if raw is None or _U64.unpack(raw)[0] <= highest:
@@ -134,6 +153,43 @@ class Restorer:
             txn.delete(_U64.pack(parent), db=self._lazy)
         self.loaded_dirs += 1
         self.loaded_entries += len(entries)
+        return subdirs
+
+    # --- ahead of the walk ---------------------------------------------------------------
+
+    def _fetch_ahead(self, subdirs: list[int]) -> None:
+        """Queue *subdirs* for ``prefetch``, the first one to be taken first."""
+        if subdirs:
+            self._ahead.extend(reversed(subdirs))
+            self._queued.set()
+
+    async def prefetch(self) -> None:
+        """Until cancelled (unmount): load the directories queued by loads, PREFETCHERS at
+        once, the most recently queued first. A failure is left to the on-demand load or
+        the background task, which retry."""
+        slots = trio.Semaphore(PREFETCHERS)
+
+        async def one(ino: int) -> None:
+            try:
+                if self.lazy_top(ino) is not None:
+                    await self.ensure(ino)
+                    self.prefetched_dirs += 1
+            except MetaError as exc:
+                log.debug("fetching directory %d ahead failed: %s", ino, exc)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                if not self._ahead:
+                    self._queued = trio.Event()
+                    await self._queued.wait()
+                    continue
+                await slots.acquire()
+                if not self._ahead:
+                    slots.release()
+                    continue
+                nursery.start_soon(one, self._ahead.pop())
 
     # --- in the background ---------------------------------------------------------------
 

@@ -611,6 +611,8 @@ class Node:
             if self.networked():
                 nursery.start_soon(self.keeper.run)
             nursery.start_soon(supervise, "reconciler", self.reconciler.run)
+            # idle unless directories are lazy (a restored tree)
+            nursery.start_soon(supervise, "prefetch", self.restorer.prefetch)
             if self.tree_restore.unfinished:
                 nursery.start_soon(self.tree_restore.run)
             task_status.started()

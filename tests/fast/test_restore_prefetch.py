@@ -1,0 +1,154 @@
+"""A fresh machine walking a restored tree (what ``find`` does) fetches directories ahead
+of the walk, several at once, instead of one round trip per directory (issue 15).
+
+Machine a commits a tree of directories; machine b adopts it from a copy of a's shard
+store (real LMDB, real block store, real decoding) whose reads take FETCH_DELAY each,
+as a fetch from peers over a network would, and walks it depth-first in name order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import trio
+from inproc import LocalStore, Metadata, until
+
+from fluidfs import keys
+from fluidfs.blocks.blockstore import BlockUnavailable
+from fluidfs.fs.tree import ROOT_INO
+
+BS = 16 * 1024
+RING = keys.KeyRing(keys.generate())
+FETCH_DELAY = 0.05
+TOP, BELOW = 4, 8  # directories in the root, and in each of those
+
+
+async def committed_tree(root: Path) -> tuple[object, dict[str, list[str]]]:
+    """Commit on machine a a root of TOP directories of BELOW directories of 2 files;
+    return the commit's reference and the tree as {directory path: sorted names}."""
+    a = LocalStore(root / "a", RING, BS)
+    try:
+        meta = Metadata(a)
+        tree: dict[str, list[str]] = {"": []}
+        for i in range(TOP):
+            top = a.mkdir(ROOT_INO, f"t{i}")
+            tree[""].append(f"t{i}")
+            tree[f"t{i}"] = []
+            for j in range(BELOW):
+                below = a.mkdir(top, f"b{j}")
+                tree[f"t{i}"].append(f"b{j}")
+                tree[f"t{i}/b{j}"] = ["f0", "f1"]
+                for name in ("f0", "f1"):
+                    await a.create(below, name, f"{i}/{j}/{name}".encode())
+        result = await meta.commit()
+    finally:
+        a.close()
+    return result.ref, tree
+
+
+class SlowReads:
+    """Block reads that take FETCH_DELAY (a network round trip), counting how many run
+    at once."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.real = store.blocks.read
+        self.in_flight = 0
+        self.most = 0
+        self.count = 0
+        store.blocks.read = self.read
+
+    async def read(self, *args, **kw):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        self.count += 1
+        try:
+            await trio.sleep(FETCH_DELAY)
+            return await self.real(*args, **kw)
+        finally:
+            self.in_flight -= 1
+
+
+async def walk(b: LocalStore, meta: Metadata) -> dict[str, list[str]]:
+    """Depth-first in name order, loading each directory before listing it (as FUSE
+    opendir/readdir do): {directory path: sorted names}."""
+    seen: dict[str, list[str]] = {}
+
+    async def visit(ino: int, path: str) -> None:
+        await meta.restorer.ensure(ino)
+        entries = sorted(b.tree.entries(ino), key=lambda e: e[1])
+        seen[path] = [name.decode() for _, name, _ in entries]
+        for _, name, child in entries:
+            if b.tree.get(child).is_dir:
+                await visit(child, f"{path}/{name.decode()}".lstrip("/"))
+
+    await visit(ROOT_INO, "")
+    return seen
+
+
+async def test_a_walk_of_a_restored_tree_fetches_directories_ahead_at_once(
+    tmp_path: Path,
+) -> None:
+    ref, expected = await committed_tree(tmp_path)
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    try:
+        meta = Metadata(b)
+        meta.holders.learn([ref])
+        with b.db.write() as txn:
+            meta.index.adopt(txn, ref)
+        meta.restorer.adopt_root((await meta.index.load(ref.block_id)).commit)
+        reads = SlowReads(b)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(meta.restorer.prefetch)
+            started = time.monotonic()
+            seen = await walk(b, meta)
+            took = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        assert seen == expected, "the walk lists exactly the committed tree"
+        dirs = 1 + TOP + TOP * BELOW
+        assert reads.most > 4, f"directories fetched one at a time (at most {reads.most})"
+        sequential = dirs * FETCH_DELAY
+        assert took < sequential / 2, (
+            f"walking {dirs} directories took {took:.2f} s; one at a time is {sequential:.2f} s"
+        )
+        assert meta.restorer.pending() == []
+    finally:
+        b.close()
+
+
+async def test_a_directory_that_fails_to_come_ahead_is_loaded_by_the_walk(
+    tmp_path: Path,
+) -> None:
+    ref, expected = await committed_tree(tmp_path)
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    try:
+        meta = Metadata(b)
+        meta.holders.learn([ref])
+        with b.db.write() as txn:
+            meta.index.adopt(txn, ref)
+        meta.restorer.adopt_root((await meta.index.load(ref.block_id)).commit)
+        await meta.restorer.ensure(ROOT_INO)
+        last = b.tree.lookup(ROOT_INO, f"t{TOP - 1}".encode())
+        failing = meta.restorer.lazy_top(last)
+        reads = SlowReads(b)
+        failed = []
+
+        async def first_read_fails(block_id, *args, **kw):
+            if block_id == failing and not failed:
+                failed.append(block_id)
+                raise BlockUnavailable("holders unreachable (this once)")
+            return await reads.read(block_id, *args, **kw)
+
+        b.blocks.read = first_read_fails
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(meta.restorer.prefetch)
+            await until(lambda: failed, what="the prefetcher to try the last directory")
+            seen = await walk(b, meta)
+            nursery.cancel_scope.cancel()
+        assert seen == expected, "the walk loaded the directory the prefetcher could not"
+        assert meta.restorer.prefetched_dirs >= BELOW, "the prefetcher went on after the failure"
+    finally:
+        b.close()
