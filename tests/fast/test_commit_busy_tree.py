@@ -1,0 +1,87 @@
+"""A commit of a tree that keeps changing (fs/treecopy.py): it holds no read transaction
+of meta.lmdb across its run, so the file stays near its live tables, and what it
+commits is one moment of the tree, restored whole on a fresh machine.
+
+Machine a creates files without pause while a full commit runs; machine b starts from
+a copy of a's shard store, adopts the commit and restores it. Real LMDB, real block
+store, no network."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import trio
+from inproc import LocalStore, Metadata
+from test_restore import adopt, names
+
+from fluidfs import keys
+from fluidfs.fs.snapshots import Retention
+from fluidfs.fs.tree import ROOT_INO
+
+BS = 16 * 1024
+RING = keys.KeyRing(keys.generate())
+DIRS = 120
+FILES = 4
+BUSY = 7  # directories the new files go to
+
+
+def content(name: str) -> bytes:
+    return name.encode() * 20
+
+
+async def test_files_created_during_a_full_commit_neither_grow_the_file_nor_tear_it(
+    tmp_path: Path,
+) -> None:
+    a = LocalStore(tmp_path / "a", RING, BS)
+    meta = Metadata(a)
+    dirs = [a.mkdir(ROOT_INO, f"d{d:03}") for d in range(DIRS)]
+    for d in dirs:
+        for f in range(FILES):
+            await a.create(d, f"f{f}", content(f"f{f}"))
+    await a.data.seal_all()
+    created = 0
+    done = trio.Event()
+
+    async def keep_creating() -> None:
+        nonlocal created
+        while not done.is_set():
+            name = f"new{created:06}"
+            await a.create(dirs[created % BUSY], name, content(name))
+            created += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_creating)
+        await trio.sleep(0)
+        result = await meta.committer.commit(
+            min_seq=0, snapshots=meta.snapshots, retention=Retention(), user_changed=True,
+            prune=True, full=True,
+        )
+        done.set()
+    assert result is not None and result.stats.full
+    assert created > 200, f"only {created} files were created during the commit"
+    used = a.db.usage()
+    assert used.file_bytes <= 3 * used.live_bytes, used
+    assert not (tmp_path / "a" / "commit-copy.lmdb").exists(), "the scratch copy is gone"
+    a.close()
+
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    try:
+        restored = Metadata(b)
+        await adopt(restored, result.ref)
+        await restored.restorer.load_all()
+        assert names(b, ROOT_INO) == [f"d{d:03}".encode() for d in range(DIRS)]
+        new: list[int] = []
+        for d in dirs:
+            listed = names(b, d)
+            assert listed[:FILES] == [f"f{f}".encode() for f in range(FILES)]
+            new += [int(n[3:]) for n in listed[FILES:]]
+            for name in listed[:: max(1, len(listed) // 3)]:
+                ino = b.tree.lookup(d, name)
+                assert await b.read(ino) == content(name.decode())
+        assert sorted(new) == list(range(len(new))), "one moment: the first k new files"
+        assert 0 < len(new) < created
+    finally:
+        b.close()
