@@ -53,8 +53,7 @@ FINAL_DIRS = DIRS_PER_BATCH  # few enough stale directories to re-copy in the la
 # GIL with a loop that keeps writing, a batch of 256 entries stayed open across 40 to
 # 130 write transactions, whose freed pages could then not be reused.
 MARKS_PER_READ = 2000  # dirty marks read per transaction between rounds
-COPY_BATCH = 128  # directory entries (with their inodes, maps, xattrs) per transaction
-DIR_COST = 8  # what an empty or small directory counts against COPY_BATCH
+COPY_BATCH = 512  # rows read per transaction (entries, inodes, block maps, xattrs...)
 _S_IFDIR = 0o040000
 
 
@@ -95,48 +94,75 @@ class _Copier:
         ops.append(("put", name, key, value))
         return value
 
-    def _inode(self, stxn, ops: list, ino: int) -> bool:
-        """One inode and what its entry reads; True if it is a directory."""
+    def _blockmap(self, stxn, ops: list, ino: int, after: bytes, limit: int | None):
+        """Rows of *ino*'s block map after *after* (from the first: replacing the
+        scratch's) and the blocks they name; where to go on (None when done)."""
+        prefix = _U64.pack(ino)
+        if not after:
+            ops.append(("clear", "blockmap", prefix))
+        cursor = stxn.cursor(db=self.t["blockmap"][0])
+        last, count = None, 0
+        if cursor.set_range(prefix + after):
+            for key, value in cursor:
+                if key[:8] != prefix:
+                    return None
+                if after and key[8:] == after:
+                    continue
+                if limit is not None and count >= limit:
+                    return last
+                key, value = bytes(key), bytes(value)
+                ops.append(("put", "blockmap", key, value))
+                if value[:1] == BLOCK_REF:
+                    self._row(stxn, ops, "blocks", value[1:])
+                last, count = key[8:], count + 1
+        return None
+
+    def _inode(self, stxn, ops: list, ino: int, limit: int | None) -> tuple[bool, bytes | None]:
+        """One inode and what its entry reads, up to *limit* block map rows: (whether it
+        is a directory, where its block map goes on or None)."""
         raw = self._row(stxn, ops, "inodes", _U64.pack(ino))
         if raw is None:
-            return False
+            return False, None
         self._prefix(stxn, ops, "xattrs", ino)
-        for _key, value in self._prefix(stxn, ops, "blockmap", ino):
-            if value[:1] == BLOCK_REF:
-                self._row(stxn, ops, "blocks", value[1:])
+        more = self._blockmap(stxn, ops, ino, b"", limit)
         if Inode.decode(ino, raw).is_dir:
             top = self._row(stxn, ops, "dir_nodes", _U64.pack(ino))
             if top is not None and len(top) > 1:
                 self._row(stxn, ops, "blocks", top[1:])
-            return True
-        return False
+            return True, more
+        return False, more
 
-    def _directory(self, stxn, ops: list, ino: int, after: bytes, limit: int | None):
-        """Up to *limit* entries of *ino* after *after*: (child directories, where the
-        next slice starts or None, entries read)."""
+    def _directory(
+        self, stxn, ops: list, ino: int, after: bytes, jobs: list | None
+    ) -> list[int]:
+        """The entries of *ino* after *after*, and what each reads; its subdirectories.
+        With *jobs*, stops once ``ops`` holds COPY_BATCH changes and leaves where to go
+        on in *jobs*; without, reads the directory to its end."""
         prefix = _U64.pack(ino)
         if not after:
             ops.append(("clear", "dirents", prefix))
-        rows = []
-        cursor = stxn.cursor(db=self.t["dirents"][0])
-        more = None
-        if cursor.set_range(prefix + after):
-            for key, value in cursor:
-                if key[:8] != prefix:
-                    break
-                if after and key[8:] == after:
-                    continue
-                if limit is not None and len(rows) >= limit:
-                    more = rows[-1][0][8:]
-                    break
-                rows.append((bytes(key), bytes(value)))
         subdirs = []
-        for key, value in rows:
+        cursor = stxn.cursor(db=self.t["dirents"][0])
+        if not cursor.set_range(prefix + after):
+            return subdirs
+        for key, value in cursor:
+            if key[:8] != prefix:
+                break
+            if after and key[8:] == after:
+                continue
+            key, value = bytes(key), bytes(value)
             ops.append(("put", "dirents", key, value))
             child = _U64.unpack(value[:8])[0]
-            if self._inode(stxn, ops, child):
+            limit = None if jobs is None else max(1, COPY_BATCH - len(ops))
+            is_dir, more = self._inode(stxn, ops, child, limit)
+            if is_dir:
                 subdirs.append(child)
-        return subdirs, more, len(rows)
+            if jobs is not None and (more is not None or len(ops) >= COPY_BATCH):
+                jobs.append(("dir", ino, key[8:]))
+                if more is not None:
+                    jobs.append(("map", child, more))
+                break
+        return subdirs
 
     # --- writing the scratch -------------------------------------------------------------
 
@@ -159,26 +185,25 @@ class _Copier:
                             if not cursor.delete():
                                 break
 
-    def read(self, jobs: list[tuple[int, bytes]]) -> tuple[list, list[int], list]:
-        """Read slices of directories, COPY_BATCH entries at most, in one short
-        transaction: (jobs left, subdirectories met, changes for ``apply``)."""
+    def read(self, jobs: list[tuple[str, int, bytes]]) -> tuple[list[int], list]:
+        """Go on with *jobs* (``("dir", ino, after)`` or ``("map", ino, after)``) for
+        COPY_BATCH changes at most, read in one short transaction; what is left stays in
+        *jobs*. (Subdirectories met, changes for ``apply``.)"""
         subdirs: list[int] = []
         ops: list = []
-        budget = COPY_BATCH
         with self.src.read() as stxn:
             gen = tree_generation(self.src, stxn)
-            while jobs and budget > 0:
-                ino, after = jobs.pop()
+            while jobs and len(ops) < COPY_BATCH:
+                kind, ino, after = jobs.pop()
+                if kind == "map":
+                    more = self._blockmap(stxn, ops, ino, after, COPY_BATCH - len(ops))
+                    if more is not None:
+                        jobs.append(("map", ino, more))
+                    continue
                 if not after:
                     self.copied[ino] = gen
-                found, more, count = self._directory(stxn, ops, ino, after, budget)
-                subdirs += found
-                if more is not None:
-                    jobs.append((ino, more))
-                    budget = 0
-                else:
-                    budget -= max(count, DIR_COST)
-        return jobs, subdirs, ops
+                subdirs += self._directory(stxn, ops, ino, after, jobs)
+        return subdirs, ops
 
     async def marks(self) -> dict[int, int]:
         """Every dirty mark, MARKS_PER_READ per read transaction (on the loop)."""
@@ -220,9 +245,9 @@ class _Copier:
             while queue:
                 ino = queue.pop()
                 self.copied[ino] = gen
-                found, _, _ = self._directory(stxn, ops, ino, b"", None)
+                found = self._directory(stxn, ops, ino, b"", None)
                 queue += [c for c in found if c not in self.copied]
-            self._inode(stxn, ops, ROOT_INO)
+            self._inode(stxn, ops, ROOT_INO, None)
             for name in ("counters", "lazy", "dir_dirty"):
                 ops.append(("drop", name))
                 for key, value in stxn.cursor(db=self.t[name][0]):
@@ -283,9 +308,9 @@ def _plan(db: Database, reader: TreeReader) -> Plan:
 
 async def _copy_all(copier: _Copier, dirs: list[int], full: bool) -> None:
     """Copy *dirs* (and, for a full commit, every directory under them) in batches."""
-    jobs = [(d, b"") for d in dirs]
+    jobs = [("dir", d, b"") for d in dirs]
     while jobs:
-        jobs, subdirs, ops = copier.read(jobs)
+        subdirs, ops = copier.read(jobs)
         await trio.to_thread.run_sync(copier.apply, ops)
         if full:
-            jobs += [(c, b"") for c in subdirs if c not in copier.copied]
+            jobs[:0] = [("dir", c, b"") for c in subdirs if c not in copier.copied]
