@@ -8,6 +8,7 @@ store, no network."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from inproc import LocalStore, Metadata
 from test_restore import adopt, names
 
 from fluidfs import keys
+from fluidfs.fs import treecopy
 from fluidfs.fs.snapshots import Retention
 from fluidfs.fs.tree import ROOT_INO
 
@@ -89,5 +91,58 @@ async def test_files_created_during_a_full_commit_neither_grow_the_file_nor_tear
         whole = content(in_flight.decode())
         assert read.pop(in_flight) in (b"", bytes(len(whole)), whole)
         assert all(data == content(name.decode()) for name, data in read.items())
+    finally:
+        b.close()
+
+
+async def test_a_copy_in_tiny_batches_restores_big_files_and_moves_exactly(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Batches of a few rows: directories and a big file's block map are read in many
+    transactions while files are moved between directories; the commit is still one
+    moment (every file exactly once) and the big file comes back whole."""
+    monkeypatch.setattr(treecopy, "COPY_BATCH", 5)
+    a = LocalStore(tmp_path / "a", RING, BS)
+    meta = Metadata(a)
+    left, right = a.mkdir(ROOT_INO, "left"), a.mkdir(ROOT_INO, "right")
+    big = os.urandom(40 * BS + 5)
+    await a.create(a.mkdir(left, "deep"), "big", big)
+    for f in range(30):
+        await a.create(left, f"f{f:02}", content(f"f{f:02}"))
+    await a.data.seal_all()
+    moved = 0
+    apply = treecopy._Copier.apply
+
+    def apply_then_move(copier, ops) -> None:
+        """Each batch written into the scratch, the user moves one file left → right."""
+        nonlocal moved
+        apply(copier, ops)
+        if moved < 30:
+            name = f"f{moved:02}".encode()
+            with a.db.write() as txn:
+                child = a.tree.lookup(left, name)
+                a.tree.unlink(txn, left, name)
+                a.tree.link(txn, right, name, child)
+            moved += 1
+
+    monkeypatch.setattr(treecopy._Copier, "apply", apply_then_move)
+    result = await meta.committer.commit(
+        min_seq=0, snapshots=meta.snapshots, retention=Retention(), user_changed=True,
+        prune=True, full=True,
+    )
+    assert moved == 30
+    a.close()
+
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    try:
+        restored = Metadata(b)
+        await adopt(restored, result.ref)
+        await restored.restorer.load_all()
+        files = names(b, left)[:-1] + names(b, right)  # less "deep"
+        assert names(b, left)[-1] == b"deep"
+        assert sorted(files) == [f"f{f:02}".encode() for f in range(30)], "each once"
+        deep = b.tree.lookup(left, b"deep")
+        assert await b.read(b.tree.lookup(deep, b"big")) == big
     finally:
         b.close()
