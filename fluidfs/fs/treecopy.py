@@ -284,8 +284,8 @@ class CopiedSnapshot:
                 break
         plan = await trio.to_thread.run_sync(copier.last, reader, full)
         self._held = HeldSnapshot(self.scratch)
-        if plan is None:
-            plan = self._held.run(self.reader.plan, True)
+        if plan is None:  # a walk of the whole tree: off the loop
+            plan = await trio.to_thread.run_sync(self._held.run, self.reader.plan, True)
         return plan
 
     def run(self, fn, *args):
