@@ -14,11 +14,13 @@ none open while the loop waits (treewalk ``Snapshots``). The tree's change count
 if it never moved, no tree table changed between the first and the last snapshot, so
 the commit is exactly what one snapshot would have given. If it moved, the short
 snapshots may disagree (a file moved between two directories read at different times
-could appear twice or not at all), so the commit starts over from one held snapshot,
-as before; the nodes already written are reused by content. Holders come from the
-block records as each batch reads them: newer holders only make the references
-better, and a block that went away meanwhile aborts the commit (CommitAborted) as it
-always could when registering.
+could appear twice or not at all), so the commit starts over from a consistent copy
+of the directories it reads, made in short read transactions (fs/treecopy.py); the
+nodes already written are reused by content. A full commit reads from such a copy
+from the start: the walk that finds every directory would otherwise hold one reader for
+as long as the tree takes to read. Holders come from the block records as each batch
+reads them: newer holders only make the references better, and a block that went away
+meanwhile aborts the commit (CommitAborted) as it always could when registering.
 
 A commit reads and serialises only the directories marked changed since the last
 commit and the path from each to the root (fs/dirstate.py); every other directory is
@@ -68,9 +70,9 @@ from fluidfs.fs.metaformat import (
 )
 from fluidfs.fs.metaindex import Holders, MetaIndex
 from fluidfs.fs.tree import Tree
+from fluidfs.fs.treecopy import CopiedSnapshot
 from fluidfs.fs.treewalk import (
     CommitAborted,
-    HeldSnapshot,
     Snapshots,
     TreeChanged,
     TreeReader,
@@ -572,16 +574,18 @@ class Committer:
 
     async def _write_tree_once(self, writer: TreeWriter, full: bool) -> Written:
         writer.stats.full = full
-        try:
-            return await write_tree(self.reader, writer, Snapshots(self.db), full=full)
-        except TreeChanged:
-            log.debug("the tree changed during the commit: reading it from one snapshot")
-            writer.stats.dirs = writer.stats.files = 0
-            held = HeldSnapshot(self.db)
+        if not full:  # a full walk of the tree would hold one reader for O(tree)
             try:
-                return await write_tree(self.reader, writer, held, full=full)
-            finally:
-                held.close()
+                return await write_tree(self.reader, writer, Snapshots(self.db), full=False)
+            except TreeChanged:
+                log.debug("the tree changed during the commit: reading it from a copy")
+                writer.stats.dirs = writer.stats.files = 0
+        copy = await trio.to_thread.run_sync(CopiedSnapshot, self.db, self.reader)
+        try:
+            plan = await copy.fill(self.reader, full)
+            return await write_tree(copy.reader, writer, copy, full=full, plan=plan)
+        finally:
+            await trio.to_thread.run_sync(copy.close)
 
     async def _commit(
         self,

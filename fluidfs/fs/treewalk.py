@@ -12,8 +12,9 @@ references (holders as public keys). Where it reads from is a ``Reads``:
   if it differs from the first one's, the tree changed and ``TreeChanged`` is raised.
   When it never differs, no tree table changed between the first and the last batch,
   so the batches saw exactly what one snapshot would have.
-- ``HeldSnapshot``: one read transaction for the whole walk (how every commit read
-  before; the fallback when the tree keeps changing, fs/commit.py).
+- ``HeldSnapshot``: one read transaction for the whole walk. Commits hold one only on
+  their private scratch copy of the tree (fs/treecopy.py, the fallback when the tree
+  keeps changing), never on meta.lmdb.
 
 A commit either reads every directory (``full``) or only those the dirty-directory
 tables (fs/dirstate.py) say changed, and the path from each to the root, deepest first;
@@ -298,11 +299,15 @@ def _list_slice(
     return Listed.of(*reader.directory_slice(txn, ino, content, after, limit=SLICE))
 
 
-async def write_tree(reader: TreeReader, writer, reads, *, full: bool = True) -> Written:
+async def write_tree(
+    reader: TreeReader, writer, reads, *, full: bool = True, plan: Plan | None = None
+) -> Written:
     """Write the tree as *reads* sees it: every directory if *full*, else those marked
     changed and the paths above them. May raise TreeChanged (see ``Snapshots``), and
-    StaleDirState when a directory it does not write has no usable committed node."""
-    plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
+    StaleDirState when a directory it does not write has no usable committed node.
+    A *plan* given is followed instead of reading one (fs/treecopy.py)."""
+    if plan is None:
+        plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
     content: dict[int, Ref | None] = dict(plan.lazy)
     for level in plan.levels:
         for start in range(0, len(level), DIRS_PER_BATCH):
