@@ -2,11 +2,11 @@
 
 Placement samples distinct peers weighted by trust and free promised space (see
 peers/placement.py), skipping peers that already have their fill of stores in
-flight, so one slow peer never holds up uploads to the others. Fetching asks K holders, each with
-its own timeout, verifies every shard against its id, and asks another holder
-whenever one fails or is late (much slower than the others' answers), so one slow or
-dead peer never stalls a read and healthy peers are asked for K shards, no more: on a
-full line every shard asked beyond K takes the place of one that was needed.
+flight, so one slow peer never holds up uploads to the others. Fetching asks K
+holders, each with its own timeout, verifies every shard against its id, and asks
+another holder whenever one fails or is late (much slower than the others' answers),
+so one slow or dead peer never stalls a read and healthy peers are asked for K shards,
+no more: on a full line every shard asked beyond K takes the place of a needed one.
 
 A holder our records name that returns a shard failing its id check is reported
 (``on_corrupt``): the blockstore counts everything it holds for us lost and marks it
