@@ -217,8 +217,8 @@ def main() -> int:
           f"{args.size / read * 8 / 1e6:.1f} Mbit/s; bound {restore_bound:.1f} s: "
           f"{restore_bound / read:.0%} of the bound (goal >= 70%); "
           f"{args.size / nominal / read:.0%} of the nominal {nominal * 8 / 1e6:g} Mbit/s; "
-          f"{fetched / args.size:.2f} bytes received per byte read (K + 2 shards are asked "
-          f"for each block: {(K + 2) / K:.2f})")
+          f"{fetched / args.size:.2f} bytes received per byte read (1.00: K shards per "
+          f"block, more only for late ones; K + 2 at once would be {(K + 2) / K:.2f})")
     print(f"with --limit-upload {args.limit} ({limit * 8 / 1e6:.1f} Mbit/s): upload to 12/12 "
           f"{limited:.1f} s; worst {WINDOW:g} s window {worst * 8 / 1e6:.2f} Mbit/s = "
           f"{worst / limit - 1:+.1%} against the limit (goal <= +5%)")

@@ -2,10 +2,11 @@
 
 Placement samples distinct peers weighted by trust and free promised space (see
 peers/placement.py), skipping peers that already have their fill of stores in
-flight, so one slow peer never holds up uploads to the others. Fetching asks more
-holders than needed at once (K plus a few), each with its own timeout, verifies
-every shard against its id, and starts another request whenever one fails, so one
-slow or dead peer never stalls a read.
+flight, so one slow peer never holds up uploads to the others. Fetching asks K
+holders, each with its own timeout, verifies every shard against its id, and asks
+another holder whenever one fails or is late (much slower than the others' answers),
+so one slow or dead peer never stalls a read and healthy peers are asked for K shards,
+no more: on a full line every shard asked beyond K takes the place of a needed one.
 
 A holder our records name that returns a shard failing its id check is reported
 (``on_corrupt``): the blockstore counts everything it holds for us lost and marks it
@@ -18,6 +19,8 @@ fetches a few whole shards each cycle (audit.py).
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -41,7 +44,13 @@ MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer at once
 SLOT_WAIT = 1.0  # how long a shard waits for a busy peer before going elsewhere
 BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
-EXTRA_FETCHES = 2
+EXTRA_FETCHES = 2  # at most this many requests beyond K, each only for a late or failed one
+# A shard request is late when it has run HEDGE_FACTOR times the median time of the good
+# answers so far, plus HEDGE_SLACK (so jitter on a fast line starts none); before any
+# answer, after FIRST_ANSWER_PATIENCE.
+HEDGE_FACTOR = 2.0
+HEDGE_SLACK = 0.25
+FIRST_ANSWER_PATIENCE = FETCH_TIMEOUT / 2
 
 # Told (shard index, holder) when a shard turns up on a peer its record does not name.
 FoundShard = Callable[[int, int], None]
@@ -57,6 +66,20 @@ UNCERTAIN_CODES = frozenset({"timeout", "connection_lost", "bad_reply", "interna
 
 def _ignore(_key: bytes) -> None:
     pass
+
+
+def _patience(took: list[float]) -> float:
+    """How long a shard request may run before it counts as late, given how long the
+    good answers so far took."""
+    if not took:
+        return FIRST_ANSWER_PATIENCE
+    return HEDGE_FACTOR * statistics.median(took) + HEDGE_SLACK
+
+
+def _late_at(in_flight: dict[int, float], covered: set[int], took: list[float]) -> float:
+    """When the first request in flight without an extra one started for it turns late."""
+    waiting = [at for index, at in in_flight.items() if index not in covered]
+    return min(waiting) + _patience(took) if waiting else math.inf
 
 
 def _window() -> trio.Semaphore:
@@ -260,8 +283,10 @@ class RemoteShards:
     ) -> dict[int, bytes]:
         """K shards of the block, each verified against its id; BlockError if unreachable.
 
-        *extra* more requests than needed go out at once (cutting tail latency for
-        readers; repair, which is not waited on, asks for exactly K first). With
+        K requests go out at once; up to *extra* more go out, one for each request
+        that turns late (see ``_patience``), cutting tail latency for readers without
+        spending the line on shards that get cancelled (repair, which is not waited
+        on, passes 0). A failed request is replaced at once, always. With
         *verify* False the shards come back unchecked: for callers that check what
         they compute from them instead (repair checks each recreated shard's id).
         If the named holders do not give K shards, every other peer we have an
@@ -270,32 +295,53 @@ class RemoteShards:
         """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
-        send, recv = trio.open_memory_channel[tuple[int, bytes | None]](len(order))
+        send, recv = trio.open_memory_channel[tuple[int, bytes | None, float]](len(order))
+        in_flight: dict[int, float] = {}  # shard index -> when its request went out
+        covered: set[int] = set()  # late requests an extra one was started for
+        took: list[float] = []  # how long each good answer took
 
         async def fetch_one(index: int) -> None:
             key = self.peers.key_of(holders[index])
             data = None
             if key is not None:
                 data = await self._get_shard(key, record, index, recorded=True, verify=verify)
-            send.send_nowait((index, data))
+            send.send_nowait((index, data, trio.current_time() - in_flight[index]))
 
         async with trio.open_nursery() as nursery:
             queue = list(order)
-            running = 0
-            for _ in range(min(record.needed + extra, len(queue))):
-                nursery.start_soon(fetch_one, queue.pop(0))
-                running += 1
-            while running and len(good) < record.needed:
-                index, data = await recv.receive()
-                running -= 1
-                if data is not None:
-                    good[index] = data
-                elif queue:
-                    nursery.start_soon(fetch_one, queue.pop(0))
-                    running += 1
-                if running == 0 and queue and len(good) < record.needed:
-                    nursery.start_soon(fetch_one, queue.pop(0))
-                    running += 1
+            hedged = 0
+
+            def start_next() -> None:
+                index = queue.pop(0)
+                in_flight[index] = trio.current_time()
+                nursery.start_soon(fetch_one, index)
+
+            for _ in range(min(record.needed, len(queue))):
+                start_next()
+            while in_flight and len(good) < record.needed:
+                hedge_at = math.inf
+                if queue and hedged < extra:
+                    hedge_at = _late_at(in_flight, covered, took)
+                with trio.move_on_at(hedge_at):
+                    index, data, elapsed = await recv.receive()
+                    del in_flight[index]
+                    if data is not None:
+                        good[index] = data
+                        took.append(elapsed)
+                    elif queue:  # a failure: ask the next holder at once
+                        start_next()
+                    continue
+                # No answer before the oldest request became late: one more request
+                # for each late one (at most *extra* in all), the others keep running.
+                now = trio.current_time()
+                for late in sorted(in_flight, key=in_flight.__getitem__):
+                    if late in covered or in_flight[late] + _patience(took) > now:
+                        continue
+                    if not queue or hedged >= extra:
+                        break
+                    covered.add(late)
+                    hedged += 1
+                    start_next()
             nursery.cancel_scope.cancel()
         if len(good) < record.needed:
             await self._search(record, holders, good, on_found)

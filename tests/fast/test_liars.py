@@ -102,7 +102,13 @@ async def test_a_holder_caught_serving_a_corrupt_shard_loses_everything_for_good
                 owner.nursery.start_soon(repairer.run)
 
                 stored = owner.store.blocks.load(ids[0])
-                good = await owner.remote.fetch_shards(stored.record, stored.holders, extra=N)
+                # Name the liar and K - 1 others: a read asks K holders at once, so it
+                # cannot finish before the liar's answer is checked; the shard it lied
+                # about is then looked for on every peer.
+                slot = stored.holders.index(lied)
+                asked = {slot, *[i for i in range(len(stored.holders)) if i != slot][:K - 1]}
+                named = [h if i in asked else NO_HOLDER for i, h in enumerate(stored.holders)]
+                good = await owner.remote.fetch_shards(stored.record, named, extra=N)
                 assert len(good) >= K, "the read itself goes around the liar"
 
                 await until(lambda: all(lied not in owner.holders(b) for b in ids),

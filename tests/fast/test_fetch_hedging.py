@@ -1,0 +1,111 @@
+"""Reading a block asks its holders for K shards, no more, while they answer in time
+(blocks/remote.py ``fetch_shards``): on a full line each shard asked beyond K is a
+needed one delayed. A holder that is late or fails costs one more request, started
+when it turns late, so a silent peer holds a read up by one short wait, not a timeout.
+
+The owner and its hosts are real peer services in this process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from inproc import PeerNode, slow_jump_clock
+from test_remote_placement import K, N, owner_with_hosts, sealed
+
+from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
+from fluidfs.blocks.remote import FETCH_TIMEOUT, HEDGE_SLACK
+from fluidfs.service.host import PeerService
+
+BLOCKS = 10
+
+
+class Counting(PeerService):
+    """A real peer service that counts the shard retrievals it is asked for; with
+    ``silent`` set it never answers them."""
+
+    asked = 0
+    silent = False
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op == "RetrieveShard":
+            type(self).asked += 1
+            if self.silent:
+                await trio.sleep_forever()
+        return await super().handle(peer_key, op, args)
+
+
+def counting(silent: bool = False) -> type[Counting]:
+    return type("Counted", (Counting,), {"asked": 0, "silent": silent})
+
+
+async def test_healthy_holders_are_asked_for_k_shards_per_block(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        services = [counting() for _ in range(N)]
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(services)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            blocks = []
+            for _ in range(BLOCKS):
+                data = os.urandom(20_000)
+                record, shards = sealed(remote, data)
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                blocks.append((data, record, holders))
+            for data, record, holders in blocks:
+                assert await remote.fetch(record, holders) == data
+            asked = sum(s.asked for s in services)
+            # K + 2 at once would ask 40; a hedge now and then on a loaded machine is fine.
+            assert asked <= BLOCKS * K + BLOCKS // 2, f"{asked} shard requests for {BLOCKS} blocks"
+        finally:
+            for host in hosts:
+                host.close()
+
+
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Time that jumps only when this process is idle (every honest answer is in)."""
+    return slow_jump_clock()
+
+
+async def test_a_silent_holder_costs_one_short_wait_and_one_more_request(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        silent, honest = counting(silent=True), [counting() for _ in range(N - 1)]
+        mute = await PeerNode(tmp_path / "mute", service=silent).start(nursery)
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(honest)]
+        try:
+            data = os.urandom(30_000)
+            record, shards = sealed(remote, data)
+            # Shard 0 (asked first) on the silent peer, the others on honest ones.
+            owner.use(mute)
+            holders = [NO_HOLDER] + [LOCAL_HOLDER] * (N - 1)
+            await remote.place(record, shards, holders)
+            for host in hosts:
+                owner.use(host)
+            holders[1:] = [NO_HOLDER] * (N - 1)
+            await remote.place(record, shards, holders)
+            assert holders[0] == owner.peers.get(mute.key).index and NO_HOLDER not in holders
+
+            started = trio.current_time()
+            assert await remote.fetch(record, holders) == data
+            waited = trio.current_time() - started
+            assert silent.asked == 1
+            # The other first one and one more (two more only if a loaded machine made
+            # virtual time jump before the first answer came back).
+            assert K <= sum(s.asked for s in honest) <= K + 1
+            assert waited < FETCH_TIMEOUT, f"read waited {waited:.2f} s: a whole timeout"
+            assert waited >= HEDGE_SLACK, "the extra request waits for the slow one to be late"
+        finally:
+            mute.close()
+            for host in hosts:
+                host.close()
+
