@@ -27,6 +27,7 @@ from fluidfs.remount.restore import TreeRestore
 
 SYNC_STALL = 20.0  # fluidfs sync: seconds without placement progress before reporting
 SYNC_ROUNDS = 3  # commits again while holders improve after the tree was written
+PUBLISH_RETRY = 2.0  # fluidfs sync: seconds between sends of a root record that fell short
 
 
 class RequestRefused(Exception):
@@ -94,6 +95,16 @@ class RemountRequests:
                 result = more
                 written.add(more.stats)
         await commits.publish_pending()
+        # A root record that reached too few peers (busy on a thin line, say) is sent
+        # again until the sync's own time is up, rather than failing the sync at once.
+        deadline = started + timeout
+        while (
+            self.publisher.pending is not None
+            and self.keeper.may_commit
+            and time.monotonic() + PUBLISH_RETRY < deadline
+        ):
+            await trio.sleep(PUBLISH_RETRY)
+            await commits.publish_pending()
         head = self.committer.heads.latest()
         blocks = self.blocks
         local = 0
