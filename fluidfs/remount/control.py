@@ -89,7 +89,15 @@ class RemountRequests:
                         break
                 elif not full and not again:
                     break
-                more = await commits.commit(user_changed=False, force=again, stall=SYNC_STALL)
+                # A commit that named blocks still short of holders (withheld, or with
+                # holders to record) is made again once they are placed, even if the
+                # tree did not change since: that is what sync waits for.
+                short = last is not None and bool(
+                    last.stats.incomplete_refs or last.stats.weak_refs
+                )
+                more = await commits.commit(
+                    user_changed=False, force=again or (short and full), stall=SYNC_STALL
+                )
                 if more is None:
                     break
                 result = more

@@ -7,12 +7,15 @@ as a full or broken disk would), so the first publication falls short.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import trio
 from test_conflicts import keyfile_hosts, machine, write_file
 
 from fluidfs.fs.tree import ROOT_INO
+
+MIB = 1 << 20
 
 
 async def test_sync_sends_a_short_root_record_again_until_it_lands(tmp_path: Path) -> None:
@@ -36,3 +39,29 @@ async def test_sync_sends_a_short_root_record_again_until_it_lands(tmp_path: Pat
             reply = await node.remount_requests.sync(30.0)
         assert reply["committed"] and reply["published"], reply
         assert reply["root_peers"] >= 2
+
+
+async def test_sync_commits_again_once_a_withheld_commits_blocks_are_placed(
+    tmp_path: Path,
+) -> None:
+    """A commit made while peers refused every store names blocks too few peers hold, so
+    its root is withheld; with the tree unchanged since, `fluidfs sync` must still end
+    with a published root once the blocks are placed (it used to report "no changes
+    since the last commit ... the root record has not reached enough peers yet"). About
+    25 s: the withheld commit waits out the placement stall of blocks below K."""
+    async with keyfile_hosts(tmp_path) as (ring, hosts), machine(
+        tmp_path / "a", ring, hosts, new=True
+    ) as node:
+        for host in hosts:  # stores and records refused: no agreement on their side
+            host.ledger.end(ring.public_key)
+        await write_file(node, ROOT_INO, b"big.bin", os.urandom(300_000))
+        first = await node.commits.commit(user_changed=True, stall=0.5)
+        assert first is not None and first.stats.weak_refs, "the commit is withheld"
+        for host in hosts:
+            host.ledger.record(ring.public_key, we_host=64 * MIB, they_host=64 * MIB,
+                               term=3600)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.repairer.run)  # places what the refusals left out
+            reply = await node.remount_requests.sync(60.0)
+            nursery.cancel_scope.cancel()
+        assert reply["published"] and reply["full"], repr(reply)
