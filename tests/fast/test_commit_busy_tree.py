@@ -64,7 +64,10 @@ async def test_files_created_during_a_full_commit_neither_grow_the_file_nor_tear
     assert result is not None and result.stats.full
     assert created > 200, f"only {created} files were created during the commit"
     used = a.db.usage()
-    assert used.file_bytes <= 3 * used.live_bytes, used
+    # 3x the live tables, plus 4 MiB of slack: at half a megabyte of tables LMDB's page
+    # reuse leaves a few spare megabytes on a loaded machine (4.7x seen under load); one
+    # reader held for the whole commit grew this file to 33.6 MB (65x).
+    assert used.file_bytes <= 3 * used.live_bytes + 4 * 2**20, used
     assert not (tmp_path / "a" / "commit-copy.lmdb").exists(), "the scratch copy is gone"
     a.close()
 
