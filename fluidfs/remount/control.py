@@ -89,12 +89,11 @@ class RemountRequests:
                         break
                 elif not full and not again:
                     break
-                # A commit that named blocks still short of holders (withheld, or with
-                # holders to record) is made again once they are placed, even if the
-                # tree did not change since: that is what sync waits for.
-                short = last is not None and bool(
-                    last.stats.incomplete_refs or last.stats.weak_refs
-                )
+                # A commit withheld for naming blocks below K holders is made again once
+                # they are placed, even if the tree did not change since: its root was
+                # never published, and that is what sync waits for. (Holders merely to
+                # record wait for the next commit: a small sync stays one commit.)
+                short = last is not None and bool(last.stats.weak_refs)
                 more = await commits.commit(
                     user_changed=False, force=again or (short and full), stall=SYNC_STALL
                 )
