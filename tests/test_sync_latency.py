@@ -38,7 +38,9 @@ def test_sync_after_three_small_files_is_quick(make_mount, tmp_path) -> None:
             assert result.returncode == 0, result.stderr + mnt.log()
             reply = json.loads(result.stdout)
             assert reply["committed"] and reply["full"] and reply["published"], reply
-            assert reply["nodes_written"] == 3, reply
+            # the changed directory, its path and the commit nodes; a holder to record may
+            # add one (incremental commits, fs/dirstate.py)
+            assert 3 <= reply["nodes_written"] <= 6, reply
             node_seconds.append(reply["seconds"])
         mnt.unmount()
 
