@@ -204,6 +204,16 @@ async def check(
     return results
 
 
+def _block_refs(scanned: ScannedFile) -> list[bytes]:
+    """The block ids a file's map names (inline pieces have none)."""
+    return [v[1:] for v in scanned.values if v[:1] == BLOCK_REF]
+
+
+def _without_blocks(scanned: ScannedFile) -> FileHealth:
+    """The verdict of a file that names no block: inline data, or empty."""
+    return FileHealth(scanned.path, "inline" if scanned.values else "empty", "-")
+
+
 async def _judge_copies(
     scanned: ScannedFile,
     blocks: BlockStore,
@@ -212,10 +222,9 @@ async def _judge_copies(
     copies: CopyReport,
 ) -> FileHealth:
     """One file's verdict from every copy of every block (see the module docstring)."""
-    path, values = scanned.path, scanned.values
-    refs = [v[1:] for v in values if v[:1] == BLOCK_REF]
+    path, refs = scanned.path, _block_refs(scanned)
     if not refs:
-        return FileHealth(path, "inline" if values else "empty", "-")
+        return _without_blocks(scanned)
     state, worst, total = "ok", None, blocks.codec.total
     for block_id in refs:
         stored = scanned.records.get(block_id)
@@ -316,10 +325,9 @@ async def _judge(
     verified: dict[bytes, bool],
 ) -> FileHealth:
     """One file's verdict (*verified*: blocks rebuilt so far, shared across files)."""
-    path, values = scanned.path, scanned.values
-    refs = [v[1:] for v in values if v[:1] == BLOCK_REF]
+    path, refs = scanned.path, _block_refs(scanned)
     if not refs:
-        return FileHealth(path, "inline" if values else "empty", "-")
+        return _without_blocks(scanned)
     state, worst, total = "ok", None, blocks.codec.total
     for block_id in refs:
         stored = scanned.records.get(block_id)
