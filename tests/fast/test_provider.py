@@ -12,7 +12,8 @@ import os
 
 import pytest
 import trio
-from inproc import PeerNode, until
+from inproc import until
+from providernet import SIZE, ProviderNet, shard
 
 from fluidfs.blocks import merkle
 from fluidfs.cli.main import main as fluidfs_main
@@ -24,48 +25,27 @@ from fluidfs.peers.provider import ProviderClient
 from fluidfs.store.accounts import AccountBook, holder_key
 from fluidfs.store.db import META_TABLES, Database
 
-SIZE = 4 * MIB  # what U offers each partner, reserved at P
+SHARD = 200_000
 
 
-def shard(n: int = 1, size: int = 200_000) -> tuple[bytes, bytes]:
-    data = os.urandom(size) if n else b""
-    return merkle.shard_id(data), data
-
-
-class Net:
+class Net(ProviderNet):
     """P (provider), U (customer, offline: it never listens), X and Y (peers)."""
 
     def __init__(self, tmp_path) -> None:
-        self.p = PeerNode(tmp_path / "p", provider=True)
-        self.u = PeerNode(tmp_path / "u", proposes_only=True)
-        self.x = PeerNode(tmp_path / "x")
-        self.y = PeerNode(tmp_path / "y")
+        super().__init__(tmp_path, providers=["p"], partners=["x", "y"])
+        (self.p,), (self.x, self.y) = self.providers, self.partners
         self.book: AccountBook = self.p.service.provider.book
         self.client: ProviderClient | None = None
         self.manager: PeerManager | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for node in (self.p, self.x, self.y):
-            await node.start(nursery)
-        await self.u.start(nursery, listen=False)
-        self.client = ProviderClient(self.u.conns, self.u.ledger, self.p.key, self.p.addr)
-        self.manager = PeerManager(self.u.conns, self.u.peers, self.u.ledger,
-                                   donate=1 << 30, agreement_size=SIZE, provider=self.client)
-
-    def close(self) -> None:
-        for node in (self.p, self.u, self.x, self.y):
-            node.close()
+        await super().start(nursery)
+        self.client = self.client_at(self.p)
+        self.manager = self.manager_for(self.client)
 
 
 async def with_net(tmp_path, body) -> None:
-    net = Net(tmp_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            await net.start(nursery)
-            await body(net)
-            nursery.cancel_scope.cancel()
-    finally:
-        net.close()
+    await Net(tmp_path).run(body)
 
 
 async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(tmp_path):
@@ -82,7 +62,7 @@ async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(
         reservation = net.book.reservation(net.u.key, net.x.key)
         assert reservation.live and reservation.size == SIZE
 
-        sid, data = shard()
+        sid, data = shard(SHARD)
         reply = await net.x.conns.call(net.u.key, "StoreShard",
                                        {"shards": [{"id": sid, "data": data}]})
         assert reply == {"stored": [sid], "refused": []}
@@ -114,7 +94,7 @@ async def test_the_provider_refuses_shards_outside_a_live_reservation(tmp_path):
         net.book.add(net.u.key, 64 * MIB)
         await net.manager.add(net.x.addr)
         u = net.u.key
-        sid, data = shard()
+        sid, data = shard(SHARD)
 
         # Y has no reservation from U (a stranger's frames are small: a small shard).
         tiny_id, tiny = shard(size=1000)
@@ -126,7 +106,7 @@ async def test_the_provider_refuses_shards_outside_a_live_reservation(tmp_path):
 
         # Over the reservation's size: the rest is refused, shard by shard.
         net.book.reserve(u, net.x.key, 300_000)
-        sid2, data2 = shard()
+        sid2, data2 = shard(SHARD)
         reply = await net.x.conns.call(u, "StoreShard", {"shards": [
             {"id": sid, "data": data}, {"id": sid2, "data": data2}]})
         assert reply["stored"] == [sid]
@@ -277,7 +257,7 @@ async def test_a_user_whose_provider_is_gone_takes_its_side_back_home(tmp_path):
         assert net.x.ledger.live(net.u.key).store_at_id is None
         assert net.u.ledger.live(net.x.key).reserved_at is None
 
-        sid, data = shard()
+        sid, data = shard(SHARD)
         reply = await net.x.conns.call(net.u.key, "StoreShard",
                                        {"shards": [{"id": sid, "data": data}]})
         assert reply["stored"] == [sid]
