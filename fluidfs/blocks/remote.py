@@ -239,7 +239,9 @@ class RemoteShards:
             reply = await self.conns.call(
                 key,
                 "StoreShard",
-                {"shards": [{"id": shard_id, "data": data}]},
+                # cbor2 writes a memoryview as a list of ints: a sealed block's
+                # primary shards (views of its buffer) become bytes here, once.
+                {"shards": [{"id": shard_id, "data": bytes(data)}]},
                 timeout=STORE_TIMEOUT,
                 priority=priority,
             )
