@@ -184,16 +184,30 @@ class RemoteShards:
             candidates = prefer_group(candidates, self.placement_groups(),
                                       self._holder_keys(holding))
         missing = [i for i, h in enumerate(holders) if h == NO_HOLDER]
+        # Each shard's first peer is chosen now and all first attempts are journalled in
+        # one transaction; a retry on another peer journals itself (``_store``).
+        first = dict(zip(missing, candidates, strict=False))
+        del candidates[: len(first)]
+        if self.journal is not None:
+            self.journal.placing_many([
+                (self.peers.get(key).index, record.shard_ids[i], record.shard_size,
+                 record.block_id)
+                for i, key in first.items()
+            ])
 
         async def store_one(index: int) -> None:
-            while candidates:
-                key = candidates.pop(0)
+            key = first.get(index)
+            journaled = True
+            while key is not None:
                 stored = await self._store(
-                    key, record.shard_ids[index], shards[index], record.block_id, priority
+                    key, record.shard_ids[index], shards[index], record.block_id, priority,
+                    journaled=journaled,
                 )
                 if stored:
                     holders[index] = self.peers.get(key).index
                     return
+                key = candidates.pop(0) if candidates else None
+                journaled = False
 
         async with trio.open_nursery() as nursery:
             for index in missing:
@@ -206,17 +220,24 @@ class RemoteShards:
         data: bytes,
         block_id: bytes = b"",
         priority: int = UPLOAD,
+        *,
+        journaled: bool = False,
     ) -> bool:
+        """Store one shard on *key*; True once it confirmed. *journaled*: the attempt
+        is in the placing journal already (``place`` journals a block's first attempts
+        together)."""
         slot = self._slots[key]
+        holder = self.peers.get(key).index
         acquired = False
         with trio.move_on_after(SLOT_WAIT):
             await slot.acquire()
             acquired = True
-        if not acquired:
-            return False  # a slow peer: this shard goes to another one
+        if not acquired:  # a slow peer: this shard goes to another one
+            if journaled and self.journal is not None:
+                self.journal.refused(holder, shard_id)  # never sent: nothing to collect
+            return False
         try:
-            holder = self.peers.get(key).index
-            if self.journal is not None:
+            if self.journal is not None and not journaled:
                 self.journal.placing(holder, shard_id, len(data), block_id)
             outcome = await self._store_on(key, shard_id, data, priority)
             if self.journal is not None:
@@ -239,7 +260,9 @@ class RemoteShards:
             reply = await self.conns.call(
                 key,
                 "StoreShard",
-                {"shards": [{"id": shard_id, "data": data}]},
+                # cbor2 writes a memoryview as a list of ints: a sealed block's
+                # primary shards (views of its buffer) become bytes here, once.
+                {"shards": [{"id": shard_id, "data": bytes(data)}]},
                 timeout=STORE_TIMEOUT,
                 priority=priority,
             )
