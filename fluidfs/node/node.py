@@ -202,7 +202,7 @@ class Node:
         )
         self.relay_client = RelayClient(
             self.conns,
-            RelayClientPolicy(relays=config.relay_via),
+            config.relay_client or RelayClientPolicy(relays=config.relay_via),
             unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
             candidates=lambda: announced_relays(self.peers, self.addresses),
             on_change=lambda: self.reach.wake(),
