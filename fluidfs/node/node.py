@@ -230,7 +230,8 @@ class Node:
         self.reach = Reachability(self.conns, self.peers, self.ledger, keyring.signing_key,
                                   config.reach, mapped=lambda: self.portmap.mapped,
                                   relays=self.relay_client.via,
-                                  offers_relay=self.relay is not None)
+                                  offers_relay=self.relay is not None,
+                                  book=self.addresses)
         self.remote = RemoteShards(
             self.conns,
             self.peers,

@@ -42,8 +42,12 @@ from fluidfs.peers.addrrecord import (
     MAX_ADDR_TEXT,
     MAX_ADDRS,
     MAX_VIA,
+    AddressBook,
     AddressRecord,
+    RecordError,
+    learn,
     make_record,
+    read_record,
 )
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -87,6 +91,7 @@ class Reachability:
     mapped: Callable[[], PeerAddr | None] = lambda: None  # the gateway's mapping, if any
     relays: Callable[[], list[PeerAddr]] = list  # relays we are registered at (relayclient)
     offers_relay: bool = False  # we relay for others (serve --relay): the record says so
+    book: AddressBook | None = None  # peers' records; ours too, for our Ping answers
     record: AddressRecord | None = None
     seen: dict[bytes, str] = field(default_factory=dict)  # peer -> host it sees us at
     announced: int = 0  # records signed (for status and tests)
@@ -139,6 +144,8 @@ class Reachability:
                 and list(self.record.via) == via and self.record.relay == relay:
             return
         self.record = make_record(self.identity, addrs, via=via, relay=relay)
+        if self.book is not None:
+            self.book.offer(self.record)
         self.announced += 1
         log.info("reachable at %s: telling peers",
                  ", ".join([*map(str, addrs), *(f"via relay {a}" for a in via)]))
@@ -173,6 +180,9 @@ class Reachability:
         except RpcError as exc:
             log.info("ping %s refused: %s", _short(key), exc)
             return
+        if "record" in reply and self.book is not None:  # its own, signed: as in a Ping
+            with contextlib.suppress(RecordError):
+                learn(self.peers, self.book, read_record(reply["record"], expected=key), key)
         try:
             host, _ = split_host_port(reply.get("seen", ""))
         except AddressError:

@@ -124,3 +124,23 @@ async def test_a_relay_that_vanishes_is_replaced(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.close()
+
+
+async def test_a_relay_met_only_as_a_bootstrap_address_is_known_for_one(tmp_path: Path) -> None:
+    """X is given only R's address: R's answer to X's reachability ping carries R's own
+    record, which says it relays, and X registers there (no third peer passes it on)."""
+    r = _node(tmp_path / "r", relay=True)
+    nodes = [r]
+    try:
+        async with trio.open_nursery() as nursery:
+            await _run(r, nursery)
+            await until(lambda: r.reach.record is not None, what="R's record")
+            x = _node(tmp_path / "x", listen=None, bootstrap=(r.conns.listen_addr,))
+            nodes.append(x)
+            await _run(x, nursery)
+            await until(lambda: x.relay_client.via(), timeout=10, what="X registered at R")
+            assert x.addresses.get(r.peers.self_key).relay
+            nursery.cancel_scope.cancel()
+    finally:
+        for node in nodes:
+            node.close()
