@@ -163,3 +163,34 @@ async def test_blocks_read_at_once_ask_the_least_busy_holders(tmp_path: Path) ->
         finally:
             for host in hosts:
                 host.close()
+
+
+async def test_shards_missing_from_the_records_are_searched_for_at_once(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A holder list that lags (a fresh machine reading an old snapshot names no holder
+    for the shards): the K shards needed are looked for together, one round of the
+    peers, not one round per shard. (Fails before: two rounds for K = 2.)"""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        services = [type(f"Overlap{i}", (Overlapping,), {"running": 0, "most": 0})
+                    for i in range(N)]
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(services)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            data = os.urandom(20_000)
+            record, shards = sealed(remote, data)
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            found: list[tuple[int, int]] = []
+            started = trio.current_time()
+            rebuilt = await remote.fetch(record, [NO_HOLDER] * N,
+                                         on_found=lambda i, h: found.append((i, h)))
+            took = trio.current_time() - started
+            assert rebuilt == data
+            assert sorted(found) == [(i, holders[i]) for i in range(K)]
+            assert took < 2 * 0.1, f"{took:.2f} s: one search round after another"
+        finally:
+            for host in hosts:
+                host.close()
