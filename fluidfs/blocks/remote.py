@@ -44,6 +44,13 @@ MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer at once
 SLOT_WAIT = 1.0  # how long a shard waits for a busy peer before going elsewhere
 BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
+# More for each of our shard requests already running to the same peer: a reader keeps
+# blocks in flight, and on a 20 Mbit/s uplink each 512 KiB answer queued ahead takes
+# about 0.2 s, far more on a loaded machine. A request that times out is asked again,
+# and the answer on its way is sent all the same: a timeout that counts the queue ahead
+# as silence spends the line twice. A silent peer is still passed over early: a late
+# request gets its hedge after ``_patience``, not after the timeout.
+FETCH_TIMEOUT_QUEUED = 2.0
 EXTRA_FETCHES = 2  # at most this many requests beyond K, each only for a late or failed one
 # A shard request is late when it has run HEDGE_FACTOR times the median time of the good
 # answers so far, plus HEDGE_SLACK (so jitter on a fast line starts none); before any
@@ -305,8 +312,10 @@ class RemoteShards:
             data = None
             try:
                 if key is not None:
-                    data = await self._get_shard(key, record, index, recorded=True,
-                                                 verify=verify)
+                    ahead = self._fetching[key] - 1
+                    data = await self._get_shard(
+                        key, record, index, recorded=True, verify=verify,
+                        timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
             finally:
                 if key is not None:
                     self._fetching[key] -= 1
@@ -448,7 +457,8 @@ class RemoteShards:
         return result[0] if result else None
 
     async def _get_shard(
-        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True
+        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True,
+        timeout: float = FETCH_TIMEOUT,
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
@@ -459,7 +469,8 @@ class RemoteShards:
         in a search owes us nothing. With *verify* False the bytes are not checked
         (the caller checks what it computes from them).
         """
-        outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify)
+        outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify,
+                                             timeout=timeout)
         peer = self.peers.get(key) if recorded else None
         if outcome == CORRUPT and peer is not None:
             self.on_corrupt(record.block_id, index, peer.index)
@@ -492,10 +503,11 @@ class RemoteShards:
         recorded: bool,
         verify: bool,
         credit: bool = True,
+        timeout: float = FETCH_TIMEOUT,
     ) -> tuple[str, bytes | None]:
         try:
             reply = await self.conns.call(
-                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=FETCH_TIMEOUT
+                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=timeout
             )
         except (PeerUnavailable, RpcError) as exc:
             if recorded:
