@@ -107,6 +107,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         )
     _print_uploads(reply)
     print(f"network:     {network_line(reply)}")
+    if "relay" in reply:
+        print(f"relaying:    {relay_line(reply['relay'])}")
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
@@ -179,6 +181,15 @@ def network_line(reply: dict) -> str:
         f"sending {rate('send_rate', reply['limit_upload'])}, "
         f"receiving {rate('receive_rate', reply['limit_download'])}; {done}"
     )
+
+
+def relay_line(load: dict) -> str:
+    """What this node relays for peers nobody can dial, against its bounds."""
+    rate = load["rate"]
+    each = f"at most {human(rate)}/s each way" if rate else "no limit each"
+    return (f"{load['registered']} of {load['max_registered']} peers registered, "
+            f"{load['relayed']} of {load['max_relayed']} connections ({each}), "
+            f"{human(load['bytes_relayed'])} relayed")
 
 
 def duration(seconds: float) -> str:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from fluidfs import keys as keymod
 from fluidfs.blocks.audit import AuditPolicy
 from fluidfs.blocks.repair import RepairPolicy
+from fluidfs.cli.argtypes import RELAY_UNLIMITED
 from fluidfs.cli.common import EXIT_USAGE, fail
 from fluidfs.net.limits import DEFAULT_LIMITS
 from fluidfs.node import logsetup
@@ -148,9 +150,28 @@ def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
         provider=args.provider,
-        relay=RelayPolicy() if args.relay else None,
+        relay=relay_policy(args),
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
+
+
+def relay_policy(args: argparse.Namespace) -> RelayPolicy | None:
+    """The bounds of ``serve --relay`` (None without ``--relay``); the defaults of
+    RelayPolicy for the options not given."""
+    given = {"max_registered": args.relay_max_peers, "max_relayed": args.relay_max_connections,
+             "rate": args.relay_limit}
+    if not args.relay:
+        named = [flag for flag, value in zip(
+            ("--relay-max-peers", "--relay-max-connections", "--relay-limit"),
+            given.values(), strict=True) if value is not None]
+        if named:
+            fail(f"{', '.join(named)} only apply with --relay", EXIT_USAGE)
+        return None
+    settings = {name: value for name, value in given.items() if value is not None}
+    if settings.get("rate") == RELAY_UNLIMITED:
+        settings["rate"] = None
+    policy = RelayPolicy(**settings)
+    return replace(policy, max_per_peer=min(policy.max_per_peer, policy.max_relayed))
 
 
 def serve_faults(args: argparse.Namespace) -> FaultInjection:

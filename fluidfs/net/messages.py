@@ -126,10 +126,13 @@ OPS: dict[str, OpSpec] = {
     # record (optional): the caller's signed address record (peers/addrrecord.py).
     # seen (reply, optional): the caller's address as the responder sees the connection
     # ("host:port" after any NAT), so a node learns the address the internet gives it.
+    # record (reply, optional): the responder's own signed address record (a relay's
+    # says it relays: a node met only as a bootstrap address learns that from it).
     "Ping": OpSpec(
         Map({}, optional={"addr": Str(MAX_ADDR),
                           "record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
-        Map({"time": U64}, optional={"seen": Str(MAX_ADDR)}),
+        Map({"time": U64}, optional={"seen": Str(MAX_ADDR),
+                                     "record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
     ),
     # Small signed per-owner records (root pointer, writer lease; see peers/rootrecord.py).
     # PutRecord: the peer keeps the record if it verifies as the caller's own, its fence

@@ -14,6 +14,7 @@ from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
 from fluidfs.peers.relay import RelayPolicy
+from fluidfs.peers.relayclient import RelayClientPolicy
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.options import RemountOptions
 from fluidfs.statedir import StateDir
@@ -52,6 +53,7 @@ class NodeConfig:
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
     relay: RelayPolicy | None = None  # relay for undialable peers (serve --relay); None: off
     relay_via: tuple[str, ...] = ()  # relays to keep registrations at (--relay-via)
+    relay_client: RelayClientPolicy | None = None  # None: from relay_via (tests shorten it)
     limit_upload: float | None = None  # bytes/s to all peers (net/bandwidth.py); None: off
     limit_download: float | None = None  # bytes/s from all peers
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off

@@ -59,7 +59,7 @@ from fluidfs.peers.portmap import PortMapper
 from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
 from fluidfs.peers.relay import RelayServer
-from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
+from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy, announced_relays
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
@@ -202,10 +202,10 @@ class Node:
         )
         self.relay_client = RelayClient(
             self.conns,
-            RelayClientPolicy(relays=config.relay_via),
+            config.relay_client or RelayClientPolicy(relays=config.relay_via),
             unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
-            candidates=lambda: [(p.key, p.addr) for p in sorted(
-                (p for p in self.peers if p.addr), key=lambda p: -p.trust)],
+            candidates=lambda: announced_relays(self.peers, self.addresses),
+            on_change=lambda: self.reach.wake(),
         )
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
         if config.use_provider is not None:
@@ -225,11 +225,13 @@ class Node:
         )
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
-                                   self.addresses)
+                                   self.addresses, wants_relays=self.relay_client.wants_relays)
         self.portmap = PortMapper(lambda: self.conns.listen_addr, config.portmap)
         self.reach = Reachability(self.conns, self.peers, self.ledger, keyring.signing_key,
                                   config.reach, mapped=lambda: self.portmap.mapped,
-                                  relays=self.relay_client.via)
+                                  relays=self.relay_client.via,
+                                  offers_relay=self.relay is not None,
+                                  book=self.addresses)
         self.remote = RemoteShards(
             self.conns,
             self.peers,
