@@ -94,6 +94,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
     if "provider" in reply:
         _print_provider(reply["provider"])
+    if "leaving_provider" in reply:
+        leaving = reply["leaving_provider"]
+        print(f"leaving provider {leaving['id'][:18]}… at {leaving['addr']}: "
+              f"{leaving['left']} agreements still held there, {leaving['brought_home']} "
+              f"brought home ({leaving['copied']} shards copied)")
     if "serving_as_provider" in reply:
         serving = reply["serving_as_provider"]
         print(f"provider for: {serving['customers']} customers, {serving['reservations']} "

@@ -51,6 +51,7 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.handover import switch_providers
+from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
 from fluidfs.peers.lease import WriterLease
 from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
@@ -223,6 +224,14 @@ class Node:
             on_new_agreement=self._new_agreement,
             provider=self.provider,
         )
+        # Mounted without --provider after having one: our side comes home (homecoming.py).
+        self.homecoming: Homecoming | None = None
+        if config.use_provider is None and (left := self.settings.provider()) is not None:
+            home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
+                             self.limiter)
+            self.homecoming = Homecoming(self.conns, self.ledger, home, left,
+                                         self.manager.take_back, tick=config.lifecycle.tick,
+                                         give_up=config.lifecycle.tolerance / 2)
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
                                    self.addresses)
@@ -541,6 +550,9 @@ class Node:
                 nursery.start_soon(supervise, "provider switch", switch_providers,
                                    self.settings, self.conns, self.ledger, self.provider,
                                    self.manager.move_to_provider)
+            if self.homecoming is not None:
+                nursery.start_soon(supervise, "leaving the provider", leave_provider,
+                                   self.settings, self.homecoming)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -557,7 +569,8 @@ class Node:
             self.blocks,
             self.status,
         )
-        for part in (self.provider, self.service.provider):  # ours; the one we are
+        for part in (self.provider, self.service.provider,  # ours; the one we are
+                     self.homecoming):  # the one we leave
             if part is not None:
                 handlers["status"] = part.with_status(handlers["status"])
         return (
