@@ -573,6 +573,8 @@ class Node:
                      self.homecoming):  # the one we leave
             if part is not None:
                 handlers["status"] = part.with_status(handlers["status"])
+        if self.service.provider is not None:  # its customers, in `fluidfs peers`
+            handlers["peers"] = self.service.provider.with_peers(handlers["peers"])
         return (
             handlers
             | invite_handlers(self.reach, self.manager, self.addresses)

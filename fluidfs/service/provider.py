@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -240,6 +241,39 @@ class ProviderOps:
             "reserved_bytes": sum(r.size for r in live),
             "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
         }
+
+    def customers(self) -> list[dict[str, Any]]:
+        """Per customer: its quota, live reservations and bytes reserved and held
+        (blocking: LMDB; grows with the reservations)."""
+        rows = []
+        for account in self.book.accounts():
+            reservations = self.book.reservations(account.customer)
+            live = [r for r in reservations if r.live]
+            rows.append({
+                "id": encode_peer_id(account.customer),
+                "quota": account.quota,
+                "reservations": len(live),
+                "reserved_bytes": sum(r.size for r in live),
+                "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+            })
+        return rows
+
+    def with_peers(
+        self, peers: Callable[[dict], Awaitable[dict]]
+    ) -> Callable[[dict], Awaitable[dict]]:
+        """The node's ``peers`` control handler, with its customers added (a list of
+        their own, and on each customer's peer row)."""
+
+        async def handler(request: dict) -> dict:
+            reply = await peers(request)
+            customers = await trio.to_thread.run_sync(self.customers, limiter=self.limiter)
+            reply["customers"] = customers
+            by_id = {c["id"]: c for c in customers}
+            for row in reply["peers"]:
+                row["customer"] = by_id.get(row["id"])
+            return reply
+
+        return handler
 
     def with_status(
         self, status: Callable[[dict], Awaitable[dict]]

@@ -406,3 +406,30 @@ async def test_the_provider_refuses_records_outside_a_reservation_or_not_the_cal
                                   {"record": seal(x.keyring, "root", 1, {"peers": []})})
 
     await with_net(tmp_path, body)
+
+
+async def test_peers_on_a_provider_lists_its_customers_with_their_reservations(tmp_path):
+    """`fluidfs peers` on P (its control handler): every customer with its quota, live
+    reservations and bytes reserved and held, also on the customer's own peer row."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        net.book.add(net.y.key, 8 * MIB)  # admitted, nothing reserved yet
+        await net.manager.add(net.x.addr)
+        sid, data = shard()
+        await net.x.conns.call(net.u.key, "StoreShard", {"shards": [{"id": sid, "data": data}]})
+        u_id, x_id = encode_peer_id(net.u.key), encode_peer_id(net.x.key)
+
+        async def node_peers(_request: dict) -> dict:  # rows as handlers.py makes them
+            return {"peers": [{"id": u_id}, {"id": x_id}]}
+
+        reply = await net.p.service.provider.with_peers(node_peers)({})
+        by_id = {c["id"]: c for c in reply["customers"]}
+        assert by_id[u_id] == {"id": u_id, "quota": 64 * MIB, "reservations": 1,
+                               "reserved_bytes": SIZE, "held_bytes": len(data)}
+        assert by_id[encode_peer_id(net.y.key)]["reservations"] == 0
+        rows = {row["id"]: row for row in reply["peers"]}
+        assert rows[u_id]["customer"] == by_id[u_id]
+        assert rows[x_id]["customer"] is None  # stores under U's reservation, no customer
+
+    await with_net(tmp_path, body)
