@@ -294,3 +294,58 @@ def test_a_user_mounting_without_its_provider_brings_its_side_home(tmp_path: Pat
     finally:
         for peer in (provider, *hosts):
             peer.kill()
+
+
+def test_a_partners_fresh_machine_reads_the_users_side_at_its_provider(
+        tmp_path: Path, make_mount):
+    """X's shards are on S0, S1 and U, whose side is at P (K=2 of N=3); U and S0 are
+    away. X's fresh machine (its exported keyfile, a new state directory) learns from
+    X's root record that U's side is at P: it takes X's writer lease on S1 and U's side
+    at P (2 of 3) and reads the file from S1's shard and U's at P. Fails before: the
+    fresh machine asks U itself, finds no majority for the lease and no second shard."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = peer_id_of(user_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x_extra = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+                   "--no-web", "--lease-renew", "1"]
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            *x_extra, *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        u = make_mount("u", key=user_key, extra=[
+            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
+            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        # X's writer lease re-forms toward its partners (S0, S1, U) while it renews: U's
+        # copy is at P (records at the provider); two renewals later the set is S0, S1, U.
+        wait_for(lambda: list((provider.state / "reserved-records").glob("*.lease")), 60,
+                 "X's lease record kept for U at P")
+        time.sleep(3 * 1.0)
+        data = os.urandom(3 * 256 * 1024)
+        (x.path / "file").write_bytes(data)
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        exported = tmp_path / "x-exported.key"
+        result = run_cli("key", "export", "--with-peers", "--keyfile", str(x.keyfile),
+                         "--state-dir", str(x.state))
+        assert result.returncode == 0, result.stderr
+        exported.write_text(result.stdout)
+        os.chmod(exported, 0o600)
+        x.unmount()
+        u.unmount()
+        hosts[0].kill()
+
+        fresh = make_mount("fresh", key=exported, extra=x_extra)
+        fresh.mount()
+        assert (fresh.path / "file").read_bytes() == data
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()

@@ -62,6 +62,7 @@ from fluidfs.peers.reach import Reachability
 from fluidfs.peers.relay import RelayServer
 from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
 from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.peers.sides import ProviderSides
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
 from fluidfs.remount.conflicts import Conflicts
@@ -165,6 +166,7 @@ class Node:
         config, keyring = self.config, self.config.keyring
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
+        self.sides = ProviderSides(self.ledger)  # where partners' sides are (peers/sides.py)
         records = RecordStore(config.state.path / "records")
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
@@ -196,7 +198,7 @@ class Node:
             self.peers,
             limits=config.net_limits,
             is_partner=self.service.is_partner,
-            store_at=self.ledger.store_at_of,
+            store_at=self.sides.store_at_of,
             bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
             relay=self.relay,
             via_of=self._relays_of,
@@ -292,7 +294,7 @@ class Node:
             lambda: self.data.block_size,
             lambda: self.tree.get(ROOT_INO),
         )
-        records = RecordClient(keyring, self.conns, self.peers)
+        records = RecordClient(keyring, self.conns, self.peers, sides=self.sides)
         lease = WriterLease(
             records,
             machine,

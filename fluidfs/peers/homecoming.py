@@ -196,11 +196,13 @@ class Homecoming:
     def with_status(
         self, status: Callable[[dict], Awaitable[dict]]
     ) -> Callable[[dict], Awaitable[dict]]:
-        """The node's ``status`` control handler, with the homecoming added."""
+        """The node's ``status`` control handler, with the homecoming added while some
+        agreement is still held at the old provider."""
 
         async def handler(request: dict) -> dict:
             reply = await status(request)
-            reply["leaving_provider"] = self.status()
+            if self.pending():  # nothing to say once every agreement is home
+                reply["leaving_provider"] = self.status()
             return reply
 
         return handler

@@ -3,8 +3,8 @@
 provider P in order, and every shard X stored stays retrievable throughout.
 
 Real parts in-process: P, U and X are ``PeerNode``s (real services, real LMDB, real
-loopback sockets); U is the real ``PeerManager`` and the real ``Homecoming``. U never
-listens: X reaches U on the connection U opened to it.
+loopback sockets); U is the real ``PeerManager`` and the real ``Homecoming``. U listens
+(a node holding its side itself must be reachable): X dials it once the side is home.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MIB = 1 << 20
 
 
 class Net:
-    """P (the provider U leaves), U (customer, never listens), X (U's partner)."""
+    """P (the provider U leaves), U (customer), X (U's partner)."""
 
     def __init__(self, tmp_path, **provider_kw) -> None:
         self.p = PeerNode(tmp_path / "p", provider=True, **provider_kw)
@@ -33,9 +33,8 @@ class Net:
         self.x = PeerNode(tmp_path / "x")
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for node in (self.p, self.x):
+        for node in (self.p, self.x, self.u):
             await node.start(nursery)
-        await self.u.start(nursery, listen=False)
         self.p.service.provider.book.add(self.u.key, 64 * MIB)
         client = ProviderClient(self.u.conns, self.u.ledger, self.p.key, self.p.addr)
         self.with_p = PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
@@ -85,10 +84,11 @@ async def test_a_mount_without_the_provider_brings_the_side_home_in_order(tmp_pa
         stored = await net.store(6)
         failures: list[str] = []
         reads = 0
+        done = False
 
         async def reader() -> None:
             nonlocal reads
-            while True:
+            while not done:
                 for sid, data in list(stored.items()):
                     try:
                         got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
@@ -113,7 +113,7 @@ async def test_a_mount_without_the_provider_brings_the_side_home_in_order(tmp_pa
             before = reads
             while reads < before + 2 * len(stored):  # and a full round after the move
                 await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+            done = True  # stopped between calls
         assert failures == []
         assert homecoming.status()["left"] == 0
         assert (homecoming.moved, homecoming.copied) == (1, 7)
@@ -157,7 +157,16 @@ async def test_a_side_that_does_not_fit_or_a_partner_that_does_not_renew_stays_a
         for sid, data in stored.items():
             got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
             assert got["data"] == data
-        assert await net.homecoming().move_all() == 1  # room and a renewal: it comes home
+
+
+        async def node_status(_request: dict) -> dict:
+            return {}
+
+        shown = await refusing.with_status(node_status)({})
+        assert shown["leaving_provider"]["left"] == 1  # `fluidfs status` says it is there
+        homecoming = net.homecoming()
+        assert await homecoming.move_all() == 1  # room and a renewal: it comes home
+        assert "leaving_provider" not in await homecoming.with_status(node_status)({})
 
     await with_net(tmp_path, body)
 
