@@ -32,8 +32,9 @@ U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
 STORE_AT = Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR)})
-# "for" (shard ops, optional): sent to a storage provider, the customer whose reservation
-# the shard is under (docs/federation.md); absent: the caller's own agreement with us.
+# "for" (shard and record ops, optional): sent to a storage provider, the customer whose
+# reservation the shard or record is under (docs/federation.md); absent: the caller's own
+# agreement with us.
 FOR = {"for": ID}
 
 # Error codes on the wire. The RPC layer itself produces the first group; a service uses
@@ -141,11 +142,11 @@ OPS: dict[str, OpSpec] = {
     # stored=false and the held seq otherwise.
     # GetRecord: the caller's own record of that kind (not_found if none).
     "PutRecord": OpSpec(
-        Map({"record": Bytes(min=1, max=MAX_RECORD)}, optional={"expect": U64}),
+        Map({"record": Bytes(min=1, max=MAX_RECORD)}, optional={"expect": U64, **FOR}),
         Map({"stored": Bool(), "seq": U64}),
     ),
     "GetRecord": OpSpec(
-        Map({"kind": Str(min=1, max=16)}),
+        Map({"kind": Str(min=1, max=16)}, optional=FOR),
         Map({"record": Bytes(min=1, max=MAX_RECORD)}),
     ),
     # Relays (peers/relay.py, net/relaywire.py). RelayRegister: register the caller (the

@@ -51,6 +51,7 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.handover import switch_providers
+from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
 from fluidfs.peers.lease import WriterLease
 from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
@@ -61,6 +62,7 @@ from fluidfs.peers.reach import Reachability
 from fluidfs.peers.relay import RelayServer
 from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy, announced_relays
 from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.peers.sides import ProviderSides
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
 from fluidfs.remount.conflicts import Conflicts
@@ -164,6 +166,7 @@ class Node:
         config, keyring = self.config, self.config.keyring
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
+        self.sides = ProviderSides(self.ledger)  # where partners' sides are (peers/sides.py)
         records = RecordStore(config.state.path / "records")
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
@@ -195,7 +198,7 @@ class Node:
             self.peers,
             limits=config.net_limits,
             is_partner=self.service.is_partner,
-            store_at=self.ledger.store_at_of,
+            store_at=self.sides.store_at_of,
             bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
             relay=self.relay,
             via_of=self._relays_of,
@@ -223,6 +226,14 @@ class Node:
             on_new_agreement=self._new_agreement,
             provider=self.provider,
         )
+        # Mounted without --provider after having one: our side comes home (homecoming.py).
+        self.homecoming: Homecoming | None = None
+        if config.use_provider is None and (left := self.settings.provider()) is not None:
+            home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
+                             self.limiter)
+            self.homecoming = Homecoming(self.conns, self.ledger, home, left,
+                                         self.manager.take_back, tick=config.lifecycle.tick,
+                                         give_up=config.lifecycle.tolerance / 2)
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
                                    self.addresses, wants_relays=self.relay_client.wants_relays)
@@ -285,7 +296,7 @@ class Node:
             lambda: self.data.block_size,
             lambda: self.tree.get(ROOT_INO),
         )
-        records = RecordClient(keyring, self.conns, self.peers)
+        records = RecordClient(keyring, self.conns, self.peers, sides=self.sides)
         lease = WriterLease(
             records,
             machine,
@@ -543,6 +554,9 @@ class Node:
                 nursery.start_soon(supervise, "provider switch", switch_providers,
                                    self.settings, self.conns, self.ledger, self.provider,
                                    self.manager.move_to_provider)
+            if self.homecoming is not None:
+                nursery.start_soon(supervise, "leaving the provider", leave_provider,
+                                   self.settings, self.homecoming)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -559,9 +573,12 @@ class Node:
             self.blocks,
             self.status,
         )
-        for part in (self.provider, self.service.provider):  # ours; the one we are
+        for part in (self.provider, self.service.provider,  # ours; the one we are
+                     self.homecoming):  # the one we leave
             if part is not None:
                 handlers["status"] = part.with_status(handlers["status"])
+        if self.service.provider is not None:  # its customers, in `fluidfs peers`
+            handlers["peers"] = self.service.provider.with_peers(handlers["peers"])
         return (
             handlers
             | invite_handlers(self.reach, self.manager, self.addresses)

@@ -48,7 +48,9 @@ class PeerService:
     *addresses*: peers' signed address records; *remote_of*: where a peer's connection
     comes from (service/discovery.py).
     *accounts*: a storage provider's customers (None: this node is no provider), whose
-    removed reservations are served for *keep* seconds (service/provider.py).
+    removed reservations are served for *keep* seconds (service/provider.py), and whose
+    partners' records go to *reserved_records* (default: ``reserved-records`` beside
+    *records*).
     *proposes_only*: our side is held by our own provider; new proposals are declined.
     *relay_ops*: RelayRegister when this node relays (peers/relay.py), RelayIncoming when
     it keeps registrations (peers/relayclient.py).
@@ -76,6 +78,7 @@ class PeerService:
         keep: float = DAY,
         proposes_only: bool = False,
         relay_ops: dict[str, Op] | None = None,
+        reserved_records: RecordStore | None = None,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -87,10 +90,11 @@ class PeerService:
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
                                   donate, ratio, terms, cooldown, proposes_only)
         direct = ShardOps(shards, ledger, quota, limiter, faults)
+        direct_records = RecordOps(records, ledger, limiter)
         self._ops: dict[str, Op] = {
             **agreements.ops(),
             **direct.ops(),
-            **RecordOps(records, ledger, limiter).ops(),
+            **direct_records.ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
             **(relay_ops or {}),
@@ -98,8 +102,11 @@ class PeerService:
         self.keep = keep
         self.provider: ProviderOps | None = None
         if accounts is not None:
+            if reserved_records is None and records is not None:
+                reserved_records = RecordStore(records.root.parent / "reserved-records")
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
-                                        peers.self_key, keep)
+                                        peers.self_key, keep, direct_records,
+                                        reserved_records)
             self._ops.update(self.provider.ops())
 
     def is_partner(self, key: bytes) -> bool:
