@@ -35,6 +35,11 @@ STORE_AT = Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR)})
 # "for" (shard ops, optional): sent to a storage provider, the customer whose reservation
 # the shard is under (docs/federation.md); absent: the caller's own agreement with us.
 FOR = {"for": ID}
+# "delegation" (AuditShard, RetrieveShard, StoreShard, optional): the owner's signed
+# permission for the caller, its storage provider, to act on the owner's shards here
+# (peers/delegation.py); the op is answered as if the owner had called.
+MAX_DELEGATION = 256
+SHARD_OP_EXTRAS = {**FOR, "delegation": Bytes(min=1, max=MAX_DELEGATION)}
 
 # Error codes on the wire. The RPC layer itself produces the first group; a service uses
 # the second for its ops (it may add more; clients must treat unknown codes as failures).
@@ -86,7 +91,7 @@ OPS: dict[str, OpSpec] = {
     "EndAgreement": OpSpec(Map({}), Map({"ended": Bool()})),
     "StoreShard": OpSpec(
         Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)},
-            optional=FOR),
+            optional=SHARD_OP_EXTRAS),
         Map(
             {
                 "stored": List(ID, max_len=64),
@@ -95,7 +100,7 @@ OPS: dict[str, OpSpec] = {
         ),
     ),
     "RetrieveShard": OpSpec(
-        Map({"id": ID}, optional=FOR),
+        Map({"id": ID}, optional=SHARD_OP_EXTRAS),
         Map({"data": Bytes(max=MAX_SHARD)}),
     ),
     "DeleteShard": OpSpec(
@@ -118,7 +123,7 @@ OPS: dict[str, OpSpec] = {
     # Prove possession of shard `id`: return Merkle leaf `leaf` (keyed by `nonce` as the
     # service defines) and the sibling path up to the root (the shard id).
     "AuditShard": OpSpec(
-        Map({"id": ID, "leaf": U64, "nonce": ID}, optional=FOR),
+        Map({"id": ID, "leaf": U64, "nonce": ID}, optional=SHARD_OP_EXTRAS),
         Map({"leaf_data": Bytes(max=MAX_LEAF), "path": List(ID, max_len=40)}),
     ),
     # time: the responder's clock, Unix seconds.
