@@ -176,5 +176,36 @@ OPS["StoreReserved"] = OpSpec(
     OPS["StoreShard"].response,
 )
 
+# Provider-side repair (docs/federation.md, issue 13 item 4), a customer to its provider
+# only. RepairGrant: the customer's delegation naming the provider (peers/delegation.py)
+# and the partners it may place re-created shards on, with the bytes it may still place
+# at each; sent again to keep it current, and the customer counts as back. RepairCaps:
+# replace the blocks' repair capabilities (code, shard size, shard ids, holders; b"":
+# none) with block ids above `after` up to `upto` by `put` (pages in order make a full
+# upload, deleted blocks included), within a quota. RepairAway: the customer goes away
+# now. FetchJournal / AckJournal: the signed entries of what the provider moved,
+# numbered from 1; drop those up to `upto`.
+MAX_CAPS_PAGE = 64
+MAX_JOURNAL_PAGE = 256
+REPAIR_CAP = Map({"block": ID, "k": Int(1, 255), "n": Int(1, 255),
+                  "size": Int(1, MAX_SHARD), "ids": List(ID, min_len=1, max_len=255),
+                  "holders": List(Bytes(max=32), min_len=1, max_len=255)})
+OPS["RepairGrant"] = OpSpec(
+    Map({"delegation": Bytes(min=1, max=MAX_DELEGATION),
+         "peers": List(Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR), "room": U64}),
+                       max_len=1024)}),
+    Map({"until": U64, "caps_bytes": U64, "caps_quota": U64}),
+)
+OPS["RepairCaps"] = OpSpec(
+    Map({"after": Bytes(max=32), "upto": ID, "put": List(REPAIR_CAP, max_len=MAX_CAPS_PAGE)}),
+    Map({"caps_bytes": U64, "caps_quota": U64}),
+)
+OPS["RepairAway"] = OpSpec(Map({}), Map({"away": Bool()}))
+OPS["FetchJournal"] = OpSpec(
+    Map({"after": U64, "limit": Int(1, MAX_JOURNAL_PAGE)}),
+    Map({"entries": List(Bytes(min=1, max=512), max_len=MAX_JOURNAL_PAGE), "more": Bool()}),
+)
+OPS["AckJournal"] = OpSpec(Map({"upto": U64}), Map({"dropped": U64}))
+
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}
 RESPONSE_SCHEMAS: dict[str, Schema] = {op: spec.response for op, spec in OPS.items()}

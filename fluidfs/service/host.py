@@ -25,6 +25,7 @@ from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.lifecycle import DAY
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.agreements import AgreementOps
+from fluidfs.service.customer_repair import CustomerRepairOps
 from fluidfs.service.delegated import DelegatedCalls
 from fluidfs.service.discovery import DiscoveryOps
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
@@ -35,6 +36,7 @@ from fluidfs.service.records import RecordOps
 from fluidfs.service.shards import ShardOps
 from fluidfs.store.accounts import AccountBook
 from fluidfs.store.records import RecordStore
+from fluidfs.store.repairbook import RepairBook
 from fluidfs.store.shards import ShardStore
 
 FAULTY_OPS = {"StoreShard", "RetrieveShard", "AuditShard"}
@@ -99,10 +101,14 @@ class PeerService:
         self.keep = keep
         self.delegated = DelegatedCalls(self._holds_for, ledger.clock)
         self.provider: ProviderOps | None = None
+        self.repair_book: RepairBook | None = None  # a provider's, for customers' repairs
         if accounts is not None:
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
                                         peers.self_key, keep)
             self._ops.update(self.provider.ops())
+            self.repair_book = RepairBook(accounts.db, accounts.clock)
+            self._ops.update(CustomerRepairOps(accounts, self.repair_book, peers.self_key,
+                                               limiter).ops())
 
     def is_partner(self, key: bytes) -> bool:
         """A peer with a live agreement, or one whose ended agreement is still in its keep

@@ -17,11 +17,13 @@ from inproc import PeerNode
 
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.peers.delegation import (
     DelegationError,
     read_delegation,
     sign_delegation,
 )
+from fluidfs.wire.schema import SchemaError, validate
 
 ROOM = 1_000_000  # U's agreement with H
 
@@ -143,10 +145,12 @@ async def test_a_holder_refuses_forged_expired_misdirected_and_strangers_delegat
                                                      "delegation": good})
         assert caught.value.code == "refused"
         # Deletes are never delegated: the field is not in DeleteShard's schema.
-        with pytest.raises(RpcError) as caught:
-            await net.h.service.handle(net.p.key, "DeleteShard",
-                                       {"ids": [sid], "delegation": good})
-        assert caught.value.code == "bad_request"
+        with pytest.raises(SchemaError):  # what the holder's dispatcher checks first
+            validate(REQUEST_SCHEMAS["DeleteShard"], {"ids": [sid], "delegation": good})
+        with pytest.raises(RpcError) as caught:  # nor sent to a provider for someone
+            await net.p.conns.call(h, "RetrieveShard", {"id": sid, "delegation": good,
+                                                        "for": net.u.key})
+        assert caught.value.code in ("bad_request", "refused")
         assert net.h.shards.get(net.u.key, sid) == data
         # The genuine one works, and makes P a partner at H's admission.
         assert not net.h.service.is_partner(net.p.key)
