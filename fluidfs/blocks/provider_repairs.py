@@ -17,7 +17,9 @@ While mounted, the user U keeps its provider P able to repair for it
 - At unmount U uploads once more and sends ``RepairAway``.
 - At mount, before anything else, U fetches P's journal (``FetchJournal``), checks each
   entry (P's signature, for U, a block U has, the same shard id at that index, a new
-  holder U holds a live agreement with), merges it (``BlockStore.learn_holder``: the old
+  holder U holds a live agreement with and that proves the shard in an audit: a P that
+  lied about a move would otherwise have U drop a good copy), merges it
+  (``BlockStore.learn_holder``: the old
   holder's copy is queued for deletion) and acknowledges what it read (``AckJournal``).
   Entries that fail a check are counted, logged and dropped with the rest.
 """
@@ -25,12 +27,15 @@ While mounted, the user U keeps its provider P able to repair for it
 from __future__ import annotations
 
 import logging
+import os
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nacl.signing
 import trio
 
+from fluidfs.blocks import merkle
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.net.errors import RpcError
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 LAST_ID = b"\xff" * 32
 PAGE_ITEMS = 3000
+AUDIT_TIMEOUT = 10.0  # seconds for the new holder of a moved shard to prove it
 
 
 @dataclass
@@ -75,6 +81,7 @@ class ProviderRepairs:
     caps_bytes: int = 0
     caps_quota: int = 0
     _uploaded_version: int = -1
+    _uploaded_at: float | None = None  # trio clock of the last full upload
 
     def status(self) -> dict:
         """What ``fluidfs status`` shows: what the provider repaired while we were away
@@ -115,7 +122,9 @@ class ProviderRepairs:
                     self.last_merge = await self.merge_journal()
                     merged = True
                 await self.grant()
-                if self._uploaded_version != self.blocks.holders_version:
+                if self._uploaded_version != self.blocks.holders_version and (
+                        self._uploaded_at is None
+                        or trio.current_time() - self._uploaded_at >= self.caps_every):
                     await self.upload_caps()
             except (PeerUnavailable, RpcError) as exc:
                 log.warning("provider repairs: the provider did not take our grant: %s", exc)
@@ -157,6 +166,7 @@ class ProviderRepairs:
                 break
             after = upto
         self._uploaded_version = version
+        self._uploaded_at = trio.current_time()
         return sent
 
     def _page(self, after: bytes) -> tuple[list[dict], bytes]:
@@ -197,6 +207,9 @@ class ProviderRepairs:
                     log.warning("provider repairs: a journal entry is refused: %s", exc)
                     continue
                 after = max(after, move.seq)
+                if not await self._new_holder_proves(move):
+                    result.refused += 1
+                    continue
                 used = await trio.to_thread.run_sync(self._apply, move, result,
                                                      limiter=self.blocks.limiter)
                 if used is None:
@@ -214,6 +227,25 @@ class ProviderRepairs:
                      "were away (%d entries refused)", result.merged, len(result.blocks),
                      result.refused)
         return result
+
+    async def _new_holder_proves(self, move: Move) -> bool:
+        """Audit the new holder on the moved shard before believing the provider: a
+        journal naming a holder without the shard would have us drop good copies."""
+        stored = await trio.to_thread.run_sync(self.blocks.load, move.block,
+                                               limiter=self.blocks.limiter)
+        if stored is None or move.index >= stored.record.total:
+            return False
+        size = stored.record.shard_size
+        leaf = random.randrange(merkle.leaf_count(size))
+        try:
+            proof = await self.conns.call(move.new, "AuditShard", {
+                "id": move.shard, "leaf": leaf, "nonce": os.urandom(32)},
+                timeout=AUDIT_TIMEOUT)
+        except (PeerUnavailable, RpcError) as exc:
+            log.warning("provider repairs: the new holder of a moved shard does not prove "
+                        "it (%s); the move is refused", exc)
+            return False
+        return merkle.verify(move.shard, size, leaf, proof["leaf_data"], proof["path"])
 
     def _apply(self, move: Move, result: JournalMerge) -> int | None:
         """Merge one verified move into our record (in a worker thread): the bytes the

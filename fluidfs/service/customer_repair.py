@@ -218,7 +218,7 @@ class CustomerRepairer:
 
     async def repair_pass(self) -> int:
         """Audit and repair for every away customer with a valid delegation; return
-        how many shards were placed."""
+        the bytes of shards placed."""
         grants = await trio.to_thread.run_sync(self.book.grants, limiter=self.limiter)
         placed = 0
         for grant in grants:
@@ -236,20 +236,22 @@ class CustomerRepairer:
             self._holders[key].checked = False
         placed = 0
         after = b""
+        journal = await trio.to_thread.run_sync(self.book.journal_length, customer,
+                                                limiter=self.limiter)
+        if journal >= MAX_JOURNAL:
+            log.warning("customer %s: %d journal entries unacknowledged; not repairing",
+                        _short(customer), journal)
+            return placed
         while True:
-            journal = await trio.to_thread.run_sync(self.book.journal_length, customer,
-                                                    limiter=self.limiter)
-            if journal >= MAX_JOURNAL:
-                log.warning("customer %s: %d journal entries unacknowledged; not repairing",
-                            _short(customer), journal)
-                return placed
             caps = await trio.to_thread.run_sync(self.book.caps_after, customer, after,
                                                  CAPS_BATCH, limiter=self.limiter)
             if not caps:
                 return placed
+            grant = await trio.to_thread.run_sync(self.book.grant, customer,
+                                                  limiter=self.limiter) or grant
+            if not self.is_away(grant):
+                return placed  # it came back meanwhile: its own repairer takes over
             for cap in caps:
-                grant = await trio.to_thread.run_sync(self.book.grant, customer,
-                                                      limiter=self.limiter) or grant
                 placed += await self._block(grant, cap)
             after = caps[-1].block
 
@@ -306,25 +308,29 @@ class CustomerRepairer:
         addrs = {p.key: p.addr for p in grant.peers}
         lost: list[int] = []
         good: list[int] = []
+        audits: dict[int, bool | None] = {}
+
+        async def audit(index: int, holder: bytes) -> None:
+            audits[index] = await self._audit(grant, holder, addrs.get(holder, ""), cap,
+                                              index)
+
+        # Each holder not yet heard from in this pass is audited once, all at once: a
+        # silent one costs one timeout, not one each.
+        async with trio.open_nursery() as nursery:
+            for index, holder in enumerate(cap.holders):
+                state = self._state(customer, holder) if holder else None
+                if state is not None and not state.checked and not self._gone(state):
+                    state.checked = True
+                    nursery.start_soon(audit, index, holder)
         for index, holder in enumerate(cap.holders):
             if not holder:
                 continue
             state = self._state(customer, holder)
-            if self._gone(state):
+            proved = audits.get(index)
+            if self._gone(state) or (proved is False and not state.refused):
                 lost.append(index)
-                continue
-            if state.checked:  # one sampled audit per holder and pass
-                if state.silent_since is None:
-                    good.append(index)
-                continue
-            state.checked = True
-            proved = await self._audit(grant, holder, addrs.get(holder, ""), cap, index)
-            if proved is False and not state.refused:
-                lost.append(index)
-            elif proved is True:
+            elif proved is True or (index not in audits and state.silent_since is None):
                 good.append(index)
-            elif self._gone(state):
-                lost.append(index)
         if not lost:
             return 0
         return await self._repair(grant, cap, lost, good, addrs)

@@ -26,7 +26,7 @@ from fluidfs.peers.delegation import sign_delegation
 from fluidfs.peers.repairjournal import Move, sign_move
 from fluidfs.service.customer_repair import CustomerRepairer, RepairForCustomersPolicy
 from fluidfs.service.host import PeerService
-from fluidfs.store.repairbook import caps_quota
+from fluidfs.store.repairbook import PeerRoom, caps_quota
 
 K, N = 8, 12
 HOSTS = 16
@@ -81,7 +81,7 @@ async def with_lab(tmp_path: Path, body) -> None:
             repairer = CustomerRepairer(
                 provider.service.repair_book, provider.conns, provider.keyring.signing_key,
                 trio.CapacityLimiter(2),
-                RepairForCustomersPolicy(interval=1.0, lost_after=0.0, timeout=0.2))
+                RepairForCustomersPolicy(interval=1.0, lost_after=0.0, timeout=0.3))
             await body(Lab(store, owner, provider, hosts, repairs, repairer))
             nursery.cancel_scope.cancel()
         finally:
@@ -103,10 +103,10 @@ async def test_the_provider_recreates_lost_shards_while_the_user_is_away_and_the
     re-creates the shards while U is away."""
 
     async def body(lab: Lab) -> None:
-        plain = [os.urandom(100_000) for _ in range(3)]
+        plain = [os.urandom(50_000) for _ in range(2)]
         blocks = [await upload(lab.store, data) for data in plain]
         await lab.repairs.grant()
-        assert await lab.repairs.upload_caps() == 3
+        assert await lab.repairs.upload_caps() == 2
         await lab.repairs.leave()
         assert lab.repairer.is_away(lab.provider.service.repair_book.grant(lab.owner.key))
 
@@ -142,7 +142,7 @@ async def test_the_provider_recreates_lost_shards_while_the_user_is_away_and_the
         seen = state_bytes(tmp_path / "p")
         for stored, data in zip(blocks, plain, strict=True):
             for secret in (stored.record.wrapped_key, stored.record.nonce, data[:64],
-                           data[50_000:50_064]):
+                           data[25_000:25_064]):
                 assert secret not in seen
         for secret in (RING.keyfile.root, RING.wrap_key, RING.dedup_key, RING.metadata_key):
             assert secret not in seen
@@ -217,7 +217,8 @@ async def test_customer_repair_ops_refuse_strangers_bad_pages_and_overdraft(tmp_
 
 async def test_the_user_refuses_journal_entries_it_cannot_check(tmp_path):
     """Entries signed by someone else, naming another shard id, a block U does not have,
-    or a new holder U holds no agreement with are refused; good ones still merge."""
+    a new holder U holds no agreement with, or one that cannot prove the shard (a lying
+    provider) are refused and change nothing; a good one merges."""
 
     async def body(lab: Lab) -> None:
         stored = await upload(lab.store, os.urandom(50_000))
@@ -239,15 +240,61 @@ async def test_the_user_refuses_journal_entries_it_cannot_check(tmp_path):
                 return sign_move(signer, lab.owner.key, move)
             return sign
 
+        # A lying P: a well-signed move to a partner that does not hold the shard.
         for sign in (entry(mallory), entry(p_key, shard=os.urandom(32)),
-                     entry(p_key, block=os.urandom(32)), entry(p_key, new=os.urandom(32))):
+                     entry(p_key, block=os.urandom(32)), entry(p_key, new=os.urandom(32)),
+                     entry(p_key)):
             book.move_holder(lab.owner.key, book.cap(lab.owner.key, record.block_id), 0,
                              spare.key, sign)
+        merge = await lab.repairs.merge_journal()
+        assert (merge.merged, merge.refused) == (0, 5)
+        assert lab.store.blocks.load(record.block_id).holders == stored.holders
+
+        # The same move once the spare does hold the shard: merged.
+        holder = lab.owner.peers.key_of(stored.holders[0])
+        data = (await lab.owner.conns.call(holder, "RetrieveShard",
+                                           {"id": record.shard_ids[0]}))["data"]
+        await lab.owner.conns.call(spare.key, "StoreShard",
+                                   {"shards": [{"id": record.shard_ids[0], "data": data}]})
         book.move_holder(lab.owner.key, cap, 0, spare.key, entry(p_key))
         merge = await lab.repairs.merge_journal()
-        assert (merge.merged, merge.refused) == (1, 4)
+        assert (merge.merged, merge.refused) == (1, 0)
         now = lab.store.blocks.load(record.block_id)
         assert lab.owner.peers.key_of(now.holders[0]) == spare.key
         assert book.journal_after(lab.owner.key, 0, 10) == ([], False)
+
+    await with_lab(tmp_path, body)
+
+
+async def test_a_silent_customer_is_away_an_expired_delegation_stops_p_and_room_binds(
+        tmp_path):
+    """A customer that stops refreshing its grant (a crash) counts as away after
+    ``silence``; past the delegation's expiry P repairs nothing; and P places a shard
+    only where U's grant leaves room (room 0 everywhere: nothing placed, nothing
+    journalled)."""
+
+    async def body(lab: Lab) -> None:
+        stored = await upload(lab.store, os.urandom(50_000))
+        await lab.repairs.grant()
+        await lab.repairs.upload_caps()
+        book = lab.provider.service.repair_book
+        grant = book.grant(lab.owner.key)
+        assert not lab.repairer.is_away(grant)
+        lab.by_index[stored.holders[0]].service.silent = True
+
+        lab.repairer.clock = lambda: grant.seen + 8 * 86400  # past the 7-day delegation
+        assert lab.repairer.is_away(grant)
+        assert await lab.repairer.repair_pass() == 0
+
+        lab.repairer.clock = lambda: grant.seen + lab.repairer.policy.silence + 100
+        full = [PeerRoom(p.key, p.addr, 0) for p in grant.peers]
+        book.put_grant(lab.owner.key, grant.delegation, grant.until, full)
+        book.db.sync()
+        assert await lab.repairer.repair_pass() == 0
+        assert book.journal_after(lab.owner.key, 0, 5)[0] == []
+
+        book.put_grant(lab.owner.key, grant.delegation, grant.until, list(grant.peers))
+        assert await lab.repairer.repair_pass() == stored.record.shard_size
+        assert len(book.journal_after(lab.owner.key, 0, 5)[0]) == 1
 
     await with_lab(tmp_path, body)
