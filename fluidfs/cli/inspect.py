@@ -131,6 +131,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"provider for: {serving['customers']} customers, {serving['reservations']} "
               f"reservations, {human(serving['reserved_bytes'])} reserved, "
               f"{human(serving['held_bytes'])} held")
+    _print_provider_repairs(reply)
     if reply["local_shard_bytes"] or reply["redundancy"].get("local"):
         print(
             f"on this node: {human(reply['local_shard_bytes'])} of our own shards "
@@ -234,6 +235,24 @@ def duration(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _print_provider_repairs(reply: dict) -> None:
+    """What the provider repaired for us while we were away (issue 13 item 4), or, on a
+    provider, the shards it re-created for its away customers."""
+    repairs = reply.get("provider_repairs")
+    if repairs is not None:
+        if repairs["merged"] is None:
+            away = "its journal not fetched yet"
+        else:
+            away = (f"while we were away it re-created {repairs['merged']} shards of "
+                    f"{repairs['blocks']} blocks")
+            if repairs["refused"]:
+                away += f" ({repairs['refused']} journal entries refused)"
+        print(f"provider repairs: {away}; repair capability "
+              f"{human(repairs['caps_bytes'])} of {human(repairs['caps_quota'])}")
+    for customer, count in (reply.get("repairing_for_customers") or {}).items():
+        print(f"repaired for customer {customer[:18]}…: {count} shards re-created")
 
 
 def _print_provider(provider: dict) -> None:

@@ -209,6 +209,9 @@ OPTIONS: list[Option] = [
            dest="use_provider", commands=on("mount"),
            help="a storage provider that holds this node's side of its agreements",
            example="aaaqeayeaudaocajbifqydiob4ibceqtcqkrmfyydenbwha5dypq@127.0.0.1:7471"),
+    option("--provider-repairs", action="store_true", commands=on("mount"),
+           help="let the --provider audit and repair this node's blocks while it is away "
+                "(it learns shard ids and holders, never a key or a byte of plaintext)"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.

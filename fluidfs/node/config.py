@@ -17,6 +17,7 @@ from fluidfs.peers.relay import RelayPolicy
 from fluidfs.peers.relayclient import RelayClientPolicy
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.options import RemountOptions
+from fluidfs.service.customer_repair import RepairForCustomersPolicy
 from fluidfs.statedir import StateDir
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
@@ -60,3 +61,6 @@ class NodeConfig:
     web_refresh: float = 5.0  # seconds between the page's status polls
     provider: bool = False  # serve as a storage provider for admitted customers
     use_provider: tuple[bytes, str] | None = None  # (id, HOST:PORT) holding our side
+    provider_repairs: bool = False  # let use_provider repair our blocks while we are away
+    # a provider's repairs for away customers (service/customer_repair.py)
+    customer_repairs: RepairForCustomersPolicy = field(default_factory=RepairForCustomersPolicy)

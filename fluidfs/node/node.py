@@ -25,6 +25,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.migrate import Migrator
+from fluidfs.blocks.provider_repairs import ProviderRepairs
 from fluidfs.blocks.reconcile import ReconcilePolicy, Reconciler
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer
@@ -39,6 +40,7 @@ from fluidfs.fs.snapshots import SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import derive, encode_peer_id
 from fluidfs.net.bandwidth import Bandwidth
+from fluidfs.net.errors import RpcError
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.handlers import node_handlers
 from fluidfs.node.invite import invite_handlers
@@ -48,7 +50,7 @@ from fluidfs.node.supervise import supervise
 from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
-from fluidfs.peers.connections import Connections, split_addr
+from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.handover import switch_providers
 from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
@@ -73,6 +75,7 @@ from fluidfs.remount.options import RemountError
 from fluidfs.remount.publisher import RootPublisher
 from fluidfs.remount.restore import TreeRestore
 from fluidfs.remount.schedule import CommitSchedule
+from fluidfs.service.customer_repair import CustomerRepairer
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.host import PeerService
 from fluidfs.statedir import fsname_for
@@ -90,6 +93,7 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
+LEAVE_PROVIDER_SECONDS = 30.0  # unmount waits this long for the provider to take over
 RELEASE_PAGES_INTERVAL = 0.5
 META_RELEASE_INTERVAL = 10.0  # seconds between giving back meta.lmdb's mapped pages
 PEER_WORKER_THREADS = 2  # the peer service's own limiter (docs/protocol.md §5)
@@ -268,6 +272,20 @@ class Node:
             self.conns, self.ledger, self.shards, self.limiter, config.lifecycle,
             on_end=self._agreement_ended, records=records,
         )
+        # Provider-side repair (issue 13 item 4): ours at our provider, or, as a provider,
+        # the one we run for away customers.
+        self.provider_repairs: ProviderRepairs | None = None
+        if config.use_provider is not None and config.provider_repairs:
+            provider_id, provider_addr = config.use_provider
+            self.provider_repairs = ProviderRepairs(
+                self.conns, provider_id, keyring.public_key, provider_addr,
+                keyring.signing_key, self.blocks, self.peers, self.ledger,
+                tick=config.lifecycle.tick)
+        self.customer_repairer: CustomerRepairer | None = None
+        if self.service.repair_book is not None:
+            self.customer_repairer = CustomerRepairer(
+                self.service.repair_book, self.conns, keyring.signing_key, self.limiter,
+                config.customer_repairs)
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
 
@@ -479,10 +497,23 @@ class Node:
             await self.keeper.release()
             with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
                 await self.blocks.drain()
+            if self.provider_repairs is not None:
+                await self._leave_provider_repairs()
             self.peers.save_all()
             self.ledger.save_all()
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
+
+    async def _leave_provider_repairs(self) -> None:
+        """Hand the provider our capabilities as they are now and say we go away; a
+        provider that does not answer in time repairs once we stop refreshing the grant."""
+        assert self.provider_repairs is not None
+        with trio.move_on_after(LEAVE_PROVIDER_SECONDS):
+            try:
+                await self.provider_repairs.leave()
+                log.info("the provider repairs our blocks while we are away")
+            except (PeerUnavailable, RpcError) as exc:
+                log.warning("could not tell the provider we go away: %s", exc)
 
     def close(self) -> None:
         """Close the databases and release the state lock."""
@@ -557,6 +588,11 @@ class Node:
             if self.homecoming is not None:
                 nursery.start_soon(supervise, "leaving the provider", leave_provider,
                                    self.settings, self.homecoming)
+            if self.provider_repairs is not None:
+                nursery.start_soon(supervise, "provider repairs", self.provider_repairs.run)
+            if self.customer_repairer is not None:
+                nursery.start_soon(supervise, "repairs for customers",
+                                   self.customer_repairer.run)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -574,7 +610,8 @@ class Node:
             self.status,
         )
         for part in (self.provider, self.service.provider,  # ours; the one we are
-                     self.homecoming):  # the one we leave
+                     self.homecoming,  # the one we leave
+                     self.provider_repairs, self.customer_repairer):
             if part is not None:
                 handlers["status"] = part.with_status(handlers["status"])
         if self.service.provider is not None:  # its customers, in `fluidfs peers`

@@ -25,6 +25,8 @@ from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.lifecycle import DAY
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.agreements import AgreementOps
+from fluidfs.service.customer_repair import CustomerRepairOps
+from fluidfs.service.delegated import DelegatedCalls
 from fluidfs.service.discovery import DiscoveryOps
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
@@ -34,6 +36,7 @@ from fluidfs.service.records import RecordOps
 from fluidfs.service.shards import ShardOps
 from fluidfs.store.accounts import AccountBook
 from fluidfs.store.records import RecordStore
+from fluidfs.store.repairbook import RepairBook
 from fluidfs.store.shards import ShardStore
 
 FAULTY_OPS = {"StoreShard", "RetrieveShard", "AuditShard"}
@@ -100,7 +103,9 @@ class PeerService:
             **(relay_ops or {}),
         }
         self.keep = keep
+        self.delegated = DelegatedCalls(self._holds_for, ledger.clock)
         self.provider: ProviderOps | None = None
+        self.repair_book: RepairBook | None = None  # a provider's, for customers' repairs
         if accounts is not None:
             if reserved_records is None and records is not None:
                 reserved_records = RecordStore(records.root.parent / "reserved-records")
@@ -108,25 +113,35 @@ class PeerService:
                                         peers.self_key, keep, direct_records,
                                         reserved_records)
             self._ops.update(self.provider.ops())
+            self.repair_book = RepairBook(accounts.db, accounts.clock)
+            self._ops.update(CustomerRepairOps(accounts, self.repair_book, peers.self_key,
+                                               limiter).ops())
 
     def is_partner(self, key: bytes) -> bool:
         """A peer with a live agreement, or one whose ended agreement is still in its keep
         period (we keep its shards so it can fetch them back: it needs a partner's reply
         sizes for that); on a provider, also its customers and the peers storing under
-        their reservations (they get a partner's limits, net/admission.py)."""
-        agreement = self.ledger.get(key)
-        if agreement is not None and (
-            agreement.active
-            or self.ledger.clock() - (agreement.ended_at or 0.0) <= self.keep
-        ):
+        their reservations (they get a partner's limits, net/admission.py); and a
+        partner's provider holding a valid repair delegation (service/delegated.py)."""
+        if self._holds_for(key) or self.delegated.is_delegate(key):
             return True
         return self.provider is not None and self.provider.is_partner(key)
 
+    def _holds_for(self, key: bytes) -> bool:
+        """A live agreement with *key*, or an ended one still in its keep period."""
+        agreement = self.ledger.get(key)
+        return agreement is not None and (
+            agreement.active
+            or self.ledger.clock() - (agreement.ended_at or 0.0) <= self.keep
+        )
+
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
-        """Serve one validated request from *peer_key*."""
+        """Serve one validated request from *peer_key* (or, with a valid delegation, as
+        from the owner who signed it)."""
         answer = self._ops.get(op)
         if answer is None:
             raise RpcError("unknown_op", f"{op} is not served here")
+        peer_key, args = self.delegated.resolve(peer_key, op, args)
         if "for" in args and self.provider is None:
             raise RpcError("refused", "this node is no storage provider")
         rate = self.faults.fault_rate
