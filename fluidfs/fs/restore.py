@@ -69,7 +69,7 @@ class Restorer:
 
     def lazy_top(self, ino: int) -> bytes | None:
         """The top node of a lazy directory's contents, or None if it is loaded."""
-        with self.db.read() as txn:
+        with self.db.view() as txn:  # every request asks: it must not end the batch
             raw = txn.get(_U64.pack(ino), db=self._lazy)
         return None if raw is None else bytes(raw)
 
