@@ -10,7 +10,8 @@ alone: no commit runs (``--commit-quiet 3600``) and no shard leaves the machine.
 mounts a fresh state directory with this checkout, then (with ``--repo``) with the other
 checkout, alternating, and prints files/s for both and their ratio. ``--profile DIR``
 records the mount with ``py-spy record --idle --threads`` during the loop of the first run
-of this checkout (``--py-spy`` names the binary).
+of this checkout (``--py-spy`` names the binary). ``--floor`` runs the loop on
+``nullfs.py`` too, a pyfuse3 filesystem that does nothing: the round trips' floor.
 """
 
 from __future__ import annotations
@@ -96,6 +97,31 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace, profile: Path | No
     return rate
 
 
+def floor_run(work: Path, args: argparse.Namespace) -> float:
+    """The same loop on nullfs.py: the FUSE round trips alone."""
+    mnt = work / "mnt"
+    shutil.rmtree(work, ignore_errors=True)
+    mnt.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, str(HERE / "nullfs.py"), str(mnt)])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("nullfs did not mount")
+            time.sleep(0.05)
+        cpu0 = cpu_seconds(proc.pid)
+        rate = create_loop(mnt, args.files, args.size, args.per_dir)
+        per_file = (cpu_seconds(proc.pid) - cpu0) * 1000 / args.files
+        log(f"CPU per file: null filesystem {per_file:.2f} ms")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=5000)
@@ -106,9 +132,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--py-spy", default="py-spy")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the loop on a null pyfuse3 filesystem (nullfs.py)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fluidfs-bench-create-", dir=args.workdir))
-    rates: dict[str, list[float]] = {"this": [], "base": []}
+    rates: dict[str, list[float]] = {"this": [], "base": [], "floor": []}
     try:
         for run in range(args.runs):
             checkouts = [("this", REPO)] + ([("base", args.repo)] if args.repo else [])
@@ -119,6 +147,9 @@ def main() -> int:
                 rate = one_run(repo, root / name, args, profile)
                 rates[name].append(rate)
                 log(f"run {run + 1} {name}: {rate:.0f} files/s")
+            if args.floor:
+                rates["floor"].append(floor_run(root / "floor", args))
+                log(f"run {run + 1} null filesystem: {rates['floor'][-1]:.0f} files/s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     this = rates["this"]
@@ -128,6 +159,9 @@ def main() -> int:
         base = rates["base"]
         ratio = sum(this) / sum(base)
         print(f"; baseline {min(base):.0f}-{max(base):.0f} files/s; ratio {ratio:.2f}x", end="")
+    if rates["floor"]:
+        floor = rates["floor"]
+        print(f"; null filesystem {min(floor):.0f}-{max(floor):.0f} files/s", end="")
     print()
     return 0
 
