@@ -528,6 +528,8 @@ class Committer:
         async with self.lock:
             started = time.monotonic()
             now_ns = now_ns or time.time_ns()
+            # Its snapshots are read in worker threads, which see only what is committed.
+            self.db.commit_batch()
             writer = self.writer()
             try:
                 result = await self._commit(

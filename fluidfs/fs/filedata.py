@@ -440,9 +440,16 @@ class FileData:
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
                 )
             if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
+                in_memory = blk.fd is None
                 self._discard(blk)
-                with self.tree.db.write() as txn:
+                # Bytes only memory held may join the mount's write-behind batch
+                # (store/batch.py): a crash loses them with it, as it would have before.
+                # A dirty file just removed may not: its entry must be on disk first.
+                writes = self.tree.db.batch.write() if in_memory else self.tree.db.write()
+                with writes as txn:
                     dead = self._map(txn, blk, INLINE + data)
+                if dead:
+                    self.tree.db.commit_batch()  # no released block may stay referenced
             else:
 
                 def bind(txn, block_id: bytes) -> list[StoredBlock]:

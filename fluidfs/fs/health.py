@@ -191,6 +191,7 @@ async def check(
     copies = CopyReport() if copies is None else copies
     results: list[FileHealth] = []
     needed = blocks.codec.needed
+    tree.db.commit_batch()  # the scan reads in worker threads: what is committed
     scan = TreeScan(tree, blocks)
     while not scan.done:
         batch = await trio.to_thread.run_sync(scan.next_batch, limiter=blocks.limiter)

@@ -47,6 +47,7 @@ BACKGROUND_LOADERS = 8
 RETRY_SECONDS = 5.0
 PREFETCHERS = 16  # directories fetched ahead of a walk at once
 PREFETCH_QUEUE = 4096  # directories waiting to be fetched ahead; beyond it the oldest go
+MATERIALISE_BATCH = 1000  # entries of a loaded directory per write transaction (loop step)
 
 
 class Restorer:
@@ -69,7 +70,7 @@ class Restorer:
 
     def lazy_top(self, ino: int) -> bytes | None:
         """The top node of a lazy directory's contents, or None if it is loaded."""
-        with self.db.read() as txn:
+        with self.db.view() as txn:  # every request asks: it must not end the batch
             raw = txn.get(_U64.pack(ino), db=self._lazy)
         return None if raw is None else bytes(raw)
 
@@ -114,46 +115,67 @@ class Restorer:
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
-            subdirs = self._materialise(ino, entries, files)
+            subdirs = await self._materialise(ino, entries, files)
         self._locks.pop(ino, None)
         self._fetch_ahead(subdirs)
 
-    def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
+    async def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
         """Write *parent*'s entries into the live tables; return the subdirectories it
-        marked lazy, in name order."""
-        subdirs: list[int] = []
-        inodes = self.db["inodes"]
-        counters = self.db["counters"]
+        marked lazy, in name order.
+
+        A directory of any size is written MATERIALISE_BATCH entries per transaction,
+        with a checkpoint between them, so the loop is never held for all of it. The
+        directory stays lazy until the last one (every request that needs its entries
+        waits in ``ensure``, and commits name it by its committed node), and the first
+        raises ``next_ino`` past every entry, so nothing created meanwhile takes one of
+        their numbers. A crash half way leaves it lazy: loading it again rewrites what
+        was written (each entry is written the same way twice)."""
         for entry in entries:
             blocks, _ = files.get(entry.ino, (entry.blocks, entry.inline))
             self.index.holders.learn(ref for _, ref in blocks)
+        counters = self.db["counters"]
+        highest = max((entry.ino for entry in entries), default=0)
+        subdirs: list[int] = []
+        for start in range(0, max(len(entries), 1), MATERIALISE_BATCH):
+            if start:
+                await trio.lowlevel.checkpoint()
+            with self.db.write() as txn:
+                if txn.get(_U64.pack(parent), db=self._lazy) is None:
+                    return []
+                if start == 0:
+                    raw = txn.get(b"next_ino", db=counters)
+                    if raw is None or _U64.unpack(raw)[0] <= highest:
+                        txn.put(b"next_ino", _U64.pack(highest + 1), db=counters)
+                for entry in entries[start : start + MATERIALISE_BATCH]:
+                    if self._write_entry(txn, parent, entry, files):
+                        subdirs.append(entry.ino)
         with self.db.write() as txn:
             if txn.get(_U64.pack(parent), db=self._lazy) is None:
                 return []
-            highest = 0
-            for entry in entries:
-                ino = entry.ino
-                highest = max(highest, ino)
-                if txn.get(_U64.pack(ino), db=inodes) is None:
-                    self.tree.put(txn, entry.inode())
-                    self._put_xattrs(txn, ino, entry.xattrs)
-                    blocks, inline = files.get(ino, (entry.blocks, entry.inline))
-                    for index, ref in blocks:
-                        self.index.adopt(txn, ref)  # the block map's own reference
-                        self.tree.set_block(txn, ino, index, BLOCK_REF + ref.block_id)
-                    for index, data in inline:
-                        self.tree.set_block(txn, ino, index, INLINE + data)
-                    if entry.content is not None:
-                        txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
-                        subdirs.append(ino)
-                self.tree.link(txn, parent, entry.name, ino)
-            raw = txn.get(b"next_ino", db=counters)
-            if raw is None or _U64.unpack(raw)[0] <= highest:
-                txn.put(b"next_ino", _U64.pack(highest + 1), db=counters)
             txn.delete(_U64.pack(parent), db=self._lazy)
         self.loaded_dirs += 1
         self.loaded_entries += len(entries)
         return subdirs
+
+    def _write_entry(self, txn, parent: int, entry: Entry, files: dict) -> bool:
+        """Write one entry of *parent* (its inode only if new); True if it is a
+        directory left lazy."""
+        ino = entry.ino
+        lazy = False
+        if txn.get(_U64.pack(ino), db=self.db["inodes"]) is None:
+            self.tree.put(txn, entry.inode())
+            self._put_xattrs(txn, ino, entry.xattrs)
+            blocks, inline = files.get(ino, (entry.blocks, entry.inline))
+            for index, ref in blocks:
+                self.index.adopt(txn, ref)  # the block map's own reference
+                self.tree.set_block(txn, ino, index, BLOCK_REF + ref.block_id)
+            for index, data in inline:
+                self.tree.set_block(txn, ino, index, INLINE + data)
+            if entry.content is not None:
+                txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
+                lazy = True
+        self.tree.link(txn, parent, entry.name, ino)
+        return lazy
 
     # --- ahead of the walk ---------------------------------------------------------------
 

@@ -20,7 +20,8 @@ two read transactions knows the tree did not change between them; commits rely o
 that to read the tree in short snapshots (fs/commit.py).
 
 All calls are short and run on the trio loop; writes take the caller's
-transaction so that related changes commit together. The ``*_in`` readers take a
+transaction so that related changes commit together. The readers see the mount's
+batched writes (``Database.view``, store/batch.py). The ``*_in`` readers take a
 read transaction instead and bypass the inode cache: whole-tree scans (fs/health.py)
 use them from worker threads, batch by batch, so the cache only ever holds the
 inodes the kernel knows.
@@ -67,6 +68,7 @@ class Tree:
         self._counters = db["counters"]
         self._cache: dict[int, Inode] = {}
         self.dirs = DirState(db)
+        db.batch.on_lost.append(self._cache.clear)  # the cache may hold what it wrote
         if not db.readonly:
             self.dirs.start()
 
@@ -99,7 +101,7 @@ class Tree:
         """The inode, from the cache or the table."""
         inode = self._cache.get(ino)
         if inode is None:
-            with self.db.read() as txn:
+            with self.db.view() as txn:
                 raw = txn.get(u64(ino), db=self._inodes)
             if raw is None:
                 return None
@@ -150,7 +152,7 @@ class Tree:
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         """The child inode number for *name* in *parent*, or None."""
-        with self.db.read() as txn:
+        with self.db.view() as txn:
             raw = txn.get(u64(parent) + name, db=self._dirents)
         return None if raw is None else _U64x2.unpack(raw)[0]
 
@@ -185,7 +187,7 @@ class Tree:
 
         Yields lazily from one read transaction; stop early to end it.
         """
-        with self.db.read() as txn:
+        with self.db.view() as txn:
             yield from self.entries_in(txn, parent, after)
 
     def entries_in(
@@ -214,7 +216,7 @@ class Tree:
         """The block map value for block *index* of *ino* (BLOCK_REF/INLINE prefixed)."""
         if txn is not None:
             return txn.get(u64(ino) + u64(index), db=self._blockmap)
-        with self.db.read() as own:
+        with self.db.view() as own:
             return own.get(u64(ino) + u64(index), db=self._blockmap)
 
     def set_block(self, txn, ino: int, index: int, value: bytes | None) -> bytes | None:
@@ -244,7 +246,7 @@ class Tree:
 
     def blocks_of(self, ino: int) -> list[tuple[int, bytes]]:
         """All (index, value) block map entries of *ino*."""
-        with self.db.read() as txn:
+        with self.db.view() as txn:
             return self.blocks_in(txn, ino)
 
     def blocks_in(self, txn, ino: int) -> list[tuple[int, bytes]]:
@@ -263,7 +265,7 @@ class Tree:
 
     def xattr(self, ino: int, name: bytes) -> bytes | None:
         """An extended attribute's value, or None."""
-        with self.db.read() as txn:
+        with self.db.view() as txn:
             return txn.get(u64(ino) + name, db=self._xattrs)
 
     def set_xattr(self, ino: int, name: bytes, value: bytes | None) -> bool:
@@ -282,7 +284,7 @@ class Tree:
         """Names of the inode's xattrs."""
         prefix = u64(ino)
         names: list[bytes] = []
-        with self.db.read() as txn:
+        with self.db.view() as txn:
             cursor = txn.cursor(db=self._xattrs)
             if cursor.set_range(prefix):
                 for key in cursor.iternext(keys=True, values=False):

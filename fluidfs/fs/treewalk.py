@@ -70,6 +70,7 @@ class Snapshots:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.generation: int | None = None
+        db.commit_batch()  # worker threads read what is committed: all the mount did
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(txn, *args)`` in a new read transaction (call from a worker thread)."""

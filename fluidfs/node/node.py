@@ -501,6 +501,7 @@ class Node:
                 await self._leave_provider_repairs()
             self.peers.save_all()
             self.ledger.save_all()
+            self.meta.commit_batch()
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
 
@@ -712,7 +713,7 @@ class Node:
             services=self.run_services,
             prepare=functools.partial(self._settle_before_mount, on_progress),
             abandon=self.keeper.release,
-            background=[self.data.run, self._run_remount],
+            background=[self.data.run, self.meta.batch.run, self._run_remount],
             stop=self.stop,
             on_ready=on_ready,
         )

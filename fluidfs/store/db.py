@@ -8,6 +8,10 @@ worker threads never hold the writer lock that the metadata needs:
 - ``shards.lmdb``: the shards this node hosts (its own and, with peers,
   others'). Written from worker threads in batched transactions.
 
+The mount's requests write ``meta.lmdb`` through ``batch`` (store/batch.py): grouped
+into one transaction committed at least every second, and before any other
+transaction of the trio thread.
+
 Both run with ``sync=False``: a commit reaches the kernel (and so survives
 ``kill -9`` of the process) at once; ``sync()`` makes it survive a reboot and is
 called on fsync, unmount and on a timer.
@@ -15,12 +19,14 @@ called on fsync, unmount and on a timer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import lmdb
 
+from fluidfs.store.batch import WriteBatch
 from fluidfs.store.compact import StoreUsage, compact, compact_closed, swap, usage
 
 log = logging.getLogger(__name__)
@@ -123,14 +129,37 @@ class Database:
         except lmdb.NotFoundError:
             self.env.close()
             raise FileNotFoundError(f"{path} lacks one of the tables {names}") from None
+        self.batch = WriteBatch(self.env)
 
     def read(self) -> lmdb.Transaction:
-        """A read-only transaction (use as a context manager)."""
+        """A read-only transaction (use as a context manager) of what is committed; on
+        the trio thread, the open batch is committed first, so it sees everything."""
+        if self.batch.owned_here() and not self.batch.in_request():
+            self.batch.commit()
         return self.env.begin(write=False)
 
     def write(self) -> lmdb.Transaction:
-        """A write transaction; commits when its ``with`` block ends without error."""
+        """A write transaction; commits when its ``with`` block ends without error. The
+        open batch is committed before it (on another thread: waited for)."""
+        if self.batch.is_open():
+            if not self.batch.owned_here():
+                return self.batch.begin_elsewhere()
+            self.batch.commit()
         return self.env.begin(write=True)
+
+    def view(self) -> contextlib.AbstractContextManager[lmdb.Transaction]:
+        """A read transaction that sees the open batch on the trio thread (a request's
+        own writes included); elsewhere, like ``read``. Use within one loop step."""
+        txn = self.batch.view()
+        if txn is None:
+            return self.env.begin(write=False)
+        return contextlib.nullcontext(txn)
+
+    def commit_batch(self) -> None:
+        """Commit the requests' batch now (fsync, and before side effects); only the
+        trio thread, whose batch it is, can (elsewhere this does nothing)."""
+        if self.batch.owned_here():
+            self.batch.commit()
 
     def __getitem__(self, name: str) -> lmdb._Database:
         return self.tables[name]
@@ -149,6 +178,7 @@ class Database:
         No transaction may be open any more."""
         copied = None
         if not self.readonly:
+            self.batch.commit()
             self.env.sync(True)
             if self.compacting:
                 try:

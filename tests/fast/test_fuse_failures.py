@@ -79,6 +79,7 @@ def metadata_full(ops: FluidOperations) -> Iterator[None]:
     The map is shrunk to the pages in use, a reader pins every page freed from then
     on, and filler is written until LMDB has no page left to give.
     """
+    ops.tree.db.commit_batch()  # the requests' write-behind batch holds the writer lock
     env = ops.tree.db.env
     size = env.info()["map_size"]
     env.set_mapsize(1)  # LMDB rounds it up to the pages in use
@@ -93,6 +94,7 @@ def metadata_full(ops: FluidOperations) -> Iterator[None]:
                 break
         yield
     finally:
+        ops.tree.db.commit_batch()
         reader.abort()
         env.set_mapsize(size)
         with env.begin(write=True) as txn:

@@ -19,6 +19,7 @@ import trio
 from inproc import LocalStore, Metadata, until_on_mock_clock
 
 from fluidfs import keys
+from fluidfs.fs import restore
 from fluidfs.fs.metaformat import CommitInfo
 from fluidfs.fs.metaindex import MetaError
 from fluidfs.fs.tree import ROOT_INO
@@ -183,5 +184,47 @@ async def test_a_directory_that_cannot_be_fetched_is_retried(
             b.shards.put_many(RING.public_key, kept.items())  # the peers are back
         assert meta.restorer.pending() == []
         assert len(names(b, a.photos)) == 41
+    finally:
+        b.close()
+
+
+async def test_a_big_directory_is_written_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Loading a restored directory writes its rows a batch per loop step, so the loop
+    keeps serving while a directory of any size loads (the directory stays lazy until
+    the last batch), and what is created meanwhile takes no restored inode number.
+    (Before, the whole directory was one transaction in one step: no step of the loop
+    saw it in part.)"""
+    monkeypatch.setattr(restore, "MATERIALISE_BATCH", 8)
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.ensure(ROOT_INO)
+        ticks = 0
+        created: list[int] = []
+        seen: set[int] = set()  # how many rows of photos each step of the loop saw
+        loading = True
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while loading:
+                ticks += 1
+                seen.add(len(names(b, a.photos)))
+                if ticks == 2:
+                    with b.db.write() as txn:  # a file created while photos loads
+                        created.append(b.tree.new_ino(txn))
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await meta.restorer.ensure(a.photos)
+            loading = False
+        assert len({n for n in seen if 0 < n < 41}) >= 2, "the loop ran between batches"
+        assert len(names(b, a.photos)) == 41
+        assert b.tree.get(a.note).nlink == 2
+        restored = [ino for _, _, ino in b.tree.entries(a.photos)]
+        assert created and created[0] > max(restored), "no restored number was handed out"
+        assert a.photos not in meta.restorer.pending()
     finally:
         b.close()

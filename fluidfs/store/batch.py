@@ -1,0 +1,149 @@
+"""Write-behind for the mount's metadata: many requests' writes in one LMDB transaction.
+
+A small-file create is eight FUSE requests, four of which write ``meta.lmdb``; each write
+transaction's commit writes every B-tree page it touched. ``WriteBatch`` keeps one write
+transaction (the *batch*) open on the trio thread and runs each request's writes in a
+nested transaction inside it: a request that fails leaves nothing behind (its nested
+transaction is aborted), one that succeeds joins the batch. The batch commits
+
+- when it is ``MAX_AGE`` seconds old (checked by ``run`` every ``TICK`` and by every
+  request that joins it) or holds ``MAX_WRITES`` requests;
+- before any other transaction of the trio thread (``Database.read``/``write`` commit it
+  first, so every reader and writer outside the mount's requests sees what they did,
+  and nothing is ordered after a write it might depend on);
+- as soon as a worker thread waits for the writer lock (it would otherwise wait up to
+  ``MAX_AGE``); while one waits, requests write in transactions of their own;
+- on ``commit()``: fsync and fsyncdir, unmount, and anything that must be on disk
+  before a side effect (a block released, a dirty file removed).
+
+Requests read through the batch (``view``), so the mount sees its own writes; other
+threads read what is committed. A crash (kill -9) loses the batch: at most the last
+``MAX_AGE`` seconds of requests that no fsync covered, each request whole or not at
+all, never a torn one (LMDB commits are atomic). A batch whose commit fails (a full
+disk) is lost the same way; ``on_lost`` callbacks then drop what memory holds of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import lmdb
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_AGE = 1.0  # seconds a request's write may wait in the batch
+MAX_WRITES = 1000  # requests per batch
+TICK = 0.05  # seconds between age checks (and between looks for a waiting thread)
+
+
+class WriteBatch:
+    """The open batch of one LMDB environment (see the module docstring)."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.on_lost: list[Callable[[], None]] = []
+        self._txn: lmdb.Transaction | None = None
+        self._active: lmdb.Transaction | None = None  # the request's nested transaction
+        self._owner: int | None = None  # the thread that opened the batch
+        self._opened_at = 0.0
+        self._writes = 0
+        self._waiting = 0  # threads waiting for the writer lock
+        self._waiting_lock = threading.Lock()
+        self.commits = 0  # batches committed (for tests and benchmarks)
+
+    def is_open(self) -> bool:
+        """True while a batch holds uncommitted writes."""
+        return self._txn is not None
+
+    def owned_here(self) -> bool:
+        """True if the calling thread is the one whose batch is open."""
+        return self._txn is not None and self._owner == threading.get_ident()
+
+    def in_request(self) -> bool:
+        """True while a request's nested transaction is open."""
+        return self._active is not None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A transaction for one request's writes, joining the batch when it can."""
+        if self._txn is not None and (
+            self._waiting
+            or self._writes >= MAX_WRITES
+            or time.monotonic() - self._opened_at >= MAX_AGE
+        ):
+            self.commit()
+        if self._waiting:
+            with self.env.begin(write=True) as txn:
+                yield txn
+            return
+        if self._txn is None:
+            self._txn = self.env.begin(write=True)
+            self._owner = threading.get_ident()
+            self._opened_at = time.monotonic()
+            self._writes = 0
+        child = self.env.begin(write=True, parent=self._txn)
+        self._active = child
+        try:
+            yield child
+        except BaseException:
+            child.abort()
+            raise
+        else:
+            child.commit()
+            self._writes += 1
+        finally:
+            self._active = None
+
+    def view(self) -> lmdb.Transaction | None:
+        """The transaction a read on this thread must use to see the batch, or None."""
+        if not self.owned_here():
+            return None
+        return self._active if self._active is not None else self._txn
+
+    def commit(self) -> None:
+        """Commit the batch now (no-op if none is open)."""
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        if self._active is not None:
+            self._txn = txn
+            raise RuntimeError("a batch cannot commit inside one of its requests")
+        try:
+            txn.commit()
+        except BaseException:
+            log.error("a batch of %d metadata writes could not be committed and is lost",
+                      self._writes)
+            for lost in self.on_lost:
+                lost()
+            raise
+        self.commits += 1
+
+    def begin_elsewhere(self) -> lmdb.Transaction:
+        """A write transaction for a thread other than the batch's: ask the batch to
+        commit (``run`` sees the request within ``TICK``) and wait for the lock."""
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            return self.env.begin(write=True)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Commit the batch when it is due, until cancelled (then commit what is left)."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(TICK)
+                if self._txn is not None and self._active is None and (
+                    self._waiting or time.monotonic() - self._opened_at >= MAX_AGE
+                ):
+                    self.commit()
+        finally:
+            if self._active is None and self.owned_here():
+                self.commit()

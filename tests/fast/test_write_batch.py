@@ -1,0 +1,189 @@
+"""The mount's write-behind batch (store/batch.py): coherent reads, bounded age, fsync.
+
+"Committed" below is what a plain LMDB read transaction of another thread sees: what a
+kill -9 of the mount would leave on disk. Before the batch existed, every request
+committed on its own, so the tests that find a request's write *not* yet committed
+fail on that code (checked); the others pin what must not change with it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pyfuse3
+import pytest
+import trio
+
+from fluidfs import keys
+from fluidfs.fs.tree import ROOT_INO, u64
+from fluidfs.node.node import Node, NodeConfig
+from fluidfs.statedir import StateDir
+from fluidfs.store import batch as batch_module
+
+CTX = pyfuse3.RequestContext()
+
+
+@pytest.fixture
+async def node(tmp_path):
+    ring = keys.KeyRing(keys.generate())
+    n = Node(NodeConfig(ring, StateDir(tmp_path / "state"), cache_size=1 << 20,
+                        block_size=64 * 1024))
+    await n.start()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.data.run)
+        yield n
+        nursery.cancel_scope.cancel()
+    n.close()
+
+
+def committed_name(node: Node, parent: int, name: bytes) -> int | None:
+    """The inode *name* has in *parent* in what is committed (read from another thread)."""
+    found: list[int | None] = []
+
+    def read() -> None:
+        with node.meta.env.begin() as txn:
+            raw = txn.get(u64(parent) + name, db=node.meta["dirents"])
+            found.append(None if raw is None else int.from_bytes(raw[:8], "big"))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+def committed_inode(node: Node, ino: int) -> bool:
+    found: list[bool] = []
+
+    def read() -> None:
+        with node.meta.env.begin() as txn:
+            found.append(txn.get(u64(ino), db=node.meta["inodes"]) is not None)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+async def first_change(ops) -> None:
+    """The first change after a commit records, in its own transaction, that the tree
+    has changes to commit (remount/commits.py): make it, so later ones batch."""
+    await ops.mkdir(ROOT_INO, b"first", 0o755, CTX)
+
+
+async def create(ops, parent: int, name: bytes, data: bytes = b"") -> int:
+    fi, attr = await ops.create(parent, name, 0o644, os.O_RDWR, CTX)
+    if data:
+        await ops.write(fi.fh, 0, data)
+    await ops.release(fi.fh)
+    return attr.st_ino
+
+
+async def test_requests_share_one_commit_and_read_their_own_writes(node) -> None:
+    ops = node.ops
+    d = (await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)).st_ino
+    inos = [await create(ops, d, b"f%d" % i, b"x" * (i + 1)) for i in range(50)]
+    assert committed_name(node, d, b"f0") is None, "each request committed on its own"
+    # The mount sees all of it: lookups, attributes, listings, contents.
+    for i, ino in enumerate(inos):
+        assert (await ops.lookup(d, b"f%d" % i, CTX)).st_ino == ino
+        assert (await ops.getattr(ino)).st_size == i + 1
+    fh = await ops.opendir(d, CTX)
+    assert len(list(node.tree.entries(fh))) == 50
+    fi = await ops.open(inos[9], os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 100) == b"x" * 10
+    await ops.release(fi.fh)
+    node.meta.commit_batch()
+    assert all(committed_name(node, d, b"f%d" % i) == ino for i, ino in enumerate(inos))
+
+
+async def test_rename_and_unlink_of_a_buffered_inode(node) -> None:
+    ops = node.ops
+    a = await create(ops, ROOT_INO, b"a", b"aaa")
+    b = await create(ops, ROOT_INO, b"b", b"bbb")
+    await ops.rename(ROOT_INO, b"a", ROOT_INO, b"renamed", 0, CTX)
+    await ops.unlink(ROOT_INO, b"b", CTX)
+    await ops.forget([(b, 1)])
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.lookup(ROOT_INO, b"a", CTX)
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.lookup(ROOT_INO, b"b", CTX)
+    assert (await ops.lookup(ROOT_INO, b"renamed", CTX)).st_ino == a
+    assert node.tree.get(b) is None  # purged: no links, lookups or handles
+    node.meta.commit_batch()
+    assert committed_name(node, ROOT_INO, b"renamed") == a
+    assert committed_name(node, ROOT_INO, b"a") is None
+    assert committed_name(node, ROOT_INO, b"b") is None
+    assert not committed_inode(node, b)
+    fi = await ops.open(a, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 10) == b"aaa"
+
+
+async def test_fsync_commits_the_batch(node) -> None:
+    ops = node.ops
+    await first_change(ops)
+    early = await create(ops, ROOT_INO, b"early", b"e")
+    fi, attr = await ops.create(ROOT_INO, b"synced", 0o644, os.O_RDWR, CTX)
+    await ops.write(fi.fh, 0, b"durable")
+    assert committed_name(node, ROOT_INO, b"synced") is None
+    await ops.fsync(fi.fh, False)
+    assert committed_name(node, ROOT_INO, b"synced") == attr.st_ino
+    assert committed_name(node, ROOT_INO, b"early") == early  # fsync orders what came before
+    with node.meta.env.begin() as txn:
+        assert txn.get(u64(attr.st_ino) + u64(0), db=node.meta["blockmap"]) == b"Idurable"
+    await ops.release(fi.fh)
+    await create(ops, ROOT_INO, b"late")
+    assert committed_name(node, ROOT_INO, b"late") is None
+    await ops.fsyncdir(ROOT_INO, False)
+    assert committed_name(node, ROOT_INO, b"late") is not None
+
+
+async def test_batch_commits_within_its_age(node, monkeypatch) -> None:
+    monkeypatch.setattr(batch_module, "MAX_AGE", 0.2)
+    ops = node.ops
+    await first_change(ops)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.meta.batch.run)
+        await create(ops, ROOT_INO, b"f")
+        assert committed_name(node, ROOT_INO, b"f") is None
+        started = time.monotonic()
+        while committed_name(node, ROOT_INO, b"f") is None:
+            assert time.monotonic() - started < 1.0, "the batch outlived its age"
+            await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_thread_writer_does_not_wait_for_the_age(node, monkeypatch) -> None:
+    monkeypatch.setattr(batch_module, "MAX_AGE", 30.0)
+    ops = node.ops
+
+    def worker_write() -> None:
+        with node.meta.write() as txn:
+            txn.put(b"worker", b"1", db=node.meta["settings"])
+
+    await first_change(ops)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.meta.batch.run)
+        await create(ops, ROOT_INO, b"f")
+        assert node.meta.batch.is_open()
+        started = time.monotonic()
+        await trio.to_thread.run_sync(worker_write)
+        assert time.monotonic() - started < 2.0
+        assert committed_name(node, ROOT_INO, b"f") is not None
+        # Requests keep working (and batching) after it.
+        await create(ops, ROOT_INO, b"g")
+        assert (await ops.lookup(ROOT_INO, b"g", CTX)).st_ino
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_of_the_trio_thread_sees_the_batch(node) -> None:
+    """Code that reads with ``Database.read`` (commits, block records) commits the batch
+    first, so nothing the mount acknowledged is invisible to it."""
+    ops = node.ops
+    await first_change(ops)
+    await create(ops, ROOT_INO, b"f")
+    assert node.meta.batch.is_open()
+    with node.meta.read() as txn:
+        assert txn.get(u64(ROOT_INO) + b"f", db=node.meta["dirents"]) is not None
+    assert not node.meta.batch.is_open()
