@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import trio
 from inproc import PeerNode
-from test_provider_switch import SIZE, shard
+from providernet import SIZE, shard
 
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
