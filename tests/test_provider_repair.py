@@ -51,7 +51,7 @@ def test_the_provider_repairs_while_the_user_is_away(tmp_path: Path, make_mount)
         assert admitted.returncode == 0, admitted.stderr
 
         args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-                "--no-web", "--lease-renew", "1", *[f"--peer={h.addr}" for h in hosts],
+                "--no-web", *[f"--peer={h.addr}" for h in hosts],
                 f"--provider={provider.peer_id}@{provider.addr}", "--provider-repairs"]
         u = make_mount("u", key=user_key, extra=args)
         u.mount()

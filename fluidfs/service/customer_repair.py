@@ -252,7 +252,11 @@ class CustomerRepairer:
             if not self.is_away(grant):
                 return placed  # it came back meanwhile: its own repairer takes over
             for cap in caps:
-                placed += await self._block(grant, cap)
+                try:
+                    placed += await self._block(grant, cap)
+                except Exception as exc:  # one bad block must not stop the others
+                    log.error("customer %s, block %s: repair failed: %s", _short(customer),
+                              cap.block.hex()[:16], exc)
             after = caps[-1].block
 
     def _state(self, customer: bytes, holder: bytes) -> _HolderState:
