@@ -351,7 +351,14 @@ class BlockStore:
 
     async def _uploader(self) -> None:
         async for record, shards in self._upload_recv:
-            await self.upload(record, shards)
+            try:
+                await self.upload(record, shards)
+            except Exception:
+                # A bug in one block's placement must not end the block store (and
+                # with it the mount): the block stays short of holders, where the
+                # top-up finds it again.
+                log.exception("uploading block %s failed", record.block_id.hex()[:12])
+                self.under.add(record.block_id)
 
     async def upload(
         self,

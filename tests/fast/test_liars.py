@@ -243,3 +243,30 @@ async def test_check_read_data_verifies_every_copy_and_names_bad_ones(tmp_path: 
                 assert [b["good"] for b in copies.blocks] == [1] * len(ids), copies.blocks
         finally:
             liar.close()
+
+
+async def test_an_upload_that_fails_unexpectedly_does_not_end_the_block_store(
+    tmp_path: Path,
+) -> None:
+    """An exception out of one block's placement (a bug, not a peer's refusal) ended the
+    uploader task, its nursery and with it the whole mount. Now the block is left short
+    of holders for the top-up and the next block is placed as usual."""
+    async with (
+        peer_nodes(tmp_path / "hosts", N) as (nursery, hosts),
+        owner_on(tmp_path, hosts, nursery) as owner,
+    ):
+        place = owner.remote.place
+        broken = []
+
+        async def fails_once(record, *args, **kw):
+            if not broken:
+                broken.append(record.block_id)
+                raise ValueError("a bug in placement")
+            return await place(record, *args, **kw)
+
+        owner.remote.place = fails_once
+        first = await owner.store.blocks.put(os.urandom(20_000))
+        await until(lambda: broken, what="the failing placement")
+        assert first in owner.store.blocks.under, "left for the top-up"
+        second = await put_blocks(owner, 1)
+        assert NO_HOLDER not in owner.holders(second[0])
