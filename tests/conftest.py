@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from peerhelpers import peer_cluster  # noqa: F401 - a fixture for every test module
 
 from fluidfs import keys
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from fluidfs import keys
 from fluidfs.blocks import merkle
 
@@ -47,25 +49,38 @@ class Peer:
 
     def start(self, port: int = 0, timeout: float = 20) -> Peer:
         """Start (or restart on its old port) and wait until it listens."""
+        self.launch(port)
+        return self.wait_listening(timeout)
+
+    def launch(self, port: int = 0) -> Peer:
+        """Start the process (on its old port when restarted) without waiting for it."""
         if not self.keyfile.exists():
             keys.write_keyfile(self.keyfile, keys.generate())
         if self.addr and not port:
             port = int(self.addr.rsplit(":", 1)[1])
-        listen_file = self.state / "listen"
-        listen_file.unlink(missing_ok=True)
+        self._listen_file.unlink(missing_ok=True)
         log = open(self.root / f"{self.name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             [*FLUIDFS, "serve", "--keyfile", str(self.keyfile), "--state-dir", str(self.state),
              "--listen", f"127.0.0.1:{port}", "--donate", self.donate, *self.extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )
+        return self
+
+    def wait_listening(self, timeout: float = 20) -> Peer:
+        """Wait until the launched process listens; record its address."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while not listen_file.exists():
+        while not self._listen_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"peer {self.name} did not start:\n{self.log()}")
             time.sleep(0.05)
-        self.addr = listen_file.read_text().strip()
+        self.addr = self._listen_file.read_text().strip()
         return self
+
+    @property
+    def _listen_file(self) -> Path:
+        return self.state / "listen"
 
     def kill(self) -> None:
         """SIGKILL, like a machine that vanished."""
@@ -139,13 +154,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def start_all(peers: list[Peer], timeout: float = 120) -> list[Peer]:
+    """Start every peer at once and wait until each listens: their start-ups (mostly
+    Python imports) overlap instead of queueing one behind the other."""
+    for peer in peers:
+        peer.launch()
+    for peer in peers:
+        peer.wait_listening(timeout)
+    return peers
+
+
 @contextlib.contextmanager
 def running_peers(root: Path, count: int):
     """*count* started peers named p00, p01, ...; every one is killed on exit."""
     made = [Peer(root, f"p{i:02d}") for i in range(count)]
     try:
-        for peer in made:
-            peer.start()
+        start_all(made)
         yield made
     finally:
         for peer in made:
@@ -162,3 +186,37 @@ def random_shard(size: int) -> dict:
     """A StoreShard item: *size* random bytes under their true shard id."""
     data = os.urandom(size)
     return {"id": merkle.shard_id(data), "data": data}
+
+
+def peer_rows(state: Path) -> dict[str, dict]:
+    """`fluidfs peers --json` of the node with this state dir: its rows by peer id."""
+    result = subprocess.run([*FLUIDFS, "peers", "--json", "--state-dir", str(state)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {row["id"]: row for row in json.loads(result.stdout)["peers"]}
+
+
+def peer_options(peers: list[Peer], *extra: str) -> list[str]:
+    """Mount options for a node listening on 127.0.0.1 with 256 KiB blocks, room to
+    donate and every one of *peers* as a peer; *extra* options follow."""
+    args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "24G", *extra]
+    for peer in peers:
+        args += ["--peer", peer.addr]
+    return args
+
+
+def mount_with_peers(make_mount, peers: list[Peer], *extra: str):
+    """Mount a node with *peers* (``peer_options``) and wait for an agreement with each."""
+    mnt = make_mount("m", extra=peer_options(peers, *extra))
+    mnt.mount()
+    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
+             "agreements with every peer")
+    return mnt
+
+
+@pytest.fixture
+def peer_cluster(tmp_path: Path):
+    """Factory: ``peer_cluster(count)`` starts *count* peers (``running_peers``) in this
+    test's temp dir; all are killed at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda count: stack.enter_context(running_peers(tmp_path, count))

@@ -7,43 +7,23 @@ froze for the audit timeout (20 s) at every cycle; now each holder is audited on
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-from peerhelpers import running_peers, status, wait_for
+from peerhelpers import mount_with_peers, peer_rows, status, wait_for
 
 BLOCK = 256 * 1024
 
 
-@pytest.fixture
-def peers(tmp_path: Path):
-    with running_peers(tmp_path, 12) as made:
-        yield made
-
-
 def passed_by_peer(state: Path) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-m", "fluidfs", "peers", "--json",
-                             "--state-dir", str(state)], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    return {row["id"]: row["audits_passed"] for row in json.loads(result.stdout)["peers"]}
+    return {key: row["audits_passed"] for key, row in peer_rows(state).items()}
 
 
-def test_a_stopped_peer_does_not_slow_the_others_audits(make_mount, peers):
-    args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "24G",
-            "--audit-interval", "1", "--tolerance", "600"]
-    for peer in peers:
-        args += ["--peer", peer.addr]
-    mnt = make_mount("m", extra=args)
-    mnt.mount()
-    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
-             "agreements with every peer")
+def test_a_stopped_peer_does_not_slow_the_others_audits(make_mount, peer_cluster):
+    peers = peer_cluster(12)
+    mnt = mount_with_peers(make_mount, peers, "--audit-interval", "1", "--tolerance", "600")
     (mnt.path / "f").write_bytes(os.urandom(4 * BLOCK))
     wait_for(lambda: status(mnt.state)["redundancy"] == {"12": 4}, 60, "full redundancy")
     hung, others = peers[0], peers[1:]

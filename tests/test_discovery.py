@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, start_all, status, wait_for
 
 from fluidfs.blocks.codec import shard_size_for
 
@@ -21,19 +21,30 @@ BLOCK = 256 * 1024
 SHARD = shard_size_for(BLOCK, 8)
 
 
+class Cluster:
+    """The peers of one test: ``cluster(name)`` starts one, ``cluster.group(names)``
+    several at once (their start-ups overlap)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Peer] = []
+
+    def __call__(self, name: str, *extra: str, bootstrap: Peer | None = None) -> Peer:
+        return self.group([name], *extra, bootstrap=bootstrap)[0]
+
+    def group(self, names: list[str], *extra: str, bootstrap: Peer | None = None) -> list[Peer]:
+        args = list(extra) + (["--peer", bootstrap.addr] if bootstrap else [])
+        peers = [Peer(self.root, name, extra=list(args)) for name in names]
+        self.made += peers
+        return start_all(peers)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path):
-    """Factory for peers; every one is killed at teardown."""
-    made: list[Peer] = []
-
-    def start(name: str, *extra: str, bootstrap: Peer | None = None) -> Peer:
-        args = list(extra) + (["--peer", bootstrap.addr] if bootstrap else [])
-        peer = Peer(tmp_path, name, extra=args)
-        made.append(peer)
-        return peer.start()
-
-    yield start
-    for peer in made:
+    """A Cluster in this test's temp dir; every peer is killed at teardown."""
+    made = Cluster(tmp_path)
+    yield made
+    for peer in made.made:
         peer.kill()
 
 
@@ -65,7 +76,7 @@ def placed(state: Path, blocks: int) -> bool:
 
 def test_one_bootstrap_address_finds_the_network(make_mount, cluster):
     first = cluster("p00")
-    others = [cluster(f"p{i:02d}", bootstrap=first) for i in range(1, 20)]
+    others = cluster.group([f"p{i:02d}" for i in range(1, 20)], bootstrap=first)
     mnt = mount_with(make_mount, first)
     wait_for(lambda: status(mnt.state)["peers_known"] >= 15, 60, "15 peers known")
     write_blocks(mnt.path, "data", 8)
@@ -75,8 +86,8 @@ def test_one_bootstrap_address_finds_the_network(make_mount, cluster):
 
 
 def test_flaky_peers_get_fewer_shards_and_the_lowest_trust(make_mount, cluster):
-    good = [cluster(f"g{i:02d}") for i in range(15)]
-    flaky = [cluster(f"f{i}", "--fault-rate", "0.8") for i in range(5)]
+    good = cluster.group([f"g{i:02d}" for i in range(15)])
+    flaky = cluster.group([f"f{i}" for i in range(5)], "--fault-rate", "0.8")
     mnt = mount_with(make_mount, *good, *flaky)
     me = status(mnt.state)["peer_id"]
     wait_for(lambda: status(mnt.state)["peers_with_agreements"] == 20, 60, "20 agreements")
@@ -99,10 +110,9 @@ def test_flaky_peers_get_fewer_shards_and_the_lowest_trust(make_mount, cluster):
 
 
 def test_referrers_share_in_their_referrals_trust(make_mount, cluster):
-    good_ref = cluster("gref")
-    liar_ref = cluster("lref")
-    good = [cluster(f"g{i}", bootstrap=good_ref) for i in range(6)]
-    liars = [cluster(f"l{i}", "--fault-rate", "0.9", bootstrap=liar_ref) for i in range(6)]
+    good_ref, liar_ref = cluster.group(["gref", "lref"])
+    good = cluster.group([f"g{i}" for i in range(6)], bootstrap=good_ref)
+    liars = cluster.group([f"l{i}" for i in range(6)], "--fault-rate", "0.9", bootstrap=liar_ref)
     mnt = mount_with(make_mount, good_ref, liar_ref)
     wait_for(lambda: status(mnt.state)["peers_with_agreements"] == 14, 60, "14 agreements")
     write_blocks(mnt.path, "data", 40)
@@ -126,16 +136,14 @@ def _recoverable(s: dict, blocks: int) -> bool:
 
 def test_under_replicated_until_more_peers_join(make_mount, cluster):
     first = cluster("p00")
-    for i in range(1, 6):
-        cluster(f"p{i:02d}", bootstrap=first)
+    cluster.group([f"p{i:02d}" for i in range(1, 6)], bootstrap=first)
     mnt = mount_with(make_mount, first)
     wait_for(lambda: status(mnt.state)["peers_with_agreements"] == 6, 60, "6 agreements")
     write_blocks(mnt.path, "data", 6)
     data = (mnt.path / "data").read_bytes()
     wait_for(lambda: status(mnt.state)["redundancy"] == {"6": 6}, 60, "6 shards placed each")
     assert status(mnt.state)["under_replicated"] == 6
-    for i in range(6, 12):
-        cluster(f"p{i:02d}", bootstrap=first)
+    cluster.group([f"p{i:02d}" for i in range(6, 12)], bootstrap=first)
     wait_for(lambda: status(mnt.state)["redundancy"] == {"12": 6}, 120,
              "full redundancy without any user action")
     assert status(mnt.state)["under_replicated"] == 0

@@ -31,6 +31,10 @@ def peer_rows(state: Path) -> dict[str, dict]:
     return {row["id"]: row for row in json.loads(result.stdout)["peers"]}
 
 
+def peer_id_of(keyfile: Path) -> str:
+    return keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(keyfile)).public_key)
+
+
 def small_keyfile(path: Path) -> Path:
     keys.write_keyfile(path, keys.generate(shards_total=3, shards_needed=2))
     return path
@@ -83,6 +87,13 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
         customers = json.loads(listed.stdout)["customers"]
         assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1
+        # `fluidfs peers` says where each side is held: U's side at P (on U), and on X
+        # that U's side of their agreement is at P.
+        x_id = peer_id_of(x.keyfile)
+        assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
+        assert peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
+        table = run_cli("peers", "--state-dir", str(u.state)).stdout
+        assert "PROVIDER" in table and f"ours at {provider.peer_id[:12]}…" in table
 
         data = os.urandom(3 * 256 * 1024)
         (x.path / "file").write_bytes(data)
@@ -92,6 +103,15 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
         assert "provider for: 1 customers" in run_cli(
             "status", "--state-dir", str(provider.state)).stdout
+        # ... and on P, its customers with their reservations and bytes reserved and held.
+        shown = run_cli("peers", "--json", "--state-dir", str(provider.state))
+        customers = json.loads(shown.stdout)["customers"]
+        assert [c["id"] for c in customers] == [user_id]
+        assert customers[0]["reservations"] >= 1 and customers[0]["held_bytes"] > 0
+        assert customers[0]["quota"] == 1 << 30
+        table = run_cli("peers", "--state-dir", str(provider.state)).stdout
+        assert "serving as a storage provider for 1 customers" in table
+        assert f"{user_id[:18]}…" in table
         assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
 
         u.unmount()  # U goes away
@@ -218,4 +238,114 @@ def test_a_user_switches_providers_with_no_agreement_broken(tmp_path: Path, make
         assert row["active"] and row["failing_since"] is None
     finally:
         for peer in (old, new, *hosts):
+            peer.kill()
+
+
+def test_a_user_mounting_without_its_provider_brings_its_side_home(tmp_path: Path, make_mount):
+    """U's side of its agreement with X is at P; U remounts without --provider: its side
+    comes home (X's shards copied from P, the agreement renewed without store_at, P's
+    reservation removed), and with P killed X's audits of U pass, answered by U."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = peer_id_of(user_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+        u = make_mount("u", key=user_key,
+                       extra=[*base, f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        held = status(provider.state)["serving_as_provider"]["held_bytes"]
+        assert held > 0
+        u.unmount()
+
+        u.extra = base  # no --provider
+        u.mount()
+        wait_for(lambda: status(provider.state)["serving_as_provider"]["reservations"] == 0
+                 and peer_rows(x.state)[user_id]["their_side_at"] is None, 60,
+                 "U's side brought home from P")
+        x_id = peer_id_of(x.keyfile)
+        row = peer_rows(u.state)[x_id]
+        assert row["held_at"] is None and row["we_use"] >= held  # every shard came home
+        assert "provider" not in status(u.state)
+        provider.kill()  # only U answers for its side now
+        passed = peer_rows(x.state)[user_id]["audits_passed"]
+        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
+                 "X's audits of U passing at U")
+        row = peer_rows(x.state)[user_id]
+        assert row["active"] and row["failing_since"] is None and row["audits_failed"] == 0
+        u.unmount()
+        u.mount()  # the state forgot P: nothing to bring home any more
+        assert "leaving_provider" not in status(u.state)
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()
+
+
+def test_a_partners_fresh_machine_reads_the_users_side_at_its_provider(
+        tmp_path: Path, make_mount):
+    """X's shards are on S0, S1 and U, whose side is at P (K=2 of N=3); U and S0 are
+    away. X's fresh machine (its exported keyfile, a new state directory) learns from
+    X's root record that U's side is at P: it takes X's writer lease on S1 and U's side
+    at P (2 of 3) and reads the file from S1's shard and U's at P. Fails before: the
+    fresh machine asks U itself, finds no majority for the lease and no second shard."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = peer_id_of(user_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x_extra = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+                   "--no-web", "--lease-renew", "1"]
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            *x_extra, *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        u = make_mount("u", key=user_key, extra=[
+            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
+            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        # X's writer lease re-forms toward its partners (S0, S1, U) while it renews: U's
+        # copy is at P (records at the provider); two renewals later the set is S0, S1, U.
+        wait_for(lambda: list((provider.state / "reserved-records").glob("*.lease")), 60,
+                 "X's lease record kept for U at P")
+        time.sleep(3 * 1.0)
+        data = os.urandom(3 * 256 * 1024)
+        (x.path / "file").write_bytes(data)
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        exported = tmp_path / "x-exported.key"
+        result = run_cli("key", "export", "--with-peers", "--keyfile", str(x.keyfile),
+                         "--state-dir", str(x.state))
+        assert result.returncode == 0, result.stderr
+        exported.write_text(result.stdout)
+        os.chmod(exported, 0o600)
+        x.unmount()
+        u.unmount()
+        hosts[0].kill()
+
+        fresh = make_mount("fresh", key=exported, extra=x_extra)
+        fresh.mount()
+        assert (fresh.path / "file").read_bytes() == data
+    finally:
+        for peer in (provider, *hosts):
             peer.kill()

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, start_all, status, wait_for
 
 PEERS = 13  # N = 12 holders per block, and one more for the liar's shards to go to
 BLOCK = 256 * 1024
@@ -30,8 +30,7 @@ def peers(tmp_path: Path):
     made = [Peer(tmp_path, f"p{i:02d}") for i in range(PEERS)]
     made[0].extra += ["--lie-on-retrieve"]
     try:
-        for peer in made:
-            peer.start()
+        start_all(made)
         yield made
     finally:
         for peer in made:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, is_mounted, run_cli
+from conftest import Mount, force_unmount, is_mounted, require_fuse, run_cli
 from mounthelpers import sh, wait_gone, write_file
 
 from fluidfs import __version__, keys
@@ -46,16 +46,35 @@ def mount_args(mnt: Mount, *, key: Path | None = None, path: Path | None = None)
     ]
 
 
+@pytest.fixture(scope="module")
+def populated_state(tmp_path_factory) -> Iterator[Mount]:
+    """A state dir holding some data, made once: the refusal tests below each check it
+    is still intact after their refusal, so they can take turns with one state."""
+    require_fuse()
+    root = tmp_path_factory.mktemp("populated")
+    keyfile = root / "fluidfs.key"
+    keys.write_keyfile(keyfile, keys.generate())
+    mnt = Mount(root / "m-mnt", root / "m-state", keyfile, ["--block-size", "256K"])
+    mnt.path.mkdir()
+    try:
+        mnt.mount()
+        write_file(mnt.path / "precious", b"do not lose me" * 50_000, fsync=True)
+        os.mkdir(mnt.path / "dir")
+        (mnt.path / "dir/small").write_bytes(b"small")
+        mnt.unmount()
+        yield mnt
+    finally:
+        mnt.cleanup()
+
+
 @pytest.fixture
-def populated(make_mount) -> Mount:
-    """A state dir holding some data, currently unmounted."""
-    mnt = make_mount(extra=["--block-size", "256K"])
-    mnt.mount()
-    write_file(mnt.path / "precious", b"do not lose me" * 50_000, fsync=True)
-    os.mkdir(mnt.path / "dir")
-    (mnt.path / "dir/small").write_bytes(b"small")
-    mnt.unmount()
-    return mnt
+def populated(populated_state: Mount) -> Iterator[Mount]:
+    """The populated state, unmounted; left unmounted for the next test."""
+    assert not is_mounted(populated_state.path)
+    yield populated_state
+    if is_mounted(populated_state.path):
+        run_cli("unmount", str(populated_state.path))
+        force_unmount(populated_state.path)
 
 
 def assert_intact(mnt: Mount) -> None:
@@ -209,11 +228,12 @@ def test_mount_with_wrong_keyfile(populated: Mount, tmp_path: Path) -> None:
     other = tmp_path / "other.key"
     keys.write_keyfile(other, keys.generate())
     identity = (populated.state / "identity").read_text()
+    logged_before = len((populated.state / "fluidfs.log").read_text())
     line = one_line_error(run_cli(*mount_args(populated, key=other)))
     assert "keyfile" in line or "belongs to" in line
     assert not is_mounted(populated.path)
     assert (populated.state / "identity").read_text() == identity
-    log = (populated.state / "fluidfs.log").read_text()
+    log = (populated.state / "fluidfs.log").read_text()[logged_before:]
     assert "Traceback" not in log
     assert_intact(populated)
 

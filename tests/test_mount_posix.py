@@ -1,11 +1,13 @@
 """POSIX semantics of a real mount, as programs see them (256 KiB blocks).
 
-Each test gets its own mount (the `mounted` fixture) and checks what a user
-observes with ordinary tools or plain os calls.
+One mount serves the module (its start and stop were most of the time); each test gets
+a fresh empty directory of it (the `mounted` fixture) and checks what a user observes
+with ordinary tools or plain os calls there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import mmap
@@ -13,9 +15,11 @@ import os
 import random
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Mount, require_fuse
 from mounthelpers import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -32,9 +36,35 @@ from mounthelpers import (
     write_file,
 )
 
+from fluidfs import keys
+
 pytestmark = pytest.mark.mount
 
 BS = 256 * 1024  # the block size of the `mounted` fixture
+
+
+@pytest.fixture(scope="module")
+def shared_mount(tmp_path_factory) -> Iterator[Mount]:
+    """The module's one real mount (256 KiB blocks)."""
+    require_fuse()
+    root = tmp_path_factory.mktemp("posix")
+    keyfile = root / "fluidfs.key"
+    keys.write_keyfile(keyfile, keys.generate())
+    mnt = Mount(root / "mnt", root / "state", keyfile, ["--block-size", "256K"])
+    mnt.path.mkdir()
+    try:
+        mnt.mount()
+        yield mnt
+    finally:
+        mnt.cleanup()
+
+
+@pytest.fixture
+def mounted(shared_mount: Mount, request) -> Mount:
+    """A fresh empty directory of the shared mount, as the Mount its ``path`` is."""
+    area = shared_mount.path / request.node.name
+    area.mkdir()
+    return dataclasses.replace(shared_mount, path=area)
 
 
 # --- create, open flags, read, write ----------------------------------------------------
@@ -520,7 +550,8 @@ def test_utimens(mounted) -> None:
     assert os.lstat(mounted.path / "l").st_mtime_ns == 8
 
 
-def test_statfs(mounted) -> None:
+def test_statfs(shared_mount) -> None:
+    mounted = shared_mount  # df names the mount point, not a directory in it
     sv = os.statvfs(mounted.path)
     assert sv.f_bsize > 0 and sv.f_frsize > 0
     assert sv.f_blocks > 0
@@ -804,7 +835,7 @@ def _drop_page_cache(path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_operations_match_a_model(mounted, seed: int) -> None:
+def test_random_operations_match_a_model(mounted, shared_mount, seed: int) -> None:
     """Writes, truncates, fsyncs, closes and reopens in random order, checked against
     a bytearray after every few steps, through the page cache and around it."""
     rng = random.Random(seed)
@@ -848,6 +879,6 @@ def test_random_operations_match_a_model(mounted, seed: int) -> None:
         os.close(fd)
     _drop_page_cache(path)
     assert path.read_bytes() == bytes(model)
-    mounted.unmount()
-    mounted.mount()
+    shared_mount.unmount()
+    shared_mount.mount()
     assert path.read_bytes() == bytes(model)

@@ -8,44 +8,19 @@ agreement kept the host's keep-period drop from running.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-from peerhelpers import running_peers, status, wait_for
+from peerhelpers import mount_with_peers, peer_rows, status, wait_for
 
 BLOCK = 256 * 1024
 
 
-@pytest.fixture
-def peers(tmp_path: Path):
-    with running_peers(tmp_path, 14) as made:
-        yield made
-
-
-def peer_rows(state: Path) -> dict[str, dict]:
-    result = subprocess.run([sys.executable, "-m", "fluidfs", "peers", "--json",
-                             "--state-dir", str(state)], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    return {row["id"]: row for row in json.loads(result.stdout)["peers"]}
-
-
 def test_deleted_data_leaves_nothing_on_a_peer_killed_restarted_and_re_agreed(
-    make_mount, peers
+    make_mount, peer_cluster
 ):
-    args = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "24G",
-            "--audit-interval", "1", "--tolerance", "3", "--keep-shards", "3",
-            "--commit-quiet", "3600"]
-    for peer in peers:
-        args += ["--peer", peer.addr]
-    mnt = make_mount("m", extra=args)
-    mnt.mount()
-    wait_for(lambda: status(mnt.state)["peers_with_agreements"] == len(peers), 60,
-             "agreements with every peer")
+    peers = peer_cluster(14)
+    mnt = mount_with_peers(make_mount, peers, "--audit-interval", "1", "--tolerance", "3",
+                           "--keep-shards", "3", "--commit-quiet", "3600")
     me = status(mnt.state)["peer_id"]
     (mnt.path / "f").write_bytes(os.urandom(16 * BLOCK))
     wait_for(lambda: status(mnt.state)["redundancy"] == {"12": 16}, 60, "full redundancy")

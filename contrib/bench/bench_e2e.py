@@ -41,7 +41,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_network import CpuMeter, ServePeer, start_peers, wait_status
+from bench_network import CpuMeter, ServePeer, mount_with_peers, start_peers
 from benchlib import (
     MB,
     MIB,
@@ -54,10 +54,10 @@ from benchlib import (
     parse_size,
     run,
     sha256_of,
+    spy_record,
 )
 
 SMALL_FILE = 4096
-MOUNT_DONATE = "64G"
 GIB = 1 << 30
 
 # Stage of a py-spy sample: the innermost frame matching one of these (file-path
@@ -123,12 +123,6 @@ def warm(path: Path) -> None:
         p.read_bytes()
 
 
-def stopwatch(cmd: list[str], **kw) -> float:
-    start = time.perf_counter()
-    run(cmd, **kw)
-    return time.perf_counter() - start
-
-
 # --- restic ---------------------------------------------------------------------------
 
 
@@ -180,21 +174,10 @@ class StageSampler:
             yield
             return
         out = self.outdir / f"{name}.txt"
-        cmd = [self.spy, "record", "--pid", str(pid), "-r", "100", "--nonblocking", "--threads"]
-        with open(out.with_suffix(".err"), "wb") as errors:
-            proc = subprocess.Popen(
-                [*cmd, "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=errors
-            )
-        time.sleep(0.5)  # let py-spy attach
         try:
-            yield
+            with spy_record(self.spy, pid, out, "--nonblocking"):
+                yield
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
             into[name] = self.classify(out)
 
     @staticmethod
@@ -247,19 +230,7 @@ def fluidfs_run(
 ) -> dict:
     out: dict = {"stages": {}}
     profiled = out["stages"] if profile else {}
-    extra = ["--listen", "127.0.0.1:0", "--donate", MOUNT_DONATE]
-    for p in peers:
-        extra += ["--peer", p.addr]
-    a = Mount(work, f"a{n}", extra)
-    cleanup.append(a.cleanup)
-    a.init()
-    a.mount()
-    wait_status(
-        a,
-        lambda st: st["peers_with_agreements"] >= len(peers),
-        120,
-        f"agreements with {len(peers)} peers",
-    )
+    a = mount_with_peers(work, f"a{n}", peers, cleanup, timeout=120)
     pid = a.pid()
 
     def sync() -> None:

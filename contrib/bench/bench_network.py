@@ -356,7 +356,9 @@ def wait_status(m: Mount, done, timeout: float, what: str, poll: float = 0.05) -
         time.sleep(poll)
 
 
-def mount_with_peers(work: Path, tag: str, peers: list[ServePeer], cleanup: list) -> Mount:
+def mount_with_peers(
+    work: Path, tag: str, peers: list[ServePeer], cleanup: list, timeout: float = 90
+) -> Mount:
     """A listening mount with every peer as a bootstrap peer, once it has agreements with
     all of them (its cleanup is queued on *cleanup*)."""
     extra = ["--listen", "127.0.0.1:0", "--donate", MOUNT_DONATE]
@@ -369,7 +371,7 @@ def mount_with_peers(work: Path, tag: str, peers: list[ServePeer], cleanup: list
     wait_status(
         m,
         lambda st: st["peers_with_agreements"] >= len(peers),
-        90,
+        timeout,
         f"agreements with {len(peers)} peers",
     )
     return m

@@ -39,7 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import MIB, read_rss  # noqa: E402
+from benchlib import MIB, log, read_rss  # noqa: E402
 
 REPO = HERE.parents[1]
 GOALS = {  # the goals at 1,000,000 files
@@ -51,10 +51,6 @@ GOALS = {  # the issue's goals at 1,000,000 files
     "vm_rss_mib": "<= 600",
     "find_s": "<= 60",
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class Cli:

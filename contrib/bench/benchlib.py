@@ -217,21 +217,10 @@ class Profiler:
             yield
             return
         out = self.outdir / f"{name}.txt"
-        cmd = [self.spy, "record", "--pid", str(pid), "-r", "100", "--idle", "--threads"]
-        with open(out.with_suffix(".err"), "wb") as errors:
-            proc = subprocess.Popen(
-                [*cmd, "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=errors
-            )
-        time.sleep(0.5)  # let py-spy attach
         try:
-            yield
+            with spy_record(self.spy, pid, out, "--idle"):
+                yield
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
             self.reports[name] = self.analyse(out)
 
     @classmethod
@@ -286,6 +275,27 @@ class Profiler:
 
 
 # --- the fluidfs mount --------------------------------------------------------------------
+
+
+@contextmanager
+def spy_record(spy: str, pid: int, out: Path, *options: str):
+    """``py-spy record`` of *pid* (100 Hz, every thread, *options*) into *out* (raw
+    format) while the block runs; its errors go to *out* with the suffix ``.err``."""
+    cmd = [spy, "record", "--pid", str(pid), "-r", "100", "--threads", *options]
+    with open(out.with_suffix(".err"), "wb") as errors:
+        proc = subprocess.Popen(
+            [*cmd, "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=errors
+        )
+    time.sleep(0.5)  # let py-spy attach
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Mount:

@@ -29,6 +29,7 @@ import trio
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughShards
 from fluidfs.blocks.gc import Collector
+from fluidfs.blocks.recent import RecentBlocks
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.suspects import Suspects
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
-PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
+PREFETCH_MAX = 4  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
@@ -95,6 +96,7 @@ class BlockStore:
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
         self.cache.can_evict = self.is_fully_stored
+        self.recent = RecentBlocks()  # rebuilt plaintext, in memory (recent.py)
         self.collector = Collector(meta, shards, owner, limiter)
         # Shards a block may lack and still count as stored (unpinned, not repaired).
         self.total_missing_allowed = 0
@@ -171,6 +173,7 @@ class BlockStore:
         gone = [s.record.block_id for s in dead if self.cache.forget(s.record.block_id)]
         for stored in dead:
             self.under.discard(stored.record.block_id)
+            self.recent.forget(stored.record.block_id)
         await self.collector.collect(local_only=True)  # this node's own shards: now
         self.collector.wake()  # peers' copies: by the collector, retried until done
         if gone:
@@ -559,6 +562,9 @@ class BlockStore:
     async def read(self, block_id: bytes, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a block (short at the block's end)."""
         while True:
+            recent = self.recent.get(block_id)
+            if recent is not None:
+                return recent[offset : offset + size]
             if block_id in self.cache:
                 self.cache.touch(block_id)
                 data = await trio.to_thread.run_sync(
@@ -579,6 +585,7 @@ class BlockStore:
         if (
             self._nursery is None
             or block_id in self.cache
+            or block_id in self.recent
             or block_id in self._rebuilding
             or self._prefetching >= PREFETCH_MAX
         ):
@@ -595,13 +602,17 @@ class BlockStore:
             self._prefetching -= 1
 
     async def fetch(self, block_id: bytes) -> bytes | None:
-        """Make sure the block's plaintext is in the cache, rebuilding it from shards.
+        """Make sure the block's plaintext is at hand, rebuilding it from shards.
 
-        Returns None if it was cached already, else the plaintext just rebuilt (by this
-        call or by one it waited for): the cache may evict it again at once.
+        Returns None if it is in the disk cache, else its plaintext: held in memory
+        (``recent``), rebuilt by this call or by one it waited for. A rebuilt block is
+        written to the disk cache only when it is rebuilt a second time (recent.py).
         """
         if block_id in self.cache:
             return None
+        recent = self.recent.get(block_id)
+        if recent is not None:
+            return recent
         pending = self._rebuilding.get(block_id)
         if pending is not None:
             await pending.done.wait()
@@ -614,7 +625,7 @@ class BlockStore:
             if stored is None:
                 raise BlockUnavailable(f"no record for block {block_id.hex()[:16]}")
             data = await self.rebuild(stored)
-            if await self._cache_rebuilt(block_id, data):
+            if self.recent.keep(block_id, data) and await self._cache_rebuilt(block_id, data):
                 self.cache.note(block_id, len(data))
             job.data = data
         finally:

@@ -13,7 +13,10 @@ aad=block_id)`` under the user's key-wrapping key. Block id = keyed BLAKE3 of th
 plaintext (dedup within one user only); shard id = Merkle root (see merkle.py).
 
 Everything here is pure CPU work on bytes that releases the GIL; callers run it
-in worker threads.
+in worker threads. Sealing writes the ciphertext once, into the buffer the K primary
+shards are views of, and zfec computes only the parity shards from them; opening
+decrypts straight from the joined pieces: no other copy of a block is made (each copy
+of 4 MiB costs about as much as hashing it, issue 16).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import blake3
 import zfec
 from nacl import bindings as sodium
+from nacl._sodium import ffi, lib  # direct calls: the bindings copy every block twice
 from nacl.exceptions import CryptoError
 
 from fluidfs.blocks import merkle
@@ -36,6 +40,35 @@ OVERHEAD = NONCE_SIZE + TAG_SIZE
 
 _encrypt = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt
 _decrypt = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+# A shard: bytes, or a read-only view of the buffer a block was sealed into.
+Shard = bytes | memoryview
+
+
+def _seal_into(out: bytearray, plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> None:
+    """Write ``nonce || XChaCha20-Poly1305(plaintext, aad)`` at the start of *out*."""
+    out[:NONCE_SIZE] = nonce
+    dst = ffi.from_buffer(out, require_writable=True) + NONCE_SIZE
+    rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        dst, ffi.NULL, ffi.from_buffer(plaintext), len(plaintext), aad, len(aad),
+        ffi.NULL, nonce, key,
+    )
+    if rc != 0:  # pragma: no cover - libsodium never fails here
+        raise RuntimeError("block encryption failed")
+
+
+def _open_from(sealed: bytes, length: int, aad: bytes, key: bytes) -> bytes | None:
+    """The plaintext of the first *length* bytes of *sealed* (``nonce || ciphertext``,
+    *length* counting both), or None if it fails authentication."""
+    n = length - OVERHEAD
+    src = ffi.from_buffer(sealed)
+    out = _alloc("unsigned char[]", max(n, 1))
+    rc = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        out, ffi.NULL, ffi.NULL, src + NONCE_SIZE, length - NONCE_SIZE, aad, len(aad),
+        src, key,
+    )
+    return None if rc != 0 else ffi.buffer(out, n)[:]
 
 
 class BlockError(Exception):
@@ -105,8 +138,9 @@ class BlockCodec:
 
     def seal(
         self, plaintext: bytes, block_id: bytes | None = None
-    ) -> tuple[BlockRecord, list[bytes]]:
-        """Encrypt and erasure-code *plaintext*; return its record and its N shards."""
+    ) -> tuple[BlockRecord, list[Shard]]:
+        """Encrypt and erasure-code *plaintext*; return its record and its N shards (the
+        K primary ones are read-only views of one buffer)."""
         if block_id is None:
             block_id = self.block_id(plaintext)
         content_key = os.urandom(KEY_SIZE)
@@ -126,7 +160,7 @@ class BlockCodec:
         )
         return record, shards
 
-    def reseal(self, record: BlockRecord, plaintext: bytes) -> list[bytes]:
+    def reseal(self, record: BlockRecord, plaintext: bytes) -> list[Shard]:
         """Recreate the exact shards of *record* from its plaintext (for upload or repair)."""
         if self.block_id(plaintext) != record.block_id:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]}: plaintext does not match")
@@ -136,16 +170,15 @@ class BlockCodec:
 
     def _encode(
         self, plaintext: bytes, block_id: bytes, content_key: bytes, nonce: bytes, piece: int
-    ) -> list[bytes]:
-        ciphertext = nonce + _encrypt(plaintext, block_id, nonce, content_key)
-        if piece * self.needed < len(ciphertext):
+    ) -> list[Shard]:
+        if piece * self.needed < len(plaintext) + OVERHEAD:
             raise CorruptBlock(f"block {block_id.hex()[:16]}: shard size too small for it")
-        padding = piece * self.needed - len(ciphertext)
-        if padding:
-            ciphertext += bytes(padding)
-        view = memoryview(ciphertext)
-        pieces = tuple(view[i * piece : (i + 1) * piece] for i in range(self.needed))
-        return [bytes(s) for s in self._encoder.encode(pieces)]
+        sealed = bytearray(piece * self.needed)  # zeroed: the padding after the ciphertext
+        _seal_into(sealed, plaintext, block_id, nonce, content_key)
+        view = memoryview(sealed).toreadonly()
+        pieces = [view[i * piece : (i + 1) * piece] for i in range(self.needed)]
+        parity = self._encoder.encode(pieces, tuple(range(self.needed, self.total)))
+        return [*pieces, *parity]
 
     def _content_key(self, record: BlockRecord) -> bytes:
         try:
@@ -226,16 +259,13 @@ class BlockCodec:
             pieces = [good[i] for i in numbers]  # all primary: decoding is concatenation
         else:
             pieces = decoder.decode(tuple(good[i] for i in numbers), numbers)
-        ciphertext = b"".join(pieces)[: record.size + OVERHEAD]
+        sealed = b"".join(pieces)
         content_key = self._content_key(record)
-        try:
-            plaintext = _decrypt(
-                ciphertext[NONCE_SIZE:], record.block_id, ciphertext[:NONCE_SIZE], content_key
-            )
-        except CryptoError:
-            raise CorruptBlock(
-                f"block {record.block_id.hex()[:16]} failed authentication"
-            ) from None
+        plaintext = None
+        if len(sealed) >= record.size + OVERHEAD:
+            plaintext = _open_from(sealed, record.size + OVERHEAD, record.block_id, content_key)
+        if plaintext is None:
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]} failed authentication")
         if self.block_id(plaintext) != record.block_id:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]} does not match its id")
         return plaintext

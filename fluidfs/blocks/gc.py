@@ -106,6 +106,16 @@ class Collector:
             txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id + SENT,
                     db=self._placing)
 
+    def placing_many(self, shards: list[tuple[int, bytes, int, bytes]]) -> None:
+        """Journal several shards about to be sent, (holder, shard id, size, block id)
+        each, in one transaction (a block's first attempts: one commit, not N)."""
+        if not shards:
+            return
+        with self.meta.write() as txn:
+            for holder, shard_id, size, block_id in shards:
+                txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id + SENT,
+                        db=self._placing)
+
     def stored(self, holder: int, shard_id: bytes) -> None:
         """The holder confirmed the shard (our usage figure for it now counts it)."""
         key = _key(holder, shard_id)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import trio
@@ -44,6 +44,13 @@ MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer at once
 SLOT_WAIT = 1.0  # how long a shard waits for a busy peer before going elsewhere
 BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
+# More for each of our shard requests already running to the same peer: a reader keeps
+# blocks in flight, and on a 20 Mbit/s uplink each 512 KiB answer queued ahead takes
+# about 0.2 s, far more on a loaded machine. A request that times out is asked again,
+# and the answer on its way is sent all the same: a timeout that counts the queue ahead
+# as silence spends the line twice. A silent peer is still passed over early: a late
+# request gets its hedge after ``_patience``, not after the timeout.
+FETCH_TIMEOUT_QUEUED = 2.0
 EXTRA_FETCHES = 2  # at most this many requests beyond K, each only for a late or failed one
 # A shard request is late when it has run HEDGE_FACTOR times the median time of the good
 # answers so far, plus HEDGE_SLACK (so jitter on a fast line starts none); before any
@@ -107,6 +114,7 @@ class RemoteShards:
         self.codec = codec
         self.limiter = limiter
         self._slots: dict[bytes, trio.Semaphore] = defaultdict(_window)
+        self._fetching: Counter[bytes] = Counter()  # shard requests running, per peer
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
         self.even_placement = even_placement  # benchmarks: ignore trust and space
         self.on_result: Callable[[bytes, bool], None] = peers.record
@@ -184,16 +192,30 @@ class RemoteShards:
             candidates = prefer_group(candidates, self.placement_groups(),
                                       self._holder_keys(holding))
         missing = [i for i, h in enumerate(holders) if h == NO_HOLDER]
+        # Each shard's first peer is chosen now and all first attempts are journalled in
+        # one transaction; a retry on another peer journals itself (``_store``).
+        first = dict(zip(missing, candidates, strict=False))
+        del candidates[: len(first)]
+        if self.journal is not None:
+            self.journal.placing_many([
+                (self.peers.get(key).index, record.shard_ids[i], record.shard_size,
+                 record.block_id)
+                for i, key in first.items()
+            ])
 
         async def store_one(index: int) -> None:
-            while candidates:
-                key = candidates.pop(0)
+            key = first.get(index)
+            journaled = True
+            while key is not None:
                 stored = await self._store(
-                    key, record.shard_ids[index], shards[index], record.block_id, priority
+                    key, record.shard_ids[index], shards[index], record.block_id, priority,
+                    journaled=journaled,
                 )
                 if stored:
                     holders[index] = self.peers.get(key).index
                     return
+                key = candidates.pop(0) if candidates else None
+                journaled = False
 
         async with trio.open_nursery() as nursery:
             for index in missing:
@@ -206,17 +228,24 @@ class RemoteShards:
         data: bytes,
         block_id: bytes = b"",
         priority: int = UPLOAD,
+        *,
+        journaled: bool = False,
     ) -> bool:
+        """Store one shard on *key*; True once it confirmed. *journaled*: the attempt
+        is in the placing journal already (``place`` journals a block's first attempts
+        together)."""
         slot = self._slots[key]
+        holder = self.peers.get(key).index
         acquired = False
         with trio.move_on_after(SLOT_WAIT):
             await slot.acquire()
             acquired = True
-        if not acquired:
-            return False  # a slow peer: this shard goes to another one
+        if not acquired:  # a slow peer: this shard goes to another one
+            if journaled and self.journal is not None:
+                self.journal.refused(holder, shard_id)  # never sent: nothing to collect
+            return False
         try:
-            holder = self.peers.get(key).index
-            if self.journal is not None:
+            if self.journal is not None and not journaled:
                 self.journal.placing(holder, shard_id, len(data), block_id)
             outcome = await self._store_on(key, shard_id, data, priority)
             if self.journal is not None:
@@ -239,7 +268,9 @@ class RemoteShards:
             reply = await self.conns.call(
                 key,
                 "StoreShard",
-                {"shards": [{"id": shard_id, "data": data}]},
+                # cbor2 writes a memoryview as a list of ints: a sealed block's
+                # primary shards (views of its buffer) become bytes here, once.
+                {"shards": [{"id": shard_id, "data": bytes(data)}]},
                 timeout=STORE_TIMEOUT,
                 priority=priority,
             )
@@ -293,18 +324,26 @@ class RemoteShards:
         agreement with is asked for the missing ones (see ``_search``); *on_found* is
         told where each one turned up.
         """
-        order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
+        order = self._fetch_order(record, holders)
         good: dict[int, bytes] = {}
         send, recv = trio.open_memory_channel[tuple[int, bytes | None, float]](len(order))
         in_flight: dict[int, float] = {}  # shard index -> when its request went out
         covered: set[int] = set()  # late requests an extra one was started for
         took: list[float] = []  # how long each good answer took
 
-        async def fetch_one(index: int) -> None:
-            key = self.peers.key_of(holders[index])
+        async def fetch_one(index: int, key: bytes | None) -> None:
             data = None
-            if key is not None:
-                data = await self._get_shard(key, record, index, recorded=True, verify=verify)
+            try:
+                if key is not None:
+                    ahead = self._fetching[key] - 1
+                    data = await self._get_shard(
+                        key, record, index, recorded=True, verify=verify,
+                        timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
+            finally:
+                if key is not None:
+                    self._fetching[key] -= 1
+                    if not self._fetching[key]:
+                        del self._fetching[key]
             send.send_nowait((index, data, trio.current_time() - in_flight[index]))
 
         async with trio.open_nursery() as nursery:
@@ -314,7 +353,10 @@ class RemoteShards:
             def start_next() -> None:
                 index = queue.pop(0)
                 in_flight[index] = trio.current_time()
-                nursery.start_soon(fetch_one, index)
+                key = self.peers.key_of(holders[index])
+                if key is not None:  # counted now: the next block's order sees it
+                    self._fetching[key] += 1
+                nursery.start_soon(fetch_one, index, key)
 
             for _ in range(min(record.needed, len(queue))):
                 start_next()
@@ -351,6 +393,25 @@ class RemoteShards:
             )
         return good
 
+    def _fetch_order(self, record: BlockRecord, holders: list[int]) -> list[int]:
+        """The shard indexes to ask for, in order: holders with the fewest of our shard
+        requests running first, data shards first among equals.
+
+        A reader keeps several blocks in flight; asking every block for its first K
+        shards sends some peers two or three requests while others idle, and each
+        block then waits for its most loaded holder: on home uplinks the line of the
+        busiest peer, not the sum of them, sets the rate. Data shards (index < K) are
+        preferred only among equally busy holders: they spare a decode, which costs
+        far less than a wait behind another shard on a 20 Mbit/s line."""
+        placed = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
+
+        def busy(index: int) -> tuple[int, bool, int]:
+            key = self.peers.key_of(holders[index])
+            running = self._fetching[key] if key is not None else 0
+            return running, index >= record.needed, index
+
+        return sorted(placed, key=busy)
+
     async def _search(
         self,
         record: BlockRecord,
@@ -363,24 +424,33 @@ class RemoteShards:
         A holder list can be out of date: an old snapshot names the holders its blocks
         had when it was taken, and repair may have moved shards since. Shards are ids,
         so any peer can be asked; one that does not have it says so, which costs it no
-        trust. Missing shards are looked for one index at a time, all peers at once,
-        until K good shards are in hand.
+        trust. Missing shards are looked for in waves, as many indexes at once as shards
+        are still needed, each from all peers at once, until K good shards are in hand:
+        a fresh machine reading a snapshot whose holders lag pays one round trip per
+        wave, not one per shard.
         """
         peers = [
             a.peer
             for a in self.ledger.active()
             if a.peer in self.peers and not self.conns.backing_off(a.peer)
         ]
-        for index in range(record.total):
-            if len(good) >= record.needed:
-                return
-            if index in good:
-                continue
-            named = holders[index]
-            asked = [k for k in peers if self.peers.get(k).index != named]
-            found = await self._ask_all(record, index, asked)
-            if found is not None:
-                key, data = found
+        missing = [index for index in range(record.total) if index not in good]
+        while missing and len(good) < record.needed:
+            wave, missing = (missing[: record.needed - len(good)],
+                             missing[record.needed - len(good):])
+            found: dict[int, tuple[bytes, bytes]] = {}
+
+            async def look(index: int, found: dict = found) -> None:
+                named = holders[index]
+                asked = [k for k in peers if self.peers.get(k).index != named]
+                hit = await self._ask_all(record, index, asked)
+                if hit is not None:
+                    found[index] = hit
+
+            async with trio.open_nursery() as nursery:
+                for index in wave:
+                    nursery.start_soon(look, index)
+            for index, (key, data) in sorted(found.items()):
                 good[index] = data
                 log.info(
                     "shard %d of block %s found on %s, not where it was recorded",
@@ -410,7 +480,8 @@ class RemoteShards:
         return result[0] if result else None
 
     async def _get_shard(
-        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True
+        self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True,
+        timeout: float = FETCH_TIMEOUT,
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
@@ -421,7 +492,8 @@ class RemoteShards:
         in a search owes us nothing. With *verify* False the bytes are not checked
         (the caller checks what it computes from them).
         """
-        outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify)
+        outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify,
+                                             timeout=timeout)
         peer = self.peers.get(key) if recorded else None
         if outcome == CORRUPT and peer is not None:
             self.on_corrupt(record.block_id, index, peer.index)
@@ -454,10 +526,11 @@ class RemoteShards:
         recorded: bool,
         verify: bool,
         credit: bool = True,
+        timeout: float = FETCH_TIMEOUT,
     ) -> tuple[str, bytes | None]:
         try:
             reply = await self.conns.call(
-                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=FETCH_TIMEOUT
+                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=timeout
             )
         except (PeerUnavailable, RpcError) as exc:
             if recorded:

@@ -72,6 +72,32 @@ def bandwidth_text(rate: int) -> str:
     return f"{rate}B"
 
 
+RELAY_UNLIMITED = 0  # --relay-limit off: relayed connections are not paced
+
+
+def relay_limit(text: str) -> int:
+    """``--relay-limit``: bytes a second each way of one relayed connection, spelt as
+    ``bandwidth_limit``; 'off' is ``RELAY_UNLIMITED``."""
+    limit = bandwidth_limit(text)
+    return RELAY_UNLIMITED if limit is None else limit
+
+
+def relay_limit_text(rate: int) -> str:
+    """The inverse of ``relay_limit``."""
+    return "off" if rate == RELAY_UNLIMITED else bandwidth_text(rate)
+
+
+def relay_count(text: str) -> int:
+    """A relay bound (peers registered, connections relayed): 1 to 65536."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 65536:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65536: {value}")
+    return value
+
+
 def shard_count(text: str) -> int:
     """A number of shards (or peers): a whole number from 1 to 256."""
     try:

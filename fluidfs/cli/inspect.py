@@ -56,19 +56,46 @@ def cmd_peers(args: argparse.Namespace) -> None:
         return
     if args.addr:
         fail("peers list takes no address", EXIT_USAGE)
-    rows = call_node(args, "peers")["peers"]
+    reply = call_node(args, "peers")
+    rows = reply["peers"]
     if args.json:
-        print(json.dumps({"peers": rows}, indent=2))
+        print(json.dumps(reply, indent=2))
         return
-    print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}")
+    providers = any(row.get("held_at") or row.get("their_side_at") for row in rows)
+    print(f"{'PEER':<20} {'ADDRESS':<22} {'LAST SEEN':<10} {'WE HOST':>17} {'THEY HOST':>17}"
+          + ("  PROVIDER" if providers else ""))
     for row in rows:
         print(
             f"{row['id'][:18] + '…':<20} {row['addr']:<22} {_ago(row['last_seen']):<10} "
             f"{human(row['we_use']) + '/' + human(row['we_host']):>17} "
             f"{human(row['they_use']) + '/' + human(row['they_host']):>17}"
+            + (f"  {_provider_column(row)}" if providers else "")
             + (f"  LIAR: served a corrupt shard {_ago(row['caught'])}" if row.get("caught")
                else "")
+            + ("  CUSTOMER" if row.get("customer") else "")
         )
+    if "customers" in reply:
+        _print_customers(reply["customers"])
+
+
+def _provider_column(row: dict) -> str:
+    """Where the sides of the agreement with this peer are held, if at a provider."""
+    parts = []
+    if row.get("held_at"):
+        parts.append(f"ours at {row['held_at'][:12]}…")
+    if row.get("their_side_at"):
+        parts.append(f"theirs at {row['their_side_at'][:12]}…")
+    return ", ".join(parts) or "-"
+
+
+def _print_customers(customers: list[dict]) -> None:
+    """A provider's customers: quota, reservations, bytes reserved and held."""
+    print(f"\nserving as a storage provider for {len(customers)} customers:")
+    print(f"{'CUSTOMER':<20} {'QUOTA':>9} {'RESERVATIONS':>12} {'RESERVED':>9} {'HELD':>9}")
+    for row in customers:
+        print(f"{row['id'][:18] + '…':<20} {human(row['quota']):>9} "
+              f"{row['reservations']:>12} {human(row['reserved_bytes']):>9} "
+              f"{human(row['held_bytes']):>9}")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -94,11 +121,17 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"hosting:     {human(reply['hosted_bytes'])} for peers")
     if "provider" in reply:
         _print_provider(reply["provider"])
+    if "leaving_provider" in reply:
+        leaving = reply["leaving_provider"]
+        print(f"leaving provider {leaving['id'][:18]}… at {leaving['addr']}: "
+              f"{leaving['left']} agreements still held there, {leaving['brought_home']} "
+              f"brought home ({leaving['copied']} shards copied)")
     if "serving_as_provider" in reply:
         serving = reply["serving_as_provider"]
         print(f"provider for: {serving['customers']} customers, {serving['reservations']} "
               f"reservations, {human(serving['reserved_bytes'])} reserved, "
               f"{human(serving['held_bytes'])} held")
+    _print_provider_repairs(reply)
     if reply["local_shard_bytes"] or reply["redundancy"].get("local"):
         print(
             f"on this node: {human(reply['local_shard_bytes'])} of our own shards "
@@ -107,6 +140,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         )
     _print_uploads(reply)
     print(f"network:     {network_line(reply)}")
+    if "relay" in reply:
+        print(f"relaying:    {relay_line(reply['relay'])}")
     print(f"repair:      {reply['repair_queue']} blocks queued, "
           f"{human(reply['repaired_bytes'])} rebuilt, {human(reply['repair_rate'])}/s "
           f"(at most {human(reply['repair_bandwidth'])}/s)")
@@ -181,6 +216,15 @@ def network_line(reply: dict) -> str:
     )
 
 
+def relay_line(load: dict) -> str:
+    """What this node relays for peers nobody can dial, against its bounds."""
+    rate = load["rate"]
+    each = f"at most {human(rate)}/s each way" if rate else "no limit each"
+    return (f"{load['registered']} of {load['max_registered']} peers registered, "
+            f"{load['relayed']} of {load['max_relayed']} connections ({each}), "
+            f"{human(load['bytes_relayed'])} relayed")
+
+
 def duration(seconds: float) -> str:
     """A time span as '45s', '12m 5s', '3h 20m', '2d 4h'."""
     s = round(seconds)
@@ -191,6 +235,24 @@ def duration(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _print_provider_repairs(reply: dict) -> None:
+    """What the provider repaired for us while we were away (issue 13 item 4), or, on a
+    provider, the shards it re-created for its away customers."""
+    repairs = reply.get("provider_repairs")
+    if repairs is not None:
+        if repairs["merged"] is None:
+            away = "its journal not fetched yet"
+        else:
+            away = (f"while we were away it re-created {repairs['merged']} shards of "
+                    f"{repairs['blocks']} blocks")
+            if repairs["refused"]:
+                away += f" ({repairs['refused']} journal entries refused)"
+        print(f"provider repairs: {away}; repair capability "
+              f"{human(repairs['caps_bytes'])} of {human(repairs['caps_quota'])}")
+    for customer, count in (reply.get("repairing_for_customers") or {}).items():
+        print(f"repaired for customer {customer[:18]}…: {count} shards re-created")
 
 
 def _print_provider(provider: dict) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from fluidfs import keys as keymod
 from fluidfs.blocks.audit import AuditPolicy
 from fluidfs.blocks.repair import RepairPolicy
+from fluidfs.cli.argtypes import RELAY_UNLIMITED
 from fluidfs.cli.common import EXIT_USAGE, fail
 from fluidfs.net.limits import DEFAULT_LIMITS
 from fluidfs.node import logsetup
@@ -23,6 +25,7 @@ from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
 from fluidfs.peers.relay import RelayPolicy
 from fluidfs.remount.options import RemountOptions
+from fluidfs.service.customer_repair import RepairForCustomersPolicy
 from fluidfs.service.faults import FaultInjection
 from fluidfs.statedir import StateDir
 from fluidfs.sysutil import tune_malloc
@@ -105,8 +108,25 @@ def mount_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         web=None if args.no_web else args.web,
         web_refresh=args.web_refresh,
         use_provider=provider_entry(args.use_provider),
+        provider_repairs=provider_repairs(args),
         **_peer_settings(args, entries),
     )
+
+
+def provider_repairs(args: argparse.Namespace) -> bool:
+    """``--provider-repairs`` makes sense only with a ``--provider``."""
+    if args.provider_repairs and args.use_provider is None:
+        fail("--provider-repairs needs --provider PEERID@HOST:PORT", EXIT_USAGE)
+    return bool(args.provider_repairs)
+
+
+def customer_repairs(tolerance: float) -> RepairForCustomersPolicy:
+    """A provider's repairs for away customers, scaled to the tolerance: a holder silent
+    for the tolerance has lost its shards (as the customer's own lifecycle would end its
+    agreement); a customer silent for ten passes has gone away without saying so."""
+    interval = min(60.0, max(0.5, tolerance / 4))
+    return RepairForCustomersPolicy(interval=interval, lost_after=tolerance,
+                                    silence=10 * interval)
 
 
 def provider_entry(text: str | None) -> tuple[bytes, str] | None:
@@ -148,9 +168,29 @@ def serve_config(args: argparse.Namespace, keyring: keymod.KeyRing, state: State
         stores_data=False,
         net_limits=args.net_limits or DEFAULT_LIMITS,
         provider=args.provider,
-        relay=RelayPolicy() if args.relay else None,
+        customer_repairs=customer_repairs(args.tolerance),
+        relay=relay_policy(args),
         **_peer_settings(args, bootstrap_entries(args, keyring)),
     )
+
+
+def relay_policy(args: argparse.Namespace) -> RelayPolicy | None:
+    """The bounds of ``serve --relay`` (None without ``--relay``); the defaults of
+    RelayPolicy for the options not given."""
+    given = {"max_registered": args.relay_max_peers, "max_relayed": args.relay_max_connections,
+             "rate": args.relay_limit}
+    if not args.relay:
+        named = [flag for flag, value in zip(
+            ("--relay-max-peers", "--relay-max-connections", "--relay-limit"),
+            given.values(), strict=True) if value is not None]
+        if named:
+            fail(f"{', '.join(named)} only apply with --relay", EXIT_USAGE)
+        return None
+    settings = {name: value for name, value in given.items() if value is not None}
+    if settings.get("rate") == RELAY_UNLIMITED:
+        settings["rate"] = None
+    policy = RelayPolicy(**settings)
+    return replace(policy, max_per_peer=min(policy.max_per_peer, policy.max_relayed))
 
 
 def serve_faults(args: argparse.Namespace) -> FaultInjection:

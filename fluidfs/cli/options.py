@@ -25,6 +25,9 @@ from fluidfs.cli.argtypes import (
     parse_size,
     peer_entry,
     peer_target,
+    relay_count,
+    relay_limit,
+    relay_limit_text,
     retention,
     seconds,
     shard_count,
@@ -206,6 +209,9 @@ OPTIONS: list[Option] = [
            dest="use_provider", commands=on("mount"),
            help="a storage provider that holds this node's side of its agreements",
            example="aaaqeayeaudaocajbifqydiob4ibceqtcqkrmfyydenbwha5dypq@127.0.0.1:7471"),
+    option("--provider-repairs", action="store_true", commands=on("mount"),
+           help="let the --provider audit and repair this node's blocks while it is away "
+                "(it learns shard ids and holders, never a key or a byte of plaintext)"),
     option("--ratio", type=float, default=1.5, help=HIDDEN, commands=on(*NODE), example="2.5"),
     option("--term", type=int, default=DAY, help=HIDDEN, commands=on(*NODE), example="60"),
     # Verification and repair knobs (seconds); tests shrink a day to seconds.
@@ -220,6 +226,21 @@ OPTIONS: list[Option] = [
            help="never ask the router to forward a port (UPnP) to this node"),
     option("--relay", action="store_true", commands=on("serve"),
            help="relay for peers nobody can dial (give this node a public address)"),
+    option("--relay-max-peers", type=relay_count, default=None, metavar="N",
+           commands=on("serve"),
+           help="with --relay: peers registered at once, at most (default 64)",
+           example="16"),
+    option("--relay-max-connections", type=relay_count, default=None, metavar="N",
+           commands=on("serve"),
+           help="with --relay: connections relayed at once, at most (default 128; "
+                "8 to any one peer, or fewer if this is lower)",
+           example="32"),
+    option("--relay-limit", type=relay_limit, default=None, metavar="RATE",
+           commands=on("serve"), render=relay_limit_text,
+           help="with --relay: bytes per second each way of one relayed connection "
+                "(default 1M; a bare number is KiB/s, K/M/G are KiB/MiB/GiB per second, "
+                "bits as 20Mbit, off for no limit)",
+           example="20Mbit"),
     option("--relay-via", type=peer_entry, action="append", default=[],
            metavar="[PEERID@]HOST:PORT", commands=on(*NODE),
            help="keep a registration at this relay so peers reach this node through it "

@@ -32,9 +32,15 @@ U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
 STORE_AT = Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR)})
-# "for" (shard ops, optional): sent to a storage provider, the customer whose reservation
-# the shard is under (docs/federation.md); absent: the caller's own agreement with us.
+# "for" (shard and record ops, optional): sent to a storage provider, the customer whose
+# reservation the shard or record is under (docs/federation.md); absent: the caller's own
+# agreement with us.
 FOR = {"for": ID}
+# "delegation" (AuditShard, RetrieveShard, StoreShard, optional): the owner's signed
+# permission for the caller, its storage provider, to act on the owner's shards here
+# (peers/delegation.py); the op is answered as if the owner had called.
+MAX_DELEGATION = 256
+SHARD_OP_EXTRAS = {**FOR, "delegation": Bytes(min=1, max=MAX_DELEGATION)}
 
 # Error codes on the wire. The RPC layer itself produces the first group; a service uses
 # the second for its ops (it may add more; clients must treat unknown codes as failures).
@@ -86,7 +92,7 @@ OPS: dict[str, OpSpec] = {
     "EndAgreement": OpSpec(Map({}), Map({"ended": Bool()})),
     "StoreShard": OpSpec(
         Map({"shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}), max_len=64)},
-            optional=FOR),
+            optional=SHARD_OP_EXTRAS),
         Map(
             {
                 "stored": List(ID, max_len=64),
@@ -95,7 +101,7 @@ OPS: dict[str, OpSpec] = {
         ),
     ),
     "RetrieveShard": OpSpec(
-        Map({"id": ID}, optional=FOR),
+        Map({"id": ID}, optional=SHARD_OP_EXTRAS),
         Map({"data": Bytes(max=MAX_SHARD)}),
     ),
     "DeleteShard": OpSpec(
@@ -118,7 +124,7 @@ OPS: dict[str, OpSpec] = {
     # Prove possession of shard `id`: return Merkle leaf `leaf` (keyed by `nonce` as the
     # service defines) and the sibling path up to the root (the shard id).
     "AuditShard": OpSpec(
-        Map({"id": ID, "leaf": U64, "nonce": ID}, optional=FOR),
+        Map({"id": ID, "leaf": U64, "nonce": ID}, optional=SHARD_OP_EXTRAS),
         Map({"leaf_data": Bytes(max=MAX_LEAF), "path": List(ID, max_len=40)}),
     ),
     # time: the responder's clock, Unix seconds.
@@ -126,10 +132,13 @@ OPS: dict[str, OpSpec] = {
     # record (optional): the caller's signed address record (peers/addrrecord.py).
     # seen (reply, optional): the caller's address as the responder sees the connection
     # ("host:port" after any NAT), so a node learns the address the internet gives it.
+    # record (reply, optional): the responder's own signed address record (a relay's
+    # says it relays: a node met only as a bootstrap address learns that from it).
     "Ping": OpSpec(
         Map({}, optional={"addr": Str(MAX_ADDR),
                           "record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
-        Map({"time": U64}, optional={"seen": Str(MAX_ADDR)}),
+        Map({"time": U64}, optional={"seen": Str(MAX_ADDR),
+                                     "record": Bytes(min=1, max=MAX_ADDR_RECORD)}),
     ),
     # Small signed per-owner records (root pointer, writer lease; see peers/rootrecord.py).
     # PutRecord: the peer keeps the record if it verifies as the caller's own, its fence
@@ -138,11 +147,11 @@ OPS: dict[str, OpSpec] = {
     # stored=false and the held seq otherwise.
     # GetRecord: the caller's own record of that kind (not_found if none).
     "PutRecord": OpSpec(
-        Map({"record": Bytes(min=1, max=MAX_RECORD)}, optional={"expect": U64}),
+        Map({"record": Bytes(min=1, max=MAX_RECORD)}, optional={"expect": U64, **FOR}),
         Map({"stored": Bool(), "seq": U64}),
     ),
     "GetRecord": OpSpec(
-        Map({"kind": Str(min=1, max=16)}),
+        Map({"kind": Str(min=1, max=16)}, optional=FOR),
         Map({"record": Bytes(min=1, max=MAX_RECORD)}),
     ),
     # Relays (peers/relay.py, net/relaywire.py). RelayRegister: register the caller (the
@@ -170,6 +179,37 @@ OPS["StoreReserved"] = OpSpec(
                                     max_len=64)}),
     OPS["StoreShard"].response,
 )
+
+# Provider-side repair (docs/federation.md, issue 13 item 4), a customer to its provider
+# only. RepairGrant: the customer's delegation naming the provider (peers/delegation.py)
+# and the partners it may place re-created shards on, with the bytes it may still place
+# at each; sent again to keep it current, and the customer counts as back. RepairCaps:
+# replace the blocks' repair capabilities (code, shard size, shard ids, holders; b"":
+# none) with block ids above `after` up to `upto` by `put` (pages in order make a full
+# upload, deleted blocks included), within a quota. RepairAway: the customer goes away
+# now. FetchJournal / AckJournal: the signed entries of what the provider moved,
+# numbered from 1; drop those up to `upto`.
+MAX_CAPS_PAGE = 64
+MAX_JOURNAL_PAGE = 256
+REPAIR_CAP = Map({"block": ID, "k": Int(1, 255), "n": Int(1, 255),
+                  "size": Int(1, MAX_SHARD), "ids": List(ID, min_len=1, max_len=255),
+                  "holders": List(Bytes(max=32), min_len=1, max_len=255)})
+OPS["RepairGrant"] = OpSpec(
+    Map({"delegation": Bytes(min=1, max=MAX_DELEGATION),
+         "peers": List(Map({"id": ID, "addr": Str(min=1, max=MAX_ADDR), "room": U64}),
+                       max_len=1024)}),
+    Map({"until": U64, "caps_bytes": U64, "caps_quota": U64}),
+)
+OPS["RepairCaps"] = OpSpec(
+    Map({"after": Bytes(max=32), "upto": ID, "put": List(REPAIR_CAP, max_len=MAX_CAPS_PAGE)}),
+    Map({"caps_bytes": U64, "caps_quota": U64}),
+)
+OPS["RepairAway"] = OpSpec(Map({}), Map({"away": Bool()}))
+OPS["FetchJournal"] = OpSpec(
+    Map({"after": U64, "limit": Int(1, MAX_JOURNAL_PAGE)}),
+    Map({"entries": List(Bytes(min=1, max=512), max_len=MAX_JOURNAL_PAGE), "more": Bool()}),
+)
+OPS["AckJournal"] = OpSpec(Map({"upto": U64}), Map({"dropped": U64}))
 
 REQUEST_SCHEMAS: dict[str, Schema] = {op: spec.request for op, spec in OPS.items()}
 RESPONSE_SCHEMAS: dict[str, Schema] = {op: spec.response for op, spec in OPS.items()}

@@ -14,8 +14,10 @@ from fluidfs.peers.lifecycle import LifecyclePolicy
 from fluidfs.peers.portmap import PortMapPolicy
 from fluidfs.peers.reach import ReachPolicy
 from fluidfs.peers.relay import RelayPolicy
+from fluidfs.peers.relayclient import RelayClientPolicy
 from fluidfs.peers.trust import TrustPolicy
 from fluidfs.remount.options import RemountOptions
+from fluidfs.service.customer_repair import RepairForCustomersPolicy
 from fluidfs.statedir import StateDir
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
@@ -52,9 +54,13 @@ class NodeConfig:
     portmap: PortMapPolicy = field(default_factory=PortMapPolicy)  # UPnP (peers/portmap.py)
     relay: RelayPolicy | None = None  # relay for undialable peers (serve --relay); None: off
     relay_via: tuple[str, ...] = ()  # relays to keep registrations at (--relay-via)
+    relay_client: RelayClientPolicy | None = None  # None: from relay_via (tests shorten it)
     limit_upload: float | None = None  # bytes/s to all peers (net/bandwidth.py); None: off
     limit_download: float | None = None  # bytes/s from all peers
     web: str | None = None  # HOST:PORT of the status and restore page (fluidfs/web/); None: off
     web_refresh: float = 5.0  # seconds between the page's status polls
     provider: bool = False  # serve as a storage provider for admitted customers
     use_provider: tuple[bytes, str] | None = None  # (id, HOST:PORT) holding our side
+    provider_repairs: bool = False  # let use_provider repair our blocks while we are away
+    # a provider's repairs for away customers (service/customer_repair.py)
+    customer_repairs: RepairForCustomersPolicy = field(default_factory=RepairForCustomersPolicy)

@@ -57,6 +57,10 @@ def node_handlers(
                     "audits_failed": peer.fail,
                     "failing_since": agreement.failing_since if agreement else None,
                     "caught": peer.caught or None,  # when it last served a corrupt shard
+                    # storage providers: the one holding our side, and the one holding its
+                    "held_at": _provider_id(agreement.reserved_at if agreement else None),
+                    "their_side_at": _provider_id(agreement.store_at_id if agreement
+                                                  else None),
                 }
             )
         return {"peers": rows}
@@ -112,3 +116,7 @@ def reachable_probe(peer_list: PeerList, conns: Connections) -> Callable[[int], 
         return answers[holder]
 
     return reachable
+
+
+def _provider_id(key: bytes | None) -> str | None:
+    return None if key is None else encode_peer_id(key)

@@ -25,6 +25,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.migrate import Migrator
+from fluidfs.blocks.provider_repairs import ProviderRepairs
 from fluidfs.blocks.reconcile import ReconcilePolicy, Reconciler
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer
@@ -39,6 +40,7 @@ from fluidfs.fs.snapshots import SnapshotStore, SnapshotView
 from fluidfs.fs.tree import ROOT_INO, Tree
 from fluidfs.keys import derive, encode_peer_id
 from fluidfs.net.bandwidth import Bandwidth
+from fluidfs.net.errors import RpcError
 from fluidfs.node.config import NodeConfig
 from fluidfs.node.handlers import node_handlers
 from fluidfs.node.invite import invite_handlers
@@ -48,9 +50,10 @@ from fluidfs.node.supervise import supervise
 from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
-from fluidfs.peers.connections import Connections, split_addr
+from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.handover import switch_providers
+from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
 from fluidfs.peers.lease import WriterLease
 from fluidfs.peers.lifecycle import Lifecycle
 from fluidfs.peers.manager import PeerManager
@@ -59,8 +62,9 @@ from fluidfs.peers.portmap import PortMapper
 from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
 from fluidfs.peers.relay import RelayServer
-from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy
+from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy, announced_relays
 from fluidfs.peers.rootrecord import RecordClient
+from fluidfs.peers.sides import ProviderSides
 from fluidfs.remount import control as remount_control
 from fluidfs.remount.commits import Commits
 from fluidfs.remount.conflicts import Conflicts
@@ -71,6 +75,7 @@ from fluidfs.remount.options import RemountError
 from fluidfs.remount.publisher import RootPublisher
 from fluidfs.remount.restore import TreeRestore
 from fluidfs.remount.schedule import CommitSchedule
+from fluidfs.service.customer_repair import CustomerRepairer
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.host import PeerService
 from fluidfs.statedir import fsname_for
@@ -88,6 +93,7 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL = 30.0
 SAVE_INTERVAL = 5.0
 UPLOAD_DRAIN_SECONDS = 120.0
+LEAVE_PROVIDER_SECONDS = 30.0  # unmount waits this long for the provider to take over
 RELEASE_PAGES_INTERVAL = 0.5
 META_RELEASE_INTERVAL = 10.0  # seconds between giving back meta.lmdb's mapped pages
 PEER_WORKER_THREADS = 2  # the peer service's own limiter (docs/protocol.md §5)
@@ -164,6 +170,7 @@ class Node:
         config, keyring = self.config, self.config.keyring
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
+        self.sides = ProviderSides(self.ledger)  # where partners' sides are (peers/sides.py)
         records = RecordStore(config.state.path / "records")
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
@@ -195,17 +202,17 @@ class Node:
             self.peers,
             limits=config.net_limits,
             is_partner=self.service.is_partner,
-            store_at=self.ledger.store_at_of,
+            store_at=self.sides.store_at_of,
             bandwidth=Bandwidth.limits(config.limit_upload, config.limit_download),
             relay=self.relay,
             via_of=self._relays_of,
         )
         self.relay_client = RelayClient(
             self.conns,
-            RelayClientPolicy(relays=config.relay_via),
+            config.relay_client or RelayClientPolicy(relays=config.relay_via),
             unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
-            candidates=lambda: [(p.key, p.addr) for p in sorted(
-                (p for p in self.peers if p.addr), key=lambda p: -p.trust)],
+            candidates=lambda: announced_relays(self.peers, self.addresses),
+            on_change=lambda: self.reach.wake(),
         )
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)
         if config.use_provider is not None:
@@ -223,13 +230,23 @@ class Node:
             on_new_agreement=self._new_agreement,
             provider=self.provider,
         )
+        # Mounted without --provider after having one: our side comes home (homecoming.py).
+        self.homecoming: Homecoming | None = None
+        if config.use_provider is None and (left := self.settings.provider()) is not None:
+            home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
+                             self.limiter)
+            self.homecoming = Homecoming(self.conns, self.ledger, home, left,
+                                         self.manager.take_back, tick=config.lifecycle.tick,
+                                         give_up=config.lifecycle.tolerance / 2)
         policy = config.discovery or DiscoveryPolicy(target=2 * keyring.keyfile.shards_total)
         self.discovery = Discovery(self.conns, self.peers, self.ledger, self.manager, policy,
-                                   self.addresses)
+                                   self.addresses, wants_relays=self.relay_client.wants_relays)
         self.portmap = PortMapper(lambda: self.conns.listen_addr, config.portmap)
         self.reach = Reachability(self.conns, self.peers, self.ledger, keyring.signing_key,
                                   config.reach, mapped=lambda: self.portmap.mapped,
-                                  relays=self.relay_client.via)
+                                  relays=self.relay_client.via,
+                                  offers_relay=self.relay is not None,
+                                  book=self.addresses)
         self.remote = RemoteShards(
             self.conns,
             self.peers,
@@ -255,6 +272,20 @@ class Node:
             self.conns, self.ledger, self.shards, self.limiter, config.lifecycle,
             on_end=self._agreement_ended, records=records,
         )
+        # Provider-side repair (issue 13 item 4): ours at our provider, or, as a provider,
+        # the one we run for away customers.
+        self.provider_repairs: ProviderRepairs | None = None
+        if config.use_provider is not None and config.provider_repairs:
+            provider_id, provider_addr = config.use_provider
+            self.provider_repairs = ProviderRepairs(
+                self.conns, provider_id, keyring.public_key, provider_addr,
+                keyring.signing_key, self.blocks, self.peers, self.ledger,
+                tick=config.lifecycle.tick)
+        self.customer_repairer: CustomerRepairer | None = None
+        if self.service.repair_book is not None:
+            self.customer_repairer = CustomerRepairer(
+                self.service.repair_book, self.conns, keyring.signing_key, self.limiter,
+                config.customer_repairs)
         if config.bootstrap or len(self.ledger):
             self.blocks.use_network(self.remote)
 
@@ -283,7 +314,7 @@ class Node:
             lambda: self.data.block_size,
             lambda: self.tree.get(ROOT_INO),
         )
-        records = RecordClient(keyring, self.conns, self.peers)
+        records = RecordClient(keyring, self.conns, self.peers, sides=self.sides)
         lease = WriterLease(
             records,
             machine,
@@ -466,11 +497,24 @@ class Node:
             await self.keeper.release()
             with trio.move_on_after(UPLOAD_DRAIN_SECONDS):
                 await self.blocks.drain()
+            if self.provider_repairs is not None:
+                await self._leave_provider_repairs()
             self.peers.save_all()
             self.ledger.save_all()
             self.meta.commit_batch()
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
+
+    async def _leave_provider_repairs(self) -> None:
+        """Hand the provider our capabilities as they are now and say we go away; a
+        provider that does not answer in time repairs once we stop refreshing the grant."""
+        assert self.provider_repairs is not None
+        with trio.move_on_after(LEAVE_PROVIDER_SECONDS):
+            try:
+                await self.provider_repairs.leave()
+                log.info("the provider repairs our blocks while we are away")
+            except (PeerUnavailable, RpcError) as exc:
+                log.warning("could not tell the provider we go away: %s", exc)
 
     def close(self) -> None:
         """Close the databases and release the state lock."""
@@ -542,6 +586,14 @@ class Node:
                 nursery.start_soon(supervise, "provider switch", switch_providers,
                                    self.settings, self.conns, self.ledger, self.provider,
                                    self.manager.move_to_provider)
+            if self.homecoming is not None:
+                nursery.start_soon(supervise, "leaving the provider", leave_provider,
+                                   self.settings, self.homecoming)
+            if self.provider_repairs is not None:
+                nursery.start_soon(supervise, "provider repairs", self.provider_repairs.run)
+            if self.customer_repairer is not None:
+                nursery.start_soon(supervise, "repairs for customers",
+                                   self.customer_repairer.run)
             for addr in self.config.bootstrap:
                 nursery.start_soon(supervise, f"bootstrap {addr}", self.manager.bootstrap, addr)
             task_status.started()
@@ -558,9 +610,13 @@ class Node:
             self.blocks,
             self.status,
         )
-        for part in (self.provider, self.service.provider):  # ours; the one we are
+        for part in (self.provider, self.service.provider,  # ours; the one we are
+                     self.homecoming,  # the one we leave
+                     self.provider_repairs, self.customer_repairer):
             if part is not None:
                 handlers["status"] = part.with_status(handlers["status"])
+        if self.service.provider is not None:  # its customers, in `fluidfs peers`
+            handlers["peers"] = self.service.provider.with_peers(handlers["peers"])
         return (
             handlers
             | invite_handlers(self.reach, self.manager, self.addresses)

@@ -209,6 +209,8 @@ class NodeStatus:
         traffic = self.traffic or TrafficRate(self.conns.bandwidth)
         figures.update(traffic.figures(scanned.pending, self.upload.rate))
         figures["durability"] = self.durability(figures, now)
+        if self.conns.relay is not None:  # serve --relay: what relaying for others costs
+            figures["relay"] = self.conns.relay.load()
         if scanned.meta_usage is not None:
             figures["meta_store"] = {
                 "file_bytes": scanned.meta_usage.file_bytes,

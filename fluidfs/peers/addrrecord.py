@@ -16,7 +16,18 @@ Version 2 adds the relays the node can be reached through (peers/relay.py)::
      "sig": by ``id`` over "fluidfs-address-v2\\0" || CBOR [2, id, time, addrs, via]}
 
 A node signs version 2 only when it has relays to name, so peers from before relays keep
-reading the records of every node that needs none. A dialler tries ``addrs`` first, then
+reading the records of every node that needs none.
+
+Version 3 is signed by a node that relays for others (``serve --relay``) and says so,
+so that nodes nobody can dial find it among the records discovery passes around
+(peers/relayclient.py)::
+
+    {"v": 3, "id", "time",
+     "addrs": [...] (1 to MAX_ADDRS: a relay must be dialable),
+     "via": [...] (optional, as in version 2),
+     "relay": true,
+     "sig": by ``id`` over "fluidfs-address-v3\\0" || CBOR [3, id, time, addrs, via or [],
+            true]} A dialler tries ``addrs`` first, then
 each relay in ``via`` (peers/connections.py).
 
 ``addrs`` is in order of preference (a port mapping the gateway granted, then the
@@ -44,10 +55,11 @@ import nacl.signing
 from fluidfs.net.messages import MAX_ADDR_RECORD
 from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.peerlist import PeerList
-from fluidfs.wire import Bytes, Int, List, Map, SchemaError, Str, cbor
+from fluidfs.wire import Bool, Bytes, Int, List, Map, SchemaError, Str, cbor
 
 VERSION = 1
 VERSION_VIA = 2
+VERSION_RELAY = 3
 MAX_ADDRS = 3
 MAX_VIA = 2
 MAX_ADDR_TEXT = 128
@@ -56,15 +68,17 @@ MAX_SKEW_MS = 10 * 60 * 1000  # a record may be this far ahead of our clock
 MAX_KEPT = 4096
 SIG_CONTEXT = b"fluidfs-address-v1\x00"
 SIG_CONTEXT_VIA = b"fluidfs-address-v2\x00"
+SIG_CONTEXT_RELAY = b"fluidfs-address-v3\x00"
 
 ADDR_TEXTS = List(Str(min=1, max=MAX_ADDR_TEXT), max_len=MAX_ADDRS)
 RECORD = Map({  # both versions; read_record checks what each requires
-    "v": Int(VERSION, VERSION_VIA),
+    "v": Int(VERSION, VERSION_RELAY),
     "id": Bytes(min=32, max=32),
     "time": Int(0, 2**63 - 1),
     "addrs": ADDR_TEXTS,
     "sig": Bytes(min=64, max=64),
-}, optional={"via": List(Str(min=1, max=MAX_ADDR_TEXT), min_len=1, max_len=MAX_VIA)})
+}, optional={"via": List(Str(min=1, max=MAX_ADDR_TEXT), min_len=1, max_len=MAX_VIA),
+             "relay": Bool()})
 
 
 class RecordError(ValueError):
@@ -80,34 +94,44 @@ class AddressRecord:
     addrs: tuple[PeerAddr, ...]
     raw: bytes  # the signed encoding, passed on as it came
     via: tuple[PeerAddr, ...] = ()  # relays it can be reached through (version 2)
+    relay: bool = False  # it relays for nodes nobody can dial (version 3)
 
 
 def _signed_part(key: bytes, when: int, addrs: list[str],
-                 via: list[str] | None = None) -> bytes:
+                 via: list[str] | None = None, relay: bool = False) -> bytes:
+    if relay:
+        return SIG_CONTEXT_RELAY + cbor2.dumps([VERSION_RELAY, key, when, addrs, via or [],
+                                                True])
     if via is None:
         return SIG_CONTEXT + cbor2.dumps([VERSION, key, when, addrs])
     return SIG_CONTEXT_VIA + cbor2.dumps([VERSION_VIA, key, when, addrs, via])
 
 
 def make_record(identity: nacl.signing.SigningKey, addrs: list[PeerAddr],
-                when_ms: int | None = None, via: list[PeerAddr] = ()) -> AddressRecord:
+                when_ms: int | None = None, via: list[PeerAddr] = (),
+                relay: bool = False) -> AddressRecord:
     """Sign a record that this node is reachable at *addrs* (best first), or through
-    the relays *via* (version 2, only when there are any)."""
+    the relays *via* (version 2, only when there are any); with *relay*, that it relays
+    for others (version 3: it needs an address)."""
     if not 1 <= len(addrs) + len(via) <= MAX_ADDRS or len(via) > MAX_VIA:
         raise ValueError(f"a record names 1 to {MAX_ADDRS} addresses and relays, at most "
                          f"{MAX_VIA} relays")
+    if relay and not addrs:
+        raise ValueError("a relay's record names an address it can be dialled at")
     if any(len(str(a)) > MAX_ADDR_TEXT for a in [*addrs, *via]):
         raise ValueError(f"an address in a record has at most {MAX_ADDR_TEXT} characters")
     key = bytes(identity.verify_key)
     when = int(time.time() * 1000) if when_ms is None else when_ms
     texts = [str(a) for a in addrs]
     relays = [str(a) for a in via] or None
-    sig = identity.sign(_signed_part(key, when, texts, relays)).signature
-    body = {"v": VERSION if relays is None else VERSION_VIA, "id": key, "time": when,
-            "addrs": texts, "sig": sig}
+    sig = identity.sign(_signed_part(key, when, texts, relays, relay)).signature
+    version = VERSION_RELAY if relay else VERSION if relays is None else VERSION_VIA
+    body: dict = {"v": version, "id": key, "time": when, "addrs": texts, "sig": sig}
     if relays is not None:
         body["via"] = relays
-    return AddressRecord(key, when, tuple(addrs), cbor2.dumps(body), tuple(via))
+    if relay:
+        body["relay"] = True
+    return AddressRecord(key, when, tuple(addrs), cbor2.dumps(body), tuple(via), relay)
 
 
 def read_record(raw: bytes, expected: bytes | None = None,
@@ -128,10 +152,16 @@ def read_record(raw: bytes, expected: bytes | None = None,
     if body["v"] == VERSION_VIA and (relays is None
                                      or len(relays) + len(body["addrs"]) > MAX_ADDRS):
         raise RecordError("a version 2 record names 1 or 2 relays, 3 entries in all")
+    relay = body["v"] == VERSION_RELAY
+    if relay and (body.get("relay") is not True or not body["addrs"]
+                  or len(relays or []) + len(body["addrs"]) > MAX_ADDRS):
+        raise RecordError("a version 3 record says relay, names an address, 3 entries in all")
+    if not relay and "relay" in body:
+        raise RecordError("only a version 3 record says relay")
     if expected is not None and key != expected:
         raise RecordError("the record names another identity")
     try:
-        signed = _signed_part(key, body["time"], body["addrs"], relays)
+        signed = _signed_part(key, body["time"], body["addrs"], relays, relay)
         nacl.signing.VerifyKey(key).verify(signed, body["sig"])
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
         raise RecordError("bad signature") from None
@@ -141,7 +171,7 @@ def read_record(raw: bytes, expected: bytes | None = None,
     addrs, via = _dialable(body["addrs"]), _dialable(relays or [])
     if not addrs and not via:
         raise RecordError("no dialable address in the record")
-    return AddressRecord(key, body["time"], tuple(addrs), raw, tuple(via))
+    return AddressRecord(key, body["time"], tuple(addrs), raw, tuple(via), relay)
 
 
 def _dialable(texts: list[str]) -> list[PeerAddr]:

@@ -13,9 +13,11 @@ either end; ``get`` then dials again, and a call that meets a connection the pee
 just closed is retried once on a new one.
 
 A partner whose side of our agreement is held by its storage provider (``store_at``,
-docs/federation.md) is reached there for the shard ops: ``call`` sends them to the
-provider with ``for: PARTNER``, so audits and reads of that partner are answered while
-it is offline, and their outcomes count for the partner as before.
+docs/federation.md) is reached there for the shard ops and for our records it keeps
+(root pointer, lease): ``call`` sends them to the provider with ``for: PARTNER``, so
+audits, reads and records of that partner are answered while it is offline, and their
+outcomes count for the partner as before. A delegated shard op
+(``delegation``, a provider repairing for its customer) goes to the holder itself.
 
 Relays (peers/relay.py): a peer with no address that works is dialled through the relays
 its address record names (``via_of``), after its own address; on a node that relays,
@@ -60,6 +62,8 @@ from fluidfs.peers.relay import RelayServer, read_preamble
 log = logging.getLogger(__name__)
 
 SHARD_OPS = frozenset({"StoreShard", "RetrieveShard", "DeleteShard", "AuditShard"})
+# What a partner's provider answers for it: its shards and the records we keep with it.
+ROUTED_OPS = SHARD_OPS | {"PutRecord", "GetRecord"}
 DIAL_TIMEOUT = 5.0
 BACKOFF_SECONDS = 2.0
 RELAY_CALLBACK_WAIT = 10.0  # a relay gives the peer this long to call back (peers/relay.py)
@@ -390,7 +394,7 @@ class Connections:
         made once more on a new connection: a peer closing an idle connection has not
         read what we sent on it, and every op may be repeated.
         """
-        if op in SHARD_OPS and "for" not in args:
+        if op in ROUTED_OPS and "for" not in args and "delegation" not in args:
             where = self.store_at(key)
             if where is not None:  # the partner's provider answers for it
                 args = {**args, "for": key}

@@ -27,6 +27,13 @@ table has room; see peers/peerlist.py for its cap and eviction.
 A ``ShareNewPeers`` answer may carry peers' signed address records: a valid record newer
 than the one held moves a known peer's row to its new address at once (the signature is
 the peer's own, so no verification dial is needed; peers/addrrecord.py).
+
+While this node needs a relay (``wants_relays``: nobody can dial it, it was given none
+and holds fewer than two, peers/relayclient.py), discovery looks for relays: it asks
+every ``RELAY_LOOK`` seconds at least, and a peer whose own signed record says it relays
+is claimed even once the table holds ``target`` peers (at most ``RELAY_CLAIMS`` per
+answer; verified like any claim, and the table's cap still holds). Its record is kept,
+so once verified the relay client knows it for a relay.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -56,6 +64,8 @@ VERIFY_TICK = 0.25  # seconds between looks at the candidate table
 PROPOSE_RETRY_MIN = 5.0  # a declined or failed proposal is repeated after this, doubling
 VERIFY_TIMEOUT = 5.0  # connect and handshake of one verification dial
 PROPOSE_RETRY_MAX = 3600.0
+RELAY_LOOK = 5.0  # seconds between rounds at most, while this node needs a relay
+RELAY_CLAIMS = 4  # relays claimed from one answer beyond the target
 
 
 @dataclass
@@ -121,8 +131,11 @@ class Discovery:
         manager: PeerManager,
         policy: DiscoveryPolicy,
         addresses: AddressBook | None = None,
+        wants_relays: Callable[[], bool] = lambda: False,
     ) -> None:
+        """*wants_relays*: True while this node needs a relay (relayclient.py)."""
         self.conns = conns
+        self.wants_relays = wants_relays
         self.addresses = addresses if addresses is not None else AddressBook()
         self.peers = peers
         self.ledger = ledger
@@ -144,7 +157,10 @@ class Discovery:
                 wanting = len(self.peers) < self.policy.target
                 await self.round()
                 self.forget_stale()
-                await trio.sleep(self.policy.fast if wanting else self.policy.slow)
+                pause = self.policy.fast if wanting else self.policy.slow
+                if self.wants_relays():
+                    pause = min(pause, RELAY_LOOK)
+                await trio.sleep(pause)
 
     async def round(self) -> None:
         """Ask a few known peers for theirs, and offer agreements where there are none."""
@@ -198,10 +214,37 @@ class Discovery:
                 continue
             self.peers.claim(other, addr, source=key)
             claimed += 1
+        if self.wants_relays():
+            claimed += self._claim_relays(key, reply["peers"])
         if unusable:
             log.info("peer %s named %d unusable addresses", _short(key), unusable)
         if claimed:
             log.info("%d peers to verify, named by %s", claimed, _short(key))
+
+    def _claim_relays(self, source: bytes, items: list[dict]) -> int:
+        """Claim the peers among *items* we have no address for whose own signed record
+        says they relay (past the target: this node needs one), keeping the record.
+        Returns how many were claimed."""
+        claimed = 0
+        for item in items:
+            other, raw = item["id"], item.get("record")
+            if raw is None or other == self.peers.self_key or other in self.peers.candidates:
+                continue
+            known = self.peers.get(other)
+            if known is not None and known.addr:
+                continue  # its record was offered with the others (_learn_records)
+            try:
+                record = read_record(raw, expected=other)
+            except RecordError:
+                continue
+            if not record.relay or not record.addrs:
+                continue
+            self.addresses.offer(record)
+            self.peers.claim(other, record.addrs[0], source=source)
+            claimed += 1
+            if claimed >= RELAY_CLAIMS:
+                break
+        return claimed
 
     def _learn_records(self, source: bytes, items: list[dict]) -> int:
         """Signed address records of peers we know, passed on by *source*: the newest

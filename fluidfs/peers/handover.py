@@ -158,18 +158,7 @@ class Handover:
         return copied
 
     async def _listing(self, call, peer: bytes) -> list[bytes]:
-        """Every shard id held for *peer* at one provider (paged, at most MAX_LISTED)."""
-        ids: list[bytes] = []
-        after = b""
-        while len(ids) < MAX_LISTED:
-            page = await call("ListReserved",
-                              {"peer": peer, "after": after, "limit": MAX_LIST_PAGE})
-            fresh = sorted(sid for sid in page["ids"] if sid > after)  # or we would loop
-            ids.extend(fresh)
-            if not page["more"] or not fresh:
-                break
-            after = fresh[-1]
-        return ids
+        return await list_reserved(call, peer)
 
     def _old_gone(self) -> bool:
         silent = self.old_silent_since
@@ -193,6 +182,23 @@ class Handover:
 
 def _short(key: bytes) -> str:
     return encode_peer_id(key)[:12]
+
+
+async def list_reserved(call: Callable[[str, dict], Awaitable[dict]],
+                        peer: bytes) -> list[bytes]:
+    """Every shard id a provider holds under our reservation for *peer*, through *call*
+    (op, args) to it: paged, at most MAX_LISTED (a hostile provider's bound)."""
+    ids: list[bytes] = []
+    after = b""
+    while len(ids) < MAX_LISTED:
+        page = await call("ListReserved",
+                          {"peer": peer, "after": after, "limit": MAX_LIST_PAGE})
+        fresh = sorted(sid for sid in page["ids"] if sid > after)  # or we would loop
+        ids.extend(fresh)
+        if not page["more"] or not fresh:
+            break
+        after = fresh[-1]
+    return ids
 
 
 async def switch_providers(settings: StateSettings, conns: Connections, ledger: Ledger,

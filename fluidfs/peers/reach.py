@@ -12,10 +12,12 @@ address, the node builds the list of addresses it can be reached at, best first:
    mapping nobody outside can dial it, so it is not announced;
 3. the listening address itself, if it names a dialable address (not ``0.0.0.0``).
 
-When the list changes (a new DHCP lease, a new mapping) the node signs a fresh address
-record (peers/addrrecord.py) and sends it with a ``Ping`` to its partners and other known
-peers (at most ``ANNOUNCE_MAX``); they move its row, and pass the record on in their
-``ShareNewPeers`` answers. The record also goes with every ``Ping`` this loop sends.
+When the list changes (a new DHCP lease, a new mapping, a relay registration gained or
+lost: the relay client wakes the check) the node signs a fresh address record
+(peers/addrrecord.py; a relay's says it relays) and sends it with a ``Ping`` to its
+partners and other known peers (at most ``ANNOUNCE_MAX``); they move its row, and pass
+the record on in their ``ShareNewPeers`` answers. The record also goes with every
+``Ping`` this loop sends.
 When an address we announced stops being ours (the machine moved), every connection is
 closed at once: they were bound to the old address and would only time out.
 """
@@ -40,8 +42,12 @@ from fluidfs.peers.addrrecord import (
     MAX_ADDR_TEXT,
     MAX_ADDRS,
     MAX_VIA,
+    AddressBook,
     AddressRecord,
+    RecordError,
+    learn,
     make_record,
+    read_record,
 )
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -84,17 +90,26 @@ class Reachability:
     policy: ReachPolicy = field(default_factory=ReachPolicy)
     mapped: Callable[[], PeerAddr | None] = lambda: None  # the gateway's mapping, if any
     relays: Callable[[], list[PeerAddr]] = list  # relays we are registered at (relayclient)
+    offers_relay: bool = False  # we relay for others (serve --relay): the record says so
+    book: AddressBook | None = None  # peers' records; ours too, for our Ping answers
     record: AddressRecord | None = None
     seen: dict[bytes, str] = field(default_factory=dict)  # peer -> host it sees us at
     announced: int = 0  # records signed (for status and tests)
     direct: list[PeerAddr] | None = None  # where we can be dialled, as of the last check
     _moved_from: int = 0  # time of the record whose addresses we found gone
+    _woken: trio.Event = field(default_factory=trio.Event)
 
     async def run(self) -> None:
         """Check and announce until cancelled."""
         while True:
             await self.check()
-            await trio.sleep(self.policy.interval)
+            with trio.move_on_after(self.policy.interval):
+                await self._woken.wait()
+            self._woken = trio.Event()
+
+    def wake(self) -> None:
+        """Check now rather than at the next interval (our relays changed)."""
+        self._woken.set()
 
     def ping_args(self) -> dict:
         """What every Ping of ours carries: our listening address and record."""
@@ -124,10 +139,13 @@ class Reachability:
         addrs = addrs[:MAX_ADDRS - len(via)]  # a record names three places in all
         if not addrs and not via:
             return
+        relay = self.offers_relay and bool(addrs)
         if self.record is not None and list(self.record.addrs) == addrs \
-                and list(self.record.via) == via:
+                and list(self.record.via) == via and self.record.relay == relay:
             return
-        self.record = make_record(self.identity, addrs, via=via)
+        self.record = make_record(self.identity, addrs, via=via, relay=relay)
+        if self.book is not None:
+            self.book.offer(self.record)
         self.announced += 1
         log.info("reachable at %s: telling peers",
                  ", ".join([*map(str, addrs), *(f"via relay {a}" for a in via)]))
@@ -162,6 +180,9 @@ class Reachability:
         except RpcError as exc:
             log.info("ping %s refused: %s", _short(key), exc)
             return
+        if "record" in reply and self.book is not None:  # its own, signed: as in a Ping
+            with contextlib.suppress(RecordError):
+                learn(self.peers, self.book, read_record(reply["record"], expected=key), key)
         try:
             host, _ = split_host_port(reply.get("seen", ""))
         except AddressError:

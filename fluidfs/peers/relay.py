@@ -58,7 +58,7 @@ class RelayPolicy:
     max_relayed: int = 128  # relayed pairs in all
     calls_per_second: float = 2.0  # CONNECTs passed on to one registered peer, on average
     calls_burst: int = 8  # ... and at once
-    rate: float = 1 << 20  # bytes a second, each way, of one relayed pair
+    rate: float | None = 1 << 20  # bytes a second, each way, of one relayed pair (None: no limit)
     idle_timeout: float = 300.0  # a pair with no byte either way for this long is cut
     callback_timeout: float = 10.0  # seconds the peer has to open its stream back
     preamble_timeout: float = 5.0  # seconds to read a CONNECT or ACCEPT
@@ -138,6 +138,20 @@ class RelayServer:
         """Peers registered now."""
         now = trio.current_time()
         return sum(1 for until in self._registered.values() if until > now)
+
+    def load(self) -> dict[str, Any]:
+        """What the relay spends now against its bounds (``fluidfs status``): peers
+        registered, relayed connections, bytes copied since the node started, and the
+        per-connection limit (bytes a second each way; None: no limit)."""
+        return {
+            "registered": self.registered,
+            "max_registered": self.policy.max_registered,
+            "relayed": self.relayed,
+            "max_relayed": self.policy.max_relayed,
+            "max_per_peer": self.policy.max_per_peer,
+            "bytes_relayed": self.bytes_relayed,
+            "rate": self.policy.rate,
+        }
 
     # -- raw streams (a preamble on our peer port) -------------------------------------------
 

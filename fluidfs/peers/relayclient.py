@@ -13,12 +13,15 @@ connection ends) run at once (then ``busy``): a relay cannot make us open stream
 without end. The relays we hold registrations at are announced in our
 address record (peers/reach.py) as the ``via`` list.
 
-Given no relays (``--relay-via``), a node learns them from its peers: while its
-reachability check finds no address anyone can dial (``unreachable``), it asks known
-peers that have an address, most trusted first, to register it (``RelayRegister``: a
-peer that does not relay answers ``unknown_op``) until two have, renews those, and lets
-them lapse once it can be dialled again. A peer that refused is asked again only after
-``retry_refused``.
+Given no relays (``--relay-via``), a node learns them from its peers: relays say so in
+their signed address records (version 3, peers/addrrecord.py), which discovery passes
+around and looks for while we need a relay (peers/discovery.py). While its reachability
+check finds no address anyone can dial (``unreachable``), the node asks known peers
+whose record says they relay, most trusted first (``announced_relays``), to register it
+until two have, renews those, and lets them lapse once it can be dialled again. A relay
+that vanishes (a renewal fails) is dropped at once and another one asked; one that
+refused or failed is asked again only after ``retry_refused``. Each change of the
+relays we hold is told to ``on_change`` (the reachability check re-signs our record).
 """
 
 from __future__ import annotations
@@ -35,11 +38,29 @@ from fluidfs.net.errors import NetError, RpcError
 from fluidfs.net.relaywire import STATUS_LEN, RelayError, Status, make_accept, parse_status
 from fluidfs.net.streamio import ExactReader, StreamEOF
 from fluidfs.peers.address import AddressError, PeerAddr
+from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
+from fluidfs.peers.peerlist import PeerList
 
 log = logging.getLogger(__name__)
 
 MAX_RELAYS = 2  # registrations kept at once (an address record names at most two)
+
+
+def announced_relays(peers: PeerList, book: AddressBook) -> list[tuple[bytes, str]]:
+    """Known peers whose newest address record says they relay, with the address we
+    dial them at, most trusted first: where a node nobody can dial asks to register."""
+    relays = []
+    for peer in peers:
+        record = book.get(peer.key)
+        if record is not None and record.relay and peer.addr:
+            relays.append((peer.trust, peer.key, peer.addr))
+    relays.sort(key=lambda r: -r[0])
+    return [(key, addr) for _, key, addr in relays]
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -64,17 +85,26 @@ class RelayClient:
         *,
         unreachable: Callable[[], bool] = lambda: False,
         candidates: Callable[[], list[tuple[bytes, str]]] = list,
+        on_change: Callable[[], None] = _nothing,
     ) -> None:
         """*unreachable*: True when our reachability check found no address anyone can
-        dial; *candidates*: known peers with an address, (key, HOST:PORT), best first."""
+        dial; *candidates*: known relays with an address, (key, HOST:PORT), best first
+        (``announced_relays``); *on_change*: told when the relays we hold change."""
         self.conns = conns
         self.policy = policy
         self.unreachable = unreachable
         self.candidates = candidates
+        self.on_change = on_change
         self._at: dict[bytes, tuple[str, float]] = {}  # relay key → (address, expires)
         self._refused: dict[bytes, float] = {}  # peer → when it last would not relay
         self._callbacks = 0
         self._nursery: trio.Nursery | None = None
+
+    def wants_relays(self) -> bool:
+        """True while this node learns relays and holds fewer than it may: nobody can
+        dial it and no relay was given (discovery then looks for relays)."""
+        return (not self.policy.relays and self.policy.learn and self.unreachable()
+                and len(self._at) < MAX_RELAYS)
 
     def via(self) -> list[PeerAddr]:
         """The relays we are registered at now (for our address record), best first."""
@@ -104,8 +134,11 @@ class RelayClient:
         renew_at: dict[bytes, float] = {}
         while True:
             now = trio.current_time()
-            for key in [k for k, (_, until) in self._at.items() if until <= now]:
-                del self._at[key]  # lapsed (not renewed, or the renewal failed)
+            lapsed = [k for k, (_, until) in self._at.items() if until <= now]
+            for key in lapsed:
+                del self._at[key]  # not renewed (we can be dialled again)
+            if lapsed:
+                self.on_change()
             if self.unreachable():
                 for key, (addr, _) in list(self._at.items()):
                     if now >= renew_at.get(key, 0.0):
@@ -128,6 +161,7 @@ class RelayClient:
             if ttl:
                 renew_at[key] = now + ttl / 3
                 log.info("relay learnt: peers can reach this node through %s", addr)
+                self.on_change()
 
     async def _register_learnt(self, key: bytes, addr: str) -> int:
         """RelayRegister at a known peer; the seconds granted, or 0 (it will not, or
@@ -135,8 +169,9 @@ class RelayClient:
         try:
             reply = await self.conns.call(key, "RelayRegister", {}, timeout=10)
         except (PeerUnavailable, RpcError, NetError) as exc:
-            log.debug("peer at %s does not relay for us: %s", addr, exc)
-            self._at.pop(key, None)
+            log.info("relay at %s does not register us: %s", addr, exc)
+            if self._at.pop(key, None) is not None:  # a relay we held vanished
+                self.on_change()
             self._refused[key] = trio.current_time()
             if len(self._refused) > 4096:  # bounded by the peer table, but be sure
                 self._refused.pop(next(iter(self._refused)))

@@ -22,9 +22,12 @@ leaves the keyfile. The body is a CBOR map that repeats ``kind`` and ``seq`` (so
 box cannot be moved under another header even by someone holding the key), and
 carries, for ``root``: ``time`` (ns), ``machine`` (16 bytes), ``host``, ``commit``
 (bytes: the commit node's reference as a one-entry metadata leaf, see
-fs/metaformat.py) and ``peers`` (``[[public key, "host:port"], ...]``: where the
-holders can be reached); for ``lease``: ``time``, ``machine``, ``host``, ``mount``,
-``pid``, ``addr``, ``ttl`` (seconds) and ``state`` (``"held"`` or ``"released"``).
+fs/metaformat.py), ``peers`` (``[[public key, "host:port"], ...]``: where the
+holders can be reached) and ``held_at`` (``[[peer key, provider key, "host:port"],
+...]``: the storage provider holding a listed peer's side of our agreement, so a fresh
+machine asks it while the peer is away; peers/sides.py); for ``lease``: ``time``,
+``machine``, ``host``, ``mount``, ``pid``, ``addr``, ``ttl`` (seconds) and ``state``
+(``"held"`` or ``"released"``).
 
 Peers keep, per owner and kind, the valid envelope with the highest ``seq`` and
 refuse lower ones (service.py, ``PutRecord``/``GetRecord``). ``seq`` stays below 2^63 so
@@ -60,6 +63,7 @@ from fluidfs.net.errors import RpcError
 from fluidfs.peers.address import PeerAddr
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.peerlist import PeerList
+from fluidfs.peers.sides import ProviderSides
 from fluidfs.wire import IGNORE, Bytes, Int, Map, OneOf, SchemaError, Str, Tuple, cbor
 
 log = logging.getLogger(__name__)
@@ -246,10 +250,12 @@ class PutResult:
 class RecordClient:
     """Publishes our records to peers and finds the newest one."""
 
-    def __init__(self, keyring: KeyRing, conns: Connections, peers: PeerList) -> None:
+    def __init__(self, keyring: KeyRing, conns: Connections, peers: PeerList,
+                 *, sides: ProviderSides | None = None) -> None:
         self.keyring = keyring
         self.conns = conns
         self.peers = peers
+        self.sides = sides  # where partners' sides are held (None: not listed, not learned)
         self.rejected = 0  # records seen that did not verify (forged or corrupt)
         # Highest seq per kind among records that verified under our key, from peers that
         # refused a publish as older than what they hold (never a number a peer reported).
@@ -445,7 +451,7 @@ class RecordClient:
                 if best is None or (held.fence, held.seq) > (best.fence, best.seq):
                     best = Found(held.seq, held.body, raw, 0, 0, fence=held.fence)
                 if follow_peers:
-                    self.learn(held.body.get("peers", []))
+                    self.learn_root(held.body)
         if best is not None:
             best.answered, best.holding = answered, copies.get(best.seq, 0)
             best.absent = absent
@@ -474,6 +480,20 @@ class RecordClient:
             if key not in self.peers or not self.peers.get(key).addr:
                 self.peers.add(key, addr)
         return new
+
+    def learn_root(self, body: dict[str, Any]) -> int:
+        """Learn from one of our root records' bodies the peers it lists and the
+        providers holding their sides; return how many peers were new."""
+        if self.sides is not None:
+            self.sides.learn(body.get("held_at", []), self.keyring.public_key)
+        return self.learn(body.get("peers", []))
+
+    def root_listing(self) -> dict[str, list]:
+        """The ``peers`` and ``held_at`` entries of our root record's body."""
+        listing: dict[str, list] = {"peers": self.listing()}
+        if self.sides is not None:
+            listing["held_at"] = self.sides.listing()
+        return listing
 
     def listing(self) -> list[list]:
         """Peers to name in our root record: those we have addresses for, best first."""

@@ -3,7 +3,8 @@
 The root record (peers/rootrecord.py, kind ``"root"``) names the commit node and the
 peers that hold our records; its body is ``{"time": ns, "machine": 16 bytes, "host":
 str, "commit": a metadata leaf with one entry b"commit" whose content is the commit
-node's reference, "peers": RecordClient.listing()}``, sealed under the keyfile.
+node's reference, "peers": RecordClient.listing(), "held_at": where listed peers'
+sides are held at providers (peers/sides.py)}``, sealed under the keyfile.
 
 Each root record is written under the lease's fence (peers/lease.py): once a later
 writer holds the lease, peers refuse it, and the outcome is ``LEASE_LOST``.
@@ -93,7 +94,7 @@ class RootPublisher:
             "machine": self.machine,
             "host": socket.gethostname(),
             "commit": encode_leaf([Entry(b"commit", content=result.ref)]),
-            "peers": self.records.listing(),
+            **self.records.root_listing(),  # peers, held_at
         }
         stored = await self.records.publish("root", seq, body, fence=self.keeper.lease.fence)
         self.published_to = stored

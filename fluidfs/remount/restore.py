@@ -85,7 +85,7 @@ class TreeRestore:
         record is made, without a reference: ``adopt`` takes the head's); RestoreError if
         that fails."""
         body = found.body
-        self.records.learn(body.get("peers", []))
+        self.records.learn_root(body)
         try:
             (pointer,) = decode_node(body["commit"]).entries
             ref = pointer.content

@@ -6,7 +6,8 @@ hold for it (peers/addrrecord.py), so fresh addresses spread. An ``addr`` a call
 (with ``Ping`` or ``ProposeAgreement``) is a claim for discovery to check, not an address
 we believe; a ``record`` it sends with ``Ping`` must be its own, signed, and newer than
 the one we hold, and then moves its row. ``Ping`` answers with ``seen``: the address the
-caller's connection comes from, so a node learns what the internet makes of it.
+caller's connection comes from, so a node learns what the internet makes of it, and with
+our own newest record (a relay's says it relays).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class DiscoveryOps:
         reply: Reply = {"time": int(time.time())}
         if seen:
             reply["seen"] = seen
+        own = self.addresses.get(self.peers.self_key)  # put there by peers/reach.py
+        if own is not None:
+            reply["record"] = own.raw
         return reply
 
 

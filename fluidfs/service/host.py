@@ -25,6 +25,8 @@ from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.lifecycle import DAY
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.agreements import AgreementOps
+from fluidfs.service.customer_repair import CustomerRepairOps
+from fluidfs.service.delegated import DelegatedCalls
 from fluidfs.service.discovery import DiscoveryOps
 from fluidfs.service.faults import NO_FAULTS, FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
@@ -34,6 +36,7 @@ from fluidfs.service.records import RecordOps
 from fluidfs.service.shards import ShardOps
 from fluidfs.store.accounts import AccountBook
 from fluidfs.store.records import RecordStore
+from fluidfs.store.repairbook import RepairBook
 from fluidfs.store.shards import ShardStore
 
 FAULTY_OPS = {"StoreShard", "RetrieveShard", "AuditShard"}
@@ -48,7 +51,9 @@ class PeerService:
     *addresses*: peers' signed address records; *remote_of*: where a peer's connection
     comes from (service/discovery.py).
     *accounts*: a storage provider's customers (None: this node is no provider), whose
-    removed reservations are served for *keep* seconds (service/provider.py).
+    removed reservations are served for *keep* seconds (service/provider.py), and whose
+    partners' records go to *reserved_records* (default: ``reserved-records`` beside
+    *records*).
     *proposes_only*: our side is held by our own provider; new proposals are declined.
     *relay_ops*: RelayRegister when this node relays (peers/relay.py), RelayIncoming when
     it keeps registrations (peers/relayclient.py).
@@ -76,6 +81,7 @@ class PeerService:
         keep: float = DAY,
         proposes_only: bool = False,
         relay_ops: dict[str, Op] | None = None,
+        reserved_records: RecordStore | None = None,
     ) -> None:
         terms = terms or TermsPolicy()
         self.faults = faults
@@ -87,39 +93,55 @@ class PeerService:
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
                                   donate, ratio, terms, cooldown, proposes_only)
         direct = ShardOps(shards, ledger, quota, limiter, faults)
+        direct_records = RecordOps(records, ledger, limiter)
         self._ops: dict[str, Op] = {
             **agreements.ops(),
             **direct.ops(),
-            **RecordOps(records, ledger, limiter).ops(),
+            **direct_records.ops(),
             **DiscoveryOps(peers, AddressBook() if addresses is None else addresses,
                            remote_of).ops(),
             **(relay_ops or {}),
         }
         self.keep = keep
+        self.delegated = DelegatedCalls(self._holds_for, ledger.clock)
         self.provider: ProviderOps | None = None
+        self.repair_book: RepairBook | None = None  # a provider's, for customers' repairs
         if accounts is not None:
+            if reserved_records is None and records is not None:
+                reserved_records = RecordStore(records.root.parent / "reserved-records")
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
-                                        peers.self_key, keep)
+                                        peers.self_key, keep, direct_records,
+                                        reserved_records)
             self._ops.update(self.provider.ops())
+            self.repair_book = RepairBook(accounts.db, accounts.clock)
+            self._ops.update(CustomerRepairOps(accounts, self.repair_book, peers.self_key,
+                                               limiter).ops())
 
     def is_partner(self, key: bytes) -> bool:
         """A peer with a live agreement, or one whose ended agreement is still in its keep
         period (we keep its shards so it can fetch them back: it needs a partner's reply
         sizes for that); on a provider, also its customers and the peers storing under
-        their reservations (they get a partner's limits, net/admission.py)."""
-        agreement = self.ledger.get(key)
-        if agreement is not None and (
-            agreement.active
-            or self.ledger.clock() - (agreement.ended_at or 0.0) <= self.keep
-        ):
+        their reservations (they get a partner's limits, net/admission.py); and a
+        partner's provider holding a valid repair delegation (service/delegated.py)."""
+        if self._holds_for(key) or self.delegated.is_delegate(key):
             return True
         return self.provider is not None and self.provider.is_partner(key)
 
+    def _holds_for(self, key: bytes) -> bool:
+        """A live agreement with *key*, or an ended one still in its keep period."""
+        agreement = self.ledger.get(key)
+        return agreement is not None and (
+            agreement.active
+            or self.ledger.clock() - (agreement.ended_at or 0.0) <= self.keep
+        )
+
     async def handle(self, peer_key: bytes, op: str, args: Args) -> Reply:
-        """Serve one validated request from *peer_key*."""
+        """Serve one validated request from *peer_key* (or, with a valid delegation, as
+        from the owner who signed it)."""
         answer = self._ops.get(op)
         if answer is None:
             raise RpcError("unknown_op", f"{op} is not served here")
+        peer_key, args = self.delegated.resolve(peer_key, op, args)
         if "for" in args and self.provider is None:
             raise RpcError("refused", "this node is no storage provider")
         rate = self.faults.fault_rate

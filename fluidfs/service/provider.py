@@ -13,6 +13,12 @@ Who may call what:
   ``over_quota``); retrieve, audit and delete are answered while the reservation exists,
   live or removed and within its keep period, whether or not the customer is online.
   Without ``for`` the ops are the node's ordinary ones (service/shards.py).
+- ``PutRecord`` / ``GetRecord`` carrying ``for: CUSTOMER``: the partner's own root pointer
+  and writer lease, kept for it as the customer would keep them (service/records.py's
+  rules): a put needs a live reservation for (customer, caller); a get is answered while
+  the reservation exists, live or in its keep period. At most one record of each kind
+  per reservation (64 KiB each), dropped with the reservation; not counted against its
+  size, as a host does not count them against an agreement.
 - ``ListReserved`` / ``FetchReserved`` / ``StoreReserved``: only the customer, on its own
   reservations: list and fetch what one holds (live or in its keep period), store into a
   live one within its size. The customer uses them to hand its side over when it switches
@@ -20,7 +26,8 @@ Who may call what:
 
 Shards under a reservation live in the shard store under the reservation's own owner key
 (store/accounts.py ``holder_key``), counted against the reservation's size and, with
-everything else the node holds, against its donation.
+everything else the node holds, against its donation. Records under a reservation live
+in a record store of their own (``<state>/reserved-records``), under the same key.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -35,8 +43,10 @@ from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
+from fluidfs.service.records import RecordOps, keep_record, read_record
 from fluidfs.service.shards import ShardOps
 from fluidfs.store.accounts import MAX_RESERVATIONS, AccountBook, Reservation
+from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,8 @@ class ProviderOps:
     limiter: trio.CapacityLimiter
     self_key: bytes
     keep: float  # seconds a removed reservation's shards are still served
+    direct_records: RecordOps  # the node's own record ops, for requests without "for"
+    records: RecordStore | None  # partners' records under reservations (None: kept nowhere)
     _storing: set[bytes] = field(default_factory=set, init=False)  # with a reservation
 
     def __post_init__(self) -> None:
@@ -76,6 +88,8 @@ class ProviderOps:
             "RetrieveShard": self.retrieve,
             "DeleteShard": self.delete,
             "AuditShard": self.audit,
+            "PutRecord": self.put_record,
+            "GetRecord": self.get_record,
             "ListReserved": self.list_reserved,
             "FetchReserved": self.fetch_reserved,
             "StoreReserved": self.store_reserved,
@@ -191,6 +205,24 @@ class ProviderOps:
         body = {k: v for k, v in args.items() if k != "for"}
         return await self.direct.audit(holder, body)
 
+    async def put_record(self, peer: bytes, args: Args) -> Reply:
+        """Keep the caller's record under the customer's live reservation for it."""
+        if "for" not in args:
+            return await self.direct_records.put(peer, args)
+        holder = self._reservation(args["for"], peer, live=True).holder
+        if self.records is None:
+            raise RpcError("refused", "this provider keeps no records")
+        return await keep_record(self.records, holder, peer, args, self.limiter)
+
+    async def get_record(self, peer: bytes, args: Args) -> Reply:
+        """The caller's record kept under a reservation (live or in its keep period)."""
+        if "for" not in args:
+            return await self.direct_records.get(peer, args)
+        holder = self._reservation(args["for"], peer, live=False).holder
+        if self.records is None:
+            raise RpcError("not_found", "no such record here")
+        return await read_record(self.records, holder, args["kind"], self.limiter)
+
     def _reservation(self, customer: bytes, peer: bytes, *, live: bool) -> Reservation:
         reservation = self.book.reservation(customer, peer)
         if reservation is None or (live and not reservation.live):
@@ -209,6 +241,39 @@ class ProviderOps:
             "reserved_bytes": sum(r.size for r in live),
             "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
         }
+
+    def customers(self) -> list[dict[str, Any]]:
+        """Per customer: its quota, live reservations and bytes reserved and held
+        (blocking: LMDB; grows with the reservations)."""
+        rows = []
+        for account in self.book.accounts():
+            reservations = self.book.reservations(account.customer)
+            live = [r for r in reservations if r.live]
+            rows.append({
+                "id": encode_peer_id(account.customer),
+                "quota": account.quota,
+                "reservations": len(live),
+                "reserved_bytes": sum(r.size for r in live),
+                "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+            })
+        return rows
+
+    def with_peers(
+        self, peers: Callable[[dict], Awaitable[dict]]
+    ) -> Callable[[dict], Awaitable[dict]]:
+        """The node's ``peers`` control handler, with its customers added (a list of
+        their own, and on each customer's peer row)."""
+
+        async def handler(request: dict) -> dict:
+            reply = await peers(request)
+            customers = await trio.to_thread.run_sync(self.customers, limiter=self.limiter)
+            reply["customers"] = customers
+            by_id = {c["id"]: c for c in customers}
+            for row in reply["peers"]:
+                row["customer"] = by_id.get(row["id"])
+            return reply
+
+        return handler
 
     def with_status(
         self, status: Callable[[dict], Awaitable[dict]]
@@ -247,6 +312,9 @@ class ProviderOps:
             for start in range(0, len(ids), DROP_BATCH):
                 await trio.to_thread.run_sync(self.shards.delete_many, holder,
                                               ids[start : start + DROP_BATCH],
+                                              limiter=self.limiter)
+            if self.records is not None:
+                await trio.to_thread.run_sync(self.records.delete, holder,
                                               limiter=self.limiter)
             self.book.forget(reservation)
             dropped += 1

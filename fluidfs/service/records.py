@@ -6,8 +6,9 @@ one, nor other contents at the same seq; a record whose fence is below the highe
 of the owner's records held here is refused (its writer was replaced); and with
 ``expect`` (compare-and-swap, how the writer lease is taken and renewed) it is kept only
 if the held record of its kind has exactly that seq (0: none held). Records go with
-the agreement (peers/lifecycle.py). Every record-store call runs in a worker thread of
-the service's limiter.
+the agreement (peers/lifecycle.py). A storage provider keeps a customer's partners'
+records by the same rules (``keep_record``, service/provider.py). Every record-store call
+runs in a worker thread of the service's limiter.
 """
 
 from __future__ import annotations
@@ -42,39 +43,54 @@ class RecordOps:
             raise RpcError("refused", "this peer keeps no records")
         if self.ledger.live(peer) is None:
             raise RpcError("no_agreement", "no live storage agreement with you")
-        try:
-            record = rootrecord.parse(args["record"])
-        except rootrecord.RecordError as exc:
-            raise RpcError("bad_request", str(exc)) from None
-        if record.owner != peer:
-            raise RpcError("bad_request", "a record can only be stored by its owner")
-        if not record.signed_ok():
-            raise RpcError("bad_request", "record signature does not verify")
-        stored, held = await trio.to_thread.run_sync(
-            functools.partial(
-                self.records.put_if_newer,
-                peer,
-                record.kind,
-                record.raw,
-                record.seq,
-                _held,
-                fence=record.fence,
-                expect=args.get("expect"),
-            ),
-            limiter=self.limiter,
-        )
-        return {"stored": stored, "seq": max(held, 0)}
+        return await keep_record(self.records, peer, peer, args, self.limiter)
 
     async def get(self, peer: bytes, args: Args) -> Reply:
         """The caller's record of a kind."""
-        if self.records is None or args["kind"] not in rootrecord.KINDS:
+        if self.records is None:
             raise RpcError("not_found", "no such record here")
-        raw = await trio.to_thread.run_sync(
-            self.records.get, peer, args["kind"], limiter=self.limiter
-        )
-        if raw is None:
-            raise RpcError("not_found", "no such record of yours here")
-        return {"record": raw}
+        return await read_record(self.records, peer, args["kind"], self.limiter)
+
+
+async def keep_record(
+    records: RecordStore, key: bytes, caller: bytes, args: Args, limiter: trio.CapacityLimiter
+) -> Reply:
+    """``PutRecord`` of *caller*'s own record into *records* under *key* (the caller
+    itself, or on a provider the reservation it stores under), by the rules above."""
+    try:
+        record = rootrecord.parse(args["record"])
+    except rootrecord.RecordError as exc:
+        raise RpcError("bad_request", str(exc)) from None
+    if record.owner != caller:
+        raise RpcError("bad_request", "a record can only be stored by its owner")
+    if not record.signed_ok():
+        raise RpcError("bad_request", "record signature does not verify")
+    stored, held = await trio.to_thread.run_sync(
+        functools.partial(
+            records.put_if_newer,
+            key,
+            record.kind,
+            record.raw,
+            record.seq,
+            _held,
+            fence=record.fence,
+            expect=args.get("expect"),
+        ),
+        limiter=limiter,
+    )
+    return {"stored": stored, "seq": max(held, 0)}
+
+
+async def read_record(
+    records: RecordStore, key: bytes, kind: str, limiter: trio.CapacityLimiter
+) -> Reply:
+    """``GetRecord``: the record of *kind* held in *records* under *key*."""
+    if kind not in rootrecord.KINDS:
+        raise RpcError("not_found", "no such record here")
+    raw = await trio.to_thread.run_sync(records.get, key, kind, limiter=limiter)
+    if raw is None:
+        raise RpcError("not_found", "no such record of yours here")
+    return {"record": raw}
 
 
 def _held(raw: bytes) -> tuple[int, int]:

@@ -99,3 +99,50 @@ async def test_usage_matches_the_hosts_after_refused_and_unanswered_stores_and_a
             owner.close()
             refuser.close()
             silent.close()
+
+
+async def test_a_blocks_first_stores_are_journalled_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploading a block journals its N first attempts in one write transaction, each
+    before its shard is sent (issue 16: 2N + 1 write transactions per block before)."""
+    async with peer_nodes(tmp_path, N) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            for host in hosts:
+                owner.use(host)
+            store.blocks.use_network(
+                RemoteShards(owner.conns, owner.peers, owner.ledger, store.codec, store.limiter)
+            )
+            journalled_when_sent = []
+            for host in hosts:
+                real = host.service.handle
+
+                async def handle(peer_key, op, args, real=real):
+                    if op == "StoreShard":
+                        with store.db.read() as txn:
+                            placing = txn.stat(store.db["placing"])["entries"]
+                        journalled_when_sent.append(placing)
+                    return await real(peer_key, op, args)
+
+                monkeypatch.setattr(host.service, "handle", handle)
+            writes = 0
+            real_write = store.db.write
+
+            def counting_write():
+                nonlocal writes
+                writes += 1
+                return real_write()
+
+            monkeypatch.setattr(store.db, "write", counting_write)
+            stored = await upload(store, os.urandom(1000))
+            assert NO_HOLDER not in stored.holders
+            assert journalled_when_sent == [N] * N, "every attempt journalled before sending"
+            # the record itself, the journal, one outcome per shard, the final holders
+            assert writes == 1 + 1 + N + 1
+            with store.db.read() as txn:
+                assert txn.stat(store.db["placing"])["entries"] == 0, "settled"
+        finally:
+            store.close()
+            owner.close()

@@ -149,3 +149,32 @@ async def test_dropped_nodes_cascade_through_a_journal_that_survives_a_crash(
         assert txn.stat(store.db["dropping"])["entries"] == 0
     assert await index.drop_and_release([other]) == 2
     assert store.blocks.count() == 0 and store.shards.used(RING.public_key) == 0
+
+
+async def test_a_rebuilt_block_is_read_from_memory_and_cached_on_disk_when_read_again(
+    store: LocalStore,
+) -> None:
+    """A restore reads each block once: the rebuilt plaintext serves the reads from memory
+    and is not written to the disk cache; a block rebuilt a second time is (issue 16)."""
+    blocks = store.blocks
+    data = os.urandom(BS)
+    block_id = await blocks.put(data)
+    assert blocks.cache.forget(block_id)
+    blocks.cache.remove_io([block_id])
+    rebuilt = 0
+    real_rebuild = blocks.rebuild
+
+    async def counting(stored):
+        nonlocal rebuilt
+        rebuilt += 1
+        return await real_rebuild(stored)
+
+    blocks.rebuild = counting
+    for offset in range(0, BS, 4096):  # a sequential reader's requests
+        assert await blocks.read(block_id, offset, 4096) == data[offset : offset + 4096]
+    assert rebuilt == 1, "one rebuild serves every read of the block"
+    assert block_id not in blocks.cache and not blocks.cache.path(block_id).exists()
+    blocks.recent.forget(block_id)  # pushed out of memory by other blocks
+    assert await blocks.read(block_id, 100, 50) == data[100:150]
+    assert rebuilt == 2
+    assert block_id in blocks.cache and blocks.cache.path(block_id).read_bytes() == data

@@ -109,3 +109,88 @@ async def test_a_silent_holder_costs_one_short_wait_and_one_more_request(
             for host in hosts:
                 host.close()
 
+
+
+class Overlapping(PeerService):
+    """A real peer service that answers each shard retrieval after a short wait and
+    notes the most retrievals it had running at once."""
+
+    running = 0
+    most = 0
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "RetrieveShard":
+            return await super().handle(peer_key, op, args)
+        cls = type(self)
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            await trio.sleep(0.1)
+            return await super().handle(peer_key, op, args)
+        finally:
+            cls.running -= 1
+
+
+async def test_blocks_read_at_once_ask_the_least_busy_holders(tmp_path: Path) -> None:
+    """Two blocks with the same holder at each index, read at once: the second asks the
+    holders the first left idle, so no holder has two requests while another has none.
+    (Fails before: both asked the holders of indexes 0..K-1, two requests each, while
+    the other N - K holders idled.)"""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        services = [type(f"Overlap{i}", (Overlapping,), {"running": 0, "most": 0})
+                    for i in range(N)]
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(services)]
+        try:
+            blocks = [(os.urandom(20_000), [LOCAL_HOLDER] * N) for _ in range(2)]
+            records = [sealed(remote, data) for data, _ in blocks]
+            for index, host in enumerate(hosts):  # shard i of each block on host i
+                owner.use(host)
+                for (record, shards), (_, holders) in zip(records, blocks, strict=True):
+                    holders[index] = NO_HOLDER
+                    await remote.place(record, shards, holders)
+                    assert holders[index] == owner.peers.get(host.key).index
+            read: list[bytes] = [b"", b""]
+
+            async def fetch(i: int) -> None:
+                read[i] = await remote.fetch(records[i][0], blocks[i][1])
+
+            async with trio.open_nursery() as readers:
+                for i in range(2):
+                    readers.start_soon(fetch, i)
+            assert read == [data for data, _ in blocks]
+            assert [s.most for s in services] == [1] * N, [s.most for s in services]
+        finally:
+            for host in hosts:
+                host.close()
+
+
+async def test_shards_missing_from_the_records_are_searched_for_at_once(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A holder list that lags (a fresh machine reading an old snapshot names no holder
+    for the shards): the K shards needed are looked for together, one round of the
+    peers, not one round per shard. (Fails before: two rounds for K = 2.)"""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        services = [type(f"Overlap{i}", (Overlapping,), {"running": 0, "most": 0})
+                    for i in range(N)]
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(services)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            data = os.urandom(20_000)
+            record, shards = sealed(remote, data)
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            found: list[tuple[int, int]] = []
+            started = trio.current_time()
+            rebuilt = await remote.fetch(record, [NO_HOLDER] * N,
+                                         on_found=lambda i, h: found.append((i, h)))
+            took = trio.current_time() - started
+            assert rebuilt == data
+            assert sorted(found) == [(i, holders[i]) for i in range(K)]
+            assert took < 2 * 0.1, f"{took:.2f} s: one search round after another"
+        finally:
+            for host in hosts:
+                host.close()

@@ -214,3 +214,10 @@ async def test_o_trunc_open(node):
     fi = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
     assert (await ops.getattr(ino)).st_size == 0
     await ops.release(fi.fh)
+
+
+async def test_files_advertise_one_mebibyte_io_so_copies_use_large_requests(node):
+    """cp sizes its buffer by st_blksize: 1 MiB makes one FUSE request per MiB copied
+    (libfuse 3 negotiates 1 MiB writes), not eight of 128 KiB (issue 16)."""
+    _fh, ino = await new_file(node.ops)
+    assert (await node.ops.getattr(ino)).st_blksize == 1 << 20

@@ -92,9 +92,9 @@ def test_rows_admitted_on_a_peers_word_stay_under_the_cap(db):
 def test_index_allocation_is_constant_time_and_an_index_is_never_reused(db):
     peers = PeerList(db, ME)
     keys = [key() for _ in range(2000)]
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: a loaded machine's preemption is not ours
     indexes = [peers.add(k).index for k in keys]
-    assert time.perf_counter() - started < 2.0
+    assert time.thread_time() - started < 2.0
     assert indexes == list(range(1, 2001))
     peers.forget(keys[-1])
     peers.save_all()

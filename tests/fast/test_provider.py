@@ -12,7 +12,8 @@ import os
 
 import pytest
 import trio
-from inproc import PeerNode, until
+from inproc import until
+from providernet import SIZE, ProviderNet, shard
 
 from fluidfs.blocks import merkle
 from fluidfs.cli.main import main as fluidfs_main
@@ -21,51 +22,31 @@ from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
 from fluidfs.peers.manager import PeerManager
 from fluidfs.peers.provider import ProviderClient
+from fluidfs.peers.rootrecord import RecordClient, seal
 from fluidfs.store.accounts import AccountBook, holder_key
 from fluidfs.store.db import META_TABLES, Database
 
-SIZE = 4 * MIB  # what U offers each partner, reserved at P
+SHARD = 200_000
 
 
-def shard(n: int = 1, size: int = 200_000) -> tuple[bytes, bytes]:
-    data = os.urandom(size) if n else b""
-    return merkle.shard_id(data), data
-
-
-class Net:
+class Net(ProviderNet):
     """P (provider), U (customer, offline: it never listens), X and Y (peers)."""
 
     def __init__(self, tmp_path) -> None:
-        self.p = PeerNode(tmp_path / "p", provider=True)
-        self.u = PeerNode(tmp_path / "u", proposes_only=True)
-        self.x = PeerNode(tmp_path / "x")
-        self.y = PeerNode(tmp_path / "y")
+        super().__init__(tmp_path, providers=["p"], partners=["x", "y"])
+        (self.p,), (self.x, self.y) = self.providers, self.partners
         self.book: AccountBook = self.p.service.provider.book
         self.client: ProviderClient | None = None
         self.manager: PeerManager | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for node in (self.p, self.x, self.y):
-            await node.start(nursery)
-        await self.u.start(nursery, listen=False)
-        self.client = ProviderClient(self.u.conns, self.u.ledger, self.p.key, self.p.addr)
-        self.manager = PeerManager(self.u.conns, self.u.peers, self.u.ledger,
-                                   donate=1 << 30, agreement_size=SIZE, provider=self.client)
-
-    def close(self) -> None:
-        for node in (self.p, self.u, self.x, self.y):
-            node.close()
+        await super().start(nursery)
+        self.client = self.client_at(self.p)
+        self.manager = self.manager_for(self.client)
 
 
 async def with_net(tmp_path, body) -> None:
-    net = Net(tmp_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            await net.start(nursery)
-            await body(net)
-            nursery.cancel_scope.cancel()
-    finally:
-        net.close()
+    await Net(tmp_path).run(body)
 
 
 async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(tmp_path):
@@ -82,7 +63,7 @@ async def test_a_partner_stores_audits_and_reads_the_users_side_at_the_provider(
         reservation = net.book.reservation(net.u.key, net.x.key)
         assert reservation.live and reservation.size == SIZE
 
-        sid, data = shard()
+        sid, data = shard(SHARD)
         reply = await net.x.conns.call(net.u.key, "StoreShard",
                                        {"shards": [{"id": sid, "data": data}]})
         assert reply == {"stored": [sid], "refused": []}
@@ -114,7 +95,7 @@ async def test_the_provider_refuses_shards_outside_a_live_reservation(tmp_path):
         net.book.add(net.u.key, 64 * MIB)
         await net.manager.add(net.x.addr)
         u = net.u.key
-        sid, data = shard()
+        sid, data = shard(SHARD)
 
         # Y has no reservation from U (a stranger's frames are small: a small shard).
         tiny_id, tiny = shard(size=1000)
@@ -126,7 +107,7 @@ async def test_the_provider_refuses_shards_outside_a_live_reservation(tmp_path):
 
         # Over the reservation's size: the rest is refused, shard by shard.
         net.book.reserve(u, net.x.key, 300_000)
-        sid2, data2 = shard()
+        sid2, data2 = shard(SHARD)
         reply = await net.x.conns.call(u, "StoreShard", {"shards": [
             {"id": sid, "data": data}, {"id": sid2, "data": data2}]})
         assert reply["stored"] == [sid]
@@ -277,7 +258,7 @@ async def test_a_user_whose_provider_is_gone_takes_its_side_back_home(tmp_path):
         assert net.x.ledger.live(net.u.key).store_at_id is None
         assert net.u.ledger.live(net.x.key).reserved_at is None
 
-        sid, data = shard()
+        sid, data = shard(SHARD)
         reply = await net.x.conns.call(net.u.key, "StoreShard",
                                        {"shards": [{"id": sid, "data": data}]})
         assert reply["stored"] == [sid]
@@ -324,3 +305,111 @@ def test_the_operator_admits_lists_and_removes_customers(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         fluidfs_main(["provider", "add", customer, "--state-dir", str(state)])
     assert exit_.value.code == 2
+
+
+async def test_a_partners_records_are_kept_and_served_by_the_provider(tmp_path):
+    """X's root pointer and writer lease, which U keeps for X, go to P under U's
+    reservation and are served there while U is away (U never listens): a put, a
+    compare-and-swap renewal and a read. Fails before: X sends them to U, unreachable."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        u, x = net.u.key, net.x
+        x.conns.drop(u, even_if_answering=True)  # U goes away
+        records = RecordClient(x.keyring, x.conns, x.peers)
+        root = seal(x.keyring, "root", 5, {"peers": []})
+        assert (await records.put_each("root", root, [u]))[u].stored
+        first = seal(x.keyring, "lease", 1, {"state": "held"}, fence=1)
+        assert (await records.put_each("lease", first, [u], {u: 0}))[u].stored
+        renewal = seal(x.keyring, "lease", 2, {"state": "held"}, fence=1)
+        stale = await records.put_each("lease", renewal, [u], {u: 7})  # wrong expect
+        assert not stale[u].stored and stale[u].held.seq == 1
+        assert (await records.put_each("lease", renewal, [u], {u: 1}))[u].stored
+        held = await records.read_each("lease", [u])
+        assert held[u].seq == 2 and held[u].fence == 1
+        assert (await records.read_each("root", [u]))[u].seq == 5
+        holder = holder_key(u, x.key)
+        kept = net.p.service.provider.records
+        assert kept.get(holder, "root") == root and kept.get(holder, "lease") == renewal
+        assert net.p.records.get(x.key, "root") is None  # not under X's own name
+        assert net.u.records.get(x.key, "root") is None  # U holds nothing itself
+
+        # Removed: no new records, the held ones served for the keep period, then gone.
+        await net.client.unreserve(x.key)
+        later = seal(x.keyring, "root", 6, {"peers": []})
+        with pytest.raises(RpcError) as err:
+            await x.conns.call(u, "PutRecord", {"record": later})
+        assert err.value.code == "no_agreement"
+        assert (await records.read_each("root", [u]))[u].seq == 5
+        provider = net.p.service.provider
+        provider.keep = -1.0
+        assert await provider.expire() == 1
+        assert kept.get(holder, "root") is None and kept.get(holder, "lease") is None
+
+    await with_net(tmp_path, body)
+
+
+async def test_the_provider_refuses_records_outside_a_reservation_or_not_the_callers(tmp_path):
+    """Hostile PutRecord/GetRecord "for" a customer: a caller without a reservation, a
+    record of someone else, a forged signature, a malformed record, an unknown kind, and
+    records "for" someone sent to a node that is no provider. The provider keeps serving."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        u, x, y = net.u.key, net.x, net.y
+        to_p = {"addr": net.p.addr}
+
+        own = seal(y.keyring, "root", 1, {"peers": []})
+        with pytest.raises(RpcError) as err:  # Y holds no reservation from U
+            await y.conns.call(net.p.key, "PutRecord", {"record": own, "for": u}, **to_p)
+        assert err.value.code == "no_agreement"
+        with pytest.raises(RpcError) as err:
+            await y.conns.call(net.p.key, "GetRecord", {"kind": "root", "for": u}, **to_p)
+        assert err.value.code == "no_agreement"
+
+        forged = bytearray(seal(x.keyring, "root", 1, {"peers": []}))
+        forged[-1] ^= 1  # the signature's last byte
+        for record in (own, bytes(forged), b"\xa0", b"not cbor"):
+            with pytest.raises(RpcError) as err:
+                await x.conns.call(u, "PutRecord", {"record": record})
+            assert err.value.code == "bad_request"
+        with pytest.raises(RpcError) as err:
+            await x.conns.call(u, "GetRecord", {"kind": "other"})
+        assert err.value.code == "not_found"
+        with pytest.raises(RpcError) as err:  # a record "for" U at X, which is no provider
+            await y.conns.call(x.key, "PutRecord", {"record": own, "for": u}, addr=x.addr)
+        assert err.value.code == "refused"
+        assert net.p.service.provider.records.owners() == set()
+        assert await x.conns.call(u, "PutRecord",
+                                  {"record": seal(x.keyring, "root", 1, {"peers": []})})
+
+    await with_net(tmp_path, body)
+
+
+async def test_peers_on_a_provider_lists_its_customers_with_their_reservations(tmp_path):
+    """`fluidfs peers` on P (its control handler): every customer with its quota, live
+    reservations and bytes reserved and held, also on the customer's own peer row."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 64 * MIB)
+        net.book.add(net.y.key, 8 * MIB)  # admitted, nothing reserved yet
+        await net.manager.add(net.x.addr)
+        sid, data = shard()
+        await net.x.conns.call(net.u.key, "StoreShard", {"shards": [{"id": sid, "data": data}]})
+        u_id, x_id = encode_peer_id(net.u.key), encode_peer_id(net.x.key)
+
+        async def node_peers(_request: dict) -> dict:  # rows as handlers.py makes them
+            return {"peers": [{"id": u_id}, {"id": x_id}]}
+
+        reply = await net.p.service.provider.with_peers(node_peers)({})
+        by_id = {c["id"]: c for c in reply["customers"]}
+        assert by_id[u_id] == {"id": u_id, "quota": 64 * MIB, "reservations": 1,
+                               "reserved_bytes": SIZE, "held_bytes": len(data)}
+        assert by_id[encode_peer_id(net.y.key)]["reservations"] == 0
+        rows = {row["id"]: row for row in reply["peers"]}
+        assert rows[u_id]["customer"] == by_id[u_id]
+        assert rows[x_id]["customer"] is None  # stores under U's reservation, no customer
+
+    await with_net(tmp_path, body)

@@ -14,61 +14,36 @@ import os
 import pytest
 import trio
 from inproc import PeerNode
+from providernet import ProviderNet, shard
 
-from fluidfs.blocks import merkle
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
 from fluidfs.peers.handover import Handover, switch_providers
 from fluidfs.peers.manager import PeerManager
-from fluidfs.peers.provider import ProviderClient
 from fluidfs.store.accounts import holder_key
 from fluidfs.store.settings import StateSettings
 
-SIZE = 4 * MIB
 
-
-def shard(size: int = 100_000) -> tuple[bytes, bytes]:
-    data = os.urandom(size)
-    return merkle.shard_id(data), data
-
-
-class Net:
+class Net(ProviderNet):
     """P (old provider), P2 (new), U (customer, never listens), X (U's partner)."""
 
     def __init__(self, tmp_path) -> None:
-        self.p = PeerNode(tmp_path / "p", provider=True)
-        self.p2 = PeerNode(tmp_path / "p2", provider=True)
-        self.u = PeerNode(tmp_path / "u", proposes_only=True)
-        self.x = PeerNode(tmp_path / "x")
+        super().__init__(tmp_path, providers=["p", "p2"], partners=["x"])
+        (self.p, self.p2), (self.x,) = self.providers, self.partners
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for node in (self.p, self.p2, self.x):
-            await node.start(nursery)
-        await self.u.start(nursery, listen=False)
+        await super().start(nursery)
         for provider in (self.p, self.p2):
             provider.service.provider.book.add(self.u.key, 64 * MIB)
 
     def manager(self, provider: PeerNode) -> PeerManager:
         """U's peer manager with *provider* holding its side."""
-        client = ProviderClient(self.u.conns, self.u.ledger, provider.key, provider.addr)
-        return PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
-                           agreement_size=SIZE, provider=client)
-
-    def close(self) -> None:
-        for node in (self.p, self.p2, self.u, self.x):
-            node.close()
+        return self.manager_for(self.client_at(provider))
 
 
 async def with_net(tmp_path, body) -> None:
-    net = Net(tmp_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            await net.start(nursery)
-            await body(net)
-            nursery.cancel_scope.cancel()
-    finally:
-        net.close()
+    await Net(tmp_path).run(body)
 
 
 async def test_switching_providers_keeps_every_partner_shard_retrievable(tmp_path):
