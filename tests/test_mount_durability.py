@@ -83,8 +83,13 @@ def test_kill9_while_writing_then_remount(mounted) -> None:
     )
     try:
         deadline = time.monotonic() + 20
+        while not (root / "busy").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Its name is durable once the directory is fsync'd; before that, a crash may
+        # lose the create with the last second of metadata (docs/decisions.md, issue 15).
+        _fsync_dir(root)
         while time.monotonic() < deadline:
-            if (root / "busy").exists() and os.stat(root / "busy").st_size > 20 * MiB:
+            if os.stat(root / "busy").st_size > 20 * MiB:
                 break
             time.sleep(0.05)
         mounted.kill9()

@@ -28,7 +28,7 @@ import stat
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -176,7 +176,7 @@ class FluidOperations(pyfuse3.Operations):
 
         Take it after the handler's last await, so that no other handler changes the
         inode between the copy and the write."""
-        return replace(self._inode(ino))
+        return self._inode(ino).copy()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[InodeWrites]:

@@ -105,7 +105,9 @@ class Tree:
                 raw = txn.get(u64(ino), db=self._inodes)
             if raw is None:
                 return None
-            inode = self._cache[ino] = Inode.decode(ino, raw)
+            inode = Inode.decode(ino, raw)
+            if not self.db.batch.elsewhere():  # another thread may read an older copy
+                self._cache[ino] = inode
         return inode
 
     def inode_in(self, txn, ino: int) -> Inode | None:

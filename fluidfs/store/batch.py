@@ -64,6 +64,11 @@ class WriteBatch:
         """True if the calling thread is the one whose batch is open."""
         return self._txn is not None and self._owner == threading.get_ident()
 
+    def elsewhere(self) -> bool:
+        """True on a thread other than the one that batches (the trio thread, once it
+        has opened a batch): one that must not write while a batch is open."""
+        return self._owner is not None and self._owner != threading.get_ident()
+
     def in_request(self) -> bool:
         """True while a request's nested transaction is open."""
         return self._active is not None

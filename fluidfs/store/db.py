@@ -141,10 +141,9 @@ class Database:
     def write(self) -> lmdb.Transaction:
         """A write transaction; commits when its ``with`` block ends without error. The
         open batch is committed before it (on another thread: waited for)."""
-        if self.batch.is_open():
-            if not self.batch.owned_here():
-                return self.batch.begin_elsewhere()
-            self.batch.commit()
+        if self.batch.elsewhere():
+            return self.batch.begin_elsewhere()
+        self.batch.commit()
         return self.env.begin(write=True)
 
     def view(self) -> contextlib.AbstractContextManager[lmdb.Transaction]:
