@@ -47,7 +47,7 @@ class Peer:
     def peer_id(self) -> str:
         return keys.encode_peer_id(self.public_key)
 
-    def start(self, port: int = 0, timeout: float = 20) -> Peer:
+    def start(self, port: int = 0, timeout: float = 60) -> Peer:
         """Start (or restart on its old port) and wait until it listens."""
         self.launch(port)
         return self.wait_listening(timeout)
@@ -67,7 +67,7 @@ class Peer:
         )
         return self
 
-    def wait_listening(self, timeout: float = 20) -> Peer:
+    def wait_listening(self, timeout: float = 60) -> Peer:
         """Wait until the launched process listens; record its address."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
