@@ -65,6 +65,7 @@ class Commits:
         self.last_error = ""
         self._wakeup = trio.Event()
         self._told_unpublished = False
+        self._publishing = trio.Lock()  # one root record on its way at a time
 
     # --- events ------------------------------------------------------------------------
 
@@ -189,13 +190,20 @@ class Commits:
         return result
 
     async def publish_pending(self) -> None:
-        """Send the root record that reached too few peers again, if there is one."""
-        if self.publisher.pending is None:
-            self.schedule.published()  # sent meanwhile, by a later commit
-            return
-        await self._publish(self.publisher.pending)
+        """Send the root record that reached too few peers again, if there is one; a
+        publication already on its way is waited for first (a sync that finds nothing
+        new to commit reports on the root the mount's own commit is still sending)."""
+        async with self._publishing:
+            if self.publisher.pending is None:
+                self.schedule.published()  # sent meanwhile, by a later commit
+                return
+            await self._publish_now(self.publisher.pending)
 
     async def _publish(self, result: CommitResult) -> None:
+        async with self._publishing:
+            await self._publish_now(result)
+
+    async def _publish_now(self, result: CommitResult) -> None:
         outcome = await self.publisher.publish(result)
         now = trio.current_time()
         if outcome is Outcome.PUBLISHED:

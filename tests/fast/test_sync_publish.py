@@ -65,3 +65,28 @@ async def test_sync_commits_again_once_a_withheld_commits_blocks_are_placed(
             reply = await node.remount_requests.sync(60.0)
             nursery.cancel_scope.cancel()
         assert reply["published"] and reply["full"], repr(reply)
+
+
+async def test_sync_waits_for_a_root_record_still_being_sent(tmp_path: Path) -> None:
+    """The mount's own commit is still sending its root record (a slow line) when
+    `fluidfs sync` runs: the sync finds nothing new to commit and must wait for that
+    publication, not report the tree unpublished at once (it did: ``published`` false
+    after a fraction of a second)."""
+    async with keyfile_hosts(tmp_path) as (ring, hosts), machine(
+        tmp_path / "a", ring, hosts, new=True
+    ) as node:
+        records = node.publisher.records
+        send = records.publish
+
+        async def over_a_slow_line(*args, **kw):
+            await trio.sleep(1.5)
+            return await send(*args, **kw)
+
+        records.publish = over_a_slow_line
+        await write_file(node, ROOT_INO, b"note.txt", b"committed by the mount itself")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: node.commits.commit(user_changed=True))
+            while node.committer.last is None:  # the commit is made; its root is on its way
+                await trio.sleep(0.01)
+            reply = await node.remount_requests.sync(30.0)
+        assert reply["published"], reply
