@@ -234,7 +234,7 @@ class Node:
         self.homecoming: Homecoming | None = None
         if config.use_provider is None and (left := self.settings.provider()) is not None:
             home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
-                             self.limiter)
+                             self.limiter, records)
             self.homecoming = Homecoming(self.conns, self.ledger, home, left,
                                          self.manager.take_back, tick=config.lifecycle.tick,
                                          give_up=config.lifecycle.tolerance / 2)
