@@ -206,7 +206,6 @@ class Homecoming:
 
     async def copy_records(self, peer: bytes) -> int:
         """Copy the records OLD keeps for *peer* into our record store; how many stored."""
-
         copied = await copy_records(peer, fetch_reserved(self._old, peer),
                                     lambda raw: self.home.put_record(peer, raw))
         self.records += copied
