@@ -349,3 +349,55 @@ def test_a_partners_fresh_machine_reads_the_users_side_at_its_provider(
     finally:
         for peer in (provider, *hosts):
             peer.kill()
+
+
+def test_a_user_mounting_with_a_provider_moves_its_side_held_at_home_there(
+        tmp_path: Path, make_mount):
+    """U's side of its agreement with X is at home (U mounted without a provider); U
+    remounts with --provider P: its side moves to P (X's shards copied there, the
+    agreement renewed with store_at naming P, U's own copies dropped), and with U
+    unmounted X's audits of U pass, answered by P. Fails before: the side stays at U."""
+    provider = Peer(tmp_path, "provider", extra=["--provider"])
+    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
+    try:
+        for peer in (provider, *hosts):
+            peer.start()
+        user_key = small_keyfile(tmp_path / "u.key")
+        user_id = peer_id_of(user_key)
+        assert run_cli("provider", "add", user_id, "--quota", "1G",
+                       "--state-dir", str(provider.state)).returncode == 0
+        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
+            *[f"--peer={h.addr}" for h in hosts]])
+        x.mount()
+        x_addr = (x.state / "listen").read_text().strip()
+        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+        u = make_mount("u", key=user_key, extra=base)  # no --provider: held at home
+        u.mount()
+        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+                 "X's agreement with U")
+        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
+        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+        assert synced.returncode == 0, synced.stderr + x.log()
+        x_id = peer_id_of(x.keyfile)
+        held = peer_rows(u.state)[x_id]["we_use"]
+        assert held > 0 and peer_rows(x.state)[user_id]["their_side_at"] is None
+        u.unmount()
+
+        u.extra = [*base, f"--provider={provider.peer_id}@{provider.addr}"]
+        u.mount()
+        wait_for(lambda: peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
+                 and peer_rows(u.state)[x_id]["we_use"] == 0, 60, "U's side moved to P")
+        assert status(provider.state)["serving_as_provider"]["held_bytes"] >= held
+        assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
+        u.unmount()  # only P answers for U's side now
+        before = peer_rows(x.state)[user_id]  # audits failed while U was away at home
+        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"]
+                 > before["audits_passed"] + 2, 30, "X's audits of U passing at P")
+        row = peer_rows(x.state)[user_id]
+        assert row["active"] and row["failing_since"] is None
+        assert row["audits_failed"] == before["audits_failed"]
+    finally:
+        for peer in (provider, *hosts):
+            peer.kill()

@@ -179,6 +179,13 @@ OPS["StoreReserved"] = OpSpec(
                                     max_len=64)}),
     OPS["StoreShard"].response,
 )
+# The records under a reservation move with it (peers/recordmove.py): fetch the partner's
+# record of a kind (as GetRecord), store one of the partner's own (as PutRecord, without
+# expect: never replacing a newer one).
+OPS["FetchReservedRecord"] = OpSpec(Map({"peer": ID, "kind": Str(min=1, max=16)}),
+                                    OPS["GetRecord"].response)
+OPS["StoreReservedRecord"] = OpSpec(Map({"peer": ID, "record": Bytes(min=1, max=MAX_RECORD)}),
+                                    OPS["PutRecord"].response)
 
 # Provider-side repair (docs/federation.md, issue 13 item 4), a customer to its provider
 # only. RepairGrant: the customer's delegation naming the provider (peers/delegation.py)

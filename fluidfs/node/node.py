@@ -51,6 +51,7 @@ from fluidfs.node.traffic import TrafficRate
 from fluidfs.peers.addrrecord import AddressBook
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable, split_addr
+from fluidfs.peers.departure import Departure
 from fluidfs.peers.discovery import Discovery, DiscoveryPolicy
 from fluidfs.peers.handover import switch_providers
 from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
@@ -230,11 +231,17 @@ class Node:
             on_new_agreement=self._new_agreement,
             provider=self.provider,
         )
-        # Mounted without --provider after having one: our side comes home (homecoming.py).
+        # Mounted without --provider after having one: our side comes home (homecoming.py);
+        # with one, the side held here goes to it (departure.py).
         self.homecoming: Homecoming | None = None
+        self.departure: Departure | None = None
+        home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
+                         self.limiter, records)
+        if self.provider is not None:
+            self.departure = Departure(self.conns, self.ledger, home, self.provider,
+                                       self.manager.move_to_provider,
+                                       tick=config.lifecycle.tick)
         if config.use_provider is None and (left := self.settings.provider()) is not None:
-            home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
-                             self.limiter)
             self.homecoming = Homecoming(self.conns, self.ledger, home, left,
                                          self.manager.take_back, tick=config.lifecycle.tick,
                                          give_up=config.lifecycle.tolerance / 2)
@@ -586,6 +593,8 @@ class Node:
                 nursery.start_soon(supervise, "provider switch", switch_providers,
                                    self.settings, self.conns, self.ledger, self.provider,
                                    self.manager.move_to_provider)
+            if self.departure is not None:
+                nursery.start_soon(supervise, "joining the provider", self.departure.run)
             if self.homecoming is not None:
                 nursery.start_soon(supervise, "leaving the provider", leave_provider,
                                    self.settings, self.homecoming)

@@ -7,10 +7,12 @@ provider OLD (``reserved_at``) moves them one partner X at a time:
 1. reserve at NEW what we host for X (``Reserve``);
 2. copy X's shards from OLD to NEW through this node (``ListReserved`` and
    ``FetchReserved`` at OLD, ``StoreReserved`` at NEW, one shard at a time; NEW checks
-   every shard against its id, as it checks a partner's store);
+   every shard against its id, as it checks a partner's store), and the records we keep
+   for X (``FetchReservedRecord`` at OLD, ``StoreReservedRecord`` at NEW, which keeps
+   only X's own, validly signed, never over a newer one: peers/recordmove.py);
 3. renew the agreement with X on its terms with ``store_at`` naming NEW
    (``PeerManager.move_to_provider``): X's shard ops go to NEW from then on;
-4. copy again what X stored at OLD between 2 and 3;
+4. copy again what X stored at OLD between 2 and 3 (shards and records);
 5. remove the reservation at OLD (``Unreserve``): OLD keeps serving what it held for the
    keep period, then drops it.
 
@@ -41,6 +43,7 @@ from fluidfs.net.messages import MAX_LIST_PAGE
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.provider import CALL_TIMEOUT, ProviderClient
+from fluidfs.peers.recordmove import copy_records, fetch_reserved
 from fluidfs.store.settings import StateSettings
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class Handover:
     tick: float = 30.0
     moved: int = field(default=0, init=False)  # agreements now held at NEW
     copied: int = field(default=0, init=False)  # shards handed over
+    records: int = field(default=0, init=False)  # partners' records handed over
     old_silent_since: float | None = field(default=None, init=False)  # trio clock
 
     def pending(self) -> list[bytes]:
@@ -114,6 +118,7 @@ class Handover:
             return False
         try:
             await self.copy(peer)
+            await self.copy_records(peer)
         except PeerUnavailable:
             if not self._old_gone():
                 raise
@@ -125,6 +130,7 @@ class Handover:
             return False
         with contextlib.suppress(PeerUnavailable):  # OLD went away since: nothing more
             await self.copy(peer)
+            await self.copy_records(peer)
         try:
             await self._old("Unreserve", {"peer": peer})
         except (PeerUnavailable, RpcError) as exc:
@@ -155,6 +161,17 @@ class Handover:
                 raise RpcError(code, f"the new provider refused shard {sid.hex()[:12]}")
             copied += 1
         self.copied += copied
+        return copied
+
+    async def copy_records(self, peer: bytes) -> int:
+        """Copy the records OLD keeps for *peer* to NEW; how many NEW stored."""
+
+        async def keep(raw: bytes) -> bool:
+            reply = await self._new("StoreReservedRecord", {"peer": peer, "record": raw})
+            return reply["stored"]
+
+        copied = await copy_records(peer, fetch_reserved(self._old, peer), keep)
+        self.records += copied
         return copied
 
     async def _listing(self, call, peer: bytes) -> list[bytes]:

@@ -7,10 +7,12 @@ switch of providers does (peers/handover.py) with this node as the new holder:
 
 1. copy X's shards from OLD into our own shard store, under X as their owner, through
    the quota of our agreement with X and our donation (``ListReserved``,
-   ``FetchReserved``; every shard checked against its id: OLD's bytes are a stranger's);
+   ``FetchReserved``; every shard checked against its id: OLD's bytes are a stranger's),
+   and the records OLD keeps for X into our own record store (``FetchReservedRecord``;
+   kept only if X's own, validly signed, never over a newer one: peers/recordmove.py);
 2. renew the agreement with X on its terms without ``store_at``
    (``PeerManager.take_back``): X's shard and record ops come to this node from then on;
-3. copy again what X stored at OLD between 1 and 2;
+3. copy again what X stored at OLD between 1 and 2 (shards and records);
 4. remove the reservation at OLD (``Unreserve``), which keeps serving what it held for
    its keep period.
 
@@ -40,6 +42,8 @@ from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.handover import list_reserved
 from fluidfs.peers.provider import CALL_TIMEOUT
+from fluidfs.peers.recordmove import adopt, copy_records, fetch_reserved
+from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
 from fluidfs.store.shards import ShardStore
 
@@ -61,6 +65,7 @@ class LocalSide:
     donate: int  # bytes we hold for all partners together, at most
     self_key: bytes  # our own shards do not count against the donation
     limiter: trio.CapacityLimiter
+    records: RecordStore | None = None  # where we keep partners' records (None: nowhere)
 
     async def held(self, peer: bytes) -> set[bytes]:
         """The ids of *peer*'s shards we hold."""
@@ -86,6 +91,15 @@ class LocalSide:
             raise RpcError("bad_shard", f"the provider served shard {shard_id.hex()[:12]} "
                                         "with other bytes")
 
+    async def put_record(self, peer: bytes, raw: bytes) -> bool:
+        """Keep one of *peer*'s records fetched from the provider, by ``PutRecord``'s
+        rules without compare-and-swap (peers/recordmove.py); True if stored."""
+        if self.records is None:
+            return False
+        stored, _held = await trio.to_thread.run_sync(adopt, self.records, peer, peer, raw,
+                                                      limiter=self.limiter)
+        return stored
+
 
 @dataclass
 class Homecoming:
@@ -100,6 +114,7 @@ class Homecoming:
     give_up: float = 12 * 3600.0  # seconds OLD may be silent before it counts as gone
     moved: int = field(default=0, init=False)  # agreements brought home
     copied: int = field(default=0, init=False)  # shards copied home
+    records: int = field(default=0, init=False)  # partners' records copied home
     old_silent_since: float | None = field(default=None, init=False)  # trio clock
 
     def pending(self) -> list[bytes]:
@@ -147,6 +162,7 @@ class Homecoming:
             return False
         try:
             await self.copy(peer)
+            await self.copy_records(peer)
         except PeerUnavailable:
             if not self._old_gone():
                 raise
@@ -158,6 +174,7 @@ class Homecoming:
             return False
         with contextlib.suppress(PeerUnavailable):  # OLD went away since: nothing more
             await self.copy(peer)
+            await self.copy_records(peer)
         try:
             await self._old("Unreserve", {"peer": peer})
         except (PeerUnavailable, RpcError) as exc:
@@ -185,6 +202,13 @@ class Homecoming:
             await self.home.put(peer, sid, reply["data"])
             copied += 1
         self.copied += copied
+        return copied
+
+    async def copy_records(self, peer: bytes) -> int:
+        """Copy the records OLD keeps for *peer* into our record store; how many stored."""
+        copied = await copy_records(peer, fetch_reserved(self._old, peer),
+                                    lambda raw: self.home.put_record(peer, raw))
+        self.records += copied
         return copied
 
     def status(self) -> dict[str, Any]:

@@ -23,6 +23,10 @@ Who may call what:
   reservations: list and fetch what one holds (live or in its keep period), store into a
   live one within its size. The customer uses them to hand its side over when it switches
   providers (peers/handover.py); nobody else reaches shards under a reservation this way.
+- ``FetchReservedRecord`` / ``StoreReservedRecord``: only the customer, likewise for the
+  partner's records under a reservation: fetch one (live or in its keep period), store
+  one into a live reservation if it is the partner's own, validly signed and not older
+  than the one held (peers/recordmove.py), so the records move with the side.
 
 Shards under a reservation live in the shard store under the reservation's own owner key
 (store/accounts.py ``holder_key``), counted against the reservation's size and, with
@@ -41,6 +45,8 @@ import trio
 
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
+from fluidfs.peers.recordmove import adopt
+from fluidfs.peers.rootrecord import RecordError
 from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
 from fluidfs.service.records import RecordOps, keep_record, read_record
@@ -93,6 +99,8 @@ class ProviderOps:
             "ListReserved": self.list_reserved,
             "FetchReserved": self.fetch_reserved,
             "StoreReserved": self.store_reserved,
+            "FetchReservedRecord": self.fetch_reserved_record,
+            "StoreReservedRecord": self.store_reserved_record,
         }
 
     def is_partner(self, key: bytes) -> bool:
@@ -153,6 +161,30 @@ class ProviderOps:
         previous provider), checked and counted as the partner's own stores are."""
         self._customer(customer)
         return await self._store_under(customer, args["peer"], args["shards"])
+
+    async def fetch_reserved_record(self, customer: bytes, args: Args) -> Reply:
+        """The record of a kind kept under the customer's reservation for ``peer``."""
+        self._customer(customer)
+        holder = self._reservation(customer, args["peer"], live=False).holder
+        if self.records is None:
+            raise RpcError("not_found", "no such record here")
+        return await read_record(self.records, holder, args["kind"], self.limiter)
+
+    async def store_reserved_record(self, customer: bytes, args: Args) -> Reply:
+        """A record of ``peer`` the customer hands over into its live reservation for it
+        (from where its side was before): kept only if it is ``peer``'s own, validly
+        signed, and not older than the one held (peers/recordmove.py)."""
+        self._customer(customer)
+        peer = args["peer"]
+        holder = self._reservation(customer, peer, live=True).holder
+        if self.records is None:
+            raise RpcError("refused", "this provider keeps no records")
+        try:
+            stored, held = await trio.to_thread.run_sync(
+                adopt, self.records, holder, peer, args["record"], limiter=self.limiter)
+        except RecordError as exc:
+            raise RpcError("bad_request", str(exc)) from None
+        return {"stored": stored, "seq": max(held, 0)}
 
     def _customer(self, key: bytes):
         account = self.book.account(key)

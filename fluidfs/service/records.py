@@ -21,6 +21,7 @@ import trio
 from fluidfs.net.errors import RpcError
 from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger
+from fluidfs.peers.recordmove import held_seq_fence
 from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.store.records import RecordStore
 
@@ -72,7 +73,7 @@ async def keep_record(
             record.kind,
             record.raw,
             record.seq,
-            _held,
+            held_seq_fence,
             fence=record.fence,
             expect=args.get("expect"),
         ),
@@ -92,12 +93,3 @@ async def read_record(
         raise RpcError("not_found", "no such record of yours here")
     return {"record": raw}
 
-
-def _held(raw: bytes) -> tuple[int, int]:
-    """The (seq, fence) of a record we hold ((-1, 0) if it no longer parses: it gets
-    replaced)."""
-    try:
-        env = rootrecord.parse(raw)
-    except rootrecord.RecordError:
-        return -1, 0
-    return env.seq, env.fence

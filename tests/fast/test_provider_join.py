@@ -1,0 +1,142 @@
+"""Joining a storage provider (issue 13, docs/federation.md): U holds its side of the
+agreement with X itself (made without a provider, or brought home) and is now mounted
+with ``--provider P``: its side moves to P in order, shards and records, and every shard
+X stored stays retrievable throughout.
+
+Real parts in-process: P, U and X are ``PeerNode``s (real services, real LMDB, real
+loopback sockets); U is the real ``PeerManager`` and the real ``Departure``. U listens
+while its side is held at home.
+"""
+
+from __future__ import annotations
+
+import trio
+from providernet import SIZE, ProviderNet, shard
+
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.agreements import MIB
+from fluidfs.peers.departure import Departure
+from fluidfs.peers.homecoming import LocalSide
+from fluidfs.peers.manager import PeerManager
+from fluidfs.peers.rootrecord import seal
+from fluidfs.store.accounts import holder_key
+
+
+class Net(ProviderNet):
+    """P (the provider U joins), U (listening: its side is at home), X (partner)."""
+
+    def __init__(self, tmp_path) -> None:
+        super().__init__(tmp_path, providers=["p"], partners=["x"])
+        (self.p,), (self.x,) = self.providers, self.partners
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await super().start(nursery)
+        await nursery.start(self.u.conns.serve, "127.0.0.1", 0)
+        self.p.service.provider.book.add(self.u.key, 64 * MIB)
+        alone = PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
+                            agreement_size=SIZE)
+        assert await alone.add(self.x.addr)  # held at home: no provider yet
+        self.with_p = self.manager_for(self.client_at(self.p))
+
+    def departure(self, renew=None) -> Departure:
+        home = LocalSide(self.u.shards, self.u.ledger, 1 << 30, self.u.key,
+                         trio.CapacityLimiter(2), self.u.records)
+        return Departure(self.u.conns, self.u.ledger, home, self.with_p.provider,
+                         renew or self.with_p.move_to_provider)
+
+    async def store(self, count: int) -> dict[bytes, bytes]:
+        """X stores *count* shards with U (wherever U's side is held)."""
+        stored = dict(shard() for _ in range(count))
+        reply = await self.x.conns.call(self.u.key, "StoreShard", {
+            "shards": [{"id": sid, "data": data} for sid, data in stored.items()]})
+        assert sorted(reply["stored"]) == sorted(stored)
+        return stored
+
+
+async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_path):
+    """U's side for X is at home; the departure copies X's shards and records to P,
+    renews with X naming P, copies a shard X stored in the gap, and drops U's own
+    copies. X reads every shard all through. Fails before: the side stays at U."""
+
+    async def body(net: Net) -> None:
+        stored = await net.store(3)
+        root = seal(net.x.keyring, "root", 3, {"peers": []}, fence=1)
+        assert (await net.x.conns.call(net.u.key, "PutRecord", {"record": root}))["stored"]
+        assert net.u.records.get(net.x.key, "root") == root
+        failures: list[str] = []
+        reads = 0
+        done = False
+
+        async def reader() -> None:
+            nonlocal reads
+            while not done:
+                for sid, data in list(stored.items()):
+                    try:
+                        got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
+                    except RpcError as exc:
+                        failures.append(f"{sid.hex()[:8]}: {exc.code}")
+                        continue
+                    if got["data"] != data:
+                        failures.append(f"{sid.hex()[:8]}: wrong bytes")
+                    reads += 1
+                await trio.sleep(0)
+
+        async def renew_after_a_late_store(peer: bytes) -> bool:
+            late = await net.store(1)  # at U after the first copy: copied again
+            renewed = await net.with_p.move_to_provider(peer)
+            stored.update(late)
+            return renewed
+
+        departure = net.departure(renew_after_a_late_store)
+        assert departure.pending() == [net.x.key]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            with trio.fail_after(5):
+                assert await departure.move_all() == 1
+            before = reads
+            while reads < before + 2 * len(stored):  # and a full round after the move
+                await trio.sleep(0.01)
+            done = True
+        assert failures == []
+        assert (departure.moved, departure.copied) == (1, 4)
+        assert departure.pending() == []
+        assert net.x.ledger.live(net.u.key).store_at_id == net.p.key
+        assert net.u.ledger.live(net.x.key).reserved_at == net.p.key
+        holder = holder_key(net.u.key, net.x.key)
+        for sid, data in stored.items():
+            assert net.p.shards.get(holder, sid) == data
+        assert net.u.shards.used(net.x.key) == 0  # U's copies dropped: P holds them
+        assert net.p.service.provider.records.get(holder, "root") == root
+        got = await net.x.conns.call(net.u.key, "GetRecord", {"kind": "root"})
+        assert got["record"] == root  # from P now
+
+    await ProviderNet.run(Net(tmp_path), body)
+
+
+async def test_a_partner_that_does_not_renew_keeps_its_side_at_home(tmp_path):
+    """The renewal fails: X's side stays at U (served and kept there) and the move is
+    tried again, which succeeds once X renews. An agreement with P itself stays."""
+
+    async def body(net: Net) -> None:
+        stored = await net.store(2)
+
+        async def refuse(_peer: bytes) -> bool:
+            return False
+
+        departure = net.departure(refuse)
+        net.u.ledger.record(net.p.key, we_host=SIZE, they_host=SIZE, term=3600)
+        assert departure.pending() == [net.x.key]  # P as a partner: held here, as ever
+        with trio.fail_after(5):
+            assert await departure.move_all() == 0
+        assert departure.pending() == [net.x.key]
+        assert net.x.ledger.live(net.u.key).store_at_id is None
+        for sid, data in stored.items():
+            assert net.u.shards.get(net.x.key, sid) == data
+            got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
+            assert got["data"] == data
+        departure.renew = net.with_p.move_to_provider
+        with trio.fail_after(5):
+            assert await departure.move_all() == 1
+        assert net.x.ledger.live(net.u.key).store_at_id == net.p.key
+
+    await ProviderNet.run(Net(tmp_path), body)
