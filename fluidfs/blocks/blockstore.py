@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
 PREFETCH_MAX = 4  # blocks rebuilt ahead of a sequential reader
+# Blocks just rebuilt from peers, kept in memory too: a sequential reader's next 32
+# reads of 128 KiB are served from them on the loop, without a worker thread's pread of
+# the cache file each (on a loaded machine each hop waits for a core). Blocks are
+# content-addressed, so a kept copy is never stale.
+RECENT_MAX = PREFETCH_MAX + 2
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
@@ -83,6 +89,7 @@ class BlockStore:
         self.limiter = limiter
         self._blocks = meta["blocks"]
         self._rebuilding: dict[bytes, _Rebuild] = {}
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()  # see RECENT_MAX
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self.uploading: set[bytes] = set()
@@ -559,6 +566,12 @@ class BlockStore:
     async def read(self, block_id: bytes, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a block (short at the block's end)."""
         while True:
+            recent = self._recent.get(block_id)
+            if recent is not None:
+                self._recent.move_to_end(block_id)
+                if block_id in self.cache:
+                    self.cache.touch(block_id)
+                return recent[offset : offset + size]
             if block_id in self.cache:
                 self.cache.touch(block_id)
                 data = await trio.to_thread.run_sync(
@@ -616,6 +629,9 @@ class BlockStore:
             data = await self.rebuild(stored)
             if await self._cache_rebuilt(block_id, data):
                 self.cache.note(block_id, len(data))
+            self._recent[block_id] = data
+            while len(self._recent) > RECENT_MAX:
+                self._recent.popitem(last=False)
             job.data = data
         finally:
             del self._rebuilding[block_id]
