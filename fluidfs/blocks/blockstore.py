@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
-PREFETCH_MAX = 4  # blocks rebuilt ahead of a sequential reader
+PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 # Blocks just rebuilt from peers, kept in memory too: a sequential reader's next 32
 # reads of 128 KiB are served from them on the loop, without a worker thread's pread of
 # the cache file each (on a loaded machine each hop waits for a core). Blocks are
