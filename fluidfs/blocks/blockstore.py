@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
-PREFETCH_MAX = 4  # blocks rebuilt ahead of a sequential reader
+PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):

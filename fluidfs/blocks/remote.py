@@ -324,7 +324,7 @@ class RemoteShards:
         agreement with is asked for the missing ones (see ``_search``); *on_found* is
         told where each one turned up.
         """
-        order = self._fetch_order(record, holders)
+        order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
         send, recv = trio.open_memory_channel[tuple[int, bytes | None, float]](len(order))
         in_flight: dict[int, float] = {}  # shard index -> when its request went out
@@ -392,25 +392,6 @@ class RemoteShards:
                 f"only {len(good)} of {record.needed} needed shards reachable ({len(order)} placed)"
             )
         return good
-
-    def _fetch_order(self, record: BlockRecord, holders: list[int]) -> list[int]:
-        """The shard indexes to ask for, in order: holders with the fewest of our shard
-        requests running first, data shards first among equals.
-
-        A reader keeps several blocks in flight; asking every block for its first K
-        shards sends some peers two or three requests while others idle, and each
-        block then waits for its most loaded holder: on home uplinks the line of the
-        busiest peer, not the sum of them, sets the rate. Data shards (index < K) are
-        preferred only among equally busy holders: they spare a decode, which costs
-        far less than a wait behind another shard on a 20 Mbit/s line."""
-        placed = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
-
-        def busy(index: int) -> tuple[int, bool, int]:
-            key = self.peers.key_of(holders[index])
-            running = self._fetching[key] if key is not None else 0
-            return running, index >= record.needed, index
-
-        return sorted(placed, key=busy)
 
     async def _search(
         self,

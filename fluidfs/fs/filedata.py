@@ -39,7 +39,7 @@ INLINE_MAX = 4096
 MEMORY_BLOCK_MAX = 256 * 1024  # a dirty block spills to a file past this size
 MEMORY_TOTAL_MAX = 64 * 1024 * 1024  # all in-memory dirty blocks together
 IDLE_SEAL_SECONDS = 2.0
-READ_AHEAD_BLOCKS = 4  # blocks fetched ahead of a sequential reader (PREFETCH_MAX at once)
+READ_AHEAD_BLOCKS = 2
 
 
 @dataclass(eq=False)

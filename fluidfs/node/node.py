@@ -63,7 +63,7 @@ from fluidfs.peers.portmap import PortMapper
 from fluidfs.peers.provider import ProviderClient
 from fluidfs.peers.reach import Reachability
 from fluidfs.peers.relay import RelayServer
-from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy, announced_relays
+from fluidfs.peers.relayclient import RelayClient, RelayClientPolicy, relay_candidates
 from fluidfs.peers.rootrecord import RecordClient
 from fluidfs.peers.sides import ProviderSides
 from fluidfs.remount import control as remount_control
@@ -212,7 +212,7 @@ class Node:
             self.conns,
             config.relay_client or RelayClientPolicy(relays=config.relay_via),
             unreachable=lambda: self.reach.direct == [],  # checked, and nobody can dial us
-            candidates=lambda: announced_relays(self.peers, self.addresses),
+            candidates=lambda: relay_candidates(self.peers, self.addresses),
             on_change=lambda: self.reach.wake(),
         )
         self.provider: ProviderClient | None = None  # ours, if we use one (mount --provider)

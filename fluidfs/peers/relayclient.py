@@ -17,11 +17,12 @@ Given no relays (``--relay-via``), a node learns them from its peers: relays say
 their signed address records (version 3, peers/addrrecord.py), which discovery passes
 around and looks for while we need a relay (peers/discovery.py). While its reachability
 check finds no address anyone can dial (``unreachable``), the node asks known peers
-whose record says they relay, most trusted first (``announced_relays``), to register it
-until two have, renews those, and lets them lapse once it can be dialled again. A relay
-that vanishes (a renewal fails) is dropped at once and another one asked; one that
-refused or failed is asked again only after ``retry_refused``. Each change of the
-relays we hold is told to ``on_change`` (the reachability check re-signs our record).
+whose record says they relay, then other known peers, most trusted first
+(``relay_candidates``), to register it until two have, renews those, and lets them
+lapse once it can be dialled again. A relay that vanishes (a renewal fails) is dropped
+at once and another one asked; one that refused or failed is asked again only after
+``retry_refused``. Each change of the relays we hold is told to ``on_change`` (the
+reachability check re-signs our record).
 """
 
 from __future__ import annotations
@@ -47,16 +48,21 @@ log = logging.getLogger(__name__)
 MAX_RELAYS = 2  # registrations kept at once (an address record names at most two)
 
 
-def announced_relays(peers: PeerList, book: AddressBook) -> list[tuple[bytes, str]]:
-    """Known peers whose newest address record says they relay, with the address we
-    dial them at, most trusted first: where a node nobody can dial asks to register."""
-    relays = []
+def relay_candidates(peers: PeerList, book: AddressBook) -> list[tuple[bytes, str]]:
+    """Where a node nobody can dial asks to register, best first, with the address we
+    dial each at: known peers whose newest address record says they relay, most
+    trusted first, then the other known peers with an address, most trusted first (a
+    relay that has not learnt its own public address yet has no record to say so; one
+    that does not relay answers ``unknown_op``)."""
+    ranked = []
     for peer in peers:
+        if not peer.addr:
+            continue
         record = book.get(peer.key)
-        if record is not None and record.relay and peer.addr:
-            relays.append((peer.trust, peer.key, peer.addr))
-    relays.sort(key=lambda r: -r[0])
-    return [(key, addr) for _, key, addr in relays]
+        announced = record is not None and record.relay
+        ranked.append((not announced, -peer.trust, peer.key, peer.addr))
+    ranked.sort(key=lambda r: r[:2])
+    return [(key, addr) for _, _, key, addr in ranked]
 
 
 def _nothing() -> None:
@@ -89,7 +95,7 @@ class RelayClient:
     ) -> None:
         """*unreachable*: True when our reachability check found no address anyone can
         dial; *candidates*: known relays with an address, (key, HOST:PORT), best first
-        (``announced_relays``); *on_change*: told when the relays we hold change."""
+        (``relay_candidates``); *on_change*: told when the relays we hold change."""
         self.conns = conns
         self.policy = policy
         self.unreachable = unreachable

@@ -131,40 +131,6 @@ class Overlapping(PeerService):
             cls.running -= 1
 
 
-async def test_blocks_read_at_once_ask_the_least_busy_holders(tmp_path: Path) -> None:
-    """Two blocks with the same holder at each index, read at once: the second asks the
-    holders the first left idle, so no holder has two requests while another has none.
-    (Fails before: both asked the holders of indexes 0..K-1, two requests each, while
-    the other N - K holders idled.)"""
-    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
-        services = [type(f"Overlap{i}", (Overlapping,), {"running": 0, "most": 0})
-                    for i in range(N)]
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
-                 for i, s in enumerate(services)]
-        try:
-            blocks = [(os.urandom(20_000), [LOCAL_HOLDER] * N) for _ in range(2)]
-            records = [sealed(remote, data) for data, _ in blocks]
-            for index, host in enumerate(hosts):  # shard i of each block on host i
-                owner.use(host)
-                for (record, shards), (_, holders) in zip(records, blocks, strict=True):
-                    holders[index] = NO_HOLDER
-                    await remote.place(record, shards, holders)
-                    assert holders[index] == owner.peers.get(host.key).index
-            read: list[bytes] = [b"", b""]
-
-            async def fetch(i: int) -> None:
-                read[i] = await remote.fetch(records[i][0], blocks[i][1])
-
-            async with trio.open_nursery() as readers:
-                for i in range(2):
-                    readers.start_soon(fetch, i)
-            assert read == [data for data, _ in blocks]
-            assert [s.most for s in services] == [1] * N, [s.most for s in services]
-        finally:
-            for host in hosts:
-                host.close()
-
-
 async def test_shards_missing_from_the_records_are_searched_for_at_once(
     tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:

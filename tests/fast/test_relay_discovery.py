@@ -128,7 +128,7 @@ async def test_a_relay_that_vanishes_is_replaced(tmp_path: Path) -> None:
 
 async def test_a_relay_met_only_as_a_bootstrap_address_is_known_for_one(tmp_path: Path) -> None:
     """X is given only R's address: R's answer to X's reachability ping carries R's own
-    record, which says it relays, and X registers there (no third peer passes it on)."""
+    record, which says it relays (no third peer passes it on), and X registers there."""
     r = _node(tmp_path / "r", relay=True)
     nodes = [r]
     try:
@@ -139,7 +139,9 @@ async def test_a_relay_met_only_as_a_bootstrap_address_is_known_for_one(tmp_path
             nodes.append(x)
             await _run(x, nursery)
             await until(lambda: x.relay_client.via(), timeout=10, what="X registered at R")
-            assert x.addresses.get(r.peers.self_key).relay
+            await until(lambda: x.addresses.get(r.peers.self_key) is not None
+                        and x.addresses.get(r.peers.self_key).relay,
+                        what="X holding R's record, which says it relays")
             nursery.cancel_scope.cancel()
     finally:
         for node in nodes:
