@@ -168,31 +168,40 @@ class MetaIndex:
         with self.meta.read() as txn:
             return {bytes(k) for k in txn.cursor(db=self._nodes).iternext(values=False)}
 
-    def register(self, txn, block_id: bytes, children: list[tuple[Ref | bytes, bool]]) -> None:
+    def register(
+        self,
+        txn,
+        block_id: bytes,
+        children: list[tuple[Ref | bytes, bool]],
+        under: list[bytes] | None = None,
+    ) -> None:
         """Take one reference to each child for the node *block_id*, inside *txn*.
 
         A child given as a Ref whose block has no record yet gets one (a node fetched
         from the network names blocks this machine has not seen); a child given as a
         block id must exist (KeyError otherwise). Does nothing if already registered.
+        *under* is as for ``adopt``.
         """
         if txn.get(block_id, db=self._nodes) is not None:
             return
         ids: list[tuple[bytes, bool]] = []
         for child, is_node in children:
             if isinstance(child, Ref):
-                self.adopt(txn, child)
+                self.adopt(txn, child, under=under)
                 ids.append((child.block_id, is_node))
             else:
                 self.blocks.add_ref(txn, child)
                 ids.append((child, is_node))
         txn.put(block_id, _encode_children(ids), db=self._nodes)
 
-    def adopt(self, txn, ref: Ref, refs: int = 1) -> None:
+    def adopt(self, txn, ref: Ref, refs: int = 1, under: list[bytes] | None = None) -> None:
         """Take *refs* references to the block of *ref*, creating its record if needed.
 
         An existing record keeps its holders, but shards it knows no holder for are
         filled in from *ref* (when both describe the same shards). The holders must be
-        known peers already (``Holders.learn``, outside the transaction).
+        known peers already (``Holders.learn``, outside the transaction). A block left
+        with shards that have no holder joins ``BlockStore.under``; from a worker thread,
+        pass *under* to collect those ids instead, for the loop to add.
         """
         block_id = ref.block_id
         stored = self.blocks.load(block_id, txn)
@@ -207,7 +216,10 @@ class MetaIndex:
                         stored.holders[i] = holder
         self.blocks.save(txn, stored)
         if stored.missing() and self.blocks.remote is not None:
-            self.blocks.under.add(block_id)
+            if under is None:
+                self.blocks.under.add(block_id)
+            else:
+                under.append(block_id)
 
     def journal_drops(self, txn, block_ids: list[bytes]) -> None:
         """Journal one reference to drop for each of *block_ids*, inside *txn*; ``drain``
@@ -288,11 +300,23 @@ class MetaIndex:
             self.holders.learn(ref for ref, _ in node.refs())
             lock = self._loading.setdefault(block_id, trio.Lock())
             async with lock:
-                with self.meta.write() as txn:
-                    if self.blocks.load(block_id, txn) is not None:
-                        self.register(txn, block_id, list(node.refs()))
+                # A node names up to thousands of blocks: take their references off the
+                # loop (one transaction), then note the blocks still short of holders.
+                under = await trio.to_thread.run_sync(
+                    self._register_fetched, block_id, node, limiter=self.blocks.limiter
+                )
+                self.blocks.under.update(under)
             self._loading.pop(block_id, None)
         return node
+
+    def _register_fetched(self, block_id: bytes, node: TreeNode) -> list[bytes]:
+        """Register a node fetched from the network (in a worker thread); the blocks it
+        adopted that still lack holders."""
+        under: list[bytes] = []
+        with self.meta.write() as txn:
+            if self.blocks.load(block_id, txn) is not None:
+                self.register(txn, block_id, list(node.refs()), under)
+        return under
 
     async def entries(self, top: bytes) -> list[Entry]:
         """Every entry of the chunked tree whose top node is *top*, in name order."""

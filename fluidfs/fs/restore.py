@@ -9,6 +9,13 @@ with one reference per block), and marks its subdirectories lazy in turn. Inode
 numbers are the committed ones, so hard links are hard links again. File contents
 are never fetched ahead: reads rebuild blocks from their holders as usual.
 
+The entries are written in worker threads, WRITE_BATCH per write transaction, and the
+references a fetched node holds are taken in one transaction in a worker thread too
+(fs/metaindex.py): a directory of any size costs the loop no more than a few
+milliseconds, and meta.lmdb sees (nodes + entries / WRITE_BATCH) write transactions
+per loaded directory. The directory stays lazy until its last batch, so operations on
+it wait for the whole load.
+
 Loading a directory queues its subdirectories to be fetched *ahead* of the walk
 (``prefetch``: PREFETCHERS at once, newest first, so a depth-first walk such as
 ``find`` finds the next directories loaded or in flight instead of paying one round
@@ -47,6 +54,7 @@ BACKGROUND_LOADERS = 8
 RETRY_SECONDS = 5.0
 PREFETCHERS = 16  # directories fetched ahead of a walk at once
 PREFETCH_QUEUE = 4096  # directories waiting to be fetched ahead; beyond it the oldest go
+WRITE_BATCH = 500  # entries of a loaded directory written per transaction (worker thread)
 
 
 class Restorer:
@@ -114,22 +122,48 @@ class Restorer:
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
-            subdirs = self._materialise(ino, entries, files)
+            subdirs = await self._materialise(ino, entries, files)
         self._locks.pop(ino, None)
         self._fetch_ahead(subdirs)
 
-    def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
-        """Write *parent*'s entries into the live tables; return the subdirectories it
-        marked lazy, in name order."""
-        subdirs: list[int] = []
-        inodes = self.db["inodes"]
-        counters = self.db["counters"]
+    async def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
+        """Write *parent*'s entries into the live tables, WRITE_BATCH entries per write
+        transaction in worker threads; return the subdirectories it marked lazy, in
+        name order. The directory stays lazy until the last batch, which clears its
+        mark: until then every operation on it waits for this load (its lock), and a
+        crash half way loads it again from the start (rewriting an entry is harmless)."""
         for entry in entries:
             blocks, _ = files.get(entry.ino, (entry.blocks, entry.inline))
             self.index.holders.learn(ref for _, ref in blocks)
+        subdirs: list[int] = []
+        for start in range(0, max(len(entries), 1), WRITE_BATCH):
+            batch = entries[start : start + WRITE_BATCH]
+            last = start + WRITE_BATCH >= len(entries)
+            written = await trio.to_thread.run_sync(
+                self._write_batch, parent, batch, files, last, limiter=self.blocks.limiter
+            )
+            if written is None:  # loaded meanwhile (it holds no lock across restarts)
+                return []
+            found, under = written
+            subdirs += found
+            self.blocks.under.update(under)
+        self.loaded_dirs += 1
+        self.loaded_entries += len(entries)
+        return subdirs
+
+    def _write_batch(
+        self, parent: int, entries: list[Entry], files: dict, last: bool
+    ) -> tuple[list[int], list[bytes]] | None:
+        """Write some of *parent*'s entries in one transaction (a worker thread); with
+        *last*, also clear its lazy mark. (Subdirectories it marked lazy, blocks left
+        short of holders), or None if *parent* is not lazy any more."""
+        subdirs: list[int] = []
+        under: list[bytes] = []
+        inodes = self.db["inodes"]
+        counters = self.db["counters"]
         with self.db.write() as txn:
             if txn.get(_U64.pack(parent), db=self._lazy) is None:
-                return []
+                return None
             highest = 0
             for entry in entries:
                 ino = entry.ino
@@ -139,7 +173,7 @@ class Restorer:
                     self._put_xattrs(txn, ino, entry.xattrs)
                     blocks, inline = files.get(ino, (entry.blocks, entry.inline))
                     for index, ref in blocks:
-                        self.index.adopt(txn, ref)  # the block map's own reference
+                        self.index.adopt(txn, ref, under=under)  # the block map's own
                         self.tree.set_block(txn, ino, index, BLOCK_REF + ref.block_id)
                     for index, data in inline:
                         self.tree.set_block(txn, ino, index, INLINE + data)
@@ -150,10 +184,9 @@ class Restorer:
             raw = txn.get(b"next_ino", db=counters)
             if raw is None or _U64.unpack(raw)[0] <= highest:
                 txn.put(b"next_ino", _U64.pack(highest + 1), db=counters)
-            txn.delete(_U64.pack(parent), db=self._lazy)
-        self.loaded_dirs += 1
-        self.loaded_entries += len(entries)
-        return subdirs
+            if last:
+                txn.delete(_U64.pack(parent), db=self._lazy)
+        return subdirs, under
 
     # --- ahead of the walk ---------------------------------------------------------------
 
