@@ -40,6 +40,50 @@ def small_keyfile(path: Path) -> Path:
     return path
 
 
+def admit(user_key: Path, *providers: Peer) -> str:
+    """Admit the user of *user_key* at each of *providers* (1 GiB); its peer id."""
+    user_id = peer_id_of(user_key)
+    for provider in providers:
+        result = run_cli("provider", "add", user_id, "--quota", "1G",
+                         "--state-dir", str(provider.state))
+        assert result.returncode == 0, result.stderr
+    return user_id
+
+
+def mount_partner(tmp_path: Path, make_mount, hosts: list[Peer], tolerance: float = 60):
+    """X: another user, storing with *hosts* and (once it proposes) U, auditing every
+    0.5 s and ending an agreement after *tolerance* seconds of failing audits."""
+    x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+        "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+        "--audit-interval", "0.5", "--tolerance", str(tolerance), "--no-web",
+        *[f"--peer={h.addr}" for h in hosts]])
+    x.mount()
+    return x
+
+
+def user_options(x) -> list[str]:
+    """U's mount options, X its only peer (a provider option added by the caller)."""
+    x_addr = (x.state / "listen").read_text().strip()
+    return ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+
+
+def at(provider: Peer) -> str:
+    """The ``--provider`` option naming *provider*."""
+    return f"--provider={provider.peer_id}@{provider.addr}"
+
+
+def wait_for_agreement(x, user_id: str) -> None:
+    wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+             "X's agreement with U")
+
+
+def write_synced(x, data: bytes) -> None:
+    """Write *data* as X's file and wait until it is stored with X's partners."""
+    (x.path / "file").write_bytes(data)
+    synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+    assert synced.returncode == 0, synced.stderr + x.log()
+
+
 def assert_holds_no_secret(state: Path, plaintext: bytes, keyfiles: list[Path]) -> None:
     """No file under *state* holds a piece of *plaintext* or any key of *keyfiles*."""
     secrets = [plaintext[i : i + 64] for i in range(0, len(plaintext), 64 * 1024)]
@@ -59,25 +103,13 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         for peer in (provider, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        admitted = run_cli("provider", "add", user_id, "--quota", "1G",
-                           "--state-dir", str(provider.state))
-        assert admitted.returncode == 0, admitted.stderr
-
-        # X: another user, storing with S0, S1 and (once it proposes) U; N=3 puts one
-        # shard of every block on each of them.
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", str(TOLERANCE), "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        user_id = admit(user_key, provider)
+        # X stores with S0, S1 and (once it proposes) U; N=3 puts one shard of every
+        # block on each of them.
+        x = mount_partner(tmp_path, make_mount, hosts, tolerance=TOLERANCE)
+        u = make_mount("u", key=user_key, extra=[*user_options(x), at(provider)])
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
+        wait_for_agreement(x, user_id)
         u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"] and s,
                             30, "U's status showing its provider")
         assert u_status["provider"]["id"] == provider.peer_id
@@ -96,9 +128,7 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
         assert "PROVIDER" in table and f"ours at {provider.peer_id[:12]}…" in table
 
         data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        write_synced(x, data)
         serving = status(provider.state)["serving_as_provider"]
         assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
         assert "provider for: 1 customers" in run_cli(
@@ -150,24 +180,13 @@ def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, m
         for peer in (provider, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", "--tolerance", "2",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        user_id = admit(user_key, provider)
+        x = mount_partner(tmp_path, make_mount, hosts)
+        u = make_mount("u", key=user_key,
+                       extra=[*user_options(x), "--tolerance", "2", at(provider)])
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        wait_for_agreement(x, user_id)
+        write_synced(x, os.urandom(256 * 1024))
 
         provider.kill()
         home = wait_for(lambda: (s := status(u.state))["provider"]["taken_back"] and s, 60,
@@ -198,30 +217,17 @@ def test_a_user_switches_providers_with_no_agreement_broken(tmp_path: Path, make
         for peer in (old, new, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        for provider in (old, new):
-            assert run_cli("provider", "add", user_id, "--quota", "1G",
-                           "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
-        u = make_mount("u", key=user_key,
-                       extra=[*base, f"--provider={old.peer_id}@{old.addr}"])
+        user_id = admit(user_key, old, new)
+        x = mount_partner(tmp_path, make_mount, hosts)
+        base = user_options(x)
+        u = make_mount("u", key=user_key, extra=[*base, at(old)])
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        wait_for_agreement(x, user_id)
+        write_synced(x, os.urandom(3 * 256 * 1024))
         assert status(old.state)["serving_as_provider"]["held_bytes"] > 0
         u.unmount()
 
-        u.extra = [*base, f"--provider={new.peer_id}@{new.addr}"]
+        u.extra = [*base, at(new)]
         u.mount()
         wait_for(lambda: status(old.state)["serving_as_provider"]["reservations"] == 0
                  and status(new.state)["serving_as_provider"]["held_bytes"] > 0, 60,
@@ -251,24 +257,13 @@ def test_a_user_mounting_without_its_provider_brings_its_side_home(tmp_path: Pat
         for peer in (provider, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
-        u = make_mount("u", key=user_key,
-                       extra=[*base, f"--provider={provider.peer_id}@{provider.addr}"])
+        user_id = admit(user_key, provider)
+        x = mount_partner(tmp_path, make_mount, hosts)
+        base = user_options(x)
+        u = make_mount("u", key=user_key, extra=[*base, at(provider)])
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        wait_for_agreement(x, user_id)
+        write_synced(x, os.urandom(3 * 256 * 1024))
         held = status(provider.state)["serving_as_provider"]["held_bytes"]
         assert held > 0
         u.unmount()
@@ -309,30 +304,22 @@ def test_a_partners_fresh_machine_reads_the_users_side_at_its_provider(
         for peer in (provider, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
+        user_id = admit(user_key, provider)
         x_extra = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
                    "--no-web", "--lease-renew", "1"]
         x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
             *x_extra, *[f"--peer={h.addr}" for h in hosts]])
         x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
+        u = make_mount("u", key=user_key, extra=[*user_options(x), at(provider)])
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
+        wait_for_agreement(x, user_id)
         # X's writer lease re-forms toward its partners (S0, S1, U) while it renews: U's
         # copy is at P (records at the provider); two renewals later the set is S0, S1, U.
         wait_for(lambda: list((provider.state / "reserved-records").glob("*.lease")), 60,
                  "X's lease record kept for U at P")
         time.sleep(3 * 1.0)
         data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        write_synced(x, data)
         exported = tmp_path / "x-exported.key"
         result = run_cli("key", "export", "--with-peers", "--keyfile", str(x.keyfile),
                          "--state-dir", str(x.state))
@@ -363,29 +350,19 @@ def test_a_user_mounting_with_a_provider_moves_its_side_held_at_home_there(
         for peer in (provider, *hosts):
             peer.start()
         user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+        user_id = admit(user_key, provider)
+        x = mount_partner(tmp_path, make_mount, hosts)
+        base = user_options(x)
         u = make_mount("u", key=user_key, extra=base)  # no --provider: held at home
         u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+        wait_for_agreement(x, user_id)
+        write_synced(x, os.urandom(3 * 256 * 1024))
         x_id = peer_id_of(x.keyfile)
         held = peer_rows(u.state)[x_id]["we_use"]
         assert held > 0 and peer_rows(x.state)[user_id]["their_side_at"] is None
         u.unmount()
 
-        u.extra = [*base, f"--provider={provider.peer_id}@{provider.addr}"]
+        u.extra = [*base, at(provider)]
         u.mount()
         wait_for(lambda: peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
                  and peer_rows(u.state)[x_id]["we_use"] == 0, 60, "U's side moved to P")
