@@ -76,7 +76,7 @@ class Handover:
 
     def pending(self) -> list[bytes]:
         """The partners whose side is still reserved at the old provider."""
-        return [a.peer for a in self.ledger.active() if a.reserved_at == self.old[0]]
+        return self._from.pending(self.ledger)
 
     async def run(self) -> None:
         """Move every agreement, retrying each tick until none is left at OLD."""

@@ -120,7 +120,7 @@ class Homecoming:
 
     def pending(self) -> list[bytes]:
         """The partners whose side is still reserved at the old provider."""
-        return [a.peer for a in self.ledger.active() if a.reserved_at == self.old[0]]
+        return self._from.pending(self.ledger)
 
     async def run(self) -> None:
         """Bring every agreement home, retrying each tick until none is left at OLD."""

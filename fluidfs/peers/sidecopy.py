@@ -114,6 +114,10 @@ class OldProvider:
         self.silent_since = None
         return reply
 
+    def pending(self, ledger: Ledger) -> list[bytes]:
+        """The partners whose side is still reserved at OLD."""
+        return [a.peer for a in ledger.active() if a.reserved_at == self.key]
+
     def gone(self, give_up: float) -> bool:
         """Whether OLD has not answered for *give_up* seconds."""
         silent = self.silent_since
