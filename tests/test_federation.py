@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from mounthelpers import drop_cache
-from peerhelpers import Peer, status, wait_for
+from peerhelpers import Peer, start_all, status, wait_for
 
 from fluidfs import keys
 
@@ -40,6 +42,66 @@ def small_keyfile(path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., list[Peer]]]:
+    """Starts `fluidfs serve` peers by name (each with *extra* options), all at once;
+    every one is killed at teardown."""
+    made: list[Peer] = []
+
+    def start(*names: str, extra: tuple[str, ...] | list[str] = ()) -> list[Peer]:
+        peers = [Peer(tmp_path, name, extra=list(extra)) for name in names]
+        made.extend(peers)
+        return start_all(peers)
+
+    yield start
+    for peer in made:
+        peer.kill()
+
+
+def admit(user_key: Path, *providers: Peer) -> str:
+    """Admit the user of *user_key* at each of *providers* (1 GiB); its peer id."""
+    user_id = peer_id_of(user_key)
+    for provider in providers:
+        result = run_cli("provider", "add", user_id, "--quota", "1G",
+                         "--state-dir", str(provider.state))
+        assert result.returncode == 0, result.stderr
+    return user_id
+
+
+def mount_partner(tmp_path: Path, make_mount, hosts: list[Peer], tolerance: float = 60):
+    """X: another user, storing with *hosts* and (once it proposes) U, auditing every
+    0.5 s and ending an agreement after *tolerance* seconds of failing audits."""
+    x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+        "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+        "--audit-interval", "0.5", "--tolerance", str(tolerance), "--no-web",
+        *[f"--peer={h.addr}" for h in hosts]])
+    x.mount()
+    return x
+
+
+def user_options(x) -> list[str]:
+    """U's mount options, X its only peer (a provider option added by the caller)."""
+    x_addr = (x.state / "listen").read_text().strip()
+    return ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
+
+
+def at(provider: Peer) -> str:
+    """The ``--provider`` option naming *provider*."""
+    return f"--provider={provider.peer_id}@{provider.addr}"
+
+
+def wait_for_agreement(x, user_id: str) -> None:
+    wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
+             "X's agreement with U")
+
+
+def write_synced(x, data: bytes) -> None:
+    """Write *data* as X's file and wait until it is stored with X's partners."""
+    (x.path / "file").write_bytes(data)
+    synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
+    assert synced.returncode == 0, synced.stderr + x.log()
+
+
 def assert_holds_no_secret(state: Path, plaintext: bytes, keyfiles: list[Path]) -> None:
     """No file under *state* holds a piece of *plaintext* or any key of *keyfiles*."""
     secrets = [plaintext[i : i + 64] for i in range(0, len(plaintext), 64 * 1024)]
@@ -52,352 +114,249 @@ def assert_holds_no_secret(state: Path, plaintext: bytes, keyfiles: list[Path]) 
             assert not any(secret in content for secret in secrets), path
 
 
-def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount):
-    provider = Peer(tmp_path, "provider", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (provider, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        admitted = run_cli("provider", "add", user_id, "--quota", "1G",
-                           "--state-dir", str(provider.state))
-        assert admitted.returncode == 0, admitted.stderr
+def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount, serve):
+    [provider] = serve("provider", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, provider)
+    # X stores with S0, S1 and (once it proposes) U; N=3 puts one shard of every
+    # block on each of them.
+    x = mount_partner(tmp_path, make_mount, hosts, tolerance=TOLERANCE)
+    u = make_mount("u", key=user_key, extra=[*user_options(x), at(provider)])
+    u.mount()
+    wait_for_agreement(x, user_id)
+    u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"] and s,
+                        30, "U's status showing its provider")
+    assert u_status["provider"]["id"] == provider.peer_id
+    assert u_status["provider"]["reservations"] >= 1
+    shown = run_cli("status", "--state-dir", str(u.state)).stdout
+    assert f"provider:    {provider.peer_id[:18]}" in shown and ": reachable;" in shown
+    listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
+    customers = json.loads(listed.stdout)["customers"]
+    assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1
+    # `fluidfs peers` says where each side is held: U's side at P (on U), and on X
+    # that U's side of their agreement is at P.
+    x_id = peer_id_of(x.keyfile)
+    assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
+    assert peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
+    table = run_cli("peers", "--state-dir", str(u.state)).stdout
+    assert "PROVIDER" in table and f"ours at {provider.peer_id[:12]}…" in table
 
-        # X: another user, storing with S0, S1 and (once it proposes) U; N=3 puts one
-        # shard of every block on each of them.
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", str(TOLERANCE), "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"] and s,
-                            30, "U's status showing its provider")
-        assert u_status["provider"]["id"] == provider.peer_id
-        assert u_status["provider"]["reservations"] >= 1
-        shown = run_cli("status", "--state-dir", str(u.state)).stdout
-        assert f"provider:    {provider.peer_id[:18]}" in shown and ": reachable;" in shown
-        listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
-        customers = json.loads(listed.stdout)["customers"]
-        assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1
-        # `fluidfs peers` says where each side is held: U's side at P (on U), and on X
-        # that U's side of their agreement is at P.
-        x_id = peer_id_of(x.keyfile)
-        assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
-        assert peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
-        table = run_cli("peers", "--state-dir", str(u.state)).stdout
-        assert "PROVIDER" in table and f"ours at {provider.peer_id[:12]}…" in table
+    data = os.urandom(3 * 256 * 1024)
+    write_synced(x, data)
+    serving = status(provider.state)["serving_as_provider"]
+    assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
+    assert "provider for: 1 customers" in run_cli(
+        "status", "--state-dir", str(provider.state)).stdout
+    # ... and on P, its customers with their reservations and bytes reserved and held.
+    shown = run_cli("peers", "--json", "--state-dir", str(provider.state))
+    customers = json.loads(shown.stdout)["customers"]
+    assert [c["id"] for c in customers] == [user_id]
+    assert customers[0]["reservations"] >= 1 and customers[0]["held_bytes"] > 0
+    assert customers[0]["quota"] == 1 << 30
+    table = run_cli("peers", "--state-dir", str(provider.state)).stdout
+    assert "serving as a storage provider for 1 customers" in table
+    assert f"{user_id[:18]}…" in table
+    assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
 
-        data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
-        serving = status(provider.state)["serving_as_provider"]
-        assert serving["customers"] == 1 and serving["held_bytes"] > 0  # U's side
-        assert "provider for: 1 customers" in run_cli(
-            "status", "--state-dir", str(provider.state)).stdout
-        # ... and on P, its customers with their reservations and bytes reserved and held.
-        shown = run_cli("peers", "--json", "--state-dir", str(provider.state))
-        customers = json.loads(shown.stdout)["customers"]
-        assert [c["id"] for c in customers] == [user_id]
-        assert customers[0]["reservations"] >= 1 and customers[0]["held_bytes"] > 0
-        assert customers[0]["quota"] == 1 << 30
-        table = run_cli("peers", "--state-dir", str(provider.state)).stdout
-        assert "serving as a storage provider for 1 customers" in table
-        assert f"{user_id[:18]}…" in table
-        assert_holds_no_secret(provider.state, data, [user_key, x.keyfile])
-
-        u.unmount()  # U goes away
-        passed_before = peer_rows(x.state)[user_id]["audits_passed"]
-        away_until = time.monotonic() + 4 * TOLERANCE
-        while time.monotonic() < away_until:
-            row = peer_rows(x.state)[user_id]
-            assert row["active"], "X ended its agreement with the offline user"
-            assert row["failing_since"] is None, row
-            time.sleep(0.5)
+    u.unmount()  # U goes away
+    passed_before = peer_rows(x.state)[user_id]["audits_passed"]
+    away_until = time.monotonic() + 4 * TOLERANCE
+    while time.monotonic() < away_until:
         row = peer_rows(x.state)[user_id]
-        assert row["audits_failed"] == 0
-        assert row["audits_passed"] > passed_before  # answered by P while U was away
-        # Reads of U's side go to P too: with S0 gone and no cache, K=2 needs S1 and U's.
-        # S0 dies after X's remount: X's writer lease is held by S0, S1 and U, and with
-        # two of the three away no mount may take it (issue 17's quorum); reading needs none.
-        x.unmount()
-        drop_cache(x.state)
-        x.mount()
-        hosts[0].kill()
-        assert (x.path / "file").read_bytes() == data
-    finally:
-        for peer in (provider, *hosts):
-            peer.kill()
+        assert row["active"], "X ended its agreement with the offline user"
+        assert row["failing_since"] is None, row
+        time.sleep(0.5)
+    row = peer_rows(x.state)[user_id]
+    assert row["audits_failed"] == 0
+    assert row["audits_passed"] > passed_before  # answered by P while U was away
+    # Reads of U's side go to P too: with S0 gone and no cache, K=2 needs S1 and U's.
+    # S0 dies after X's remount: X's writer lease is held by S0, S1 and U, and with
+    # two of the three away no mount may take it (issue 17's quorum); reading needs none.
+    x.unmount()
+    drop_cache(x.state)
+    x.mount()
+    hosts[0].kill()
+    assert (x.path / "file").read_bytes() == data
 
 
-def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, make_mount):
+def test_a_user_takes_its_side_home_when_the_provider_vanishes(tmp_path: Path, make_mount, serve):
     """P is killed for good while U is online: after half U's tolerance U renews its
     agreement with X without store_at, status says so, and X's agreement with U stays
     (X's audits reach U again; the shards lost with P are rebuilt by X's repair).
     X accepts the renewal on the terms it had granted even though its failed audits of
     U (at the dead P) lowered its trust in U."""
-    provider = Peer(tmp_path, "provider", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (provider, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", "--tolerance", "2",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
+    [provider] = serve("provider", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, provider)
+    x = mount_partner(tmp_path, make_mount, hosts)
+    u = make_mount("u", key=user_key,
+                   extra=[*user_options(x), "--tolerance", "2", at(provider)])
+    u.mount()
+    wait_for_agreement(x, user_id)
+    write_synced(x, os.urandom(256 * 1024))
 
-        provider.kill()
-        home = wait_for(lambda: (s := status(u.state))["provider"]["taken_back"] and s, 60,
-                        "U taking its side back home")
-        assert home["provider"]["reachable"] is False
-        assert any(w["kind"] == "provider" and "brought back" in w["text"]
-                   for w in home["overview"]["warnings"])
-        assert "NOT REACHABLE" in run_cli("status", "--state-dir", str(u.state)).stdout
-        # X's audits of U reach U again: one passes once X's repair has put back the
-        # shard lost with P (or moved it), and the agreement never ended.
-        wait_for(lambda: (r := peer_rows(x.state)[user_id])["failing_since"] is None
-                 and r["audits_passed"] > 0 and status(x.state)["under_replicated"] == 0,
-                 90, "X's audits of U passing again and its blocks fully placed")
-        assert peer_rows(x.state)[user_id]["active"]
-    finally:
-        for peer in (provider, *hosts):
-            peer.kill()
+    provider.kill()
+    home = wait_for(lambda: (s := status(u.state))["provider"]["taken_back"] and s, 60,
+                    "U taking its side back home")
+    assert home["provider"]["reachable"] is False
+    assert any(w["kind"] == "provider" and "brought back" in w["text"]
+               for w in home["overview"]["warnings"])
+    assert "NOT REACHABLE" in run_cli("status", "--state-dir", str(u.state)).stdout
+    # X's audits of U reach U again: one passes once X's repair has put back the
+    # shard lost with P (or moved it), and the agreement never ended.
+    wait_for(lambda: (r := peer_rows(x.state)[user_id])["failing_since"] is None
+             and r["audits_passed"] > 0 and status(x.state)["under_replicated"] == 0,
+             90, "X's audits of U passing again and its blocks fully placed")
+    assert peer_rows(x.state)[user_id]["active"]
 
 
-def test_a_user_switches_providers_with_no_agreement_broken(tmp_path: Path, make_mount):
+def test_a_user_switches_providers_with_no_agreement_broken(tmp_path: Path, make_mount, serve):
     """U's side of its agreement with X is at P; U remounts with --provider P2: its side
     is handed over to P2 (X's agreement with U stays), P removes its reservation, and with
     U away and P killed X's audits of U pass, answered by P2."""
-    old = Peer(tmp_path, "provider", extra=["--provider"])
-    new = Peer(tmp_path, "provider2", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (old, new, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = keys.encode_peer_id(keys.KeyRing(keys.read_keyfile(user_key)).public_key)
-        for provider in (old, new):
-            assert run_cli("provider", "add", user_id, "--quota", "1G",
-                           "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
-        u = make_mount("u", key=user_key,
-                       extra=[*base, f"--provider={old.peer_id}@{old.addr}"])
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
-        assert status(old.state)["serving_as_provider"]["held_bytes"] > 0
-        u.unmount()
+    old, new = serve("provider", "provider2", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, old, new)
+    x = mount_partner(tmp_path, make_mount, hosts)
+    base = user_options(x)
+    u = make_mount("u", key=user_key, extra=[*base, at(old)])
+    u.mount()
+    wait_for_agreement(x, user_id)
+    write_synced(x, os.urandom(3 * 256 * 1024))
+    assert status(old.state)["serving_as_provider"]["held_bytes"] > 0
+    u.unmount()
 
-        u.extra = [*base, f"--provider={new.peer_id}@{new.addr}"]
-        u.mount()
-        wait_for(lambda: status(old.state)["serving_as_provider"]["reservations"] == 0
-                 and status(new.state)["serving_as_provider"]["held_bytes"] > 0, 60,
-                 "U's side handed over from P to P2")
-        moved = status(u.state)["provider"]
-        assert moved["id"] == new.peer_id and moved["reservations"] >= 1
-        assert not moved["moving_from"]
-        u.unmount()
-        old.kill()  # neither U nor P answers now: X's audits of U pass at P2 alone
-        passed = peer_rows(x.state)[user_id]["audits_passed"]
-        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
-                 "X's audits of U passing at P2")
-        row = peer_rows(x.state)[user_id]
-        assert row["active"] and row["failing_since"] is None
-    finally:
-        for peer in (old, new, *hosts):
-            peer.kill()
+    u.extra = [*base, at(new)]
+    u.mount()
+    wait_for(lambda: status(old.state)["serving_as_provider"]["reservations"] == 0
+             and status(new.state)["serving_as_provider"]["held_bytes"] > 0, 60,
+             "U's side handed over from P to P2")
+    moved = status(u.state)["provider"]
+    assert moved["id"] == new.peer_id and moved["reservations"] >= 1
+    assert not moved["moving_from"]
+    u.unmount()
+    old.kill()  # neither U nor P answers now: X's audits of U pass at P2 alone
+    passed = peer_rows(x.state)[user_id]["audits_passed"]
+    wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
+             "X's audits of U passing at P2")
+    row = peer_rows(x.state)[user_id]
+    assert row["active"] and row["failing_since"] is None
 
 
-def test_a_user_mounting_without_its_provider_brings_its_side_home(tmp_path: Path, make_mount):
+def test_a_user_mounting_without_its_provider_brings_its_side_home(
+        tmp_path: Path, make_mount, serve):
     """U's side of its agreement with X is at P; U remounts without --provider: its side
     comes home (X's shards copied from P, the agreement renewed without store_at, P's
     reservation removed), and with P killed X's audits of U pass, answered by U."""
-    provider = Peer(tmp_path, "provider", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (provider, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
-        u = make_mount("u", key=user_key,
-                       extra=[*base, f"--provider={provider.peer_id}@{provider.addr}"])
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
-        held = status(provider.state)["serving_as_provider"]["held_bytes"]
-        assert held > 0
-        u.unmount()
+    [provider] = serve("provider", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, provider)
+    x = mount_partner(tmp_path, make_mount, hosts)
+    base = user_options(x)
+    u = make_mount("u", key=user_key, extra=[*base, at(provider)])
+    u.mount()
+    wait_for_agreement(x, user_id)
+    write_synced(x, os.urandom(3 * 256 * 1024))
+    held = status(provider.state)["serving_as_provider"]["held_bytes"]
+    assert held > 0
+    u.unmount()
 
-        u.extra = base  # no --provider
-        u.mount()
-        wait_for(lambda: status(provider.state)["serving_as_provider"]["reservations"] == 0
-                 and peer_rows(x.state)[user_id]["their_side_at"] is None, 60,
-                 "U's side brought home from P")
-        x_id = peer_id_of(x.keyfile)
-        row = peer_rows(u.state)[x_id]
-        assert row["held_at"] is None and row["we_use"] >= held  # every shard came home
-        assert "provider" not in status(u.state)
-        provider.kill()  # only U answers for its side now
-        passed = peer_rows(x.state)[user_id]["audits_passed"]
-        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
-                 "X's audits of U passing at U")
-        row = peer_rows(x.state)[user_id]
-        assert row["active"] and row["failing_since"] is None and row["audits_failed"] == 0
-        u.unmount()
-        u.mount()  # the state forgot P: nothing to bring home any more
-        assert "leaving_provider" not in status(u.state)
-    finally:
-        for peer in (provider, *hosts):
-            peer.kill()
+    u.extra = base  # no --provider
+    u.mount()
+    wait_for(lambda: status(provider.state)["serving_as_provider"]["reservations"] == 0
+             and peer_rows(x.state)[user_id]["their_side_at"] is None, 60,
+             "U's side brought home from P")
+    x_id = peer_id_of(x.keyfile)
+    row = peer_rows(u.state)[x_id]
+    assert row["held_at"] is None and row["we_use"] >= held  # every shard came home
+    assert "provider" not in status(u.state)
+    provider.kill()  # only U answers for its side now
+    passed = peer_rows(x.state)[user_id]["audits_passed"]
+    wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"] > passed, 30,
+             "X's audits of U passing at U")
+    row = peer_rows(x.state)[user_id]
+    assert row["active"] and row["failing_since"] is None and row["audits_failed"] == 0
+    u.unmount()
+    u.mount()  # the state forgot P: nothing to bring home any more
+    assert "leaving_provider" not in status(u.state)
 
 
 def test_a_partners_fresh_machine_reads_the_users_side_at_its_provider(
-        tmp_path: Path, make_mount):
+        tmp_path: Path, make_mount, serve):
     """X's shards are on S0, S1 and U, whose side is at P (K=2 of N=3); U and S0 are
     away. X's fresh machine (its exported keyfile, a new state directory) learns from
     X's root record that U's side is at P: it takes X's writer lease on S1 and U's side
     at P (2 of 3) and reads the file from S1's shard and U's at P. Fails before: the
     fresh machine asks U itself, finds no majority for the lease and no second shard."""
-    provider = Peer(tmp_path, "provider", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (provider, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x_extra = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-                   "--no-web", "--lease-renew", "1"]
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            *x_extra, *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        u = make_mount("u", key=user_key, extra=[
-            "--listen", "127.0.0.1:0", "--donate", "60M", "--no-web",
-            f"--peer={x_addr}", f"--provider={provider.peer_id}@{provider.addr}"])
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        # X's writer lease re-forms toward its partners (S0, S1, U) while it renews: U's
-        # copy is at P (records at the provider); two renewals later the set is S0, S1, U.
-        wait_for(lambda: list((provider.state / "reserved-records").glob("*.lease")), 60,
-                 "X's lease record kept for U at P")
-        time.sleep(3 * 1.0)
-        data = os.urandom(3 * 256 * 1024)
-        (x.path / "file").write_bytes(data)
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
-        exported = tmp_path / "x-exported.key"
-        result = run_cli("key", "export", "--with-peers", "--keyfile", str(x.keyfile),
-                         "--state-dir", str(x.state))
-        assert result.returncode == 0, result.stderr
-        exported.write_text(result.stdout)
-        os.chmod(exported, 0o600)
-        x.unmount()
-        u.unmount()
-        hosts[0].kill()
+    [provider] = serve("provider", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, provider)
+    x_extra = ["--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
+               "--no-web", "--lease-renew", "1"]
+    x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
+        *x_extra, *[f"--peer={h.addr}" for h in hosts]])
+    x.mount()
+    u = make_mount("u", key=user_key, extra=[*user_options(x), at(provider)])
+    u.mount()
+    wait_for_agreement(x, user_id)
+    # X's writer lease re-forms toward its partners (S0, S1, U) while it renews: U's
+    # copy is at P (records at the provider); two renewals later the set is S0, S1, U.
+    wait_for(lambda: list((provider.state / "reserved-records").glob("*.lease")), 60,
+             "X's lease record kept for U at P")
+    time.sleep(3 * 1.0)
+    data = os.urandom(3 * 256 * 1024)
+    write_synced(x, data)
+    exported = tmp_path / "x-exported.key"
+    result = run_cli("key", "export", "--with-peers", "--keyfile", str(x.keyfile),
+                     "--state-dir", str(x.state))
+    assert result.returncode == 0, result.stderr
+    exported.write_text(result.stdout)
+    os.chmod(exported, 0o600)
+    x.unmount()
+    u.unmount()
+    hosts[0].kill()
 
-        fresh = make_mount("fresh", key=exported, extra=x_extra)
-        fresh.mount()
-        assert (fresh.path / "file").read_bytes() == data
-    finally:
-        for peer in (provider, *hosts):
-            peer.kill()
+    fresh = make_mount("fresh", key=exported, extra=x_extra)
+    fresh.mount()
+    assert (fresh.path / "file").read_bytes() == data
 
 
 def test_a_user_mounting_with_a_provider_moves_its_side_held_at_home_there(
-        tmp_path: Path, make_mount):
+        tmp_path: Path, make_mount, serve):
     """U's side of its agreement with X is at home (U mounted without a provider); U
     remounts with --provider P: its side moves to P (X's shards copied there, the
     agreement renewed with store_at naming P, U's own copies dropped), and with U
     unmounted X's audits of U pass, answered by P. Fails before: the side stays at U."""
-    provider = Peer(tmp_path, "provider", extra=["--provider"])
-    hosts = [Peer(tmp_path, f"s{i}") for i in range(2)]
-    try:
-        for peer in (provider, *hosts):
-            peer.start()
-        user_key = small_keyfile(tmp_path / "u.key")
-        user_id = peer_id_of(user_key)
-        assert run_cli("provider", "add", user_id, "--quota", "1G",
-                       "--state-dir", str(provider.state)).returncode == 0
-        x = make_mount("x", key=small_keyfile(tmp_path / "x.key"), extra=[
-            "--block-size", "256K", "--listen", "127.0.0.1:0", "--donate", "1G",
-            "--audit-interval", "0.5", "--tolerance", "60", "--no-web",
-            *[f"--peer={h.addr}" for h in hosts]])
-        x.mount()
-        x_addr = (x.state / "listen").read_text().strip()
-        base = ["--listen", "127.0.0.1:0", "--donate", "60M", "--no-web", f"--peer={x_addr}"]
-        u = make_mount("u", key=user_key, extra=base)  # no --provider: held at home
-        u.mount()
-        wait_for(lambda: peer_rows(x.state).get(user_id, {}).get("active"), 60,
-                 "X's agreement with U")
-        (x.path / "file").write_bytes(os.urandom(3 * 256 * 1024))
-        synced = run_cli("sync", "--state-dir", str(x.state), "--timeout", "120")
-        assert synced.returncode == 0, synced.stderr + x.log()
-        x_id = peer_id_of(x.keyfile)
-        held = peer_rows(u.state)[x_id]["we_use"]
-        assert held > 0 and peer_rows(x.state)[user_id]["their_side_at"] is None
-        u.unmount()
+    [provider] = serve("provider", extra=["--provider"])
+    hosts = serve("s0", "s1")
+    user_key = small_keyfile(tmp_path / "u.key")
+    user_id = admit(user_key, provider)
+    x = mount_partner(tmp_path, make_mount, hosts)
+    base = user_options(x)
+    u = make_mount("u", key=user_key, extra=base)  # no --provider: held at home
+    u.mount()
+    wait_for_agreement(x, user_id)
+    write_synced(x, os.urandom(3 * 256 * 1024))
+    x_id = peer_id_of(x.keyfile)
+    held = peer_rows(u.state)[x_id]["we_use"]
+    assert held > 0 and peer_rows(x.state)[user_id]["their_side_at"] is None
+    u.unmount()
 
-        u.extra = [*base, f"--provider={provider.peer_id}@{provider.addr}"]
-        u.mount()
-        wait_for(lambda: peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
-                 and peer_rows(u.state)[x_id]["we_use"] == 0, 60, "U's side moved to P")
-        assert status(provider.state)["serving_as_provider"]["held_bytes"] >= held
-        assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
-        u.unmount()  # only P answers for U's side now
-        before = peer_rows(x.state)[user_id]  # audits failed while U was away at home
-        wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"]
-                 > before["audits_passed"] + 2, 30, "X's audits of U passing at P")
-        row = peer_rows(x.state)[user_id]
-        assert row["active"] and row["failing_since"] is None
-        assert row["audits_failed"] == before["audits_failed"]
-    finally:
-        for peer in (provider, *hosts):
-            peer.kill()
+    u.extra = [*base, at(provider)]
+    u.mount()
+    wait_for(lambda: peer_rows(x.state)[user_id]["their_side_at"] == provider.peer_id
+             and peer_rows(u.state)[x_id]["we_use"] == 0, 60, "U's side moved to P")
+    assert status(provider.state)["serving_as_provider"]["held_bytes"] >= held
+    assert peer_rows(u.state)[x_id]["held_at"] == provider.peer_id
+    u.unmount()  # only P answers for U's side now
+    before = peer_rows(x.state)[user_id]  # audits failed while U was away at home
+    wait_for(lambda: peer_rows(x.state)[user_id]["audits_passed"]
+             > before["audits_passed"] + 2, 30, "X's audits of U passing at P")
+    row = peer_rows(x.state)[user_id]
+    assert row["active"] and row["failing_since"] is None
+    assert row["audits_failed"] == before["audits_failed"]

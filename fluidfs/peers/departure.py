@@ -31,14 +31,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
-from fluidfs.peers.handover import Renew, list_reserved
+from fluidfs.peers.handover import Renew
 from fluidfs.peers.homecoming import LocalSide
 from fluidfs.peers.provider import CALL_TIMEOUT, ProviderClient
 from fluidfs.peers.recordmove import copy_records
+from fluidfs.peers.sidecopy import (
+    copy_shards,
+    list_reserved,
+    reserved_record_store,
+    reserved_store,
+)
+from fluidfs.peers.sidecopy import short as _short
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +116,13 @@ class Departure:
         """Copy the shards we hold for *peer* that NEW lacks; how many were copied."""
         there = set(await list_reserved(self._new, peer))
         here = await self.home.held(peer)
-        copied = 0
-        for sid in sorted(here - there):
-            data = await trio.to_thread.run_sync(self.home.shards.get, peer, sid,
+
+        async def fetch(sid: bytes) -> bytes | None:  # None: deleted by the partner since
+            return await trio.to_thread.run_sync(self.home.shards.get, peer, sid,
                                                  limiter=self.home.limiter)
-            if data is None:
-                continue  # deleted by the partner meanwhile
-            stored = await self._new("StoreReserved", {
-                "peer": peer, "shards": [{"id": sid, "data": data}]})
-            if stored["refused"]:
-                code = stored["refused"][0]["code"]
-                raise RpcError(code, f"our provider refused shard {sid.hex()[:12]}")
-            copied += 1
+
+        copied = await copy_shards(sorted(here - there), fetch,
+                                   reserved_store(self._new, peer, "our provider"))
         self.copied += copied
         return copied
 
@@ -135,11 +136,7 @@ class Departure:
             return await trio.to_thread.run_sync(records.get, peer, kind,
                                                  limiter=self.home.limiter)
 
-        async def keep(raw: bytes) -> bool:
-            reply = await self._new("StoreReservedRecord", {"peer": peer, "record": raw})
-            return reply["stored"]
-
-        copied = await copy_records(peer, fetch, keep)
+        copied = await copy_records(peer, fetch, reserved_record_store(self._new, peer))
         self.records += copied
         return copied
 
@@ -156,7 +153,3 @@ class Departure:
     async def _new(self, op: str, args: dict) -> dict:
         return await self.conns.call(self.new.key, op, args, timeout=CALL_TIMEOUT,
                                      addr=self.new.addr)
-
-
-def _short(key: bytes) -> str:
-    return encode_peer_id(key)[:12]

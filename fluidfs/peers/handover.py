@@ -30,25 +30,30 @@ without the copy, and the partners' audits and repair re-create what OLD took wi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
-from fluidfs.net.messages import MAX_LIST_PAGE
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
 from fluidfs.peers.provider import CALL_TIMEOUT, ProviderClient
 from fluidfs.peers.recordmove import copy_records, fetch_reserved
+from fluidfs.peers.sidecopy import (
+    OldProvider,
+    copy_shards,
+    leave_old,
+    list_reserved,
+    reserved_record_store,
+    reserved_store,
+)
+from fluidfs.peers.sidecopy import short as _short
 from fluidfs.store.settings import StateSettings
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED = 1 << 20  # shard ids read from one reservation's listing (a hostile OLD's bound)
 Renew = Callable[[bytes], Awaitable[bool]]  # renew with a partner, store_at naming NEW
 
 
@@ -65,11 +70,13 @@ class Handover:
     moved: int = field(default=0, init=False)  # agreements now held at NEW
     copied: int = field(default=0, init=False)  # shards handed over
     records: int = field(default=0, init=False)  # partners' records handed over
-    old_silent_since: float | None = field(default=None, init=False)  # trio clock
+
+    def __post_init__(self) -> None:
+        self._from = OldProvider(self.conns, self.old)
 
     def pending(self) -> list[bytes]:
         """The partners whose side is still reserved at the old provider."""
-        return [a.peer for a in self.ledger.active() if a.reserved_at == self.old[0]]
+        return self._from.pending(self.ledger)
 
     async def run(self) -> None:
         """Move every agreement, retrying each tick until none is left at OLD."""
@@ -99,15 +106,7 @@ class Handover:
     async def forward_ends(self) -> None:
         """Remove at OLD the reservations of agreements that ended while held there (the
         client of the current provider forwards only its own)."""
-        for agreement in self.ledger.ended():
-            if agreement.reserved_at != self.old[0]:
-                continue
-            try:
-                await self._old("Unreserve", {"peer": agreement.peer})
-            except (PeerUnavailable, RpcError):
-                continue  # OLD gone or the account closed: its keep period drops them
-            agreement.reserved_at = None
-            self.ledger.save(agreement)
+        await self._from.forward_ends(self.ledger)
 
     async def move(self, peer: bytes) -> bool:
         """Move our side for *peer* (steps 1-5 above); True once it is held at NEW."""
@@ -116,106 +115,38 @@ class Handover:
             return False
         if not await self.new.reserve(peer, agreement.we_host):
             return False
-        try:
-            await self.copy(peer)
-            await self.copy_records(peer)
-        except PeerUnavailable:
-            if not self._old_gone():
-                raise
-            log.warning("provider %s is gone: our side for %s moves to the new one empty",
-                        _short(self.old[0]), _short(peer))
-        if not await self.renew(peer):
-            log.info("partner %s did not renew with the new provider: it stays at the old",
-                     _short(peer))
+        if not await leave_old(self._from, peer, self.new.give_up, "the new provider",
+                               self._copy_all, self.renew):
             return False
-        with contextlib.suppress(PeerUnavailable):  # OLD went away since: nothing more
-            await self.copy(peer)
-            await self.copy_records(peer)
-        try:
-            await self._old("Unreserve", {"peer": peer})
-        except (PeerUnavailable, RpcError) as exc:
-            # NEW holds it now; the old reservation ends with OLD's account or keep period.
-            log.info("removing the old reservation for %s failed: %s", _short(peer), exc)
         self.moved += 1
         log.info("our side for %s moved to provider %s", _short(peer), _short(self.new.key))
         return True
 
     async def copy(self, peer: bytes) -> int:
         """Copy the shards OLD holds for *peer* that NEW lacks; how many were copied."""
-        held = set(await self._listing(self._new, peer))
-        try:
-            there = await self._listing(self._old, peer)
-        except RpcError as exc:
-            if exc.code != "no_agreement":
-                raise
-            return 0  # OLD dropped that reservation (account closed): nothing to hand over
-        copied = 0
-        for sid in there:
-            if sid in held:
-                continue
-            reply = await self._old("FetchReserved", {"peer": peer, "id": sid})
-            stored = await self._new("StoreReserved", {
-                "peer": peer, "shards": [{"id": sid, "data": reply["data"]}]})
-            if stored["refused"]:
-                code = stored["refused"][0]["code"]
-                raise RpcError(code, f"the new provider refused shard {sid.hex()[:12]}")
-            copied += 1
+        held = set(await list_reserved(self._new, peer))
+        there = await self._from.listing(peer)
+        copied = await copy_shards(
+            [sid for sid in there if sid not in held],
+            lambda sid: self._from.fetch(peer, sid),
+            reserved_store(self._new, peer, "the new provider"))
         self.copied += copied
         return copied
 
     async def copy_records(self, peer: bytes) -> int:
         """Copy the records OLD keeps for *peer* to NEW; how many NEW stored."""
-
-        async def keep(raw: bytes) -> bool:
-            reply = await self._new("StoreReservedRecord", {"peer": peer, "record": raw})
-            return reply["stored"]
-
-        copied = await copy_records(peer, fetch_reserved(self._old, peer), keep)
+        copied = await copy_records(peer, fetch_reserved(self._from.call, peer),
+                                    reserved_record_store(self._new, peer))
         self.records += copied
         return copied
 
-    async def _listing(self, call, peer: bytes) -> list[bytes]:
-        return await list_reserved(call, peer)
-
-    def _old_gone(self) -> bool:
-        silent = self.old_silent_since
-        return silent is not None and trio.current_time() - silent >= self.new.give_up
-
-    async def _old(self, op: str, args: dict) -> dict:
-        try:
-            reply = await self.conns.call(self.old[0], op, args, timeout=CALL_TIMEOUT,
-                                          addr=self.old[1])
-        except PeerUnavailable:
-            if self.old_silent_since is None:
-                self.old_silent_since = trio.current_time()
-            raise
-        self.old_silent_since = None
-        return reply
+    async def _copy_all(self, peer: bytes) -> None:
+        await self.copy(peer)
+        await self.copy_records(peer)
 
     async def _new(self, op: str, args: dict) -> dict:
         return await self.conns.call(self.new.key, op, args, timeout=CALL_TIMEOUT,
                                      addr=self.new.addr)
-
-
-def _short(key: bytes) -> str:
-    return encode_peer_id(key)[:12]
-
-
-async def list_reserved(call: Callable[[str, dict], Awaitable[dict]],
-                        peer: bytes) -> list[bytes]:
-    """Every shard id a provider holds under our reservation for *peer*, through *call*
-    (op, args) to it: paged, at most MAX_LISTED (a hostile provider's bound)."""
-    ids: list[bytes] = []
-    after = b""
-    while len(ids) < MAX_LISTED:
-        page = await call("ListReserved",
-                          {"peer": peer, "after": after, "limit": MAX_LIST_PAGE})
-        fresh = sorted(sid for sid in page["ids"] if sid > after)  # or we would loop
-        ids.extend(fresh)
-        if not page["more"] or not fresh:
-            break
-        after = fresh[-1]
-    return ids
 
 
 async def switch_providers(settings: StateSettings, conns: Connections, ledger: Ledger,

@@ -27,7 +27,6 @@ provider.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,9 +39,9 @@ from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.connections import Connections, PeerUnavailable
-from fluidfs.peers.handover import list_reserved
-from fluidfs.peers.provider import CALL_TIMEOUT
 from fluidfs.peers.recordmove import adopt, copy_records, fetch_reserved
+from fluidfs.peers.sidecopy import OldProvider, copy_shards, leave_old
+from fluidfs.peers.sidecopy import short as _short
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
 from fluidfs.store.shards import ShardStore
@@ -115,11 +114,13 @@ class Homecoming:
     moved: int = field(default=0, init=False)  # agreements brought home
     copied: int = field(default=0, init=False)  # shards copied home
     records: int = field(default=0, init=False)  # partners' records copied home
-    old_silent_since: float | None = field(default=None, init=False)  # trio clock
+
+    def __post_init__(self) -> None:
+        self._from = OldProvider(self.conns, self.old)
 
     def pending(self) -> list[bytes]:
         """The partners whose side is still reserved at the old provider."""
-        return [a.peer for a in self.ledger.active() if a.reserved_at == self.old[0]]
+        return self._from.pending(self.ledger)
 
     async def run(self) -> None:
         """Bring every agreement home, retrying each tick until none is left at OLD."""
@@ -145,42 +146,16 @@ class Homecoming:
 
     async def forward_ends(self) -> None:
         """Remove at OLD the reservations of agreements that ended while held there."""
-        for agreement in self.ledger.ended():
-            if agreement.reserved_at != self.old[0]:
-                continue
-            try:
-                await self._old("Unreserve", {"peer": agreement.peer})
-            except (PeerUnavailable, RpcError):
-                continue  # OLD gone or the account closed: its keep period drops them
-            agreement.reserved_at = None
-            self.ledger.save(agreement)
+        await self._from.forward_ends(self.ledger)
 
     async def move(self, peer: bytes) -> bool:
         """Bring our side for *peer* home (steps 1-4 above); True once it is held here."""
         agreement = self.ledger.live(peer)
         if agreement is None or agreement.reserved_at != self.old[0]:
             return False
-        try:
-            await self.copy(peer)
-            await self.copy_records(peer)
-        except PeerUnavailable:
-            if not self._old_gone():
-                raise
-            log.warning("provider %s is gone: our side for %s comes home empty",
-                        _short(self.old[0]), _short(peer))
-        if not await self.take_back(peer):
-            log.info("partner %s did not renew without the provider: it stays there",
-                     _short(peer))
+        if not await leave_old(self._from, peer, self.give_up, "this node",
+                               self._copy_all, self.take_back):
             return False
-        with contextlib.suppress(PeerUnavailable):  # OLD went away since: nothing more
-            await self.copy(peer)
-            await self.copy_records(peer)
-        try:
-            await self._old("Unreserve", {"peer": peer})
-        except (PeerUnavailable, RpcError) as exc:
-            # Held here now; the old reservation ends with OLD's account or keep period.
-            log.info("removing the reservation for %s at the provider failed: %s",
-                     _short(peer), exc)
         self.moved += 1
         log.info("our side for %s is held here again", _short(peer))
         return True
@@ -188,28 +163,24 @@ class Homecoming:
     async def copy(self, peer: bytes) -> int:
         """Copy the shards OLD holds for *peer* that we lack; how many were copied."""
         held = await self.home.held(peer)
-        try:
-            there = await list_reserved(self._old, peer)
-        except RpcError as exc:
-            if exc.code != "no_agreement":
-                raise
-            return 0  # OLD dropped that reservation (account closed): nothing to fetch
-        copied = 0
-        for sid in there:
-            if sid in held:
-                continue
-            reply = await self._old("FetchReserved", {"peer": peer, "id": sid})
-            await self.home.put(peer, sid, reply["data"])
-            copied += 1
+        there = await self._from.listing(peer)
+        copied = await copy_shards(
+            [sid for sid in there if sid not in held],
+            lambda sid: self._from.fetch(peer, sid),
+            lambda sid, data: self.home.put(peer, sid, data))
         self.copied += copied
         return copied
 
     async def copy_records(self, peer: bytes) -> int:
         """Copy the records OLD keeps for *peer* into our record store; how many stored."""
-        copied = await copy_records(peer, fetch_reserved(self._old, peer),
+        copied = await copy_records(peer, fetch_reserved(self._from.call, peer),
                                     lambda raw: self.home.put_record(peer, raw))
         self.records += copied
         return copied
+
+    async def _copy_all(self, peer: bytes) -> None:
+        await self.copy(peer)
+        await self.copy_records(peer)
 
     def status(self) -> dict[str, Any]:
         """What ``fluidfs status`` shows while the side comes home."""
@@ -230,25 +201,6 @@ class Homecoming:
             return reply
 
         return handler
-
-    def _old_gone(self) -> bool:
-        silent = self.old_silent_since
-        return silent is not None and trio.current_time() - silent >= self.give_up
-
-    async def _old(self, op: str, args: dict) -> dict:
-        try:
-            reply = await self.conns.call(self.old[0], op, args, timeout=CALL_TIMEOUT,
-                                          addr=self.old[1])
-        except PeerUnavailable:
-            if self.old_silent_since is None:
-                self.old_silent_since = trio.current_time()
-            raise
-        self.old_silent_since = None
-        return reply
-
-
-def _short(key: bytes) -> str:
-    return encode_peer_id(key)[:12]
 
 
 async def leave_provider(settings: StateSettings, homecoming: Homecoming) -> None:

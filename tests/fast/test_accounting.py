@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 from inproc import LocalStore, PeerNode, peer_nodes
+from networked import store_through, upload
 
 from fluidfs import keys
 from fluidfs.blocks import remote as remote_mod
-from fluidfs.blocks.record import NO_HOLDER, StoredBlock
-from fluidfs.blocks.remote import RemoteShards
+from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.service.host import PeerService
 
 N = 4
@@ -41,14 +41,6 @@ class AnswersEveryOtherStore(PeerService):
         return reply
 
 
-async def upload(store: LocalStore, data: bytes) -> StoredBlock:
-    record, shards = store.codec.seal(data, store.codec.block_id(data))
-    with store.db.write() as txn:
-        store.blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
-    await store.blocks.upload(record, shards)
-    return store.blocks.load(record.block_id)
-
-
 async def test_usage_matches_the_hosts_after_refused_and_unanswered_stores_and_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,11 +57,7 @@ async def test_usage_matches_the_hosts_after_refused_and_unanswered_stores_and_a
         store = LocalStore(tmp_path / "state", RING)
         hosts = [*honest, refuser, silent]
         try:
-            for host in hosts:
-                owner.use(host)
-            store.blocks.use_network(
-                RemoteShards(owner.conns, owner.peers, owner.ledger, store.codec, store.limiter)
-            )
+            store_through(store, owner, hosts)
             sample = os.urandom(1000)
             shard = store.codec.seal(sample, store.codec.block_id(sample))[0].shard_size
             # The refuser promised room for one shard only (the owner thinks far more).
@@ -110,11 +98,7 @@ async def test_a_blocks_first_stores_are_journalled_in_one_transaction(
         owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
         store = LocalStore(tmp_path / "state", RING)
         try:
-            for host in hosts:
-                owner.use(host)
-            store.blocks.use_network(
-                RemoteShards(owner.conns, owner.peers, owner.ledger, store.codec, store.limiter)
-            )
+            store_through(store, owner, hosts)
             journalled_when_sent = []
             for host in hosts:
                 real = host.service.handle

@@ -14,6 +14,7 @@ import nacl.signing
 import pytest
 import trio
 from inproc import PeerNode
+from providernet import run_net
 
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
@@ -54,14 +55,7 @@ class Net:
 
 
 async def with_net(tmp_path, body) -> None:
-    net = Net(tmp_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            await net.start(nursery)
-            await body(net)
-            nursery.cancel_scope.cancel()
-    finally:
-        net.close()
+    await run_net(Net(tmp_path), body)
 
 
 async def test_a_provider_with_the_users_delegation_audits_reads_and_stores_as_the_user(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import trio
 from inproc import LocalStore, PeerNode, peer_nodes, until
+from networked import store_through
 
 from fluidfs import keys
 from fluidfs.blocks.record import NO_HOLDER, StoredBlock
-from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer, RepairPolicy, plan
 from fluidfs.service.host import PeerService
 
@@ -103,12 +103,7 @@ async def with_lab(tmp_path: Path, body) -> None:
         owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
         store = LocalStore(tmp_path / "state", RING)
         try:
-            for host in hosts:
-                owner.use(host)
-            store.blocks.use_network(
-                RemoteShards(owner.conns, owner.peers, owner.ledger, store.codec,
-                             store.limiter)
-            )
+            store_through(store, owner, hosts)
             await body(Lab(store, owner, hosts), nursery)
             nursery.cancel_scope.cancel()
         finally:

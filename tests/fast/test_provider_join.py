@@ -11,9 +11,8 @@ while its side is held at home.
 from __future__ import annotations
 
 import trio
-from providernet import SIZE, ProviderNet, shard
+from providernet import SIZE, ProviderNet, Reader
 
-from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
 from fluidfs.peers.departure import Departure
 from fluidfs.peers.homecoming import LocalSide
@@ -25,13 +24,14 @@ from fluidfs.store.accounts import holder_key
 class Net(ProviderNet):
     """P (the provider U joins), U (listening: its side is at home), X (partner)."""
 
+    u_listens = True
+
     def __init__(self, tmp_path) -> None:
         super().__init__(tmp_path, providers=["p"], partners=["x"])
         (self.p,), (self.x,) = self.providers, self.partners
 
     async def start(self, nursery: trio.Nursery) -> None:
         await super().start(nursery)
-        await nursery.start(self.u.conns.serve, "127.0.0.1", 0)
         self.p.service.provider.book.add(self.u.key, 64 * MIB)
         alone = PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
                             agreement_size=SIZE)
@@ -44,14 +44,6 @@ class Net(ProviderNet):
         return Departure(self.u.conns, self.u.ledger, home, self.with_p.provider,
                          renew or self.with_p.move_to_provider)
 
-    async def store(self, count: int) -> dict[bytes, bytes]:
-        """X stores *count* shards with U (wherever U's side is held)."""
-        stored = dict(shard() for _ in range(count))
-        reply = await self.x.conns.call(self.u.key, "StoreShard", {
-            "shards": [{"id": sid, "data": data} for sid, data in stored.items()]})
-        assert sorted(reply["stored"]) == sorted(stored)
-        return stored
-
 
 async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_path):
     """U's side for X is at home; the departure copies X's shards and records to P,
@@ -63,23 +55,7 @@ async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_pa
         root = seal(net.x.keyring, "root", 3, {"peers": []}, fence=1)
         assert (await net.x.conns.call(net.u.key, "PutRecord", {"record": root}))["stored"]
         assert net.u.records.get(net.x.key, "root") == root
-        failures: list[str] = []
-        reads = 0
-        done = False
-
-        async def reader() -> None:
-            nonlocal reads
-            while not done:
-                for sid, data in list(stored.items()):
-                    try:
-                        got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
-                    except RpcError as exc:
-                        failures.append(f"{sid.hex()[:8]}: {exc.code}")
-                        continue
-                    if got["data"] != data:
-                        failures.append(f"{sid.hex()[:8]}: wrong bytes")
-                    reads += 1
-                await trio.sleep(0)
+        reader = Reader(net.x, net.u, stored)
 
         async def renew_after_a_late_store(peer: bytes) -> bool:
             late = await net.store(1)  # at U after the first copy: copied again
@@ -90,14 +66,11 @@ async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_pa
         departure = net.departure(renew_after_a_late_store)
         assert departure.pending() == [net.x.key]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(reader.run)
             with trio.fail_after(5):
                 assert await departure.move_all() == 1
-            before = reads
-            while reads < before + 2 * len(stored):  # and a full round after the move
-                await trio.sleep(0.01)
-            done = True
-        assert failures == []
+            await reader.stop_after_a_full_round()  # and read all again after the move
+        assert reader.failures == []
         assert (departure.moved, departure.copied) == (1, 4)
         assert departure.pending() == []
         assert net.x.ledger.live(net.u.key).store_at_id == net.p.key

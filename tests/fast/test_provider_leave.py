@@ -10,13 +10,10 @@ loopback sockets); U is the real ``PeerManager`` and the real ``Homecoming``. U 
 from __future__ import annotations
 
 import trio
-from inproc import PeerNode
-from providernet import SIZE, shard
+from providernet import SIZE, ProviderNet, Reader
 
-from fluidfs.net.errors import RpcError
 from fluidfs.peers.homecoming import Homecoming, LocalSide, leave_provider
 from fluidfs.peers.manager import PeerManager
-from fluidfs.peers.provider import ProviderClient
 from fluidfs.service.faults import FaultInjection
 from fluidfs.store.accounts import holder_key
 from fluidfs.store.settings import StateSettings
@@ -24,21 +21,19 @@ from fluidfs.store.settings import StateSettings
 MIB = 1 << 20
 
 
-class Net:
+class Net(ProviderNet):
     """P (the provider U leaves), U (customer), X (U's partner)."""
 
+    u_listens = True  # X dials U once the side is home
+
     def __init__(self, tmp_path, **provider_kw) -> None:
-        self.p = PeerNode(tmp_path / "p", provider=True, **provider_kw)
-        self.u = PeerNode(tmp_path / "u", proposes_only=True)
-        self.x = PeerNode(tmp_path / "x")
+        super().__init__(tmp_path, providers=["p"], partners=["x"], **provider_kw)
+        (self.p,), (self.x,) = self.providers, self.partners
 
     async def start(self, nursery: trio.Nursery) -> None:
-        for node in (self.p, self.x, self.u):
-            await node.start(nursery)
+        await super().start(nursery)
         self.p.service.provider.book.add(self.u.key, 64 * MIB)
-        client = ProviderClient(self.u.conns, self.u.ledger, self.p.key, self.p.addr)
-        self.with_p = PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
-                                  agreement_size=SIZE, provider=client)
+        self.with_p = self.manager_for(self.client_at(self.p))
         self.alone = PeerManager(self.u.conns, self.u.peers, self.u.ledger, donate=1 << 30,
                                  agreement_size=SIZE)  # the next mount: no --provider
 
@@ -48,28 +43,9 @@ class Net:
         return Homecoming(self.u.conns, self.u.ledger, home, (self.p.key, self.p.addr),
                           take_back or self.alone.take_back)
 
-    async def store(self, count: int) -> dict[bytes, bytes]:
-        """X stores *count* shards with U (at P, while U's side is held there)."""
-        stored = dict(shard() for _ in range(count))
-        reply = await self.x.conns.call(self.u.key, "StoreShard", {
-            "shards": [{"id": sid, "data": data} for sid, data in stored.items()]})
-        assert sorted(reply["stored"]) == sorted(stored)
-        return stored
-
-    def close(self) -> None:
-        for node in (self.p, self.u, self.x):
-            node.close()
-
 
 async def with_net(tmp_path, body, **provider_kw) -> None:
-    net = Net(tmp_path, **provider_kw)
-    try:
-        async with trio.open_nursery() as nursery:
-            await net.start(nursery)
-            await body(net)
-            nursery.cancel_scope.cancel()
-    finally:
-        net.close()
+    await Net(tmp_path, **provider_kw).run(body)
 
 
 async def test_a_mount_without_the_provider_brings_the_side_home_in_order(tmp_path):
@@ -82,23 +58,7 @@ async def test_a_mount_without_the_provider_brings_the_side_home_in_order(tmp_pa
         await net.with_p.add(net.x.addr)
         settings.set_provider((net.p.key, net.p.addr))
         stored = await net.store(6)
-        failures: list[str] = []
-        reads = 0
-        done = False
-
-        async def reader() -> None:
-            nonlocal reads
-            while not done:
-                for sid, data in list(stored.items()):
-                    try:
-                        got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
-                    except RpcError as exc:
-                        failures.append(f"{sid.hex()[:8]}: {exc.code}")
-                        continue
-                    if got["data"] != data:
-                        failures.append(f"{sid.hex()[:8]}: wrong bytes")
-                    reads += 1
-                await trio.sleep(0)
+        reader = Reader(net.x, net.u, stored)
 
         async def take_back_after_a_late_store(peer: bytes) -> bool:
             stored.update(await net.store(1))  # at P after the first copy: copied again
@@ -107,14 +67,11 @@ async def test_a_mount_without_the_provider_brings_the_side_home_in_order(tmp_pa
         homecoming = net.homecoming(take_back=take_back_after_a_late_store)
         assert homecoming.pending() == [net.x.key]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(reader.run)
             with trio.fail_after(5):
                 await leave_provider(settings, homecoming)
-            before = reads
-            while reads < before + 2 * len(stored):  # and a full round after the move
-                await trio.sleep(0.01)
-            done = True  # stopped between calls
-        assert failures == []
+            await reader.stop_after_a_full_round()  # and read all again after the move
+        assert reader.failures == []
         assert homecoming.status()["left"] == 0
         assert (homecoming.moved, homecoming.copied) == (1, 7)
         assert settings.provider() is None

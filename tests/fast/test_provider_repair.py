@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import trio
 from inproc import LocalStore, PeerNode, peer_nodes
+from networked import store_through, upload
 
 from fluidfs import keys
 from fluidfs.blocks import merkle
 from fluidfs.blocks.provider_repairs import ProviderRepairs
-from fluidfs.blocks.record import NO_HOLDER, StoredBlock
-from fluidfs.blocks.remote import RemoteShards
+from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.delegation import sign_delegation
 from fluidfs.peers.repairjournal import Move, sign_move
@@ -45,14 +45,6 @@ class Switchable(PeerService):
         return await super().handle(peer_key, op, args)
 
 
-async def upload(store: LocalStore, data: bytes) -> StoredBlock:
-    record, shards = store.codec.seal(data, store.codec.block_id(data))
-    with store.db.write() as txn:
-        store.blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
-    await store.blocks.upload(record, shards)
-    return store.blocks.load(record.block_id)
-
-
 class Lab:
     def __init__(self, store, owner, provider, hosts, repairs, repairer) -> None:
         self.store: LocalStore = store
@@ -70,11 +62,8 @@ async def with_lab(tmp_path: Path, body) -> None:
         owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
         store = LocalStore(tmp_path / "state", RING)
         try:
-            for host in hosts:
-                owner.use(host, 4 * MIB)
+            store_through(store, owner, hosts, 4 * MIB)
             provider.service.provider.book.add(owner.key, 64 * MIB)
-            store.blocks.use_network(RemoteShards(owner.conns, owner.peers, owner.ledger,
-                                                  store.codec, store.limiter))
             repairs = ProviderRepairs(owner.conns, provider.key, owner.key, provider.addr,
                                       RING.signing_key, store.blocks, owner.peers,
                                       owner.ledger)

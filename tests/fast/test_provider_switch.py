@@ -14,7 +14,7 @@ import os
 import pytest
 import trio
 from inproc import PeerNode
-from providernet import ProviderNet, shard
+from providernet import ProviderNet, Reader, shard
 
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
@@ -55,28 +55,9 @@ async def test_switching_providers_keeps_every_partner_shard_retrievable(tmp_pat
     async def body(net: Net) -> None:
         old = net.manager(net.p)
         await old.add(net.x.addr)
-        stored = dict(shard() for _ in range(6))
-        reply = await net.x.conns.call(net.u.key, "StoreShard", {
-            "shards": [{"id": sid, "data": data} for sid, data in stored.items()]})
-        assert sorted(reply["stored"]) == sorted(stored)
-
+        stored = await net.store(6)
         new = net.manager(net.p2)
-        failures: list[str] = []
-        reads = 0
-
-        async def reader() -> None:
-            nonlocal reads
-            while True:
-                for sid, data in list(stored.items()):
-                    try:
-                        got = await net.x.conns.call(net.u.key, "RetrieveShard", {"id": sid})
-                    except RpcError as exc:
-                        failures.append(f"{sid.hex()[:8]}: {exc.code}")
-                        continue
-                    if got["data"] != data:
-                        failures.append(f"{sid.hex()[:8]}: wrong bytes")
-                    reads += 1
-                await trio.sleep(0)
+        reader = Reader(net.x, net.u, stored)
 
         async def renew_after_a_late_store(peer: bytes) -> bool:
             late_id, late = shard()  # stored at P after the first copy, before the renewal
@@ -91,14 +72,11 @@ async def test_switching_providers_keeps_every_partner_shard_retrievable(tmp_pat
                             renew_after_a_late_store)
         assert handover.pending() == [net.x.key]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(reader.run)
             with trio.fail_after(5):
                 await handover.run()
-            before = reads
-            while reads < before + 2 * len(stored):  # and a full round after the move
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert failures == []
+            await reader.stop_after_a_full_round()  # and read all again after the move
+        assert reader.failures == []
         assert handover.pending() == [] and handover.moved == 1 and handover.copied == 7
 
         at_x = net.x.ledger.live(net.u.key)
