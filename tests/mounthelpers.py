@@ -17,6 +17,7 @@ import stat
 import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -237,6 +238,35 @@ def wait_gone(pid: int, timeout: float = 30) -> bool:
             return True
         time.sleep(0.05)  # the node is not our child (started detached): no zombie to reap
     return False
+
+
+@dataclass(frozen=True)
+class Spent:
+    """CPU time a set of processes used, and how long their threads sat runnable but
+    waiting for a CPU (the kernel's run delay), both in seconds."""
+
+    cpu: float
+    run_delay: float
+
+    def __sub__(self, other: Spent) -> Spent:
+        return Spent(self.cpu - other.cpu, self.run_delay - other.run_delay)
+
+
+def spent(*pids: int) -> Spent:
+    """CPU time (user + system, every thread, exited ones included) and run delay (live
+    threads) of the processes *pids* so far: a timing bound on a machine shared with
+    other work is taken on these rather than on wall time alone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = delay = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            # (a thread that just ended has no file left)
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                delay += int(f.read().split()[1]) / 1e9
+    return Spent(cpu, delay)
 
 
 def expect_errno(code: int, func, *args, **kw) -> OSError:

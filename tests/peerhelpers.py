@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,9 +166,10 @@ def start_all(peers: list[Peer], timeout: float = 120) -> list[Peer]:
 
 
 @contextlib.contextmanager
-def running_peers(root: Path, count: int):
-    """*count* started peers named p00, p01, ...; every one is killed on exit."""
-    made = [Peer(root, f"p{i:02d}") for i in range(count)]
+def running_peers(root: Path, count: int, extra: Callable[[int], list[str]] | None = None):
+    """*count* started peers named p00, p01, ...; every one is killed on exit. *extra*
+    gives the i-th peer's further `fluidfs serve` options (say, faults for a few)."""
+    made = [Peer(root, f"p{i:02d}", extra=list(extra(i)) if extra else []) for i in range(count)]
     try:
         start_all(made)
         yield made
@@ -216,7 +218,7 @@ def mount_with_peers(make_mount, peers: list[Peer], *extra: str):
 
 @pytest.fixture
 def peer_cluster(tmp_path: Path):
-    """Factory: ``peer_cluster(count)`` starts *count* peers (``running_peers``) in this
-    test's temp dir; all are killed at teardown."""
+    """Factory: ``peer_cluster(count, extra=None)`` starts *count* peers (``running_peers``)
+    in this test's temp dir; all are killed at teardown."""
     with contextlib.ExitStack() as stack:
-        yield lambda count: stack.enter_context(running_peers(tmp_path, count))
+        yield lambda count, extra=None: stack.enter_context(running_peers(tmp_path, count, extra))

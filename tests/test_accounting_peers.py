@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import os
 
-from peerhelpers import mount_with_peers, peer_rows, start_all, status, wait_for
+from peerhelpers import mount_with_peers, peer_rows, status, wait_for
 
 BLOCK = 256 * 1024
 
 
 def test_usage_matches_the_hosts_after_failed_stores_and_a_remount(make_mount, peer_cluster):
-    peers = peer_cluster(14)
-    flaky = peers[:4]
-    for peer in flaky:  # these refuse half of the shard requests
-        peer.kill()
-        peer.extra += ["--fault-rate", "0.5"]
-    start_all(flaky)
+    # The first four refuse half of the shard requests.
+    peers = peer_cluster(14, extra=lambda i: ["--fault-rate", "0.5"] if i < 4 else [])
     mnt = mount_with_peers(make_mount, peers)
     me = status(mnt.state)["peer_id"]
     (mnt.path / "f").write_bytes(os.urandom(24 * BLOCK))

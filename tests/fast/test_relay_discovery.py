@@ -22,16 +22,17 @@ from fluidfs.peers.relayclient import RelayClientPolicy
 from fluidfs.statedir import StateDir
 
 QUICK_DISCOVERY = DiscoveryPolicy(target=1, fast=0.1, slow=0.1)
+WAIT = 30.0  # seconds to wait for a condition that should come within one
 
 
 def _node(root: Path, *, listen: str | None = "127.0.0.1:0", relay: bool = False,
-          bootstrap: tuple[str, ...] = ()) -> Node:
+          bootstrap: tuple[str, ...] = (), retry_refused: float = 60) -> Node:
     return Node(NodeConfig(
         keys.KeyRing(keys.generate()), StateDir(root), listen=listen, stores_data=False,
         bootstrap=list(bootstrap), discovery=QUICK_DISCOVERY,
         reach=ReachPolicy(interval=0.1),
         relay=RelayPolicy(registration_ttl=1) if relay else None,
-        relay_client=RelayClientPolicy(learn_interval=0.05, retry_refused=60),
+        relay_client=RelayClientPolicy(learn_interval=0.05, retry_refused=retry_refused),
     ))
 
 
@@ -83,7 +84,9 @@ async def test_an_undialable_node_finds_a_relay_it_was_not_given(tmp_path: Path)
 
 async def test_a_relay_that_vanishes_is_replaced(tmp_path: Path) -> None:
     """X holds a registration at the relays it learnt; when one stops, X registers at
-    another that says it relays and its record names the new one instead."""
+    another that says it relays and its record names the new one instead. (The waits are
+    long: each is for something that comes in well under a second on an idle machine, and
+    in seconds on a loaded one, where the whole fast layer shares two cores.)"""
     relays = [_node(tmp_path / f"r{i}", relay=True) for i in range(3)]
     nodes = list(relays)
     try:
@@ -105,21 +108,25 @@ async def test_a_relay_that_vanishes_is_replaced(tmp_path: Path) -> None:
             await _run(a, nursery)
             await until(lambda: all(
                 a.addresses.get(r.peers.self_key) is not None for r in relays),
-                what="A holding the relays' records")
-            x = _node(tmp_path / "x", listen=None, bootstrap=(a.conns.listen_addr,))
+                what="A holding the relays' records", timeout=WAIT)
+            # A registration that failed (a call timing out on a loaded machine) is asked
+            # again only after ``retry_refused``: with a minute, one such failure leaves X
+            # short of two relays, or without the spare, for longer than any wait here.
+            x = _node(tmp_path / "x", listen=None, bootstrap=(a.conns.listen_addr,),
+                      retry_refused=1)
             nodes.append(x)
             await _run(x, nursery)
-            await until(lambda: len(x.relay_client.via()) == 2, timeout=10,
+            await until(lambda: len(x.relay_client.via()) == 2, timeout=WAIT,
                         what="X registered at two relays")
             held = {str(v) for v in x.relay_client.via()}
             gone = next(r for r in relays if r.conns.listen_addr in held)
             services[gone].cancel()  # the relay stops: its port closes
             spare = next(r for r in relays if r.conns.listen_addr not in held)
-            await until(lambda: spare.relay.is_registered(x.peers.self_key), timeout=10,
+            await until(lambda: spare.relay.is_registered(x.peers.self_key), timeout=WAIT,
                         what="X registered at the spare relay")
             now_held = (held - {gone.conns.listen_addr}) | {spare.conns.listen_addr}
             await until(lambda: {str(v) for v in x.reach.record.via} == now_held,
-                        what="X's record naming the spare relay, not the one gone")
+                        what="X's record naming the spare relay, not the one gone", timeout=WAIT)
             nursery.cancel_scope.cancel()
     finally:
         for node in nodes:
