@@ -13,11 +13,13 @@ next one (as Nagle's algorithm does). The prefetcher's directories in flight
 Answers are checked where they arrive: an id we did not ask, an id answered twice, or
 more than MAX_BATCH_BYTES of shards in all makes the whole answer bad (each request in
 it fails as a single request's bad reply would, and counts against the peer the same
-way). Each shard's bytes are still verified against its id by the caller. An id in
-neither list (the host's answer was full) is asked again on its own. A peer that does
-not know the op (``unknown_op``: an older version) is asked one shard per request from
-then on; so is a partner whose side is held by its storage provider (the op carries no
-``for``), and everything while ``run`` is not running.
+way). Each shard is verified against the id it was asked for, all of an answer's in one
+worker-thread hop (a hop per shard cost the event loop more than the hashing); a shard
+that fails is handed to its request as corrupt. An id in neither list (the host's
+answer was full) is asked again on its own. A peer that does not know the op
+(``unknown_op``: an older version) is asked one shard per request from then on; so is
+a partner whose side is held by its storage provider (the op carries no ``for``), and
+everything while ``run`` is not running.
 
 What this holds is bounded by the requests waiting: each waits with its own timeout and
 is dropped from the queue when it gives up.
@@ -30,6 +32,7 @@ from collections import Counter, deque
 
 import trio
 
+from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -45,21 +48,23 @@ BATCH_TIMEOUT = 10.0  # one call; each request also waits with its own timeout
 class _Wait:
     """One shard request waiting in a peer's queue."""
 
-    __slots__ = ("abandoned", "data", "done", "error", "shard_id")
+    __slots__ = ("abandoned", "data", "done", "error", "shard_id", "verified")
 
     def __init__(self, shard_id: bytes) -> None:
         self.shard_id = shard_id
         self.done = trio.Event()
         self.data: bytes | None = None  # None once done without error: ask singly
         self.error: Exception | None = None
+        self.verified = False  # the bytes hash to shard_id
         self.abandoned = False
 
 
 class ShardBatches:
     """Per-peer queues of small shard requests, sent as ``RetrieveShards`` calls."""
 
-    def __init__(self, conns: Connections) -> None:
+    def __init__(self, conns: Connections, limiter: trio.CapacityLimiter) -> None:
         self.conns = conns
+        self.limiter = limiter  # verifies answers
         self._nursery: trio.Nursery | None = None
         self._pending: dict[bytes, deque[_Wait]] = {}
         self._running: Counter[bytes] = Counter()
@@ -82,10 +87,13 @@ class ShardBatches:
         return (self._nursery is not None and shard_size <= MAX_BATCH_SHARD
                 and key not in self._unsupported and self.conns.store_at(key) is None)
 
-    async def get(self, key: bytes, shard_id: bytes, timeout: float) -> bytes | None:
-        """The shard's bytes from *key*, or None: ask for it on its own (``RetrieveShard``).
-        Raises ``PeerUnavailable`` or ``RpcError`` as ``Connections.call`` does
-        (``not_found`` when the peer says it does not hold the shard)."""
+    async def get(
+        self, key: bytes, shard_id: bytes, timeout: float
+    ) -> tuple[bytes | None, bool]:
+        """(The shard's bytes from *key*, whether they hash to *shard_id*), or (None,
+        False): ask for it on its own (``RetrieveShard``). Raises ``PeerUnavailable`` or
+        ``RpcError`` as ``Connections.call`` does (``not_found`` when the peer says it
+        does not hold the shard)."""
         wait = _Wait(shard_id)
         self._pending.setdefault(key, deque()).append(wait)
         if self._running[key] < BATCHES_PER_PEER and self._nursery is not None:
@@ -100,7 +108,7 @@ class ShardBatches:
             raise PeerUnavailable(f"peer {key.hex()[:12]}: no answer in {timeout:.1f} s")
         if wait.error is not None:
             raise wait.error
-        return wait.data
+        return wait.data, wait.verified
 
     async def _send(self, key: bytes) -> None:
         """Send batches to *key* while its queue holds live requests."""
@@ -126,11 +134,13 @@ class ShardBatches:
         ids = list(batch)
         found: dict[bytes, bytes] = {}
         missing: set[bytes] = set()
+        verified: set[bytes] = set()
         error: Exception | None = None
         try:
             reply = await self.conns.call(key, "RetrieveShards", {"ids": ids},
                                           timeout=BATCH_TIMEOUT)
             found, missing = read_answer(ids, reply)
+            verified = await trio.to_thread.run_sync(_verify, found, limiter=self.limiter)
         except PeerUnavailable as exc:
             error = exc
         except RpcError as exc:
@@ -147,9 +157,15 @@ class ShardBatches:
                     wait.error = error
                 elif shard_id in found:
                     wait.data = found[shard_id]
+                    wait.verified = shard_id in verified
                 elif shard_id in missing:
                     wait.error = RpcError("not_found", "no such shard of yours here")
                 wait.done.set()
+
+
+def _verify(found: dict[bytes, bytes]) -> set[bytes]:
+    """The ids whose bytes hash to them."""
+    return {sid for sid, data in found.items() if merkle.shard_id(data) == sid}
 
 
 def read_answer(ids: list[bytes], reply: dict) -> tuple[dict[bytes, bytes], set[bytes]]:
