@@ -149,6 +149,9 @@ class ShardBatches:
                 self._unsupported.add(key)
             else:
                 error = exc
+        except Exception as exc:  # a peer's answer must not end the node
+            log.exception("RetrieveShards answer from %s failed", key.hex()[:12])
+            error = RpcError("bad_reply", f"RetrieveShards answer: {exc}")
         self.calls += 1
         self.shards += len(found)
         for shard_id, waits in batch.items():
