@@ -109,8 +109,8 @@ async def test_garbage_and_oversized_frames_do_not_hurt_the_server(peer):
                             st.one_of(st.integers(), st.binary(max_size=40), st.text(max_size=5),
                                       st.lists(st.integers(), max_size=3), st.none()),
                             max_size=3),
-       op=st.sampled_from(["StoreShard", "RetrieveShard", "DeleteShard", "AuditShard",
-                           "ProposeAgreement", "Nope"]))
+       op=st.sampled_from(["StoreShard", "RetrieveShard", "RetrieveShards", "DeleteShard",
+                           "AuditShard", "ProposeAgreement", "Nope"]))
 def test_wrongly_typed_requests_get_error_replies(peer, args, op):
     async def main():
         async with open_rpc(*endpoint(peer), nacl.signing.SigningKey.generate(),

@@ -16,7 +16,8 @@ Steps, all through the real CLI with ``--peers`` ``fluidfs serve`` peers on 127.
    B-tree uses, read-only ``stat``), and the mount's RssAnon / VmRSS (``/proc``);
 4. ``fluidfs key export --with-peers``, A unmounts; machine B mounts a new state
    directory with only that keyfile and ``find MNT | wc -l`` is timed (the count must
-   match A's).
+   match A's), with the CPU the mount and the peers spend meanwhile; ``--find-repos``
+   repeats it with other checkouts on the same tree and peers (A/B of the find alone).
 
 ``--baseline FILE`` prints a previous ``--json`` output beside this run (with the ratio);
 ``--repo`` runs another checkout's fluidfs (e.g. main before a change). Everything is
@@ -159,6 +160,30 @@ def sync(cli: Cli, state: Path) -> tuple[float, dict]:
     return seconds, out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process *pid* so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dict:
+    """Mount a new state directory with B's keyfile, time ``find | wc -l`` over it, with
+    the CPU the mount and the peers spent meanwhile; unmount."""
+    cli("mount", str(mnt), "--keyfile", str(work / "b.key"),
+        "--state-dir", str(work / state), "--listen", "127.0.0.1:0")
+    pid = int((work / state / "daemon.pid").read_text())
+    mount_cpu = cpu_seconds(pid)
+    peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
+    started = time.perf_counter()
+    count = subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    fig = {"find_s": time.perf_counter() - started, "find_count": int(count),
+           "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
+           "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+    cli("unmount", str(mnt))
+    return fig
+
+
 def run(args: argparse.Namespace) -> dict:
     cli = Cli(args.repo)
     work = Path(tempfile.mkdtemp(prefix="fluidfs-bench-scale-", dir=args.workdir))
@@ -215,19 +240,19 @@ def run(args: argparse.Namespace) -> dict:
         os.chmod(work / "b.key", 0o600)
         cli("unmount", str(mounts[0]))
         log("machine B mounts with the exported keyfile only; find")
-        cli("mount", str(mounts[1]), "--keyfile", str(work / "b.key"),
-            "--state-dir", str(work / "b-state"), "--listen", "127.0.0.1:0")
-        started = time.perf_counter()
-        count = subprocess.run(f"find {mounts[1]} | wc -l", shell=True, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        fig["find_s"] = time.perf_counter() - started
-        fig["find_count"] = int(count)
+        fig.update(fresh_find(cli, work, mounts[1], "b-state", peers))
         fig["expected_count"] = 1 + created + -(-created // args.per_dir)
-        cli("unmount", str(mounts[1]))
+        dirs = -(-created // args.per_dir) + 1
+        for i, repo in enumerate(args.find_repos * args.find_rounds):
+            log(f"again with {repo} (same tree, same peers)")
+            fig.setdefault("finds", []).append(
+                {"repo": str(repo), "dirs": dirs,
+                 **fresh_find(Cli(repo), work, mounts[1], f"b-state{i}", peers)})
     finally:
         for m in mounts:
             unmount(m)
-        for state in ("a-state", "b-state"):
+        for state in ("a-state", "b-state",
+                      *(f"b-state{i}" for i in range(len(args.find_repos) * args.find_rounds))):
             pid_file = work / state / "daemon.pid"
             if pid_file.exists():
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -253,6 +278,8 @@ ROWS = [
     ("mount RssAnon after the syncs, MiB", "rss_anon_mib"),
     ("mount VmRSS after the syncs, MiB", "vm_rss_mib"),
     ("fresh machine: find over the tree, s", "find_s"),
+    ("  mount CPU meanwhile, s", "find_mount_cpu_s"),
+    ("  the peers' CPU meanwhile, s", "find_peers_cpu_s"),
 ]
 
 
@@ -280,6 +307,13 @@ def report(fig: dict, base: dict | None) -> None:
             line += f" {show(b):>10} {show(ratio):>7}"
         print(line + f"  {GOALS.get(key, ''):>10}")
     print(f"find counted {fig['find_count']:,} (expected {fig['expected_count']:,})")
+    for again in fig.get("finds", []):
+        per_dir = 1000 / again["dirs"]
+        print(f"find again with {again['repo']}: {again['find_s']:.2f} s, mount CPU "
+              f"{again['find_mount_cpu_s']:.2f} s ({again['find_mount_cpu_s'] * per_dir:.1f} "
+              f"ms/dir), peers' CPU {again['find_peers_cpu_s']:.2f} s "
+              f"({again['find_peers_cpu_s'] * per_dir:.1f} ms/dir), counted "
+              f"{again['find_count']:,}")
 
 
 def main() -> int:
@@ -295,12 +329,18 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="a previous --json output")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--find-repos", type=Path, nargs="*", default=[],
+                        help="after the find, mount fresh again with each of these "
+                             "checkouts and time the find (same tree, same peers: A/B)")
+    parser.add_argument("--find-rounds", type=int, default=1,
+                        help="how many times to go through --find-repos (alternating)")
     args = parser.parse_args()
     fig = run(args)
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2))
     report(fig, json.loads(args.baseline.read_text()) if args.baseline else None)
-    return 0 if fig["find_count"] == fig["expected_count"] else 1
+    counts = [fig["find_count"], *(again["find_count"] for again in fig.get("finds", []))]
+    return 0 if all(count == fig["expected_count"] for count in counts) else 1
 
 
 if __name__ == "__main__":

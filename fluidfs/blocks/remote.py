@@ -7,6 +7,8 @@ holders, each with its own timeout, verifies every shard against its id, and ask
 another holder whenever one fails or is late (much slower than the others' answers),
 so one slow or dead peer never stalls a read and healthy peers are asked for K shards,
 no more: on a full line every shard asked beyond K takes the place of a needed one.
+Small shards (metadata nodes) to one peer go together in ``RetrieveShards`` calls while
+``run`` runs (blocks/shardbatch.py); each is still checked and counted on its own.
 
 A holder our records name that returns a shard failing its id check is reported
 (``on_corrupt``): the blockstore counts everything it holds for us lost and marks it
@@ -29,6 +31,7 @@ import trio
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
+from fluidfs.blocks.shardbatch import ShardBatches
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
@@ -126,6 +129,12 @@ class RemoteShards:
         # Refused a store as over its quota: placed on no more until it frees some room
         # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
         self.full: set[bytes] = set()
+        self.batches = ShardBatches(conns, limiter)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send small shard requests in batches until cancelled (without this running,
+        each shard is one ``RetrieveShard``)."""
+        await self.batches.run(task_status=task_status)
 
     def failing_holders(self) -> set[int]:
         """Holder indexes that do not count as reachable now: the agreement with the
@@ -509,20 +518,31 @@ class RemoteShards:
         credit: bool = True,
         timeout: float = FETCH_TIMEOUT,
     ) -> tuple[str, bytes | None]:
+        shard_id = record.shard_ids[index]
+        hashed: bool | None = None  # whether the batch found the bytes hash to the id
         try:
-            reply = await self.conns.call(
-                key, "RetrieveShard", {"id": record.shard_ids[index]}, timeout=timeout
-            )
+            data = None
+            if self.batches.usable(key, record.shard_size):
+                data, hashed = await self.batches.get(key, shard_id, timeout)
+            if data is None:
+                hashed = None
+                reply = await self.conns.call(key, "RetrieveShard", {"id": shard_id},
+                                              timeout=timeout)
+                data = reply["data"]
         except (PeerUnavailable, RpcError) as exc:
             if recorded:
                 log.info("retrieving a shard from %s failed: %s", key.hex()[:12], exc)
                 self.on_result(key, False)
             gone = isinstance(exc, RpcError) and exc.code == "not_found"
             return (GONE if gone else UNREACHABLE), None
-        data = reply["data"]
-        if verify and not await trio.to_thread.run_sync(
-            self.codec.check_shard, record, index, data, limiter=self.limiter
-        ):
+        if hashed is not None:
+            good = hashed and len(data) == record.shard_size
+        elif verify:
+            good = await trio.to_thread.run_sync(
+                self.codec.check_shard, record, index, data, limiter=self.limiter)
+        else:
+            good = True
+        if not good:
             log.warning(
                 "peer %s returned a corrupt shard %d of block %s",
                 key.hex()[:12],

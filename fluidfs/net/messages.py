@@ -14,6 +14,9 @@ from fluidfs.wire.schema import Bool, Bytes, Int, List, Map, Schema, Str
 
 __all__ = [
     "ERROR_CODES",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_IDS",
+    "MAX_BATCH_SHARD",
     "MAX_LIST_PAGE",
     "MAX_SHARD",
     "OPS",
@@ -28,6 +31,10 @@ MAX_ADDR = 300  # "host:port" hint
 MAX_RECORD = 64 * 1024  # one signed per-owner record
 MAX_ADDR_RECORD = 640  # one signed address record (peers/addrrecord.py)
 MAX_LIST_PAGE = 1024  # shard ids in one ListShards page (~35 KB reply)
+# RetrieveShards (v1, added with issue 15): small shards (metadata nodes) several at once.
+MAX_BATCH_IDS = 64  # shard ids in one request
+MAX_BATCH_SHARD = 64 * 1024  # bytes of one shard in the answer (larger ones: RetrieveShard)
+MAX_BATCH_BYTES = 1024 * 1024  # shard bytes in one answer, all together
 U64 = Int(0, 2**64 - 1)
 ID = Bytes(min=32, max=32)  # shard id / peer id / nonce / Merkle node
 CODE = Str(min=1, max=64)
@@ -103,6 +110,16 @@ OPS: dict[str, OpSpec] = {
     "RetrieveShard": OpSpec(
         Map({"id": ID}, optional=SHARD_OP_EXTRAS),
         Map({"data": Bytes(max=MAX_SHARD)}),
+    ),
+    # Several of the caller's own small shards at once (no "for", no "delegation"): each
+    # id held is in `found` (once, at most MAX_BATCH_SHARD bytes, MAX_BATCH_BYTES in all),
+    # each id not held in `missing`; an id in neither was not answered this time (the
+    # answer was full, or the shard is too large for one): ask for it again.
+    "RetrieveShards": OpSpec(
+        Map({"ids": List(ID, min_len=1, max_len=MAX_BATCH_IDS)}),
+        Map({"found": List(Map({"id": ID, "data": Bytes(max=MAX_BATCH_SHARD)}),
+                           max_len=MAX_BATCH_IDS),
+             "missing": List(ID, max_len=MAX_BATCH_IDS)}),
     ),
     "DeleteShard": OpSpec(
         Map({"ids": List(ID, max_len=1024)}, optional=FOR),

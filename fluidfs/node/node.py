@@ -565,6 +565,7 @@ class Node:
             if self.config.web:
                 await nursery.start(self._run_web)
             await nursery.start(self.blocks.run)
+            await nursery.start(self.remote.run)
             # Each loop is supervised: whatever it raises is logged and it is restarted
             # with back-off, so no failure in one can end the node (fluidfs/node/supervise.py).
             for name, loop in [

@@ -2,7 +2,7 @@
 
 What each op does, and the rules it enforces, is in the module that answers it:
 service/agreements.py (ProposeAgreement, EndAgreement), service/shards.py (StoreShard,
-RetrieveShard, DeleteShard, AuditShard; quotas in service/quota.py), service/records.py
+RetrieveShard(s), DeleteShard, AuditShard; quotas in service/quota.py), service/records.py
 (PutRecord, GetRecord), service/discovery.py (ShareNewPeers, Ping) and, on a storage
 provider, service/provider.py (Reserve, Unreserve, shard ops for a customer). The wire side is in
 docs/protocol.md, the limits in its §5.
@@ -39,7 +39,7 @@ from fluidfs.store.records import RecordStore
 from fluidfs.store.repairbook import RepairBook
 from fluidfs.store.shards import ShardStore
 
-FAULTY_OPS = {"StoreShard", "RetrieveShard", "AuditShard"}
+FAULTY_OPS = {"StoreShard", "RetrieveShard", "RetrieveShards", "AuditShard"}
 
 
 class PeerService:

@@ -5,6 +5,10 @@
   see service/quota.py for how concurrent stores are kept within the quota.
 - ``ListShards`` pages through the ids of the caller's shards (any agreement, live or
   ended, remembered: an owner reconciles what we hold; see blocks/reconcile.py).
+- ``RetrieveShards`` answers several of the caller's small shards in one read
+  transaction and one worker-thread hop (metadata nodes on a fresh machine: the cost of
+  a shard request is the request, not the bytes); it needs an agreement (live or ended)
+  and answers at most MAX_BATCH_BYTES, each shard at most MAX_BATCH_SHARD.
 - Only the owner of a shard can retrieve, audit or delete it: shards are keyed by the
   proven identity of the connection that stored them. Deletes de-duplicate ids and never
   read a shard.
@@ -20,6 +24,7 @@ import trio
 
 from fluidfs.blocks import merkle
 from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_SHARD
 from fluidfs.peers.agreements import Ledger
 from fluidfs.service.faults import FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
@@ -29,7 +34,7 @@ from fluidfs.store.shards import ShardStore
 
 @dataclass
 class ShardOps:
-    """Answers StoreShard, RetrieveShard, DeleteShard, AuditShard and ListShards."""
+    """Answers StoreShard, RetrieveShard(s), DeleteShard, AuditShard and ListShards."""
 
     shards: ShardStore
     ledger: Ledger
@@ -42,6 +47,7 @@ class ShardOps:
         return {
             "StoreShard": self.store,
             "RetrieveShard": self.retrieve,
+            "RetrieveShards": self.retrieve_many,
             "DeleteShard": self.delete,
             "AuditShard": self.audit,
             "ListShards": self.list_ids,
@@ -64,6 +70,27 @@ class ShardOps:
         if self.faults.lie_on_retrieve and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return {"data": data}
+
+    async def retrieve_many(self, peer: bytes, args: Args) -> Reply:
+        """Several of the caller's small shards: each id once, within the answer's bounds;
+        an id held but left out (too large, or the answer full) is in neither list."""
+        if self.ledger.get(peer) is None:  # strangers never reach the shard store
+            raise RpcError("no_agreement", "no storage agreement with you")
+        found, missing = await trio.to_thread.run_sync(
+            self.shards.get_many, peer, args["ids"], MAX_BATCH_SHARD, MAX_BATCH_BYTES,
+            limiter=self.limiter,
+        )
+        agreement = self.ledger.live(peer)
+        if found and agreement is not None and agreement.unclaimed_since is not None:
+            # The owner uses shards kept from an ended agreement: they are claimed again.
+            await trio.to_thread.run_sync(
+                self.shards.claim_many, peer, [sid for sid, _ in found], limiter=self.limiter
+            )
+        if self.faults.lie_on_retrieve:
+            found = [(sid, bytes([data[0] ^ 0xFF]) + data[1:]) if data else (sid, data)
+                     for sid, data in found]
+        return {"found": [{"id": sid, "data": data} for sid, data in found],
+                "missing": missing}
 
     async def delete(self, peer: bytes, args: Args) -> Reply:
         """Delete some of the caller's shards (each id counted once)."""

@@ -109,6 +109,32 @@ class ShardStore:
         with self._read() as txn:
             return txn.get(owner + shard_id, db=self._shards)
 
+    def get_many(
+        self, owner: bytes, shard_ids: Iterable[bytes], max_size: int, max_total: int
+    ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """Several of *owner*'s shards in one read transaction: (the held ones as
+        (id, bytes), in order, each id once; the ids not held). A shard larger than
+        *max_size*, and every shard once *max_total* bytes are taken, is in neither list
+        (the caller asks for it again). Each shard is copied out of the map once."""
+        found: list[tuple[bytes, bytes]] = []
+        missing: list[bytes] = []
+        total = 0
+        with self._read() as txn:
+            for shard_id in dict.fromkeys(shard_ids):
+                data = txn.get(owner + shard_id, db=self._shards)
+                if data is None:
+                    missing.append(shard_id)
+                elif len(data) <= max_size and total + len(data) <= max_total:
+                    found.append((shard_id, bytes(data)))
+                    total += len(data)
+        return found, missing
+
+    def claim_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> None:
+        """The owner uses these shards again: none of them is unclaimed any more."""
+        with self._write() as txn:
+            for shard_id in shard_ids:
+                txn.delete(owner + shard_id, db=self._unclaimed)
+
     def delete_many(self, owner: bytes, shard_ids: Iterable[bytes]) -> int:
         """Delete shards of *owner*; return the bytes freed."""
         return self.delete_counted(owner, shard_ids)[1]

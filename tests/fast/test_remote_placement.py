@@ -129,10 +129,13 @@ async def test_placement_is_weighted_by_trust_and_free_space(tmp_path: Path) -> 
             assert abs(first[key] / draws - weight / total) < 0.04, (first, weights)
 
 
+@pytest.mark.parametrize("batched", [False, True])  # RetrieveShard, or RetrieveShards
 async def test_a_holder_serving_corrupt_shards_is_reported_and_read_around(
-    tmp_path: Path,
+    tmp_path: Path, batched: bool,
 ) -> None:
     async with owner_with_hosts(tmp_path, N) as (owner, remote, hosts, nursery):
+        if batched:
+            await nursery.start(remote.run)
         liar = await PeerNode(tmp_path / "liar", faults=FaultInjection(lie_on_retrieve=True)
                               ).start(nursery)
         try:

@@ -1,0 +1,193 @@
+"""Small shard requests to one peer, coalesced into ``RetrieveShards`` calls.
+
+A fresh machine walking its tree fetches metadata nodes of a few KiB each: K shard
+requests per node, ~19 per directory, and each request costs both ends far more (frame
+sealing, dispatch, a worker-thread hop for the shard read on the host) than its bytes.
+So requests for small shards (at most MAX_BATCH_SHARD bytes) to one peer wait in that
+peer's queue, and at most BATCHES_PER_PEER calls run to a peer at once, each taking up
+to MAX_BATCH_IDS ids from the queue. An idle peer is asked at once (one id, no added
+wait); while calls are in flight, the requests that arrive meanwhile go together in the
+next one (as Nagle's algorithm does). The prefetcher's directories in flight
+(fs/restore.py) thus share calls per holder without knowing of each other.
+
+Answers are checked where they arrive: an id we did not ask, an id answered twice, or
+more than MAX_BATCH_BYTES of shards in all makes the whole answer bad (each request in
+it fails as a single request's bad reply would, and counts against the peer the same
+way). Each shard is verified against the id it was asked for, all of an answer's in one
+worker-thread hop (a hop per shard cost the event loop more than the hashing); a shard
+that fails is handed to its request as corrupt. An id in neither list (the host's
+answer was full) is asked again on its own. A peer that does not know the op
+(``unknown_op``: an older version) is asked one shard per request from then on; so is
+a partner whose side is held by its storage provider (the op carries no ``for``), and
+everything while ``run`` is not running.
+
+What this holds is bounded by the requests waiting: each waits with its own timeout and
+is dropped from the queue when it gives up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+
+import trio
+
+from fluidfs.blocks import merkle
+from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
+from fluidfs.peers.connections import Connections, PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BATCHES_PER_PEER", "MAX_BATCH_SHARD", "ShardBatches"]
+
+BATCHES_PER_PEER = 2  # RetrieveShards calls running to one peer at once
+BATCH_TIMEOUT = 10.0  # one call; each request also waits with its own timeout
+
+
+class _Wait:
+    """One shard request waiting in a peer's queue."""
+
+    __slots__ = ("abandoned", "data", "done", "error", "shard_id", "verified")
+
+    def __init__(self, shard_id: bytes) -> None:
+        self.shard_id = shard_id
+        self.done = trio.Event()
+        self.data: bytes | None = None  # None once done without error: ask singly
+        self.error: Exception | None = None
+        self.verified = False  # the bytes hash to shard_id
+        self.abandoned = False
+
+
+class ShardBatches:
+    """Per-peer queues of small shard requests, sent as ``RetrieveShards`` calls."""
+
+    def __init__(self, conns: Connections, limiter: trio.CapacityLimiter) -> None:
+        self.conns = conns
+        self.limiter = limiter  # verifies answers
+        self._nursery: trio.Nursery | None = None
+        self._pending: dict[bytes, deque[_Wait]] = {}
+        self._running: Counter[bytes] = Counter()
+        self._unsupported: set[bytes] = set()  # peers that answered unknown_op
+        self.calls = 0  # RetrieveShards calls made (status, benchmarks)
+        self.shards = 0  # shards they brought
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send batches until cancelled; requests go one by one when this is not running."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def usable(self, key: bytes, shard_size: int) -> bool:
+        """Whether a shard of *shard_size* bytes from *key* may go in a batch."""
+        return (self._nursery is not None and shard_size <= MAX_BATCH_SHARD
+                and key not in self._unsupported and self.conns.store_at(key) is None)
+
+    async def get(
+        self, key: bytes, shard_id: bytes, timeout: float
+    ) -> tuple[bytes | None, bool]:
+        """(The shard's bytes from *key*, whether they hash to *shard_id*), or (None,
+        False): ask for it on its own (``RetrieveShard``). Raises ``PeerUnavailable`` or
+        ``RpcError`` as ``Connections.call`` does (``not_found`` when the peer says it
+        does not hold the shard)."""
+        wait = _Wait(shard_id)
+        self._pending.setdefault(key, deque()).append(wait)
+        if self._running[key] < BATCHES_PER_PEER and self._nursery is not None:
+            self._running[key] += 1
+            self._nursery.start_soon(self._send, key)
+        try:
+            with trio.move_on_after(timeout):
+                await wait.done.wait()
+        finally:
+            wait.abandoned = True
+        if not wait.done.is_set():
+            raise PeerUnavailable(f"peer {key.hex()[:12]}: no answer in {timeout:.1f} s")
+        if wait.error is not None:
+            raise wait.error
+        return wait.data, wait.verified
+
+    async def _send(self, key: bytes) -> None:
+        """Send batches to *key* while its queue holds live requests."""
+        try:
+            while True:
+                queue = self._pending.get(key)
+                batch: dict[bytes, list[_Wait]] = {}
+                while queue and len(batch) < MAX_BATCH_IDS:
+                    wait = queue.popleft()
+                    if not wait.abandoned:
+                        batch.setdefault(wait.shard_id, []).append(wait)
+                if not batch:
+                    return
+                await self._call(key, batch)
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+                if not self._pending.get(key, True):
+                    del self._pending[key]
+
+    async def _call(self, key: bytes, batch: dict[bytes, list[_Wait]]) -> None:
+        ids = list(batch)
+        found: dict[bytes, bytes] = {}
+        missing: set[bytes] = set()
+        verified: set[bytes] = set()
+        error: Exception | None = None
+        try:
+            reply = await self.conns.call(key, "RetrieveShards", {"ids": ids},
+                                          timeout=BATCH_TIMEOUT)
+            found, missing = read_answer(ids, reply)
+            verified = await trio.to_thread.run_sync(_verify, found, limiter=self.limiter)
+        except PeerUnavailable as exc:
+            error = exc
+        except RpcError as exc:
+            if exc.code == "unknown_op":  # an older peer: one shard per request from now on
+                log.info("peer %s does not know RetrieveShards", key.hex()[:12])
+                self._unsupported.add(key)
+            else:
+                error = exc
+        except Exception as exc:  # a peer's answer must not end the node
+            log.exception("RetrieveShards answer from %s failed", key.hex()[:12])
+            error = RpcError("bad_reply", f"RetrieveShards answer: {exc}")
+        self.calls += 1
+        self.shards += len(found)
+        for shard_id, waits in batch.items():
+            for wait in waits:
+                if error is not None:
+                    wait.error = error
+                elif shard_id in found:
+                    wait.data = found[shard_id]
+                    wait.verified = shard_id in verified
+                elif shard_id in missing:
+                    wait.error = RpcError("not_found", "no such shard of yours here")
+                wait.done.set()
+
+
+def _verify(found: dict[bytes, bytes]) -> set[bytes]:
+    """The ids whose bytes hash to them."""
+    return {sid for sid, data in found.items() if merkle.shard_id(data) == sid}
+
+
+def read_answer(ids: list[bytes], reply: dict) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """A ``RetrieveShards`` answer (already fit to its schema) to the ids we asked:
+    (shard bytes by id, ids the peer says it does not hold). Raises ``RpcError``
+    (``bad_reply``) for an id not asked, an id answered twice, or shards over
+    MAX_BATCH_BYTES in all."""
+    asked = set(ids)
+    found: dict[bytes, bytes] = {}
+    total = 0
+    for item in reply["found"]:
+        shard_id, data = item["id"], item["data"]
+        if shard_id not in asked or shard_id in found:
+            raise RpcError("bad_reply", "RetrieveShards answer names a shard twice or unasked")
+        total += len(data)
+        if total > MAX_BATCH_BYTES:
+            raise RpcError("bad_reply", "RetrieveShards answer over its byte bound")
+        found[shard_id] = data
+    missing = set(reply["missing"])
+    if len(missing) != len(reply["missing"]) or not missing <= asked or missing & found.keys():
+        raise RpcError("bad_reply", "RetrieveShards answer lists a shard twice or unasked")
+    return found, missing

@@ -1,0 +1,214 @@
+"""Several small shards per request (``RetrieveShards``, issue 15): the host answers only
+the caller's own shards, each once, within the answer's bounds; the owner sends its
+small shard requests to a holder together, refuses a hostile answer, and falls back to
+one shard per request with a peer that does not know the op.
+
+The owner and its hosts are real peer services in this process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from inproc import PeerNode, peer_nodes
+from test_remote_placement import N, owner_with_hosts, sealed
+
+from fluidfs.blocks import merkle
+from fluidfs.blocks.record import NO_HOLDER
+from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
+from fluidfs.net.tcp import open_rpc
+from fluidfs.service.host import PeerService
+
+BLOCKS = 24
+
+
+def shard(size: int) -> dict:
+    data = os.urandom(size)
+    return {"id": merkle.shard_id(data), "data": data}
+
+
+async def store(node: PeerNode, host: PeerNode, shards: list[dict]) -> None:
+    for start in range(0, len(shards), 16):
+        reply = await node.conns.call(host.key, "StoreShard", {"shards": shards[start:start + 16]})
+        assert len(reply["stored"]) == len(shards[start:start + 16])
+
+
+async def expect_code(code: str, coro) -> None:
+    with pytest.raises(RpcError) as info:
+        await coro
+    assert info.value.code == code, info.value
+
+
+async def test_host_answers_own_shards_once_and_others_as_missing(tmp_path: Path) -> None:
+    async with peer_nodes(tmp_path, 3) as (_, (host, owner, other)):
+        owner.use(host)
+        other.use(host)
+        mine, theirs = [shard(3000) for _ in range(3)], shard(3000)
+        await store(owner, host, mine)
+        await store(other, host, [theirs])
+        unknown = os.urandom(32)
+        ids = [mine[0]["id"], mine[0]["id"], theirs["id"], unknown, mine[1]["id"]]
+        reply = await owner.conns.call(host.key, "RetrieveShards", {"ids": ids})
+        assert reply["found"] == [{"id": s["id"], "data": s["data"]} for s in mine[:2]]
+        assert reply["missing"] == [theirs["id"], unknown]
+        # the other owner gets its own shard, and only that
+        reply = await other.conns.call(host.key, "RetrieveShards",
+                                       {"ids": [s["id"] for s in mine] + [theirs["id"]]})
+        assert reply["found"] == [{"id": theirs["id"], "data": theirs["data"]}]
+
+
+async def test_host_refuses_strangers_and_malformed_requests(tmp_path: Path) -> None:
+    async with peer_nodes(tmp_path, 2) as (_, (host, owner)):
+        port = int(host.addr.rsplit(":", 1)[1])
+        async with open_rpc("127.0.0.1", port, owner.keyring.signing_key, ops={}) as conn:
+            # no agreement yet: a stranger's request never reaches the shard store
+            await expect_code("no_agreement", conn.call("RetrieveShards",
+                                                        {"ids": [os.urandom(32)]}))
+            owner.use(host)
+            too_many = [os.urandom(32) for _ in range(MAX_BATCH_IDS + 1)]
+            for args in ({"ids": too_many}, {"ids": []}, {"ids": os.urandom(32)},
+                         {"ids": [os.urandom(31)]}, {"ids": [7]}, {"id": os.urandom(32)},
+                         {"ids": [os.urandom(32)], "for": os.urandom(32)},
+                         {"ids": [os.urandom(32)], "delegation": b"x"}):
+                await expect_code("bad_request", conn.call("RetrieveShards", args))
+            assert (await conn.call("RetrieveShards", {"ids": [os.urandom(32)]}))["found"] == []
+
+
+async def test_host_answer_stays_within_its_byte_bound(tmp_path: Path) -> None:
+    async with peer_nodes(tmp_path, 2) as (_, (host, owner)):
+        owner.use(host)
+        size = 60 * 1024
+        small = [shard(size) for _ in range(MAX_BATCH_BYTES // size + 3)]
+        big = shard(MAX_BATCH_SHARD + 1)
+        await store(owner, host, [big, *small])
+        ids = [big["id"]] + [s["id"] for s in small]
+        reply = await owner.conns.call(host.key, "RetrieveShards", {"ids": ids})
+        total = sum(len(item["data"]) for item in reply["found"])
+        assert total <= MAX_BATCH_BYTES
+        assert [item["id"] for item in reply["found"]] == ids[1:1 + MAX_BATCH_BYTES // size]
+        assert reply["missing"] == []  # the rest (and the big one) are asked again
+
+
+async def test_small_shards_to_one_holder_go_together(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    class Counting(PeerService):
+        async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+            if op.startswith("RetrieveShard"):
+                asked.append(op)
+            return await super().handle(peer_key, op, args)
+
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=Counting).start(nursery)
+                 for i in range(N)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            await nursery.start(remote.run)
+            blocks = []
+            for _ in range(BLOCKS):
+                data = os.urandom(4000)
+                record, shards = sealed(remote, data)
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                blocks.append((data, record, holders))
+            got: dict[int, bytes] = {}
+
+            async def read(i: int) -> None:
+                _, record, holders = blocks[i]
+                got[i] = await remote.fetch(record, holders)
+
+            async with trio.open_nursery() as readers:
+                for i in range(BLOCKS):
+                    readers.start_soon(read, i)
+            assert got == {i: data for i, (data, _, _) in enumerate(blocks)}
+            needed = BLOCKS * remote.codec.needed
+            assert remote.batches.shards >= needed - 2 * remote.codec.needed
+            assert len(asked) <= needed // 4, asked
+        finally:
+            for host in hosts:
+                host.close()
+
+
+class Hostile(PeerService):
+    """Answers RetrieveShards with shards it was not asked for, an id twice, or more
+    bytes than the answer may hold (each fits the op's schema)."""
+
+    mode = ""
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "RetrieveShards":
+            return await super().handle(peer_key, op, args)
+        ids = args["ids"]
+        if self.mode == "unasked":
+            return {"found": [{"id": os.urandom(32), "data": b"x"}], "missing": []}
+        if self.mode == "twice":
+            return {"found": [{"id": ids[0], "data": b"x"}] * 2, "missing": []}
+        if self.mode == "missing-and-found":
+            return {"found": [{"id": ids[0], "data": b"x"}], "missing": [ids[0]]}
+        return {"found": [{"id": sid, "data": bytes(MAX_BATCH_SHARD)} for sid in ids],
+                "missing": []}
+
+
+@pytest.mark.parametrize("mode", ["unasked", "twice", "missing-and-found", "oversized"])
+async def test_owner_refuses_a_hostile_answer(tmp_path: Path, mode: str) -> None:
+    service = type("H", (Hostile,), {"mode": mode})
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        host = await PeerNode(tmp_path / "h", service=service).start(nursery)
+        try:
+            owner.use(host)
+            await nursery.start(remote.run)
+            count = MAX_BATCH_BYTES // MAX_BATCH_SHARD + 1
+            ids = [os.urandom(32) for _ in range(count)]
+            failures: list[str] = []
+
+            async def ask(sid: bytes) -> None:
+                try:
+                    await remote.batches.get(host.key, sid, 10)
+                except RpcError as exc:
+                    failures.append(exc.code)
+
+            async with trio.open_nursery() as askers:
+                for sid in ids:
+                    askers.start_soon(ask, sid)
+            assert failures == ["bad_reply"] * count
+            assert remote.batches.shards == 0
+        finally:
+            host.close()
+
+
+class Older(PeerService):
+    """A peer of an older version: it does not know RetrieveShards."""
+
+    batch_calls = 0
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op == "RetrieveShards":
+            type(self).batch_calls += 1
+            raise RpcError("unknown_op", f"{op} is not served here")
+        return await super().handle(peer_key, op, args)
+
+
+async def test_a_peer_without_the_op_is_asked_one_shard_at_a_time(tmp_path: Path) -> None:
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        service = type("O", (Older,), {"batch_calls": 0})
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=service).start(nursery)
+                 for i in range(N)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            await nursery.start(remote.run)
+            for _ in range(4):
+                data = os.urandom(3000)
+                record, shards = sealed(remote, data)
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                assert await remote.fetch(record, holders) == data
+            assert service.batch_calls <= N  # once per peer, then remembered
+        finally:
+            for host in hosts:
+                host.close()
