@@ -660,6 +660,10 @@ class FluidOperations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode, name, ctx):
         node = self._inode(inode)
+        if not name.startswith(XATTR_NAMESPACES):
+            # Only names setxattr accepts are ever stored. The kernel asks for
+            # security.capability before every write: answered without LMDB.
+            raise FUSEError(pyfuse3.ENOATTR)
         if name == XATTR_REDUNDANCY and node.is_reg:
             if self.data.has_dirty(inode):
                 return b"local"  # written but not sealed yet: on this node only
@@ -681,6 +685,10 @@ class FluidOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         self._writable()
         node = self._inode(inode)
+        if not name.startswith(XATTR_NAMESPACES):
+            # Only names setxattr accepts are ever stored. The kernel asks for
+            # security.capability before every write: answered without LMDB.
+            raise FUSEError(pyfuse3.ENOATTR)
         if name == XATTR_REDUNDANCY and node.is_reg:
             return  # computed, not stored: removing it is harmless, like setting it
         if not self.tree.set_xattr(inode, name, None):
