@@ -158,9 +158,30 @@ class FileData:
             blk.queued = True
             self._queue_send.send_nowait(blk)
 
-    def schedule_inode(self, ino: int) -> None:
-        """Queue every dirty block of *ino* for sealing (e.g. on release)."""
-        for blk in self._blocks_of(ino):
+    async def closed(self, ino: int) -> None:
+        """The last writer of *ino* closed it: seal its blocks. A small file's one
+        in-memory block is sealed here and now (an inline block map entry joining the
+        write-behind batch: cheaper than handing it to a sealer task); any other block
+        is queued for the sealers, and so is this one if sealing it here fails."""
+        blocks = self._blocks_of(ino)
+        if len(blocks) == 1:
+            blk = blocks[0]
+            inode = self.tree.get(ino)
+            if (
+                blk.index == 0
+                and blk.buf is not None
+                and blk.ready
+                and not blk.lock.locked()
+                and inode is not None
+                and inode.size <= INLINE_MAX
+            ):
+                try:
+                    await self.seal(blk)
+                except Exception:
+                    log.exception("sealing inode %d at close failed; queued", ino)
+                else:
+                    return
+        for blk in blocks:
             self._enqueue(blk)
 
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:

@@ -633,7 +633,7 @@ class FluidOperations(pyfuse3.Operations):
         if self.opens[ino] <= 0:
             del self.opens[ino]
             if handle.writable:
-                self.data.schedule_inode(ino)
+                await self.data.closed(ino)
             await self._maybe_purge(ino)
 
     @handler

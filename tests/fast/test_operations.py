@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from fluidfs import keys
+from fluidfs.fs.health import XATTR_REDUNDANCY
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.statedir import StateDir
@@ -255,3 +256,18 @@ async def test_a_write_to_a_block_nobody_holds_does_not_yield(node):
         await ops.write(fh, 200, b"y" * 200)
     fi = await ops.open((await ops.lookup(ROOT_INO, b"f", CTX)).st_ino, os.O_RDONLY, CTX)
     assert await ops.read(fi.fh, 0, 1000) == b"x" * 200 + b"y" * 200
+
+
+async def test_a_small_file_is_sealed_when_closed(node):
+    """Closing a small file seals it there and then (its bytes join the block map
+    inline): nothing of it waits unsealed for a sealer task, and its redundancy is no
+    longer "local" the moment close returns."""
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, b"s" * 200)
+    assert await ops.getxattr(ino, XATTR_REDUNDANCY, CTX) == b"local"
+    await ops.release(fh)
+    assert not node.data.has_dirty(ino)
+    assert await ops.getxattr(ino, XATTR_REDUNDANCY, CTX) != b"local"
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 1000) == b"s" * 200
