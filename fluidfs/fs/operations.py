@@ -19,7 +19,6 @@ links, no lookups and no open handles.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -27,8 +26,8 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -105,13 +104,37 @@ class OpenFile:
     writable: bool
 
 
-@dataclass
 class InodeWrites:
-    """The inodes written in one metadata transaction (see ``_transaction``)."""
+    """The inodes written in one metadata transaction, joining the write-behind batch
+    (store/batch.py); use as a context manager. If the transaction fails, the inodes
+    written in it leave the cache, so nothing in memory claims a change that LMDB does
+    not hold. (A class, not a generator context manager: every request that writes
+    enters one.)"""
 
-    txn: Any
-    tree: Tree
-    written: list[int] = field(default_factory=list)
+    __slots__ = ("_request", "tree", "txn", "written")
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.txn: Any = None
+        self.written: list[int] = []
+
+    def __enter__(self) -> InodeWrites:
+        self._request = self.tree.db.batch.write()
+        self.txn = self._request.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        try:
+            self._request.__exit__(kind, exc, tb)
+        except BaseException:
+            self._forget()
+            raise
+        if kind is not None:
+            self._forget()
+
+    def _forget(self) -> None:
+        for ino in self.written:
+            self.tree.uncache(ino)
 
     def put(self, inode: Inode) -> None:
         """Write *inode* in this transaction."""
@@ -178,20 +201,10 @@ class FluidOperations(pyfuse3.Operations):
         inode between the copy and the write."""
         return self._inode(ino).copy()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[InodeWrites]:
-        """A metadata write transaction, joining the write-behind batch (store/batch.py);
-        if it fails, the inodes written in it leave the cache, so nothing in memory
-        claims a change that LMDB does not hold."""
-        writes = InodeWrites(None, self.tree)
-        try:
-            with self.tree.db.batch.write() as txn:
-                writes.txn = txn
-                yield writes
-        except BaseException:
-            for ino in writes.written:
-                self.tree.uncache(ino)
-            raise
+    def _transaction(self) -> InodeWrites:
+        """A metadata write transaction for the inodes a handler changes (see
+        ``InodeWrites``)."""
+        return InodeWrites(self.tree)
 
     def _save(self, inode: Inode) -> None:
         """Write one changed inode in its own transaction."""
