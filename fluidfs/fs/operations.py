@@ -1,12 +1,13 @@
 """The pyfuse3 Operations: POSIX semantics over the metadata tree and file data.
 
-Errors: every handler is wrapped so that no exception but FUSEError escapes (one would
-end ``pyfuse3.main`` and the mount). An errno reaches the caller only when the code
-chose it, by raising ``FUSEError`` (ENOENT for a name that is not there, EEXIST,
-ENOTEMPTY, EROFS, ENAMETOOLONG, E2BIG/ERANGE/ENOATTR for xattrs, ...), or when the disk
-holding the state directory is full (ENOSPC, which tells the user what to do). Any other
-failure, an ``OSError`` from the node's own files included, is logged and becomes EIO:
-a dirty file that vanished is the node's trouble, not "no such file" for the writer.
+Errors: every handler is guarded (once per request, ``handler``) so that no exception
+but FUSEError escapes (one would end ``pyfuse3.main`` and the mount). An errno reaches
+the caller only when the code chose it, by raising ``FUSEError`` (ENOENT for a name
+that is not there, EEXIST, ENOTEMPTY, EROFS, ENAMETOOLONG, E2BIG/ERANGE/ENOATTR for
+xattrs, ...), or when the disk holding the state directory is full (ENOSPC, which tells
+the user what to do). Any other failure, an ``OSError`` from the node's own files
+included, is logged and becomes EIO: a dirty file that vanished is the node's trouble,
+not "no such file" for the writer.
 
 Inode changes are transactional: a handler changes a copy of the cached inode
 (``_edit``) and writes it in a ``_transaction``; if the transaction fails, the inodes it
@@ -56,24 +57,33 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def handler(func: F) -> F:
-    """Let a deliberate FUSEError through; a full state disk becomes ENOSPC; anything
-    else (an internal OSError too: its errno meant something to the node, not to the
-    caller) becomes EIO plus a log line."""
+    """Mark *func* as a FUSE request handler. ``FluidOperations.__init__`` guards each
+    marked method of the instance once (``_guarded``): a subclass's override calling
+    ``super()`` runs one guard per request, not one per class."""
+    func._fuse_handler = True  # type: ignore[attr-defined]
+    return func
 
-    @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+def _guarded(ops: Any, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """*method* (bound to *ops*) as the kernel may call it: a deliberate FUSEError goes
+    through; a full state disk becomes ENOSPC; anything else (an internal OSError too:
+    its errno meant something to the node, not to the caller) becomes EIO plus a log
+    line."""
+
+    @functools.wraps(method)
+    async def guard(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await func(*args, **kwargs)
+            return await method(*args, **kwargs)
         except FUSEError:
             raise
         except Exception as exc:
-            if _state_disk_full(args, exc):
-                _warn_disk_full(func.__name__)
+            if _state_disk_full(ops, exc):
+                _warn_disk_full(name)
                 raise FUSEError(errno.ENOSPC) from None
-            log.exception("%s failed", func.__name__)
+            log.exception("%s failed", name)
             raise FUSEError(errno.EIO) from None
 
-    return wrapper  # type: ignore[return-value]
+    return guard
 
 
 _full_warned_at = -DISK_FULL_WARN_EVERY
@@ -89,9 +99,9 @@ def _warn_disk_full(op: str) -> None:
         log.warning("%s: the disk holding the state directory is full: writers get ENOSPC", op)
 
 
-def _state_disk_full(args: tuple[Any, ...], exc: Exception) -> bool:
-    """Did a handler of the operations object args[0] fail because its disk is full?"""
-    data = getattr(args[0], "data", None) if args else None
+def _state_disk_full(ops: Any, exc: Exception) -> bool:
+    """Did a handler of the operations object *ops* fail because its disk is full?"""
+    data = getattr(ops, "data", None)
     path = getattr(data, "dirty_dir", None)
     return path is not None and is_disk_full(exc, path)
 
@@ -179,6 +189,12 @@ class FluidOperations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.read_only = False
+        for name in dir(type(self)):
+            if any(
+                getattr(cls.__dict__.get(name), "_fuse_handler", False)
+                for cls in type(self).__mro__
+            ):
+                setattr(self, name, _guarded(self, name, getattr(self, name)))
 
     # --- helpers ----------------------------------------------------------------------
 
