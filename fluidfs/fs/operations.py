@@ -146,10 +146,10 @@ class InodeWrites:
         for ino in self.written:
             self.tree.uncache(ino)
 
-    def put(self, inode: Inode) -> None:
-        """Write *inode* in this transaction."""
+    def put(self, inode: Inode, *, new: bool = False) -> None:
+        """Write *inode* in this transaction (*new*: see ``Tree.put``)."""
         self.written.append(inode.ino)
-        self.tree.put(self.txn, inode)
+        self.tree.put(self.txn, inode, new=new)
 
 
 def _check_name(name: bytes) -> None:
@@ -280,7 +280,7 @@ class FluidOperations(pyfuse3.Operations):
             ctime_ns=t,
             target=target,
         )
-        writes.put(inode)
+        writes.put(inode, new=True)
         return inode
 
     def _make(

@@ -128,11 +128,12 @@ class Tree:
         raw = txn.get(u64(ino), db=self._inodes)
         return None if raw is None else Inode.decode(ino, raw)
 
-    def put(self, txn, inode: Inode) -> None:
-        """Write the inode (and keep it cached)."""
+    def put(self, txn, inode: Inode, *, new: bool = False) -> None:
+        """Write the inode (and keep it cached). A *new* one (just numbered by
+        ``new_ino``) has no directory naming it yet: no parents to mark."""
         self._cache[inode.ino] = inode
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
-        self._changed(txn, inode.ino)
+        self._changed(txn, None if new else inode.ino)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""
