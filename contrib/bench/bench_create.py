@@ -12,6 +12,9 @@ checkout, alternating, and prints files/s for both and their ratio. ``--profile 
 records the mount with ``py-spy record --idle --threads`` during the loop of the first run
 of this checkout (``--py-spy`` names the binary). ``--floor`` runs the loop on
 ``nullfs.py`` too, a pyfuse3 filesystem that does nothing: the round trips' floor.
+``--handlers`` measures instead the same requests called on ``Node.ops`` in process
+(``create_handlers.py``, no kernel): CPU microseconds per file of the handlers alone,
+the figure that moves least with the machine's load, for each checkout alternately.
 """
 
 from __future__ import annotations
@@ -122,6 +125,37 @@ def floor_run(work: Path, args: argparse.Namespace) -> float:
     return rate
 
 
+def handlers_run(repo: Path, files: int) -> float:
+    """CPU microseconds per file of the create requests' handlers in process."""
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    result = subprocess.run([sys.executable, str(HERE / "create_handlers.py"), str(files)],
+                            capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"create_handlers.py: {result.stderr.strip()[-2000:]}")
+    return float(result.stdout.split()[-1])
+
+
+def handlers_main(args: argparse.Namespace) -> int:
+    """``--handlers``: in process, this checkout against ``--repo`` alternately."""
+    spent: dict[str, list[float]] = {"this": [], "base": []}
+    for run in range(args.runs):
+        checkouts = [("this", REPO)] + ([("base", args.repo)] if args.repo else [])
+        if run % 2:
+            checkouts.reverse()
+        for name, repo in checkouts:
+            spent[name].append(handlers_run(repo, args.files))
+            log(f"run {run + 1} {name}: {spent[name][-1]:.1f} us of CPU per file")
+    this = spent["this"]
+    print(f"create handlers in process, {args.files} x {args.size} B: this checkout "
+          f"{min(this):.1f}-{max(this):.1f} us/file", end="")
+    if spent["base"]:
+        base = spent["base"]
+        print(f"; baseline {min(base):.1f}-{max(base):.1f} us/file; ratio "
+              f"{sum(this) / sum(base):.2f}x", end="")
+    print()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=5000)
@@ -134,7 +168,11 @@ def main() -> int:
     parser.add_argument("--py-spy", default="py-spy")
     parser.add_argument("--floor", action="store_true",
                         help="also run the loop on a null pyfuse3 filesystem (nullfs.py)")
+    parser.add_argument("--handlers", action="store_true",
+                        help="the handlers in process instead of the mount (create_handlers.py)")
     args = parser.parse_args()
+    if args.handlers:
+        return handlers_main(args)
     root = Path(tempfile.mkdtemp(prefix="fluidfs-bench-create-", dir=args.workdir))
     rates: dict[str, list[float]] = {"this": [], "base": [], "floor": []}
     try:

@@ -48,7 +48,7 @@ class DirtyBlock:
 
     ino: int
     index: int
-    path: Path
+    folder: Path  # the dirty directory; ``path`` is built only when a file is needed
     buf: bytearray | None = None
     fd: int | None = None
     length: int = 0
@@ -57,6 +57,32 @@ class DirtyBlock:
     ready: bool = False  # materialised (old contents in place)
     dead: bool = False  # sealed or dropped: writers must start again
     queued: bool = False
+
+    @property
+    def path(self) -> Path:
+        """The block's dirty file (most small blocks never have one)."""
+        return self.folder / f"{self.ino}.{self.index}"
+
+
+class _Held:
+    """``async with lock`` that takes a free lock at once: trio's ``Lock.acquire``
+    yields to the scheduler even when nobody holds the lock, and the write path takes a
+    block's lock up to three times per request. A held lock is waited for as before
+    (fairly: ``acquire_nowait`` refuses while others wait)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 class FileData:
@@ -132,9 +158,30 @@ class FileData:
             blk.queued = True
             self._queue_send.send_nowait(blk)
 
-    def schedule_inode(self, ino: int) -> None:
-        """Queue every dirty block of *ino* for sealing (e.g. on release)."""
-        for blk in self._blocks_of(ino):
+    async def closed(self, ino: int) -> None:
+        """The last writer of *ino* closed it: seal its blocks. A small file's one
+        in-memory block is sealed here and now (an inline block map entry joining the
+        write-behind batch: cheaper than handing it to a sealer task); any other block
+        is queued for the sealers, and so is this one if sealing it here fails."""
+        blocks = self._blocks_of(ino)
+        if len(blocks) == 1:
+            blk = blocks[0]
+            inode = self.tree.get(ino)
+            if (
+                blk.index == 0
+                and blk.buf is not None
+                and blk.ready
+                and not blk.lock.locked()
+                and inode is not None
+                and inode.size <= INLINE_MAX
+            ):
+                try:
+                    await self.seal(blk)
+                except Exception:
+                    log.exception("sealing inode %d at close failed; queued", ino)
+                else:
+                    return
+        for blk in blocks:
             self._enqueue(blk)
 
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:
@@ -182,14 +229,17 @@ class FileData:
                 ino, index = int(ino_s), int(index_s)
             except ValueError:
                 continue
-            path = self.dirty_dir / name
+            blk = DirtyBlock(ino, index, self.dirty_dir)
+            path = blk.path
+            if path.name != name:  # e.g. "01.0": not a name this code writes
+                continue
             inode = self.tree.get(ino)
             if inode is None or not inode.is_reg or index * self.block_size >= inode.size:
                 await trio.to_thread.run_sync(path.unlink)
                 continue
             fd = await trio.to_thread.run_sync(os.open, path, os.O_RDWR)
             length = min(os.fstat(fd).st_size, inode.size - index * self.block_size)
-            blk = DirtyBlock(ino, index, path, fd=fd, length=length, ready=True)
+            blk.fd, blk.length, blk.ready = fd, length, True
             self._add(blk)
             self._enqueue(blk)
             found += 1
@@ -227,7 +277,7 @@ class FileData:
     async def _read_block(self, ino: int, index: int, start: int, size: int) -> bytes:
         blk = self.dirty.get((ino, index))
         if blk is not None and not blk.dead:
-            async with blk.lock:
+            async with _Held(blk.lock):
                 if not blk.dead:
                     if blk.buf is not None:
                         return bytes(blk.buf[start : start + size])
@@ -261,7 +311,7 @@ class FileData:
     async def _write_block(self, inode: Inode, index: int, start: int, chunk: memoryview) -> None:
         while True:
             blk = await self._dirty_block(inode, index)
-            async with blk.lock:
+            async with _Held(blk.lock):
                 if blk.dead:
                     continue
                 end = start + len(chunk)
@@ -287,9 +337,9 @@ class FileData:
         blk = self.dirty.get(key)
         if blk is not None and not blk.dead:
             return blk
-        blk = DirtyBlock(inode.ino, index, self.dirty_dir / f"{inode.ino}.{index}")
+        blk = DirtyBlock(inode.ino, index, self.dirty_dir)
         self._add(blk)
-        async with blk.lock:
+        async with _Held(blk.lock):
             try:
                 await self._materialise(blk)
             except BaseException:
@@ -349,7 +399,7 @@ class FileData:
         bs = self.block_size
         keep = -(-new_size // bs)  # blocks that still hold data
         for blk in [b for b in self._blocks_of(inode.ino) if b.index >= keep]:
-            async with blk.lock:
+            async with _Held(blk.lock):
                 self._discard(blk)
         with self.tree.db.write() as txn:
             old = self.tree.cut_blocks(txn, inode.ino, keep)
@@ -373,7 +423,7 @@ class FileData:
             if self.blocks.block_size(value[1:]) <= length:
                 return
             blk = await self._dirty_block(inode, index)
-        async with blk.lock:
+        async with _Held(blk.lock):
             if blk.dead:
                 return await self._cut_block(inode, index, length)
             if blk.buf is not None:
@@ -388,7 +438,7 @@ class FileData:
     async def remove(self, ino: int) -> None:
         """Drop all data of a deleted inode."""
         for blk in self._blocks_of(ino):
-            async with blk.lock:
+            async with _Held(blk.lock):
                 self._discard(blk)
         with self.tree.db.write() as txn:
             dead = self._drop_values(txn, self.tree.cut_blocks(txn, ino, 0))
@@ -426,7 +476,7 @@ class FileData:
         file, sealed again at the next mount; a crash after it leaves the new entry, and
         perhaps the dirty file beside it, whose sealing again finds the same block."""
         dead: list[StoredBlock] = []
-        async with blk.lock:
+        async with _Held(blk.lock):
             if blk.dead or not blk.ready:
                 return
             inode = self.tree.get(blk.ino)

@@ -1,12 +1,13 @@
 """The pyfuse3 Operations: POSIX semantics over the metadata tree and file data.
 
-Errors: every handler is wrapped so that no exception but FUSEError escapes (one would
-end ``pyfuse3.main`` and the mount). An errno reaches the caller only when the code
-chose it, by raising ``FUSEError`` (ENOENT for a name that is not there, EEXIST,
-ENOTEMPTY, EROFS, ENAMETOOLONG, E2BIG/ERANGE/ENOATTR for xattrs, ...), or when the disk
-holding the state directory is full (ENOSPC, which tells the user what to do). Any other
-failure, an ``OSError`` from the node's own files included, is logged and becomes EIO:
-a dirty file that vanished is the node's trouble, not "no such file" for the writer.
+Errors: every handler is guarded (once per request, ``handler``) so that no exception
+but FUSEError escapes (one would end ``pyfuse3.main`` and the mount). An errno reaches
+the caller only when the code chose it, by raising ``FUSEError`` (ENOENT for a name
+that is not there, EEXIST, ENOTEMPTY, EROFS, ENAMETOOLONG, E2BIG/ERANGE/ENOATTR for
+xattrs, ...), or when the disk holding the state directory is full (ENOSPC, which tells
+the user what to do). Any other failure, an ``OSError`` from the node's own files
+included, is logged and becomes EIO: a dirty file that vanished is the node's trouble,
+not "no such file" for the writer.
 
 Inode changes are transactional: a handler changes a copy of the cached inode
 (``_edit``) and writes it in a ``_transaction``; if the transaction fails, the inodes it
@@ -19,7 +20,6 @@ links, no lookups and no open handles.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -27,8 +27,8 @@ import os
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -57,24 +57,33 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def handler(func: F) -> F:
-    """Let a deliberate FUSEError through; a full state disk becomes ENOSPC; anything
-    else (an internal OSError too: its errno meant something to the node, not to the
-    caller) becomes EIO plus a log line."""
+    """Mark *func* as a FUSE request handler. ``FluidOperations.__init__`` guards each
+    marked method of the instance once (``_guarded``): a subclass's override calling
+    ``super()`` runs one guard per request, not one per class."""
+    func._fuse_handler = True  # type: ignore[attr-defined]
+    return func
 
-    @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+def _guarded(ops: Any, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """*method* (bound to *ops*) as the kernel may call it: a deliberate FUSEError goes
+    through; a full state disk becomes ENOSPC; anything else (an internal OSError too:
+    its errno meant something to the node, not to the caller) becomes EIO plus a log
+    line."""
+
+    @functools.wraps(method)
+    async def guard(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await func(*args, **kwargs)
+            return await method(*args, **kwargs)
         except FUSEError:
             raise
         except Exception as exc:
-            if _state_disk_full(args, exc):
-                _warn_disk_full(func.__name__)
+            if _state_disk_full(ops, exc):
+                _warn_disk_full(name)
                 raise FUSEError(errno.ENOSPC) from None
-            log.exception("%s failed", func.__name__)
+            log.exception("%s failed", name)
             raise FUSEError(errno.EIO) from None
 
-    return wrapper  # type: ignore[return-value]
+    return guard
 
 
 _full_warned_at = -DISK_FULL_WARN_EVERY
@@ -90,9 +99,9 @@ def _warn_disk_full(op: str) -> None:
         log.warning("%s: the disk holding the state directory is full: writers get ENOSPC", op)
 
 
-def _state_disk_full(args: tuple[Any, ...], exc: Exception) -> bool:
-    """Did a handler of the operations object args[0] fail because its disk is full?"""
-    data = getattr(args[0], "data", None) if args else None
+def _state_disk_full(ops: Any, exc: Exception) -> bool:
+    """Did a handler of the operations object *ops* fail because its disk is full?"""
+    data = getattr(ops, "data", None)
     path = getattr(data, "dirty_dir", None)
     return path is not None and is_disk_full(exc, path)
 
@@ -105,18 +114,42 @@ class OpenFile:
     writable: bool
 
 
-@dataclass
 class InodeWrites:
-    """The inodes written in one metadata transaction (see ``_transaction``)."""
+    """The inodes written in one metadata transaction, joining the write-behind batch
+    (store/batch.py); use as a context manager. If the transaction fails, the inodes
+    written in it leave the cache, so nothing in memory claims a change that LMDB does
+    not hold. (A class, not a generator context manager: every request that writes
+    enters one.)"""
 
-    txn: Any
-    tree: Tree
-    written: list[int] = field(default_factory=list)
+    __slots__ = ("_request", "tree", "txn", "written")
 
-    def put(self, inode: Inode) -> None:
-        """Write *inode* in this transaction."""
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.txn: Any = None
+        self.written: list[int] = []
+
+    def __enter__(self) -> InodeWrites:
+        self._request = self.tree.db.batch.write()
+        self.txn = self._request.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        try:
+            self._request.__exit__(kind, exc, tb)
+        except BaseException:
+            self._forget()
+            raise
+        if kind is not None:
+            self._forget()
+
+    def _forget(self) -> None:
+        for ino in self.written:
+            self.tree.uncache(ino)
+
+    def put(self, inode: Inode, *, new: bool = False) -> None:
+        """Write *inode* in this transaction (*new*: see ``Tree.put``)."""
         self.written.append(inode.ino)
-        self.tree.put(self.txn, inode)
+        self.tree.put(self.txn, inode, new=new)
 
 
 def _check_name(name: bytes) -> None:
@@ -156,6 +189,12 @@ class FluidOperations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.read_only = False
+        for name in dir(type(self)):
+            if any(
+                getattr(cls.__dict__.get(name), "_fuse_handler", False)
+                for cls in type(self).__mro__
+            ):
+                setattr(self, name, _guarded(self, name, getattr(self, name)))
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -178,20 +217,10 @@ class FluidOperations(pyfuse3.Operations):
         inode between the copy and the write."""
         return self._inode(ino).copy()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[InodeWrites]:
-        """A metadata write transaction, joining the write-behind batch (store/batch.py);
-        if it fails, the inodes written in it leave the cache, so nothing in memory
-        claims a change that LMDB does not hold."""
-        writes = InodeWrites(None, self.tree)
-        try:
-            with self.tree.db.batch.write() as txn:
-                writes.txn = txn
-                yield writes
-        except BaseException:
-            for ino in writes.written:
-                self.tree.uncache(ino)
-            raise
+    def _transaction(self) -> InodeWrites:
+        """A metadata write transaction for the inodes a handler changes (see
+        ``InodeWrites``)."""
+        return InodeWrites(self.tree)
 
     def _save(self, inode: Inode) -> None:
         """Write one changed inode in its own transaction."""
@@ -251,7 +280,7 @@ class FluidOperations(pyfuse3.Operations):
             ctime_ns=t,
             target=target,
         )
-        writes.put(inode)
+        writes.put(inode, new=True)
         return inode
 
     def _make(
@@ -633,7 +662,7 @@ class FluidOperations(pyfuse3.Operations):
         if self.opens[ino] <= 0:
             del self.opens[ino]
             if handle.writable:
-                self.data.schedule_inode(ino)
+                await self.data.closed(ino)
             await self._maybe_purge(ino)
 
     @handler
@@ -660,6 +689,10 @@ class FluidOperations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode, name, ctx):
         node = self._inode(inode)
+        if not name.startswith(XATTR_NAMESPACES):
+            # Only names setxattr accepts are ever stored. The kernel asks for
+            # security.capability before every write: answered without LMDB.
+            raise FUSEError(pyfuse3.ENOATTR)
         if name == XATTR_REDUNDANCY and node.is_reg:
             if self.data.has_dirty(inode):
                 return b"local"  # written but not sealed yet: on this node only
@@ -681,6 +714,10 @@ class FluidOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         self._writable()
         node = self._inode(inode)
+        if not name.startswith(XATTR_NAMESPACES):
+            # Only names setxattr accepts are ever stored. The kernel asks for
+            # security.capability before every write: answered without LMDB.
+            raise FUSEError(pyfuse3.ENOATTR)
         if name == XATTR_REDUNDANCY and node.is_reg:
             return  # computed, not stored: removing it is harmless, like setting it
         if not self.tree.set_xattr(inode, name, None):

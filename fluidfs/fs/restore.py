@@ -59,6 +59,10 @@ class Restorer:
         self.blocks = blocks
         self.index = index
         self._lazy = db["lazy"]
+        # Whether the lazy table may hold rows: None until looked at, False once seen
+        # empty (then requests skip the per-directory look-up), True once a row is
+        # written. Only this class writes rows into it.
+        self._maybe_lazy: bool | None = None
         self._locks: dict[int, trio.Lock] = {}
         self.loaded_dirs = 0
         self.loaded_entries = 0
@@ -73,6 +77,14 @@ class Restorer:
         with self.db.view() as txn:  # every request asks: it must not end the batch
             raw = txn.get(_U64.pack(ino), db=self._lazy)
         return None if raw is None else bytes(raw)
+
+    def _any_lazy(self) -> bool:
+        """False when no directory is lazy (every request asks ``ensure``: a fully
+        loaded tree answers from memory)."""
+        if self._maybe_lazy is None:
+            with self.db.view() as txn:
+                self._maybe_lazy = txn.stat(self._lazy)["entries"] > 0
+        return self._maybe_lazy
 
     def pending(self) -> list[int]:
         """Directories not loaded yet."""
@@ -92,6 +104,7 @@ class Restorer:
             self._put_xattrs(txn, ROOT_INO, root.xattrs)
             if root.content is not None:
                 txn.put(_U64.pack(ROOT_INO), root.content.block_id, db=self._lazy)
+                self._maybe_lazy = True
             txn.put(b"next_ino", _U64.pack(info.next_ino), db=self.db["counters"])
 
     def _put_xattrs(self, txn, ino: int, xattrs: list[tuple[bytes, bytes]]) -> None:
@@ -103,7 +116,7 @@ class Restorer:
 
     async def ensure(self, ino: int) -> None:
         """Load directory *ino* if it is lazy (raises MetaError if it cannot be fetched)."""
-        if self.lazy_top(ino) is None:
+        if not self._any_lazy() or self.lazy_top(ino) is None:
             return
         lock = self._locks.setdefault(ino, trio.Lock())
         async with lock:
@@ -153,6 +166,7 @@ class Restorer:
             if txn.get(_U64.pack(parent), db=self._lazy) is None:
                 return []
             txn.delete(_U64.pack(parent), db=self._lazy)
+        self._maybe_lazy = None  # perhaps the last one: look again at the next request
         self.loaded_dirs += 1
         self.loaded_entries += len(entries)
         return subdirs
@@ -173,6 +187,7 @@ class Restorer:
                 self.tree.set_block(txn, ino, index, INLINE + data)
             if entry.content is not None:
                 txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
+                self._maybe_lazy = True
                 lazy = True
         self.tree.link(txn, parent, entry.name, ino)
         return lazy

@@ -15,7 +15,8 @@ transaction: the reverse index of entries and the mark of each directory whose
 committed listing the change makes stale, so a commit writes only those.
 
 ``tree_gen`` goes up in every transaction that changes the five tree tables through
-this class (every change the mount makes does). A reader that finds the same value in
+this class (every change the mount makes does), once per transaction: the changes one
+transaction makes share its generation. A reader that finds the same value in
 two read transactions knows the tree did not change between them; commits rely on
 that to read the tree in short snapshots (fs/commit.py).
 
@@ -67,6 +68,9 @@ class Tree:
         self._xattrs = db["xattrs"]
         self._counters = db["counters"]
         self._cache: dict[int, Inode] = {}
+        # (transaction, the generation it bumped tree_gen to): one bump per transaction.
+        # Holding the transaction keeps its identity from being reused by a later one.
+        self._gen_of: tuple[object, int] | None = None
         self.dirs = DirState(db)
         db.batch.on_lost.append(self._cache.clear)  # the cache may hold what it wrote
         if not db.readonly:
@@ -81,8 +85,17 @@ class Tree:
         return value
 
     def _changed(self, txn, ino: int | None = None) -> int:
-        """Count a change (and mark the directories naming *ino*); the new generation."""
-        gen = self._next(txn, b"tree_gen") + 1
+        """Count a change (and mark the directories naming *ino*); the new generation.
+
+        The first change in *txn* bumps ``tree_gen``; the others reuse its value (a
+        nested transaction is a transaction of its own: one that is aborted takes its
+        bump with it, and the next one bumps again)."""
+        last = self._gen_of
+        if last is not None and last[0] is txn:
+            gen = last[1]
+        else:
+            gen = self._next(txn, b"tree_gen") + 1
+            self._gen_of = (txn, gen)
         if ino is not None:
             self.dirs.mark_parents(txn, ino, gen)
         return gen
@@ -115,11 +128,12 @@ class Tree:
         raw = txn.get(u64(ino), db=self._inodes)
         return None if raw is None else Inode.decode(ino, raw)
 
-    def put(self, txn, inode: Inode) -> None:
-        """Write the inode (and keep it cached)."""
+    def put(self, txn, inode: Inode, *, new: bool = False) -> None:
+        """Write the inode (and keep it cached). A *new* one (just numbered by
+        ``new_ino``) has no directory naming it yet: no parents to mark."""
         self._cache[inode.ino] = inode
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
-        self._changed(txn, inode.ino)
+        self._changed(txn, None if new else inode.ino)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""

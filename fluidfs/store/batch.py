@@ -25,11 +25,10 @@ disk) is lost the same way; ``on_lost`` callbacks then drop what memory holds of
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lmdb
 import trio
@@ -73,36 +72,10 @@ class WriteBatch:
         """True while a request's nested transaction is open."""
         return self._active is not None
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[lmdb.Transaction]:
-        """A transaction for one request's writes, joining the batch when it can."""
-        if self._txn is not None and (
-            self._waiting
-            or self._writes >= MAX_WRITES
-            or time.monotonic() - self._opened_at >= MAX_AGE
-        ):
-            self.commit()
-        if self._waiting:
-            with self.env.begin(write=True) as txn:
-                yield txn
-            return
-        if self._txn is None:
-            self._txn = self.env.begin(write=True)
-            self._owner = threading.get_ident()
-            self._opened_at = time.monotonic()
-            self._writes = 0
-        child = self.env.begin(write=True, parent=self._txn)
-        self._active = child
-        try:
-            yield child
-        except BaseException:
-            child.abort()
-            raise
-        else:
-            child.commit()
-            self._writes += 1
-        finally:
-            self._active = None
+    def write(self) -> _Request:
+        """A transaction for one request's writes, joining the batch when it can (use
+        as a context manager: it commits when the block ends without error)."""
+        return _Request(self)
 
     def view(self) -> lmdb.Transaction | None:
         """The transaction a read on this thread must use to see the batch, or None."""
@@ -152,3 +125,56 @@ class WriteBatch:
         finally:
             if self._active is None and self.owned_here():
                 self.commit()
+
+
+class _Request:
+    """One request's transaction (``WriteBatch.write``): a nested transaction of the
+    batch, or one of its own while a thread waits for the writer lock. A class, not a
+    generator context manager: there is one per request that writes, and a generator
+    costs several times as much to enter and leave."""
+
+    __slots__ = ("batch", "own", "txn")
+
+    def __init__(self, batch: WriteBatch) -> None:
+        self.batch = batch
+        self.txn: lmdb.Transaction | None = None
+        self.own = False
+
+    def __enter__(self) -> lmdb.Transaction:
+        b = self.batch
+        if b._txn is not None and (
+            b._waiting
+            or b._writes >= MAX_WRITES
+            or time.monotonic() - b._opened_at >= MAX_AGE
+        ):
+            b.commit()
+        if b._waiting:
+            self.own = True
+            self.txn = b.env.begin(write=True)
+            return self.txn
+        if b._txn is None:
+            b._txn = b.env.begin(write=True)
+            b._owner = threading.get_ident()
+            b._opened_at = time.monotonic()
+            b._writes = 0
+        self.txn = b._active = b.env.begin(write=True, parent=b._txn)
+        return self.txn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        txn = self.txn
+        assert txn is not None
+        if self.own:  # commit, or abort on an error, as ``with env.begin()`` does
+            if kind is None:
+                txn.commit()
+            else:
+                txn.abort()
+            return
+        b = self.batch
+        try:
+            if kind is None:
+                txn.commit()
+                b._writes += 1
+            else:
+                txn.abort()
+        finally:
+            b._active = None

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from fluidfs import keys
+from fluidfs.fs.health import XATTR_REDUNDANCY
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.statedir import StateDir
@@ -221,3 +223,51 @@ async def test_files_advertise_one_mebibyte_io_so_copies_use_large_requests(node
     (libfuse 3 negotiates 1 MiB writes), not eight of 128 KiB (issue 16)."""
     _fh, ino = await new_file(node.ops)
     assert (await node.ops.getattr(ino)).st_blksize == 1 << 20
+
+
+def tree_gen(node) -> int:
+    with node.ops.tree.db.read() as txn:
+        return node.ops.tree.generation(txn)
+
+
+async def test_each_request_bumps_the_tree_generation_once(node):
+    """A request's changes (a create writes the inode, the entry and the parent) share
+    one generation: a small-file create costs one tree_gen bump per request that
+    changes the tree, not one per row it writes."""
+    ops = node.ops
+    before = tree_gen(node)
+    fh, ino = await new_file(ops)
+    assert tree_gen(node) == before + 1
+    await ops.write(fh, 0, b"x" * 200)
+    assert tree_gen(node) == before + 2
+    await ops.fsync(fh, False)  # seals: the block map entry is one more change
+    assert tree_gen(node) == before + 3
+    await ops.release(fh)
+    assert (await ops.getattr(ino)).st_size == 200
+
+
+async def test_a_write_to_a_block_nobody_holds_does_not_yield(node):
+    """Writing a small file's block takes its lock at once: no scheduler round trip
+    per request when nobody else holds it."""
+    ops = node.ops
+    fh, _ = await new_file(ops)
+    with trio.testing.assert_no_checkpoints():
+        await ops.write(fh, 0, b"x" * 200)
+        await ops.write(fh, 200, b"y" * 200)
+    fi = await ops.open((await ops.lookup(ROOT_INO, b"f", CTX)).st_ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 1000) == b"x" * 200 + b"y" * 200
+
+
+async def test_a_small_file_is_sealed_when_closed(node):
+    """Closing a small file seals it there and then (its bytes join the block map
+    inline): nothing of it waits unsealed for a sealer task, and its redundancy is no
+    longer "local" the moment close returns."""
+    ops = node.ops
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, b"s" * 200)
+    assert await ops.getxattr(ino, XATTR_REDUNDANCY, CTX) == b"local"
+    await ops.release(fh)
+    assert not node.data.has_dirty(ino)
+    assert await ops.getxattr(ino, XATTR_REDUNDANCY, CTX) != b"local"
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 1000) == b"s" * 200
