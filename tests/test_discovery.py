@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from peerhelpers import Peer, start_all, status, wait_for
 
-from fluidfs.blocks.codec import shard_size_for
+from fluidfs.blocks.codec import default_version, shard_size_for
 
 BLOCK = 256 * 1024
-SHARD = shard_size_for(BLOCK, 8)
+SHARD = shard_size_for(BLOCK, 8, default_version())
 
 
 class Cluster:

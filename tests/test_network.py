@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from peerhelpers import Peer, running_peers, status, wait_for
 
-from fluidfs.blocks.codec import shard_size_for
+from fluidfs.blocks.codec import default_version, shard_size_for
 
 BLOCK = 256 * 1024
 
@@ -51,7 +51,7 @@ def expected_hosting(files: dict[str, bytes]) -> int:
         if len(data) <= 4096:
             continue  # stored inline in metadata
         for start in range(0, len(data), BLOCK):
-            total += shard_size_for(len(data[start : start + BLOCK]), 8)
+            total += shard_size_for(len(data[start : start + BLOCK]), 8, default_version())
     return total
 
 

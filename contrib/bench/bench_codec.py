@@ -29,7 +29,7 @@ import zfec
 from nacl import bindings as sodium
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.codec import BlockCodec, shard_size_for
+from fluidfs.blocks.codec import XCHACHA, BlockCodec, shard_size_for
 
 MB = 1_000_000
 BLOCK = 4 * 1024 * 1024
@@ -85,7 +85,10 @@ def build_stages() -> list[tuple[str, int, Callable[[], object], str]]:
     ciphertext = nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
         plaintext, block_id, nonce, content_key
     )
-    piece = shard_size_for(len(plaintext), K)
+    aegis_nonce = os.urandom(32)
+    aegis_sealed = sodium.crypto_aead_aegis256_encrypt(plaintext, block_id, aegis_nonce,
+                                                       content_key)
+    piece = shard_size_for(len(plaintext), K, XCHACHA)
     padded = ciphertext + bytes(piece * K - len(ciphertext))
     view = memoryview(padded)
     pieces = tuple(view[i * piece : (i + 1) * piece] for i in range(K))
@@ -126,6 +129,20 @@ def build_stages() -> list[tuple[str, int, Callable[[], object], str]]:
             lambda: sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
                 ciphertext[24:], block_id, nonce, content_key
             ),
+            "plaintext",
+        ),
+        (
+            "aegis256 encrypt (layout 3)",
+            BLOCK,
+            lambda: sodium.crypto_aead_aegis256_encrypt(plaintext, block_id, aegis_nonce,
+                                                        content_key),
+            "plaintext",
+        ),
+        (
+            "aegis256 decrypt (layout 3)",
+            BLOCK,
+            lambda: sodium.crypto_aead_aegis256_decrypt(aegis_sealed, block_id, aegis_nonce,
+                                                        content_key),
             "plaintext",
         ),
         (

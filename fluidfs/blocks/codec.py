@@ -1,16 +1,28 @@
 """Seal and open blocks: keyed hash → AEAD encrypt → erasure-code, and back.
 
-Sealed layout, version 2. The ciphertext is ``nonce(24) || XChaCha20-Poly1305(
-plaintext, aad=block_id)``; it is zero-padded to ``K x shard_size`` bytes and split into
-K primary pieces; zfec makes N shards of ``shard_size`` bytes. Version 2 sizes shards for
-the block's *size class* (``padded_size``, the Padmé scheme: at most 12% larger, and
-only about log log of the size shows), so a peer holding a shard cannot tell a block's,
-and so a small file's, exact length. Version 1 sized them for the exact length; both
-open the same way (the record keeps ``size`` and ``shard_size``, and the zero padding
-is covered by the shard ids), and resealing keeps a block's own ``shard_size``. The per-block random
+Sealed layout. The ciphertext is ``nonce || AEAD(plaintext, aad=block_id)`` (the MAC
+at the end); it is zero-padded to ``K x shard_size`` bytes and split into K primary
+pieces; zfec makes N shards of ``shard_size`` bytes. The AEAD is named by the nonce's
+length, which the block's record keeps (``BlockRecord.nonce``):
+
+* version 2: XChaCha20-Poly1305 (IETF), 24-byte nonce, 16-byte MAC. Written where the
+  CPU has no hardware AES.
+* version 3: AEGIS-256, 32-byte nonce, 32-byte MAC (libsodium's). Written where the
+  CPU has hardware AES (what ``crypto_aead_aes256gcm_is_available`` reports: AES-NI and
+  PCLMUL on x86, the crypto extensions on ARMv8), where it costs about a fifth of
+  version 2's CPU (issue 16). libsodium also carries a portable AEGIS-256, so every
+  machine opens version 3 blocks, only slower without hardware AES.
+
+Both versions size shards for the block's *size class* (``padded_size``, the Padmé
+scheme: at most 12% larger, and only about log log of the size shows), so a peer
+holding a shard cannot tell a block's, and so a small file's, exact length. Version 1
+(XChaCha20-Poly1305, shards sized for the exact length) still opens the same way (the
+record keeps ``size`` and ``shard_size``, and the zero padding is covered by the shard
+ids), and resealing keeps a block's own ``shard_size`` and cipher. The per-block random
 content key is wrapped as ``nonce(24) || XChaCha20-Poly1305(content_key,
-aad=block_id)`` under the user's key-wrapping key. Block id = keyed BLAKE3 of the
-plaintext (dedup within one user only); shard id = Merkle root (see merkle.py).
+aad=block_id)`` under the user's key-wrapping key in every version. Block id = keyed
+BLAKE3 of the plaintext (dedup within one user only); shard id = Merkle root (see
+merkle.py).
 
 Everything here is pure CPU work on bytes that releases the GIL; callers run it
 in worker threads. Sealing writes the ciphertext once, into the buffer the K primary
@@ -26,31 +38,96 @@ from dataclasses import dataclass
 
 import blake3
 import zfec
-from nacl import bindings as sodium
+from nacl import bindings as sodium  # importing the bindings runs sodium_init (CPU detection)
 from nacl._sodium import ffi, lib  # direct calls: the bindings copy every block twice
 from nacl.exceptions import CryptoError
 
 from fluidfs.blocks import merkle
 
-NONCE_SIZE = 24
+NONCE_SIZE = 24  # the key-wrapping nonce, and a version-2 block's
 TAG_SIZE = 16
 KEY_SIZE = 32
 WRAPPED_KEY_SIZE = NONCE_SIZE + KEY_SIZE + TAG_SIZE
-OVERHEAD = NONCE_SIZE + TAG_SIZE
+OVERHEAD = NONCE_SIZE + TAG_SIZE  # version 2's
+
+XCHACHA = 2  # sealed layout version 2: XChaCha20-Poly1305
+AEGIS = 3  # sealed layout version 3: AEGIS-256
+
+
+@dataclass(frozen=True)
+class _Aead:
+    """One sealed layout version's AEAD (libsodium's combined-mode functions)."""
+
+    nonce_size: int
+    mac_size: int
+    encrypt: object
+    decrypt: object
+
+    @property
+    def overhead(self) -> int:
+        return self.nonce_size + self.mac_size
+
+
+_AEADS = {
+    XCHACHA: _Aead(
+        NONCE_SIZE,
+        TAG_SIZE,
+        lib.crypto_aead_xchacha20poly1305_ietf_encrypt,
+        lib.crypto_aead_xchacha20poly1305_ietf_decrypt,
+    ),
+    AEGIS: _Aead(
+        lib.crypto_aead_aegis256_npubbytes(),
+        lib.crypto_aead_aegis256_abytes(),  # libsodium's AEGIS MAC is 32 bytes
+        lib.crypto_aead_aegis256_encrypt,
+        lib.crypto_aead_aegis256_decrypt,
+    ),
+}
+_BY_NONCE = {aead.nonce_size: version for version, aead in _AEADS.items()}
+#: the nonce lengths a block record may carry (one per sealed layout version)
+NONCE_SIZES = frozenset(_BY_NONCE)
+assert len(_BY_NONCE) == len(_AEADS)
 
 _encrypt = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt
-_decrypt = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
+_decrypt = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt
 
 # A shard: bytes, or a read-only view of the buffer a block was sealed into.
 Shard = bytes | memoryview
 
 
-def _seal_into(out: bytearray, plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> None:
-    """Write ``nonce || XChaCha20-Poly1305(plaintext, aad)`` at the start of *out*."""
-    out[:NONCE_SIZE] = nonce
-    dst = ffi.from_buffer(out, require_writable=True) + NONCE_SIZE
-    rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+def hardware_aes() -> bool:
+    """Does this CPU have the AES instructions AEGIS-256 runs fast on?
+
+    libsodium's ``crypto_aead_aes256gcm_is_available`` checks CPUID for AES-NI and
+    PCLMUL (x86) or the ARMv8 crypto extensions: the same units libsodium's AEGIS-256
+    picks its hardware implementation by (x86 also wants AVX, which every CPU with
+    AES-NI and PCLMUL but a few low-power Atoms has).
+    """
+    return bool(lib.crypto_aead_aes256gcm_is_available())
+
+
+def default_version() -> int:
+    """The sealed layout version new blocks get on this machine (see module doc)."""
+    return AEGIS if hardware_aes() else XCHACHA
+
+
+def nonce_size(version: int) -> int:
+    """Bytes of the nonce a block of sealed layout *version* carries in its record."""
+    return _AEADS[version].nonce_size
+
+
+def overhead(version: int) -> int:
+    """Bytes the sealed layout *version* adds to a block's plaintext (nonce + MAC)."""
+    return _AEADS[version].overhead
+
+
+def _seal_into(
+    out: bytearray | memoryview, plaintext: bytes, aad: bytes, nonce: bytes, key: bytes, aead: _Aead
+) -> None:
+    """Write ``nonce || AEAD(plaintext, aad)`` at the start of *out*."""
+    out[: aead.nonce_size] = nonce
+    dst = ffi.from_buffer(out, require_writable=True) + aead.nonce_size
+    rc = aead.encrypt(
         dst, ffi.NULL, ffi.from_buffer(plaintext), len(plaintext), aad, len(aad),
         ffi.NULL, nonce, key,
     )
@@ -58,15 +135,15 @@ def _seal_into(out: bytearray, plaintext: bytes, aad: bytes, nonce: bytes, key: 
         raise RuntimeError("block encryption failed")
 
 
-def _open_from(sealed: bytes, length: int, aad: bytes, key: bytes) -> bytes | None:
+def _open_from(sealed: bytes, length: int, aad: bytes, key: bytes, aead: _Aead) -> bytes | None:
     """The plaintext of the first *length* bytes of *sealed* (``nonce || ciphertext``,
     *length* counting both), or None if it fails authentication."""
-    n = length - OVERHEAD
+    n = length - aead.overhead
     src = ffi.from_buffer(sealed)
     out = _alloc("unsigned char[]", max(n, 1))
-    rc = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, ffi.NULL, ffi.NULL, src + NONCE_SIZE, length - NONCE_SIZE, aad, len(aad),
-        src, key,
+    rc = aead.decrypt(
+        out, ffi.NULL, ffi.NULL, src + aead.nonce_size, length - aead.nonce_size, aad,
+        len(aad), src, key,
     )
     return None if rc != 0 else ffi.buffer(out, n)[:]
 
@@ -115,16 +192,39 @@ def padded_size(size: int) -> int:
     return (size + mask) & ~mask
 
 
-def shard_size_for(size: int, needed: int) -> int:
+def shard_size_for(size: int, needed: int, version: int) -> int:
     """Bytes per shard for a block of *size* plaintext bytes split into *needed* pieces
-    (sized for its class, see ``padded_size``)."""
-    return -(-(padded_size(size) + OVERHEAD) // needed)
+    and sealed in layout *version* (sized for its class, see ``padded_size``)."""
+    return -(-(padded_size(size) + overhead(version)) // needed)
+
+
+def sealed_version(record: BlockRecord) -> int:
+    """The sealed layout version of *record*'s block (named by its nonce's length)."""
+    version = _BY_NONCE.get(len(record.nonce))
+    if version is None:
+        raise CorruptBlock(f"block {record.block_id.hex()[:16]}: unknown sealed layout")
+    return version
 
 
 class BlockCodec:
     """Seals and opens blocks for one user with fixed K-of-N erasure coding."""
 
-    def __init__(self, *, dedup_key: bytes, wrap_key: bytes, needed: int, total: int) -> None:
+    def __init__(
+        self,
+        *,
+        dedup_key: bytes,
+        wrap_key: bytes,
+        needed: int,
+        total: int,
+        version: int | None = None,
+    ) -> None:
+        """*version*: the sealed layout new blocks get (default: ``default_version()``);
+        blocks of every version open."""
+        if version is None:
+            version = default_version()
+        if version not in _AEADS:
+            raise ValueError(f"unknown sealed layout version {version}")
+        self.version = version
         self.dedup_key = dedup_key
         self.wrap_key = wrap_key
         self.needed = needed
@@ -144,9 +244,10 @@ class BlockCodec:
         if block_id is None:
             block_id = self.block_id(plaintext)
         content_key = os.urandom(KEY_SIZE)
-        nonce = os.urandom(NONCE_SIZE)
-        piece = shard_size_for(len(plaintext), self.needed)
-        shards = self._encode(plaintext, block_id, content_key, nonce, piece)
+        aead = _AEADS[self.version]
+        nonce = os.urandom(aead.nonce_size)
+        piece = shard_size_for(len(plaintext), self.needed, self.version)
+        shards = self._encode(plaintext, block_id, content_key, nonce, piece, aead)
         wrap_nonce = os.urandom(NONCE_SIZE)
         wrapped = wrap_nonce + _encrypt(content_key, block_id, wrap_nonce, self.wrap_key)
         record = BlockRecord(
@@ -164,17 +265,35 @@ class BlockCodec:
         """Recreate the exact shards of *record* from its plaintext (for upload or repair)."""
         if self.block_id(plaintext) != record.block_id:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]}: plaintext does not match")
+        aead = _AEADS[sealed_version(record)]
         return self._encode(
-            plaintext, record.block_id, self._content_key(record), record.nonce, record.shard_size
+            plaintext,
+            record.block_id,
+            self._content_key(record),
+            record.nonce,
+            record.shard_size,
+            aead,
         )
 
     def _encode(
-        self, plaintext: bytes, block_id: bytes, content_key: bytes, nonce: bytes, piece: int
+        self,
+        plaintext: bytes,
+        block_id: bytes,
+        content_key: bytes,
+        nonce: bytes,
+        piece: int,
+        aead: _Aead,
     ) -> list[Shard]:
-        if piece * self.needed < len(plaintext) + OVERHEAD:
+        length = piece * self.needed
+        end = len(plaintext) + aead.overhead
+        if length < end:
             raise CorruptBlock(f"block {block_id.hex()[:16]}: shard size too small for it")
-        sealed = bytearray(piece * self.needed)  # zeroed: the padding after the ciphertext
-        _seal_into(sealed, plaintext, block_id, nonce, content_key)
+        # Not zeroed on allocation (a zeroed 4 MiB costs a pass over it): the ciphertext
+        # overwrites all but the padding after it, which is zeroed here.
+        buf = _alloc("unsigned char[]", length)
+        sealed = ffi.buffer(buf)
+        sealed[end:] = bytes(length - end)
+        _seal_into(sealed, plaintext, block_id, nonce, content_key, aead)
         view = memoryview(sealed).toreadonly()
         pieces = [view[i * piece : (i + 1) * piece] for i in range(self.needed)]
         parity = self._encoder.encode(pieces, tuple(range(self.needed, self.total)))
@@ -259,11 +378,14 @@ class BlockCodec:
             pieces = [good[i] for i in numbers]  # all primary: decoding is concatenation
         else:
             pieces = decoder.decode(tuple(good[i] for i in numbers), numbers)
+        aead = _AEADS[sealed_version(record)]
         sealed = b"".join(pieces)
         content_key = self._content_key(record)
         plaintext = None
-        if len(sealed) >= record.size + OVERHEAD:
-            plaintext = _open_from(sealed, record.size + OVERHEAD, record.block_id, content_key)
+        if len(sealed) >= record.size + aead.overhead:
+            plaintext = _open_from(
+                sealed, record.size + aead.overhead, record.block_id, content_key, aead
+            )
         if plaintext is None:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]} failed authentication")
         if self.block_id(plaintext) != record.block_id:

@@ -1,19 +1,23 @@
 """On-disk encoding of a block's record in ``meta.lmdb`` table ``blocks``.
 
-Format version 1 (big-endian)::
+Format versions 1 and 2 (big-endian)::
 
-    u8  version (=1)
+    u8  version (1 or 2)
     u32 refcount            references from file maps and metadata nodes (fs/metaindex.py)
     u32 size                plaintext bytes
     u32 shard_size          bytes per shard
     u8  needed (K)
     u8  total (N)
     72  wrapped content key
-    24  AEAD nonce (lets the exact shards be recreated from cached plaintext)
+    24 or 32  AEAD nonce (lets the exact shards be recreated from cached plaintext):
+            24 bytes in version 1 (an XChaCha20-Poly1305 block, sealed layout 1 or 2),
+            32 bytes in version 2 (an AEGIS-256 block, sealed layout 3; codec.py)
     N x 32  shard ids (Merkle roots)
     N x u32 holder of each shard: a peer index, 0 = this node, 0xFFFFFFFF = none
 
-About 500 bytes per 4 MiB block for N=12: a terabyte needs ~130 MB of records.
+A block of sealed layout 1 or 2 is still written as version 1, so records read the same
+by code that knows only version 1. About 500 bytes per 4 MiB block for N=12: a terabyte
+needs ~130 MB of records.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import struct
 from collections.abc import Set
 from dataclasses import dataclass
 
-from fluidfs.blocks.codec import NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.blocks.codec import AEGIS, WRAPPED_KEY_SIZE, XCHACHA, BlockRecord, nonce_size
 
-VERSION = 1
+# record version -> nonce bytes (the sealed layout's; see the format above)
+_NONCE_SIZES = {1: nonce_size(XCHACHA), 2: nonce_size(AEGIS)}
+_VERSIONS = {size: version for version, size in _NONCE_SIZES.items()}
 NO_HOLDER = 0xFFFFFFFF
 LOCAL_HOLDER = 0
 _HEAD = struct.Struct(">BIIIBB")
@@ -47,11 +53,18 @@ class StoredBlock:
         return sum(1 for h in self.holders if h != NO_HOLDER and h not in failing)
 
     def encode(self) -> bytes:
-        """Serialise to the version-1 layout above."""
+        """Serialise to the layout above (the version its nonce's size calls for)."""
         rec = self.record
         return b"".join(
             [
-                _HEAD.pack(VERSION, self.refcount, rec.size, rec.shard_size, rec.needed, rec.total),
+                _HEAD.pack(
+                    _VERSIONS[len(rec.nonce)],
+                    self.refcount,
+                    rec.size,
+                    rec.shard_size,
+                    rec.needed,
+                    rec.total,
+                ),
                 rec.wrapped_key,
                 rec.nonce,
                 *rec.shard_ids,
@@ -63,13 +76,14 @@ class StoredBlock:
     def decode(cls, block_id: bytes, raw: bytes) -> StoredBlock:
         """Parse a record written by encode()."""
         version, refcount, size, shard_size, needed, total = _HEAD.unpack_from(raw)
-        if version != VERSION:
+        nonce_size = _NONCE_SIZES.get(version)
+        if nonce_size is None:
             raise ValueError(f"unknown block record version {version}")
         pos = _HEAD.size
         wrapped = bytes(raw[pos : pos + WRAPPED_KEY_SIZE])
         pos += WRAPPED_KEY_SIZE
-        nonce = bytes(raw[pos : pos + NONCE_SIZE])
-        pos += NONCE_SIZE
+        nonce = bytes(raw[pos : pos + nonce_size])
+        pos += nonce_size
         ids = tuple(bytes(raw[pos + 32 * i : pos + 32 * (i + 1)]) for i in range(total))
         pos += 32 * total
         holders = list(struct.unpack_from(f">{total}I", raw, pos))

@@ -32,6 +32,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.shardbatch import ShardBatches
+from fluidfs.net import envelope
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
@@ -277,11 +278,12 @@ class RemoteShards:
             reply = await self.conns.call(
                 key,
                 "StoreShard",
-                # cbor2 writes a memoryview as a list of ints: a sealed block's
-                # primary shards (views of its buffer) become bytes here, once.
-                {"shards": [{"id": shard_id, "data": bytes(data)}]},
+                # the shard goes from its buffer (a primary shard is a view of the
+                # sealed block) straight into the frame: no copy on the way
+                {"shards": [{"id": shard_id, "data": envelope.TAIL}]},
                 timeout=STORE_TIMEOUT,
                 priority=priority,
+                tail=data,
             )
         except (PeerUnavailable, RpcError) as exc:
             log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)

@@ -24,12 +24,15 @@ Node types:
 
 A *reference* (ref) to a block is an array::
 
-    [block id (32), size, shard size, K, wrapped key (72), nonce (24),
+    [block id (32), size, shard size, K, wrapped key (72), nonce (24 or 32),
      shard ids (N x 32 bytes, concatenated), holders (N x u16 big-endian: index into
      "p", 0xFFFF = no holder)]
 
 which is everything a machine holding only the keyfile needs to fetch, check and
-decrypt the block (see blocks/codec.py).
+decrypt the block (see blocks/codec.py). The nonce's length names the block's sealed
+layout: 24 bytes XChaCha20-Poly1305 (layouts 1 and 2), 32 bytes AEGIS-256 (layout 3,
+added without a new node version: a reader that predates it refuses such a reference
+as malformed rather than misreading it).
 
 An *entry* is a map with one-letter keys, each left out when it has its default (0,
 empty): ``n`` name (bytes), ``i`` inode number, ``m`` mode, ``u`` uid, ``g`` gid,
@@ -66,7 +69,7 @@ from operator import attrgetter
 import blake3
 import cbor2
 
-from fluidfs.blocks.codec import KEY_SIZE, NONCE_SIZE, WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.blocks.codec import KEY_SIZE, NONCE_SIZES, WRAPPED_KEY_SIZE, BlockRecord
 from fluidfs.fs.inode import FIELDS as INODE_FIELDS
 from fluidfs.fs.inode import Inode
 from fluidfs.wire import (
@@ -278,6 +281,8 @@ def _ref(
     total, rest = divmod(len(ids), ID_SIZE)
     if rest or total < needed:
         raise SchemaError("", "bad shard id list")
+    if len(nonce) not in NONCE_SIZES:
+        raise SchemaError("", "nonce of no sealed layout")
     if len(holders_raw) != 2 * total:
         raise SchemaError("", f"expected {2 * total} bytes of holders")
     holders = []
@@ -308,7 +313,7 @@ def _ref_schema(table: list[bytes]) -> Schema:
         Int(1, 2**32 - 1),  # shard size
         Int(1, MAX_SHARDS),  # K
         Bytes(WRAPPED_KEY_SIZE, WRAPPED_KEY_SIZE),
-        Bytes(NONCE_SIZE, NONCE_SIZE),
+        Bytes(min(NONCE_SIZES), max(NONCE_SIZES)),
         Bytes(ID_SIZE, ID_SIZE * MAX_SHARDS),  # shard ids
         Bytes(0, 2 * MAX_SHARDS),  # holders
         into=partial(_ref, table),

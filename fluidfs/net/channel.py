@@ -196,12 +196,13 @@ class SecureChannel:
 
     async def send(
         self,
-        data: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...],
         *,
         priority: int = SERVE,
         deadline: Deadline | None = None,
     ) -> None:
-        """Encrypt ``data`` as one frame and send it.
+        """Encrypt ``data`` as one frame and send it (a tuple of buffers: their bytes one
+        after the other, copied nowhere else on the way to the frame cipher).
 
         Under an upload limit the frame goes out in chunks, each when the node's upload
         bucket gives this ``priority`` its turn; the caller's ``deadline`` is paused while
@@ -211,7 +212,10 @@ class SecureChannel:
         ``max_message``, ``ChannelClosed`` if the connection is gone, and
         ``trio.ClosedResourceError`` after ``aclose``.
         """
-        n = memoryview(data).nbytes
+        if isinstance(data, tuple):
+            n = sum(memoryview(part).nbytes for part in data)
+        else:
+            n = memoryview(data).nbytes
         if n > self.max_message:
             raise FrameError(f"message of {n} bytes exceeds the {self.max_message}-byte limit")
         paced = self._bandwidth is not None and self._bandwidth.up.limited
@@ -232,7 +236,7 @@ class SecureChannel:
 
     async def _send_frame(
         self,
-        data: bytes | bytearray | memoryview,
+        data: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...],
         n: int,
         tag: int,
         priority: int = SERVE,
@@ -290,7 +294,11 @@ class SecureChannel:
             await self._stream.send_all(chunk)
 
     def _encrypt(
-        self, frame: object, data: bytes | bytearray | memoryview, n: int, tag: int
+        self,
+        frame: object,
+        data: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...],
+        n: int,
+        tag: int,
     ) -> None:
         frame[0:4] = (n + ABYTES).to_bytes(4, "big")  # type: ignore[index]
         self._sealer.seal(frame + 4, data, n, tag)  # type: ignore[operator]

@@ -23,13 +23,16 @@ All functions here may run in a worker thread; a state is used by one thread at 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import nacl.bindings as sodium
 from nacl._sodium import ffi, lib  # direct calls: the bindings copy every frame twice
 
 ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17 = tag byte + MAC
 MAC_BYTES = 16
+
+#: a frame's message: one buffer, or several whose bytes follow one another
+Message: TypeAlias = bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...]
 
 
 def aes_available() -> bool:
@@ -43,7 +46,7 @@ class FrameSealer(Protocol):
     #: the cipher's name as ``SecureChannel.cipher`` reports it
     name: str
 
-    def seal(self, out: object, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
+    def seal(self, out: object, data: Message, n: int, tag: int) -> None:
         """Write ``n + ABYTES`` bytes of ciphertext for (tag, data) at cffi pointer *out*."""
 
 
@@ -67,7 +70,9 @@ class SecretStreamSealer:
     def __init__(self, state: sodium.crypto_secretstream_xchacha20poly1305_state) -> None:
         self._state = state.statebuf
 
-    def seal(self, out: object, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
+    def seal(self, out: object, data: Message, n: int, tag: int) -> None:
+        if isinstance(data, tuple):  # secretstream reads one buffer: join the parts
+            data = b"".join(data)
         src = ffi.from_buffer(data) if n else ffi.NULL
         rc = lib.crypto_secretstream_xchacha20poly1305_push(
             self._state, out, ffi.NULL, src, n, ffi.NULL, 0, tag
@@ -116,13 +121,18 @@ class AesGcmSealer(_Counter):
         super().__init__(key)
         self._clen = ffi.new("unsigned long long *")
 
-    def seal(self, out: object, data: bytes | bytearray | memoryview, n: int, tag: int) -> None:
+    def seal(self, out: object, data: Message, n: int, tag: int) -> None:
         # tag || data is assembled where the ciphertext goes and encrypted in place
         # (libsodium allows c == m), which costs one memcpy instead of a temporary copy.
         out = ffi.cast("unsigned char *", out)
         out[0] = tag
-        if n:
-            ffi.memmove(out + 1, ffi.from_buffer(data), n)
+        at = 1
+        for part in data if isinstance(data, tuple) else (data,):
+            size = memoryview(part).nbytes
+            if size:
+                ffi.memmove(out + at, ffi.from_buffer(part), size)
+                at += size
+        assert at == n + 1
         rc = lib.crypto_aead_aes256gcm_encrypt(
             out, self._clen, out, n + 1, ffi.NULL, 0, ffi.NULL, self.next_nonce(), self._key
         )

@@ -465,8 +465,13 @@ class RpcConnection:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         priority: int = SERVE,
+        tail: bytes | bytearray | memoryview | None = None,
     ) -> dict[str, Any]:
         """Call ``op`` on the peer and return its ``ok`` map.
+
+        ``tail``: the bytes of the one ``envelope.TAIL`` in ``args`` (the last item they
+        encode), sent from this buffer without a copy (``envelope.encode_request_parts``);
+        the schema checks ``args`` with an empty byte string in its place.
 
         ``priority``: the request's turn under an upload limit (``net/bandwidth.py``);
         time spent waiting for that turn does not count against ``timeout``.
@@ -482,11 +487,17 @@ class RpcConnection:
             raise RpcConnectionLost(self._dead)
         spec = self.ops.get(op)
         if spec is not None:
-            validate(spec.request, args, "args")
+            validate(spec.request, args if tail is None else _without_tail(args), "args")
         rid = next(self._ids)
-        data = envelope.encode_request(rid, op, args)
-        if len(data) > self.channel.max_message:
-            raise RpcError("too_large", f"{op} request of {len(data)} bytes exceeds one frame")
+        data: bytes | tuple[bytes, bytes | bytearray | memoryview]
+        if tail is None:
+            data = envelope.encode_request(rid, op, args)
+            size = len(data)
+        else:
+            data = envelope.encode_request_parts(rid, op, args, tail)
+            size = len(data[0]) + memoryview(tail).nbytes
+        if size > self.channel.max_message:
+            raise RpcError("too_large", f"{op} request of {size} bytes exceeds one frame")
         bound = reply_bound(spec.response if spec else None, self.channel.max_message)
         waiter = self._pending[rid] = _Waiter(bound)
         self._touch()
@@ -510,7 +521,12 @@ class RpcConnection:
                 raise RpcError("bad_reply", f"{op}: {exc}") from None
         return result
 
-    async def _send_request(self, data: bytes, priority: int, scope: trio.CancelScope) -> None:
+    async def _send_request(
+        self,
+        data: bytes | tuple[bytes, bytes | bytearray | memoryview],
+        priority: int,
+        scope: trio.CancelScope,
+    ) -> None:
         # the queue for our own upload limit does not count against the call's timeout
         deadline = Deadline(lambda: scope.deadline, lambda t: setattr(scope, "deadline", t))
         try:
@@ -624,3 +640,14 @@ async def serve_connection(
 
 def _hex(key: bytes) -> str:
     return key.hex()[:16]
+
+
+def _without_tail(value: Any) -> Any:
+    """*value* with ``envelope.TAIL`` replaced by an empty byte string (for the schema)."""
+    if value is envelope.TAIL:
+        return b""
+    if isinstance(value, dict):
+        return {k: _without_tail(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_tail(v) for v in value]
+    return value

@@ -384,11 +384,13 @@ class Connections:
         timeout: float = 30.0,
         priority: int = SERVE,
         addr: str = "",
+        tail: bytes | bytearray | memoryview | None = None,
     ) -> dict[str, Any]:
         """Call *op* on the peer; network failures become PeerUnavailable, replies RpcError.
 
         *priority* is the request's turn under the upload limit (net/bandwidth.py);
-        *addr*: where to dial the peer if there is no connection (else its row's address).
+        *addr*: where to dial the peer if there is no connection (else its row's address);
+        *tail*: the bytes of ``envelope.TAIL`` in *args*, sent without a copy (rpc.py).
 
         If the peer closed the connection as we used it (its idle timeout), the call is
         made once more on a new connection: a peer closing an idle connection has not
@@ -397,12 +399,12 @@ class Connections:
         if op in ROUTED_OPS and "for" not in args and "delegation" not in args:
             where = self.store_at(key)
             if where is not None:  # the partner's provider answers for it
-                args = {**args, "for": key}
+                args = {"for": key, **args}  # in front: a TAIL stays the last item
                 key, addr = where
         for attempt in (1, 2):
             conn = await self.get(key, addr)
             try:
-                reply = await conn.call(op, args, timeout=timeout, priority=priority)
+                reply = await conn.call(op, args, timeout=timeout, priority=priority, tail=tail)
                 self._answered[conn] = time.monotonic()
                 self.peers.seen(key)
                 return reply

@@ -11,11 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.codec import BlockCodec, CorruptBlock, NotEnoughShards
+from fluidfs.blocks.codec import (
+    AEGIS,
+    XCHACHA,
+    BlockCodec,
+    CorruptBlock,
+    NotEnoughShards,
+    hardware_aes,
+    overhead,
+)
 from fluidfs.blocks.record import StoredBlock
 
 K, N = 8, 12
 CODEC = BlockCodec(dedup_key=os.urandom(32), wrap_key=os.urandom(32), needed=K, total=N)
+# The same user's codec sealing layout version 2 (XChaCha20-Poly1305), as every machine
+# did before layout 3 and machines without hardware AES still do.
+CODEC_V2 = BlockCodec(
+    dedup_key=CODEC.dedup_key, wrap_key=CODEC.wrap_key, needed=K, total=N, version=XCHACHA
+)
 DATA = os.urandom(300_001)
 RECORD, SEALED = CODEC.seal(DATA)
 SHARDS = [bytes(s) for s in SEALED]  # the primary shards are views of one buffer
@@ -155,20 +168,94 @@ def test_shards_show_a_size_class_not_the_exact_length():
         data = os.urandom(n)
         record, shards = CODEC.seal(data)
         assert record.size == n
-        assert n + 40 <= record.shard_size * K <= 1.12 * n + 40 + K
+        extra = overhead(CODEC.version)
+        assert n + extra <= record.shard_size * K <= 1.12 * n + extra + K
         assert CODEC.open(record, {i: shards[i] for i in range(3, 11)}) == data
 
 
 def test_blocks_sealed_at_their_exact_size_still_open_and_reseal():
     """Layout version 1 sized shards for the exact length; such blocks keep working."""
+    record, _ = CODEC_V2.seal(DATA)
     exact = -(-(len(DATA) + 40) // K)
-    assert exact != RECORD.shard_size
-    key = CODEC._content_key(RECORD)
-    old_shards = CODEC._encode(DATA, RECORD.block_id, key, RECORD.nonce, exact)
+    assert exact != record.shard_size
+    old_shards = CODEC.reseal(dataclasses.replace(record, shard_size=exact), DATA)
     old = dataclasses.replace(
-        RECORD, shard_size=exact, shard_ids=tuple(merkle.shard_id(s) for s in old_shards)
+        record, shard_size=exact, shard_ids=tuple(merkle.shard_id(s) for s in old_shards)
     )
     assert CODEC.open(old, {i: old_shards[i] for i in range(4, 12)}) == DATA
     assert CODEC.reseal(old, DATA) == old_shards
     assert CODEC.recreate(old, {i: old_shards[i] for i in range(4, 12)}, [0, 1]) == {
         0: old_shards[0], 1: old_shards[1]}
+
+
+# --- sealed layout versions (2: XChaCha20-Poly1305, 3: AEGIS-256) ---------------------
+
+# Sealed by the code before layout 3 (commit c8249cb) with these keys, K=2 of N=3: the
+# record as meta.lmdb kept it (version 1) and the three shards.
+OLD_KEYS = {"dedup_key": bytes(range(32)), "wrap_key": bytes(range(32, 64))}
+OLD_DATA = b"sealed by layout version 2, before AEGIS-256 " * 2
+OLD_RECORD = bytes.fromhex(
+    "01000000010000005a000000440203a5ab2c4a9edcd832b66a7e1f362e2667145285f53b10edf93d4c3a81"
+    "c9a910a228081830e000177ed8a68e81b91382c479f583d07b64e63578809382249c148ac5d346f7bf85c1"
+    "fca1146cc8390264fa61a497e18b818944dee978ad52f6ebd2b14fe3d39f1f8ff938a9cc9c1593961ae25b"
+    "e8162652f9b9c879f818cd092e17661140056565442e77e4cfd423ca62c0c0011aea874b94f34c7ab89889"
+    "dc90ab47f48d9143a3c40f98a04fc98585bbbe6b061585c6c84df8b2c6dd87a6b386c80000000000000001"
+    "00000002"
+)
+OLD_SHARDS = [
+    bytes.fromhex(h)
+    for h in (
+        "a1146cc8390264fa61a497e18b818944dee978ad52f6ebd2efb710aafb1f5f2b5ce732a10cb95a63bf8c"
+        "2727b4c456980ee9be019e38184c5964ac02036daa8602a56982",
+        "7a6a8c24993f712fd2e02066b3541564b74e4ea669e6121514d6a5bcb09faa3b10e6f0d4f878e0f6332e"
+        "beecc0c21c4418e40cb60735900bb862578bbc2c000000000000",
+        "0ae8b10d64784e4d1a2ce4f2fb36ac040cba14bb24d60441047567866d02a80bc4e5ab4bf9263354bad5"
+        "08ac5cc8c23d22f3c772b12215c28668470d60efe39706f2bb9b",
+    )
+]
+
+
+def test_new_blocks_are_sealed_with_aegis_where_the_cpu_has_aes():
+    """Layout 3 (AEGIS-256, a 32-byte nonce) on hardware AES, else layout 2."""
+    expected = AEGIS if hardware_aes() else XCHACHA
+    assert CODEC.version == expected
+    assert len(RECORD.nonce) == {AEGIS: 32, XCHACHA: 24}[expected]
+
+
+@pytest.mark.parametrize("version", [XCHACHA, AEGIS])
+def test_every_layout_opens_reseals_and_recreates(version):
+    codec = CODEC if version == CODEC.version else CODEC_V2
+    if codec.version != version:
+        codec = BlockCodec(dedup_key=CODEC.dedup_key, wrap_key=CODEC.wrap_key, needed=K,
+                           total=N, version=version)
+    data = os.urandom(1_000_003)
+    record, shards = codec.seal(data)
+    shards = [bytes(s) for s in shards]
+    # the other codec of the same user opens it: the record says how it was sealed
+    for opener in (CODEC, CODEC_V2):
+        assert opener.open(record, {i: shards[i] for i in range(2, 10)}) == data
+        assert [bytes(s) for s in opener.reseal(record, data)] == shards
+        assert opener.recreate(record, {i: shards[i] for i in range(4, 12)}, [0, 11]) == {
+            0: shards[0], 11: shards[11]}
+    back = StoredBlock.decode(record.block_id, StoredBlock(record, 1, [0] * N).encode())
+    assert back.record == record
+    tampered = dict(enumerate(shards))
+    tampered[0] = bytes([shards[0][0] ^ 1]) + shards[0][1:]
+    with pytest.raises(CorruptBlock):
+        CODEC.open(record, tampered, verified=True)
+
+
+def test_blocks_sealed_before_layout_3_still_open():
+    codec = BlockCodec(**OLD_KEYS, needed=2, total=3)
+    block_id = codec.block_id(OLD_DATA)
+    stored = StoredBlock.decode(block_id, OLD_RECORD)
+    assert stored.encode() == OLD_RECORD  # still written as record version 1
+    for pair in ((0, 1), (0, 2), (1, 2)):
+        assert codec.open(stored.record, {i: OLD_SHARDS[i] for i in pair}) == OLD_DATA
+    assert [bytes(s) for s in codec.reseal(stored.record, OLD_DATA)] == OLD_SHARDS
+
+
+def test_a_record_of_no_known_version_is_refused():
+    raw = StoredBlock(RECORD, 1, [0] * N).encode()
+    with pytest.raises(ValueError):
+        StoredBlock.decode(RECORD.block_id, b"\x03" + raw[1:])

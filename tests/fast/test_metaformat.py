@@ -9,7 +9,7 @@ import stat
 import cbor2
 import pytest
 
-from fluidfs.blocks.codec import BlockCodec
+from fluidfs.blocks.codec import AEGIS, XCHACHA, BlockCodec
 from fluidfs.fs.inode import FIELDS, Inode
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
@@ -111,12 +111,29 @@ def test_other_node_types_round_trip() -> None:
         lambda raw: _mangle_ref(raw, 7, b"\x00\x63" * 12),  # holder outside the table
         lambda raw: _mangle_ref(raw, 0, b"\x00" * 31),  # short block id
         lambda raw: _mangle_ref(raw, 3, 0),  # K = 0
+        lambda raw: _mangle_ref(raw, 5, b"\x00" * 28),  # a nonce of no sealed layout
+        lambda raw: _mangle_ref(raw, 5, b"\x00" * 33),
     ],
 )
 def test_malformed_nodes_are_refused(mangle) -> None:
     raw = cbor2.loads(encode_leaf([Entry(b"f", blocks=[(0, make_ref())])]))
     with pytest.raises(NodeError):
         decode_node(cbor2.dumps(mangle(raw)))
+
+
+@pytest.mark.parametrize("version", [XCHACHA, AEGIS])
+def test_refs_keep_their_sealed_layout(version: int) -> None:
+    """A fresh machine reads a block's layout from its reference: both open."""
+    codec = BlockCodec(dedup_key=bytes(32), wrap_key=bytes(32), needed=8, total=12,
+                       version=version)
+    data = os.urandom(5000)
+    record, shards = codec.seal(data)
+    ref = Ref(record, tuple(PEERS[:12]))
+    (entry,) = decode_node(encode_leaf([Entry(b"f", blocks=[(0, ref)])])).entries
+    back = entry.blocks[0][1]
+    assert back == ref
+    assert len(back.record.nonce) == {XCHACHA: 24, AEGIS: 32}[version]
+    assert codec.open(back.record, {i: shards[i] for i in range(4, 12)}) == data
 
 
 def _mangle_ref(raw: dict, field: int, value) -> dict:

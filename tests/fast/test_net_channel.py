@@ -127,6 +127,22 @@ async def test_roundtrip_memory_and_identities(cipher):
         assert await c.receive() == msg
 
 
+async def test_a_message_in_parts_arrives_whole(cipher):
+    """A tuple of buffers is one frame of their bytes in order (views and empty parts
+    included), on either cipher."""
+    tap, c, s = await memory_pair()
+    block = bytearray(os.urandom(300_000))
+    parts = (b"head", memoryview(block)[1000:200_000].toreadonly(), b"", bytes(block[:7]))
+    await c.send(parts)
+    assert await s.receive() == b"".join(bytes(p) for p in parts)
+    tap.capturing = True
+    await c.send((b"", b""))
+    (frame,) = tap.frames()
+    assert len(frame) == 4 + framecipher.ABYTES  # an empty message, as b"" would be
+    with pytest.raises(FrameError):
+        await c.send((bytes(MAX_FRAME), b"x"))
+
+
 async def test_roundtrip_tcp_large_both_ways(tcp_pair):
     _, c, s = tcp_pair
     big = os.urandom(8 * 1024 * 1024)

@@ -26,6 +26,7 @@ from fluidfs.net import (
     accept_channel,
     connect_channel,
     dial,
+    envelope,
     open_rpc,
     serve_tcp,
 )
@@ -166,6 +167,43 @@ async def test_large_shards_both_ways(port):
         with pytest.raises(RpcError) as ei:
             await conn.call("RetrieveShard", {"id": bytes(32)})
         assert ei.value.code == "not_found"
+
+
+async def test_a_shard_sent_from_its_buffer_arrives_intact(port, service):
+    """StoreShard with the shard as the request's tail (no copy on our side): the peer
+    gets exactly the bytes, and the size limits still hold."""
+    block = memoryview(os.urandom(3 * 1024 * 1024)).toreadonly()
+    ids = [os.urandom(32) for _ in range(3)]
+    async with client(port) as conn:
+        for i, n in zip(ids, (0, 23, 1024 * 1024 + 5), strict=True):
+            view = block[n : 2 * n]
+            r = await conn.call("StoreShard", {"shards": [{"id": i, "data": envelope.TAIL}]},
+                                tail=view)
+            assert r == {"stored": [i], "refused": []}
+            assert service.shards[i] == bytes(view)
+        with pytest.raises(RpcError) as ei:
+            await conn.call("StoreShard", {"shards": [{"id": ids[0], "data": envelope.TAIL}]},
+                            tail=bytes(16 * 1024 * 1024))
+        assert ei.value.code == "too_large"
+        with pytest.raises(ValueError):  # the tail must be the last item encoded
+            await conn.call("StoreShard", {"shards": [{"data": envelope.TAIL, "id": ids[0]}]},
+                            tail=b"x")
+        assert await conn.call("Ping", {})
+
+
+def test_request_parts_are_the_plain_encoding():
+    data = os.urandom(70_000)
+    for n in (0, 1, 23, 24, 255, 256, 65_535, 65_536, 70_000):
+        head, tail = envelope.encode_request_parts(
+            9, "StoreShard", {"for": b"k" * 32, "shards": [{"id": b"i" * 32,
+                                                          "data": envelope.TAIL}]}, data[:n])
+        assert head + tail == envelope.encode_request(
+            9, "StoreShard", {"for": b"k" * 32, "shards": [{"id": b"i" * 32,
+                                                          "data": data[:n]}]})
+    for args in ({"a": 1}, {"a": [envelope.TAIL, envelope.TAIL]},
+                 {"a": envelope.TAIL, "b": b""}):
+        with pytest.raises(ValueError):
+            envelope.encode_request_parts(1, "X", args, b"x")
 
 
 async def test_request_too_large_for_a_frame(port):
