@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import trio
 
+from fluidfs.blocks import merkle
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
@@ -459,6 +462,36 @@ class RemoteShards:
                 )
                 if on_found is not None:
                     on_found(index, self.peers.get(key).index)
+
+    async def locate(self, record: BlockRecord, indexes: list[int]) -> dict[int, bytes]:
+        """Which peers hold shards *indexes* of the block: {index: peer key}, each proven
+        by the peer answering an audit of it (a leaf and its Merkle path, a few hundred
+        bytes, not the shard). Every peer with a live agreement is asked for every index
+        at once; a peer that has not got a shard says so, which costs it nothing. For
+        holder lists that lag (a fresh machine's restored snapshot): a shard someone
+        holds need not be rebuilt and sent again."""
+        peers = [a.peer for a in self.ledger.active()
+                 if a.peer in self.peers and not self.conns.backing_off(a.peer)]
+        found: dict[int, bytes] = {}
+
+        async def ask(index: int, key: bytes) -> None:
+            shard_id = record.shard_ids[index]
+            leaf = random.randrange(merkle.leaf_count(record.shard_size))
+            try:
+                proof = await self.conns.call(
+                    key, "AuditShard", {"id": shard_id, "leaf": leaf, "nonce": os.urandom(32)},
+                    timeout=FETCH_TIMEOUT)
+            except (PeerUnavailable, RpcError):
+                return
+            if index not in found and merkle.verify(
+                    shard_id, record.shard_size, leaf, proof["leaf_data"], proof["path"]):
+                found[index] = key
+
+        async with trio.open_nursery() as nursery:
+            for index in indexes:
+                for key in peers:
+                    nursery.start_soon(ask, index, key)
+        return found
 
     async def _ask_all(
         self, record: BlockRecord, index: int, peers: list[bytes]
