@@ -27,8 +27,10 @@ rclone-style units a bare ``10M`` is 10 MiB/s, more than a 20 Mbit/s line carrie
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,6 +154,8 @@ def main() -> int:
     parser.add_argument("--peer-up", type=parse_rate, default=20_000_000)
     parser.add_argument("--up", type=parse_rate, default=20_000_000)
     parser.add_argument("--down", type=parse_rate, default=200_000_000)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's directory (the nodes' logs and state)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="py-spy the fresh mount during the read; raw stacks into DIR")
     args = parser.parse_args()
@@ -162,6 +166,10 @@ def main() -> int:
         print("bench_lab: run as root (network namespaces)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="bench-lab-"))
+    if args.keep:
+        print(f"bench_lab: the nodes' logs and state stay in {root}", flush=True)
+    else:  # 12 peers' shards and the mounts' caches: several times SIZE on disk
+        atexit.register(shutil.rmtree, root, True)
     quick = ["--audit-interval", "5", "--tolerance", "600", "--donate", "4G"]
     mounts: list[LabMount] = []
     with Lab(root) as lab:
