@@ -466,12 +466,13 @@ class RemoteShards:
     async def locate(self, record: BlockRecord, indexes: list[int]) -> dict[int, bytes]:
         """Which peers hold shards *indexes* of the block: {index: peer key}, each proven
         by the peer answering an audit of it (a leaf and its Merkle path, a few hundred
-        bytes, not the shard). Every peer with a live agreement is asked for every index
-        at once; a peer that has not got a shard says so, which costs it nothing. For
-        holder lists that lag (a fresh machine's restored snapshot): a shard someone
-        holds need not be rebuilt and sent again."""
+        bytes, not the shard). Every peer with a live agreement, but one caught serving a
+        corrupt shard, is asked for every index at once; a peer that has not got a shard
+        says so, which costs it nothing. For holder lists that lag (a fresh machine's
+        restored snapshot): a shard someone holds need not be rebuilt and sent again."""
         peers = [a.peer for a in self.ledger.active()
-                 if a.peer in self.peers and not self.conns.backing_off(a.peer)]
+                 if a.peer in self.peers and a.peer not in self.caught
+                 and not self.conns.backing_off(a.peer)]
         found: dict[int, bytes] = {}
 
         async def ask(index: int, key: bytes) -> None:
