@@ -27,8 +27,10 @@ rclone-style units a bare ``10M`` is 10 MiB/s, more than a 20 Mbit/s line carrie
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lab_repair import measured_tcp_rate, parse_rate, parse_size
+from benchlib import Profiler
 from labnodes import PORT, LabMount, LabPeer, cli
 from netlab import Host, Lab
 from peerhelpers import status, wait_for
@@ -101,6 +104,15 @@ class Sampler:
         return best
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds *pid* has used so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def full(state: Path, blocks: int):
     """A predicate: the mount with *state* has every one of at least *blocks* blocks on N
     peers (the file's blocks, plus the metadata's)."""
@@ -142,13 +154,22 @@ def main() -> int:
     parser.add_argument("--peer-up", type=parse_rate, default=20_000_000)
     parser.add_argument("--up", type=parse_rate, default=20_000_000)
     parser.add_argument("--down", type=parse_rate, default=200_000_000)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's directory (the nodes' logs and state)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy the fresh mount during the read; raw stacks into DIR")
     args = parser.parse_args()
+    profiler = Profiler(args.profile)
     limit = bandwidth_limit(args.limit)
     assert limit is not None
     if os.geteuid() != 0:
         print("bench_lab: run as root (network namespaces)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="bench-lab-"))
+    if args.keep:
+        print(f"bench_lab: the nodes' logs and state stay in {root}", flush=True)
+    else:  # 12 peers' shards and the mounts' caches: several times SIZE on disk
+        atexit.register(shutil.rmtree, root, True)
     quick = ["--audit-interval", "5", "--tolerance", "600", "--donate", "4G"]
     mounts: list[LabMount] = []
     with Lab(root) as lab:
@@ -186,11 +207,19 @@ def main() -> int:
             mounts.append(fresh)
             mounted = time.monotonic() - began
             received = rx_bytes(hosts[1])
-            began = time.monotonic()
-            subprocess.run(["cat", str(fresh.path / "data.bin")], stdout=subprocess.DEVNULL,
-                           check=True, timeout=3600)
-            read = time.monotonic() - began
+            pids = [fresh.pid(), *(p.proc.pid for p in peers if p.proc is not None)]
+            with profiler.record("read", pids[0]):
+                cpu = [cpu_seconds(pid) for pid in pids]
+                began = time.monotonic()
+                subprocess.run(["cat", str(fresh.path / "data.bin")],
+                               stdout=subprocess.DEVNULL, check=True, timeout=3600)
+                read = time.monotonic() - began
+                cpu = [cpu_seconds(pid) - was for pid, was in zip(pids, cpu, strict=True)]
             fetched = rx_bytes(hosts[1]) - received
+            print(f"CPU during the read: the fresh mount {cpu[0]:.1f} s, the {N} peers "
+                  f"{sum(cpu[1:]):.1f} s in all, in {read:.1f} s on {os.cpu_count()} cores "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            profiler.print_reports()
             fresh.unmount()
 
             if args.skip_limit:

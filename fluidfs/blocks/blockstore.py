@@ -471,6 +471,9 @@ class BlockStore:
                     txn, old, stored.record.shard_ids[index], stored.record.shard_size
                 )
             stored.holders[index] = holder
+            # A delete still queued there (an old copy, say) must not take the copy
+            # the record now names; our usage figure counted it once and still does.
+            self.collector.reclaim(txn, holder, stored.record.shard_ids[index])
             self.save(txn, stored)
         if stored.missing() <= self.total_missing_allowed:
             self.under.discard(block_id)

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import trio
 
+from fluidfs.blocks import merkle
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
@@ -58,7 +61,11 @@ FETCH_TIMEOUT_QUEUED = 2.0
 EXTRA_FETCHES = 2  # at most this many requests beyond K, each only for a late or failed one
 # A shard request is late when it has run HEDGE_FACTOR times the median time of the good
 # answers so far, plus HEDGE_SLACK (so jitter on a fast line starts none); before any
-# answer, after FIRST_ANSWER_PATIENCE.
+# answer, after FIRST_ANSWER_PATIENCE. "Run" counts from when the request was sent or,
+# if later, from the last answer that peer gave us: a peer sends our answers one after
+# another up one line, so a request queued behind our others there is waiting for its
+# turn, not for a slow peer, and a hedge for it would only spend the downlink on a
+# shard that gets cancelled (all the same sent in full).
 HEDGE_FACTOR = 2.0
 HEDGE_SLACK = 0.25
 FIRST_ANSWER_PATIENCE = FETCH_TIMEOUT / 2
@@ -87,9 +94,8 @@ def _patience(took: list[float]) -> float:
     return HEDGE_FACTOR * statistics.median(took) + HEDGE_SLACK
 
 
-def _late_at(in_flight: dict[int, float], covered: set[int], took: list[float]) -> float:
-    """When the first request in flight without an extra one started for it turns late."""
-    waiting = [at for index, at in in_flight.items() if index not in covered]
+def _late_at(waiting: list[float], took: list[float]) -> float:
+    """When the first of the requests that started waiting at *waiting* turns late."""
     return min(waiting) + _patience(took) if waiting else math.inf
 
 
@@ -119,6 +125,9 @@ class RemoteShards:
         self.limiter = limiter
         self._slots: dict[bytes, trio.Semaphore] = defaultdict(_window)
         self._fetching: Counter[bytes] = Counter()  # shard requests running, per peer
+        # When each peer last answered one of our shard requests (trio time): requests
+        # queued behind it there wait from then (see HEDGE_FACTOR).
+        self._answered: dict[bytes, float] = {}
         self.journal: Collector | None = None  # journals shards in flight (crash safety)
         self.even_placement = even_placement  # benchmarks: ignore trust and space
         self.on_result: Callable[[bytes, bool], None] = peers.record
@@ -339,8 +348,15 @@ class RemoteShards:
         good: dict[int, bytes] = {}
         send, recv = trio.open_memory_channel[tuple[int, bytes | None, float]](len(order))
         in_flight: dict[int, float] = {}  # shard index -> when its request went out
+        keys: dict[int, bytes | None] = {}  # shard index -> the peer asked for it
         covered: set[int] = set()  # late requests an extra one was started for
         took: list[float] = []  # how long each good answer took
+
+        def waiting_since(index: int) -> float:
+            """When the request for *index* last saw its peer idle or answering us."""
+            key = keys[index]
+            answered = self._answered.get(key, -math.inf) if key is not None else -math.inf
+            return max(in_flight[index], answered)
 
         async def fetch_one(index: int, key: bytes | None) -> None:
             data = None
@@ -355,7 +371,11 @@ class RemoteShards:
                     self._fetching[key] -= 1
                     if not self._fetching[key]:
                         del self._fetching[key]
-            send.send_nowait((index, data, trio.current_time() - in_flight[index]))
+            now = trio.current_time()
+            elapsed = now - waiting_since(index)
+            if data is not None and key is not None:
+                self._answered[key] = now
+            send.send_nowait((index, data, elapsed))
 
         async with trio.open_nursery() as nursery:
             queue = list(order)
@@ -364,7 +384,7 @@ class RemoteShards:
             def start_next() -> None:
                 index = queue.pop(0)
                 in_flight[index] = trio.current_time()
-                key = self.peers.key_of(holders[index])
+                key = keys[index] = self.peers.key_of(holders[index])
                 if key is not None:  # counted now: the next block's order sees it
                     self._fetching[key] += 1
                 nursery.start_soon(fetch_one, index, key)
@@ -374,7 +394,8 @@ class RemoteShards:
             while in_flight and len(good) < record.needed:
                 hedge_at = math.inf
                 if queue and hedged < extra:
-                    hedge_at = _late_at(in_flight, covered, took)
+                    hedge_at = _late_at(
+                        [waiting_since(i) for i in in_flight if i not in covered], took)
                 with trio.move_on_at(hedge_at):
                     index, data, elapsed = await recv.receive()
                     del in_flight[index]
@@ -387,8 +408,8 @@ class RemoteShards:
                 # No answer before the oldest request became late: one more request
                 # for each late one (at most *extra* in all), the others keep running.
                 now = trio.current_time()
-                for late in sorted(in_flight, key=in_flight.__getitem__):
-                    if late in covered or in_flight[late] + _patience(took) > now:
+                for late in sorted(in_flight, key=waiting_since):
+                    if late in covered or waiting_since(late) + _patience(took) > now:
                         continue
                     if not queue or hedged >= extra:
                         break
@@ -452,6 +473,37 @@ class RemoteShards:
                 )
                 if on_found is not None:
                     on_found(index, self.peers.get(key).index)
+
+    async def locate(self, record: BlockRecord, indexes: list[int]) -> dict[int, bytes]:
+        """Which peers hold shards *indexes* of the block: {index: peer key}, each proven
+        by the peer answering an audit of it (a leaf and its Merkle path, a few hundred
+        bytes, not the shard). Every peer with a live agreement, but one caught serving a
+        corrupt shard, is asked for every index at once; a peer that has not got a shard
+        says so, which costs it nothing. For holder lists that lag (a fresh machine's
+        restored snapshot): a shard someone holds need not be rebuilt and sent again."""
+        peers = [a.peer for a in self.ledger.active()
+                 if a.peer in self.peers and a.peer not in self.caught
+                 and not self.conns.backing_off(a.peer)]
+        found: dict[int, bytes] = {}
+
+        async def ask(index: int, key: bytes) -> None:
+            shard_id = record.shard_ids[index]
+            leaf = random.randrange(merkle.leaf_count(record.shard_size))
+            try:
+                proof = await self.conns.call(
+                    key, "AuditShard", {"id": shard_id, "leaf": leaf, "nonce": os.urandom(32)},
+                    timeout=FETCH_TIMEOUT)
+            except (PeerUnavailable, RpcError):
+                return
+            if index not in found and merkle.verify(
+                    shard_id, record.shard_size, leaf, proof["leaf_data"], proof["path"]):
+                found[index] = key
+
+        async with trio.open_nursery() as nursery:
+            for index in indexes:
+                for key in peers:
+                    nursery.start_soon(ask, index, key)
+        return found
 
     async def _ask_all(
         self, record: BlockRecord, index: int, peers: list[bytes]

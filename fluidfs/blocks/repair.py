@@ -268,6 +268,9 @@ class Repairer:
             h not in (NO_HOLDER, LOCAL_HOLDER) and h not in failing for h in stored.holders
         )
         priority = repair_priority(live)
+        unknown = [i for i, h in enumerate(stored.holders) if h == NO_HOLDER]
+        if unknown and not replacing:
+            stored = await self._locate(stored, unknown)
         wanted = [
             i for i, h in enumerate(stored.holders) if h == NO_HOLDER or i in replacing
         ]
@@ -277,6 +280,23 @@ class Repairer:
         if replacing and placed:
             self.emergency_repairs += 1
         return placed
+
+    async def _locate(self, stored: StoredBlock, unknown: list[int]) -> StoredBlock:
+        """Look for the shards no holder is recorded for on our peers (remote.py
+        ``locate``) and record where they turned up; the block as it is now. A restored
+        snapshot can name fewer holders than hold the shards (taken while the block was
+        still being placed): rebuilding those would download K shards, upload the same
+        shards again and leave the copies already there unaccounted."""
+        blocks = self.blocks
+        found = await blocks.remote.locate(stored.record, unknown)
+        for index, key in sorted(found.items()):
+            peer = blocks.remote.peers.get(key)
+            if peer is not None:
+                blocks.learn_holder(stored.record.block_id, index, peer.index)
+        if found:
+            log.info("block %s: %d of %d shards without a recorded holder found on peers",
+                     stored.record.block_id.hex()[:16], len(found), len(unknown))
+        return blocks.load(stored.record.block_id) or stored
 
     async def _remake(
         self, stored: StoredBlock, wanted: list[int], replacing: dict[int, int], priority: int

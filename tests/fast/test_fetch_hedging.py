@@ -160,3 +160,63 @@ async def test_shards_missing_from_the_records_are_searched_for_at_once(
         finally:
             for host in hosts:
                 host.close()
+
+
+class OneLine(PeerService):
+    """A real peer service that sends its shard answers one after another, 0.1 s each:
+    a host whose uplink the reader's requests queue on."""
+
+    asked = 0
+    line: trio.Lock | None = None
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "RetrieveShard":
+            return await super().handle(peer_key, op, args)
+        cls = type(self)
+        cls.asked += 1
+        if cls.line is None:
+            cls.line = trio.Lock()
+        async with cls.line:
+            await trio.sleep(0.1)
+            return await super().handle(peer_key, op, args)
+
+
+async def test_requests_queued_behind_our_own_are_not_hedged(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A reader with many blocks in flight queues its requests at each holder; one that
+    waits its turn there behind answers still coming to us is not late, and a hedge for
+    it would be a shard sent in full and thrown away. So healthy holders that answer one
+    request after another are asked for K shards per block and no more. (Fails before:
+    lateness counted from the request's start, queue included: 44 or 45 requests
+    for 20 blocks.)"""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        services = [type(f"Line{i}", (OneLine,), {"asked": 0, "line": None})
+                    for i in range(N)]
+        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                 for i, s in enumerate(services)]
+        try:
+            for host in hosts:
+                owner.use(host)
+            blocks = []
+            for _ in range(2 * BLOCKS):
+                data = os.urandom(20_000)
+                record, shards = sealed(remote, data)
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                blocks.append((data, record, holders))
+            rebuilt: dict[bytes, bytes] = {}
+
+            async def read(record, holders) -> None:
+                rebuilt[record.block_id] = await remote.fetch(record, holders)
+
+            async with trio.open_nursery() as readers:
+                for _, record, holders in blocks:
+                    readers.start_soon(read, record, holders)
+            assert all(rebuilt[record.block_id] == data for data, record, _ in blocks)
+            asked = sum(s.asked for s in services)
+            assert asked <= len(blocks) * K + 1, (
+                f"{asked} shard requests for {len(blocks)} blocks of K = {K}")
+        finally:
+            for host in hosts:
+                host.close()
