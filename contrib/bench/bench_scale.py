@@ -7,16 +7,19 @@
 
 Steps, all through the real CLI with ``--peers`` ``fluidfs serve`` peers on 127.0.0.1:
 
-1. machine A mounts with every peer (automatic commits put off) and a Python loop
-   creates ``--files`` files of ``--size`` bytes, ``--per-dir`` to a directory (one level
-   of directories): create files/s;
+1. machine A mounts with every peer (automatic commits put off, both the quiet wait and
+   the longest delay, so the first sync commits the whole tree however long creating
+   took) and ``--writers`` processes (default one: the issue's plain Python loop) create
+   ``--files`` files of ``--size`` bytes through the mount, ``--per-dir`` to a directory
+   (one level of directories), each writer its own directories: create files/s is all
+   files over the wall-clock seconds of all writers;
 2. ``fluidfs sync``: first sync seconds; then one file is changed and ``fluidfs sync``
    runs again: sync after one changed file, seconds (and metadata blocks it wrote);
 3. ``meta.lmdb``: the file's size against its live tables (the pages every table's
-   B-tree uses, read-only ``stat``), and the mount's RssAnon / VmRSS (``/proc``);
+   B-tree uses, read-only ``stat``), and the mount's RssAnon / RssFile / VmRSS (``/proc``);
 4. ``fluidfs key export --with-peers``, A unmounts; machine B mounts a new state
    directory with only that keyfile and ``find MNT | wc -l`` is timed (the count must
-   match A's).
+   match A's); ``--skip-find`` leaves this step out.
 
 ``--baseline FILE`` prints a previous ``--json`` output beside this run (with the ratio);
 ``--repo`` runs another checkout's fluidfs (e.g. main before a change). Everything is
@@ -201,7 +204,8 @@ def run(args: argparse.Namespace) -> dict:
         cli("init", "--keyfile", str(key))
         peer_args = [a for addr in peers.addrs for a in ("--peer", addr)]
         cli("mount", str(mounts[0]), "--keyfile", str(key), "--state-dir", str(a_state),
-            "--listen", "127.0.0.1:0", "--commit-quiet", "3600", *peer_args)
+            "--listen", "127.0.0.1:0", "--commit-quiet", "86400", "--commit-max-delay", "86400",
+            *peer_args)
         pid = int((a_state / "daemon.pid").read_text())
         log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory"
             f" ({args.writers} writer process{'es' if args.writers > 1 else ''})")
