@@ -221,3 +221,20 @@ async def test_files_advertise_one_mebibyte_io_so_copies_use_large_requests(node
     (libfuse 3 negotiates 1 MiB writes), not eight of 128 KiB (issue 16)."""
     _fh, ino = await new_file(node.ops)
     assert (await node.ops.getattr(ino)).st_blksize == 1 << 20
+
+
+async def test_inode_cache_stays_bounded_while_the_kernel_knows_every_file(node):
+    # The kernel forgets nothing on a machine with free memory: a million files created
+    # must not mean a million decoded inodes in the mount's memory.
+    ops = node.ops
+    node.tree.cache_max = 40
+    made = {}
+    for i in range(200):
+        fh, ino = await new_file(ops, f"f{i}".encode())
+        await ops.write(fh, 0, b"x" * i)
+        await ops.release(fh)
+        made[ino] = i
+    assert len(node.tree._cache) <= 40
+    for ino, size in made.items():  # every file still reads as written
+        assert (await ops.getattr(ino)).st_size == size
+    assert len(node.tree._cache) <= 40
