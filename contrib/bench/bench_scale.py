@@ -7,9 +7,9 @@
 
 Steps, all through the real CLI with ``--peers`` ``fluidfs serve`` peers on 127.0.0.1:
 
-1. machine A mounts with every peer (automatic commits put off, both the quiet wait and
-   the longest delay, so the first sync commits the whole tree however long creating
-   took) and ``--writers`` processes (default one: the issue's plain Python loop) create
+1. machine A mounts with every peer (automatic commits put off: the quiet wait, the
+   longest delay and the refresh, so the first sync commits the whole tree however long
+   creating took) and ``--writers`` processes (default one: the issue's plain Python loop) create
    ``--files`` files of ``--size`` bytes through the mount, ``--per-dir`` to a directory
    (one level of directories), each writer its own directories: create files/s is all
    files over the wall-clock seconds of all writers;
@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> dict:
         peer_args = [a for addr in peers.addrs for a in ("--peer", addr)]
         cli("mount", str(mounts[0]), "--keyfile", str(key), "--state-dir", str(a_state),
             "--listen", "127.0.0.1:0", "--commit-quiet", "86400", "--commit-max-delay", "86400",
+            "--refresh-interval", "86400",
             *peer_args)
         pid = int((a_state / "daemon.pid").read_text())
         log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory"
