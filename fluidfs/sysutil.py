@@ -44,6 +44,23 @@ def tune_malloc() -> bool:
     return bool(ok)
 
 
+def trim_malloc() -> bool:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    ``tune_malloc``'s trim threshold keeps up to 256 MiB of freed heap per arena for
+    reuse, which suits a steady stream of shards; a commit's burst of directory
+    listings, nodes and shards in worker threads then stays in RssAnon long after it
+    is freed. Call after such a burst. Blocking (it walks every arena): use from a
+    worker thread. False where glibc is not available."""
+    libc = _libc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.malloc_trim(0))
+    except AttributeError:
+        return False
+
+
 MADV_DONTNEED = 4
 
 

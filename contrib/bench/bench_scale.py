@@ -7,17 +7,21 @@
 
 Steps, all through the real CLI with ``--peers`` ``fluidfs serve`` peers on 127.0.0.1:
 
-1. machine A mounts with every peer (automatic commits put off) and a Python loop
-   creates ``--files`` files of ``--size`` bytes, ``--per-dir`` to a directory (one level
-   of directories): create files/s;
+1. machine A mounts with every peer (automatic commits put off: the quiet wait, the
+   longest delay and the refresh, so the first sync commits the whole tree however long
+   creating took) and ``--writers`` processes (default one: the issue's plain Python loop) create
+   ``--files`` files of ``--size`` bytes through the mount, ``--per-dir`` to a directory
+   (one level of directories), each writer its own directories: create files/s is all
+   files over the wall-clock seconds of all writers;
 2. ``fluidfs sync``: first sync seconds; then one file is changed and ``fluidfs sync``
    runs again: sync after one changed file, seconds (and metadata blocks it wrote);
 3. ``meta.lmdb``: the file's size against its live tables (the pages every table's
-   B-tree uses, read-only ``stat``), and the mount's RssAnon / VmRSS (``/proc``);
+   B-tree uses, read-only ``stat``), and the mount's RssAnon / RssFile / VmRSS (``/proc``);
 4. ``fluidfs key export --with-peers``, A unmounts; machine B mounts a new state
    directory with only that keyfile and ``find MNT | wc -l`` is timed (the count must
    match A's), with the CPU the mount and the peers spend meanwhile; ``--find-repos``
-   repeats it with other checkouts on the same tree and peers (A/B of the find alone).
+   repeats it with other checkouts on the same tree and peers (A/B of the find alone);
+   ``--skip-find`` leaves this step out.
 
 ``--baseline FILE`` prints a previous ``--json`` output beside this run (with the ratio);
 ``--repo`` runs another checkout's fluidfs (e.g. main before a change). Everything is
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -184,6 +189,31 @@ def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dic
     return fig
 
 
+def write_tree(mount: Path, writer: int, args: argparse.Namespace, payload: bytes,
+               deadline: float | None) -> tuple[int, int, Path]:
+    """Writer ``writer`` of ``args.writers`` makes every writers-th directory and its files.
+
+    Returns (files made, directories made, the middle file it made). Each writer is a
+    separate process writing through the mount, as several programs copying a home
+    directory would; with one writer this is the issue's plain Python loop.
+    """
+    dirs = -(-args.files // args.per_dir)
+    files = made_dirs = 0
+    written: list[Path] = []
+    for d in range(writer, dirs, args.writers):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        folder = mount / f"d{d:05d}"
+        folder.mkdir()
+        made_dirs += 1
+        for i in range(d * args.per_dir, min((d + 1) * args.per_dir, args.files)):
+            with open(folder / f"f{i:07d}", "wb") as f:
+                f.write(payload[: args.size - 8] + i.to_bytes(8, "big"))
+            files += 1
+        written.append(folder / f"f{d * args.per_dir:07d}")
+    return files, made_dirs, written[len(written) // 2]
+
+
 def run(args: argparse.Namespace) -> dict:
     cli = Cli(args.repo)
     work = Path(tempfile.mkdtemp(prefix="fluidfs-bench-scale-", dir=args.workdir))
@@ -200,29 +230,33 @@ def run(args: argparse.Namespace) -> dict:
         cli("init", "--keyfile", str(key))
         peer_args = [a for addr in peers.addrs for a in ("--peer", addr)]
         cli("mount", str(mounts[0]), "--keyfile", str(key), "--state-dir", str(a_state),
-            "--listen", "127.0.0.1:0", "--commit-quiet", "3600", *peer_args)
+            "--listen", "127.0.0.1:0", "--commit-quiet", "86400", "--commit-max-delay", "86400",
+            "--refresh-interval", "86400",
+            *peer_args)
         pid = int((a_state / "daemon.pid").read_text())
-        log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory")
+        log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory"
+            f" ({args.writers} writer process{'es' if args.writers > 1 else ''})")
         payload = os.urandom(args.size)
         started = time.perf_counter()
-        created = 0
-        for i in range(args.files):
-            if args.create_seconds and time.perf_counter() - started > args.create_seconds:
-                log(f"--create-seconds reached: going on with the {created:,} files made")
-                break
-            folder = mounts[0] / f"d{i // args.per_dir:05d}"
-            if i % args.per_dir == 0:
-                folder.mkdir()
-            with open(folder / f"f{i:07d}", "wb") as f:
-                f.write(payload[: args.size - 8] + i.to_bytes(8, "big"))
-            created += 1
+        deadline = started + args.create_seconds if args.create_seconds else None
+        jobs = [(mounts[0], w, args, payload, deadline) for w in range(args.writers)]
+        if args.writers == 1:
+            made = [write_tree(*jobs[0])]
+        else:
+            with multiprocessing.get_context("fork").Pool(args.writers) as pool:
+                made = pool.starmap(write_tree, jobs)
+        created = sum(files for files, _, _ in made)
         fig["create_files_per_s"] = created / (time.perf_counter() - started)
+        fig["create_writers"] = args.writers
         fig["files_asked"], fig["files"] = args.files, created
+        fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        if created < args.files:
+            log(f"--create-seconds reached: going on with the {created:,} files made")
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
         fig["first_sync_s"], first = sync(cli, a_state)
         fig["first_sync_nodes"] = first.get("nodes_written")
         fig["first_commit_s"] = first.get("commit_seconds")
-        victim = mounts[0] / f"d{(created // 2) // args.per_dir:05d}" / f"f{created // 2:07d}"
+        victim = made[0][2]  # the middle file of writer 0's share
         victim.write_bytes(b"changed " + os.urandom(args.size))
         log(f"first sync {fig['first_sync_s']:.1f} s; sync after one changed file")
         fig["one_file_sync_s"], second = sync(cli, a_state)
@@ -232,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
         rss = read_rss(pid) or {}
         fig["rss_anon_mib"] = rss.get("RssAnon", 0) / 1024
         fig["vm_rss_mib"] = rss.get("VmRSS", 0) / 1024
+        fig["rss_file_mib"] = rss.get("RssFile", 0) / 1024
         fig["meta_file_mib"], fig["meta_live_mib"] = meta_sizes(a_state)
         fig["meta_ratio"] = fig["meta_file_mib"] / max(fig["meta_live_mib"], 1e-9)
         exported = cli("key", "export", "--with-peers", "--keyfile", str(key),
@@ -239,15 +274,18 @@ def run(args: argparse.Namespace) -> dict:
         (work / "b.key").write_text(exported)
         os.chmod(work / "b.key", 0o600)
         cli("unmount", str(mounts[0]))
-        log("machine B mounts with the exported keyfile only; find")
-        fig.update(fresh_find(cli, work, mounts[1], "b-state", peers))
-        fig["expected_count"] = 1 + created + -(-created // args.per_dir)
-        dirs = -(-created // args.per_dir) + 1
-        for i, repo in enumerate(args.find_repos * args.find_rounds):
-            log(f"again with {repo} (same tree, same peers)")
-            fig.setdefault("finds", []).append(
-                {"repo": str(repo), "dirs": dirs,
-                 **fresh_find(Cli(repo), work, mounts[1], f"b-state{i}", peers)})
+        fig["expected_count"] = 1 + created + fig["dirs"]
+        if args.skip_find:
+            log("--skip-find: no fresh-machine find")
+        else:
+            log("machine B mounts with the exported keyfile only; find")
+            fig.update(fresh_find(cli, work, mounts[1], "b-state", peers))
+            dirs = fig["dirs"] + 1
+            for i, repo in enumerate(args.find_repos * args.find_rounds):
+                log(f"again with {repo} (same tree, same peers)")
+                fig.setdefault("finds", []).append(
+                    {"repo": str(repo), "dirs": dirs,
+                     **fresh_find(Cli(repo), work, mounts[1], f"b-state{i}", peers)})
     finally:
         for m in mounts:
             unmount(m)
@@ -276,6 +314,7 @@ ROWS = [
     ("  its live tables, MiB", "meta_live_mib"),
     ("  file / live", "meta_ratio"),
     ("mount RssAnon after the syncs, MiB", "rss_anon_mib"),
+    ("  RssFile (mapped meta.lmdb pages), MiB", "rss_file_mib"),
     ("mount VmRSS after the syncs, MiB", "vm_rss_mib"),
     ("fresh machine: find over the tree, s", "find_s"),
     ("  mount CPU meanwhile, s", "find_mount_cpu_s"),
@@ -306,7 +345,8 @@ def report(fig: dict, base: dict | None) -> None:
             ratio = fig[key] / b if isinstance(b, int | float) and b and fig.get(key) else None
             line += f" {show(b):>10} {show(ratio):>7}"
         print(line + f"  {GOALS.get(key, ''):>10}")
-    print(f"find counted {fig['find_count']:,} (expected {fig['expected_count']:,})")
+    if "find_count" in fig:
+        print(f"find counted {fig['find_count']:,} (expected {fig['expected_count']:,})")
     for again in fig.get("finds", []):
         per_dir = 1000 / again["dirs"]
         print(f"find again with {again['repo']}: {again['find_s']:.2f} s, mount CPU "
@@ -314,6 +354,9 @@ def report(fig: dict, base: dict | None) -> None:
               f"ms/dir), peers' CPU {again['find_peers_cpu_s']:.2f} s "
               f"({again['find_peers_cpu_s'] * per_dir:.1f} ms/dir), counted "
               f"{again['find_count']:,}")
+    writers = fig.get("create_writers", 1)
+    if writers > 1:
+        print(f"create: {writers} writer processes at once through the mount (files / wall s)")
 
 
 def main() -> int:
@@ -322,8 +365,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=200)
     parser.add_argument("--per-dir", type=int, default=100)
     parser.add_argument("--peers", type=int, default=12)
+    parser.add_argument("--writers", type=int, default=1,
+                        help="processes creating files through the mount at once")
     parser.add_argument("--create-seconds", type=float, default=0,
                         help="stop creating after this long and measure the files made")
+    parser.add_argument("--skip-find", action="store_true",
+                        help="measure everything but the fresh-machine find")
     parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose fluidfs runs")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--baseline", type=Path, default=None, help="a previous --json output")
@@ -339,7 +386,8 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2))
     report(fig, json.loads(args.baseline.read_text()) if args.baseline else None)
-    counts = [fig["find_count"], *(again["find_count"] for again in fig.get("finds", []))]
+    counts = [fig.get("find_count", fig["expected_count"]),
+              *(again["find_count"] for again in fig.get("finds", []))]
     return 0 if all(count == fig["expected_count"] for count in counts) else 1
 
 

@@ -147,6 +147,7 @@ def remount_options(
     given = {
         "retention": args.retention,
         "commit_quiet": args.commit_quiet,
+        "commit_max_delay": args.commit_max_delay,
         "lease_renew": args.lease_renew,
         "refresh_interval": args.refresh_interval,
         "restore_wait": args.restore_wait,

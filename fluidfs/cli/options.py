@@ -291,6 +291,8 @@ OPTIONS: list[Option] = [
     ),
     option("--commit-quiet", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
            example="0.5"),
+    option("--commit-max-delay", type=seconds, default=None, help=HIDDEN,
+           commands=on("mount"), example="600"),
     option("--lease-renew", type=seconds, default=None, help=HIDDEN, commands=on("mount"),
            example="2"),
     option("--refresh-interval", type=seconds, default=None, help=HIDDEN, commands=on("mount"),

@@ -24,8 +24,13 @@ All calls are short and run on the trio loop; writes take the caller's
 transaction so that related changes commit together. The readers see the mount's
 batched writes (``Database.view``, store/batch.py). The ``*_in`` readers take a
 read transaction instead and bypass the inode cache: whole-tree scans (fs/health.py)
-use them from worker threads, batch by batch, so the cache only ever holds the
-inodes the kernel knows.
+use them from worker threads, batch by batch, so the cache only ever holds inodes the
+kernel knows. It holds at most ``INODE_CACHE_MAX`` of them, oldest cached first out:
+the kernel knows every inode it has looked up until memory pressure makes it forget,
+which on a machine with free memory is never, so a cache of every known inode grew
+by ~250 bytes a file (a million-file tree: a quarter GiB of RssAnon). A miss costs one
+read of the batch or the map (``Database.view``); every change goes through a copy
+written with ``put``, so dropping a cached inode never drops a change.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from fluidfs.store.db import Database
 _U64 = struct.Struct(">Q")
 _U64x2 = struct.Struct(">QQ")
 ROOT_INO = 1
+INODE_CACHE_MAX = 65536  # inodes kept decoded (~16 MiB); past it the oldest go
 
 BLOCK_REF = b"B"
 INLINE = b"I"
@@ -71,6 +77,7 @@ class Tree:
         # (transaction, the generation it bumped tree_gen to): one bump per transaction.
         # Holding the transaction keeps its identity from being reused by a later one.
         self._gen_of: tuple[object, int] | None = None
+        self.cache_max = INODE_CACHE_MAX
         self.dirs = DirState(db)
         db.batch.on_lost.append(self._cache.clear)  # the cache may hold what it wrote
         if not db.readonly:
@@ -120,8 +127,16 @@ class Tree:
                 return None
             inode = Inode.decode(ino, raw)
             if not self.db.batch.elsewhere():  # another thread may read an older copy
-                self._cache[ino] = inode
+                self._keep(inode)
         return inode
+
+    def _keep(self, inode: Inode) -> None:
+        """Cache *inode* as the newest, letting the oldest go past ``cache_max``."""
+        cache = self._cache
+        cache.pop(inode.ino, None)  # a rewritten inode is the last to go, not the first
+        cache[inode.ino] = inode
+        if len(cache) > self.cache_max:
+            del cache[next(iter(cache))]
 
     def inode_in(self, txn, ino: int) -> Inode | None:
         """The inode as *txn* sees it (no cache: for scans, from any thread)."""
@@ -131,7 +146,7 @@ class Tree:
     def put(self, txn, inode: Inode, *, new: bool = False) -> None:
         """Write the inode (and keep it cached). A *new* one (just numbered by
         ``new_ino``) has no directory naming it yet: no parents to mark."""
-        self._cache[inode.ino] = inode
+        self._keep(inode)
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
         self._changed(txn, None if new else inode.ino)
 

@@ -23,6 +23,7 @@ from fluidfs.fs.snapshots import Retention, SnapshotStore
 from fluidfs.remount.leasekeeper import LeaseKeeper
 from fluidfs.remount.publisher import Outcome, RootPublisher
 from fluidfs.remount.schedule import Action, CommitSchedule
+from fluidfs.sysutil import trim_malloc
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,9 @@ class Commits:
             if self.schedule.commit_failed(trio.current_time(), reopen=user_changed):
                 self.committer.heads.set_flag(DIRTY_KEY, b"1")
             raise
+        finally:
+            with trio.CancelScope(shield=True):  # the burst's freed heap leaves RssAnon
+                await trio.to_thread.run_sync(trim_malloc)
         self.schedule.commit_finished(
             trio.current_time(),
             holders_version=holders_version,

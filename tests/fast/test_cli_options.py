@@ -125,3 +125,14 @@ def test_key_export_lists_saved_peers_of_a_stopped_node(tmp_path: Path, capsys) 
     exported = keys.loads(capsys.readouterr().out)
     assert [e.key for e in exported.bootstrap()] == [partner, stranger]
     assert {p.name: p.read_bytes() for p in state.meta.iterdir() if p.name == "data.mdb"} == before
+
+
+def test_commit_max_delay_reaches_the_commit_schedule() -> None:
+    # A long creation run (bench_scale at a million files) puts off both automatic
+    # triggers, so its first sync commits the whole tree.
+    from fluidfs.cli.nodeargs import remount_options
+
+    given = build_parser().parse_args([*BASE, "--commit-max-delay", "86400"])
+    assert remount_options(given, []).schedule().max_delay == 86400
+    default = build_parser().parse_args(BASE)
+    assert remount_options(default, []).schedule().max_delay == 300

@@ -271,3 +271,19 @@ async def test_a_small_file_is_sealed_when_closed(node):
     assert await ops.getxattr(ino, XATTR_REDUNDANCY, CTX) != b"local"
     fi = await ops.open(ino, os.O_RDONLY, CTX)
     assert await ops.read(fi.fh, 0, 1000) == b"s" * 200
+
+async def test_inode_cache_stays_bounded_while_the_kernel_knows_every_file(node):
+    # The kernel forgets nothing on a machine with free memory: a million files created
+    # must not mean a million decoded inodes in the mount's memory.
+    ops = node.ops
+    node.tree.cache_max = 40
+    made = {}
+    for i in range(200):
+        fh, ino = await new_file(ops, f"f{i}".encode())
+        await ops.write(fh, 0, b"x" * i)
+        await ops.release(fh)
+        made[ino] = i
+    assert len(node.tree._cache) <= 40
+    for ino, size in made.items():  # every file still reads as written
+        assert (await ops.getattr(ino)).st_size == size
+    assert len(node.tree._cache) <= 40
