@@ -23,7 +23,9 @@ reads them: newer holders only make the references better, and a block that went
 meanwhile aborts the commit (CommitAborted) as it always could when registering.
 
 A commit reads and serialises only the directories marked changed since the last
-commit and the path from each to the root (fs/dirstate.py); every other directory is
+commit, those last committed naming blocks short of holders once some block was placed
+whole since (``dir_short``: so the holders found after a commit are written by a later
+one), and the path from each to the root (fs/dirstate.py); every other directory is
 named by the node it was last committed as, so the work of a commit, not only the bytes
 it writes, grows with what changed rather than with the tree. A node whose bytes did
 not change still has the same block id and is reused. Every ``FULL_EVERY``-th commit
