@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,11 @@ class BlockStore:
         # Goes up whenever any block's holders change, so a commit can tell whether a
         # refresh would name anything new (fs/commit.py writes holders into the tree).
         self.holders_version = 0
+        # Goes up whenever a record is saved with all its holders (within the allowance):
+        # a commit re-reads directories naming short references only then (fs/dirstate.py).
+        # The epoch tells this process's count from an earlier one's.
+        self.placed_version = 0
+        self.placed_epoch = os.urandom(8)
         self.suspects = Suspects(self)  # holders caught returning corrupt shards
 
     # --- records ---------------------------------------------------------------------
@@ -120,6 +126,12 @@ class BlockStore:
         """Write a block record whose holders are new or changed, inside *txn*."""
         txn.put(stored.record.block_id, stored.encode(), db=self._blocks)
         self.holders_version += 1
+        if stored.missing() <= self.total_missing_allowed:
+            self.placed_version += 1
+
+    def placement_stamp(self) -> bytes:
+        """``placed_epoch ‖ u64 placed_version``: differs once another block is placed."""
+        return self.placed_epoch + self.placed_version.to_bytes(8, "big")
 
     def local_only_ids(self) -> list[bytes]:
         """Blocks whose shards are all still on this machine (stored before it had peers).

@@ -23,7 +23,9 @@ reads them: newer holders only make the references better, and a block that went
 meanwhile aborts the commit (CommitAborted) as it always could when registering.
 
 A commit reads and serialises only the directories marked changed since the last
-commit and the path from each to the root (fs/dirstate.py); every other directory is
+commit, those last committed naming blocks short of holders once some block was placed
+whole since (``dir_short``: so the holders found after a commit are written by a later
+one), and the path from each to the root (fs/dirstate.py); every other directory is
 named by the node it was last committed as, so the work of a commit, not only the bytes
 it writes, grows with what changed rather than with the tree. A node whose bytes did
 not change still has the same block id and is reused. Every ``FULL_EVERY``-th commit
@@ -215,6 +217,10 @@ class TreeWriter:
         self._writers = trio.CapacityLimiter(NODE_WRITERS)
         self._locks: dict[bytes, trio.Lock] = {}
         self._manifests: dict[int, list[tuple[int, Ref]]] = {}
+        self._manifest_short: dict[int, int] = {}  # file ino → short block refs in it
+        # Directory ino → references its nodes name with fewer holders than shards
+        # (fs/dirstate.py ``dir_short``).
+        self.short: dict[int, int] = {}
         self.degraded = False  # some node has fewer than K holders
 
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
@@ -263,8 +269,9 @@ class TreeWriter:
                     self.degraded = True
             return self.holders.ref(stored)
 
-    def note_ref(self, ref: Ref) -> None:
-        """Count a reference that names fewer holders than shards, or fewer than K peers.
+    def note_ref(self, ref: Ref, owner: int | None = None) -> None:
+        """Count a reference that names fewer holders than shards, or fewer than K peers;
+        one of the first kind is counted against the directory *owner* too (``short``).
 
         Blocks held only by this machine (stored before it had peers) are not counted:
         they are reported on their own and would otherwise hold every commit back.
@@ -272,6 +279,20 @@ class TreeWriter:
         incomplete, weak = _ref_flaws(ref, self.holders.self_key)
         self.stats.incomplete_refs += incomplete
         self.stats.weak_refs += weak
+        self._note_short(owner, incomplete)
+
+    def _note_short(self, owner: int | None, incomplete: int) -> None:
+        if owner is not None and incomplete:
+            self.short[owner] = self.short.get(owner, 0) + incomplete
+
+    def _flaws(self, refs: list[Ref]) -> tuple[int, int]:
+        """(short, weak) references among *refs* (``note_ref``); in a worker thread."""
+        incomplete = weak = 0
+        for ref in refs:
+            flaws = _ref_flaws(ref, self.holders.self_key)
+            incomplete += flaws[0]
+            weak += flaws[1]
+        return incomplete, weak
 
     def _cut(
         self, carry: list[Entry], fresh: list[Entry], final: bool
@@ -307,9 +328,12 @@ class TreeWriter:
 
         return await self.write_slices(whole())
 
-    async def write_slices(self, slices: AsyncIterator[tuple[list[Entry], bool]]) -> Ref | None:
+    async def write_slices(
+        self, slices: AsyncIterator[tuple[list[Entry], bool]], owner: int | None = None
+    ) -> Ref | None:
         """``write_list`` for entries that come in sorted slices of (entries, last slice?):
-        leaves are written slice by slice, so only one slice is in memory at a time."""
+        leaves are written slice by slice, so only one slice is in memory at a time.
+        Short references in the nodes written count against directory *owner*."""
         items: list[tuple[bytes, Ref, int]] = []
         carry: list[Entry] = []
         async for fresh, final in slices:
@@ -318,12 +342,13 @@ class TreeWriter:
             )
             self.stats.incomplete_refs += incomplete
             self.stats.weak_refs += weak
+            self._note_short(owner, incomplete)
             items += await self._leaves(groups)
         if carry:  # the slices ended without a last one
             items += await self._leaves([carry])
         if not items:
             return None
-        return await self._index(items)
+        return await self._index(items, owner)
 
     async def _leaves(self, groups: list[list[Entry]]) -> list[tuple[bytes, Ref, int]]:
         """Write one leaf node per group, concurrently; (first name, ref, entries) each."""
@@ -339,7 +364,7 @@ class TreeWriter:
                 nursery.start_soon(leaf, i, group)
         return [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
 
-    async def _index(self, items: list[tuple[bytes, Ref, int]]) -> Ref:
+    async def _index(self, items: list[tuple[bytes, Ref, int]], owner: int | None = None) -> Ref:
         """Index nodes over the leaves *items*, level by level; the top's reference."""
         height = 1
         while len(items) > 1:
@@ -355,7 +380,7 @@ class TreeWriter:
                 group = items[start:end]
                 start = end
                 for _, ref, _ in group:
-                    self.note_ref(ref)
+                    self.note_ref(ref, owner)
                 ref = await self.store_node(
                     encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
                 )
@@ -364,11 +389,20 @@ class TreeWriter:
             height += 1
         return items[0][1]
 
-    async def manifest(self, ino: int, blocks: list[tuple[int, Ref]], inline) -> list:
-        """Store a large file's block list as manifest chunks (once per inode per commit)."""
+    async def manifest(
+        self, ino: int, blocks: list[tuple[int, Ref]], inline, owner: int | None = None
+    ) -> list:
+        """Store a large file's block list as manifest chunks (once per inode per commit);
+        its short block references count against directory *owner* (``note_ref``)."""
         done = self._manifests.get(ino)
         if done is not None:
+            self._note_short(owner, self._manifest_short[ino])
             return done
+        incomplete, weak = await trio.to_thread.run_sync(self._flaws, [r for _, r in blocks])
+        self.stats.incomplete_refs += incomplete
+        self.stats.weak_refs += weak
+        self._manifest_short[ino] = incomplete
+        self._note_short(owner, incomplete)
         indexes = sorted({i for i, _ in blocks} | {i for i, _ in inline})
         chunks = []
         for first, _count in manifest_ranges(indexes):
@@ -487,7 +521,7 @@ class Committer:
         self.chunk_key = chunk_key
         self.machine = machine
         self.heads = Heads(db)
-        self.reader = TreeReader(db, holders)
+        self.reader = TreeReader(db, holders, blocks.placement_stamp)
         self.dirs = DirState(db)
         self.lock = trio.Lock()
         self.stall = 1.0  # seconds without placement progress before moving on
@@ -660,8 +694,9 @@ class Committer:
 
     async def _record_dirs(self, written: Written) -> None:
         """Remember the directories' nodes once a head holds them (fs/dirstate.py)."""
+        plan = written.plan
         await trio.to_thread.run_sync(
-            self.dirs.record, written.dirs, written.plan.marks, written.plan.full
+            self.dirs.record, written.dirs, plan.marks, plan.full, written.short, plan.stamp
         )
 
     async def mark_published(self, seq: int) -> None:

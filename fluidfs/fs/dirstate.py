@@ -1,7 +1,7 @@
 """What a commit needs to write only what changed: directories' parents, dirty marks
 and committed nodes (fs/commit.py, fs/treewalk.py).
 
-Four tables of meta.lmdb (format version 1; integers are big-endian u64):
+Five tables of meta.lmdb (format version 1; integers are big-endian u64):
 
 - ``dir_parents``: child ‖ parent ‖ name → empty. One row per directory entry, kept by
   ``Tree.link``/``unlink`` in the transaction that changes the entry: the reverse of
@@ -19,6 +19,17 @@ Four tables of meta.lmdb (format version 1; integers are big-endian u64):
   ``b"since_full"`` → u64 commits since the last full one. A new store is indexed from
   the start (``DirState.start``: no entries, nothing to index).
 
+- ``dir_short``: directory ino → empty. The directory's last committed node names a
+  reference with fewer holders than shards (a file's block, a manifest chunk or the
+  block refs inside it, a subdirectory's node, one of its own leaves). ``dir_state``'s
+  ``b"short_stamp"`` holds the block store's placement stamp (``BlockStore.
+  placement_stamp``: 8-byte process epoch ‖ u64 count of records saved with all their
+  holders) as the last commit read it. A commit whose stamp differs re-reads every
+  ``dir_short`` directory (and its path to the root), so that holders found since are
+  written; with the same stamp no block was placed since and none is re-read, so a
+  directory that can never be complete (fewer peers than shards) costs nothing. A stamp
+  from an earlier process counts as the same while this process has placed nothing.
+
 A commit writes the marked directories and every directory on the path from each of
 them to the root, deepest first; every other directory is named by its ``dir_nodes``
 node, unread. A full commit (the first after the index is built on a store from before
@@ -33,13 +44,14 @@ import struct
 from fluidfs.store.db import Database, scan_batch
 
 VERSION = 1
-TABLES = ["dir_parents", "dir_dirty", "dir_nodes", "dir_state"]
+TABLES = ["dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short"]
 ROOT_INO = 1
 FULL_EVERY = 100  # commits between two full ones (the safety net: docs/decisions.md)
 BATCH = 5000  # rows per write transaction when rebuilding or recording
 _U64 = struct.Struct(">Q")
 _INDEX = b"index"
 _SINCE_FULL = b"since_full"
+_SHORT_STAMP = b"short_stamp"
 
 
 class StaleDirState(Exception):
@@ -59,6 +71,7 @@ class DirState:
         self._dirty = db["dir_dirty"]
         self._nodes = db["dir_nodes"]
         self._state = db["dir_state"]
+        self._short = db["dir_short"]
         self._dirents = db["dirents"]
 
     # --- kept by Tree, inside the transaction of the change ----------------------------
@@ -96,6 +109,7 @@ class DirState:
         """The inode is gone."""
         txn.delete(_u64(ino), db=self._nodes)
         txn.delete(_u64(ino), db=self._dirty)
+        txn.delete(_u64(ino), db=self._short)
 
     # --- read by commits, in their read transactions ------------------------------------
 
@@ -125,15 +139,28 @@ class DirState:
             raise StaleDirState(f"unknown dir_nodes record for {ino}")
         return bytes(raw[1:])
 
-    def changed_in(self, txn, lazy: set[int]) -> tuple[list[list[int]], dict[int, int]]:
+    def short_due(self, txn, stamp: bytes) -> list[int]:
+        """The ``dir_short`` directories to re-read at placement *stamp* (see above)."""
+        seen = txn.get(_SHORT_STAMP, db=self._state)
+        if seen is None or bytes(seen) == stamp:
+            return []
+        if seen[:8] != stamp[:8] and stamp[8:] == _u64(0):
+            return []  # a new process that placed nothing yet
+        return [_U64.unpack(k)[0] for k in txn.cursor(db=self._short).iternext(values=False)]
+
+    def changed_in(
+        self, txn, lazy: set[int], stamp: bytes = b""
+    ) -> tuple[list[list[int]], dict[int, int]]:
         """The directories to write, deepest first, grouped by depth, and the dirty marks
         seen (ino → generation). Marks of directories that no longer hang from the root
-        (removed, or open but unlinked) are returned but their directories not written."""
+        (removed, or open but unlinked) are returned but their directories not written.
+        With a placement *stamp*, short directories due (``short_due``) are written too."""
         marks = {
             _U64.unpack(k)[0]: _U64.unpack(v)[0] for k, v in txn.cursor(db=self._dirty)
         }
+        short = self.short_due(txn, stamp) if stamp else []
         depth: dict[int, int] = {ROOT_INO: 0}
-        for start in marks:
+        for start in [*marks, *short]:
             path = []
             ino: int | None = start
             while ino is not None and ino not in depth:
@@ -146,7 +173,7 @@ class DirState:
             base = depth[ino]
             for i, node in enumerate(reversed(path)):
                 depth[node] = base + i + 1
-        if not marks:
+        if not marks and not short:
             return [], marks
         levels: dict[int, list[int]] = {}
         for ino, d in depth.items():
@@ -157,24 +184,39 @@ class DirState:
     # --- after a commit ------------------------------------------------------------------
 
     def record(
-        self, written: dict[int, bytes | None], marks: dict[int, int], full: bool
+        self,
+        written: dict[int, bytes | None],
+        marks: dict[int, int],
+        full: bool,
+        short: set[int] | frozenset[int] = frozenset(),
+        stamp: bytes = b"",
     ) -> None:
         """Remember the nodes a commit wrote for each directory and clear the marks it
         took (those not renewed since); with *full*, forget every other directory's.
-        Runs in a worker thread, BATCH rows per transaction."""
+        *short*: the written directories whose nodes name short references, as of the
+        placement *stamp* the commit read. Runs in a worker thread, BATCH rows per
+        transaction."""
         if full:
-            while True:
-                with self.db.write() as txn:
-                    found, more = scan_batch(txn, self._nodes, b"", BATCH)
-                    for key, _ in found:
-                        txn.delete(key, db=self._nodes)
-                if more is None:
-                    break
+            for table in (self._nodes, self._short):
+                while True:
+                    with self.db.write() as txn:
+                        found, more = scan_batch(txn, table, b"", BATCH)
+                        for key, _ in found:
+                            txn.delete(key, db=table)
+                    if more is None:
+                        break
         items = list(written.items())
         for start in range(0, len(items), BATCH):
             with self.db.write() as txn:
                 for ino, top in items[start : start + BATCH]:
                     txn.put(_u64(ino), bytes([VERSION]) + (top or b""), db=self._nodes)
+                    if ino in short:
+                        txn.put(_u64(ino), b"", db=self._short)
+                    else:
+                        txn.delete(_u64(ino), db=self._short)
+        if stamp:
+            with self.db.write() as txn:
+                txn.put(_SHORT_STAMP, stamp, db=self._state)
         pending = list(marks.items())
         for start in range(0, len(pending), BATCH):
             with self.db.write() as txn:

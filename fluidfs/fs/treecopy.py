@@ -266,7 +266,7 @@ class CopiedSnapshot:
         shutil.rmtree(self.path, ignore_errors=True)  # left by a crash
         self.src = db
         self.scratch = Database(self.path, TABLES, map_size=db.env.info()["map_size"])
-        self.reader = TreeReader(self.scratch, reader.holders)
+        self.reader = TreeReader(self.scratch, reader.holders, reader.stamp)
         self._held: HeldSnapshot | None = None
 
     async def fill(self, reader: TreeReader, full: bool) -> Plan:

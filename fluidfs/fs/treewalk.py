@@ -102,9 +102,12 @@ class HeldSnapshot:
 class TreeReader:
     """Reads the live tree inside given read transactions (runs in worker threads)."""
 
-    def __init__(self, db: Database, holders: Holders) -> None:
+    def __init__(
+        self, db: Database, holders: Holders, stamp: Callable[[], bytes] | None = None
+    ) -> None:
         self.db = db
         self.holders = holders
+        self.stamp = stamp  # the block store's placement stamp (fs/dirstate.py dir_short)
         self._inodes = db["inodes"]
         self._dirents = db["dirents"]
         self._blockmap = db["blockmap"]
@@ -143,6 +146,7 @@ class TreeReader:
     def plan(self, txn, full: bool) -> Plan:
         """What a commit writes, as *txn* sees the tree (see ``Plan``)."""
         gen = tree_generation(self.db, txn)
+        stamp = self.stamp() if self.stamp is not None else b""
         if full:
             levels, lazy = self.walk(txn)
             marks = {
@@ -151,8 +155,8 @@ class TreeReader:
             }
         else:
             lazy = self.lazy(txn)
-            levels, marks = self.dirs.changed_in(txn, set(lazy))
-        return Plan(levels, lazy, marks, gen, full)
+            levels, marks = self.dirs.changed_in(txn, set(lazy), stamp)
+        return Plan(levels, lazy, marks, gen, full, stamp)
 
     def committed(self, txn, ino: int) -> Ref | None:
         """The committed top node of a directory this commit does not write."""
@@ -246,24 +250,28 @@ class TreeReader:
 class Plan:
     """The directories one commit writes, grouped so each comes after its children;
     the lazy directories' refs; the dirty marks seen (ino → generation, fs/dirstate.py)
-    and the tree generation the plan was read at; whether every directory is written."""
+    and the tree generation the plan was read at; whether every directory is written;
+    the block store's placement stamp when it was read (b"" if unknown)."""
 
     levels: list[list[int]]
     lazy: dict[int, Ref]
     marks: dict[int, int]
     generation: int
     full: bool
+    stamp: bytes = b""
 
 
 @dataclass
 class Written:
     """What ``write_tree`` wrote: the root's entry, the next inode number, the top node
-    id of each directory it wrote (None if empty), and the plan it followed."""
+    id of each directory it wrote (None if empty), the plan it followed, and the
+    directories written whose nodes name references with fewer holders than shards."""
 
     root: Entry
     next_ino: int
     dirs: dict[int, bytes | None]
     plan: Plan
+    short: set[int]
 
 
 @dataclass
@@ -309,6 +317,7 @@ async def write_tree(
     A *plan* given is followed instead of reading one (fs/treecopy.py)."""
     if plan is None:
         plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
+    writer.short.clear()  # from an attempt given up (TreeChanged)
     content: dict[int, Ref | None] = dict(plan.lazy)
     for level in plan.levels:
         for start in range(0, len(level), DIRS_PER_BATCH):
@@ -323,7 +332,7 @@ async def write_tree(
                     while True:
                         for entry in part.big:
                             entry.chunks = await writer.manifest(
-                                entry.ino, entry.blocks, entry.inline
+                                entry.ino, entry.blocks, entry.inline, owner=ino
                             )
                             entry.blocks, entry.inline = [], []
                         writer.stats.files += part.files
@@ -336,7 +345,7 @@ async def write_tree(
                             reads.run, _list_slice, reader, ino, content, after
                         )
 
-                content[ino] = await writer.write_slices(slices())
+                content[ino] = await writer.write_slices(slices(), owner=ino)
 
             async with trio.open_nursery() as nursery:
                 for ino, first in listed.items():
@@ -352,7 +361,8 @@ async def write_tree(
         for ino, ref in content.items()
         if ino not in lazy
     }
-    return Written(root, next_ino, dirs, plan)
+    short = {ino for ino in dirs if writer.short.get(ino)}
+    return Written(root, next_ino, dirs, plan, short)
 
 
 def _free(dropped: list[Listed]) -> None:
