@@ -98,10 +98,13 @@ class StoreBatches:
         if self._running[queue_key] < BATCHES_PER_PEER and self._nursery is not None:
             self._running[queue_key] += 1
             self._nursery.start_soon(self._send, queue_key, timeout)
-        with trio.move_on_after(patience):
-            await wait.sent.wait()
-        if not wait.sent.is_set():
-            wait.abandoned = True  # the sender skips it: never sent
+        try:
+            with trio.move_on_after(patience):
+                await wait.sent.wait()
+        finally:
+            if not wait.sent.is_set():  # timed out or cancelled: the sender skips it
+                wait.abandoned = True
+        if wait.abandoned:
             return "unsent"
         await wait.done.wait()  # the call has its own timeout
         if wait.error is not None:

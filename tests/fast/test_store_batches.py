@@ -22,7 +22,7 @@ from fluidfs.service.host import PeerService
 N = 4
 RING = keys.KeyRing(keys.generate(shards_total=N, shards_needed=2))
 BLOCKS = 48  # small blocks put in one burst, as a commit writes its nodes
-PER_CALL = 4  # the least the calls to one holder carry on average
+PER_CALL = 2  # the least the calls to one holder carry on average (~8 on a quiet machine)
 
 
 class Counting(PeerService):
