@@ -146,6 +146,7 @@ def unmount(path: Path) -> None:
 
 def sync(cli: Cli, state: Path) -> tuple[float, dict]:
     """Seconds of ``fluidfs sync`` and what the commit itself took (``fluidfs status``)."""
+    before = json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
     started = time.perf_counter()
     for attempt in range(SYNC_ATTEMPTS):
         try:
@@ -162,6 +163,9 @@ def sync(cli: Cli, state: Path) -> tuple[float, dict]:
     out["commit_seconds"] = last.get("seconds")
     out["commit_dirs"] = last.get("dirs")
     out["memory"] = status.get("memory")
+    after, earlier = status.get("store_requests"), before.get("store_requests")
+    if after and earlier:  # StoreShard calls during the sync (None: not counted then)
+        out["store_requests"] = {k: after[k] - earlier[k] for k in after}
     return seconds, out
 
 
@@ -256,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
         fig["first_sync_s"], first = sync(cli, a_state)
         fig["first_sync_nodes"] = first.get("nodes_written")
         fig["first_commit_s"] = first.get("commit_seconds")
+        fig["first_sync_store_requests"] = first.get("store_requests")
         victim = made[0][2]  # the middle file of writer 0's share
         victim.write_bytes(b"changed " + os.urandom(args.size))
         log(f"first sync {fig['first_sync_s']:.1f} s; sync after one changed file")
@@ -354,6 +359,11 @@ def report(fig: dict, base: dict | None) -> None:
               f"ms/dir), peers' CPU {again['find_peers_cpu_s']:.2f} s "
               f"({again['find_peers_cpu_s'] * per_dir:.1f} ms/dir), counted "
               f"{again['find_count']:,}")
+    for name, run in (("this run", fig), ("baseline", base or {})):
+        req = run.get("first_sync_store_requests")
+        if req:
+            print(f"first sync, {name}: {req['calls']:,} StoreShard calls for "
+                  f"{req['shards']:,} shards ({req['shards'] / max(req['calls'], 1):.1f} each)")
     writers = fig.get("create_writers", 1)
     if writers > 1:
         print(f"create: {writers} writer processes at once through the mount (files / wall s)")

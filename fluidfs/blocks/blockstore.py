@@ -36,6 +36,7 @@ from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import is_disk_full, keep_reserve
 from fluidfs.net.bandwidth import UPLOAD
+from fluidfs.net.messages import MAX_BATCH_SHARD
 from fluidfs.store.db import Database, scan_batch
 from fluidfs.store.shards import ShardStore
 
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
+# Small blocks (metadata nodes: every shard at most MAX_BATCH_SHARD) uploading at once,
+# besides: their shards go to each peer together in StoreShard calls
+# (blocks/storebatch.py), and the more are in flight the fuller those calls are. Their
+# shards in memory stay under SMALL_UPLOADS x N x MAX_BATCH_SHARD (48 MiB at N = 12).
+SMALL_UPLOADS = 64
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 
@@ -89,6 +95,7 @@ class BlockStore:
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self.uploading: set[bytes] = set()
         self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
+        self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
         ](UPLOAD_QUEUE)
@@ -322,6 +329,7 @@ class BlockStore:
         """Wait until every queued upload has been tried."""
         while self._running and (
             self._upload_send.statistics().current_buffer_used or self.uploading
+            or self._small_uploads.value < SMALL_UPLOADS  # started, perhaps not running yet
         ):
             await self.upload_ended(0.05)
 
@@ -363,14 +371,27 @@ class BlockStore:
 
     async def _uploader(self) -> None:
         async for record, shards in self._upload_recv:
-            try:
-                await self.upload(record, shards)
-            except Exception:
-                # A bug in one block's placement must not end the block store (and
-                # with it the mount): the block stays short of holders, where the
-                # top-up finds it again.
-                log.exception("uploading block %s failed", record.block_id.hex()[:12])
-                self.under.add(record.block_id)
+            if record.shard_size <= MAX_BATCH_SHARD and self._nursery is not None:
+                await self._small_uploads.acquire()  # released when that upload ends
+                self._nursery.start_soon(self._upload_small, record, shards)
+            else:
+                await self._upload_queued(record, shards)
+
+    async def _upload_small(self, record: BlockRecord, shards: list[bytes]) -> None:
+        try:
+            await self._upload_queued(record, shards)
+        finally:
+            self._small_uploads.release()
+
+    async def _upload_queued(self, record: BlockRecord, shards: list[bytes]) -> None:
+        try:
+            await self.upload(record, shards)
+        except Exception:
+            # A bug in one block's placement must not end the block store (and
+            # with it the mount): the block stays short of holders, where the
+            # top-up finds it again.
+            log.exception("uploading block %s failed", record.block_id.hex()[:12])
+            self.under.add(record.block_id)
 
     async def upload(
         self,

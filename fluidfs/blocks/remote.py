@@ -35,6 +35,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.shardbatch import ShardBatches
+from fluidfs.blocks.storebatch import StoreBatches
 from fluidfs.net import envelope
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.errors import RpcError
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 STORE_TIMEOUT = 30.0
 MAX_INFLIGHT_PER_PEER = 4  # stores outstanding to one peer at once
 SLOT_WAIT = 1.0  # how long a shard waits for a busy peer before going elsewhere
+# How long a small shard waits unsent in its peer's batch queue before going elsewhere:
+# longer than SLOT_WAIT, as it waits behind a whole call of up to 64 shards.
+BATCH_WAIT = 5.0
 BUSY_WEIGHT = 0.05  # placement weight factor for a peer whose window is full
 FETCH_TIMEOUT = 5.0
 # More for each of our shard requests already running to the same peer: a reader keeps
@@ -140,11 +144,21 @@ class RemoteShards:
         # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
         self.full: set[bytes] = set()
         self.batches = ShardBatches(conns, limiter)
+        self.store_batches = StoreBatches(conns, self._slots.__getitem__)
+        self.single_stores = 0  # StoreShard calls of one shard (batched ones: store_batches)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Send small shard requests in batches until cancelled (without this running,
-        each shard is one ``RetrieveShard``)."""
-        await self.batches.run(task_status=task_status)
+        """Send small shard requests and stores in batches until cancelled (without this
+        running, each shard is one ``RetrieveShard`` or ``StoreShard``)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store_batches.run)
+            await nursery.start(self.batches.run)
+            task_status.started()
+
+    def store_requests(self) -> dict[str, int]:
+        """StoreShard calls made so far and the shards they carried (status, benchmarks)."""
+        return {"calls": self.single_stores + self.store_batches.calls,
+                "shards": self.single_stores + self.store_batches.shards}
 
     def failing_holders(self) -> set[int]:
         """Holder indexes that do not count as reachable now: the agreement with the
@@ -253,8 +267,11 @@ class RemoteShards:
         """Store one shard on *key*; True once it confirmed. *journaled*: the attempt
         is in the placing journal already (``place`` journals a block's first attempts
         together)."""
-        slot = self._slots[key]
         holder = self.peers.get(key).index
+        if self.store_batches.usable(key, len(data)):
+            return await self._store_batched(key, holder, shard_id, data, block_id, priority,
+                                             journaled=journaled)
+        slot = self._slots[key]
         acquired = False
         with trio.move_on_after(SLOT_WAIT):
             await slot.acquire()
@@ -278,11 +295,63 @@ class RemoteShards:
         finally:
             slot.release()
 
+    async def _store_batched(
+        self, key: bytes, holder: int, shard_id: bytes, data: bytes, block_id: bytes,
+        priority: int, *, journaled: bool,
+    ) -> bool:
+        """``_store`` for a small shard: it goes to *key* in a ``StoreShard`` call with
+        others (blocks/storebatch.py), journalled and recorded just as a single store."""
+        if self.journal is not None and not journaled:
+            self.journal.placing(holder, shard_id, len(data), block_id)
+        try:
+            code = await self.store_batches.store(key, shard_id, data, priority,
+                                                  patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
+        except (PeerUnavailable, RpcError) as exc:
+            outcome = self._failed(key, exc)
+        else:
+            if code == "unsent":  # a slow peer: this shard goes to another one
+                if self.journal is not None:
+                    self.journal.refused(holder, shard_id)  # never sent: nothing to collect
+                return False
+            outcome = self._store_answered(key, len(data), {code} if code is not None else set())
+        if self.journal is not None:
+            if outcome == STORED:
+                self.journal.stored(holder, shard_id)
+            elif outcome == REFUSED:
+                self.journal.refused(holder, shard_id)
+            else:
+                self.journal.unanswered(holder, shard_id, len(data))
+        return outcome == STORED
+
+    def _failed(self, key: bytes, exc: PeerUnavailable | RpcError) -> str:
+        """The outcome of a store whose call failed with *exc*."""
+        log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)
+        self.on_result(key, False)
+        if isinstance(exc, RpcError) and exc.code not in UNCERTAIN_CODES:
+            return REFUSED
+        # Unreachable covers timeouts and lost connections too: the shard may be
+        # there. Deleting a shard the peer never got costs one request.
+        return UNANSWERED
+
+    def _store_answered(self, key: bytes, size: int, codes: set[str]) -> str:
+        """The outcome of a store the peer answered: stored (no *codes*) or refused."""
+        if not codes:
+            self.ledger.add_use(key, size)
+            self.on_result(key, True)
+            self.full.discard(key)
+            return STORED
+        log.info("peer %s refused a shard: %s", key.hex()[:12], ", ".join(sorted(codes)))
+        self.on_result(key, False)
+        if "over_quota" in codes:  # its idea of our usage is larger than ours: stop using it
+            self.full.add(key)
+        return REFUSED
+
     async def _store_on(
         self, key: bytes, shard_id: bytes, data: bytes, priority: int = UPLOAD
     ) -> str:
         """STORED, REFUSED (the peer answered that it did not store it) or UNANSWERED
         (it may have: the call timed out, the connection was lost, the answer was bad)."""
+        self.single_stores += 1
         try:
             reply = await self.conns.call(
                 key,
@@ -295,24 +364,10 @@ class RemoteShards:
                 tail=data,
             )
         except (PeerUnavailable, RpcError) as exc:
-            log.info("storing a shard on %s failed: %s", key.hex()[:12], exc)
-            self.on_result(key, False)
-            if isinstance(exc, RpcError) and exc.code not in UNCERTAIN_CODES:
-                return REFUSED
-            # Unreachable covers timeouts and lost connections too: the shard may be
-            # there. Deleting a shard the peer never got costs one request.
-            return UNANSWERED
+            return self._failed(key, exc)
         if shard_id in reply["stored"]:
-            self.ledger.add_use(key, len(data))
-            self.on_result(key, True)
-            self.full.discard(key)
-            return STORED
-        codes = {r["code"] for r in reply["refused"]}
-        log.info("peer %s refused a shard: %s", key.hex()[:12], ", ".join(sorted(codes)))
-        self.on_result(key, False)
-        if "over_quota" in codes:  # its idea of our usage is larger than ours: stop using it
-            self.full.add(key)
-        return REFUSED
+            return self._store_answered(key, len(data), set())
+        return self._store_answered(key, len(data), {r["code"] for r in reply["refused"]} or {""})
 
     async def fetch(
         self, record: BlockRecord, holders: list[int], on_found: FoundShard | None = None

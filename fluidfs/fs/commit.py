@@ -90,7 +90,7 @@ _U64 = struct.Struct(">Q")
 DIRTY_KEY = b"dirty"
 INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
-NODE_WRITERS = 16
+NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls (storebatch.py)
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 
 

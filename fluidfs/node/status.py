@@ -186,6 +186,8 @@ class NodeStatus:
             "hosted_bytes": scanned.hosted - scanned.own,
             "local_shard_bytes": scanned.own,
             "network": self.blocks.remote is not None,
+            "store_requests": (self.blocks.remote.store_requests()
+                               if self.blocks.remote is not None else None),
             "repair_queue": self.repairer.queue_length,
             "endangered_blocks": len(self.repairer.endangered),
             "emergency_repairs": self.repairer.emergency_repairs,

@@ -1,0 +1,193 @@
+"""Small shard stores to one peer, coalesced into ``StoreShard`` calls of many shards.
+
+A commit's metadata nodes are a few KiB each and every one is N shards on N peers: one
+``StoreShard`` per shard made a first sync of a big tree cost ~12 requests a node, each
+far dearer at both ends (frame sealing, dispatch, a write transaction on the host) than
+its bytes. ``StoreShard`` takes up to 64 shards, so stores of small shards (at most
+MAX_BATCH_SHARD bytes) to one peer wait in that peer's queue, and at most
+BATCHES_PER_PEER calls run to a peer at once, each taking up to MAX_BATCH_IDS shards
+and MAX_BATCH_BYTES bytes from the queue. An idle peer is sent a shard at once (no
+added wait); the shards that arrive while calls are in flight go together in the next
+one (as Nagle's algorithm does, and as blocks/shardbatch.py does for reads).
+
+Only the transport changes: the caller (blocks/remote.py) still chooses the peer,
+journals the attempt and records the outcome shard by shard, exactly as for a single
+store. Each call takes one of the peer's store slots (the window ``usable_peers``
+weighs), and a shard still waiting unsent after its *patience* leaves the queue, so a
+slow peer's shards go elsewhere as before.
+
+The answer is checked where it arrives: an id we did not send, or an id named twice,
+makes the whole answer bad (every shard in the call is then uncertain, as after a lost
+answer: it may be there). A shard in neither list is uncertain on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+
+import trio
+
+from fluidfs.net.errors import RpcError
+from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
+from fluidfs.peers.connections import Connections, PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BATCHES_PER_PEER", "StoreBatches", "read_store_answer"]
+
+BATCHES_PER_PEER = 2  # StoreShard calls of batched shards running to one peer at once
+
+# The store slot of a peer (blocks/remote.py's window): a call holds one while it runs.
+Slot = Callable[[bytes], trio.Semaphore]
+
+
+class _Store:
+    """One shard waiting in a peer's queue, then its outcome."""
+
+    __slots__ = ("abandoned", "code", "data", "done", "error", "sent", "shard_id")
+
+    def __init__(self, shard_id: bytes, data: bytes) -> None:
+        self.shard_id = shard_id
+        self.data = data
+        self.sent = trio.Event()  # taken into a call
+        self.done = trio.Event()
+        self.code: str | None = None  # the refusal's code; None once done: stored
+        self.error: Exception | None = None  # the call failed: uncertain
+        self.abandoned = False
+
+
+class StoreBatches:
+    """Per-peer queues of small shard stores, sent as ``StoreShard`` calls."""
+
+    def __init__(self, conns: Connections, slot: Slot) -> None:
+        self.conns = conns
+        self.slot = slot
+        self._nursery: trio.Nursery | None = None
+        self._pending: dict[tuple[bytes, int], deque[_Store]] = {}
+        self._running: Counter[tuple[bytes, int]] = Counter()
+        self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
+        self.shards = 0  # shards they carried
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send batches until cancelled; stores go one by one when this is not running."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def usable(self, key: bytes, shard_size: int) -> bool:
+        """Whether a shard of *shard_size* bytes for *key* may go in a batch."""
+        return self._nursery is not None and shard_size <= MAX_BATCH_SHARD
+
+    async def store(
+        self, key: bytes, shard_id: bytes, data: bytes, priority: int, *, patience: float,
+        timeout: float,
+    ) -> str | None:
+        """Store one shard on *key* in a batch: None once stored, else the peer's refusal
+        code. Returns ``"unsent"`` if no call took it within *patience* seconds (it was
+        never sent). Raises ``PeerUnavailable`` or ``RpcError`` as ``Connections.call``
+        does when the call failed (the shard may be there)."""
+        wait = _Store(shard_id, data)
+        queue_key = (key, priority)
+        self._pending.setdefault(queue_key, deque()).append(wait)
+        if self._running[queue_key] < BATCHES_PER_PEER and self._nursery is not None:
+            self._running[queue_key] += 1
+            self._nursery.start_soon(self._send, queue_key, timeout)
+        try:
+            with trio.move_on_after(patience):
+                await wait.sent.wait()
+        finally:
+            if not wait.sent.is_set():  # timed out or cancelled: the sender skips it
+                wait.abandoned = True
+        if wait.abandoned:
+            return "unsent"
+        await wait.done.wait()  # the call has its own timeout
+        if wait.error is not None:
+            raise wait.error
+        return wait.code
+
+    async def _send(self, queue_key: tuple[bytes, int], timeout: float) -> None:
+        """Send batches to the peer while its queue holds live stores."""
+        key, priority = queue_key
+        try:
+            while True:
+                async with self.slot(key):
+                    batch = self._take(queue_key)
+                    if not batch:
+                        return
+                    await self._call(key, priority, batch, timeout)
+        finally:
+            self._running[queue_key] -= 1
+            if not self._running[queue_key]:
+                del self._running[queue_key]
+                if not self._pending.get(queue_key, True):
+                    del self._pending[queue_key]
+
+    def _take(self, queue_key: tuple[bytes, int]) -> dict[bytes, list[_Store]]:
+        """The next batch from the queue: live stores, within the call's bounds."""
+        queue = self._pending.get(queue_key)
+        batch: dict[bytes, list[_Store]] = {}
+        size = 0
+        while queue and len(batch) < MAX_BATCH_IDS:
+            wait = queue[0]
+            if wait.abandoned:
+                queue.popleft()
+                continue
+            if wait.shard_id not in batch:
+                if batch and size + len(wait.data) > MAX_BATCH_BYTES:
+                    break
+                size += len(wait.data)
+            queue.popleft()
+            wait.sent.set()
+            batch.setdefault(wait.shard_id, []).append(wait)
+        return batch
+
+    async def _call(
+        self, key: bytes, priority: int, batch: dict[bytes, list[_Store]], timeout: float
+    ) -> None:
+        ids = list(batch)
+        # A primary shard is a view of its sealed block; a small one is copied here (the
+        # single-shard path sends it from its buffer as the frame's tail).
+        shards = [{"id": sid, "data": bytes(waits[0].data)} for sid, waits in batch.items()]
+        codes: dict[bytes, str | None] = {}
+        error: Exception | None = None
+        try:
+            reply = await self.conns.call(key, "StoreShard", {"shards": shards},
+                                          timeout=timeout, priority=priority)
+            codes = read_store_answer(ids, reply)
+        except (PeerUnavailable, RpcError) as exc:
+            error = exc
+        except Exception as exc:  # a peer's answer must not end the node
+            log.exception("StoreShard answer from %s failed", key.hex()[:12])
+            error = RpcError("bad_reply", f"StoreShard answer: {exc}")
+        self.calls += 1
+        self.shards += len(ids)
+        for shard_id, waits in batch.items():
+            for wait in waits:
+                if error is not None:
+                    wait.error = error
+                elif shard_id in codes:
+                    wait.code = codes[shard_id]
+                else:
+                    wait.error = RpcError("bad_reply", "StoreShard answer left a shard out")
+                wait.done.set()
+
+
+def read_store_answer(ids: list[bytes], reply: dict) -> dict[bytes, str | None]:
+    """A ``StoreShard`` answer (already fit to its schema) to the ids we sent: by id,
+    None if stored, else the refusal's code; ids in neither list are left out. Raises
+    ``RpcError`` (``bad_reply``) for an id not sent or named twice."""
+    sent = set(ids)
+    codes: dict[bytes, str | None] = {}
+    named = [(sid, None) for sid in reply["stored"]]
+    named += [(item["id"], item["code"]) for item in reply["refused"]]
+    for shard_id, code in named:
+        if shard_id not in sent or shard_id in codes:
+            raise RpcError("bad_reply", "StoreShard answer names a shard twice or unsent")
+        codes[shard_id] = code
+    return codes

@@ -1,0 +1,120 @@
+"""Several small shards per ``StoreShard`` (issue 15): a burst of small blocks (a
+commit's metadata nodes) goes to each holder in few calls, recorded and counted exactly
+as single stores are; a hostile answer to a batch leaves every shard in it uncertain
+and placed elsewhere, and never ends the node.
+
+The owner's block store uploads through real peer services on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+from inproc import LocalStore, PeerNode, peer_nodes
+from networked import store_through
+
+from fluidfs import keys
+from fluidfs.blocks.record import NO_HOLDER
+from fluidfs.service.host import PeerService
+
+N = 4
+RING = keys.KeyRing(keys.generate(shards_total=N, shards_needed=2))
+BLOCKS = 48  # small blocks put in one burst, as a commit writes its nodes
+PER_CALL = 2  # the least the calls to one holder carry on average (~8 on a quiet machine)
+
+
+class Counting(PeerService):
+    """Counts the StoreShard calls it answers and the shards in each."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.calls: list[int] = []
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op == "StoreShard":
+            self.calls.append(len(args["shards"]))
+        return await super().handle(peer_key, op, args)
+
+
+class NamesUnsent(Counting):
+    """Stores what it is sent, then answers that it stored a shard it was never sent."""
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        reply = await super().handle(peer_key, op, args)
+        if op == "StoreShard":
+            reply = {**reply, "stored": [*reply["stored"], os.urandom(32)]}
+        return reply
+
+
+async def put_burst(store: LocalStore, owner: PeerNode, nursery: trio.Nursery) -> list[bytes]:
+    """Put BLOCKS small blocks at once (a commit's node writers run concurrently) with
+    the uploaders and batches running; wait
+    until every upload was tried; the block ids."""
+    await nursery.start(store.blocks.remote.run)
+    await nursery.start(store.blocks.run)
+    ids: list[bytes] = []
+
+    async def put() -> None:
+        ids.append(await store.blocks.put(os.urandom(3000)))
+
+    async with trio.open_nursery() as putters:
+        for _ in range(BLOCKS):
+            putters.start_soon(put)
+    with trio.fail_after(30):
+        await store.blocks.drain()
+    return ids
+
+
+async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
+    tmp_path: Path,
+) -> None:
+    """Before: one StoreShard per shard, BLOCKS calls to every holder."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            ids = await put_burst(store, owner, nursery)
+            for block_id in ids:
+                stored = store.blocks.load(block_id)
+                assert NO_HOLDER not in stored.holders, "every shard has its holder"
+                for i, holder in enumerate(stored.holders):
+                    host = hosts[[owner.peers.get(h.key).index for h in hosts].index(holder)]
+                    assert host.shards.get(owner.key, stored.record.shard_ids[i])
+            for host in hosts:
+                calls = host.service.calls
+                assert sum(calls) == BLOCKS, "one shard of each block on each of the N"
+                assert len(calls) <= BLOCKS // PER_CALL, calls
+                assert owner.ledger.get(host.key).they_use == host.shards.used(owner.key)
+            assert not store.blocks.under
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
+    tmp_path: Path,
+) -> None:
+    """The liar's shards go elsewhere, none is recorded on it, and what it keeps is
+    journalled for deletion (it may hold them: the answer could not be trusted)."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, honest):
+        liar = await PeerNode(tmp_path / "liar", service=NamesUnsent).start(nursery)
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, [*honest, liar])
+            ids = await put_burst(store, owner, nursery)
+            liar_index = owner.peers.get(liar.key).index
+            assert liar.service.calls, "the liar was asked"
+            for block_id in ids:
+                holders = store.blocks.load(block_id).holders
+                assert NO_HOLDER not in holders and liar_index not in holders
+            assert owner.ledger.get(liar.key).they_use == 0
+            await store.blocks.collector.collect()
+            assert liar.shards.used(owner.key) == 0, "what it was sent is taken back"
+        finally:
+            store.close()
+            owner.close()
+            liar.close()
