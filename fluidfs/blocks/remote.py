@@ -284,13 +284,7 @@ class RemoteShards:
             if self.journal is not None and not journaled:
                 self.journal.placing(holder, shard_id, len(data), block_id)
             outcome = await self._store_on(key, shard_id, data, priority)
-            if self.journal is not None:
-                if outcome == STORED:
-                    self.journal.stored(holder, shard_id)
-                elif outcome == REFUSED:
-                    self.journal.refused(holder, shard_id)
-                else:
-                    self.journal.unanswered(holder, shard_id, len(data))
+            self._journal_outcome(holder, shard_id, len(data), outcome)
             return outcome == STORED
         finally:
             slot.release()
@@ -314,14 +308,19 @@ class RemoteShards:
                     self.journal.refused(holder, shard_id)  # never sent: nothing to collect
                 return False
             outcome = self._store_answered(key, len(data), {code} if code is not None else set())
-        if self.journal is not None:
-            if outcome == STORED:
-                self.journal.stored(holder, shard_id)
-            elif outcome == REFUSED:
-                self.journal.refused(holder, shard_id)
-            else:
-                self.journal.unanswered(holder, shard_id, len(data))
+        self._journal_outcome(holder, shard_id, len(data), outcome)
         return outcome == STORED
+
+    def _journal_outcome(self, holder: int, shard_id: bytes, size: int, outcome: str) -> None:
+        """Record in the placing journal how a store that was journalled as placing ended."""
+        if self.journal is None:
+            return
+        if outcome == STORED:
+            self.journal.stored(holder, shard_id)
+        elif outcome == REFUSED:
+            self.journal.refused(holder, shard_id)
+        else:
+            self.journal.unanswered(holder, shard_id, size)
 
     def _failed(self, key: bytes, exc: PeerUnavailable | RpcError) -> str:
         """The outcome of a store whose call failed with *exc*."""

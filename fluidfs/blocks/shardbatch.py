@@ -28,11 +28,11 @@ is dropped from the queue when it gives up.
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
 
 import trio
 
 from fluidfs.blocks import merkle
+from fluidfs.blocks.peerqueues import PeerQueues
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -59,32 +59,20 @@ class _Wait:
         self.abandoned = False
 
 
-class ShardBatches:
+class ShardBatches(PeerQueues[bytes, _Wait]):
     """Per-peer queues of small shard requests, sent as ``RetrieveShards`` calls."""
 
     def __init__(self, conns: Connections, limiter: trio.CapacityLimiter) -> None:
+        super().__init__(BATCHES_PER_PEER)
         self.conns = conns
         self.limiter = limiter  # verifies answers
-        self._nursery: trio.Nursery | None = None
-        self._pending: dict[bytes, deque[_Wait]] = {}
-        self._running: Counter[bytes] = Counter()
         self._unsupported: set[bytes] = set()  # peers that answered unknown_op
         self.calls = 0  # RetrieveShards calls made (status, benchmarks)
         self.shards = 0  # shards they brought
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Send batches until cancelled; requests go one by one when this is not running."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-
     def usable(self, key: bytes, shard_size: int) -> bool:
         """Whether a shard of *shard_size* bytes from *key* may go in a batch."""
-        return (self._nursery is not None and shard_size <= MAX_BATCH_SHARD
+        return (self.running and shard_size <= MAX_BATCH_SHARD
                 and key not in self._unsupported and self.conns.store_at(key) is None)
 
     async def get(
@@ -95,10 +83,7 @@ class ShardBatches:
         ``RpcError`` as ``Connections.call`` does (``not_found`` when the peer says it
         does not hold the shard)."""
         wait = _Wait(shard_id)
-        self._pending.setdefault(key, deque()).append(wait)
-        if self._running[key] < BATCHES_PER_PEER and self._nursery is not None:
-            self._running[key] += 1
-            self._nursery.start_soon(self._send, key)
+        self.enqueue(key, wait)
         try:
             with trio.move_on_after(timeout):
                 await wait.done.wait()
@@ -110,25 +95,18 @@ class ShardBatches:
             raise wait.error
         return wait.data, wait.verified
 
-    async def _send(self, key: bytes) -> None:
-        """Send batches to *key* while its queue holds live requests."""
-        try:
-            while True:
-                queue = self._pending.get(key)
-                batch: dict[bytes, list[_Wait]] = {}
-                while queue and len(batch) < MAX_BATCH_IDS:
-                    wait = queue.popleft()
-                    if not wait.abandoned:
-                        batch.setdefault(wait.shard_id, []).append(wait)
-                if not batch:
-                    return
-                await self._call(key, batch)
-        finally:
-            self._running[key] -= 1
-            if not self._running[key]:
-                del self._running[key]
-                if not self._pending.get(key, True):
-                    del self._pending[key]
+    async def send_next(self, key: bytes) -> bool:
+        """Ask *key* for the live requests of its queue (up to MAX_BATCH_IDS ids)."""
+        queue = self.queue(key)
+        batch: dict[bytes, list[_Wait]] = {}
+        while queue and len(batch) < MAX_BATCH_IDS:
+            wait = queue.popleft()
+            if not wait.abandoned:
+                batch.setdefault(wait.shard_id, []).append(wait)
+        if not batch:
+            return False
+        await self._call(key, batch)
+        return True
 
     async def _call(self, key: bytes, batch: dict[bytes, list[_Wait]]) -> None:
         ids = list(batch)

@@ -24,11 +24,11 @@ answer: it may be there). A shard in neither list is uncertain on its own.
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
 from collections.abc import Callable
 
 import trio
 
+from fluidfs.blocks.peerqueues import PeerQueues
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -46,11 +46,12 @@ Slot = Callable[[bytes], trio.Semaphore]
 class _Store:
     """One shard waiting in a peer's queue, then its outcome."""
 
-    __slots__ = ("abandoned", "code", "data", "done", "error", "sent", "shard_id")
+    __slots__ = ("abandoned", "code", "data", "done", "error", "sent", "shard_id", "timeout")
 
-    def __init__(self, shard_id: bytes, data: bytes) -> None:
+    def __init__(self, shard_id: bytes, data: bytes, timeout: float) -> None:
         self.shard_id = shard_id
         self.data = data
+        self.timeout = timeout  # for the call that carries it
         self.sent = trio.Event()  # taken into a call
         self.done = trio.Event()
         self.code: str | None = None  # the refusal's code; None once done: stored
@@ -58,31 +59,20 @@ class _Store:
         self.abandoned = False
 
 
-class StoreBatches:
-    """Per-peer queues of small shard stores, sent as ``StoreShard`` calls."""
+class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
+    """Per-peer queues (one per priority) of small shard stores, sent as ``StoreShard``
+    calls."""
 
     def __init__(self, conns: Connections, slot: Slot) -> None:
+        super().__init__(BATCHES_PER_PEER)
         self.conns = conns
         self.slot = slot
-        self._nursery: trio.Nursery | None = None
-        self._pending: dict[tuple[bytes, int], deque[_Store]] = {}
-        self._running: Counter[tuple[bytes, int]] = Counter()
         self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
         self.shards = 0  # shards they carried
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Send batches until cancelled; stores go one by one when this is not running."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-
     def usable(self, key: bytes, shard_size: int) -> bool:
         """Whether a shard of *shard_size* bytes for *key* may go in a batch."""
-        return self._nursery is not None and shard_size <= MAX_BATCH_SHARD
+        return self.running and shard_size <= MAX_BATCH_SHARD
 
     async def store(
         self, key: bytes, shard_id: bytes, data: bytes, priority: int, *, patience: float,
@@ -92,12 +82,8 @@ class StoreBatches:
         code. Returns ``"unsent"`` if no call took it within *patience* seconds (it was
         never sent). Raises ``PeerUnavailable`` or ``RpcError`` as ``Connections.call``
         does when the call failed (the shard may be there)."""
-        wait = _Store(shard_id, data)
-        queue_key = (key, priority)
-        self._pending.setdefault(queue_key, deque()).append(wait)
-        if self._running[queue_key] < BATCHES_PER_PEER and self._nursery is not None:
-            self._running[queue_key] += 1
-            self._nursery.start_soon(self._send, queue_key, timeout)
+        wait = _Store(shard_id, data, timeout)
+        self.enqueue((key, priority), wait)
         try:
             with trio.move_on_after(patience):
                 await wait.sent.wait()
@@ -111,26 +97,19 @@ class StoreBatches:
             raise wait.error
         return wait.code
 
-    async def _send(self, queue_key: tuple[bytes, int], timeout: float) -> None:
-        """Send batches to the peer while its queue holds live stores."""
+    async def send_next(self, queue_key: tuple[bytes, int]) -> bool:
+        """Send the next batch of the queue to its peer, holding one of its store slots."""
         key, priority = queue_key
-        try:
-            while True:
-                async with self.slot(key):
-                    batch = self._take(queue_key)
-                    if not batch:
-                        return
-                    await self._call(key, priority, batch, timeout)
-        finally:
-            self._running[queue_key] -= 1
-            if not self._running[queue_key]:
-                del self._running[queue_key]
-                if not self._pending.get(queue_key, True):
-                    del self._pending[queue_key]
+        async with self.slot(key):
+            batch = self._take(queue_key)
+            if not batch:
+                return False
+            await self._call(key, priority, batch)
+        return True
 
     def _take(self, queue_key: tuple[bytes, int]) -> dict[bytes, list[_Store]]:
         """The next batch from the queue: live stores, within the call's bounds."""
-        queue = self._pending.get(queue_key)
+        queue = self.queue(queue_key)
         batch: dict[bytes, list[_Store]] = {}
         size = 0
         while queue and len(batch) < MAX_BATCH_IDS:
@@ -147,10 +126,9 @@ class StoreBatches:
             batch.setdefault(wait.shard_id, []).append(wait)
         return batch
 
-    async def _call(
-        self, key: bytes, priority: int, batch: dict[bytes, list[_Store]], timeout: float
-    ) -> None:
+    async def _call(self, key: bytes, priority: int, batch: dict[bytes, list[_Store]]) -> None:
         ids = list(batch)
+        timeout = max(wait.timeout for waits in batch.values() for wait in waits)
         # A primary shard is a view of its sealed block; a small one is copied here (the
         # single-shard path sends it from its buffer as the frame's tail).
         shards = [{"id": sid, "data": bytes(waits[0].data)} for sid, waits in batch.items()]

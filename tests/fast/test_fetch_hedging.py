@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 from inproc import PeerNode, slow_jump_clock
-from test_remote_placement import K, N, owner_with_hosts, sealed
+from test_remote_placement import K, N, owner_with_hosts, place_random, sealed, used_hosts
 
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.remote import FETCH_TIMEOUT, HEDGE_SLACK
@@ -46,18 +46,9 @@ def counting(silent: bool = False) -> type[Counting]:
 async def test_healthy_holders_are_asked_for_k_shards_per_block(tmp_path: Path) -> None:
     async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
         services = [counting() for _ in range(N)]
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
-                 for i, s in enumerate(services)]
+        hosts = await used_hosts(tmp_path, owner, nursery, services)
         try:
-            for host in hosts:
-                owner.use(host)
-            blocks = []
-            for _ in range(BLOCKS):
-                data = os.urandom(20_000)
-                record, shards = sealed(remote, data)
-                holders = [NO_HOLDER] * N
-                await remote.place(record, shards, holders)
-                blocks.append((data, record, holders))
+            blocks = await place_random(remote, BLOCKS, 20_000)
             for data, record, holders in blocks:
                 assert await remote.fetch(record, holders) == data
             asked = sum(s.asked for s in services)
@@ -140,11 +131,8 @@ async def test_shards_missing_from_the_records_are_searched_for_at_once(
     async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
         services = [type(f"Overlap{i}", (Overlapping,), {"running": 0, "most": 0})
                     for i in range(N)]
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
-                 for i, s in enumerate(services)]
+        hosts = await used_hosts(tmp_path, owner, nursery, services)
         try:
-            for host in hosts:
-                owner.use(host)
             data = os.urandom(20_000)
             record, shards = sealed(remote, data)
             holders = [NO_HOLDER] * N
@@ -193,18 +181,9 @@ async def test_requests_queued_behind_our_own_are_not_hedged(
     async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
         services = [type(f"Line{i}", (OneLine,), {"asked": 0, "line": None})
                     for i in range(N)]
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
-                 for i, s in enumerate(services)]
+        hosts = await used_hosts(tmp_path, owner, nursery, services)
         try:
-            for host in hosts:
-                owner.use(host)
-            blocks = []
-            for _ in range(2 * BLOCKS):
-                data = os.urandom(20_000)
-                record, shards = sealed(remote, data)
-                holders = [NO_HOLDER] * N
-                await remote.place(record, shards, holders)
-                blocks.append((data, record, holders))
+            blocks = await place_random(remote, 2 * BLOCKS, 20_000)
             rebuilt: dict[bytes, bytes] = {}
 
             async def read(record, holders) -> None:

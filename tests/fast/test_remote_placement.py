@@ -51,6 +51,32 @@ def sealed(remote: RemoteShards, data: bytes) -> tuple[BlockRecord, list[bytes]]
     return remote.codec.seal(data, remote.codec.block_id(data))
 
 
+async def place_random(
+    remote: RemoteShards, count: int, size: int
+) -> list[tuple[bytes, BlockRecord, list[int]]]:
+    """*count* blocks of *size* random bytes, sealed and placed: (data, record, holders)."""
+    blocks = []
+    for _ in range(count):
+        data = os.urandom(size)
+        record, shards = sealed(remote, data)
+        holders = [NO_HOLDER] * N
+        await remote.place(record, shards, holders)
+        blocks.append((data, record, holders))
+    return blocks
+
+
+async def used_hosts(
+    tmp_path: Path, owner: PeerNode, nursery: trio.Nursery, services: list[type]
+) -> list[PeerNode]:
+    """Hosts h0, h1, ... each running one of *services*, started, and in agreement with
+    *owner*; the caller closes them."""
+    hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+             for i, s in enumerate(services)]
+    for host in hosts:
+        owner.use(host)
+    return hosts
+
+
 def holding(host: PeerNode, owner: PeerNode, record: BlockRecord) -> list[int]:
     """Indexes of the block's shards *host* keeps for *owner*."""
     return [i for i, sid in enumerate(record.shard_ids) if host.shards.get(owner.key, sid)]

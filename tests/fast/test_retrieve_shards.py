@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from inproc import PeerNode, peer_nodes
-from test_remote_placement import N, owner_with_hosts, sealed
+from test_remote_placement import N, owner_with_hosts, place_random, sealed, used_hosts
 
 from fluidfs.blocks import merkle
 from fluidfs.blocks.record import NO_HOLDER
@@ -103,19 +103,10 @@ async def test_small_shards_to_one_holder_go_together(tmp_path: Path) -> None:
             return await super().handle(peer_key, op, args)
 
     async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=Counting).start(nursery)
-                 for i in range(N)]
+        hosts = await used_hosts(tmp_path, owner, nursery, [Counting] * N)
         try:
-            for host in hosts:
-                owner.use(host)
             await nursery.start(remote.run)
-            blocks = []
-            for _ in range(BLOCKS):
-                data = os.urandom(4000)
-                record, shards = sealed(remote, data)
-                holders = [NO_HOLDER] * N
-                await remote.place(record, shards, holders)
-                blocks.append((data, record, holders))
+            blocks = await place_random(remote, BLOCKS, 4000)
             got: dict[int, bytes] = {}
 
             async def read(i: int) -> None:
@@ -196,11 +187,8 @@ class Older(PeerService):
 async def test_a_peer_without_the_op_is_asked_one_shard_at_a_time(tmp_path: Path) -> None:
     async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
         service = type("O", (Older,), {"batch_calls": 0})
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=service).start(nursery)
-                 for i in range(N)]
+        hosts = await used_hosts(tmp_path, owner, nursery, [service] * N)
         try:
-            for host in hosts:
-                owner.use(host)
             await nursery.start(remote.run)
             for _ in range(4):
                 data = os.urandom(3000)
