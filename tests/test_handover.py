@@ -63,7 +63,7 @@ class Writer(threading.Thread):
         self.root = root
         self.done: dict[str, str] = {}
         self.refused = 0
-        self.unexpected: list[str] = []  # errors other than EROFS, with the file's name
+        self.unexpected: list[str] = []  # errors other than a refusal, with the file's name
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -74,7 +74,11 @@ class Writer(threading.Thread):
                 (self.root / name).write_text(text)
                 self.done[name] = text
             except OSError as exc:
-                if exc.errno != errno.EROFS:
+                # EROFS from open() or write(); EIO from close() when the write went into
+                # the kernel's page cache (the mount uses FUSE's writeback cache) and
+                # writing it back got EROFS: the kernel reports any failed write-back as
+                # EIO. Either way the write was refused, not acknowledged.
+                if exc.errno not in (errno.EROFS, errno.EIO):
                     self.unexpected.append(f"{name}: {exc!r}")
                     return
                 self.refused += 1
