@@ -11,6 +11,7 @@ answer is read is the subclass's (``send_next``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
@@ -23,7 +24,7 @@ W = TypeVar("W")  # one waiting request
 __all__ = ["PeerQueues"]
 
 
-class PeerQueues(Generic[Q, W]):
+class PeerQueues(ABC, Generic[Q, W]):
     """Queues of waiting requests, each drained by at most *senders* tasks at once."""
 
     def __init__(self, senders: int) -> None:
@@ -59,9 +60,9 @@ class PeerQueues(Generic[Q, W]):
         """The requests waiting in *queue_key*'s queue (None if there is none)."""
         return self._pending.get(queue_key)
 
+    @abstractmethod
     async def send_next(self, queue_key: Q) -> bool:
         """Take the next batch from the queue and send it; False if it held none."""
-        raise NotImplementedError
 
     async def _send(self, queue_key: Q) -> None:
         try:

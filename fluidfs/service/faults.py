@@ -17,5 +17,11 @@ class FaultInjection:
     fault_rate: float = 0.0  # fail this share of shard requests with an RPC error
     lie_on_retrieve: bool = False  # serve corrupted shards while answering audits honestly
 
+    def served(self, data: bytes) -> bytes:
+        """The shard as retrieval hands it out: its first byte flipped when lying."""
+        if self.lie_on_retrieve and data:
+            return bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
 
 NO_FAULTS = FaultInjection()

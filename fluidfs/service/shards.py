@@ -67,9 +67,7 @@ class ShardOps:
     async def retrieve(self, peer: bytes, args: Args) -> Reply:
         """The bytes of one of the caller's shards."""
         data = await self._get(peer, args["id"])
-        if self.faults.lie_on_retrieve and data:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        return {"data": data}
+        return {"data": self.faults.served(data)}
 
     async def retrieve_many(self, peer: bytes, args: Args) -> Reply:
         """Several of the caller's small shards: each id once, within the answer's bounds;
@@ -86,10 +84,7 @@ class ShardOps:
             await trio.to_thread.run_sync(
                 self.shards.claim_many, peer, [sid for sid, _ in found], limiter=self.limiter
             )
-        if self.faults.lie_on_retrieve:
-            found = [(sid, bytes([data[0] ^ 0xFF]) + data[1:]) if data else (sid, data)
-                     for sid, data in found]
-        return {"found": [{"id": sid, "data": data} for sid, data in found],
+        return {"found": [{"id": sid, "data": self.faults.served(data)} for sid, data in found],
                 "missing": missing}
 
     async def delete(self, peer: bytes, args: Args) -> Reply:
