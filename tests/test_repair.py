@@ -222,9 +222,12 @@ def test_short_outage_moves_nothing(make_mount, peers):
 def test_deleting_gives_the_space_back_on_every_peer(make_mount, peers):
     mnt = mount(make_mount, peers[:12])
     me = status(mnt.state)["peer_id"]
-    (mnt.path / "big").write_bytes(os.urandom(64 * 1024 * 1024))
-    wait_for(lambda: full(mnt.state, 256), 120, "full redundancy")
-    assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * 1024 * 1024
+    # 16 MiB: every peer still holds a shard of each of the 64 blocks, each peer's share
+    # is still collected holder by holder (blocks/gc.py); 64 MiB proved no more, and on
+    # a loaded machine was not always placed within the bound.
+    (mnt.path / "big").write_bytes(os.urandom(64 * BLOCK))
+    wait_for(lambda: full(mnt.state, 64), 120, "full redundancy")
+    assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * BLOCK
     (mnt.path / "big").unlink()
     wait_for(lambda: sum(p.hosted_for(me) for p in peers[:12]) == 0, 60,
              "peers to drop every shard")
