@@ -229,11 +229,16 @@ def test_deleting_gives_the_space_back_on_every_peer(make_mount, peers):
     wait_for(lambda: full(mnt.state, 64), 120, "full redundancy")
     assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * BLOCK
     (mnt.path / "big").unlink()
-    wait_for(lambda: sum(p.hosted_for(me) for p in peers[:12]) == 0, 60,
-             "peers to drop every shard")
-    rows = peer_rows(mnt.state)
-    for peer in peers[:12]:
-        assert rows[peer.peer_id]["they_use"] == peer.hosted_for(me) == 0
+    # What the peers keep after the delete is the next commit's metadata (a few hundred
+    # bytes a peer), never a data shard (BLOCK / 8): waiting for zero raced with that
+    # commit, which may come before or after the shards are dropped.
+    shard = BLOCK // 8
+
+    def given_back() -> bool:
+        rows = peer_rows(mnt.state)
+        return all(rows[p.peer_id]["they_use"] == p.hosted_for(me) < shard for p in peers[:12])
+
+    wait_for(given_back, 60, "peers to drop every data shard, the mount's account agreeing")
     assert status(mnt.state)["gc_pending_bytes"] == 0
 
 
