@@ -222,15 +222,23 @@ def test_short_outage_moves_nothing(make_mount, peers):
 def test_deleting_gives_the_space_back_on_every_peer(make_mount, peers):
     mnt = mount(make_mount, peers[:12])
     me = status(mnt.state)["peer_id"]
-    (mnt.path / "big").write_bytes(os.urandom(64 * 1024 * 1024))
-    wait_for(lambda: full(mnt.state, 256), 120, "full redundancy")
-    assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * 1024 * 1024
+    # 16 MiB: every peer still holds a shard of each of the 64 blocks, each peer's share
+    # is still collected holder by holder (blocks/gc.py); 64 MiB proved no more, and on
+    # a loaded machine was not always placed within the bound.
+    (mnt.path / "big").write_bytes(os.urandom(64 * BLOCK))
+    wait_for(lambda: full(mnt.state, 64), 120, "full redundancy")
+    assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * BLOCK
     (mnt.path / "big").unlink()
-    wait_for(lambda: sum(p.hosted_for(me) for p in peers[:12]) == 0, 60,
-             "peers to drop every shard")
-    rows = peer_rows(mnt.state)
-    for peer in peers[:12]:
-        assert rows[peer.peer_id]["they_use"] == peer.hosted_for(me) == 0
+    # What the peers keep after the delete is the next commit's metadata (a few hundred
+    # bytes a peer), never a data shard (BLOCK / 8): waiting for zero raced with that
+    # commit, which may come before or after the shards are dropped.
+    shard = BLOCK // 8
+
+    def given_back() -> bool:
+        rows = peer_rows(mnt.state)
+        return all(rows[p.peer_id]["they_use"] == p.hosted_for(me) < shard for p in peers[:12])
+
+    wait_for(given_back, 60, "peers to drop every data shard, the mount's account agreeing")
     assert status(mnt.state)["gc_pending_bytes"] == 0
 
 

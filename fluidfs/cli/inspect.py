@@ -9,7 +9,6 @@ import time
 
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, counted, fail
-from fluidfs.cli.invite import add_invited, is_invite
 from fluidfs.cli.nodecall import call_node
 from fluidfs.statedir import default_keyfile
 
@@ -47,6 +46,10 @@ def cmd_peers(args: argparse.Namespace) -> None:
     if args.action == "add":
         if not args.addr:
             fail("peers add needs [PEERID@]HOST:PORT or an invite code", EXIT_USAGE)
+        # Imported here: the invite code's parser pulls in the network stack (trio), which
+        # `status` and `peers` (a fresh process each, polled by scripts) do not need.
+        from fluidfs.cli.invite import add_invited, is_invite
+
         if is_invite(args.addr):
             add_invited(args)
             return

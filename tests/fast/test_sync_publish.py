@@ -47,15 +47,20 @@ async def test_sync_commits_again_once_a_withheld_commits_blocks_are_placed(
     """A commit made while peers refused every store names blocks too few peers hold, so
     its root is withheld; with the tree unchanged since, `fluidfs sync` must still end
     with a published root once the blocks are placed (it used to report "no changes
-    since the last commit ... the root record has not reached enough peers yet"). About
-    25 s: the withheld commit waits out the placement stall of blocks below K."""
+    since the last commit ... the root record has not reached enough peers yet").
+
+    The withheld commit waits out the placement stall of blocks below K (fs/commit.py
+    WEAK_STALL, 10 s, whatever its *stall*) for its data; its first tree node would wait
+    as long again, so that commit's per-node limit is cut to a second."""
     async with keyfile_hosts(tmp_path) as (ring, hosts), machine(
         tmp_path / "a", ring, hosts, new=True
     ) as node:
         for host in hosts:  # stores and records refused: no agreement on their side
             host.ledger.end(ring.public_key)
         await write_file(node, ROOT_INO, b"big.bin", os.urandom(300_000))
+        limit, node.committer.limit = node.committer.limit, 1.0
         first = await node.commits.commit(user_changed=True, stall=0.5)
+        node.committer.limit = limit
         assert first is not None and first.stats.weak_refs, "the commit is withheld"
         for host in hosts:
             host.ledger.record(ring.public_key, we_host=64 * MIB, they_host=64 * MIB,
