@@ -77,6 +77,11 @@ class Tree:
         # (transaction, the generation it bumped tree_gen to): one bump per transaction.
         # Holding the transaction keeps its identity from being reused by a later one.
         self._gen_of: tuple[object, int] | None = None
+        # The open batch's shared generation and the inodes whose directories it
+        # marked, valid while the batch's epoch is ``_batch_epoch`` (``_changed``).
+        self._batch_epoch = -1
+        self._batch_gen = 0
+        self._batch_marked: set[int] = set()
         self.cache_max = INODE_CACHE_MAX
         self.dirs = DirState(db)
         db.batch.on_lost.append(self._cache.clear)  # the cache may hold what it wrote
@@ -96,7 +101,23 @@ class Tree:
 
         The first change in *txn* bumps ``tree_gen``; the others reuse its value (a
         nested transaction is a transaction of its own: one that is aborted takes its
-        bump with it, and the next one bumps again)."""
+        bump with it, and the next one bumps again). The requests joining one open
+        batch (store/batch.py) share one bump and mark each inode's directories once:
+        no reader sees a batch but whole, so its requests' changes are one change to
+        every reader (see "Dirty marks once a batch" in docs/decisions.md)."""
+        batch = self.db.batch
+        if batch.joins(txn):
+            if self._batch_epoch != batch.epoch:  # a new batch, or a request aborted
+                self._batch_epoch = batch.epoch
+                self._batch_gen = 0
+                self._batch_marked.clear()
+            gen = self._batch_gen
+            if not gen:
+                gen = self._batch_gen = self._next(txn, b"tree_gen") + 1
+            if ino is not None and ino not in self._batch_marked:
+                self._batch_marked.add(ino)
+                self.dirs.mark_parents(txn, ino, gen)
+            return gen
         last = self._gen_of
         if last is not None and last[0] is txn:
             gen = last[1]
