@@ -16,9 +16,12 @@ committed listing the change makes stale, so a commit writes only those.
 
 ``tree_gen`` goes up in every transaction that changes the five tree tables through
 this class (every change the mount makes does), once per transaction: the changes one
-transaction makes share its generation. A reader that finds the same value in
-two read transactions knows the tree did not change between them; commits rely on
-that to read the tree in short snapshots (fs/commit.py).
+transaction makes share its generation. The requests of one write-behind batch
+(store/batch.py) count as one transaction: readers only ever see a batch whole, so
+they share one bump, and a directory is marked once per batch for each inode whose
+change marks it. A reader that finds the same value in two read transactions knows
+the tree did not change between them; commits rely on that to read the tree in short
+snapshots (fs/commit.py).
 
 All calls are short and run on the trio loop; writes take the caller's
 transaction so that related changes commit together. The readers see the mount's
