@@ -220,8 +220,11 @@ class Tree:
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
             self.dirs.unlinked(txn, parent, name, _U64x2.unpack(old)[0], gen)
         self.dirs.linked(txn, parent, name, child, gen)
-        raw = txn.get(u64(child), db=self._inodes)
-        if raw is not None and Inode.decode(child, raw).is_dir and self.dirs.is_new_dir(txn, child):
+        node = self._cache.get(child)  # a file type never changes: any cached copy says it
+        if node is None:
+            raw = txn.get(u64(child), db=self._inodes)
+            node = None if raw is None else Inode.decode(child, raw)
+        if node is not None and node.is_dir and self.dirs.is_new_dir(txn, child):
             self.dirs.mark(txn, child, gen)  # never committed: its (empty) listing too
         cookie = self._next(txn, b"next_cookie")
         txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
