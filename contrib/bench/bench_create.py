@@ -15,6 +15,10 @@ of this checkout (``--py-spy`` names the binary). ``--floor`` runs the loop on
 ``--handlers`` measures instead the same requests called on ``Node.ops`` in process
 (``create_handlers.py``, no kernel): CPU microseconds per file of the handlers alone,
 the figure that moves least with the machine's load, for each checkout alternately.
+``--together`` (with ``--repo``) mounts both checkouts at once and runs a loop on each
+at the same time, so both see the same load at the same moment, which alternating runs
+do not: on a shared machine at load 50-150, alternating runs of the same two checkouts
+gave ratios from 0.67x to 1.3x.
 """
 
 from __future__ import annotations
@@ -100,6 +104,76 @@ def one_run(repo: Path, work: Path, args: argparse.Namespace, profile: Path | No
     return rate
 
 
+def mount_fresh(repo: Path, work: Path) -> tuple[Path, int]:
+    """Init and mount a fresh state directory with *repo*'s code: (mountpoint, pid)."""
+    mnt, state, key = work / "mnt", work / "state", work / "key"
+    shutil.rmtree(work, ignore_errors=True)
+    mnt.mkdir(parents=True)
+    cli(repo, "init", "--keyfile", str(key))
+    cli(repo, "mount", str(mnt), "--keyfile", str(key), "--state-dir", str(state),
+        "--commit-quiet", "3600")
+    return mnt, int((state / "daemon.pid").read_text())
+
+
+LOOP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+    "import bench_create as b; "
+    "print(b.create_loop(Path(sys.argv[2]), *map(int, sys.argv[3:])))"
+)
+
+
+def together_run(root: Path, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Both checkouts mounted at once, a loop on each at the same time (its own
+    process): name -> (files/s, the mount's CPU ms per file)."""
+    mounts: dict[str, tuple[Path, Path, int]] = {}
+    try:
+        for name, repo in (("this", REPO), ("base", args.repo)):
+            mounts[name] = (repo, *mount_fresh(repo, root / name))
+        cpu0 = {name: cpu_seconds(pid) for name, (_, _, pid) in mounts.items()}
+        loops = {
+            name: subprocess.Popen(
+                [sys.executable, "-c", LOOP, str(HERE), str(mnt), str(args.files),
+                 str(args.size), str(args.per_dir)],
+                stdout=subprocess.PIPE, text=True)
+            for name, (_, mnt, _) in mounts.items()
+        }
+        rates = {name: float(loop.communicate(timeout=3600)[0]) for name, loop in loops.items()}
+        return {
+            name: (rates[name], (cpu_seconds(pid) - cpu0[name]) * 1000 / args.files)
+            for name, (_, _, pid) in mounts.items()
+        }
+    finally:
+        for repo, mnt, _ in mounts.values():
+            try:
+                cli(repo, "unmount", str(mnt))
+            except RuntimeError as exc:
+                log(f"unmount: {exc}")
+
+
+def together_main(args: argparse.Namespace) -> int:
+    """``--together``: both checkouts at once, ``--runs`` times."""
+    root = Path(tempfile.mkdtemp(prefix="fluidfs-bench-create-", dir=args.workdir))
+    seen: dict[str, list[tuple[float, float]]] = {"this": [], "base": []}
+    try:
+        for run in range(args.runs):
+            for name, figures in together_run(root, args).items():
+                seen[name].append(figures)
+                log(f"run {run + 1} {name}: {figures[0]:.0f} files/s, "
+                    f"mount {figures[1]:.2f} ms of CPU per file")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    this, base = seen["this"], seen["base"]
+    ratio = sum(r for r, _ in this) / sum(r for r, _ in base)
+    cpu = sum(c for _, c in this) / sum(c for _, c in base)
+    print(f"create {args.files} x {args.size} B, both checkouts at once: this checkout "
+          f"{min(r for r, _ in this):.0f}-{max(r for r, _ in this):.0f} files/s at "
+          f"{min(c for _, c in this):.2f}-{max(c for _, c in this):.2f} ms/file; baseline "
+          f"{min(r for r, _ in base):.0f}-{max(r for r, _ in base):.0f} files/s at "
+          f"{min(c for _, c in base):.2f}-{max(c for _, c in base):.2f} ms/file; "
+          f"ratio {ratio:.2f}x files/s, {cpu:.2f}x CPU per file")
+    return 0
+
+
 def floor_run(work: Path, args: argparse.Namespace) -> float:
     """The same loop on nullfs.py: the FUSE round trips alone."""
     mnt = work / "mnt"
@@ -170,9 +244,15 @@ def main() -> int:
                         help="also run the loop on a null pyfuse3 filesystem (nullfs.py)")
     parser.add_argument("--handlers", action="store_true",
                         help="the handlers in process instead of the mount (create_handlers.py)")
+    parser.add_argument("--together", action="store_true",
+                        help="mount both checkouts at once and create on both at the same time")
     args = parser.parse_args()
     if args.handlers:
         return handlers_main(args)
+    if args.together:
+        if args.repo is None:
+            parser.error("--together needs --repo")
+        return together_main(args)
     root = Path(tempfile.mkdtemp(prefix="fluidfs-bench-create-", dir=args.workdir))
     rates: dict[str, list[float]] = {"this": [], "base": [], "floor": []}
     try:

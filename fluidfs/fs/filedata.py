@@ -174,12 +174,16 @@ class FileData:
                 and not blk.lock.locked()
                 and inode is not None
                 and inode.size <= INLINE_MAX
+                and len(blk.buf) <= INLINE_MAX
             ):
+                # The lock is free and nothing below awaits before the block is gone:
+                # no other task can see it half sealed, so the lock need not be taken.
                 try:
-                    await self.seal(blk)
+                    dead = self._seal_inline(blk, bytes(blk.buf))
                 except Exception:
                     log.exception("sealing inode %d at close failed; queued", ino)
                 else:
+                    await self._sealed(dead)
                     return
         for blk in blocks:
             self._enqueue(blk)
@@ -309,27 +313,49 @@ class FileData:
             pos += len(chunk)
 
     async def _write_block(self, inode: Inode, index: int, start: int, chunk: memoryview) -> None:
+        end = start + len(chunk)
         while True:
             blk = await self._dirty_block(inode, index)
+            if (
+                blk.buf is not None
+                and end <= MEMORY_BLOCK_MAX
+                and not blk.dead
+                and not blk.lock.locked()
+            ):
+                # In memory, free, staying in memory: nothing below awaits, so no other
+                # task can come between; the lock need not be taken (a held trio lock
+                # with waiters passes to the next one, so free means none waits).
+                self._copy_in(blk, start, end, chunk)
+                return
             async with _Held(blk.lock):
                 if blk.dead:
                     continue
-                end = start + len(chunk)
                 if blk.buf is not None and end > MEMORY_BLOCK_MAX:
                     await self._spill(blk)
                 if blk.buf is not None:
-                    if start > len(blk.buf):
-                        blk.buf.extend(bytes(start - len(blk.buf)))
-                    old = len(blk.buf)
-                    blk.buf[start:end] = chunk
-                    self.memory_bytes += len(blk.buf) - old
-                else:
-                    await self.blocks.write_to_disk(_pwrite_all, blk.fd, chunk, start)
-                blk.length = max(blk.length, end)
-                blk.last_write = time.monotonic()
-                if end == self.block_size:
-                    self._enqueue(blk)
+                    self._copy_in(blk, start, end, chunk)
+                    return
+                await self.blocks.write_to_disk(_pwrite_all, blk.fd, chunk, start)
+                self._written(blk, end)
                 return
+
+    def _copy_in(self, blk: DirtyBlock, start: int, end: int, chunk: memoryview) -> None:
+        """Write *chunk* at *start* into an in-memory block (*end*: where it ends)."""
+        buf = blk.buf
+        assert buf is not None
+        old = len(buf)
+        if start > old:
+            buf.extend(bytes(start - old))
+        buf[start:end] = chunk
+        self.memory_bytes += len(buf) - old
+        self._written(blk, end)
+
+    def _written(self, blk: DirtyBlock, end: int) -> None:
+        """*blk* was written up to *end*: its length, idle clock, and sealing when full."""
+        blk.length = max(blk.length, end)
+        blk.last_write = time.monotonic()
+        if end == self.block_size:
+            self._enqueue(blk)
 
     async def _dirty_block(self, inode: Inode, index: int) -> DirtyBlock:
         """The dirty block for (inode, index), creating it with the old contents."""
@@ -338,18 +364,32 @@ class FileData:
         if blk is not None and not blk.dead:
             return blk
         blk = DirtyBlock(inode.ino, index, self.dirty_dir)
+        value = self.tree.block(blk.ino, blk.index)
+        if (value is None or value[:1] == INLINE) and self.memory_bytes < MEMORY_TOTAL_MAX:
+            # Nothing to fetch or copy: the block is whole before any other task can
+            # find it, so its lock need not be taken (a new small file's path).
+            self._in_memory(blk, value)
+            self._add(blk)
+            return blk
         self._add(blk)
         async with _Held(blk.lock):
             try:
-                await self._materialise(blk)
+                await self._materialise(blk, value)
             except BaseException:
                 blk.dead = True
                 self._remove(blk)
                 raise
         return blk
 
-    async def _materialise(self, blk: DirtyBlock) -> None:
-        value = self.tree.block(blk.ino, blk.index)
+    def _in_memory(self, blk: DirtyBlock, value: bytes | None) -> None:
+        """Make *blk* an in-memory block holding *value*'s inline bytes (or none)."""
+        blk.buf = bytearray(value[1:] if value is not None else b"")
+        blk.length = len(blk.buf)
+        self.memory_bytes += blk.length
+        blk.ready = True
+
+    async def _materialise(self, blk: DirtyBlock, value: bytes | None) -> None:
+        """Give *blk* its old contents, *value* being its block map entry."""
         if value is not None and value[:1] == BLOCK_REF:
             block_id = value[1:]
             while blk.fd is None:
@@ -370,9 +410,8 @@ class FileData:
                     self.blocks.cache.forget(block_id)
             blk.length = os.fstat(blk.fd).st_size
         elif self.memory_bytes < MEMORY_TOTAL_MAX:
-            blk.buf = bytearray(value[1:] if value is not None else b"")
-            blk.length = len(blk.buf)
-            self.memory_bytes += blk.length
+            self._in_memory(blk, value)
+            return
         else:
             old = value[1:] if value is not None else b""
             blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, old, value is not None)
@@ -490,16 +529,7 @@ class FileData:
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
                 )
             if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
-                in_memory = blk.fd is None
-                self._discard(blk)
-                # Bytes only memory held may join the mount's write-behind batch
-                # (store/batch.py): a crash loses them with it, as it would have before.
-                # A dirty file just removed may not: its entry must be on disk first.
-                writes = self.tree.db.batch.write() if in_memory else self.tree.db.write()
-                with writes as txn:
-                    dead = self._map(txn, blk, INLINE + data)
-                if dead:
-                    self.tree.db.commit_batch()  # no released block may stay referenced
+                dead = self._seal_inline(blk, data)
             else:
 
                 def bind(txn, block_id: bytes) -> list[StoredBlock]:
@@ -514,7 +544,28 @@ class FileData:
                 self._discard(blk)
                 self.sealed_bytes += len(data)
                 self.sealed_blocks += 1
-        await self.blocks.release(dead)
+        await self._sealed(dead)
+
+    def _seal_inline(self, blk: DirtyBlock, data: bytes) -> list[StoredBlock]:
+        """Seal *blk* (block 0 of a small file, holding *data*) into an inline block map
+        entry; return the blocks left unreferenced. Synchronous: the caller holds the
+        block's lock, or knows it free and calls nothing that awaits in between."""
+        in_memory = blk.fd is None
+        self._discard(blk)
+        # Bytes only memory held may join the mount's write-behind batch
+        # (store/batch.py): a crash loses them with it, as it would have before.
+        # A dirty file just removed may not: its entry must be on disk first.
+        writes = self.tree.db.batch.write() if in_memory else self.tree.db.write()
+        with writes as txn:
+            dead = self._map(txn, blk, INLINE + data)
+        if dead:
+            self.tree.db.commit_batch()  # no released block may stay referenced
+        return dead
+
+    async def _sealed(self, dead: list[StoredBlock]) -> None:
+        """After a seal: release the blocks it left unreferenced."""
+        if dead:
+            await self.blocks.release(dead)
         if self.on_sealed is not None:
             self.on_sealed()
 

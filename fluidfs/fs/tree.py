@@ -16,9 +16,12 @@ committed listing the change makes stale, so a commit writes only those.
 
 ``tree_gen`` goes up in every transaction that changes the five tree tables through
 this class (every change the mount makes does), once per transaction: the changes one
-transaction makes share its generation. A reader that finds the same value in
-two read transactions knows the tree did not change between them; commits rely on
-that to read the tree in short snapshots (fs/commit.py).
+transaction makes share its generation. The requests of one write-behind batch
+(store/batch.py) count as one transaction: readers only ever see a batch whole, so
+they share one bump, and a directory is marked once per batch for each inode whose
+change marks it. A reader that finds the same value in two read transactions knows
+the tree did not change between them; commits rely on that to read the tree in short
+snapshots (fs/commit.py).
 
 All calls are short and run on the trio loop; writes take the caller's
 transaction so that related changes commit together. The readers see the mount's
@@ -77,6 +80,11 @@ class Tree:
         # (transaction, the generation it bumped tree_gen to): one bump per transaction.
         # Holding the transaction keeps its identity from being reused by a later one.
         self._gen_of: tuple[object, int] | None = None
+        # The open batch's shared generation and the inodes whose directories it
+        # marked, valid while the batch's epoch is ``_batch_epoch`` (``_changed``).
+        self._batch_epoch = -1
+        self._batch_gen = 0
+        self._batch_marked: set[int] = set()
         self.cache_max = INODE_CACHE_MAX
         self.dirs = DirState(db)
         db.batch.on_lost.append(self._cache.clear)  # the cache may hold what it wrote
@@ -96,7 +104,23 @@ class Tree:
 
         The first change in *txn* bumps ``tree_gen``; the others reuse its value (a
         nested transaction is a transaction of its own: one that is aborted takes its
-        bump with it, and the next one bumps again)."""
+        bump with it, and the next one bumps again). The requests joining one open
+        batch (store/batch.py) share one bump and mark each inode's directories once:
+        no reader sees a batch but whole, so its requests' changes are one change to
+        every reader (see "Dirty marks once a batch" in docs/decisions.md)."""
+        batch = self.db.batch
+        if batch.joins(txn):
+            if self._batch_epoch != batch.epoch:  # a new batch, or a request aborted
+                self._batch_epoch = batch.epoch
+                self._batch_gen = 0
+                self._batch_marked.clear()
+            gen = self._batch_gen
+            if not gen:
+                gen = self._batch_gen = self._next(txn, b"tree_gen") + 1
+            if ino is not None and ino not in self._batch_marked:
+                self._batch_marked.add(ino)
+                self.dirs.mark_parents(txn, ino, gen)
+            return gen
         last = self._gen_of
         if last is not None and last[0] is txn:
             gen = last[1]
@@ -196,8 +220,11 @@ class Tree:
             txn.delete(u64(parent) + old[8:16], db=self._cookies)
             self.dirs.unlinked(txn, parent, name, _U64x2.unpack(old)[0], gen)
         self.dirs.linked(txn, parent, name, child, gen)
-        raw = txn.get(u64(child), db=self._inodes)
-        if raw is not None and Inode.decode(child, raw).is_dir and self.dirs.is_new_dir(txn, child):
+        node = self._cache.get(child)  # a file type never changes: any cached copy says it
+        if node is None:
+            raw = txn.get(u64(child), db=self._inodes)
+            node = None if raw is None else Inode.decode(child, raw)
+        if node is not None and node.is_dir and self.dirs.is_new_dir(txn, child):
             self.dirs.mark(txn, child, gen)  # never committed: its (empty) listing too
         cookie = self._next(txn, b"next_cookie")
         txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)

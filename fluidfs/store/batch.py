@@ -54,6 +54,10 @@ class WriteBatch:
         self._waiting = 0  # threads waiting for the writer lock
         self._waiting_lock = threading.Lock()
         self.commits = 0  # batches committed (for tests and benchmarks)
+        # Changes whenever what the open batch holds may differ from what the requests
+        # since the last change wrote: a batch committed or lost, a request aborted. A
+        # memo of "already written in this batch" is valid while the epoch stays.
+        self.epoch = 0
 
     def is_open(self) -> bool:
         """True while a batch holds uncommitted writes."""
@@ -71,6 +75,11 @@ class WriteBatch:
     def in_request(self) -> bool:
         """True while a request's nested transaction is open."""
         return self._active is not None
+
+    def joins(self, txn: lmdb.Transaction) -> bool:
+        """True if *txn* is a request's nested transaction of the open batch (what it
+        writes commits with the batch, or is aborted, which changes ``epoch``)."""
+        return txn is self._active and txn is not None
 
     def write(self) -> _Request:
         """A transaction for one request's writes, joining the batch when it can (use
@@ -91,6 +100,7 @@ class WriteBatch:
         if self._active is not None:
             self._txn = txn
             raise RuntimeError("a batch cannot commit inside one of its requests")
+        self.epoch += 1
         try:
             txn.commit()
         except BaseException:
@@ -175,6 +185,7 @@ class _Request:
                 txn.commit()
                 b._writes += 1
             else:
+                b.epoch += 1
                 txn.abort()
         finally:
             b._active = None

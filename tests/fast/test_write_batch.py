@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -187,3 +188,70 @@ async def test_a_read_of_the_trio_thread_sees_the_batch(node) -> None:
     with node.meta.read() as txn:
         assert txn.get(u64(ROOT_INO) + b"f", db=node.meta["dirents"]) is not None
     assert not node.meta.batch.is_open()
+
+
+def committed_generation_and_mark(node: Node, directory: int) -> tuple[int, int | None]:
+    """``tree_gen`` and *directory*'s dirty mark (None if unmarked), as committed."""
+    found: list[tuple[int, int | None]] = []
+
+    def read() -> None:
+        with node.meta.env.begin() as txn:
+            gen = int.from_bytes(txn.get(b"tree_gen", db=node.meta["counters"]), "big")
+            mark = txn.get(u64(directory), db=node.meta["dir_dirty"])
+            found.append((gen, None if mark is None else int.from_bytes(mark, "big")))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+async def test_a_batch_is_one_change_to_its_readers(node) -> None:
+    """A reader (a commit) sees a batch whole or not at all, so the requests in one
+    batch count as one change: ``tree_gen`` goes up once for the batch, and the
+    directory they changed is marked at that generation, so a commit that read the
+    tree before the batch leaves it marked and one that read it after clears it.
+    Before: every request bumped ``tree_gen`` and wrote the directory's mark again
+    (a 200 B file: four bumps, four marks)."""
+    ops = node.ops
+    d = (await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)).st_ino
+    node.meta.commit_batch()
+    before, _ = committed_generation_and_mark(node, d)
+    for i in range(20):
+        await create(ops, d, b"f%d" % i, b"x" * 200)
+        fi = await ops.open((await ops.lookup(d, b"f%d" % i, CTX)).st_ino, os.O_RDWR, CTX)
+        await ops.write(fi.fh, 0, b"y" * 100)
+        await ops.release(fi.fh)
+    assert node.meta.batch.is_open()
+    node.meta.commit_batch()
+    after, mark = committed_generation_and_mark(node, d)
+    assert after == before + 1
+    assert mark == after
+
+
+async def test_an_aborted_request_does_not_hide_a_later_change_in_its_batch(node) -> None:
+    """A request that fails after marking a directory takes its mark with it; a later
+    change in the same batch to the same file still marks the directory, so the next
+    commit writes it."""
+    ops = node.ops
+    d = (await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)).st_ino
+    f = await create(ops, d, b"f", b"data")
+    node.meta.commit_batch()
+    with node.meta.write() as txn:  # as a commit that wrote d clears its mark
+        txn.delete(u64(d), db=node.meta["dir_dirty"])
+    await first_change(ops)
+    with pytest.raises(RuntimeError), ops._transaction() as writes:
+        changed = ops._edit(f)
+        changed.mode |= 0o100
+        writes.put(changed)
+        raise RuntimeError("the request fails after its write")
+    assert node.meta.batch.is_open()
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode = 0o600
+    fields = SimpleNamespace(update_mode=True, update_uid=False, update_gid=False,
+                             update_size=False, update_atime=False, update_mtime=False,
+                             update_ctime=False)
+    await ops.setattr(f, attr, fields, None, CTX)
+    node.meta.commit_batch()
+    gen, mark = committed_generation_and_mark(node, d)
+    assert mark == gen, "the file's directory lost its mark: the next commit skips it"
