@@ -303,14 +303,21 @@ class MetaIndex:
             raise MetaError(f"node {top.hex()[:16]} is not a directory node")
         parts: list[list[Entry]] = [[] for _ in node.children]
         limiter = trio.CapacityLimiter(FETCHERS)
+        failed: list[MetaError] = []
 
         async def one(i: int, ref: Ref) -> None:
             async with limiter:
-                parts[i] = await self.entries(ref.block_id)
+                try:
+                    parts[i] = await self.entries(ref.block_id)
+                except MetaError as exc:  # one MetaError for the caller, not a group
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for i, (_, ref, _) in enumerate(node.children):
                 nursery.start_soon(one, i, ref)
+        if failed:
+            raise failed[0]
         return [entry for part in parts for entry in part]
 
     async def file_blocks(self, entry: Entry) -> tuple[list, list]:
