@@ -274,16 +274,20 @@ class MetaIndex:
         stored = self.blocks.load(block_id)
         if stored is None:
             raise MetaError(f"no record for metadata node {block_id.hex()[:16]}")
+        size = stored.record.size
+
+        def parse(plain: bytes) -> TreeNode:  # in the worker thread that opens the block
+            if len(plain) != size:
+                raise MetaError(f"metadata node {block_id.hex()[:16]} is short")
+            try:
+                return decode_node(plain)
+            except NodeError as exc:
+                raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
+
         try:
-            plain = await self.blocks.read(block_id, 0, stored.record.size)
+            node = await self.blocks.read_parsed(block_id, parse)
         except BlockUnavailable as exc:
             raise MetaError(f"metadata node {block_id.hex()[:16]} unavailable: {exc}") from None
-        if len(plain) != stored.record.size:
-            raise MetaError(f"metadata node {block_id.hex()[:16]} is short")
-        try:
-            node = await trio.to_thread.run_sync(decode_node, plain)
-        except NodeError as exc:
-            raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
         if not self.registered(block_id):
             self.holders.learn(ref for ref, _ in node.refs())
             lock = self._loading.setdefault(block_id, trio.Lock())

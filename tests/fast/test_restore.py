@@ -259,3 +259,32 @@ async def test_a_missing_leaf_of_a_chunked_directory_is_a_metadata_error(
         assert a.photos in meta.restorer.pending()
     finally:
         b.close()
+
+
+async def test_a_fetched_metadata_node_is_opened_and_parsed_in_one_thread_hop(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """On a fresh machine each metadata node is rebuilt from its shards and parsed in the
+    same worker-thread hop (a hop costs the loop more than opening a small node; a
+    million-file tree has tens of thousands of nodes). Before, opening and parsing were
+    two hops."""
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.ensure(ROOT_INO)
+        top = meta.restorer.lazy_top(a.photos)
+        real = trio.to_thread.run_sync
+        hops = []
+
+        async def counting(fn, *args, **kw):
+            hops.append(fn)
+            return await real(fn, *args, **kw)
+
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+        node = await meta.index.load(top)
+        assert node.type in (metaformat.LEAF, metaformat.INDEX)
+        assert len(hops) == 1, f"{len(hops)} worker-thread hops for one node"
+    finally:
+        b.close()
