@@ -288,3 +288,32 @@ async def test_a_fetched_metadata_node_is_opened_and_parsed_in_one_thread_hop(
         assert len(hops) == 1, f"{len(hops)} worker-thread hops for one node"
     finally:
         b.close()
+
+
+async def test_a_small_directory_loads_in_one_write_transaction(tmp_path: Path) -> None:
+    """Loading a restored directory of one leaf node registers the node, writes its
+    entries and clears its lazy mark in one write transaction (a fresh machine's walk
+    loads every directory: each transaction costs the loop a commit). Before: three."""
+    a = await Committed(tmp_path).build()
+    b = a.fresh_machine("b")
+    try:
+        meta = Metadata(b)
+        await adopt(meta, a.result.ref)
+        await meta.restorer.ensure(ROOT_INO)
+        top = meta.restorer.lazy_top(a.docs)
+        real = b.db.write
+        writes = []
+
+        def counting():
+            writes.append(1)
+            return real()
+
+        b.db.write = counting
+        await meta.restorer.ensure(a.docs)
+        b.db.write = real
+        assert names(b, a.docs) == [b"note", b"x"]
+        assert meta.index.registered(top)
+        assert (await meta.index.load(top)).type == metaformat.LEAF
+        assert len(writes) == 1, f"{len(writes)} write transactions for one small directory"
+    finally:
+        b.close()
