@@ -126,6 +126,13 @@ class Restorer:
             fetched: list[tuple[bytes, TreeNode]] = []  # registered with the entries
             entries = await self.index.entries(top, fetched)
             files = {}
+            if any(entry.chunks for entry in entries):
+                # Registering the leaves records the manifest chunks they name, which
+                # are fetched next (only files of many blocks have them).
+                self.index.learn_fetched(fetched)
+                with self.db.write() as txn:
+                    self.index.register_fetched(txn, fetched)
+                fetched = []
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
