@@ -72,13 +72,13 @@ async def timed_walk(root: Path, ref, delay: float, ahead: bool) -> tuple[float,
         with b.db.write() as txn:
             meta.index.adopt(txn, ref)
         meta.restorer.adopt_root((await meta.index.load(ref.block_id)).commit)
-        real = b.blocks.read
+        real = b.blocks.read_parsed
 
         async def over_the_network(*args, **kw):
             await trio.sleep(delay)
             return await real(*args, **kw)
 
-        b.blocks.read = over_the_network
+        b.blocks.read_parsed = over_the_network
         async with trio.open_nursery() as nursery:
             if ahead:
                 nursery.start_soon(meta.restorer.prefetch)

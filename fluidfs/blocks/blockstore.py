@@ -32,7 +32,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughS
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.recent import RecentBlocks
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
-from fluidfs.blocks.remote import RemoteShards
+from fluidfs.blocks.remote import RemoteShards, opened
 from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import is_disk_full, keep_reserve
 from fluidfs.net.bandwidth import UPLOAD
@@ -59,6 +59,16 @@ Bind = Callable[[Any, bytes], list[StoredBlock]]
 
 class BlockUnavailable(Exception):
     """A block cannot be rebuilt now (too few good shards reachable)."""
+
+
+_UNPARSED = object()  # _fetch: the block was not parsed by this call
+
+
+def _unwrap(parsed: Any) -> Any:
+    """What a parse in a worker thread returned, raising what it raised."""
+    if isinstance(parsed, Exception):
+        raise parsed
+    return parsed
 
 
 class _Rebuild:
@@ -623,6 +633,35 @@ class BlockStore:
             if rebuilt is not None:
                 return rebuilt[offset : offset + size]
 
+    async def read_parsed(self, block_id: bytes, parse: Callable[[bytes], Any]) -> Any:
+        """The whole block as *parse* (run in a worker thread) makes it, in one
+        worker-thread hop wherever the block is found: held, cached, or rebuilt (opened
+        and parsed in the same hop). What *parse* raises goes up."""
+        while True:
+            recent = self.recent.get(block_id)
+            if recent is not None:
+                return await trio.to_thread.run_sync(parse, recent, limiter=self.limiter)
+            if block_id in self.cache:
+                self.cache.touch(block_id)
+                data, parsed = await trio.to_thread.run_sync(
+                    self._cached_parsed, block_id, self.block_size(block_id), parse,
+                    limiter=self.limiter,
+                )
+                if data is not None:
+                    return _unwrap(parsed)
+                self.cache.forget(block_id)
+            data, parsed = await self._fetch(block_id, parse)
+            if data is not None:
+                if parsed is _UNPARSED:  # another caller rebuilt it (without parsing)
+                    return await trio.to_thread.run_sync(parse, data, limiter=self.limiter)
+                return _unwrap(parsed)
+
+    def _cached_parsed(
+        self, block_id: bytes, size: int, parse: Callable[[bytes], Any]
+    ) -> tuple[bytes | None, Any]:
+        data = self.cache.read_io(block_id, 0, size)
+        return (None, None) if data is None else opened(data, parse)
+
     def prefetch(self, block_id: bytes) -> None:
         """Start rebuilding a block in the background if it is not cached (read-ahead)."""
         if (
@@ -651,23 +690,35 @@ class BlockStore:
         (``recent``), rebuilt by this call or by one it waited for. A rebuilt block is
         written to the disk cache only when it is rebuilt a second time (recent.py).
         """
+        data, _ = await self._fetch(block_id, None)
+        return data
+
+    async def _fetch(
+        self, block_id: bytes, parse: Callable[[bytes], Any] | None
+    ) -> tuple[bytes | None, Any]:
+        """``fetch``, and what *parse* made of the block if this call rebuilt it (in the
+        same worker-thread hop; the exception it raised, if any), else _UNPARSED."""
         if block_id in self.cache:
-            return None
+            return None, _UNPARSED
         recent = self.recent.get(block_id)
         if recent is not None:
-            return recent
+            return recent, _UNPARSED
         pending = self._rebuilding.get(block_id)
         if pending is not None:
             await pending.done.wait()
             if pending.data is None:
                 raise BlockUnavailable(block_id.hex())
-            return pending.data
+            return pending.data, _UNPARSED
         job = self._rebuilding[block_id] = _Rebuild()
+        parsed: Any = _UNPARSED
         try:
             stored = self.load(block_id)
             if stored is None:
                 raise BlockUnavailable(f"no record for block {block_id.hex()[:16]}")
-            data = await self.rebuild(stored)
+            if parse is None:
+                data = await self.rebuild(stored)
+            else:
+                data, parsed = await self._rebuild(stored, parse)
             if self.recent.keep(block_id, data) and await self._cache_rebuilt(block_id, data):
                 self.cache.note(block_id, len(data))
             job.data = data
@@ -675,7 +726,7 @@ class BlockStore:
             del self._rebuilding[block_id]
             job.done.set()
         await self.evict()
-        return data
+        return data, parsed
 
     async def _cache_rebuilt(self, block_id: bytes, data: bytes) -> bool:
         """Keep a rebuilt block in the cache if the disk has room; a full disk must not
@@ -690,15 +741,24 @@ class BlockStore:
 
     async def rebuild(self, stored: StoredBlock) -> bytes:
         """The block's plaintext, rebuilt from its shards (not via the cache)."""
+        data, _ = await self._rebuild(stored, None)
+        return data
+
+    async def _rebuild(
+        self, stored: StoredBlock, parse: Callable[[bytes], Any] | None
+    ) -> tuple[bytes, Any]:
+        """``rebuild``, and what *parse* made of the plaintext in the same worker-thread
+        hop (see ``remote.opened``)."""
         if LOCAL_HOLDER in stored.holders or self.remote is None:
             return await trio.to_thread.run_sync(
-                self._rebuild_local, stored.record, limiter=self.limiter
+                lambda: opened(self._rebuild_local(stored.record), parse), limiter=self.limiter
             )
         block_id = stored.record.block_id
         try:
-            return await self.remote.fetch(
+            return await self.remote.fetch_parsed(
                 stored.record,
                 stored.holders,
+                parse,
                 on_found=lambda index, holder: self.learn_holder(block_id, index, holder),
             )
         except BlockError as exc:

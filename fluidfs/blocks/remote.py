@@ -27,6 +27,7 @@ import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -372,9 +373,23 @@ class RemoteShards:
         self, record: BlockRecord, holders: list[int], on_found: FoundShard | None = None
     ) -> bytes:
         """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be."""
+        plain, _ = await self.fetch_parsed(record, holders, on_found=on_found)
+        return plain
+
+    async def fetch_parsed(
+        self,
+        record: BlockRecord,
+        holders: list[int],
+        parse: Callable[[bytes], Any] | None = None,
+        on_found: FoundShard | None = None,
+    ) -> tuple[bytes, Any]:
+        """(plaintext, what *parse* made of it, or the exception it raised), the block
+        rebuilt from its holders and parsed in the same worker-thread hop (a hop costs
+        the loop more than opening a small block); BlockError if it cannot be rebuilt."""
         good = await self.fetch_shards(record, holders, on_found=on_found)
         return await trio.to_thread.run_sync(
-            lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
+            lambda: opened(self.codec.open(record, good, verified=True), parse),
+            limiter=self.limiter,
         )
 
     async def fetch_shards(
@@ -682,3 +697,14 @@ class RemoteShards:
         self.ledger.add_use(key, -size)
         self.full.discard(key)
         return True
+
+
+def opened(plain: bytes, parse: Callable[[bytes], Any] | None) -> tuple[bytes, Any]:
+    """(plain, parse(plain) or the exception it raised; None without *parse*): for
+    worker threads that open a block and parse it in one hop."""
+    if parse is None:
+        return plain, None
+    try:
+        return plain, parse(plain)
+    except Exception as exc:  # handed to the caller, who knows what it means
+        return plain, exc

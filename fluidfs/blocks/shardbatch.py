@@ -14,12 +14,14 @@ Answers are checked where they arrive: an id we did not ask, an id answered twic
 more than MAX_BATCH_BYTES of shards in all makes the whole answer bad (each request in
 it fails as a single request's bad reply would, and counts against the peer the same
 way). Each shard is verified against the id it was asked for, all of an answer's in one
-worker-thread hop (a hop per shard cost the event loop more than the hashing); a shard
-that fails is handed to its request as corrupt. An id in neither list (the host's
-answer was full) is asked again on its own. A peer that does not know the op
-(``unknown_op``: an older version) is asked one shard per request from then on; so is
-a partner whose side is held by its storage provider (the op carries no ``for``), and
-everything while ``run`` is not running.
+worker-thread hop (a hop per shard cost the event loop more than the hashing), or on the
+loop itself for an answer of at most VERIFY_INLINE_BYTES (the usual one on a fresh
+machine's walk: a few shards of a metadata node, whose hashing costs the loop less than
+the hop would); a shard that fails is handed to its request as corrupt. An id in
+neither list (the host's answer was full) is asked again on its own. A peer that does
+not know the op (``unknown_op``: an older version) is asked one shard per request from
+then on; so is a partner whose side is held by its storage provider (the op carries no
+``for``), and everything while ``run`` is not running.
 
 What this holds is bounded by the requests waiting: each waits with its own timeout and
 is dropped from the queue when it gives up.
@@ -43,6 +45,7 @@ __all__ = ["BATCHES_PER_PEER", "MAX_BATCH_SHARD", "ShardBatches"]
 
 BATCHES_PER_PEER = 2  # RetrieveShards calls running to one peer at once
 BATCH_TIMEOUT = 10.0  # one call; each request also waits with its own timeout
+VERIFY_INLINE_BYTES = 64 * 1024  # an answer this small is hashed on the loop (~60 µs)
 
 
 class _Wait:
@@ -118,7 +121,10 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
             reply = await self.conns.call(key, "RetrieveShards", {"ids": ids},
                                           timeout=BATCH_TIMEOUT)
             found, missing = read_answer(ids, reply)
-            verified = await trio.to_thread.run_sync(_verify, found, limiter=self.limiter)
+            if sum(len(data) for data in found.values()) <= VERIFY_INLINE_BYTES:
+                verified = _verify(found)
+            else:
+                verified = await trio.to_thread.run_sync(_verify, found, limiter=self.limiter)
         except PeerUnavailable as exc:
             error = exc
         except RpcError as exc:

@@ -269,22 +269,34 @@ class MetaIndex:
         with self.meta.write() as txn:
             self.journal_drops(txn, block_ids)
 
-    async def load(self, block_id: bytes) -> TreeNode:
-        """Fetch, parse and (if new to us) register the node *block_id*."""
+    async def load(
+        self, block_id: bytes, fetched: list[tuple[bytes, TreeNode]] | None = None
+    ) -> TreeNode:
+        """Fetch, parse and (if new to us) register the node *block_id*. With a
+        *fetched* list, a leaf is appended to it instead of registered here: the caller
+        registers it in its own write transaction (``register_fetched``). An index node
+        is registered at once: registering it records the nodes below it, which are
+        fetched next."""
         stored = self.blocks.load(block_id)
         if stored is None:
             raise MetaError(f"no record for metadata node {block_id.hex()[:16]}")
+        size = stored.record.size
+
+        def parse(plain: bytes) -> TreeNode:  # in the worker thread that opens the block
+            if len(plain) != size:
+                raise MetaError(f"metadata node {block_id.hex()[:16]} is short")
+            try:
+                return decode_node(plain)
+            except NodeError as exc:
+                raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
+
         try:
-            plain = await self.blocks.read(block_id, 0, stored.record.size)
+            node = await self.blocks.read_parsed(block_id, parse)
         except BlockUnavailable as exc:
             raise MetaError(f"metadata node {block_id.hex()[:16]} unavailable: {exc}") from None
-        if len(plain) != stored.record.size:
-            raise MetaError(f"metadata node {block_id.hex()[:16]} is short")
-        try:
-            node = await trio.to_thread.run_sync(decode_node, plain)
-        except NodeError as exc:
-            raise MetaError(f"metadata node {block_id.hex()[:16]}: {exc}") from None
-        if not self.registered(block_id):
+        if fetched is not None and node.type != INDEX:
+            fetched.append((block_id, node))
+        elif not self.registered(block_id):
             self.holders.learn(ref for ref, _ in node.refs())
             lock = self._loading.setdefault(block_id, trio.Lock())
             async with lock:
@@ -294,23 +306,46 @@ class MetaIndex:
             self._loading.pop(block_id, None)
         return node
 
-    async def entries(self, top: bytes) -> list[Entry]:
-        """Every entry of the chunked tree whose top node is *top*, in name order."""
-        node = await self.load(top)
+    def register_fetched(self, txn, fetched: list[tuple[bytes, TreeNode]]) -> None:
+        """Register, inside *txn*, the nodes ``load`` put in a *fetched* list (those
+        whose record exists and that are not registered yet). Call
+        ``learn_fetched`` before opening *txn*."""
+        for block_id, node in fetched:
+            if self.blocks.load(block_id, txn) is not None:
+                self.register(txn, block_id, list(node.refs()))
+
+    def learn_fetched(self, fetched: list[tuple[bytes, TreeNode]]) -> None:
+        """Learn the holders the *fetched* nodes name (outside any write transaction)."""
+        for _, node in fetched:
+            self.holders.learn(ref for ref, _ in node.refs())
+
+    async def entries(
+        self, top: bytes, fetched: list[tuple[bytes, TreeNode]] | None = None
+    ) -> list[Entry]:
+        """Every entry of the chunked tree whose top node is *top*, in name order.
+        *fetched*: as for ``load``, for every node of the tree."""
+        node = await self.load(top, fetched)
         if node.type == LEAF:
             return node.entries
         if node.type != INDEX:
             raise MetaError(f"node {top.hex()[:16]} is not a directory node")
         parts: list[list[Entry]] = [[] for _ in node.children]
         limiter = trio.CapacityLimiter(FETCHERS)
+        failed: list[MetaError] = []
 
         async def one(i: int, ref: Ref) -> None:
             async with limiter:
-                parts[i] = await self.entries(ref.block_id)
+                try:
+                    parts[i] = await self.entries(ref.block_id, fetched)
+                except MetaError as exc:  # one MetaError for the caller, not a group
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for i, (_, ref, _) in enumerate(node.children):
                 nursery.start_soon(one, i, ref)
+        if failed:
+            raise failed[0]
         return [entry for part in parts for entry in part]
 
     async def file_blocks(self, entry: Entry) -> tuple[list, list]:

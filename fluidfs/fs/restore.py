@@ -35,7 +35,7 @@ from collections import deque
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
-from fluidfs.fs.metaformat import CommitInfo, Entry
+from fluidfs.fs.metaformat import CommitInfo, Entry, TreeNode
 from fluidfs.fs.metaindex import MetaError, MetaIndex
 from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, Tree
 from fluidfs.store.db import Database
@@ -123,36 +123,53 @@ class Restorer:
             top = self.lazy_top(ino)
             if top is None:
                 return
-            entries = await self.index.entries(top)
+            fetched: list[tuple[bytes, TreeNode]] = []  # registered with the entries
+            entries = await self.index.entries(top, fetched)
             files = {}
+            if any(entry.chunks for entry in entries):
+                # Registering the leaves records the manifest chunks they name, which
+                # are fetched next (only files of many blocks have them).
+                self.index.learn_fetched(fetched)
+                with self.db.write() as txn:
+                    self.index.register_fetched(txn, fetched)
+                fetched = []
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
-            subdirs = await self._materialise(ino, entries, files)
+            subdirs = await self._materialise(ino, entries, files, fetched)
         self._locks.pop(ino, None)
         self._fetch_ahead(subdirs)
 
-    async def _materialise(self, parent: int, entries: list[Entry], files: dict) -> list[int]:
-        """Write *parent*'s entries into the live tables; return the subdirectories it
-        marked lazy, in name order.
+    async def _materialise(
+        self, parent: int, entries: list[Entry], files: dict, fetched: list
+    ) -> list[int]:
+        """Register the *fetched* nodes of *parent*'s contents and write its entries into
+        the live tables; return the subdirectories it marked lazy, in name order.
 
         A directory of any size is written MATERIALISE_BATCH entries per transaction,
-        with a checkpoint between them, so the loop is never held for all of it. The
+        with a checkpoint between them, so the loop is never held for all of it; the
+        first also registers the nodes, the last clears the lazy mark, so a directory
+        of up to MATERIALISE_BATCH entries (most) is one transaction (a transaction
+        costs the loop far more than the rows of a small directory). The
         directory stays lazy until the last one (every request that needs its entries
         waits in ``ensure``, and commits name it by its committed node), and the first
         raises ``next_ino`` past every entry, so nothing created meanwhile takes one of
         their numbers. A crash half way leaves it lazy: loading it again rewrites what
         was written (each entry is written the same way twice)."""
+        self.index.learn_fetched(fetched)
         for entry in entries:
             blocks, _ = files.get(entry.ino, (entry.blocks, entry.inline))
             self.index.holders.learn(ref for _, ref in blocks)
         counters = self.db["counters"]
         highest = max((entry.ino for entry in entries), default=0)
         subdirs: list[int] = []
-        for start in range(0, max(len(entries), 1), MATERIALISE_BATCH):
+        last = max(len(entries) - 1, 0) // MATERIALISE_BATCH * MATERIALISE_BATCH
+        for start in range(0, last + 1, MATERIALISE_BATCH):
             if start:
                 await trio.lowlevel.checkpoint()
             with self.db.write() as txn:
+                if start == 0:
+                    self.index.register_fetched(txn, fetched)
                 if txn.get(_U64.pack(parent), db=self._lazy) is None:
                     return []
                 if start == 0:
@@ -162,10 +179,8 @@ class Restorer:
                 for entry in entries[start : start + MATERIALISE_BATCH]:
                     if self._write_entry(txn, parent, entry, files):
                         subdirs.append(entry.ino)
-        with self.db.write() as txn:
-            if txn.get(_U64.pack(parent), db=self._lazy) is None:
-                return []
-            txn.delete(_U64.pack(parent), db=self._lazy)
+                if start == last:
+                    txn.delete(_U64.pack(parent), db=self._lazy)
         self._maybe_lazy = None  # perhaps the last one: look again at the next request
         self.loaded_dirs += 1
         self.loaded_entries += len(entries)

@@ -53,11 +53,11 @@ class SlowReads:
     at once."""
 
     def __init__(self, store: LocalStore) -> None:
-        self.real = store.blocks.read
+        self.real = store.blocks.read_parsed
         self.in_flight = 0
         self.most = 0
         self.count = 0
-        store.blocks.read = self.read
+        store.blocks.read_parsed = self.read
 
     async def read(self, *args, **kw):
         self.in_flight += 1
@@ -142,7 +142,7 @@ async def test_a_directory_that_fails_to_come_ahead_is_loaded_by_the_walk(
                 raise BlockUnavailable("holders unreachable (this once)")
             return await reads.read(block_id, *args, **kw)
 
-        b.blocks.read = first_read_fails
+        b.blocks.read_parsed = first_read_fails
         async with trio.open_nursery() as nursery:
             nursery.start_soon(meta.restorer.prefetch)
             await until(lambda: failed, what="the prefetcher to try the last directory")

@@ -200,3 +200,43 @@ async def test_a_peer_without_the_op_is_asked_one_shard_at_a_time(tmp_path: Path
         finally:
             for host in hosts:
                 host.close()
+
+
+async def test_a_small_answer_is_verified_without_a_thread_hop(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The shards of a small RetrieveShards answer (a metadata node's, on a fresh
+    machine's walk) are checked against their ids on the loop, which costs it less than
+    a worker-thread hop; a large answer is still checked in a worker thread. A shard
+    that does not match its id is still refused (test_liars covers the lying peer)."""
+    real = trio.to_thread.run_sync
+    in_threads: list[str] = []
+
+    async def noting(fn, *args, **kw):
+        in_threads.append(getattr(fn, "__name__", ""))
+        return await real(fn, *args, **kw)
+
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        host = await PeerNode(tmp_path / "h", service=PeerService).start(nursery)
+        try:
+            owner.use(host)
+            await nursery.start(remote.run)
+            small = [shard(3000) for _ in range(4)]
+            large = [shard(MAX_BATCH_SHARD) for _ in range(8)]
+            await store(owner, host, small + large)
+            monkeypatch.setattr(trio.to_thread, "run_sync", noting)
+            for group in (small, large):
+                got: dict[bytes, tuple[bytes | None, bool]] = {}
+
+                async def ask(item: dict, got: dict = got) -> None:
+                    got[item["id"]] = await remote.batches.get(host.key, item["id"], 10)
+
+                async with trio.open_nursery() as askers:
+                    for item in group:
+                        askers.start_soon(ask, item)
+                assert got == {item["id"]: (item["data"], True) for item in group}
+                if group is small:
+                    assert "_verify" not in in_threads, in_threads
+            assert "_verify" in in_threads, "a large answer is hashed in a worker thread"
+        finally:
+            host.close()
