@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from fluidfs.blocks.ahead import SmallAhead
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughShards
 from fluidfs.blocks.gc import Collector
@@ -105,6 +106,7 @@ class BlockStore:
         self._prefetching = 0
         self.cache.can_evict = self.is_fully_stored
         self.recent = RecentBlocks()  # rebuilt plaintext, in memory (recent.py)
+        self.ahead = SmallAhead(self.fetch, self.at_hand)  # small blocks before reads
         self.collector = Collector(meta, shards, owner, limiter)
         # Shards a block may lack and still count as stored (unpinned, not repaired).
         self.total_missing_allowed = 0
@@ -290,6 +292,7 @@ class BlockStore:
                 if self.remote is not None:
                     nursery.start_soon(self.find_under_replicated)
                 nursery.start_soon(self.collector.run)
+                nursery.start_soon(self.ahead.run)
                 task_status.started()
         finally:
             self._running = False
@@ -622,6 +625,11 @@ class BlockStore:
             rebuilt = await self.fetch(block_id)
             if rebuilt is not None:
                 return rebuilt[offset : offset + size]
+
+    def at_hand(self, block_id: bytes) -> bool:
+        """Whether a read of the block would need no new rebuild (cached, held in
+        memory, or being rebuilt)."""
+        return block_id in self.cache or block_id in self.recent or block_id in self._rebuilding
 
     def prefetch(self, block_id: bytes) -> None:
         """Start rebuilding a block in the background if it is not cached (read-ahead)."""

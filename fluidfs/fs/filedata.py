@@ -27,6 +27,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from fluidfs.blocks.ahead import AHEAD_BLOCK
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
 from fluidfs.blocks.record import StoredBlock
 from fluidfs.diskspace import is_disk_full
@@ -186,6 +187,19 @@ class FileData:
 
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:
         return list(self._by_ino.get(ino, {}).values())
+
+    def read_ahead(self, inodes: list[Inode]) -> int:
+        """A listing named these files: queue the blocks of the small ones (one block
+        each, no unsealed data) to be rebuilt before their reads (blocks/ahead.py);
+        how many were queued. One block map look-up per file, as many as the listing."""
+        wanted = []
+        for inode in inodes:
+            if not INLINE_MAX < inode.size <= AHEAD_BLOCK or inode.ino in self._by_ino:
+                continue
+            value = self.tree.block(inode.ino, 0)
+            if value is not None and value[:1] == BLOCK_REF:
+                wanted.append((bytes(value[1:]), inode.size))
+        return self.blocks.ahead.queue(wanted) if wanted else 0
 
     def has_dirty(self, ino: int) -> bool:
         """True if *ino* has written data that is not sealed yet."""
