@@ -192,14 +192,17 @@ class FileData:
         """A listing named these files: queue the blocks of the small ones (one block
         each, no unsealed data) to be rebuilt before their reads (blocks/ahead.py);
         how many were queued. One block map look-up per file, as many as the listing."""
+        small = [i for i in inodes
+                 if INLINE_MAX < i.size <= AHEAD_BLOCK and i.ino not in self._by_ino]
+        if not small:
+            return 0
         wanted = []
-        for inode in inodes:
-            if not INLINE_MAX < inode.size <= AHEAD_BLOCK or inode.ino in self._by_ino:
-                continue
-            value = self.tree.block(inode.ino, 0)
-            if value is not None and value[:1] == BLOCK_REF:
-                wanted.append((bytes(value[1:]), inode.size))
-        return self.blocks.ahead.queue(wanted) if wanted else 0
+        with self.tree.db.view() as txn:
+            for inode in small:
+                value = self.tree.block(inode.ino, 0, txn)
+                if value is not None and value[:1] == BLOCK_REF:
+                    wanted.append((bytes(value[1:]), inode.size))
+        return self.blocks.ahead.queue(wanted)
 
     def has_dirty(self, ino: int) -> bool:
         """True if *ino* has written data that is not sealed yet."""
