@@ -62,7 +62,7 @@ async def test_what_is_queued_ahead_stays_within_its_bounds() -> None:
     ahead = SmallAhead(fetch, lambda block_id: False)
     size = 200_000
     many = [(i.to_bytes(32, "big"), size) for i in range(2 * AHEAD_BYTES // size)]
-    taken = ahead.queue(many + [(b"x" * 32, AHEAD_BLOCK + 1)])
+    taken = ahead.queue([*many, (b"x" * 32, AHEAD_BLOCK + 1)])
     assert taken == AHEAD_BYTES // size
     assert ahead.bytes <= AHEAD_BYTES
     assert ahead.skipped == len(many) - taken
