@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from fluidfs.blocks.ahead import SmallAhead
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughShards
 from fluidfs.blocks.gc import Collector
@@ -115,6 +116,7 @@ class BlockStore:
         self._prefetching = 0
         self.cache.can_evict = self.is_fully_stored
         self.recent = RecentBlocks()  # rebuilt plaintext, in memory (recent.py)
+        self.ahead = SmallAhead(self.fetch, self.at_hand)  # small blocks before reads
         self.collector = Collector(meta, shards, owner, limiter)
         # Shards a block may lack and still count as stored (unpinned, not repaired).
         self.total_missing_allowed = 0
@@ -300,6 +302,7 @@ class BlockStore:
                 if self.remote is not None:
                     nursery.start_soon(self.find_under_replicated)
                 nursery.start_soon(self.collector.run)
+                nursery.start_soon(self.ahead.run)
                 task_status.started()
         finally:
             self._running = False
@@ -661,6 +664,11 @@ class BlockStore:
     ) -> tuple[bytes | None, Any]:
         data = self.cache.read_io(block_id, 0, size)
         return (None, None) if data is None else opened(data, parse)
+
+    def at_hand(self, block_id: bytes) -> bool:
+        """Whether a read of the block would need no new rebuild (cached, held in
+        memory, or being rebuilt)."""
+        return block_id in self.cache or block_id in self.recent or block_id in self._rebuilding
 
     def prefetch(self, block_id: bytes) -> None:
         """Start rebuilding a block in the background if it is not cached (read-ahead)."""

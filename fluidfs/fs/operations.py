@@ -428,6 +428,7 @@ class FluidOperations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
+        listed = []
         for cookie, name, child in self.tree.entries(fh, start_id):
             node = self.tree.get(child)
             if node is None:
@@ -435,6 +436,10 @@ class FluidOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self.attrs(node), cookie):
                 break
             self.lookups[child] += 1
+            if stat.S_ISREG(node.mode):
+                listed.append(node)
+        # A copy reads next what it listed: small files' blocks are fetched ahead.
+        self.data.read_ahead(listed)
 
     @handler
     async def releasedir(self, fh):

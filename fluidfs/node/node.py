@@ -11,6 +11,7 @@ here are only the wiring, the order things start and stop in, and crash recovery
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import stat
@@ -164,6 +165,7 @@ class Node:
             grouped=not config.even_placement,
         )
         self._stopped = False
+        self.web_up = trio.Event()  # the page serves (or failed to start): mount() waits
 
     # --- wiring ----------------------------------------------------------------------------
 
@@ -552,8 +554,12 @@ class Node:
         record = self.addresses.get(key)
         return [str(a) for a in record.via] if record is not None else []
 
-    async def run_services(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run the peer service, control socket and background loops until cancelled."""
+    async def run_services(
+        self, *, web_beside: bool = False, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the peer service, control socket and background loops until cancelled.
+        With *web_beside* the page starts in the background (``web_up`` says when)
+        instead of before this reports started."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.conns.run)
             if self.config.listen:
@@ -562,8 +568,11 @@ class Node:
                 self.config.state.publish("listen", self.conns.listen_addr + "\n")
                 log.info("peer service listening on %s", self.conns.listen_addr)
             await nursery.start(control.serve, self.config.state.control, self.control_handlers())
-            if self.config.web:
+            if self.config.web and web_beside:
+                nursery.start_soon(self._run_web_beside)
+            elif self.config.web:
                 await nursery.start(self._run_web)
+                self.web_up.set()
             await nursery.start(self.blocks.run)
             await nursery.start(self.remote.run)
             # Each loop is supervised: whatever it raises is logged and it is restarted
@@ -633,6 +642,19 @@ class Node:
             | remount_control.handlers(self.remount_requests)
         )
 
+    async def _run_web_beside(self) -> None:
+        """The page, started while the mount's gate waits on the network: its stack
+        (Starlette, Hypercorn, h2) takes a tenth of a second and more to import, which a
+        worker thread does meanwhile, not the loop. ``web_up`` is set once it serves
+        (or failed to start: that is logged and never stops the mount)."""
+        try:
+            await trio.to_thread.run_sync(importlib.import_module, "fluidfs.web.site")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_web)
+                self.web_up.set()
+        finally:
+            self.web_up.set()
+
     async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The status and restore page (fluidfs/web/, docs/web.md) on config.web."""
         # Lazy: the web stack (Starlette, Hypercorn, segno) loads only where a page runs,
@@ -685,11 +707,14 @@ class Node:
             task_status.started()
 
     async def _settle_before_mount(self, on_progress: Callable[[str], None]) -> None:
-        """The lease gate (remount/gate.py); its refusal becomes a MountError."""
+        """The lease gate (remount/gate.py); its refusal becomes a MountError. The page,
+        started beside it, is waited for too."""
         try:
             await self.gate.before_mount(on_progress=on_progress)
         except RemountError as exc:
             raise MountError(str(exc)) from None
+        if self.config.web:  # `fluidfs mount` prints the page's address once mounted
+            await self.web_up.wait()
 
     async def serve(self) -> None:
         """Run as a peer with no mount (fluidfs serve) until signalled."""
@@ -720,7 +745,7 @@ class Node:
         await self.session.run(
             mountpoint,
             allow_other=allow_other,
-            services=self.run_services,
+            services=functools.partial(self.run_services, web_beside=True),
             prepare=functools.partial(self._settle_before_mount, on_progress),
             abandon=self.keeper.release,
             background=[self.data.run, self.meta.batch.run, self._run_remount],

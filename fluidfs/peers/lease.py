@@ -275,6 +275,11 @@ class WriterLease:
         """True while this mount may acknowledge writes (see the module docstring)."""
         return not self.taken and trio.current_time() < self.fresh_until
 
+    def renewed_within(self, seconds: float) -> bool:
+        """True if our last renewal that reached a majority started less than *seconds*
+        ago and nothing since showed the lease taken."""
+        return not self.taken and trio.current_time() < self.fresh_until - self.bound + seconds
+
     async def look(self, holders: tuple[bytes, ...] = ()) -> Look:
         """Read the lease from *holders* and every peer we would ask."""
         keys = sorted(set(holders) | set(self.client.targets()))

@@ -95,3 +95,29 @@ async def test_sync_waits_for_a_root_record_still_being_sent(tmp_path: Path) -> 
                 await trio.sleep(0.01)
             reply = await node.remount_requests.sync(30.0)
         assert reply["published"], reply
+
+
+async def test_a_sync_right_after_a_renewal_publishes_without_renewing_again(
+    tmp_path: Path,
+) -> None:
+    """The lease was renewed by a majority less than one renewal interval ago (here: taken
+    at the gate), so no other mount can have taken it: a small sync publishes its root
+    without a quorum round of its own (it used to renew before every publication). Once
+    the last renewal is older than an interval, a publication renews first again."""
+    async with keyfile_hosts(tmp_path) as (ring, hosts), machine(
+        tmp_path / "a", ring, hosts, new=True
+    ) as node:
+        lease = node.keeper.lease
+        assert lease.fresh()
+        before = lease.seq
+        await write_file(node, ROOT_INO, b"note.txt", b"a small change")
+        reply = await node.remount_requests.sync(30.0)
+        assert reply["committed"] and reply["published"], reply
+        assert lease.seq == before, "no renewal: the lease was renewed within an interval"
+
+        lease.fresh_until -= lease.renew + 0.5  # the last renewal started over 5 s ago
+        await write_file(node, ROOT_INO, b"later.txt", b"another change")
+        reply = await node.remount_requests.sync(30.0)
+        assert reply["committed"] and reply["published"], reply
+        assert lease.seq == before + 1, "renewed before publishing"
+        assert lease.renewed_within(lease.renew)
