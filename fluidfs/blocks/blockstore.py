@@ -18,7 +18,6 @@ A holder caught returning a corrupt copy of a shard is dealt with in suspects.py
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -94,6 +93,10 @@ class BlockStore:
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self.uploading: set[bytes] = set()
+        # Sealed by ``put`` and handed to the uploaders, not yet uploading: repair leaves
+        # them to their upload as it does ``uploading`` (else a commit's nodes waiting in
+        # the queue were located on every peer and rebuilt, racing their first upload).
+        self.queued: set[bytes] = set()
         self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
         self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
         self._upload_send, self._upload_recv = trio.open_memory_channel[
@@ -236,6 +239,7 @@ class BlockStore:
                     dead = bind(txn, block_id) if bind is not None else []
                 if not local:
                     self.under.add(block_id)
+                    self.queued.add(block_id)
                     upload = (record, shards)
             elif local:  # sealed concurrently by someone else: ours is surplus
                 await trio.to_thread.run_sync(
@@ -255,11 +259,20 @@ class BlockStore:
                     with trio.CancelScope(shield=True):
                         await self.release([gone])
             elif upload is not None:  # mapped: its shards should still go out (else repair)
-                with contextlib.suppress(trio.WouldBlock):
+                try:
                     self._upload_send.send_nowait(upload)
+                    upload = None
+                except trio.WouldBlock:
+                    pass
+            if upload is not None:
+                self.queued.discard(block_id)  # not queued after all: repair's to place
             raise
         if upload is not None:
-            await self._upload_send.send(upload)
+            try:
+                await self._upload_send.send(upload)
+            except BaseException:
+                self.queued.discard(block_id)
+                raise
         return block_id
 
     def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
@@ -409,6 +422,7 @@ class BlockStore:
         transaction that records the new holder, and only if the old holder is still
         failing then (otherwise its copy counts again and the new one is taken back)."""
         block_id = record.block_id
+        self.queued.discard(block_id)  # from here on ``uploading``, or not due at all
         stored = self.load(block_id)
         if stored is None or block_id in self.uploading:
             return 0

@@ -177,7 +177,7 @@ async def wait_placed(
             missing += gap
             if stored.record.total - gap < stored.record.needed:
                 weak += 1
-            busy = busy or block_id in blocks.uploading
+            busy = busy or block_id in blocks.uploading or block_id in blocks.queued
         pending = still
         if not pending:
             return True

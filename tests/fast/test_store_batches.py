@@ -9,6 +9,7 @@ The owner's block store uploads through real peer services on 127.0.0.1.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import trio
@@ -17,6 +18,7 @@ from networked import store_through
 
 from fluidfs import keys
 from fluidfs.blocks.record import NO_HOLDER
+from fluidfs.blocks.repair import Repairer, RepairPolicy
 from fluidfs.service.host import PeerService
 
 N = 4
@@ -26,13 +28,15 @@ PER_CALL = 2  # the least the calls to one holder carry on average (~8 on a quie
 
 
 class Counting(PeerService):
-    """Counts the StoreShard calls it answers and the shards in each."""
+    """Counts the StoreShard calls it answers and the shards in each, and every op."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.calls: list[int] = []
+        self.ops: Counter[str] = Counter()
 
     async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        self.ops[op] += 1
         if op == "StoreShard":
             self.calls.append(len(args["shards"]))
         return await super().handle(peer_key, op, args)
@@ -118,3 +122,39 @@ async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
             store.close()
             owner.close()
             liar.close()
+
+
+async def test_blocks_waiting_for_their_first_upload_are_left_to_it(tmp_path: Path) -> None:
+    """A commit's nodes wait in the upload queue, short of holders; a repair pass then
+    must not take them. Before: repair took every short block not uploading at that
+    moment, so each queued node was looked for on every peer (an AuditShard per peer
+    and shard) and rebuilt, racing its own upload."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            await nursery.start(store.blocks.remote.run)
+            ids: list[bytes] = []
+
+            async def put() -> None:
+                ids.append(await store.blocks.put(os.urandom(3000)))
+
+            async with trio.open_nursery() as putters:
+                for _ in range(8):  # more than the upload queue holds: some wait in put
+                    putters.start_soon(put)
+                with trio.fail_after(10):
+                    while len(store.blocks.under) < 8:
+                        await trio.sleep(0.01)
+                await Repairer(store.blocks, RepairPolicy()).repair_pass()
+                await nursery.start(store.blocks.run)  # the uploaders start only now
+            with trio.fail_after(30):
+                await store.blocks.drain()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            for host in hosts:
+                assert host.service.ops["AuditShard"] == 0, host.service.ops
+                assert sum(host.service.calls) == len(ids), "each shard sent once"
+        finally:
+            store.close()
+            owner.close()
