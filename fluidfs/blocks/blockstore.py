@@ -98,6 +98,8 @@ class BlockStore:
         # the queue were located on every peer and rebuilt, racing their first upload).
         self.queued: set[bytes] = set()
         self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
+        # Block id -> events of waiters for that block's upload to end (``upload_ended``).
+        self._ended_for: dict[bytes, list[trio.Event]] = {}
         self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
@@ -346,13 +348,31 @@ class BlockStore:
         ):
             await self.upload_ended(0.05)
 
-    async def upload_ended(self, timeout: float) -> None:
+    async def upload_ended(self, timeout: float, ids: list[bytes] | None = None) -> None:
         """Return as soon as an upload ends (holders may have changed), at the latest
-        after *timeout* seconds. Waiters on placement wake the moment it happens instead
-        of at their next poll: a small commit waits for a few nodes in turn, and polling
-        cost each of them up to a whole interval."""
-        with trio.move_on_after(timeout):
-            await self._upload_ended.wait()
+        after *timeout* seconds; with *ids*, an upload of one of those blocks. Waiters on
+        placement wake the moment it happens instead of at their next poll: a small
+        commit waits for a few nodes in turn, and polling cost each of them up to a whole
+        interval. A commit's node writers each wait for their own node: woken by every
+        upload's end, each re-read its record at every one of them (O(nodes in flight)
+        per upload)."""
+        if ids is None:
+            with trio.move_on_after(timeout):
+                await self._upload_ended.wait()
+            return
+        ended = trio.Event()
+        for block_id in ids:
+            self._ended_for.setdefault(block_id, []).append(ended)
+        try:
+            with trio.move_on_after(timeout):
+                await ended.wait()
+        finally:
+            for block_id in ids:
+                waiters = self._ended_for.get(block_id)
+                if waiters is not None:
+                    waiters.remove(ended)
+                    if not waiters:
+                        del self._ended_for[block_id]
 
     async def find_under_replicated(self) -> int:
         """Add every block short of holders to ``under`` (a scan in worker threads, in
@@ -485,6 +505,8 @@ class BlockStore:
             self.uploading.discard(block_id)
             self._upload_ended.set()
             self._upload_ended = trio.Event()
+            for ended in self._ended_for.get(block_id, ()):
+                ended.set()
         return (len(new) - len(surplus)) * record.shard_size
 
     def mark_lost(self, block_id: bytes, index: int, holder: int) -> None:

@@ -92,6 +92,8 @@ INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls (storebatch.py)
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
+# ... of one of them, and looks again at least this often (holders learnt otherwise).
+PLACED_POLL = 0.25
 
 
 @dataclass
@@ -187,8 +189,8 @@ async def wait_placed(
         quiet = now - last_change
         if now - started >= limit or quiet >= (weak_stall if weak else stall):
             return False
-        if len(pending) <= QUICK_WAKE:
-            await blocks.upload_ended(0.05)
+        if len(pending) <= QUICK_WAKE:  # woken when one of these blocks' uploads ends
+            await blocks.upload_ended(PLACED_POLL, pending)
         else:  # re-reading many records at every upload's end would cost more than it saves
             await trio.sleep(0.05)
 
