@@ -205,7 +205,10 @@ class BlockStore:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def put(self, data: bytes, source: Path | None = None, bind: Bind | None = None) -> bytes:
+    async def put(
+        self, data: bytes, source: Path | None = None, bind: Bind | None = None, *,
+        block_id: bytes | None = None,
+    ) -> bytes:
         """Store *data* as a block and take a reference to it; return the block id.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
@@ -222,9 +225,12 @@ class BlockStore:
         stored again. The reference then belongs to what *bind* wrote: if caching fails,
         the error goes up, the reference stays and *source* stays where it was (putting
         it again finds the block, a dedup). Without *bind*, a failure gives the reference
-        back.
+        back. *block_id*: the caller computed ``codec.block_id(data)`` already.
         """
-        block_id = await trio.to_thread.run_sync(self.codec.block_id, data, limiter=self.limiter)
+        if block_id is None:
+            block_id = await trio.to_thread.run_sync(
+                self.codec.block_id, data, limiter=self.limiter
+            )
         upload: tuple[BlockRecord, list[bytes]] | None = None
         dead = self._ref_if_present(block_id, bind)
         if dead is None:
