@@ -239,12 +239,15 @@ class BlockStore:
             record, shards = await trio.to_thread.run_sync(
                 seal, data, block_id, limiter=self.limiter
             )
-            dead = self._ref_if_present(block_id, bind)
-            if dead is None:
-                holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
-                with self.meta.write() as txn:
+            holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
+            with self.meta.write() as txn:  # one transaction: present now, or saved
+                present = txn.get(block_id, db=self._blocks) is not None
+                if present:  # sealed concurrently by someone else
+                    self.add_ref(txn, block_id)
+                else:
                     self.save(txn, StoredBlock(record, 1, holders))
-                    dead = bind(txn, block_id) if bind is not None else []
+                dead = bind(txn, block_id) if bind is not None else []
+            if not present:
                 if not local:
                     self.under.add(block_id)
                     self.queued.add(block_id)

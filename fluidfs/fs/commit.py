@@ -240,13 +240,20 @@ class TreeWriter:
                     self.holds.append(block_id)
                     self.stats.nodes_reused += 1
                 else:
-                    await self.blocks.put(plain, block_id=block_id)
-                    self.holds.append(block_id)
+                    def register(txn, _block_id: bytes) -> list:
+                        self.index.register(txn, block_id, list(children))
+                        return []
+
+                    # The node's children are held in the transaction that saves it.
                     try:
-                        with self.index.meta.write() as txn:
-                            self.index.register(txn, block_id, list(children))
-                    except KeyError as exc:
+                        await self.blocks.put(plain, bind=register, block_id=block_id)
+                    except KeyError as exc:  # nothing saved: the transaction was undone
                         raise CommitAborted(f"block {exc} went away during the commit") from None
+                    except BaseException:
+                        if self.index.registered(block_id):  # put's reference is ours
+                            self.holds.append(block_id)
+                        raise
+                    self.holds.append(block_id)
                     new = True
             stored = self.blocks.load(block_id)
             if new:
