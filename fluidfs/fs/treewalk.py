@@ -28,7 +28,10 @@ as they are. A directory is read SLICE entries at a time and its leaves are writ
 slice by slice (``TreeWriter.write_slices``), so a huge directory never sits in memory
 whole (its objects would make every garbage collection pass long); whatever grows
 with a slice (building entries, deciding which files need manifests, freeing them)
-runs in worker threads.
+runs in worker threads. Within a level, the next batch of DIRS_PER_BATCH directories is
+read while the one before it is written (``BATCHES_IN_FLIGHT``, so two batches' first
+slices are in memory at most): the uploads never pause for a read, nor for the last
+node of a batch.
 """
 
 from __future__ import annotations
