@@ -18,7 +18,6 @@ A holder caught returning a corrupt copy of a shard is dealt with in suspects.py
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -105,7 +104,13 @@ class BlockStore:
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
         self.uploading: set[bytes] = set()
+        # Sealed by ``put`` and handed to the uploaders, not yet uploading: repair leaves
+        # them to their upload as it does ``uploading`` (else a commit's nodes waiting in
+        # the queue were located on every peer and rebuilt, racing their first upload).
+        self.queued: set[bytes] = set()
         self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
+        # Block id -> events of waiters for that block's upload to end (``upload_ended``).
+        self._ended_for: dict[bytes, list[trio.Event]] = {}
         self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
@@ -212,7 +217,10 @@ class BlockStore:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def put(self, data: bytes, source: Path | None = None, bind: Bind | None = None) -> bytes:
+    async def put(
+        self, data: bytes, source: Path | None = None, bind: Bind | None = None, *,
+        block_id: bytes | None = None,
+    ) -> bytes:
         """Store *data* as a block and take a reference to it; return the block id.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
@@ -229,9 +237,12 @@ class BlockStore:
         stored again. The reference then belongs to what *bind* wrote: if caching fails,
         the error goes up, the reference stays and *source* stays where it was (putting
         it again finds the block, a dedup). Without *bind*, a failure gives the reference
-        back.
+        back. *block_id*: the caller computed ``codec.block_id(data)`` already.
         """
-        block_id = await trio.to_thread.run_sync(self.codec.block_id, data, limiter=self.limiter)
+        if block_id is None:
+            block_id = await trio.to_thread.run_sync(
+                self.codec.block_id, data, limiter=self.limiter
+            )
         upload: tuple[BlockRecord, list[bytes]] | None = None
         dead = self._ref_if_present(block_id, bind)
         if dead is None:
@@ -240,14 +251,18 @@ class BlockStore:
             record, shards = await trio.to_thread.run_sync(
                 seal, data, block_id, limiter=self.limiter
             )
-            dead = self._ref_if_present(block_id, bind)
-            if dead is None:
-                holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
-                with self.meta.write() as txn:
+            holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
+            with self.meta.write() as txn:  # one transaction: present now, or saved
+                present = txn.get(block_id, db=self._blocks) is not None
+                if present:  # sealed concurrently by someone else
+                    self.add_ref(txn, block_id)
+                else:
                     self.save(txn, StoredBlock(record, 1, holders))
-                    dead = bind(txn, block_id) if bind is not None else []
+                dead = bind(txn, block_id) if bind is not None else []
+            if not present:
                 if not local:
                     self.under.add(block_id)
+                    self.queued.add(block_id)
                     upload = (record, shards)
             elif local:  # sealed concurrently by someone else: ours is surplus
                 await trio.to_thread.run_sync(
@@ -267,11 +282,20 @@ class BlockStore:
                     with trio.CancelScope(shield=True):
                         await self.release([gone])
             elif upload is not None:  # mapped: its shards should still go out (else repair)
-                with contextlib.suppress(trio.WouldBlock):
+                try:
                     self._upload_send.send_nowait(upload)
+                    upload = None
+                except trio.WouldBlock:
+                    pass
+            if upload is not None:
+                self.queued.discard(block_id)  # not queued after all: repair's to place
             raise
         if upload is not None:
-            await self._upload_send.send(upload)
+            try:
+                await self._upload_send.send(upload)
+            except BaseException:
+                self.queued.discard(block_id)
+                raise
         return block_id
 
     def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
@@ -346,13 +370,31 @@ class BlockStore:
         ):
             await self.upload_ended(0.05)
 
-    async def upload_ended(self, timeout: float) -> None:
+    async def upload_ended(self, timeout: float, ids: list[bytes] | None = None) -> None:
         """Return as soon as an upload ends (holders may have changed), at the latest
-        after *timeout* seconds. Waiters on placement wake the moment it happens instead
-        of at their next poll: a small commit waits for a few nodes in turn, and polling
-        cost each of them up to a whole interval."""
-        with trio.move_on_after(timeout):
-            await self._upload_ended.wait()
+        after *timeout* seconds; with *ids*, an upload of one of those blocks. Waiters on
+        placement wake the moment it happens instead of at their next poll: a small
+        commit waits for a few nodes in turn, and polling cost each of them up to a whole
+        interval. A commit's node writers each wait for their own node: woken by every
+        upload's end, each re-read its record at every one of them (O(nodes in flight)
+        per upload)."""
+        if ids is None:
+            with trio.move_on_after(timeout):
+                await self._upload_ended.wait()
+            return
+        ended = trio.Event()
+        for block_id in ids:
+            self._ended_for.setdefault(block_id, []).append(ended)
+        try:
+            with trio.move_on_after(timeout):
+                await ended.wait()
+        finally:
+            for block_id in ids:
+                waiters = self._ended_for.get(block_id)
+                if waiters is not None:
+                    waiters.remove(ended)
+                    if not waiters:
+                        del self._ended_for[block_id]
 
     async def find_under_replicated(self) -> int:
         """Add every block short of holders to ``under`` (a scan in worker threads, in
@@ -422,6 +464,7 @@ class BlockStore:
         transaction that records the new holder, and only if the old holder is still
         failing then (otherwise its copy counts again and the new one is taken back)."""
         block_id = record.block_id
+        self.queued.discard(block_id)  # from here on ``uploading``, or not due at all
         stored = self.load(block_id)
         if stored is None or block_id in self.uploading:
             return 0
@@ -484,6 +527,8 @@ class BlockStore:
             self.uploading.discard(block_id)
             self._upload_ended.set()
             self._upload_ended = trio.Event()
+            for ended in self._ended_for.get(block_id, ()):
+                ended.set()
         return (len(new) - len(surplus)) * record.shard_size
 
     def mark_lost(self, block_id: bytes, index: int, holder: int) -> None:

@@ -136,6 +136,29 @@ class Collector:
             txn.put(_key(holder, shard_id), _SIZE.pack(size) + UNCOUNTED, db=self._gc)
         self.wake()
 
+    def outcomes(self, ended: list[tuple[int, bytes, int, str]]) -> None:
+        """How several journalled stores ended, (holder, shard id, size, outcome) each
+        with outcome ``"stored"``, ``"refused"`` or ``"unanswered"`` (as ``stored``,
+        ``refused``, ``unanswered``), in one transaction: the shards of one batched
+        ``StoreShard`` call."""
+        if not ended:
+            return
+        lost = False
+        with self.meta.write() as txn:
+            for holder, shard_id, size, outcome in ended:
+                key = _key(holder, shard_id)
+                if outcome == "stored":
+                    value = txn.get(key, db=self._placing)
+                    if value is not None:
+                        txn.put(key, bytes(value)[:36] + STORED, db=self._placing)
+                    continue
+                txn.delete(key, db=self._placing)
+                if outcome != "refused":
+                    txn.put(key, _SIZE.pack(size) + UNCOUNTED, db=self._gc)
+                    lost = True
+        if lost:
+            self.wake()
+
     def placed(self, txn, holders: list[int], shard_ids: tuple[bytes, ...]) -> None:
         """Clear journal entries now that the record names these holders."""
         for holder, shard_id in zip(holders, shard_ids, strict=True):

@@ -145,7 +145,7 @@ class RemoteShards:
         # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
         self.full: set[bytes] = set()
         self.batches = ShardBatches(conns, limiter)
-        self.store_batches = StoreBatches(conns, self._slots.__getitem__)
+        self.store_batches = StoreBatches(conns, self._slots.__getitem__, self._settle_batch)
         self.single_stores = 0  # StoreShard calls of one shard (batched ones: store_batches)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -298,19 +298,34 @@ class RemoteShards:
         others (blocks/storebatch.py), journalled and recorded just as a single store."""
         if self.journal is not None and not journaled:
             self.journal.placing(holder, shard_id, len(data), block_id)
-        try:
-            code = await self.store_batches.store(key, shard_id, data, priority,
-                                                  patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
-        except (PeerUnavailable, RpcError) as exc:
-            outcome = self._failed(key, exc)
-        else:
-            if code == "unsent":  # a slow peer: this shard goes to another one
-                if self.journal is not None:
-                    self.journal.refused(holder, shard_id)  # never sent: nothing to collect
-                return False
-            outcome = self._store_answered(key, len(data), {code} if code is not None else set())
-        self._journal_outcome(holder, shard_id, len(data), outcome)
-        return outcome == STORED
+        outcome = await self.store_batches.store(key, holder, shard_id, data, priority,
+                                                 patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
+        if outcome == "unsent":  # a slow peer: this shard goes to another one
+            if self.journal is not None:
+                self.journal.refused(holder, shard_id)  # never sent: nothing to collect
+            return False
+        return outcome == STORED  # recorded and journalled by ``_settle_batch``
+
+    def _settle_batch(
+        self, key: bytes, ended: list[tuple[int, bytes, int, str | None, Exception | None]]
+    ) -> list[str]:
+        """The outcomes of a batched ``StoreShard`` call's shards (storebatch.py
+        ``Settle``): each counted as a single store's answer would be, and all
+        journalled in one transaction."""
+        outcomes = []
+        for _holder, _shard_id, size, code, error in ended:
+            if isinstance(error, (PeerUnavailable, RpcError)):
+                outcomes.append(self._failed(key, error))
+            elif error is not None:  # not a failure a call raises: the shard may be there
+                outcomes.append(UNANSWERED)
+            else:
+                outcomes.append(self._store_answered(key, size, set() if code is None
+                                                     else {code}))
+        if self.journal is not None:
+            self.journal.outcomes([(holder, shard_id, size, outcome) for
+                                   (holder, shard_id, size, _, _), outcome in
+                                   zip(ended, outcomes, strict=True)])
+        return outcomes
 
     def _journal_outcome(self, holder: int, shard_id: bytes, size: int, outcome: str) -> None:
         """Record in the placing journal how a store that was journalled as placing ended."""

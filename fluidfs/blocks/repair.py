@@ -166,7 +166,7 @@ class Repairer:
         """Plan a pass: records are read in worker threads, PLAN_BATCH at a time."""
         blocks = self.blocks
         open_peers = self._open_peers()
-        busy = frozenset(blocks.uploading)
+        busy = frozenset(blocks.uploading | blocks.queued)
         failing = frozenset(blocks.remote.failing_holders()) if blocks.remote else frozenset()
         ids = list(blocks.under | self.endangered)
         found: list[tuple[int, bytes]] = []

@@ -11,10 +11,12 @@ added wait); the shards that arrive while calls are in flight go together in the
 one (as Nagle's algorithm does, and as blocks/shardbatch.py does for reads).
 
 Only the transport changes: the caller (blocks/remote.py) still chooses the peer,
-journals the attempt and records the outcome shard by shard, exactly as for a single
-store. Each call takes one of the peer's store slots (the window ``usable_peers``
-weighs), and a shard still waiting unsent after its *patience* leaves the queue, so a
-slow peer's shards go elsewhere as before.
+journals the attempt and records the outcome of each shard, exactly as for a single
+store; it is told the outcomes of a call's shards together (``Settle``), so the placing
+journal records them in one transaction per call, not one per shard. Each call takes
+one of the peer's store slots (the window ``usable_peers`` weighs), and a shard still
+waiting unsent after its *patience* leaves the queue, so a slow peer's shards go
+elsewhere as before.
 
 The answer is checked where it arrives: an id we did not send, or an id named twice,
 makes the whole answer bad (every shard in the call is then uncertain, as after a lost
@@ -41,21 +43,25 @@ BATCHES_PER_PEER = 2  # StoreShard calls of batched shards running to one peer a
 
 # The store slot of a peer (blocks/remote.py's window): a call holds one while it runs.
 Slot = Callable[[bytes], trio.Semaphore]
+# Told how a call to a peer ended for each distinct shard in it, (holder, shard id,
+# size, the refusal's code or None if stored, the call's error or None); returns each
+# one's outcome, which its waiters get (blocks/remote.py records and journals them).
+Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]], list[str]]
 
 
 class _Store:
     """One shard waiting in a peer's queue, then its outcome."""
 
-    __slots__ = ("abandoned", "code", "data", "done", "error", "sent", "shard_id", "timeout")
+    __slots__ = ("abandoned", "data", "done", "holder", "outcome", "sent", "shard_id", "timeout")
 
-    def __init__(self, shard_id: bytes, data: bytes, timeout: float) -> None:
+    def __init__(self, holder: int, shard_id: bytes, data: bytes, timeout: float) -> None:
+        self.holder = holder
         self.shard_id = shard_id
         self.data = data
         self.timeout = timeout  # for the call that carries it
         self.sent = trio.Event()  # taken into a call
         self.done = trio.Event()
-        self.code: str | None = None  # the refusal's code; None once done: stored
-        self.error: Exception | None = None  # the call failed: uncertain
+        self.outcome = ""  # once done: what ``Settle`` made of the answer
         self.abandoned = False
 
 
@@ -63,10 +69,11 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
     """Per-peer queues (one per priority) of small shard stores, sent as ``StoreShard``
     calls."""
 
-    def __init__(self, conns: Connections, slot: Slot) -> None:
+    def __init__(self, conns: Connections, slot: Slot, settle: Settle) -> None:
         super().__init__(BATCHES_PER_PEER)
         self.conns = conns
         self.slot = slot
+        self.settle = settle
         self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
         self.shards = 0  # shards they carried
 
@@ -75,14 +82,13 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         return self.running and shard_size <= MAX_BATCH_SHARD
 
     async def store(
-        self, key: bytes, shard_id: bytes, data: bytes, priority: int, *, patience: float,
-        timeout: float,
-    ) -> str | None:
-        """Store one shard on *key* in a batch: None once stored, else the peer's refusal
-        code. Returns ``"unsent"`` if no call took it within *patience* seconds (it was
-        never sent). Raises ``PeerUnavailable`` or ``RpcError`` as ``Connections.call``
-        does when the call failed (the shard may be there)."""
-        wait = _Store(shard_id, data, timeout)
+        self, key: bytes, holder: int, shard_id: bytes, data: bytes, priority: int, *,
+        patience: float, timeout: float,
+    ) -> str:
+        """Store one shard on *key* (holder index *holder*) in a batch: its outcome as
+        ``Settle`` gave it, or ``"unsent"`` if no call took it within *patience*
+        seconds (it was never sent)."""
+        wait = _Store(holder, shard_id, data, timeout)
         self.enqueue((key, priority), wait)
         try:
             with trio.move_on_after(patience):
@@ -93,9 +99,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         if wait.abandoned:
             return "unsent"
         await wait.done.wait()  # the call has its own timeout
-        if wait.error is not None:
-            raise wait.error
-        return wait.code
+        return wait.outcome
 
     async def send_next(self, queue_key: tuple[bytes, int]) -> bool:
         """Send the next batch of the queue to its peer, holding one of its store slots."""
@@ -145,14 +149,23 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
             error = RpcError("bad_reply", f"StoreShard answer: {exc}")
         self.calls += 1
         self.shards += len(ids)
+        ended: list[tuple[int, bytes, int, str | None, Exception | None]] = []
         for shard_id, waits in batch.items():
+            first = waits[0]
+            if error is None and shard_id not in codes:
+                ended.append((first.holder, shard_id, len(first.data), None,
+                              RpcError("bad_reply", "StoreShard answer left a shard out")))
+            else:
+                ended.append((first.holder, shard_id, len(first.data), codes.get(shard_id),
+                              error))
+        try:
+            outcomes = self.settle(key, ended)
+        except Exception:  # recording failed (the disk): the shards count as unanswered
+            log.exception("recording a StoreShard answer from %s failed", key.hex()[:12])
+            outcomes = ["unanswered"] * len(ended)
+        for waits, outcome in zip(batch.values(), outcomes, strict=True):
             for wait in waits:
-                if error is not None:
-                    wait.error = error
-                elif shard_id in codes:
-                    wait.code = codes[shard_id]
-                else:
-                    wait.error = RpcError("bad_reply", "StoreShard answer left a shard out")
+                wait.outcome = outcome
                 wait.done.set()
 
 

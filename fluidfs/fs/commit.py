@@ -92,6 +92,8 @@ INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls (storebatch.py)
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
+# ... of one of them, and looks again at least this often (holders learnt otherwise).
+PLACED_POLL = 0.25
 
 
 @dataclass
@@ -177,7 +179,7 @@ async def wait_placed(
             missing += gap
             if stored.record.total - gap < stored.record.needed:
                 weak += 1
-            busy = busy or block_id in blocks.uploading
+            busy = busy or block_id in blocks.uploading or block_id in blocks.queued
         pending = still
         if not pending:
             return True
@@ -187,8 +189,8 @@ async def wait_placed(
         quiet = now - last_change
         if now - started >= limit or quiet >= (weak_stall if weak else stall):
             return False
-        if len(pending) <= QUICK_WAKE:
-            await blocks.upload_ended(0.05)
+        if len(pending) <= QUICK_WAKE:  # woken when one of these blocks' uploads ends
+            await blocks.upload_ended(PLACED_POLL, pending)
         else:  # re-reading many records at every upload's end would cost more than it saves
             await trio.sleep(0.05)
 
@@ -238,13 +240,20 @@ class TreeWriter:
                     self.holds.append(block_id)
                     self.stats.nodes_reused += 1
                 else:
-                    await self.blocks.put(plain)
-                    self.holds.append(block_id)
+                    def register(txn, _block_id: bytes) -> list:
+                        self.index.register(txn, block_id, list(children))
+                        return []
+
+                    # The node's children are held in the transaction that saves it.
                     try:
-                        with self.index.meta.write() as txn:
-                            self.index.register(txn, block_id, list(children))
-                    except KeyError as exc:
+                        await self.blocks.put(plain, bind=register, block_id=block_id)
+                    except KeyError as exc:  # nothing saved: the transaction was undone
                         raise CommitAborted(f"block {exc} went away during the commit") from None
+                    except BaseException:
+                        if self.index.registered(block_id):  # put's reference is ours
+                            self.holds.append(block_id)
+                        raise
+                    self.holds.append(block_id)
                     new = True
             stored = self.blocks.load(block_id)
             if new:

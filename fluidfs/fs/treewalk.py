@@ -28,7 +28,10 @@ as they are. A directory is read SLICE entries at a time and its leaves are writ
 slice by slice (``TreeWriter.write_slices``), so a huge directory never sits in memory
 whole (its objects would make every garbage collection pass long); whatever grows
 with a slice (building entries, deciding which files need manifests, freeing them)
-runs in worker threads.
+runs in worker threads. Within a level, the next batch of DIRS_PER_BATCH directories is
+read while the one before it is written (``BATCHES_IN_FLIGHT``, so two batches' first
+slices are in memory at most): the uploads never pause for a read, nor for the last
+node of a batch.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from fluidfs.store.db import Database
 
 _U64 = struct.Struct(">Q")
 DIRS_PER_BATCH = 64
+BATCHES_IN_FLIGHT = 2  # batches of directories read and being written at once
 SLICE = 2000  # entries of one directory read (and cut into leaves) at a time
 FREE_PIECE = 500  # entries freed at once (see _free)
 
@@ -319,41 +323,65 @@ async def write_tree(
         plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
     writer.short.clear()  # from an attempt given up (TreeChanged)
     content: dict[int, Ref | None] = dict(plan.lazy)
-    for level in plan.levels:
-        for start in range(0, len(level), DIRS_PER_BATCH):
-            batch = level[start : start + DIRS_PER_BATCH]
-            listed = await trio.to_thread.run_sync(
-                reads.run, _list_batch, reader, batch, content
-            )
 
-            async def one(ino: int, first: Listed) -> None:
-                async def slices():
-                    part = first
-                    while True:
-                        for entry in part.big:
-                            entry.chunks = await writer.manifest(
-                                entry.ino, entry.blocks, entry.inline, owner=ino
-                            )
-                            entry.blocks, entry.inline = [], []
-                        writer.stats.files += part.files
-                        yield part.entries, not part.more
-                        if not part.more:
-                            return
-                        after = part.entries[-1].name
-                        await trio.to_thread.run_sync(_free, [part])
-                        part = await trio.to_thread.run_sync(
-                            reads.run, _list_slice, reader, ino, content, after
-                        )
+    async def one(ino: int, first: Listed) -> None:
+        async def slices():
+            part = first
+            while True:
+                for entry in part.big:
+                    entry.chunks = await writer.manifest(
+                        entry.ino, entry.blocks, entry.inline, owner=ino
+                    )
+                    entry.blocks, entry.inline = [], []
+                writer.stats.files += part.files
+                yield part.entries, not part.more
+                if not part.more:
+                    return
+                after = part.entries[-1].name
+                await trio.to_thread.run_sync(_free, [part])
+                part = await trio.to_thread.run_sync(
+                    reads.run, _list_slice, reader, ino, content, after
+                )
 
-                content[ino] = await writer.write_slices(slices(), owner=ino)
+        content[ino] = await writer.write_slices(slices(), owner=ino)
 
+    async def write_batch(listed: dict[int, Listed], room: trio.Semaphore) -> None:
+        try:
             async with trio.open_nursery() as nursery:
                 for ino, first in listed.items():
                     nursery.start_soon(one, ino, first)
-            writer.stats.dirs += len(batch)
+            writer.stats.dirs += len(listed)
             # Freeing a big directory's entries takes as long as making them: not here.
-            dropped, listed = list(listed.values()), {}
+            dropped = list(listed.values())
+            listed.clear()
             await trio.to_thread.run_sync(_free, dropped)
+        finally:
+            room.release()
+
+    for level in plan.levels:
+        # The next batch of a level is read while the one before it is written (their
+        # subdirectories are all in lower levels, written already), and its nodes join
+        # those in flight: no pause in the uploads to read a batch, or to wait for the
+        # last node of the one before.
+        room = trio.Semaphore(BATCHES_IN_FLIGHT)
+        try:
+            async with trio.open_nursery() as nursery:
+                for start in range(0, len(level), DIRS_PER_BATCH):
+                    batch = level[start : start + DIRS_PER_BATCH]
+                    await room.acquire()
+                    try:
+                        listed = await trio.to_thread.run_sync(
+                            reads.run, _list_batch, reader, batch, content
+                        )
+                    except BaseException:
+                        room.release()
+                        raise
+                    nursery.start_soon(write_batch, listed, room)
+        except BaseExceptionGroup as group:  # the caller starts over on TreeChanged alone
+            changed, rest = group.split(TreeChanged)
+            if changed is not None and rest is None:
+                raise TreeChanged from group
+            raise
     root, next_ino = await trio.to_thread.run_sync(reads.run, _root, reader, content)
     lazy = plan.lazy
     dirs = {

@@ -9,30 +9,37 @@ The owner's block store uploads through real peer services on 127.0.0.1.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import trio
+import trio.testing
 from inproc import LocalStore, PeerNode, peer_nodes
 from networked import store_through
 
 from fluidfs import keys
-from fluidfs.blocks.record import NO_HOLDER
+from fluidfs.blocks.record import NO_HOLDER, StoredBlock
+from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.fs.commit import PLACED_POLL, wait_placed
 from fluidfs.service.host import PeerService
 
 N = 4
 RING = keys.KeyRing(keys.generate(shards_total=N, shards_needed=2))
 BLOCKS = 48  # small blocks put in one burst, as a commit writes its nodes
+WAITERS = 16  # nodes waiting for placement at once
 PER_CALL = 2  # the least the calls to one holder carry on average (~8 on a quiet machine)
 
 
 class Counting(PeerService):
-    """Counts the StoreShard calls it answers and the shards in each."""
+    """Counts the StoreShard calls it answers and the shards in each, and every op."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.calls: list[int] = []
+        self.ops: Counter[str] = Counter()
 
     async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        self.ops[op] += 1
         if op == "StoreShard":
             self.calls.append(len(args["shards"]))
         return await super().handle(peer_key, op, args)
@@ -118,3 +125,87 @@ async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
             store.close()
             owner.close()
             liar.close()
+
+
+async def test_blocks_waiting_for_their_first_upload_are_left_to_it(tmp_path: Path) -> None:
+    """A commit's nodes wait in the upload queue, short of holders; a repair pass then
+    must not take them. Before: repair took every short block not uploading at that
+    moment, so each queued node was looked for on every peer (an AuditShard per peer
+    and shard) and rebuilt, racing its own upload."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            await nursery.start(store.blocks.remote.run)
+            ids: list[bytes] = []
+
+            async def put() -> None:
+                ids.append(await store.blocks.put(os.urandom(3000)))
+
+            async with trio.open_nursery() as putters:
+                for _ in range(8):  # more than the upload queue holds: some wait in put
+                    putters.start_soon(put)
+                with trio.fail_after(10):
+                    while len(store.blocks.under) < 8:
+                        await trio.sleep(0.01)
+                await Repairer(store.blocks, RepairPolicy()).repair_pass()
+                await nursery.start(store.blocks.run)  # the uploaders start only now
+            with trio.fail_after(30):
+                await store.blocks.drain()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            for host in hosts:
+                assert host.service.ops["AuditShard"] == 0, host.service.ops
+                assert sum(host.service.calls) == len(ids), "each shard sent once"
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_nodes_waiting_for_placement_wake_for_their_own_upload(tmp_path: Path) -> None:
+    """A commit's node writers each wait for their own node's placement. Before: every
+    upload's end woke every waiter, and each re-read its record (and re-armed a 50 ms
+    timer): O(nodes in flight) record reads per upload."""
+    async with peer_nodes(tmp_path, N) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            blocks = store.blocks
+            sealed = []
+            for _ in range(WAITERS):
+                data = os.urandom(3000)
+                record, shards = store.codec.seal(data, store.codec.block_id(data))
+                with store.db.write() as txn:
+                    blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
+                blocks.under.add(record.block_id)
+                sealed.append((record, shards))
+            reads = 0
+            load = blocks.load
+
+            def counted(*args, **kw):
+                nonlocal reads
+                reads += 1
+                return load(*args, **kw)
+
+            placed: list[bool] = []
+
+            async def wait(block_id: bytes) -> None:
+                placed.append(await wait_placed(blocks, [block_id], stall=30, limit=60))
+
+            blocks.load = counted
+            started = trio.current_time()
+            async with trio.open_nursery() as waiters:
+                for record, _ in sealed:
+                    waiters.start_soon(wait, record.block_id)
+                await trio.testing.wait_all_tasks_blocked()
+                for record, shards in sealed:  # one upload after another
+                    await blocks.upload(record, shards)
+            polls = (trio.current_time() - started) / PLACED_POLL
+            assert placed == [True] * WAITERS
+            own = 2 * WAITERS  # each upload reads its record twice
+            assert reads - own <= WAITERS * (2 + polls), (reads - own, polls)
+        finally:
+            store.close()
+            owner.close()
