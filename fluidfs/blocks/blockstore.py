@@ -55,6 +55,8 @@ SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
 # bind(txn, block_id) -> the blocks it left unreferenced.
 Bind = Callable[[Any, bytes], list[StoredBlock]]
+# Returns a block's plaintext; ``put`` calls it in a worker thread (a dirty file's read).
+Load = Callable[[], bytes]
 
 
 class BlockUnavailable(Exception):
@@ -200,8 +202,18 @@ class BlockStore:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def put(self, data: bytes, source: Path | None = None, bind: Bind | None = None) -> bytes:
+    async def put(
+        self,
+        data: bytes | Load,
+        source: Path | None = None,
+        bind: Bind | None = None,
+        block_id: bytes | None = None,
+    ) -> bytes:
         """Store *data* as a block and take a reference to it; return the block id.
+
+        *data* is the plaintext, or a function returning it (``Load``: read from a file,
+        say), called in the same worker thread that hashes and seals it. *block_id*, if
+        the caller has it already, saves hashing the plaintext again.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
         (no copy); otherwise the cache gets a fresh copy. With peers, the block's
@@ -218,32 +230,45 @@ class BlockStore:
         the error goes up, the reference stays and *source* stays where it was (putting
         it again finds the block, a dedup). Without *bind*, a failure gives the reference
         back.
+
+        Loading, hashing, the dedup lookup and sealing take one worker-thread hop (a hop
+        per step cost the event loop more than some of the steps, issue 16); the lookup
+        is done again on the loop, where the reference is taken, so a block stored
+        meanwhile is still found (and the shards sealed for it are surplus).
         """
-        block_id = await trio.to_thread.run_sync(self.codec.block_id, data, limiter=self.limiter)
+        local = self.remote is None
+        data, block_id, sealed = await trio.to_thread.run_sync(
+            self._prepare, data, block_id, local, limiter=self.limiter
+        )
         upload: tuple[BlockRecord, list[bytes]] | None = None
+        surplus = sealed is not None  # until the record of what we sealed is saved
         dead = self._ref_if_present(block_id, bind)
         if dead is None:
-            local = self.remote is None
-            seal = self._seal_and_store if local else self.codec.seal
-            record, shards = await trio.to_thread.run_sync(
-                seal, data, block_id, limiter=self.limiter
-            )
-            dead = self._ref_if_present(block_id, bind)
+            if sealed is None:  # present when looked up, gone since: seal it after all
+                seal = self._seal_and_store if local else self.codec.seal
+                sealed = await trio.to_thread.run_sync(seal, data, block_id, limiter=self.limiter)
+                surplus = True
+                dead = self._ref_if_present(block_id, bind)
+            record, shards = sealed
             if dead is None:
                 holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
                 with self.meta.write() as txn:
                     self.save(txn, StoredBlock(record, 1, holders))
                     dead = bind(txn, block_id) if bind is not None else []
+                surplus = False
                 if not local:
                     self.under.add(block_id)
                     upload = (record, shards)
-            elif local:  # sealed concurrently by someone else: ours is surplus
-                await trio.to_thread.run_sync(
-                    self.shards.delete_many,
-                    self.owner,
-                    list(record.shard_ids),
-                    limiter=self.limiter,
-                )
+        if surplus and local:
+            # stored by someone else between our lookup and now: the local shards we
+            # wrote are surplus
+            assert sealed is not None
+            await trio.to_thread.run_sync(
+                self.shards.delete_many,
+                self.owner,
+                list(sealed[0].shard_ids),
+                limiter=self.limiter,
+            )
         try:
             await self.release(dead)
             await self._cache_put(block_id, data, source)
@@ -261,6 +286,21 @@ class BlockStore:
         if upload is not None:
             await self._upload_send.send(upload)
         return block_id
+
+    def _prepare(
+        self, data: bytes | Load, block_id: bytes | None, local: bool
+    ) -> tuple[bytes, bytes, tuple[BlockRecord, list[bytes]] | None]:
+        """``put``'s worker-thread part: (plaintext, block id, its record and shards, or
+        None if the block is stored already)."""
+        if callable(data):
+            data = data()
+        if block_id is None:
+            block_id = self.codec.block_id(data)
+        with self.meta.read() as txn:
+            if txn.get(block_id, db=self._blocks) is not None:
+                return data, block_id, None
+        seal = self._seal_and_store if local else self.codec.seal
+        return data, block_id, seal(data, block_id)
 
     def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
         """Take a reference to the block (and run *bind*) if it is stored; None if not,

@@ -238,7 +238,7 @@ class TreeWriter:
                     self.holds.append(block_id)
                     self.stats.nodes_reused += 1
                 else:
-                    await self.blocks.put(plain)
+                    await self.blocks.put(plain, block_id=block_id)
                     self.holds.append(block_id)
                     try:
                         with self.index.meta.write() as txn:

@@ -483,13 +483,15 @@ class FileData:
             if inode is None:
                 self._discard(blk)
                 return
+            small = blk.index == 0 and inode.size <= INLINE_MAX
+            data: bytes | None = None  # a dirty file is read where it is sealed (put)
             if blk.buf is not None:
                 data = bytes(blk.buf)
-            else:
+            elif small:  # perhaps inlined: read it here
                 data = await trio.to_thread.run_sync(
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
                 )
-            if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
+            if data is not None and small and len(data) <= INLINE_MAX:
                 in_memory = blk.fd is None
                 self._discard(blk)
                 # Bytes only memory held may join the mount's write-behind batch
@@ -505,14 +507,18 @@ class FileData:
                 def bind(txn, block_id: bytes) -> list[StoredBlock]:
                     return self._map(txn, blk, BLOCK_REF + block_id)
 
-                # The dirty file (if any) becomes the cached plaintext: no copy.
+                # The dirty file (if any) becomes the cached plaintext: no copy. It is
+                # read in the worker thread that seals it (one hop for both).
                 source = blk.path if blk.fd is not None else None
-                await self.blocks.put(data, source, bind)
+                fd, length = blk.fd, blk.length
+                await self.blocks.put(
+                    data if data is not None else lambda: _read_exact(fd, length), source, bind
+                )
                 if source is not None:
                     os.close(blk.fd)
                     blk.fd = None
                 self._discard(blk)
-                self.sealed_bytes += len(data)
+                self.sealed_bytes += length if data is None else len(data)
                 self.sealed_blocks += 1
         await self.blocks.release(dead)
         if self.on_sealed is not None:
