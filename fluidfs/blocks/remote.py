@@ -371,11 +371,42 @@ class RemoteShards:
     async def fetch(
         self, record: BlockRecord, holders: list[int], on_found: FoundShard | None = None
     ) -> bytes:
-        """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be."""
-        good = await self.fetch_shards(record, holders, on_found=on_found)
-        return await trio.to_thread.run_sync(
-            lambda: self.codec.open(record, good, verified=True), limiter=self.limiter
-        )
+        """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be.
+
+        The holders' shards are checked against their ids together, in the worker thread
+        that then opens the block: one hop a block, not one a shard (issue 16: the hops
+        cost the event loop more than the hashing). A holder is credited for its answer
+        only once it checked out; one whose shard fails is dealt with as any holder
+        returning a corrupt shard (``on_corrupt``), and the block is fetched again
+        without it."""
+        holders = list(holders)
+        while True:
+            sources: dict[int, bytes] = {}
+            good = await self.fetch_shards(record, holders, on_found=on_found, sources=sources)
+            plaintext, bad = await trio.to_thread.run_sync(
+                self._check_and_open, record, good, sources, limiter=self.limiter
+            )
+            for index, key in sources.items():
+                if index in bad:
+                    self._corrupt(key, record, index)
+                    peer = self.peers.get(key)
+                    if peer is not None:
+                        self.on_corrupt(record.block_id, index, peer.index)
+                    holders[index] = NO_HOLDER  # not asked again for this block
+                else:
+                    self.on_result(key, True)
+            if plaintext is not None:
+                return plaintext
+
+    def _check_and_open(
+        self, record: BlockRecord, good: dict[int, bytes], unchecked: dict[int, bytes]
+    ) -> tuple[bytes | None, set[int]]:
+        """(the block's plaintext, no bad shards), or (None, the indexes of the shards in
+        *unchecked* that fail their check). Runs in a worker thread."""
+        bad = {i for i in unchecked if not self.codec.check_shard(record, i, good[i])}
+        if bad:
+            return None, bad
+        return self.codec.open(record, good, verified=True), bad
 
     async def fetch_shards(
         self,
@@ -385,6 +416,7 @@ class RemoteShards:
         *,
         verify: bool = True,
         on_found: FoundShard | None = None,
+        sources: dict[int, bytes] | None = None,
     ) -> dict[int, bytes]:
         """K shards of the block, each verified against its id; BlockError if unreachable.
 
@@ -396,7 +428,11 @@ class RemoteShards:
         they compute from them instead (repair checks each recreated shard's id).
         If the named holders do not give K shards, every other peer we have an
         agreement with is asked for the missing ones (see ``_search``); *on_found* is
-        told where each one turned up.
+        told where each one turned up. With *sources*, the shards from recorded holders
+        come back unchecked and their holders uncredited, and *sources* gets the holder
+        each came from (index -> peer key): the caller checks them, credits the holders
+        of the good ones and reports the others (``fetch``); shards found by the search
+        are checked as they arrive.
         """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
@@ -418,8 +454,11 @@ class RemoteShards:
                 if key is not None:
                     ahead = self._fetching[key] - 1
                     data = await self._get_shard(
-                        key, record, index, recorded=True, verify=verify,
+                        key, record, index, recorded=True,
+                        verify=verify and sources is None, credit=sources is None,
                         timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
+                    if data is not None and sources is not None:
+                        sources[index] = key
             finally:
                 if key is not None:
                     self._fetching[key] -= 1
@@ -579,7 +618,7 @@ class RemoteShards:
 
     async def _get_shard(
         self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True,
-        timeout: float = FETCH_TIMEOUT,
+        credit: bool = True, timeout: float = FETCH_TIMEOUT,
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
@@ -588,10 +627,11 @@ class RemoteShards:
         ``not_found`` to ``on_missing``). Not
         answering, or not having it, counts only when *recorded*; a peer merely asked
         in a search owes us nothing. With *verify* False the bytes are not checked
-        (the caller checks what it computes from them).
+        (the caller checks what it computes from them); with *credit* False a good answer
+        earns the peer nothing yet (the caller credits it once it checked the bytes).
         """
         outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify,
-                                             timeout=timeout)
+                                             credit=credit, timeout=timeout)
         peer = self.peers.get(key) if recorded else None
         if outcome == CORRUPT and peer is not None:
             self.on_corrupt(record.block_id, index, peer.index)
@@ -651,17 +691,21 @@ class RemoteShards:
         else:
             good = True
         if not good:
-            log.warning(
-                "peer %s returned a corrupt shard %d of block %s",
-                key.hex()[:12],
-                index,
-                record.block_id.hex()[:16],
-            )
-            self.on_result(key, False)
+            self._corrupt(key, record, index)
             return CORRUPT, None
         if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
+
+    def _corrupt(self, key: bytes, record: BlockRecord, index: int) -> None:
+        """Peer *key* returned a shard *index* of the block that fails its check."""
+        log.warning(
+            "peer %s returned a corrupt shard %d of block %s",
+            key.hex()[:12],
+            index,
+            record.block_id.hex()[:16],
+        )
+        self.on_result(key, False)
 
     def give_back(self, holder: int, size: int) -> None:
         """Our usage figure for *holder* counted *size* bytes twice: take them off."""
