@@ -63,6 +63,11 @@ class BlockUnavailable(Exception):
     """A block cannot be rebuilt now (too few good shards reachable)."""
 
 
+def _part(data: bytes, offset: int, size: int, view: bool) -> bytes | memoryview:
+    """``data[offset : offset + size]``, as a view of *data* if *view*."""
+    return memoryview(data)[offset : offset + size] if view else data[offset : offset + size]
+
+
 class _Rebuild:
     """One block being rebuilt; callers that wait for it get its plaintext."""
 
@@ -642,12 +647,16 @@ class BlockStore:
 
     # --- reading -----------------------------------------------------------------------
 
-    async def read(self, block_id: bytes, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a block (short at the block's end)."""
+    async def read(
+        self, block_id: bytes, offset: int, size: int, *, view: bool = False
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of a block (short at the block's end). With
+        *view*, bytes of a block held in memory come as a read-only view of it, not a
+        copy (a FUSE read hands them straight to the kernel: issue 16)."""
         while True:
             recent = self.recent.get(block_id)
             if recent is not None:
-                return recent[offset : offset + size]
+                return _part(recent, offset, size, view)
             if block_id in self.cache:
                 self.cache.touch(block_id)
                 data = await trio.to_thread.run_sync(
@@ -661,7 +670,7 @@ class BlockStore:
             # the cache alone would rebuild it forever.
             rebuilt = await self.fetch(block_id)
             if rebuilt is not None:
-                return rebuilt[offset : offset + size]
+                return _part(rebuilt, offset, size, view)
 
     def prefetch(self, block_id: bytes) -> None:
         """Start rebuilding a block in the background if it is not cached (read-ahead)."""

@@ -247,12 +247,13 @@ class FileData:
 
     # --- reading -----------------------------------------------------------------------
 
-    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
-        """Read up to *size* bytes at *offset* (short at end of file)."""
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes | memoryview:
+        """Read up to *size* bytes at *offset* (short at end of file). Bytes within one
+        block held in memory come as a read-only view of it (no copy)."""
         end = min(offset + size, inode.size)
         if offset >= end:
             return b""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         bs = self.block_size
         pos = offset
         while pos < end:
@@ -260,7 +261,7 @@ class FileData:
             want = min(bs - start, end - pos)
             data = await self._read_block(inode.ino, index, start, want)
             if len(data) < want:
-                data += bytes(want - len(data))
+                data = bytes(data) + bytes(want - len(data))
             parts.append(data)
             pos += want
         self._read_ahead(inode, (end - 1) // bs)
@@ -274,7 +275,9 @@ class FileData:
             if value is not None and value[:1] == BLOCK_REF:
                 self.blocks.prefetch(value[1:])
 
-    async def _read_block(self, ino: int, index: int, start: int, size: int) -> bytes:
+    async def _read_block(
+        self, ino: int, index: int, start: int, size: int
+    ) -> bytes | memoryview:
         blk = self.dirty.get((ino, index))
         if blk is not None and not blk.dead:
             async with _Held(blk.lock):
@@ -290,7 +293,7 @@ class FileData:
         if value[:1] == INLINE:
             return value[1 + start : 1 + start + size]
         try:
-            return await self.blocks.read(value[1:], start, size)
+            return await self.blocks.read(value[1:], start, size, view=True)
         except BlockUnavailable as exc:
             log.error("inode %d block %d unreadable: %s", ino, index, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

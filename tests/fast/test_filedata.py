@@ -275,3 +275,24 @@ async def test_sealing_a_dirty_file_hops_to_a_worker_thread_once_before_caching(
         assert store.refcount(block_ids(store, ino)[0]) == 2
     finally:
         store.close()
+
+
+async def test_a_read_of_a_rebuilt_block_is_served_from_it_without_a_copy(
+    store: LocalStore,
+) -> None:
+    """A block rebuilt from its shards is held in memory; a read within it gets a view
+    of those bytes (pyfuse3 hands any buffer to the kernel), not a copy of them."""
+    data = os.urandom(2 * BS)
+    ino = await store.create(ROOT_INO, "f")
+    await store.write(ino, 0, data)
+    await store.data.seal_all()
+    first, _second = block_ids(store, ino)
+    assert store.cache.forget(first)  # only its shards are left: the read rebuilds it
+    inode = store.tree.get(ino)
+    got = await store.data.read(inode, 100, 1000)
+    assert got == data[100:1100]
+    assert isinstance(got, memoryview) and got.obj is store.blocks.recent.get(first)
+    got = await store.data.read(inode, BS - 10, 20)  # across two blocks: joined
+    assert got == data[BS - 10 : BS + 10]
+    inode.size = 2 * BS + 50  # grown by a truncate past the data: zeros after it
+    assert await store.data.read(inode, 2 * BS - 10, 60) == data[-10:] + bytes(50)
