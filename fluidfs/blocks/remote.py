@@ -31,7 +31,7 @@ from collections.abc import Callable
 import trio
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
+from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, CorruptBlock
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.shardbatch import ShardBatches
@@ -373,12 +373,13 @@ class RemoteShards:
     ) -> bytes:
         """Rebuild a block's plaintext from its holders; raise BlockError if it cannot be.
 
-        The holders' shards are checked against their ids together, in the worker thread
-        that then opens the block: one hop a block, not one a shard (issue 16: the hops
-        cost the event loop more than the hashing). A holder is credited for its answer
-        only once it checked out; one whose shard fails is dealt with as any holder
-        returning a corrupt shard (``on_corrupt``), and the block is fetched again
-        without it."""
+        The holders' shards are checked in the worker thread that opens the block: one
+        hop a block, not one a shard (issue 16: the hops cost the event loop more than
+        the hashing), and each shard is hashed against its id only if the block does not
+        open (``_check_and_open``). A holder is credited for its answer only once the
+        block opened with it or its shard checked out; one whose shard fails is dealt
+        with as any holder returning a corrupt shard (``on_corrupt``), and the block is
+        fetched again without it."""
         holders = list(holders)
         while True:
             sources: dict[int, bytes] = {}
@@ -402,11 +403,29 @@ class RemoteShards:
         self, record: BlockRecord, good: dict[int, bytes], unchecked: dict[int, bytes]
     ) -> tuple[bytes | None, set[int]]:
         """(the block's plaintext, no bad shards), or (None, the indexes of the shards in
-        *unchecked* that fail their check). Runs in a worker thread."""
+        *unchecked* that fail their check). Runs in a worker thread.
+
+        The block is opened first and the shards are hashed only if that fails: opening
+        authenticates every ciphertext byte the K shards carry and checks the plaintext
+        against the block id, so a shard that fails its own check cannot yield a block
+        that opens (hashing them all first cost as much as a third of opening, issue 16).
+        Shard lengths are checked first (cheap, and the erasure decoder wants them
+        right); shards beyond the K that open the block are checked on their own."""
+        wrong = {i for i in unchecked if len(good[i]) != record.shard_size}
+        if not wrong:
+            used = sorted(good)[: record.needed]
+            try:
+                plaintext = self.codec.open(record, good, verified=True)
+            except CorruptBlock:
+                pass  # some shard lied: which, its check tells (below)
+            else:
+                extra = {i for i in unchecked if i not in used
+                         and not self.codec.check_shard(record, i, good[i])}
+                return plaintext, extra
         bad = {i for i in unchecked if not self.codec.check_shard(record, i, good[i])}
-        if bad:
-            return None, bad
-        return self.codec.open(record, good, verified=True), bad
+        if not bad:  # every shard checks out and the block does not open
+            return self.codec.open(record, good, verified=True), bad
+        return None, bad
 
     async def fetch_shards(
         self,

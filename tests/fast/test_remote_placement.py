@@ -197,9 +197,10 @@ async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reading a block costs one worker-thread hop for its K shards' checks and the
-    opening together, not one per shard (issue 16); a holder whose shard fails that
-    check is still reported, loses trust and is read around, and honest holders are
-    credited for their answers."""
+    opening together, not one per shard, and shards are hashed against their ids only
+    when the block does not open (issue 16); a holder whose shard fails that check is
+    still reported, loses trust and is read around, and honest holders are credited for
+    their answers."""
     async with owner_with_hosts(tmp_path, N) as (owner, remote, hosts, nursery):
         liar = await PeerNode(tmp_path / "liar", faults=FaultInjection(lie_on_retrieve=True)
                               ).start(nursery)
@@ -222,11 +223,20 @@ async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
                     hops.append(fn)  # the owner's (the hosts run in this process too)
                 return await run_sync(fn, *args, **kwargs)
 
+            checks: list[int] = []
+            check_shard = remote.codec.check_shard
+
+            def counted_check(record, index, data):
+                checks.append(index)
+                return check_shard(record, index, data)
+
             monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+            monkeypatch.setattr(remote.codec, "check_shard", counted_check)
             named = [h if i != lied else NO_HOLDER for i, h in enumerate(holders)]
             trust = {h.key: owner.peers.get(h.key).trust for h in hosts}
             assert await remote.fetch(record, named) == data
             assert len(hops) == 1, hops
+            assert checks == [], "good shards open the block: none is hashed on its own"
             asked = {owner.peers.key_of(holders[i]) for i in honest[:K]}
             assert all(owner.peers.get(key).trust > trust[key] for key in asked)
 
@@ -238,6 +248,7 @@ async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
             named = [h if i in (lied, honest[0]) else NO_HOLDER for i, h in enumerate(holders)]
             assert await remote.fetch(record, named) == data
             assert reported == [(lied, holders[lied])]
+            assert lied in checks, "the block did not open: its shards were checked"
             assert owner.peers.get(liar.key).trust < liar_trust
         finally:
             liar.close()
