@@ -55,6 +55,8 @@ SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
 # bind(txn, block_id) -> the blocks it left unreferenced.
 Bind = Callable[[Any, bytes], list[StoredBlock]]
+# Returns a block's plaintext; ``put`` calls it in a worker thread (a dirty file's read).
+Load = Callable[[], bytes]
 
 
 class BlockUnavailable(Exception):
@@ -69,6 +71,10 @@ def _unwrap(parsed: Any) -> Any:
     if isinstance(parsed, Exception):
         raise parsed
     return parsed
+
+def _part(data: bytes, offset: int, size: int, view: bool) -> bytes | memoryview:
+    """``data[offset : offset + size]``, as a view of *data* if *view*."""
+    return memoryview(data)[offset : offset + size] if view else data[offset : offset + size]
 
 
 class _Rebuild:
@@ -218,10 +224,18 @@ class BlockStore:
     # --- writing -----------------------------------------------------------------------
 
     async def put(
-        self, data: bytes, source: Path | None = None, bind: Bind | None = None, *,
+        self,
+        data: bytes | Load,
+        source: Path | None = None,
+        bind: Bind | None = None,
+        *,
         block_id: bytes | None = None,
     ) -> bytes:
         """Store *data* as a block and take a reference to it; return the block id.
+
+        *data* is the plaintext, or a function returning it (``Load``: read from a file,
+        say), called in the same worker thread that hashes and seals it. *block_id*, if
+        the caller has it already (``codec.block_id(data)``), saves hashing it again.
 
         If *source* is a file holding exactly *data*, it is moved into the cache
         (no copy); otherwise the cache gets a fresh copy. With peers, the block's
@@ -237,20 +251,26 @@ class BlockStore:
         stored again. The reference then belongs to what *bind* wrote: if caching fails,
         the error goes up, the reference stays and *source* stays where it was (putting
         it again finds the block, a dedup). Without *bind*, a failure gives the reference
-        back. *block_id*: the caller computed ``codec.block_id(data)`` already.
+        back.
+
+        Loading, hashing, the dedup lookup and sealing take one worker-thread hop (a hop
+        per step cost the event loop more than some of the steps, issue 16); the lookup
+        is done again on the loop, in the one transaction that saves the record (or
+        takes a reference to a block stored meanwhile, whose shards sealed here are then
+        surplus) and runs *bind*.
         """
-        if block_id is None:
-            block_id = await trio.to_thread.run_sync(
-                self.codec.block_id, data, limiter=self.limiter
-            )
+        local = self.remote is None
+        data, block_id, sealed = await trio.to_thread.run_sync(
+            self._prepare, data, block_id, local, limiter=self.limiter
+        )
         upload: tuple[BlockRecord, list[bytes]] | None = None
-        dead = self._ref_if_present(block_id, bind)
+        surplus = False
+        dead = self._ref_if_present(block_id, bind) if sealed is None else None
         if dead is None:
-            local = self.remote is None
-            seal = self._seal_and_store if local else self.codec.seal
-            record, shards = await trio.to_thread.run_sync(
-                seal, data, block_id, limiter=self.limiter
-            )
+            if sealed is None:  # present when looked up, gone since: seal it after all
+                seal = self._seal_and_store if local else self.codec.seal
+                sealed = await trio.to_thread.run_sync(seal, data, block_id, limiter=self.limiter)
+            record, shards = sealed
             holders = [LOCAL_HOLDER if local else NO_HOLDER] * record.total
             with self.meta.write() as txn:  # one transaction: present now, or saved
                 present = txn.get(block_id, db=self._blocks) is not None
@@ -264,13 +284,16 @@ class BlockStore:
                     self.under.add(block_id)
                     self.queued.add(block_id)
                     upload = (record, shards)
-            elif local:  # sealed concurrently by someone else: ours is surplus
-                await trio.to_thread.run_sync(
-                    self.shards.delete_many,
-                    self.owner,
-                    list(record.shard_ids),
-                    limiter=self.limiter,
-                )
+            elif local:
+                surplus = True  # the local shards we wrote
+        if surplus:
+            assert sealed is not None
+            await trio.to_thread.run_sync(
+                self.shards.delete_many,
+                self.owner,
+                list(sealed[0].shard_ids),
+                limiter=self.limiter,
+            )
         try:
             await self.release(dead)
             await self._cache_put(block_id, data, source)
@@ -297,6 +320,21 @@ class BlockStore:
                 self.queued.discard(block_id)
                 raise
         return block_id
+
+    def _prepare(
+        self, data: bytes | Load, block_id: bytes | None, local: bool
+    ) -> tuple[bytes, bytes, tuple[BlockRecord, list[bytes]] | None]:
+        """``put``'s worker-thread part: (plaintext, block id, its record and shards, or
+        None if the block is stored already)."""
+        if callable(data):
+            data = data()
+        if block_id is None:
+            block_id = self.codec.block_id(data)
+        with self.meta.read() as txn:
+            if txn.get(block_id, db=self._blocks) is not None:
+                return data, block_id, None
+        seal = self._seal_and_store if local else self.codec.seal
+        return data, block_id, seal(data, block_id)
 
     def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
         """Take a reference to the block (and run *bind*) if it is stored; None if not,
@@ -660,12 +698,16 @@ class BlockStore:
 
     # --- reading -----------------------------------------------------------------------
 
-    async def read(self, block_id: bytes, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a block (short at the block's end)."""
+    async def read(
+        self, block_id: bytes, offset: int, size: int, *, view: bool = False
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of a block (short at the block's end). With
+        *view*, bytes of a block held in memory come as a read-only view of it, not a
+        copy (a FUSE read hands them straight to the kernel: issue 16)."""
         while True:
             recent = self.recent.get(block_id)
             if recent is not None:
-                return recent[offset : offset + size]
+                return _part(recent, offset, size, view)
             if block_id in self.cache:
                 self.cache.touch(block_id)
                 data = await trio.to_thread.run_sync(
@@ -679,7 +721,7 @@ class BlockStore:
             # the cache alone would rebuild it forever.
             rebuilt = await self.fetch(block_id)
             if rebuilt is not None:
-                return rebuilt[offset : offset + size]
+                return _part(rebuilt, offset, size, view)
 
     async def read_parsed(self, block_id: bytes, parse: Callable[[bytes], Any]) -> Any:
         """The whole block as *parse* (run in a worker thread) makes it, in one

@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord
+from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, CorruptBlock
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.shardbatch import ShardBatches
@@ -398,14 +398,68 @@ class RemoteShards:
         parse: Callable[[bytes], Any] | None = None,
         on_found: FoundShard | None = None,
     ) -> tuple[bytes, Any]:
-        """(plaintext, what *parse* made of it, or the exception it raised), the block
-        rebuilt from its holders and parsed in the same worker-thread hop (a hop costs
-        the loop more than opening a small block); BlockError if it cannot be rebuilt."""
-        good = await self.fetch_shards(record, holders, on_found=on_found)
-        return await trio.to_thread.run_sync(
-            lambda: opened(self.codec.open(record, good, verified=True), parse),
-            limiter=self.limiter,
-        )
+        """(plaintext, what *parse* made of it, or the exception it raised; None without
+        *parse*), the block rebuilt from its holders, opened and parsed in one
+        worker-thread hop (a hop costs the loop more than opening a small block);
+        BlockError if it cannot be rebuilt.
+
+        The holders' shards are checked in that same hop: one hop a block, not one a
+        shard (issue 16: the hops cost the event loop more than the hashing), and each
+        shard is hashed against its id only if the block does not open
+        (``_check_and_open``). A holder is credited for its answer only once the block
+        opened with it or its shard checked out; one whose shard fails is dealt with as
+        any holder returning a corrupt shard (``on_corrupt``), and the block is fetched
+        again without it."""
+        holders = list(holders)
+        while True:
+            sources: dict[int, bytes] = {}
+            good = await self.fetch_shards(record, holders, on_found=on_found, sources=sources)
+            opened_block, bad = await trio.to_thread.run_sync(
+                self._check_and_open, record, good, sources, parse, limiter=self.limiter
+            )
+            for index, key in sources.items():
+                if index in bad:
+                    self._corrupt(key, record, index)
+                    peer = self.peers.get(key)
+                    if peer is not None:
+                        self.on_corrupt(record.block_id, index, peer.index)
+                    holders[index] = NO_HOLDER  # not asked again for this block
+                else:
+                    self.on_result(key, True)
+            if opened_block is not None:
+                return opened_block
+
+    def _check_and_open(
+        self,
+        record: BlockRecord,
+        good: dict[int, bytes],
+        unchecked: dict[int, bytes],
+        parse: Callable[[bytes], Any] | None = None,
+    ) -> tuple[tuple[bytes, Any] | None, set[int]]:
+        """(``opened(plaintext, parse)``, no bad shards), or (None, the indexes of the
+        shards in *unchecked* that fail their check). Runs in a worker thread.
+
+        The block is opened first and the shards are hashed only if that fails: opening
+        authenticates every ciphertext byte the K shards carry and checks the plaintext
+        against the block id, so a shard that fails its own check cannot yield a block
+        that opens (hashing them all first cost as much as a third of opening, issue 16).
+        Shard lengths are checked first (cheap, and the erasure decoder wants them
+        right); shards beyond the K that open the block are checked on their own."""
+        wrong = {i for i in unchecked if len(good[i]) != record.shard_size}
+        if not wrong:
+            used = sorted(good)[: record.needed]
+            try:
+                plaintext = self.codec.open(record, good, verified=True)
+            except CorruptBlock:
+                pass  # some shard lied: which, its check tells (below)
+            else:
+                extra = {i for i in unchecked if i not in used
+                         and not self.codec.check_shard(record, i, good[i])}
+                return opened(plaintext, parse), extra
+        bad = {i for i in unchecked if not self.codec.check_shard(record, i, good[i])}
+        if not bad:  # every shard checks out and the block does not open
+            return opened(self.codec.open(record, good, verified=True), parse), bad
+        return None, bad
 
     async def fetch_shards(
         self,
@@ -415,6 +469,7 @@ class RemoteShards:
         *,
         verify: bool = True,
         on_found: FoundShard | None = None,
+        sources: dict[int, bytes] | None = None,
     ) -> dict[int, bytes]:
         """K shards of the block, each verified against its id; BlockError if unreachable.
 
@@ -426,7 +481,11 @@ class RemoteShards:
         they compute from them instead (repair checks each recreated shard's id).
         If the named holders do not give K shards, every other peer we have an
         agreement with is asked for the missing ones (see ``_search``); *on_found* is
-        told where each one turned up.
+        told where each one turned up. With *sources*, the shards from recorded holders
+        come back unchecked and their holders uncredited, and *sources* gets the holder
+        each came from (index -> peer key): the caller checks them, credits the holders
+        of the good ones and reports the others (``fetch``); shards found by the search
+        are checked as they arrive.
         """
         order = [i for i, h in enumerate(holders) if h not in (NO_HOLDER, LOCAL_HOLDER)]
         good: dict[int, bytes] = {}
@@ -448,8 +507,11 @@ class RemoteShards:
                 if key is not None:
                     ahead = self._fetching[key] - 1
                     data = await self._get_shard(
-                        key, record, index, recorded=True, verify=verify,
+                        key, record, index, recorded=True,
+                        verify=verify and sources is None, credit=sources is None,
                         timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
+                    if data is not None and sources is not None:
+                        sources[index] = key
             finally:
                 if key is not None:
                     self._fetching[key] -= 1
@@ -609,7 +671,7 @@ class RemoteShards:
 
     async def _get_shard(
         self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True,
-        timeout: float = FETCH_TIMEOUT,
+        credit: bool = True, timeout: float = FETCH_TIMEOUT,
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
@@ -618,10 +680,11 @@ class RemoteShards:
         ``not_found`` to ``on_missing``). Not
         answering, or not having it, counts only when *recorded*; a peer merely asked
         in a search owes us nothing. With *verify* False the bytes are not checked
-        (the caller checks what it computes from them).
+        (the caller checks what it computes from them); with *credit* False a good answer
+        earns the peer nothing yet (the caller credits it once it checked the bytes).
         """
         outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify,
-                                             timeout=timeout)
+                                             credit=credit, timeout=timeout)
         peer = self.peers.get(key) if recorded else None
         if outcome == CORRUPT and peer is not None:
             self.on_corrupt(record.block_id, index, peer.index)
@@ -681,17 +744,21 @@ class RemoteShards:
         else:
             good = True
         if not good:
-            log.warning(
-                "peer %s returned a corrupt shard %d of block %s",
-                key.hex()[:12],
-                index,
-                record.block_id.hex()[:16],
-            )
-            self.on_result(key, False)
+            self._corrupt(key, record, index)
             return CORRUPT, None
         if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
+
+    def _corrupt(self, key: bytes, record: BlockRecord, index: int) -> None:
+        """Peer *key* returned a shard *index* of the block that fails its check."""
+        log.warning(
+            "peer %s returned a corrupt shard %d of block %s",
+            key.hex()[:12],
+            index,
+            record.block_id.hex()[:16],
+        )
+        self.on_result(key, False)
 
     def give_back(self, holder: int, size: int) -> None:
         """Our usage figure for *holder* counted *size* bytes twice: take them off."""

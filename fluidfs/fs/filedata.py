@@ -268,12 +268,13 @@ class FileData:
 
     # --- reading -----------------------------------------------------------------------
 
-    async def read(self, inode: Inode, offset: int, size: int) -> bytes:
-        """Read up to *size* bytes at *offset* (short at end of file)."""
+    async def read(self, inode: Inode, offset: int, size: int) -> bytes | memoryview:
+        """Read up to *size* bytes at *offset* (short at end of file). Bytes within one
+        block held in memory come as a read-only view of it (no copy)."""
         end = min(offset + size, inode.size)
         if offset >= end:
             return b""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         bs = self.block_size
         pos = offset
         while pos < end:
@@ -281,7 +282,7 @@ class FileData:
             want = min(bs - start, end - pos)
             data = await self._read_block(inode.ino, index, start, want)
             if len(data) < want:
-                data += bytes(want - len(data))
+                data = bytes(data) + bytes(want - len(data))
             parts.append(data)
             pos += want
         self._read_ahead(inode, (end - 1) // bs)
@@ -295,7 +296,9 @@ class FileData:
             if value is not None and value[:1] == BLOCK_REF:
                 self.blocks.prefetch(value[1:])
 
-    async def _read_block(self, ino: int, index: int, start: int, size: int) -> bytes:
+    async def _read_block(
+        self, ino: int, index: int, start: int, size: int
+    ) -> bytes | memoryview:
         blk = self.dirty.get((ino, index))
         if blk is not None and not blk.dead:
             async with _Held(blk.lock):
@@ -311,7 +314,7 @@ class FileData:
         if value[:1] == INLINE:
             return value[1 + start : 1 + start + size]
         try:
-            return await self.blocks.read(value[1:], start, size)
+            return await self.blocks.read(value[1:], start, size, view=True)
         except BlockUnavailable as exc:
             log.error("inode %d block %d unreadable: %s", ino, index, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -539,27 +542,33 @@ class FileData:
             if inode is None:
                 self._discard(blk)
                 return
+            small = blk.index == 0 and inode.size <= INLINE_MAX
+            data: bytes | None = None  # a dirty file is read where it is sealed (put)
             if blk.buf is not None:
                 data = bytes(blk.buf)
-            else:
+            elif small:  # perhaps inlined: read it here
                 data = await trio.to_thread.run_sync(
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
                 )
-            if blk.index == 0 and inode.size <= INLINE_MAX and len(data) <= INLINE_MAX:
+            if data is not None and small and len(data) <= INLINE_MAX:
                 dead = self._seal_inline(blk, data)
             else:
 
                 def bind(txn, block_id: bytes) -> list[StoredBlock]:
                     return self._map(txn, blk, BLOCK_REF + block_id)
 
-                # The dirty file (if any) becomes the cached plaintext: no copy.
+                # The dirty file (if any) becomes the cached plaintext: no copy. It is
+                # read in the worker thread that seals it (one hop for both).
                 source = blk.path if blk.fd is not None else None
-                await self.blocks.put(data, source, bind)
+                fd, length = blk.fd, blk.length
+                await self.blocks.put(
+                    data if data is not None else lambda: _read_exact(fd, length), source, bind
+                )
                 if source is not None:
                     os.close(blk.fd)
                     blk.fd = None
                 self._discard(blk)
-                self.sealed_bytes += len(data)
+                self.sealed_bytes += length if data is None else len(data)
                 self.sealed_blocks += 1
         await self._sealed(dead)
 

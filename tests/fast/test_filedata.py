@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 from inproc import LocalStore
 
 from fluidfs import keys
@@ -236,3 +237,62 @@ async def test_a_block_mapped_but_not_cached_is_sealed_again_without_a_second_re
     assert store.refcount(block_id) == 1, "one map entry, one reference"
     assert block_id in store.cache and os.listdir(store.data.dirty_dir) == []
     assert await store.read(ino) == data
+
+
+async def test_sealing_a_dirty_file_hops_to_a_worker_thread_once_before_caching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a dirty file back, hashing it, looking its id up and sealing it run in one
+    worker thread, not one hop each (issue 16: each hop cost the event loop more than
+    some of the steps); the file then moves into the cache (a second hop)."""
+    big = 4 * MEMORY_BLOCK_MAX  # a dirty block this large lives in a file
+    store = LocalStore(tmp_path / "state", RING, big)
+    try:
+        data = os.urandom(big)
+        ino = await store.create(ROOT_INO, "f")
+        await store.write(ino, 0, data)
+        assert (tmp_path / "state" / "dirty" / f"{ino}.0").exists()
+        hops: list[str] = []
+        run_sync = trio.to_thread.run_sync
+
+        async def counted(fn, *args, **kwargs):
+            hops.append(getattr(fn, "__name__", repr(fn)))
+            return await run_sync(fn, *args, **kwargs)
+
+        monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+        await store.data.seal_inode(ino)
+        monkeypatch.undo()
+        assert len(hops) <= 2, hops
+        assert await store.read(ino) == data
+        again = await store.create(ROOT_INO, "g")  # same bytes: a dedup, in one hop too
+        await store.write(again, 0, data)
+        monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+        hops.clear()
+        await store.data.seal_inode(again)
+        monkeypatch.undo()
+        assert len(hops) <= 2, hops
+        assert block_ids(store, again) == block_ids(store, ino)
+        assert store.refcount(block_ids(store, ino)[0]) == 2
+    finally:
+        store.close()
+
+
+async def test_a_read_of_a_rebuilt_block_is_served_from_it_without_a_copy(
+    store: LocalStore,
+) -> None:
+    """A block rebuilt from its shards is held in memory; a read within it gets a view
+    of those bytes (pyfuse3 hands any buffer to the kernel), not a copy of them."""
+    data = os.urandom(2 * BS)
+    ino = await store.create(ROOT_INO, "f")
+    await store.write(ino, 0, data)
+    await store.data.seal_all()
+    first, _second = block_ids(store, ino)
+    assert store.cache.forget(first)  # only its shards are left: the read rebuilds it
+    inode = store.tree.get(ino)
+    got = await store.data.read(inode, 100, 1000)
+    assert got == data[100:1100]
+    assert isinstance(got, memoryview) and got.obj is store.blocks.recent.get(first)
+    got = await store.data.read(inode, BS - 10, 20)  # across two blocks: joined
+    assert got == data[BS - 10 : BS + 10]
+    inode.size = 2 * BS + 50  # grown by a truncate past the data: zeros after it
+    assert await store.data.read(inode, 2 * BS - 10, 60) == data[-10:] + bytes(50)

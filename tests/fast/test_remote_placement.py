@@ -8,6 +8,7 @@ The owner and its hosts are real peer services in this process on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -190,6 +191,67 @@ async def test_a_holder_serving_corrupt_shards_is_reported_and_read_around(
         finally:
             liar.close()
 
+
+
+async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a block costs one worker-thread hop for its K shards' checks and the
+    opening together, not one per shard, and shards are hashed against their ids only
+    when the block does not open (issue 16); a holder whose shard fails that check is
+    still reported, loses trust and is read around, and honest holders are credited for
+    their answers."""
+    async with owner_with_hosts(tmp_path, N) as (owner, remote, hosts, nursery):
+        liar = await PeerNode(tmp_path / "liar", faults=FaultInjection(lie_on_retrieve=True)
+                              ).start(nursery)
+        try:
+            owner.use(liar)
+            data = os.urandom(300_000)  # shards too large for RetrieveShards batches
+            record, shards = sealed(remote, data)
+            holders = [NO_HOLDER] * N
+            remote.caught.update(h.key for h in hosts)  # only the liar can take one
+            await remote.place(record, shards, holders)
+            remote.caught.clear()
+            await remote.place(record, shards, holders)
+            lied = holders.index(owner.peers.get(liar.key).index)
+            honest = [i for i in range(N) if i != lied]
+            hops: list[object] = []
+            run_sync = trio.to_thread.run_sync
+
+            async def counted(fn, *args, **kwargs):
+                if sys._getframe(1).f_globals["__name__"] == "fluidfs.blocks.remote":
+                    hops.append(fn)  # the owner's (the hosts run in this process too)
+                return await run_sync(fn, *args, **kwargs)
+
+            checks: list[int] = []
+            check_shard = remote.codec.check_shard
+
+            def counted_check(record, index, data):
+                checks.append(index)
+                return check_shard(record, index, data)
+
+            monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+            monkeypatch.setattr(remote.codec, "check_shard", counted_check)
+            named = [h if i != lied else NO_HOLDER for i, h in enumerate(holders)]
+            trust = {h.key: owner.peers.get(h.key).trust for h in hosts}
+            assert await remote.fetch(record, named) == data
+            assert len(hops) == 1, hops
+            assert checks == [], "good shards open the block: none is hashed on its own"
+            asked = {owner.peers.key_of(holders[i]) for i in honest[:K]}
+            assert all(owner.peers.get(key).trust > trust[key] for key in asked)
+
+            reported = []
+            remote.on_corrupt = lambda block, index, holder: reported.append((index, holder))
+            liar_trust = owner.peers.get(liar.key).trust
+            # Only the liar and one honest holder named: the liar's shard is among the K
+            # first fetched; the missing one is searched for on the other peers.
+            named = [h if i in (lied, honest[0]) else NO_HOLDER for i, h in enumerate(holders)]
+            assert await remote.fetch(record, named) == data
+            assert reported == [(lied, holders[lied])]
+            assert lied in checks, "the block did not open: its shards were checked"
+            assert owner.peers.get(liar.key).trust < liar_trust
+        finally:
+            liar.close()
 
 
 @pytest.fixture
