@@ -237,16 +237,16 @@ def build_stages() -> list[tuple[str, int, Callable[[], object], str]]:
             "worst case",
         ),
         (
-            "recreate layout 3, 1 parity",
+            "recreate layout 3, 1 shard",
             BLOCK,
             lambda: codec.recreate(record, worst, [0]),
-            "repair, from 4 parity",
+            "shard 0 from 4 + 4 parity",
         ),
         (
-            "recreate layout 4, 1 parity",
+            "recreate layout 4, 1 shard",
             BLOCK,
             lambda: codec4.recreate(record4, worst4, [0]),
-            "repair, from 4 parity",
+            "shard 0 from 4 + 4 parity",
         ),
     ]
 
