@@ -68,7 +68,9 @@ STAGES = (
         "sealing (hash, encrypt, encode)",
         (
             "fluidfs/blocks/codec.py",
+            "fluidfs/blocks/erasure.py",
             "zfec/",
+            "pyeclib/",
             "nacl/",
             "hashlib",
             "blake3",

@@ -1,8 +1,8 @@
 """On-disk encoding of a block's record in ``meta.lmdb`` table ``blocks``.
 
-Format versions 1 and 2 (big-endian)::
+Format versions 1, 2 and 3 (big-endian)::
 
-    u8  version (1 or 2)
+    u8  version (1, 2 or 3)
     u32 refcount            references from file maps and metadata nodes (fs/metaindex.py)
     u32 size                plaintext bytes
     u32 shard_size          bytes per shard
@@ -12,12 +12,15 @@ Format versions 1 and 2 (big-endian)::
     24 or 32  AEAD nonce (lets the exact shards be recreated from cached plaintext):
             24 bytes in version 1 (an XChaCha20-Poly1305 block, sealed layout 1 or 2),
             32 bytes in version 2 (an AEGIS-256 block, sealed layout 3; codec.py)
+            32 bytes in version 3 (AEGIS-256 and ISA-L Cauchy Reed-Solomon, sealed
+            layout 4: the version byte names the erasure code, erasure.py)
     N x 32  shard ids (Merkle roots)
     N x u32 holder of each shard: a peer index, 0 = this node, 0xFFFFFFFF = none
 
-A block of sealed layout 1 or 2 is still written as version 1, so records read the same
-by code that knows only version 1. About 500 bytes per 4 MiB block for N=12: a terabyte
-needs ~130 MB of records.
+A block of sealed layout 1 or 2 is still written as version 1, and one of layout 3 as
+version 2, so records read the same by code that knows only those versions (and code
+that predates version 3 refuses a layout-4 record rather than misreading it). About 500
+bytes per 4 MiB block for N=12: a terabyte needs ~130 MB of records.
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ from collections.abc import Set
 from dataclasses import dataclass
 
 from fluidfs.blocks.codec import AEGIS, WRAPPED_KEY_SIZE, XCHACHA, BlockRecord, nonce_size
+from fluidfs.blocks.erasure import RS_CAUCHY, ZFEC
 
-# record version -> nonce bytes (the sealed layout's; see the format above)
-_NONCE_SIZES = {1: nonce_size(XCHACHA), 2: nonce_size(AEGIS)}
-_VERSIONS = {size: version for version, size in _NONCE_SIZES.items()}
+# record version -> (nonce bytes, erasure code) (the sealed layout's; see the format above)
+_LAYOUTS = {
+    1: (nonce_size(XCHACHA), ZFEC),
+    2: (nonce_size(AEGIS), ZFEC),
+    3: (nonce_size(AEGIS), RS_CAUCHY),
+}
+_VERSIONS = {layout: version for version, layout in _LAYOUTS.items()}
 NO_HOLDER = 0xFFFFFFFF
 LOCAL_HOLDER = 0
 _HEAD = struct.Struct(">BIIIBB")
@@ -58,7 +66,7 @@ class StoredBlock:
         return b"".join(
             [
                 _HEAD.pack(
-                    _VERSIONS[len(rec.nonce)],
+                    _VERSIONS[len(rec.nonce), rec.code],
                     self.refcount,
                     rec.size,
                     rec.shard_size,
@@ -76,9 +84,10 @@ class StoredBlock:
     def decode(cls, block_id: bytes, raw: bytes) -> StoredBlock:
         """Parse a record written by encode()."""
         version, refcount, size, shard_size, needed, total = _HEAD.unpack_from(raw)
-        nonce_size = _NONCE_SIZES.get(version)
-        if nonce_size is None:
+        layout = _LAYOUTS.get(version)
+        if layout is None:
             raise ValueError(f"unknown block record version {version}")
+        nonce_size, code = layout
         pos = _HEAD.size
         wrapped = bytes(raw[pos : pos + WRAPPED_KEY_SIZE])
         pos += WRAPPED_KEY_SIZE
@@ -87,5 +96,5 @@ class StoredBlock:
         ids = tuple(bytes(raw[pos + 32 * i : pos + 32 * (i + 1)]) for i in range(total))
         pos += 32 * total
         holders = list(struct.unpack_from(f">{total}I", raw, pos))
-        record = BlockRecord(block_id, size, shard_size, needed, wrapped, nonce, ids)
+        record = BlockRecord(block_id, size, shard_size, needed, wrapped, nonce, ids, code)
         return cls(record, refcount, holders)

@@ -26,13 +26,15 @@ A *reference* (ref) to a block is an array::
 
     [block id (32), size, shard size, K, wrapped key (72), nonce (24 or 32),
      shard ids (N x 32 bytes, concatenated), holders (N x u16 big-endian: index into
-     "p", 0xFFFF = no holder)]
+     "p", 0xFFFF = no holder), erasure code (only when not 0)]
 
 which is everything a machine holding only the keyfile needs to fetch, check and
-decrypt the block (see blocks/codec.py). The nonce's length names the block's sealed
-layout: 24 bytes XChaCha20-Poly1305 (layouts 1 and 2), 32 bytes AEGIS-256 (layout 3,
-added without a new node version: a reader that predates it refuses such a reference
-as malformed rather than misreading it).
+decrypt the block (see blocks/codec.py). The nonce's length and the erasure code name
+the block's sealed layout: a 24-byte nonce is XChaCha20-Poly1305 (layouts 1 and 2), a
+32-byte one AEGIS-256 (layout 3, or layout 4 with erasure code 1, ISA-L Cauchy
+Reed-Solomon; blocks/erasure.py). A reference without the code is zfec (code 0), as
+every reference before layout 4. Both were added without a new node version: a reader
+that predates them refuses such a reference as malformed rather than misreading it.
 
 An *entry* is a map with one-letter keys, each left out when it has its default (0,
 empty): ``n`` name (bytes), ``i`` inode number, ``m`` mode, ``u`` uid, ``g`` gid,
@@ -69,7 +71,15 @@ from operator import attrgetter
 import blake3
 import cbor2
 
-from fluidfs.blocks.codec import KEY_SIZE, NONCE_SIZES, WRAPPED_KEY_SIZE, BlockRecord
+from fluidfs.blocks.codec import (
+    KEY_SIZE,
+    NONCE_SIZES,
+    WRAPPED_KEY_SIZE,
+    BlockRecord,
+    CorruptBlock,
+    sealed_version,
+)
+from fluidfs.blocks.erasure import RS_CAUCHY, ZFEC
 from fluidfs.fs.inode import FIELDS as INODE_FIELDS
 from fluidfs.fs.inode import Inode
 from fluidfs.wire import (
@@ -255,6 +265,7 @@ def _enc_ref(ref: Ref, peers: _PeerTable) -> list:
         rec.nonce,
         b"".join(rec.shard_ids),
         holders,
+        *([] if rec.code == ZFEC else [rec.code]),
     ]
 
 
@@ -276,6 +287,7 @@ def _ref(
     nonce: bytes,
     ids: bytes,
     holders_raw: bytes,
+    code: int = ZFEC,
 ) -> Ref:
     """A reference from its checked parts; ``table`` is the node's peer table."""
     total, rest = divmod(len(ids), ID_SIZE)
@@ -301,7 +313,12 @@ def _ref(
         wrapped,
         nonce,
         tuple(ids[i * ID_SIZE : (i + 1) * ID_SIZE] for i in range(total)),
+        code,
     )
+    try:
+        sealed_version(record)
+    except CorruptBlock:
+        raise SchemaError("", "nonce and erasure code of no sealed layout") from None
     return Ref(record, tuple(holders))
 
 
@@ -316,7 +333,9 @@ def _ref_schema(table: list[bytes]) -> Schema:
         Bytes(min(NONCE_SIZES), max(NONCE_SIZES)),
         Bytes(ID_SIZE, ID_SIZE * MAX_SHARDS),  # shard ids
         Bytes(0, 2 * MAX_SHARDS),  # holders
+        OneOf(RS_CAUCHY),  # erasure code, left out for zfec
         into=partial(_ref, table),
+        optional=1,
     )
 
 

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 
 import nacl.signing
 import trio
-import zfec
 
-from fluidfs.blocks import merkle
+from fluidfs.blocks import erasure, merkle
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_JOURNAL_PAGE
@@ -415,19 +414,27 @@ class CustomerRepairer:
 
 
 def _recreate(cap: Capability, good: dict[int, bytes], wanted: list[int]) -> dict[int, bytes]:
-    """Shards *wanted* of the block from K good ones (zfec, as blocks/codec.py lays them
-    out), each checked against its id; those that fail are left out (in a worker thread)."""
-    numbers = tuple(sorted(good)[: cap.k])
-    if numbers == tuple(range(cap.k)):
-        primaries = [good[i] for i in numbers]
-    else:
-        primaries = zfec.Decoder(cap.k, cap.n).decode([good[i] for i in numbers], numbers)
-    made = zfec.Encoder(cap.k, cap.n).encode(list(primaries), list(wanted))
-    out = {}
-    for index, shard in zip(wanted, made, strict=True):
-        data = bytes(shard)
-        if merkle.shard_id(data) == cap.ids[index]:
-            out[index] = data
+    """Shards *wanted* of the block from K good ones (as blocks/erasure.py codes them),
+    each checked against its id; those that fail are left out (in a worker thread).
+
+    A capability does not name the block's erasure code (it predates layout 4): the
+    shard ids tell. The newest code goes first; a zfec block costs one more coding.
+    """
+    numbers = sorted(good)[: cap.k]
+    chosen = {i: good[i] for i in numbers}
+    out: dict[int, bytes] = {}
+    for code in (erasure.RS_CAUCHY, erasure.ZFEC):
+        missing = [i for i in wanted if i not in out]
+        if not missing or (code == erasure.RS_CAUCHY and not erasure.cauchy_available()):
+            continue
+        try:
+            made = erasure.make(code, cap.k, cap.n, cap.size, chosen, missing)
+        except erasure.ErasureError:
+            continue
+        for index, shard in made.items():
+            data = bytes(shard)
+            if merkle.shard_id(data) == cap.ids[index]:
+                out[index] = data
     return out
 
 

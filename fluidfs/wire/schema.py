@@ -228,20 +228,26 @@ class List(Schema):
 
 class Tuple(Schema):
     """A fixed-length array whose ``i``-th item fits ``items[i]``; becomes a tuple, or
-    ``into(*parts)``."""
+    ``into(*parts)``. The last *optional* items may be left out (``into`` then gets
+    fewer parts)."""
 
-    def __init__(self, *items: Schema, into: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self, *items: Schema, into: Callable[..., Any] | None = None, optional: int = 0
+    ) -> None:
         self.items = items
         self.into = into
+        self.least = len(items) - optional
 
     def parse(self, value: Any) -> Any:
         """The parts' parsed values, as a tuple or built by ``into``."""
         if type(value) is not list:
             raise SchemaError("", f"expected list, got {_kind(value)}")
-        if len(value) != len(self.items):
-            raise SchemaError("", f"expected {len(self.items)} items, got {len(value)}")
+        if not self.least <= len(value) <= len(self.items):
+            shown = (str(len(self.items)) if self.least == len(self.items)
+                     else f"{self.least} to {len(self.items)}")
+            raise SchemaError("", f"expected {shown} items, got {len(value)}")
         parts = []
-        for i, (schema, v) in enumerate(zip(self.items, value, strict=True)):
+        for i, (schema, v) in enumerate(zip(self.items, value, strict=False)):
             try:
                 parts.append(schema.parse(v))
             except SchemaError as exc:

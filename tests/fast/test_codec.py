@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 from fluidfs.blocks import merkle
 from fluidfs.blocks.codec import (
     AEGIS,
+    CAUCHY,
     XCHACHA,
     BlockCodec,
     CorruptBlock,
     NotEnoughShards,
     hardware_aes,
     overhead,
+    sealed_version,
 )
+from fluidfs.blocks.erasure import RS_CAUCHY, ZFEC, cauchy_available
 from fluidfs.blocks.record import StoredBlock
 
 K, N = 8, 12
@@ -215,14 +218,17 @@ OLD_SHARDS = [
 ]
 
 
-def test_new_blocks_are_sealed_with_aegis_where_the_cpu_has_aes():
-    """Layout 3 (AEGIS-256, a 32-byte nonce) on hardware AES, else layout 2."""
-    expected = AEGIS if hardware_aes() else XCHACHA
+def test_new_blocks_are_sealed_with_aegis_and_isal_where_the_cpu_has_aes():
+    """Layout 4 (AEGIS-256, a 32-byte nonce, ISA-L Cauchy Reed-Solomon) on hardware AES,
+    else layout 2."""
+    expected = CAUCHY if hardware_aes() and cauchy_available() else XCHACHA
     assert CODEC.version == expected
-    assert len(RECORD.nonce) == {AEGIS: 32, XCHACHA: 24}[expected]
+    assert len(RECORD.nonce) == {CAUCHY: 32, XCHACHA: 24}[expected]
+    assert RECORD.code == {CAUCHY: RS_CAUCHY, XCHACHA: ZFEC}[expected]
+    assert sealed_version(RECORD) == expected
 
 
-@pytest.mark.parametrize("version", [XCHACHA, AEGIS])
+@pytest.mark.parametrize("version", [XCHACHA, AEGIS, CAUCHY])
 def test_every_layout_opens_reseals_and_recreates(version):
     codec = CODEC if version == CODEC.version else CODEC_V2
     if codec.version != version:
@@ -258,4 +264,75 @@ def test_blocks_sealed_before_layout_3_still_open():
 def test_a_record_of_no_known_version_is_refused():
     raw = StoredBlock(RECORD, 1, [0] * N).encode()
     with pytest.raises(ValueError):
-        StoredBlock.decode(RECORD.block_id, b"\x03" + raw[1:])
+        StoredBlock.decode(RECORD.block_id, b"\x04" + raw[1:])
+
+
+def test_a_record_of_no_sealed_layout_does_not_open():
+    for odd in (dataclasses.replace(RECORD, code=2),
+                dataclasses.replace(RECORD, code=RS_CAUCHY, nonce=bytes(24))):
+        with pytest.raises(CorruptBlock):
+            CODEC.open(odd, dict(enumerate(SHARDS)))
+
+
+# --- sealed layout 4 (AEGIS-256, ISA-L Cauchy Reed-Solomon) --------------------------
+
+# Sealed by layout 4's first code with OLD_KEYS, K=2 of N=3: the record as meta.lmdb keeps
+# it (version 3) and the three shards (pinned: a library that codes other parity fails).
+V4_DATA = b"sealed by layout version 4, ISA-L Reed-Solomon " * 2
+V4_RECORD = bytes.fromhex(
+    "03000000010000005e00000050020306493d72dc8d5f776d7fc5d294d78e246ccf4407a87f9c8ab08cc6"
+    "ed31ff1e73c99b232de99000f832fe465d81b84b48fefe91660287dc388f50b354a588fec5a8db180b28"
+    "6b79701520a409744a91f1dd0cfc0490e171ce12c30c44fe1e6c08fc4106a587425d84a2de9bb7a5c898"
+    "eb67db9166da5f413b1673e7e9fa341a52789fc66cc939364ab3e85dd0a35b8072b988d92fec484d2aad"
+    "163412a27b1780dfb1a7234e02df00aa2ebc48fdc6d85323f1e348a15a3a9099a6fe2d3e6dec746f6296"
+    "12e56aa6c1000000000000000100000002"
+)
+V4_SHARDS = [
+    bytes.fromhex(h)
+    for h in (
+        "1520a409744a91f1dd0cfc0490e171ce12c30c44fe1e6c08fc4106a587425d848df1a1927a52f3aa02ca"
+        "3ec588214acbca5053adbcd6f27a9b2433a08f7fec98a685cb2d3b7825db02d4f59db2051d38",
+        "3419fcb5978ef258c3653420ee62503f6c16ed68e7c9531d6b9bc35fae32e564be07d672d65bd6bd6717"
+        "4a0e3f1e9d1292855835b3b0c222f832d01d4a9e394c4ea75ffe023e86bf7ade67c8d2b80000",
+        "63ec0612bc5f6335a12599e9122b86722d165df12248070fac2c42e95cc40895a200676784eb4e3ed768"
+        "d21d5194a5e5e0a064cbc4f0cc2360f72c5b04306183695ade3966dd157ddc20227317e4801c",
+    )
+]
+
+
+def test_layout_4_blocks_open_reseal_and_recreate_as_pinned():
+    codec = BlockCodec(**OLD_KEYS, needed=2, total=3, version=XCHACHA)  # any layout opens it
+    stored = StoredBlock.decode(codec.block_id(V4_DATA), V4_RECORD)
+    assert sealed_version(stored.record) == CAUCHY
+    assert stored.encode() == V4_RECORD
+    for pair in ((0, 1), (0, 2), (1, 2)):
+        assert codec.open(stored.record, {i: V4_SHARDS[i] for i in pair}) == V4_DATA
+        (lost,) = {0, 1, 2} - set(pair)
+        made = codec.recreate(stored.record, {i: V4_SHARDS[i] for i in pair}, [lost])
+        assert made == {lost: V4_SHARDS[lost]}
+    assert [bytes(s) for s in codec.reseal(stored.record, V4_DATA)] == V4_SHARDS
+
+
+def test_layout_3_records_are_still_written_as_record_version_2():
+    aegis = BlockCodec(dedup_key=CODEC.dedup_key, wrap_key=CODEC.wrap_key, needed=K,
+                       total=N, version=AEGIS)
+    record, _ = aegis.seal(b"layout 3")
+    assert record.code == ZFEC
+    assert StoredBlock(record, 1, [0] * N).encode()[0] == 2
+    assert StoredBlock(RECORD, 1, [0] * N).encode()[0] == {CAUCHY: 3, XCHACHA: 1}[CODEC.version]
+
+
+def test_every_lost_shard_of_a_layout_4_block_is_recreated_to_its_id():
+    codec = BlockCodec(dedup_key=CODEC.dedup_key, wrap_key=CODEC.wrap_key, needed=K,
+                       total=N, version=CAUCHY)
+    data = os.urandom(4 * 1024 * 1024 - 5)
+    record, sealed = codec.seal(data)
+    shards = [bytes(s) for s in sealed]
+    for lost in range(N):
+        others = [i for i in range(N) if i != lost]
+        for good in (others[:K], others[-K:]):
+            made = codec.recreate(record, {i: shards[i] for i in good}, [lost])
+            assert codec.check_shard(record, lost, made[lost])
+    # several at once, primaries among them
+    made = codec.recreate(record, {i: shards[i] for i in range(2, 2 + K)}, [0, 1, 10, 11])
+    assert made == {i: shards[i] for i in (0, 1, 10, 11)}

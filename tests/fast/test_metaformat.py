@@ -9,7 +9,7 @@ import stat
 import cbor2
 import pytest
 
-from fluidfs.blocks.codec import AEGIS, XCHACHA, BlockCodec
+from fluidfs.blocks.codec import AEGIS, CAUCHY, XCHACHA, BlockCodec
 from fluidfs.fs.inode import FIELDS, Inode
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
@@ -113,6 +113,11 @@ def test_other_node_types_round_trip() -> None:
         lambda raw: _mangle_ref(raw, 3, 0),  # K = 0
         lambda raw: _mangle_ref(raw, 5, b"\x00" * 28),  # a nonce of no sealed layout
         lambda raw: _mangle_ref(raw, 5, b"\x00" * 33),
+        lambda raw: _code_ref(raw, [2]),  # an erasure code of no sealed layout
+        lambda raw: _code_ref(raw, [0]),  # zfec is written by leaving the code out
+        lambda raw: _code_ref(raw, [1, 1]),
+        lambda raw: _code_ref(raw, ["1"]),
+        lambda raw: _mangle_ref(_code_ref(raw, [1]), 5, b"\x00" * 24),  # XChaCha + ISA-L
     ],
 )
 def test_malformed_nodes_are_refused(mangle) -> None:
@@ -121,7 +126,7 @@ def test_malformed_nodes_are_refused(mangle) -> None:
         decode_node(cbor2.dumps(mangle(raw)))
 
 
-@pytest.mark.parametrize("version", [XCHACHA, AEGIS])
+@pytest.mark.parametrize("version", [XCHACHA, AEGIS, CAUCHY])
 def test_refs_keep_their_sealed_layout(version: int) -> None:
     """A fresh machine reads a block's layout from its reference: both open."""
     codec = BlockCodec(dedup_key=bytes(32), wrap_key=bytes(32), needed=8, total=12,
@@ -132,8 +137,17 @@ def test_refs_keep_their_sealed_layout(version: int) -> None:
     (entry,) = decode_node(encode_leaf([Entry(b"f", blocks=[(0, ref)])])).entries
     back = entry.blocks[0][1]
     assert back == ref
-    assert len(back.record.nonce) == {XCHACHA: 24, AEGIS: 32}[version]
+    assert len(back.record.nonce) == {XCHACHA: 24, AEGIS: 32, CAUCHY: 32}[version]
     assert codec.open(back.record, {i: shards[i] for i in range(4, 12)}) == data
+    # a zfec block's reference stays as it was before layout 4: 8 items
+    raw = cbor2.loads(encode_leaf([Entry(b"f", blocks=[(0, ref)])]))
+    assert len(raw["e"][0]["b"][0][1]) == {XCHACHA: 8, AEGIS: 8, CAUCHY: 9}[version]
+
+
+def _code_ref(raw: dict, code: list) -> dict:
+    ref = raw["e"][0]["b"][0][1]
+    raw["e"][0]["b"][0][1] = ref[:8] + code
+    return raw
 
 
 def _mangle_ref(raw: dict, field: int, value) -> dict:

@@ -19,14 +19,19 @@ from networked import store_through, upload
 
 from fluidfs import keys
 from fluidfs.blocks import merkle
+from fluidfs.blocks.codec import AEGIS, CAUCHY, BlockCodec
 from fluidfs.blocks.provider_repairs import ProviderRepairs
 from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.delegation import sign_delegation
 from fluidfs.peers.repairjournal import Move, sign_move
-from fluidfs.service.customer_repair import CustomerRepairer, RepairForCustomersPolicy
+from fluidfs.service.customer_repair import (
+    CustomerRepairer,
+    RepairForCustomersPolicy,
+    _recreate,
+)
 from fluidfs.service.host import PeerService
-from fluidfs.store.repairbook import PeerRoom, caps_quota
+from fluidfs.store.repairbook import Capability, PeerRoom, caps_quota
 
 K, N = 8, 12
 HOSTS = 16
@@ -137,6 +142,27 @@ async def test_the_provider_recreates_lost_shards_while_the_user_is_away_and_the
             assert secret not in seen
 
     await with_lab(tmp_path, body)
+
+
+@pytest.mark.parametrize("version", [AEGIS, CAUCHY])
+def test_the_provider_recreates_shards_of_either_erasure_code_without_being_told(version):
+    """A capability does not name the block's code (zfec, or layout 4's ISA-L Reed-
+    Solomon): the provider finds it by the shard ids, and never places a wrong shard."""
+    codec = BlockCodec(dedup_key=os.urandom(32), wrap_key=os.urandom(32), needed=8,
+                       total=12, version=version)
+    record, sealed = codec.seal(os.urandom(300_000))
+    shards = [bytes(s) for s in sealed]
+    cap = Capability(record.block_id, 8, 12, record.shard_size, list(record.shard_ids),
+                     [b""] * 12)
+    for good, lost in ((range(4, 12), [0, 3, 1]), (range(0, 8), [11]), (range(2, 10), [0])):
+        made = _recreate(cap, {i: shards[i] for i in good}, lost)
+        assert made == {i: shards[i] for i in lost}
+    spoiled = {i: shards[i] for i in range(4, 12)}
+    spoiled[5] = bytes(len(shards[5]))
+    assert _recreate(cap, spoiled, [0]) == {}
+    lying = Capability(record.block_id, 8, 12, record.shard_size + 1, list(record.shard_ids),
+                       [b""] * 12)
+    assert _recreate(lying, {i: shards[i] for i in range(4, 12)}, [0]) == {}
 
 
 async def test_the_provider_does_nothing_while_the_user_is_present(tmp_path):
