@@ -397,6 +397,13 @@ class BlockCodec:
             )
         if plaintext is None:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]} failed authentication")
+        # The zero padding after the ciphertext is not authenticated by the AEAD; a
+        # shard changed only there would open. An erasure code maps any change of its
+        # input shards to a change of the joined bytes, so checking the padding makes
+        # "the block opens" prove every shard used honest (readers skip hashing them).
+        end = record.size + aead.overhead
+        if sealed.count(0, end) != len(sealed) - end:
+            raise CorruptBlock(f"block {record.block_id.hex()[:16]}: padding is not zero")
         if self.block_id(plaintext) != record.block_id:
             raise CorruptBlock(f"block {record.block_id.hex()[:16]} does not match its id")
         return plaintext

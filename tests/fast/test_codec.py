@@ -336,3 +336,25 @@ def test_every_lost_shard_of_a_layout_4_block_is_recreated_to_its_id():
     # several at once, primaries among them
     made = codec.recreate(record, {i: shards[i] for i in range(2, 2 + K)}, [0, 1, 10, 11])
     assert made == {i: shards[i] for i in (0, 1, 10, 11)}
+
+
+@pytest.mark.parametrize("version", [XCHACHA, AEGIS, CAUCHY])
+def test_a_shard_changed_only_in_its_padding_does_not_open(version):
+    # Readers trust a block that opens without hashing its shards (remote.py), so a
+    # change confined to the zero padding, which the AEAD does not cover, must not open.
+    codec = BlockCodec(dedup_key=CODEC.dedup_key, wrap_key=CODEC.wrap_key, needed=K,
+                       total=N, version=version)
+    data = os.urandom(300_001)
+    record, shards = codec.seal(data)
+    shards = [bytes(s) for s in shards]
+    assert record.shard_size * K > record.size + overhead(version)  # there is padding
+    last = K - 1
+    lied = bytes(shards[last][:-1]) + bytes([shards[last][-1] ^ 1])
+    with pytest.raises(CorruptBlock):
+        codec.open(record, {**{i: shards[i] for i in range(K)}, last: lied}, verified=True)
+    # ... also when the lie is in a parity shard and decoding carries it into the padding
+    parity = bytes(shards[K][:-1]) + bytes([shards[K][-1] ^ 1])
+    used = {i: shards[i] for i in range(K - 1)} | {K: parity}
+    with pytest.raises(CorruptBlock):
+        codec.open(record, used, verified=True)
+    assert codec.open(record, {i: shards[i] for i in range(K)}, verified=True) == data
