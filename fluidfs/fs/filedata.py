@@ -577,13 +577,15 @@ class FileData:
         entry; return the blocks left unreferenced. Synchronous: the caller holds the
         block's lock, or knows it free and calls nothing that awaits in between."""
         in_memory = blk.fd is None
-        self._discard(blk)
         # Bytes only memory held may join the mount's write-behind batch
         # (store/batch.py): a crash loses them with it, as it would have before.
-        # A dirty file just removed may not: its entry must be on disk first.
+        # A dirty file may not: its entry must be on disk before the file goes. The
+        # dirty block goes only once its entry is written: if the write fails, the
+        # bytes stay dirty (sealed again later), not lost.
         writes = self.tree.db.batch.write() if in_memory else self.tree.db.write()
         with writes as txn:
             dead = self._map(txn, blk, INLINE + data)
+        self._discard(blk)
         if dead:
             self.tree.db.commit_batch()  # no released block may stay referenced
         return dead

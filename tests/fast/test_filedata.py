@@ -296,3 +296,26 @@ async def test_a_read_of_a_rebuilt_block_is_served_from_it_without_a_copy(
     assert got == data[BS - 10 : BS + 10]
     inode.size = 2 * BS + 50  # grown by a truncate past the data: zeros after it
     assert await store.data.read(inode, 2 * BS - 10, 60) == data[-10:] + bytes(50)
+
+
+async def test_a_small_file_whose_inline_write_fails_stays_dirty(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An LMDB write that fails (a full disk, say) must not take the bytes with it: the
+    # dirty block goes only once its inline entry is written.
+    ino = await store.create(ROOT_INO, "small")
+    await store.write(ino, 0, b"keep me")
+    real = store.tree.set_block
+
+    def failing(txn, *args):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(store.tree, "set_block", failing)
+    with pytest.raises(OSError):
+        await store.data.seal_all()
+    assert store.data.has_dirty(ino)
+    assert await store.read(ino) == b"keep me"
+    monkeypatch.setattr(store.tree, "set_block", real)
+    await store.data.seal_all()
+    assert not store.data.has_dirty(ino)
+    assert [v for _, v in store.tree.blocks_of(ino)] == [INLINE + b"keep me"]
