@@ -69,13 +69,7 @@ def create_loop(mnt: Path, files: int, size: int, per_dir: int) -> float:
 
 
 def one_run(repo: Path, work: Path, args: argparse.Namespace, profile: Path | None) -> float:
-    mnt, state, key = work / "mnt", work / "state", work / "key"
-    shutil.rmtree(work, ignore_errors=True)
-    mnt.mkdir(parents=True)
-    cli(repo, "init", "--keyfile", str(key))
-    cli(repo, "mount", str(mnt), "--keyfile", str(key), "--state-dir", str(state),
-        "--commit-quiet", "3600")
-    pid = int((state / "daemon.pid").read_text())
+    mnt, pid = mount_fresh(repo, work)
     spy = None
     try:
         if profile is not None:

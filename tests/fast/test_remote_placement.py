@@ -66,6 +66,21 @@ async def place_random(
     return blocks
 
 
+async def place_beside_liar(
+    remote: RemoteShards, hosts: list[PeerNode], liar_index: int, size: int
+) -> tuple[bytes, BlockRecord, list[int], int]:
+    """A block of *size* random bytes placed on every host with one shard on the liar
+    (peer index *liar_index*): (data, record, holders, the index of the liar's shard)."""
+    data = os.urandom(size)
+    record, shards = sealed(remote, data)
+    holders = [NO_HOLDER] * N
+    remote.caught.update(h.key for h in hosts)  # only the liar can take one
+    await remote.place(record, shards, holders)
+    remote.caught.clear()
+    await remote.place(record, shards, holders)
+    return data, record, holders, holders.index(liar_index)
+
+
 async def used_hosts(
     tmp_path: Path, owner: PeerNode, nursery: trio.Nursery, services: list[type]
 ) -> list[PeerNode]:
@@ -167,14 +182,8 @@ async def test_a_holder_serving_corrupt_shards_is_reported_and_read_around(
                               ).start(nursery)
         try:
             owner.use(liar)
-            data = os.urandom(80_000)
-            record, shards = sealed(remote, data)
-            holders = [NO_HOLDER] * N
-            remote.caught.update(h.key for h in hosts)  # only the liar can take one
-            await remote.place(record, shards, holders)
-            remote.caught.clear()
-            await remote.place(record, shards, holders)
-            lied = holders.index(owner.peers.get(liar.key).index)
+            data, record, holders, lied = await place_beside_liar(
+                remote, hosts, owner.peers.get(liar.key).index, 80_000)
             assert NO_HOLDER not in holders
             reported = []
             remote.on_corrupt = lambda block, index, holder: reported.append((index, holder))
@@ -206,14 +215,8 @@ async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
                               ).start(nursery)
         try:
             owner.use(liar)
-            data = os.urandom(300_000)  # shards too large for RetrieveShards batches
-            record, shards = sealed(remote, data)
-            holders = [NO_HOLDER] * N
-            remote.caught.update(h.key for h in hosts)  # only the liar can take one
-            await remote.place(record, shards, holders)
-            remote.caught.clear()
-            await remote.place(record, shards, holders)
-            lied = holders.index(owner.peers.get(liar.key).index)
+            data, record, holders, lied = await place_beside_liar(  # shards too large
+                remote, hosts, owner.peers.get(liar.key).index, 300_000)  # for batches
             honest = [i for i in range(N) if i != lied]
             hops: list[object] = []
             run_sync = trio.to_thread.run_sync

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import stat
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -79,16 +80,28 @@ async def adopt(meta: Metadata, ref) -> CommitInfo:
     return info
 
 
-def names(store: LocalStore, ino: int) -> list[bytes]:
-    return sorted(name for _, name, _ in store.tree.entries(ino))
 
-
-async def test_a_restored_tree_is_loaded_a_directory_at_a_time(tmp_path: Path) -> None:
+@asynccontextmanager
+async def restored_tree(tmp_path: Path, root: bool = True):
+    """(a, b, meta): machine a's committed tree, adopted by a fresh machine b (its root
+    directory loaded unless *root* is False); b is closed afterwards."""
     a = await Committed(tmp_path).build()
     b = a.fresh_machine("b")
     try:
         meta = Metadata(b)
         await adopt(meta, a.result.ref)
+        if root:
+            await meta.restorer.ensure(ROOT_INO)
+        yield a, b, meta
+    finally:
+        b.close()
+
+def names(store: LocalStore, ino: int) -> list[bytes]:
+    return sorted(name for _, name, _ in store.tree.entries(ino))
+
+
+async def test_a_restored_tree_is_loaded_a_directory_at_a_time(tmp_path: Path) -> None:
+    async with restored_tree(tmp_path, root=False) as (a, b, meta):
         restorer = meta.restorer
         assert restorer.pending() == [ROOT_INO], "nothing but the root is known yet"
         assert b.tree.get(ROOT_INO).mode == stat.S_IFDIR | 0o750
@@ -114,41 +127,26 @@ async def test_a_restored_tree_is_loaded_a_directory_at_a_time(tmp_path: Path) -
         assert b.tree.lookup(a.photos, b"note-link") == a.note
         assert b.tree.get(a.note).nlink == 2
         assert len(names(b, a.photos)) == 41
-    finally:
-        b.close()
 
 
 async def test_reference_counts_are_exact_once_every_node_is_registered(
     tmp_path: Path,
 ) -> None:
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
+    async with restored_tree(tmp_path, root=False) as (a, b, meta):
         await meta.restorer.load_all()
         await meta.restorer.register_all([a.result.ref.block_id])
         assert refcounts(b) == a.refcounts, "every block held as often as on machine a"
         with b.db.write() as txn:  # a new inode never reuses a restored number
             assert b.tree.new_ino(txn) > max(a.docs, a.photos, a.note)
-    finally:
-        b.close()
 
 
 async def test_two_loads_of_one_directory_load_it_once(tmp_path: Path) -> None:
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, b, meta):
         async with trio.open_nursery() as nursery:
             for _ in range(4):
                 nursery.start_soon(meta.restorer.ensure, a.photos)
         assert meta.restorer.loaded_dirs == 2 and len(names(b, a.photos)) == 41
         assert b.tree.get(a.note).nlink == 2, "links counted once"
-    finally:
-        b.close()
 
 
 async def test_a_directory_that_cannot_be_fetched_is_retried(
@@ -156,12 +154,7 @@ async def test_a_directory_that_cannot_be_fetched_is_retried(
 ) -> None:
     """Its nodes are unreachable for a while: it stays lazy, the rest loads, and the
     background loader tries again (RETRY_SECONDS later, on a virtual clock)."""
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, b, meta):
         top = meta.restorer.lazy_top(a.photos)
         record = b.blocks.load(top).record
         kept = {sid: b.shards.get(RING.public_key, sid) for sid in record.shard_ids}
@@ -184,8 +177,6 @@ async def test_a_directory_that_cannot_be_fetched_is_retried(
             b.shards.put_many(RING.public_key, kept.items())  # the peers are back
         assert meta.restorer.pending() == []
         assert len(names(b, a.photos)) == 41
-    finally:
-        b.close()
 
 
 async def test_a_big_directory_is_written_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
@@ -195,12 +186,7 @@ async def test_a_big_directory_is_written_a_batch_at_a_time(tmp_path: Path, monk
     (Before, the whole directory was one transaction in one step: no step of the loop
     saw it in part.)"""
     monkeypatch.setattr(restore, "MATERIALISE_BATCH", 8)
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, b, meta):
         ticks = 0
         created: list[int] = []
         seen: set[int] = set()  # how many rows of photos each step of the loop saw
@@ -226,8 +212,6 @@ async def test_a_big_directory_is_written_a_batch_at_a_time(tmp_path: Path, monk
         restored = [ino for _, _, ino in b.tree.entries(a.photos)]
         assert created and created[0] > max(restored), "no restored number was handed out"
         assert a.photos not in meta.restorer.pending()
-    finally:
-        b.close()
 
 
 async def test_a_missing_leaf_of_a_chunked_directory_is_a_metadata_error(
@@ -239,12 +223,7 @@ async def test_a_missing_leaf_of_a_chunked_directory_is_a_metadata_error(
     nursery that fetches the leaves, which none of them expected (the prefetcher's task
     crashed and restarted, the background loader ended)."""
     monkeypatch.setattr(metaformat, "NODE_TARGET", 4096)
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, b, meta):
         top = await meta.index.load(meta.restorer.lazy_top(a.photos))
         assert top.type == metaformat.INDEX and len(top.children) >= 2
         leaf = top.children[-1][1].block_id
@@ -257,8 +236,6 @@ async def test_a_missing_leaf_of_a_chunked_directory_is_a_metadata_error(
         except MetaError:
             pass
         assert a.photos in meta.restorer.pending()
-    finally:
-        b.close()
 
 
 async def test_a_fetched_metadata_node_is_opened_and_parsed_in_one_thread_hop(
@@ -268,12 +245,7 @@ async def test_a_fetched_metadata_node_is_opened_and_parsed_in_one_thread_hop(
     same worker-thread hop (a hop costs the loop more than opening a small node; a
     million-file tree has tens of thousands of nodes). Before, opening and parsing were
     two hops."""
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, _b, meta):
         top = meta.restorer.lazy_top(a.photos)
         real = trio.to_thread.run_sync
         hops = []
@@ -286,20 +258,13 @@ async def test_a_fetched_metadata_node_is_opened_and_parsed_in_one_thread_hop(
         node = await meta.index.load(top)
         assert node.type in (metaformat.LEAF, metaformat.INDEX)
         assert len(hops) == 1, f"{len(hops)} worker-thread hops for one node"
-    finally:
-        b.close()
 
 
 async def test_a_small_directory_loads_in_one_write_transaction(tmp_path: Path) -> None:
     """Loading a restored directory of one leaf node registers the node, writes its
     entries and clears its lazy mark in one write transaction (a fresh machine's walk
     loads every directory: each transaction costs the loop a commit). Before: three."""
-    a = await Committed(tmp_path).build()
-    b = a.fresh_machine("b")
-    try:
-        meta = Metadata(b)
-        await adopt(meta, a.result.ref)
-        await meta.restorer.ensure(ROOT_INO)
+    async with restored_tree(tmp_path) as (a, b, meta):
         top = meta.restorer.lazy_top(a.docs)
         real = b.db.write
         writes = []
@@ -315,5 +280,3 @@ async def test_a_small_directory_loads_in_one_write_transaction(tmp_path: Path) 
         assert meta.index.registered(top)
         assert (await meta.index.load(top)).type == metaformat.LEAF
         assert len(writes) == 1, f"{len(writes)} write transactions for one small directory"
-    finally:
-        b.close()
