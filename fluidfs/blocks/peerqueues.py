@@ -11,17 +11,40 @@ answer is read is the subclass's (``send_next``).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 import trio
 
+from fluidfs.net.errors import RpcError
+from fluidfs.peers.connections import PeerUnavailable
+
 Q = TypeVar("Q", bound=Hashable)  # what a queue is keyed by (a peer, or peer and priority)
 W = TypeVar("W")  # one waiting request
+T = TypeVar("T")
 
-__all__ = ["PeerQueues"]
+__all__ = ["PeerQueues", "answer_or_error"]
+
+log = logging.getLogger(__name__)
+
+
+async def answer_or_error(
+    op: str, key: bytes, ask: Callable[[], Awaitable[T]]
+) -> tuple[T | None, Exception | None]:
+    """Run *ask* (one batched *op* call to peer *key* and the reading of its answer):
+    (what it returned, None), or (None, why it failed). A peer that cannot be reached or
+    answers with an error gives that error; any other failure is the answer's fault and
+    becomes ``bad_reply``, logged: a peer's answer must not end the node."""
+    try:
+        return await ask(), None
+    except (PeerUnavailable, RpcError) as exc:
+        return None, exc
+    except Exception as exc:
+        log.exception("%s answer from %s failed", op, key.hex()[:12])
+        return None, RpcError("bad_reply", f"{op} answer: {exc}")
 
 
 class PeerQueues(ABC, Generic[Q, W]):

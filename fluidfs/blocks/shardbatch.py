@@ -34,7 +34,7 @@ import logging
 import trio
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.peerqueues import PeerQueues
+from fluidfs.blocks.peerqueues import PeerQueues, answer_or_error
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
 from fluidfs.peers.connections import Connections, PeerUnavailable
@@ -113,29 +113,23 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
 
     async def _call(self, key: bytes, batch: dict[bytes, list[_Wait]]) -> None:
         ids = list(batch)
-        found: dict[bytes, bytes] = {}
-        missing: set[bytes] = set()
-        verified: set[bytes] = set()
-        error: Exception | None = None
-        try:
+
+        async def ask() -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
             reply = await self.conns.call(key, "RetrieveShards", {"ids": ids},
                                           timeout=BATCH_TIMEOUT)
             found, missing = read_answer(ids, reply)
             if sum(len(data) for data in found.values()) <= VERIFY_INLINE_BYTES:
-                verified = _verify(found)
-            else:
-                verified = await trio.to_thread.run_sync(_verify, found, limiter=self.limiter)
-        except PeerUnavailable as exc:
-            error = exc
-        except RpcError as exc:
-            if exc.code == "unknown_op":  # an older peer: one shard per request from now on
-                log.info("peer %s does not know RetrieveShards", key.hex()[:12])
-                self._unsupported.add(key)
-            else:
-                error = exc
-        except Exception as exc:  # a peer's answer must not end the node
-            log.exception("RetrieveShards answer from %s failed", key.hex()[:12])
-            error = RpcError("bad_reply", f"RetrieveShards answer: {exc}")
+                return found, missing, _verify(found)
+            return found, missing, await trio.to_thread.run_sync(
+                _verify, found, limiter=self.limiter)
+
+        answer, error = await answer_or_error("RetrieveShards", key, ask)
+        if isinstance(error, RpcError) and error.code == "unknown_op":
+            # an older peer: one shard per request from now on
+            log.info("peer %s does not know RetrieveShards", key.hex()[:12])
+            self._unsupported.add(key)
+            error = None
+        found, missing, verified = answer or ({}, set(), set())
         self.calls += 1
         self.shards += len(found)
         for shard_id, waits in batch.items():

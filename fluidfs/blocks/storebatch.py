@@ -30,10 +30,10 @@ from collections.abc import Callable
 
 import trio
 
-from fluidfs.blocks.peerqueues import PeerQueues
+from fluidfs.blocks.peerqueues import PeerQueues, answer_or_error
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_IDS, MAX_BATCH_SHARD
-from fluidfs.peers.connections import Connections, PeerUnavailable
+from fluidfs.peers.connections import Connections
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,14 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         # A primary shard is a view of its sealed block; a small one is copied here (the
         # single-shard path sends it from its buffer as the frame's tail).
         shards = [{"id": sid, "data": bytes(waits[0].data)} for sid, waits in batch.items()]
-        codes: dict[bytes, str | None] = {}
-        error: Exception | None = None
-        try:
+
+        async def ask() -> dict[bytes, str | None]:
             reply = await self.conns.call(key, "StoreShard", {"shards": shards},
                                           timeout=timeout, priority=priority)
-            codes = read_store_answer(ids, reply)
-        except (PeerUnavailable, RpcError) as exc:
-            error = exc
-        except Exception as exc:  # a peer's answer must not end the node
-            log.exception("StoreShard answer from %s failed", key.hex()[:12])
-            error = RpcError("bad_reply", f"StoreShard answer: {exc}")
+            return read_store_answer(ids, reply)
+
+        answer, error = await answer_or_error("StoreShard", key, ask)
+        codes = answer or {}
         self.calls += 1
         self.shards += len(ids)
         ended: list[tuple[int, bytes, int, str | None, Exception | None]] = []
