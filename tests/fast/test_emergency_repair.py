@@ -99,15 +99,19 @@ class Lab:
 
 
 async def with_lab(tmp_path: Path, body) -> None:
-    async with peer_nodes(tmp_path, HOSTS, service=Switchable) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
+    store = LocalStore(tmp_path / "state", RING)
+    owner: PeerNode | None = None
+    try:
+        async with peer_nodes(tmp_path, HOSTS, service=Switchable) as (nursery, hosts):
+            owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
             store_through(store, owner, hosts)
             await body(Lab(store, owner, hosts), nursery)
             nursery.cancel_scope.cancel()
-        finally:
-            store.close()
+    finally:
+        # Only once the nursery is done: a repair pass's worker thread may still be
+        # reading the store when the cancel is made.
+        store.close()
+        if owner is not None:
             owner.close()
 
 
