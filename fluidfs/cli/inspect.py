@@ -270,6 +270,9 @@ def _print_provider(provider: dict) -> None:
     if provider.get("moving_from"):
         print(f"             moving from provider {provider['moving_from'][:18]}…: "
               f"{provider['moving']} agreements still held there")
+    if provider.get("held_here"):
+        print(f"             moving to this provider: {provider['held_here']} agreements "
+              "still held here")
 
 
 def _print_uploads(reply: dict) -> None:

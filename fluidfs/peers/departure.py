@@ -80,14 +80,17 @@ class Departure:
             await trio.sleep(self.tick)
 
     async def move_all(self) -> int:
-        """One pass over the partners whose side is held here; how many moved."""
+        """One pass over the partners whose side is held here; how many moved. The
+        provider's status shows how many are still held here (``held_here``)."""
         moved = 0
+        self.new.held_here = len(self.pending())
         for peer in self.pending():
             try:
                 moved += await self.move(peer)
             except (PeerUnavailable, RpcError) as exc:
                 log.info("moving our side for %s to our provider: %s (will retry)",
                          _short(peer), exc)
+        self.new.held_here = len(self.pending())
         return moved
 
     async def move(self, peer: bytes) -> bool:

@@ -56,6 +56,7 @@ class ProviderClient:
     taken_back: int = field(default=0, init=False)  # agreements brought home
     moving_from: bytes | None = field(default=None, init=False)  # switching providers
     moving: int = field(default=0, init=False)  # agreements still at that one
+    held_here: int = field(default=0, init=False)  # agreements still to move here from home
 
     @property
     def gone(self) -> bool:
@@ -132,6 +133,7 @@ class ProviderClient:
             "taken_back": self.taken_back,
             "moving_from": None if self.moving_from is None else encode_peer_id(self.moving_from),
             "moving": self.moving,
+            "held_here": self.held_here,
         }
 
     def with_status(

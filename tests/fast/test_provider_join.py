@@ -10,9 +10,13 @@ while its side is held at home.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import trio
 from providernet import SIZE, ProviderNet, Reader
 
+from fluidfs.cli.inspect import _print_provider
 from fluidfs.peers.agreements import MIB
 from fluidfs.peers.departure import Departure
 from fluidfs.peers.homecoming import LocalSide
@@ -65,6 +69,7 @@ async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_pa
 
         departure = net.departure(renew_after_a_late_store)
         assert departure.pending() == [net.x.key]
+        assert net.with_p.provider.status()["held_here"] == 0  # no pass yet
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader.run)
             with trio.fail_after(5):
@@ -73,6 +78,7 @@ async def test_mounting_with_a_provider_moves_the_side_held_at_home_to_it(tmp_pa
         assert reader.failures == []
         assert (departure.moved, departure.copied) == (1, 4)
         assert departure.pending() == []
+        assert net.with_p.provider.status()["held_here"] == 0  # the move is over
         assert net.x.ledger.live(net.u.key).store_at_id == net.p.key
         assert net.u.ledger.live(net.x.key).reserved_at == net.p.key
         holder = holder_key(net.u.key, net.x.key)
@@ -102,6 +108,10 @@ async def test_a_partner_that_does_not_renew_keeps_its_side_at_home(tmp_path):
         with trio.fail_after(5):
             assert await departure.move_all() == 0
         assert departure.pending() == [net.x.key]
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            _print_provider(net.with_p.provider.status())
+        assert "moving to this provider: 1 agreements still held here" in shown.getvalue()
         assert net.x.ledger.live(net.u.key).store_at_id is None
         for sid, data in stored.items():
             assert net.u.shards.get(net.x.key, sid) == data
