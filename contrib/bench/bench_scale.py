@@ -274,6 +274,8 @@ def run(args: argparse.Namespace) -> dict:
         fig["create_writers"] = args.writers
         fig["files_asked"], fig["files"] = args.files, created
         fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        # for bench_find_again.py on a --keep tree
+        (work / "tree.json").write_text(json.dumps({"files": created, "dirs": fig["dirs"] + 1}))
         if created < args.files:
             log(f"--create-seconds reached: going on with the {created:,} files made")
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
