@@ -517,8 +517,6 @@ class RemoteShards:
                         key, record, index, recorded=True,
                         verify=verify and sources is None, credit=sources is None,
                         timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
-                    if data is not None and sources is not None:
-                        sources[index] = key
             finally:
                 if key is not None:
                     self._fetching[key] -= 1
@@ -555,6 +553,12 @@ class RemoteShards:
                     if data is not None:
                         good[index] = data
                         took.append(elapsed)
+                        source = keys[index]
+                        if sources is not None and source is not None:
+                            # Listed only once taken: an answer arriving in the same
+                            # step as the K-th is dropped with the nursery, and a source
+                            # without its shard broke the caller's check.
+                            sources[index] = source
                     elif queue:  # a failure: ask the next holder at once
                         start_next()
                     continue

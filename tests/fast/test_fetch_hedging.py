@@ -18,7 +18,7 @@ from inproc import PeerNode, slow_jump_clock
 from test_remote_placement import K, N, owner_with_hosts, place_random, sealed, used_hosts
 
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
-from fluidfs.blocks.remote import FETCH_TIMEOUT, HEDGE_SLACK
+from fluidfs.blocks.remote import EXTRA_FETCHES, FETCH_TIMEOUT, HEDGE_SLACK
 from fluidfs.service.host import PeerService
 
 BLOCKS = 10
@@ -196,6 +196,50 @@ async def test_requests_queued_behind_our_own_are_not_hedged(
             asked = sum(s.asked for s in services)
             assert asked <= len(blocks) * K + 1, (
                 f"{asked} shard requests for {len(blocks)} blocks of K = {K}")
+        finally:
+            for host in hosts:
+                host.close()
+
+
+class Gated(PeerService):
+    """A real peer service that holds every shard answer until the reader has sent
+    all the requests it will (K and its hedges), then lets them all go at once."""
+
+    asked = 0
+    wanted = 0
+    gate: trio.Event | None = None
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "RetrieveShard":
+            return await super().handle(peer_key, op, args)
+        cls = Gated
+        if cls.gate is None:
+            cls.gate = trio.Event()
+        cls.asked += 1
+        if cls.asked >= cls.wanted:
+            cls.gate.set()
+        await cls.gate.wait()
+        return await super().handle(peer_key, op, args)
+
+
+async def test_hedged_answers_arriving_with_the_kth_do_not_break_the_read(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """Every request a read sent (K, then one more for each that turned late) answers
+    in the same moment: the read takes K shards and drops the rest. (Fails before: a
+    dropped answer was still listed as a source, so checking the sources raised
+    KeyError and the read, and the mount behind it, died.)"""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        hosts = await used_hosts(tmp_path, owner, nursery, [Gated] * N)
+        try:
+            for _ in range(5):
+                Gated.asked, Gated.wanted, Gated.gate = 0, K + EXTRA_FETCHES, None
+                data = os.urandom(30_000)
+                record, shards = sealed(remote, data)
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                assert await remote.fetch(record, holders) == data
+                assert Gated.asked == K + EXTRA_FETCHES, "the hedges went out"
         finally:
             for host in hosts:
                 host.close()
