@@ -44,7 +44,7 @@ from fluidfs.store.db import Database
 log = logging.getLogger(__name__)
 
 _U64 = struct.Struct(">Q")
-BACKGROUND_LOADERS = 8
+BACKGROUND_LOADERS = 16  # directories loaded in the background at once (a wave)
 RETRY_SECONDS = 5.0
 PREFETCHERS = 64  # directories fetched ahead of a walk at once
 PREFETCH_WAVE = 16  # started together, once this many are free: their shard reads share calls
@@ -259,8 +259,10 @@ class Restorer:
     # --- in the background ---------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load every lazy directory, several at once, retrying what fails."""
-        limiter = trio.CapacityLimiter(BACKGROUND_LOADERS)
+        """Load every lazy directory, retrying what fails: BACKGROUND_LOADERS started
+        together, the next ones once all of those are done (a wave, as the prefetcher's:
+        their shard reads to one peer share calls; one started whenever another ended
+        went alone)."""
         while True:
             pending = self.pending()
             if not pending:
@@ -269,16 +271,16 @@ class Restorer:
 
             async def one(ino: int) -> None:
                 nonlocal failed
-                async with limiter:
-                    try:
-                        await self.ensure(ino)
-                    except MetaError as exc:
-                        failed += 1
-                        log.warning("loading directory %d failed (will retry): %s", ino, exc)
+                try:
+                    await self.ensure(ino)
+                except MetaError as exc:
+                    failed += 1
+                    log.warning("loading directory %d failed (will retry): %s", ino, exc)
 
-            async with trio.open_nursery() as nursery:
-                for ino in pending:
-                    nursery.start_soon(one, ino)
+            for start in range(0, len(pending), BACKGROUND_LOADERS):
+                async with trio.open_nursery() as nursery:
+                    for ino in pending[start : start + BACKGROUND_LOADERS]:
+                        nursery.start_soon(one, ino)
             if failed:
                 await trio.sleep(RETRY_SECONDS)
 
