@@ -181,6 +181,7 @@ def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dic
     cli("mount", str(mnt), "--keyfile", str(work / "b.key"),
         "--state-dir", str(work / state), "--listen", "127.0.0.1:0")
     pid = int((work / state / "daemon.pid").read_text())
+    before = retrieve_requests(cli, work / state)
     mount_cpu = cpu_seconds(pid)
     peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
     started = time.perf_counter()
@@ -189,8 +190,27 @@ def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dic
     fig = {"find_s": time.perf_counter() - started, "find_count": int(count),
            "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
            "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+    after = retrieve_requests(cli, work / state)
+    if before and after:  # None: a checkout that does not count them
+        fig["find_retrieve_calls"] = after["calls"] - before["calls"]
+        fig["find_retrieve_shards"] = after["shards"] - before["shards"]
     cli("unmount", str(mnt))
     return fig
+
+
+def retrieve_requests(cli: Cli, state: Path) -> dict | None:
+    """The mount's RetrieveShard(s) calls and shards so far (``fluidfs status --json``)."""
+    status = json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
+    return status.get("retrieve_requests")
+
+
+def find_calls(fig: dict) -> str:
+    """"N calls for M shards (x each)" of a find's figures, or "" if not counted."""
+    calls, shards = fig.get("find_retrieve_calls"), fig.get("find_retrieve_shards")
+    if calls is None:
+        return ""
+    each = shards / max(calls, 1)
+    return f"{calls:,} RetrieveShard(s) calls for {shards:,} shards ({each:.1f} each)"
 
 
 def write_tree(mount: Path, writer: int, args: argparse.Namespace, payload: bytes,
@@ -254,6 +274,8 @@ def run(args: argparse.Namespace) -> dict:
         fig["create_writers"] = args.writers
         fig["files_asked"], fig["files"] = args.files, created
         fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        # for bench_find_again.py on a --keep tree
+        (work / "tree.json").write_text(json.dumps({"files": created, "dirs": fig["dirs"] + 1}))
         if created < args.files:
             log(f"--create-seconds reached: going on with the {created:,} files made")
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
@@ -358,6 +380,9 @@ def report(fig: dict, base: dict | None) -> None:
         print(line + f"  {GOALS.get(key, ''):>10}")
     if "find_count" in fig:
         print(f"find counted {fig['find_count']:,} (expected {fig['expected_count']:,})")
+    for name, run in (("this run", fig), ("baseline", base or {})):
+        if find_calls(run):
+            print(f"find, {name}: {find_calls(run)}")
     for again in fig.get("finds", []):
         per_dir = 1000 / again["dirs"]
         print(f"find again with {again['repo']}: {again['find_s']:.2f} s, mount CPU "
@@ -365,6 +390,8 @@ def report(fig: dict, base: dict | None) -> None:
               f"ms/dir), peers' CPU {again['find_peers_cpu_s']:.2f} s "
               f"({again['find_peers_cpu_s'] * per_dir:.1f} ms/dir), counted "
               f"{again['find_count']:,}")
+        if find_calls(again):
+            print(f"  {find_calls(again)}")
     for name, run in (("this run", fig), ("baseline", base or {})):
         req = run.get("first_sync_store_requests")
         if req:

@@ -147,6 +147,7 @@ class RemoteShards:
         self.batches = ShardBatches(conns, limiter)
         self.store_batches = StoreBatches(conns, self._slots.__getitem__, self._settle_batch)
         self.single_stores = 0  # StoreShard calls of one shard (batched ones: store_batches)
+        self.single_retrieves = 0  # RetrieveShard calls (batched ones: batches)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Send small shard requests and stores in batches until cancelled (without this
@@ -160,6 +161,12 @@ class RemoteShards:
         """StoreShard calls made so far and the shards they carried (status, benchmarks)."""
         return {"calls": self.single_stores + self.store_batches.calls,
                 "shards": self.single_stores + self.store_batches.shards}
+
+    def retrieve_requests(self) -> dict[str, int]:
+        """RetrieveShard(s) calls made so far and the shards they brought (status,
+        benchmarks: a fresh machine's walk is made of these)."""
+        return {"calls": self.single_retrieves + self.batches.calls,
+                "shards": self.single_retrieves + self.batches.shards}
 
     def failing_holders(self) -> set[int]:
         """Holder indexes that do not count as reachable now: the agreement with the
@@ -731,6 +738,7 @@ class RemoteShards:
                 data, hashed = await self.batches.get(key, shard_id, timeout)
             if data is None:
                 hashed = None
+                self.single_retrieves += 1
                 reply = await self.conns.call(key, "RetrieveShard", {"id": shard_id},
                                               timeout=timeout)
                 data = reply["data"]

@@ -101,6 +101,11 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
     async def send_next(self, key: bytes) -> bool:
         """Ask *key* for the live requests of its queue (up to MAX_BATCH_IDS ids)."""
         queue = self.queue(key)
+        if queue and len(queue) < MAX_BATCH_IDS:
+            # One scheduler pass first: the reads started in the step that queued these
+            # (a wave of directories, a node's leaves) queue theirs meanwhile.
+            await trio.lowlevel.checkpoint()
+            queue = self.queue(key)
         batch: dict[bytes, list[_Wait]] = {}
         while queue and len(batch) < MAX_BATCH_IDS:
             wait = queue.popleft()

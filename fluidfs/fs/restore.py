@@ -12,9 +12,10 @@ are never fetched ahead: reads rebuild blocks from their holders as usual.
 Loading a directory queues its subdirectories to be fetched *ahead* of the walk
 (``prefetch``: PREFETCHERS at once, newest first, so a depth-first walk such as
 ``find`` finds the next directories loaded or in flight instead of paying one round
-trip each). The queue keeps at most PREFETCH_QUEUE directory numbers, dropping the
-oldest (the furthest from where the walk is now); those are loaded by the background
-task or on demand. So what prefetching holds is bounded: PREFETCHERS directories being
+trip each; started in waves, so that their shard reads to one peer share calls).
+The queue keeps at most PREFETCH_QUEUE directory numbers, dropping the oldest (the
+furthest from where the walk is now); those are loaded by the background task or on
+demand. So what prefetching holds is bounded: PREFETCHERS directories being
 fetched and decoded (decoding in worker threads) plus the queue of inode numbers.
 
 A background task loads the remaining directories (metadata only) so that walking
@@ -43,10 +44,11 @@ from fluidfs.store.db import Database
 log = logging.getLogger(__name__)
 
 _U64 = struct.Struct(">Q")
-BACKGROUND_LOADERS = 8
+BACKGROUND_LOADERS = 16  # directories loaded in the background at once (a wave)
 RETRY_SECONDS = 5.0
-PREFETCHERS = 16  # directories fetched ahead of a walk at once
-PREFETCH_QUEUE = 4096  # directories waiting to be fetched ahead; beyond it the oldest go
+PREFETCHERS = 64  # directories fetched ahead of a walk at once
+PREFETCH_WAVE = 16  # started together, once this many are free: their shard reads share calls
+PREFETCH_QUEUE = 65536  # directories waiting to be fetched ahead; beyond it the oldest go
 MATERIALISE_BATCH = 1000  # entries of a loaded directory per write transaction (loop step)
 
 
@@ -216,12 +218,19 @@ class Restorer:
             self._queued.set()
 
     async def prefetch(self) -> None:
-        """Until cancelled (unmount): load the directories queued by loads, PREFETCHERS at
-        once, the most recently queued first. A failure is left to the on-demand load or
-        the background task, which retry."""
-        slots = trio.Semaphore(PREFETCHERS)
+        """Until cancelled (unmount): load the directories queued by loads, at most
+        PREFETCHERS at once, the most recently queued first. A failure is left to the
+        on-demand load or the background task, which retry.
+
+        They start in waves of PREFETCH_WAVE (or all that are queued, if fewer): loads
+        started in one step ask for their nodes' shards in the same step, so the
+        requests to each peer go out together in one ``RetrieveShards`` call
+        (blocks/shardbatch.py) instead of one call for each directory's few shards there."""
+        running = 0
+        room = trio.Event()
 
         async def one(ino: int) -> None:
+            nonlocal running
             try:
                 if self.lazy_top(ino) is not None:
                     await self.ensure(ino)
@@ -229,7 +238,8 @@ class Restorer:
             except MetaError as exc:
                 log.debug("fetching directory %d ahead failed: %s", ino, exc)
             finally:
-                slots.release()
+                running -= 1
+                room.set()
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -237,17 +247,22 @@ class Restorer:
                     self._queued = trio.Event()
                     await self._queued.wait()
                     continue
-                await slots.acquire()
-                if not self._ahead:
-                    slots.release()
+                free = PREFETCHERS - running
+                if free < min(PREFETCH_WAVE, len(self._ahead)):
+                    room = trio.Event()
+                    await room.wait()
                     continue
-                nursery.start_soon(one, self._ahead.pop())
+                for _ in range(min(free, len(self._ahead))):
+                    running += 1
+                    nursery.start_soon(one, self._ahead.pop())
 
     # --- in the background ---------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load every lazy directory, several at once, retrying what fails."""
-        limiter = trio.CapacityLimiter(BACKGROUND_LOADERS)
+        """Load every lazy directory, retrying what fails: BACKGROUND_LOADERS started
+        together, the next ones once all of those are done (a wave, as the prefetcher's:
+        their shard reads to one peer share calls; one started whenever another ended
+        went alone)."""
         while True:
             pending = self.pending()
             if not pending:
@@ -256,16 +271,16 @@ class Restorer:
 
             async def one(ino: int) -> None:
                 nonlocal failed
-                async with limiter:
-                    try:
-                        await self.ensure(ino)
-                    except MetaError as exc:
-                        failed += 1
-                        log.warning("loading directory %d failed (will retry): %s", ino, exc)
+                try:
+                    await self.ensure(ino)
+                except MetaError as exc:
+                    failed += 1
+                    log.warning("loading directory %d failed (will retry): %s", ino, exc)
 
-            async with trio.open_nursery() as nursery:
-                for ino in pending:
-                    nursery.start_soon(one, ino)
+            for start in range(0, len(pending), BACKGROUND_LOADERS):
+                async with trio.open_nursery() as nursery:
+                    for ino in pending[start : start + BACKGROUND_LOADERS]:
+                        nursery.start_soon(one, ino)
             if failed:
                 await trio.sleep(RETRY_SECONDS)
 

@@ -39,6 +39,7 @@ written with ``put``, so dropping a cached inode never drops a change.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from fluidfs.fs.dirstate import DirState
@@ -76,7 +77,9 @@ class Tree:
         self._blockmap = db["blockmap"]
         self._xattrs = db["xattrs"]
         self._counters = db["counters"]
-        self._cache: dict[int, Inode] = {}
+        # Oldest first. A plain dict evicting its first key walked past every slot freed
+        # since its last resize: O(evictions) per eviction once full (20 CPU-s a million).
+        self._cache: OrderedDict[int, Inode] = OrderedDict()
         # (transaction, the generation it bumped tree_gen to): one bump per transaction.
         # Holding the transaction keeps its identity from being reused by a later one.
         self._gen_of: tuple[object, int] | None = None
@@ -157,10 +160,10 @@ class Tree:
     def _keep(self, inode: Inode) -> None:
         """Cache *inode* as the newest, letting the oldest go past ``cache_max``."""
         cache = self._cache
-        cache.pop(inode.ino, None)  # a rewritten inode is the last to go, not the first
         cache[inode.ino] = inode
+        cache.move_to_end(inode.ino)  # a rewritten inode is the last to go, not the first
         if len(cache) > self.cache_max:
-            del cache[next(iter(cache))]
+            cache.popitem(last=False)
 
     def inode_in(self, txn, ino: int) -> Inode | None:
         """The inode as *txn* sees it (no cache: for scans, from any thread)."""

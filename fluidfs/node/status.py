@@ -188,6 +188,8 @@ class NodeStatus:
             "network": self.blocks.remote is not None,
             "store_requests": (self.blocks.remote.store_requests()
                                if self.blocks.remote is not None else None),
+            "retrieve_requests": (self.blocks.remote.retrieve_requests()
+                                  if self.blocks.remote is not None else None),
             "repair_queue": self.repairer.queue_length,
             "endangered_blocks": len(self.repairer.endangered),
             "emergency_repairs": self.repairer.emergency_repairs,

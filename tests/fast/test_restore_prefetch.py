@@ -17,6 +17,7 @@ from inproc import LocalStore, Metadata, until
 
 from fluidfs import keys
 from fluidfs.blocks.blockstore import BlockUnavailable
+from fluidfs.fs.restore import BACKGROUND_LOADERS, PREFETCH_WAVE
 from fluidfs.fs.tree import ROOT_INO
 
 BS = 16 * 1024
@@ -150,5 +151,104 @@ async def test_a_directory_that_fails_to_come_ahead_is_loaded_by_the_walk(
             nursery.cancel_scope.cancel()
         assert seen == expected, "the walk loaded the directory the prefetcher could not"
         assert meta.restorer.prefetched_dirs >= BELOW, "the prefetcher went on after the failure"
+    finally:
+        b.close()
+
+
+class Steps(trio.abc.Instrument):
+    """Counts the scheduler's passes (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+async def flat_tree(tmp_path: Path, count: int) -> tuple[LocalStore, Metadata]:
+    """Machine b, adopting machine a's commit of *count* directories of one file each
+    in the root (nothing loaded yet). The caller closes the store."""
+    a = LocalStore(tmp_path / "a", RING, BS)
+    try:
+        for i in range(count):
+            await a.create(a.mkdir(ROOT_INO, f"d{i:02d}"), "f", b"x")
+        ref = (await Metadata(a).commit()).ref
+    finally:
+        a.close()
+    shutil.copytree(tmp_path / "a" / "shards", tmp_path / "b" / "shards")
+    b = LocalStore(tmp_path / "b", RING, BS)
+    meta = Metadata(b)
+    meta.holders.learn([ref])
+    with b.db.write() as txn:
+        meta.index.adopt(txn, ref)
+    meta.restorer.adopt_root((await meta.index.load(ref.block_id)).commit)
+    return b, meta
+
+
+def steps_of_reads(b: LocalStore, steps: Steps, stagger: float = 0.0) -> list[int]:
+    """The scheduler pass in which each block read of *b* starts, in order; with
+    *stagger*, the reads take 0 to 3 times that long (holders answer at their pace)."""
+    started: list[int] = []
+    real = b.blocks.read_parsed
+
+    async def read(*args, **kw):
+        started.append(steps.count)
+        await trio.sleep(stagger * (len(started) % 4))
+        return await real(*args, **kw)
+
+    b.blocks.read_parsed = read
+    return started
+
+
+async def test_directories_fetched_ahead_start_together(tmp_path: Path) -> None:
+    """The prefetcher starts the directories it takes in one scheduler step, so their
+    node reads ask for shards in the same step: each peer's queue then holds all of
+    them when its sender runs, and they go in one ``RetrieveShards`` call per peer
+    (blocks/shardbatch.py) instead of a call per directory.
+
+    Fails on the prefetcher that took a slot of its semaphore before starting each
+    directory: every start was a step of its own (16 starts in 16 steps), and at 12
+    peers a fresh machine's find made 7.2 calls a directory (2.8 shards each)."""
+    count = PREFETCH_WAVE + 4
+    b, meta = await flat_tree(tmp_path, count)
+    try:
+        await meta.restorer.ensure(ROOT_INO)  # queues every directory of the root
+        steps = Steps()
+        started = steps_of_reads(b, steps)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(meta.restorer.prefetch)
+                await until(lambda: not meta.restorer.pending(), what="every directory")
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert len(started) == count
+        assert len(set(started)) == 1, f"{count} directories started in steps {started}"
+    finally:
+        b.close()
+
+
+async def test_the_background_loader_starts_directories_in_waves(tmp_path: Path) -> None:
+    """``load_all`` (no walk) starts BACKGROUND_LOADERS directories in one step and the
+    next ones together once those are done, for the same reason as the prefetcher.
+
+    Fails on the loader that started each directory as a slot of its limiter freed:
+    past the first ones, each started in the step its predecessor ended."""
+    count = BACKGROUND_LOADERS + 4
+    b, meta = await flat_tree(tmp_path, count)
+    try:
+        await meta.restorer.ensure(ROOT_INO)
+        steps = Steps()
+        started = steps_of_reads(b, steps, stagger=0.02)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await meta.restorer.load_all()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert meta.restorer.pending() == []
+        assert len(started) == count
+        waves = [started[:BACKGROUND_LOADERS], started[BACKGROUND_LOADERS:]]
+        assert [len(set(wave)) for wave in waves] == [1, 1], f"started in steps {started}"
     finally:
         b.close()

@@ -120,6 +120,9 @@ async def test_small_shards_to_one_holder_go_together(tmp_path: Path) -> None:
             needed = BLOCKS * remote.codec.needed
             assert remote.batches.shards >= needed - 2 * remote.codec.needed
             assert len(asked) <= needed // 4, asked
+            counted = remote.retrieve_requests()  # what `fluidfs status --json` reports
+            assert counted["calls"] == len(asked)
+            assert counted["shards"] == remote.batches.shards + asked.count("RetrieveShard")
         finally:
             for host in hosts:
                 host.close()

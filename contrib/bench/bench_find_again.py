@@ -1,0 +1,136 @@
+"""The fresh-machine ``find`` alone, again, on a tree ``bench_scale.py --keep`` built.
+
+    /tmp/venv/bin/python contrib/bench/bench_scale.py --files 100000 --keep --workdir /tmp/w
+    /tmp/venv/bin/python contrib/bench/bench_find_again.py /tmp/w/fluidfs-bench-scale-XXXX \\
+        --repos /path/to/main . --rounds 2
+
+Building a 100,000-file tree takes minutes; timing a change to the walk needs only the
+last step. This restarts the kept peers (``fluidfs serve`` on the ports they had, so the
+exported keyfile ``b.key`` still names them), then for each round and each checkout in
+``--repos`` (alternating, so load drifts hit both alike) mounts a new state directory
+with only ``b.key``, times ``find MNT | wc -l`` with the CPU the mount and the peers
+spend meanwhile and the mount's RetrieveShard(s) calls, and unmounts. ``--profile DIR``
+records the mount with ``py-spy record --idle`` during each find and prints how busy
+its threads were and their top frames (benchlib's ``Profiler``). The peers and mounts
+it starts are stopped at the end (by pid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_scale import REPO, Cli, cpu_seconds, find_calls, retrieve_requests  # noqa: E402
+from benchlib import Profiler, log  # noqa: E402
+
+
+class KeptPeers:
+    """The kept tree's peers, restarted on the addresses they listened on."""
+
+    def __init__(self, cli: Cli, work: Path) -> None:
+        self.procs: list[subprocess.Popen] = []
+        i = 0
+        while (work / f"peer{i}.key").exists():
+            state = work / f"peer{i}"
+            addr = (state / "listen").read_text().strip()
+            (state / "listen").unlink()
+            logf = open(work / f"peer{i}.log", "ab")  # noqa: SIM115 - lives with the process
+            self.procs.append(cli.popen(
+                ["serve", "--keyfile", str(work / f"peer{i}.key"), "--state-dir", str(state),
+                 "--listen", addr, "--donate", "8G"], logf))
+            i += 1
+        for i in range(len(self.procs)):
+            listen = work / f"peer{i}" / "listen"
+            deadline = time.monotonic() + 60
+            while not listen.exists():
+                if time.monotonic() > deadline or self.procs[i].poll() is not None:
+                    raise RuntimeError(f"peer {i} did not start (see peer{i}.log)")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Profiler,
+              name: str) -> dict:
+    """Mount *state* (new) with ``b.key``, time the find, unmount; the figures."""
+    mnt = work / "again-mnt"
+    mnt.mkdir(exist_ok=True)
+    cli("mount", str(mnt), "--keyfile", str(work / "b.key"), "--state-dir", str(state),
+        "--listen", "127.0.0.1:0")
+    pid = int((state / "daemon.pid").read_text())
+    try:
+        before = retrieve_requests(cli, state)
+        with profiler.record(name, pid):
+            mount_cpu = cpu_seconds(pid)
+            peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
+            started = time.perf_counter()
+            count = subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
+                                   text=True, check=True).stdout.strip()
+            fig = {"find_s": time.perf_counter() - started, "find_count": int(count),
+                   "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
+                   "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+        after = retrieve_requests(cli, state)
+        if before and after:
+            fig["find_retrieve_calls"] = after["calls"] - before["calls"]
+            fig["find_retrieve_shards"] = after["shards"] - before["shards"]
+    finally:
+        cli("unmount", str(mnt))
+    return fig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("work", type=Path, help="a bench_scale.py --keep directory")
+    parser.add_argument("--repos", type=Path, nargs="+", default=[REPO],
+                        help="checkouts whose fluidfs mounts (alternating each round)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="directory for a py-spy raw profile of each find")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    meta = json.loads((work / "tree.json").read_text()) if (work / "tree.json").exists() else {}
+    profiler = Profiler(args.profile)
+    peers = KeptPeers(Cli(args.repos[0]), work)
+    figs: list[dict] = []
+    try:
+        for r in range(args.rounds):
+            for i, repo in enumerate(args.repos):
+                state = work / f"again-{time.time_ns()}"
+                log(f"round {r + 1}: find with {repo}")
+                fig = {"repo": str(repo), "round": r + 1,
+                       **find_once(Cli(repo), work, state, peers, profiler, f"find-r{r + 1}-{i}")}
+                figs.append(fig)
+                shutil.rmtree(state, ignore_errors=True)
+    finally:
+        peers.stop()
+    dirs = meta.get("dirs")
+    for fig in figs:
+        per_dir = f" per dir: mount {fig['find_mount_cpu_s'] * 1000 / dirs:.1f} ms, peers " \
+                  f"{fig['find_peers_cpu_s'] * 1000 / dirs:.1f} ms" if dirs else ""
+        print(f"round {fig['round']} {fig['repo']}: find {fig['find_s']:.2f} s, counted "
+              f"{fig['find_count']:,}; mount CPU {fig['find_mount_cpu_s']:.2f} s, peers' CPU "
+              f"{fig['find_peers_cpu_s']:.2f} s{per_dir}")
+        if find_calls(fig):
+            print(f"  {find_calls(fig)}")
+    profiler.print_reports("py-spy of the mount, {}:")
+    if args.json:
+        args.json.write_text(json.dumps(figs, indent=2))
+    counts = {fig["find_count"] for fig in figs}
+    return 0 if len(counts) == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
