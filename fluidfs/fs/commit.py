@@ -55,7 +55,7 @@ import cbor2
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
-from fluidfs.fs.dirstate import FULL_EVERY, DirState, StaleDirState
+from fluidfs.fs.dirstate import FULL_EVERY, DirState, LeafRecord, StaleDirState
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
@@ -69,12 +69,14 @@ from fluidfs.fs.metaformat import (
     encode_leaf,
     encode_manifest,
     manifest_ranges,
+    open_cut_points,
 )
 from fluidfs.fs.metaindex import Holders, MetaIndex
 from fluidfs.fs.tree import Tree
 from fluidfs.fs.treecopy import CopiedSnapshot
 from fluidfs.fs.treewalk import (
     CommitAborted,
+    KeptLeaf,
     Snapshots,
     TreeChanged,
     TreeReader,
@@ -104,6 +106,7 @@ class CommitStats:
     bytes_written: int = 0  # plaintext bytes of new metadata nodes
     shard_bytes: int = 0  # what those cost on the network (N shards each)
     nodes_reused: int = 0
+    leaves_kept: int = 0  # committed leaves of written directories named again unread
     dirs: int = 0
     files: int = 0
     incomplete_refs: int = 0  # references naming fewer holders than shards
@@ -223,6 +226,7 @@ class TreeWriter:
         # Directory ino → references its nodes name with fewer holders than shards
         # (fs/dirstate.py ``dir_short``).
         self.short: dict[int, int] = {}
+        self.leaves: dict[int, list[LeafRecord]] = {}  # directory ino → its leaves
         self.degraded = False  # some node has fewer than K holders
 
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
@@ -305,20 +309,14 @@ class TreeWriter:
 
     def _cut(
         self, carry: list[Entry], fresh: list[Entry], final: bool
-    ) -> tuple[list[list[Entry]], list[Entry], int, int]:
+    ) -> tuple[list[list[Entry]], list[Entry]]:
         """Cut *carry* + *fresh* into leaves: (whole leaves, what to carry into the next
-        slice, flawed references in *fresh* (see ``note_ref``)). Unless *final*, the last
-        leaf is carried: it may go on in the next slice. Carried entries start right after
-        a cut, where cutting starts afresh, so the leaves come out as if the directory had
-        been cut whole. Grows with the slice: runs in a worker thread."""
-        incomplete = weak = 0
-        for entry in fresh:
-            for ref, _ in entry.refs():
-                flaws = _ref_flaws(ref, self.holders.self_key)
-                incomplete += flaws[0]
-                weak += flaws[1]
+        slice). Unless *final*, a last leaf that ends only because the slice does is
+        carried: it may go on in the next slice. Carried entries start right after a cut,
+        where cutting starts afresh, so the leaves come out as if the directory had been
+        cut whole. Grows with the slice: runs in a worker thread."""
         pending = carry + fresh
-        ends = cut_points(
+        ends, closed = open_cut_points(
             [e.name for e in pending], [e.size_estimate() for e in pending], self.chunk_key, 0
         )
         groups = []
@@ -326,8 +324,8 @@ class TreeWriter:
         for end in ends:
             groups.append(pending[start:end])
             start = end
-        carry = [] if final or not groups else groups.pop()
-        return groups, carry, incomplete, weak
+        carry = [] if final or closed or not groups else groups.pop()
+        return groups, carry
 
     async def write_list(self, entries: list[Entry]) -> Ref | None:
         """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
@@ -342,36 +340,90 @@ class TreeWriter:
     ) -> Ref | None:
         """``write_list`` for entries that come in sorted slices of (entries, last slice?):
         leaves are written slice by slice, so only one slice is in memory at a time.
-        Short references in the nodes written count against directory *owner*."""
+        Short references in the nodes written count against directory *owner*, and
+        its leaves are kept in ``leaves``.
+
+        A slice may be a ``KeptLeaf`` instead: a committed leaf, named again as it is
+        when the entries before it were cut right before its first one (nothing
+        carried), and read like any slice otherwise. Cutting restarts afresh at each cut
+        (``open_cut_points``), so the leaves come out as if the whole were cut again."""
         items: list[tuple[bytes, Ref, int]] = []
+        records: list[LeafRecord] = []
         carry: list[Entry] = []
-        async for fresh, final in slices:
-            groups, carry, incomplete, weak = await trio.to_thread.run_sync(
-                self._cut, carry, fresh, final
-            )
-            self.stats.incomplete_refs += incomplete
-            self.stats.weak_refs += weak
-            self._note_short(owner, incomplete)
-            items += await self._leaves(groups)
+        async for part in slices:
+            if isinstance(part, KeptLeaf):
+                ref = None if carry else await self.keep_node(part.block_id)
+                if ref is not None:
+                    self.stats.leaves_kept += 1
+                    items.append((part.first, ref, part.count))
+                    records.append(LeafRecord(part.first, part.block_id, part.count, False))
+                    continue
+                fresh, final = await part.read(), False
+            else:
+                fresh, final = part
+            groups, carry = await trio.to_thread.run_sync(self._cut, carry, fresh, final)
+            items += await self._leaves(groups, owner, records)
         if carry:  # the slices ended without a last one
-            items += await self._leaves([carry])
+            items += await self._leaves([carry], owner, records)
+        if owner is not None and len(records) > 1:  # one leaf is the top node itself
+            self.leaves[owner] = records
         if not items:
             return None
         return await self._index(items, owner)
 
-    async def _leaves(self, groups: list[list[Entry]]) -> list[tuple[bytes, Ref, int]]:
-        """Write one leaf node per group, concurrently; (first name, ref, entries) each."""
+    async def keep_node(self, block_id: bytes) -> Ref | None:
+        """Name a committed node again unread: hold it for this commit and return its
+        reference; None if it is no longer registered (write it again instead)."""
+        with self.index.meta.write() as txn:
+            if not self.index.registered(block_id, txn):
+                return None
+            self.blocks.add_ref(txn, block_id)
+        self.holds.append(block_id)
+        stored = self.blocks.load(block_id)
+        if stored is None:
+            return None
+        return self.holders.ref(stored)
+
+    def _encode_leaf(self, group: list[Entry]) -> tuple[bytes, int, int]:
+        """A leaf's bytes and its (short, weak) references (``note_ref``); in a worker."""
+        incomplete = weak = 0
+        for entry in group:
+            for ref, _ in entry.refs():
+                flaws = _ref_flaws(ref, self.holders.self_key)
+                incomplete += flaws[0]
+                weak += flaws[1]
+        return encode_leaf(group), incomplete, weak
+
+    async def _leaves(
+        self,
+        groups: list[list[Entry]],
+        owner: int | None = None,
+        records: list[LeafRecord] | None = None,
+    ) -> list[tuple[bytes, Ref, int]]:
+        """Write one leaf node per group, concurrently; (first name, ref, entries) each,
+        also added to *records*. Their short references count against *owner*."""
         refs: list[Ref | None] = [None] * len(groups)
+        flawed = [False] * len(groups)
 
         async def leaf(i: int, group: list[Entry]) -> None:
             children = [(ref.block_id, is_node) for e in group for ref, is_node in e.refs()]
-            plain = await trio.to_thread.run_sync(encode_leaf, group)
+            plain, incomplete, weak = await trio.to_thread.run_sync(self._encode_leaf, group)
+            self.stats.incomplete_refs += incomplete
+            self.stats.weak_refs += weak
+            self._note_short(owner, incomplete)
+            flawed[i] = bool(incomplete or weak)
             refs[i] = await self.store_node(plain, children)
 
         async with trio.open_nursery() as nursery:
             for i, group in enumerate(groups):
                 nursery.start_soon(leaf, i, group)
-        return [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        done = [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        if records is not None:
+            records += [
+                LeafRecord(first, ref.block_id, count, bad)
+                for (first, ref, count), bad in zip(done, flawed, strict=True)
+            ]
+        return done
 
     async def _index(self, items: list[tuple[bytes, Ref, int]], owner: int | None = None) -> Ref:
         """Index nodes over the leaves *items*, level by level; the top's reference."""
@@ -705,7 +757,14 @@ class Committer:
         """Remember the directories' nodes once a head holds them (fs/dirstate.py)."""
         plan = written.plan
         await trio.to_thread.run_sync(
-            self.dirs.record, written.dirs, plan.marks, plan.full, written.short, plan.stamp
+            self.dirs.record,
+            written.dirs,
+            plan.marks,
+            plan.full,
+            written.short,
+            plan.stamp,
+            written.leaves,
+            plan.generation,
         )
 
     async def mark_published(self, seq: int) -> None:

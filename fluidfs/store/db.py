@@ -54,6 +54,7 @@ META_TABLES = [
     "accounts", "reservations",  # store/accounts.py (storage providers)
     "repair_grants", "repair_caps", "repair_usage", "repair_journal",  # store/repairbook.py
     "dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short",  # fs/dirstate.py
+    "dir_dirty_names", "dir_leaves",
 ]
 
 
