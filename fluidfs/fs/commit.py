@@ -639,6 +639,8 @@ class Committer:
                 await writer.finish()
                 return None
             await writer.finish(keep=result.head.node)
+            # What the commit read stays mapped (RSS) though it is page cache: give it back.
+            await trio.to_thread.run_sync(self.db.release_pages)
             result.stats.seconds = time.monotonic() - started
             self.last = result
             if on_written is not None:
