@@ -350,19 +350,38 @@ class TreeWriter:
         items: list[tuple[bytes, Ref, int]] = []
         records: list[LeafRecord] = []
         carry: list[Entry] = []
+        run: list[KeptLeaf] = []  # kept leaves in a row: named again in one transaction
+
+        async def cut(fresh: list[Entry], final: bool) -> None:
+            nonlocal carry
+            groups, carry = await trio.to_thread.run_sync(self._cut, carry, fresh, final)
+            items.extend(await self._leaves(groups, owner, records))
+
+        async def take(run: list[KeptLeaf]) -> None:
+            i = 0
+            while i < len(run):
+                if not carry:
+                    refs = self.keep_nodes([k.block_id for k in run[i:]])
+                    for k, ref in zip(run[i:], refs, strict=False):
+                        items.append((k.first, ref, k.count))
+                        records.append(LeafRecord(k.first, k.block_id, k.count, False))
+                    self.stats.leaves_kept += len(refs)
+                    i += len(refs)
+                    if i == len(run):
+                        return
+                await cut(await run[i].read(), False)  # cut elsewhere now, or gone
+                i += 1
+
         async for part in slices:
             if isinstance(part, KeptLeaf):
-                ref = None if carry else await self.keep_node(part.block_id)
-                if ref is not None:
-                    self.stats.leaves_kept += 1
-                    items.append((part.first, ref, part.count))
-                    records.append(LeafRecord(part.first, part.block_id, part.count, False))
-                    continue
-                fresh, final = await part.read(), False
-            else:
-                fresh, final = part
-            groups, carry = await trio.to_thread.run_sync(self._cut, carry, fresh, final)
-            items += await self._leaves(groups, owner, records)
+                run.append(part)
+                continue
+            if run:
+                await take(run)
+                run = []
+            await cut(*part)
+        if run:
+            await take(run)
         if carry:  # the slices ended without a last one
             items += await self._leaves([carry], owner, records)
         if owner is not None and len(records) > 1:  # one leaf is the top node itself
@@ -371,18 +390,20 @@ class TreeWriter:
             return None
         return await self._index(items, owner)
 
-    async def keep_node(self, block_id: bytes) -> Ref | None:
-        """Name a committed node again unread: hold it for this commit and return its
-        reference; None if it is no longer registered (write it again instead)."""
+    def keep_nodes(self, block_ids: list[bytes]) -> list[Ref]:
+        """Name committed nodes again unread, in one transaction: hold each for this
+        commit and return the references of those before the first one no longer
+        registered (that one is written again instead)."""
+        refs: list[Ref] = []
         with self.index.meta.write() as txn:
-            if not self.index.registered(block_id, txn):
-                return None
-            self.blocks.add_ref(txn, block_id)
-        self.holds.append(block_id)
-        stored = self.blocks.load(block_id)
-        if stored is None:
-            return None
-        return self.holders.ref(stored)
+            for block_id in block_ids:
+                stored = self.blocks.load(block_id, txn)
+                if stored is None or not self.index.registered(block_id, txn):
+                    break
+                self.blocks.add_ref(txn, block_id)
+                refs.append(self.holders.ref(stored))
+        self.holds += [ref.record.block_id for ref in refs]
+        return refs
 
     def _encode_leaf(self, group: list[Entry]) -> tuple[bytes, int, int]:
         """A leaf's bytes and its (short, weak) references (``note_ref``); in a worker."""
