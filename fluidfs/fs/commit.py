@@ -96,6 +96,7 @@ NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls 
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 # ... of one of them, and looks again at least this often (holders learnt otherwise).
 PLACED_POLL = 0.25
+KEEP_PIECE = 256  # kept leaves named again per write transaction (on the loop)
 
 
 @dataclass
@@ -361,7 +362,8 @@ class TreeWriter:
             i = 0
             while i < len(run):
                 if not carry:
-                    refs = self.keep_nodes([k.block_id for k in run[i:]])
+                    await trio.sleep(0)  # a directory of a million entries keeps thousands
+                    refs = self.keep_nodes([k.block_id for k in run[i : i + KEEP_PIECE]])
                     for k, ref in zip(run[i:], refs, strict=False):
                         items.append((k.first, ref, k.count))
                         records.append(LeafRecord(k.first, k.block_id, k.count, False))
@@ -369,6 +371,8 @@ class TreeWriter:
                     i += len(refs)
                     if i == len(run):
                         return
+                    if len(refs) == KEEP_PIECE:
+                        continue
                 await cut(await run[i].read(), False)  # cut elsewhere now, or gone
                 i += 1
 

@@ -190,6 +190,7 @@ async def test_a_change_under_a_wide_directory_encodes_one_leaf_of_it(
         return real_encode(entries)
 
     monkeypatch.setattr(commit_module, "encode_leaf", counting_encode)
+    monkeypatch.setattr(commit_module, "KEEP_PIECE", 2)  # kept leaves named in pieces
 
     async with Machine(tmp_path / "a") as a:
         for i in range(WIDE_ROOT):
