@@ -39,7 +39,7 @@ from __future__ import annotations
 import stat
 import struct
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,7 +248,6 @@ class TreeReader:
         follow."""
         entries = []
         for name, value in self._prefix(txn, self._dirents, ino, after, stop, start):
-
             if limit is not None and len(entries) >= limit:
                 return entries, True
             child = _U64.unpack(value[:8])[0]
@@ -380,7 +379,13 @@ async def write_tree(
     writer.leaves.clear()
     content: dict[int, Ref | None] = dict(plan.lazy)
 
-    async def slices(ino: int, part: Listed | None, start=b"", stop=None, last=True):
+    async def slices(
+        ino: int,
+        part: Listed | None,
+        start: bytes = b"",
+        stop: bytes | None = None,
+        last: bool = True,
+    ) -> AsyncIterator[tuple[list[Entry], bool]]:
         """The entries of *ino* from *start* to *stop* slice by slice, beginning with
         *part* if it was read already; the last slice says it is the last if *last*."""
         if part is None:
@@ -403,7 +408,7 @@ async def write_tree(
                 reads.run, _list_slice, reader, ino, content, after, start, stop
             )
 
-    async def kept(ino: int, leaves: list[LeafRecord]):
+    async def kept(ino: int, leaves: list[LeafRecord]) -> AsyncIterator[Any]:
         """Committed leaves as ``KeptLeaf``s, the ranges holding a changed name (and the
         flawed leaves) as entries: a leaf's range runs from its first name to the next
         leaf's (from the start for the first leaf, to the end for the last)."""
