@@ -200,5 +200,6 @@ async def test_commit_of_many_files_does_not_stall_the_loop(node) -> None:
         node.tree.unlink(txn, node.tree.lookup(ROOT_INO, b"d000"), b"file-000000")
     second, probe = await measured(lambda: remount.commit(user_changed=True))
     probe.report("second commit")
-    assert second.stats.files == 49_999
+    # Only the leaf that held the removed name is read again (fs/dirstate.py dir_leaves).
+    assert 0 < second.stats.files < 1_000 and second.stats.leaves_kept > 100, second.stats
     assert probe.longest < LIMIT, f"{probe.task} ran {probe.longest:.3f} s without yielding"

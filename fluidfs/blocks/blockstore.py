@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,15 @@ class BlockStore:
         self.collector = Collector(meta, shards, owner, limiter)
         # Shards a block may lack and still count as stored (unpinned, not repaired).
         self.total_missing_allowed = 0
+        # Local-only blocks (``local_only_ids``): those found by the one scan of every
+        # record (None before it), and those saved with this machine as a holder since
+        # it began. Blocks only stop being local-only once the node has peers, so after
+        # the scan only these candidates need a look.
+        self._local_found: set[bytes] | None = None
+        self._local_saved: set[bytes] = set()
+        self._local_lock = threading.Lock()  # save() on the loop, the look in a thread
+        self._local_looking = threading.Lock()  # one look at a time: each hands on its set
+        self.local_looked = 0  # records the last ``local_only_ids`` read (for tests)
         # Goes up whenever any block's holders change, so a commit can tell whether a
         # refresh would name anything new (fs/commit.py writes holders into the tree).
         self.holders_version = 0
@@ -155,6 +165,9 @@ class BlockStore:
     def save(self, txn, stored: StoredBlock) -> None:
         """Write a block record whose holders are new or changed, inside *txn*."""
         txn.put(stored.record.block_id, stored.encode(), db=self._blocks)
+        if LOCAL_HOLDER in stored.holders:
+            with self._local_lock:
+                self._local_saved.add(stored.record.block_id)
         self.holders_version += 1
         if stored.missing() <= self.total_missing_allowed:
             self.placed_version += 1
@@ -164,19 +177,44 @@ class BlockStore:
         return self.placed_epoch + self.placed_version.to_bytes(8, "big")
 
     def local_only_ids(self) -> list[bytes]:
-        """Blocks whose shards are all still on this machine (stored before it had peers).
-        A scan of every record: call it in a worker thread. Each SCAN_BATCH records are
-        read in a transaction of their own, so no reader stays open for the whole scan."""
-        found: list[bytes] = []
-        after: bytes | None = b""
-        while after is not None:
+        """Blocks whose shards are all still on this machine (stored before it had peers),
+        in id order. The first call scans every record, each SCAN_BATCH records in a
+        transaction of their own (no reader stays open for the whole scan); later calls
+        look again only at the blocks found then and those saved local since (every
+        ``sync`` asks: a scan of a 1,000,000-file tree's records each time grew with the
+        tree). Call it in a worker thread."""
+        with self._local_looking:
+            return self._local_only_ids()
+
+    def _local_only_ids(self) -> list[bytes]:
+        with self._local_lock:
+            found = self._local_found
+            self._local_saved, saved = set(), self._local_saved
+        looked = 0
+        if found is None:
+            found = set()
+            after: bytes | None = b""
+            while after is not None:
+                with self.meta.read() as txn:
+                    records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
+                looked += len(records)
+                found.update(
+                    key for key, raw in records
+                    if LOCAL_HOLDER in StoredBlock.decode(key, raw).holders
+                )
+        candidates = sorted(found | saved)
+        still = []
+        for start in range(0, len(candidates), SCAN_BATCH):
             with self.meta.read() as txn:
-                records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
-            found += [
-                key for key, raw in records
-                if LOCAL_HOLDER in StoredBlock.decode(key, raw).holders
-            ]
-        return found
+                for block_id in candidates[start : start + SCAN_BATCH]:
+                    stored = self.load(block_id, txn)
+                    if stored is not None and LOCAL_HOLDER in stored.holders:
+                        still.append(block_id)
+            looked += min(SCAN_BATCH, len(candidates) - start)
+        with self._local_lock:
+            self._local_found = set(still)
+        self.local_looked = looked
+        return still
 
     def is_fully_stored(self, block_id: bytes) -> bool:
         """True when every shard of the block has a holder (so its plaintext may go)."""

@@ -55,7 +55,7 @@ import cbor2
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
-from fluidfs.fs.dirstate import FULL_EVERY, DirState, StaleDirState
+from fluidfs.fs.dirstate import FULL_EVERY, DirState, LeafRecord, StaleDirState
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.metaformat import (
     MANIFEST_CHUNK_BLOCKS,
@@ -69,12 +69,14 @@ from fluidfs.fs.metaformat import (
     encode_leaf,
     encode_manifest,
     manifest_ranges,
+    open_cut_points,
 )
 from fluidfs.fs.metaindex import Holders, MetaIndex
 from fluidfs.fs.tree import Tree
 from fluidfs.fs.treecopy import CopiedSnapshot
 from fluidfs.fs.treewalk import (
     CommitAborted,
+    KeptLeaf,
     Snapshots,
     TreeChanged,
     TreeReader,
@@ -94,6 +96,7 @@ NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls 
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 # ... of one of them, and looks again at least this often (holders learnt otherwise).
 PLACED_POLL = 0.25
+KEEP_PIECE = 256  # kept leaves named again per write transaction (on the loop)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class CommitStats:
     bytes_written: int = 0  # plaintext bytes of new metadata nodes
     shard_bytes: int = 0  # what those cost on the network (N shards each)
     nodes_reused: int = 0
+    leaves_kept: int = 0  # committed leaves of written directories named again unread
     dirs: int = 0
     files: int = 0
     incomplete_refs: int = 0  # references naming fewer holders than shards
@@ -223,6 +227,7 @@ class TreeWriter:
         # Directory ino → references its nodes name with fewer holders than shards
         # (fs/dirstate.py ``dir_short``).
         self.short: dict[int, int] = {}
+        self.leaves: dict[int, list[LeafRecord]] = {}  # directory ino → its leaves
         self.degraded = False  # some node has fewer than K holders
 
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
@@ -305,20 +310,14 @@ class TreeWriter:
 
     def _cut(
         self, carry: list[Entry], fresh: list[Entry], final: bool
-    ) -> tuple[list[list[Entry]], list[Entry], int, int]:
+    ) -> tuple[list[list[Entry]], list[Entry]]:
         """Cut *carry* + *fresh* into leaves: (whole leaves, what to carry into the next
-        slice, flawed references in *fresh* (see ``note_ref``)). Unless *final*, the last
-        leaf is carried: it may go on in the next slice. Carried entries start right after
-        a cut, where cutting starts afresh, so the leaves come out as if the directory had
-        been cut whole. Grows with the slice: runs in a worker thread."""
-        incomplete = weak = 0
-        for entry in fresh:
-            for ref, _ in entry.refs():
-                flaws = _ref_flaws(ref, self.holders.self_key)
-                incomplete += flaws[0]
-                weak += flaws[1]
+        slice). Unless *final*, a last leaf that ends only because the slice does is
+        carried: it may go on in the next slice. Carried entries start right after a cut,
+        where cutting starts afresh, so the leaves come out as if the directory had been
+        cut whole. Grows with the slice: runs in a worker thread."""
         pending = carry + fresh
-        ends = cut_points(
+        ends, closed = open_cut_points(
             [e.name for e in pending], [e.size_estimate() for e in pending], self.chunk_key, 0
         )
         groups = []
@@ -326,8 +325,8 @@ class TreeWriter:
         for end in ends:
             groups.append(pending[start:end])
             start = end
-        carry = [] if final or not groups else groups.pop()
-        return groups, carry, incomplete, weak
+        carry = [] if final or closed or not groups else groups.pop()
+        return groups, carry
 
     async def write_list(self, entries: list[Entry]) -> Ref | None:
         """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
@@ -342,36 +341,114 @@ class TreeWriter:
     ) -> Ref | None:
         """``write_list`` for entries that come in sorted slices of (entries, last slice?):
         leaves are written slice by slice, so only one slice is in memory at a time.
-        Short references in the nodes written count against directory *owner*."""
+        Short references in the nodes written count against directory *owner*, and
+        its leaves are kept in ``leaves``.
+
+        A slice may be a ``KeptLeaf`` instead: a committed leaf, named again as it is
+        when the entries before it were cut right before its first one (nothing
+        carried), and read like any slice otherwise. Cutting restarts afresh at each cut
+        (``open_cut_points``), so the leaves come out as if the whole were cut again."""
         items: list[tuple[bytes, Ref, int]] = []
+        records: list[LeafRecord] = []
         carry: list[Entry] = []
-        async for fresh, final in slices:
-            groups, carry, incomplete, weak = await trio.to_thread.run_sync(
-                self._cut, carry, fresh, final
-            )
-            self.stats.incomplete_refs += incomplete
-            self.stats.weak_refs += weak
-            self._note_short(owner, incomplete)
-            items += await self._leaves(groups)
+        run: list[KeptLeaf] = []  # kept leaves in a row: named again in one transaction
+
+        async def cut(fresh: list[Entry], final: bool) -> None:
+            nonlocal carry
+            groups, carry = await trio.to_thread.run_sync(self._cut, carry, fresh, final)
+            items.extend(await self._leaves(groups, owner, records))
+
+        async def take(run: list[KeptLeaf]) -> None:
+            i = 0
+            while i < len(run):
+                if not carry:
+                    await trio.sleep(0)  # a directory of a million entries keeps thousands
+                    refs = self.keep_nodes([k.block_id for k in run[i : i + KEEP_PIECE]])
+                    for k, ref in zip(run[i:], refs, strict=False):
+                        items.append((k.first, ref, k.count))
+                        records.append(LeafRecord(k.first, k.block_id, k.count, False))
+                    self.stats.leaves_kept += len(refs)
+                    i += len(refs)
+                    if i == len(run):
+                        return
+                    if len(refs) == KEEP_PIECE:
+                        continue
+                await cut(await run[i].read(), False)  # cut elsewhere now, or gone
+                i += 1
+
+        async for part in slices:
+            if isinstance(part, KeptLeaf):
+                run.append(part)
+                continue
+            if run:
+                await take(run)
+                run = []
+            await cut(*part)
+        if run:
+            await take(run)
         if carry:  # the slices ended without a last one
-            items += await self._leaves([carry])
+            items += await self._leaves([carry], owner, records)
+        if owner is not None and len(records) > 1:  # one leaf is the top node itself
+            self.leaves[owner] = records
         if not items:
             return None
         return await self._index(items, owner)
 
-    async def _leaves(self, groups: list[list[Entry]]) -> list[tuple[bytes, Ref, int]]:
-        """Write one leaf node per group, concurrently; (first name, ref, entries) each."""
+    def keep_nodes(self, block_ids: list[bytes]) -> list[Ref]:
+        """Name committed nodes again unread, in one transaction: hold each for this
+        commit and return the references of those before the first one no longer
+        registered (that one is written again instead)."""
+        refs: list[Ref] = []
+        with self.index.meta.write() as txn:
+            for block_id in block_ids:
+                stored = self.blocks.load(block_id, txn)
+                if stored is None or not self.index.registered(block_id, txn):
+                    break
+                self.blocks.add_ref(txn, block_id)
+                refs.append(self.holders.ref(stored))
+        self.holds += [ref.record.block_id for ref in refs]
+        return refs
+
+    def _encode_leaf(self, group: list[Entry]) -> tuple[bytes, int, int]:
+        """A leaf's bytes and its (short, weak) references (``note_ref``); in a worker."""
+        incomplete = weak = 0
+        for entry in group:
+            for ref, _ in entry.refs():
+                flaws = _ref_flaws(ref, self.holders.self_key)
+                incomplete += flaws[0]
+                weak += flaws[1]
+        return encode_leaf(group), incomplete, weak
+
+    async def _leaves(
+        self,
+        groups: list[list[Entry]],
+        owner: int | None = None,
+        records: list[LeafRecord] | None = None,
+    ) -> list[tuple[bytes, Ref, int]]:
+        """Write one leaf node per group, concurrently; (first name, ref, entries) each,
+        also added to *records*. Their short references count against *owner*."""
         refs: list[Ref | None] = [None] * len(groups)
+        flawed = [False] * len(groups)
 
         async def leaf(i: int, group: list[Entry]) -> None:
             children = [(ref.block_id, is_node) for e in group for ref, is_node in e.refs()]
-            plain = await trio.to_thread.run_sync(encode_leaf, group)
+            plain, incomplete, weak = await trio.to_thread.run_sync(self._encode_leaf, group)
+            self.stats.incomplete_refs += incomplete
+            self.stats.weak_refs += weak
+            self._note_short(owner, incomplete)
+            flawed[i] = bool(incomplete or weak)
             refs[i] = await self.store_node(plain, children)
 
         async with trio.open_nursery() as nursery:
             for i, group in enumerate(groups):
                 nursery.start_soon(leaf, i, group)
-        return [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        done = [(g[0].name, r, len(g)) for g, r in zip(groups, refs, strict=True)]
+        if records is not None:
+            records += [
+                LeafRecord(first, ref.block_id, count, bad)
+                for (first, ref, count), bad in zip(done, flawed, strict=True)
+            ]
+        return done
 
     async def _index(self, items: list[tuple[bytes, Ref, int]], owner: int | None = None) -> Ref:
         """Index nodes over the leaves *items*, level by level; the top's reference."""
@@ -587,6 +664,8 @@ class Committer:
                 await writer.finish()
                 return None
             await writer.finish(keep=result.head.node)
+            # What the commit read stays mapped (RSS) though it is page cache: give it back.
+            await trio.to_thread.run_sync(self.db.release_pages)
             result.stats.seconds = time.monotonic() - started
             self.last = result
             if on_written is not None:
@@ -705,7 +784,14 @@ class Committer:
         """Remember the directories' nodes once a head holds them (fs/dirstate.py)."""
         plan = written.plan
         await trio.to_thread.run_sync(
-            self.dirs.record, written.dirs, plan.marks, plan.full, written.short, plan.stamp
+            self.dirs.record,
+            written.dirs,
+            plan.marks,
+            plan.full,
+            written.short,
+            plan.stamp,
+            written.leaves,
+            plan.generation,
         )
 
     async def mark_published(self, seq: int) -> None:

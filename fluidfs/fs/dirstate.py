@@ -30,6 +30,18 @@ Five tables of meta.lmdb (format version 1; integers are big-endian u64):
   directory that can never be complete (fewer peers than shards) costs nothing. A stamp
   from an earlier process counts as the same while this process has placed nothing.
 
+- ``dir_dirty_names``: directory ino ‖ entry name → u64 ``tree_gen`` of the change.
+  Written beside the ``dir_dirty`` mark whenever the change is to one named entry (every
+  mark but that of a new directory's own listing); cleared with the mark. A marked
+  directory without rows here is read whole.
+- ``dir_leaves``: directory ino ‖ first name of a leaf → ``u8 1 ‖ leaf node id (32) ‖
+  u32 entries ‖ u8 flawed``, for each leaf of a directory last committed as more than one
+  leaf; flawed: the leaf named a reference with fewer holders than shards or fewer than K
+  peers. A commit that writes such a directory re-reads only the leaves holding a dirty
+  name (or the name of a subdirectory on the path of a change) and the flawed ones; every
+  other leaf is named again as it is (``TreeWriter.write_slices``), so a one-file change
+  under a directory of 10,000 entries encodes one leaf of it, not all.
+
 A commit writes the marked directories and every directory on the path from each of
 them to the root, deepest first; every other directory is named by its ``dir_nodes``
 node, unread. A full commit (the first after the index is built on a store from before
@@ -40,15 +52,20 @@ these tables, every ``FULL_EVERY``-th, or on request) reads every directory and 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from fluidfs.store.db import Database, scan_batch
 
 VERSION = 1
-TABLES = ["dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short"]
+TABLES = [
+    "dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short", "dir_dirty_names",
+    "dir_leaves",
+]
 ROOT_INO = 1
 FULL_EVERY = 100  # commits between two full ones (the safety net: docs/decisions.md)
 BATCH = 5000  # rows per write transaction when rebuilding or recording
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 _INDEX = b"index"
 _SINCE_FULL = b"since_full"
 _SHORT_STAMP = b"short_stamp"
@@ -62,8 +79,27 @@ def _u64(n: int) -> bytes:
     return _U64.pack(n)
 
 
+@dataclass(frozen=True)
+class LeafRecord:
+    """One leaf of a directory as last committed (``dir_leaves``)."""
+
+    first: bytes  # the name of its first entry
+    block_id: bytes
+    count: int  # entries
+    flawed: bool  # names a short or weak reference (never named again unread)
+
+    def encode(self) -> bytes:
+        return bytes([VERSION]) + self.block_id + _U32.pack(self.count) + bytes([self.flawed])
+
+    @classmethod
+    def decode(cls, first: bytes, raw: bytes) -> LeafRecord:
+        if len(raw) != 38 or raw[0] != VERSION:
+            raise StaleDirState("unknown dir_leaves record")
+        return cls(first, bytes(raw[1:33]), _U32.unpack(raw[33:37])[0], raw[37] != 0)
+
+
 class DirState:
-    """The four tables above; the ``*_in`` calls take the caller's transaction."""
+    """The tables above; the ``*_in`` calls take the caller's transaction."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -73,6 +109,8 @@ class DirState:
         self._state = db["dir_state"]
         self._short = db["dir_short"]
         self._dirents = db["dirents"]
+        self._names = db["dir_dirty_names"]
+        self._leaves = db["dir_leaves"]
 
     # --- kept by Tree, inside the transaction of the change ----------------------------
 
@@ -80,11 +118,13 @@ class DirState:
         """*parent* got the entry *name* → *child*."""
         txn.put(_u64(child) + _u64(parent) + name, b"", db=self._parents)
         self.mark(txn, parent, gen)
+        txn.put(_u64(parent) + name, _u64(gen), db=self._names)
 
     def unlinked(self, txn, parent: int, name: bytes, child: int, gen: int) -> None:
         """*parent* lost the entry *name* → *child*."""
         txn.delete(_u64(child) + _u64(parent) + name, db=self._parents)
         self.mark(txn, parent, gen)
+        txn.put(_u64(parent) + name, _u64(gen), db=self._names)
 
     def mark(self, txn, ino: int, gen: int) -> None:
         """Directory *ino*'s contents changed at generation *gen*."""
@@ -100,6 +140,7 @@ class DirState:
             if key[:8] != prefix:
                 return
             txn.put(bytes(key[8:16]), _u64(gen), db=self._dirty)
+            txn.put(bytes(key[8:]), _u64(gen), db=self._names)
 
     def is_new_dir(self, txn, ino: int) -> bool:
         """True if directory *ino* was never committed (a new one must be written)."""
@@ -110,6 +151,8 @@ class DirState:
         txn.delete(_u64(ino), db=self._nodes)
         txn.delete(_u64(ino), db=self._dirty)
         txn.delete(_u64(ino), db=self._short)
+        for table in (self._names, self._leaves):
+            _delete_prefix(txn, table, _u64(ino))
 
     # --- read by commits, in their read transactions ------------------------------------
 
@@ -129,6 +172,29 @@ class DirState:
         if cursor.set_range(prefix) and cursor.key()[:8] == prefix:
             return _U64.unpack(cursor.key()[8:16])[0]
         return None
+
+    def parent_name_in(self, txn, ino: int) -> tuple[int, bytes] | None:
+        """(the directory naming directory *ino*, the name) as ``parent_in``."""
+        prefix = _u64(ino)
+        cursor = txn.cursor(db=self._parents)
+        if cursor.set_range(prefix) and cursor.key()[:8] == prefix:
+            key = cursor.key()
+            return _U64.unpack(key[8:16])[0], bytes(key[16:])
+        return None
+
+    def dirty_names_in(self, txn, ino: int) -> list[bytes]:
+        """The names of directory *ino* changed since they were last committed."""
+        return [name for name, _ in _prefix_rows(txn, self._names, _u64(ino))]
+
+    def leaves_in(self, txn, ino: int) -> list[LeafRecord]:
+        """The leaves directory *ino* was last committed as (empty: one leaf, or unknown)."""
+        return [LeafRecord.decode(f, raw) for f, raw in _prefix_rows(txn, self._leaves, _u64(ino))]
+
+    def has_leaves_in(self, txn, ino: int) -> bool:
+        """True if ``dir_leaves`` has rows for *ino*."""
+        prefix = _u64(ino)
+        cursor = txn.cursor(db=self._leaves)
+        return cursor.set_range(prefix) and cursor.key()[:8] == prefix
 
     def committed_in(self, txn, ino: int) -> bytes | None:
         """``dir_nodes``'s top node id of *ino* (b"" if it was empty); None if unknown."""
@@ -150,36 +216,53 @@ class DirState:
 
     def changed_in(
         self, txn, lazy: set[int], stamp: bytes = b""
-    ) -> tuple[list[list[int]], dict[int, int]]:
-        """The directories to write, deepest first, grouped by depth, and the dirty marks
-        seen (ino → generation). Marks of directories that no longer hang from the root
-        (removed, or open but unlinked) are returned but their directories not written.
-        With a placement *stamp*, short directories due (``short_due``) are written too."""
+    ) -> tuple[list[list[int]], dict[int, int], dict[int, list[bytes]]]:
+        """The directories to write, deepest first, grouped by depth; the dirty marks
+        seen (ino → generation); and for each directory to write that may keep some of
+        its committed leaves (``dir_leaves``), the sorted names whose entries may differ
+        from them. Marks of directories that no longer hang from the root (removed, or
+        open but unlinked) are returned but their directories not written. With a
+        placement *stamp*, short directories due (``short_due``) are written too, whole."""
         marks = {
             _U64.unpack(k)[0]: _U64.unpack(v)[0] for k, v in txn.cursor(db=self._dirty)
         }
         short = self.short_due(txn, stamp) if stamp else []
         depth: dict[int, int] = {ROOT_INO: 0}
+        # The name under which each directory on a path hangs from its parent: the
+        # parent's entry for it changes with the node written for it.
+        below: dict[int, set[bytes]] = {}
         for start in [*marks, *short]:
-            path = []
+            path: list[tuple[int, tuple[int, bytes] | None]] = []
             ino: int | None = start
             while ino is not None and ino not in depth:
                 if len(path) > 1_000_000:
                     raise StaleDirState("a loop in dir_parents")
-                path.append(ino)
-                ino = self.parent_in(txn, ino)
+                up = self.parent_name_in(txn, ino)
+                path.append((ino, up))
+                ino = None if up is None else up[0]
             if ino is None:
                 continue  # not under the root
             base = depth[ino]
-            for i, node in enumerate(reversed(path)):
+            for i, (node, up) in enumerate(reversed(path)):
                 depth[node] = base + i + 1
+                if up is not None:
+                    below.setdefault(up[0], set()).add(up[1])
         if not marks and not short:
-            return [], marks
+            return [], marks, {}
         levels: dict[int, list[int]] = {}
         for ino, d in depth.items():
             if ino not in lazy:
                 levels.setdefault(d, []).append(ino)
-        return [levels[d] for d in sorted(levels, reverse=True)], marks
+        whole = set(short)
+        names: dict[int, list[bytes]] = {}
+        for ino in depth:
+            if ino in whole or ino in lazy or not self.has_leaves_in(txn, ino):
+                continue
+            dirty = self.dirty_names_in(txn, ino)
+            if ino in marks and not dirty:
+                continue  # marked as a whole (a new directory's listing)
+            names[ino] = sorted(below.get(ino, set()).union(dirty))
+        return [levels[d] for d in sorted(levels, reverse=True)], marks, names
 
     # --- after a commit ------------------------------------------------------------------
 
@@ -190,14 +273,19 @@ class DirState:
         full: bool,
         short: set[int] | frozenset[int] = frozenset(),
         stamp: bytes = b"",
+        leaves: dict[int, list[LeafRecord]] | None = None,
+        generation: int | None = None,
     ) -> None:
         """Remember the nodes a commit wrote for each directory and clear the marks it
         took (those not renewed since); with *full*, forget every other directory's.
         *short*: the written directories whose nodes name short references, as of the
-        placement *stamp* the commit read. Runs in a worker thread, BATCH rows per
+        placement *stamp* the commit read. *leaves*: each written directory's leaves
+        (kept for those of more than one). *generation*: the tree generation the commit
+        read, whose dirty names it cleans. Runs in a worker thread, BATCH rows per
         transaction."""
+        leaves = leaves or {}
         if full:
-            for table in (self._nodes, self._short):
+            for table in (self._nodes, self._short, self._leaves):
                 while True:
                     with self.db.write() as txn:
                         found, more = scan_batch(txn, table, b"", BATCH)
@@ -210,6 +298,12 @@ class DirState:
             with self.db.write() as txn:
                 for ino, top in items[start : start + BATCH]:
                     txn.put(_u64(ino), bytes([VERSION]) + (top or b""), db=self._nodes)
+                    if not full:
+                        _delete_prefix(txn, self._leaves, _u64(ino))
+                    kept = leaves.get(ino, [])
+                    if len(kept) > 1:
+                        for leaf in kept:
+                            txn.put(_u64(ino) + leaf.first, leaf.encode(), db=self._leaves)
                     if ino in short:
                         txn.put(_u64(ino), b"", db=self._short)
                     else:
@@ -224,6 +318,9 @@ class DirState:
                     raw = txn.get(_u64(ino), db=self._dirty)
                     if raw is not None and _U64.unpack(raw)[0] <= gen:
                         txn.delete(_u64(ino), db=self._dirty)
+                    for name, seen in _prefix_rows(txn, self._names, _u64(ino)):
+                        if _U64.unpack(seen)[0] <= (gen if generation is None else generation):
+                            txn.delete(_u64(ino) + name, db=self._names)
         with self.db.write() as txn:
             since = 0 if full else self.since_full(txn) + 1
             txn.put(_SINCE_FULL, _u64(since), db=self._state)
@@ -252,3 +349,22 @@ class DirState:
                 if after is None:
                     txn.put(_INDEX, bytes([VERSION]), db=self._state)
                     return
+
+
+def _prefix_rows(txn, table, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """(key without *prefix*, value) of the rows of *table* whose keys start with it."""
+    rows = []
+    cursor = txn.cursor(db=table)
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if key[: len(prefix)] != prefix:
+                break
+            rows.append((bytes(key[len(prefix) :]), bytes(value)))
+    return rows
+
+
+def _delete_prefix(txn, table, prefix: bytes) -> None:
+    """Delete the rows of *table* whose keys start with *prefix*."""
+    cursor = txn.cursor(db=table)
+    while cursor.set_range(prefix) and cursor.key()[: len(prefix)] == prefix:
+        cursor.delete()

@@ -573,6 +573,16 @@ def cut_points(keys: list[bytes], sizes: list[int], chunk_key: bytes, level: int
     fraction of 2^32, is below size / NODE_TARGET (so about every NODE_TARGET bytes),
     or once the node reaches NODE_SIZE_CAP bytes (sizes are estimates).
     """
+    return open_cut_points(keys, sizes, chunk_key, level)[0]
+
+
+def open_cut_points(
+    keys: list[bytes], sizes: list[int], chunk_key: bytes, level: int
+) -> tuple[list[int], bool]:
+    """``cut_points``, and whether the last node ends at a cut of its own (True) or only
+    because the run ends there (False: with more keys after the run it could go on).
+    A cut depends only on the entries since the cut before it, so cutting may start
+    afresh at any cut and give the same nodes as cutting the whole run."""
     ends: list[int] = []
     total = 0
     salt = bytes([level])
@@ -582,9 +592,10 @@ def cut_points(keys: list[bytes], sizes: list[int], chunk_key: bytes, level: int
         if int.from_bytes(digest, "big") * NODE_TARGET < size << 32 or total >= NODE_SIZE_CAP:
             ends.append(i + 1)
             total = 0
-    if keys and (not ends or ends[-1] != len(keys)):
+    closed = bool(ends) and ends[-1] == len(keys)
+    if keys and not closed:
         ends.append(len(keys))
-    return ends
+    return ends, closed
 
 
 def manifest_ranges(indexes: list[int]) -> list[tuple[int, int]]:

@@ -236,6 +236,7 @@ class _Copier:
                     queue.append(ROOT_INO)
             else:
                 plan = reader.plan(stxn, False)
+                plan.names = {}  # the copy has no committed leaves: read directories whole
                 queue = [
                     d
                     for level in plan.levels

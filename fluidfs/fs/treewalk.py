@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import stat
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
 import trio
 
 from fluidfs.blocks.record import StoredBlock
-from fluidfs.fs.dirstate import DirState, StaleDirState
+from fluidfs.fs.dirstate import DirState, LeafRecord, StaleDirState
 from fluidfs.fs.inode import Inode
 from fluidfs.fs.metaformat import MANIFEST_INLINE_BLOCKS, Entry, Ref
 from fluidfs.fs.metaindex import Holders
@@ -120,15 +121,27 @@ class TreeReader:
         self._lazy = db["lazy"]
         self.dirs = DirState(db)
 
-    def _prefix(self, txn, table, ino: int, after: bytes = b""):
+    def _prefix(
+        self,
+        txn,
+        table,
+        ino: int,
+        after: bytes = b"",
+        stop: bytes | None = None,
+        start: bytes = b"",
+    ):
+        """Rows of *ino* with keys above *after* (from *start* on, if there is no
+        *after*) and below *stop*."""
         prefix = _U64.pack(ino)
         cursor = txn.cursor(db=table)
-        if cursor.set_range(prefix + after):
+        if cursor.set_range(prefix + (after or start)):
             for key, value in cursor:
                 if key[:8] != prefix:
                     return
                 if after and key[8:] == after:
                     continue
+                if stop is not None and key[8:] >= stop:
+                    return
                 yield bytes(key[8:]), bytes(value)
 
     def inode(self, txn, ino: int) -> Inode | None:
@@ -157,10 +170,11 @@ class TreeReader:
                 _U64.unpack(k)[0]: _U64.unpack(v)[0]
                 for k, v in txn.cursor(db=self.db["dir_dirty"])
             }
+            names: dict[int, list[bytes]] = {}
         else:
             lazy = self.lazy(txn)
-            levels, marks = self.dirs.changed_in(txn, set(lazy), stamp)
-        return Plan(levels, lazy, marks, gen, full, stamp)
+            levels, marks, names = self.dirs.changed_in(txn, set(lazy), stamp)
+        return Plan(levels, lazy, marks, gen, full, stamp, names)
 
     def committed(self, txn, ino: int) -> Ref | None:
         """The committed top node of a directory this commit does not write."""
@@ -226,11 +240,14 @@ class TreeReader:
         content: dict[int, Ref | None],
         after: bytes = b"",
         limit: int | None = None,
+        start: bytes = b"",
+        stop: bytes | None = None,
     ) -> tuple[list[Entry], bool]:
-        """Up to *limit* entries of directory *ino* named after *after*, sorted by name,
-        and whether more follow."""
+        """Up to *limit* entries of directory *ino* named after *after* (or from *start*
+        on, if *after* is empty) and before *stop*, sorted by name, and whether more
+        follow."""
         entries = []
-        for name, value in self._prefix(txn, self._dirents, ino, after):
+        for name, value in self._prefix(txn, self._dirents, ino, after, stop, start):
             if limit is not None and len(entries) >= limit:
                 return entries, True
             child = _U64.unpack(value[:8])[0]
@@ -255,7 +272,9 @@ class Plan:
     """The directories one commit writes, grouped so each comes after its children;
     the lazy directories' refs; the dirty marks seen (ino → generation, fs/dirstate.py)
     and the tree generation the plan was read at; whether every directory is written;
-    the block store's placement stamp when it was read (b"" if unknown)."""
+    the block store's placement stamp when it was read (b"" if unknown); for the
+    directories that may keep committed leaves, the names to read again
+    (fs/dirstate.py ``changed_in``)."""
 
     levels: list[list[int]]
     lazy: dict[int, Ref]
@@ -263,19 +282,22 @@ class Plan:
     generation: int
     full: bool
     stamp: bytes = b""
+    names: dict[int, list[bytes]] = field(default_factory=dict)
 
 
 @dataclass
 class Written:
     """What ``write_tree`` wrote: the root's entry, the next inode number, the top node
     id of each directory it wrote (None if empty), the plan it followed, and the
-    directories written whose nodes name references with fewer holders than shards."""
+    directories written whose nodes name references with fewer holders than shards,
+    and the leaves of each directory written."""
 
     root: Entry
     next_ino: int
     dirs: dict[int, bytes | None]
     plan: Plan
     short: set[int]
+    leaves: dict[int, list[LeafRecord]] = field(default_factory=dict)
 
 
 @dataclass
@@ -286,6 +308,8 @@ class Listed:
     big: list[Entry]  # files whose block lists go to manifest chunks
     files: int  # entries that are not directories
     more: bool  # the directory goes on after the last of these entries
+    # For a directory that keeps some committed leaves: those leaves (and no entries).
+    leaves: list[LeafRecord] | None = None
 
     @classmethod
     def of(cls, entries: list[Entry], more: bool) -> Listed:
@@ -298,18 +322,48 @@ class Listed:
 
 
 def _list_batch(
-    txn, reader: TreeReader, inos: list[int], content: dict[int, Ref | None]
+    txn,
+    reader: TreeReader,
+    inos: list[int],
+    content: dict[int, Ref | None],
+    reuse: frozenset[int] | set[int] = frozenset(),
 ) -> dict[int, Listed]:
-    """The first slice of each directory of a batch."""
-    return {
-        ino: Listed.of(*reader.directory_slice(txn, ino, content, limit=SLICE)) for ino in inos
-    }
+    """The first slice of each directory of a batch (its committed leaves instead, for
+    one in *reuse* that has them)."""
+    listed = {}
+    for ino in inos:
+        leaves = reader.dirs.leaves_in(txn, ino) if ino in reuse else []
+        if leaves:
+            listed[ino] = Listed([], [], 0, False, leaves)
+        else:
+            listed[ino] = Listed.of(*reader.directory_slice(txn, ino, content, limit=SLICE))
+    return listed
 
 
 def _list_slice(
-    txn, reader: TreeReader, ino: int, content: dict[int, Ref | None], after: bytes
+    txn,
+    reader: TreeReader,
+    ino: int,
+    content: dict[int, Ref | None],
+    after: bytes,
+    start: bytes = b"",
+    stop: bytes | None = None,
 ) -> Listed:
-    return Listed.of(*reader.directory_slice(txn, ino, content, after, limit=SLICE))
+    return Listed.of(
+        *reader.directory_slice(txn, ino, content, after, limit=SLICE, start=start, stop=stop)
+    )
+
+
+@dataclass
+class KeptLeaf:
+    """A committed leaf of a directory, named again unread if the leaves before it were
+    cut where they were last time (``TreeWriter.write_slices``); ``read`` gives its
+    entries otherwise."""
+
+    first: bytes
+    block_id: bytes
+    count: int
+    read: Callable[[], Any]  # async () -> list[Entry]
 
 
 async def write_tree(
@@ -322,28 +376,63 @@ async def write_tree(
     if plan is None:
         plan = await trio.to_thread.run_sync(reads.run, reader.plan, full)
     writer.short.clear()  # from an attempt given up (TreeChanged)
+    writer.leaves.clear()
     content: dict[int, Ref | None] = dict(plan.lazy)
 
-    async def one(ino: int, first: Listed) -> None:
-        async def slices():
-            part = first
-            while True:
-                for entry in part.big:
-                    entry.chunks = await writer.manifest(
-                        entry.ino, entry.blocks, entry.inline, owner=ino
-                    )
-                    entry.blocks, entry.inline = [], []
-                writer.stats.files += part.files
-                yield part.entries, not part.more
-                if not part.more:
-                    return
-                after = part.entries[-1].name
-                await trio.to_thread.run_sync(_free, [part])
-                part = await trio.to_thread.run_sync(
-                    reads.run, _list_slice, reader, ino, content, after
+    async def slices(
+        ino: int,
+        part: Listed | None,
+        start: bytes = b"",
+        stop: bytes | None = None,
+        last: bool = True,
+    ) -> AsyncIterator[tuple[list[Entry], bool]]:
+        """The entries of *ino* from *start* to *stop* slice by slice, beginning with
+        *part* if it was read already; the last slice says it is the last if *last*."""
+        if part is None:
+            part = await trio.to_thread.run_sync(
+                reads.run, _list_slice, reader, ino, content, b"", start, stop
+            )
+        while True:
+            for entry in part.big:
+                entry.chunks = await writer.manifest(
+                    entry.ino, entry.blocks, entry.inline, owner=ino
                 )
+                entry.blocks, entry.inline = [], []
+            writer.stats.files += part.files
+            yield part.entries, last and not part.more
+            if not part.more:
+                return
+            after = part.entries[-1].name
+            await trio.to_thread.run_sync(_free, [part])
+            part = await trio.to_thread.run_sync(
+                reads.run, _list_slice, reader, ino, content, after, start, stop
+            )
 
-        content[ino] = await writer.write_slices(slices(), owner=ino)
+    async def kept(ino: int, leaves: list[LeafRecord]) -> AsyncIterator[Any]:
+        """Committed leaves as ``KeptLeaf``s, the ranges holding a changed name (and the
+        flawed leaves) as entries: a leaf's range runs from its first name to the next
+        leaf's (from the start for the first leaf, to the end for the last)."""
+        firsts = [leaf.first for leaf in leaves]
+        touched = {max(bisect_right(firsts, name) - 1, 0) for name in plan.names[ino]}
+        for i, leaf in enumerate(leaves):
+            start = leaf.first if i else b""
+            stop = firsts[i + 1] if i + 1 < len(leaves) else None
+            if i in touched or leaf.flawed:
+                async for part in slices(ino, None, start, stop, last=False):
+                    yield part
+                continue
+
+            async def read(start=start, stop=stop) -> list[Entry]:
+                entries: list[Entry] = []
+                async for part, _ in slices(ino, None, start, stop, last=False):
+                    entries += part
+                return entries
+
+            yield KeptLeaf(leaf.first, leaf.block_id, leaf.count, read)
+
+    async def one(ino: int, first: Listed) -> None:
+        parts = kept(ino, first.leaves) if first.leaves else slices(ino, first)
+        content[ino] = await writer.write_slices(parts, owner=ino)
 
     async def write_batch(listed: dict[int, Listed], room: trio.Semaphore) -> None:
         try:
@@ -371,7 +460,7 @@ async def write_tree(
                     await room.acquire()
                     try:
                         listed = await trio.to_thread.run_sync(
-                            reads.run, _list_batch, reader, batch, content
+                            reads.run, _list_batch, reader, batch, content, set(plan.names)
                         )
                     except BaseException:
                         room.release()
@@ -390,7 +479,8 @@ async def write_tree(
         if ino not in lazy
     }
     short = {ino for ino in dirs if writer.short.get(ino)}
-    return Written(root, next_ino, dirs, plan, short)
+    leaves = {ino: writer.leaves[ino] for ino in dirs if ino in writer.leaves}
+    return Written(root, next_ino, dirs, plan, short, leaves)
 
 
 def _free(dropped: list[Listed]) -> None:

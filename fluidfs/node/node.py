@@ -86,7 +86,6 @@ from fluidfs.store.db import META_TABLES, Database
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
 from fluidfs.store.shards import ShardStore
-from fluidfs.sysutil import MappedFile
 
 __all__ = ["MountError", "Node", "NodeConfig"]
 
@@ -688,10 +687,9 @@ class Node:
     async def _release_meta_pages(self) -> None:
         """Give back meta.lmdb's mapped pages now and then (see sysutil): the hot ones
         fault back in from the page cache at once, the cold ones stop counting in RSS."""
-        mapped = MappedFile(str(self.config.state.meta / "data.mdb"))
         while True:
             await trio.sleep(META_RELEASE_INTERVAL)
-            await trio.to_thread.run_sync(mapped.release, limiter=self.limiter)
+            await trio.to_thread.run_sync(self.meta.release_pages, limiter=self.limiter)
 
     async def _run_remount(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """While mounted: the commit loop, lease renewals and the rest of a restore."""

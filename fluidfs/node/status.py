@@ -137,6 +137,7 @@ class NodeStatus:
             files = 0
             for _key, raw in txn.cursor(db=self.meta["inodes"]):
                 files += Inode.decode(0, bytes(raw)).is_reg
+        self.meta.release_pages()  # the scan mapped every record: not ours to keep
         disk_free = disk_total = 0
         if self.state_path is not None:
             disk_free = free_bytes(self.state_path)

@@ -191,6 +191,8 @@ class Commits:
             return None
         _log_commit(result)
         await self._publish(result)
+        # Publishing released old heads' nodes: pages of meta.lmdb the commit did not map.
+        await trio.to_thread.run_sync(self.committer.db.release_pages)
         return result
 
     async def publish_pending(self) -> None:

@@ -118,6 +118,7 @@ class RemountRequests:
         if blocks.remote is not None:  # without peers, local is simply where blocks live
             ids = await trio.to_thread.run_sync(blocks.local_only_ids, limiter=blocks.limiter)
             local = len(ids)
+        await trio.to_thread.run_sync(blocks.meta.release_pages, limiter=blocks.limiter)
         under = len(blocks.under)
         last = self.committer.last
         weak = last.stats.weak_refs if last is not None else 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import lmdb
 
 from fluidfs.store.batch import WriteBatch
 from fluidfs.store.compact import StoreUsage, compact, compact_closed, swap, usage
+from fluidfs.sysutil import MappedFile
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ META_TABLES = [
     "accounts", "reservations",  # store/accounts.py (storage providers)
     "repair_grants", "repair_caps", "repair_usage", "repair_journal",  # store/repairbook.py
     "dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short",  # fs/dirstate.py
+    "dir_dirty_names", "dir_leaves",
 ]
 
 
@@ -130,6 +133,21 @@ class Database:
             self.env.close()
             raise FileNotFoundError(f"{path} lacks one of the tables {names}") from None
         self.batch = WriteBatch(self.env)
+        self._mapped = MappedFile(str(path / "data.mdb"))
+        # Held while pages are released and while closing: once the file is unmapped its
+        # address range may hold other memory, which MADV_DONTNEED would wipe.
+        self._mapping = threading.Lock()
+        self._closed = False
+
+    def release_pages(self) -> int:
+        """Give back this process's mapped pages of the file (sysutil.MappedFile: they
+        stay in the page cache, the hot ones fault back in at once); the bytes covered.
+        For after work that read much of the file (a commit, a scan of every record);
+        does nothing once the environment is closed. Blocking: a worker thread."""
+        with self._mapping:
+            if self._closed:
+                return 0
+            return self._mapped.release()
 
     def read(self) -> lmdb.Transaction:
         """A read-only transaction (use as a context manager) of what is committed; on
@@ -185,6 +203,8 @@ class Database:
                         copied = compact(self.env, self.path)
                 except (OSError, lmdb.Error) as exc:
                     log.warning("compacting %s failed: %s", self.path, exc)
-        self.env.close()
+        with self._mapping:
+            self._closed = True
+            self.env.close()
         if copied is not None:
             swap(copied, self.path)

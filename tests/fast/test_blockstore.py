@@ -178,3 +178,36 @@ async def test_a_rebuilt_block_is_read_from_memory_and_cached_on_disk_when_read_
     assert await blocks.read(block_id, 100, 50) == data[100:150]
     assert rebuilt == 2
     assert block_id in blocks.cache and blocks.cache.path(block_id).read_bytes() == data
+
+
+def test_local_only_blocks_are_looked_for_once_then_only_where_they_can_be(
+    store: LocalStore,
+) -> None:
+    """Every ``fluidfs sync`` on a node with peers asks for the blocks still only here:
+    after the first scan of every record, a call reads only the blocks found then and
+    those saved with this machine as a holder since. Failed before: each call read all
+    the records (at 1,000,000 files, one sync after a one-file change scanned them all)."""
+    peers_held = [fake_block(i, [5, 6, 7]) for i in range(200)]
+    local = [fake_block(1000 + i, [LOCAL_HOLDER] * 3) for i in range(5)]
+    with store.db.write() as txn:
+        for stored in peers_held + local:
+            store.blocks.save(txn, stored)
+    ids = sorted(s.record.block_id for s in local)
+    blocks = store.blocks
+    assert blocks.local_only_ids() == ids
+    assert blocks.local_looked >= 205, "the first call scans every record"
+    assert blocks.local_only_ids() == ids
+    assert blocks.local_looked == 5, "then only the local ones"
+    # one moves onto peers, one is deleted, a new one is stored here, one stays put
+    moved = StoredBlock(local[0].record, 1, [5, 6, 7])
+    late = fake_block(2000, [LOCAL_HOLDER] * 3)
+    with store.db.write() as txn:
+        blocks.save(txn, moved)
+        blocks.save(txn, late)
+        assert blocks.drop_ref(txn, local[1].record.block_id) is not None
+    now = sorted([*ids[:], late.record.block_id])
+    now.remove(local[0].record.block_id)
+    now.remove(local[1].record.block_id)
+    assert blocks.local_only_ids() == now
+    assert blocks.local_looked == 6  # the five found, the one saved since
+    assert blocks.local_only_ids() == now and blocks.local_looked == 4

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pyfuse3
 from test_commit import CTX, Machine, restore_into
 
+from fluidfs.fs.metaformat import LEAF, decode_node
 from fluidfs.fs.tree import ROOT_INO
 
 WIDE, DEEP, FILES = 8, 4, 4  # root / a0..a7 / b0..b3 / 4 files: 41 directories
@@ -155,3 +156,100 @@ async def test_a_store_from_before_the_index_gets_one_full_commit(tmp_path) -> N
         assert not second.stats.full and second.stats.dirs == 3
         full = await a.node.commits.commit(user_changed=False, force=True, full=True)
         assert full.head.tree == second.head.tree
+
+
+WIDE_ROOT = 600  # subdirectories of the root: several leaves of it
+
+
+async def leaves_of(m: Machine, top: bytes) -> list[tuple[bytes, int]]:
+    """(first name, entries) of each leaf under the committed node *top*."""
+    node = decode_node(await m.node.blocks.read(top, 0, 1 << 30))
+    if node.type == LEAF:
+        return [(node.entries[0].name, len(node.entries))]
+    found = []
+    for _, ref, _ in node.children:
+        found += await leaves_of(m, ref.record.block_id)
+    return found
+
+
+async def test_a_change_under_a_wide_directory_encodes_one_leaf_of_it(
+    tmp_path, monkeypatch
+) -> None:
+    """A directory of many entries on the path of a change (the root of a big tree has
+    one per subdirectory) keeps its committed leaves but the one holding the changed
+    entry: the entries encoded and the bytes hashed for it are one leaf's, and the nodes
+    serialised are bounded by the depth. Failed before: the whole root was read,
+    encoded and hashed again on every commit (every leaf ``nodes_reused``)."""
+    from fluidfs.fs import commit as commit_module
+
+    encoded: list[list[bytes]] = []  # names of each leaf encoded
+    real_encode = commit_module.encode_leaf
+
+    def counting_encode(entries):
+        encoded.append([e.name for e in entries])
+        return real_encode(entries)
+
+    monkeypatch.setattr(commit_module, "encode_leaf", counting_encode)
+    monkeypatch.setattr(commit_module, "KEEP_PIECE", 2)  # kept leaves named in pieces
+
+    async with Machine(tmp_path / "a") as a:
+        for i in range(WIDE_ROOT):
+            await a.write(await a.mkdir(ROOT_INO, f"dir-{i:04d}"), "f", b"x%d" % i)
+        first = await commit(a)
+        leaves = await leaves_of(a, first.head.tree)
+        assert len(leaves) >= 5, "the root is cut into several leaves"
+        assert sum(count for _, count in leaves) == WIDE_ROOT
+        small = min(range(len(leaves) - 1), key=lambda i: leaves[i][1])
+        name, count = leaves[small][0].decode(), leaves[small][1]
+        after = leaves[small + 1][1]
+        hashed: list[int] = []
+        real_id = a.node.blocks.codec.block_id
+
+        def counting_id(plain: bytes) -> bytes:
+            hashed.append(len(plain))
+            return real_id(plain)
+
+        monkeypatch.setattr(a.node.blocks.codec, "block_id", counting_id)
+
+        def root_entries() -> int:
+            return sum(1 for names in encoded for n in names if n.startswith(b"dir-"))
+
+        # a file under one subdirectory: the root's entry for that subdirectory changes
+        encoded.clear()
+        await overwrite(a, f"{name}/f", b"changed!")
+        second = await commit(a)
+        stats = second.stats
+        assert not stats.full and stats.dirs == 2, stats
+        assert root_entries() == count, (root_entries(), leaves[small])
+        assert stats.leaves_kept == len(leaves) - 1
+        depth = 2  # the subdirectory and the root
+        assert stats.nodes_written + stats.nodes_reused <= 3 * depth + 2, stats
+        assert sum(hashed) < 32 * 1024 + count * 1024, sum(hashed)
+
+        # a new entry in the root itself (a dirty name): its leaf again, and the next
+        # one unless the new entry ends a leaf (the cuts after it move up to the next)
+        encoded.clear()
+        await a.write(ROOT_INO, f"{name}-new", b"new")
+        third = await commit(a)
+        assert count + 1 <= root_entries() <= count + 1 + after, root_entries()
+        assert third.stats.leaves_kept >= len(leaves) - 2
+
+        # a removed entry in another leaf and a renamed one
+        other = (small + 1) % len(leaves)
+        gone = leaves[other][0]
+        await a.ops.rename(ROOT_INO, gone, ROOT_INO, gone + b"-renamed", 0, CTX)
+        await a.ops.unlink(await a.lookup(f"{name}"), b"f", CTX)
+        fourth = await commit(a)
+        assert fourth.stats.leaves_kept >= len(leaves) - 4
+
+        # reading every directory makes exactly the same tree
+        full = await a.node.commits.commit(user_changed=False, force=True, full=True)
+        assert full.stats.full and full.head.tree == fourth.head.tree
+        live = await listing(a)
+
+    b = await restore_into(tmp_path, "a", "b", full)
+    try:
+        await b.node.restorer.load_all()
+        assert await listing(b) == live
+    finally:
+        await b.__aexit__()
