@@ -45,6 +45,25 @@ class Counting(PeerService):
         return await super().handle(peer_key, op, args)
 
 
+class InFlight(Counting):
+    """Counts the most StoreShard calls it answered at once."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.running = self.most = 0
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "StoreShard":
+            return await super().handle(peer_key, op, args)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await trio.sleep(0.01)  # a host a little slower than the owner's burst
+            return await super().handle(peer_key, op, args)
+        finally:
+            self.running -= 1
+
+
 class NamesUnsent(Counting):
     """Stores what it is sent, then answers that it stored a shard it was never sent."""
 
@@ -98,6 +117,28 @@ async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
                 assert len(calls) <= BLOCKS // PER_CALL, calls
                 assert owner.ledger.get(host.key).they_use == host.shards.used(owner.key)
             assert not store.blocks.under
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_one_store_call_at_a_time_to_a_peer(tmp_path: Path) -> None:
+    """Batched stores run one StoreShard call at a time to a peer, so the shards that
+    arrive meanwhile go together in the next one. Before: two calls at once, each
+    carrying half as many shards (and costing the host as much)."""
+    async with peer_nodes(tmp_path, N, service=InFlight) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                ids = await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            for host in hosts:
+                assert sum(host.service.calls) == BLOCKS
+                assert host.service.most == 1, host.service.most
         finally:
             store.close()
             owner.close()
