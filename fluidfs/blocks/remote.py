@@ -244,6 +244,10 @@ class RemoteShards:
                 for i, key in first.items()
             ])
 
+        if self.store_batches.usable(b"", record.shard_size):
+            await self._place_batched(record, shards, holders, first, candidates, priority)
+            return
+
         async def store_one(index: int) -> None:
             key = first.get(index)
             journaled = True
@@ -261,6 +265,40 @@ class RemoteShards:
         async with trio.open_nursery() as nursery:
             for index in missing:
                 nursery.start_soon(store_one, index)
+
+    async def _place_batched(
+        self, record: BlockRecord, shards: list[bytes], holders: list[int],
+        first: dict[int, bytes], candidates: list[bytes], priority: int,
+    ) -> None:
+        """``place`` for a block of small shards: all go in batches and this one task
+        waits for them (a task per shard was most of a first sync's task switches).
+        Shards that failed go to the next candidates together, round after round, each
+        attempt journalled as ``_store`` journals it."""
+        tries = first
+        journaled = True
+        while tries:
+            stores = [(key, self.peers.get(key).index, record.shard_ids[index], shards[index])
+                      for index, key in tries.items()]
+            if not journaled and self.journal is not None:
+                self.journal.placing_many([(holder, shard_id, len(data), record.block_id)
+                                           for _, holder, shard_id, data in stores])
+            outcomes = await self.store_batches.store_group(
+                stores, priority, patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
+            unsent = []
+            retries: dict[int, bytes] = {}
+            for index, (_, holder, shard_id, _), outcome in zip(tries, stores, outcomes,
+                                                                 strict=True):
+                if outcome == STORED:
+                    holders[index] = holder
+                    continue
+                if outcome == "unsent":  # a slow peer: never sent, nothing to collect
+                    unsent.append((holder, shard_id, record.shard_size, REFUSED))
+                if candidates:
+                    retries[index] = candidates.pop(0)
+            if unsent and self.journal is not None:
+                self.journal.outcomes(unsent)
+            tries = retries
+            journaled = False
 
     async def _store(
         self,

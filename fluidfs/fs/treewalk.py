@@ -132,17 +132,7 @@ class TreeReader:
     ):
         """Rows of *ino* with keys above *after* (from *start* on, if there is no
         *after*) and below *stop*."""
-        prefix = _U64.pack(ino)
-        cursor = txn.cursor(db=table)
-        if cursor.set_range(prefix + (after or start)):
-            for key, value in cursor:
-                if key[:8] != prefix:
-                    return
-                if after and key[8:] == after:
-                    continue
-                if stop is not None and key[8:] >= stop:
-                    return
-                yield bytes(key[8:]), bytes(value)
+        return _scan(txn.cursor(db=table), ino, after, stop, start)
 
     def inode(self, txn, ino: int) -> Inode | None:
         raw = txn.get(_U64.pack(ino), db=self._inodes)
@@ -217,17 +207,25 @@ class TreeReader:
                 levels.setdefault(height, []).append(ino)
         return [levels[h] for h in sorted(levels)], lazy
 
-    def entry(self, txn, name: bytes, inode: Inode) -> Entry:
+    def entry(self, txn, name: bytes, inode: Inode, cursors: tuple | None = None) -> Entry:
+        """The entry for *inode* named *name*, with its xattrs and block references.
+        *cursors*: an (xattrs, blockmap) cursor pair of *txn* to reuse (``cursors``):
+        a slice of many entries opens two cursors, not two per entry."""
+        xattrs, blockmap = cursors if cursors is not None else self.cursors(txn)
         entry = Entry.of_inode(name, inode)
-        entry.xattrs = list(self._prefix(txn, self._xattrs, inode.ino))
+        entry.xattrs = list(_scan(xattrs, inode.ino))
         if inode.is_reg:
-            for key, value in self._prefix(txn, self._blockmap, inode.ino):
+            for key, value in _scan(blockmap, inode.ino):
                 index = _U64.unpack(key)[0]
                 if value[:1] == BLOCK_REF:
                     entry.blocks.append((index, self.ref(txn, value[1:])))
                 elif value[:1] == INLINE:
                     entry.inline.append((index, value[1:]))
         return entry
+
+    def cursors(self, txn) -> tuple:
+        """An (xattrs, blockmap) cursor pair of *txn* for ``entry``."""
+        return txn.cursor(db=self._xattrs), txn.cursor(db=self._blockmap)
 
     def directory(self, txn, ino: int, content: dict[int, Ref | None]) -> list[Entry]:
         """The entries of directory *ino*, sorted by name; subdirectories from *content*."""
@@ -247,6 +245,7 @@ class TreeReader:
         on, if *after* is empty) and before *stop*, sorted by name, and whether more
         follow."""
         entries = []
+        cursors = self.cursors(txn)
         for name, value in self._prefix(txn, self._dirents, ino, after, stop, start):
             if limit is not None and len(entries) >= limit:
                 return entries, True
@@ -254,7 +253,7 @@ class TreeReader:
             inode = self.inode(txn, child)
             if inode is None:
                 continue
-            entry = self.entry(txn, name, inode)
+            entry = self.entry(txn, name, inode, cursors)
             if inode.is_dir:
                 entry.content = (
                     content[child] if child in content else self.committed(txn, child)
@@ -265,6 +264,24 @@ class TreeReader:
     def next_ino(self, txn) -> int:
         raw = txn.get(b"next_ino", db=self.db["counters"])
         return _U64.unpack(raw)[0] if raw else 2
+
+
+def _scan(
+    cursor, ino: int, after: bytes = b"", stop: bytes | None = None, start: bytes = b""
+):
+    """(key after the inode number, value) of *cursor*'s table for inode *ino*, in
+    order, from the first key after *after* (from *start* on, if there is no *after*)
+    and below *stop* (copies: the cursor moves on)."""
+    prefix = _U64.pack(ino)
+    if cursor.set_range(prefix + (after or start)):
+        for key, value in cursor:
+            if key[:8] != prefix:
+                return
+            if after and key[8:] == after:
+                continue
+            if stop is not None and key[8:] >= stop:
+                return
+            yield bytes(key[8:]), bytes(value)
 
 
 @dataclass

@@ -201,6 +201,12 @@ class AddressBook:
         """The newest record held for *key*."""
         return self._records.get(key)
 
+    def holds(self, key: bytes, raw: bytes) -> bool:
+        """True if the record held for *key* is exactly *raw* (already verified: reading
+        it again would change nothing)."""
+        held = self._records.get(key)
+        return held is not None and held.raw == raw
+
     def offer(self, record: AddressRecord) -> bool:
         """Keep *record* if it is newer than the one held; True if it was kept."""
         held = self._records.get(record.key)

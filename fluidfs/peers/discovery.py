@@ -26,7 +26,9 @@ table has room; see peers/peerlist.py for its cap and eviction.
 
 A ``ShareNewPeers`` answer may carry peers' signed address records: a valid record newer
 than the one held moves a known peer's row to its new address at once (the signature is
-the peer's own, so no verification dial is needed; peers/addrrecord.py).
+the peer's own, so no verification dial is needed; peers/addrrecord.py). A record whose
+bytes are those of the one held is skipped unread: it can change nothing, and answers
+repeat the same records every round.
 
 While this node needs a relay (``wants_relays``: nobody can dial it, it was given none
 and holds fewer than two, peers/relayclient.py), discovery looks for relays: it asks
@@ -253,6 +255,10 @@ class Discovery:
         for item in items:
             raw = item.get("record")
             if raw is None or item["id"] not in self.peers:
+                continue
+            if self.addresses.holds(item["id"], raw):
+                # The record we hold, passed back to us: peers share the same records in
+                # every answer, and checking a signature is most of a round's CPU.
                 continue
             try:
                 record = read_record(raw, expected=item["id"])

@@ -310,3 +310,39 @@ async def test_blocks_stay_within_placement_groups_of_n_peers(tmp_path: Path) ->
             again = list(holders)
             await remote.place(record, shards, again)
             assert set(again) <= home
+
+
+async def test_small_blocks_batched_to_a_silent_peer_go_elsewhere(tmp_path: Path, clock) -> None:
+    """Small blocks' shards go in batches, a block's shards waited for together: the
+    shards sent to a peer that never answers (unanswered after the call's timeout) and
+    those still queued for it (unsent after their patience) are placed on the others."""
+    async with owner_with_hosts(tmp_path, N) as (owner, remote, _, nursery):
+        slow = await PeerNode(tmp_path / "slow", service=silent_on("StoreShard")).start(nursery)
+        try:
+            owner.use(slow)
+            for _ in range(100):  # the most trusted peer: drawn first
+                owner.peers.record(slow.key, True)
+            slow_index = owner.peers.get(slow.key).index
+            placed = []
+
+            async def place_one() -> None:
+                record, shards = sealed(remote, os.urandom(3000))
+                holders = [NO_HOLDER] * N
+                await remote.place(record, shards, holders)
+                placed.append(holders)
+
+            async with trio.open_nursery() as tasks:
+                await tasks.start(remote.run)
+                assert remote.store_batches.usable(slow.key, 3000)
+                async with trio.open_nursery() as placing:
+                    for _ in range(4):  # more than the slow peer's calls in flight
+                        placing.start_soon(place_one)
+                        await trio.sleep(1)  # each in a call of its own, or queued
+                tasks.cancel_scope.cancel()
+            assert len(placed) == 4
+            for holders in placed:
+                assert NO_HOLDER not in holders and slow_index not in holders
+            assert len(set(placed[0])) == N
+            assert remote.store_batches.calls > 0
+        finally:
+            slow.close()

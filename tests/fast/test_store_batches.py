@@ -45,6 +45,25 @@ class Counting(PeerService):
         return await super().handle(peer_key, op, args)
 
 
+class InFlight(Counting):
+    """Counts the most StoreShard calls it answered at once."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.running = self.most = 0
+
+    async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op != "StoreShard":
+            return await super().handle(peer_key, op, args)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await trio.sleep(0.01)  # a host a little slower than the owner's burst
+            return await super().handle(peer_key, op, args)
+        finally:
+            self.running -= 1
+
+
 class NamesUnsent(Counting):
     """Stores what it is sent, then answers that it stored a shard it was never sent."""
 
@@ -83,7 +102,9 @@ async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
         store = LocalStore(tmp_path / "state", RING)
         try:
             store_through(store, owner, hosts)
-            ids = await put_burst(store, owner, nursery)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                ids = await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
             for block_id in ids:
                 stored = store.blocks.load(block_id)
                 assert NO_HOLDER not in stored.holders, "every shard has its holder"
@@ -101,6 +122,28 @@ async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
             owner.close()
 
 
+async def test_one_store_call_at_a_time_to_a_peer(tmp_path: Path) -> None:
+    """Batched stores run one StoreShard call at a time to a peer, so the shards that
+    arrive meanwhile go together in the next one. Before: two calls at once, each
+    carrying half as many shards (and costing the host as much)."""
+    async with peer_nodes(tmp_path, N, service=InFlight) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                ids = await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            for host in hosts:
+                assert sum(host.service.calls) == BLOCKS
+                assert host.service.most == 1, host.service.most
+        finally:
+            store.close()
+            owner.close()
+
+
 async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
     tmp_path: Path,
 ) -> None:
@@ -112,14 +155,16 @@ async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
         store = LocalStore(tmp_path / "state", RING)
         try:
             store_through(store, owner, [*honest, liar])
-            ids = await put_burst(store, owner, nursery)
-            liar_index = owner.peers.get(liar.key).index
-            assert liar.service.calls, "the liar was asked"
-            for block_id in ids:
-                holders = store.blocks.load(block_id).holders
-                assert NO_HOLDER not in holders and liar_index not in holders
-            assert owner.ledger.get(liar.key).they_use == 0
-            await store.blocks.collector.collect()
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                ids = await put_burst(store, owner, tasks)
+                liar_index = owner.peers.get(liar.key).index
+                assert liar.service.calls, "the liar was asked"
+                for block_id in ids:
+                    holders = store.blocks.load(block_id).holders
+                    assert NO_HOLDER not in holders and liar_index not in holders
+                assert owner.ledger.get(liar.key).they_use == 0
+                await store.blocks.collector.collect()
+                tasks.cancel_scope.cancel()
             assert liar.shards.used(owner.key) == 0, "what it was sent is taken back"
         finally:
             store.close()
@@ -137,22 +182,24 @@ async def test_blocks_waiting_for_their_first_upload_are_left_to_it(tmp_path: Pa
         store = LocalStore(tmp_path / "state", RING)
         try:
             store_through(store, owner, hosts)
-            await nursery.start(store.blocks.remote.run)
             ids: list[bytes] = []
 
             async def put() -> None:
                 ids.append(await store.blocks.put(os.urandom(3000)))
 
-            async with trio.open_nursery() as putters:
-                for _ in range(8):  # more than the upload queue holds: some wait in put
-                    putters.start_soon(put)
-                with trio.fail_after(10):
-                    while len(store.blocks.under) < 8:
-                        await trio.sleep(0.01)
-                await Repairer(store.blocks, RepairPolicy()).repair_pass()
-                await nursery.start(store.blocks.run)  # the uploaders start only now
-            with trio.fail_after(30):
-                await store.blocks.drain()
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                await tasks.start(store.blocks.remote.run)
+                async with trio.open_nursery() as putters:
+                    for _ in range(8):  # more than the upload queue holds: some wait in put
+                        putters.start_soon(put)
+                    with trio.fail_after(10):
+                        while len(store.blocks.under) < 8:
+                            await trio.sleep(0.01)
+                    await Repairer(store.blocks, RepairPolicy()).repair_pass()
+                    await tasks.start(store.blocks.run)  # the uploaders start only now
+                with trio.fail_after(30):
+                    await store.blocks.drain()
+                tasks.cancel_scope.cancel()
             for block_id in ids:
                 assert NO_HOLDER not in store.blocks.load(block_id).holders
             for host in hosts:
@@ -206,6 +253,57 @@ async def test_nodes_waiting_for_placement_wake_for_their_own_upload(tmp_path: P
             assert placed == [True] * WAITERS
             own = 2 * WAITERS  # each upload reads its record twice
             assert reads - own <= WAITERS * (2 + polls), (reads - own, polls)
+        finally:
+            store.close()
+            owner.close()
+
+
+class TasksSpawned(trio.abc.Instrument):
+    """Counts the tasks spawned by the owner's block code (fluidfs.blocks), by name."""
+
+    def __init__(self) -> None:
+        self.names: Counter[str] = Counter()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("fluidfs.blocks."):
+            self.names[task.name] += 1
+
+
+async def test_a_small_block_is_stored_by_about_one_task_not_one_per_shard(
+    tmp_path: Path,
+) -> None:
+    """Storing a block of 8 small shards spawned a task per shard: 9.3 tasks per block
+    here, counting the block's upload and the batch senders. One task now waits for all
+    of a block's shards (a ``StoreGroup``): 1.3. Every shard still reaches a holder."""
+    ring = keys.KeyRing(keys.generate(shards_total=8, shards_needed=4))
+    async with peer_nodes(tmp_path, 8) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", ring)
+        try:
+            store_through(store, owner, hosts)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                await tasks.start(store.blocks.remote.run)
+                await tasks.start(store.blocks.run)
+                counter = TasksSpawned()
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    ids: list[bytes] = []
+
+                    async def put() -> None:
+                        ids.append(await store.blocks.put(os.urandom(3000)))
+
+                    async with trio.open_nursery() as putters:
+                        for _ in range(BLOCKS):
+                            putters.start_soon(put)
+                    with trio.fail_after(30):
+                        await store.blocks.drain()
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                tasks.cancel_scope.cancel()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            per_block = sum(counter.names.values()) / BLOCKS
+            assert per_block <= 2, (per_block, counter.names)
         finally:
             store.close()
             owner.close()

@@ -113,3 +113,43 @@ async def test_a_large_directory_rewrites_one_chunk_for_one_change(store: LocalS
     _, second = await write(meta)
     assert second.nodes_written <= 4, second  # one leaf, the index above it, the root
     assert second.bytes_written < first.bytes_written / 4
+
+
+class CountedCursors:
+    """A read transaction that counts the cursors opened on it, by table."""
+
+    def __init__(self, txn, db) -> None:
+        self.txn = txn
+        self.names = {id(db[name]): name for name in ("dirents", "xattrs", "blockmap")}
+        self.opened: dict[str, int] = {}
+
+    def cursor(self, db=None):
+        name = self.names.get(id(db), "other")
+        self.opened[name] = self.opened.get(name, 0) + 1
+        return self.txn.cursor(db=db)
+
+    def __getattr__(self, name: str):
+        return getattr(self.txn, name)
+
+
+async def test_a_directory_slice_opens_a_cursor_per_table_not_per_entry(
+    store: LocalStore,
+) -> None:
+    """Reading a slice of a directory for a commit opened an xattrs and a blockmap cursor
+    for every entry (201 cursors for 100 files); now one per table for the slice, and
+    each entry still gets its own xattrs and blocks."""
+    meta = Metadata(store)
+    inos = [await store.create(ROOT_INO, f"f{i:03d}", os.urandom(BS + 1 + i))
+            for i in range(100)]
+    store.tree.set_xattr(inos[7], b"user.n", b"7")
+    with store.db.read() as txn:
+        counted = CountedCursors(txn, store.db)
+        entries, more = reader(meta).directory_slice(counted, ROOT_INO, {})
+        plain = reader(meta).directory(txn, ROOT_INO, {})
+    assert not more and len(entries) == 100
+    assert counted.opened == {"dirents": 1, "xattrs": 1, "blockmap": 1}
+    assert [e.xattrs for e in entries] == [[(b"user.n", b"7")] if e.ino == inos[7] else []
+                                           for e in entries]
+    assert all([i for i, _ in e.blocks] == [0, 1] for e in entries)
+    assert [(e.name, e.xattrs, e.blocks) for e in entries] == \
+        [(e.name, e.xattrs, e.blocks) for e in plain]
