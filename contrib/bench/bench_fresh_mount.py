@@ -18,7 +18,9 @@ alike), mounts a new state directory with that keyfile alone, as bench_e2e.py's
 - the node's CPU-seconds (utime + stime of the background node up to ``visible``) and
   those of the ``fluidfs mount`` process itself (from its rusage);
 - a timeline from the node's log lines (its timestamps, against the start), for the
-  steps the mount logs: services listening, restored commit, mounted.
+  steps the mount logs: services listening, restored commit, mounted; and the gate's
+  own steps (``mount gate:`` line: peers dialled, root read, lease taken, tree adopted),
+  each in seconds of its own, where the checkout logs them.
 
 Medians per checkout are printed side by side. Each fresh mount is unmounted and its
 state removed before the next (each pays the lease handover of a clean unmount).
@@ -77,6 +79,10 @@ def timeline(log_path: Path, started: float) -> dict[str, float]:
         for name, prefix in STEPS:
             if name not in out and m.group(2).startswith(prefix):
                 out[name] = when - started
+        if m.group(2).startswith("mount gate: "):  # "step 0.123 s, ..." (remount/gate.py)
+            for part in m.group(2)[len("mount gate: "):].split(", "):
+                step, _, seconds = part.rpartition(" ")[0].rpartition(" ")
+                out[f"gate: {step}"] = float(seconds)
     return out
 
 
@@ -172,13 +178,13 @@ def main() -> int:
     keys = list(dict.fromkeys(k for rs in results.values() for r in rs for k in r))
     print(f"\nfresh mount until the tree is visible: {args.peers} peers on 127.0.0.1, "
           f"median of {args.mounts}, cpus={os.cpu_count()} (seconds; cpu = CPU-seconds)")
-    print(f"{'step':16}" + "".join(f"{str(r)[-28:]:>30}" for r in repos))
+    print(f"{'step':24}" + "".join(f"{str(r)[-28:]:>30}" for r in repos))
     for k in keys:
         cells = []
         for r in repos:
             values = [x[k] for x in results[str(r)] if k in x]
             cells.append(f"{statistics.median(values):30.3f}" if values else f"{'-':>30}")
-        print(f"{k:16}" + "".join(cells))
+        print(f"{k:24}" + "".join(cells))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -122,6 +122,23 @@ def same_root(early: Found | None, found: Found | None) -> bool:
     )
 
 
+class Steps:
+    """How long each step of the gate took, for its log line."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.steps: list[tuple[str, float]] = []
+
+    def mark(self, step: str) -> None:
+        """*step* ended now."""
+        now = time.monotonic()
+        self.steps.append((step, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.3f} s" for step, seconds in self.steps)
+
+
 class MountGate:
     """Settles the lease and the tree before a mount; raises RemountError to refuse."""
 
@@ -181,7 +198,9 @@ class MountGate:
             return
         fresh = self.fresh()
         new = fresh and self.known_new()
+        steps = Steps()
         await self.dialer.reach()
+        steps.mark("peers dialled")
         waiting = fresh and not new
         early: Found | None = None
         seen: Look | None = None
@@ -190,6 +209,7 @@ class MountGate:
             # the backup's peers (the lease's holders among them), and whether a backup
             # exists at all must be settled before anything is taken or written.
             early, seen = await self._root_and_lease()
+            steps.mark("root read")
             if fresh_start(early, known_new=False, quorum=self.quorum) is FreshStart.REFUSE:
                 self._refuse_empty(early)
         found: Found | None = None
@@ -208,10 +228,13 @@ class MountGate:
                 warming.cancel()
         if refused is not None:
             raise refused
+        steps.mark("lease taken")
         if found is not None and found.exists:
             self.publisher.seen(found.seq)
         if fresh:
             await self._settle_fresh(found, new)
+            steps.mark("tree adopted")
+            log.info("mount gate: %s", steps)
             return
         published = [h.seq for h in self.heads.all() if h.published]
         moved_on = forked(found, self.machine, published[-1] if published else 0)
@@ -229,6 +252,7 @@ class MountGate:
                     f"its unpublished writes: {exc}; mount again once peers are reachable"
                 ) from None
         await self.conflicts.import_pending()
+        log.info("mount gate: %s", steps)
 
     async def _take_lease(
         self, seen: Look | None, waiting: bool, on_progress: Callable[[str], None]
