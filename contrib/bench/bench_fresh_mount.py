@@ -46,6 +46,7 @@ from bench_network import ServePeer, start_peers
 from benchlib import REPO, is_mount, log
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: (.*)$")
+GATE_STEP = re.compile(r"([a-z][a-z ]*) ([\d.]+) s \(([\d.]+) CPU-s\)")
 STEPS = (  # (name in the timeline, the start of the log line that marks it)
     ("services up", "peer service listening"),
     ("tree restored", "restored commit"),
@@ -79,10 +80,10 @@ def timeline(log_path: Path, started: float) -> dict[str, float]:
         for name, prefix in STEPS:
             if name not in out and m.group(2).startswith(prefix):
                 out[name] = when - started
-        if m.group(2).startswith("mount gate: "):  # "step 0.123 s, ..." (remount/gate.py)
-            for part in m.group(2)[len("mount gate: "):].split(", "):
-                step, _, seconds = part.rpartition(" ")[0].rpartition(" ")
+        if m.group(2).startswith("mount gate: "):  # remount/gate.py, Steps
+            for step, seconds, cpu in GATE_STEP.findall(m.group(2)):
                 out[f"gate: {step}"] = float(seconds)
+                out[f"gate: {step} cpu"] = float(cpu)
     return out
 
 

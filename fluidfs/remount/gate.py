@@ -123,20 +123,22 @@ def same_root(early: Found | None, found: Found | None) -> bool:
 
 
 class Steps:
-    """How long each step of the gate took, for its log line."""
+    """How long each step of the gate took, and the process's CPU time in it (every
+    thread's), for its log line."""
 
     def __init__(self) -> None:
-        self.last = time.monotonic()
-        self.steps: list[tuple[str, float]] = []
+        self.last = (time.monotonic(), time.process_time())
+        self.steps: list[tuple[str, float, float]] = []
 
     def mark(self, step: str) -> None:
         """*step* ended now."""
-        now = time.monotonic()
-        self.steps.append((step, now - self.last))
+        now = (time.monotonic(), time.process_time())
+        self.steps.append((step, now[0] - self.last[0], now[1] - self.last[1]))
         self.last = now
 
     def __str__(self) -> str:
-        return ", ".join(f"{step} {seconds:.3f} s" for step, seconds in self.steps)
+        return ", ".join(f"{step} {seconds:.3f} s ({cpu:.3f} CPU-s)"
+                         for step, seconds, cpu in self.steps)
 
 
 class MountGate:
