@@ -563,6 +563,11 @@ class RemoteShards:
                     hedged += 1
                     start_next()
             nursery.cancel_scope.cancel()
+        if sources is not None:
+            # A request may have answered after the last one taken: its shard never
+            # reached *good*, so it is nobody's source (the caller checks sources in good).
+            for index in [i for i in sources if i not in good]:
+                del sources[index]
         if len(good) < record.needed:
             await self._search(record, holders, good, on_found)
         if len(good) < record.needed:
