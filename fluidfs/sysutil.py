@@ -6,20 +6,26 @@ import ctypes
 import ctypes.util
 import functools
 
+GLIBC = "libc.so.6"
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library, looked up once (find_library runs a subprocess)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    """The C library, opened once: glibc by its soname, which every glibc system has;
+    only elsewhere looked up with find_library (it runs ldconfig as a subprocess: some
+    20 ms of every node's start)."""
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = ctypes.CDLL(GLIBC, use_errno=True)
     except OSError:
-        return None
+        name = ctypes.util.find_library("c")
+        if not name:
+            return None
+        try:
+            libc = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 

@@ -284,6 +284,23 @@ def test_mount_then_unmount_messages(make_mount) -> None:
     one_line_error(run_cli("unmount", str(mnt.path)), 2)
 
 
+def test_the_background_node_is_the_command_forked_and_detached(make_mount) -> None:
+    """`fluidfs mount` forks its node rather than starting a second interpreter for it
+    (that paid Python's start and this command's imports again: before, the node ran
+    `python -m fluidfs mount --foreground --ready-fd N ...`). The child is detached as the
+    re-exec was: a session of its own, stdin from /dev/null, stdout and stderr in the log."""
+    mnt = make_mount()
+    mnt.mount()
+    pid = mnt.pid()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--foreground" not in argv and b"mount" in argv, argv
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    log = str(mnt.state / "fluidfs.log")
+    assert os.readlink(f"/proc/{pid}/fd/1") == log and os.readlink(f"/proc/{pid}/fd/2") == log
+    mnt.unmount()
+
+
 # --- other users ------------------------------------------------------------------------
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

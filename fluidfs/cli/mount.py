@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
 from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
-from fluidfs.cli.options import reexec_argv
 from fluidfs.statedir import FSNAME_PREFIX, StateDir, StateError, state_dir_from_fsname
 from fluidfs.web.token import read_url
 
@@ -62,13 +64,19 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.foreground:
         run_foreground(args, mountpoint, state, keyring)
     else:
-        run_background(args, mountpoint, state)
+        run_background(args, mountpoint, state, keyring)
 
 
 def run_foreground(
-    args: argparse.Namespace, mountpoint: Path, state: StateDir, keyring: keymod.KeyRing
+    args: argparse.Namespace,
+    mountpoint: Path,
+    state: StateDir,
+    keyring: keymod.KeyRing,
+    *,
+    ready_fd: int | None = None,
 ) -> None:
-    """Run the node in this process until it is unmounted."""
+    """Run the node in this process until it is unmounted; a background mount's node
+    reports "ok", "error: ..." or "wait: ..." lines on *ready_fd*."""
     # Lazy: only the process that runs the node loads trio, pyfuse3 and the node; the
     # parent of a background mount and `fluidfs unmount` do not wait for them.
     import trio
@@ -78,7 +86,6 @@ def run_foreground(
     from fluidfs.node.session import MountError
 
     setup_node_process(args.log_file)
-    ready_fd = args.ready_fd
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -122,61 +129,96 @@ def run_foreground(
         node.close()
 
 
-def background_argv(
-    args: argparse.Namespace, mountpoint: Path, state: StateDir, ready_fd: int
-) -> list[str]:
-    """The command line of the background node: this one, in the foreground, resolved.
+def run_background(
+    args: argparse.Namespace, mountpoint: Path, state: StateDir, keyring: keymod.KeyRing
+) -> None:
+    """Start the node as a detached process; return once the mount is usable.
 
-    Paths are made absolute (the node's directory is the same, but its mountpoint and
-    state must not depend on it); the node reports on *ready_fd* and logs to the state's
-    log. Every other option is written back as given (options.py, ``reexec_argv``).
+    The node is this process forked, not a new interpreter: the keyfile, the checks and
+    the modules loaded so far carry over (a re-exec paid the interpreter's start and
+    this command's imports again). Nothing here has started a thread or imported trio,
+    so the child starts clean.
     """
-    resolved = argparse.Namespace(
-        **{
-            **vars(args),
-            "mountpoint": mountpoint,
-            "state_dir": state.path,
-            "keyfile": args.keyfile.absolute() if args.keyfile is not None else None,
-            "foreground": True,
-            "ready_fd": ready_fd,
-            "log_file": state.log,
-        }
-    )
-    return [sys.executable, "-m", "fluidfs", *reexec_argv(resolved, "mount")]
-
-
-def run_background(args: argparse.Namespace, mountpoint: Path, state: StateDir) -> None:
-    """Start the node as a detached process; return once the mount is usable."""
     read_fd, write_fd = os.pipe()
-    argv = background_argv(args, mountpoint, state, write_fd)
     # The child logs through a rotating handler on the same file, which takes over its
     # stdout and stderr; until then (and for a crash at start) they append here.
-    fd = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "ab") as logfile:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
+    log_fd = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _run_forked(args, mountpoint, state, keyring, write_fd, log_fd)
     os.close(write_fd)
+    os.close(log_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode().strip()
         while answer.startswith("wait: "):  # the lease countdown, a line a second
             print(f"fluidfs: {answer[len('wait: '):]}", file=sys.stderr, flush=True)
             answer = pipe.readline().decode().strip()
     if answer == "ok":
-        print(f"fluidfs: mounted {mountpoint} (pid {child.pid}, log {state.log})")
+        print(f"fluidfs: mounted {mountpoint} (pid {pid}, log {state.log})")
         url = None if args.no_web else read_url(state.path)
         if url:
             print(f"fluidfs: status and restore page: {url}")
         return
-    child.wait(timeout=30)
+    code = _exit_code(pid, timeout=30)
     if answer.startswith("error: "):
         fail(answer[len("error: ") :])
-    fail(f"the mount process exited early (code {child.returncode}); see {state.log}")
+    fail(f"the mount process exited early (code {code}); see {state.log}")
+
+
+def _run_forked(
+    args: argparse.Namespace,
+    mountpoint: Path,
+    state: StateDir,
+    keyring: keymod.KeyRing,
+    ready_fd: int,
+    log_fd: int,
+) -> NoReturn:
+    """The forked child: detach (a session of its own, no terminal), run the node in the
+    foreground reporting on *ready_fd*, and exit without returning into the command."""
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        resolved = argparse.Namespace(**{
+            **vars(args),
+            "mountpoint": mountpoint,
+            "state_dir": state.path,
+            "keyfile": args.keyfile.absolute() if args.keyfile is not None else None,
+            "foreground": True,
+            "log_file": state.log,
+        })
+        run_foreground(resolved, mountpoint, state, keyring, ready_fd=ready_fd)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _exit_code(pid: int, timeout: float) -> int | None:
+    """The exit code of our child *pid* once it exits (None if it runs on past *timeout*)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
 
 
 # --- unmount --------------------------------------------------------------------------

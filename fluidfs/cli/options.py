@@ -3,9 +3,9 @@
 Each ``Option`` names its flags, its argparse keywords, the commands that take it (with
 the keywords that differ there: a default, a help text), and how its value is written
 back as arguments (``render``). main.py builds each command's parser from this table, in
-table order; a background ``fluidfs mount`` re-runs itself with ``reexec_argv``, which
-writes every option of the command back from the same table, so an option added here
-reaches the background process without a second list to keep in step.
+table order. ``reexec_argv`` writes parsed options back as a command line from the same
+table (a background ``fluidfs mount`` re-ran itself with it; it now forks, handing the
+parsed arguments over as they are: cli/mount.py).
 """
 
 from __future__ import annotations
@@ -157,9 +157,6 @@ OPTIONS: list[Option] = [
            commands=on("mount")),
     option("--block-size", type=parse_size, default="4M", help=HIDDEN, commands=on("mount"),
            example="256K"),
-    # The pipe a background mount's child reports "ok" or "error: ..." on.
-    option("--ready-fd", type=int, default=None, help=HIDDEN, commands=on("mount"),
-           example="9"),
     option(
         "--log-file", type=Path, default=None,
         commands=on(mount={"help": HIDDEN}, serve={"help": "log here, rotated (default: stderr)"}),

@@ -364,6 +364,7 @@ class Node:
             self.committer,
             self.snapshots,
             self.restorer,
+            self.blocks,
             adopt_block_size=self._adopt_block_size,
         )
         self.conflicts = Conflicts(

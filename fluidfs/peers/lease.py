@@ -307,14 +307,19 @@ class WriterLease:
         *,
         takeover: bool,
         on_wait: Callable[[float, LeaseInfo | None], None] = lambda left, holder: None,
+        seen: Look | None = None,
     ) -> LeaseInfo | None:
         """Take the lease; return the one replaced. Raises ``LeaseHeld`` when another live
         mount holds it (without *takeover*) or when no majority of its holders agrees.
 
         A lease another machine holds is asked to hand over, then waited for (its bound
         plus the margin) with ``on_wait(seconds left, holder)`` called about every second.
+        *seen* is a ``look`` the caller just made (of every peer we would ask now), saving
+        that round: taking the lease is a compare-and-swap on what it saw, so a lease
+        changed since fails the take as it would have after a look of our own.
         """
-        seen = await self.look()
+        if seen is None:
+            seen = await self.look()
         held = seen.info
         if seen.unreadable:
             assert seen.newest is not None

@@ -41,7 +41,7 @@ from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.fs.commit import Heads
 from fluidfs.fs.metaindex import MetaError
 from fluidfs.fs.tree import ROOT_INO, Tree
-from fluidfs.peers.lease import LeaseHeld, LeaseInfo, NoPeerAnswered
+from fluidfs.peers.lease import LeaseHeld, LeaseInfo, Look, NoPeerAnswered
 from fluidfs.peers.rootrecord import Found, RecordClient
 from fluidfs.remount.conflicts import FOLDER, Conflicts
 from fluidfs.remount.dialer import PeerDialer
@@ -114,6 +114,33 @@ def forked(found: Found | None, machine: bytes, published_seq: int) -> str | Non
     )
 
 
+def same_root(early: Found | None, found: Found | None) -> bool:
+    """Whether the root read under the lease is the one read before it (both exist)."""
+    return (
+        early is not None and found is not None and early.exists and found.exists
+        and (early.fence, early.seq) == (found.fence, found.seq)
+    )
+
+
+class Steps:
+    """How long each step of the gate took, and the process's CPU time in it (every
+    thread's), for its log line."""
+
+    def __init__(self) -> None:
+        self.last = (time.monotonic(), time.process_time())
+        self.steps: list[tuple[str, float, float]] = []
+
+    def mark(self, step: str) -> None:
+        """*step* ended now."""
+        now = (time.monotonic(), time.process_time())
+        self.steps.append((step, now[0] - self.last[0], now[1] - self.last[1]))
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.3f} s ({cpu:.3f} CPU-s)"
+                         for step, seconds, cpu in self.steps)
+
+
 class MountGate:
     """Settles the lease and the tree before a mount; raises RemountError to refuse."""
 
@@ -173,31 +200,43 @@ class MountGate:
             return
         fresh = self.fresh()
         new = fresh and self.known_new()
+        steps = Steps()
         await self.dialer.reach()
+        steps.mark("peers dialled")
         waiting = fresh and not new
+        early: Found | None = None
+        seen: Look | None = None
         if waiting:
             # A fresh machine knows only the keyfile's few addresses: the newest root lists
             # the backup's peers (the lease's holders among them), and whether a backup
             # exists at all must be settled before anything is taken or written.
-            early = await self._newest_root(self.options.restore_wait, waiting)
+            early, seen = await self._root_and_lease()
+            steps.mark("root read")
             if fresh_start(early, known_new=False, quorum=self.quorum) is FreshStart.REFUSE:
                 self._refuse_empty(early)
-        try:
-            await self.keeper.acquire(
-                takeover=self.options.takeover,
-                on_wait=lambda left, holder: on_progress(countdown(left, holder)),
-            )
-        except NoPeerAnswered as exc:
-            if waiting:
-                self._refuse_empty(None)
-            raise RemountError(str(exc)) from None
-        except LeaseHeld as exc:
-            raise RemountError(str(exc)) from None
-        found = await self._newest_root(0.0, waiting)
+        found: Found | None = None
+        refused: RemountError | None = None
+        warming = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            if early is not None and early.exists:
+                # The root just found is almost always the one adopted once the lease is
+                # held: its first blocks are rebuilt meanwhile (reads only, kept in memory).
+                nursery.start_soon(self._warm, early, warming)
+            try:
+                found = await self._take_lease(seen, waiting, on_progress)
+            except RemountError as exc:  # raised below, outside the nursery (no group)
+                refused = exc
+            if refused is not None or not same_root(early, found):
+                warming.cancel()
+        if refused is not None:
+            raise refused
+        steps.mark("lease taken")
         if found is not None and found.exists:
             self.publisher.seen(found.seq)
         if fresh:
             await self._settle_fresh(found, new)
+            steps.mark("tree adopted")
+            log.info("mount gate: %s", steps)
             return
         published = [h.seq for h in self.heads.all() if h.published]
         moved_on = forked(found, self.machine, published[-1] if published else 0)
@@ -215,15 +254,63 @@ class MountGate:
                     f"its unpublished writes: {exc}; mount again once peers are reachable"
                 ) from None
         await self.conflicts.import_pending()
+        log.info("mount gate: %s", steps)
 
-    async def _newest_root(self, wait: float, waiting: bool) -> Found | None:
+    async def _take_lease(
+        self, seen: Look | None, waiting: bool, on_progress: Callable[[str], None]
+    ) -> Found | None:
+        """Take the lease (from *seen* if given), then read the newest root again under
+        it: a writer may have published one since the first read."""
+        try:
+            await self.keeper.acquire(
+                takeover=self.options.takeover,
+                on_wait=lambda left, holder: on_progress(countdown(left, holder)),
+                seen=seen,
+            )
+        except NoPeerAnswered as exc:
+            if waiting:
+                self._refuse_empty(None)
+            raise RemountError(str(exc)) from None
+        except LeaseHeld as exc:
+            raise RemountError(str(exc)) from None
+        found, _ = await self._newest_root(0.0, waiting)
+        return found
+
+    async def _root_and_lease(self) -> tuple[Found | None, Look | None]:
+        """A fresh machine's first round: the newest root (asked again for up to
+        ``restore_wait`` seconds while too few peers answered) and, at the same time, the
+        lease as the same peers hold it. The look is kept for taking the lease only if
+        it is still the look the take would make: the root was found at the first ask
+        and named no peer we did not already ask."""
+        asked = set(self.records.targets())
+        seen: Look | None = None
+
+        async def look() -> None:
+            nonlocal seen
+            seen = await self.keeper.lease.look()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            found, asks = await self._newest_root(self.options.restore_wait, True)
+        if asks > 1 or set(self.records.targets()) != asked:
+            seen = None
+        return found, seen
+
+    async def _warm(self, found: Found, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.restore.warm(found)
+
+    async def _newest_root(self, wait: float, waiting: bool) -> tuple[Found | None, int]:
+        """The newest root, and how many times the peers were asked for it."""
         deadline = trio.current_time() + wait
+        asks = 0
         while True:
             found = await self.records.newest("root", follow_peers=True)
+            asks += 1
             if answered_enough(found, waiting=waiting, quorum=self.quorum):
-                return found
+                return found, asks
             if trio.current_time() >= deadline:
-                return found
+                return found, asks
             await trio.sleep(ASK_AGAIN)
             await self.dialer.reach()
 

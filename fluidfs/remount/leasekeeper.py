@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from fluidfs.peers.lease import LeaseInfo, Renewal, WriterLease
+from fluidfs.peers.lease import LeaseInfo, Look, Renewal, WriterLease
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ class LeaseKeeper:
         *,
         takeover: bool,
         on_wait: Callable[[float, LeaseInfo | None], None] = lambda left, holder: None,
+        seen: Look | None = None,
     ) -> None:
-        """Take the lease; raises peers.lease.LeaseHeld if another live mount holds it."""
-        await self.lease.acquire(takeover=takeover, on_wait=on_wait)
+        """Take the lease (from *seen*, a look just made, if given; see
+        ``WriterLease.acquire``); raises peers.lease.LeaseHeld if another live mount
+        holds it."""
+        await self.lease.acquire(takeover=takeover, on_wait=on_wait, seen=seen)
         self.held = True
 
     async def check(self) -> bool:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import trio
 
+from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
+from fluidfs.blocks.record import StoredBlock
 from fluidfs.fs.commit import INDEX_KEY, Committer, Head
 from fluidfs.fs.metaformat import CommitInfo, Entry, NodeError, Ref, decode_node
 from fluidfs.fs.metaindex import Holders, MetaError, MetaIndex
@@ -55,6 +57,19 @@ class Fetched:
     snaps: list[Entry]
 
 
+def commit_ref(body: dict) -> Ref:
+    """The reference to the commit node a root record's *body* names; RestoreError if
+    it names none."""
+    try:
+        (pointer,) = decode_node(body["commit"]).entries
+        ref = pointer.content
+        if ref is None:
+            raise NodeError("no commit reference")
+    except (KeyError, TypeError, ValueError, NodeError) as exc:
+        raise RestoreError(f"the newest root record is unusable: {exc}") from None
+    return ref
+
+
 class TreeRestore:
     """Adopts a committed tree at mount and completes it in the background."""
 
@@ -67,6 +82,7 @@ class TreeRestore:
         committer: Committer,
         snapshots: SnapshotStore,
         restorer: Restorer,
+        blocks: BlockStore,
         *,
         adopt_block_size: Callable[[int], None],
     ) -> None:
@@ -77,6 +93,7 @@ class TreeRestore:
         self.committer = committer
         self.snapshots = snapshots
         self.restorer = restorer
+        self.blocks = blocks
         self.adopt_block_size = adopt_block_size
         self.restored: Restored | None = None
 
@@ -84,15 +101,8 @@ class TreeRestore:
         """Fetch the commit *found* points to and its snapshot list (the commit node's
         record is made, without a reference: ``adopt`` takes the head's); RestoreError if
         that fails."""
-        body = found.body
-        self.records.learn_root(body)
-        try:
-            (pointer,) = decode_node(body["commit"]).entries
-            ref = pointer.content
-            if ref is None:
-                raise NodeError("no commit reference")
-        except (KeyError, TypeError, ValueError, NodeError) as exc:
-            raise RestoreError(f"the newest root record is unusable: {exc}") from None
+        self.records.learn_root(found.body)
+        ref = commit_ref(found.body)
         self.holders.learn([ref])
         with self.db.write() as txn:
             self.index.adopt(txn, ref, refs=0)
@@ -106,6 +116,35 @@ class TreeRestore:
         except MetaError as exc:
             raise RestoreError(f"cannot fetch the committed tree: {exc}") from None
         return Fetched(ref, commit, snaps)
+
+    async def warm(self, found: Found) -> None:
+        """Rebuild into memory the blocks ``fetch`` and the first listing read: the
+        commit node *found* points to, then its snapshot list's and its root
+        directory's top nodes, at once. Nothing is written to the state directory, so
+        this may run before the mount may write (while the lease is being taken) and
+        come to nothing: the root finally adopted may be another. Failures are left
+        for ``fetch`` to report."""
+        try:
+            ref = commit_ref(found.body)
+            self.holders.learn([ref])
+            commit = decode_node(await self._rebuild(ref)).commit
+            if commit is None:
+                return
+            tops = [r for r in (commit.snaps, commit.root.content) if r is not None]
+            async with trio.open_nursery() as nursery:
+                for top in tops:
+                    self.holders.learn([top])
+                    nursery.start_soon(self._rebuild, top)
+        except (RestoreError, NodeError, BlockUnavailable) as exc:
+            log.debug("warming the restored tree's first blocks: %s", exc)
+
+    async def _rebuild(self, ref: Ref) -> bytes:
+        """The block of *ref* rebuilt from its holders and held in memory (the block
+        store's ``recent``), with no record of it made."""
+        stored = StoredBlock(ref.record, 0, self.holders.local(ref))
+        data = await self.blocks.rebuild(stored)
+        self.blocks.recent.keep(ref.block_id, data)
+        return data
 
     async def adopt(self, found: Found, fetched: Fetched | None = None) -> Restored:
         """Adopt the commit *found* points to (fresh state directory, or one that gave up

@@ -1,9 +1,8 @@
-"""The command line's options table: a background mount gets every option it was given.
+"""The command line's options table: every option declared once, written back as text.
 
-`fluidfs mount` re-runs itself in the background with a command line rebuilt from the
-parsed arguments (cli/options.py, ``reexec_argv``). These tests walk the real parser's
-arguments, not a list kept here, so an option added to `mount` without a way back to
-text fails them.
+``reexec_argv`` (cli/options.py) rebuilds a command line from parsed arguments. These
+tests walk the real parser's arguments, not a list kept here, so an option added to
+`mount` without a way back to text fails them.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import pytest
 
 from fluidfs import keys
 from fluidfs.cli.main import build_parser, main
-from fluidfs.cli.mount import background_argv
 from fluidfs.cli.options import OPTIONS, Option, reexec_argv
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
@@ -63,32 +61,6 @@ def test_each_mount_option_survives_the_background_reexec(action: argparse.Actio
     )
     again = parser.parse_args(reexec_argv(given, "mount"))
     assert vars(again) == vars(given)
-
-
-def test_all_mount_options_at_once_reach_the_background_node(tmp_path: Path) -> None:
-    parser = build_parser()
-    argv = ["mount"]
-    for action in _mount_arguments():
-        argv += _argv_using(action)[len(BASE) if action.option_strings else 1 :]
-    given = parser.parse_args(argv)
-    state = StateDir(tmp_path / "state")
-    rebuilt = parser.parse_args(background_argv(given, Path("/abs/mnt"), state, 7)[3:])
-    expected = {
-        **vars(given),
-        "mountpoint": Path("/abs/mnt"),
-        "state_dir": state.path,
-        "foreground": True,
-        "ready_fd": 7,
-        "log_file": state.log,
-    }
-    assert vars(rebuilt) == expected
-
-
-def test_a_relative_keyfile_reaches_the_background_node_absolute(tmp_path: Path) -> None:
-    parser = build_parser()
-    given = parser.parse_args([*BASE, "--keyfile", "some.key"])
-    argv = background_argv(given, Path("/abs/mnt"), StateDir(tmp_path), 7)
-    assert parser.parse_args(argv[3:]).keyfile == Path("some.key").absolute()
 
 
 def test_every_command_is_built_from_the_table() -> None:

@@ -46,3 +46,23 @@ def test_a_freed_burst_leaves_rss_once_trimmed() -> None:
     before, freed, trimmed = map(int, out.split())
     assert freed - before >= 50  # the thresholds keep the freed burst resident...
     assert trimmed - before <= 15  # ...until the trim a commit ends with gives it back
+
+
+def test_the_c_library_opens_without_a_subprocess() -> None:
+    """Every node opens libc at its start (tune_malloc). ctypes.util.find_library runs
+    ldconfig as a subprocess for it (some 20 ms of each start); glibc's soname needs none.
+    Before: find_library's ldconfig was spawned."""
+    probe = """
+import subprocess
+spawned = []
+class Watched(subprocess.Popen):
+    def __init__(self, args, *rest, **kw):
+        spawned.append(args)
+        super().__init__(args, *rest, **kw)
+subprocess.Popen = Watched
+from fluidfs.sysutil import tune_malloc
+print(tune_malloc(), spawned)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["True", "[]"], result.stdout + result.stderr

@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 import trio.testing
 from inproc import PeerNode, peer_nodes
 
 from fluidfs import control, keys
+from fluidfs.fs.tree import ROOT_INO
 from fluidfs.keys import BootstrapPeer
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.peers.lease import WriterLease
@@ -27,6 +29,7 @@ from fluidfs.statedir import StateDir
 from fluidfs.store.settings import ORIGIN_NEW
 
 MIB = 1024 * 1024
+CTX = pyfuse3.RequestContext()
 
 
 @asynccontextmanager
@@ -138,3 +141,123 @@ async def test_a_mount_replaced_with_unpublished_writes_says_so(tmp_path, caplog
             nursery.cancel_scope.cancel()
         other.close()
         assert caplog.text.count("never published") == 1
+
+
+def rounds(calls: list[tuple[float, float]]) -> int:
+    """The longest chain of *calls* (start, end) each begun after the one before ended:
+    the round trips one after another a caller waited for."""
+    depth: list[int] = []
+    ordered = sorted(calls)
+    for i, (start, _end) in enumerate(ordered):
+        before = [depth[j] for j in range(i) if ordered[j][1] <= start]
+        depth.append(1 + max(before, default=0))
+    return max(depth, default=0)
+
+
+def node_config(tmp_path: Path, name: str, ring: keys.KeyRing, hosts: list[PeerNode],
+                **options) -> NodeConfig:
+    """A node of *ring* on state *name* whose pinned peers are *hosts*."""
+    pinned = [BootstrapPeer(h.addr, h.key) for h in hosts]
+    return NodeConfig(ring, StateDir(tmp_path / name), cache_size=1 << 24,
+                      remount=RemountOptions(pinned=pinned, mountpoint=f"/mnt/{name}",
+                                             **options))
+
+
+async def backup_elsewhere(
+    tmp_path: Path, ring: keys.KeyRing, hosts: list[PeerNode], *, release: bool
+) -> None:
+    """Machine a makes a backup on *hosts* (a directory ``docs``, committed and
+    published), then stops; with *release* it gives the lease back, else it leaves it
+    held (a live mount elsewhere, as far as the lease tells)."""
+    a = Node(node_config(tmp_path, "a", ring, hosts, new=True))
+    for host in hosts:
+        a.ledger.record(host.key, we_host=64 * MIB, they_host=64 * MIB, term=3600)
+        a.peers.add(host.key, host.addr)
+    a.blocks.use_network(a.remote)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.conns.run)
+            await nursery.start(a.blocks.run)
+            await a.start()
+            await a.gate.before_mount()
+            await nursery.start(a.data.run)
+            await nursery.start(a.meta.batch.run)
+            nursery.start_soon(a.migrator.run)
+            await nursery.start(a.commits.run)
+            await a.ops.mkdir(ROOT_INO, b"docs", 0o750, CTX)
+            a.commits.note_change()
+            reply = await a.remount_requests.sync(10.0)
+            assert reply["published"], reply
+            if release:
+                await a.keeper.release()
+            nursery.cancel_scope.cancel()
+    finally:
+        a.close()
+
+
+@asynccontextmanager
+async def records_hosts(tmp_path: Path) -> AsyncIterator[tuple[keys.KeyRing, list[PeerNode],
+                                                                trio.Nursery]]:
+    """A keyfile (3 shards, 2 needed) and three hosts keeping its shards and records."""
+    ring = keys.KeyRing(keys.generate(shards_total=3, shards_needed=2))
+    async with peer_nodes(tmp_path / "hosts", 3) as (nursery, hosts):
+        for host in hosts:
+            host.ledger.record(ring.public_key, we_host=64 * MIB, they_host=64 * MIB, term=3600)
+        yield ring, hosts, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fresh_machine_takes_the_lease_while_it_reads_the_root_and_its_tree(
+    tmp_path, monkeypatch
+) -> None:
+    """A fresh machine's gate (keyfile only, a backup on the peers) waits for as few round
+    trips one after another as the rules allow: the lease is looked at while the root is
+    read, and the commit node, the snapshot list and the root directory are rebuilt while
+    the lease is taken and the root read again. Every peer request takes 50 ms more here,
+    so that what overlaps cannot pass for sequential. Before: 7 rounds (root, lease look,
+    lease put, root again, commit node, snapshot list, root directory)."""
+    async with records_hosts(tmp_path) as (ring, hosts, outer):
+        await backup_elsewhere(tmp_path, ring, hosts, release=True)
+        b = Node(node_config(tmp_path, "b", ring, hosts, restore_wait=2.0))
+        b.blocks.use_network(b.remote)  # as `fluidfs mount` with pinned peers does
+        calls: list[tuple[float, float]] = []
+        call = b.conns.call
+
+        async def slow_call(*args, **kwargs):
+            started = trio.current_time()
+            await trio.sleep(0.05)
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                calls.append((started, trio.current_time()))
+
+        monkeypatch.setattr(b.conns, "call", slow_call)
+        try:
+            await outer.start(b.conns.run)
+            await outer.start(b.blocks.run)
+            await b.gate.before_mount()
+            assert b.tree_restore.restored is not None
+            await b.restorer.ensure(ROOT_INO)  # the first listing
+            assert b.tree.lookup(ROOT_INO, b"docs") is not None
+            assert rounds(calls) <= 3, sorted(calls)
+        finally:
+            b.close()
+
+
+async def test_a_fresh_machine_refused_the_lease_is_left_fresh(tmp_path) -> None:
+    """The tree's first blocks are rebuilt while the lease is being taken, but a mount
+    refused the lease (another machine's live mount holds it) has written nothing of
+    that tree: its state directory is as fresh as before, so that its next mount still
+    restores rather than taking it for a used one."""
+    async with records_hosts(tmp_path) as (ring, hosts, outer):
+        await backup_elsewhere(tmp_path, ring, hosts, release=False)
+        b = Node(node_config(tmp_path, "b", ring, hosts, restore_wait=2.0))
+        b.blocks.use_network(b.remote)
+        try:
+            await outer.start(b.conns.run)
+            await outer.start(b.blocks.run)
+            with pytest.raises(RemountError, match="this keyfile is mounted on"):
+                await b.gate.before_mount()
+            assert b.gate.fresh() and b.blocks.count() == 0
+        finally:
+            b.close()
