@@ -128,10 +128,13 @@ class Connections:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that connection tasks live in (until cancelled)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     def _adopt(self, conn: RpcConnection, addr: str = "") -> None:
         key = conn.peer_key
@@ -244,9 +247,7 @@ class Connections:
             raise PeerUnavailable(f"{addr}: {exc}") from None
         except (ChannelError, OSError) as exc:
             raise PeerUnavailable(f"{addr}: {exc}") from None
-        conn = self._new_conn(channel)
-        assert self._nursery is not None, "Connections.run() is not running"
-        await self._nursery.start(self._run_conn, conn)
+        conn = await self._keep(self._new_conn(channel), addr)
         self._adopt(conn, addr)
         self.remote[conn.peer_key] = addr
         with contextlib.suppress(AddressError):
@@ -277,10 +278,23 @@ class Connections:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             raise PeerUnavailable(f"{where}: {exc or 'timed out'}") from None
-        conn = self._new_conn(channel)
-        assert self._nursery is not None, "Connections.run() is not running"
-        await self._nursery.start(self._run_conn, conn)
+        conn = await self._keep(self._new_conn(channel), where)
         self._adopt(conn)
+        return conn
+
+    async def _keep(self, conn: RpcConnection, where: str) -> RpcConnection:
+        """Run *conn* in the connections' nursery; PeerUnavailable once that has ended.
+
+        A node that is stopping (``run`` over, or its nursery closing after a part
+        failed) may still dial: unmounting gives the writer lease back last. That dial
+        is a peer we cannot reach, not an error that would hide the first one."""
+        try:
+            if self._nursery is None:
+                raise RuntimeError("Connections.run() is not running")
+            await self._nursery.start(self._run_conn, conn)
+        except RuntimeError as exc:
+            await conn.aclose()
+            raise PeerUnavailable(f"{where}: {exc}") from None
         return conn
 
     def _left(self, key: bytes, conn: RpcConnection) -> bool:

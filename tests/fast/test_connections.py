@@ -163,3 +163,20 @@ async def test_a_connection_that_just_answered_is_not_dropped_as_silent(
         assert b.key not in a.conns.conns
         assert "time" in await a.conns.call(b.key, "Ping", {})
         assert a.conns.conns[b.key] is not first
+
+
+async def test_a_stopped_node_refuses_to_dial_as_unavailable(tmp_path: Path) -> None:
+    """Unmounting gives the writer lease back after the connection tasks' nursery may
+    have ended (a part failed): a dial then is a peer we cannot reach, not an error that
+    hides the first one and leaves the lease to time out. (Fails before: RuntimeError,
+    "Nursery is closed to new arrivals".)"""
+    async with peer_nodes(tmp_path, 1) as (_, (b,)):
+        async with trio.open_nursery() as gone:
+            a = await PeerNode(tmp_path / "a").start(gone, listen=False)
+            a.peers.add(b.key, b.addr)
+            gone.cancel_scope.cancel()
+        try:
+            with pytest.raises(PeerUnavailable):
+                await a.conns.call(b.key, "Ping", {})
+        finally:
+            a.close()
