@@ -22,7 +22,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 try:
@@ -44,18 +44,17 @@ void ec_encode_data(int len, int k, int rows, unsigned char *gftbls,
 Reference = Callable[[int, int, bytes, int], list[bytes]]
 
 
-def _candidates() -> list[str]:
-    """Paths of libisal to try: pyeclib's bundled copy first, then the system's."""
-    paths: list[str] = []
+def _candidates() -> Iterator[str]:
+    """Paths of libisal to try: pyeclib's bundled copy first, then the system's (asked
+    for only if needed: ``find_library`` runs ldconfig, even gcc, as subprocesses)."""
     spec = importlib.util.find_spec("pyeclib")
     if spec is not None and spec.origin is not None:
         libs = Path(spec.origin).parent.parent / "pyeclib.libs"
         if libs.is_dir():
-            paths += sorted(str(p) for p in libs.glob("libisal*.so*"))
+            yield from sorted(str(p) for p in libs.glob("libisal*.so*"))
     system = ctypes.util.find_library("isal")
     if system:
-        paths.append(system)
-    return paths
+        yield system
 
 
 @functools.cache
@@ -64,7 +63,7 @@ def _library() -> tuple[object, object] | None:
     return load(_candidates())
 
 
-def load(paths: list[str]) -> tuple[object, object] | None:
+def load(paths: Iterable[str]) -> tuple[object, object] | None:
     """(ffi, lib) for the first of *paths* that loads with every symbol ISA-L's code
     needs, or None."""
     if cffi is None:  # pragma: no cover
