@@ -6,7 +6,9 @@ its last ``N - K``, expanded by ``ec_init_tables`` and applied by ``ec_encode_da
 Going through pyeclib for that costs a copy of the sealed block into ``bytes`` (it takes
 nothing else), a copy of every fragment behind liberasurecode's 80-byte headers, and
 the GIL for the whole encode. Here the primary pieces are read in place, the parity is
-written into one buffer of ours, and cffi releases the GIL for the call (issue 16).
+written into one buffer of ours, and ctypes releases the GIL for the call (issue 16).
+ctypes, not cffi: cffi's ABI mode parses its declarations with pycparser, ~56 ms of CPU
+on first use, more than the parity of 64 MiB costs.
 
 The library is the ``libisal`` pyeclib's wheel bundles (``pyeclib.libs/``), else the
 system's. Before the first parity of each (K, N) is handed out it is checked against
@@ -16,6 +18,7 @@ pyeclib's on random data; if the library or a symbol is missing, or the check fa
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import functools
 import importlib.util
@@ -25,23 +28,44 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-try:
-    import cffi
-except ImportError:  # pragma: no cover - cffi comes with pynacl, a dependency
-    cffi = None
-
 log = logging.getLogger(__name__)
 
-_CDEF = """
-void gf_gen_cauchy1_matrix(unsigned char *a, int m, int k);
-void ec_init_tables(int k, int rows, unsigned char *a, unsigned char *gftbls);
-void ec_encode_data(int len, int k, int rows, unsigned char *gftbls,
-                    unsigned char **data, unsigned char **coding);
-"""
-
-#: (K, N) -> pyeclib's parity for the given primary pieces; set by erasure.py, which
-#: owns pyeclib. Each (K, N) is checked against it before ISA-L is used for it.
+#: pyeclib's parity for (K, N, the K pieces back to back, piece size); erasure.py, which
+#: owns pyeclib, passes it. Each (K, N) is checked against it before ISA-L is used.
 Reference = Callable[[int, int, bytes, int], list[bytes]]
+
+_SYMBOLS = ("gf_gen_cauchy1_matrix", "ec_init_tables", "ec_encode_data")
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer``: the address of any buffer, read-only ones included
+    (``ctypes.c_char.from_buffer`` takes only writable ones)."""
+
+    _fields_ = (
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),  # not py_object: PyBuffer_Release owns the reference
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    )
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
+_release_buffer.restype = None
+_PyBUF_SIMPLE = 0  # C-contiguous bytes, read-only allowed
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
 
 
 def _candidates() -> Iterator[str]:
@@ -58,43 +82,41 @@ def _candidates() -> Iterator[str]:
 
 
 @functools.cache
-def _library() -> tuple[object, object] | None:
-    """(ffi, lib) for the first libisal that loads with every symbol, or None."""
+def _library() -> ctypes.CDLL | None:
+    """The first libisal that loads with every symbol, or None."""
     return load(_candidates())
 
 
-def load(paths: Iterable[str]) -> tuple[object, object] | None:
-    """(ffi, lib) for the first of *paths* that loads with every symbol ISA-L's code
-    needs, or None."""
-    if cffi is None:  # pragma: no cover
-        return None
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
+def load(paths: Iterable[str]) -> ctypes.CDLL | None:
+    """The first of *paths* that loads with every symbol ISA-L's code needs (typed for
+    ctypes), or None."""
     for path in paths:
         try:
-            lib = ffi.dlopen(path)
-            for name in ("gf_gen_cauchy1_matrix", "ec_init_tables", "ec_encode_data"):
+            lib = ctypes.CDLL(path)
+            for name in _SYMBOLS:
                 getattr(lib, name)
         except (OSError, AttributeError) as exc:
             log.debug("libisal at %s unusable: %s", path, exc)
             continue
-        return ffi, lib
+        ptr, ptrs, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int
+        lib.gf_gen_cauchy1_matrix.argtypes = (ptr, i, i)
+        lib.ec_init_tables.argtypes = (i, i, ptr, ptr)
+        lib.ec_encode_data.argtypes = (i, i, i, ptr, ptrs, ptrs)
+        for name in _SYMBOLS:
+            getattr(lib, name).restype = None
+        return lib
     return None
-
-
-@functools.cache
-def _allocator(ffi):
-    return ffi.new_allocator(should_clear_after_alloc=False)
 
 
 class _Tables:
     """The expanded parity tables of one (K, N), and whether they match pyeclib."""
 
-    def __init__(self, ffi, lib, k: int, n: int) -> None:
-        matrix = ffi.new("unsigned char[]", n * k)
+    def __init__(self, lib: ctypes.CDLL, k: int, n: int) -> None:
+        matrix = (ctypes.c_ubyte * (n * k))()
         lib.gf_gen_cauchy1_matrix(matrix, n, k)
-        self.tables = ffi.new("unsigned char[]", 32 * k * (n - k))
-        lib.ec_init_tables(k, n - k, matrix + k * k, self.tables)
+        parity_rows = ctypes.byref(matrix, k * k)  # the generator's last N-K rows
+        self.tables = (ctypes.c_ubyte * (32 * k * (n - k)))()
+        lib.ec_init_tables(k, n - k, parity_rows, self.tables)
         self.checked: bool | None = None  # None until compared with pyeclib
 
 
@@ -107,15 +129,27 @@ def available() -> bool:
     return _library() is not None
 
 
-def _compute(ffi, lib, tables: _Tables, k: int, n: int, sealed, piece: int) -> memoryview:
-    """The N-K parity pieces of *sealed* (K pieces of *piece* bytes), back to back."""
+def _compute(lib: ctypes.CDLL, tables: _Tables, k: int, n: int, sealed, piece: int):
+    """The N-K parity pieces of *sealed* (K pieces of *piece* bytes), back to back, as
+    a (read-only) memoryview of bytes."""
     rows = n - k
-    src = ffi.from_buffer(sealed)
-    out = _allocator(ffi)("unsigned char[]", rows * piece)  # ISA-L writes every byte
-    data = ffi.new("unsigned char *[]", [src + i * piece for i in range(k)])
-    coding = ffi.new("unsigned char *[]", [out + j * piece for j in range(rows)])
-    lib.ec_encode_data(piece, k, rows, tables.tables, data, coding)  # GIL released
-    return memoryview(ffi.buffer(out)).toreadonly()
+    # A new bytes object not yet filled in (the C API's way to build one: nothing else
+    # holds it until it is returned); a zeroed bytearray would cost a pass over it.
+    out = _new_bytes(None, rows * piece)
+    source, target = _PyBuffer(), _PyBuffer()
+    if _get_buffer(sealed, ctypes.byref(source), _PyBUF_SIMPLE) != 0:  # pragma: no cover
+        raise ValueError("not a contiguous buffer")
+    try:
+        _get_buffer(out, ctypes.byref(target), _PyBUF_SIMPLE)
+        try:
+            data = (ctypes.c_void_p * k)(*(source.buf + i * piece for i in range(k)))
+            coding = (ctypes.c_void_p * rows)(*(target.buf + j * piece for j in range(rows)))
+            lib.ec_encode_data(piece, k, rows, tables.tables, data, coding)  # GIL released
+        finally:
+            _release_buffer(ctypes.byref(target))
+    finally:
+        _release_buffer(ctypes.byref(source))
+    return memoryview(out)
 
 
 def parity(
@@ -124,27 +158,26 @@ def parity(
     """The N-K parity shards of *sealed* (``k x piece`` bytes, sizes checked by the
     caller) as read-only views of one new buffer, or None where ISA-L cannot be used
     (no library, or its output differs from *reference*, pyeclib's, for this K, N)."""
-    found = _library()
-    if found is None or n == k or piece > 2**31 - 1:
+    lib = _library()
+    if lib is None or n == k or piece > 2**31 - 1:
         return None
-    ffi, lib = found
     with _lock:
         tables = _tables.get((k, n))
         if tables is None:
-            tables = _tables[(k, n)] = _Tables(ffi, lib, k, n)
+            tables = _tables[(k, n)] = _Tables(lib, k, n)
         if tables.checked is None:
-            tables.checked = _matches(ffi, lib, tables, k, n, reference)
+            tables.checked = _matches(lib, tables, k, n, reference)
     if not tables.checked:
         return None
-    whole = _compute(ffi, lib, tables, k, n, sealed, piece)
+    whole = _compute(lib, tables, k, n, sealed, piece)
     return [whole[j * piece : (j + 1) * piece] for j in range(n - k)]
 
 
-def _matches(ffi, lib, tables: _Tables, k: int, n: int, reference: Reference) -> bool:
+def _matches(lib: ctypes.CDLL, tables: _Tables, k: int, n: int, reference: Reference) -> bool:
     """Does ISA-L called here give pyeclib's parity for random pieces of a few sizes?"""
     for piece in (1, 61, 4099):
         sample = os.urandom(k * piece)
-        ours = _compute(ffi, lib, tables, k, n, sample, piece)
+        ours = _compute(lib, tables, k, n, sample, piece)
         try:
             theirs = b"".join(reference(k, n, sample, piece))
         except Exception as exc:  # pyeclib's own exception classes
