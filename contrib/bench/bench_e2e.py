@@ -4,6 +4,7 @@
     python contrib/bench/bench_e2e.py                 # 256 MiB + 1,000 x 4 KiB, median of 3
     python contrib/bench/bench_e2e.py --quick         # 64 MiB + 200 files, 1 run
     python contrib/bench/bench_e2e.py --runs 5 --json out.json --no-stages
+    python contrib/bench/bench_e2e.py --store-only    # only the 256 MiB cp + sync rows
 
 Per run, on the same source data (warm in the page cache):
 
@@ -69,6 +70,7 @@ STAGES = (
         (
             "fluidfs/blocks/codec.py",
             "fluidfs/blocks/erasure.py",
+            "fluidfs/blocks/isal.py",
             "zfec/",
             "pyeclib/",
             "nacl/",
@@ -229,6 +231,7 @@ def fluidfs_run(
     stages: StageSampler,
     profile: bool,
     cleanup: list,
+    store_only: bool = False,
 ) -> dict:
     out: dict = {"stages": {}}
     profiled = out["stages"] if profile else {}
@@ -248,6 +251,10 @@ def fluidfs_run(
         t2 = time.perf_counter()
     out["big_store_cpu_s"] = cpu.stop()["mount"]
     out["big_cp_s"], out["big_store_s"] = t1 - t0, t2 - t0
+    if store_only:
+        a.unmount()
+        shutil.rmtree(a.state, ignore_errors=True)
+        return out
 
     warm(small)
     t0 = time.perf_counter()
@@ -311,7 +318,7 @@ def fluidfs_run(
 
 
 def bench(args, work: Path, res: dict, cleanup: list) -> None:
-    restic = None if args.no_restic else restic_binary(install=True)
+    restic = None if args.no_restic or args.store_only else restic_binary(install=True)
     res["restic_version"] = (
         subprocess.run([restic, "version"], capture_output=True, text=True).stdout.strip()
         if restic
@@ -322,7 +329,8 @@ def bench(args, work: Path, res: dict, cleanup: list) -> None:
     src.parent.mkdir()
     log(f"source: {args.size / MIB:.0f} MiB random file, {args.files} x 4 KiB random files")
     want = make_source(src, args.size)
-    make_small_files(small, args.files)
+    if not args.store_only:
+        make_small_files(small, args.files)
 
     peers = [ServePeer(work / "peers", f"peer{i:02d}") for i in range(args.peers)]
     cleanup.append(lambda: [p.stop() for p in peers])
@@ -341,10 +349,11 @@ def bench(args, work: Path, res: dict, cleanup: list) -> None:
             one["restic"] = restic_run(restic, work, src, small, n)
         log(f"run {n + 1}/{args.runs}: fluidfs")
         one["fluidfs"] = fluidfs_run(
-            work, n, src, small, want, peers, stages, n == args.runs - 1, cleanup
+            work, n, src, small, want, peers, stages, n == args.runs - 1, cleanup,
+            args.store_only,
         )
         res["runs"].append(one)
-        if not one["fluidfs"]["sha256_ok"]:
+        if not one["fluidfs"].get("sha256_ok", True):
             log("ERROR: the restored big file differs from the source")
 
 
@@ -515,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 MiB, 200 files, 1 run")
     parser.add_argument("--no-restic", action="store_true", help="skip the restic baseline")
     parser.add_argument("--no-stages", action="store_true", help="no py-spy stage split")
+    parser.add_argument(
+        "--store-only", action="store_true", help="only the big file's cp + sync (no restic)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir")

@@ -31,10 +31,10 @@ BLAKE3 of the plaintext (dedup within one user only); shard id = Merkle root (se
 merkle.py).
 
 Everything here is pure CPU work on bytes; callers run it in worker threads. All of
-it releases the GIL but pyeclib (layout 4's erasure code, ~1.3 ms per 4 MiB block held).
-Sealing writes the ciphertext once, into the buffer the K primary shards are views of
-(layout 4: pyeclib takes bytes only, so one copy of it goes in and the shards are views
-of the fragments it returns), and the code computes only the parity shards; opening
+it releases the GIL but pyeclib (layout 4's decoding, ~1.3 ms per 4 MiB block held; its
+encoding is ISA-L called directly, isal.py). Sealing writes the ciphertext once, into
+the buffer the K primary shards are views of, and the code computes only the parity
+shards; opening
 decrypts straight from the joined pieces (each copy of 4 MiB costs about as much as
 hashing it, issue 16). The erasure codes are in erasure.py.
 """

@@ -17,9 +17,12 @@ years later; the parity of each code is fixed math, pinned by golden tests:
   library: encoding a zero block of the same piece size gives each index's header (with
   checksum type ``none`` no payload byte enters it), cached per (K, N, piece size).
 
-pyeclib takes only ``bytes`` (anything else makes liberasurecode abort the process) and
-holds the GIL while it encodes (~1.3 ms per 4 MiB block); every input's length is
-checked here before it is called. If pyeclib or its ISA-L backend cannot be loaded,
+Parity is computed by ISA-L called directly (isal.py: the primaries read in place, the
+parity written into one buffer, the GIL released), checked against pyeclib's output on
+first use; pyeclib encodes only where that library cannot be used, and decodes. pyeclib
+takes only ``bytes`` (anything else makes liberasurecode abort the process) and holds
+the GIL while it codes (~1.3 ms per 4 MiB block); every input's length is checked here
+before it is called. If pyeclib or its ISA-L backend cannot be loaded,
 ``cauchy_available()`` is False: new blocks are sealed with zfec and a ``RS_CAUCHY``
 block raises ``ErasureError`` (docs/decisions.md, issue 16).
 """
@@ -30,6 +33,8 @@ import functools
 from collections.abc import Mapping, Sequence
 
 import zfec
+
+from fluidfs.blocks import isal
 
 try:
     from pyeclib.ec_iface import ECDriver
@@ -91,6 +96,12 @@ def _headers(k: int, n: int, piece: int) -> tuple[bytes, ...]:
     return tuple(f[:head] for f in fragments)
 
 
+def _pyeclib_parity(k: int, n: int, sealed: bytes, piece: int) -> list[bytes]:
+    """pyeclib's N-K parity pieces of *sealed* (isal.py checks its own output by them)."""
+    head = len(_headers(k, n, piece)[0])
+    return [f[head:] for f in _driver(k, n).encode(sealed)[k:]]
+
+
 def _check(k: int, n: int, piece: int, good: Mapping[int, Shard]) -> tuple[int, ...]:
     """The indexes of *good* (exactly K distinct shards of *piece* bytes), sorted."""
     if not 1 <= k <= n <= 256:
@@ -104,8 +115,8 @@ def _check(k: int, n: int, piece: int, good: Mapping[int, Shard]) -> tuple[int, 
 
 
 def encode(code: int, k: int, n: int, sealed: bytes | memoryview, piece: int) -> list[Shard]:
-    """All N shards of *sealed* (``k x piece`` bytes). zfec's primaries are views of
-    *sealed*; the Cauchy code's are views of the fragments pyeclib returns."""
+    """All N shards of *sealed* (``k x piece`` bytes). The primaries are views of
+    *sealed* (but for the Cauchy code through pyeclib: views of its fragments)."""
     if not 1 <= k <= n <= 256:
         raise ErasureError(f"no code has {k} of {n} shards")
     if len(sealed) != k * piece or piece < 1:
@@ -117,6 +128,9 @@ def encode(code: int, k: int, n: int, sealed: bytes | memoryview, piece: int) ->
     if code == RS_CAUCHY:
         if n == k:
             return [view[i * piece : (i + 1) * piece] for i in range(k)]
+        parity = isal.parity(k, n, view, piece, _pyeclib_parity)
+        if parity is not None:
+            return [*(view[i * piece : (i + 1) * piece] for i in range(k)), *parity]
         head = len(_headers(k, n, piece)[0])
         fragments = _driver(k, n).encode(bytes(view))  # pyeclib takes bytes only
         return [memoryview(f)[head:].toreadonly() for f in fragments]

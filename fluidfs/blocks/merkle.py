@@ -11,6 +11,8 @@ hashes with 0x00 and interior hashes with 0x01. Format version 1, 64 KiB leaves
 
 from __future__ import annotations
 
+import ctypes
+
 import blake3
 
 LEAF_SIZE = 64 * 1024
@@ -48,9 +50,26 @@ def _root(hashes: list[bytes]) -> bytes:
 
 def _leaf_hashes(data: bytes | memoryview) -> list[bytes]:
     view = memoryview(data)
-    return [
-        _leaf_hash(view[i * LEAF_SIZE : (i + 1) * LEAF_SIZE]) for i in range(leaf_count(len(view)))
-    ]
+    count = leaf_count(len(view))
+    hashes = []
+    if count > 1:
+        # Hashed as 0x00 then the leaf, a leaf's 1024-byte BLAKE3 chunks start a byte in,
+        # and BLAKE3 gets them in small SIMD batches: ~17.5 us a full leaf. Copied behind
+        # a zero byte in a buffer of ours and hashed in one call: ~12.7 us + 1.9 us for
+        # the copy, if the copy's destination is 64-byte aligned (3.7 us if not).
+        scratch = bytearray(LEAF_SIZE + 64)
+        start = -(_address(scratch) + 1) % 64
+        window = memoryview(scratch)[start : start + 1 + LEAF_SIZE]
+        body = window[1:]
+        for i in range(count - 1):  # all but the last leaf are full
+            body[:] = view[i * LEAF_SIZE : (i + 1) * LEAF_SIZE]
+            hashes.append(blake3.blake3(window).digest())
+    hashes.append(_leaf_hash(view[(count - 1) * LEAF_SIZE :]))
+    return hashes
+
+
+def _address(buffer: bytearray) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def shard_id(data: bytes | memoryview) -> bytes:
