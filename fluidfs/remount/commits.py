@@ -190,9 +190,10 @@ class Commits:
         if result is None:
             return None
         _log_commit(result)
-        await self._publish(result)
-        # Publishing released old heads' nodes: pages of meta.lmdb the commit did not map.
-        await trio.to_thread.run_sync(self.committer.db.release_pages)
+        if await self._publish(result) is Outcome.PUBLISHED:
+            # Publishing released old heads' nodes: pages of meta.lmdb the commit did
+            # not map (a root not yet taken keeps them, and the retries skip the hop).
+            await trio.to_thread.run_sync(self.committer.db.release_pages)
         return result
 
     async def publish_pending(self) -> None:
@@ -205,11 +206,11 @@ class Commits:
                 return
             await self._publish_now(self.publisher.pending)
 
-    async def _publish(self, result: CommitResult) -> None:
+    async def _publish(self, result: CommitResult) -> Outcome:
         async with self._publishing:
-            await self._publish_now(result)
+            return await self._publish_now(result)
 
-    async def _publish_now(self, result: CommitResult) -> None:
+    async def _publish_now(self, result: CommitResult) -> Outcome:
         outcome = await self.publisher.publish(result)
         now = trio.current_time()
         if outcome is Outcome.PUBLISHED:
@@ -223,6 +224,7 @@ class Commits:
         else:
             self.schedule.lease_lost()
         self._wakeup.set()
+        return outcome
 
     def _note_unpublished(self) -> None:
         """Say once, in the log, that acknowledged writes can no longer be published."""
