@@ -19,6 +19,10 @@ counted item, which is what the RPC layer charges to the peer's memory budget; i
 compares the counts with the op's bounds (``fluidfs.wire.schema.bounds``) and may refuse a
 message from its ``Head`` alone, without decoding it.
 
+Byte strings of at least ``wire.cbor.SLICE_MIN`` (64 KiB) are not copied out of the frame:
+they decode to read-only memoryviews of it, which the op's schema turns into ``bytes``
+except in the fields declared ``Bytes(view=True)`` (shard data), whose readers take views.
+
 A request may be encoded in two parts (``encode_request_parts``): the CBOR up to and
 including the head of its last byte string, and that byte string's own buffer. The
 bytes on the wire are exactly ``encode_request``'s; the channel encrypts the parts one
@@ -32,7 +36,7 @@ from typing import Any, NamedTuple
 
 import cbor2
 
-from fluidfs.wire.cbor import MAX_DEPTH, ScanError, loads, read_arg, skip
+from fluidfs.wire.cbor import MAX_DEPTH, ScanError, loads, loads_sliced, read_arg, skip
 
 Buffer = bytes | bytearray | memoryview
 
@@ -182,7 +186,7 @@ def decode(frame: bytes, head: Head | None = None) -> Request | Response:
     if head is None:
         head = peek(frame)
     try:
-        msg = loads(frame)
+        msg = loads_sliced(frame)  # long byte strings: views of frame (see Bytes(view=))
     except Exception as exc:  # cbor2 raises several types, incl. ValueError/RecursionError
         raise EnvelopeError(f"not valid CBOR: {str(exc)[:200]}", head.id) from None
     if type(msg) is not dict:

@@ -109,7 +109,8 @@ OPS: dict[str, OpSpec] = {
     ),
     "RetrieveShard": OpSpec(
         Map({"id": ID}, optional=SHARD_OP_EXTRAS),
-        Map({"data": Bytes(max=MAX_SHARD)}),
+        # a view of the reply's frame (its readers take blocks.erasure.Shard)
+        Map({"data": Bytes(max=MAX_SHARD, view=True)}),
     ),
     # Several of the caller's own small shards at once (no "for", no "delegation"): each
     # id held is in `found` (once, at most MAX_BATCH_SHARD bytes, MAX_BATCH_BYTES in all),

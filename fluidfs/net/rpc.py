@@ -515,8 +515,8 @@ class RpcConnection:
         if isinstance(result, RpcError):
             raise result
         if spec is not None:
-            try:
-                validate(spec.response, result, "ok")
+            try:  # the checked value: long byte strings are bytes unless declared views
+                result = validate(spec.response, result, "ok")
             except SchemaError as exc:
                 raise RpcError("bad_reply", f"{op}: {exc}") from None
         return result
@@ -581,12 +581,12 @@ class RpcConnection:
         schema = None if dispatcher is None else dispatcher.schemas.get(req.op)
         if dispatcher is None or schema is None:
             return envelope.encode_err(req.id, "unknown_op", f"unknown op {req.op[:64]!r}")
-        try:
-            validate(schema, req.args, "args")
+        try:  # the checked value: long byte strings are bytes unless declared views
+            args = validate(schema, req.args, "args")
         except SchemaError as exc:
             return envelope.encode_err(req.id, "bad_request", str(exc))
         try:
-            result = await dispatcher.handle(self.peer_key, req.op, req.args)
+            result = await dispatcher.handle(self.peer_key, req.op, args)
             if type(result) is not dict:
                 raise TypeError(f"handler returned {type(result).__name__}, not dict")
             spec = self.ops.get(req.op)

@@ -107,14 +107,26 @@ class Schema(abc.ABC):
 
 
 class Bytes(Schema):
-    """A byte string with ``min <= len <= max``."""
+    """A byte string with ``min <= len <= max``.
 
-    def __init__(self, min: int = 0, max: int = 1 << 20) -> None:
+    A long byte string may arrive as a read-only ``memoryview`` of the frame it came in
+    (``wire.cbor.loads_sliced``). With ``view`` it stays one, so the field's readers must
+    take any bytes-like value (shard data: ``blocks.erasure.Shard``); otherwise it is
+    copied into ``bytes`` here, and every other field sees exactly ``bytes`` as before.
+    """
+
+    def __init__(self, min: int = 0, max: int = 1 << 20, *, view: bool = False) -> None:
         self.min, self.max = min, max
+        self.view = view
 
-    def parse(self, value: Any) -> bytes:
-        """``value`` if it is bytes of an allowed length."""
-        if type(value) is not bytes:
+    def parse(self, value: Any) -> bytes | memoryview:
+        """``value`` if it is bytes of an allowed length (see the class for views)."""
+        if type(value) is memoryview:
+            if not value.readonly or value.format != "B" or value.ndim != 1:
+                raise SchemaError("", "expected bytes, got a memoryview")
+            if not self.view:
+                value = value.tobytes()
+        elif type(value) is not bytes:
             raise SchemaError("", f"expected bytes, got {_kind(value)}")
         if not self.min <= len(value) <= self.max:
             raise SchemaError("", f"length {len(value)} not in [{self.min}, {self.max}]")
