@@ -39,7 +39,7 @@ Wire format
    ``overhead <= length <= max_frame`` (default ``MAX_FRAME`` = 8 MiB + 1024); a length outside
    that range is rejected from the 4-byte prefix alone, before any body is read or
    allocated. Tags: MESSAGE (0) for data; FINAL (3, empty message) for an orderly close.
-   Both ciphers' counter nonces make every tampered, replayed, reordered or
+   Every cipher's frame counting makes every tampered, replayed, reordered or
    truncated-then-resumed frame fail authentication (``FrameError``; the connection is then
    closed). End of stream at a frame boundary or a FINAL frame gives ``ChannelClosed``.
 
