@@ -19,9 +19,9 @@ counted item, which is what the RPC layer charges to the peer's memory budget; i
 compares the counts with the op's bounds (``fluidfs.wire.schema.bounds``) and may refuse a
 message from its ``Head`` alone, without decoding it.
 
-Byte strings of at least ``wire.cbor.SLICE_MIN`` (64 KiB) are not copied out of the frame:
-they decode to read-only memoryviews of it, which the op's schema turns into ``bytes``
-except in the fields declared ``Bytes(view=True)`` (shard data), whose readers take views.
+In a reply whose op's schema declares ``Bytes(view=True)`` (RetrieveShard's shard), byte
+strings of at least ``wire.cbor.SLICE_MIN`` (64 KiB) are not copied out of the frame: they
+decode to read-only memoryviews of it (net/rpc.py asks ``decode`` for that).
 
 A request may be encoded in two parts (``encode_request_parts``): the CBOR up to and
 including the head of its last byte string, and that byte string's own buffer. The
@@ -177,16 +177,18 @@ def _is_str(v: object, lo: int, hi: int) -> bool:
     return type(v) is str and lo <= len(v) <= hi
 
 
-def decode(frame: bytes, head: Head | None = None) -> Request | Response:
+def decode(frame: bytes, head: Head | None = None, views: bool = False) -> Request | Response:
     """Parse one frame into a ``Request`` or ``Response``; raise ``EnvelopeError``.
 
     ``head`` is ``peek(frame)`` if the caller already has it; otherwise ``peek`` runs
-    first, so cbor2 never sees a frame with more than ``MAX_ITEMS`` items.
+    first, so cbor2 never sees a frame with more than ``MAX_ITEMS`` items. ``views``:
+    byte strings of ``SLICE_MIN`` bytes or more come back as read-only views of *frame*
+    (``wire.cbor.loads_sliced``), for a message whose schema takes them.
     """
     if head is None:
         head = peek(frame)
     try:
-        msg = loads_sliced(frame)  # long byte strings: views of frame (see Bytes(view=))
+        msg = loads_sliced(frame) if views else loads(frame)
     except Exception as exc:  # cbor2 raises several types, incl. ValueError/RecursionError
         raise EnvelopeError(f"not valid CBOR: {str(exc)[:200]}", head.id) from None
     if type(msg) is not dict:

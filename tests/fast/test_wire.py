@@ -248,12 +248,24 @@ def test_nesting_limit_is_the_same_with_long_strings(depth):
         assert _plain(cbor.loads_sliced(frame)) == want
 
 
-def test_schema_copies_views_unless_the_field_takes_them():
+def test_only_fields_that_take_views_accept_them():
     frame = cbor2.dumps({"copy": bytes(SLICE), "view": bytes(SLICE)})
     raw = cbor.loads_sliced(frame)
-    out = validate(Map({"copy": Bytes(max=SLICE), "view": Bytes(max=SLICE, view=True)}), raw)
-    assert type(out["copy"]) is bytes and type(out["view"]) is memoryview
+    takes = Map({"copy": Bytes(max=SLICE, view=True), "view": Bytes(max=SLICE, view=True)})
+    assert type(validate(takes, raw)["view"]) is memoryview
+    with pytest.raises(SchemaError, match="copy: expected bytes"):  # nor would cbor2 send it
+        validate(Map({"copy": Bytes(max=SLICE), "view": Bytes(max=SLICE, view=True)}), raw)
     with pytest.raises(SchemaError, match="length"):
         validate(Bytes(max=SLICE - 1, view=True), raw["view"])
-    with pytest.raises(SchemaError, match="memoryview"):
-        validate(Bytes(view=True), memoryview(bytearray(4)))  # writable: not from a frame
+    with pytest.raises(SchemaError, match="writable"):
+        validate(Bytes(view=True), memoryview(bytearray(4)))
+
+
+def test_takes_views_finds_a_view_field_anywhere():
+    from fluidfs.net.messages import OPS
+    from fluidfs.wire.schema import takes_views
+
+    assert takes_views(List(Map({"a": Int()}, optional={"b": Bytes(view=True)}), max_len=2))
+    assert not takes_views(List(Map({"a": Int()}, optional={"b": Bytes()}), max_len=2))
+    assert [op for op, spec in OPS.items() if takes_views(spec.response)] == ["RetrieveShard"]
+    assert not any(takes_views(spec.request) for spec in OPS.values())
