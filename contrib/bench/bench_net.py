@@ -6,13 +6,15 @@ Prints MB/s (1 MB = 10**6 bytes of payload) for, in the same run:
   channel      SecureChannel frames of 512 KiB (handshake excluded)
   RPC          StoreShard calls with one 512 KiB shard each, several in flight; the
                server decodes, validates and answers {stored: [id]} (discards the data)
+  RPC get      RetrieveShard calls, several in flight, each answered with the same
+               512 KiB shard: the direction of a restore (the client receives)
 
 channel and RPC run once with each frame cipher (secretstream, and AES-256-GCM and
 AEGIS-256 where the CPU has hardware AES), so they can be compared in one run.
 
 and the ratio of each to raw TCP, with the CPU-seconds per GiB of payload of the
-receiving process (the server: utime + stime from /proc over the case) and of the
-sending one (the client's process time), from the best round. A tree from before
+server (utime + stime from /proc over the case) and of the client (its process time),
+from the best round: the server receives, except in "RPC get". A tree from before
 AEGIS-256 frames runs without its rows, so the same script measures both sides of a
 change. The server is a child process (killed by PID at exit).
 Cases are interleaved round by round and the best round is kept, so a machine shared
@@ -56,11 +58,14 @@ CLIENT_KEY = nacl.signing.SigningKey(b"C" * 32)
 
 
 class Sink:
-    """StoreShard that keeps nothing."""
+    """StoreShard that keeps nothing; RetrieveShard that always answers one shard."""
 
     schemas = REQUEST_SCHEMAS
+    shard = os.urandom(SHARD)
 
     async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
+        if op == "RetrieveShard":
+            return {"data": self.shard}
         return {"stored": [s["id"] for s in args["shards"]], "refused": []}
 
 
@@ -132,7 +137,7 @@ async def bench_channel(port: int, total: int, offload: int | str | None, cipher
 
 
 async def bench_rpc(port: int, total: int, inflight: int, offload: int | str | None,
-                    cipher: str) -> float:
+                    cipher: str, get: bool = False) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     channel = await connect_channel(stream, CLIENT_KEY, SERVER_KEY.verify_key.encode(),
                                     offload_bytes=offload, **_cipher_args(cipher))
@@ -145,6 +150,10 @@ async def bench_rpc(port: int, total: int, inflight: int, offload: int | str | N
     async def worker() -> None:
         for i in todo:
             sid = i.to_bytes(32, "big")
+            if get:
+                r = await conn.call("RetrieveShard", {"id": sid})
+                assert len(r["data"]) == SHARD
+                continue
             r = await conn.call("StoreShard", {"shards": [{"id": sid, "data": data}]})
             assert r["stored"] == [sid]
 
@@ -186,7 +195,7 @@ def run_case(mode: str, total: int, inflight: int, offload: int | str | None, ma
              ) -> tuple[float, float, float]:
     """(MB/s, receiver CPU-s per GiB, sender CPU-s per GiB) of one round of *mode*."""
     kind, _, cipher = mode.partition("-")
-    proc, port = start_server(kind, offload, mallopt)
+    proc, port = start_server("rpc" if kind == "rpcget" else kind, offload, mallopt)
     try:
         server0, client0 = _cpu_of(proc.pid), time.process_time()
         if kind == "raw":
@@ -194,7 +203,7 @@ def run_case(mode: str, total: int, inflight: int, offload: int | str | None, ma
         elif kind == "channel":
             dt = trio.run(bench_channel, port, total, offload, cipher)
         else:
-            dt = trio.run(bench_rpc, port, total, inflight, offload, cipher)
+            dt = trio.run(bench_rpc, port, total, inflight, offload, cipher, kind == "rpcget")
         gib = total // SHARD * SHARD / (1 << 30)
         server_cpu = (_cpu_of(proc.pid) - server0) / gib
         client_cpu = (time.process_time() - client0) / gib
@@ -234,6 +243,8 @@ def main() -> None:
         "rpc-secretstream": "RPC StoreShard, secretstream",
         "rpc-aes256gcm": "RPC StoreShard, AES-256-GCM",
         "rpc-aegis256": "RPC StoreShard, AEGIS-256",
+        "rpcget-aes256gcm": "RPC get RetrieveShard, AES-GCM",
+        "rpcget-aegis256": "RPC get RetrieveShard, AEGIS",
     }
     if not aes_available():
         rows = {mode: label for mode, label in rows.items() if "aes" not in mode}
@@ -244,7 +255,7 @@ def main() -> None:
         for mode in results:
             got = run_case(mode, total, args.inflight, offload, args.mallopt)
             results[mode] = max(results[mode], got)  # the fastest round, with its CPU
-    print(f"  {'':30s} {'':>13s}   {'':>11s}   CPU-s/GiB: receiver  sender")
+    print(f"  {'':30s} {'':>13s}   {'':>11s}   CPU-s/GiB:   server  client")
     for mode, label in rows.items():
         mbps, server_cpu, client_cpu = results[mode]
         ratio = mbps / results["raw"][0]
