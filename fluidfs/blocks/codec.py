@@ -51,6 +51,7 @@ from nacl.exceptions import CryptoError
 
 from fluidfs.blocks import erasure, merkle
 from fluidfs.blocks.erasure import RS_CAUCHY, ZFEC, ErasureError, Shard, cauchy_available
+from fluidfs.sysutil import unfilled_bytes
 
 NONCE_SIZE = 24  # the key-wrapping nonce, and a version-2 block's
 TAG_SIZE = 16
@@ -155,12 +156,14 @@ def _open_from(sealed: bytes, length: int, aad: bytes, key: bytes, aead: _Aead) 
     *length* counting both), or None if it fails authentication."""
     n = length - aead.overhead
     src = ffi.from_buffer(sealed)
-    out = _alloc("unsigned char[]", max(n, 1))
+    # decrypted straight into the bytes returned: a buffer and its copy into bytes cost
+    # a pass over every restored block
+    plaintext = unfilled_bytes(n)
     rc = aead.decrypt(
-        out, ffi.NULL, ffi.NULL, src + aead.nonce_size, length - aead.nonce_size, aad,
-        len(aad), src, key,
+        ffi.from_buffer("unsigned char[]", plaintext), ffi.NULL, ffi.NULL,
+        src + aead.nonce_size, length - aead.nonce_size, aad, len(aad), src, key,
     )
-    return None if rc != 0 else ffi.buffer(out, n)[:]
+    return None if rc != 0 else plaintext
 
 
 class BlockError(Exception):

@@ -12,13 +12,15 @@ Wire format
    HELLO = b"FLFS" | version u8 (=1) | role u8 | flags u16 (=0) | ephemeral X25519 pk (32)
            | Ed25519 identity pk (32).
    AUTH  = Ed25519 signature (64) over b"fluidfs-auth-v1" || role label || TH || header,
-           then the sender's secretstream header (24).
+           then the sender's secretstream header (24), or on an AES channel the offer of
+           AEGIS-256 frames (``framecipher.AEGIS_OFFER``).
    TH    = BLAKE2b-256(person=b"fluidfs-hs-v1", HELLO_i || HELLO_r).
    Keys  = crypto_kx session keys over the ephemeral keys, each bound to TH with keyed
            BLAKE2b-256 (person=b"fluidfs-key-v1"); one frame cipher state per direction:
-           AES-256-GCM with counter nonces when both HELLOs offer it (hardware AES on
-           both ends), libsodium's ``crypto_secretstream_xchacha20poly1305`` otherwise
-           (``fluidfs.net.framecipher`` has both).
+           AEGIS-256 when both AUTHs offer it on an AES channel, AES-256-GCM with
+           counter nonces when both HELLOs offer it (hardware AES on both ends),
+           libsodium's ``crypto_secretstream_xchacha20poly1305`` otherwise
+           (``fluidfs.net.framecipher`` has all three).
 
    Each side verifies the other's signature; the initiator may also require a specific
    identity (``expected_peer``) and refuses before signing anything itself. The whole
@@ -28,15 +30,16 @@ Wire format
 2. Frames, after the handshake, in each direction::
 
        +----------------------+---------------------------------------------+
-       | length: u32 big-end. | secretstream ciphertext (length bytes)       |
+       | length: u32 big-end. | ciphertext (length bytes)                    |
        +----------------------+---------------------------------------------+
        ciphertext = encrypted tag byte (1) || encrypted message || MAC (16)
-       (the same 17 bytes of overhead with either cipher)
+       (17 bytes of overhead with secretstream or AES-256-GCM), or with AEGIS-256
+       tag byte (1, in clear, authenticated) || encrypted message || MAC (32)
 
-   ``17 <= length <= max_frame`` (default ``MAX_FRAME`` = 8 MiB + 1024); a length outside
+   ``overhead <= length <= max_frame`` (default ``MAX_FRAME`` = 8 MiB + 1024); a length outside
    that range is rejected from the 4-byte prefix alone, before any body is read or
    allocated. Tags: MESSAGE (0) for data; FINAL (3, empty message) for an orderly close.
-   Both ciphers' counter nonces make every tampered, replayed, reordered or
+   Every cipher's frame counting makes every tampered, replayed, reordered or
    truncated-then-resumed frame fail authentication (``FrameError``; the connection is then
    closed). End of stream at a frame boundary or a FINAL frame gives ``ChannelClosed``.
 
@@ -55,11 +58,13 @@ import nacl.signing
 import trio
 from nacl._sodium import ffi
 
+from fluidfs.sysutil import unfilled_bytes
+
 from . import framecipher
 from . import handshake as hs
 from .bandwidth import SERVE, Bandwidth, Deadline, on_wire, paused
 from .errors import ChannelClosed, ChannelError, FrameError, HandshakeError
-from .framecipher import ABYTES, FrameOpener, FrameSealer
+from .framecipher import MAX_OVERHEAD, FrameOpener, FrameSealer
 from .streamio import ExactReader, StreamEOF
 
 __all__ = ["MAX_FRAME", "BodyGate", "SecureChannel", "accept_channel", "connect_channel"]
@@ -87,7 +92,7 @@ POOL_KEEP = 16
 # held for long. A thread hand-off costs about as much as AES-GCM on 512 KiB, so with that
 # cipher only very large frames go (bench_net.py: RPC 1,365 MB/s offloading at 256 KiB,
 # 1,984 MB/s inline); secretstream is three times slower and offloads from 256 KiB.
-OFFLOAD_BY_CIPHER = {"secretstream": 256 << 10, "aes256gcm": 4 << 20}
+OFFLOAD_BY_CIPHER = {"secretstream": 256 << 10, "aes256gcm": 4 << 20, "aegis256": 4 << 20}
 DEFAULT_OFFLOAD: Literal["auto"] = "auto"  # the cipher's threshold above
 CLOSE_GRACE = 1.0  # seconds aclose() may spend sending the FINAL frame
 
@@ -167,6 +172,7 @@ class SecureChannel:
         self._sealer = sealer
         self._opener = opener
         self.cipher = sealer.name
+        self._overhead = sealer.overhead  # both directions run the same cipher
         self.peer_key: bytes = peer_key
         self.max_frame = max_frame
         self.offload_bytes = (
@@ -184,8 +190,9 @@ class SecureChannel:
 
     @property
     def max_message(self) -> int:
-        """Largest payload ``send`` accepts (``max_frame`` minus the 17-byte overhead)."""
-        return self.max_frame - ABYTES
+        """Largest payload ``send`` accepts (``max_frame`` minus the cipher's overhead:
+        17 bytes, 33 with AEGIS-256)."""
+        return self.max_frame - self._overhead
 
     @property
     def send_broken(self) -> bool:
@@ -246,11 +253,11 @@ class SecureChannel:
             raise trio.ClosedResourceError("channel was closed")
         if self._send_error is not None:
             raise ChannelClosed(str(self._send_error))
-        clen = n + ABYTES
+        clen = n + self._overhead
         pooled = _pooled(n)
         if n <= KEEP_BUFFER:
             if self._sbuf is None:
-                self._sbuf = _alloc("unsigned char[]", KEEP_BUFFER + 4 + ABYTES)
+                self._sbuf = _alloc("unsigned char[]", KEEP_BUFFER + 4 + MAX_OVERHEAD)
             frame = self._sbuf
         else:
             frame = _POOL.take() if pooled else _alloc("unsigned char[]", clen + 4)
@@ -300,7 +307,7 @@ class SecureChannel:
         n: int,
         tag: int,
     ) -> None:
-        frame[0:4] = (n + ABYTES).to_bytes(4, "big")  # type: ignore[index]
+        frame[0:4] = (n + self._overhead).to_bytes(4, "big")  # type: ignore[index]
         self._sealer.seal(frame + 4, data, n, tag)  # type: ignore[operator]
 
     # -- receiving -----------------------------------------------------------------------
@@ -374,9 +381,9 @@ class SecureChannel:
             raise await self._fail(
                 FrameError(f"frame length {clen} exceeds the {self.max_frame}-byte limit")
             )
-        if clen < ABYTES:
+        if clen < self._overhead:
             raise await self._fail(FrameError(f"frame length {clen} is too short"))
-        mlen = clen - ABYTES
+        mlen = clen - self._overhead
         if before_body is not None:
             try:
                 await before_body(mlen)
@@ -389,14 +396,25 @@ class SecureChannel:
         pooled = _pooled(mlen)
         if mlen <= KEEP_BUFFER:
             if self._rbuf is None:
-                self._rbuf = _alloc("unsigned char[]", KEEP_BUFFER + ABYTES)
-                self._obuf = _alloc("unsigned char[]", KEEP_BUFFER + offset)
-            buf, out = self._rbuf, self._obuf
+                self._rbuf = _alloc("unsigned char[]", KEEP_BUFFER + MAX_OVERHEAD)
+            buf = self._rbuf
         elif pooled:
-            buf, out = _POOL.take(), _POOL.take()
+            buf = _POOL.take()
         else:
             buf = _alloc("unsigned char[]", clen)
-            out = _alloc("unsigned char[]", mlen + offset)
+        # The message is decrypted straight into the bytes we return when the cipher puts
+        # it at offset 0; AES-256-GCM writes the tag byte in front, so it goes through a
+        # buffer and one more copy.
+        message = out = None
+        if offset == 0:
+            message = unfilled_bytes(mlen)
+            out = ffi.from_buffer("unsigned char[]", message)
+        elif mlen <= KEEP_BUFFER:
+            if self._obuf is None:
+                self._obuf = _alloc("unsigned char[]", KEEP_BUFFER + offset)
+            out = self._obuf
+        else:
+            out = _POOL.take() if pooled else _alloc("unsigned char[]", mlen + offset)
         try:
             tag = await self._open(buf, out, clen, deadline)
         finally:
@@ -405,10 +423,13 @@ class SecureChannel:
             del buf  # the ciphertext is not needed any more: at most two copies at once
         try:
             if tag == TAG_MESSAGE:
+                if message is not None:
+                    return message
                 return ffi.buffer(out + offset, mlen)[:]
         finally:
-            if pooled:
+            if pooled and message is None:
                 _POOL.give(out)
+        del message, out  # not filled, or not a message: nobody may see it
         if tag is None:
             raise await self._fail(
                 FrameError("frame failed authentication (tampered, replayed or reordered)")
@@ -424,7 +445,7 @@ class SecureChannel:
         view = memoryview(ffi.buffer(buf, clen))
         await self._read(view, "body", deadline=deadline)
         try:
-            if self.offload_bytes is not None and clen - ABYTES >= self.offload_bytes:
+            if self.offload_bytes is not None and clen - self._overhead >= self.offload_bytes:
                 return await trio.to_thread.run_sync(
                     self._opener.open, out, view, clen, limiter=crypto_limiter()
                 )
@@ -473,6 +494,11 @@ def _offer(aes: bool) -> int:
     return hs.FLAG_AES256GCM if aes and framecipher.aes_available() else 0
 
 
+def _start(role: int, identity: nacl.signing.SigningKey, aes: bool, aegis: bool) -> hs.Side:
+    """Our side of a handshake, offering what we want and can run."""
+    return hs.Side.start(role, identity, _offer(aes), aegis and framecipher.aegis_available())
+
+
 def _open_channel(
     stream: trio.abc.Stream,
     reader: ExactReader,
@@ -486,7 +512,10 @@ def _open_channel(
     """The channel a finished handshake opens, with the frame cipher both sides offered."""
     sealer: FrameSealer
     opener: FrameOpener
-    if session.flags & hs.FLAG_AES256GCM:
+    if session.aegis_agreed(peer_header):
+        sealer = framecipher.AegisSealer(session.tx)
+        opener = framecipher.AegisOpener(session.rx)
+    elif session.flags & hs.FLAG_AES256GCM:
         sealer = framecipher.AesGcmSealer(session.tx)
         opener = framecipher.AesGcmOpener(session.rx)
     else:
@@ -507,7 +536,7 @@ def _open_channel(
 def _check_args(identity: nacl.signing.SigningKey, max_frame: int) -> None:
     if not isinstance(identity, nacl.signing.SigningKey):
         raise TypeError("identity must be a nacl.signing.SigningKey")
-    if not ABYTES <= max_frame <= 0xFFFFFFFF:
+    if not MAX_OVERHEAD <= max_frame <= 0xFFFFFFFF:
         raise ValueError("max_frame out of range")
 
 
@@ -540,6 +569,7 @@ async def connect_channel(
     max_frame: int = MAX_FRAME,
     offload_bytes: int | Literal["auto"] | None = DEFAULT_OFFLOAD,
     aes: bool = True,
+    aegis: bool = True,
     bandwidth: Bandwidth | None = None,
 ) -> SecureChannel:
     """Run the initiator side of the handshake on ``stream`` and return the channel.
@@ -548,7 +578,9 @@ async def connect_channel(
     any identity (read it from ``channel.peer_key``). ``offload_bytes``: frames at least
     this large are encrypted/decrypted in a worker thread (``None``: never; ``"auto"``: a
     threshold that suits the negotiated cipher). ``aes``: offer
-    AES-256-GCM frames if this CPU has hardware AES (False: never; tests). ``bandwidth``:
+    AES-256-GCM frames if this CPU has hardware AES (False: never; tests). ``aegis``: on
+    such a channel, offer AEGIS-256 frames too (False: behave like a node from before
+    AEGIS; tests and benchmarks). ``bandwidth``:
     the node's limits, which every frame of this channel then passes (None: no limits).
     Raises ``HandshakeError`` (and closes ``stream``) on any failure or after ``timeout``.
     """
@@ -558,7 +590,7 @@ async def connect_channel(
     reader = ExactReader(stream)
 
     async def body() -> SecureChannel:
-        me = hs.Side.start(hs.ROLE_INITIATOR, identity, _offer(aes))
+        me = _start(hs.ROLE_INITIATOR, identity, aes, aegis)
         await stream.send_all(me.hello)
         peer = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_RESPONDER)
         if expected_peer is not None and not hs.same_key(peer.identity, expected_peer):
@@ -587,12 +619,13 @@ async def accept_channel(
     max_frame: int = MAX_FRAME,
     offload_bytes: int | Literal["auto"] | None = DEFAULT_OFFLOAD,
     aes: bool = True,
+    aegis: bool = True,
     bandwidth: Bandwidth | None = None,
 ) -> SecureChannel:
     """Run the responder side of the handshake on ``stream`` and return the channel.
 
     The peer's proven identity is ``channel.peer_key``; deciding whether to talk to it is
-    the caller's business. ``aes`` and ``bandwidth`` as for ``connect_channel``. Raises
+    the caller's business. ``aes``, ``aegis`` and ``bandwidth`` as for ``connect_channel``. Raises
     ``HandshakeError`` (and closes ``stream``) on failure.
     """
     _check_args(identity, max_frame)
@@ -600,7 +633,7 @@ async def accept_channel(
 
     async def body() -> SecureChannel:
         peer = hs.parse_hello(await reader.read_exactly(hs.HELLO_LEN), hs.ROLE_INITIATOR)
-        me = hs.Side.start(hs.ROLE_RESPONDER, identity, _offer(aes))
+        me = _start(hs.ROLE_RESPONDER, identity, aes, aegis)
         session = me.meet(peer)
         await stream.send_all(me.hello + session.auth())
         peer_header = session.check_peer_auth(await reader.read_exactly(hs.AUTH_LEN))

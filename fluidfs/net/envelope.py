@@ -19,6 +19,10 @@ counted item, which is what the RPC layer charges to the peer's memory budget; i
 compares the counts with the op's bounds (``fluidfs.wire.schema.bounds``) and may refuse a
 message from its ``Head`` alone, without decoding it.
 
+In a reply whose op's schema declares ``Bytes(view=True)`` (RetrieveShard's shard), byte
+strings of at least ``wire.cbor.SLICE_MIN`` (64 KiB) are not copied out of the frame: they
+decode to read-only memoryviews of it (net/rpc.py asks ``decode`` for that).
+
 A request may be encoded in two parts (``encode_request_parts``): the CBOR up to and
 including the head of its last byte string, and that byte string's own buffer. The
 bytes on the wire are exactly ``encode_request``'s; the channel encrypts the parts one
@@ -32,7 +36,7 @@ from typing import Any, NamedTuple
 
 import cbor2
 
-from fluidfs.wire.cbor import MAX_DEPTH, ScanError, loads, read_arg, skip
+from fluidfs.wire.cbor import MAX_DEPTH, ScanError, loads, loads_sliced, read_arg, skip
 
 Buffer = bytes | bytearray | memoryview
 
@@ -173,16 +177,18 @@ def _is_str(v: object, lo: int, hi: int) -> bool:
     return type(v) is str and lo <= len(v) <= hi
 
 
-def decode(frame: bytes, head: Head | None = None) -> Request | Response:
+def decode(frame: bytes, head: Head | None = None, views: bool = False) -> Request | Response:
     """Parse one frame into a ``Request`` or ``Response``; raise ``EnvelopeError``.
 
     ``head`` is ``peek(frame)`` if the caller already has it; otherwise ``peek`` runs
-    first, so cbor2 never sees a frame with more than ``MAX_ITEMS`` items.
+    first, so cbor2 never sees a frame with more than ``MAX_ITEMS`` items. ``views``:
+    byte strings of ``SLICE_MIN`` bytes or more come back as read-only views of *frame*
+    (``wire.cbor.loads_sliced``), for a message whose schema takes them.
     """
     if head is None:
         head = peek(frame)
     try:
-        msg = loads(frame)
+        msg = loads_sliced(frame) if views else loads(frame)
     except Exception as exc:  # cbor2 raises several types, incl. ValueError/RecursionError
         raise EnvelopeError(f"not valid CBOR: {str(exc)[:200]}", head.id) from None
     if type(msg) is not dict:

@@ -18,7 +18,9 @@ Three messages, all fixed-size, sent raw on the stream (no length prefix)::
     AUTH (88 bytes)
       0  64  Ed25519 signature by the identity key over
              b"fluidfs-auth-v1" || role label || TH || secretstream header
-     64  24  secretstream header of the sender's outgoing direction
+     64  24  secretstream header of the sender's outgoing direction; on an AES channel
+             (both HELLOs carry FLAG_AES256GCM) either unused random bytes or
+             AEGIS_OFFER = b"fluidfs aegis256 frames\0", the offer of AEGIS-256 frames
 
     role label  = b"initiator" or b"responder" (the signer's role; stops reflection)
     TH          = BLAKE2b-256(person=b"fluidfs-hs-v1", HELLO_i || HELLO_r)
@@ -31,6 +33,12 @@ AUTH) and pull with its rx key and the peer's header. When both HELLOs carry
 FLAG_AES256GCM, frames use AES-256-GCM under the same tx/rx keys instead, and the
 secretstream headers are unused (see ``fluidfs.net.framecipher``). The flags are part of
 TH, which both sides sign, so nobody in between can take the faster cipher away.
+
+On an AES channel a node that can run AEGIS-256 sends AEGIS_OFFER in place of its
+secretstream header; when both AUTHs carry it, frames use AEGIS-256 (frame format 1)
+under the same keys instead of AES-256-GCM. A node from before AEGIS sends a real
+(random-looking) header and so gets AES-256-GCM. Each header is covered by its sender's
+signature, so an offer cannot be removed or forged in transit: a tampered AUTH fails.
 
 The initiator checks the responder's identity (``expected_peer``) and signature before it
 signs anything itself. Future versions keep bytes 0..5 of HELLO so that a v1 peer can refuse
@@ -48,6 +56,7 @@ import nacl.exceptions
 import nacl.signing
 
 from .errors import HandshakeError
+from .framecipher import AEGIS_OFFER
 
 MAGIC = b"FLFS"
 VERSION = 1
@@ -156,13 +165,16 @@ class Side:
     eph_pk: bytes
     eph_sk: bytes
     hello: bytes
+    aegis: bool = False  # offer AEGIS-256 frames if the channel turns out to be AES
 
     @classmethod
-    def start(cls, role: int, identity: nacl.signing.SigningKey, flags: int) -> Side:
+    def start(
+        cls, role: int, identity: nacl.signing.SigningKey, flags: int, aegis: bool = False
+    ) -> Side:
         """Make fresh ephemeral keys and our HELLO."""
         eph_pk, eph_sk = sodium.crypto_kx_keypair()
         hello = make_hello(role, eph_pk, identity.verify_key.encode(), flags)
-        return cls(role, identity, flags, eph_pk, eph_sk, hello)
+        return cls(role, identity, flags, eph_pk, eph_sk, hello, aegis)
 
     def meet(self, peer: Hello) -> Session:
         """Both HELLOs are known: the transcript hash and the session keys."""
@@ -172,6 +184,8 @@ class Side:
             th = transcript_hash(peer.raw, self.hello)
         rx, tx = session_keys(self.role, self.eph_pk, self.eph_sk, peer.eph_pk, th)
         push, header = new_push(tx)
+        if self.aegis and self.flags & peer.flags & FLAG_AES256GCM:
+            header = AEGIS_OFFER  # the secretstream state goes unused on an AES channel
         return Session(self, peer, th, rx, tx, push, header)
 
 
@@ -191,6 +205,14 @@ class Session:
     def flags(self) -> int:
         """The features both HELLOs offered."""
         return self.side.flags & self.peer.flags
+
+    def aegis_agreed(self, peer_header: bytes) -> bool:
+        """Do both AUTHs (ours and the peer's, checked) offer AEGIS-256 frames?"""
+        return (
+            bool(self.flags & FLAG_AES256GCM)
+            and self.header == AEGIS_OFFER
+            and hmac.compare_digest(peer_header, AEGIS_OFFER)
+        )
 
     def auth(self) -> bytes:
         """Our AUTH message: our identity's signature over the transcript."""

@@ -109,7 +109,8 @@ OPS: dict[str, OpSpec] = {
     ),
     "RetrieveShard": OpSpec(
         Map({"id": ID}, optional=SHARD_OP_EXTRAS),
-        Map({"data": Bytes(max=MAX_SHARD)}),
+        # a view of the reply's frame (its readers take blocks.erasure.Shard)
+        Map({"data": Bytes(max=MAX_SHARD, view=True)}),
     ),
     # Several of the caller's own small shards at once (no "for", no "delegation"): each
     # id held is in `found` (once, at most MAX_BATCH_SHARD bytes, MAX_BATCH_BYTES in all),
@@ -190,7 +191,9 @@ OPS["ListReserved"] = OpSpec(
     Map({"peer": ID, "after": Bytes(max=32), "limit": Int(1, MAX_LIST_PAGE)}),
     OPS["ListShards"].response,
 )
-OPS["FetchReserved"] = OpSpec(Map({"peer": ID, "id": ID}), OPS["RetrieveShard"].response)
+# bytes, not a view of the frame as RetrieveShard's: the shard is sent on (StoreReserved),
+# and cbor2 would encode a memoryview as an array of integers
+OPS["FetchReserved"] = OpSpec(Map({"peer": ID, "id": ID}), Map({"data": Bytes(max=MAX_SHARD)}))
 OPS["StoreReserved"] = OpSpec(
     Map({"peer": ID, "shards": List(Map({"id": ID, "data": Bytes(max=MAX_SHARD)}),
                                     max_len=64)}),

@@ -54,7 +54,17 @@ from typing import Any, Protocol
 
 import trio
 
-from fluidfs.wire.schema import Bound, Int, Map, Schema, SchemaError, Str, bounds, validate
+from fluidfs.wire.schema import (
+    Bound,
+    Int,
+    Map,
+    Schema,
+    SchemaError,
+    Str,
+    bounds,
+    takes_views,
+    validate,
+)
 
 from . import envelope
 from .bandwidth import SERVE, Deadline
@@ -154,10 +164,11 @@ class Dispatcher(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("bound", "event", "result")
+    __slots__ = ("bound", "event", "result", "views")
 
-    def __init__(self, bound: Bound) -> None:
+    def __init__(self, bound: Bound, views: bool = False) -> None:
         self.bound = bound
+        self.views = views  # the reply's schema keeps long byte strings as views
         self.event = trio.Event()
         self.result: dict[str, Any] | RpcError | None = None
 
@@ -370,12 +381,18 @@ class RpcConnection:
                 elif head.reply and not self._reply_fits(head, len(frame)):
                     hold.release()
                     continue
+                # only the replies of calls whose op declares views (RetrieveShard) have
+                # their long byte strings sliced out of the frame: everything else, and
+                # everything a handler gets, is bytes as before
+                waiting = self._pending.get(head.id) if head.reply else None
+                views = waiting is not None and waiting.views
                 if len(frame) >= limits.decode_offload:
                     msg = await trio.to_thread.run_sync(
-                        envelope.decode, frame, head, limiter=decode_limiter(limits.decode_threads)
+                        envelope.decode, frame, head, views,
+                        limiter=decode_limiter(limits.decode_threads),
                     )
                 else:
-                    msg = envelope.decode(frame, head)
+                    msg = envelope.decode(frame, head, views)
             except envelope.EnvelopeError as exc:
                 hold.release()
                 if exc.id is None:
@@ -499,7 +516,8 @@ class RpcConnection:
         if size > self.channel.max_message:
             raise RpcError("too_large", f"{op} request of {size} bytes exceeds one frame")
         bound = reply_bound(spec.response if spec else None, self.channel.max_message)
-        waiter = self._pending[rid] = _Waiter(bound)
+        views = spec is not None and takes_views(spec.response)
+        waiter = self._pending[rid] = _Waiter(bound, views)
         self._touch()
         try:
             with trio.move_on_after(timeout) as scope:

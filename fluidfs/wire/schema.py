@@ -34,6 +34,7 @@ the containers, so a value that fits allocates no path strings.
 from __future__ import annotations
 
 import abc
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -107,14 +108,25 @@ class Schema(abc.ABC):
 
 
 class Bytes(Schema):
-    """A byte string with ``min <= len <= max``."""
+    """A byte string with ``min <= len <= max``.
 
-    def __init__(self, min: int = 0, max: int = 1 << 20) -> None:
+    With ``view``, a read-only ``memoryview`` is accepted too: a long byte string sliced
+    out of the frame it came in (``wire.cbor.loads_sliced``, for messages whose schema
+    ``takes_views``), so the field's readers must take any bytes-like value (shard data:
+    ``blocks.erasure.Shard``). Everywhere else only ``bytes`` fits: cbor2 would encode
+    a memoryview as an array of integers.
+    """
+
+    def __init__(self, min: int = 0, max: int = 1 << 20, *, view: bool = False) -> None:
         self.min, self.max = min, max
+        self.view = view
 
-    def parse(self, value: Any) -> bytes:
-        """``value`` if it is bytes of an allowed length."""
-        if type(value) is not bytes:
+    def parse(self, value: Any) -> bytes | memoryview:
+        """``value`` if it is bytes of an allowed length (see the class for views)."""
+        if type(value) is memoryview and self.view:
+            if not value.readonly or value.format != "B" or value.ndim != 1:
+                raise SchemaError("", "expected bytes, got a writable or shaped memoryview")
+        elif type(value) is not bytes:
             raise SchemaError("", f"expected bytes, got {_kind(value)}")
         if not self.min <= len(value) <= self.max:
             raise SchemaError("", f"length {len(value)} not in [{self.min}, {self.max}]")
@@ -330,6 +342,25 @@ def bounds(schema: Schema) -> Bound:
 
 
 _BOUNDS: weakref.WeakKeyDictionary[Schema, Bound] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def takes_views(schema: Schema) -> bool:
+    """Does ``schema`` have a ``Bytes(view=True)`` anywhere (see ``Bytes``)?"""
+    seen: set[int] = set()
+    todo: list[Any] = [schema]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, Bytes) and item.view:
+            return True
+        if isinstance(item, Schema) and id(item) not in seen:
+            seen.add(id(item))
+            todo.extend(vars(item).values())
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
+    return False
 
 
 def validate(schema: Schema, value: Any, path: str = "") -> Any:

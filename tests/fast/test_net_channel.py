@@ -25,15 +25,20 @@ C = nacl.signing.SigningKey(b"c" * 32)
 PK_A, PK_B, PK_C = (k.verify_key.encode() for k in (A, B, C))
 
 
-CIPHERS = ["aes256gcm", "secretstream"] if framecipher.aes_available() else ["secretstream"]
+CIPHERS = (
+    ["aegis256", "aes256gcm", "secretstream"] if framecipher.aes_available() else ["secretstream"]
+)
 
 
 @pytest.fixture(autouse=True, params=CIPHERS)
 def cipher(request, monkeypatch) -> str:
     """Every test here runs once per frame cipher this CPU can run; "secretstream" is what
-    a machine without hardware AES negotiates."""
+    a machine without hardware AES negotiates, "aes256gcm" what two nodes from before
+    AEGIS-256 frames do."""
     if request.param == "secretstream":
         monkeypatch.setattr(framecipher, "aes_available", lambda: False)
+    if request.param == "aes256gcm":
+        monkeypatch.setattr(framecipher, "aegis_available", lambda: False)
     return request.param
 
 
@@ -138,7 +143,7 @@ async def test_a_message_in_parts_arrives_whole(cipher):
     tap.capturing = True
     await c.send((b"", b""))
     (frame,) = tap.frames()
-    assert len(frame) == 4 + framecipher.ABYTES  # an empty message, as b"" would be
+    assert len(frame) == 4 + c._overhead  # an empty message, as b"" would be
     with pytest.raises(FrameError):
         await c.send((bytes(MAX_FRAME), b"x"))
 
@@ -157,7 +162,7 @@ async def test_roundtrip_tcp_large_both_ways(tcp_pair):
         await a.send(mid)
         assert await b.receive() == mid
     largest = os.urandom(c.max_message)  # exactly MAX_FRAME on the wire
-    assert c.max_message == MAX_FRAME - 17
+    assert c.max_message == MAX_FRAME - (33 if c.cipher == "aegis256" else 17)
     async with trio.open_nursery() as n:
         n.start_soon(c.send, largest)
         assert await s.receive() == largest
@@ -295,7 +300,7 @@ async def test_bad_hello_rejected(hello, why):
     (True, True), (True, False), (False, True), (False, False),
 ])
 async def test_cipher_is_aes_only_when_both_offer_it(cipher, client, server):
-    agreed = "aes256gcm" if client and server and cipher == "aes256gcm" else "secretstream"
+    agreed = cipher if client and server and cipher != "secretstream" else "secretstream"
     s1, s2 = trio.testing.memory_stream_pair()
     res = {}
 
@@ -401,19 +406,22 @@ async def test_oversized_length_rejected_before_body_tcp(tcp_pair):
     await _assert_rejected_and_closed(s, "exceeds")
 
 
-@pytest.mark.parametrize("length", [0, 16, 1025, 0xFFFFFFFF])
+@pytest.mark.parametrize("length", [0, 16, "overhead-1", 1025, 0xFFFFFFFF])
 async def test_bad_length_rejected_custom_limit(length):
     tap, _c, s = await memory_pair(max_frame=1024)
+    if length == "overhead-1":  # 32 with AEGIS-256: as long as its MAC, shorter than a frame
+        length = s._overhead - 1
     await tap.inner.send_all(struct.pack(">I", length))
     await _assert_rejected_and_closed(s, "too short|exceeds")
 
 
 async def test_send_too_large_is_local_error():
     _, c, s = await memory_pair(max_frame=1024)
+    overhead = 33 if c.cipher == "aegis256" else 17
     with pytest.raises(FrameError, match="limit"):
-        await c.send(bytes(1024 - 16))
-    await c.send(bytes(1024 - 17))  # still usable; the biggest message that fits
-    assert len(await s.receive()) == 1024 - 17
+        await c.send(bytes(1024 - overhead + 1))
+    await c.send(bytes(1024 - overhead))  # still usable; the biggest message that fits
+    assert len(await s.receive()) == 1024 - overhead
 
 
 async def test_truncated_frame_rejected():
@@ -465,3 +473,184 @@ def test_random_bytes_after_handshake_give_clean_errors(junk):
             await s.receive()
 
     trio.run(main)
+
+
+# -- AEGIS-256 frames: negotiation, downgrade, sizes ---------------------------------------
+
+needs_aes = pytest.mark.skipif(not framecipher.aes_available(), reason="no hardware AES")
+
+
+@needs_aes
+@pytest.mark.parametrize(("client", "server"), [
+    (True, True), (True, False), (False, True), (False, False),
+])
+async def test_aegis_only_when_both_auths_offer_it(cipher, client, server):
+    """A node from before AEGIS (aegis=False) on either side keeps AES-256-GCM; the
+    offer travels only on AES channels."""
+    if cipher != "aegis256":
+        pytest.skip("the offer is made by nodes that can run AEGIS-256")
+    s1, s2 = trio.testing.memory_stream_pair()
+    res = {}
+
+    async def serve() -> None:
+        res["s"] = await accept_channel(s2, B, aegis=server)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(serve)
+        c = await connect_channel(s1, A, PK_B, aegis=client)
+    agreed = "aegis256" if client and server else "aes256gcm"
+    assert c.cipher == res["s"].cipher == agreed
+    for msg in (b"", b"ping", os.urandom(300_000)):
+        await c.send(msg)
+        assert await res["s"].receive() == msg
+        await res["s"].send(msg)
+        assert await c.receive() == msg
+
+
+class _AuthRewriter:
+    """A man in the middle that forwards a handshake, rewriting the 24-byte header of
+    one side's AUTH (``"responder"``: bytes 136..160 of its reply; ``"initiator"``: the
+    last 24 bytes of its AUTH), then relays everything else."""
+
+    def __init__(self, side: str, new_header: bytes) -> None:
+        self.side = side
+        self.new_header = new_header
+        self.seen: bytes | None = None
+
+    async def run(self, mitm_c, mitm_s) -> None:
+        async def exactly(stream, n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                got = await stream.receive_some(n - len(data))
+                if not got:
+                    raise trio.BrokenResourceError
+                data += got
+            return data
+
+        with trio.move_on_after(5):
+            try:
+                await mitm_s.send_all(await exactly(mitm_c, 72))
+                reply = await exactly(mitm_s, 160)
+                if self.side == "responder":
+                    self.seen = reply[136:]
+                    reply = reply[:136] + self.new_header
+                await mitm_c.send_all(reply)
+                auth = await exactly(mitm_c, 88)
+                if self.side == "initiator":
+                    self.seen = auth[64:]
+                    auth = auth[:64] + self.new_header
+                await mitm_s.send_all(auth)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await mitm_c.aclose()
+        await mitm_s.aclose()
+
+
+@needs_aes
+@pytest.mark.parametrize("side", ["responder", "initiator"])
+async def test_stripped_aegis_offer_fails_auth(cipher, side):
+    """Replacing a node's AEGIS offer with a header (to force AES-256-GCM) breaks that
+    node's signature: the handshake fails instead of being downgraded."""
+    if cipher != "aegis256":
+        pytest.skip("needs two nodes offering AEGIS-256")
+    c_side, mitm_c = trio.testing.memory_stream_pair()
+    mitm_s, s_side = trio.testing.memory_stream_pair()
+    mitm = _AuthRewriter(side, os.urandom(24))
+    errors = []
+
+    async def server() -> None:
+        try:
+            await accept_channel(s_side, B, timeout=2)
+        except HandshakeError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(mitm.run, mitm_c, mitm_s)
+        n.start_soon(server)
+        if side == "responder":  # the initiator checks the responder's AUTH
+            with pytest.raises(HandshakeError, match="signature"):
+                await connect_channel(c_side, A, PK_B, timeout=2)
+        else:  # the initiator is done; the responder refuses it and hangs up
+            c = await connect_channel(c_side, A, PK_B, timeout=2)
+            with pytest.raises(ChannelClosed):
+                await c.receive()
+    assert mitm.seen == framecipher.AEGIS_OFFER
+    if side == "initiator":
+        assert len(errors) == 1 and "signature" in str(errors[0])
+
+
+@needs_aes
+async def test_forged_aegis_offer_fails_auth(cipher):
+    """Putting the offer into an old node's AUTH fails that AUTH's signature too."""
+    if cipher != "aes256gcm":
+        pytest.skip("needs nodes that do not offer AEGIS-256")
+    c_side, mitm_c = trio.testing.memory_stream_pair()
+    mitm_s, s_side = trio.testing.memory_stream_pair()
+    mitm = _AuthRewriter("responder", framecipher.AEGIS_OFFER)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(mitm.run, mitm_c, mitm_s)
+        n.start_soon(functools.partial(_expect_handshake_error, s_side))
+        with pytest.raises(HandshakeError, match="signature"):
+            await connect_channel(c_side, A, PK_B, timeout=2)
+    assert mitm.seen != framecipher.AEGIS_OFFER
+
+
+def test_aegis_offer_only_on_aes_channels():
+    """The offer replaces the secretstream header only when both HELLOs chose AES: on a
+    secretstream channel that header is needed."""
+    from fluidfs.net import handshake as hs
+
+    def headers(flags_i: int, flags_r: int) -> tuple[bytes, bytes]:
+        i = hs.Side.start(hs.ROLE_INITIATOR, A, flags_i, aegis=True)
+        r = hs.Side.start(hs.ROLE_RESPONDER, B, flags_r, aegis=True)
+        si = i.meet(hs.parse_hello(r.hello, hs.ROLE_RESPONDER))
+        sr = r.meet(hs.parse_hello(i.hello, hs.ROLE_INITIATOR))
+        return si.header, sr.header
+
+    aes = hs.FLAG_AES256GCM
+    assert headers(aes, aes) == (framecipher.AEGIS_OFFER, framecipher.AEGIS_OFFER)
+    for flags in ((aes, 0), (0, aes), (0, 0)):
+        assert framecipher.AEGIS_OFFER not in headers(*flags)
+
+
+def _boundary_sizes(max_message: int) -> list[int]:
+    from fluidfs.net import channel as ch
+
+    sizes = {0, 1, max_message - 1, max_message}
+    for edge in (ch.KEEP_BUFFER, ch.POOL_MIN, ch.POOL_MAX, 4 << 20):
+        sizes |= {edge - 1, edge, edge + 1}
+    return sorted(sizes)
+
+
+@pytest.mark.parametrize("offload", [None, 200_000])
+async def test_roundtrip_at_every_buffer_boundary(cipher, offload):
+    """Messages on either side of the keep-buffer, pool and offload edges and at the
+    largest size come back whole, as bytes, on each cipher; a pooled buffer reused by a
+    later, shorter message leaks nothing of the one before."""
+    _, c, s = await memory_pair(offload_bytes=offload)
+    for n in _boundary_sizes(c.max_message):
+        msg = os.urandom(n)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.send, msg)
+            got = await s.receive()
+        assert type(got) is bytes and got == msg, n
+
+
+async def test_unexpected_tag_from_peer_is_refused(cipher):
+    """An authentic frame with a tag we never send ends the channel, not the node."""
+    _, c, s = await memory_pair()
+    async with c._send_lock:
+        await c._send_frame(b"odd", 3, 7)
+    with trio.fail_after(5), pytest.raises(FrameError, match="unexpected frame tag 7"):
+        await s.receive()
+    with pytest.raises(FrameError):
+        await s.receive()
+
+
+async def test_frame_cut_inside_the_mac_is_refused(cipher):
+    tap, c, s = await memory_pair()
+    (frame,) = await _capture(tap, c, b"y" * 1000)
+    await tap.inner.send_all(frame[:-10])  # message whole, MAC short
+    await tap.inner.aclose()
+    await _assert_rejected_and_closed(s, "ended inside")

@@ -169,6 +169,23 @@ async def test_large_shards_both_ways(port):
         assert ei.value.code == "not_found"
 
 
+async def test_retrieved_shards_are_views_of_their_frame_and_stored_ones_bytes(port, service):
+    """A long shard in a RetrieveShard reply is not copied out of the frame it came in
+    (the op declares its readers take views); every other field, and a shard under
+    64 KiB, is bytes as before, StoreShard's data on the serving side included."""
+    sizes = {os.urandom(32): n for n in (100, 64 * 1024 - 1, 64 * 1024, 512 * 1024)}
+    async with client(port) as conn:
+        for sid, n in sizes.items():
+            await conn.call("StoreShard", {"shards": [{"id": sid, "data": os.urandom(n)}]})
+        assert all(type(v) is bytes for v in service.shards.values())
+        for sid, n in sizes.items():
+            got = (await conn.call("RetrieveShard", {"id": sid}))["data"]
+            assert got == service.shards[sid]
+            assert type(got) is (memoryview if n >= 64 * 1024 else bytes)
+            if n >= 64 * 1024:
+                assert got.readonly and type(got.obj) is bytes and len(got.obj) < n + 64
+
+
 async def test_a_shard_sent_from_its_buffer_arrives_intact(port, service):
     """StoreShard with the shard as the request's tail (no copy on our side): the peer
     gets exactly the bytes, and the size limits still hold."""

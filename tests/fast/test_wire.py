@@ -160,3 +160,112 @@ def test_hostile_encodings(raw: bytes) -> None:
 def test_decode_refuses_what_is_not_bytes() -> None:
     with pytest.raises(SchemaError, match="expected CBOR bytes"):
         cbor.decode(Int(), bytearray(b"\x01"), max_size=10)
+
+
+# -- long byte strings sliced out of the frame (loads_sliced) ------------------------------
+
+SLICE = cbor.SLICE_MIN
+
+
+def _plain(value):
+    """*value* with every memoryview turned into bytes (what ``loads`` gives)."""
+    if isinstance(value, memoryview):
+        return value.tobytes()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("n", [0, 23, SLICE - 1, SLICE, SLICE + 1, 1 << 20])
+def test_long_byte_strings_are_views_of_the_frame(n):
+    body = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    frame = cbor2.dumps({"v": 1, "list": [b"small", body, "text" * 20000], "n": -5})
+    out = cbor.loads_sliced(frame)
+    assert _plain(out) == cbor.loads(frame)
+    got = out["list"][1]
+    if n >= SLICE:
+        assert type(got) is memoryview and got.readonly and got.obj is frame
+    else:
+        assert type(got) is bytes
+    assert type(out["list"][0]) is bytes and type(out["list"][2]) is str
+
+
+def test_many_long_strings_in_order():
+    bodies = [bytes([i]) * (SLICE + i) for i in range(30)]
+    frame = cbor2.dumps({"shards": [{"id": bytes([i]) * 32, "data": b} for i, b in
+                                    enumerate(bodies)]})
+    out = cbor.loads_sliced(frame)
+    assert [s["data"] for s in out["shards"]] == bodies
+    assert all(type(s["data"]) is memoryview for s in out["shards"])
+
+
+@pytest.mark.parametrize("frame", [
+    cbor2.dumps({"a": bytes(SLICE)})[:-1],  # truncated inside the long string
+    b"\xa1\x61a\xda\x66\x6c\x76\x31\x00" + bytes(SLICE),  # our own tag, from a peer
+    cbor2.dumps(cbor2.CBORTag(0x666C7631, 0)) + bytes(SLICE),
+    b"\xa1\x61a\x5f" + b"\x5a" + (SLICE).to_bytes(4, "big") + bytes(SLICE) + b"\xff",
+    cbor2.dumps({"a": bytes(SLICE), "b": cbor2.CBORTag(2, b"\x01")}),  # a bignum tag
+    b"\xa2\x61a" + cbor2.dumps(bytes(SLICE)) + b"\x61a\x01",  # duplicate key
+])
+def test_hostile_long_frames_are_refused_as_by_loads(frame):
+    with pytest.raises(Exception) as plain:
+        cbor.loads(frame)
+    with pytest.raises(type(plain.value)):
+        cbor.loads_sliced(frame)
+
+
+def test_a_long_byte_string_as_a_map_key_is_refused():
+    """cbor2 refuses a slice as a key; from ``loads`` the schema refuses the bytes key."""
+    frame = b"\xa1" + cbor2.dumps(bytes(SLICE)) + b"\x01"
+    with pytest.raises(cbor2.CBORDecodeError, match="map key"):
+        cbor.loads_sliced(frame)
+    with pytest.raises(SchemaError, match="map key"):
+        validate(Map({"a": Int()}, extra=IGNORE), cbor.loads(frame))
+
+
+def test_bytes_after_the_item_are_left_as_loads_leaves_them():
+    """cbor2 stops after one item (``envelope.peek`` refuses the rest first)."""
+    frame = cbor2.dumps({"a": bytes(SLICE)}) + b"\x00"
+    assert _plain(cbor.loads_sliced(frame)) == cbor.loads(frame)
+
+
+@pytest.mark.parametrize("depth", range(cbor.MAX_DEPTH - 3, cbor.MAX_DEPTH + 3))
+def test_nesting_limit_is_the_same_with_long_strings(depth):
+    """A slice's private tag nests one level deeper in the skeleton; the limit a peer
+    meets stays that of ``loads``."""
+    value: object = bytes(SLICE)
+    for _ in range(depth):
+        value = [value]
+    frame = cbor2.dumps(value)
+    try:
+        want = cbor.loads(frame)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            cbor.loads_sliced(frame)
+    else:
+        assert _plain(cbor.loads_sliced(frame)) == want
+
+
+def test_only_fields_that_take_views_accept_them():
+    frame = cbor2.dumps({"copy": bytes(SLICE), "view": bytes(SLICE)})
+    raw = cbor.loads_sliced(frame)
+    takes = Map({"copy": Bytes(max=SLICE, view=True), "view": Bytes(max=SLICE, view=True)})
+    assert type(validate(takes, raw)["view"]) is memoryview
+    with pytest.raises(SchemaError, match="copy: expected bytes"):  # nor would cbor2 send it
+        validate(Map({"copy": Bytes(max=SLICE), "view": Bytes(max=SLICE, view=True)}), raw)
+    with pytest.raises(SchemaError, match="length"):
+        validate(Bytes(max=SLICE - 1, view=True), raw["view"])
+    with pytest.raises(SchemaError, match="writable"):
+        validate(Bytes(view=True), memoryview(bytearray(4)))
+
+
+def test_takes_views_finds_a_view_field_anywhere():
+    from fluidfs.net.messages import OPS
+    from fluidfs.wire.schema import takes_views
+
+    assert takes_views(List(Map({"a": Int()}, optional={"b": Bytes(view=True)}), max_len=2))
+    assert not takes_views(List(Map({"a": Int()}, optional={"b": Bytes()}), max_len=2))
+    assert [op for op, spec in OPS.items() if takes_views(spec.response)] == ["RetrieveShard"]
+    assert not any(takes_views(spec.request) for spec in OPS.values())
