@@ -481,14 +481,13 @@ needs_aes = pytest.mark.skipif(not framecipher.aes_available(), reason="no hardw
 
 
 @needs_aes
+@pytest.mark.parametrize("cipher", ["aegis256"], indirect=True)  # nodes that offer it
 @pytest.mark.parametrize(("client", "server"), [
     (True, True), (True, False), (False, True), (False, False),
 ])
 async def test_aegis_only_when_both_auths_offer_it(cipher, client, server):
     """A node from before AEGIS (aegis=False) on either side keeps AES-256-GCM; the
     offer travels only on AES channels."""
-    if cipher != "aegis256":
-        pytest.skip("the offer is made by nodes that can run AEGIS-256")
     s1, s2 = trio.testing.memory_stream_pair()
     res = {}
 
@@ -547,12 +546,11 @@ class _AuthRewriter:
 
 
 @needs_aes
+@pytest.mark.parametrize("cipher", ["aegis256"], indirect=True)  # two nodes offering it
 @pytest.mark.parametrize("side", ["responder", "initiator"])
 async def test_stripped_aegis_offer_fails_auth(cipher, side):
     """Replacing a node's AEGIS offer with a header (to force AES-256-GCM) breaks that
     node's signature: the handshake fails instead of being downgraded."""
-    if cipher != "aegis256":
-        pytest.skip("needs two nodes offering AEGIS-256")
     c_side, mitm_c = trio.testing.memory_stream_pair()
     mitm_s, s_side = trio.testing.memory_stream_pair()
     mitm = _AuthRewriter(side, os.urandom(24))
@@ -580,10 +578,9 @@ async def test_stripped_aegis_offer_fails_auth(cipher, side):
 
 
 @needs_aes
+@pytest.mark.parametrize("cipher", ["aes256gcm"], indirect=True)  # nodes that do not offer it
 async def test_forged_aegis_offer_fails_auth(cipher):
     """Putting the offer into an old node's AUTH fails that AUTH's signature too."""
-    if cipher != "aes256gcm":
-        pytest.skip("needs nodes that do not offer AEGIS-256")
     c_side, mitm_c = trio.testing.memory_stream_pair()
     mitm_s, s_side = trio.testing.memory_stream_pair()
     mitm = _AuthRewriter("responder", framecipher.AEGIS_OFFER)
