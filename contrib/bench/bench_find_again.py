@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_scale import REPO, Cli, cpu_seconds, find_calls, retrieve_requests  # noqa: E402
+from bench_scale import REPO, Cli, find_calls, retrieve_requests, timed_find  # noqa: E402
 from benchlib import Profiler, log  # noqa: E402
 
 
@@ -73,14 +73,7 @@ def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Pro
     try:
         before = retrieve_requests(cli, state)
         with profiler.record(name, pid):
-            mount_cpu = cpu_seconds(pid)
-            peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
-            started = time.perf_counter()
-            count = subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
-                                   text=True, check=True).stdout.strip()
-            fig = {"find_s": time.perf_counter() - started, "find_count": int(count),
-                   "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
-                   "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+            fig = timed_find(mnt, pid, peers)
         after = retrieve_requests(cli, state)
         if before and after:
             fig["find_retrieve_calls"] = after["calls"] - before["calls"]

@@ -176,6 +176,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def timed_find(mnt: Path, pid: int, peers: Peers) -> dict:
+    """Time ``find | wc -l`` over *mnt*, with the CPU the mount (*pid*) and the peers
+    spent meanwhile."""
+    mount_cpu = cpu_seconds(pid)
+    peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
+    started = time.perf_counter()
+    count = subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return {"find_s": time.perf_counter() - started, "find_count": int(count),
+            "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
+            "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+
+
 def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dict:
     """Mount a new state directory with B's keyfile, time ``find | wc -l`` over it, with
     the CPU the mount and the peers spent meanwhile; unmount."""
@@ -183,14 +196,7 @@ def fresh_find(cli: Cli, work: Path, mnt: Path, state: str, peers: Peers) -> dic
         "--state-dir", str(work / state), "--listen", "127.0.0.1:0")
     pid = int((work / state / "daemon.pid").read_text())
     before = retrieve_requests(cli, work / state)
-    mount_cpu = cpu_seconds(pid)
-    peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
-    started = time.perf_counter()
-    count = subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
-                           text=True, check=True).stdout.strip()
-    fig = {"find_s": time.perf_counter() - started, "find_count": int(count),
-           "find_mount_cpu_s": cpu_seconds(pid) - mount_cpu,
-           "find_peers_cpu_s": sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu}
+    fig = timed_find(mnt, pid, peers)
     after = retrieve_requests(cli, work / state)
     if before and after:  # None: a checkout that does not count them
         fig["find_retrieve_calls"] = after["calls"] - before["calls"]
