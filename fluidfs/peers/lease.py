@@ -314,12 +314,25 @@ class WriterLease:
 
         A lease another machine holds is asked to hand over, then waited for (its bound
         plus the margin) with ``on_wait(seconds left, holder)`` called about every second.
-        *seen* is a ``look`` the caller just made (of every peer we would ask now), saving
-        that round: taking the lease is a compare-and-swap on what it saw, so a lease
-        changed since fails the take as it would have after a look of our own.
+        *seen* is a ``look`` the caller made beside other work (of every peer we would
+        ask now), saving that round: taking the lease is a compare-and-swap on what it
+        saw. It can be older than the holders' state by the time we take (peers still
+        connecting, a provider answering for them), so a take refused on it is tried
+        once more on a look of our own.
         """
-        if seen is None:
-            seen = await self.look()
+        if seen is not None:
+            try:
+                return await self._acquire(takeover, on_wait, seen)
+            except LeaseHeld:
+                log.info("the lease look given was out of date: looking again")
+        return await self._acquire(takeover, on_wait, await self.look())
+
+    async def _acquire(
+        self,
+        takeover: bool,
+        on_wait: Callable[[float, LeaseInfo | None], None],
+        seen: Look,
+    ) -> LeaseInfo | None:
         held = seen.info
         if seen.unreadable:
             assert seen.newest is not None

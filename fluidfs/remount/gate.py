@@ -33,7 +33,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
@@ -261,25 +261,12 @@ class MountGate:
     ) -> Found | None:
         """Take the lease (from *seen* if given), then read the newest root again under
         it: a writer may have published one since the first read."""
-        def acquire(seen: Look | None) -> Awaitable[None]:
-            return self.keeper.acquire(
+        try:
+            await self.keeper.acquire(
                 takeover=self.options.takeover,
                 on_wait=lambda left, holder: on_progress(countdown(left, holder)),
                 seen=seen,
             )
-
-        try:
-            try:
-                await acquire(seen)
-            except LeaseHeld:
-                if seen is None:
-                    raise
-                # The look made beside the root read can be older than the holders'
-                # state by the time we take (peers still connecting, a provider
-                # answering for them): a take refused on it is tried once more on a
-                # look of its own, as a mount without the early look would have.
-                log.info("the early lease look was out of date: looking again")
-                await acquire(None)
         except NoPeerAnswered as exc:
             if waiting:
                 self._refuse_empty(None)
