@@ -191,30 +191,31 @@ class BlockStore:
             found = self._local_found
             self._local_saved, saved = set(), self._local_saved
         looked = 0
-        if found is None:
-            found = set()
+        still: set[bytes] = set()
+        if found is None:  # the scan's findings are current: only what was saved since
             after: bytes | None = b""
             while after is not None:
                 with self.meta.read() as txn:
                     records, after = scan_batch(txn, self._blocks, after, SCAN_BATCH)
                 looked += len(records)
-                found.update(
+                still.update(
                     key for key, raw in records
                     if LOCAL_HOLDER in StoredBlock.decode(key, raw).holders
                 )
-        candidates = sorted(found | saved)
-        still = []
+            candidates = sorted(saved - still)
+        else:
+            candidates = sorted(found | saved)
         for start in range(0, len(candidates), SCAN_BATCH):
             with self.meta.read() as txn:
                 for block_id in candidates[start : start + SCAN_BATCH]:
                     stored = self.load(block_id, txn)
                     if stored is not None and LOCAL_HOLDER in stored.holders:
-                        still.append(block_id)
+                        still.add(block_id)
             looked += min(SCAN_BATCH, len(candidates) - start)
         with self._local_lock:
             self._local_found = set(still)
         self.local_looked = looked
-        return still
+        return sorted(still)
 
     def is_fully_stored(self, block_id: bytes) -> bool:
         """True when every shard of the block has a holder (so its plaintext may go)."""
