@@ -44,6 +44,9 @@ INLINE_MAX = 4096
 # A whole block written in sequence (a large file's) fits too: a dirty file costs a
 # kernel copy in (each FUSE write, a worker-thread hop) and one out (sealing).
 MEMORY_TOTAL_MAX = 64 * 1024 * 1024
+# Blocks past this size may fill only 3/4 of that budget: a large copy keeps the last
+# quarter for small files, whose in-memory blocks are sealed inline at close.
+SMALL_BLOCK = 256 * 1024
 IDLE_SEAL_SECONDS = 2.0
 READ_AHEAD_BLOCKS = 2
 
@@ -368,10 +371,14 @@ class FileData:
                 return
 
     def _fits(self, blk: DirtyBlock, end: int) -> bool:
-        """May in-memory *blk* grow to hold bytes up to *end* (within ``memory_max``)?"""
+        """May in-memory *blk* grow to hold bytes up to *end* (within ``memory_max``, 3/4
+        of it past ``SMALL_BLOCK``)?"""
         assert blk.buf is not None
         grow = end - len(blk.buf)
-        return grow <= 0 or self.memory_bytes + grow <= self.memory_max
+        if grow <= 0:
+            return True
+        limit = self.memory_max - (0 if end <= SMALL_BLOCK else self.memory_max // 4)
+        return self.memory_bytes + grow <= limit
 
     def _copy_in(self, blk: DirtyBlock, start: int, end: int, chunk: memoryview) -> None:
         """Write *chunk* at *start* into an in-memory block (*end*: where it ends)."""
