@@ -284,6 +284,21 @@ def test_mount_then_unmount_messages(make_mount) -> None:
     one_line_error(run_cli("unmount", str(mnt.path)), 2)
 
 
+def test_the_mount_opens_before_the_page_loads_and_returns_once_it_serves(make_mount) -> None:
+    """The page's stack (Starlette, Hypercorn: a quarter of a CPU-second to import) loads
+    once the mount is open, not beside the lease gate, whose work it held the GIL
+    against, with the mount waiting for it (before: the page served first). `fluidfs
+    mount` still returns once the page serves, and prints its address."""
+    mnt = make_mount()
+    result = mnt.mount("--web", "127.0.0.1:0")
+    assert "status and restore page: http://127.0.0.1:" in result.stdout, result.stdout
+    lines = (mnt.state / "fluidfs.log").read_text().splitlines()
+    mounted = next(i for i, line in enumerate(lines) if ": mounted " in line)
+    page = next(i for i, line in enumerate(lines) if ": web page at " in line)
+    assert mounted < page, "\n".join(lines[-20:])
+    mnt.unmount()
+
+
 def test_the_background_node_is_the_command_forked_and_detached(make_mount) -> None:
     """`fluidfs mount` forks its node rather than starting a second interpreter for it
     (that paid Python's start and this command's imports again: before, the node ran

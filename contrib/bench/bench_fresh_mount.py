@@ -19,7 +19,7 @@ alike), mounts a new state directory with that keyfile alone, as bench_e2e.py's
   those of the ``fluidfs mount`` process itself (from its rusage);
 - a timeline from the node's log lines (its timestamps, against the start), for the
   steps the mount logs: services listening, restored commit, mounted; and the gate's
-  own steps (``mount gate:`` line: peers dialled, root read, lease taken, tree adopted),
+  own steps (``mount gate:`` line: peers dialled and root read, lease taken, tree adopted),
   each in seconds of its own, where the checkout logs them.
 
 Medians per checkout are printed side by side. Each fresh mount is unmounted and its

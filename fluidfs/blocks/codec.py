@@ -31,8 +31,8 @@ BLAKE3 of the plaintext (dedup within one user only); shard id = Merkle root (se
 merkle.py).
 
 Everything here is pure CPU work on bytes; callers run it in worker threads. All of
-it releases the GIL but pyeclib (layout 4's decoding, ~1.3 ms per 4 MiB block held; its
-encoding is ISA-L called directly, isal.py). Sealing writes the ciphertext once, into
+it releases the GIL but pyeclib, which codes layout 4 only where ISA-L cannot be called
+directly (isal.py encodes and decodes it). Sealing writes the ciphertext once, into
 the buffer the K primary shards are views of, and the code computes only the parity
 shards; opening
 decrypts straight from the joined pieces (each copy of 4 MiB costs about as much as

@@ -17,9 +17,10 @@ years later; the parity of each code is fixed math, pinned by golden tests:
   library: encoding a zero block of the same piece size gives each index's header (with
   checksum type ``none`` no payload byte enters it), cached per (K, N, piece size).
 
-Parity is computed by ISA-L called directly (isal.py: the primaries read in place, the
-parity written into one buffer, the GIL released), checked against pyeclib's output on
-first use; pyeclib encodes only where that library cannot be used, and decodes. pyeclib
+Parity is computed, and lost pieces or shards recovered, by ISA-L called directly
+(isal.py: the shards read in place, the result written into one buffer, the GIL
+released), checked against pyeclib's output on first use; pyeclib codes only where that
+library cannot be used. pyeclib
 takes only ``bytes`` (anything else makes liberasurecode abort the process) and holds
 the GIL while it codes (~1.3 ms per 4 MiB block); every input's length is checked here
 before it is called. If pyeclib or its ISA-L backend cannot be loaded,
@@ -146,6 +147,9 @@ def join(code: int, k: int, n: int, piece: int, good: Mapping[int, Shard]) -> by
         decoded = _zfec_decoder(k, n).decode(tuple(good[i] for i in numbers), numbers)
         return b"".join(decoded)
     if code == RS_CAUCHY:
+        direct = isal.join(k, n, piece, {i: good[i] for i in numbers}, _pyeclib_parity)
+        if direct is not None:
+            return direct
         headers = _headers(k, n, piece)
         try:
             data = _driver(k, n).decode([headers[i] + good[i] for i in numbers])
@@ -179,6 +183,11 @@ def make(
         out.update(zip(missing, made, strict=True))
         return out
     if code == RS_CAUCHY:
+        direct = isal.recover(k, n, piece, {i: good[i] for i in numbers}, missing,
+                              _pyeclib_parity)
+        if direct is not None:
+            out.update(zip(missing, direct, strict=True))
+            return out
         if len(missing) > 1:  # pyeclib would decode once per shard: decode once, encode
             whole = encode(code, k, n, join(code, k, n, piece, good), piece)
             out.update((i, whole[i]) for i in missing)

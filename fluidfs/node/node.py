@@ -165,6 +165,8 @@ class Node:
         )
         self._stopped = False
         self.web_up = trio.Event()  # the page serves (or failed to start): mount() waits
+        # The mount is open: a page started beside it may load its stack now.
+        self.mount_open = trio.Event()
 
     # --- wiring ----------------------------------------------------------------------------
 
@@ -558,8 +560,9 @@ class Node:
         self, *, web_beside: bool = False, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the peer service, control socket and background loops until cancelled.
-        With *web_beside* the page starts in the background (``web_up`` says when)
-        instead of before this reports started."""
+        With *web_beside* the page starts in the background once the mount is open
+        (``mount_open``; ``web_up`` says when it serves) instead of before this reports
+        started."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.conns.run)
             if self.config.listen:
@@ -643,11 +646,14 @@ class Node:
         )
 
     async def _run_web_beside(self) -> None:
-        """The page, started while the mount's gate waits on the network: its stack
-        (Starlette, Hypercorn, h2) takes a tenth of a second and more to import, which a
-        worker thread does meanwhile, not the loop. ``web_up`` is set once it serves
-        (or failed to start: that is logged and never stops the mount)."""
+        """The page, started once the mount is open: its stack (Starlette, Hypercorn,
+        h2, segno) takes a quarter of a CPU-second to import, in a worker thread, not
+        the loop. Imported beside the gate, it held the GIL against the gate's own work
+        and the mount waited for it (issue 16: the fresh mount's time until the tree is
+        visible). ``web_up`` is set once it serves (or failed to start: that is logged
+        and never stops the mount)."""
         try:
+            await self.mount_open.wait()
             await trio.to_thread.run_sync(importlib.import_module, "fluidfs.web.site")
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_web)
@@ -706,14 +712,24 @@ class Node:
             task_status.started()
 
     async def _settle_before_mount(self, on_progress: Callable[[str], None]) -> None:
-        """The lease gate (remount/gate.py); its refusal becomes a MountError. The page,
-        started beside it, is waited for too."""
+        """The lease gate (remount/gate.py); its refusal becomes a MountError."""
         try:
             await self.gate.before_mount(on_progress=on_progress)
         except RemountError as exc:
             raise MountError(str(exc)) from None
-        if self.config.web:  # `fluidfs mount` prints the page's address once mounted
+
+    async def _ready_once_web_up(
+        self, on_ready: Callable[[], None] | None, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Started once the mount is open: let the page load its stack, and say the
+        mount is ready once the page serves (`fluidfs mount` prints its address then);
+        the tree is usable meanwhile."""
+        self.mount_open.set()
+        task_status.started()
+        if self.config.web:
             await self.web_up.wait()
+        if on_ready is not None:
+            on_ready()
 
     async def serve(self) -> None:
         """Run as a peer with no mount (fluidfs serve) until signalled."""
@@ -747,7 +763,7 @@ class Node:
             services=functools.partial(self.run_services, web_beside=True),
             prepare=functools.partial(self._settle_before_mount, on_progress),
             abandon=self.keeper.release,
-            background=[self.data.run, self.meta.batch.run, self._run_remount],
+            background=[self.data.run, self.meta.batch.run, self._run_remount,
+                        functools.partial(self._ready_once_web_up, on_ready)],
             stop=self.stop,
-            on_ready=on_ready,
         )

@@ -340,12 +340,14 @@ class Connections:
             return False
         return self._down_until.get(key, 0) > time.monotonic()
 
-    async def get(self, key: bytes, addr: str = "") -> RpcConnection:
+    async def get(self, key: bytes, addr: str = "", *, backoff: bool = True) -> RpcConnection:
         """A live connection to the peer, dialling *addr* or its last known address.
 
         A connection we dialled to an address the peer has since left (its row moved:
         a newer address record) is closed and the new address dialled: the old one is
-        bound to an address nobody answers at any more.
+        bound to an address nobody answers at any more. Without *backoff* the peer is
+        dialled even if it failed just now, and a failure does not make others skip it
+        (the mount gate's dialer, which retries on its own schedule).
         """
         conn = self.conns.get(key)
         if conn is not None and not conn.closed:
@@ -354,7 +356,7 @@ class Connections:
             del self.conns[key]
             assert self._nursery is not None
             self._nursery.start_soon(conn.aclose)
-        if self._down_until.get(key, 0) > time.monotonic():
+        if backoff and self._down_until.get(key, 0) > time.monotonic():
             raise PeerUnavailable(f"peer {encode_peer_id(key)[:12]} is unreachable (backing off)")
         lock = self._dialling.setdefault(key, trio.Lock())
         async with lock:
@@ -364,7 +366,8 @@ class Connections:
             try:
                 return await self._dial_known(key, addr)
             except PeerUnavailable:
-                self._down_until[key] = time.monotonic() + BACKOFF_SECONDS
+                if backoff:
+                    self._down_until[key] = time.monotonic() + BACKOFF_SECONDS
                 raise
 
     async def _dial_known(self, key: bytes, addr: str = "") -> RpcConnection:

@@ -39,8 +39,23 @@ class PeerDialer:
         """Every address dialled, for messages."""
         return [str(e) for e in self.pinned] + list(self.bootstrap)
 
-    async def reach(self) -> None:
-        """Dial every address not connected yet, in parallel, for at most DIAL_WAIT s."""
+    def know_pinned(self) -> None:
+        """List the pinned peers among the known ones, as a dial that reached them does:
+        requests made to the known peers dial them as they go (``Connections.get``)."""
+        for entry in self.pinned:
+            if entry.key == self.self_key:
+                continue
+            known = self.peers.get(entry.key)
+            if known is None or not known.addr:
+                self.peers.add(entry.key, entry.addr)
+
+    async def reach(self, *, pinned: bool = True) -> None:
+        """Dial every address not connected yet, in parallel, for at most DIAL_WAIT s;
+        the bare bootstrap addresses only, without *pinned*.
+
+        A pinned peer is dialled as ``Connections.get`` dials it, under the same lock:
+        a request made meanwhile (the gate reads the root while this runs) waits for
+        this dial, or this for its, rather than open a second connection."""
         live = {key for key, conn in self.conns.conns.items() if not conn.closed}
         connected = {p.addr for p in self.peers if p.key in live}
         targets: list[tuple[str, bytes | None]] = [
@@ -48,11 +63,15 @@ class PeerDialer:
             for a in self.bootstrap
             if a != self.conns.listen_addr and a not in connected
         ]
-        targets += [(e.addr, e.key) for e in self.pinned if e.key not in live]
+        if pinned:
+            targets += [(e.addr, e.key) for e in self.pinned if e.key not in live]
 
         async def one(addr: str, expected: bytes | None) -> None:
             try:
-                conn = await self.conns.connect(addr, expected=expected)
+                if expected is None:
+                    conn = await self.conns.connect(addr)
+                else:
+                    conn = await self.conns.get(expected, addr, backoff=False)
             except (PeerUnavailable, ValueError) as exc:
                 self.errors[addr] = str(exc).removeprefix(f"{addr}: ")
                 return

@@ -201,19 +201,26 @@ class MountGate:
         fresh = self.fresh()
         new = fresh and self.known_new()
         steps = Steps()
-        await self.dialer.reach()
-        steps.mark("peers dialled")
         waiting = fresh and not new
         early: Found | None = None
         seen: Look | None = None
         if waiting:
             # A fresh machine knows only the keyfile's few addresses: the newest root lists
             # the backup's peers (the lease's holders among them), and whether a backup
-            # exists at all must be settled before anything is taken or written.
-            early, seen = await self._root_and_lease()
-            steps.mark("root read")
+            # exists at all must be settled before anything is taken or written. Who
+            # answers at a bare address is learnt first; the pinned peers are read as
+            # each connects (the reads dial them), not once the slowest has.
+            await self.dialer.reach(pinned=False)
+            self.dialer.know_pinned()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.dialer.reach)
+                early, seen = await self._root_and_lease()
+            steps.mark("peers dialled and root read")
             if fresh_start(early, known_new=False, quorum=self.quorum) is FreshStart.REFUSE:
                 self._refuse_empty(early)
+        else:
+            await self.dialer.reach()
+            steps.mark("peers dialled")
         found: Found | None = None
         refused: RemountError | None = None
         warming = trio.CancelScope()

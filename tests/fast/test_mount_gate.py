@@ -261,3 +261,48 @@ async def test_a_fresh_machine_refused_the_lease_is_left_fresh(tmp_path) -> None
             assert b.gate.fresh() and b.blocks.count() == 0
         finally:
             b.close()
+
+
+async def test_a_fresh_machine_reads_each_peer_as_it_connects_not_once_all_have(
+    tmp_path, monkeypatch
+) -> None:
+    """One pinned peer is slow to connect (its dial goes on only once another peer has
+    been asked for the root, or after 3 s): the root and lease reads of the others go
+    out as soon as each of them is connected, not once the slow one is too, and the
+    slow one is dialled once, not by the dialer and by a read both. Before: every dial
+    was waited for before the first read went out (this waited the 3 s, and failed)."""
+    async with records_hosts(tmp_path) as (ring, hosts, outer):
+        await backup_elsewhere(tmp_path, ring, hosts, release=True)
+        b = Node(node_config(tmp_path, "b", ring, hosts, restore_wait=2.0))
+        b.blocks.use_network(b.remote)
+        slow = hosts[2]
+        dials: list[str] = []
+        read_out, slow_dialled = trio.Event(), trio.Event()
+        slow_first: list[bool] = []  # at the first read: had the slow dial gone on?
+        connect, call = b.conns.connect, b.conns.call
+
+        async def slow_connect(addr, expected=None):
+            dials.append(addr)
+            if addr == slow.addr:
+                with trio.move_on_after(3):  # under the dialer's DIAL_WAIT
+                    await read_out.wait()
+                slow_dialled.set()
+            return await connect(addr, expected=expected)
+
+        async def noted_call(key, op, *args, **kwargs):
+            if op == "GetRecord" and key != slow.key and not read_out.is_set():
+                slow_first.append(slow_dialled.is_set())
+                read_out.set()
+            return await call(key, op, *args, **kwargs)
+
+        monkeypatch.setattr(b.conns, "connect", slow_connect)
+        monkeypatch.setattr(b.conns, "call", noted_call)
+        try:
+            await outer.start(b.conns.run)
+            await outer.start(b.blocks.run)
+            await b.gate.before_mount()
+            assert slow_first == [False], "the first read waited for the slow dial"
+            assert b.tree_restore.restored is not None
+            assert dials.count(slow.addr) == 1, dials
+        finally:
+            b.close()
