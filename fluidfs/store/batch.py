@@ -204,22 +204,21 @@ class _Request:
 
     def __enter__(self) -> lmdb.Transaction:
         b = self.batch
-        low = b.low()
+        now = time.monotonic()
+        low = b._low if now - b._looked_at < TICK else b.low()  # one call a request less
         if b._txn is not None and (
-            low
-            or b._waiting
-            or b._writes >= MAX_WRITES
-            or time.monotonic() - b._opened_at >= MAX_AGE
+            low or b._waiting or b._writes >= MAX_WRITES or now - b._opened_at >= MAX_AGE
         ):
             b.commit()
-        b._owner = threading.get_ident()
         if low or b._waiting:
+            b._owner = threading.get_ident()
             self.own = True
             self.txn = b._alone = b.env.begin(write=True)
             return self.txn
         if b._txn is None:
             b._txn = b.env.begin(write=True)
-            b._opened_at = time.monotonic()
+            b._owner = threading.get_ident()
+            b._opened_at = now
             b._writes = 0
         self.txn = b._active = b.env.begin(write=True, parent=b._txn)
         return self.txn
