@@ -62,15 +62,17 @@ def test_full_state_disk_gives_enospc_and_loses_nothing(tmp_path, keyfile, small
         filler = subprocess.run(
             ["dd", "if=/dev/urandom", f"of={mnt.path / 'filler.bin'}", "bs=1M", "count=100",
              "conv=fsync"], capture_output=True, text=True)
-        assert filler.returncode != 0
-        assert "No space left on device" in filler.stderr
+        assert filler.returncode != 0, filler.stderr + mnt.log()
+        assert "No space left on device" in filler.stderr, filler.stderr + mnt.log()
 
         assert read_from_store(mnt.path / "keep.bin") == keep
-        assert "keep.bin" in os.listdir(mnt.path)
+        # dd's create was acknowledged: the file stays, whatever its writes could not do
+        assert sorted(os.listdir(mnt.path)) == ["filler.bin", "keep.bin"], mnt.log()
 
         mnt.unmount()  # still full: unmount works, the unsealed rest waits on disk
         mnt.mount()
         assert (mnt.path / "keep.bin").read_bytes() == keep
+        assert sorted(os.listdir(mnt.path)) == ["filler.bin", "keep.bin"], mnt.log()
 
         (mnt.path / "filler.bin").unlink()  # room again: writing works once more
         later = os.urandom(4 * MiB)

@@ -18,6 +18,7 @@ A holder caught returning a corrupt copy of a shard is dealt with in suspects.py
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -35,7 +36,7 @@ from fluidfs.blocks.recent import RecentBlocks
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import RemoteShards, opened
 from fluidfs.blocks.suspects import Suspects
-from fluidfs.diskspace import is_disk_full, keep_reserve
+from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.messages import MAX_BATCH_SHARD
 from fluidfs.store.db import Database, scan_batch
@@ -52,6 +53,7 @@ UPLOADERS = 4  # blocks uploading at once
 SMALL_UPLOADS = 64
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
+SHARD_OVERHEAD = 2 * 4096  # disk a stored shard may take beyond its bytes (LMDB pages)
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
 # bind(txn, block_id) -> the blocks it left unreferenced.
@@ -104,6 +106,7 @@ class BlockStore:
         self.shards = shards
         self.codec = codec
         self.cache = cache
+        self.reserve = DiskReserve(cache.root)  # the state disk's, for every data write
         self.owner = owner
         self.limiter = limiter
         self._blocks = meta["blocks"]
@@ -386,8 +389,9 @@ class BlockStore:
 
     def _seal_and_store(self, data: bytes, block_id: bytes) -> tuple[BlockRecord, list[bytes]]:
         record, shards = self.codec.seal(data, block_id)
-        keep_reserve(self.cache.root)
-        self.shards.put_many(self.owner, zip(record.shard_ids, shards, strict=True))
+        size = sum(len(shard) + SHARD_OVERHEAD for shard in shards)
+        with self.reserve.claim(size):
+            self.shards.put_many(self.owner, zip(record.shard_ids, shards, strict=True))
         return record, shards
 
     # --- uploading (with peers) ----------------------------------------------------------
@@ -715,12 +719,15 @@ class BlockStore:
             await trio.to_thread.run_sync(self.cache.remove_io, victims, limiter=self.limiter)
         return before - self.cache.used
 
-    async def write_to_disk(self, write: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking write to the state disk in a worker thread. If the disk is
-        full, the cache gives back every block that is safely stored elsewhere and the
-        write is tried once more; if it still fails, the OSError (ENOSPC) goes up."""
+    async def write_to_disk(self, write: Callable[..., Any], *args: Any, size: int) -> Any:
+        """Run a blocking write to the state disk in a worker thread, adding at most
+        *size* bytes to it (claimed from the reserve's budget while it runs). If the
+        disk is full, the cache gives back every block that is safely stored elsewhere
+        and the write is tried once more; if it still fails, the OSError (ENOSPC) goes
+        up."""
+        reserved = functools.partial(self._reserved, size, write)
         try:
-            return await trio.to_thread.run_sync(self._reserved, write, *args, limiter=self.limiter)
+            return await trio.to_thread.run_sync(reserved, *args, limiter=self.limiter)
         except OSError as exc:
             if not is_disk_full(exc, self.cache.root):
                 raise
@@ -728,12 +735,12 @@ class BlockStore:
             if not freed:
                 raise
             log.warning("disk full: dropped %d bytes of cached blocks to make room", freed)
-        return await trio.to_thread.run_sync(self._reserved, write, *args, limiter=self.limiter)
+        return await trio.to_thread.run_sync(reserved, *args, limiter=self.limiter)
 
-    def _reserved(self, write: Callable[..., Any], *args: Any) -> Any:
+    def _reserved(self, size: int, write: Callable[..., Any], *args: Any) -> Any:
         """Run a data write unless it would eat the metadata reserve (diskspace.py)."""
-        keep_reserve(self.cache.root)
-        return write(*args)
+        with self.reserve.claim(size):
+            return write(*args)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -866,7 +873,7 @@ class BlockStore:
         """Keep a rebuilt block in the cache if the disk has room; a full disk must not
         stop reads (the reader gets the rebuilt bytes either way)."""
         try:
-            await self.write_to_disk(self.cache.insert_io, block_id, data)
+            await self.write_to_disk(self.cache.insert_io, block_id, data, size=len(data))
         except OSError as exc:
             if not is_disk_full(exc, self.cache.root):
                 raise

@@ -366,7 +366,8 @@ class FileData:
                 if blk.buf is not None:
                     self._copy_in(blk, start, end, chunk)
                     return
-                await self.blocks.write_to_disk(_pwrite_all, blk.fd, chunk, start)
+                await self.blocks.write_to_disk(_pwrite_all, blk.fd, chunk, start,
+                                                size=len(chunk))
                 self._written(blk, end)
                 return
 
@@ -442,11 +443,15 @@ class FileData:
                     )
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 if rebuilt is not None:  # the cache may not keep it: write what we got
-                    blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, rebuilt, True)
+                    blk.fd = await self.blocks.write_to_disk(
+                        _create_with, blk.path, rebuilt, True, size=len(rebuilt)
+                    )
                     break
                 source = self.blocks.cache.path(block_id)
                 try:
-                    blk.fd = await self.blocks.write_to_disk(_copy_to_new, source, blk.path)
+                    blk.fd = await self.blocks.write_to_disk(
+                        _copy_to_new, source, blk.path, size=self.block_size
+                    )
                 except FileNotFoundError:  # evicted between fetch and copy
                     self.blocks.cache.forget(block_id)
             blk.length = os.fstat(blk.fd).st_size
@@ -455,7 +460,9 @@ class FileData:
             return
         else:
             old = value[1:] if value is not None else b""
-            blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, old, value is not None)
+            blk.fd = await self.blocks.write_to_disk(
+                _create_with, blk.path, old, value is not None, size=len(old)
+            )
             blk.length = len(old)
         blk.ready = True
 
@@ -466,7 +473,9 @@ class FileData:
         write fails and the block stays in memory, whole."""
         assert blk.buf is not None
         had_data = self.tree.block(blk.ino, blk.index) is not None
-        blk.fd = await self.blocks.write_to_disk(_create_with, blk.path, blk.buf, had_data)
+        blk.fd = await self.blocks.write_to_disk(
+            _create_with, blk.path, blk.buf, had_data, size=len(blk.buf)
+        )
         self.memory_bytes -= len(blk.buf)
         blk.buf = None
 

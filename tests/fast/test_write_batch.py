@@ -8,11 +8,17 @@ fail on that code (checked); the others pin what must not change with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
+import lmdb
 import pyfuse3
 import pytest
 import trio
@@ -22,6 +28,7 @@ from fluidfs.fs.tree import ROOT_INO, u64
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.statedir import StateDir
 from fluidfs.store import batch as batch_module
+from fluidfs.store.batch import WriteBatch
 
 CTX = pyfuse3.RequestContext()
 
@@ -255,3 +262,118 @@ async def test_an_aborted_request_does_not_hide_a_later_change_in_its_batch(node
     node.meta.commit_batch()
     gen, mark = committed_generation_and_mark(node, d)
     assert mark == gen, "the file's directory lost its mark: the next commit skips it"
+
+
+# --- a full disk ------------------------------------------------------------------------
+#
+# The disk fills for real, for this process: a file-size limit (RLIMIT_FSIZE) makes LMDB's
+# page writes past it fail (EFBIG, SIGXFSZ ignored), as ENOSPC does on a full disk; the
+# batch reads the limit as the room left (``WriteBatch.spare``). A fast test can mount no
+# small tmpfs; tests/test_mount_full_disk.py fills a real one.
+
+
+@contextlib.contextmanager
+def room_left(db: Path, room: int) -> Iterator[None]:
+    """Let this process grow *db*'s data file by about *room* bytes, no more."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ((db / "data.mdb").stat().st_size + room, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def committed_keys(env: lmdb.Environment, keys_: list[bytes]) -> list[bytes]:
+    with env.begin() as txn:
+        return [k for k in keys_ if txn.get(k) is not None]
+
+
+def test_a_full_disk_refuses_requests_instead_of_losing_them(tmp_path) -> None:
+    """With little room left, each request commits before it is answered: one that does
+    not fit fails (the caller hears of it), and every one that succeeded is on disk.
+    Fails on the old code: all 200 requests succeeded into one batch, whose commit then
+    failed, losing every one of them."""
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 30, sync=False, metasync=False)
+    batch = WriteBatch(env)
+    acknowledged: list[bytes] = []
+    refused = 0
+    with room_left(tmp_path / "db", 256 * 1024):
+        for i in range(200):
+            key = b"k%04d" % i
+            try:
+                with batch.write() as txn:
+                    txn.put(key, os.urandom(3000))
+            except lmdb.Error:
+                refused += 1
+            else:
+                acknowledged.append(key)
+        with contextlib.suppress(lmdb.Error):
+            batch.commit()
+    assert committed_keys(env, acknowledged) == acknowledged
+    assert refused, "the disk never filled: the test proves nothing"
+    env.close()
+
+
+async def test_a_batch_open_when_room_runs_low_commits_at_once(tmp_path, monkeypatch) -> None:
+    """The batch opened while the disk had room is committed at the next look at the
+    disk (within ``TICK``), not at its age, so it commits while data writers still leave
+    the metadata reserve; requests after it commit one by one, and batch again once
+    there is room. Fails on the old code: the batch waited for its age (an hour here)."""
+    monkeypatch.setattr(batch_module, "MAX_AGE", 3600.0)
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 30, sync=False, metasync=False)
+    batch = WriteBatch(env)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batch.run)
+        with batch.write() as txn:
+            txn.put(b"early", b"1")
+        assert batch.is_open()
+        with room_left(tmp_path / "db", 1024 * 1024):
+            with trio.fail_after(30):
+                while batch.is_open():
+                    await trio.sleep(0.01)
+            assert committed_keys(env, [b"early"]) == [b"early"]
+            with batch.write() as txn:
+                txn.put(b"alone", b"2")
+            assert not batch.is_open()
+            assert committed_keys(env, [b"alone"]) == [b"alone"]
+        await trio.sleep(2 * batch_module.TICK)  # the next look finds room again
+        with batch.write() as txn:
+            txn.put(b"batched", b"3")
+        assert batch.is_open()
+        nursery.cancel_scope.cancel()
+    env.close()
+
+
+async def test_a_create_on_a_full_disk_is_refused_or_kept(node) -> None:
+    """Through the FUSE operations: on a full disk every create that succeeded is
+    committed and found, and one refused is not found either (memory holds no more
+    than the disk). Fails on the old code: the creates succeeded into the batch and
+    were lost with its commit."""
+    ops = node.ops
+    await first_change(ops)
+    node.meta.commit_batch()
+    made: list[bytes] = []
+    refused: list[bytes] = []
+    with room_left(node.meta.path, 256 * 1024):
+        await trio.sleep(batch_module.TICK)  # the disk has been full a while: looked at
+        for i in range(400):
+            name = b"f%03d" % i + b"x" * 200
+            try:
+                await create(ops, ROOT_INO, name)
+            except pyfuse3.FUSEError:
+                refused.append(name)
+                if len(refused) == 3:
+                    break
+            else:
+                made.append(name)
+        with contextlib.suppress(lmdb.Error):
+            node.meta.commit_batch()
+    assert [n for n in made if committed_name(node, ROOT_INO, n) is None] == []
+    assert refused, "the disk never filled: the test proves nothing"
+    for name in made:
+        assert (await ops.lookup(ROOT_INO, name, CTX)).st_ino
+    for name in refused:
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.lookup(ROOT_INO, name, CTX)
