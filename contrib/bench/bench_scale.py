@@ -268,6 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory"
             f" ({args.writers} writer process{'es' if args.writers > 1 else ''})")
         payload = os.urandom(args.size)
+        create_cpu = cpu_seconds(pid)
         started = time.perf_counter()
         deadline = started + args.create_seconds if args.create_seconds else None
         jobs = [(mounts[0], w, args, payload, deadline) for w in range(args.writers)]
@@ -279,8 +280,10 @@ def run(args: argparse.Namespace) -> dict:
         created = sum(files for files, _, _ in made)
         fig["create_files_per_s"] = created / (time.perf_counter() - started)
         fig["create_writers"] = args.writers
+        fig["create_mount_cpu_s"] = cpu_seconds(pid) - create_cpu
         fig["files_asked"], fig["files"] = args.files, created
         fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        fig["create_mount_cpu_us_per_file"] = fig["create_mount_cpu_s"] / max(created, 1) * 1e6
         # for bench_find_again.py on a --keep tree
         (work / "tree.json").write_text(json.dumps({"files": created, "dirs": fig["dirs"] + 1}))
         if created < args.files:
@@ -350,6 +353,7 @@ def run(args: argparse.Namespace) -> dict:
 
 ROWS = [
     ("create through the mount, files/s", "create_files_per_s"),
+    ("  mount CPU per file created, us", "create_mount_cpu_us_per_file"),
     ("first fluidfs sync, s", "first_sync_s"),
     ("  of which the commit itself, s", "first_commit_s"),
     ("  mount CPU meanwhile, s", "first_sync_mount_cpu_s"),
