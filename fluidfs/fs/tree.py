@@ -176,6 +176,12 @@ class Tree:
         self._keep(inode)
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
         self._changed(txn, None if new else inode.ino)
+        if new and self.db.batch.joins(txn):
+            # Every directory that names it before this batch ends does so through a
+            # ``link`` in the batch, which marks that name at the batch's generation:
+            # marking its parents again on its next change (the write after a create)
+            # would put the same rows again.
+            self._batch_marked.add(inode.ino)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""
