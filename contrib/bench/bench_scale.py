@@ -61,6 +61,7 @@ GOALS = {  # the issue's goals at 1,000,000 files
 
 
 SYNC_ATTEMPTS = 3  # the seconds of every attempt count in the figure
+IDLE_SECONDS = 10.0  # the idle mount's CPU is sampled this long before creating
 
 
 class Cli:
@@ -145,9 +146,16 @@ def unmount(path: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
 
 
-def sync(cli: Cli, state: Path) -> tuple[float, dict]:
-    """Seconds of ``fluidfs sync`` and what the commit itself took (``fluidfs status``)."""
+def sync(cli: Cli, state: Path, pid: int) -> tuple[float, dict]:
+    """Seconds of ``fluidfs sync`` and what the commit itself took (``fluidfs status``),
+    with the mount's (*pid*) CPU seconds during the sync alone (``mount_cpu_s``) and
+    during one ``fluidfs status`` (``status_cpu_s``): status reads every block record
+    and inode, so it costs the mount CPU in proportion to the tree and must stay out
+    of the sync's figure."""
+    status_cpu = cpu_seconds(pid)
     before = json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
+    status_cpu = cpu_seconds(pid) - status_cpu
+    mount_cpu = cpu_seconds(pid)
     started = time.perf_counter()
     for attempt in range(SYNC_ATTEMPTS):
         try:
@@ -159,8 +167,10 @@ def sync(cli: Cli, state: Path) -> tuple[float, dict]:
             log(f"sync: {str(exc)[-120:]}; again")
             time.sleep(5)
     seconds = time.perf_counter() - started
+    mount_cpu = cpu_seconds(pid) - mount_cpu
     status = json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
     last = (status.get("commit") or {}).get("last_commit") or {}
+    out["mount_cpu_s"], out["status_cpu_s"] = mount_cpu, status_cpu
     out["commit_seconds"] = last.get("seconds")
     out["commit_dirs"] = last.get("dirs")
     out["memory"] = status.get("memory")
@@ -267,7 +277,15 @@ def run(args: argparse.Namespace) -> dict:
         pid = int((a_state / "daemon.pid").read_text())
         log(f"creating {args.files} files of {args.size} B, {args.per_dir} per directory"
             f" ({args.writers} writer process{'es' if args.writers > 1 else ''})")
+        # What the idle mount burns per second (peer discovery, reachability, lease
+        # renewal): on a loaded machine a slow create pays it for longer, so the create's
+        # CPU per file is also given net of it.
+        idle_cpu, idle_started = cpu_seconds(pid), time.perf_counter()
+        time.sleep(IDLE_SECONDS)
+        fig["idle_mount_cpu_per_s"] = (
+            (cpu_seconds(pid) - idle_cpu) / (time.perf_counter() - idle_started))
         payload = os.urandom(args.size)
+        create_cpu = cpu_seconds(pid)
         started = time.perf_counter()
         deadline = started + args.create_seconds if args.create_seconds else None
         jobs = [(mounts[0], w, args, payload, deadline) for w in range(args.writers)]
@@ -277,19 +295,25 @@ def run(args: argparse.Namespace) -> dict:
             with multiprocessing.get_context("fork").Pool(args.writers) as pool:
                 made = pool.starmap(write_tree, jobs)
         created = sum(files for files, _, _ in made)
-        fig["create_files_per_s"] = created / (time.perf_counter() - started)
+        create_wall = time.perf_counter() - started
+        fig["create_files_per_s"] = created / create_wall
         fig["create_writers"] = args.writers
+        fig["create_mount_cpu_s"] = cpu_seconds(pid) - create_cpu
         fig["files_asked"], fig["files"] = args.files, created
         fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        fig["create_mount_cpu_us_per_file"] = fig["create_mount_cpu_s"] / max(created, 1) * 1e6
+        fig["create_net_cpu_us_per_file"] = max(
+            fig["create_mount_cpu_s"] - fig["idle_mount_cpu_per_s"] * create_wall, 0.0
+        ) / max(created, 1) * 1e6
         # for bench_find_again.py on a --keep tree
         (work / "tree.json").write_text(json.dumps({"files": created, "dirs": fig["dirs"] + 1}))
         if created < args.files:
             log(f"--create-seconds reached: going on with the {created:,} files made")
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
         # CPU seconds tell a change's cost on a shared machine better than wall seconds.
-        mount_cpu, peers_cpu = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in peers.procs)
-        fig["first_sync_s"], first = sync(cli, a_state)
-        fig["first_sync_mount_cpu_s"] = cpu_seconds(pid) - mount_cpu
+        peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
+        fig["first_sync_s"], first = sync(cli, a_state, pid)
+        fig["first_sync_mount_cpu_s"] = first["mount_cpu_s"]
         fig["first_sync_peers_cpu_s"] = sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu
         fig["first_sync_nodes"] = first.get("nodes_written")
         fig["first_commit_s"] = first.get("commit_seconds")
@@ -300,15 +324,15 @@ def run(args: argparse.Namespace) -> dict:
         rounds = []
         for _ in range(args.changes):
             victim.write_bytes(b"changed " + os.urandom(args.size))
-            mount_cpu = cpu_seconds(pid)
-            took, second = sync(cli, a_state)
-            rounds.append((took, cpu_seconds(pid) - mount_cpu, second))
+            took, second = sync(cli, a_state, pid)
+            rounds.append((took, second["mount_cpu_s"], second))
         took, _, second = sorted(rounds, key=lambda r: r[0])[len(rounds) // 2]
         fig["one_file_sync_s"], fig["one_file_sync_all_s"] = took, [r[0] for r in rounds]
         fig["one_file_sync_mount_cpu_s"] = statistics.median(r[1] for r in rounds)
         fig["one_file_sync_nodes"] = second.get("nodes_written")
         fig["one_file_commit_s"] = second.get("commit_seconds")
         fig["one_file_commit_dirs"] = second.get("commit_dirs")
+        fig["status_mount_cpu_s"] = statistics.median(r[2]["status_cpu_s"] for r in rounds)
         rss = read_rss(pid) or {}
         fig["rss_anon_mib"] = rss.get("RssAnon", 0) / 1024
         fig["vm_rss_mib"] = rss.get("VmRSS", 0) / 1024
@@ -350,6 +374,9 @@ def run(args: argparse.Namespace) -> dict:
 
 ROWS = [
     ("create through the mount, files/s", "create_files_per_s"),
+    ("  mount CPU per file created, us", "create_mount_cpu_us_per_file"),
+    ("  the same net of the idle mount's, us", "create_net_cpu_us_per_file"),
+    ("  idle mount CPU per second, s", "idle_mount_cpu_per_s"),
     ("first fluidfs sync, s", "first_sync_s"),
     ("  of which the commit itself, s", "first_commit_s"),
     ("  mount CPU meanwhile, s", "first_sync_mount_cpu_s"),
@@ -359,6 +386,7 @@ ROWS = [
     ("  mount CPU meanwhile (median), s", "one_file_sync_mount_cpu_s"),
     ("  directories it read", "one_file_commit_dirs"),
     ("  metadata blocks it wrote", "one_file_sync_nodes"),
+    ("fluidfs status: mount CPU (median), s", "status_mount_cpu_s"),
     ("meta.lmdb on disk, MiB", "meta_file_mib"),
     ("  its live tables, MiB", "meta_live_mib"),
     ("  file / live", "meta_ratio"),

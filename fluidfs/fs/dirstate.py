@@ -13,7 +13,10 @@ Five tables of meta.lmdb (format version 1; integers are big-endian u64):
   generation G clears only the marks ≤ G: a change made while it ran stays marked.
 - ``dir_nodes``: directory ino → ``u8 1 ‖ block id (32)`` of the top metadata node
   of its contents in the last commit, or ``u8 1`` alone for an empty directory. Every id
-  here is reachable from the newest commit head, so a commit may name it again.
+  here is reachable from the newest commit head, so a commit may name it again. A
+  restore (fs/restore.py) writes the committed node of each directory it loads, and
+  writes the loaded entries without dirty marks: a fresh machine's first commit after
+  a full walk reads only what changed since.
 - ``dir_state``: ``b"index"`` → u8 1 once ``dir_parents`` covers every directory entry
   (built in batches by ``DirState.build_index``: stores from before this table have none);
   ``b"since_full"`` → u64 commits since the last full one. A new store is indexed from
@@ -125,6 +128,17 @@ class DirState:
         txn.delete(_u64(child) + _u64(parent) + name, db=self._parents)
         self.mark(txn, parent, gen)
         txn.put(_u64(parent) + name, _u64(gen), db=self._names)
+
+    def adopted_entry(self, txn, parent: int, name: bytes, child: int) -> None:
+        """A restore wrote *parent*'s committed entry *name* → *child*: indexed, not
+        marked (the committed node of *parent* holds it)."""
+        txn.put(_u64(child) + _u64(parent) + name, b"", db=self._parents)
+
+    def adopted(self, txn, ino: int, top: bytes) -> None:
+        """A restore loaded directory *ino* from its committed node *top* (b"": an
+        empty directory): commits name that node again until the directory changes. It
+        is reachable from the newest commit head, which names it (lazily) too."""
+        txn.put(_u64(ino), bytes([VERSION]) + top, db=self._nodes)
 
     def mark(self, txn, ino: int, gen: int) -> None:
         """Directory *ino*'s contents changed at generation *gen*."""

@@ -30,6 +30,7 @@ id (32) of the top node of its committed contents.
 from __future__ import annotations
 
 import logging
+import stat
 import struct
 from collections import deque
 
@@ -138,15 +139,17 @@ class Restorer:
             for entry in entries:
                 if entry.chunks:
                     files[entry.ino] = await self.index.file_blocks(entry)
-            subdirs = await self._materialise(ino, entries, files, fetched)
+            subdirs = await self._materialise(ino, top, entries, files, fetched)
         self._locks.pop(ino, None)
         self._fetch_ahead(subdirs)
 
     async def _materialise(
-        self, parent: int, entries: list[Entry], files: dict, fetched: list
+        self, parent: int, top: bytes, entries: list[Entry], files: dict, fetched: list
     ) -> list[int]:
-        """Register the *fetched* nodes of *parent*'s contents and write its entries into
-        the live tables; return the subdirectories it marked lazy, in name order.
+        """Register the *fetched* nodes of *parent*'s contents (whose top node is *top*)
+        and write its entries into the live tables as committed (a commit names *top*
+        again until the directory changes); return the subdirectories it marked lazy, in
+        name order.
 
         A directory of any size is written MATERIALISE_BATCH entries per transaction,
         with a checkpoint between them, so the loop is never held for all of it; the
@@ -178,35 +181,46 @@ class Restorer:
                     raw = txn.get(b"next_ino", db=counters)
                     if raw is None or _U64.unpack(raw)[0] <= highest:
                         txn.put(b"next_ino", _U64.pack(highest + 1), db=counters)
-                for entry in entries[start : start + MATERIALISE_BATCH]:
-                    if self._write_entry(txn, parent, entry, files):
-                        subdirs.append(entry.ino)
+                subdirs += self._write_entries(
+                    txn, parent, entries[start : start + MATERIALISE_BATCH], files
+                )
                 if start == last:
                     txn.delete(_U64.pack(parent), db=self._lazy)
+                    self.tree.dirs.adopted(txn, parent, top)
         self._maybe_lazy = None  # perhaps the last one: look again at the next request
         self.loaded_dirs += 1
         self.loaded_entries += len(entries)
         return subdirs
 
-    def _write_entry(self, txn, parent: int, entry: Entry, files: dict) -> bool:
-        """Write one entry of *parent* (its inode only if new); True if it is a
-        directory left lazy."""
-        ino = entry.ino
-        lazy = False
-        if txn.get(_U64.pack(ino), db=self.db["inodes"]) is None:
-            self.tree.put(txn, entry.inode())
+    def _write_entries(
+        self, txn, parent: int, entries: list[Entry], files: dict
+    ) -> list[int]:
+        """Write entries of *parent* (each inode only if new) as committed: no dirty
+        marks (``Tree.adopt_entries``); return the directories among them left lazy."""
+        inodes = self.db["inodes"]
+        lazy: list[int] = []
+        linked: list[tuple[bytes, int, bool]] = []
+        for entry in entries:
+            ino = entry.ino
+            existed = txn.get(_U64.pack(ino), db=inodes) is not None
+            linked.append((entry.name, ino, existed))
+            if existed:
+                continue
+            self.tree.put(txn, entry.inode(), new=True)
             self._put_xattrs(txn, ino, entry.xattrs)
             blocks, inline = files.get(ino, (entry.blocks, entry.inline))
             for index, ref in blocks:
                 self.index.adopt(txn, ref)  # the block map's own reference
-                self.tree.set_block(txn, ino, index, BLOCK_REF + ref.block_id)
+                self.tree.adopt_block(txn, ino, index, BLOCK_REF + ref.block_id)
             for index, data in inline:
-                self.tree.set_block(txn, ino, index, INLINE + data)
+                self.tree.adopt_block(txn, ino, index, INLINE + data)
             if entry.content is not None:
                 txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
                 self._maybe_lazy = True
-                lazy = True
-        self.tree.link(txn, parent, entry.name, ino)
+                lazy.append(ino)
+            elif stat.S_ISDIR(entry.mode):
+                self.tree.dirs.adopted(txn, ino, b"")  # committed empty: nothing to load
+        self.tree.adopt_entries(txn, parent, linked)
         return lazy
 
     # --- ahead of the walk ---------------------------------------------------------------

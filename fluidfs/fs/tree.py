@@ -176,6 +176,12 @@ class Tree:
         self._keep(inode)
         txn.put(u64(inode.ino), inode.encode(), db=self._inodes)
         self._changed(txn, None if new else inode.ino)
+        if new and self.db.batch.joins(txn):
+            # Every directory that names it before this batch ends does so through a
+            # ``link`` in the batch, which marks that name at the batch's generation:
+            # marking its parents again on its next change (the write after a create)
+            # would put the same rows again.
+            self._batch_marked.add(inode.ino)
 
     def save(self, inode: Inode) -> None:
         """Write the inode in its own transaction."""
@@ -232,6 +238,46 @@ class Tree:
         cookie = self._next(txn, b"next_cookie")
         txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
         txn.put(u64(parent) + u64(cookie), name, db=self._cookies)
+
+    def adopt_entries(
+        self, txn, parent: int, entries: list[tuple[bytes, int, bool]]
+    ) -> None:
+        """Write *parent*'s entries (name, child, whether the child was in the live
+        tables before this load) as a restore loads them from the committed node the
+        caller records for *parent* (``DirState.adopted``): that node holds them already,
+        so nothing is marked dirty, and the cookie counter is read and written once for
+        all of them. A child that was already there (a hard link loaded elsewhere first,
+        or a load started again after a crash) may have changed since the node was
+        written: its entry is marked as ``link`` marks it, so a commit reads it again."""
+        if not entries:
+            return
+        gen = self._changed(txn)
+        raw = txn.get(b"next_cookie", db=self._counters)
+        cookie = _U64.unpack(raw)[0] if raw else 2
+        prefix = u64(parent)
+        for name, child, existed in entries:
+            key = prefix + name
+            old = txn.get(key, db=self._dirents)
+            if old is not None and _U64x2.unpack(old)[0] == child:
+                if existed:
+                    self.dirs.linked(txn, parent, name, child, gen)
+                continue
+            if old is not None:
+                txn.delete(prefix + old[8:16], db=self._cookies)
+                self.dirs.unlinked(txn, parent, name, _U64x2.unpack(old)[0], gen)
+            txn.put(key, _U64x2.pack(child, cookie), db=self._dirents)
+            txn.put(prefix + u64(cookie), name, db=self._cookies)
+            if existed:
+                self.dirs.linked(txn, parent, name, child, gen)
+            else:
+                self.dirs.adopted_entry(txn, parent, name, child)
+            cookie += 1
+        txn.put(b"next_cookie", u64(cookie), db=self._counters)
+
+    def adopt_block(self, txn, ino: int, index: int, value: bytes) -> None:
+        """A block map entry of an inode a restore just wrote (``put`` with *new*): no
+        directory names it yet, so there is nothing to mark."""
+        txn.put(u64(ino) + u64(index), value, db=self._blockmap)
 
     def unlink(self, txn, parent: int, name: bytes) -> None:
         """Remove the entry *name* from *parent*."""

@@ -253,3 +253,56 @@ async def test_a_change_under_a_wide_directory_encodes_one_leaf_of_it(
         assert await listing(b) == live
     finally:
         await b.__aexit__()
+
+
+async def test_after_a_fresh_machine_loads_the_tree_a_one_file_change_writes_only_its_path(
+    tmp_path,
+) -> None:
+    """A restore writes each loaded directory's entries as its committed node holds them
+    and remembers that node: the first commit after a fresh machine's full walk reads
+    the changed path only. Failed before: loading marked every loaded directory (and
+    each lazy subdirectory) dirty, so that commit read and wrote the whole tree."""
+    async with Machine(tmp_path / "a") as a:
+        await populate(a)
+        await a.mkdir(await a.lookup("a6/b2"), "empty")
+        first = await commit(a)
+    b = await restore_into(tmp_path, "a", "b", first)
+    try:
+        await b.node.restorer.load_all()
+        assert b.node.restorer.pending() == []
+        await overwrite(b, "a3/b2/f1", b"changed-content")
+        second = await commit(b)
+        stats = second.stats
+        assert not stats.full
+        assert stats.dirs == 3, stats  # a3/b2, a3, the root
+        assert stats.nodes_written + stats.nodes_reused <= 3 * 3 + 2, stats
+        full = await b.node.commits.commit(user_changed=False, force=True, full=True)
+        assert full.head.tree == second.head.tree, "reading every directory: the same tree"
+        live = await listing(b)
+    finally:
+        await b.__aexit__()
+    assert live["/a3/b2/f1"][-1] == b"changed-content" and "/a6/b2/empty" in live
+
+
+async def test_a_hard_link_changed_while_its_other_directory_is_lazy_is_committed(
+    tmp_path,
+) -> None:
+    """A file named in two directories changes through the loaded one while the other
+    is still lazy: loading the other later finds the inode already there and marks its
+    entry, so the commit does not name that directory's stale committed node."""
+    async with Machine(tmp_path / "a") as a:
+        dirs = await populate(a)
+        await a.ops.link(await a.lookup("a7/b0/f3"), dirs["a0/b0"], b"link", CTX)
+        first = await commit(a)
+    b = await restore_into(tmp_path, "a", "b", first)
+    try:
+        f = await b.lookup("a0/b0/link")
+        assert dirs["a7"] in b.node.restorer.pending(), "a7/b0 is not loaded yet"
+        await b.ops.setattr(f, *chmod(stat.S_IFREG | 0o600), None, CTX)
+        await b.node.restorer.load_all()
+        second = await commit(b)
+        assert not second.stats.full
+        full = await b.node.commits.commit(user_changed=False, force=True, full=True)
+        assert full.head.tree == second.head.tree, "reading every directory: the same tree"
+    finally:
+        await b.__aexit__()
