@@ -703,10 +703,8 @@ class BlockStore:
                 self.cache.adopt_io, block_id, source, limiter=self.limiter
             )
             self.cache.note(block_id, len(data))
-        else:
-            await trio.to_thread.run_sync(
-                self.cache.insert_io, block_id, data, limiter=self.limiter
-            )
+        else:  # new bytes on the state disk: they leave the metadata reserve alone
+            await self.write_to_disk(self.cache.insert_io, block_id, data, size=len(data))
             self.cache.note(block_id, len(data))
         await self.evict()
 
