@@ -266,11 +266,14 @@ def fluidfs_run(
         return out
 
     warm(small)
+    files = len(os.listdir(small))
+    requests = fuse_requests(a.state)
     cpu = CpuMeter({"mount": [pid]})
     t0 = time.perf_counter()
     run(["cp", "-r", str(small), str(a.mnt / small.name)])
     t1 = time.perf_counter()
     out["small_cp_cpu_s"] = cpu.stop()["mount"]
+    out["small_cp_requests"] = per_file(requests, fuse_requests(a.state), files)
     cpu = CpuMeter({"mount": [pid]})
     sync()
     t2 = time.perf_counter()
@@ -309,11 +312,13 @@ def fluidfs_run(
     pid = b.pid()
     restore = work / f"restore-{n}"
     restore.mkdir()
+    requests = fuse_requests(b.state)
     cpu = CpuMeter({"mount": [pid]})
     t0 = time.perf_counter()
     run(["cp", "-r", str(b.mnt / small.name), str(restore / small.name)])
     out["small_restore_s"] = time.perf_counter() - t0
     out["small_restore_cpu_s"] = cpu.stop()["mount"]
+    out["small_restore_requests"] = per_file(requests, fuse_requests(b.state), files)
     if len(os.listdir(restore / small.name)) != len(os.listdir(small)):
         raise RuntimeError("the restored small-file directory is incomplete")
     if src is None:
@@ -334,6 +339,21 @@ def fluidfs_run(
     for m in (a, b):
         shutil.rmtree(m.state, ignore_errors=True)
     return out
+
+
+def fuse_requests(state: Path) -> dict[str, int]:
+    """The mount's FUSE requests so far, by operation (``status --json``)."""
+    out = fluidfs_cli("status", "--json", "--state-dir", str(state)).stdout
+    return json.loads(out).get("fuse_requests") or {}
+
+
+def per_file(before: dict[str, int], after: dict[str, int], files: int) -> dict[str, float]:
+    """Requests per file between two ``fuse_requests`` readings, by operation."""
+    return {
+        op: round((after[op] - before.get(op, 0)) / files, 2)
+        for op in sorted(after)
+        if after[op] != before.get(op, 0)
+    }
 
 
 # --- the benchmark ----------------------------------------------------------------------
@@ -522,6 +542,10 @@ def summarise(args, res: dict) -> dict:
         )
     split = {}
     last = runs[-1]["fluidfs"] if runs and "fluidfs" in runs[-1] else {}
+    for key, label in (("small_cp_requests", "cp -r in"), ("small_restore_requests", "cp -r out")):
+        if last.get(key):
+            ops = ", ".join(f"{op} {n:g}" for op, n in last[key].items())
+            print(f"\nFUSE requests per small file, {label} (last run): {ops}")
     for phase, cpu_key in (("store", "big_store_cpu_s"), ("restore", "big_restore_cpu_s")):
         counts = next((v for k, v in last.get("stages", {}).items() if k.startswith(phase)), None)
         if not counts or cpu_key not in last:
