@@ -332,22 +332,22 @@ class MetaIndex:
         one or two index nodes, and fetching them together makes their shard reads to
         each peer share ``RetrieveShards`` calls, where one index node's children at a
         time paid a round trip for every few leaves."""
-        level: list[TreeNode] = [await self.load(top, fetched)]
+        level: list[tuple[bytes, TreeNode]] = [(top, await self.load(top, fetched))]
         while True:
             below: list[bytes] = []
-            for node in level:
+            for block_id, node in level:
                 if node.type == INDEX:
                     below.extend(ref.block_id for _, ref, _ in node.children)
                 elif node.type != LEAF:
-                    raise MetaError("a directory's tree holds a node that is not a directory node")
+                    raise MetaError(f"node {block_id.hex()[:16]} is not a directory node")
             if not below:
-                return [entry for node in level for entry in node.entries]
-            loaded = iter(await self._load_all(below, fetched))
+                return [entry for _, node in level for entry in node.entries]
+            loaded = iter(zip(below, await self._load_all(below, fetched), strict=True))
             level = [
                 child
-                for node in level
+                for item in level
                 for child in (
-                    [node] if node.type == LEAF else [next(loaded) for _ in node.children]
+                    [item] if item[1].type == LEAF else [next(loaded) for _ in item[1].children]
                 )
             ]
 
