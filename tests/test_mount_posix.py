@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, require_fuse
+from conftest import Mount, require_fuse, run_cli
 from mounthelpers import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -910,3 +911,42 @@ def test_random_operations_match_a_model(mounted, shared_mount, seed: int) -> No
     shared_mount.unmount()
     shared_mount.mount()
     assert path.read_bytes() == bytes(model)
+
+
+# --- what a small file costs in round trips -----------------------------------------------
+
+
+def fuse_requests(mnt: Mount) -> dict[str, int]:
+    """The mount's FUSE requests so far, by operation (`fluidfs status --json`)."""
+    result = run_cli("status", "--json", "--state-dir", str(mnt.state), check=True)
+    return json.loads(result.stdout)["fuse_requests"]
+
+
+def test_a_small_file_copied_in_costs_seven_requests_and_out_two(mounted, tmp_path) -> None:
+    """`cp -r` of 4 KiB files into the mount: the seven requests of a small-file create
+    (lookup, create, getxattr, write, setattr, release, getattr of the parent), no more;
+    out of it again (its pages cached since they were written): open and release (issue
+    16: `status --json` counts them)."""
+    files = 200
+    source = tmp_path / "small"
+    source.mkdir()
+    for i in range(files):
+        (source / f"f{i:04d}").write_bytes(os.urandom(4096))
+    before = fuse_requests(mounted)
+    sh("cp", "-r", source, mounted.path / "small")
+    after = fuse_requests(mounted)
+    sh("cp", "-r", mounted.path / "small", tmp_path / "back")
+    back = fuse_requests(mounted)
+    assert sorted(p.read_bytes() for p in (tmp_path / "back").iterdir()) == sorted(
+        p.read_bytes() for p in source.iterdir()
+    )
+
+    def added(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+        return {op: n - old.get(op, 0) for op, n in new.items() if n != old.get(op, 0)}
+
+    copied_in, copied_out = added(before, after), added(after, back)
+    for op in ("lookup", "create", "write", "release"):
+        assert copied_in.get(op, 0) >= files, f"{op} not counted: {copied_in}"
+    assert sum(copied_in.values()) <= 7 * files + 10, f"copy in: {copied_in}"
+    assert copied_out.get("open", 0) == files, f"copy out: {copied_out}"
+    assert sum(copied_out.values()) <= 2 * files + 10, f"copy out: {copied_out}"

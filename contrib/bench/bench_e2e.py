@@ -5,6 +5,7 @@
     python contrib/bench/bench_e2e.py --quick         # 64 MiB + 200 files, 1 run
     python contrib/bench/bench_e2e.py --runs 5 --json out.json --no-stages
     python contrib/bench/bench_e2e.py --store-only    # only the 256 MiB cp + sync rows
+    python contrib/bench/bench_e2e.py --small-only    # only the small-file rows (no big file)
 
 Per run, on the same source data (warm in the page cache):
 
@@ -130,8 +131,11 @@ def warm(path: Path) -> None:
 # --- restic ---------------------------------------------------------------------------
 
 
-def restic_run(restic: str, work: Path, src: Path, small: Path, n: int) -> dict:
-    """Backup and restore figures of restic with a new local repository."""
+def restic_run(
+    restic: str, work: Path, src: Path | None, small: Path, n: int
+) -> dict:
+    """Backup and restore figures of restic with a new local repository (*src* None: no
+    big file)."""
     repo = work / f"restic-{n}"
     restore = work / f"restic-restore-{n}"
     env = dict(os.environ, RESTIC_REPOSITORY=str(repo), RESTIC_PASSWORD="bench")
@@ -144,14 +148,18 @@ def restic_run(restic: str, work: Path, src: Path, small: Path, n: int) -> dict:
 
     restic_cmd("init")
     out: dict = {}
-    warm(src)
-    out["big_store_s"] = restic_cmd("backup", "--tag", "big", str(src))
+    if src is not None:
+        warm(src)
+        out["big_store_s"] = restic_cmd("backup", "--tag", "big", str(src))
     warm(small)
     out["small_store_s"] = restic_cmd("backup", "--tag", "small", str(small))
     drop_caches()
     out["tree_visible_s"] = restic_cmd("snapshots")  # open the repository, read the index
-    drop_caches()
-    out["big_restore_s"] = restic_cmd("restore", "latest", "--tag", "big", "--target", str(restore))
+    if src is not None:
+        drop_caches()
+        out["big_restore_s"] = restic_cmd(
+            "restore", "latest", "--tag", "big", "--target", str(restore)
+        )
     drop_caches()
     out["small_restore_s"] = restic_cmd(
         "restore", "latest", "--tag", "small", "--target", str(restore)
@@ -224,7 +232,7 @@ def fluidfs_cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProces
 def fluidfs_run(
     work: Path,
     n: int,
-    src: Path,
+    src: Path | None,
     small: Path,
     want: str,
     peers: list[ServePeer],
@@ -241,27 +249,37 @@ def fluidfs_run(
     def sync() -> None:
         fluidfs_cli("sync", "--state-dir", str(a.state))
 
-    warm(src)
-    cpu = CpuMeter({"mount": [pid]})
-    with stages.record(f"store-{n}", pid, profiled):
-        t0 = time.perf_counter()
-        run(["cp", str(src), str(a.mnt / src.name)])
-        t1 = time.perf_counter()
-        sync()
-        t2 = time.perf_counter()
-    out["big_store_cpu_s"] = cpu.stop()["mount"]
-    out["big_cp_s"], out["big_store_s"] = t1 - t0, t2 - t0
+    if src is not None:
+        warm(src)
+        cpu = CpuMeter({"mount": [pid]})
+        with stages.record(f"store-{n}", pid, profiled):
+            t0 = time.perf_counter()
+            run(["cp", str(src), str(a.mnt / src.name)])
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+        out["big_store_cpu_s"] = cpu.stop()["mount"]
+        out["big_cp_s"], out["big_store_s"] = t1 - t0, t2 - t0
     if store_only:
         a.unmount()
         shutil.rmtree(a.state, ignore_errors=True)
         return out
 
     warm(small)
-    t0 = time.perf_counter()
-    run(["cp", "-r", str(small), str(a.mnt / small.name)])
-    t1 = time.perf_counter()
-    sync()
-    t2 = time.perf_counter()
+    files = len(os.listdir(small))
+    requests = fuse_requests(a.state)
+    cpu = CpuMeter({"mount": [pid]})
+    with stages.record(f"small-cp-{n}", pid, profiled):
+        t0 = time.perf_counter()
+        run(["cp", "-r", str(small), str(a.mnt / small.name)])
+        t1 = time.perf_counter()
+    out["small_cp_cpu_s"] = cpu.stop()["mount"]
+    out["small_cp_requests"] = per_file(requests, fuse_requests(a.state), files)
+    cpu = CpuMeter({"mount": [pid]})
+    with stages.record(f"small-sync-{n}", pid, profiled):
+        sync()
+        t2 = time.perf_counter()
+    out["small_sync_cpu_s"] = cpu.stop()["mount"]
     out["small_cp_s"], out["small_store_s"] = t1 - t0, t2 - t0
 
     # A sync with a handful of small changes: the fixed cost of a commit.
@@ -287,7 +305,8 @@ def fluidfs_run(
     drop_caches()
     t0 = time.perf_counter()
     b.mount()
-    while not {src.name, small.name} <= set(os.listdir(b.mnt)):
+    names = {small.name} if src is None else {src.name, small.name}
+    while not names <= set(os.listdir(b.mnt)):
         if time.perf_counter() - t0 > 120:
             raise RuntimeError("the restored tree did not appear in 120 s")
         time.sleep(0.01)
@@ -295,11 +314,25 @@ def fluidfs_run(
     pid = b.pid()
     restore = work / f"restore-{n}"
     restore.mkdir()
-    t0 = time.perf_counter()
-    run(["cp", "-r", str(b.mnt / small.name), str(restore / small.name)])
-    out["small_restore_s"] = time.perf_counter() - t0
+    requests = fuse_requests(b.state)
+    cpu = CpuMeter({"mount": [pid]})
+    with stages.record(f"small-restore-{n}", pid, profiled):
+        t0 = time.perf_counter()
+        run(["cp", "-r", str(b.mnt / small.name), str(restore / small.name)])
+        out["small_restore_s"] = time.perf_counter() - t0
+    out["small_restore_cpu_s"] = cpu.stop()["mount"]
+    restored = status(b.state)
+    out["small_restore_requests"] = per_file(requests, restored.get("fuse_requests") or {}, files)
+    # Since the fresh mount started: its tree's metadata nodes came in these calls.
+    out["restore_retrieve"] = restored.get("retrieve_requests")
     if len(os.listdir(restore / small.name)) != len(os.listdir(small)):
         raise RuntimeError("the restored small-file directory is incomplete")
+    if src is None:
+        b.unmount()
+        shutil.rmtree(restore, ignore_errors=True)
+        for m in (a, b):
+            shutil.rmtree(m.state, ignore_errors=True)
+        return out
     cpu = CpuMeter({"mount": [pid]})
     with stages.record(f"restore-{n}", pid, profiled):
         t0 = time.perf_counter()
@@ -314,6 +347,25 @@ def fluidfs_run(
     return out
 
 
+def status(state: Path) -> dict:
+    """The mount's ``status --json``."""
+    return json.loads(fluidfs_cli("status", "--json", "--state-dir", str(state)).stdout)
+
+
+def fuse_requests(state: Path) -> dict[str, int]:
+    """The mount's FUSE requests so far, by operation (``status --json``)."""
+    return status(state).get("fuse_requests") or {}
+
+
+def per_file(before: dict[str, int], after: dict[str, int], files: int) -> dict[str, float]:
+    """Requests per file between two ``fuse_requests`` readings, by operation."""
+    return {
+        op: round((after[op] - before.get(op, 0)) / files, 2)
+        for op in sorted(after)
+        if after[op] - before.get(op, 0) >= files / 100
+    }
+
+
 # --- the benchmark ----------------------------------------------------------------------
 
 
@@ -324,11 +376,15 @@ def bench(args, work: Path, res: dict, cleanup: list) -> None:
         if restic
         else None
     )
-    src = work / "source" / "big.bin"
+    src: Path | None = work / "source" / "big.bin"
     small = work / "source" / "small"
-    src.parent.mkdir()
-    log(f"source: {args.size / MIB:.0f} MiB random file, {args.files} x 4 KiB random files")
-    want = make_source(src, args.size)
+    (work / "source").mkdir()
+    if args.small_only:
+        src, want = None, ""
+        log(f"source: {args.files} x 4 KiB random files (no big file)")
+    else:
+        log(f"source: {args.size / MIB:.0f} MiB random file, {args.files} x 4 KiB random files")
+        want = make_source(src, args.size)
     if not args.store_only:
         make_small_files(small, args.files)
 
@@ -425,6 +481,12 @@ def summarise(args, res: dict) -> dict:
             r["fluidfs"]["small_store_s"] - r["fluidfs"]["small_cp_s"] for r in runs
         )
     add("small_sync", "  its sync", "s", small_sync, None, False)
+    for key, label in (
+        ("small_cp_cpu_s", "  mount CPU-ms per file, cp -r"),
+        ("small_sync_cpu_s", "  mount CPU-ms per file, its sync"),
+    ):
+        cpu = m("fluidfs", key)
+        add(key, label, "ms", None if cpu is None else 1000 * cpu / args.files, None, False)
     add("tiny_sync", "sync after 3 small files", "s", m("fluidfs", "tiny_sync_s"), None, False)
     add(
         "small_restore",
@@ -432,6 +494,15 @@ def summarise(args, res: dict) -> dict:
         "files/s",
         rate(args.files, m("fluidfs", "small_restore_s")),
         rate(args.files, m("restic", "small_restore_s")),
+    )
+    cpu = m("fluidfs", "small_restore_cpu_s")
+    add(
+        "small_restore_cpu",
+        "  mount CPU-ms per file, cp -r out",
+        "ms",
+        None if cpu is None else 1000 * cpu / args.files,
+        None,
+        False,
     )
     add(
         "tree_visible",
@@ -462,8 +533,9 @@ def summarise(args, res: dict) -> dict:
     )
 
     print()
+    big = "no big file" if args.small_only else f"{args.size / MIB:.0f} MiB"
     print(
-        f"fluidfs vs restic: {args.size / MIB:.0f} MiB, {args.files} x 4 KiB, {args.peers} "
+        f"fluidfs vs restic: {big}, {args.files} x 4 KiB, {args.peers} "
         f"peers, median of {len(runs)} run(s), cpus={os.cpu_count()}; "
         f"{res.get('restic_version') or 'restic not run'}"
     )
@@ -480,6 +552,13 @@ def summarise(args, res: dict) -> dict:
         )
     split = {}
     last = runs[-1]["fluidfs"] if runs and "fluidfs" in runs[-1] else {}
+    if last.get("restore_retrieve"):
+        print(f"\nfresh mount, shards fetched until the small files were copied out (last run): "
+              f"{last['restore_retrieve']}")
+    for key, label in (("small_cp_requests", "cp -r in"), ("small_restore_requests", "cp -r out")):
+        if last.get(key):
+            ops = ", ".join(f"{op} {n:g}" for op, n in last[key].items())
+            print(f"\nFUSE requests per small file, {label} (last run): {ops}")
     for phase, cpu_key in (("store", "big_store_cpu_s"), ("restore", "big_restore_cpu_s")):
         counts = next((v for k, v in last.get("stages", {}).items() if k.startswith(phase)), None)
         if not counts or cpu_key not in last:
@@ -526,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stages", action="store_true", help="no py-spy stage split")
     parser.add_argument(
         "--store-only", action="store_true", help="only the big file's cp + sync (no restic)"
+    )
+    parser.add_argument(
+        "--small-only", action="store_true", help="only the small-file rows (no big file)"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON")

@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 VERSION = 1
 _HEAD = struct.Struct(">BI")
 _CHILD = 33
-FETCHERS = 8  # nodes fetched at once when one listing needs several
+# Nodes of one directory's tree fetched at once (a level at a time): 64 leaves of
+# ~32 KiB (at most 256 KiB) while their shard reads share RetrieveShards calls.
+FETCHERS = 64
 DROP_BATCH = 500  # journal entries worked off per write transaction
 _COUNT = struct.Struct(">I")
 
@@ -323,30 +325,55 @@ class MetaIndex:
         self, top: bytes, fetched: list[tuple[bytes, TreeNode]] | None = None
     ) -> list[Entry]:
         """Every entry of the chunked tree whose top node is *top*, in name order.
-        *fetched*: as for ``load``, for every node of the tree."""
-        node = await self.load(top, fetched)
-        if node.type == LEAF:
-            return node.entries
-        if node.type != INDEX:
-            raise MetaError(f"node {top.hex()[:16]} is not a directory node")
-        parts: list[list[Entry]] = [[] for _ in node.children]
+        *fetched*: as for ``load``, for every node of the tree.
+
+        The tree is read a level at a time, every node of a level at once (at most
+        FETCHERS in flight): a directory of a thousand small files is ~130 leaves under
+        one or two index nodes, and fetching them together makes their shard reads to
+        each peer share ``RetrieveShards`` calls, where one index node's children at a
+        time paid a round trip for every few leaves."""
+        level: list[tuple[bytes, TreeNode]] = [(top, await self.load(top, fetched))]
+        while True:
+            below: list[bytes] = []
+            for block_id, node in level:
+                if node.type == INDEX:
+                    below.extend(ref.block_id for _, ref, _ in node.children)
+                elif node.type != LEAF:
+                    raise MetaError(f"node {block_id.hex()[:16]} is not a directory node")
+            if not below:
+                return [entry for _, node in level for entry in node.entries]
+            loaded = iter(zip(below, await self._load_all(below, fetched), strict=True))
+            level = [
+                child
+                for item in level
+                for child in (
+                    [item] if item[1].type == LEAF else [next(loaded) for _ in item[1].children]
+                )
+            ]
+
+    async def _load_all(
+        self, block_ids: list[bytes], fetched: list[tuple[bytes, TreeNode]] | None
+    ) -> list[TreeNode]:
+        """``load`` each of *block_ids*, FETCHERS at once; the nodes in their order (one
+        MetaError for the caller if any fails, not a group)."""
+        nodes: list[TreeNode | None] = [None] * len(block_ids)
         limiter = trio.CapacityLimiter(FETCHERS)
         failed: list[MetaError] = []
 
-        async def one(i: int, ref: Ref) -> None:
+        async def one(i: int, block_id: bytes) -> None:
             async with limiter:
                 try:
-                    parts[i] = await self.entries(ref.block_id, fetched)
-                except MetaError as exc:  # one MetaError for the caller, not a group
+                    nodes[i] = await self.load(block_id, fetched)
+                except MetaError as exc:
                     failed.append(exc)
                     nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for i, (_, ref, _) in enumerate(node.children):
-                nursery.start_soon(one, i, ref)
+            for i, block_id in enumerate(block_ids):
+                nursery.start_soon(one, i, block_id)
         if failed:
             raise failed[0]
-        return [entry for part in parts for entry in part]
+        return nodes  # type: ignore[return-value]  # every one loaded, or failed
 
     async def file_blocks(self, entry: Entry) -> tuple[list, list]:
         """A file entry's (block index, ref) and (block index, inline bytes) lists."""

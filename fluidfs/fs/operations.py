@@ -65,13 +65,15 @@ def handler(func: F) -> F:
 
 
 def _guarded(ops: Any, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """*method* (bound to *ops*) as the kernel may call it: a deliberate FUSEError goes
-    through; a full state disk becomes ENOSPC; anything else (an internal OSError too:
-    its errno meant something to the node, not to the caller) becomes EIO plus a log
-    line."""
+    """*method* (bound to *ops*) as the kernel may call it, counted in ``ops.requests``:
+    a deliberate FUSEError goes through; a full state disk becomes ENOSPC; anything else
+    (an internal OSError too: its errno meant something to the node, not to the caller)
+    becomes EIO plus a log line."""
+    requests = ops.requests
 
     @functools.wraps(method)
     async def guard(*args: Any, **kwargs: Any) -> Any:
+        requests[name] += 1
         try:
             return await method(*args, **kwargs)
         except FUSEError:
@@ -189,6 +191,9 @@ class FluidOperations(pyfuse3.Operations):
         self.handles: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.read_only = False
+        # Requests the kernel sent, by operation (`fluidfs status --json`: fuse_requests):
+        # what a workload costs in round trips, the figure small files are bound by.
+        self.requests: defaultdict[str, int] = defaultdict(int)
         for name in dir(type(self)):
             if any(
                 getattr(cls.__dict__.get(name), "_fuse_handler", False)
@@ -337,6 +342,7 @@ class FluidOperations(pyfuse3.Operations):
         return self.attrs(inode)
 
     async def forget(self, inode_list):
+        self.requests["forget"] += 1
         for ino, count in inode_list:
             try:
                 left = self.lookups[ino] - count

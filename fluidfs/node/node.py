@@ -162,6 +162,7 @@ class Node:
             traffic=self.traffic,
             tolerance=config.lifecycle.tolerance,
             grouped=not config.even_placement,
+            fuse_requests=lambda: dict(self.ops.requests),
         )
         self._stopped = False
         self.web_up = trio.Event()  # the page serves (or failed to start): mount() waits

@@ -101,6 +101,7 @@ class NodeStatus:
     traffic: TrafficRate | None = None  # rates to and from peers, limits (node/traffic.py)
     tolerance: float = 86400.0  # seconds of failure before an agreement ends (lifecycle)
     grouped: bool = True  # placement keeps blocks within groups of N peers (copysets)
+    fuse_requests: Callable[[], dict[str, int]] = dict  # FUSE requests by operation
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
@@ -191,6 +192,7 @@ class NodeStatus:
                                if self.blocks.remote is not None else None),
             "retrieve_requests": (self.blocks.remote.retrieve_requests()
                                   if self.blocks.remote is not None else None),
+            "fuse_requests": self.fuse_requests(),
             "repair_queue": self.repairer.queue_length,
             "endangered_blocks": len(self.repairer.endangered),
             "emergency_repairs": self.repairer.emergency_repairs,

@@ -287,3 +287,21 @@ async def test_inode_cache_stays_bounded_while_the_kernel_knows_every_file(node)
     for ino, size in made.items():  # every file still reads as written
         assert (await ops.getattr(ino)).st_size == size
     assert len(node.tree._cache) <= 40
+
+
+async def test_status_counts_the_kernels_requests_by_operation(node):
+    """`fluidfs status --json` reports the FUSE requests the mount answered, by
+    operation, failed ones included: what a workload costs in round trips (issue 16)."""
+    ops = node.ops
+    before = node.status.figures(node.status.scan())["fuse_requests"]
+    await expect_errno(errno.ENOENT, ops.lookup(ROOT_INO, b"f", CTX))
+    fh, ino = await new_file(ops)
+    await ops.write(fh, 0, b"x" * 4096)
+    await ops.release(fh)
+    await ops.getattr(ino, CTX)
+    await ops.forget([(ino, 1)])
+    after = node.status.figures(node.status.scan())["fuse_requests"]
+    added = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    assert added == {
+        "lookup": 1, "create": 1, "write": 1, "release": 1, "getattr": 1, "forget": 1
+    }
