@@ -24,7 +24,10 @@ then on; so is a partner whose side is held by its storage provider (the op carr
 ``for``), and everything while ``run`` is not running.
 
 What this holds is bounded by the requests waiting: each waits with its own timeout and
-is dropped from the queue when it gives up.
+is dropped from the queue when it gives up. ``get`` waits in a task of the caller's, with
+a cancel scope; ``submit`` (a block read's K shards, blocks/remote.py) has no task: its
+caller is told in the sender's step and keeps the deadline itself, abandoning the request
+when it passes.
 """
 
 from __future__ import annotations
