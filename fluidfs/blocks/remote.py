@@ -546,7 +546,19 @@ class RemoteShards:
             answered = self._answered.get(key, -math.inf) if key is not None else -math.inf
             return max(in_flight[index], answered)
 
-        async def fetch_one(index: int, key: bytes | None) -> None:
+        def settle(index: int, key: bytes | None, data: bytes | None) -> None:
+            """A request is over (*data*: its good shard, or None): hand it to the loop."""
+            if key is not None:
+                self._fetching[key] -= 1
+                if not self._fetching[key]:
+                    del self._fetching[key]
+            now = trio.current_time()
+            elapsed = now - waiting_since(index)
+            if data is not None and key is not None:
+                self._answered[key] = now
+            send.send_nowait((index, data, elapsed))
+
+        async def fetch_one(index: int, key: bytes | None, single: bool = False) -> None:
             data = None
             try:
                 if key is not None:
@@ -554,64 +566,102 @@ class RemoteShards:
                     data = await self._get_shard(
                         key, record, index, recorded=True,
                         verify=verify and sources is None, credit=sources is None,
-                        timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED)
-            finally:
+                        timeout=FETCH_TIMEOUT + ahead * FETCH_TIMEOUT_QUEUED, single=single)
+            except BaseException:
                 if key is not None:
                     self._fetching[key] -= 1
                     if not self._fetching[key]:
                         del self._fetching[key]
-            now = trio.current_time()
-            elapsed = now - waiting_since(index)
-            if data is not None and key is not None:
-                self._answered[key] = now
-            send.send_nowait((index, data, elapsed))
+                raise
+            settle(index, key, data)
 
-        async with trio.open_nursery() as nursery:
-            queue = list(order)
-            hedged = 0
+        # Small shards from peers that take RetrieveShards: queued in the peer's batch
+        # with no task of their own (``ShardBatches.submit``); this loop keeps their
+        # deadlines. index -> (the queued request, its deadline).
+        batched: dict[int, tuple[Any, float]] = {}
 
-            def start_next() -> None:
-                index = queue.pop(0)
-                in_flight[index] = trio.current_time()
-                key = keys[index] = self.peers.key_of(holders[index])
-                if key is not None:  # counted now: the next block's order sees it
-                    self._fetching[key] += 1
-                nursery.start_soon(fetch_one, index, key)
+        def answered(index: int, wait: Any) -> None:
+            """The batch's sender (or this loop, at the deadline) ends a queued request."""
+            del batched[index]
+            wait.abandoned = True
+            key = keys[index]
+            assert key is not None
+            if wait.error is None and wait.data is None:  # left out of the answer: ask singly
+                nursery.start_soon(fetch_one, index, key, True)
+                return
+            settle(index, key, self._batched_outcome(key, record, index, wait,
+                                                     credit=sources is None))
 
-            for _ in range(min(record.needed, len(queue))):
-                start_next()
-            while in_flight and len(good) < record.needed:
-                hedge_at = math.inf
-                if queue and hedged < extra:
-                    hedge_at = _late_at(
-                        [waiting_since(i) for i in in_flight if i not in covered], took)
-                with trio.move_on_at(hedge_at):
-                    index, data, elapsed = await recv.receive()
-                    del in_flight[index]
-                    if data is not None:
-                        good[index] = data
-                        took.append(elapsed)
-                        source = keys[index]
-                        if sources is not None and source is not None:
-                            # Listed only once taken: an answer arriving in the same
-                            # step as the K-th is dropped with the nursery, and a source
-                            # without its shard broke the caller's check.
-                            sources[index] = source
-                    elif queue:  # a failure: ask the next holder at once
-                        start_next()
-                    continue
-                # No answer before the oldest request became late: one more request
-                # for each late one (at most *extra* in all), the others keep running.
-                now = trio.current_time()
-                for late in sorted(in_flight, key=waiting_since):
-                    if late in covered or waiting_since(late) + _patience(took) > now:
-                        continue
-                    if not queue or hedged >= extra:
-                        break
-                    covered.add(late)
-                    hedged += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                queue = list(order)
+                hedged = 0
+
+                def start_next() -> None:
+                    index = queue.pop(0)
+                    now = in_flight[index] = trio.current_time()
+                    key = keys[index] = self.peers.key_of(holders[index])
+                    if key is None:
+                        nursery.start_soon(fetch_one, index, key)
+                        return
+                    self._fetching[key] += 1  # counted now: the next block's order sees it
+                    if self.batches.usable(key, record.shard_size):
+                        timeout = FETCH_TIMEOUT + (self._fetching[key] - 1) * FETCH_TIMEOUT_QUEUED
+                        wait = self.batches.submit(
+                            key, record.shard_ids[index], lambda wait: answered(index, wait))
+                        batched[index] = (wait, now + timeout)
+                    else:
+                        nursery.start_soon(fetch_one, index, key)
+
+                for _ in range(min(record.needed, len(queue))):
                     start_next()
-            nursery.cancel_scope.cancel()
+                while in_flight and len(good) < record.needed:
+                    hedge_at = math.inf
+                    if queue and hedged < extra:
+                        hedge_at = _late_at(
+                            [waiting_since(i) for i in in_flight if i not in covered], took)
+                    if batched:
+                        hedge_at = min(hedge_at, min(end for _, end in batched.values()))
+                    with trio.move_on_at(hedge_at):
+                        index, data, elapsed = await recv.receive()
+                        del in_flight[index]
+                        if data is not None:
+                            good[index] = data
+                            took.append(elapsed)
+                            source = keys[index]
+                            if sources is not None and source is not None:
+                                # Listed only once taken: an answer arriving in the same
+                                # step as the K-th is dropped with the nursery, and a source
+                                # without its shard broke the caller's check.
+                                sources[index] = source
+                        elif queue:  # a failure: ask the next holder at once
+                            start_next()
+                        continue
+                    # No answer before the oldest request became late (or a queued one's
+                    # deadline passed: it failed, as a timeout does): one more request for
+                    # each late one (at most *extra* in all), the others keep running.
+                    now = trio.current_time()
+                    for index, (wait, end) in list(batched.items()):
+                        if end <= now:
+                            wait.error = PeerUnavailable(
+                                f"peer {keys[index].hex()[:12]}: no answer in time")
+                            answered(index, wait)
+                    for late in sorted(in_flight, key=waiting_since):
+                        if late in covered or waiting_since(late) + _patience(took) > now:
+                            continue
+                        if not queue or hedged >= extra:
+                            break
+                        covered.add(late)
+                        hedged += 1
+                        start_next()
+                nursery.cancel_scope.cancel()
+        finally:
+            for index, (wait, _) in batched.items():  # not needed any more
+                wait.abandoned = True
+                self._fetching[keys[index]] -= 1
+                if not self._fetching[keys[index]]:
+                    del self._fetching[keys[index]]
+
         if len(good) < record.needed:
             await self._search(record, holders, good, on_found)
         if len(good) < record.needed:
@@ -720,7 +770,7 @@ class RemoteShards:
 
     async def _get_shard(
         self, key: bytes, record: BlockRecord, index: int, *, recorded: bool, verify: bool = True,
-        credit: bool = True, timeout: float = FETCH_TIMEOUT,
+        credit: bool = True, timeout: float = FETCH_TIMEOUT, single: bool = False,
     ) -> bytes | None:
         """Shard *index* of the block from peer *key*, or None.
 
@@ -731,9 +781,10 @@ class RemoteShards:
         in a search owes us nothing. With *verify* False the bytes are not checked
         (the caller checks what it computes from them); with *credit* False a good answer
         earns the peer nothing yet (the caller credits it once it checked the bytes).
+        *single*: ask with ``RetrieveShard`` even if the shard could go in a batch.
         """
         outcome, data = await self._retrieve(key, record, index, recorded=recorded, verify=verify,
-                                             credit=credit, timeout=timeout)
+                                             credit=credit, timeout=timeout, single=single)
         peer = self.peers.get(key) if recorded else None
         if outcome == CORRUPT and peer is not None:
             self.on_corrupt(record.block_id, index, peer.index)
@@ -767,12 +818,13 @@ class RemoteShards:
         verify: bool,
         credit: bool = True,
         timeout: float = FETCH_TIMEOUT,
+        single: bool = False,
     ) -> tuple[str, bytes | None]:
         shard_id = record.shard_ids[index]
         hashed: bool | None = None  # whether the batch found the bytes hash to the id
         try:
             data = None
-            if self.batches.usable(key, record.shard_size):
+            if not single and self.batches.usable(key, record.shard_size):
                 data, hashed = await self.batches.get(key, shard_id, timeout)
             if data is None:
                 hashed = None
@@ -799,6 +851,29 @@ class RemoteShards:
         if recorded and credit:
             self.on_result(key, True)
         return GOOD, data
+
+    def _batched_outcome(
+        self, key: bytes, record: BlockRecord, index: int, wait: Any, *, credit: bool
+    ) -> bytes | None:
+        """The good shard a request ``fetch_shards`` queued in a batch (``ShardBatches.
+        submit``) brought from its recorded holder *key*, or None; counted and reported
+        as ``_get_shard`` does for a recorded holder (the answer was hashed on arrival)."""
+        peer = self.peers.get(key)
+        if wait.error is not None:
+            log.info("retrieving a shard from %s failed: %s", key.hex()[:12], wait.error)
+            self.on_result(key, False)
+            gone = isinstance(wait.error, RpcError) and wait.error.code == "not_found"
+            if gone and peer is not None:
+                self.on_missing(record.block_id, index, peer.index)
+            return None
+        if not wait.verified or len(wait.data) != record.shard_size:
+            self._corrupt(key, record, index)
+            if peer is not None:
+                self.on_corrupt(record.block_id, index, peer.index)
+            return None
+        if credit:
+            self.on_result(key, True)
+        return wait.data
 
     def _corrupt(self, key: bytes, record: BlockRecord, index: int) -> None:
         """Peer *key* returned a shard *index* of the block that fails its check."""

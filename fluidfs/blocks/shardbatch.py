@@ -24,12 +24,16 @@ then on; so is a partner whose side is held by its storage provider (the op carr
 ``for``), and everything while ``run`` is not running.
 
 What this holds is bounded by the requests waiting: each waits with its own timeout and
-is dropped from the queue when it gives up.
+is dropped from the queue when it gives up. ``get`` waits in a task of the caller's, with
+a cancel scope; ``submit`` (a block read's K shards, blocks/remote.py) has no task: its
+caller is told in the sender's step and keeps the deadline itself, abandoning the request
+when it passes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -51,15 +55,16 @@ VERIFY_INLINE_BYTES = 64 * 1024  # an answer this small is hashed on the loop (~
 class _Wait:
     """One shard request waiting in a peer's queue."""
 
-    __slots__ = ("abandoned", "data", "done", "error", "shard_id", "verified")
+    __slots__ = ("abandoned", "data", "done", "error", "on_done", "shard_id", "verified")
 
-    def __init__(self, shard_id: bytes) -> None:
+    def __init__(self, shard_id: bytes, on_done: Callable[[_Wait], None] | None = None) -> None:
         self.shard_id = shard_id
         self.done = trio.Event()
         self.data: bytes | None = None  # None once done without error: ask singly
         self.error: Exception | None = None
         self.verified = False  # the bytes hash to shard_id
         self.abandoned = False
+        self.on_done = on_done  # told in the sender's step, unless abandoned by then
 
 
 class ShardBatches(PeerQueues[bytes, _Wait]):
@@ -97,6 +102,17 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
         if wait.error is not None:
             raise wait.error
         return wait.data, wait.verified
+
+    def submit(self, key: bytes, shard_id: bytes, on_done: Callable[[_Wait], None]) -> _Wait:
+        """Queue a request for *shard_id* from *key* and return it: *on_done* is called
+        with it in the step its answer arrives (``data``, ``verified`` and ``error`` as
+        ``get`` reads them), unless it was marked ``abandoned`` first. No task waits
+        for it: the caller keeps its own deadline and abandons it when that passes
+        (blocks/remote.py's ``fetch_shards``, where a task and a cancel scope per shard
+        cost a fresh machine's walk more than the shard's share of the call)."""
+        wait = _Wait(shard_id, on_done)
+        self.enqueue(key, wait)
+        return wait
 
     async def send_next(self, key: bytes) -> bool:
         """Ask *key* for the live requests of its queue (up to MAX_BATCH_IDS ids)."""
@@ -147,6 +163,8 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
                 elif shard_id in missing:
                     wait.error = RpcError("not_found", "no such shard of yours here")
                 wait.done.set()
+                if wait.on_done is not None and not wait.abandoned:
+                    wait.on_done(wait)
 
 
 def _verify(found: dict[bytes, bytes]) -> set[bytes]:

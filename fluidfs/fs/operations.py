@@ -435,13 +435,12 @@ class FluidOperations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh, start_id, token):
         listed = []
-        for cookie, name, child in self.tree.entries(fh, start_id):
-            node = self.tree.get(child)
+        for cookie, name, node in self.tree.listing(fh, start_id):
             if node is None:
                 continue
             if not pyfuse3.readdir_reply(token, name, self.attrs(node), cookie):
                 break
-            self.lookups[child] += 1
+            self.lookups[node.ino] += 1
             if stat.S_ISREG(node.mode):
                 listed.append(node)
         # A copy reads next what it listed: small files' blocks are fetched ahead.

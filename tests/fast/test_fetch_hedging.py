@@ -32,8 +32,8 @@ class Counting(PeerService):
     silent = False
 
     async def handle(self, peer_key: bytes, op: str, args: dict) -> dict:
-        if op == "RetrieveShard":
-            type(self).asked += 1
+        if op in ("RetrieveShard", "RetrieveShards"):
+            type(self).asked += len(args["ids"]) if op == "RetrieveShards" else 1
             if self.silent:
                 await trio.sleep_forever()
         return await super().handle(peer_key, op, args)
@@ -65,27 +65,42 @@ def virtual_clock() -> trio.testing.MockClock:
     return slow_jump_clock()
 
 
-async def test_a_silent_holder_costs_one_short_wait_and_one_more_request(
-    tmp_path: Path, virtual_clock: trio.testing.MockClock
-) -> None:
-    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
-        silent, honest = counting(silent=True), [counting() for _ in range(N - 1)]
-        mute = await PeerNode(tmp_path / "mute", service=silent).start(nursery)
-        hosts = [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
-                 for i, s in enumerate(honest)]
-        try:
-            data = os.urandom(30_000)
-            record, shards = sealed(remote, data)
-            # Shard 0 (asked first) on the silent peer, the others on honest ones.
-            owner.use(mute)
-            holders = [NO_HOLDER] + [LOCAL_HOLDER] * (N - 1)
-            await remote.place(record, shards, holders)
-            for host in hosts:
-                owner.use(host)
-            holders[1:] = [NO_HOLDER] * (N - 1)
-            await remote.place(record, shards, holders)
-            assert holders[0] == owner.peers.get(mute.key).index and NO_HOLDER not in holders
+async def silent_first_holder(
+    tmp_path: Path, owner: PeerNode, remote, nursery: trio.Nursery
+) -> tuple[bytes, object, list[int], type[Counting], list[type[Counting]], list[PeerNode]]:
+    """A block whose shard 0 (asked first) is on a peer that never answers a shard
+    request, the others on honest ones: (data, record, holders, the silent service, the
+    honest ones, every host started); the caller closes the hosts."""
+    silent, honest = counting(silent=True), [counting() for _ in range(N - 1)]
+    mute = await PeerNode(tmp_path / "mute", service=silent).start(nursery)
+    hosts = [mute] + [await PeerNode(tmp_path / f"h{i}", service=s).start(nursery)
+                      for i, s in enumerate(honest)]
+    data = os.urandom(30_000)
+    record, shards = sealed(remote, data)
+    owner.use(mute)
+    holders = [NO_HOLDER] + [LOCAL_HOLDER] * (N - 1)
+    await remote.place(record, shards, holders)
+    for host in hosts[1:]:
+        owner.use(host)
+    holders[1:] = [NO_HOLDER] * (N - 1)
+    await remote.place(record, shards, holders)
+    assert holders[0] == owner.peers.get(mute.key).index and NO_HOLDER not in holders
+    return data, record, holders, silent, honest, hosts
 
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+async def test_a_silent_holder_costs_one_short_wait_and_one_more_request(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock, batched: bool
+) -> None:
+    """Batched: the shards go in RetrieveShards calls, waited for with no task of
+    their own (``ShardBatches.submit``): the late one is hedged all the same."""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        data, record, holders, silent, honest, hosts = await silent_first_holder(
+            tmp_path, owner, remote, nursery)
+        try:
+            if batched:
+                await nursery.start(remote.run)
+                assert remote.batches.usable(hosts[0].key, record.shard_size)
             started = trio.current_time()
             assert await remote.fetch(record, holders) == data
             waited = trio.current_time() - started
@@ -96,7 +111,32 @@ async def test_a_silent_holder_costs_one_short_wait_and_one_more_request(
             assert waited < FETCH_TIMEOUT, f"read waited {waited:.2f} s: a whole timeout"
             assert waited >= HEDGE_SLACK, "the extra request waits for the slow one to be late"
         finally:
-            mute.close()
+            for host in hosts:
+                host.close()
+
+
+async def test_a_batched_request_past_its_deadline_fails_and_the_next_holder_is_asked(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """With no hedge allowed, a shard request queued in a RetrieveShards batch to a
+    silent holder fails at its deadline (FETCH_TIMEOUT, kept by ``fetch_shards``, not
+    by a task of its own), counts against the holder, and the next holder is asked."""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        _data, record, holders, silent, honest, hosts = await silent_first_holder(
+            tmp_path, owner, remote, nursery)
+        try:
+            await nursery.start(remote.run)
+            results: list[tuple[bytes, bool]] = []
+            remote.on_result = lambda key, ok: results.append((key, ok))
+            started = trio.current_time()
+            good = await remote.fetch_shards(record, holders, extra=0)
+            waited = trio.current_time() - started
+            assert len(good) == K and 0 not in good
+            assert FETCH_TIMEOUT <= waited < 2 * FETCH_TIMEOUT, f"waited {waited:.2f} s"
+            assert (hosts[0].key, False) in results, "the silent holder is counted as such"
+            assert silent.asked == 1 and sum(s.asked for s in honest) == K
+            assert not remote._fetching, "no request is left counted as running"
+        finally:
             for host in hosts:
                 host.close()
 

@@ -243,3 +243,53 @@ async def test_a_small_answer_is_verified_without_a_thread_hop(
             assert "_verify" in in_threads, "a large answer is hashed in a worker thread"
         finally:
             host.close()
+
+
+class Spawned(trio.abc.Instrument):
+    """Counts the tasks started while it is installed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def test_batched_shard_requests_start_no_task_per_shard(tmp_path: Path) -> None:
+    """A block whose shards go in RetrieveShards calls waits for them without a task
+    (and a cancel scope) per shard: the tasks a read of many small blocks starts are the
+    calls' senders, a few per holder, not K per block. On a fresh machine's walk the
+    per-shard tasks were the largest share of the mount's loop after the restore's
+    writes (issue 15: 13.5 % of its busy samples, at ~20 shards a directory).
+
+    Fails before: K tasks per block (48 at K = 2 for 24 blocks, plus the senders)."""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        hosts = await used_hosts(tmp_path, owner, nursery, [PeerService] * N)
+        try:
+            await nursery.start(remote.run)
+            blocks = await place_random(remote, BLOCKS, 4000)
+            got: dict[int, bytes] = {}
+
+            async def read(i: int) -> None:
+                _, record, holders = blocks[i]
+                got[i] = await remote.fetch(record, holders)
+
+            spawned = Spawned()
+            trio.lowlevel.add_instrument(spawned)
+            try:
+                async with trio.open_nursery() as readers:
+                    for i in range(BLOCKS):
+                        readers.start_soon(read, i)
+            finally:
+                trio.lowlevel.remove_instrument(spawned)
+            assert got == {i: data for i, (data, _, _) in enumerate(blocks)}
+            assert remote.batches.shards >= BLOCKS * remote.codec.needed - 2
+            tasks = spawned.count - BLOCKS  # the readers themselves
+            # Senders: at most BATCHES_PER_PEER at once per holder, again for each call
+            # (a few calls per holder here); the host side runs in this process too:
+            # each call is served by a task of its own there.
+            assert tasks < BLOCKS * remote.codec.needed // 2, (
+                f"{tasks} tasks for {BLOCKS} blocks of K = {remote.codec.needed}")
+        finally:
+            for host in hosts:
+                host.close()
