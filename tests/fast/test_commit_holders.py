@@ -10,6 +10,7 @@ stores at first (no agreement on its side), so every block gets 2 of 3 holders.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 
@@ -44,7 +45,7 @@ def short(refs: list[Ref]) -> list[Ref]:
     return [r for r in refs if any(h is None for h in r.holders)]
 
 
-async def test_sync_after_placement_publishes_every_holder(tmp_path) -> None:
+async def test_sync_after_placement_publishes_every_holder(tmp_path, caplog) -> None:
     """Before: the sync found "the same tree" and the published snapshot kept naming
     two of three holders for every block written while a host refused stores."""
     async with keyfile_hosts(tmp_path) as (ring, hosts), machine(
@@ -77,9 +78,13 @@ async def test_sync_after_placement_publishes_every_holder(tmp_path) -> None:
 
         # Complete now: a one-file change writes its path only (deep/, root, commit).
         await write_file(node, other, b"kept.txt", b"changed")
-        after = await node.commits.commit(user_changed=True, stall=0.5)
-        assert after is not None and after.stats.dirs == 2, after.stats
-        assert after.stats.nodes_written <= 4, after.stats  # other, root, snapshots, commit
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="fluidfs.fs.commit"):
+            after = await node.commits.commit(user_changed=True, stall=0.5)
+        written = [r.getMessage() for r in caplog.records]  # "new node ..." each, and why
+        assert after is not None and after.stats.dirs == 2, (after.stats, written)
+        # other, root, snapshots, commit
+        assert after.stats.nodes_written <= 4, (after.stats, written)
 
 
 async def test_directories_that_cannot_be_complete_are_not_reread_by_every_commit(
