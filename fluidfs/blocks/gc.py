@@ -74,6 +74,11 @@ class Collector:
         self._placing = meta["placing"]
         self.remote_delete: RemoteDelete | None = None
         self._wakeup = trio.Event()
+        # Keys (holder || shard id) whose remote delete is on its way: a store of the same
+        # shard to the same holder waits for it (``wait_deletes``), or the delete could
+        # land after the store and take the copy the record is about to name.
+        self._deleting: set[bytes] = set()
+        self._deletes_ended = trio.Event()
 
     # --- writers (inside the caller's transaction) -------------------------------------
 
@@ -232,7 +237,7 @@ class Collector:
         done = 0
         after = b""
         while True:
-            holder, ids, size = await trio.to_thread.run_sync(
+            holder, ids = await trio.to_thread.run_sync(
                 self._next_run, after, limiter=self.limiter
             )
             if holder is None or (local_only and holder != LOCAL_HOLDER):
@@ -242,34 +247,81 @@ class Collector:
                 await trio.to_thread.run_sync(
                     self.shards.delete_many, self.owner, ids, limiter=self.limiter
                 )
-            elif self.remote_delete is None or not await self.remote_delete(holder, ids, size):
-                after = _key(holder, b"\xff" * 32)  # unreachable: try again next round
+            elif self.remote_delete is None:
+                after = _key(holder, b"\xff" * 32)  # nothing can reach it yet
                 continue
+            else:
+                ids = await self._delete_remote(holder, ids)
+                if ids is None:
+                    after = _key(holder, b"\xff" * 32)  # unreachable: try again next round
+                    continue
             await trio.to_thread.run_sync(self._forget, holder, ids, limiter=self.limiter)
             done += len(ids)
 
-    def _next_run(self, after: bytes) -> tuple[int | None, list[bytes], int]:
-        """(holder, up to BATCH of its shard ids, their counted bytes) of the first entries
-        with keys above *after*, all of one holder; holder None when none are left."""
-        ids: list[bytes] = []
+    async def _delete_remote(self, holder: int, ids: list[bytes]) -> list[bytes] | None:
+        """Delete *ids* on *holder*, except those being stored there again; the ids
+        deleted (None if the holder did not confirm).
+
+        The ids are marked before the journal is read again: a store journalled before
+        the mark is seen in ``placing`` and its shard is left alone (it is reclaimed
+        once recorded), and a store journalled after it waits in ``wait_deletes``
+        until this delete has ended."""
+        keys = [_key(holder, sid) for sid in ids]
+        self._deleting.update(keys)
+        try:
+            ids, size = await trio.to_thread.run_sync(
+                self._collectable, holder, ids, limiter=self.limiter
+            )
+            if ids and not await self.remote_delete(holder, ids, size):
+                return None
+            return ids
+        finally:
+            self._deleting.difference_update(keys)
+            self._deletes_ended.set()
+            self._deletes_ended = trio.Event()
+
+    def _collectable(self, holder: int, ids: list[bytes]) -> tuple[list[bytes], int]:
+        """(the ids still queued for deletion on *holder* and not being stored there
+        again, their counted bytes); in a worker thread."""
+        kept: list[bytes] = []
         total = 0
+        with self.meta.read() as txn:
+            for sid in ids:
+                key = _key(holder, sid)
+                size = txn.get(key, db=self._gc)
+                if size is None or txn.get(key, db=self._placing) is not None:
+                    continue
+                kept.append(sid)
+                if bytes(size[4:5]) != UNCOUNTED:
+                    total += _SIZE.unpack(bytes(size[:4]))[0]
+        return kept, total
+
+    async def wait_deletes(self, stores: list[tuple[int, bytes]]) -> None:
+        """Return once no delete of these (holder, shard id) pairs is on its way. Call
+        after journalling the stores (``placing``) and before sending them."""
+        keys = [_key(holder, sid) for holder, sid in stores]
+        while any(key in self._deleting for key in keys):
+            await self._deletes_ended.wait()
+
+    def _next_run(self, after: bytes) -> tuple[int | None, list[bytes]]:
+        """(holder, up to BATCH of its shard ids) of the first entries with keys above
+        *after*, all of one holder; holder None when none are left."""
+        ids: list[bytes] = []
         first: int | None = None
         with self.meta.read() as txn:
             cursor = txn.cursor(db=self._gc)
             if not cursor.set_range(after):
-                return None, ids, 0
+                return None, ids
             if bytes(cursor.key()) == after and not cursor.next():
-                return None, ids, 0
-            for key, size in cursor:
+                return None, ids
+            for key in cursor.iternext(keys=True, values=False):
                 holder = _HOLDER.unpack(key[:4])[0]
                 if first is None:
                     first = holder
                 elif holder != first or len(ids) >= BATCH:
                     break
                 ids.append(bytes(key[4:]))
-                if bytes(size[4:5]) != UNCOUNTED:
-                    total += _SIZE.unpack(size[:4])[0]
-        return first, ids, total
+        return first, ids
 
     def _forget(self, holder: int, ids: list[bytes]) -> None:
         with self.meta.write() as txn:

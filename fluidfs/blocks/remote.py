@@ -282,6 +282,7 @@ class RemoteShards:
             if not journaled and self.journal is not None:
                 self.journal.placing_many([(holder, shard_id, len(data), record.block_id)
                                            for _, holder, shard_id, data in stores])
+            await self._deletes_ended([(holder, shard_id) for _, holder, shard_id, _ in stores])
             outcomes = await self.store_batches.store_group(
                 stores, priority, patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
             unsent = []
@@ -329,6 +330,7 @@ class RemoteShards:
         try:
             if self.journal is not None and not journaled:
                 self.journal.placing(holder, shard_id, len(data), block_id)
+            await self._deletes_ended([(holder, shard_id)])
             outcome = await self._store_on(key, shard_id, data, priority)
             self._journal_outcome(holder, shard_id, len(data), outcome)
             return outcome == STORED
@@ -343,6 +345,7 @@ class RemoteShards:
         others (blocks/storebatch.py), journalled and recorded just as a single store."""
         if self.journal is not None and not journaled:
             self.journal.placing(holder, shard_id, len(data), block_id)
+        await self._deletes_ended([(holder, shard_id)])
         outcome = await self.store_batches.store(key, holder, shard_id, data, priority,
                                                  patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
         if outcome == "unsent":  # a slow peer: this shard goes to another one
@@ -350,6 +353,13 @@ class RemoteShards:
                 self.journal.refused(holder, shard_id)  # never sent: nothing to collect
             return False
         return outcome == STORED  # recorded and journalled by ``_settle_batch``
+
+    async def _deletes_ended(self, stores: list[tuple[int, bytes]]) -> None:
+        """Wait until no delete of these journalled (holder, shard id) stores is on its way
+        (gc.py ``wait_deletes``): one landing after the store would take the copy the
+        record is about to name."""
+        if self.journal is not None:
+            await self.journal.wait_deletes(stores)
 
     def _settle_batch(
         self, key: bytes, ended: list[tuple[int, bytes, int, str | None, Exception | None]]

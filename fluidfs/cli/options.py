@@ -1,11 +1,11 @@
 """The options table: every argument of every command, declared once.
 
 Each ``Option`` names its flags, its argparse keywords, the commands that take it (with
-the keywords that differ there: a default, a help text), and how its value is written
-back as arguments (``render``). main.py builds each command's parser from this table, in
-table order. ``reexec_argv`` writes parsed options back as a command line from the same
-table (a background ``fluidfs mount`` re-ran itself with it; it now forks, handing the
-parsed arguments over as they are: cli/mount.py).
+the keywords that differ there: a default, a help text). main.py builds each command's
+parser from this table, in table order. A background ``fluidfs mount`` forks, handing the
+parsed arguments over as they are (cli/mount.py): nothing writes them back as a command
+line any more. ``render`` and ``example`` are still accepted, unused, so that options
+other branches add with them keep importing (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -57,20 +57,6 @@ class Option:
     def keywords(self, command: str) -> dict[str, Any]:
         """The add_argument keywords of this option in *command*."""
         return {**self.settings, **self.commands[command]}
-
-    def argv(self, value: Any) -> list[str]:
-        """Arguments that give this option *value* again (none for an unset one)."""
-        if value is None or value is False:
-            return []
-        if self.positional:
-            values = value if isinstance(value, list) else [value]
-            return [self.render(v) for v in values]
-        flag = self.flags[0]
-        if self.settings.get("action") == "store_true":
-            return [flag]
-        values = value if self.settings.get("action") == "append" else [value]
-        # FLAG=VALUE, so a value that starts with '-' is not taken for an option.
-        return [f"{flag}={self.render(v)}" for v in values]
 
 
 def on(*commands: str, **different: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -337,14 +323,6 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     """Give *parser* the arguments of *command*."""
     for o in options_of(command):
         parser.add_argument(*o.flags, **o.keywords(command))
-
-
-def reexec_argv(args: argparse.Namespace, command: str) -> list[str]:
-    """*command* and its arguments, written so that parsing them again gives *args*."""
-    argv = [command]
-    for o in options_of(command):
-        argv += o.argv(getattr(args, dest(o)))
-    return argv
 
 
 def dest(o: Option) -> str:

@@ -1,20 +1,14 @@
-"""The command line's options table: every option declared once, written back as text.
-
-``reexec_argv`` (cli/options.py) rebuilds a command line from parsed arguments. These
-tests walk the real parser's arguments, not a list kept here, so an option added to
-`mount` without a way back to text fails them.
-"""
+"""The command line's options table: every option declared once, every command built
+from it."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import pytest
-
 from fluidfs import keys
 from fluidfs.cli.main import build_parser, main
-from fluidfs.cli.options import OPTIONS, Option, reexec_argv
+from fluidfs.cli.options import OPTIONS
 from fluidfs.peers.agreements import Ledger
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.statedir import StateDir
@@ -26,41 +20,6 @@ BASE = ["mount", "/mnt/base"]
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices[command]
-
-
-def _mount_arguments() -> list[argparse.Action]:
-    mount = _subparser(build_parser(), "mount")
-    return [a for a in mount._actions if not isinstance(a, argparse._HelpAction)]
-
-
-def _table_entry(action: argparse.Action) -> Option:
-    name = action.option_strings[0] if action.option_strings else action.dest
-    found = [o for o in OPTIONS if o.flags[0] == name and "mount" in o.commands]
-    assert found, f"{name}: mount has it but the options table (cli/options.py) does not"
-    return found[0]
-
-
-def _argv_using(action: argparse.Action) -> list[str]:
-    """A mount command line that gives *action* a value other than its default."""
-    if action.nargs == 0:  # a switch
-        return [*BASE, action.option_strings[0]]
-    example = _table_entry(action).example
-    assert example, f"{action.dest}: give it an example value in the options table"
-    if not action.option_strings:
-        return ["mount", example]
-    return [*BASE, action.option_strings[0], example]
-
-
-@pytest.mark.parametrize("action", _mount_arguments(), ids=lambda a: a.dest)
-def test_each_mount_option_survives_the_background_reexec(action: argparse.Action) -> None:
-    parser = build_parser()
-    given = parser.parse_args(_argv_using(action))
-    default = parser.parse_args(BASE)
-    assert getattr(given, action.dest) != getattr(default, action.dest), (
-        f"{action.dest}: the example does not change the value; pick another"
-    )
-    again = parser.parse_args(reexec_argv(given, "mount"))
-    assert vars(again) == vars(given)
 
 
 def test_every_command_is_built_from_the_table() -> None:

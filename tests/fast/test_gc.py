@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from inproc import LocalStore, PeerNode, peer_nodes, slow_jump_clock
 
 from fluidfs import keys
@@ -109,3 +110,103 @@ def test_the_collector_runs_every_interval_and_at_once_when_woken(tmp_path: Path
             store.close()
 
     trio.run(main, clock=slow_jump_clock())
+
+
+async def _owner_with_journal(tmp_path: Path, nursery, hosts, ring):
+    """An owner using every host, its RemoteShards journalling into its Collector."""
+    owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
+    for host in hosts:
+        owner.use(host)
+    codec = BlockCodec(dedup_key=ring.dedup_key, wrap_key=ring.wrap_key, needed=K, total=N)
+    limiter = trio.CapacityLimiter(2)
+    remote = RemoteShards(owner.conns, owner.peers, owner.ledger, codec, limiter)
+    collector = Collector(owner.db, owner.shards, owner.key, limiter)
+    collector.remote_delete = remote.delete_ids
+    remote.journal = collector
+    return owner, codec, remote, collector
+
+
+def _host_of(hosts: list[PeerNode], owner: PeerNode, holder: int) -> PeerNode:
+    return next(h for h in hosts if owner.peers.get(h.key).index == holder)
+
+
+async def test_a_shard_stored_again_where_its_lost_store_went_is_not_collected(
+    tmp_path: Path,
+) -> None:
+    """A store whose answer was lost queues the shard for deletion on that holder; the
+    same shard stored there again (a repair after a cut line) is in the placing journal
+    until its record names the holder. Before: the collector deleted it meanwhile, and
+    the record named a holder without its shard (one shard short in the link-cut lab)."""
+    ring = keys.KeyRing(keys.generate(shards_total=N, shards_needed=K))
+    async with peer_nodes(tmp_path, N) as (nursery, hosts):
+        owner, codec, remote, collector = await _owner_with_journal(tmp_path, nursery, hosts,
+                                                                    ring)
+        try:
+            data = os.urandom(20_000)
+            record, shards = codec.seal(data, codec.block_id(data))
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            sid, holder = record.shard_ids[0], holders[0]
+            host = _host_of(hosts, owner, holder)
+            # The first store's answer never came: queued for deletion, uncounted.
+            collector.unanswered(holder, sid, record.shard_size)
+            assert sid in held(host, owner)
+            with owner.db.write() as txn:  # the retry's journal entry (place wrote it)
+                txn.put(gc._key(holder, sid), gc._SIZE.pack(record.shard_size)
+                        + record.block_id + gc.STORED, db=collector._placing)
+
+            await collector.collect()
+            assert sid in held(host, owner), "the copy being recorded was deleted"
+
+            with owner.db.write() as txn:  # the record names the holder
+                collector.reclaim(txn, holder, sid)
+                collector.placed(txn, holders, record.shard_ids)
+            await collector.collect()
+            assert sid in held(host, owner)
+            assert collector.pending() == (0, 0)
+        finally:
+            owner.close()
+
+
+async def test_a_store_waits_for_a_delete_of_the_same_shard_on_its_way(
+    tmp_path: Path,
+) -> None:
+    """A delete already sent when the same shard is stored on that holder again must
+    land first: after it, the store puts the shard back. Before: the store overtook
+    it and the delete took the shard the record then named."""
+    ring = keys.KeyRing(keys.generate(shards_total=N, shards_needed=K))
+    async with peer_nodes(tmp_path, N) as (nursery, hosts):
+        owner, codec, remote, collector = await _owner_with_journal(tmp_path, nursery, hosts,
+                                                                    ring)
+        try:
+            data = os.urandom(20_000)
+            record, shards = codec.seal(data, codec.block_id(data))
+            holders = [NO_HOLDER] * N
+            await remote.place(record, shards, holders)
+            with owner.db.write() as txn:
+                collector.placed(txn, holders, record.shard_ids)
+            sid, holder = record.shard_ids[0], holders[0]
+            host = _host_of(hosts, owner, holder)
+            host.shards.delete_many(owner.key, [sid])  # the first store never landed
+            collector.unanswered(holder, sid, record.shard_size)
+
+            sending, release = trio.Event(), trio.Event()
+
+            async def held_back_delete(holder: int, ids: list[bytes], size: int) -> bool:
+                sending.set()
+                await release.wait()
+                return await remote.delete_ids(holder, ids, size)
+
+            collector.remote_delete = held_back_delete
+            retry = [h if i else NO_HOLDER for i, h in enumerate(holders)]
+            async with trio.open_nursery() as inner:
+                inner.start_soon(collector.collect)
+                await sending.wait()
+                # The only peer holding nothing of the block is that holder again.
+                inner.start_soon(remote.place, record, shards, retry)
+                await trio.testing.wait_all_tasks_blocked(0.2)
+                release.set()
+            assert retry == holders
+            assert sid in held(host, owner), "the delete landed after the store"
+        finally:
+            owner.close()
