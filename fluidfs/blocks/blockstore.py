@@ -267,7 +267,7 @@ class BlockStore:
 
     async def put(
         self,
-        data: bytes | bytearray | Load,
+        data: bytes | Load,
         source: Path | None = None,
         bind: Bind | None = None,
         *,
@@ -364,7 +364,7 @@ class BlockStore:
         return block_id
 
     def _prepare(
-        self, data: bytes | bytearray | Load, block_id: bytes | None, local: bool
+        self, data: bytes | Load, block_id: bytes | None, local: bool
     ) -> tuple[bytes, bytes, tuple[BlockRecord, list[bytes]] | None]:
         """``put``'s worker-thread part: (plaintext, block id, its record and shards, or
         None if the block is stored already)."""

@@ -1,19 +1,16 @@
 """File contents: write-back buffers over sealed blocks.
 
 A file is cut at fixed offsets into blocks. Block *i* of a file is, in order of
-precedence: a *dirty* block being written (in memory while all in-memory dirty
-blocks fit ``memory_max``, else a file under ``<state>/dirty/``), a sealed block
-named in the block map (or small data inline in the map), or a hole (zeros). The
-block's data may be shorter than the block: what lies past it, up to the file size,
-reads as zeros.
+precedence: a *dirty* block being written (in memory while small, else a file
+under ``<state>/dirty/``), a sealed block named in the block map (or small
+data inline in the map), or a hole (zeros). The block's data may be shorter
+than the block: what lies past it, up to the file size, reads as zeros.
 
 Writes only touch dirty blocks, so they never wait for sealing. Sealers turn
 dirty blocks into stored blocks in the background: when a block is written to
 its end, when its file is released, when it has been idle for a while, on
 fsync (which waits) and at unmount. Dirty files survive ``kill -9``: on the
-next mount they are found and sealed (file names are ``<ino>.<index>``); dirty
-blocks in memory (at most ``memory_max`` bytes, never fsync'd ones: fsync seals)
-do not.
+next mount they are found and sealed (file names are ``<ino>.<index>``).
 """
 
 from __future__ import annotations
@@ -40,13 +37,8 @@ from fluidfs.fs.tree import BLOCK_REF, INLINE, Tree
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 4096
-# All in-memory dirty blocks together; a block that would take more spills to a file.
-# A whole block written in sequence (a large file's) fits too: a dirty file costs a
-# kernel copy in (each FUSE write, a worker-thread hop) and one out (sealing).
-MEMORY_TOTAL_MAX = 64 * 1024 * 1024
-# Blocks past this size may fill only 3/4 of that budget: a large copy keeps the last
-# quarter for small files, whose in-memory blocks are sealed inline at close.
-SMALL_BLOCK = 256 * 1024
+MEMORY_BLOCK_MAX = 256 * 1024  # a dirty block spills to a file past this size
+MEMORY_TOTAL_MAX = 64 * 1024 * 1024  # all in-memory dirty blocks together
 IDLE_SEAL_SECONDS = 2.0
 READ_AHEAD_BLOCKS = 2
 
@@ -105,16 +97,13 @@ class FileData:
         block_size: int,
         limiter: trio.CapacityLimiter,
         sealers: int = 2,
-        memory_max: int = MEMORY_TOTAL_MAX,
     ) -> None:
-        """*memory_max*: bytes all in-memory dirty blocks may hold together."""
         self.tree = tree
         self.blocks = blocks
         self.dirty_dir = dirty_dir
         self.block_size = block_size
         self.limiter = limiter
         self.sealers = sealers
-        self.memory_max = memory_max
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
         self._by_ino: dict[int, dict[int, DirtyBlock]] = {}  # the same blocks, per file
         self.memory_bytes = 0
@@ -349,7 +338,7 @@ class FileData:
             blk = await self._dirty_block(inode, index)
             if (
                 blk.buf is not None
-                and self._fits(blk, end)
+                and end <= MEMORY_BLOCK_MAX
                 and not blk.dead
                 and not blk.lock.locked()
             ):
@@ -361,7 +350,7 @@ class FileData:
             async with _Held(blk.lock):
                 if blk.dead:
                     continue
-                if blk.buf is not None and not self._fits(blk, end):
+                if blk.buf is not None and end > MEMORY_BLOCK_MAX:
                     await self._spill(blk)
                 if blk.buf is not None:
                     self._copy_in(blk, start, end, chunk)
@@ -370,16 +359,6 @@ class FileData:
                                                 size=len(chunk))
                 self._written(blk, end)
                 return
-
-    def _fits(self, blk: DirtyBlock, end: int) -> bool:
-        """May in-memory *blk* grow to hold bytes up to *end* (within ``memory_max``, 3/4
-        of it past ``SMALL_BLOCK``)?"""
-        assert blk.buf is not None
-        grow = end - len(blk.buf)
-        if grow <= 0:
-            return True
-        limit = self.memory_max - (0 if end <= SMALL_BLOCK else self.memory_max // 4)
-        return self.memory_bytes + grow <= limit
 
     def _copy_in(self, blk: DirtyBlock, start: int, end: int, chunk: memoryview) -> None:
         """Write *chunk* at *start* into an in-memory block (*end*: where it ends)."""
@@ -407,7 +386,7 @@ class FileData:
             return blk
         blk = DirtyBlock(inode.ino, index, self.dirty_dir)
         value = self.tree.block(blk.ino, blk.index)
-        if (value is None or value[:1] == INLINE) and self.memory_bytes < self.memory_max:
+        if (value is None or value[:1] == INLINE) and self.memory_bytes < MEMORY_TOTAL_MAX:
             # Nothing to fetch or copy: the block is whole before any other task can
             # find it, so its lock need not be taken (a new small file's path).
             self._in_memory(blk, value)
@@ -455,7 +434,7 @@ class FileData:
                 except FileNotFoundError:  # evicted between fetch and copy
                     self.blocks.cache.forget(block_id)
             blk.length = os.fstat(blk.fd).st_size
-        elif self.memory_bytes < self.memory_max:
+        elif self.memory_bytes < MEMORY_TOTAL_MAX:
             self._in_memory(blk, value)
             return
         else:
@@ -573,11 +552,9 @@ class FileData:
                 self._discard(blk)
                 return
             small = blk.index == 0 and inode.size <= INLINE_MAX
-            data: bytes | bytearray | None = None  # a dirty file is read where it is sealed
+            data: bytes | None = None  # a dirty file is read where it is sealed (put)
             if blk.buf is not None:
-                # No copy: the lock is held until the block is gone, so no write changes
-                # the buffer while it is hashed and sealed.
-                data = blk.buf
+                data = bytes(blk.buf)
             elif small:  # perhaps inlined: read it here
                 data = await trio.to_thread.run_sync(
                     _read_exact, blk.fd, blk.length, limiter=self.limiter
@@ -604,7 +581,7 @@ class FileData:
                 self.sealed_blocks += 1
         await self._sealed(dead)
 
-    def _seal_inline(self, blk: DirtyBlock, data: bytes | bytearray) -> list[StoredBlock]:
+    def _seal_inline(self, blk: DirtyBlock, data: bytes) -> list[StoredBlock]:
         """Seal *blk* (block 0 of a small file, holding *data*) into an inline block map
         entry; return the blocks left unreferenced. Synchronous: the caller holds the
         block's lock, or knows it free and calls nothing that awaits in between."""

@@ -11,10 +11,10 @@ import trio
 from inproc import LocalStore
 
 from fluidfs import keys
+from fluidfs.fs.filedata import MEMORY_BLOCK_MAX
 from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO
 
 BS = 64 * 1024
-BIG = 1024 * 1024  # a block size for tests of dirty files (memory_max 0 puts blocks there)
 RING = keys.KeyRing(keys.generate())
 
 
@@ -118,10 +118,9 @@ async def test_truncate_drops_whole_blocks_and_cuts_the_last(store: LocalStore) 
 async def test_unsealed_data_survives_a_crash_and_is_sealed_at_the_next_mount(
     tmp_path: Path,
 ) -> None:
-    big = BIG
+    big = 4 * MEMORY_BLOCK_MAX  # one block; dirty blocks this large live in files
     first = LocalStore(tmp_path / "state", RING, big)
-    first.data.memory_max = 0  # the block lives in a file
-    data = os.urandom(big // 4 + 1000)
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
     ino = await first.create(ROOT_INO, "f")
     await first.write(ino, 0, data)
     assert (tmp_path / "state" / "dirty" / f"{ino}.0").stat().st_size == len(data)
@@ -180,10 +179,9 @@ async def test_a_crash_between_storing_a_block_and_mapping_it_leaks_nothing(
     nobody holds (a block kept, with its shards, for good) and never the dirty data gone.
     The reference and the map entry once took two transactions with the dirty file moved
     between them: a kill there lost the data and leaked the block."""
-    big = BIG
+    big = 4 * MEMORY_BLOCK_MAX
     first = LocalStore(tmp_path / "state", RING, big)
-    first.data.memory_max = 0  # the block lives in a file
-    data = os.urandom(big // 4 + 1000)
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
     ino = await first.create(ROOT_INO, "f")
     await first.write(ino, 0, data)
     if point == "mapping":  # as the block map entry is written
@@ -220,9 +218,8 @@ async def test_a_block_mapped_but_not_cached_is_sealed_again_without_a_second_re
 ) -> None:
     """When moving the dirty file into the cache fails (a full disk), the block is already
     stored and mapped: the dirty block stays and its next seal finds the same block."""
-    store.data.block_size = BIG
-    store.data.memory_max = 0  # the block lives in a file
-    data = os.urandom(BIG // 4 + 1000)
+    store.data.block_size = 4 * MEMORY_BLOCK_MAX
+    data = os.urandom(MEMORY_BLOCK_MAX + 1000)
     ino = await store.create(ROOT_INO, "f")
     await store.write(ino, 0, data)
     (blk,) = store.data.dirty.values()
@@ -248,9 +245,8 @@ async def test_sealing_a_dirty_file_hops_to_a_worker_thread_once_before_caching(
     """Reading a dirty file back, hashing it, looking its id up and sealing it run in one
     worker thread, not one hop each (issue 16: each hop cost the event loop more than
     some of the steps); the file then moves into the cache (a second hop)."""
-    big = BIG
+    big = 4 * MEMORY_BLOCK_MAX  # a dirty block this large lives in a file
     store = LocalStore(tmp_path / "state", RING, big)
-    store.data.memory_max = 0  # the block lives in a file
     try:
         data = os.urandom(big)
         ino = await store.create(ROOT_INO, "f")
@@ -323,44 +319,3 @@ async def test_a_small_file_whose_inline_write_fails_stays_dirty(
     await store.data.seal_all()
     assert not store.data.has_dirty(ino)
     assert [v for _, v in store.tree.blocks_of(ino)] == [INLINE + b"keep me"]
-
-
-async def test_whole_blocks_written_in_sequence_stay_in_memory_within_the_budget(
-    tmp_path: Path,
-) -> None:
-    """A large file's blocks, written 128 KiB at a time, are held in memory up to their
-    full size and sealed from there: no dirty file, whose write and read-back cost two
-    kernel copies of every byte (issue 16). Blocks past 256 KiB fill at most 3/4 of
-    ``memory_max`` (the rest stays for small files); past that a block goes to a file
-    as before. Before: every block spilled to a file once it passed 256 KiB."""
-    store = LocalStore(tmp_path / "state", RING, BIG)
-    store.data.memory_max = 4 * BIG // 3  # large blocks: up to BIG in all
-    dirty = store.data.dirty_dir
-    try:
-        data = os.urandom(2 * BIG)
-        ino = await store.create(ROOT_INO, "big")
-        step = 128 * 1024
-        for offset in range(0, BIG, step):
-            await store.write(ino, offset, data[offset : offset + step])
-            assert os.listdir(dirty) == [], f"a dirty file at {offset + step} bytes"
-        assert store.data.memory_bytes == BIG
-        quarter = 64 * 1024
-        for offset in range(BIG, BIG + 5 * quarter, quarter):  # to 320 KiB: a large block
-            await store.write(ino, offset, data[offset : offset + quarter])
-        assert os.listdir(dirty) == [f"{ino}.1"], "the block past 3/4 of the budget is a file"
-        small = await store.create(ROOT_INO, "small")
-        await store.write(small, 0, data[: BIG // 4])  # in the quarter kept for small ones
-        assert os.listdir(dirty) == [f"{ino}.1"], "a small file still fits in memory"
-        for offset in range(BIG + 5 * quarter, 2 * BIG, quarter):
-            await store.write(ino, offset, data[offset : offset + step])
-        assert await store.read(ino) == data
-        await store.data.seal_all()
-        assert os.listdir(dirty) == [] and store.data.memory_bytes == 0
-        ids = block_ids(store, ino)
-        assert len(ids) == 2
-        for block_id in ids:
-            assert store.cache.forget(block_id)  # rebuilt from the shards sealed
-        assert await store.read(ino) == data
-        assert await store.read(small) == data[: BIG // 4]
-    finally:
-        store.close()

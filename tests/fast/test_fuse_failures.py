@@ -53,7 +53,6 @@ def mode_only(mode: int) -> SimpleNamespace:
 
 async def test_internal_failure_on_write_is_eio_not_enoent(ops) -> None:
     fi, _ = await ops.create(ROOT_INO, b"f", 0o644, os.O_RDWR, CTX)
-    ops.data.memory_max = 250_000
     await ops.write(fi.fh, 0, b"x" * 200_000)  # a dirty block, still in memory
     shutil.rmtree(ops.data.dirty_dir)  # the dirty files' folder goes behind the node's back
     # The block outgrows memory and must move to a file, which cannot be created: that is
