@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -130,6 +131,17 @@ def _host_of(hosts: list[PeerNode], owner: PeerNode, holder: int) -> PeerNode:
     return next(h for h in hosts if owner.peers.get(h.key).index == holder)
 
 
+async def _placed_block(
+    codec: BlockCodec, remote: RemoteShards
+) -> tuple[Any, list[Any], list[int]]:
+    """A small block sealed and placed with the peers: its record, shards and holders."""
+    data = os.urandom(20_000)
+    record, shards = codec.seal(data, codec.block_id(data))
+    holders = [NO_HOLDER] * N
+    await remote.place(record, shards, holders)
+    return record, shards, holders
+
+
 async def test_a_shard_stored_again_where_its_lost_store_went_is_not_collected(
     tmp_path: Path,
 ) -> None:
@@ -142,10 +154,7 @@ async def test_a_shard_stored_again_where_its_lost_store_went_is_not_collected(
         owner, codec, remote, collector = await _owner_with_journal(tmp_path, nursery, hosts,
                                                                     ring)
         try:
-            data = os.urandom(20_000)
-            record, shards = codec.seal(data, codec.block_id(data))
-            holders = [NO_HOLDER] * N
-            await remote.place(record, shards, holders)
+            record, _, holders = await _placed_block(codec, remote)
             sid, holder = record.shard_ids[0], holders[0]
             host = _host_of(hosts, owner, holder)
             # The first store's answer never came: queued for deletion, uncounted.
@@ -179,10 +188,7 @@ async def test_a_store_waits_for_a_delete_of_the_same_shard_on_its_way(
         owner, codec, remote, collector = await _owner_with_journal(tmp_path, nursery, hosts,
                                                                     ring)
         try:
-            data = os.urandom(20_000)
-            record, shards = codec.seal(data, codec.block_id(data))
-            holders = [NO_HOLDER] * N
-            await remote.place(record, shards, holders)
+            record, shards, holders = await _placed_block(codec, remote)
             with owner.db.write() as txn:
                 collector.placed(txn, holders, record.shard_ids)
             sid, holder = record.shard_ids[0], holders[0]
