@@ -313,6 +313,13 @@ def cmd_check(args: argparse.Namespace) -> None:
     reply = call_node(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
     files = reply["files"]
     bad = [f for f in files if f["state"] == "unrecoverable"]
+    if args.json:  # the same exit codes as the table
+        print(json.dumps(reply, indent=2))
+        if bad:
+            sys.exit(EXIT_UNRECOVERABLE)
+        if reply.get("bad_blocks"):  # a block is listed only with a corrupt or missing copy
+            sys.exit(EXIT_DEGRADED)
+        return
     for f in files:
         print(f"{f['state'].upper():<14} {f['redundancy']:>7}  {f['path']}")
     blocks = reply.get("bad_blocks", [])
