@@ -19,12 +19,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nacl.signing
 import pytest
+import trio
 from conftest import run_cli
 from mounthelpers import drop_cache
-from peerhelpers import Peer, start_all, status, wait_for
+from peerhelpers import Peer, endpoint, random_shard, start_all, status, wait_for
 
 from fluidfs import control, keys
+from fluidfs.net.errors import RpcError
+from fluidfs.net.tcp import open_rpc
 
 TOLERANCE = 3.0  # seconds X tolerates failing audits before it ends an agreement
 HOSTS = 12  # U's `serve` peers besides X, holding U's own data
@@ -420,4 +424,47 @@ def test_a_user_mounting_with_a_provider_moves_its_side_held_at_home_there(
     row = peer_rows(x.state)[user_id]
     assert row["active"] and row["failing_since"] is None
     assert row["audits_failed"] == before["audits_failed"]
+
+def test_the_provider_refuses_shards_outside_a_live_reservation(serve):
+    """Issue 13's third check with a real provider process: P refuses a shard for U from a
+    peer U reserved nothing for, one past the reservation's size, and one after U removed
+    the reservation (whose shards P still serves for its keep period); a stranger cannot
+    reserve. The test plays U, X and a stranger Y over TCP, each with its own key.
+    (That P never holds a key or plaintext of U's: the first test scans its state.)"""
+    [provider] = serve("provider", extra=["--provider"])
+    u, x, y = (nacl.signing.SigningKey.generate() for _ in range(3))
+    u_key, x_key = bytes(u.verify_key), bytes(x.verify_key)
+    admitted = run_cli("provider", "add", keys.encode_peer_id(u_key), "--quota", "1M",
+                       "--state-dir", str(provider.state))
+    assert admitted.returncode == 0, admitted.stderr
+    host, port = endpoint(provider)
+
+    async def refused(conn, op: str, args: dict) -> str:
+        with pytest.raises(RpcError) as err:
+            await conn.call(op, args)
+        return err.value.code
+
+    async def main() -> None:
+        async with (open_rpc(host, port, u, provider.public_key) as as_u,
+                    open_rpc(host, port, x, provider.public_key) as as_x,
+                    open_rpc(host, port, y, provider.public_key) as as_y):
+            first, second = random_shard(1000), random_shard(1000)
+            assert await refused(as_y, "Reserve", {"peer": x_key, "size": 2000}) == "refused"
+            assert await refused(as_x, "StoreShard",
+                                 {"shards": [first], "for": u_key}) == "no_agreement"
+            assert await as_u.call("Reserve", {"peer": x_key, "size": 1500}) == {"size": 1500}
+            assert await refused(as_y, "StoreShard",
+                                 {"shards": [first], "for": u_key}) == "no_agreement"
+            # Past the reservation's size: the second shard is refused.
+            stored = await as_x.call("StoreShard", {"shards": [first, second], "for": u_key})
+            assert stored == {"stored": [first["id"]],
+                              "refused": [{"id": second["id"], "code": "over_quota"}]}
+            assert await as_u.call("Unreserve", {"peer": x_key}) == {"removed": True}
+            assert await refused(as_x, "StoreShard",
+                                 {"shards": [second], "for": u_key}) == "no_agreement"
+            got = await as_x.call("RetrieveShard", {"id": first["id"], "for": u_key})
+            assert got["data"] == first["data"]  # kept for the keep period
+            assert await as_y.call("Ping", {})  # P serves on
+
+    trio.run(main)
 
