@@ -161,12 +161,15 @@ def test_the_provider_keeps_an_offline_users_promises(tmp_path: Path, make_mount
     u = make_mount("u", key=user_key, extra=[*user_options(x), at(provider)])
     u.mount()
     wait_for_agreement(x, user_id)
-    u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"] and s,
+    u_status = wait_for(lambda: (s := status(u.state))["provider"]["reachable"]
+                        and s["provider"]["quota"] is not None and s,
                         30, "U's status showing its provider")
     assert u_status["provider"]["id"] == provider.peer_id
     assert u_status["provider"]["reservations"] >= 1
+    assert u_status["provider"]["quota"] == 1 << 30
     shown = run_cli("status", "--state-dir", str(u.state)).stdout
     assert f"provider:    {provider.peer_id[:18]}" in shown and ": reachable;" in shown
+    assert "our quota there 1.0G" in shown
     listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
     customers = json.loads(listed.stdout)["customers"]
     assert [c["id"] for c in customers] == [user_id] and customers[0]["reservations"] >= 1

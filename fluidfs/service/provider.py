@@ -7,6 +7,7 @@ Who may call what:
   size; all of a customer's live reservations together stay within its quota
   (``over_quota``), at most ``MAX_RESERVATIONS`` per customer, never below what the
   reservation already holds.
+- ``Account``: only a customer; its own quota, reservations and bytes reserved and held.
 - ``StoreShard`` / ``RetrieveShard`` / ``DeleteShard`` / ``AuditShard`` carrying
   ``for: CUSTOMER``: the caller is the customer's partner. A store needs a live
   reservation for (customer, caller) and fits within its size (``no_agreement`` /
@@ -51,7 +52,7 @@ from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
 from fluidfs.service.records import RecordOps, keep_record, read_record
 from fluidfs.service.shards import ShardOps
-from fluidfs.store.accounts import MAX_RESERVATIONS, AccountBook, Reservation
+from fluidfs.store.accounts import MAX_RESERVATIONS, Account, AccountBook, Reservation
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -90,6 +91,7 @@ class ProviderOps:
         return {
             "Reserve": self.reserve,
             "Unreserve": self.unreserve,
+            "Account": self.account,
             "StoreShard": self.store,
             "RetrieveShard": self.retrieve,
             "DeleteShard": self.delete,
@@ -141,6 +143,13 @@ class ProviderOps:
             log.info("customer %s removed its reservation for %s",
                      _short(customer), _short(args["peer"]))
         return {"removed": removed}
+
+    async def account(self, customer: bytes, _args: Args) -> Reply:
+        """The customer's quota, live reservations and bytes reserved and held."""
+        row = await trio.to_thread.run_sync(self._row, self._customer(customer),
+                                            limiter=self.limiter)
+        return {"quota": row["quota"], "reservations": row["reservations"],
+                "reserved": row["reserved_bytes"], "held": row["held_bytes"]}
 
     async def list_reserved(self, customer: bytes, args: Args) -> Reply:
         """One page of the ids held under the customer's reservation for ``peer``."""
@@ -277,18 +286,19 @@ class ProviderOps:
     def customers(self) -> list[dict[str, Any]]:
         """Per customer: its quota, live reservations and bytes reserved and held
         (blocking: LMDB; grows with the reservations)."""
-        rows = []
-        for account in self.book.accounts():
-            reservations = self.book.reservations(account.customer)
-            live = [r for r in reservations if r.live]
-            rows.append({
-                "id": encode_peer_id(account.customer),
-                "quota": account.quota,
-                "reservations": len(live),
-                "reserved_bytes": sum(r.size for r in live),
-                "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
-            })
-        return rows
+        return [self._row(account) for account in self.book.accounts()]
+
+    def _row(self, account: Account) -> dict[str, Any]:
+        """One customer's figures (blocking: LMDB)."""
+        reservations = self.book.reservations(account.customer)
+        live = [r for r in reservations if r.live]
+        return {
+            "id": encode_peer_id(account.customer),
+            "quota": account.quota,
+            "reservations": len(live),
+            "reserved_bytes": sum(r.size for r in live),
+            "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+        }
 
     def with_peers(
         self, peers: Callable[[dict], Awaitable[dict]]
