@@ -29,6 +29,7 @@ from peerhelpers import Peer, endpoint, random_shard, start_all, status, wait_fo
 from fluidfs import control, keys
 from fluidfs.net.errors import RpcError
 from fluidfs.net.tcp import open_rpc
+from fluidfs.peers.providercode import ProviderCode, read_code
 
 TOLERANCE = 3.0  # seconds X tolerates failing audits before it ends an agreement
 HOSTS = 12  # U's `serve` peers besides X, holding U's own data
@@ -428,6 +429,7 @@ def test_a_user_mounting_with_a_provider_moves_its_side_held_at_home_there(
     assert row["active"] and row["failing_since"] is None
     assert row["audits_failed"] == before["audits_failed"]
 
+
 def test_the_provider_refuses_shards_outside_a_live_reservation(serve):
     """Issue 13's third check with a real provider process: P refuses a shard for U from a
     peer U reserved nothing for, one past the reservation's size, and one after U removed
@@ -471,3 +473,32 @@ def test_the_provider_refuses_shards_outside_a_live_reservation(serve):
 
     trio.run(main)
 
+
+def test_a_customer_joins_a_provider_with_a_one_time_code(tmp_path: Path, serve):
+    """The operator makes a code at P (`provider invite`); U redeems it with `provider
+    join` and is a customer with the code's quota. The same code again (from V), a forged
+    one (a secret P never made) and one naming another id at P's address admit nobody."""
+    [provider] = serve("provider", extra=["--provider"])
+    made = run_cli("provider", "invite", "--quota", "1G", "--keyfile", str(provider.keyfile),
+                   "--state-dir", str(provider.state))
+    assert made.returncode == 0, made.stderr
+    code = made.stdout.strip()
+    user_key, other_key = small_keyfile(tmp_path / "u.key"), small_keyfile(tmp_path / "v.key")
+
+    joined = run_cli("provider", "join", code, "--keyfile", str(user_key))
+    assert joined.returncode == 0, joined.stderr
+    assert f"--provider {provider.peer_id}@{provider.addr}" in joined.stdout
+    again = run_cli("provider", "join", code, "--keyfile", str(other_key))
+    assert again.returncode == 1 and "refused" in again.stderr, again.stderr
+    forged = ProviderCode(os.urandom(16), provider.public_key, provider.addr)
+    refused = run_cli("provider", "join", str(forged), "--keyfile", str(other_key))
+    assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr
+    elsewhere = ProviderCode(read_code(code).secret, os.urandom(32), provider.addr)
+    unmet = run_cli("provider", "join", str(elsewhere), "--keyfile", str(other_key))
+    assert unmet.returncode == 1 and "could not reach" in unmet.stderr, unmet.stderr
+
+    listed = run_cli("provider", "list", "--json", "--state-dir", str(provider.state))
+    books = json.loads(listed.stdout)
+    assert [(c["id"], c["quota"]) for c in books["customers"]] == [
+        (peer_id_of(user_key), 1 << 30)]
+    assert books["invitations"] == []

@@ -8,6 +8,10 @@ Who may call what:
   (``over_quota``), at most ``MAX_RESERVATIONS`` per customer, never below what the
   reservation already holds.
 - ``Account``: only a customer; its own quota, reservations and bytes reserved and held.
+- ``RedeemInvite``: anyone; the secret of a one-time invitation code the operator made
+  (``fluidfs provider invite``) admits the caller with the code's quota and is used up
+  (``refused`` if unknown, used or expired: the code is 128 random bits, so guessing is
+  hopeless and costs the guesser a round trip and us a read).
 - ``StoreShard`` / ``RetrieveShard`` / ``DeleteShard`` / ``AuditShard`` carrying
   ``for: CUSTOMER``: the caller is the customer's partner. A store needs a live
   reservation for (customer, caller) and fits within its size (``no_agreement`` /
@@ -52,7 +56,13 @@ from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
 from fluidfs.service.records import RecordOps, keep_record, read_record
 from fluidfs.service.shards import ShardOps
-from fluidfs.store.accounts import MAX_RESERVATIONS, Account, AccountBook, Reservation
+from fluidfs.store.accounts import (
+    MAX_RESERVATIONS,
+    Account,
+    AccountBook,
+    InvitationRefused,
+    Reservation,
+)
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -91,6 +101,7 @@ class ProviderOps:
         return {
             "Reserve": self.reserve,
             "Unreserve": self.unreserve,
+            "RedeemInvite": self.redeem_invite,
             "Account": self.account,
             "StoreShard": self.store,
             "RetrieveShard": self.retrieve,
@@ -150,6 +161,18 @@ class ProviderOps:
                                             limiter=self.limiter)
         return {"quota": row["quota"], "reservations": row["reservations"],
                 "reserved": row["reserved_bytes"], "held": row["held_bytes"]}
+
+    async def redeem_invite(self, caller: bytes, args: Args) -> Reply:
+        """Admit *caller* with the quota of the invitation whose secret it presents."""
+        if caller == self.self_key:
+            raise RpcError("bad_request", "a provider is not its own customer")
+        try:
+            account = self.book.redeem(args["secret"], caller)
+        except InvitationRefused as exc:
+            raise RpcError("refused", str(exc)) from None
+        log.info("%s redeemed an invitation: a customer with %d bytes", _short(caller),
+                 account.quota)
+        return {"quota": account.quota}
 
     async def list_reserved(self, customer: bytes, args: Args) -> Reply:
         """One page of the ids held under the customer's reservation for ``peer``."""
