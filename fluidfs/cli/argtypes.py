@@ -120,6 +120,22 @@ def seconds(text: str) -> float:
     return value
 
 
+_LIFETIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_LIFETIME = 365 * 86400
+
+
+def lifetime(text: str) -> float:
+    """How long something stays valid: '7d', '12h', '30m', '90s' or seconds; at most a
+    year."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 7d or 12h)")
+    value = float(match.group(1)) * _LIFETIME_UNITS[match.group(2).lower()]
+    if not 0 < value <= MAX_LIFETIME:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 365d: {text}")
+    return value
+
+
 def listen_address(text: str) -> str:
     """HOST:PORT to listen on or dial (port 0 and 0.0.0.0 allowed); kept as text."""
     try:

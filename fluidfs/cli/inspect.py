@@ -264,9 +264,15 @@ def _print_provider(provider: dict) -> None:
     answer = state[provider["reachable"]]
     if provider["reachable"] is False and provider["last_error"]:
         answer += f" ({provider['last_error']})"
+    account = ""
+    if provider.get("quota") is not None:
+        account = (f"; our quota there {human(provider['quota'])}, "
+                   f"{human(provider['held_bytes'])} held")
+    elif provider.get("account_error") == "refused":
+        account = "; NOT ADMITTED as its customer"
     print(f"provider:    {provider['id'][:18]}… at {provider['addr']}: {answer}; holds our "
           f"side of {provider['reservations']} agreements "
-          f"({human(provider['reserved_bytes'])} reserved)")
+          f"({human(provider['reserved_bytes'])} reserved){account}")
     if provider.get("moving_from"):
         print(f"             moving from provider {provider['moving_from'][:18]}…: "
               f"{provider['moving']} agreements still held there")
@@ -313,6 +319,13 @@ def cmd_check(args: argparse.Namespace) -> None:
     reply = call_node(args, "check", timeout=24 * 3600.0, read_data=args.read_data)
     files = reply["files"]
     bad = [f for f in files if f["state"] == "unrecoverable"]
+    if args.json:  # the same exit codes as the table
+        print(json.dumps(reply, indent=2))
+        if bad:
+            sys.exit(EXIT_UNRECOVERABLE)
+        if reply.get("bad_blocks"):  # a block is listed only with a corrupt or missing copy
+            sys.exit(EXIT_DEGRADED)
+        return
     for f in files:
         print(f"{f['state'].upper():<14} {f['redundancy']:>7}  {f['path']}")
     blocks = reply.get("bad_blocks", [])

@@ -44,7 +44,8 @@ COMMANDS = [
     Command("forget", "apply the retention rules now (or drop the named snapshots)",
             "snapshots"),
     Command("key", "keyfile tools (key export)", "keyfile"),
-    Command("provider", "a storage provider's customers (provider add|list|remove)",
+    Command("provider", "a storage provider's customers (provider add|invite|list|remove; "
+            "a customer: provider join CODE)",
             "provider"),
     Command("unmount", "flush and unmount", "mount"),
     Command("service", "mount at login (service install writes a systemd user unit)",

@@ -184,6 +184,13 @@ OPS: dict[str, OpSpec] = {
 # within the customer's quota); Unreserve: remove it (shards kept for the keep period).
 OPS["Reserve"] = OpSpec(Map({"peer": ID, "size": U64}), Map({"size": U64}))
 OPS["Unreserve"] = OpSpec(Map({"peer": ID}), Map({"removed": Bool()}))
+# The customer's own figures (its status shows them): quota, live reservations, bytes
+# reserved and held (removed reservations' shards in their keep period included).
+OPS["Account"] = OpSpec(
+    Map({}), Map({"quota": U64, "reservations": U64, "reserved": U64, "held": U64}))
+# Anyone: present the secret of the operator's one-time invitation code
+# (peers/providercode.py); the caller becomes a customer with the code's quota.
+OPS["RedeemInvite"] = OpSpec(Map({"secret": Bytes(min=16, max=16)}), Map({"quota": U64}))
 # A customer's own access to the shards under its reservations, to hand them over when
 # it switches providers (docs/federation.md): list one page of a reservation's shard ids
 # (as ListShards), fetch one, and store into a live reservation (as StoreShard).

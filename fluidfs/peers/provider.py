@@ -57,6 +57,9 @@ class ProviderClient:
     moving_from: bytes | None = field(default=None, init=False)  # switching providers
     moving: int = field(default=0, init=False)  # agreements still at that one
     held_here: int = field(default=0, init=False)  # agreements still to move here from home
+    account: dict[str, int] | None = field(default=None, init=False)  # its last Account
+    account_error: str = field(default="", init=False)  # why it gave none ("refused": no
+    # customer of it), "" once it did
 
     @property
     def gone(self) -> bool:
@@ -107,10 +110,20 @@ class ProviderClient:
                 await self._bring_home(take_back)
             return
         self.silent_since = None
+        await self._read_account()
         for agreement in self.ledger.ended():
             if agreement.reserved_at == self.key and await self.unreserve(agreement.peer):
                 agreement.reserved_at = None
                 self.ledger.save(agreement)
+
+    async def _read_account(self) -> None:
+        """Our quota and what the provider holds for us, for ``status``."""
+        try:
+            self.account, self.account_error = await self._call("Account", {}), ""
+        except (PeerUnavailable, RpcError) as exc:
+            # "refused": the operator has not admitted us (or closed our account)
+            self.account = None
+            self.account_error = exc.code if isinstance(exc, RpcError) else str(exc)
 
     async def _bring_home(self, take_back: TakeBack) -> None:
         for agreement in self.ledger.active():
@@ -134,6 +147,10 @@ class ProviderClient:
             "moving_from": None if self.moving_from is None else encode_peer_id(self.moving_from),
             "moving": self.moving,
             "held_here": self.held_here,
+            # our account there: None until it gave one
+            "quota": self.account["quota"] if self.account else None,
+            "held_bytes": self.account["held"] if self.account else None,
+            "account_error": self.account_error,
         }
 
     def with_status(
@@ -152,6 +169,13 @@ class ProviderClient:
                     text += (f" {self.taken_back} agreements were brought back to this "
                              "machine: keep it online.")
                 reply["overview"]["warnings"].append({"kind": "provider", "text": text})
+            elif self.account_error == "refused" and "overview" in reply:
+                reply["overview"]["warnings"].append({"kind": "provider", "text": (
+                    f"The storage provider {encode_peer_id(self.key)[:12]} does not know "
+                    "this node as a customer: it holds nothing new for us. Ask its "
+                    "operator to admit us (fluidfs provider add, with this node's "
+                    "fluidfs id), or join with an invitation code (fluidfs provider "
+                    "join CODE).")})
             return reply
 
         return handler

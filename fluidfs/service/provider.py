@@ -7,6 +7,11 @@ Who may call what:
   size; all of a customer's live reservations together stay within its quota
   (``over_quota``), at most ``MAX_RESERVATIONS`` per customer, never below what the
   reservation already holds.
+- ``Account``: only a customer; its own quota, reservations and bytes reserved and held.
+- ``RedeemInvite``: anyone; the secret of a one-time invitation code the operator made
+  (``fluidfs provider invite``) admits the caller with the code's quota and is used up
+  (``refused`` if unknown, used or expired: the code is 128 random bits, so guessing is
+  hopeless and costs the guesser a round trip and us a read).
 - ``StoreShard`` / ``RetrieveShard`` / ``DeleteShard`` / ``AuditShard`` carrying
   ``for: CUSTOMER``: the caller is the customer's partner. A store needs a live
   reservation for (customer, caller) and fits within its size (``no_agreement`` /
@@ -51,7 +56,13 @@ from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
 from fluidfs.service.records import RecordOps, keep_record, read_record
 from fluidfs.service.shards import ShardOps
-from fluidfs.store.accounts import MAX_RESERVATIONS, AccountBook, Reservation
+from fluidfs.store.accounts import (
+    MAX_RESERVATIONS,
+    Account,
+    AccountBook,
+    InvitationRefused,
+    Reservation,
+)
 from fluidfs.store.records import RecordStore
 from fluidfs.store.shards import ShardStore
 
@@ -90,6 +101,8 @@ class ProviderOps:
         return {
             "Reserve": self.reserve,
             "Unreserve": self.unreserve,
+            "RedeemInvite": self.redeem_invite,
+            "Account": self.account,
             "StoreShard": self.store,
             "RetrieveShard": self.retrieve,
             "DeleteShard": self.delete,
@@ -141,6 +154,25 @@ class ProviderOps:
             log.info("customer %s removed its reservation for %s",
                      _short(customer), _short(args["peer"]))
         return {"removed": removed}
+
+    async def account(self, customer: bytes, _args: Args) -> Reply:
+        """The customer's quota, live reservations and bytes reserved and held."""
+        row = await trio.to_thread.run_sync(self._row, self._customer(customer),
+                                            limiter=self.limiter)
+        return {"quota": row["quota"], "reservations": row["reservations"],
+                "reserved": row["reserved_bytes"], "held": row["held_bytes"]}
+
+    async def redeem_invite(self, caller: bytes, args: Args) -> Reply:
+        """Admit *caller* with the quota of the invitation whose secret it presents."""
+        if caller == self.self_key:
+            raise RpcError("bad_request", "a provider is not its own customer")
+        try:
+            account = self.book.redeem(args["secret"], caller)
+        except InvitationRefused as exc:
+            raise RpcError("refused", str(exc)) from None
+        log.info("%s redeemed an invitation: a customer with %d bytes", _short(caller),
+                 account.quota)
+        return {"quota": account.quota}
 
     async def list_reserved(self, customer: bytes, args: Args) -> Reply:
         """One page of the ids held under the customer's reservation for ``peer``."""
@@ -277,18 +309,19 @@ class ProviderOps:
     def customers(self) -> list[dict[str, Any]]:
         """Per customer: its quota, live reservations and bytes reserved and held
         (blocking: LMDB; grows with the reservations)."""
-        rows = []
-        for account in self.book.accounts():
-            reservations = self.book.reservations(account.customer)
-            live = [r for r in reservations if r.live]
-            rows.append({
-                "id": encode_peer_id(account.customer),
-                "quota": account.quota,
-                "reservations": len(live),
-                "reserved_bytes": sum(r.size for r in live),
-                "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
-            })
-        return rows
+        return [self._row(account) for account in self.book.accounts()]
+
+    def _row(self, account: Account) -> dict[str, Any]:
+        """One customer's figures (blocking: LMDB)."""
+        reservations = self.book.reservations(account.customer)
+        live = [r for r in reservations if r.live]
+        return {
+            "id": encode_peer_id(account.customer),
+            "quota": account.quota,
+            "reservations": len(live),
+            "reserved_bytes": sum(r.size for r in live),
+            "held_bytes": sum(self.shards.used(r.holder) for r in reservations),
+        }
 
     def with_peers(
         self, peers: Callable[[dict], Awaitable[dict]]

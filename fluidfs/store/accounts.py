@@ -13,6 +13,12 @@ and the node reads the tables afresh on every check, never from a copy in memory
   reservation takes no new shards; what it holds is kept for the keep period after
   ``removed``, then dropped with the reservation.
 
+- table ``invites``: key ``blake2b(context || secret)(32)`` → CBOR
+  ``{"v": 1, "quota": int, "made": float, "expires": float}``: a one-time invitation
+  code the operator made (``fluidfs provider invite``); the node that presents its secret
+  before ``expires`` becomes a customer with ``quota`` and the entry is deleted in the
+  same transaction. Only the hash is kept: the table does not give the codes away.
+
 The shards themselves are in the shard store under an owner key of their own per
 reservation (``holder_key``), so they never mix with shards the peer stores with this
 node under an agreement of its own.
@@ -32,7 +38,9 @@ from fluidfs.wire.schema import Int, Map, OneOf, Schema, validate
 
 VERSION = 1
 MAX_RESERVATIONS = 1024  # per customer: its partners, with room for ended ones
+INVITE_SECRET = 16  # bytes of an invitation code's secret (128 bits: never guessed)
 _HOLDER_CONTEXT = b"fluidfs reservation holder v1"
+_INVITE_CONTEXT = b"fluidfs provider invitation v1"
 
 _TIME = Int(0, 2**53)
 ACCOUNT_SCHEMA: Schema = Map({"v": OneOf(VERSION), "quota": Int(0, 2**63), "added": _TIME})
@@ -40,6 +48,18 @@ RESERVATION_SCHEMA: Schema = Map(
     {"v": OneOf(VERSION), "size": Int(0, 2**63), "made": _TIME},
     optional={"removed": _TIME},
 )
+
+INVITE_SCHEMA: Schema = Map(
+    {"v": OneOf(VERSION), "quota": Int(0, 2**63), "made": _TIME, "expires": _TIME})
+
+
+class InvitationRefused(Exception):
+    """An invitation code that admits nobody: never made here, used, or expired."""
+
+
+def invite_key(secret: bytes) -> bytes:
+    """The ``invites`` key of an invitation's *secret* (a hash: the table holds no code)."""
+    return hashlib.blake2b(_INVITE_CONTEXT + secret, digest_size=32).digest()
 
 
 def holder_key(customer: bytes, peer: bytes) -> bytes:
@@ -55,6 +75,16 @@ class Account:
     customer: bytes
     quota: int
     added: float
+
+
+@dataclass(frozen=True)
+class Invitation:
+    """A one-time invitation code not yet redeemed: the quota it admits with, and until
+    when."""
+
+    quota: int
+    made: float
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,7 @@ class AccountBook:
         self.clock = clock
         self._accounts = db["accounts"]
         self._reservations = db["reservations"]
+        self._invites = db["invites"]
 
     # --- accounts (the operator) -------------------------------------------------------
 
@@ -124,6 +155,59 @@ class AccountBook:
         with self.db.read() as txn:
             keys = [bytes(k) for k, _ in txn.cursor(db=self._accounts)]
         return [a for a in map(self.account, keys) if a is not None]
+
+    # --- invitations (the operator makes them, a stranger redeems one) -------------------
+
+    def invite(self, secret: bytes, quota: int, lifetime: float) -> Invitation:
+        """Keep an invitation: whoever presents *secret* within *lifetime* seconds is
+        admitted with *quota*. Expired invitations are dropped on the way."""
+        now = int(self.clock())
+        invitation = Invitation(quota, now, now + max(1, round(lifetime)))
+        body = {"v": VERSION, "quota": quota, "made": now, "expires": int(invitation.expires)}
+        with self.db.write() as txn:
+            for key, _ in self._expired(txn, now):
+                txn.delete(key, db=self._invites)
+            txn.put(invite_key(secret), cbor2.dumps(body), db=self._invites)
+        return invitation
+
+    def invitations(self) -> list[Invitation]:
+        """The invitations not yet redeemed nor expired."""
+        now = self.clock()
+        with self.db.read() as txn:
+            found = [_invitation(raw) for _, raw in txn.cursor(db=self._invites)]
+        return [i for i in found if i.expires > now]
+
+    def redeem(self, secret: bytes, customer: bytes) -> Account:
+        """Admit *customer* with the quota of the invitation *secret* opens (an existing
+        customer's quota is raised to it, never lowered) and delete the invitation, in
+        one transaction: a code admits one node, once. ``InvitationRefused`` if there is
+        no such invitation or it has expired (an expired one is deleted)."""
+        key = invite_key(secret)
+        with self.db.read() as txn:  # strangers' guesses cost a read, never a write
+            if txn.get(key, db=self._invites) is None:
+                raise InvitationRefused("no such invitation here (used, or never made)")
+        now = self.clock()
+        with self.db.write() as txn:
+            raw = txn.get(key, db=self._invites)
+            invitation = None if raw is None else _invitation(raw)
+            if invitation is not None:
+                txn.delete(key, db=self._invites)
+            if invitation is not None and invitation.expires > now:
+                old = txn.get(customer, db=self._accounts)
+                held = None if old is None else validate(ACCOUNT_SCHEMA, cbor2.loads(old))
+                quota = max(invitation.quota, held["quota"] if held else 0)
+                added = held["added"] if held else int(now)
+                body = {"v": VERSION, "quota": quota, "added": added}
+                txn.put(customer, cbor2.dumps(body), db=self._accounts)
+        if invitation is None:
+            raise InvitationRefused("no such invitation here (used, or never made)")
+        if invitation.expires <= now:
+            raise InvitationRefused("this invitation has expired")
+        return Account(customer, quota, float(added))
+
+    def _expired(self, txn, now: float) -> list[tuple[bytes, Invitation]]:
+        found = [(bytes(k), _invitation(raw)) for k, raw in txn.cursor(db=self._invites)]
+        return [(k, i) for k, i in found if i.expires <= now]
 
     # --- reservations (the customers) ----------------------------------------------------
 
@@ -191,6 +275,11 @@ def _decode(key: bytes, raw: bytes) -> Reservation:
     removed = body.get("removed")
     return Reservation(bytes(key[:32]), bytes(key[32:]), body["size"], float(body["made"]),
                        None if removed is None else float(removed))
+
+
+def _invitation(raw: bytes) -> Invitation:
+    body = validate(INVITE_SCHEMA, cbor2.loads(bytes(raw)))
+    return Invitation(body["quota"], float(body["made"]), float(body["expires"]))
 
 
 def _removed(reservation: Reservation, now: int) -> Reservation:

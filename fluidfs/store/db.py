@@ -53,7 +53,7 @@ META_TABLES = [
     "commits",
     "snapshots",  # fs/snapshots.py
     "lazy",  # fs/restore.py
-    "accounts", "reservations",  # store/accounts.py (storage providers)
+    "accounts", "reservations", "invites",  # store/accounts.py (storage providers)
     "repair_grants", "repair_caps", "repair_usage", "repair_journal",  # store/repairbook.py
     "dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short",  # fs/dirstate.py
     "dir_dirty_names", "dir_leaves",

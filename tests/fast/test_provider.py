@@ -234,9 +234,44 @@ async def test_status_says_loudly_when_the_provider_does_not_answer(tmp_path):
         reply = await gone.with_status(report)({})
         assert reply["provider"]["reachable"] is False
         assert "does not answer" in reply["overview"]["warnings"][0]["text"]
+        net.book.add(net.u.key, 64 * MIB)  # an admitted customer: nothing to warn of
         await net.client.check()
         reply = await net.client.with_status(report)({})
         assert reply["provider"]["reachable"] is True and not reply["overview"]["warnings"]
+
+    await with_net(tmp_path, body)
+
+
+async def test_status_shows_our_quota_there_and_says_when_we_are_not_admitted(tmp_path):
+    """U's status shows its quota at P and the bytes P holds for it (issue 13 item 6);
+    a P that does not know U as a customer is a warning; only a customer may ask P for
+    its account. Fails before: status had no quota, and no word on admission."""
+
+    async def body(net: Net) -> None:
+        async def report(_request: dict) -> dict:
+            return {"overview": {"warnings": []}}
+
+        await net.client.check()
+        reply = await net.client.with_status(report)({})
+        assert reply["provider"]["reachable"] is True
+        assert reply["provider"]["quota"] is None
+        assert reply["provider"]["account_error"] == "refused"
+        [warning] = reply["overview"]["warnings"]
+        assert "does not know this node as a customer" in warning["text"]
+
+        net.book.add(net.u.key, 64 * MIB)
+        await net.manager.add(net.x.addr)
+        sid, data = shard(SHARD)
+        await net.x.conns.call(net.u.key, "StoreShard", {"shards": [{"id": sid, "data": data}]})
+        await net.client.check()
+        reply = await net.client.with_status(report)({})
+        shown = reply["provider"]
+        assert (shown["quota"], shown["held_bytes"], shown["account_error"]) == (
+            64 * MIB, len(data), "")
+        assert not reply["overview"]["warnings"]
+        with pytest.raises(RpcError) as err:
+            await net.y.conns.call(net.p.key, "Account", {}, addr=net.p.addr)
+        assert err.value.code == "refused"
 
     await with_net(tmp_path, body)
 

@@ -72,10 +72,15 @@ async def with_lab(tmp_path: Path, body) -> None:
             repairs = ProviderRepairs(owner.conns, provider.key, owner.key, provider.addr,
                                       RING.signing_key, store.blocks, owner.peers,
                                       owner.ledger)
+            # The timeout is real time: P's first pass dials a dozen holders at once and
+            # each answers from a worker thread. At 0.3 s a loaded machine (load 15+ on 2
+            # cores) made live holders look silent, hence gone (lost_after=0): fewer than
+            # K good shards, nothing placed, in half the runs. A silent holder costs one
+            # timeout per pass, so 2 s costs these tests about 3 s in all.
             repairer = CustomerRepairer(
                 provider.service.repair_book, provider.conns, provider.keyring.signing_key,
                 trio.CapacityLimiter(2),
-                RepairForCustomersPolicy(interval=1.0, lost_after=0.0, timeout=0.3))
+                RepairForCustomersPolicy(interval=1.0, lost_after=0.0, timeout=2.0))
             await body(Lab(store, owner, provider, hosts, repairs, repairer))
             nursery.cancel_scope.cancel()
         finally:
