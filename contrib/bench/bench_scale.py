@@ -46,7 +46,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import MIB, log, read_rss  # noqa: E402
+from benchlib import MIB, log, read_rss, spy_record  # noqa: E402
 
 REPO = HERE.parents[1]
 GOALS = {  # the issue's goals at 1,000,000 files
@@ -180,10 +180,24 @@ def sync(cli: Cli, state: Path, pid: int) -> tuple[float, dict]:
     return seconds, out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process *pid* so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of process *pid* so far (of its thread *tid* alone if
+    given: the mount's trio thread is its pid)."""
+    where = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_delay(pid: int) -> float:
+    """Seconds the mount's trio thread (*pid*) was runnable but waited for a CPU so far
+    (``schedstat``): how much of a slow create the machine's load, not the mount, made."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+def fuse_requests(cli: Cli, state: Path) -> dict[str, int]:
+    """The mount's FUSE requests so far by operation (``fluidfs status --json``)."""
+    status = json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
+    return status.get("fuse_requests") or {}
 
 
 def timed_find(mnt: Path, pid: int, peers: Peers) -> dict:
@@ -231,13 +245,15 @@ def find_calls(fig: dict) -> str:
 
 
 def write_tree(mount: Path, writer: int, args: argparse.Namespace, payload: bytes,
-               deadline: float | None) -> tuple[int, int, Path]:
+               deadline: float | None) -> tuple[int, int, Path, float]:
     """Writer ``writer`` of ``args.writers`` makes every writers-th directory and its files.
 
-    Returns (files made, directories made, the middle file it made). Each writer is a
+    Returns (files made, directories made, the middle file it made, the writer's own CPU
+    seconds). Each writer is a
     separate process writing through the mount, as several programs copying a home
     directory would; with one writer this is the issue's plain Python loop.
     """
+    cpu = time.process_time()
     dirs = -(-args.files // args.per_dir)
     files = made_dirs = 0
     written: list[Path] = []
@@ -252,7 +268,7 @@ def write_tree(mount: Path, writer: int, args: argparse.Namespace, payload: byte
                 f.write(payload[: args.size - 8] + i.to_bytes(8, "big"))
             files += 1
         written.append(folder / f"f{d * args.per_dir:07d}")
-    return files, made_dirs, written[len(written) // 2]
+    return files, made_dirs, written[len(written) // 2], time.process_time() - cpu
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -285,22 +301,39 @@ def run(args: argparse.Namespace) -> dict:
         fig["idle_mount_cpu_per_s"] = (
             (cpu_seconds(pid) - idle_cpu) / (time.perf_counter() - idle_started))
         payload = os.urandom(args.size)
-        create_cpu = cpu_seconds(pid)
+        requests_before = fuse_requests(cli, a_state)
+        create_cpu, main_cpu, delay = cpu_seconds(pid), cpu_seconds(pid, pid), run_delay(pid)
         started = time.perf_counter()
         deadline = started + args.create_seconds if args.create_seconds else None
         jobs = [(mounts[0], w, args, payload, deadline) for w in range(args.writers)]
-        if args.writers == 1:
-            made = [write_tree(*jobs[0])]
-        else:
-            with multiprocessing.get_context("fork").Pool(args.writers) as pool:
-                made = pool.starmap(write_tree, jobs)
-        created = sum(files for files, _, _ in made)
+        spying = (spy_record(args.py_spy, pid, args.profile, "--idle", "--native")
+                  if args.profile else contextlib.nullcontext())
+        with spying:
+            if args.writers == 1:
+                made = [write_tree(*jobs[0])]
+            else:
+                with multiprocessing.get_context("fork").Pool(args.writers) as pool:
+                    made = pool.starmap(write_tree, jobs)
+        created = sum(files for files, _, _, _ in made)
         create_wall = time.perf_counter() - started
+        fig["create_main_cpu_us_per_file"] = (
+            (cpu_seconds(pid, pid) - main_cpu) / max(created, 1) * 1e6)
+        fig["create_main_busy"] = (cpu_seconds(pid, pid) - main_cpu) / create_wall
+        fig["create_main_run_delay"] = (run_delay(pid) - delay) / create_wall
+        fig["create_writers_cpu_us_per_file"] = (
+            sum(own for _, _, _, own in made) / max(created, 1) * 1e6)
+        # A writer's wall time neither on a CPU nor able to be: waiting for the mount.
+        fig["create_writers_wait"] = max(
+            1 - sum(own for _, _, _, own in made) / (create_wall * args.writers), 0.0)
+        requests_after = fuse_requests(cli, a_state)
+        fig["create_requests_per_file"] = {
+            op: (n - requests_before.get(op, 0)) / max(created, 1)
+            for op, n in sorted(requests_after.items()) if n != requests_before.get(op, 0)}
         fig["create_files_per_s"] = created / create_wall
         fig["create_writers"] = args.writers
         fig["create_mount_cpu_s"] = cpu_seconds(pid) - create_cpu
         fig["files_asked"], fig["files"] = args.files, created
-        fig["dirs"] = sum(dirs for _, dirs, _ in made)
+        fig["dirs"] = sum(dirs for _, dirs, _, _ in made)
         fig["create_mount_cpu_us_per_file"] = fig["create_mount_cpu_s"] / max(created, 1) * 1e6
         fig["create_net_cpu_us_per_file"] = max(
             fig["create_mount_cpu_s"] - fig["idle_mount_cpu_per_s"] * create_wall, 0.0
@@ -309,6 +342,10 @@ def run(args: argparse.Namespace) -> dict:
         (work / "tree.json").write_text(json.dumps({"files": created, "dirs": fig["dirs"] + 1}))
         if created < args.files:
             log(f"--create-seconds reached: going on with the {created:,} files made")
+        if args.create_only:
+            fig["expected_count"] = 1 + created + fig["dirs"]
+            log(f"create: {fig['create_files_per_s']:.0f} files/s; --create-only: done")
+            return fig
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
         # CPU seconds tell a change's cost on a shared machine better than wall seconds.
         peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
@@ -377,6 +414,11 @@ ROWS = [
     ("  mount CPU per file created, us", "create_mount_cpu_us_per_file"),
     ("  the same net of the idle mount's, us", "create_net_cpu_us_per_file"),
     ("  idle mount CPU per second, s", "idle_mount_cpu_per_s"),
+    ("  of which its trio thread, us", "create_main_cpu_us_per_file"),
+    ("  trio thread busy (CPU s / wall s)", "create_main_busy"),
+    ("  trio thread waiting for a CPU (s / s)", "create_main_run_delay"),
+    ("  writers' own CPU per file, us", "create_writers_cpu_us_per_file"),
+    ("  writers waiting for the mount (share)", "create_writers_wait"),
     ("first fluidfs sync, s", "first_sync_s"),
     ("  of which the commit itself, s", "first_commit_s"),
     ("  mount CPU meanwhile, s", "first_sync_mount_cpu_s"),
@@ -441,6 +483,12 @@ def report(fig: dict, base: dict | None) -> None:
         if req:
             print(f"first sync, {name}: {req['calls']:,} StoreShard calls for "
                   f"{req['shards']:,} shards ({req['shards'] / max(req['calls'], 1):.1f} each)")
+    for name, run in (("this run", fig), ("baseline", base or {})):
+        per_op = run.get("create_requests_per_file")
+        if per_op:
+            print(f"create, {name}: FUSE requests per file "
+                  f"{sum(per_op.values()):.2f}: "
+                  + ", ".join(f"{op} {n:.2f}" for op, n in per_op.items()))
     writers = fig.get("create_writers", 1)
     if writers > 1:
         print(f"create: {writers} writer processes at once through the mount (files / wall s)")
@@ -458,6 +506,12 @@ def main() -> int:
                         help="stop creating after this long and measure the files made")
     parser.add_argument("--changes", type=int, default=3,
                         help="one-file syncs made in a row (the median is reported)")
+    parser.add_argument("--create-only", action="store_true",
+                        help="stop after creating: the create rows alone")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy record --idle --native the mount while creating, "
+                             "raw stacks into this file")
+    parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary")
     parser.add_argument("--skip-find", action="store_true",
                         help="measure everything but the fresh-machine find")
     parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose fluidfs runs")

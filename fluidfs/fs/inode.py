@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import stat
 import struct
+import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -27,6 +28,19 @@ _LAYOUT = struct.Struct(">B" + _FIXED)
 def now_ns() -> int:
     """Current wall-clock time in nanoseconds."""
     return time.time_ns()
+
+
+# Linux's CLOCK_REALTIME_COARSE (Python 3.11 does not name it): the clock the kernel
+# stamps a FUSE file's times from, read without a system call (vDSO).
+_COARSE = 5 if sys.platform.startswith("linux") else None
+
+
+def tick_ns() -> int:
+    """The wall clock as the kernel's file timestamps read it: the last timer tick
+    (1-4 ms granularity), in nanoseconds. A new file stamped with it has, for the rest
+    of the tick, the times the kernel would give it, so a write in that tick changes
+    none of them (see ``FluidOperations._new_inode``)."""
+    return time.clock_gettime_ns(_COARSE) if _COARSE is not None else time.time_ns()
 
 
 @dataclass(slots=True)
