@@ -514,6 +514,7 @@ class Node:
             self.peers.save_all()
             self.ledger.save_all()
             self.meta.commit_batch()
+            await self.blocks.make_durable()  # blocks still unplaced: their only copy
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
 
