@@ -40,7 +40,7 @@ from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.messages import MAX_BATCH_SHARD
 from fluidfs.store.db import Database, scan_batch
-from fluidfs.store.shards import ShardStore
+from fluidfs.store.shards import SHARD_OVERHEAD, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ UPLOADERS = 4  # blocks uploading at once
 SMALL_UPLOADS = 64
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
-SHARD_OVERHEAD = 2 * 4096  # disk a stored shard may take beyond its bytes (LMDB pages)
 SYNC_BATCH = 64  # cache files synced per worker-thread hop by ``make_durable``
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
@@ -102,12 +101,14 @@ class BlockStore:
         cache: BlockCache,
         owner: bytes,
         limiter: trio.CapacityLimiter,
+        reserve: DiskReserve | None = None,
     ) -> None:
         self.meta = meta
         self.shards = shards
         self.codec = codec
         self.cache = cache
-        self.reserve = DiskReserve(cache.root)  # the state disk's, for every data write
+        # The state disk's, for every data write (shared with the peer service's stores).
+        self.reserve = DiskReserve(cache.root) if reserve is None else reserve
         self.owner = owner
         self.limiter = limiter
         self._blocks = meta["blocks"]
