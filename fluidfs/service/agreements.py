@@ -111,8 +111,7 @@ class AgreementOps:
         addr = claimed_addr(args)
         live = self.ledger.live(peer)
         renewal = live is not None
-        room = await trio.to_thread.run_sync(self._room_for_peers, limiter=self.limiter)
-        granted, reason = self._terms_for(peer, offer, ask, room)
+        granted, reason = self._terms_for(peer, offer, ask, self._room_for_peers())
         if live is not None and live.store_at_id is not None and "store_at" not in args:
             # Its provider vanished and it takes its side home: on the terms we already
             # granted, whatever its trust now (its failure clock keeps running).
@@ -168,7 +167,10 @@ class AgreementOps:
 
     def _room_for_peers(self) -> int:
         """Bytes the disk can hold for all peers together: its room less PEER_RESERVE,
-        plus what their shards take already (blocking: a statvfs and the usage table)."""
+        plus what their shards take already. On the loop: a statvfs and a read of the
+        usage table (a row per owner, as bounded as the agreements). A worker-thread hop
+        here let the proposer's next request (its lease's ``PutRecord``) overtake the
+        agreement and be refused ``no_agreement``."""
         held = sum(n for key, n in self.shards.owners().items() if key != self.peers.self_key)
         free = self.reserve.room_for(self.shards.data_file)
         return max(0, free - PEER_RESERVE) + held
