@@ -5,22 +5,28 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import is_mounted, run_cli
 from mounthelpers import (
     MiB,
     ShardTable,
+    block_records,
     opened,
     pread,
     snapshot,
     wait_gone,
     write_file,
 )
+from peerhelpers import mount_with_peers, status, wait_for
+
+from fluidfs.blocks.record import NO_HOLDER
 
 pytestmark = pytest.mark.mount
 
@@ -69,6 +75,60 @@ def test_fsynced_data_survives_kill9(mounted) -> None:
         assert (root / name).read_bytes() == data, name
     assert not (root / "one-block").exists()
     assert sorted(os.listdir(root)) == ["multi", "tiny"]
+
+
+def _traced_tasks(pid: int) -> bool:
+    """True once every thread of *pid* has a tracer attached."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+            if "TracerPid:\t0\n" in status:
+                return False
+    return True
+
+
+def test_fsync_syncs_an_unplaced_blocks_only_copy(make_mount, peer_cluster, tmp_path) -> None:
+    """With peers, a sealed block's cached plaintext is its only copy until its shards
+    are placed (here never: the one peer refuses every store). After fsync returns, the
+    block's cache file and its directory have been synced (strace on the mount sees the
+    calls, status counts them), and the file survives kill -9 and a remount. Fails on the
+    old code: fsync synced the two LMDB environments and no cache file, so a power loss
+    could leave the committed block map naming bytes that never reached the disk."""
+    peers = peer_cluster(1, extra=lambda _i: ["--fault-rate", "1"])
+    mnt = mount_with_peers(make_mount, peers, "--new")
+    pid = mnt.pid()
+    assert pid
+    trace = tmp_path / "strace.log"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-y", "-e", "trace=fdatasync,fsync", "-o", str(trace),
+         "-p", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _traced_tasks(pid), 30, "strace attached to every thread")
+        data = os.urandom(3 * BS + 100)  # four blocks, none inline
+        write_file(mnt.path / "f", data, fsync=True)
+        counted = status(mnt.state)["fsync_synced_blocks"]
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    ino = os.stat(mnt.path / "f").st_ino
+    mnt.kill9()
+    records = block_records(mnt.state, ino)
+    assert len(records) == 4
+    assert all(h == NO_HOLDER for r in records for h in r.holders), "placed: proves nothing"
+    calls = trace.read_text()
+    cache = mnt.state / "cache"
+    for record in records:
+        name = record.record.block_id.hex()
+        path = cache / name[:2] / name
+        assert re.search(rf"fdatasync\(\d+<{re.escape(str(path))}>\)", calls), (
+            f"block {name[:12]} not synced:\n{calls[-2000:]}"
+        )
+        assert re.search(rf"fsync\(\d+<{re.escape(str(path.parent))}>\)", calls)
+    assert counted >= 4
+    mnt.mount()
+    assert (mnt.path / "f").read_bytes() == data
 
 
 def test_kill9_while_writing_then_remount(mounted) -> None:

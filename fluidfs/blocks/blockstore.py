@@ -40,7 +40,7 @@ from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.messages import MAX_BATCH_SHARD
 from fluidfs.store.db import Database, scan_batch
-from fluidfs.store.shards import ShardStore
+from fluidfs.store.shards import SHARD_OVERHEAD, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ UPLOADERS = 4  # blocks uploading at once
 SMALL_UPLOADS = 64
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
 SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
-SHARD_OVERHEAD = 2 * 4096  # disk a stored shard may take beyond its bytes (LMDB pages)
+SYNC_BATCH = 64  # cache files synced per worker-thread hop by ``make_durable``
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):
 # bind(txn, block_id) -> the blocks it left unreferenced.
@@ -101,18 +101,24 @@ class BlockStore:
         cache: BlockCache,
         owner: bytes,
         limiter: trio.CapacityLimiter,
+        reserve: DiskReserve | None = None,
     ) -> None:
         self.meta = meta
         self.shards = shards
         self.codec = codec
         self.cache = cache
-        self.reserve = DiskReserve(cache.root)  # the state disk's, for every data write
+        # The state disk's, for every data write (shared with the peer service's stores).
+        self.reserve = DiskReserve(cache.root) if reserve is None else reserve
         self.owner = owner
         self.limiter = limiter
         self._blocks = meta["blocks"]
         self._rebuilding: dict[bytes, _Rebuild] = {}
         self.remote: RemoteShards | None = None  # set when the node has peers
         self.under: set[bytes] = set()  # blocks with shards that have no holder yet
+        # Blocks of ``under`` whose cached plaintext, their only copy until their shards
+        # are placed, was written without a sync: ``make_durable`` (fsync) syncs them.
+        self.unsynced: set[bytes] = set()
+        self.synced_files = 0  # cache files ``make_durable`` synced (status --json)
         self.uploading: set[bytes] = set()
         # Sealed by ``put`` and handed to the uploaders, not yet uploading: repair leaves
         # them to their upload as it does ``uploading`` (else a commit's nodes waiting in
@@ -257,6 +263,7 @@ class BlockStore:
         gone = [s.record.block_id for s in dead if self.cache.forget(s.record.block_id)]
         for stored in dead:
             self.under.discard(stored.record.block_id)
+            self.unsynced.discard(stored.record.block_id)
             self.recent.forget(stored.record.block_id)
         await self.collector.collect(local_only=True)  # this node's own shards: now
         self.collector.wake()  # peers' copies: by the collector, retried until done
@@ -603,6 +610,7 @@ class BlockStore:
                 self.collector.wake()
             if same and current.missing() <= self.total_missing_allowed:
                 self.under.discard(block_id)
+                self.unsynced.discard(block_id)  # its shards are out: the copy may go
                 await self.evict()
         finally:
             self.uploading.discard(block_id)
@@ -706,7 +714,29 @@ class BlockStore:
         else:  # new bytes on the state disk: they leave the metadata reserve alone
             await self.write_to_disk(self.cache.insert_io, block_id, data, size=len(data))
             self.cache.note(block_id, len(data))
+        if block_id in self.under and block_id in self.cache:
+            self.unsynced.add(block_id)
         await self.evict()
+
+    async def make_durable(self) -> int:
+        """Sync to stable storage the cached plaintext of every block for which it is the
+        only copy (sealed, its shards not all placed yet) and that was not synced since
+        it was written; return how many files were synced. fsync calls it: the block map
+        it commits names those blocks, and a power loss (unlike a crash: the kernel
+        keeps what was written) could otherwise leave a name for bytes that are gone.
+        Each file is synced once, SYNC_BATCH per worker-thread hop; a block placed
+        meanwhile needs no sync."""
+        self.unsynced &= self.under
+        todo = sorted(self.unsynced)  # by name: files of one directory together
+        synced = 0
+        for start in range(0, len(todo), SYNC_BATCH):
+            batch = todo[start : start + SYNC_BATCH]
+            synced += await trio.to_thread.run_sync(
+                self.cache.sync_io, batch, limiter=self.limiter
+            )
+            self.unsynced.difference_update(batch)
+        self.synced_files += synced
+        return synced
 
     async def evict(self, capacity: int | None = None) -> int:
         """Bring the cache back under *capacity* (default: its own); return the bytes

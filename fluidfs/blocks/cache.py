@@ -130,6 +130,33 @@ class BlockCache:
             finally:
                 os.close(fd)
 
+    def sync_io(self, block_ids: list[bytes]) -> int:
+        """Make the cached files of *block_ids* durable: each file's data
+        (``fdatasync``), then each directory holding one, for its name (a file moved in
+        by ``adopt_io`` or renamed by ``insert_io``). A file gone meanwhile (evicted:
+        its shards were placed) is skipped. Returns how many files were synced."""
+        synced = 0
+        folders: set[Path] = set()
+        for block_id in block_ids:
+            path = self.path(block_id)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            synced += 1
+            folders.add(path.parent)
+        for folder in sorted(folders):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return synced
+
     def read_io(self, block_id: bytes, offset: int, size: int) -> bytes | None:
         """Read part of a cached block; None if the file is gone (evicted meanwhile)."""
         try:

@@ -670,10 +670,17 @@ class FluidOperations(pyfuse3.Operations):
         if handle is None:
             raise FUSEError(errno.EBADF)
         await self.data.seal_inode(handle.ino)
-        await self._sync()
+        await self._sync(data=True)
 
-    async def _sync(self) -> None:
+    async def _sync(self, *, data: bool = False) -> None:
+        """Make the metadata durable (the requests' batch committed, then LMDB synced);
+        with *data*, first the cached plaintext of every sealed block whose shards are
+        not all placed yet (the fsync'd file's among them: they were sealed just before;
+        syncing the others too costs each file one sync, once, and spares a map from
+        inodes to blocks)."""
         self.tree.db.commit_batch()
+        if data:
+            await self.data.blocks.make_durable()
         await trio.to_thread.run_sync(self.tree.db.sync)
         await trio.to_thread.run_sync(self.data.blocks.shards.sync)
 

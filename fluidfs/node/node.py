@@ -30,7 +30,7 @@ from fluidfs.blocks.provider_repairs import ProviderRepairs
 from fluidfs.blocks.reconcile import ReconcilePolicy, Reconciler
 from fluidfs.blocks.remote import RemoteShards
 from fluidfs.blocks.repair import Repairer
-from fluidfs.diskspace import is_disk_full
+from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.fs.commit import DIRTY_KEY, Committer
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
@@ -111,6 +111,9 @@ class Node:
         self.meta = Database(config.state.meta, META_TABLES, compacting=True)
         self.settings = StateSettings(self.meta)
         self.shards = ShardStore(config.state.shards)
+        # The state disk's metadata reserve: every data write claims from it, our own
+        # (blocks, cache, dirty files) and peers' (shards, records) alike (diskspace.py).
+        self.reserve = DiskReserve(config.state.path)
         self.limiter = trio.CapacityLimiter(config.worker_threads)
         self.codec = BlockCodec(
             dedup_key=keyring.dedup_key,
@@ -120,7 +123,8 @@ class Node:
         )
         self.cache = BlockCache(config.state.cache, config.cache_size, lambda _bid: True)
         self.blocks = BlockStore(
-            self.meta, self.shards, self.codec, self.cache, keyring.public_key, self.limiter
+            self.meta, self.shards, self.codec, self.cache, keyring.public_key, self.limiter,
+            reserve=self.reserve,
         )
         self.tree = Tree(self.meta)
         block_size = self.settings.settle_block_size(config.block_size)
@@ -176,7 +180,7 @@ class Node:
         self.peers = PeerList(self.meta, keyring.public_key, config.trust)
         self.ledger = Ledger(self.meta)
         self.sides = ProviderSides(self.ledger)  # where partners' sides are (peers/sides.py)
-        records = RecordStore(config.state.path / "records")
+        records = RecordStore(config.state.path / "records", reserve=self.reserve)
         self.addresses = AddressBook()  # peers' signed address records (peers/addrrecord.py)
         self.relay = None if config.relay is None else RelayServer(config.relay, self._relay_ask)
         relay_ops = self.relay.ops() if self.relay is not None else {}
@@ -200,6 +204,7 @@ class Node:
             keep=config.lifecycle.keep,
             proposes_only=config.use_provider is not None,
             relay_ops=relay_ops,
+            reserve=self.reserve,
         )
         self.conns = Connections(
             keyring.signing_key,
@@ -240,7 +245,7 @@ class Node:
         self.homecoming: Homecoming | None = None
         self.departure: Departure | None = None
         home = LocalSide(self.shards, self.ledger, config.donate, keyring.public_key,
-                         self.limiter, records)
+                         self.limiter, records, self.reserve)
         if self.provider is not None:
             self.departure = Departure(self.conns, self.ledger, home, self.provider,
                                        self.manager.move_to_provider,
@@ -514,6 +519,7 @@ class Node:
             self.peers.save_all()
             self.ledger.save_all()
             self.meta.commit_batch()
+            await self.blocks.make_durable()  # blocks still unplaced: their only copy
             await trio.to_thread.run_sync(self.meta.sync)
             await trio.to_thread.run_sync(self.shards.sync)
 

@@ -185,6 +185,7 @@ class NodeStatus:
             "upload_pending_bytes": scanned.pending,
             "upload_rate": self.upload.rate,
             "unsealed_bytes": self.data.pending_bytes(),
+            "fsync_synced_blocks": self.blocks.synced_files,
             "hosted_bytes": scanned.hosted - scanned.own,
             "local_shard_bytes": scanned.own,
             "network": self.blocks.remote is not None,

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from fluidfs.blocks import merkle
+from fluidfs.diskspace import FULL_ERRNOS, PEER_RESERVE, DiskReserve
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import Ledger
@@ -44,7 +45,7 @@ from fluidfs.peers.sidecopy import OldProvider, copy_shards, leave_old
 from fluidfs.peers.sidecopy import short as _short
 from fluidfs.store.records import RecordStore
 from fluidfs.store.settings import StateSettings
-from fluidfs.store.shards import ShardStore
+from fluidfs.store.shards import SHARD_OVERHEAD, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class LocalSide:
     self_key: bytes  # our own shards do not count against the donation
     limiter: trio.CapacityLimiter
     records: RecordStore | None = None  # where we keep partners' records (None: nowhere)
+    reserve: DiskReserve | None = None  # the state disk's (None: one over the shards' disk)
+
+    def __post_init__(self) -> None:
+        if self.reserve is None:
+            self.reserve = DiskReserve(self.shards.path)
 
     async def held(self, peer: bytes) -> set[bytes]:
         """The ids of *peer*'s shards we hold."""
@@ -73,15 +79,20 @@ class LocalSide:
 
     async def put(self, peer: bytes, shard_id: bytes, data: bytes) -> None:
         """Keep one of *peer*'s shards, checked against its id, within what our agreement
-        with it promises and our donation (NoRoom if it does not fit)."""
+        with it promises, our donation and the disk's room past PEER_RESERVE (NoRoom if
+        it does not fit)."""
         agreement = self.ledger.live(peer)
         quota = agreement.we_host if agreement is not None else 0
 
         def check_and_write() -> bool:
             if merkle.shard_id(data) != shard_id:
                 return False
-            over = self.shards.put_within(peer, [(shard_id, data)], quota=quota,
-                                          pool=self.donate, outside_pool=self.self_key)
+            assert self.reserve is not None
+            wanted = len(data) + SHARD_OVERHEAD
+            with self.reserve.claim_upto(wanted, PEER_RESERVE, self.shards.data_file) as disk:
+                over = self.shards.put_within(peer, [(shard_id, data)], quota=quota,
+                                              pool=self.donate, outside_pool=self.self_key,
+                                              disk=disk)
             if over:
                 raise NoRoom(f"no room for {encode_peer_id(peer)[:12]}'s shard here")
             return True
@@ -95,8 +106,14 @@ class LocalSide:
         rules without compare-and-swap (peers/recordmove.py); True if stored."""
         if self.records is None:
             return False
-        stored, _held = await trio.to_thread.run_sync(adopt, self.records, peer, peer, raw,
-                                                      limiter=self.limiter)
+        try:
+            stored, _held = await trio.to_thread.run_sync(adopt, self.records, peer, peer, raw,
+                                                          limiter=self.limiter)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            log.warning("no room on this disk for %s's record: not kept", _short(peer))
+            return False
         return stored
 
 

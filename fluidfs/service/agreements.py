@@ -6,6 +6,10 @@ Rules (limits and reasons in docs/protocol.md §5):
   ``ratio`` times what the proposer hosts for us, nor more than a trust-scaled share of
   ``donate`` for one peer (a larger ask is counter-proposed down to it, at the proposer's
   ratio).
+- All we promise together stays within the donation, and within what the disk can hold
+  for peers: its room less ``PEER_RESERVE`` (diskspace.py), plus what peers' shards take
+  already. A smaller disk than the donation says lowers the grants; it never ends or
+  shrinks an agreement until it is renewed.
 - A peer whose trust fell below the floor, or whose agreement we ended less than a
   cool-down ago, is refused.
 - New agreements are granted at a bounded rate (a token bucket, taken before anything
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from fluidfs.diskspace import PEER_RESERVE, DiskReserve
 from fluidfs.peers.address import AddressError, PeerAddr
 from fluidfs.peers.agreements import Ledger, TermsPolicy
 from fluidfs.peers.peerlist import ORIGIN_PEER, PeerList
@@ -89,6 +94,7 @@ class AgreementOps:
     ratio: float
     terms: TermsPolicy
     cooldown: float
+    reserve: DiskReserve  # the state disk's: what we promise must fit on it
     proposes_only: bool = False  # our side is at a provider: we propose, never accept new
     grants: GrantBucket = field(init=False)
 
@@ -105,7 +111,7 @@ class AgreementOps:
         addr = claimed_addr(args)
         live = self.ledger.live(peer)
         renewal = live is not None
-        granted, reason = self._terms_for(peer, offer, ask)
+        granted, reason = self._terms_for(peer, offer, ask, self._room_for_peers())
         if live is not None and live.store_at_id is not None and "store_at" not in args:
             # Its provider vanished and it takes its side home: on the terms we already
             # granted, whatever its trust now (its failure clock keeps running).
@@ -159,8 +165,21 @@ class AgreementOps:
             return None, f"store_at address: {exc}"
         return (provider, addr), None
 
-    def _terms_for(self, peer: bytes, offer: int, ask: int) -> tuple[tuple[int, int], str | None]:
-        """The (offer, ask) we would grant *peer*, or a reason to refuse."""
+    def _room_for_peers(self) -> int:
+        """Bytes the disk can hold for all peers together: its room less PEER_RESERVE,
+        plus what their shards take already. On the loop: a statvfs and a read of the
+        usage table (a row per owner, as bounded as the agreements). A worker-thread hop
+        here let the proposer's next request (its lease's ``PutRecord``) overtake the
+        agreement and be refused ``no_agreement``."""
+        held = sum(n for key, n in self.shards.owners().items() if key != self.peers.self_key)
+        free = self.reserve.room_for(self.shards.data_file)
+        return max(0, free - PEER_RESERVE) + held
+
+    def _terms_for(
+        self, peer: bytes, offer: int, ask: int, room: int
+    ) -> tuple[tuple[int, int], str | None]:
+        """The (offer, ask) we would grant *peer* with *room* bytes of disk for all
+        peers (``_room_for_peers``), or a reason to refuse."""
         terms = self.terms
         if offer < terms.min_bytes or ask < terms.min_bytes:
             return (0, 0), f"below the minimum terms: offer and ask of {terms.min_bytes} bytes"
@@ -178,7 +197,7 @@ class AgreementOps:
         factor = (known.trust if known is not None else initial) / initial
         if factor < terms.min_trust:
             return (0, 0), "trust too low after failures"
-        left = self.donate - self.ledger.promised_by_us(excluding=peer)
+        left = min(self.donate, room) - self.ledger.promised_by_us(excluding=peer)
         granted_ask = min(ask, terms.cap(self.donate, factor), left)
         if granted_ask < terms.min_bytes:
             return (0, 0), "no space left to promise"

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import trio
 
+from fluidfs.diskspace import DiskReserve
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import REQUEST_SCHEMAS
 from fluidfs.peers.addrrecord import AddressBook
@@ -57,6 +58,8 @@ class PeerService:
     *proposes_only*: our side is held by our own provider; new proposals are declined.
     *relay_ops*: RelayRegister when this node relays (peers/relay.py), RelayIncoming when
     it keeps registrations (peers/relayclient.py).
+    *reserve*: the state disk's ``DiskReserve`` (default: one of its own over *shards*'
+    disk); shards stored for peers, and the terms granted them, leave it PEER_RESERVE.
     """
 
     schemas = REQUEST_SCHEMAS
@@ -82,16 +85,20 @@ class PeerService:
         proposes_only: bool = False,
         relay_ops: dict[str, Op] | None = None,
         reserved_records: RecordStore | None = None,
+        reserve: DiskReserve | None = None,
     ) -> None:
         terms = terms or TermsPolicy()
+        # The state disk's reserve, shared with our own data writers (node.py); peers'
+        # stores leave it PEER_RESERVE free (diskspace.py).
+        reserve = DiskReserve(shards.path) if reserve is None else reserve
         self.faults = faults
         self.shards = shards
         self.ledger = ledger
         # One store per owner at a time; at most one table entry per live agreement.
         quota = ShardQuota(shards, donate, peers.self_key, limiter,
-                           OwnerLocks(terms.max_agreements))
+                           OwnerLocks(terms.max_agreements), reserve)
         agreements = AgreementOps(ledger, peers, shards, records, limiter, on_end,
-                                  donate, ratio, terms, cooldown, proposes_only)
+                                  donate, ratio, terms, cooldown, reserve, proposes_only)
         direct = ShardOps(shards, ledger, quota, limiter, faults)
         direct_records = RecordOps(records, ledger, limiter)
         self._ops: dict[str, Op] = {
@@ -108,7 +115,8 @@ class PeerService:
         self.repair_book: RepairBook | None = None  # a provider's, for customers' repairs
         if accounts is not None:
             if reserved_records is None and records is not None:
-                reserved_records = RecordStore(records.root.parent / "reserved-records")
+                reserved_records = RecordStore(records.root.parent / "reserved-records",
+                                               reserve=records.reserve)
             self.provider = ProviderOps(accounts, shards, quota, direct, limiter,
                                         peers.self_key, keep, direct_records,
                                         reserved_records)

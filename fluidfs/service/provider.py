@@ -54,7 +54,7 @@ from fluidfs.peers.recordmove import adopt
 from fluidfs.peers.rootrecord import RecordError
 from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
-from fluidfs.service.records import RecordOps, keep_record, read_record
+from fluidfs.service.records import RecordOps, keep_record, over_quota_if_full, read_record
 from fluidfs.service.shards import ShardOps
 from fluidfs.store.accounts import (
     MAX_RESERVATIONS,
@@ -212,8 +212,9 @@ class ProviderOps:
         if self.records is None:
             raise RpcError("refused", "this provider keeps no records")
         try:
-            stored, held = await trio.to_thread.run_sync(
-                adopt, self.records, holder, peer, args["record"], limiter=self.limiter)
+            with over_quota_if_full():
+                stored, held = await trio.to_thread.run_sync(
+                    adopt, self.records, holder, peer, args["record"], limiter=self.limiter)
         except RecordError as exc:
             raise RpcError("bad_request", str(exc)) from None
         return {"stored": stored, "seq": max(held, 0)}

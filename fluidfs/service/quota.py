@@ -8,7 +8,11 @@ A ``StoreShard`` batch goes through these steps, in this order, holding its owne
 3. the rest are written while they fit (``ShardStore.put_within``): the owner's usage and
    the donation pool are read, each shard counts only the bytes it adds (a shard already
    held, a dedup, adds nothing), and the new usage is written, all in one LMDB write
-   transaction. What does not fit is refused (``over_quota``).
+   transaction. What does not fit is refused (``over_quota``). So is what the disk
+   cannot hold: the batch claims the disk it may take from the node's ``DiskReserve``
+   (shared with our own data writers) and may leave no less than ``PEER_RESERVE`` free
+   (diskspace.py), so partners never take the room our own metadata commits need,
+   whatever the donation says.
 
 Steps 2 and 3 run in one trip to a worker thread of the service's limiter.
 
@@ -31,7 +35,8 @@ from dataclasses import dataclass, field
 import trio
 
 from fluidfs.blocks import merkle
-from fluidfs.store.shards import ShardStore
+from fluidfs.diskspace import PEER_RESERVE, DiskReserve
+from fluidfs.store.shards import SHARD_OVERHEAD, ShardStore
 
 
 @dataclass
@@ -81,6 +86,7 @@ class ShardQuota:
     self_key: bytes  # this node's own shards do not count against the donation
     limiter: trio.CapacityLimiter
     locks: OwnerLocks
+    reserve: DiskReserve  # the state disk's, shared with our own data writers
 
     async def store(
         self, owner: bytes, items: list[tuple[bytes, bytes]], promised: Callable[[bytes], int]
@@ -98,7 +104,10 @@ class ShardQuota:
     ) -> tuple[set[bytes], set[bytes]]:
         good = [(sid, data) for sid, data in items if merkle.shard_id(data) == sid]
         bad = {sid for sid, _ in items} - {sid for sid, _ in good}
-        over = self.shards.put_within(
-            owner, good, quota=quota, pool=self.donate, outside_pool=self.self_key
-        )
+        wanted = sum(len(data) + SHARD_OVERHEAD for _, data in good)
+        with self.reserve.claim_upto(wanted, PEER_RESERVE, self.shards.data_file) as disk:
+            over = self.shards.put_within(
+                owner, good, quota=quota, pool=self.donate, outside_pool=self.self_key,
+                disk=disk,
+            )
         return bad, set(over)

@@ -5,7 +5,9 @@ is its owner and its signature verifies, one per kind; a lower seq never replace
 one, nor other contents at the same seq; a record whose fence is below the highest fence
 of the owner's records held here is refused (its writer was replaced); and with
 ``expect`` (compare-and-swap, how the writer lease is taken and renewed) it is kept only
-if the held record of its kind has exactly that seq (0: none held). Records go with
+if the held record of its kind has exactly that seq (0: none held); a record the disk
+cannot take without eating into the reserve our own writes need is refused
+(``over_quota``, store/records.py). Records go with
 the agreement (peers/lifecycle.py). A storage provider keeps a customer's partners'
 records by the same rules (``keep_record``, service/provider.py). Every record-store call
 runs in a worker thread of the service's limiter.
@@ -14,10 +16,13 @@ runs in a worker thread of the service's limiter.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
 
+from fluidfs.diskspace import FULL_ERRNOS
 from fluidfs.net.errors import RpcError
 from fluidfs.peers import rootrecord
 from fluidfs.peers.agreements import Ledger
@@ -66,20 +71,33 @@ async def keep_record(
         raise RpcError("bad_request", "a record can only be stored by its owner")
     if not record.signed_ok():
         raise RpcError("bad_request", "record signature does not verify")
-    stored, held = await trio.to_thread.run_sync(
-        functools.partial(
-            records.put_if_newer,
-            key,
-            record.kind,
-            record.raw,
-            record.seq,
-            held_seq_fence,
-            fence=record.fence,
-            expect=args.get("expect"),
-        ),
-        limiter=limiter,
-    )
+    with over_quota_if_full():
+        stored, held = await trio.to_thread.run_sync(
+            functools.partial(
+                records.put_if_newer,
+                key,
+                record.kind,
+                record.raw,
+                record.seq,
+                held_seq_fence,
+                fence=record.fence,
+                expect=args.get("expect"),
+            ),
+            limiter=limiter,
+        )
     return {"stored": stored, "seq": max(held, 0)}
+
+
+@contextmanager
+def over_quota_if_full() -> Iterator[None]:
+    """Answer a record store that the disk cannot take (past the reserve, or the disk
+    itself full) with ``over_quota``: the peer hears why, the node goes on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        raise RpcError("over_quota", "no room on this peer's disk for your record") from None
 
 
 async def read_record(

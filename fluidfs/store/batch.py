@@ -35,8 +35,6 @@ lost; ``on_lost`` callbacks then drop what memory holds of it.
 from __future__ import annotations
 
 import logging
-import os
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +43,7 @@ from pathlib import Path
 import lmdb
 import trio
 
-from fluidfs.diskspace import LOW_SPACE, free_bytes
+from fluidfs.diskspace import LOW_SPACE, room
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +135,9 @@ class WriteBatch:
         Blocking but short (two stats)."""
         path = Path(self.env.path())
         try:
-            room = free_bytes(path)
-            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-            if limit != resource.RLIM_INFINITY:
-                room = min(room, limit - os.stat(path / "data.mdb").st_size)
+            return room(path, path / "data.mdb")
         except OSError:
             return 0  # cannot tell: take no risk with acknowledged writes
-        return room
 
     def low(self) -> bool:
         """True while requests commit one by one for want of room (see the module

@@ -7,7 +7,10 @@ that is synced and renamed into place, so a crash leaves the old or the new reco
 never a torn one. Records are small (at most 64 KiB) and change at most every few
 seconds per owner. There is at most one record per owner and kind; the service keeps
 them only for owners with a live agreement, and they are deleted with the agreement
-(peers/lifecycle.py), so the directory holds at most two files per agreement.
+(peers/lifecycle.py), so the directory holds at most two files per agreement. Given the
+node's ``DiskReserve``, a record is kept only if the disk still has ``PEER_RESERVE``
+free after it (diskspace.py): else ``OSError(ENOSPC)``, which the service answers with
+``over_quota``.
 
 All methods do blocking file I/O: call them from worker threads.
 """
@@ -21,7 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fluidfs.diskspace import PEER_RESERVE, DiskReserve
+
 KINDS = ("root", "lease")
+RECORD_OVERHEAD = 2 * 4096  # disk a record's file may take beyond its bytes
 
 
 @dataclass
@@ -32,6 +38,8 @@ class RecordStore:
     # Serialises compare-and-replace: two PutRecords of one owner handled by two worker
     # threads must not both read the old seq and then race their writes.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # The state disk's (None: unchecked); peers' records leave it PEER_RESERVE free.
+    reserve: DiskReserve | None = field(default=None, repr=False, compare=False)
 
     def path(self, owner: bytes, kind: str) -> Path:
         """Where the record of *owner* of *kind* lives."""
@@ -91,7 +99,8 @@ class RecordStore:
         record of this kind whose seq is not *expect* (0: none held) or a *seq* not above
         *expect*; otherwise a held record that is newer or differs at that seq. The read
         and the write happen under one lock, so of two concurrent puts the rules hold
-        between them. Returns (stored, seq now held; -1 for none).
+        between them. Returns (stored, seq now held; -1 for none). Raises
+        ``OSError(ENOSPC)`` if the record would eat into the disk's reserve.
         """
         with self._lock:
             held: dict[str, tuple[int, int]] = {}
@@ -110,7 +119,11 @@ class RecordStore:
                 held_raw = self.get(owner, kind)
                 if now > seq or (now == seq and held_raw != raw):
                     return False, now
-            self.put(owner, kind, raw)
+            if self.reserve is None:
+                self.put(owner, kind, raw)
+            else:
+                with self.reserve.claim(len(raw) + RECORD_OVERHEAD, keep=PEER_RESERVE):
+                    self.put(owner, kind, raw)
             return True, seq
 
     def put(self, owner: bytes, kind: str, raw: bytes) -> None:

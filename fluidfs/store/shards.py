@@ -27,6 +27,7 @@ from fluidfs.store.db import Database
 from fluidfs.sysutil import MappedFile
 
 _U64 = struct.Struct(">Q")
+SHARD_OVERHEAD = 2 * 4096  # disk a stored shard may take beyond its bytes (LMDB pages)
 
 
 class ShardStore:
@@ -35,10 +36,12 @@ class ShardStore:
     def __init__(self, path: Path) -> None:
         # Shards are read whole and sequentially: kernel read-ahead makes cold reads
         # ~15x faster here (measured 70 vs 1,150 MB/s).
+        self.path = path
+        self.data_file = path / "data.mdb"  # the file that grows as shards are stored
         self.db = Database(path, ["shards", "usage", "unclaimed"], readahead=True)
         self._shards = self.db["shards"]
         self._unclaimed = self.db["unclaimed"]
-        self._mapped = MappedFile(str(path / "data.mdb"))
+        self._mapped = MappedFile(str(self.data_file))
         self._touched = True  # shard pages may be mapped since the last release_pages
         self._usage = self.db["usage"]
 
@@ -73,15 +76,19 @@ class ShardStore:
         quota: int,
         pool: int,
         outside_pool: bytes | None = None,
+        disk: int | None = None,
     ) -> list[bytes]:
         """Store shards for *owner* as long as they fit; return the ids that did not.
 
         A shard fits if afterwards *owner* holds at most *quota* bytes and all owners
-        together (except *outside_pool*) at most *pool*. The check and the write are one
-        write transaction, so concurrent callers can never overshoot either limit.
+        together (except *outside_pool*) at most *pool*, and, given *disk*, the new
+        shards take at most *disk* bytes of the disk (each its bytes and
+        SHARD_OVERHEAD). The check and the write are one write transaction, so
+        concurrent callers can never overshoot either limit.
         """
         over: list[bytes] = []
         added = 0
+        taken = 0  # of *disk*
         with self._write() as txn:
             used = self._usage_of(txn, owner)
             pooled = sum(
@@ -93,9 +100,14 @@ class ShardStore:
                 key = owner + shard_id
                 old = txn.get(key, db=self._shards)
                 delta = len(data) - (len(old) if old is not None else 0)
+                grows = len(data) + SHARD_OVERHEAD if old is None else max(0, delta)
                 if delta > 0 and (used + delta > quota or pooled + delta > pool):
                     over.append(shard_id)
                     continue
+                if disk is not None and grows and taken + grows > disk:
+                    over.append(shard_id)
+                    continue
+                taken += grows
                 txn.put(key, data, db=self._shards)
                 txn.delete(key, db=self._unclaimed)
                 used += delta
