@@ -77,6 +77,8 @@ MAX_HOLDERS = 64
 POLL = 1.0  # seconds between looks while waiting for a handover (at most)
 REQUEST_TRIES = 5  # asks for a handover that lost a race with a renewal, at most
 REQUEST_PAUSE = 0.2
+FIRST_TAKE_WAIT = 20.0  # s a new backup's first lease waits for a peer to keep our records
+FIRST_TAKE_PAUSE = 0.5
 
 
 def margin(bound: float) -> float:
@@ -423,14 +425,26 @@ class WriterLease:
         """The keyfile's first lease. Peers that answered but keep no records for us (no
         agreement yet) are no holders: the set shrinks to those that stored it, and a
         renewal writes that set into the lease."""
-        try:
-            await self._take(seen, None, 0)
-            return
-        except LeaseHeld:
-            others = [h for h in (await self.look()).each.values()
-                      if h is not None and h.body.get("machine") != self.machine]
-            if not self.stored or others:  # another first mount raced us: it won
-                raise
+        deadline = trio.current_time() + FIRST_TAKE_WAIT
+        while True:
+            try:
+                await self._take(seen, None, 0)
+                return
+            except LeaseHeld:
+                seen = await self.look()
+                others = [h for h in seen.each.values()
+                          if h is not None and h.body.get("machine") != self.machine]
+                if others:  # another first mount raced us: it won
+                    raise
+                if self.stored:
+                    break
+                # Nobody stored it: the peers answered before our first agreements were
+                # made (they are proposed as peers connect), so none keeps records for
+                # us yet. Refusing the mount here made a new user's first mount fail at
+                # random; it waits for the agreements instead, bounded.
+                if trio.current_time() >= deadline or seen.newest is not None:
+                    raise
+            await trio.sleep(FIRST_TAKE_PAUSE)
         self.holders, self.joining = tuple(self.stored), ()
         if await self.renew_now() is not Renewal.RENEWED:
             raise LeaseHeld(self._no_majority("take the writer lease", self.published))

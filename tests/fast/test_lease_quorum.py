@@ -248,3 +248,29 @@ async def test_the_first_lease_is_kept_by_the_peers_that_keep_records_for_us(
         finally:
             nursery.cancel_scope.cancel()
             node.close()
+
+
+async def test_a_new_backups_first_lease_waits_for_its_first_agreement(tmp_path: Path) -> None:
+    """A first mount reaches its only peer before their agreement is made: the peer
+    answers but keeps no records for us yet. The first lease waits for the agreement
+    (bounded) instead of refusing the mount with "0 of its 1 holders agreed" (it did, in
+    about one first mount of four with a single peer)."""
+    ring = keys.KeyRing(keys.generate())
+    async with peer_nodes(tmp_path, 1) as (nursery, [host]):
+        node = await PeerNode(tmp_path / "a", ring).start(nursery, listen=False)
+        try:
+            node.peers.add(host.key, host.addr)  # known and reachable, no agreement yet
+            lease = WriterLease(RecordClient(ring, node.conns, node.peers), b"a" * 16, "/mnt/a",
+                                renew=RENEW)
+
+            async def agree_later() -> None:
+                await trio.sleep(1.0)
+                node.use(host)
+
+            nursery.start_soon(agree_later)
+            await lease.acquire(takeover=False)
+            assert lease.holders == (host.key,) and lease.fresh()
+            assert (await lease.current()).machine == b"a" * 16
+        finally:
+            nursery.cancel_scope.cancel()
+            node.close()
