@@ -11,14 +11,17 @@ exported keyfile ``b.key`` still names them), then for each round and each check
 with only ``b.key``, times ``find MNT | wc -l`` with the CPU the mount and the peers
 spend meanwhile and the mount's RetrieveShard(s) calls, and unmounts. ``--profile DIR``
 records the mount with ``py-spy record --idle`` during each find and prints how busy
-its threads were and their top frames (benchlib's ``Profiler``). The peers and mounts
-it starts are stopped at the end (by pid).
+its threads were and their top frames (benchlib's ``Profiler``; ``--native`` adds C
+frames: LMDB, pyfuse3, the garbage collector). The FUSE requests the mount answered
+during the find are counted by operation (``fluidfs status --json``). The peers and
+mounts it starts are stopped at the end (by pid).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_scale import REPO, Cli, find_calls, retrieve_requests, timed_find  # noqa: E402
+from bench_scale import REPO, Cli, find_calls, timed_find  # noqa: E402
 from benchlib import Profiler, log  # noqa: E402
 
 
@@ -62,6 +65,18 @@ class KeptPeers:
                 proc.wait(timeout=10)
 
 
+def system_seconds(pid: int) -> float:
+    """System (kernel) CPU seconds of process *pid* so far: a FUSE reply's kernel work
+    (readdirplus makes an inode and a dentry per entry) is charged to the mount here."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def status(cli: Cli, state: Path) -> dict:
+    """The mount's ``fluidfs status --json``."""
+    return json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)
+
+
 def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Profiler,
               name: str) -> dict:
     """Mount *state* (new) with ``b.key``, time the find, unmount; the figures."""
@@ -71,13 +86,20 @@ def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Pro
         "--listen", "127.0.0.1:0")
     pid = int((state / "daemon.pid").read_text())
     try:
-        before = retrieve_requests(cli, state)
+        before, sys_before = status(cli, state), system_seconds(pid)
         with profiler.record(name, pid):
             fig = timed_find(mnt, pid, peers)
-        after = retrieve_requests(cli, state)
-        if before and after:
-            fig["find_retrieve_calls"] = after["calls"] - before["calls"]
-            fig["find_retrieve_shards"] = after["shards"] - before["shards"]
+        fig["find_mount_sys_s"] = system_seconds(pid) - sys_before
+        after = status(cli, state)
+        calls = before.get("retrieve_requests"), after.get("retrieve_requests")
+        if calls[0] is not None and calls[1] is not None:
+            fig["find_retrieve_calls"] = calls[1]["calls"] - calls[0]["calls"]
+            fig["find_retrieve_shards"] = calls[1]["shards"] - calls[0]["shards"]
+        fuse = before.get("fuse_requests"), after.get("fuse_requests")
+        if fuse[0] is not None and fuse[1] is not None:
+            fig["find_fuse_requests"] = {
+                op: n - fuse[0].get(op, 0) for op, n in sorted(fuse[1].items())
+                if n - fuse[0].get(op, 0)}
     finally:
         cli("unmount", str(mnt))
     return fig
@@ -91,11 +113,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--profile", type=Path, default=None,
                         help="directory for a py-spy raw profile of each find")
+    parser.add_argument("--native", action="store_true",
+                        help="with --profile: C frames too (py-spy --native)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = args.work.resolve()
     meta = json.loads((work / "tree.json").read_text()) if (work / "tree.json").exists() else {}
-    profiler = Profiler(args.profile)
+    profiler = Profiler(args.profile, native=args.native)
     peers = KeptPeers(Cli(args.repos[0]), work)
     figs: list[dict] = []
     try:
@@ -114,10 +138,14 @@ def main() -> int:
         per_dir = f" per dir: mount {fig['find_mount_cpu_s'] * 1000 / dirs:.1f} ms, peers " \
                   f"{fig['find_peers_cpu_s'] * 1000 / dirs:.1f} ms" if dirs else ""
         print(f"round {fig['round']} {fig['repo']}: find {fig['find_s']:.2f} s, counted "
-              f"{fig['find_count']:,}; mount CPU {fig['find_mount_cpu_s']:.2f} s, peers' CPU "
+              f"{fig['find_count']:,}; mount CPU {fig['find_mount_cpu_s']:.2f} s "
+              f"(system {fig['find_mount_sys_s']:.2f}), peers' CPU "
               f"{fig['find_peers_cpu_s']:.2f} s{per_dir}")
         if find_calls(fig):
             print(f"  {find_calls(fig)}")
+        if fig.get("find_fuse_requests"):
+            print("  FUSE requests: " + ", ".join(
+                f"{op} {n:,}" for op, n in fig["find_fuse_requests"].items()))
     profiler.print_reports("py-spy of the mount, {}:")
     if args.json:
         args.json.write_text(json.dumps(figs, indent=2))

@@ -190,8 +190,9 @@ class Profiler:
         "WorkerThread._work (trio/_core/_thread_cache.py",
     )
 
-    def __init__(self, outdir: Path | None) -> None:
+    def __init__(self, outdir: Path | None, *, native: bool = False) -> None:
         self.outdir = outdir
+        self.options = ("--idle", "--native") if native else ("--idle",)
         self.spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.reports: dict[str, dict] = {}
         if outdir is not None:
@@ -218,7 +219,7 @@ class Profiler:
             return
         out = self.outdir / f"{name}.txt"
         try:
-            with spy_record(self.spy, pid, out, "--idle"):
+            with spy_record(self.spy, pid, out, *self.options):
                 yield
         finally:
             self.reports[name] = self.analyse(out)

@@ -34,6 +34,7 @@ import trio
 from fluidfs.blocks import merkle
 from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, CorruptBlock
 from fluidfs.blocks.gc import Collector
+from fluidfs.blocks.hop import BLOCK_HOPS
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER
 from fluidfs.blocks.shardbatch import ShardBatches
 from fluidfs.blocks.storebatch import StoreBatches
@@ -469,9 +470,9 @@ class RemoteShards:
         while True:
             sources: dict[int, bytes] = {}
             good = await self.fetch_shards(record, holders, on_found=on_found, sources=sources)
-            opened_block, bad = await trio.to_thread.run_sync(
-                self._check_and_open, record, good, sources, parse, limiter=self.limiter
-            )
+            async with self.limiter:
+                opened_block, bad = await BLOCK_HOPS.run(
+                    self._check_and_open, record, good, sources, parse)
             for index, key in sources.items():
                 if index in bad:
                     self._corrupt(key, record, index)

@@ -57,9 +57,17 @@ class _Wait:
 
     __slots__ = ("abandoned", "data", "done", "error", "on_done", "shard_id", "verified")
 
-    def __init__(self, shard_id: bytes, on_done: Callable[[_Wait], None] | None = None) -> None:
+    def __init__(
+        self,
+        shard_id: bytes,
+        on_done: Callable[[_Wait], None] | None = None,
+        done: trio.Event | None = None,
+    ) -> None:
         self.shard_id = shard_id
-        self.done = trio.Event()
+        # Set when answered, for a task waiting on it (``get``); a request told through
+        # *on_done* (``submit``: most of a fresh machine's walk) has none: making one
+        # cost the loop more than the rest of queueing the request.
+        self.done = done
         self.data: bytes | None = None  # None once done without error: ask singly
         self.error: Exception | None = None
         self.verified = False  # the bytes hash to shard_id
@@ -90,14 +98,15 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
         False): ask for it on its own (``RetrieveShard``). Raises ``PeerUnavailable`` or
         ``RpcError`` as ``Connections.call`` does (``not_found`` when the peer says it
         does not hold the shard)."""
-        wait = _Wait(shard_id)
+        done = trio.Event()
+        wait = _Wait(shard_id, done=done)
         self.enqueue(key, wait)
         try:
             with trio.move_on_after(timeout):
-                await wait.done.wait()
+                await done.wait()
         finally:
             wait.abandoned = True
-        if not wait.done.is_set():
+        if not done.is_set():
             raise PeerUnavailable(f"peer {key.hex()[:12]}: no answer in {timeout:.1f} s")
         if wait.error is not None:
             raise wait.error
@@ -162,7 +171,8 @@ class ShardBatches(PeerQueues[bytes, _Wait]):
                     wait.verified = shard_id in verified
                 elif shard_id in missing:
                     wait.error = RpcError("not_found", "no such shard of yours here")
-                wait.done.set()
+                if wait.done is not None:
+                    wait.done.set()
                 if wait.on_done is not None and not wait.abandoned:
                     wait.on_done(wait)
 

@@ -163,8 +163,9 @@ class Restorer:
         was written (each entry is written the same way twice)."""
         self.index.learn_fetched(fetched)
         for entry in entries:
-            blocks, _ = files.get(entry.ino, (entry.blocks, entry.inline))
-            self.index.holders.learn(ref for _, ref in blocks)
+            blocks = files[entry.ino][0] if entry.ino in files else entry.blocks
+            if blocks:  # most entries (small files, directories) name no block
+                self.index.holders.learn(ref for _, ref in blocks)
         counters = self.db["counters"]
         highest = max((entry.ino for entry in entries), default=0)
         subdirs: list[int] = []

@@ -255,9 +255,19 @@ class Tree:
         raw = txn.get(b"next_cookie", db=self._counters)
         cookie = _U64.unpack(raw)[0] if raw else 2
         prefix = u64(parent)
+        # A directory loading for the first time has no entries yet (one probe, not a
+        # read per entry); names written by this call are remembered instead.
+        cursor = txn.cursor(db=self._dirents)
+        fresh: set[bytes] | None = (
+            set() if not cursor.set_range(prefix) or cursor.key()[:8] != prefix else None
+        )
         for name, child, existed in entries:
             key = prefix + name
-            old = txn.get(key, db=self._dirents)
+            if fresh is None or name in fresh:
+                old = txn.get(key, db=self._dirents)
+            else:
+                fresh.add(name)
+                old = None
             if old is not None and _U64x2.unpack(old)[0] == child:
                 if existed:
                     self.dirs.linked(txn, parent, name, child, gen)

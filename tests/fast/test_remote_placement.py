@@ -21,6 +21,7 @@ from inproc import MIB, PeerNode, peer_nodes, silent_on, slow_jump_clock, until_
 
 from fluidfs import keys
 from fluidfs.blocks.codec import BlockCodec, BlockRecord
+from fluidfs.blocks.hop import BLOCK_HOPS
 from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.blocks.remote import STORE_TIMEOUT, RemoteShards
 from fluidfs.service.faults import FaultInjection
@@ -233,7 +234,14 @@ async def test_a_block_read_checks_its_shards_in_the_hop_that_opens_it(
                 checks.append(index)
                 return check_shard(record, index, data)
 
+            hop = BLOCK_HOPS.run
+
+            async def counted_hop(fn, *args):
+                hops.append(fn)  # the block hops' pool: only block reads use it
+                return await hop(fn, *args)
+
             monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+            monkeypatch.setattr(BLOCK_HOPS, "run", counted_hop)
             monkeypatch.setattr(remote.codec, "check_shard", counted_check)
             named = [h if i != lied else NO_HOLDER for i, h in enumerate(holders)]
             trust = {h.key: owner.peers.get(h.key).trust for h in hosts}

@@ -9,6 +9,7 @@ commit and restores it. Real LMDB, real block store.
 
 from __future__ import annotations
 
+import cProfile
 import logging
 import os
 import shutil
@@ -280,3 +281,22 @@ async def test_a_small_directory_loads_in_one_write_transaction(tmp_path: Path) 
         assert meta.index.registered(top)
         assert (await meta.index.load(top)).type == metaformat.LEAF
         assert len(writes) == 1, f"{len(writes)} write transactions for one small directory"
+
+
+async def test_loading_a_directory_reads_each_entry_once(tmp_path: Path) -> None:
+    """A fresh machine's walk writes every entry of the tree: loading a directory reads
+    the live tables once per entry (is its inode there already?), not twice (the
+    directory's own entry table is empty until its first load: one probe tells). Counted
+    as LMDB ``get`` calls while photos/ (41 entries) loads, the reads of its node's
+    fetch (~30: records, the K local shards) included: 72 now, 113 before."""
+    async with restored_tree(tmp_path) as (a, b, meta):
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            await meta.restorer.ensure(a.photos)
+        finally:
+            profile.disable()
+        gets = sum(stat.callcount for stat in profile.getstats()
+                   if "method 'get' of 'Transaction'" in str(stat.code))
+        assert len(names(b, a.photos)) == 41
+        assert gets <= 41 + 40, f"{gets} LMDB reads to load 41 entries"

@@ -9,6 +9,7 @@ The owner and its hosts are real peer services in this process on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,38 @@ class Spawned(trio.abc.Instrument):
 
     def task_spawned(self, task: trio.lowlevel.Task) -> None:
         self.count += 1
+
+
+async def test_batched_shard_requests_make_no_event_per_shard(tmp_path: Path) -> None:
+    """A block read's batched shard requests are told of their answer by a callback: none
+    makes a ``trio.Event`` (creating one cost the loop more than the rest of queueing the
+    request, a fresh machine's walk queues ~20 a directory). Fails before: one per shard
+    request (K = 2 for each of 24 blocks)."""
+    async with owner_with_hosts(tmp_path, 0) as (owner, remote, _, nursery):
+        hosts = await used_hosts(tmp_path, owner, nursery, [PeerService] * N)
+        try:
+            await nursery.start(remote.run)
+            blocks = await place_random(remote, BLOCKS, 4000)
+            made = 0
+
+            def count(frame, event, _arg) -> None:
+                nonlocal made
+                if (event == "call" and frame.f_code.co_name == "__init__"
+                        and "trio._sync.Event" in frame.f_code.co_filename
+                        and frame.f_back.f_code.co_filename.endswith("shardbatch.py")):
+                    made += 1
+
+            sys.setprofile(count)
+            try:
+                got = [await remote.fetch(record, holders) for _, record, holders in blocks]
+            finally:
+                sys.setprofile(None)
+            assert got == [data for data, _, _ in blocks]
+            assert remote.batches.shards >= BLOCKS * remote.codec.needed - 2
+            assert made == 0, f"{made} events made by the batches for {BLOCKS} block reads"
+        finally:
+            for host in hosts:
+                host.close()
 
 
 async def test_batched_shard_requests_start_no_task_per_shard(tmp_path: Path) -> None:
