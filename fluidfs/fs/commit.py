@@ -93,6 +93,9 @@ DIRTY_KEY = b"dirty"
 INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls (storebatch.py)
+# Nodes up to this size are hashed on the loop: BLAKE3 takes ~30 us for 64 KiB, a
+# worker-thread hop costs the loop more than that (and a first sync makes one per node).
+HASH_ON_LOOP = 64 * 1024
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 # ... of one of them, and looks again at least this often (holders learnt otherwise).
 PLACED_POLL = 0.25
@@ -233,7 +236,10 @@ class TreeWriter:
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
         """Store (or reuse) a node naming *children*; return its reference (held)."""
         async with self._writers:
-            block_id = await trio.to_thread.run_sync(self.blocks.codec.block_id, plain)
+            if len(plain) <= HASH_ON_LOOP:
+                block_id = self.blocks.codec.block_id(plain)
+            else:
+                block_id = await trio.to_thread.run_sync(self.blocks.codec.block_id, plain)
             lock = self._locks.setdefault(block_id, trio.Lock())
             new = False
             async with lock:
