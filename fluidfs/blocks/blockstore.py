@@ -449,6 +449,10 @@ class BlockStore:
         if self.remote is None:
             self.remote = remote
             remote.journal = self.collector
+            # Blocks being put (sealed, or about to be) and waiting for an uploader: their
+            # shards join the StoreShard queues soon, so a call about to leave half empty
+            # waits for them (storebatch.py GATHER_SHARDS).
+            remote.store_batches.coming = lambda: self.putting + len(self.queued)
             remote.on_corrupt = self.suspects.caught
             remote.on_missing = self.mark_lost
             self.collector.remote_delete = remote.delete_ids
