@@ -307,6 +307,8 @@ class BlockStore:
             return await self._put(data, source, bind, block_id)
         finally:
             self.putting -= 1
+            if self.remote is not None:  # a call gathering shards need not wait for ours
+                self.remote.store_batches.poke()
 
     async def _put(
         self, data: bytes | Load, source: Path | None, bind: Bind | None,

@@ -158,6 +158,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
             gathering = self._gathering.get((key, priority))
             if gathering is not None and len(self.queue((key, priority)) or ()) >= GATHER_SHARDS:
                 gathering.set()
+        self.poke()
         try:
             with trio.move_on_after(patience):
                 await group.all_sent.wait()
@@ -180,6 +181,17 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
                 return False
             await self._call(key, priority, batch)
         return True
+
+    def gathering(self) -> bool:
+        """True while some sender waits for more shards (GATHER_SHARDS)."""
+        return bool(self._gathering)
+
+    def poke(self) -> None:
+        """Send what the queues hold now if nothing more is coming (``coming`` fell to 0:
+        the last put ended, or a block's shards joined the queues)."""
+        if self._gathering and not self.coming():
+            for gathering in self._gathering.values():
+                gathering.set()
 
     async def _gather(self, queue_key: tuple[bytes, int]) -> None:
         """Wait (at most GATHER_WAIT) for the queue to hold GATHER_SHARDS shards, while
