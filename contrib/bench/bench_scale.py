@@ -23,6 +23,10 @@ Steps, all through the real CLI with ``--peers`` ``fluidfs serve`` peers on 127.
    repeats it with other checkouts on the same tree and peers (A/B of the find alone);
    ``--skip-find`` leaves this step out.
 
+``--profile DIR`` samples the mount with ``py-spy record --idle --native`` while creating
+and during the first sync (raw stacks in ``DIR/create.txt`` and ``DIR/first-sync.txt``)
+and prints how busy its trio thread and worker threads were, with their top busy frames.
+
 ``--baseline FILE`` prints a previous ``--json`` output beside this run (with the ratio);
 ``--repo`` runs another checkout's fluidfs (e.g. main before a change). Everything is
 torn down at the end (mounts unmounted, processes this script started killed by pid).
@@ -46,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import MIB, log, read_rss, spy_record  # noqa: E402
+from benchlib import MIB, Profiler, log, read_rss  # noqa: E402
 
 REPO = HERE.parents[1]
 GOALS = {  # the goals at 1,000,000 files
@@ -271,7 +275,7 @@ def write_tree(mount: Path, writer: int, args: argparse.Namespace, payload: byte
     return files, made_dirs, written[len(written) // 2], time.process_time() - cpu
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, prof: Profiler) -> dict:
     cli = Cli(args.repo)
     work = Path(tempfile.mkdtemp(prefix="fluidfs-bench-scale-", dir=args.workdir))
     mounts = [work / "a-mnt", work / "b-mnt"]
@@ -306,9 +310,7 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         deadline = started + args.create_seconds if args.create_seconds else None
         jobs = [(mounts[0], w, args, payload, deadline) for w in range(args.writers)]
-        spying = (spy_record(args.py_spy, pid, args.profile, "--idle", "--native")
-                  if args.profile else contextlib.nullcontext())
-        with spying:
+        with prof.record("create", pid):
             if args.writers == 1:
                 made = [write_tree(*jobs[0])]
             else:
@@ -349,7 +351,8 @@ def run(args: argparse.Namespace) -> dict:
         log(f"create: {fig['create_files_per_s']:.0f} files/s; first sync")
         # CPU seconds tell a change's cost on a shared machine better than wall seconds.
         peers_cpu = sum(cpu_seconds(p.pid) for p in peers.procs)
-        fig["first_sync_s"], first = sync(cli, a_state, pid)
+        with prof.record("first-sync", pid):
+            fig["first_sync_s"], first = sync(cli, a_state, pid)
         fig["first_sync_mount_cpu_s"] = first["mount_cpu_s"]
         fig["first_sync_peers_cpu_s"] = sum(cpu_seconds(p.pid) for p in peers.procs) - peers_cpu
         fig["first_sync_nodes"] = first.get("nodes_written")
@@ -508,10 +511,6 @@ def main() -> int:
                         help="one-file syncs made in a row (the median is reported)")
     parser.add_argument("--create-only", action="store_true",
                         help="stop after creating: the create rows alone")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="py-spy record --idle --native the mount while creating, "
-                             "raw stacks into this file")
-    parser.add_argument("--py-spy", default="py-spy", help="the py-spy binary")
     parser.add_argument("--skip-find", action="store_true",
                         help="measure everything but the fresh-machine find")
     parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose fluidfs runs")
@@ -524,11 +523,16 @@ def main() -> int:
                              "checkouts and time the find (same tree, same peers: A/B)")
     parser.add_argument("--find-rounds", type=int, default=1,
                         help="how many times to go through --find-repos (alternating)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy record --idle --native the mount while creating and "
+                             "during the first sync, raw stacks into this directory")
     args = parser.parse_args()
-    fig = run(args)
+    prof = Profiler(args.profile, native=True)
+    fig = run(args, prof)
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2))
     report(fig, json.loads(args.baseline.read_text()) if args.baseline else None)
+    prof.print_reports()
     counts = [fig.get("find_count", fig["expected_count"]),
               *(again["find_count"] for again in fig.get("finds", []))]
     return 0 if all(count == fig["expected_count"] for count in counts) else 1

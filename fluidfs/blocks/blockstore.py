@@ -132,6 +132,7 @@ class BlockStore:
             tuple[BlockRecord, list[bytes]]
         ](UPLOAD_QUEUE)
         self.uploaded_bytes = 0
+        self.putting = 0  # ``put`` calls running (their blocks may be new: uploads to come)
         self._running = False
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
@@ -308,10 +309,24 @@ class BlockStore:
         takes a reference to a block stored meanwhile, whose shards sealed here are then
         surplus) and runs *bind*.
         """
+        self.putting += 1
+        try:
+            return await self._put(data, source, bind, block_id)
+        finally:
+            self.putting -= 1
+            if self.remote is not None:  # a call gathering shards need not wait for ours
+                self.remote.store_batches.poke()
+
+    async def _put(
+        self, data: bytes | Load, source: Path | None, bind: Bind | None,
+        block_id: bytes | None,
+    ) -> bytes:
         local = self.remote is None
-        data, block_id, sealed = await trio.to_thread.run_sync(
-            self._prepare, data, block_id, local, limiter=self.limiter
+        data, block_id, sealed, cached = await trio.to_thread.run_sync(
+            self._prepare, data, block_id, local, source is None, limiter=self.limiter
         )
+        if cached:  # evictable as soon as it is fully stored, or if it goes unreferenced
+            self.cache.note(block_id, len(data))
         upload: tuple[BlockRecord, list[bytes]] | None = None
         surplus = False
         dead = self._ref_if_present(block_id, bind) if sealed is None else None
@@ -371,19 +386,30 @@ class BlockStore:
         return block_id
 
     def _prepare(
-        self, data: bytes | Load, block_id: bytes | None, local: bool
-    ) -> tuple[bytes, bytes, tuple[BlockRecord, list[bytes]] | None]:
+        self, data: bytes | Load, block_id: bytes | None, local: bool, cache: bool
+    ) -> tuple[bytes, bytes, tuple[BlockRecord, list[bytes]] | None, bool]:
         """``put``'s worker-thread part: (plaintext, block id, its record and shards, or
-        None if the block is stored already)."""
+        None if the block is stored already, whether its plaintext was written to the
+        cache). With *cache*, a block sealed here is also written to the cache in this
+        hop (a hop of its own per block was a sixth of a first sync's hops); a write that
+        fails (a full disk) is left to ``_cache_put``, which makes room and tries again."""
         if callable(data):
             data = data()
         if block_id is None:
             block_id = self.codec.block_id(data)
         with self.meta.read() as txn:
             if txn.get(block_id, db=self._blocks) is not None:
-                return data, block_id, None
+                return data, block_id, None, False
         seal = self._seal_and_store if local else self.codec.seal
-        return data, block_id, seal(data, block_id)
+        sealed = seal(data, block_id)
+        cached = False
+        if cache:
+            try:
+                self._reserved(len(data), self.cache.insert_io, block_id, data)
+                cached = True
+            except OSError:
+                pass  # put's ``_cache_put`` writes it, dropping cached blocks if need be
+        return data, block_id, sealed, cached
 
     def _ref_if_present(self, block_id: bytes, bind: Bind | None) -> list[StoredBlock] | None:
         """Take a reference to the block (and run *bind*) if it is stored; None if not,
@@ -432,6 +458,10 @@ class BlockStore:
         if self.remote is None:
             self.remote = remote
             remote.journal = self.collector
+            # Blocks being put (sealed, or about to be) and waiting for an uploader: their
+            # shards join the StoreShard queues soon, so a call about to leave half empty
+            # waits for them (storebatch.py GATHER_SHARDS).
+            remote.store_batches.coming = lambda: self.putting + len(self.queued)
             remote.on_corrupt = self.suspects.caught
             remote.on_missing = self.mark_lost
             self.collector.remote_delete = remote.delete_ids

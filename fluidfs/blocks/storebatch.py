@@ -6,9 +6,11 @@ far dearer at both ends (frame sealing, dispatch, a write transaction on the hos
 its bytes. ``StoreShard`` takes up to 64 shards, so stores of small shards (at most
 MAX_BATCH_SHARD bytes) to one peer wait in that peer's queue, and at most
 BATCHES_PER_PEER calls run to a peer at once, each taking up to MAX_BATCH_IDS shards
-and MAX_BATCH_BYTES bytes from the queue. An idle peer is sent a shard at once (no
-added wait); the shards that arrive while calls are in flight go together in the next
-one (as Nagle's algorithm does, and as blocks/shardbatch.py does for reads).
+and MAX_BATCH_BYTES bytes from the queue. The shards that arrive while calls are in
+flight go together in the next one (as Nagle's algorithm does, and as
+blocks/shardbatch.py does for reads); a call that would carry fewer than GATHER_SHARDS
+shards while more blocks are being put (``coming``) waits up to GATHER_WAIT for theirs,
+and with nothing more coming an idle peer is sent a shard at once.
 
 Only the transport changes: the caller (blocks/remote.py) still chooses the peer,
 journals the attempt and records the outcome of each shard, exactly as for a single
@@ -47,6 +49,14 @@ __all__ = ["BATCHES_PER_PEER", "StoreBatches", "StoreGroup", "read_store_answer"
 # shards a call, process CPU -13%); a host spends a frame, a dispatch and a write
 # transaction per call, whatever it carries.
 BATCHES_PER_PEER = 1
+# While more small blocks are on their way to the queues (``coming``: sealed, waiting for
+# an uploader), a call that would carry fewer than GATHER_SHARDS shards waits for them,
+# up to GATHER_WAIT seconds. Without it a first sync whose owner seals nodes one after
+# another sent each peer ~8 shards a call (1M files: 38,893 calls for 297,936 shards),
+# and a host spends as much on a call as on its shards. Nothing waits when nothing more
+# is coming: a small commit's last nodes go at once.
+GATHER_SHARDS = 32
+GATHER_WAIT = 0.05
 
 # The store slot of a peer (blocks/remote.py's window): a call holds one while it runs.
 Slot = Callable[[bytes], trio.Semaphore]
@@ -105,11 +115,15 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
     """Per-peer queues (one per priority) of small shard stores, sent as ``StoreShard``
     calls."""
 
-    def __init__(self, conns: Connections, slot: Slot, settle: Settle) -> None:
+    def __init__(self, conns: Connections, slot: Slot, settle: Settle,
+                 coming: Callable[[], int] = lambda: 0) -> None:
         super().__init__(BATCHES_PER_PEER)
         self.conns = conns
         self.slot = slot
         self.settle = settle
+        # How many small blocks will enqueue their shards soon (see GATHER_SHARDS).
+        self.coming = coming
+        self._gathering: dict[tuple[bytes, int], trio.Event] = {}  # queues a sender waits on
         self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
         self.shards = 0  # shards they carried
 
@@ -141,6 +155,10 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
             wait = _Store(holder, shard_id, data, timeout, group)
             self.enqueue((key, priority), wait)
             waits.append(wait)
+            gathering = self._gathering.get((key, priority))
+            if gathering is not None and len(self.queue((key, priority)) or ()) >= GATHER_SHARDS:
+                gathering.set()
+        self.poke()
         try:
             with trio.move_on_after(patience):
                 await group.all_sent.wait()
@@ -156,12 +174,37 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
     async def send_next(self, queue_key: tuple[bytes, int]) -> bool:
         """Send the next batch of the queue to its peer, holding one of its store slots."""
         key, priority = queue_key
+        await self._gather(queue_key)
         async with self.slot(key):
             batch = self._take(queue_key)
             if not batch:
                 return False
             await self._call(key, priority, batch)
         return True
+
+    def gathering(self) -> bool:
+        """True while some sender waits for more shards (GATHER_SHARDS)."""
+        return bool(self._gathering)
+
+    def poke(self) -> None:
+        """Send what the queues hold now if nothing more is coming (``coming`` fell to 0:
+        the last put ended, or a block's shards joined the queues)."""
+        if self._gathering and not self.coming():
+            for gathering in self._gathering.values():
+                gathering.set()
+
+    async def _gather(self, queue_key: tuple[bytes, int]) -> None:
+        """Wait (at most GATHER_WAIT) for the queue to hold GATHER_SHARDS shards, while
+        more small blocks are coming (``coming``)."""
+        queue = self.queue(queue_key)
+        if queue is None or len(queue) >= GATHER_SHARDS or not self.coming():
+            return
+        gathering = self._gathering[queue_key] = trio.Event()
+        try:
+            with trio.move_on_after(GATHER_WAIT):
+                await gathering.wait()
+        finally:
+            del self._gathering[queue_key]
 
     def _take(self, queue_key: tuple[bytes, int]) -> dict[bytes, list[_Store]]:
         """The next batch from the queue: live stores, within the call's bounds."""

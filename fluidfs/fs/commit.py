@@ -93,6 +93,9 @@ DIRTY_KEY = b"dirty"
 INDEX_KEY = b"index"
 WEAK_STALL = 10.0  # seconds without progress while blocks lack K holders
 NODE_WRITERS = 64  # nodes in flight: their small shards share StoreShard calls (storebatch.py)
+# Nodes up to this size are hashed on the loop: BLAKE3 takes ~30 us for 64 KiB, a
+# worker-thread hop costs the loop more than that (and a first sync makes one per node).
+HASH_ON_LOOP = 64 * 1024
 QUICK_WAKE = 64  # wait_placed for at most this many blocks wakes as each upload ends
 # ... of one of them, and looks again at least this often (holders learnt otherwise).
 PLACED_POLL = 0.25
@@ -233,7 +236,10 @@ class TreeWriter:
     async def store_node(self, plain: bytes, children: list[tuple[bytes, bool]]) -> Ref:
         """Store (or reuse) a node naming *children*; return its reference (held)."""
         async with self._writers:
-            block_id = await trio.to_thread.run_sync(self.blocks.codec.block_id, plain)
+            if len(plain) <= HASH_ON_LOOP:
+                block_id = self.blocks.codec.block_id(plain)
+            else:
+                block_id = await trio.to_thread.run_sync(self.blocks.codec.block_id, plain)
             lock = self._locks.setdefault(block_id, trio.Lock())
             new = False
             async with lock:
@@ -328,6 +334,14 @@ class TreeWriter:
         carry = [] if final or closed or not groups else groups.pop()
         return groups, carry
 
+    def _cut_and_encode(
+        self, carry: list[Entry], fresh: list[Entry], final: bool
+    ) -> tuple[list[list[Entry]], list[Entry], list[tuple[bytes, int, int]]]:
+        """``_cut``, and each whole leaf encoded (``_encode_leaf``), in one worker-thread
+        hop: a hop per leaf was a third of a first sync's hops."""
+        groups, carry = self._cut(carry, fresh, final)
+        return groups, carry, [self._encode_leaf(group) for group in groups]
+
     async def write_list(self, entries: list[Entry]) -> Ref | None:
         """Write sorted *entries* as a chunked tree of nodes; return its top (None if empty)."""
 
@@ -355,8 +369,9 @@ class TreeWriter:
 
         async def cut(fresh: list[Entry], final: bool) -> None:
             nonlocal carry
-            groups, carry = await trio.to_thread.run_sync(self._cut, carry, fresh, final)
-            items.extend(await self._leaves(groups, owner, records))
+            groups, carry, encoded = await trio.to_thread.run_sync(
+                self._cut_and_encode, carry, fresh, final)
+            items.extend(await self._leaves(groups, owner, records, encoded))
 
         async def take(run: list[KeptLeaf]) -> None:
             i = 0
@@ -424,15 +439,21 @@ class TreeWriter:
         groups: list[list[Entry]],
         owner: int | None = None,
         records: list[LeafRecord] | None = None,
+        encoded: list[tuple[bytes, int, int]] | None = None,
     ) -> list[tuple[bytes, Ref, int]]:
         """Write one leaf node per group, concurrently; (first name, ref, entries) each,
-        also added to *records*. Their short references count against *owner*."""
+        also added to *records*. Their short references count against *owner*.
+        *encoded*: each group's ``_encode_leaf`` already (else encoded here)."""
         refs: list[Ref | None] = [None] * len(groups)
         flawed = [False] * len(groups)
 
         async def leaf(i: int, group: list[Entry]) -> None:
             children = [(ref.block_id, is_node) for e in group for ref, is_node in e.refs()]
-            plain, incomplete, weak = await trio.to_thread.run_sync(self._encode_leaf, group)
+            if encoded is not None:
+                plain, incomplete, weak = encoded[i]
+            else:
+                plain, incomplete, weak = await trio.to_thread.run_sync(
+                    self._encode_leaf, group)
             self.stats.incomplete_refs += incomplete
             self.stats.weak_refs += weak
             self._note_short(owner, incomplete)

@@ -9,17 +9,21 @@ The owner's block store uploads through real peer services on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
-from inproc import LocalStore, PeerNode, peer_nodes
+from inproc import LocalStore, PeerNode, peer_nodes, slow_jump_clock
 from networked import store_through
 
 from fluidfs import keys
 from fluidfs.blocks.record import NO_HOLDER, StoredBlock
 from fluidfs.blocks.repair import Repairer, RepairPolicy
+from fluidfs.blocks.storebatch import GATHER_SHARDS, GATHER_WAIT
 from fluidfs.fs.commit import PLACED_POLL, wait_placed
 from fluidfs.service.host import PeerService
 
@@ -28,6 +32,12 @@ RING = keys.KeyRing(keys.generate(shards_total=N, shards_needed=2))
 BLOCKS = 48  # small blocks put in one burst, as a commit writes its nodes
 WAITERS = 16  # nodes waiting for placement at once
 PER_CALL = 2  # the least the calls to one holder carry on average (~8 on a quiet machine)
+
+
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Time that jumps only when this process is idle (every honest answer is in)."""
+    return slow_jump_clock()
 
 
 class Counting(PeerService):
@@ -304,6 +314,85 @@ async def test_a_small_block_is_stored_by_about_one_task_not_one_per_shard(
                 assert NO_HOLDER not in store.blocks.load(block_id).holders
             per_block = sum(counter.names.values()) / BLOCKS
             assert per_block <= 2, (per_block, counter.names)
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_a_call_waits_for_the_shards_of_blocks_being_put(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """While more small blocks are being put, a call about to leave with fewer than
+    GATHER_SHARDS shards waits for theirs (at most GATHER_WAIT): a burst of BLOCKS blocks
+    reaches each holder in two calls (33 and 15 shards). Time jumps only when the process
+    is idle, so the wait ends on the shards, not on a loaded machine's timing. Before: a
+    call left as soon as its peer was free, with what had arrived meanwhile (three
+    calls: 2, 25 and 21 shards)."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                ids = await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
+            for block_id in ids:
+                assert NO_HOLDER not in store.blocks.load(block_id).holders
+            for host in hosts:
+                calls = host.service.calls
+                assert sum(calls) == BLOCKS
+                assert len(calls) <= -(-BLOCKS // GATHER_SHARDS), calls
+        finally:
+            store.close()
+            owner.close()
+
+
+async def spin_until(predicate, what: str) -> None:
+    """Yield to the other tasks until *predicate* holds (30 s of real time at most). The
+    run is never idle meanwhile, so a slow-jump clock's virtual time stands still."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await trio.sleep(0)
+
+
+async def test_a_gathering_call_leaves_once_nothing_more_is_coming(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A call waiting for the shards of a block still being put leaves as soon as that put
+    ends without an upload (a block stored already): a small commit's level of nodes
+    does not wait GATHER_WAIT for nothing. Before: it waited until GATHER_WAIT passed."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            async with trio.open_nursery() as tasks:  # ends before the store is closed
+                await tasks.start(store.blocks.remote.run)
+                await tasks.start(store.blocks.run)
+                stored = os.urandom(3000)
+                await store.blocks.put(stored)
+                with trio.fail_after(30):
+                    await store.blocks.drain()
+                gate = threading.Event()
+
+                def held() -> bytes:  # a put of a stored block, held in its worker thread
+                    gate.wait(30)
+                    return stored
+
+                tasks.start_soon(store.blocks.put, held)
+                tasks.start_soon(store.blocks.put, os.urandom(3000))
+                batches = store.blocks.remote.store_batches
+                await spin_until(batches.gathering, "a call gathering shards")
+                started = trio.current_time()
+                gate.set()
+                await spin_until(lambda: not store.blocks.putting and not batches.gathering(),
+                                 "the puts to end and the call to leave")
+                with trio.fail_after(30):
+                    await store.blocks.drain()
+                assert trio.current_time() - started < GATHER_WAIT
+                assert not store.blocks.under, "the new block is placed"
+                tasks.cancel_scope.cancel()
         finally:
             store.close()
             owner.close()
