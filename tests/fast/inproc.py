@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from trio._core import _run as trio_run
 
 from fluidfs import keys
 from fluidfs.blocks.blockstore import BlockStore
@@ -55,14 +56,26 @@ def silent_on(*ops: str) -> type[PeerService]:
     return Silent
 
 
+def _running_trio_job(thread: threading.Thread) -> bool:
+    """True if *thread* is one of trio's worker threads and runs a job now: trio names it
+    after the job (``trio.to_thread.run_sync``'s thread_name) while it runs, and gives it
+    back its default name before it hands the result over."""
+    owner = getattr(getattr(thread, "_target", None), "__self__", None)
+    default = getattr(owner, "_default_name", None)
+    return type(owner).__name__ == "WorkerThread" and default is not None \
+        and thread.name != default
+
+
 def busy_threads() -> list[int]:
-    """Ids of this process's threads, other than the calling one, that are running, waiting
-    for a CPU (state R) or for the disk (state D): a worker thread still sealing or in an
-    LMDB write. Idle threads (trio's cached workers, one waiting for a lock) sleep (S)."""
+    """Ids of this process's threads, other than the calling one, that work: running or
+    waiting for a CPU (state R), for the disk (state D), or running a trio.to_thread job
+    (which may be waiting for the GIL, asleep as far as the kernel tells). Idle threads
+    (trio's cached workers between jobs, one waiting for a lock) are left out."""
     me = threading.get_native_id()
-    busy = []
+    busy = {t.native_id for t in threading.enumerate()
+            if t.native_id != me and t.native_id is not None and _running_trio_job(t)}
     for tid in os.listdir("/proc/self/task"):
-        if int(tid) == me:
+        if int(tid) == me or int(tid) in busy:
             continue
         try:  # (a thread that just ended has no file left)
             with open(f"/proc/self/task/{tid}/stat") as f:
@@ -70,8 +83,8 @@ def busy_threads() -> list[int]:
         except (OSError, IndexError):
             continue
         if state in ("R", "D"):
-            busy.append(int(tid))
-    return busy
+            busy.add(int(tid))
+    return sorted(busy)
 
 
 class ThreadWait:
@@ -85,7 +98,7 @@ class ThreadWait:
         self.held = 0  # jumps put off for busy threads
 
     def autojump(self) -> None:
-        if busy_threads():
+        if self._busy():
             now = time.monotonic()
             if self.since is None:
                 self.since = now
@@ -94,6 +107,19 @@ class ThreadWait:
                 return
         self.since = None
         self.jump()
+
+    def _busy(self) -> bool:
+        if busy_threads():
+            return True
+        # A worker that just finished gives its name back, then needs the GIL (which we
+        # hold) to hand its result to the loop: let it, and look at the loop's queue of
+        # results from threads (trio's, not public: read defensively).
+        time.sleep(0.001)
+        runner = getattr(trio_run.GLOBAL_RUN_CONTEXT, "runner", None)
+        entries = getattr(runner, "entry_queue", None)
+        pending = bool(getattr(entries, "queue", None) or getattr(entries, "idempotent_queue",
+                                                                   None))
+        return pending or bool(busy_threads())
 
 
 def thread_aware_clock(threshold: float, patience: float = 30.0) -> trio.testing.MockClock:
