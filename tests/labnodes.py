@@ -32,6 +32,16 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
+def start_all(peers: list[LabPeer], timeout: float = 120) -> list[LabPeer]:
+    """Start every peer at once and wait until each listens: their start-ups overlap
+    instead of queueing one behind the other (as peerhelpers.start_all)."""
+    for peer in peers:
+        peer.launch()
+    for peer in peers:
+        peer.wait_listening(timeout)
+    return peers
+
+
 def peers_json(state: Path) -> list[dict]:
     """`fluidfs peers --json` rows of the node with this state dir."""
     result = cli("peers", "--state-dir", str(state), "--json")
@@ -71,6 +81,10 @@ class LabPeer:
 
     def start(self, timeout: float = 30) -> LabPeer:
         """Start and wait until it listens."""
+        return self.launch().wait_listening(timeout)
+
+    def launch(self) -> LabPeer:
+        """Start the process without waiting for it."""
         if not self.keyfile.exists():
             keys.write_keyfile(self.keyfile, keys.generate())
         (self.state / "listen").unlink(missing_ok=True)
@@ -79,6 +93,11 @@ class LabPeer:
             [*FLUIDFS, "serve", "--keyfile", str(self.keyfile), "--state-dir", str(self.state),
              "--listen", f"0.0.0.0:{PORT}", "--donate", "1G", *self.extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return self
+
+    def wait_listening(self, timeout: float = 30) -> LabPeer:
+        """Wait until the launched process listens."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while not (self.state / "listen").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

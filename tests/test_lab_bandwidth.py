@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer, cli
+from labnodes import PORT, LabMount, LabPeer, cli, start_all
 from netlab import Host, Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -89,7 +89,7 @@ def test_a_mounts_upload_limit_holds_on_its_network_interface(
     existed the mount refused them; the lab's veth counts a GSO packet's headers once,
     so it sees less of them than a real link: ~495 KiB/s measured with the limit counting
     them per 1448-byte segment, ~520 KiB/s without.)"""
-    peers = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)).start() for i in range(4)]
+    peers = start_all([LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)) for i in range(4)])
     host = lab.public("m")
     extra = ["--block-size", "256K", "--listen", f"0.0.0.0:{PORT}", "--donate", "64M",
              "--limit-upload", "512K", *QUICK]

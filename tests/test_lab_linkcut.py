@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer, cli
+from labnodes import PORT, LabMount, LabPeer, cli, start_all
 from netlab import Host, Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -63,7 +63,7 @@ def test_an_upload_survives_a_30_s_cut_of_the_mounts_line(
     the keyfile on another machine reads the same bytes, and the interface sent no more
     than the shard bytes placed plus headers plus the shards that were in flight when
     the line went (at most 4 per peer)."""
-    peers = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)).start() for i in range(4)]
+    peers = start_all([LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)) for i in range(4)])
     host = lab.public("m", UP, DOWN)
     extra = ["--block-size", "1M", "--listen", f"0.0.0.0:{PORT}", "--donate", "256M", *QUICK]
     for peer in peers:

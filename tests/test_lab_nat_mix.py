@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer, cli, peers_json
+from labnodes import PORT, LabMount, LabPeer, cli, peers_json, start_all
 from netlab import Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -49,14 +49,15 @@ def test_a_mount_behind_nat_reaches_twelve_peers_on_mixed_lines_and_audits_and_r
     keyfile = tmp_path / "mix.key"
     keys.write_keyfile(keyfile, keys.generate(shards_total=N, shards_needed=K))
     relay = LabPeer(lab.public("relay"), tmp_path, [*QUICK, "--relay", "--donate", "0"]).start()
-    public = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)).start() for i in range(6)]
+    public = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)) for i in range(6)]
     upnp = []
     for i in range(4):
         home = lab.home(f"hu{i}", upnp=True)
-        peer = LabPeer(home.host(f"u{i}"), tmp_path, [*QUICK, "--peer", relay.addr]).start()
+        peer = LabPeer(home.host(f"u{i}"), tmp_path, [*QUICK, "--peer", relay.addr])
         upnp.append((peer, f"{home.public_ip}:{PORT}"))
     hidden = [LabPeer(lab.home(f"hn{i}").host(f"n{i}"), tmp_path,
-                      [*QUICK, "--no-upnp", "--peer", relay.addr]).start() for i in range(2)]
+                      [*QUICK, "--no-upnp", "--peer", relay.addr]) for i in range(2)]
+    start_all([*public, *(peer for peer, _ in upnp), *hidden])
     codes = [invite_via_relay(peer, relay) for peer in hidden]
 
     entries = [relay.addr, *(p.addr for p in public), *(addr for _, addr in upnp)]

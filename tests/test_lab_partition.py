@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from labnodes import PORT, LabMount, LabPeer
+from labnodes import PORT, LabMount, LabPeer, start_all
 from netlab import Host, Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import wait_for
 from test_handover import conflicts_of, export_key, status, sync
@@ -72,8 +72,8 @@ def test_a_partition_lets_one_side_write_and_the_other_keeps_its_writes(
 ) -> None:
     keyfile = tmp_path / "partition.key"  # K = 4 of 12: the 7-peer side can read the tree
     keys.write_keyfile(keyfile, keys.generate(shards_total=12, shards_needed=4))
-    peers = [LabPeer(lab.public(f"p{i}"), tmp_path, ["--tolerance", "600"]).start()
-             for i in range(12)]
+    peers = start_all([LabPeer(lab.public(f"p{i}"), tmp_path, ["--tolerance", "600"])
+                       for i in range(12)])
     host_a, host_b = lab.public("ma"), lab.public("mb")
     a = lab_mount(make_mount, "a", host_a, keyfile, "--listen",
                   f"0.0.0.0:{PORT}", *[x for p in peers for x in ("--peer", p.addr)])

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer, peers_json
+from labnodes import PORT, LabMount, LabPeer, peers_json, start_all
 from netlab import Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -47,7 +47,7 @@ def test_a_peer_whose_address_changes_keeps_its_agreement_and_gets_new_shards(
     peer's trust, counts none of its shards lost, and new shards reach it at the new
     address. (Before address records the mount kept dialling the old address until the
     agreement ended after the tolerance, and new shards went elsewhere.)"""
-    peers = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)).start() for i in range(4)]
+    peers = start_all([LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)) for i in range(4)])
     host = lab.public("m")
     extra = ["--block-size", "256K", "--listen", f"0.0.0.0:{PORT}", "--donate", "256M", *QUICK]
     for peer in peers:

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from labnodes import PORT, LabMount, LabPeer, cli
+from labnodes import PORT, LabMount, LabPeer, cli, start_all
 from netlab import Lab, lab_fixture  # noqa: F401 - the lab fixture
 from peerhelpers import status, wait_for
 
@@ -50,7 +50,7 @@ def test_a_fresh_mount_in_another_nated_home_restores_the_tree(
     mounts from the exported keyfile alone and `diff -r` finds no difference. (The
     second home's machine has never been seen by any peer, under a different public
     address: identity is the keyfile, never the address.)"""
-    peers = [LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)).start() for i in range(4)]
+    peers = start_all([LabPeer(lab.public(f"p{i}"), tmp_path, list(QUICK)) for i in range(4)])
     home_a = lab.home("ha", upnp=True)
     home_b = lab.home("hb", upnp=False)
     extra = ["--block-size", "256K", "--listen", f"0.0.0.0:{PORT}", "--donate", "64M", *QUICK]

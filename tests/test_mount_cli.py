@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -67,14 +68,43 @@ def populated_state(tmp_path_factory) -> Iterator[Mount]:
         mnt.cleanup()
 
 
+# What a refused mount may change in a state directory: its log (a line saying why) and
+# LMDB's reader tables.
+STATE_NOISE = ("fluidfs.log", "lock.mdb")
+_known_good: dict[Path, dict[str, tuple[int, str]]] = {}
+
+
+def state_files(state: Path) -> dict[str, tuple[int, str]]:
+    """Every file of an unmounted state directory but STATE_NOISE: its mode and sha256."""
+    found = {}
+    for path in sorted(state.rglob("*")):
+        if path.is_file() and not path.name.startswith(STATE_NOISE):
+            found[str(path.relative_to(state))] = (
+                path.stat().st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
 @pytest.fixture
 def populated(populated_state: Mount) -> Iterator[Mount]:
     """The populated state, unmounted; left unmounted for the next test."""
     assert not is_mounted(populated_state.path)
+    _known_good[populated_state.state] = state_files(populated_state.state)
     yield populated_state
     if is_mounted(populated_state.path):
         run_cli("unmount", str(populated_state.path))
         force_unmount(populated_state.path)
+
+
+def assert_untouched(mnt: Mount) -> None:
+    """A refused mount changed nothing in the state (which mounted and unmounted cleanly
+    before it): every file but its log and LMDB's reader tables is as it was, byte for
+    byte. (A real mount to check took a few seconds each: ``assert_intact`` does that
+    where the test itself changed the state.)"""
+    assert not is_mounted(mnt.path)
+    before, now = _known_good[mnt.state], state_files(mnt.state)
+    assert now.keys() == before.keys(), sorted(now.keys() ^ before.keys())
+    changed = [name for name in now if now[name] != before[name]]
+    assert not changed, changed
 
 
 def assert_intact(mnt: Mount) -> None:
@@ -189,7 +219,7 @@ def test_mount_with_missing_keyfile(populated: Mount, tmp_path: Path) -> None:
     line = one_line_error(run_cli(*mount_args(populated, key=missing)))
     assert "nowhere.key" in line
     assert not missing.exists(), "an explicitly named keyfile must not be invented"
-    assert_intact(populated)
+    assert_untouched(populated)
 
 
 @pytest.mark.parametrize(
@@ -216,12 +246,12 @@ def test_mount_with_corrupt_keyfile(populated: Mount, tmp_path: Path, content) -
     line = one_line_error(run_cli(*mount_args(populated, key=bad)))
     assert "keyfile" in line
     assert not is_mounted(populated.path)
-    assert_intact(populated)
+    assert_untouched(populated)
 
 
 def test_mount_with_keyfile_that_is_a_directory(populated: Mount, tmp_path: Path) -> None:
     one_line_error(run_cli(*mount_args(populated, key=tmp_path)))
-    assert_intact(populated)
+    assert_untouched(populated)
 
 
 def test_mount_with_wrong_keyfile(populated: Mount, tmp_path: Path) -> None:
@@ -235,7 +265,7 @@ def test_mount_with_wrong_keyfile(populated: Mount, tmp_path: Path) -> None:
     assert (populated.state / "identity").read_text() == identity
     log = (populated.state / "fluidfs.log").read_text()[logged_before:]
     assert "Traceback" not in log
-    assert_intact(populated)
+    assert_untouched(populated)
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "not-empty"])
@@ -251,7 +281,7 @@ def test_mount_on_bad_mountpoint(populated: Mount, tmp_path: Path, kind: str) ->
     assert not is_mounted(where)
     if kind == "not-empty":
         assert os.listdir(where) == ["something"]
-    assert_intact(populated)
+    assert_untouched(populated)
 
 
 def test_second_mount_of_the_same_state(populated: Mount, tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ from mounthelpers import own_xattrs, sh, snapshot
 pytestmark = pytest.mark.mount
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-EXCLUDES = ["__pycache__", "site-packages"]
+# Left out of the copies: bytecode, installed packages, and the build configuration
+# (config-3.11-x86_64-linux-gnu/ holds libpython's 45 MB static library: half the tree's
+# bytes, one file; the 1 GiB test is where size matters).
+EXCLUDES = ["__pycache__", "site-packages", "config-3*"]
 
 
 def _rsync_excludes() -> list[str]:
@@ -91,8 +94,8 @@ def test_cp_mv_rm_on_a_real_tree(mounted, stdlib_copy: Path) -> None:
     os.mkdir(root / "work")
     sh("cp", "-a", stdlib_copy, root / "work/copy")
     assert _count(root / "work/copy") == n
+    # (contents by hash, modes, owners, times, links, xattrs: what diff -r would see)
     assert snapshot(root / "work/copy", inodes=False) == snapshot(stdlib_copy, inodes=False)
-    sh("diff", "-r", "--no-dereference", *_diff_excludes(), STDLIB, root / "work/copy")
 
     # mv a whole tree to another directory (a rename), then back under a new name
     os.mkdir(root / "elsewhere")

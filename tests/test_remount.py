@@ -180,11 +180,19 @@ def test_fresh_machine_gets_the_whole_tree_back(make_mount, peers, tmp_path: Pat
 
 
 def test_sigkill_after_sync_with_four_peers_down(make_mount, peers, tmp_path: Path) -> None:
+    """A's lease outlives its crash: a plain mount elsewhere is refused, --takeover waits
+    it out and gets the whole tree with four of the twelve peers down.
+
+    A renews every 10 s, so its lease stays live 20 to 30 s after the kill (3 renewal
+    intervals after its last renewal): the refused mount's start and its look at the
+    peers must fit in there. With the default 5 s (10 to 15 s) a heavily loaded machine
+    could start it after the lease had expired, and the mount was not refused."""
     source = tmp_path / "source"
     build_tree(source, files=2000 if FULL else 400, big=(300 if FULL else 8) * MiB, seed=11)
     if FULL:
         sh("cp", "-a", REAL_TREE, source / "real")
-    a = machine(make_mount, "a", tmp_path / "fluidfs.key", *peer_args(peers))
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--lease-renew", "10",
+                *peer_args(peers))
     a.mount()
     sh("cp", "-a", f"{source}/.", a.path)
     sync(a)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from trio._core import _run as trio_run
 
 from fluidfs import keys
 from fluidfs.blocks.blockstore import BlockStore
@@ -54,11 +56,98 @@ def silent_on(*ops: str) -> type[PeerService]:
     return Silent
 
 
+def _running_trio_job(thread: threading.Thread) -> bool:
+    """True if *thread* is one of trio's worker threads and runs a job now: trio names it
+    after the job (``trio.to_thread.run_sync``'s thread_name) while it runs, and gives it
+    back its default name before it hands the result over."""
+    owner = getattr(getattr(thread, "_target", None), "__self__", None)
+    default = getattr(owner, "_default_name", None)
+    return type(owner).__name__ == "WorkerThread" and default is not None \
+        and thread.name != default
+
+
+def busy_threads() -> list[int]:
+    """Ids of this process's threads, other than the calling one, that work: running or
+    waiting for a CPU (state R), for the disk (state D), or running a trio.to_thread job
+    (which may be waiting for the GIL, asleep as far as the kernel tells). Idle threads
+    (trio's cached workers between jobs, one waiting for a lock) are left out."""
+    me = threading.get_native_id()
+    busy = {t.native_id for t in threading.enumerate()
+            if t.native_id != me and t.native_id is not None and _running_trio_job(t)}
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == me or int(tid) in busy:
+            continue
+        try:  # (a thread that just ended has no file left)
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("R", "D"):
+            busy.add(int(tid))
+    return sorted(busy)
+
+
+class ThreadWait:
+    """What makes a MockClock's autojump wait for this process's worker threads
+    (``thread_aware_clock``): how many jumps it put off, and since when."""
+
+    def __init__(self, clock: trio.testing.MockClock, patience: float) -> None:
+        self.jump = clock._autojump  # the clock's own autojump
+        self.patience = patience
+        self.since: float | None = None  # real time of the first jump put off in a row
+        self.held = 0  # jumps put off for busy threads
+
+    def autojump(self) -> None:
+        if self._busy():
+            now = time.monotonic()
+            if self.since is None:
+                self.since = now
+            if now - self.since < self.patience:
+                self.held += 1
+                return
+        self.since = None
+        self.jump()
+
+    def _busy(self) -> bool:
+        if busy_threads():
+            return True
+        # A worker that just finished gives its name back, then needs the GIL (which we
+        # hold) to hand its result to the loop: let it, and look at the loop's queue of
+        # results from threads (trio's, not public: read defensively).
+        time.sleep(0.001)
+        runner = getattr(trio_run.GLOBAL_RUN_CONTEXT, "runner", None)
+        entries = getattr(runner, "entry_queue", None)
+        pending = bool(getattr(entries, "queue", None) or getattr(entries, "idempotent_queue",
+                                                                   None))
+        return pending or bool(busy_threads())
+
+
+def thread_aware_clock(threshold: float, patience: float = 30.0) -> trio.testing.MockClock:
+    """A MockClock whose autojump waits for this process's worker threads: it jumps only
+    once the run has been idle *threshold* real seconds and no other thread is busy.
+
+    A plain autojump clock jumps after that much idleness whatever the threads do, so on
+    a loaded machine, where a worker thread can wait longer than that for a CPU, virtual
+    time ran past a call's timeout while its answer was still being worked out (a store,
+    a record). A thread busy longer than *patience* real seconds no longer holds the
+    clock (one that never sleeps would otherwise stop virtual time for good). The clock's
+    ``ThreadWait`` is its ``thread_wait`` attribute."""
+    clock = trio.testing.MockClock(autojump_threshold=threshold)
+    wait = ThreadWait(clock, patience)
+    # trio's run loop calls the clock's _autojump once it has been idle for the threshold
+    # (MockClock is final: it cannot be subclassed). tests/fast/test_inproc_clock.py
+    # fails if a trio release stops calling it.
+    clock._autojump = wait.autojump
+    clock.thread_wait = wait
+    return clock
+
+
 def slow_jump_clock() -> trio.testing.MockClock:
-    """Virtual time that jumps once the run has been idle 0.2 s of real time: long enough
-    that worker threads (sealing, LMDB) and loopback sockets finish first, so only what
-    waits on purpose (a call nobody answers) sees time jump."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    """Virtual time that jumps once the run has been idle 0.2 s of real time with no worker
+    thread busy (``thread_aware_clock``): worker threads (sealing, LMDB) and loopback sockets
+    finish first, however loaded the machine, so only what waits on purpose (a call
+    nobody answers) sees time jump."""
+    return thread_aware_clock(threshold=0.2)
 
 
 class PeerNode:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from inproc import LocalStore, PeerNode, peer_nodes
+import trio.testing
+from inproc import LocalStore, PeerNode, peer_nodes, slow_jump_clock
 from networked import store_through, upload
 
 from fluidfs import keys
-from fluidfs.blocks import remote as remote_mod
 from fluidfs.blocks.record import NO_HOLDER
 from fluidfs.service.host import PeerService
 
@@ -41,13 +41,22 @@ class AnswersEveryOtherStore(PeerService):
         return reply
 
 
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only while nothing runs (inproc.slow_jump_clock)."""
+    return slow_jump_clock()
+
+
 async def test_usage_matches_the_hosts_after_refused_and_unanswered_stores_and_a_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:
     """Before the journal kept outcomes, the refused and unanswered stores stayed in it;
     at the restart they became garbage whose deletion was subtracted from usage that
-    never counted them (the refusing host's figure fell below what it held)."""
-    monkeypatch.setattr(remote_mod, "STORE_TIMEOUT", 0.2)
+    never counted them (the refusing host's figure fell below what it held).
+
+    On virtual time, so that an unanswered store waits out the real STORE_TIMEOUT in no
+    time, and an answered one never times out however slowly a loaded machine runs it
+    (with a real 0.2 s timeout, an honest host's store could, and counts went wrong)."""
     async with peer_nodes(tmp_path, 4) as (nursery, honest):
         refuser = await PeerNode(tmp_path / "refuser").start(nursery)
         silent = await PeerNode(tmp_path / "silent", service=AnswersEveryOtherStore).start(

@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
-from inproc import PeerNode, peer_nodes
+from inproc import PeerNode, peer_nodes, slow_jump_clock
 
 from fluidfs import control, keys
 from fluidfs.fs.tree import ROOT_INO
@@ -62,6 +62,12 @@ async def other_machine(tmp_path: Path, ring: keys.KeyRing, hosts: list[PeerNode
     for host in hosts:
         other.peers.add(host.key, host.addr)
     return other, WriterLease(RecordClient(ring, other.conns, other.peers), b"b" * 16, "/mnt/b")
+
+
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only while nothing runs (inproc.slow_jump_clock)."""
+    return slow_jump_clock()
 
 
 async def test_a_fresh_state_without_a_quorum_of_answers_is_refused(tmp_path) -> None:
@@ -208,14 +214,19 @@ async def records_hosts(tmp_path: Path) -> AsyncIterator[tuple[keys.KeyRing, lis
 
 
 async def test_a_fresh_machine_takes_the_lease_while_it_reads_the_root_and_its_tree(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, virtual_clock
 ) -> None:
     """A fresh machine's gate (keyfile only, a backup on the peers) waits for as few round
     trips one after another as the rules allow: the lease is looked at while the root is
     read, and the commit node, the snapshot list and the root directory are rebuilt while
     the lease is taken and the root read again. Every peer request takes 50 ms more here,
     so that what overlaps cannot pass for sequential. Before: 7 rounds (root, lease look,
-    lease put, root again, commit node, snapshot list, root directory)."""
+    lease put, root again, commit node, snapshot list, root directory).
+
+    On virtual time (``virtual_clock``): requests that start together start at the same
+    instant, however late a loaded machine runs them, so that overlapping requests cannot
+    pass for sequential either (on real time, a worker thread waiting 50 ms for a CPU
+    between two requests made them look one after the other: 4 rounds)."""
     async with records_hosts(tmp_path) as (ring, hosts, outer):
         await backup_elsewhere(tmp_path, ring, hosts, release=True)
         b = Node(node_config(tmp_path, "b", ring, hosts, restore_wait=2.0))

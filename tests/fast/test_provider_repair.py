@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from inproc import LocalStore, PeerNode, peer_nodes
+import trio.testing
+from inproc import LocalStore, PeerNode, peer_nodes, slow_jump_clock
 from networked import store_through, upload
 
 from fluidfs import keys
@@ -61,6 +62,14 @@ class Lab:
         self.by_index = {owner.peers.get(h.key).index: h for h in hosts}
 
 
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only while nothing runs (inproc.slow_jump_clock): a silent
+    holder's 0.3 s timeout passes in no time, and an answering one's never passes however
+    loaded the machine (on real time, at load 40, every store timed out: nothing placed)."""
+    return slow_jump_clock()
+
+
 async def with_lab(tmp_path: Path, body) -> None:
     async with peer_nodes(tmp_path, HOSTS, service=Switchable) as (nursery, hosts):
         provider = await PeerNode(tmp_path / "p", provider=True).start(nursery)
@@ -94,7 +103,7 @@ def state_bytes(root: Path) -> bytes:
 
 
 async def test_the_provider_recreates_lost_shards_while_the_user_is_away_and_the_user_merges_them(
-        tmp_path):
+        tmp_path, virtual_clock):
     """U uploads its capability and goes away; three of its holders vanish; P re-creates
     their shards on U's other partners under U's agreements; U comes back, merges the
     journal (P drops it), and every copy its records name is good. P's state holds no
@@ -170,7 +179,7 @@ def test_the_provider_recreates_shards_of_either_erasure_code_without_being_told
     assert _recreate(lying, {i: shards[i] for i in range(4, 12)}, [0]) == {}
 
 
-async def test_the_provider_does_nothing_while_the_user_is_present(tmp_path):
+async def test_the_provider_does_nothing_while_the_user_is_present(tmp_path, virtual_clock):
     """A customer that refreshes its grant is present: its vanished holders are its own
     repairer's business, and P places nothing."""
 
@@ -185,7 +194,8 @@ async def test_the_provider_does_nothing_while_the_user_is_present(tmp_path):
     await with_lab(tmp_path, body)
 
 
-async def test_customer_repair_ops_refuse_strangers_bad_pages_and_overdraft(tmp_path):
+async def test_customer_repair_ops_refuse_strangers_bad_pages_and_overdraft(
+        tmp_path, virtual_clock):
     """Only a customer may grant; a delegation must name the provider and be the caller's;
     capability pages must be in range, ascending, K <= N, and within the quota."""
 
@@ -235,7 +245,7 @@ async def test_customer_repair_ops_refuse_strangers_bad_pages_and_overdraft(tmp_
     await with_lab(tmp_path, body)
 
 
-async def test_the_user_refuses_journal_entries_it_cannot_check(tmp_path):
+async def test_the_user_refuses_journal_entries_it_cannot_check(tmp_path, virtual_clock):
     """Entries signed by someone else, naming another shard id, a block U does not have,
     a new holder U holds no agreement with, or one that cannot prove the shard (a lying
     provider) are refused and change nothing; a good one merges."""
@@ -287,7 +297,7 @@ async def test_the_user_refuses_journal_entries_it_cannot_check(tmp_path):
 
 
 async def test_a_silent_customer_is_away_an_expired_delegation_stops_p_and_room_binds(
-        tmp_path):
+        tmp_path, virtual_clock):
     """A customer that stops refreshing its grant (a crash) counts as away after
     ``silence``; past the delegation's expiry P repairs nothing; and P places a shard
     only where U's grant leaves room (room 0 everywhere: nothing placed, nothing
