@@ -228,7 +228,14 @@ def test_the_overview_shows_the_durability_and_the_figures_of_status_json(
     # The page polls; a figure may move between its poll and ours: compare until they meet.
     deadline = time.monotonic() + 30
     while True:
-        shown, reply = shown_figures(page), status(site.mount.state)
+        try:
+            shown = shown_figures(page)
+        except StaleElementReferenceException:  # the page redrew a row as we read it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(REFRESH / 4)
+            continue
+        reply = status(site.mount.state)
         if shown == status_figures(reply) or time.monotonic() > deadline:
             break
         time.sleep(REFRESH)
