@@ -24,6 +24,7 @@ from fluidfs import keys
 from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.cache import BlockCache
 from fluidfs.blocks.codec import BlockCodec
+from fluidfs.diskspace import DiskReserve
 from fluidfs.fs.commit import Committer
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.inode import Inode, now_ns
@@ -382,3 +383,37 @@ async def until_on_mock_clock(predicate, timeout: float = 10.0, what: str = "a c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await trio.sleep(0)
+
+
+class ServiceHost:
+    """A peer service over real stores in *root*, no network: its ops are called
+    directly. With *reserve*, stores and records take their bytes from it as the node's
+    do (diskspace.py)."""
+
+    def __init__(self, root: Path, donate: int, reserve: DiskReserve | None = None) -> None:
+        self.db = Database(root / "meta", META_TABLES)
+        self.shards = ShardStore(root / "shards")
+        self.ledger = Ledger(self.db)
+        self.self_key = os.urandom(32)
+        self.reserve = reserve
+        self.limiter = trio.CapacityLimiter(2)  # the service's worker threads
+        self.records = RecordStore(root / "records", reserve=reserve)
+        self.svc = PeerService(
+            self.shards, self.ledger, PeerList(self.db, self.self_key), donate=donate,
+            ratio=1.5, limiter=self.limiter, records=self.records,
+            on_end=lambda _key: None, reserve=reserve,
+        )
+
+    def partner(self, quota: int) -> bytes:
+        """A new owner with a live agreement for *quota* bytes."""
+        owner = os.urandom(32)
+        self.ledger.record(owner, we_host=quota, they_host=quota, term=3600)
+        return owner
+
+    def held(self, owner: bytes) -> int:
+        """Bytes of the shards actually kept for *owner* (not the usage counter)."""
+        return sum(len(self.shards.get(owner, sid)) for sid in self.shards.ids(owner))
+
+    def close(self) -> None:
+        self.db.close()
+        self.shards.close()

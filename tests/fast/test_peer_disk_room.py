@@ -21,19 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
+from inproc import ServiceHost
 
 from fluidfs import keys
 from fluidfs.blocks import merkle
 from fluidfs.diskspace import PEER_RESERVE, DiskReserve, room
 from fluidfs.net.errors import RpcError
 from fluidfs.peers import rootrecord
-from fluidfs.peers.agreements import Ledger
-from fluidfs.peers.peerlist import PeerList
-from fluidfs.service.host import PeerService
-from fluidfs.store.db import META_TABLES, Database
-from fluidfs.store.records import RecordStore
-from fluidfs.store.shards import ShardStore
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -53,38 +47,9 @@ def room_left(data_file: Path, room_bytes: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, handler)
 
 
-class Host:
-    """A peer service over real stores, one reserve shared as the node shares it."""
-
-    def __init__(self, root: Path, donate: int) -> None:
-        self.db = Database(root / "meta", META_TABLES)
-        self.shards = ShardStore(root / "shards")
-        self.ledger = Ledger(self.db)
-        self.self_key = os.urandom(32)
-        self.reserve = DiskReserve(root)
-        self.records = RecordStore(root / "records", reserve=self.reserve)
-        self.svc = PeerService(
-            self.shards, self.ledger, PeerList(self.db, self.self_key), donate=donate,
-            ratio=1.5, limiter=trio.CapacityLimiter(2), records=self.records,
-            on_end=lambda _key: None, reserve=self.reserve,
-        )
-
-    def partner(self, quota: int) -> bytes:
-        owner = os.urandom(32)
-        self.ledger.record(owner, we_host=quota, they_host=quota, term=3600)
-        return owner
-
-    def held(self, owner: bytes) -> int:
-        return sum(len(self.shards.get(owner, sid)) for sid in self.shards.ids(owner))
-
-    def close(self) -> None:
-        self.db.close()
-        self.shards.close()
-
-
 @pytest.fixture
 def host(tmp_path: Path):
-    made = Host(tmp_path, donate=GIB)
+    made = ServiceHost(tmp_path, donate=GIB, reserve=DiskReserve(tmp_path))
     yield made
     made.close()
 

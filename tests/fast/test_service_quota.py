@@ -13,52 +13,18 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from inproc import ServiceHost
 
 from fluidfs.blocks import merkle
-from fluidfs.peers.agreements import Ledger
-from fluidfs.peers.peerlist import PeerList
-from fluidfs.service.host import PeerService
 from fluidfs.service.quota import OwnerLocks
-from fluidfs.store.db import META_TABLES, Database
-from fluidfs.store.records import RecordStore
-from fluidfs.store.shards import ShardStore
 
 KIB = 1024
 MIB = 1024 * KIB
 
 
-class Host:
-    """A peer service over real stores in a temporary directory."""
-
-    def __init__(self, root: Path, donate: int) -> None:
-        self.db = Database(root / "meta", META_TABLES)
-        self.shards = ShardStore(root / "shards")
-        self.ledger = Ledger(self.db)
-        self.limiter = trio.CapacityLimiter(2)  # the service's worker threads
-        self.svc = PeerService(
-            self.shards, self.ledger, PeerList(self.db, os.urandom(32)), donate=donate,
-            ratio=1.5, limiter=self.limiter, records=RecordStore(root / "records"),
-            on_end=lambda _key: None,
-        )
-
-    def partner(self, quota: int) -> bytes:
-        """A new owner with a live agreement for *quota* bytes."""
-        owner = os.urandom(32)
-        self.ledger.record(owner, we_host=quota, they_host=quota, term=3600)
-        return owner
-
-    def held(self, owner: bytes) -> int:
-        """Bytes of the shards actually kept for *owner* (not the usage counter)."""
-        return sum(len(self.shards.get(owner, sid)) for sid in self.shards.ids(owner))
-
-    def close(self) -> None:
-        self.db.close()
-        self.shards.close()
-
-
 @pytest.fixture
 def host(tmp_path: Path):
-    made = Host(tmp_path, donate=64 * MIB)
+    made = ServiceHost(tmp_path, donate=64 * MIB)
     yield made
     made.close()
 
@@ -68,7 +34,7 @@ def shard(size: int) -> dict:
     return {"id": merkle.shard_id(data), "data": data}
 
 
-async def store_all(host: Host, owner: bytes, batches: list[list[dict]]) -> list[dict]:
+async def store_all(host: ServiceHost, owner: bytes, batches: list[list[dict]]) -> list[dict]:
     """Send every batch at once; return the replies."""
     replies: list[dict] = []
 
@@ -95,7 +61,7 @@ async def test_concurrent_stores_of_one_owner_keep_its_quota_and_count_dedups_on
 
 
 async def test_concurrent_stores_of_many_owners_keep_the_donation(tmp_path: Path):
-    host = Host(tmp_path, donate=MIB)
+    host = ServiceHost(tmp_path, donate=MIB)
     owners = [host.partner(quota=MIB) for _ in range(6)]  # together promised 6x the donation
     async with trio.open_nursery() as nursery:
         for owner in owners:

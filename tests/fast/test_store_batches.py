@@ -12,6 +12,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -103,11 +105,14 @@ async def put_burst(store: LocalStore, owner: PeerNode, nursery: trio.Nursery) -
     return ids
 
 
-async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
-    tmp_path: Path,
-) -> None:
-    """Before: one StoreShard per shard, BLOCKS calls to every holder."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+@asynccontextmanager
+async def after_a_burst(
+    tmp_path: Path, service: type[PeerService]
+) -> AsyncIterator[tuple[LocalStore, PeerNode, list[PeerNode], list[bytes]]]:
+    """An owner storing through N hosts running *service* once it has put BLOCKS blocks
+    in one burst (``put_burst``), each shard of each with a holder: (store, owner, hosts,
+    block ids)."""
+    async with peer_nodes(tmp_path, N, service=service) as (nursery, hosts):
         owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
         store = LocalStore(tmp_path / "state", RING)
         try:
@@ -116,42 +121,40 @@ async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
                 ids = await put_burst(store, owner, tasks)
                 tasks.cancel_scope.cancel()
             for block_id in ids:
-                stored = store.blocks.load(block_id)
-                assert NO_HOLDER not in stored.holders, "every shard has its holder"
-                for i, holder in enumerate(stored.holders):
-                    host = hosts[[owner.peers.get(h.key).index for h in hosts].index(holder)]
-                    assert host.shards.get(owner.key, stored.record.shard_ids[i])
-            for host in hosts:
-                calls = host.service.calls
-                assert sum(calls) == BLOCKS, "one shard of each block on each of the N"
-                assert len(calls) <= BLOCKS // PER_CALL, calls
-                assert owner.ledger.get(host.key).they_use == host.shards.used(owner.key)
-            assert not store.blocks.under
+                assert NO_HOLDER not in store.blocks.load(block_id).holders, (
+                    "every shard has its holder")
+            yield store, owner, hosts, ids
         finally:
             store.close()
             owner.close()
+
+
+async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
+    tmp_path: Path,
+) -> None:
+    """Before: one StoreShard per shard, BLOCKS calls to every holder."""
+    async with after_a_burst(tmp_path, Counting) as (store, owner, hosts, ids):
+        for block_id in ids:
+            stored = store.blocks.load(block_id)
+            for i, holder in enumerate(stored.holders):
+                host = hosts[[owner.peers.get(h.key).index for h in hosts].index(holder)]
+                assert host.shards.get(owner.key, stored.record.shard_ids[i])
+        for host in hosts:
+            calls = host.service.calls
+            assert sum(calls) == BLOCKS, "one shard of each block on each of the N"
+            assert len(calls) <= BLOCKS // PER_CALL, calls
+            assert owner.ledger.get(host.key).they_use == host.shards.used(owner.key)
+        assert not store.blocks.under
 
 
 async def test_one_store_call_at_a_time_to_a_peer(tmp_path: Path) -> None:
     """Batched stores run one StoreShard call at a time to a peer, so the shards that
     arrive meanwhile go together in the next one. Before: two calls at once, each
     carrying half as many shards (and costing the host as much)."""
-    async with peer_nodes(tmp_path, N, service=InFlight) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                ids = await put_burst(store, owner, tasks)
-                tasks.cancel_scope.cancel()
-            for block_id in ids:
-                assert NO_HOLDER not in store.blocks.load(block_id).holders
-            for host in hosts:
-                assert sum(host.service.calls) == BLOCKS
-                assert host.service.most == 1, host.service.most
-        finally:
-            store.close()
-            owner.close()
+    async with after_a_burst(tmp_path, InFlight) as (_, _, hosts, _):
+        for host in hosts:
+            assert sum(host.service.calls) == BLOCKS
+            assert host.service.most == 1, host.service.most
 
 
 async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
@@ -328,23 +331,11 @@ async def test_a_call_waits_for_the_shards_of_blocks_being_put(
     is idle, so the wait ends on the shards, not on a loaded machine's timing. Before: a
     call left as soon as its peer was free, with what had arrived meanwhile (three
     calls: 2, 25 and 21 shards)."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                ids = await put_burst(store, owner, tasks)
-                tasks.cancel_scope.cancel()
-            for block_id in ids:
-                assert NO_HOLDER not in store.blocks.load(block_id).holders
-            for host in hosts:
-                calls = host.service.calls
-                assert sum(calls) == BLOCKS
-                assert len(calls) <= -(-BLOCKS // GATHER_SHARDS), calls
-        finally:
-            store.close()
-            owner.close()
+    async with after_a_burst(tmp_path, Counting) as (_, _, hosts, _):
+        for host in hosts:
+            calls = host.service.calls
+            assert sum(calls) == BLOCKS
+            assert len(calls) <= -(-BLOCKS // GATHER_SHARDS), calls
 
 
 async def spin_until(predicate, what: str) -> None:
