@@ -16,10 +16,7 @@ in a pasted code is ignored; letters may be of either case.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-
+from fluidfs.peers import codetext
 from fluidfs.peers.addrrecord import MAX_RECORD, AddressRecord, RecordError, read_record
 
 PREFIX = "ffi1-"
@@ -37,21 +34,12 @@ def is_invite(text: str) -> bool:
 
 def invite_code(record: AddressRecord) -> str:
     """The invite code of this node's signed address *record*."""
-    return PREFIX + base64.b32encode(record.raw).decode().rstrip("=").lower()
+    return codetext.encode(PREFIX, record.raw)
 
 
 def read_invite(text: str) -> AddressRecord:
     """The verified address record an invite code carries; ``InviteError`` says why not."""
-    code = re.sub(r"\s+", "", text)
-    if not code.lower().startswith(PREFIX):
-        raise InviteError(f"not an invite code: it should start with {PREFIX}")
-    if len(code) > MAX_CODE:
-        raise InviteError(f"not an invite code: longer than {MAX_CODE} characters")
-    body = code[len(PREFIX):].upper()
-    try:
-        raw = base64.b32decode(body + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError):
-        raise InviteError("not an invite code: mistyped (not base32)") from None
+    raw = codetext.decode(text, PREFIX, MAX_CODE, "an invite code", InviteError)
     try:
         return read_record(raw)
     except RecordError as exc:

@@ -18,11 +18,9 @@ know (refused). Whitespace in a pasted code is ignored; letters may be of either
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from dataclasses import dataclass
 
+from fluidfs.peers import codetext
 from fluidfs.peers.address import AddressError, split_host_port
 from fluidfs.store.accounts import INVITE_SECRET
 
@@ -45,8 +43,7 @@ class ProviderCode:
     addr: str  # HOST:PORT where it answers
 
     def __str__(self) -> str:
-        raw = self.secret + self.provider + self.addr.encode()
-        return PREFIX + base64.b32encode(raw).decode().rstrip("=").lower()
+        return codetext.encode(PREFIX, self.secret + self.provider + self.addr.encode())
 
 
 def make_code(secret: bytes, provider: bytes, addr: str) -> ProviderCode:
@@ -58,16 +55,7 @@ def make_code(secret: bytes, provider: bytes, addr: str) -> ProviderCode:
 
 def read_code(text: str) -> ProviderCode:
     """The contents of an invitation code; ``CodeError`` says why it is not one."""
-    code = re.sub(r"\s+", "", text)
-    if not code.lower().startswith(PREFIX):
-        raise CodeError(f"not a provider's invitation code: it should start with {PREFIX}")
-    if len(code) > MAX_CODE:
-        raise CodeError(f"not a provider's invitation code: longer than {MAX_CODE} characters")
-    body = code[len(PREFIX):].upper()
-    try:
-        raw = base64.b32decode(body + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError):
-        raise CodeError("not a provider's invitation code: mistyped (not base32)") from None
+    raw = codetext.decode(text, PREFIX, MAX_CODE, "a provider's invitation code", CodeError)
     secret, provider = raw[:INVITE_SECRET], raw[INVITE_SECRET : INVITE_SECRET + KEY]
     addr_bytes = raw[INVITE_SECRET + KEY :]
     try:
