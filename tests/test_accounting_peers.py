@@ -20,9 +20,21 @@ def test_usage_matches_the_hosts_after_failed_stores_and_a_remount(make_mount, p
     peers = peer_cluster(14, extra=lambda i: ["--fault-rate", "0.5"] if i < 4 else [])
     mnt = mount_with_peers(make_mount, peers)
     me = status(mnt.state)["peer_id"]
-    (mnt.path / "f").write_bytes(os.urandom(24 * BLOCK))
-    wait_for(lambda: status(mnt.state)["redundancy"] == {"12": 24}, 90, "full redundancy")
-    assert "injected fault" in (mnt.state / "fluidfs.log").read_text(), "stores failed"
+    # Rounds of three blocks, each placed in full before the next, until a store has
+    # failed: the mount gathers a peer's shards into few StoreShard calls, so one big
+    # write could reach the faulty peers in a handful of calls that all succeed (1 in 16).
+    log = mnt.state / "fluidfs.log"
+    for i in range(8):
+        (mnt.path / f"f{i}").write_bytes(os.urandom(3 * BLOCK))
+
+        def placed(blocks: int = 3 * (i + 1)) -> bool:
+            redundancy = status(mnt.state)["redundancy"]
+            return set(redundancy) == {"12"} and redundancy["12"] >= blocks
+
+        wait_for(placed, 90, f"full redundancy after round {i}")
+        if "injected fault" in log.read_text():
+            break
+    assert "injected fault" in log.read_text(), "stores failed"
     mnt.unmount()
     mnt.mount()
 
