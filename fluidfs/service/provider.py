@@ -6,7 +6,10 @@ Who may call what:
   add``); anyone else is ``refused``. A reservation names the customer's partner and a
   size; all of a customer's live reservations together stay within its quota
   (``over_quota``), at most ``MAX_RESERVATIONS`` per customer, never below what the
-  reservation already holds.
+  reservation already holds. A reservation is a promise of disk: a new one, or the
+  growth of one, must also fit in the room the state disk has for peers (free space less
+  ``PEER_RESERVE``) beyond what every live reservation has promised and not yet filled
+  (``over_quota``), so quotas the operator granted beyond the disk are not promised.
 - ``Account``: only a customer; its own quota, reservations and bytes reserved and held.
 - ``RedeemInvite``: anyone; the secret of a one-time invitation code the operator made
   (``fluidfs provider invite``) admits the caller with the code's quota and is used up
@@ -48,6 +51,7 @@ from typing import Any
 
 import trio
 
+from fluidfs.diskspace import PEER_RESERVE
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.recordmove import adopt
@@ -86,6 +90,7 @@ class ProviderOps:
     direct_records: RecordOps  # the node's own record ops, for requests without "for"
     records: RecordStore | None  # partners' records under reservations (None: kept nowhere)
     _storing: set[bytes] = field(default_factory=set, init=False)  # with a reservation
+    _reserving: trio.Lock = field(default_factory=trio.Lock, init=False)  # one at a time
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -131,6 +136,13 @@ class ProviderOps:
             raise RpcError("bad_request", "a reservation is for one of your other partners")
         if size == 0:
             raise RpcError("bad_request", "a reservation needs a size")
+        # One at a time: two reservations checked against the same disk room would
+        # together promise it twice.
+        async with self._reserving:
+            return await self._reserve(customer, account, peer, size)
+
+    async def _reserve(self, customer: bytes, account: Account, peer: bytes,
+                       size: int) -> Reply:
         old = self.book.reservation(customer, peer)
         if old is None and len(self.book.reservations(customer)) >= MAX_RESERVATIONS:
             raise RpcError("refused", f"at most {MAX_RESERVATIONS} reservations per customer")
@@ -141,10 +153,26 @@ class ProviderOps:
                                                  limiter=self.limiter)
             if size < held:
                 raise RpcError("refused", f"the reservation already holds {held} bytes")
+        grows = size - (old.size if old is not None and old.live else 0)
+        if grows > 0:
+            room = await trio.to_thread.run_sync(self._room_to_promise, limiter=self.limiter)
+            if grows > room:
+                raise RpcError("over_quota", f"this provider's disk has room for {max(0, room)}"
+                                             " more bytes")
         self.book.reserve(customer, peer, size)
         self._storing.add(peer)
         log.info("customer %s reserved %d bytes for %s", _short(customer), size, _short(peer))
         return {"size": size}
+
+    def _room_to_promise(self) -> int:
+        """Bytes the state disk has for peers (``PEER_RESERVE`` left free) that no live
+        reservation has promised yet: its room less what every live reservation may
+        still fill. Blocking (a statvfs and two LMDB reads): a worker thread."""
+        disk = self.quota.reserve.room_for(self.shards.data_file) - PEER_RESERVE
+        held = self.shards.owners()
+        unfilled = sum(max(0, r.size - held.get(r.holder, 0))
+                       for r in self.book.reservations() if r.live)
+        return disk - unfilled
 
     async def unreserve(self, customer: bytes, args: Args) -> Reply:
         """Remove the reservation for ``peer``; its shards stay for the keep period."""

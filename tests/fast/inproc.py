@@ -8,11 +8,14 @@ tree, file data) with no network, and ``Metadata`` adds commits and restore on t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -417,3 +420,20 @@ class ServiceHost:
     def close(self) -> None:
         self.db.close()
         self.shards.close()
+
+
+@contextlib.contextmanager
+def room_left(data_file: Path, room_bytes: int) -> Iterator[None]:
+    """Let this process grow the file *data_file* (an LMDB data file) by about
+    *room_bytes*, no more: a file-size limit (RLIMIT_FSIZE) makes its page writes past
+    it fail (EFBIG, SIGXFSZ ignored), as ENOSPC does on a full disk, and
+    ``diskspace.room`` reads the limit as the room left. A fast test can mount no small
+    tmpfs; tests/test_mount_full_disk.py fills a real one."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (data_file.stat().st_size + room_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

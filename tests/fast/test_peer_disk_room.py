@@ -13,15 +13,11 @@ write-behind batch does (tests/fast/test_write_batch.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inproc import ServiceHost
+from inproc import ServiceHost, room_left
 
 from fluidfs import keys
 from fluidfs.blocks import merkle
@@ -32,19 +28,6 @@ from fluidfs.peers import rootrecord
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
-
-
-@contextlib.contextmanager
-def room_left(data_file: Path, room_bytes: int) -> Iterator[None]:
-    """Let this process grow *data_file* by about *room_bytes*, no more."""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (data_file.stat().st_size + room_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import os
 
 import pytest
 import trio
-from inproc import until
+from inproc import room_left, until
 from providernet import SIZE, ProviderNet, shard
 
 from fluidfs.blocks import merkle
 from fluidfs.cli.main import main as fluidfs_main
+from fluidfs.diskspace import PEER_RESERVE
 from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.agreements import MIB
@@ -446,5 +447,32 @@ async def test_peers_on_a_provider_lists_its_customers_with_their_reservations(t
         rows = {row["id"]: row for row in reply["peers"]}
         assert rows[u_id]["customer"] == by_id[u_id]
         assert rows[x_id]["customer"] is None  # stores under U's reservation, no customer
+
+    await with_net(tmp_path, body)
+
+
+async def test_reservations_promise_no_more_than_the_providers_disk_holds(tmp_path):
+    """The operator granted a 100 MiB quota, but the provider's disk has 8 MiB of room
+    above PEER_RESERVE: reservations past that room are refused (over_quota), a shrink
+    or a resize within it still goes, and a reservation filled by its shards no longer
+    counts as unfilled. Fails on the old code: only the quota bounded a Reserve."""
+
+    async def body(net: Net) -> None:
+        net.book.add(net.u.key, 100 * MIB)
+        shards = net.p.service.provider.shards
+        with room_left(shards.data_file, PEER_RESERVE + 8 * MIB):
+            assert await net.client.reserve(net.x.key, 6 * MIB)
+            with pytest.raises(RpcError) as err:
+                await net.u.conns.call(net.p.key, "Reserve",
+                                       {"peer": net.y.key, "size": 6 * MIB}, addr=net.p.addr)
+            assert err.value.code == "over_quota"
+            assert "disk" in str(err.value)
+            assert not await net.client.reserve(net.x.key, 12 * MIB)  # growth past the disk
+            assert await net.client.reserve(net.y.key, MIB)  # what is left still goes
+            assert await net.client.reserve(net.x.key, 4 * MIB)  # a shrink frees room
+            assert await net.client.reserve(net.y.key, 3 * MIB)
+        assert {r.peer: r.size for r in net.book.reservations(net.u.key)} == {
+            net.x.key: 4 * MIB, net.y.key: 3 * MIB}
+        assert await net.p.conns.call(net.p.key, "Ping", {}, addr=net.p.addr) is not None
 
     await with_net(tmp_path, body)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
-import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import lmdb
 import pyfuse3
 import pytest
 import trio
+from inproc import room_left
 
 from fluidfs import keys
 from fluidfs.fs.tree import ROOT_INO, u64
@@ -266,23 +263,8 @@ async def test_an_aborted_request_does_not_hide_a_later_change_in_its_batch(node
 
 # --- a full disk ------------------------------------------------------------------------
 #
-# The disk fills for real, for this process: a file-size limit (RLIMIT_FSIZE) makes LMDB's
-# page writes past it fail (EFBIG, SIGXFSZ ignored), as ENOSPC does on a full disk; the
-# batch reads the limit as the room left (``WriteBatch.spare``). A fast test can mount no
-# small tmpfs; tests/test_mount_full_disk.py fills a real one.
-
-
-@contextlib.contextmanager
-def room_left(db: Path, room: int) -> Iterator[None]:
-    """Let this process grow *db*'s data file by about *room* bytes, no more."""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, ((db / "data.mdb").stat().st_size + room, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+# The disk fills for real, for this process (inproc.room_left); the batch reads the
+# file-size limit as the room left (``WriteBatch.spare``).
 
 
 def committed_keys(env: lmdb.Environment, keys_: list[bytes]) -> list[bytes]:
@@ -299,7 +281,7 @@ def test_a_full_disk_refuses_requests_instead_of_losing_them(tmp_path) -> None:
     batch = WriteBatch(env)
     acknowledged: list[bytes] = []
     refused = 0
-    with room_left(tmp_path / "db", 256 * 1024):
+    with room_left(tmp_path / "db" / "data.mdb", 256 * 1024):
         for i in range(200):
             key = b"k%04d" % i
             try:
@@ -329,7 +311,7 @@ async def test_a_batch_open_when_room_runs_low_commits_at_once(tmp_path, monkeyp
         with batch.write() as txn:
             txn.put(b"early", b"1")
         assert batch.is_open()
-        with room_left(tmp_path / "db", 1024 * 1024):
+        with room_left(tmp_path / "db" / "data.mdb", 1024 * 1024):
             with trio.fail_after(30):
                 while batch.is_open():
                     await trio.sleep(0.01)
@@ -356,7 +338,7 @@ async def test_a_create_on_a_full_disk_is_refused_or_kept(node) -> None:
     node.meta.commit_batch()
     made: list[bytes] = []
     refused: list[bytes] = []
-    with room_left(node.meta.path, 256 * 1024):
+    with room_left(node.meta.path / "data.mdb", 256 * 1024):
         await trio.sleep(batch_module.TICK)  # the disk has been full a while: looked at
         for i in range(400):
             name = b"f%03d" % i + b"x" * 200
