@@ -117,6 +117,8 @@ async def test_an_undialable_node_learns_a_relay_among_its_peers(tmp_path):
     relay is passed over, the relay registers it, and it is reached through it.
     (Fails before: relays had to be given.)"""
     async with lab(tmp_path, learn=True) as net:
+        # The relay counts X registered before its reply reaches X: wait for X to know.
+        await until(lambda: net.client.via(), what="X to hear it is registered")
         assert [str(a) for a in net.client.via()] == [net.r.addr]
         assert (await net.d.conns.call(net.x.key, "Ping", {}))["time"] > 0
         assert net.relay.bytes_relayed > 0
