@@ -43,6 +43,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.remote import CORRUPT, GONE, GOOD
 from fluidfs.net.errors import RpcError
 from fluidfs.peers.connections import PeerUnavailable
+from fluidfs.store.db import SCAN_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +146,19 @@ class Auditor:
         """Shards per remote holder: a random sample of *sample* each, or all of them."""
         chosen: dict[int, list[Held]] = defaultdict(list)
         seen: dict[int, int] = defaultdict(int)
-        with self.blocks.meta.read() as txn:
-            for key, raw in txn.cursor(db=self.blocks.meta["blocks"]):
-                stored = StoredBlock.decode(bytes(key), raw)
-                for index, holder in enumerate(stored.holders):
-                    if holder in (NO_HOLDER, LOCAL_HOLDER):
-                        continue
-                    seen[holder] += 1
-                    item = (bytes(key), index, stored.record.shard_size)
-                    if sample is None or len(chosen[holder]) < sample:
-                        chosen[holder].append(item)
-                    else:
-                        slot = random.randrange(seen[holder])
-                        if slot < sample:
-                            chosen[holder][slot] = item
+        for key, raw in self.blocks.meta.records("blocks", SCAN_BATCH):
+            stored = StoredBlock.decode(key, raw)
+            for index, holder in enumerate(stored.holders):
+                if holder in (NO_HOLDER, LOCAL_HOLDER):
+                    continue
+                seen[holder] += 1
+                item = (key, index, stored.record.shard_size)
+                if sample is None or len(chosen[holder]) < sample:
+                    chosen[holder].append(item)
+                else:
+                    slot = random.randrange(seen[holder])
+                    if slot < sample:
+                        chosen[holder][slot] = item
         return chosen
 
     async def _audit_everything_on(self, holder: int, outcome: dict[str, int]) -> None:

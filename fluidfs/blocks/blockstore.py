@@ -39,7 +39,7 @@ from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.messages import MAX_BATCH_SHARD
-from fluidfs.store.db import Database, scan_batch
+from fluidfs.store.db import SCAN_BATCH, Database, scan_batch
 from fluidfs.store.shards import SHARD_OVERHEAD, ShardStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ UPLOADERS = 4  # blocks uploading at once
 # shards in memory stay under SMALL_UPLOADS x N x MAX_BATCH_SHARD (48 MiB at N = 12).
 SMALL_UPLOADS = 64
 PREFETCH_MAX = 3  # blocks rebuilt ahead of a sequential reader
-SCAN_BATCH = 2000  # records visited per transaction by the whole-table scans
 SYNC_BATCH = 64  # cache files synced per worker-thread hop by ``make_durable``
 
 # Records who holds a new reference, in the transaction that takes it (see ``put``):

@@ -34,10 +34,9 @@ from __future__ import annotations
 from collections.abc import Set
 
 from fluidfs.blocks.record import StoredBlock
-from fluidfs.store.db import Database, scan_batch
+from fluidfs.store.db import SCAN_BATCH, Database, scan_batch
 
 MARGIN = 1  # endangered at K + MARGIN reachable shards or fewer
-SCAN_BATCH = 2000  # block records per read transaction while scanning
 
 
 def is_endangered(stored: StoredBlock, failing: Set[int]) -> bool:

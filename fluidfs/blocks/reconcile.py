@@ -32,12 +32,11 @@ from fluidfs.keys import encode_peer_id
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_LIST_PAGE
 from fluidfs.peers.connections import PeerUnavailable
-from fluidfs.store.db import scan_batch
+from fluidfs.store.db import SCAN_BATCH, scan_batch
 
 log = logging.getLogger(__name__)
 
 DELETE_BATCH = 1024  # ids per DeleteShard (its schema's bound)
-SCAN_BATCH = 2000  # block records per read transaction
 
 
 @dataclass

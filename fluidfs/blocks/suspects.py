@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from fluidfs.blocks.record import NO_HOLDER, StoredBlock
+from fluidfs.store.db import SCAN_BATCH
 
 if TYPE_CHECKING:
     from fluidfs.blocks.blockstore import BlockStore
@@ -95,13 +96,11 @@ class Suspects:
         return dropped
 
     def _held_by(self, holder: int) -> list[bytes]:
-        blocks = self.blocks
-        with blocks.meta.read() as txn:
-            return [
-                bytes(key)
-                for key, raw in txn.cursor(db=blocks.meta["blocks"])
-                if holder in StoredBlock.decode(bytes(key), raw).holders
-            ]
+        return [
+            key
+            for key, raw in self.blocks.meta.records("blocks", SCAN_BATCH)
+            if holder in StoredBlock.decode(key, raw).holders
+        ]
 
     def _drop_batch(self, ids: list[bytes], holder: int) -> tuple[int, list[bytes]]:
         blocks = self.blocks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from fluidfs.blocks.audit import Auditor
-from fluidfs.blocks.blockstore import SCAN_BATCH, BlockStore
+from fluidfs.blocks.blockstore import BlockStore
 from fluidfs.blocks.codec import BlockCodec
 from fluidfs.blocks.durability import OBSERVED_WINDOW_DAYS, estimate
 from fluidfs.blocks.migrate import Migrator
@@ -33,7 +33,7 @@ from fluidfs.peers.connections import Connections
 from fluidfs.peers.peerlist import PeerList
 from fluidfs.service.host import PeerService
 from fluidfs.store.compact import StoreUsage
-from fluidfs.store.db import Database, scan_batch
+from fluidfs.store.db import SCAN_BATCH, Database
 from fluidfs.store.shards import ShardStore
 from fluidfs.sysutil import process_memory
 
@@ -122,7 +122,7 @@ class NodeStatus:
         levels: dict[str, int] = {}
         reachable: dict[str, int] = {}
         pending = 0
-        for key, raw in self._records("blocks"):
+        for key, raw in self.meta.records("blocks", SCAN_BATCH):
             if key in nodes:
                 continue
             stored = StoredBlock.decode(key, raw)
@@ -134,7 +134,8 @@ class NodeStatus:
                 up = str(stored.reachable(failing))
                 reachable[up] = reachable.get(up, 0) + 1
             levels[level] = levels.get(level, 0) + 1
-        files = sum(Inode.decode(0, raw).is_reg for _key, raw in self._records("inodes"))
+        inodes = self.meta.records("inodes", SCAN_BATCH)
+        files = sum(Inode.decode(0, raw).is_reg for _key, raw in inodes)
         self.meta.release_pages()  # the scan mapped every record: not ours to keep
         disk_free = disk_total = 0
         if self.state_path is not None:
@@ -153,17 +154,6 @@ class NodeStatus:
             hosted=self.service.hosted_total(),
             gc_pending=self.blocks.collector.pending()[1],
         )
-
-    def _records(self, table: str) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) of *table*, read SCAN_BATCH at a time, each batch in a short
-        read transaction of its own: a transaction held across a whole big table pins
-        the pages every commit in the meantime frees (DESIGN.md promise 4). A record
-        changed between batches is seen as it was when its batch was read."""
-        after: bytes | None = b""
-        while after is not None:
-            with self.meta.read() as txn:
-                batch, after = scan_batch(txn, self.meta[table], after, SCAN_BATCH)
-            yield from batch
 
     def figures(self, scanned: Scanned) -> dict[str, Any]:
         """Figures for `fluidfs status` from *scanned* (a result of scan), with the

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -58,6 +58,9 @@ META_TABLES = [
     "dir_parents", "dir_dirty", "dir_nodes", "dir_state", "dir_short",  # fs/dirstate.py
     "dir_dirty_names", "dir_leaves",
 ]
+
+
+SCAN_BATCH = 2000  # records visited per read transaction by the scans of whole tables
 
 
 def scan_batch(
@@ -148,6 +151,18 @@ class Database:
             if self._closed:
                 return 0
             return self._mapped.release()
+
+    def records(self, table: str, batch: int) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) of *table* in key order, read *batch* at a time, each batch
+        in a short read transaction of its own (``scan_batch``): a transaction held
+        across a whole big table would pin every page commits free meanwhile. A record
+        changed between batches is seen as it was when its batch was read. Blocking and
+        proportional to the table: a worker thread."""
+        after: bytes | None = b""
+        while after is not None:
+            with self.read() as txn:
+                found, after = scan_batch(txn, self[table], after, batch)
+            yield from found
 
     def read(self) -> lmdb.Transaction:
         """A read-only transaction (use as a context manager) of what is committed; on
