@@ -165,6 +165,21 @@ def start_all(peers: list[Peer], timeout: float = 120) -> list[Peer]:
     return peers
 
 
+def revive(peers: list[Peer]) -> list[Peer]:
+    """*peers* (started with no further options) as first started: one that an earlier
+    test killed, or restarted with options of its own (a liar, a short keep period),
+    starts again plainly on its own port. For a cluster a module's tests share; the
+    start-ups overlap."""
+    changed = [p for p in peers if p.extra or p.proc is None or p.proc.poll() is not None]
+    for peer in changed:
+        peer.kill()
+        peer.extra = []
+        peer.launch()
+    for peer in changed:
+        peer.wait_listening()
+    return peers
+
+
 @contextlib.contextmanager
 def running_peers(root: Path, count: int, extra: Callable[[int], list[str]] | None = None):
     """*count* started peers named p00, p01, ...; every one is killed on exit. *extra*

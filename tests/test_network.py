@@ -8,18 +8,26 @@ import time
 from pathlib import Path
 
 import pytest
-from peerhelpers import Peer, running_peers, status, wait_for
+from mounthelpers import spent
+from peerhelpers import Peer, revive, running_peers, status, wait_for
 
 from fluidfs.blocks.codec import default_version, shard_size_for
 
 BLOCK = 256 * 1024
 
 
-@pytest.fixture
-def peers(tmp_path: Path):
-    """Twelve running peers; all killed at teardown."""
-    with running_peers(tmp_path, 12) as made:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Twelve peers shared by the tests here: each test mounts with a keyfile of its
+    own, so no test sees another's shards or agreements. All killed at the end."""
+    with running_peers(tmp_path_factory.mktemp("peers"), 12) as made:
         yield made
+
+
+@pytest.fixture
+def peers(cluster: list[Peer]) -> list[Peer]:
+    """The shared peers, each running as first started (``revive``)."""
+    return revive(cluster)
 
 
 def network_mount(make_mount, peers: list[Peer], name: str = "m"):
@@ -72,7 +80,14 @@ def test_each_block_has_one_shard_on_each_of_12_peers(make_mount, peers):
     assert s["redundancy"] == {"12": blocks}
     expected = expected_hosting(files)
     hosted = [peer.hosted_for(me) for peer in peers]
-    assert hosted == [expected] * 12, "every peer holds exactly one shard of every block"
+    # Beside the data, a peer may hold a shard of a commit's metadata (a few KiB at most
+    # here) once the mount has committed, which a loaded machine lets happen before this
+    # reading: a data shard more or fewer is still a difference of a data shard or more.
+    smallest = min(shard_size_for(len(data[start : start + BLOCK]), 8, default_version())
+                   for data in files.values() if len(data) > 4096
+                   for start in range(0, len(data), BLOCK))
+    assert all(expected <= h < expected + smallest for h in hosted), (
+        f"every peer holds exactly one shard of every block: {hosted}, {expected} of data")
     for peer in peers:  # the plaintext never reaches a peer
         shards = peer.state / "shards.lmdb" / "data.mdb"
         assert files["big.bin"][:4096] not in shards.read_bytes()
@@ -92,11 +107,14 @@ def test_reads_survive_four_dead_peers_and_fail_cleanly_past_that(make_mount, pe
 
     drop_cache_and_remount(mnt)
     peers[4].kill()
-    started = time.monotonic()
+    node = mnt.pid()
+    assert node is not None
+    started, before = time.monotonic(), spent(node, os.getpid())
     with pytest.raises(OSError) as info:
         (mnt.path / "big.bin").read_bytes()
     assert info.value.errno == 5  # EIO, not a hang
-    assert time.monotonic() - started < 30
+    # (less the time the node and this process sat waiting for a CPU: a loaded machine's)
+    assert time.monotonic() - started - (spent(node, os.getpid()) - before).run_delay < 30
     assert (mnt.path / "tiny.txt").read_bytes() == files["tiny.txt"]  # the mount is still up
     assert "unrecoverable" in (mnt.state / "fluidfs.log").read_text()
 

@@ -11,17 +11,34 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from peerhelpers import Peer, running_peers, status, wait_for
+from peerhelpers import Peer, revive, running_peers, status, wait_for
 
 from fluidfs import keys
 
 BLOCK = 256 * 1024
 
 
-@pytest.fixture
-def peers(tmp_path: Path):
-    with running_peers(tmp_path, 14) as made:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Fourteen peers shared by the tests here: each test mounts with a keyfile of its
+    own, so no test sees another's shards, agreements or trust."""
+    with running_peers(tmp_path_factory.mktemp("peers"), 14) as made:
         yield made
+
+
+@pytest.fixture
+def peers(cluster: list[Peer]) -> list[Peer]:
+    """The shared peers, each running as first started (``revive``)."""
+    return revive(cluster)
+
+
+def twelve(peers: list[Peer]) -> list[Peer]:
+    """The first twelve peers, the other two stopped: a mount given only twelve finds the
+    rest from them (the shared peers met each other through earlier tests' mounts), and
+    these tests need every block on exactly the twelve. ``peers`` starts them again."""
+    for peer in peers[12:]:
+        peer.kill()
+    return peers[:12]
 
 
 def mount(make_mount, peers, *extra: str):
@@ -220,14 +237,15 @@ def test_short_outage_moves_nothing(make_mount, peers):
 
 
 def test_deleting_gives_the_space_back_on_every_peer(make_mount, peers):
-    mnt = mount(make_mount, peers[:12])
+    peers = twelve(peers)
+    mnt = mount(make_mount, peers)
     me = status(mnt.state)["peer_id"]
     # 16 MiB: every peer still holds a shard of each of the 64 blocks, each peer's share
     # is still collected holder by holder (blocks/gc.py); 64 MiB proved no more, and on
     # a loaded machine was not always placed within the bound.
     (mnt.path / "big").write_bytes(os.urandom(64 * BLOCK))
     wait_for(lambda: full(mnt.state, 64), 120, "full redundancy")
-    assert sum(p.hosted_for(me) for p in peers[:12]) > 64 * BLOCK
+    assert sum(p.hosted_for(me) for p in peers) > 64 * BLOCK
     (mnt.path / "big").unlink()
     # What the peers keep after the delete is the next commit's metadata (a few hundred
     # bytes a peer), never a data shard (BLOCK / 8): waiting for zero raced with that
@@ -236,14 +254,15 @@ def test_deleting_gives_the_space_back_on_every_peer(make_mount, peers):
 
     def given_back() -> bool:
         rows = peer_rows(mnt.state)
-        return all(rows[p.peer_id]["they_use"] == p.hosted_for(me) < shard for p in peers[:12])
+        return all(rows[p.peer_id]["they_use"] == p.hosted_for(me) < shard for p in peers)
 
     wait_for(given_back, 60, "peers to drop every data shard, the mount's account agreeing")
     assert status(mnt.state)["gc_pending_bytes"] == 0
 
 
 def test_check_and_the_redundancy_xattr(make_mount, peers):
-    mnt = mount(make_mount, peers[:12])
+    peers = twelve(peers)
+    mnt = mount(make_mount, peers)
     (mnt.path / "f").write_bytes(os.urandom(8 * BLOCK))
     (mnt.path / "small").write_bytes(b"tiny")
     wait_for(lambda: full(mnt.state, 8), 60, "full redundancy")

@@ -91,6 +91,21 @@ def busy_threads() -> list[int]:
     return sorted(busy)
 
 
+def run_delay() -> float:
+    """Seconds this process's live threads have sat runnable waiting for a CPU so far (the
+    kernel's run delay, /proc/self/task/*/schedstat): a wall-time bound on in-process work
+    is taken less what this grew by, so a loaded machine does not decide it. (A thread
+    that ended took its count with it: the bound errs on the strict side.)"""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:  # (a thread that just ended has no file left)
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 class ThreadWait:
     """What makes a MockClock's autojump wait for this process's worker threads
     (``thread_aware_clock``): how many jumps it put off, and since when."""

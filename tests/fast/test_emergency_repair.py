@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import trio
-from inproc import LocalStore, PeerNode, peer_nodes, until
+from inproc import LocalStore, PeerNode, peer_nodes, run_delay, until
 from networked import store_through
 
 from fluidfs import keys
@@ -166,13 +166,15 @@ async def test_an_endangered_block_is_repaired_before_the_tolerance_and_reclaime
         endangered = [b for b in blocks if len(silent & set(b.holders)) >= 3]
         waiting = [b for b in blocks if b not in endangered]
         assert blocks[0] in endangered
-        started = time.monotonic()
+        started, queued = time.monotonic(), run_delay()
         shard_bytes = sum(len(silent & set(b.holders)) * b.record.shard_size
                           for b in endangered)
         budget = shard_bytes / BANDWIDTH
+        # The bound is on wall time less this process's waits for a CPU (a machine at
+        # load 30 stretches the wall time alone past it); the tolerance is a day.
         await until(lambda: all(reachable(store, b) == N for b in endangered),
-                    timeout=budget + 1.5, what="12 reachable shards again")
-        took = time.monotonic() - started
+                    timeout=budget + 60, what="12 reachable shards again")
+        took = time.monotonic() - started - (run_delay() - queued)
         assert took <= budget + 1.5
         assert repairer.emergency_repairs == len(endangered)
         for b in endangered:

@@ -16,15 +16,6 @@ from inproc import busy_threads, thread_aware_clock
 THRESHOLD = 0.05
 
 
-def spin(seconds: float) -> int:
-    """Keep a CPU busy for *seconds* of real time (state R throughout)."""
-    end = time.monotonic() + seconds
-    turns = 0
-    while time.monotonic() < end:
-        turns += 1
-    return turns
-
-
 def test_no_jump_past_a_timeout_while_a_worker_thread_works() -> None:
     clock = thread_aware_clock(THRESHOLD)
     wait = clock.thread_wait
@@ -56,11 +47,18 @@ def test_an_idle_run_jumps_at_once() -> None:
 
 
 def test_a_thread_busy_past_the_patience_no_longer_holds_time() -> None:
+    """The thread spins until the sleep has ended (30 s at most): a fixed spin of 1 s
+    could end first on a machine that kept the loop from a CPU that long."""
     clock = thread_aware_clock(THRESHOLD, patience=4 * THRESHOLD)
     done: list[str] = []
 
+    def spin_until_slept() -> None:
+        end = time.monotonic() + 30
+        while "sleep" not in done and time.monotonic() < end:
+            pass
+
     async def work() -> None:
-        await trio.to_thread.run_sync(spin, 20 * THRESHOLD)
+        await trio.to_thread.run_sync(spin_until_slept)
         done.append("thread")
 
     async def main() -> None:
@@ -77,19 +75,25 @@ def test_busy_threads_sees_a_working_thread_only() -> None:
     """The thread is busy while it works, idle once trio has it back between jobs (other
     tests' threads may still be winding down: only this one is looked at)."""
     worker: list[int] = []
+    looked = threading.Event()
 
     def work() -> None:
+        """Busy until the loop has looked (30 s at most): a fixed spin could end before a
+        loaded machine gave the loop a CPU."""
         worker.append(threading.get_native_id())
-        spin(0.5)
+        end = time.monotonic() + 30
+        while not looked.is_set() and time.monotonic() < end:
+            pass
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, work)
             seen = False
-            end = time.monotonic() + 0.4
+            end = time.monotonic() + 30
             while not seen and time.monotonic() < end:
                 seen = bool(worker) and worker[0] in busy_threads()
                 await trio.sleep(0.01)
+            looked.set()
             assert seen
         end = time.monotonic() + 5
         while worker[0] in busy_threads() and time.monotonic() < end:  # (going back to sleep)

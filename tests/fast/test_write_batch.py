@@ -18,7 +18,7 @@ import lmdb
 import pyfuse3
 import pytest
 import trio
-from inproc import room_left
+from inproc import room_left, run_delay
 
 from fluidfs import keys
 from fluidfs.fs.tree import ROOT_INO, u64
@@ -152,9 +152,12 @@ async def test_batch_commits_within_its_age(node, monkeypatch) -> None:
         await nursery.start(node.meta.batch.run)
         await create(ops, ROOT_INO, b"f")
         assert committed_name(node, ROOT_INO, b"f") is None
-        started = time.monotonic()
+        # Wall time less this process's waits for a CPU: a loaded machine (load 30 on 2
+        # cores) can hold the loop or the commit's worker thread back for most of a second.
+        started, queued = time.monotonic(), run_delay()
         while committed_name(node, ROOT_INO, b"f") is None:
-            assert time.monotonic() - started < 1.0, "the batch outlived its age"
+            took = time.monotonic() - started - (run_delay() - queued)
+            assert took < 1.0, "the batch outlived its age"
             await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
 
@@ -172,9 +175,9 @@ async def test_a_worker_thread_writer_does_not_wait_for_the_age(node, monkeypatc
         await nursery.start(node.meta.batch.run)
         await create(ops, ROOT_INO, b"f")
         assert node.meta.batch.is_open()
-        started = time.monotonic()
+        started, queued = time.monotonic(), run_delay()
         await trio.to_thread.run_sync(worker_write)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started - (run_delay() - queued) < 2.0
         assert committed_name(node, ROOT_INO, b"f") is not None
         # Requests keep working (and batching) after it.
         await create(ops, ROOT_INO, b"g")
