@@ -82,6 +82,7 @@ def run_foreground(
     import trio
 
     from fluidfs.cli.nodeargs import add_pinned, mount_config, setup_node_process
+    from fluidfs.node import gctune
     from fluidfs.node.node import Node
     from fluidfs.node.session import MountError
 
@@ -113,6 +114,7 @@ def run_foreground(
         else:
             print(f"fluidfs: {line}", file=sys.stderr, flush=True)
 
+    gctune.tune()
     try:
         trio.run(
             lambda: node.mount(

@@ -22,6 +22,7 @@ from fluidfs.cli.nodeargs import (
     serve_faults,
     setup_node_process,
 )
+from fluidfs.node import gctune
 from fluidfs.node.node import Node
 from fluidfs.statedir import StateError
 
@@ -38,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         fail(str(exc))
     add_pinned(node, bootstrap_entries(args, keyring))
     print(f"fluidfs: serving as peer {keyring.peer_id} on {args.listen}", file=sys.stderr)
+    gctune.tune()
     try:
         trio.run(node.serve)
     except OSError as exc:

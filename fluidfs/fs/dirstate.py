@@ -134,6 +134,11 @@ class DirState:
         marked (the committed node of *parent* holds it)."""
         txn.put(_u64(child) + _u64(parent) + name, b"", db=self._parents)
 
+    def adopted_entries(self, txn, rows: list[tuple[bytes, bytes]]) -> None:
+        """``adopted_entry`` for many: *rows* of (child ‖ parent ‖ name, b"")."""
+        if rows:
+            txn.cursor(db=self._parents).putmulti(rows, dupdata=False)
+
     def adopted(self, txn, ino: int, top: bytes) -> None:
         """A restore loaded directory *ino* from its committed node *top* (b"": an
         empty directory): commits name that node again until the directory changes. It

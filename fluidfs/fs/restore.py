@@ -198,29 +198,30 @@ class Restorer:
     ) -> list[int]:
         """Write entries of *parent* (each inode only if new) as committed: no dirty
         marks (``Tree.adopt_entries``); return the directories among them left lazy."""
-        inodes = self.db["inodes"]
+        written = self.tree.adopt_inodes(txn, [entry.inode() for entry in entries])
         lazy: list[int] = []
         linked: list[tuple[bytes, int, bool]] = []
-        for entry in entries:
+        blockmap: list[tuple[int, int, bytes]] = []
+        for entry, new in zip(entries, written, strict=True):
             ino = entry.ino
-            existed = txn.get(_U64.pack(ino), db=inodes) is not None
-            linked.append((entry.name, ino, existed))
-            if existed:
+            linked.append((entry.name, ino, not new))
+            if not new:
                 continue
-            self.tree.put(txn, entry.inode(), new=True)
-            self._put_xattrs(txn, ino, entry.xattrs)
+            if entry.xattrs:
+                self._put_xattrs(txn, ino, entry.xattrs)
             blocks, inline = files.get(ino, (entry.blocks, entry.inline))
             for index, ref in blocks:
                 self.index.adopt(txn, ref)  # the block map's own reference
-                self.tree.adopt_block(txn, ino, index, BLOCK_REF + ref.block_id)
+                blockmap.append((ino, index, BLOCK_REF + ref.block_id))
             for index, data in inline:
-                self.tree.adopt_block(txn, ino, index, INLINE + data)
+                blockmap.append((ino, index, INLINE + data))
             if entry.content is not None:
                 txn.put(_U64.pack(ino), entry.content.block_id, db=self._lazy)
                 self._maybe_lazy = True
                 lazy.append(ino)
             elif stat.S_ISDIR(entry.mode):
                 self.tree.dirs.adopted(txn, ino, b"")  # committed empty: nothing to load
+        self.tree.adopt_blocks(txn, blockmap)
         self.tree.adopt_entries(txn, parent, linked)
         return lazy
 

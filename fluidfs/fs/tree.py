@@ -255,19 +255,48 @@ class Tree:
         raw = txn.get(b"next_cookie", db=self._counters)
         cookie = _U64.unpack(raw)[0] if raw else 2
         prefix = u64(parent)
-        # A directory loading for the first time has no entries yet (one probe, not a
-        # read per entry); names written by this call are remembered instead.
         cursor = txn.cursor(db=self._dirents)
-        fresh: set[bytes] | None = (
-            set() if not cursor.set_range(prefix) or cursor.key()[:8] != prefix else None
-        )
+        if (not cursor.set_range(prefix) or cursor.key()[:8] != prefix) and len(
+            {name for name, _, _ in entries}
+        ) == len(entries):
+            # A directory loading for the first time (the usual case: no entries yet,
+            # every name once): each table's rows go in one call, not a call per row.
+            self._adopt_fresh(txn, parent, entries, cookie, gen)
+            cookie += len(entries)
+        else:
+            cookie = self._adopt_over(txn, parent, entries, cookie, gen)
+        txn.put(b"next_cookie", u64(cookie), db=self._counters)
+
+    def _adopt_fresh(
+        self, txn, parent: int, entries: list[tuple[bytes, int, bool]], cookie: int, gen: int
+    ) -> None:
+        """``adopt_entries`` into a directory with no entries, of distinct names."""
+        prefix = u64(parent)
+        pack2, pack = _U64x2.pack, _U64.pack
+        dirents: list[tuple[bytes, bytes]] = []
+        cookies: list[tuple[bytes, bytes]] = []
+        parents: list[tuple[bytes, bytes]] = []
+        for name, child, existed in entries:
+            dirents.append((prefix + name, pack2(child, cookie)))
+            cookies.append((prefix + pack(cookie), name))
+            if existed:
+                self.dirs.linked(txn, parent, name, child, gen)
+            else:
+                parents.append((pack(child) + prefix + name, b""))
+            cookie += 1
+        txn.cursor(db=self._dirents).putmulti(dirents, dupdata=False)
+        txn.cursor(db=self._cookies).putmulti(cookies, dupdata=False)
+        self.dirs.adopted_entries(txn, parents)
+
+    def _adopt_over(
+        self, txn, parent: int, entries: list[tuple[bytes, int, bool]], cookie: int, gen: int
+    ) -> int:
+        """``adopt_entries`` over what the directory holds already (a load started
+        again); the next cookie."""
+        prefix = u64(parent)
         for name, child, existed in entries:
             key = prefix + name
-            if fresh is None or name in fresh:
-                old = txn.get(key, db=self._dirents)
-            else:
-                fresh.add(name)
-                old = None
+            old = txn.get(key, db=self._dirents)
             if old is not None and _U64x2.unpack(old)[0] == child:
                 if existed:
                     self.dirs.linked(txn, parent, name, child, gen)
@@ -282,12 +311,32 @@ class Tree:
             else:
                 self.dirs.adopted_entry(txn, parent, name, child)
             cookie += 1
-        txn.put(b"next_cookie", u64(cookie), db=self._counters)
+        return cookie
 
-    def adopt_block(self, txn, ino: int, index: int, value: bytes) -> None:
-        """A block map entry of an inode a restore just wrote (``put`` with *new*): no
-        directory names it yet, so there is nothing to mark."""
-        txn.put(u64(ino) + u64(index), value, db=self._blockmap)
+    def adopt_inodes(self, txn, inodes: list[Inode]) -> list[bool]:
+        """Write the inodes a restore loaded (``put`` with *new*: no directory names
+        them yet), each only if its number is not in the table already; for each,
+        whether it was written. One that was there (a hard link loaded elsewhere or
+        earlier in the list, or a load started again) is left as it is. One B-tree
+        operation each: writing with ``overwrite=False`` is the look-up too."""
+        table = self._inodes
+        written = [txn.put(u64(inode.ino), inode.encode(), db=table, overwrite=False)
+                   for inode in inodes]
+        keep = self._keep
+        for inode, new in zip(inodes, written, strict=True):
+            if new:
+                keep(inode)
+        if any(written):
+            self._changed(txn)
+        return written
+
+    def adopt_blocks(self, txn, blocks: list[tuple[int, int, bytes]]) -> None:
+        """Block map entries (ino, block index, value) of inodes ``adopt_inodes`` just
+        wrote: no directory names them yet, so there is nothing to mark."""
+        if blocks:
+            txn.cursor(db=self._blockmap).putmulti(
+                [(_U64x2.pack(ino, index), value) for ino, index, value in blocks],
+                dupdata=False)
 
     def unlink(self, txn, parent: int, name: bytes) -> None:
         """Remove the entry *name* from *parent*."""
