@@ -19,10 +19,14 @@ Per run, on the same source data (warm in the page cache):
   ``cp`` of the big file out (checked by sha256).
 
 CPU-seconds of the mount process (utime + stime from /proc/PID/stat) are taken around the
-big file's store (cp + sync) and restore (cp out) and divided by its GiB. With py-spy
+big file's store (cp + sync) and restore (cp out) and divided by its GiB, and split by
+thread from ``/proc/PID/task`` (the trio loop and the worker threads, user and system
+time: measured CPU, the figure to compare; ``ThreadCpu``). With py-spy
 available (``pip install py-spy``; ``--no-stages`` to skip), the last run is sampled with
 ``py-spy record --nonblocking`` and each busy sample is put in the stage of its innermost
-recognised frame (see STAGES); the stage shares split the measured CPU-seconds.
+recognised frame (see STAGES); the stage shares split the measured CPU-seconds. py-spy
+counts a thread blocked in a syscall as busy, so where a stage blocks (file writes under
+dirty-page throttling) its share is thread time, not CPU: read it beside the thread split.
 
 restic: if it is not on PATH the bench runs ``apt-get install -y restic`` (root) or stops
 saying so (``--no-restic`` runs without the baseline).
@@ -252,6 +256,7 @@ def fluidfs_run(
     if src is not None:
         warm(src)
         cpu = CpuMeter({"mount": [pid]})
+        threads = ThreadCpu(pid)
         with stages.record(f"store-{n}", pid, profiled):
             t0 = time.perf_counter()
             run(["cp", str(src), str(a.mnt / src.name)])
@@ -259,6 +264,7 @@ def fluidfs_run(
             sync()
             t2 = time.perf_counter()
         out["big_store_cpu_s"] = cpu.stop()["mount"]
+        out["big_store_threads"] = threads.stop()
         out["big_cp_s"], out["big_store_s"] = t1 - t0, t2 - t0
     if store_only:
         a.unmount()
@@ -334,11 +340,13 @@ def fluidfs_run(
             shutil.rmtree(m.state, ignore_errors=True)
         return out
     cpu = CpuMeter({"mount": [pid]})
+    threads = ThreadCpu(pid)
     with stages.record(f"restore-{n}", pid, profiled):
         t0 = time.perf_counter()
         run(["cp", str(b.mnt / src.name), str(restore / src.name)])
         out["big_restore_s"] = time.perf_counter() - t0
     out["big_restore_cpu_s"] = cpu.stop()["mount"]
+    out["big_restore_threads"] = threads.stop()
     out["sha256_ok"] = sha256_of(restore / src.name) == want
     b.unmount()
     shutil.rmtree(restore, ignore_errors=True)
@@ -364,6 +372,47 @@ def per_file(before: dict[str, int], after: dict[str, int], files: int) -> dict[
         for op in sorted(after)
         if after[op] - before.get(op, 0) >= files / 100
     }
+
+
+class ThreadCpu:
+    """The mount's CPU-seconds between two points, measured per thread from
+    ``/proc/PID/task/*/stat`` and summed by kind: the trio thread (the loop: FUSE
+    requests, RPC, frame crypto) and the worker threads (sealing, opening, disk writes),
+    each as user and system time. Unlike the py-spy split this is CPU, not thread time:
+    a thread blocked in a syscall adds nothing. A thread that ended in between is lost
+    (the process total still has it)."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self._read()
+
+    def _read(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return out
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(fields[11]), int(fields[12]))
+        return out
+
+    def stop(self) -> dict[str, float]:
+        """{"loop user", "loop sys", "workers user", "workers sys"}: CPU-seconds."""
+        end = self._read()
+        out = dict.fromkeys(("loop user", "loop sys", "workers user", "workers sys"), 0.0)
+        for tid, (user, sys_) in end.items():
+            u0, s0 = self.start.get(tid, (0, 0))
+            kind = "loop" if tid == self.pid else "workers"
+            out[f"{kind} user"] += (user - u0) / self.TICK
+            out[f"{kind} sys"] += (sys_ - s0) / self.TICK
+        return out
 
 
 # --- the benchmark ----------------------------------------------------------------------
@@ -559,6 +608,15 @@ def summarise(args, res: dict) -> dict:
         if last.get(key):
             ops = ", ".join(f"{op} {n:g}" for op, n in last[key].items())
             print(f"\nFUSE requests per small file, {label} (last run): {ops}")
+    for phase in ("store", "restore"):
+        measured = [r["fluidfs"][f"big_{phase}_threads"] for r in runs
+                    if f"big_{phase}_threads" in r.get("fluidfs", {})]
+        if measured:
+            print(f"\nmount CPU-s per GiB {phase}d, by thread (measured, median of "
+                  f"{len(measured)} run(s)):")
+            for kind in measured[0]:
+                value = statistics.median(m[kind] for m in measured) / gib
+                print(f"  {kind:40} {value:6.2f}")
     for phase, cpu_key in (("store", "big_store_cpu_s"), ("restore", "big_restore_cpu_s")):
         counts = next((v for k, v in last.get("stages", {}).items() if k.startswith(phase)), None)
         if not counts or cpu_key not in last:

@@ -294,7 +294,7 @@ def bench_shards(args, work: Path, res: dict) -> None:
     total = len(shards) * SHARD
     for n in range(args.repeat):
         log(f"shard transfer: round {n + 1}/{args.repeat}: raw TCP, then StoreShard RPC")
-        raw = bench_net.run_case("raw", total, args.inflight, DEFAULT_OFFLOAD, True)
+        raw, _, _ = bench_net.run_case("raw", total, args.inflight, DEFAULT_OFFLOAD, True)
         rpc = shard_rpc_round(work, n, shards, ids, args.inflight)
         res.setdefault("shard_rounds", []).append({"raw": raw, "rpc": rpc})
         res["shard_raw"] = max(res.get("shard_raw", 0.0), raw)
