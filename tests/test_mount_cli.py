@@ -314,11 +314,12 @@ def test_mount_then_unmount_messages(make_mount) -> None:
     one_line_error(run_cli("unmount", str(mnt.path)), 2)
 
 
-def test_the_mount_opens_before_the_page_loads_and_returns_once_it_serves(make_mount) -> None:
+def test_the_mount_opens_before_the_page_loads_and_prints_its_address(make_mount) -> None:
     """The page's stack (Starlette, Hypercorn: a quarter of a CPU-second to import) loads
     once the mount is open, not beside the lease gate, whose work it held the GIL
     against, with the mount waiting for it (before: the page served first). `fluidfs
-    mount` still returns once the page serves, and prints its address."""
+    mount` returns once the page's socket is bound and its address published (not once
+    its stack serves: tests/fast/test_web.py), and prints that address."""
     mnt = make_mount()
     result = mnt.mount("--web", "127.0.0.1:0")
     assert "status and restore page: http://127.0.0.1:" in result.stdout, result.stdout

@@ -481,20 +481,50 @@ class TreeWriter:
                 self.chunk_key,
                 height,
             )
+            groups = []
             start = 0
-            upper = []
             for end in ends:
-                group = items[start:end]
+                groups.append(items[start:end])
                 start = end
+            for group in groups:
                 for _, ref, _ in group:
                     self.note_ref(ref, owner)
-                ref = await self.store_node(
-                    encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
-                )
-                upper.append((group[0][0], ref, sum(c for _, _, c in group)))
-            items = upper
+            refs = await self._index_level(groups, height)
+            items = [
+                (group[0][0], ref, sum(c for _, _, c in group))
+                for group, ref in zip(groups, refs, strict=True)
+            ]
             height += 1
         return items[0][1]
+
+    async def _index_level(
+        self, groups: list[list[tuple[bytes, Ref, int]]], height: int
+    ) -> list[Ref]:
+        """Store the index nodes of one level (one per group) at once; their references
+        in order. One after another, each waited for its placement before the next
+        began: a directory of 10,000 small files waited ~25 placements in a row.
+        Encoded only once a node writer is free (at most NODE_WRITERS in memory). The
+        first error is raised as itself, not in a group (callers catch CommitAborted)."""
+        refs: list[Ref | None] = [None] * len(groups)
+        failed: list[Exception] = []
+        room = trio.Semaphore(NODE_WRITERS)
+
+        async def one(i: int, group: list[tuple[bytes, Ref, int]]) -> None:
+            async with room:
+                try:
+                    refs[i] = await self.store_node(
+                        encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
+                    )
+                except Exception as exc:
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i, group in enumerate(groups):
+                nursery.start_soon(one, i, group)
+        if failed:
+            raise failed[0]
+        return [ref for ref in refs if ref is not None]
 
     async def manifest(
         self, ino: int, blocks: list[tuple[int, Ref]], inline, owner: int | None = None

@@ -14,6 +14,7 @@ import functools
 import importlib
 import logging
 import os
+import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -169,7 +170,7 @@ class Node:
             fuse_requests=lambda: dict(self.ops.requests),
         )
         self._stopped = False
-        self.web_up = trio.Event()  # the page serves (or failed to start): mount() waits
+        self.web_up = trio.Event()  # the page's address is published (or it failed to bind)
         # The mount is open: a page started beside it may load its stack now.
         self.mount_open = trio.Event()
 
@@ -568,8 +569,8 @@ class Node:
     ) -> None:
         """Run the peer service, control socket and background loops until cancelled.
         With *web_beside* the page starts in the background once the mount is open
-        (``mount_open``; ``web_up`` says when it serves) instead of before this reports
-        started."""
+        (``mount_open``; ``web_up`` says when its address is out) instead of before this
+        reports started."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.conns.run)
             if self.config.listen:
@@ -653,23 +654,38 @@ class Node:
         )
 
     async def _run_web_beside(self) -> None:
-        """The page, started once the mount is open: its stack (Starlette, Hypercorn,
-        h2, segno) takes a quarter of a CPU-second to import, in a worker thread, not
-        the loop. Imported beside the gate, it held the GIL against the gate's own work
-        and the mount waited for it (issue 16: the fresh mount's time until the tree is
-        visible). ``web_up`` is set once it serves (or failed to start: that is logged
-        and never stops the mount)."""
+        """The page, started once the mount is open: its socket is bound and its
+        address published at once (``web_up``: `fluidfs mount` prints the address and
+        returns), then its stack (Starlette, Hypercorn, h2, segno), a quarter of a
+        CPU-second to import and more from a cold disk, loads in a worker thread and
+        serves on that socket. Imported beside the gate, it held the GIL against the
+        gate's own work; waited for before `fluidfs mount` returned, it was most of
+        what a fresh mount's `mount && ls` waited for after the tree was there (issue
+        16). A page that cannot bind or start is logged and never stops the mount."""
+        from fluidfs.web.listen import bind_page, unpublish
+        from fluidfs.web.token import load_or_create
+
         try:
             await self.mount_open.wait()
-            await trio.to_thread.run_sync(importlib.import_module, "fluidfs.web.site")
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._run_web)
+            load_or_create(self.config.state.path)  # the address printed carries it
+            sock = bind_page(self.config.web, self.config.state.path)
+            if sock is None:
+                return
+            try:
                 self.web_up.set()
+                await trio.to_thread.run_sync(importlib.import_module, "fluidfs.web.site")
+                await self._run_web(sock=sock)
+            finally:
+                sock.close()
+                unpublish(self.config.state.path)
         finally:
             self.web_up.set()
 
-    async def _run_web(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The status and restore page (fluidfs/web/, docs/web.md) on config.web."""
+    async def _run_web(
+        self, *, sock: socket.socket | None = None, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The status and restore page (fluidfs/web/, docs/web.md) on config.web (on
+        *sock*, bound to it already, if given)."""
         # Lazy: the web stack (Starlette, Hypercorn, segno) loads only where a page runs,
         # not in every `fluidfs serve` peer.
         from fluidfs.fs.snapcopy import invalidate_entry
@@ -690,7 +706,7 @@ class Node:
             self.config.web_refresh,
             invalidate,
         )
-        await page.run(task_status=task_status)
+        await page.run(sock=sock, task_status=task_status)
 
     async def _release_shard_pages(self) -> None:
         """Keep LMDB's mapped shard pages from inflating RSS (see sysutil)."""
@@ -728,9 +744,9 @@ class Node:
     async def _ready_once_web_up(
         self, on_ready: Callable[[], None] | None, *, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Started once the mount is open: let the page load its stack, and say the
-        mount is ready once the page serves (`fluidfs mount` prints its address then);
-        the tree is usable meanwhile."""
+        """Started once the mount is open: say the mount is ready once the page's
+        socket is bound and its address published (`fluidfs mount` prints it then); the
+        page loads its stack and serves on that socket afterwards."""
         self.mount_open.set()
         task_status.started()
         if self.config.web:

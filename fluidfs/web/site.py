@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,11 @@ class Page:
             self.refresh,
         )
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; a failure of the page is logged and never ends the node."""
+    async def run(
+        self, *, sock: socket.socket | None = None, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled (on *sock* if it was bound already: web/listen.py); a
+        failure of the page is logged and never ends the node."""
         token = load_or_create(self.state)
         api = self.api(token)
         started = False
@@ -64,7 +68,8 @@ class Page:
                 task_status.started(value)
 
         try:
-            await WebServer(self.bind, self.state).run(make_app, task_status=Started())
+            await WebServer(self.bind, self.state).run(
+                make_app, sock=sock, task_status=Started())
         except Exception:
             log.exception("the web page stopped")
             if not started:

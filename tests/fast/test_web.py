@@ -8,6 +8,7 @@ The refusals each failed before the guard existed (there was no page to refuse).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import json
@@ -302,3 +303,53 @@ async def test_downloading_the_keyfile_silences_the_never_exported_warning(tmp_p
         assert (await s.get("/api/keyfile")).status == 200
         after = await s.get("/api/status")
         assert after.json()["keyfile_saved"] and "keyfile" not in kinds(after)
+
+
+async def test_a_mount_is_ready_once_the_page_is_bound_not_once_its_stack_serves(
+    tmp_path, monkeypatch
+) -> None:
+    """`fluidfs mount` returns when the node says it is ready. That waited for the page
+    to serve, so for its stack (Starlette, Hypercorn: a quarter of a CPU-second, more
+    from a cold disk) to load after the mount was open, and a fresh machine's `mount &&
+    ls` waited for it (issue 16). Now the page's socket is bound and its address
+    published at once, the mount is ready, and the stack serves on that socket after.
+    Before: ready came only after the page served."""
+    from fluidfs.web.site import Page
+
+    events: list[str] = []
+    run = Page.run
+
+    async def recorded(self, *, task_status=trio.TASK_STATUS_IGNORED, **kw):
+        class Started:
+            def started(self, value=None) -> None:
+                events.append("serving")
+                task_status.started(value)
+
+        await run(self, task_status=Started(), **kw)
+
+    monkeypatch.setattr(Page, "run", recorded)
+    ring = keys.KeyRing(keys.generate())
+    state = StateDir(tmp_path / "state")
+    node = Node(NodeConfig(ring, state, block_size=64 * 1024, web="127.0.0.1:0"))
+    ready = trio.Event()
+
+    def on_ready() -> None:
+        events.append("ready")
+        events.append(f"url {read_url(state.path) is not None}")
+        ready.set()
+
+    try:
+        await node.start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(node.run_services, web_beside=True))
+            await nursery.start(node._ready_once_web_up, on_ready)
+            await ready.wait()
+            parsed = urllib.parse.urlsplit(read_url(state.path))
+            token = urllib.parse.parse_qs(parsed.query)["token"][0]
+            page = Site(node, "", parsed.hostname, parsed.port, token)
+            reply = await page.get("/api/status")  # waits in the backlog until it serves
+            assert reply.status == 200, reply
+            assert events == ["ready", "url True", "serving"], events
+            nursery.cancel_scope.cancel()
+    finally:
+        node.close()
