@@ -328,6 +328,31 @@ def test_a_state_change_without_the_csrf_header_is_refused(site: Site, page: Web
     assert (site.mount.path / "top.txt").read_bytes() == site.files["top.txt"]
 
 
+def test_a_restored_folder_shows_where_the_kernel_saw_none(site: Site, page: WebDriver):
+    """A lookup that finds nothing is a negative entry the kernel keeps (issue 15); the
+    restore makes the missing folder again behind the kernel's back, so it must drop
+    that entry: the restored file is readable at once, not after the entry's timeout.
+    Fails without the invalidation of each folder the restore makes."""
+    docs, aside = site.mount.path / "docs", site.mount.path / "docs-aside"
+    docs.rename(aside)
+    try:
+        assert not docs.exists()
+        assert not (docs / "note.txt").exists()
+        restore = """
+            const done = arguments[arguments.length - 1];
+            fetch("/api/restore", {method: "POST", headers: {"Content-Type": "application/json",
+                  "X-Fluidfs-CSRF": state.csrf},
+                  body: JSON.stringify({snapshot: arguments[0], path: "/docs/note.txt"})})
+              .then((r) => done(r.status), (e) => done(String(e)));
+        """
+        assert page.execute_async_script(restore, site.snapshot) == 200
+        assert (docs / "note.txt").read_bytes() == site.files["docs/note.txt"]
+        assert sorted(os.listdir(docs)) == ["note.txt"]
+    finally:
+        shutil.rmtree(docs, ignore_errors=True)
+        aside.rename(docs)
+
+
 def test_refused_without_the_token_or_under_a_foreign_host(site: Site, tmp_path: Path):
     fresh = chromium(tmp_path / "profile", tmp_path)
     try:

@@ -34,12 +34,14 @@ FIELDS = ["update_atime", "update_mtime", "update_ctime", "update_mode", "update
 
 
 async def absent(ops, parent: int, name: bytes) -> None:
-    """The lookup the kernel sends before creating *name*: ENOENT expected."""
+    """The lookup the kernel sends before creating *name*: a negative entry (inode 0)
+    expected, or ENOENT from a checkout before negative entries."""
     try:
-        await ops.lookup(parent, name, CTX)
+        entry = await ops.lookup(parent, name, CTX)
     except pyfuse3.FUSEError:
         return
-    raise RuntimeError(f"{name!r} exists")
+    if entry.st_ino:
+        raise RuntimeError(f"{name!r} exists")
 
 
 async def main(files: int, size: int = 200, per_dir: int = 100) -> None:

@@ -154,6 +154,22 @@ class InodeWrites:
         self.tree.put(self.txn, inode, new=new)
 
 
+def absent() -> pyfuse3.EntryAttributes:
+    """The answer to a lookup of a name that is not there: a negative entry (inode 0),
+    which the kernel keeps for ``TIMEOUT`` like a positive one. Every change to a
+    directory's names comes through this kernel's requests (which update its dentries)
+    or says so (``invalidate_entry``: the web page's restore), so a repeated miss — a
+    ``stat`` before a ``create``, a search along a path — costs no second request."""
+    entry = pyfuse3.EntryAttributes()
+    entry.entry_timeout = TIMEOUT
+    return entry
+
+
+def is_absent(entry: pyfuse3.EntryAttributes) -> bool:
+    """True for ``lookup``'s answer for a name that is not there (see ``absent``)."""
+    return entry.st_ino == 0
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FUSEError(errno.ENAMETOOLONG)
@@ -340,8 +356,8 @@ class FluidOperations(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
         else:
             ino = self.tree.lookup(parent_inode, name)
-        if ino is None:
-            raise FUSEError(errno.ENOENT)
+            if ino is None:
+                return absent()
         inode = self._inode(ino)
         self.lookups[ino] += 1
         return self.attrs(inode)

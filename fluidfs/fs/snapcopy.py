@@ -14,7 +14,6 @@ snapshot modes.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from fluidfs.fs.layered import LayeredOperations
+from fluidfs.fs.operations import is_absent
 from fluidfs.fs.snapshots import SNAPDIR_INO, SnapshotView
 from fluidfs.fs.tree import ROOT_INO
 
@@ -102,13 +102,12 @@ class SnapshotCopy:
     async def _parents(self, snapshot: bytes, dirs: list[bytes], held: list[int]) -> int:
         parent = ROOT_INO
         for depth, name in enumerate(dirs):
-            try:
-                attrs = await self.ops.lookup(parent, name, self.caller)
-            except FUSEError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+            attrs = await self.ops.lookup(parent, name, self.caller)
+            if is_absent(attrs):
                 was = self.view.inode(await self.find(snapshot, dirs[: depth + 1]))
                 attrs = await self.ops.mkdir(parent, name, stat.S_IMODE(was.mode), self.caller)
+                # The kernel may hold a negative entry for the name (operations.absent).
+                self.invalidate(parent, name)
             held.append(attrs.st_ino)
             if not stat.S_ISDIR(attrs.st_mode):
                 raise RestoreError(f"{os.fsdecode(name)} is not a folder in the live tree")
@@ -120,12 +119,9 @@ class SnapshotCopy:
     ) -> bytes:
         candidate, n = name, 1
         while True:
-            try:
-                attrs = await self.ops.lookup(parent, candidate, self.caller)
-            except FUSEError as exc:
-                if exc.errno == errno.ENOENT:
-                    return candidate
-                raise
+            attrs = await self.ops.lookup(parent, candidate, self.caller)
+            if is_absent(attrs):
+                return candidate
             held.append(attrs.st_ino)
             suffix = b".restored-" + snapshot + (b"" if n == 1 else b"-%d" % n)
             candidate, n = name + suffix, n + 1

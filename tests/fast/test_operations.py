@@ -14,6 +14,7 @@ import trio.testing
 
 from fluidfs import keys
 from fluidfs.fs.health import XATTR_REDUNDANCY
+from fluidfs.fs.operations import TIMEOUT, is_absent
 from fluidfs.fs.tree import ROOT_INO
 from fluidfs.node.node import Node, NodeConfig
 from fluidfs.statedir import StateDir
@@ -119,7 +120,7 @@ async def test_unlinked_open_file_readable_until_released_then_space_freed(node)
     used = node.shards.used(node.config.keyring.public_key)
     assert used > 2 * BS
     await ops.unlink(ROOT_INO, b"f", CTX)
-    await expect_errno(errno.ENOENT, ops.lookup(ROOT_INO, b"f", CTX))
+    assert is_absent(await ops.lookup(ROOT_INO, b"f", CTX))
     assert len(await ops.read(fh, 0, 2 * BS)) == 2 * BS
     await ops.release(fh)
     await ops.forget([(ino, 1)])
@@ -294,7 +295,7 @@ async def test_status_counts_the_kernels_requests_by_operation(node):
     operation, failed ones included: what a workload costs in round trips (issue 16)."""
     ops = node.ops
     before = node.status.figures(node.status.scan())["fuse_requests"]
-    await expect_errno(errno.ENOENT, ops.lookup(ROOT_INO, b"f", CTX))
+    assert is_absent(await ops.lookup(ROOT_INO, b"f", CTX))
     fh, ino = await new_file(ops)
     await ops.write(fh, 0, b"x" * 4096)
     await ops.release(fh)
@@ -305,3 +306,12 @@ async def test_status_counts_the_kernels_requests_by_operation(node):
     assert added == {
         "lookup": 1, "create": 1, "write": 1, "release": 1, "getattr": 1, "forget": 1
     }
+
+
+async def test_a_missing_name_is_a_negative_entry_the_kernel_may_keep(node):
+    """A lookup of a name that is not there answers inode 0 with the entry timeout
+    (pyfuse3's negative entry), not ENOENT, which the kernel does not keep: a second
+    miss of the same name (a stat before a create) is then no request."""
+    entry = await node.ops.lookup(ROOT_INO, b"missing", CTX)
+    assert entry.st_ino == 0 and entry.entry_timeout == TIMEOUT
+    assert not node.ops.lookups.get(0)
