@@ -55,6 +55,7 @@ import cbor2
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.concurrency import map_limited
 from fluidfs.fs.dirstate import FULL_EVERY, DirState, LeafRecord, StaleDirState
 from fluidfs.fs.filedata import FileData
 from fluidfs.fs.metaformat import (
@@ -505,26 +506,12 @@ class TreeWriter:
         began: a directory of 10,000 small files waited ~25 placements in a row.
         Encoded only once a node writer is free (at most NODE_WRITERS in memory). The
         first error is raised as itself, not in a group (callers catch CommitAborted)."""
-        refs: list[Ref | None] = [None] * len(groups)
-        failed: list[Exception] = []
-        room = trio.Semaphore(NODE_WRITERS)
+        async def store(group: list[tuple[bytes, Ref, int]]) -> Ref:
+            return await self.store_node(
+                encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
+            )
 
-        async def one(i: int, group: list[tuple[bytes, Ref, int]]) -> None:
-            async with room:
-                try:
-                    refs[i] = await self.store_node(
-                        encode_index(group, height), [(r.block_id, True) for _, r, _ in group]
-                    )
-                except Exception as exc:
-                    failed.append(exc)
-                    nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for i, group in enumerate(groups):
-                nursery.start_soon(one, i, group)
-        if failed:
-            raise failed[0]
-        return [ref for ref in refs if ref is not None]
+        return await map_limited(store, groups, NODE_WRITERS)
 
     async def manifest(
         self, ino: int, blocks: list[tuple[int, Ref]], inline, owner: int | None = None

@@ -41,6 +41,7 @@ import trio
 
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.concurrency import map_limited
 from fluidfs.fs.metaformat import (
     INDEX,
     LEAF,
@@ -356,24 +357,10 @@ class MetaIndex:
     ) -> list[TreeNode]:
         """``load`` each of *block_ids*, FETCHERS at once; the nodes in their order (one
         MetaError for the caller if any fails, not a group)."""
-        nodes: list[TreeNode | None] = [None] * len(block_ids)
-        limiter = trio.CapacityLimiter(FETCHERS)
-        failed: list[MetaError] = []
+        async def load(block_id: bytes) -> TreeNode:
+            return await self.load(block_id, fetched)
 
-        async def one(i: int, block_id: bytes) -> None:
-            async with limiter:
-                try:
-                    nodes[i] = await self.load(block_id, fetched)
-                except MetaError as exc:
-                    failed.append(exc)
-                    nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for i, block_id in enumerate(block_ids):
-                nursery.start_soon(one, i, block_id)
-        if failed:
-            raise failed[0]
-        return nodes  # type: ignore[return-value]  # every one loaded, or failed
+        return await map_limited(load, block_ids, FETCHERS, MetaError)
 
     async def file_blocks(self, entry: Entry) -> tuple[list, list]:
         """A file entry's (block index, ref) and (block index, inline bytes) lists."""

@@ -283,6 +283,19 @@ async def test_a_small_directory_loads_in_one_write_transaction(tmp_path: Path) 
         assert len(writes) == 1, f"{len(writes)} write transactions for one small directory"
 
 
+async def lmdb_calls_loading(meta, ino: int) -> dict[str, int]:
+    """LMDB ``get`` and ``put`` calls (Transaction methods) while directory *ino* loads."""
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        await meta.restorer.ensure(ino)
+    finally:
+        profile.disable()
+    return {name: sum(stat.callcount for stat in profile.getstats()
+                      if f"method '{name}' of 'Transaction'" in str(stat.code))
+            for name in ("get", "put")}
+
+
 async def test_loading_a_directory_reads_each_entry_once(tmp_path: Path) -> None:
     """A fresh machine's walk writes every entry of the tree: loading a directory reads
     the live tables once per entry (is its inode there already?), not twice (the
@@ -290,14 +303,7 @@ async def test_loading_a_directory_reads_each_entry_once(tmp_path: Path) -> None
     as LMDB ``get`` calls while photos/ (41 entries) loads, the reads of its node's
     fetch (~30: records, the K local shards) included: 72 now, 113 before."""
     async with restored_tree(tmp_path) as (a, b, meta):
-        profile = cProfile.Profile()
-        profile.enable()
-        try:
-            await meta.restorer.ensure(a.photos)
-        finally:
-            profile.disable()
-        gets = sum(stat.callcount for stat in profile.getstats()
-                   if "method 'get' of 'Transaction'" in str(stat.code))
+        gets = (await lmdb_calls_loading(meta, a.photos))["get"]
         assert len(names(b, a.photos)) == 41
         assert gets <= 41 + 40, f"{gets} LMDB reads to load 41 entries"
 
@@ -312,15 +318,7 @@ async def test_loading_a_directory_costs_one_lmdb_call_per_entry(tmp_path: Path)
     before, 72 ``get`` and 216 ``put`` calls (a look-up and about five writes per
     entry); now 31 and 53."""
     async with restored_tree(tmp_path) as (a, b, meta):
-        profile = cProfile.Profile()
-        profile.enable()
-        try:
-            await meta.restorer.ensure(a.photos)
-        finally:
-            profile.disable()
-        calls = {name: sum(stat.callcount for stat in profile.getstats()
-                           if f"method '{name}' of 'Transaction'" in str(stat.code))
-                 for name in ("get", "put")}
+        calls = await lmdb_calls_loading(meta, a.photos)
         assert len(names(b, a.photos)) == 41
         assert calls["get"] <= 40, f"{calls['get']} LMDB reads to load 41 entries"
         assert calls["put"] <= 41 + 15, f"{calls['put']} LMDB writes to load 41 entries"
