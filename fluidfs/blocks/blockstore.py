@@ -34,6 +34,7 @@ from fluidfs.blocks.codec import BlockCodec, BlockError, BlockRecord, NotEnoughS
 from fluidfs.blocks.gc import Collector
 from fluidfs.blocks.recent import RecentBlocks
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.blocks.recordwrites import JoinedWrites
 from fluidfs.blocks.remote import RemoteShards, opened
 from fluidfs.blocks.suspects import Suspects
 from fluidfs.diskspace import DiskReserve, is_disk_full
@@ -124,6 +125,9 @@ class BlockStore:
         # the queue were located on every peer and rebuilt, racing their first upload).
         self.queued: set[bytes] = set()
         self._upload_ended = trio.Event()  # set (and replaced) whenever an upload ends
+        # Uploads that end in the same round of the loop record their holders in one
+        # write transaction (blocks/recordwrites.py).
+        self._records = JoinedWrites(meta)
         # Block id -> events of waiters for that block's upload to end (``upload_ended``).
         self._ended_for: dict[bytes, list[trio.Event]] = {}
         self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
@@ -602,10 +606,12 @@ class BlockStore:
                 if wanted[i] == NO_HOLDER and h != NO_HOLDER
             ]
             self.uploaded_bytes += len(new) * record.shard_size
-            surplus: list[int] = []
-            recounted: dict[int, int] = {}  # holder -> bytes counted twice (reclaim)
             failing = self.remote.failing_holders() if replacing else set()
-            with self.meta.write() as txn:
+
+            def record_holders(txn) -> tuple[StoredBlock | None, bool, list[int],
+                                             dict[int, int]]:
+                surplus: list[int] = []
+                recounted: dict[int, int] = {}  # holder -> bytes counted twice (reclaim)
                 current = self.load(block_id, txn)
                 same = current is not None and current.record.shard_ids == record.shard_ids
                 for i in new:
@@ -631,6 +637,9 @@ class BlockStore:
                 if same:
                     self.save(txn, current)
                     self.collector.placed(txn, current.holders, record.shard_ids)
+                return current, same, surplus, recounted
+
+            current, same, surplus, recounted = await self._records.write(record_holders)
             for holder, size in recounted.items():
                 self.remote.give_back(holder, size)
             for i in surplus:  # deleted (or filled) while uploading: take back what we sent

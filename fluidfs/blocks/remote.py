@@ -146,7 +146,8 @@ class RemoteShards:
         # (a delete), or reconciliation (blocks/reconcile.py) settles who holds what.
         self.full: set[bytes] = set()
         self.batches = ShardBatches(conns, limiter)
-        self.store_batches = StoreBatches(conns, self._slots.__getitem__, self._settle_batch)
+        self.store_batches = StoreBatches(conns, self._slots.__getitem__, self._settle_batch,
+                                          journal=self._journal_sending)
         self.single_stores = 0  # StoreShard calls of one shard (batched ones: store_batches)
         self.single_retrieves = 0  # RetrieveShard calls (batched ones: batches)
 
@@ -234,20 +235,20 @@ class RemoteShards:
             candidates = prefer_group(candidates, self.placement_groups(),
                                       self._holder_keys(holding))
         missing = [i for i, h in enumerate(holders) if h == NO_HOLDER]
-        # Each shard's first peer is chosen now and all first attempts are journalled in
-        # one transaction; a retry on another peer journals itself (``_store``).
         first = dict(zip(missing, candidates, strict=False))
         del candidates[: len(first)]
+        if self.store_batches.usable(b"", record.shard_size):
+            # journalled by the StoreShard calls that carry them, a call at a time
+            await self._place_batched(record, shards, holders, first, candidates, priority)
+            return
+        # Each shard's first peer is chosen now and all first attempts are journalled in
+        # one transaction; a retry on another peer journals itself (``_store``).
         if self.journal is not None:
             self.journal.placing_many([
                 (self.peers.get(key).index, record.shard_ids[i], record.shard_size,
                  record.block_id)
                 for i, key in first.items()
             ])
-
-        if self.store_batches.usable(b"", record.shard_size):
-            await self._place_batched(record, shards, holders, first, candidates, priority)
-            return
 
         async def store_one(index: int) -> None:
             key = first.get(index)
@@ -273,34 +274,24 @@ class RemoteShards:
     ) -> None:
         """``place`` for a block of small shards: all go in batches and this one task
         waits for them (a task per shard was most of a first sync's task switches).
-        Shards that failed go to the next candidates together, round after round, each
-        attempt journalled as ``_store`` journals it."""
+        Shards that failed go to the next candidates together, round after round. Each
+        attempt is journalled by the call that carries it (storebatch.py ``Journal``):
+        one left unsent (a slow peer) was never journalled."""
         tries = first
-        journaled = True
         while tries:
             stores = [(key, self.peers.get(key).index, record.shard_ids[index], shards[index])
                       for index, key in tries.items()]
-            if not journaled and self.journal is not None:
-                self.journal.placing_many([(holder, shard_id, len(data), record.block_id)
-                                           for _, holder, shard_id, data in stores])
             await self._deletes_ended([(holder, shard_id) for _, holder, shard_id, _ in stores])
             outcomes = await self.store_batches.store_group(
-                stores, priority, patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
-            unsent = []
+                stores, priority, patience=BATCH_WAIT, timeout=STORE_TIMEOUT,
+                block_id=record.block_id)
             retries: dict[int, bytes] = {}
-            for index, (_, holder, shard_id, _), outcome in zip(tries, stores, outcomes,
-                                                                 strict=True):
+            for index, (_, holder, _, _), outcome in zip(tries, stores, outcomes, strict=True):
                 if outcome == STORED:
                     holders[index] = holder
-                    continue
-                if outcome == "unsent":  # a slow peer: never sent, nothing to collect
-                    unsent.append((holder, shard_id, record.shard_size, REFUSED))
-                if candidates:
+                elif candidates:
                     retries[index] = candidates.pop(0)
-            if unsent and self.journal is not None:
-                self.journal.outcomes(unsent)
             tries = retries
-            journaled = False
 
     async def _store(
         self,
@@ -343,14 +334,14 @@ class RemoteShards:
         priority: int, *, journaled: bool,
     ) -> bool:
         """``_store`` for a small shard: it goes to *key* in a ``StoreShard`` call with
-        others (blocks/storebatch.py), journalled and recorded just as a single store."""
-        if self.journal is not None and not journaled:
-            self.journal.placing(holder, shard_id, len(data), block_id)
+        others (blocks/storebatch.py), which journals it; recorded just as a single
+        store."""
         await self._deletes_ended([(holder, shard_id)])
         outcome = await self.store_batches.store(key, holder, shard_id, data, priority,
-                                                 patience=BATCH_WAIT, timeout=STORE_TIMEOUT)
+                                                 patience=BATCH_WAIT, timeout=STORE_TIMEOUT,
+                                                 block_id=block_id)
         if outcome == "unsent":  # a slow peer: this shard goes to another one
-            if self.journal is not None:
+            if journaled and self.journal is not None:
                 self.journal.refused(holder, shard_id)  # never sent: nothing to collect
             return False
         return outcome == STORED  # recorded and journalled by ``_settle_batch``
@@ -361,6 +352,12 @@ class RemoteShards:
         record is about to name."""
         if self.journal is not None:
             await self.journal.wait_deletes(stores)
+
+    def _journal_sending(self, shards: list[tuple[int, bytes, int, bytes]]) -> None:
+        """Journal the shards of a batched ``StoreShard`` call about to leave, (holder,
+        shard id, size, block id) each, in one transaction (storebatch.py ``Journal``)."""
+        if self.journal is not None:
+            self.journal.placing_many(shards)
 
     def _settle_batch(
         self, key: bytes, ended: list[tuple[int, bytes, int, str | None, Exception | None]]

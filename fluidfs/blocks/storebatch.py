@@ -12,10 +12,13 @@ blocks/shardbatch.py does for reads); a call that would carry fewer than GATHER_
 shards while more blocks are being put (``coming``) waits up to GATHER_WAIT for theirs,
 and with nothing more coming an idle peer is sent a shard at once.
 
-Only the transport changes: the caller (blocks/remote.py) still chooses the peer,
-journals the attempt and records the outcome of each shard, exactly as for a single
-store; it is told the outcomes of a call's shards together (``Settle``), so the placing
-journal records them in one transaction per call, not one per shard. A block's shards
+Only the transport changes: the caller (blocks/remote.py) still chooses the peer and
+records the outcome of each shard, exactly as for a single store. The placing journal
+is written per call, not per block: just before a call leaves, its shards are journalled
+together (``Journal``), and the call's outcomes are recorded together (``Settle``) — two
+write transactions per call of up to 64 shards, where journalling each block's first
+attempts had cost one transaction per block. A shard that never left the queue was
+never journalled, so it leaves nothing to take back. A block's shards
 are enqueued together and one task waits for all of them (``store_group``, a
 ``StoreGroup``): a task per shard was most of a first sync's task switches. Each call takes
 one of the peer's store slots (the window ``usable_peers`` weighs), and a shard still
@@ -64,6 +67,16 @@ Slot = Callable[[bytes], trio.Semaphore]
 # size, the refusal's code or None if stored, the call's error or None); returns each
 # one's outcome, which its waiters get (blocks/remote.py records and journals them).
 Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]], list[str]]
+# Journals the shards of a call about to leave for a peer, (holder, shard id, size,
+# block id) each, in one transaction; a shard is sent only once this returned.
+Journal = Callable[[list[tuple[int, bytes, int, bytes]]], None]
+# What a shard's waiter is told when journalling its call failed (the disk): it was
+# never sent, as a refusal would leave it (nothing to take back, another peer is tried).
+NOT_JOURNALLED = "refused"
+
+
+def _no_journal(_shards: list[tuple[int, bytes, int, bytes]]) -> None:
+    pass
 
 
 class StoreGroup:
@@ -96,13 +109,14 @@ class StoreGroup:
 class _Store:
     """One shard waiting in a peer's queue, then its outcome."""
 
-    __slots__ = ("abandoned", "data", "group", "holder", "outcome", "sent", "shard_id",
-                 "timeout")
+    __slots__ = ("abandoned", "block_id", "data", "group", "holder", "outcome", "sent",
+                 "shard_id", "timeout")
 
     def __init__(self, holder: int, shard_id: bytes, data: bytes, timeout: float,
-                 group: StoreGroup) -> None:
+                 group: StoreGroup, block_id: bytes) -> None:
         self.holder = holder
         self.shard_id = shard_id
+        self.block_id = block_id  # for the placing journal
         self.data = data
         self.timeout = timeout  # for the call that carries it
         self.group = group
@@ -116,11 +130,12 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
     calls."""
 
     def __init__(self, conns: Connections, slot: Slot, settle: Settle,
-                 coming: Callable[[], int] = lambda: 0) -> None:
+                 coming: Callable[[], int] = lambda: 0, journal: Journal = _no_journal) -> None:
         super().__init__(BATCHES_PER_PEER)
         self.conns = conns
         self.slot = slot
         self.settle = settle
+        self.journal = journal
         # How many small blocks will enqueue their shards soon (see GATHER_SHARDS).
         self.coming = coming
         self._gathering: dict[tuple[bytes, int], trio.Event] = {}  # queues a sender waits on
@@ -133,26 +148,27 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
 
     async def store(
         self, key: bytes, holder: int, shard_id: bytes, data: bytes, priority: int, *,
-        patience: float, timeout: float,
+        patience: float, timeout: float, block_id: bytes = b"",
     ) -> str:
-        """Store one shard on *key* (holder index *holder*) in a batch: its outcome as
-        ``Settle`` gave it, or ``"unsent"`` if no call took it within *patience*
-        seconds (it was never sent)."""
+        """Store one shard of *block_id* on *key* (holder index *holder*) in a batch: its
+        outcome as ``Settle`` gave it, or ``"unsent"`` if no call took it within
+        *patience* seconds (it was never sent, nor journalled)."""
         (outcome,) = await self.store_group([(key, holder, shard_id, data)], priority,
-                                            patience=patience, timeout=timeout)
+                                            patience=patience, timeout=timeout,
+                                            block_id=block_id)
         return outcome
 
     async def store_group(
         self, stores: list[tuple[bytes, int, bytes, bytes]], priority: int, *,
-        patience: float, timeout: float,
+        patience: float, timeout: float, block_id: bytes = b"",
     ) -> list[str]:
-        """Store several shards, (peer key, holder index, shard id, data) each, in
-        batches, waited for together in this task (one task per block, not one per
-        shard): each one's outcome as ``store`` gives it, in order."""
+        """Store several shards of *block_id*, (peer key, holder index, shard id, data)
+        each, in batches, waited for together in this task (one task per block, not one
+        per shard): each one's outcome as ``store`` gives it, in order."""
         group = StoreGroup(len(stores))
         waits = []
         for key, holder, shard_id, data in stores:
-            wait = _Store(holder, shard_id, data, timeout, group)
+            wait = _Store(holder, shard_id, data, timeout, group, block_id)
             self.enqueue((key, priority), wait)
             waits.append(wait)
             gathering = self._gathering.get((key, priority))
@@ -227,6 +243,16 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         return batch
 
     async def _call(self, key: bytes, priority: int, batch: dict[bytes, list[_Store]]) -> None:
+        try:
+            self.journal([(waits[0].holder, sid, len(waits[0].data), waits[0].block_id)
+                          for sid, waits in batch.items()])
+        except Exception:  # the disk: an unjournalled shard must not leave
+            log.exception("journalling a StoreShard call to %s failed", key.hex()[:12])
+            for waits in batch.values():
+                for wait in waits:
+                    wait.outcome = NOT_JOURNALLED
+                    wait.group.settled_one()
+            return
         ids = list(batch)
         timeout = max(wait.timeout for waits in batch.values() for wait in waits)
         # A primary shard is a view of its sealed block; a small one is copied here (the

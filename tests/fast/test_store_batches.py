@@ -387,3 +387,64 @@ async def test_a_gathering_call_leaves_once_nothing_more_is_coming(
         finally:
             store.close()
             owner.close()
+
+
+async def test_a_burst_of_uploads_commits_a_transaction_per_block_and_a_few_per_call(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """Each block's first attempts were journalled in a write transaction of their own
+    before its shards joined the queues, and each block's holders were recorded in one
+    of their own when its upload ended: with the block's record when it is put and the
+    outcomes of each call, three a block and one a call (48 blocks on 4 hosts in 8 calls:
+    152 commits of ``meta.lmdb``). Now a call's shards are journalled together just
+    before it leaves, and the uploads that a call's answer ends record their holders in
+    one transaction (blocks/recordwrites.py): one a block and at most three a call (66).
+    Counted as LMDB's own count of committed write transactions."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            before = store.db.env.info()["last_txnid"]
+            async with trio.open_nursery() as tasks:
+                await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
+            commits = store.db.env.info()["last_txnid"] - before
+            calls = sum(len(host.service.calls) for host in hosts)
+            assert sum(sum(host.service.calls) for host in hosts) == BLOCKS * N
+            assert commits <= BLOCKS + 3 * calls + 2, (commits, calls)
+            assert not store.blocks.under, "every shard has its holder"
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_a_call_whose_journal_fails_is_not_sent(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A batched call journals its shards before it leaves; if that transaction fails
+    (here: the journal raises, as a full disk would make it), the call is not sent: no
+    host gets a shard nobody journalled, the blocks stay short of holders (for repair
+    to place) and the block store goes on. Before the calls journalled their own shards,
+    ``place`` did, and its failure ended the block's upload the same way; without the
+    guard in ``StoreBatches._call`` the error would end the batch senders, and the node."""
+    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+
+            def disk_full(_shards: list) -> None:
+                raise OSError(28, "No space left on device")
+
+            store.blocks.collector.placing_many = disk_full
+            async with trio.open_nursery() as tasks:
+                ids = await put_burst(store, owner, tasks)
+                tasks.cancel_scope.cancel()
+            assert all(not host.service.calls for host in hosts)
+            assert set(ids) <= store.blocks.under
+            for block_id in ids:
+                assert set(store.blocks.load(block_id).holders) == {NO_HOLDER}
+        finally:
+            store.close()
+            owner.close()
