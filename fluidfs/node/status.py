@@ -24,7 +24,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, StoredBlock
 from fluidfs.blocks.repair import Repairer
 from fluidfs.diskspace import free_bytes
 from fluidfs.fs.filedata import FileData
-from fluidfs.fs.inode import Inode
+from fluidfs.fs.inode import record_is_reg
 from fluidfs.keys import encode_peer_id
 from fluidfs.node.overview import overview
 from fluidfs.node.traffic import TrafficRate
@@ -135,7 +135,7 @@ class NodeStatus:
                 reachable[up] = reachable.get(up, 0) + 1
             levels[level] = levels.get(level, 0) + 1
         inodes = self.meta.records("inodes", SCAN_BATCH)
-        files = sum(Inode.decode(0, raw).is_reg for _key, raw in inodes)
+        files = sum(record_is_reg(raw) for _key, raw in inodes)
         self.meta.release_pages()  # the scan mapped every record: not ours to keep
         disk_free = disk_total = 0
         if self.state_path is not None:
