@@ -86,12 +86,21 @@ class NamesUnsent(Counting):
         return reply
 
 
-async def put_burst(store: LocalStore, owner: PeerNode, nursery: trio.Nursery) -> list[bytes]:
-    """Put BLOCKS small blocks at once (a commit's node writers run concurrently) with
-    the uploaders and batches running; wait
-    until every upload was tried; the block ids."""
+async def start_uploads(store: LocalStore, nursery: trio.Nursery) -> None:
+    """Start the store's batch senders and uploaders in *nursery*."""
     await nursery.start(store.blocks.remote.run)
     await nursery.start(store.blocks.run)
+
+
+async def put_burst(store: LocalStore, nursery: trio.Nursery) -> list[bytes]:
+    """``start_uploads`` in *nursery*, then ``put_blocks``."""
+    await start_uploads(store, nursery)
+    return await put_blocks(store)
+
+
+async def put_blocks(store: LocalStore) -> list[bytes]:
+    """Put BLOCKS small blocks at once (a commit's node writers run concurrently), the
+    uploaders running; wait until every upload was tried; the block ids."""
     ids: list[bytes] = []
 
     async def put() -> None:
@@ -106,27 +115,38 @@ async def put_burst(store: LocalStore, owner: PeerNode, nursery: trio.Nursery) -
 
 
 @asynccontextmanager
+async def storing_through(
+    tmp_path: Path, count: int = N, *, ring: keys.KeyRing = RING,
+    service: type[PeerService] = PeerService,
+) -> AsyncIterator[tuple[LocalStore, PeerNode, list[PeerNode]]]:
+    """An owner (a block store over *ring*) storing through *count* listening hosts
+    running *service*: (store, owner, hosts); the store and the owner closed on exit."""
+    async with peer_nodes(tmp_path, count, service=service) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", ring)
+        try:
+            store_through(store, owner, hosts)
+            yield store, owner, hosts
+        finally:
+            store.close()
+            owner.close()
+
+
+@asynccontextmanager
 async def after_a_burst(
     tmp_path: Path, service: type[PeerService]
 ) -> AsyncIterator[tuple[LocalStore, PeerNode, list[PeerNode], list[bytes]]]:
     """An owner storing through N hosts running *service* once it has put BLOCKS blocks
     in one burst (``put_burst``), each shard of each with a holder: (store, owner, hosts,
     block ids)."""
-    async with peer_nodes(tmp_path, N, service=service) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                ids = await put_burst(store, owner, tasks)
-                tasks.cancel_scope.cancel()
-            for block_id in ids:
-                assert NO_HOLDER not in store.blocks.load(block_id).holders, (
-                    "every shard has its holder")
-            yield store, owner, hosts, ids
-        finally:
-            store.close()
-            owner.close()
+    async with storing_through(tmp_path, service=service) as (store, owner, hosts):
+        async with trio.open_nursery() as tasks:  # ends before the store is closed
+            ids = await put_burst(store, tasks)
+            tasks.cancel_scope.cancel()
+        for block_id in ids:
+            assert NO_HOLDER not in store.blocks.load(block_id).holders, (
+                "every shard has its holder")
+        yield store, owner, hosts, ids
 
 
 async def test_a_burst_of_small_blocks_reaches_each_holder_in_few_calls(
@@ -169,7 +189,7 @@ async def test_a_batch_answer_naming_an_unsent_shard_counts_as_no_answer(
         try:
             store_through(store, owner, [*honest, liar])
             async with trio.open_nursery() as tasks:  # ends before the store is closed
-                ids = await put_burst(store, owner, tasks)
+                ids = await put_burst(store, tasks)
                 liar_index = owner.peers.get(liar.key).index
                 assert liar.service.calls, "the liar was asked"
                 for block_id in ids:
@@ -190,85 +210,71 @@ async def test_blocks_waiting_for_their_first_upload_are_left_to_it(tmp_path: Pa
     must not take them. Before: repair took every short block not uploading at that
     moment, so each queued node was looked for on every peer (an AuditShard per peer
     and shard) and rebuilt, racing its own upload."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            ids: list[bytes] = []
+    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+        ids: list[bytes] = []
 
-            async def put() -> None:
-                ids.append(await store.blocks.put(os.urandom(3000)))
+        async def put() -> None:
+            ids.append(await store.blocks.put(os.urandom(3000)))
 
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                await tasks.start(store.blocks.remote.run)
-                async with trio.open_nursery() as putters:
-                    for _ in range(8):  # more than the upload queue holds: some wait in put
-                        putters.start_soon(put)
-                    with trio.fail_after(10):
-                        while len(store.blocks.under) < 8:
-                            await trio.sleep(0.01)
-                    await Repairer(store.blocks, RepairPolicy()).repair_pass()
-                    await tasks.start(store.blocks.run)  # the uploaders start only now
-                with trio.fail_after(30):
-                    await store.blocks.drain()
-                tasks.cancel_scope.cancel()
-            for block_id in ids:
-                assert NO_HOLDER not in store.blocks.load(block_id).holders
-            for host in hosts:
-                assert host.service.ops["AuditShard"] == 0, host.service.ops
-                assert sum(host.service.calls) == len(ids), "each shard sent once"
-        finally:
-            store.close()
-            owner.close()
+        async with trio.open_nursery() as tasks:  # ends before the store is closed
+            await tasks.start(store.blocks.remote.run)
+            async with trio.open_nursery() as putters:
+                for _ in range(8):  # more than the upload queue holds: some wait in put
+                    putters.start_soon(put)
+                with trio.fail_after(10):
+                    while len(store.blocks.under) < 8:
+                        await trio.sleep(0.01)
+                await Repairer(store.blocks, RepairPolicy()).repair_pass()
+                await tasks.start(store.blocks.run)  # the uploaders start only now
+            with trio.fail_after(30):
+                await store.blocks.drain()
+            tasks.cancel_scope.cancel()
+        for block_id in ids:
+            assert NO_HOLDER not in store.blocks.load(block_id).holders
+        for host in hosts:
+            assert host.service.ops["AuditShard"] == 0, host.service.ops
+            assert sum(host.service.calls) == len(ids), "each shard sent once"
 
 
 async def test_nodes_waiting_for_placement_wake_for_their_own_upload(tmp_path: Path) -> None:
     """A commit's node writers each wait for their own node's placement. Before: every
     upload's end woke every waiter, and each re-read its record (and re-armed a 50 ms
     timer): O(nodes in flight) record reads per upload."""
-    async with peer_nodes(tmp_path, N) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            blocks = store.blocks
-            sealed = []
-            for _ in range(WAITERS):
-                data = os.urandom(3000)
-                record, shards = store.codec.seal(data, store.codec.block_id(data))
-                with store.db.write() as txn:
-                    blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
-                blocks.under.add(record.block_id)
-                sealed.append((record, shards))
-            reads = 0
-            load = blocks.load
+    async with storing_through(tmp_path) as (store, _owner, _hosts):
+        blocks = store.blocks
+        sealed = []
+        for _ in range(WAITERS):
+            data = os.urandom(3000)
+            record, shards = store.codec.seal(data, store.codec.block_id(data))
+            with store.db.write() as txn:
+                blocks.save(txn, StoredBlock(record, 1, [NO_HOLDER] * N))
+            blocks.under.add(record.block_id)
+            sealed.append((record, shards))
+        reads = 0
+        load = blocks.load
 
-            def counted(*args, **kw):
-                nonlocal reads
-                reads += 1
-                return load(*args, **kw)
+        def counted(*args, **kw):
+            nonlocal reads
+            reads += 1
+            return load(*args, **kw)
 
-            placed: list[bool] = []
+        placed: list[bool] = []
 
-            async def wait(block_id: bytes) -> None:
-                placed.append(await wait_placed(blocks, [block_id], stall=30, limit=60))
+        async def wait(block_id: bytes) -> None:
+            placed.append(await wait_placed(blocks, [block_id], stall=30, limit=60))
 
-            blocks.load = counted
-            started = trio.current_time()
-            async with trio.open_nursery() as waiters:
-                for record, _ in sealed:
-                    waiters.start_soon(wait, record.block_id)
-                await trio.testing.wait_all_tasks_blocked()
-                for record, shards in sealed:  # one upload after another
-                    await blocks.upload(record, shards)
-            polls = (trio.current_time() - started) / PLACED_POLL
-            assert placed == [True] * WAITERS
-            own = 2 * WAITERS  # each upload reads its record twice
-            assert reads - own <= WAITERS * (2 + polls), (reads - own, polls)
-        finally:
-            store.close()
-            owner.close()
+        blocks.load = counted
+        started = trio.current_time()
+        async with trio.open_nursery() as waiters:
+            for record, _ in sealed:
+                waiters.start_soon(wait, record.block_id)
+            await trio.testing.wait_all_tasks_blocked()
+            for record, shards in sealed:  # one upload after another
+                await blocks.upload(record, shards)
+        polls = (trio.current_time() - started) / PLACED_POLL
+        assert placed == [True] * WAITERS
+        own = 2 * WAITERS  # each upload reads its record twice
+        assert reads - own <= WAITERS * (2 + polls), (reads - own, polls)
 
 
 class TasksSpawned(trio.abc.Instrument):
@@ -289,37 +295,20 @@ async def test_a_small_block_is_stored_by_about_one_task_not_one_per_shard(
     here, counting the block's upload and the batch senders. One task now waits for all
     of a block's shards (a ``StoreGroup``): 1.3. Every shard still reaches a holder."""
     ring = keys.KeyRing(keys.generate(shards_total=8, shards_needed=4))
-    async with peer_nodes(tmp_path, 8) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", ring)
-        try:
-            store_through(store, owner, hosts)
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                await tasks.start(store.blocks.remote.run)
-                await tasks.start(store.blocks.run)
-                counter = TasksSpawned()
-                trio.lowlevel.add_instrument(counter)
-                try:
-                    ids: list[bytes] = []
-
-                    async def put() -> None:
-                        ids.append(await store.blocks.put(os.urandom(3000)))
-
-                    async with trio.open_nursery() as putters:
-                        for _ in range(BLOCKS):
-                            putters.start_soon(put)
-                    with trio.fail_after(30):
-                        await store.blocks.drain()
-                finally:
-                    trio.lowlevel.remove_instrument(counter)
-                tasks.cancel_scope.cancel()
-            for block_id in ids:
-                assert NO_HOLDER not in store.blocks.load(block_id).holders
-            per_block = sum(counter.names.values()) / BLOCKS
-            assert per_block <= 2, (per_block, counter.names)
-        finally:
-            store.close()
-            owner.close()
+    async with storing_through(tmp_path, 8, ring=ring) as (store, _owner, _hosts):
+        async with trio.open_nursery() as tasks:  # ends before the store is closed
+            await start_uploads(store, tasks)
+            counter = TasksSpawned()
+            trio.lowlevel.add_instrument(counter)
+            try:
+                ids = await put_blocks(store)
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            tasks.cancel_scope.cancel()
+        for block_id in ids:
+            assert NO_HOLDER not in store.blocks.load(block_id).holders
+        per_block = sum(counter.names.values()) / BLOCKS
+        assert per_block <= 2, (per_block, counter.names)
 
 
 async def test_a_call_waits_for_the_shards_of_blocks_being_put(
@@ -353,40 +342,34 @@ async def test_a_gathering_call_leaves_once_nothing_more_is_coming(
     """A call waiting for the shards of a block still being put leaves as soon as that put
     ends without an upload (a block stored already): a small commit's level of nodes
     does not wait GATHER_WAIT for nothing. Before: it waited until GATHER_WAIT passed."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            async with trio.open_nursery() as tasks:  # ends before the store is closed
-                await tasks.start(store.blocks.remote.run)
-                await tasks.start(store.blocks.run)
-                stored = os.urandom(3000)
-                await store.blocks.put(stored)
-                with trio.fail_after(30):
-                    await store.blocks.drain()
-                gate = threading.Event()
+    async with (
+        storing_through(tmp_path, service=Counting) as (store, _owner, _hosts),
+        trio.open_nursery() as tasks,  # ends before the store is closed
+    ):
+        await start_uploads(store, tasks)
+        stored = os.urandom(3000)
+        await store.blocks.put(stored)
+        with trio.fail_after(30):
+            await store.blocks.drain()
+        gate = threading.Event()
 
-                def held() -> bytes:  # a put of a stored block, held in its worker thread
-                    gate.wait(30)
-                    return stored
+        def held() -> bytes:  # a put of a stored block, held in its worker thread
+            gate.wait(30)
+            return stored
 
-                tasks.start_soon(store.blocks.put, held)
-                tasks.start_soon(store.blocks.put, os.urandom(3000))
-                batches = store.blocks.remote.store_batches
-                await spin_until(batches.gathering, "a call gathering shards")
-                started = trio.current_time()
-                gate.set()
-                await spin_until(lambda: not store.blocks.putting and not batches.gathering(),
-                                 "the puts to end and the call to leave")
-                with trio.fail_after(30):
-                    await store.blocks.drain()
-                assert trio.current_time() - started < GATHER_WAIT
-                assert not store.blocks.under, "the new block is placed"
-                tasks.cancel_scope.cancel()
-        finally:
-            store.close()
-            owner.close()
+        tasks.start_soon(store.blocks.put, held)
+        tasks.start_soon(store.blocks.put, os.urandom(3000))
+        batches = store.blocks.remote.store_batches
+        await spin_until(batches.gathering, "a call gathering shards")
+        started = trio.current_time()
+        gate.set()
+        await spin_until(lambda: not store.blocks.putting and not batches.gathering(),
+                         "the puts to end and the call to leave")
+        with trio.fail_after(30):
+            await store.blocks.drain()
+        assert trio.current_time() - started < GATHER_WAIT
+        assert not store.blocks.under, "the new block is placed"
+        tasks.cancel_scope.cancel()
 
 
 async def test_a_burst_of_uploads_commits_a_transaction_per_block_and_a_few_per_call(
@@ -400,23 +383,16 @@ async def test_a_burst_of_uploads_commits_a_transaction_per_block_and_a_few_per_
     before it leaves, and the uploads that a call's answer ends record their holders in
     one transaction (blocks/recordwrites.py): one a block and at most three a call (66).
     Counted as LMDB's own count of committed write transactions."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
-            before = store.db.env.info()["last_txnid"]
-            async with trio.open_nursery() as tasks:
-                await put_burst(store, owner, tasks)
-                tasks.cancel_scope.cancel()
-            commits = store.db.env.info()["last_txnid"] - before
-            calls = sum(len(host.service.calls) for host in hosts)
-            assert sum(sum(host.service.calls) for host in hosts) == BLOCKS * N
-            assert commits <= BLOCKS + 3 * calls + 2, (commits, calls)
-            assert not store.blocks.under, "every shard has its holder"
-        finally:
-            store.close()
-            owner.close()
+    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+        before = store.db.env.info()["last_txnid"]
+        async with trio.open_nursery() as tasks:
+            await put_burst(store, tasks)
+            tasks.cancel_scope.cancel()
+        commits = store.db.env.info()["last_txnid"] - before
+        calls = sum(len(host.service.calls) for host in hosts)
+        assert sum(sum(host.service.calls) for host in hosts) == BLOCKS * N
+        assert commits <= BLOCKS + 3 * calls + 2, (commits, calls)
+        assert not store.blocks.under, "every shard has its holder"
 
 
 async def test_a_call_whose_journal_fails_is_not_sent(
@@ -428,23 +404,16 @@ async def test_a_call_whose_journal_fails_is_not_sent(
     to place) and the block store goes on. Before the calls journalled their own shards,
     ``place`` did, and its failure ended the block's upload the same way; without the
     guard in ``StoreBatches._call`` the error would end the batch senders, and the node."""
-    async with peer_nodes(tmp_path, N, service=Counting) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", RING)
-        try:
-            store_through(store, owner, hosts)
+    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
 
-            def disk_full(_shards: list) -> None:
-                raise OSError(28, "No space left on device")
+        def disk_full(_shards: list) -> None:
+            raise OSError(28, "No space left on device")
 
-            store.blocks.collector.placing_many = disk_full
-            async with trio.open_nursery() as tasks:
-                ids = await put_burst(store, owner, tasks)
-                tasks.cancel_scope.cancel()
-            assert all(not host.service.calls for host in hosts)
-            assert set(ids) <= store.blocks.under
-            for block_id in ids:
-                assert set(store.blocks.load(block_id).holders) == {NO_HOLDER}
-        finally:
-            store.close()
-            owner.close()
+        store.blocks.collector.placing_many = disk_full
+        async with trio.open_nursery() as tasks:
+            ids = await put_burst(store, tasks)
+            tasks.cancel_scope.cancel()
+        assert all(not host.service.calls for host in hosts)
+        assert set(ids) <= store.blocks.under
+        for block_id in ids:
+            assert set(store.blocks.load(block_id).holders) == {NO_HOLDER}
