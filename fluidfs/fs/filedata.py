@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ MEMORY_BLOCK_MAX = 256 * 1024  # a dirty block spills to a file past this size
 MEMORY_TOTAL_MAX = 64 * 1024 * 1024  # all in-memory dirty blocks together
 IDLE_SEAL_SECONDS = 2.0
 READ_AHEAD_BLOCKS = 2
+READ_AHEAD_FILES = 64  # files whose read-ahead block ids are remembered (``_read_ahead``)
 
 
 @dataclass(eq=False)
@@ -112,6 +114,9 @@ class FileData:
         self.sealed_bytes = 0
         self.sealed_blocks = 0
         self.on_sealed: Callable[[], None] | None = None
+        # ino -> (the block a read last ended in, the ids of the sealed blocks after it):
+        # the block map is looked up once a block for the read-ahead, not once a read
+        self._ahead: OrderedDict[int, tuple[int, list[bytes]]] = OrderedDict()
         dirty_dir.mkdir(parents=True, exist_ok=True)
 
     # --- background work ----------------------------------------------------------------
@@ -289,12 +294,29 @@ class FileData:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_ahead(self, inode: Inode, index: int) -> None:
-        """Start fetching the next few sealed blocks after *index* (sequential reads)."""
-        last = (inode.size - 1) // self.block_size
-        for ahead in range(index + 1, min(index + READ_AHEAD_BLOCKS, last) + 1):
-            value = self.tree.block(inode.ino, ahead)
-            if value is not None and value[:1] == BLOCK_REF:
-                self.blocks.prefetch(value[1:])
+        """Start fetching the next few sealed blocks after *index* (sequential reads).
+
+        Their ids are looked up in one transaction when a read first ends in block
+        *index* and kept for the reads after it in the same block (a sequential reader
+        makes several per block: issue 16 counted three block map transactions a FUSE
+        read, two of them these). The ids are only a hint: one gone stale by a write
+        meanwhile costs a fetch nobody reads, never a wrong byte, and writes drop them."""
+        ahead = self._ahead.get(inode.ino)
+        if ahead is None or ahead[0] != index:
+            last = (inode.size - 1) // self.block_size
+            ids: list[bytes] = []
+            if index < last:
+                with self.tree.db.view() as txn:
+                    for later in range(index + 1, min(index + READ_AHEAD_BLOCKS, last) + 1):
+                        value = self.tree.block(inode.ino, later, txn)
+                        if value is not None and value[:1] == BLOCK_REF:
+                            ids.append(bytes(value[1:]))
+            ahead = self._ahead[inode.ino] = (index, ids)
+            while len(self._ahead) > READ_AHEAD_FILES:
+                self._ahead.popitem(last=False)
+        self._ahead.move_to_end(inode.ino)
+        for block_id in ahead[1]:
+            self.blocks.prefetch(block_id)
 
     async def _read_block(
         self, ino: int, index: int, start: int, size: int
@@ -323,6 +345,7 @@ class FileData:
 
     async def write(self, inode: Inode, offset: int, data: bytes) -> None:
         """Write *data* at *offset* into dirty blocks (the caller updates the size)."""
+        self._ahead.pop(inode.ino, None)
         bs = self.block_size
         view = memoryview(data)
         pos = 0
@@ -464,6 +487,7 @@ class FileData:
         """Cut the file's data to *new_size* (growing needs nothing: holes read as zeros)."""
         if new_size >= inode.size:
             return
+        self._ahead.pop(inode.ino, None)
         bs = self.block_size
         keep = -(-new_size // bs)  # blocks that still hold data
         for blk in [b for b in self._blocks_of(inode.ino) if b.index >= keep]:
@@ -505,6 +529,7 @@ class FileData:
 
     async def remove(self, ino: int) -> None:
         """Drop all data of a deleted inode."""
+        self._ahead.pop(ino, None)
         for blk in self._blocks_of(ino):
             async with _Held(blk.lock):
                 self._discard(blk)

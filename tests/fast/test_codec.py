@@ -358,3 +358,21 @@ def test_a_shard_changed_only_in_its_padding_does_not_open(version):
     with pytest.raises(CorruptBlock):
         codec.open(record, used, verified=True)
     assert codec.open(record, {i: shards[i] for i in range(K)}, verified=True) == data
+
+
+def test_the_id_check_is_the_default_and_only_readers_skip_it():
+    # A block sealed under an id that is not its plaintext's hash (only the owner's own
+    # sealer could make one: the AEAD binds the id under the block's key) is refused by
+    # the default open, which ``check --read-data`` uses; readers (remote.py) pass
+    # check_id=False and rely on the AEAD, which still refuses any other tampering.
+    data = os.urandom(50_000)
+    wrong = CODEC.block_id(data[:-1])
+    record, shards = CODEC.seal(data, wrong)
+    good = {i: bytes(shards[i]) for i in range(K)}
+    with pytest.raises(CorruptBlock, match="does not match its id"):
+        CODEC.open(record, good, verified=True)
+    assert CODEC.open(record, good, verified=True, check_id=False) == data
+    tampered = dict(good)
+    tampered[0] = bytes([good[0][0] ^ 1]) + good[0][1:]
+    with pytest.raises(CorruptBlock):
+        CODEC.open(record, tampered, verified=True, check_id=False)
