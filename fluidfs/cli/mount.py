@@ -18,6 +18,7 @@ from typing import NoReturn
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
 from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
+from fluidfs.cli.prefetch import node_files, read_ahead
 from fluidfs.statedir import FSNAME_PREFIX, StateDir, StateError, state_dir_from_fsname
 from fluidfs.web.token import read_url
 
@@ -168,6 +169,9 @@ def run_background(
         _run_forked(args, mountpoint, state, keyring, write_fd, log_fd)
     os.close(write_fd)
     os.close(log_fd)
+    # Idle until the node answers: meanwhile have the kernel read the node's modules
+    # from disk ahead of its imports (a cold page cache: prefetch.py).
+    read_ahead(node_files())
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode().strip()
         while answer.startswith("wait: "):  # the lease countdown, a line a second

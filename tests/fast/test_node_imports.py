@@ -57,3 +57,43 @@ def test_pyfuse3_still_works_and_importlib_metadata_is_the_real_one_later() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["2", "True"]
+
+
+COVERAGE = """
+import sys
+from fluidfs.cli.main import build_parser
+from fluidfs.cli import mount
+build_parser()
+before = set(sys.modules)
+listed = {str(p) for p in mount.node_files()}
+mount.import_node()
+files = set()
+for name in set(sys.modules) - before:
+    spec = getattr(sys.modules[name], "__spec__", None)
+    for path in (getattr(spec, "cached", None), getattr(spec, "origin", None)):
+        if path and path.endswith((".pyc", ".so")):
+            files.add(path)
+            break
+print(len(files), len(files & listed))
+print("\\n".join(sorted(files - listed)))
+"""
+
+
+def test_the_files_read_ahead_are_the_node_modules_files() -> None:
+    """`fluidfs mount` asks the kernel for the node's module files while the node
+    starts (cli/prefetch.py): nearly every file the node then imports is among them (a
+    module added since and not listed is only read when imported, hence the margin)."""
+    out = subprocess.run(
+        [sys.executable, "-c", COVERAGE], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    imported, listed = map(int, out[0].split())
+    assert imported > 200
+    assert listed >= 0.95 * imported, out[1:]
+
+
+def test_read_ahead_skips_what_it_cannot_open(tmp_path) -> None:
+    from fluidfs.cli.prefetch import read_ahead
+
+    there = tmp_path / "a.pyc"
+    there.write_bytes(b"x" * 10_000)
+    assert read_ahead(iter([tmp_path / "missing.pyc", there])) == 1
