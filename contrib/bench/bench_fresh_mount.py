@@ -17,6 +17,12 @@ alike), mounts a new state directory with that keyfile alone, as bench_e2e.py's
 - ``cli returned``: until ``fluidfs mount`` exited (it waits for the node to say ready);
 - the node's CPU-seconds (utime + stime of the background node up to ``visible``) and
   those of the ``fluidfs mount`` process itself (from its rusage);
+- the megabytes each read from disk (the node's ``read_bytes`` in /proc/PID/io up to
+  ``visible``, the command's ``ru_inblock``): with ``--drop-caches`` (root) the page
+  cache is dropped before each fresh mount, as bench_e2e.py does before its row, so the
+  interpreter and every module the mount imports come from disk. The peers run on the
+  same machine and keep the shared libraries they map in memory, so a machine with no
+  peer processes reads more;
 - a timeline from the node's log lines (its timestamps, against the start), for the
   steps the mount logs: services listening, restored commit, mounted; and the gate's
   own steps (``mount gate:`` line: peers dialled and root read, lease taken, tree adopted),
@@ -87,11 +93,30 @@ def timeline(log_path: Path, started: float) -> dict[str, float]:
     return out
 
 
-def fresh_mount(repo: Path, work: Path, tag: str, keyfile: Path, expect: set[str]) -> dict:
-    """One fresh machine: mount with the keyfile only, time the tree's appearance."""
+def read_mb(pid: int) -> float:
+    """Megabytes process *pid* has read from disk so far (/proc/PID/io read_bytes)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def fresh_mount(
+    repo: Path, work: Path, tag: str, keyfile: Path, expect: set[str], *, cold: bool = False
+) -> dict:
+    """One fresh machine: mount with the keyfile only, time the tree's appearance
+    (*cold*: with the page cache dropped first)."""
     mnt, state = work / f"mnt-{tag}", work / f"state-{tag}"
     mnt.mkdir()
     env = dict(os.environ, PYTHONPATH=str(repo))
+    if cold:
+        drop_caches()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started_epoch = time.time()
     t0 = time.perf_counter()
@@ -115,11 +140,14 @@ def fresh_mount(repo: Path, work: Path, tag: str, keyfile: Path, expect: set[str
         time.sleep(0.002)
     pid = int((state / "daemon.pid").read_text())
     cpu = node_cpu(pid)
+    node_read = read_mb(pid)
     proc.wait(timeout=60)
     returned = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cli_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    out = {"visible": visible, "cli returned": returned, "node cpu": cpu, "cli cpu": cli_cpu}
+    cli_read = (after.ru_inblock - before.ru_inblock) * 512 / 1e6
+    out = {"visible": visible, "cli returned": returned, "node cpu": cpu, "cli cpu": cli_cpu,
+           "node read MB": node_read, "cli read MB": cli_read}
     out |= timeline(state / "fluidfs.log", started_epoch)
     cli(repo, "unmount", str(mnt))
     shutil.rmtree(state, ignore_errors=True)
@@ -135,6 +163,8 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=12)
     parser.add_argument("--files", type=int, default=50)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before each fresh mount (root)")
     args = parser.parse_args()
     repos = [REPO, *[r.absolute() for r in args.repo]]
     for repo in repos:  # PYTHONDONTWRITEBYTECODE: compile once, as setup.sh does
@@ -166,7 +196,8 @@ def main() -> int:
         cli(REPO, "unmount", str(a_mnt))
         for n in range(args.mounts):
             for i, repo in enumerate(repos):
-                r = fresh_mount(repo, work, f"{n}-{i}", fresh_key, {"small", "top.bin"})
+                r = fresh_mount(repo, work, f"{n}-{i}", fresh_key, {"small", "top.bin"},
+                                cold=args.drop_caches)
                 results[str(repo)].append(r)
                 log(f"{repo}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
     finally:
@@ -178,7 +209,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     keys = list(dict.fromkeys(k for rs in results.values() for r in rs for k in r))
     print(f"\nfresh mount until the tree is visible: {args.peers} peers on 127.0.0.1, "
-          f"median of {args.mounts}, cpus={os.cpu_count()} (seconds; cpu = CPU-seconds)")
+          f"median of {args.mounts}, cpus={os.cpu_count()}, "
+          f"page cache {'dropped before each' if args.drop_caches else 'warm'} "
+          f"(seconds; cpu = CPU-seconds; MB read from disk)")
     print(f"{'step':24}" + "".join(f"{str(r)[-28:]:>30}" for r in repos))
     for k in keys:
         cells = []

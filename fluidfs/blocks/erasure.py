@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-
-import zfec
+from typing import TYPE_CHECKING
 
 from fluidfs.blocks import isal
+
+if TYPE_CHECKING:
+    import zfec
 
 try:
     from pyeclib.ec_iface import ECDriver
@@ -67,13 +69,22 @@ def cauchy_available() -> bool:
     return True
 
 
+# zfec is imported where a ZFEC block is first coded, not with this module: its package
+# loads its command-line tools and json for its version, and a node whose blocks are
+# all RS_CAUCHY (layout 4 on) never needs it; a fresh mount reads it from a cold disk.
+
+
 @functools.lru_cache(maxsize=16)
 def _zfec_encoder(k: int, n: int) -> zfec.Encoder:
+    import zfec
+
     return zfec.Encoder(k, n)
 
 
 @functools.lru_cache(maxsize=16)
 def _zfec_decoder(k: int, n: int) -> zfec.Decoder:
+    import zfec
+
     return zfec.Decoder(k, n)
 
 

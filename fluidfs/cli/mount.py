@@ -18,6 +18,7 @@ from typing import NoReturn
 from fluidfs import keys as keymod
 from fluidfs.cli.common import EXIT_USAGE, fail, state_dir
 from fluidfs.cli.firstrun import check_state_dir, load_or_create_keyfile
+from fluidfs.cli.prefetch import node_files, read_ahead
 from fluidfs.statedir import FSNAME_PREFIX, StateDir, StateError, state_dir_from_fsname
 from fluidfs.web.token import read_url
 
@@ -67,6 +68,22 @@ def cmd_mount(args: argparse.Namespace) -> None:
         run_background(args, mountpoint, state, keyring)
 
 
+def import_node() -> None:
+    """Import what a node process runs: trio, pyfuse3 and the node's parts.
+
+    Only the process that runs the node loads them; the parent of a background mount
+    and `fluidfs unmount` do not wait for them (run_foreground's own imports of these
+    names then find them loaded). pyfuse3 first, before anything imports it the plain
+    way: fs/fuseimport.py keeps importlib.metadata out of a fresh mount's start."""
+    from fluidfs.fs.fuseimport import import_pyfuse3
+
+    import_pyfuse3()
+    import trio  # noqa: F401
+
+    from fluidfs.cli import nodeargs  # noqa: F401
+    from fluidfs.node import gctune, session  # noqa: F401
+
+
 def run_foreground(
     args: argparse.Namespace,
     mountpoint: Path,
@@ -77,8 +94,7 @@ def run_foreground(
 ) -> None:
     """Run the node in this process until it is unmounted; a background mount's node
     reports "ok", "error: ..." or "wait: ..." lines on *ready_fd*."""
-    # Lazy: only the process that runs the node loads trio, pyfuse3 and the node; the
-    # parent of a background mount and `fluidfs unmount` do not wait for them.
+    import_node()
     import trio
 
     from fluidfs.cli.nodeargs import add_pinned, mount_config, setup_node_process
@@ -153,6 +169,9 @@ def run_background(
         _run_forked(args, mountpoint, state, keyring, write_fd, log_fd)
     os.close(write_fd)
     os.close(log_fd)
+    # Idle until the node answers: meanwhile have the kernel read the node's modules
+    # from disk ahead of its imports (a cold page cache: prefetch.py).
+    read_ahead(node_files())
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode().strip()
         while answer.startswith("wait: "):  # the lease countdown, a line a second

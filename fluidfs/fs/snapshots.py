@@ -27,7 +27,6 @@ there when named, read-only (EROFS), with inode numbers of its own from 2^60 up.
 
 from __future__ import annotations
 
-import calendar
 import errno
 import re
 import stat
@@ -412,11 +411,3 @@ class SnapshotView:
             return await coro
         except MetaError:
             raise pyfuse3.FUSEError(errno.EIO) from None
-
-
-def parse_time(name: str) -> int | None:
-    """The UTC time (ns) encoded in a snapshot name, or None."""
-    try:
-        return calendar.timegm(time.strptime(name[:20], "%Y-%m-%dT%H:%M:%SZ")) * NS
-    except ValueError:
-        return None
