@@ -15,9 +15,10 @@ GATHER_WAIT for theirs, and with nothing more coming an idle peer is sent a shar
 Only the transport changes: the caller (blocks/remote.py) still chooses the peer and
 records the outcome of each shard, exactly as for a single store. The placing journal
 is written per call, not per block: just before a call leaves, its shards are journalled
-together (``Journal``), and the call's outcomes are recorded together (``Settle``) — two
-write transactions per call of up to 64 shards, where journalling each block's first
-attempts had cost one transaction per block. A shard that never left the queue was
+together (``Journal``), and the call's outcomes are recorded together (``Settle``) — at
+most two write transactions per call of up to 64 shards, where journalling each block's
+first attempts had cost one transaction per block; calls leaving (or answered) in the
+same round of the loop share theirs (blocks/recordwrites.py). A shard that never left the queue was
 never journalled, so it leaves nothing to take back. A block's shards
 are enqueued together and one task waits for all of them (``store_group``, a
 ``StoreGroup``): a task per shard was most of a first sync's task switches. Each call takes
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -70,17 +71,20 @@ GATHER_WAIT = 0.05
 Slot = Callable[[bytes], trio.Semaphore]
 # Told how a call to a peer ended for each distinct shard in it, (holder, shard id,
 # size, the refusal's code or None if stored, the call's error or None); returns each
-# one's outcome, which its waiters get (blocks/remote.py records and journals them).
-Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]], list[str]]
+# one's outcome, which its waiters get (blocks/remote.py records and journals them, in
+# a transaction shared with the calls answered in the same round of the loop).
+Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]],
+                  Awaitable[list[str]]]
 # Journals the shards of a call about to leave for a peer, (holder, shard id, size,
-# block id) each, in one transaction; a shard is sent only once this returned.
-Journal = Callable[[list[tuple[int, bytes, int, bytes]]], None]
+# block id) each, in one transaction (shared with the calls leaving in the same round of
+# the loop); a shard is sent only once this returned.
+Journal = Callable[[list[tuple[int, bytes, int, bytes]]], Awaitable[None]]
 # What a shard's waiter is told when journalling its call failed (the disk): it was
 # never sent, as a refusal would leave it (nothing to take back, another peer is tried).
 NOT_JOURNALLED = "refused"
 
 
-def _no_journal(_shards: list[tuple[int, bytes, int, bytes]]) -> None:
+async def _no_journal(_shards: list[tuple[int, bytes, int, bytes]]) -> None:
     pass
 
 
@@ -249,8 +253,8 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
 
     async def _call(self, key: bytes, priority: int, batch: dict[bytes, list[_Store]]) -> None:
         try:
-            self.journal([(waits[0].holder, sid, len(waits[0].data), waits[0].block_id)
-                          for sid, waits in batch.items()])
+            await self.journal([(waits[0].holder, sid, len(waits[0].data),
+                                 waits[0].block_id) for sid, waits in batch.items()])
         except Exception:  # the disk: an unjournalled shard must not leave
             log.exception("journalling a StoreShard call to %s failed", key.hex()[:12])
             for waits in batch.values():
@@ -283,7 +287,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
                 ended.append((first.holder, shard_id, len(first.data), codes.get(shard_id),
                               error))
         try:
-            outcomes = self.settle(key, ended)
+            outcomes = await self.settle(key, ended)
         except Exception:  # recording failed (the disk): the shards count as unanswered
             log.exception("recording a StoreShard answer from %s failed", key.hex()[:12])
             outcomes = ["unanswered"] * len(ended)

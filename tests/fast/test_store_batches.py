@@ -428,10 +428,10 @@ async def test_a_call_whose_journal_fails_is_not_sent(
     guard in ``StoreBatches._call`` the error would end the batch senders, and the node."""
     async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
 
-        def disk_full(_shards: list) -> None:
+        def disk_full(_txn, _shards: list) -> None:
             raise OSError(28, "No space left on device")
 
-        store.blocks.collector.placing_many = disk_full
+        store.blocks.collector._placing_in = disk_full
         async with trio.open_nursery() as tasks:
             ids = await put_burst(store, tasks)
             tasks.cancel_scope.cancel()
