@@ -34,7 +34,6 @@ answer: it may be there). A shard in neither list is uncertain on its own.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -148,6 +147,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         # How many small blocks will enqueue their shards soon (see GATHER_SHARDS).
         self.coming = coming
         self._gathering: dict[tuple[bytes, int], trio.Event] = {}  # queues a sender waits on
+        self._queued: dict[tuple[bytes, int], int] = {}  # bytes in each queue (``_full``)
         self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
         self.shards = 0  # shards they carried
 
@@ -178,10 +178,12 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         waits = []
         for key, holder, shard_id, data in stores:
             wait = _Store(holder, shard_id, data, timeout, group, block_id)
-            self.enqueue((key, priority), wait)
+            queue_key = (key, priority)
+            self.enqueue(queue_key, wait)
+            self._queued[queue_key] = self._queued.get(queue_key, 0) + len(data)
             waits.append(wait)
-            gathering = self._gathering.get((key, priority))
-            if gathering is not None and _full(self.queue((key, priority))):
+            gathering = self._gathering.get(queue_key)
+            if gathering is not None and self._full(queue_key):
                 gathering.set()
         self.poke()
         try:
@@ -221,8 +223,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
     async def _gather(self, queue_key: tuple[bytes, int]) -> None:
         """Wait (at most GATHER_WAIT) for the queue to hold a full call (``_full``),
         while more small blocks are coming (``coming``)."""
-        queue = self.queue(queue_key)
-        if queue is None or _full(queue) or not self.coming():
+        if self.queue(queue_key) is None or self._full(queue_key) or not self.coming():
             return
         gathering = self._gathering[queue_key] = trio.Event()
         try:
@@ -239,17 +240,34 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         while queue and len(batch) < MAX_BATCH_IDS:
             wait = queue[0]
             if wait.abandoned:
-                queue.popleft()
+                self._popped(queue_key)
                 continue
             if wait.shard_id not in batch:
                 if batch and size + len(wait.data) > MAX_BATCH_BYTES:
                     break
                 size += len(wait.data)
-            queue.popleft()
+            self._popped(queue_key)
             wait.sent = True
             wait.group.sent_one()
             batch.setdefault(wait.shard_id, []).append(wait)
         return batch
+
+    def _full(self, queue_key: tuple[bytes, int]) -> bool:
+        """Whether the queue holds a full call (GATHER_SHARDS shards or MAX_BATCH_BYTES
+        bytes, abandoned stores included): a sender waiting for more need wait no longer."""
+        queue = self.queue(queue_key)
+        return queue is not None and (len(queue) >= GATHER_SHARDS
+                                      or self._queued.get(queue_key, 0) >= MAX_BATCH_BYTES)
+
+    def _popped(self, queue_key: tuple[bytes, int]) -> None:
+        """Take the first store off the queue (its bytes off the queue's count)."""
+        queue = self.queue(queue_key)
+        assert queue is not None
+        left = self._queued[queue_key] - len(queue.popleft().data)
+        if queue:
+            self._queued[queue_key] = left
+        else:
+            del self._queued[queue_key]
 
     async def _call(self, key: bytes, priority: int, batch: dict[bytes, list[_Store]]) -> None:
         try:
@@ -295,21 +313,6 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
             for wait in waits:
                 wait.outcome = outcome
                 wait.group.settled_one()
-
-
-def _full(queue: deque[_Store] | None) -> bool:
-    """Whether *queue* holds a full call (GATHER_SHARDS shards or MAX_BATCH_BYTES bytes),
-    abandoned stores included: a sender waiting for more need wait no longer."""
-    if queue is None:
-        return False
-    if len(queue) >= GATHER_SHARDS:
-        return True
-    size = 0
-    for wait in queue:
-        size += len(wait.data)
-        if size >= MAX_BATCH_BYTES:
-            return True
-    return False
 
 
 def read_store_answer(ids: list[bytes], reply: dict) -> dict[bytes, str | None]:
