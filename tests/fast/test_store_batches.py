@@ -347,6 +347,7 @@ async def test_a_burst_beyond_one_call_goes_in_full_calls(
             assert sum(calls) == burst
             assert len(calls) <= -(-burst // MAX_BATCH_IDS), calls
         assert not store.blocks.under, "every shard has its holder"
+        assert not store.blocks.remote.store_batches._queued, "no bytes left counted queued"
 
 
 async def spin_until(predicate, what: str) -> None:
