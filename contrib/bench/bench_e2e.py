@@ -273,7 +273,9 @@ def fluidfs_run(
 
     warm(small)
     files = len(os.listdir(small))
-    requests = fuse_requests(a.state)
+    before = status(a.state)
+    requests = before.get("fuse_requests") or {}
+    stores = before.get("store_requests") or {}
     cpu = CpuMeter({"mount": [pid]})
     with stages.record(f"small-cp-{n}", pid, profiled):
         t0 = time.perf_counter()
@@ -281,11 +283,16 @@ def fluidfs_run(
         t1 = time.perf_counter()
     out["small_cp_cpu_s"] = cpu.stop()["mount"]
     out["small_cp_requests"] = per_file(requests, fuse_requests(a.state), files)
-    cpu = CpuMeter({"mount": [pid]})
+    cpu = CpuMeter({"mount": [pid], "peers": [p.proc.pid for p in peers if p.proc]})
     with stages.record(f"small-sync-{n}", pid, profiled):
         sync()
         t2 = time.perf_counter()
-    out["small_sync_cpu_s"] = cpu.stop()["mount"]
+    spent = cpu.stop()
+    out["small_sync_cpu_s"] = spent["mount"]
+    # The peers share the machine's cores with the mount: their CPU is the sync's too.
+    out["small_sync_peers_cpu_s"] = spent["peers"]
+    after = status(a.state).get("store_requests") or {}
+    out["small_sync_store_calls"] = after.get("calls", 0) - stores.get("calls", 0)
     out["small_cp_s"], out["small_store_s"] = t1 - t0, t2 - t0
 
     # A sync with a handful of small changes: the fixed cost of a commit.
@@ -533,9 +540,12 @@ def summarise(args, res: dict) -> dict:
     for key, label in (
         ("small_cp_cpu_s", "  mount CPU-ms per file, cp -r"),
         ("small_sync_cpu_s", "  mount CPU-ms per file, its sync"),
+        ("small_sync_peers_cpu_s", "  peers' CPU-ms per file, its sync"),
     ):
         cpu = m("fluidfs", key)
         add(key, label, "ms", None if cpu is None else 1000 * cpu / args.files, None, False)
+    add("small_sync_store_calls", "  StoreShard calls, cp -r + sync", "calls",
+        m("fluidfs", "small_sync_store_calls"), None, False)
     add("tiny_sync", "sync after 3 small files", "s", m("fluidfs", "tiny_sync_s"), None, False)
     add(
         "small_restore",

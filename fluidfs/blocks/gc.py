@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
+from fluidfs.blocks.recordwrites import JoinedWrites
 from fluidfs.store.db import Database
 from fluidfs.store.shards import ShardStore
 
@@ -79,6 +80,9 @@ class Collector:
         # land after the store and take the copy the record is about to name.
         self._deleting: set[bytes] = set()
         self._deletes_ended = trio.Event()
+        # The journal writes of StoreShard calls leaving or answered in the same round of
+        # the loop share a write transaction (``placing_joined``, ``outcomes_joined``).
+        self.joined = JoinedWrites(meta)
 
     # --- writers (inside the caller's transaction) -------------------------------------
 
@@ -117,9 +121,19 @@ class Collector:
         if not shards:
             return
         with self.meta.write() as txn:
-            for holder, shard_id, size, block_id in shards:
-                txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id + SENT,
-                        db=self._placing)
+            self._placing_in(txn, shards)
+
+    async def placing_joined(self, shards: list[tuple[int, bytes, int, bytes]]) -> None:
+        """``placing_many`` in a transaction shared with the journal writes handed in in
+        the same round of the loop (blocks/recordwrites.py): the StoreShard calls of a
+        commit's level leave to every peer together, each journalled in one of its own."""
+        if shards:
+            await self.joined.write(lambda txn: self._placing_in(txn, shards))
+
+    def _placing_in(self, txn, shards: list[tuple[int, bytes, int, bytes]]) -> None:
+        for holder, shard_id, size, block_id in shards:
+            txn.put(_key(holder, shard_id), _SIZE.pack(size) + block_id + SENT,
+                    db=self._placing)
 
     def stored(self, holder: int, shard_id: bytes) -> None:
         """The holder confirmed the shard (our usage figure for it now counts it)."""
@@ -148,21 +162,32 @@ class Collector:
         ``StoreShard`` call."""
         if not ended:
             return
-        lost = False
         with self.meta.write() as txn:
-            for holder, shard_id, size, outcome in ended:
-                key = _key(holder, shard_id)
-                if outcome == "stored":
-                    value = txn.get(key, db=self._placing)
-                    if value is not None:
-                        txn.put(key, bytes(value)[:36] + STORED, db=self._placing)
-                    continue
-                txn.delete(key, db=self._placing)
-                if outcome != "refused":
-                    txn.put(key, _SIZE.pack(size) + UNCOUNTED, db=self._gc)
-                    lost = True
+            lost = self._outcomes_in(txn, ended)
         if lost:
             self.wake()
+
+    async def outcomes_joined(self, ended: list[tuple[int, bytes, int, str]]) -> None:
+        """``outcomes`` in a transaction shared with the journal writes handed in in the
+        same round of the loop (answers of several calls read together)."""
+        if ended and await self.joined.write(lambda txn: self._outcomes_in(txn, ended)):
+            self.wake()
+
+    def _outcomes_in(self, txn, ended: list[tuple[int, bytes, int, str]]) -> bool:
+        """``outcomes`` inside *txn*; whether some shard is to be collected."""
+        lost = False
+        for holder, shard_id, size, outcome in ended:
+            key = _key(holder, shard_id)
+            if outcome == "stored":
+                value = txn.get(key, db=self._placing)
+                if value is not None:
+                    txn.put(key, bytes(value)[:36] + STORED, db=self._placing)
+                continue
+            txn.delete(key, db=self._placing)
+            if outcome != "refused":
+                txn.put(key, _SIZE.pack(size) + UNCOUNTED, db=self._gc)
+                lost = True
+        return lost
 
     def placed(self, txn, holders: list[int], shard_ids: tuple[bytes, ...]) -> None:
         """Clear journal entries now that the record names these holders."""

@@ -361,18 +361,20 @@ class RemoteShards:
         if self.journal is not None:
             await self.journal.wait_deletes(stores)
 
-    def _journal_sending(self, shards: list[tuple[int, bytes, int, bytes]]) -> None:
+    async def _journal_sending(self, shards: list[tuple[int, bytes, int, bytes]]) -> None:
         """Journal the shards of a batched ``StoreShard`` call about to leave, (holder,
-        shard id, size, block id) each, in one transaction (storebatch.py ``Journal``)."""
+        shard id, size, block id) each, in one transaction shared with the calls leaving
+        in the same round of the loop (storebatch.py ``Journal``)."""
         if self.journal is not None:
-            self.journal.placing_many(shards)
+            await self.journal.placing_joined(shards)
 
-    def _settle_batch(
+    async def _settle_batch(
         self, key: bytes, ended: list[tuple[int, bytes, int, str | None, Exception | None]]
     ) -> list[str]:
         """The outcomes of a batched ``StoreShard`` call's shards (storebatch.py
         ``Settle``): each counted as a single store's answer would be, and all
-        journalled in one transaction."""
+        journalled in one transaction (shared with the calls answered in the same round
+        of the loop)."""
         outcomes = []
         for _holder, _shard_id, size, code, error in ended:
             if isinstance(error, (PeerUnavailable, RpcError)):
@@ -383,9 +385,9 @@ class RemoteShards:
                 outcomes.append(self._store_answered(key, size, set() if code is None
                                                      else {code}))
         if self.journal is not None:
-            self.journal.outcomes([(holder, shard_id, size, outcome) for
-                                   (holder, shard_id, size, _, _), outcome in
-                                   zip(ended, outcomes, strict=True)])
+            await self.journal.outcomes_joined([(holder, shard_id, size, outcome) for
+                                                (holder, shard_id, size, _, _), outcome in
+                                                zip(ended, outcomes, strict=True)])
         return outcomes
 
     def _journal_outcome(self, holder: int, shard_id: bytes, size: int, outcome: str) -> None:

@@ -8,16 +8,17 @@ MAX_BATCH_SHARD bytes) to one peer wait in that peer's queue, and at most
 BATCHES_PER_PEER calls run to a peer at once, each taking up to MAX_BATCH_IDS shards
 and MAX_BATCH_BYTES bytes from the queue. The shards that arrive while calls are in
 flight go together in the next one (as Nagle's algorithm does, and as
-blocks/shardbatch.py does for reads); a call that would carry fewer than GATHER_SHARDS
-shards while more blocks are being put (``coming``) waits up to GATHER_WAIT for theirs,
-and with nothing more coming an idle peer is sent a shard at once.
+blocks/shardbatch.py does for reads); a call that would not be full (GATHER_SHARDS
+shards or MAX_BATCH_BYTES) while more blocks are being put (``coming``) waits up to
+GATHER_WAIT for theirs, and with nothing more coming an idle peer is sent a shard at once.
 
 Only the transport changes: the caller (blocks/remote.py) still chooses the peer and
 records the outcome of each shard, exactly as for a single store. The placing journal
 is written per call, not per block: just before a call leaves, its shards are journalled
-together (``Journal``), and the call's outcomes are recorded together (``Settle``) — two
-write transactions per call of up to 64 shards, where journalling each block's first
-attempts had cost one transaction per block. A shard that never left the queue was
+together (``Journal``), and the call's outcomes are recorded together (``Settle``) — at
+most two write transactions per call of up to 64 shards, where journalling each block's
+first attempts had cost one transaction per block; calls leaving (or answered) in the
+same round of the loop share theirs (blocks/recordwrites.py). A shard that never left the queue was
 never journalled, so it leaves nothing to take back. A block's shards
 are enqueued together and one task waits for all of them (``store_group``, a
 ``StoreGroup``): a task per shard was most of a first sync's task switches. Each call takes
@@ -33,7 +34,7 @@ answer: it may be there). A shard in neither list is uncertain on its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -53,29 +54,36 @@ __all__ = ["BATCHES_PER_PEER", "StoreBatches", "StoreGroup", "read_store_answer"
 # transaction per call, whatever it carries.
 BATCHES_PER_PEER = 1
 # While more small blocks are on their way to the queues (``coming``: sealed, waiting for
-# an uploader), a call that would carry fewer than GATHER_SHARDS shards waits for them,
-# up to GATHER_WAIT seconds. Without it a first sync whose owner seals nodes one after
-# another sent each peer ~8 shards a call (1M files: 38,893 calls for 297,936 shards),
-# and a host spends as much on a call as on its shards. Nothing waits when nothing more
-# is coming: a small commit's last nodes go at once.
-GATHER_SHARDS = 32
+# an uploader), a call that would not be full (fewer than GATHER_SHARDS shards and fewer
+# than MAX_BATCH_BYTES bytes) waits for them, up to GATHER_WAIT seconds. Without it a
+# first sync whose owner seals nodes one after another sent each peer ~8 shards a call
+# (1M files: 38,893 calls for 297,936 shards), and a host spends as much on a call as on
+# its shards. A full call, not half of one (32): one call per peer runs at a time, so
+# each call that leaves half full is a round trip more in a row for a commit's level of
+# nodes (1,000 small files: 136 leaves reached each peer in 5 calls, 34/30/34/30/12;
+# now 3, 64/64/8). Nothing waits when nothing more is coming: a small commit's last
+# nodes go at once.
+GATHER_SHARDS = MAX_BATCH_IDS
 GATHER_WAIT = 0.05
 
 # The store slot of a peer (blocks/remote.py's window): a call holds one while it runs.
 Slot = Callable[[bytes], trio.Semaphore]
 # Told how a call to a peer ended for each distinct shard in it, (holder, shard id,
 # size, the refusal's code or None if stored, the call's error or None); returns each
-# one's outcome, which its waiters get (blocks/remote.py records and journals them).
-Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]], list[str]]
+# one's outcome, which its waiters get (blocks/remote.py records and journals them, in
+# a transaction shared with the calls answered in the same round of the loop).
+Settle = Callable[[bytes, list[tuple[int, bytes, int, str | None, Exception | None]]],
+                  Awaitable[list[str]]]
 # Journals the shards of a call about to leave for a peer, (holder, shard id, size,
-# block id) each, in one transaction; a shard is sent only once this returned.
-Journal = Callable[[list[tuple[int, bytes, int, bytes]]], None]
+# block id) each, in one transaction (shared with the calls leaving in the same round of
+# the loop); a shard is sent only once this returned.
+Journal = Callable[[list[tuple[int, bytes, int, bytes]]], Awaitable[None]]
 # What a shard's waiter is told when journalling its call failed (the disk): it was
 # never sent, as a refusal would leave it (nothing to take back, another peer is tried).
 NOT_JOURNALLED = "refused"
 
 
-def _no_journal(_shards: list[tuple[int, bytes, int, bytes]]) -> None:
+async def _no_journal(_shards: list[tuple[int, bytes, int, bytes]]) -> None:
     pass
 
 
@@ -139,6 +147,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         # How many small blocks will enqueue their shards soon (see GATHER_SHARDS).
         self.coming = coming
         self._gathering: dict[tuple[bytes, int], trio.Event] = {}  # queues a sender waits on
+        self._queued: dict[tuple[bytes, int], int] = {}  # bytes in each queue (``_full``)
         self.calls = 0  # StoreShard calls made for batched shards (status, benchmarks)
         self.shards = 0  # shards they carried
 
@@ -169,10 +178,12 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         waits = []
         for key, holder, shard_id, data in stores:
             wait = _Store(holder, shard_id, data, timeout, group, block_id)
-            self.enqueue((key, priority), wait)
+            queue_key = (key, priority)
+            self.enqueue(queue_key, wait)
+            self._queued[queue_key] = self._queued.get(queue_key, 0) + len(data)
             waits.append(wait)
-            gathering = self._gathering.get((key, priority))
-            if gathering is not None and len(self.queue((key, priority)) or ()) >= GATHER_SHARDS:
+            gathering = self._gathering.get(queue_key)
+            if gathering is not None and self._full(queue_key):
                 gathering.set()
         self.poke()
         try:
@@ -210,10 +221,9 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
                 gathering.set()
 
     async def _gather(self, queue_key: tuple[bytes, int]) -> None:
-        """Wait (at most GATHER_WAIT) for the queue to hold GATHER_SHARDS shards, while
-        more small blocks are coming (``coming``)."""
-        queue = self.queue(queue_key)
-        if queue is None or len(queue) >= GATHER_SHARDS or not self.coming():
+        """Wait (at most GATHER_WAIT) for the queue to hold a full call (``_full``),
+        while more small blocks are coming (``coming``)."""
+        if self.queue(queue_key) is None or self._full(queue_key) or not self.coming():
             return
         gathering = self._gathering[queue_key] = trio.Event()
         try:
@@ -230,22 +240,39 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
         while queue and len(batch) < MAX_BATCH_IDS:
             wait = queue[0]
             if wait.abandoned:
-                queue.popleft()
+                self._popped(queue_key)
                 continue
             if wait.shard_id not in batch:
                 if batch and size + len(wait.data) > MAX_BATCH_BYTES:
                     break
                 size += len(wait.data)
-            queue.popleft()
+            self._popped(queue_key)
             wait.sent = True
             wait.group.sent_one()
             batch.setdefault(wait.shard_id, []).append(wait)
         return batch
 
+    def _full(self, queue_key: tuple[bytes, int]) -> bool:
+        """Whether the queue holds a full call (GATHER_SHARDS shards or MAX_BATCH_BYTES
+        bytes, abandoned stores included): a sender waiting for more need wait no longer."""
+        queue = self.queue(queue_key)
+        return queue is not None and (len(queue) >= GATHER_SHARDS
+                                      or self._queued.get(queue_key, 0) >= MAX_BATCH_BYTES)
+
+    def _popped(self, queue_key: tuple[bytes, int]) -> None:
+        """Take the first store off the queue (its bytes off the queue's count)."""
+        queue = self.queue(queue_key)
+        assert queue is not None
+        left = self._queued[queue_key] - len(queue.popleft().data)
+        if queue:
+            self._queued[queue_key] = left
+        else:
+            del self._queued[queue_key]
+
     async def _call(self, key: bytes, priority: int, batch: dict[bytes, list[_Store]]) -> None:
         try:
-            self.journal([(waits[0].holder, sid, len(waits[0].data), waits[0].block_id)
-                          for sid, waits in batch.items()])
+            await self.journal([(waits[0].holder, sid, len(waits[0].data),
+                                 waits[0].block_id) for sid, waits in batch.items()])
         except Exception:  # the disk: an unjournalled shard must not leave
             log.exception("journalling a StoreShard call to %s failed", key.hex()[:12])
             for waits in batch.values():
@@ -278,7 +305,7 @@ class StoreBatches(PeerQueues[tuple[bytes, int], _Store]):
                 ended.append((first.holder, shard_id, len(first.data), codes.get(shard_id),
                               error))
         try:
-            outcomes = self.settle(key, ended)
+            outcomes = await self.settle(key, ended)
         except Exception:  # recording failed (the disk): the shards count as unanswered
             log.exception("recording a StoreShard answer from %s failed", key.hex()[:12])
             outcomes = ["unanswered"] * len(ended)

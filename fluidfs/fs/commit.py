@@ -244,10 +244,15 @@ class TreeWriter:
             lock = self._locks.setdefault(block_id, trio.Lock())
             new = False
             async with lock:
-                with self.index.meta.write() as txn:  # one transaction: a drain may run
-                    reused = self.index.registered(block_id, txn)
-                    if reused:
-                        self.blocks.add_ref(txn, block_id)
+                # Looked up first in a read transaction: most nodes of a commit are new, and
+                # a write transaction that writes nothing was one more per node. Taking
+                # the reference is then checked again in one transaction (a drain may run).
+                reused = self.index.registered(block_id)
+                if reused:
+                    with self.index.meta.write() as txn:
+                        reused = self.index.registered(block_id, txn)
+                        if reused:
+                            self.blocks.add_ref(txn, block_id)
                 if reused:
                     self.holds.append(block_id)
                     self.stats.nodes_reused += 1

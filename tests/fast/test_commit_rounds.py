@@ -26,6 +26,7 @@ from fluidfs.fs.metaformat import decode_node
 RING = keys.KeyRing(keys.generate(shards_total=4, shards_needed=2))
 LEAVES = 600  # leaves under one directory: about 11 index nodes above them, then 1
 DELAY = 0.05
+FILES = 300  # small files inline in their directory's leaves: ~40 of them
 
 
 @pytest.fixture
@@ -80,6 +81,54 @@ async def test_the_index_nodes_of_one_level_are_placed_together(
                 assert rounds(calls) <= 3, sorted(calls)
                 await writer.finish()
                 tasks.cancel_scope.cancel()
+        finally:
+            store.close()
+            owner.close()
+
+
+async def test_a_commit_of_new_nodes_writes_about_one_transaction_a_node(
+    tmp_path: Path, monkeypatch, virtual_clock
+) -> None:
+    """A commit of many new nodes (a directory of small files inline in its leaves)
+    begins one ``meta.lmdb`` write transaction per node (the one that saves its
+    record), fewer than one per StoreShard call (the journal and the outcomes of the
+    calls leaving or answered in the same round of the loop share one) and one per group
+    of uploads ending together (holders). Before: each new node also began a write
+    transaction that wrote nothing, to look up whether it was registered already (LMDB
+    does not count it as a commit, but the loop took the writer's lock for it, and
+    waited whenever a worker thread held it), and each call two of its own: 157 begun
+    for 48 nodes in 24 calls here, 109 without the first, now ~80."""
+    async with peer_nodes(tmp_path, 4) as (nursery, hosts):
+        owner = await PeerNode(tmp_path / "owner", RING).start(nursery, listen=False)
+        store = LocalStore(tmp_path / "state", RING)
+        try:
+            store_through(store, owner, hosts)
+            meta = Metadata(store)
+            async with trio.open_nursery() as tasks:
+                await tasks.start(store.blocks.remote.run)
+                await tasks.start(store.blocks.run)
+                folder = store.mkdir(1, "small")
+                for i in range(FILES):
+                    await store.create(folder, f"f{i:05d}", os.urandom(4096))
+                await store.data.seal_all()
+                store.db.commit_batch()
+                begun = 0
+                write = store.db.write
+
+                def counted():
+                    nonlocal begun
+                    begun += 1
+                    return write()
+
+                monkeypatch.setattr(store.db, "write", counted)
+                calls = store.blocks.remote.store_requests()["calls"]
+                result = await meta.commit()
+                calls = store.blocks.remote.store_requests()["calls"] - calls
+                monkeypatch.undo()
+                tasks.cancel_scope.cancel()
+            nodes = result.stats.nodes_written
+            assert nodes >= FILES // 10, "the files are inline in several leaves"
+            assert begun <= nodes + calls + 20, (begun, nodes, calls)
         finally:
             store.close()
             owner.close()

@@ -27,6 +27,7 @@ from fluidfs.blocks.record import NO_HOLDER, StoredBlock
 from fluidfs.blocks.repair import Repairer, RepairPolicy
 from fluidfs.blocks.storebatch import GATHER_SHARDS, GATHER_WAIT
 from fluidfs.fs.commit import PLACED_POLL, wait_placed
+from fluidfs.net.messages import MAX_BATCH_IDS
 from fluidfs.service.host import PeerService
 
 N = 4
@@ -98,8 +99,8 @@ async def put_burst(store: LocalStore, nursery: trio.Nursery) -> list[bytes]:
     return await put_blocks(store)
 
 
-async def put_blocks(store: LocalStore) -> list[bytes]:
-    """Put BLOCKS small blocks at once (a commit's node writers run concurrently), the
+async def put_blocks(store: LocalStore, count: int = BLOCKS) -> list[bytes]:
+    """Put *count* small blocks at once (a commit's node writers run concurrently), the
     uploaders running; wait until every upload was tried; the block ids."""
     ids: list[bytes] = []
 
@@ -107,7 +108,7 @@ async def put_blocks(store: LocalStore) -> list[bytes]:
         ids.append(await store.blocks.put(os.urandom(3000)))
 
     async with trio.open_nursery() as putters:
-        for _ in range(BLOCKS):
+        for _ in range(count):
             putters.start_soon(put)
     with trio.fail_after(30):
         await store.blocks.drain()
@@ -316,15 +317,37 @@ async def test_a_call_waits_for_the_shards_of_blocks_being_put(
 ) -> None:
     """While more small blocks are being put, a call about to leave with fewer than
     GATHER_SHARDS shards waits for theirs (at most GATHER_WAIT): a burst of BLOCKS blocks
-    reaches each holder in two calls (33 and 15 shards). Time jumps only when the process
-    is idle, so the wait ends on the shards, not on a loaded machine's timing. Before: a
-    call left as soon as its peer was free, with what had arrived meanwhile (three
-    calls: 2, 25 and 21 shards)."""
+    reaches each holder in one call. Time jumps only when the process is idle, so the
+    wait ends on the shards, not on a loaded machine's timing. Before: a call left as
+    soon as its peer was free, with what had arrived meanwhile (three calls: 2, 25 and
+    21 shards)."""
     async with after_a_burst(tmp_path, Counting) as (_, _, hosts, _):
         for host in hosts:
             calls = host.service.calls
             assert sum(calls) == BLOCKS
             assert len(calls) <= -(-BLOCKS // GATHER_SHARDS), calls
+
+
+async def test_a_burst_beyond_one_call_goes_in_full_calls(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A burst of small blocks whose shards to a holder fill more than one call (a
+    commit's 136 leaves after 1,000 small files) reaches it in full calls: one call
+    runs to a peer at a time, so each call that leaves half full is one more round trip
+    in a row. Before: a call left once it had half a call's shards (32), and a burst of
+    100 took three calls or more (e.g. 33, 64, 3)."""
+    burst = MAX_BATCH_IDS + MAX_BATCH_IDS // 2
+    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+        async with trio.open_nursery() as tasks:
+            await start_uploads(store, tasks)
+            await put_blocks(store, burst)
+            tasks.cancel_scope.cancel()
+        for host in hosts:
+            calls = host.service.calls
+            assert sum(calls) == burst
+            assert len(calls) <= -(-burst // MAX_BATCH_IDS), calls
+        assert not store.blocks.under, "every shard has its holder"
+        assert not store.blocks.remote.store_batches._queued, "no bytes left counted queued"
 
 
 async def spin_until(predicate, what: str) -> None:
@@ -406,10 +429,10 @@ async def test_a_call_whose_journal_fails_is_not_sent(
     guard in ``StoreBatches._call`` the error would end the batch senders, and the node."""
     async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
 
-        def disk_full(_shards: list) -> None:
+        def disk_full(_txn, _shards: list) -> None:
             raise OSError(28, "No space left on device")
 
-        store.blocks.collector.placing_many = disk_full
+        store.blocks.collector._placing_in = disk_full
         async with trio.open_nursery() as tasks:
             ids = await put_burst(store, tasks)
             tasks.cancel_scope.cancel()
