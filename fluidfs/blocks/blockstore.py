@@ -387,6 +387,9 @@ class BlockStore:
             if upload is not None:
                 self.queued.discard(block_id)  # not queued after all: repair's to place
             raise
+        # Cached now: a block read back from its dirty file is not held while its upload
+        # waits its turn (two sealers waiting held two blocks' plaintext besides shards).
+        del data
         if upload is not None:
             try:
                 await self.queue_upload(*upload)
