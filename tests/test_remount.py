@@ -330,7 +330,8 @@ def test_files_written_before_there_were_peers_move_onto_peers(
     make_mount, peers, tmp_path: Path
 ) -> None:
     revive(peers)
-    a = machine(make_mount, "a", tmp_path / "fluidfs.key")  # no peers at all
+    # no peers at all; the block size is set so that the file is five blocks
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--block-size", "4M")
     a.mount()
     early = os.urandom(5 * 4 * MiB)  # five 4 MiB blocks
     (a.path / "early.bin").write_bytes(early)
