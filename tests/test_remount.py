@@ -366,7 +366,7 @@ def test_old_snapshot_reads_on_a_fresh_machine_after_repair_moved_its_shards(
     move those shards later. A fresh machine must still find them."""
     revive(peers)
     a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--audit-interval", "1",
-                "--tolerance", "3", *peer_args(peers))
+                "--tolerance", "3", "--block-size", "4M", *peer_args(peers))  # 3 blocks
     a.mount()
     old = os.urandom(4 * MiB + 12345)
     current = os.urandom(4 * MiB)
