@@ -39,3 +39,32 @@ async def map_limited(
     if failed:
         raise failed[0]
     return results  # type: ignore[return-value]  # every job returned, or one failed
+
+
+class ByteBudget:
+    """Bytes a part may hold at once (shards waiting for upload, say): ``take`` waits
+    while they would go past *limit*. One item larger than the whole budget is let
+    through when nothing else is held, so no size of item waits for ever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def try_take(self, n: int) -> bool:
+        """Take *n* bytes if they fit now (True), else take nothing (False)."""
+        if n and self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    async def take(self, n: int) -> None:
+        """Take *n* bytes, waiting until they fit."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.try_take(n):
+            await self._lot.park()
+
+    def give(self, n: int) -> None:
+        """Give back *n* bytes taken before, waking the waiters to try again."""
+        self.used -= n
+        self._lot.unpark_all()

@@ -51,7 +51,7 @@ def test_1gib_sha256_after_remount_without_cache(make_mount, random_gib: Path) -
     a CPU behind other processes: wall time less the run delay of this process and of
     each node's threads (``spent``). At load 30 on 2 cores the wall time alone can pass
     the bound with no change in the code (CI measured 34 s on a quiet machine)."""
-    mnt = make_mount()  # default 4 MiB blocks
+    mnt = make_mount()  # default block size (8 MiB)
     mnt.mount()
     writer = mnt.pid()
     assert writer is not None

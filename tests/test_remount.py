@@ -330,7 +330,8 @@ def test_files_written_before_there_were_peers_move_onto_peers(
     make_mount, peers, tmp_path: Path
 ) -> None:
     revive(peers)
-    a = machine(make_mount, "a", tmp_path / "fluidfs.key")  # no peers at all
+    # no peers at all; the block size is set so that the file is five blocks
+    a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--block-size", "4M")
     a.mount()
     early = os.urandom(5 * 4 * MiB)  # five 4 MiB blocks
     (a.path / "early.bin").write_bytes(early)
@@ -365,7 +366,7 @@ def test_old_snapshot_reads_on_a_fresh_machine_after_repair_moved_its_shards(
     move those shards later. A fresh machine must still find them."""
     revive(peers)
     a = machine(make_mount, "a", tmp_path / "fluidfs.key", "--audit-interval", "1",
-                "--tolerance", "3", *peer_args(peers))
+                "--tolerance", "3", "--block-size", "4M", *peer_args(peers))  # 3 blocks
     a.mount()
     old = os.urandom(4 * MiB + 12345)
     current = os.urandom(4 * MiB)

@@ -21,7 +21,8 @@ Per run, on the same source data (warm in the page cache):
 CPU-seconds of the mount process (utime + stime from /proc/PID/stat) are taken around the
 big file's store (cp + sync) and restore (cp out) and divided by its GiB, and split by
 thread from ``/proc/PID/task`` (the trio loop and the worker threads, user and system
-time: measured CPU, the figure to compare; ``ThreadCpu``). With py-spy
+time: measured CPU, the figure to compare; ``ThreadCpu``); the mount's peak VmRSS and
+RssAnon during that store are sampled every 50 ms (``NetRssSampler``). With py-spy
 available (``pip install py-spy``; ``--no-stages`` to skip), the last run is sampled with
 ``py-spy record --nonblocking`` and each busy sample is put in the stage of its innermost
 recognised frame (see STAGES); the stage shares split the measured CPU-seconds. py-spy
@@ -47,7 +48,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_network import CpuMeter, ServePeer, mount_with_peers, start_peers
+from bench_network import CpuMeter, NetRssSampler, ServePeer, mount_with_peers, start_peers
 from benchlib import (
     MB,
     MIB,
@@ -257,13 +258,19 @@ def fluidfs_run(
         warm(src)
         cpu = CpuMeter({"mount": [pid]})
         threads = ThreadCpu(pid)
-        with stages.record(f"store-{n}", pid, profiled):
-            t0 = time.perf_counter()
-            run(["cp", str(src), str(a.mnt / src.name)])
-            t1 = time.perf_counter()
-            sync()
-            t2 = time.perf_counter()
+        rss = NetRssSampler(a.state / "daemon.pid", [])
+        rss.start()
+        try:
+            with stages.record(f"store-{n}", pid, profiled):
+                t0 = time.perf_counter()
+                run(["cp", str(src), str(a.mnt / src.name)])
+                t1 = time.perf_counter()
+                sync()
+                t2 = time.perf_counter()
+        finally:
+            rss.stop()
         out["big_store_cpu_s"] = cpu.stop()["mount"]
+        out["big_store_rss_mib"] = {k: v / 1024 for k, v in rss.mount.items()}
         out["big_store_threads"] = threads.stop()
         out["big_cp_s"], out["big_store_s"] = t1 - t0, t2 - t0
     if store_only:
@@ -516,6 +523,11 @@ def summarise(args, res: dict) -> dict:
         rate(mb, m("restic", "big_store_s")),
     )
     add("big_cp", "  cp alone", "MB/s", rate(mb, m("fluidfs", "big_cp_s")), None)
+    for field in ("VmRSS", "RssAnon"):
+        peaks = [r["fluidfs"]["big_store_rss_mib"][field] for r in runs
+                 if "big_store_rss_mib" in r.get("fluidfs", {})]
+        add(f"big_store_{field}", f"  mount peak {field} during cp + sync", "MiB",
+            statistics.median(peaks) if peaks else None, None, False)
     add(
         "big_restore",
         "restore on a fresh machine (cp out)",

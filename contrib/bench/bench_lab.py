@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lab_repair import measured_tcp_rate, parse_rate, parse_size
-from benchlib import Profiler
+from benchlib import BLOCK_SIZE, Profiler
 from labnodes import PORT, LabMount, LabPeer, cli
 from netlab import Host, Lab
 from peerhelpers import status, wait_for
@@ -52,7 +52,7 @@ from fluidfs.cli.argtypes import bandwidth_limit
 
 K, N = 8, 12
 MIB = 1 << 20
-BLOCK = 4 * MIB  # the default block size
+BLOCK = BLOCK_SIZE  # the default block size
 WINDOW = 5.0
 
 

@@ -46,6 +46,7 @@ from fluidfs import keys
 
 K, N = 8, 12
 MIB = 1 << 20
+BLOCK_SIZE = 8 * MIB  # fluidfs default --block-size (node/config.py DEFAULT_BLOCK_SIZE)
 
 
 def parse_rate(text: str) -> int:
@@ -135,7 +136,7 @@ def main() -> int:
                      "agreements with every peer")
             (mnt.path / "data.bin").write_bytes(os.urandom(args.size))
             os.sync()
-            blocks = -(-args.size // (4 * MIB))
+            blocks = -(-args.size // BLOCK_SIZE)  # the default block size
             started = time.monotonic()
             wait_for(full(mnt.state, blocks), 600, "full redundancy")
             placed = time.monotonic() - started

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MB = 1_000_000
 MIB = 1 << 20
-BLOCK_SIZE = 4 * MIB  # fluidfs default --block-size
+BLOCK_SIZE = 8 * MIB  # fluidfs default --block-size (node/config.py DEFAULT_BLOCK_SIZE)
 
 
 def parse_size(text: str) -> int:

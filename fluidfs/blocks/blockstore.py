@@ -37,6 +37,7 @@ from fluidfs.blocks.record import LOCAL_HOLDER, NO_HOLDER, StoredBlock
 from fluidfs.blocks.recordwrites import JoinedWrites
 from fluidfs.blocks.remote import RemoteShards, opened
 from fluidfs.blocks.suspects import Suspects
+from fluidfs.concurrency import ByteBudget
 from fluidfs.diskspace import DiskReserve, is_disk_full
 from fluidfs.net.bandwidth import UPLOAD
 from fluidfs.net.messages import MAX_BATCH_SHARD
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 4  # sealed blocks waiting for upload (each N shards in memory)
 UPLOADERS = 4  # blocks uploading at once
+# Shard bytes of large blocks queued or uploading (small ones: SMALL_UPLOADS): what the
+# queue and the uploaders held at most with 4 MiB blocks (8 x 12 x 512 KiB), so that
+# larger blocks do not multiply the memory a large copy takes (fewer of them wait).
+UPLOAD_BYTES = 48 << 20
 # Small blocks (metadata nodes: every shard at most MAX_BATCH_SHARD) uploading at once,
 # besides: their shards go to each peer together in StoreShard calls
 # (blocks/storebatch.py), and the more are in flight the fuller those calls are. Their
@@ -74,6 +79,11 @@ def _unwrap(parsed: Any) -> Any:
     if isinstance(parsed, Exception):
         raise parsed
     return parsed
+
+def _upload_cost(record: BlockRecord, shards: list[bytes]) -> int:
+    """Bytes of *shards* counted against UPLOAD_BYTES (0 for a small block's)."""
+    return 0 if record.shard_size <= MAX_BATCH_SHARD else sum(len(s) for s in shards)
+
 
 def _part(data: bytes, offset: int, size: int, view: bool) -> bytes | memoryview:
     """``data[offset : offset + size]``, as a view of *data* if *view*."""
@@ -131,6 +141,7 @@ class BlockStore:
         # Block id -> events of waiters for that block's upload to end (``upload_ended``).
         self._ended_for: dict[bytes, list[trio.Event]] = {}
         self._small_uploads = trio.Semaphore(SMALL_UPLOADS)
+        self._upload_bytes = ByteBudget(UPLOAD_BYTES)  # large blocks' shards handed over
         self._upload_send, self._upload_recv = trio.open_memory_channel[
             tuple[BlockRecord, list[bytes]]
         ](UPLOAD_QUEUE)
@@ -371,18 +382,17 @@ class BlockStore:
                 if gone is not None:
                     with trio.CancelScope(shield=True):
                         await self.release([gone])
-            elif upload is not None:  # mapped: its shards should still go out (else repair)
-                try:
-                    self._upload_send.send_nowait(upload)
-                    upload = None
-                except trio.WouldBlock:
-                    pass
+            elif upload is not None and self._hand_over_nowait(*upload):
+                upload = None  # mapped: its shards still go out (else repair's to place)
             if upload is not None:
                 self.queued.discard(block_id)  # not queued after all: repair's to place
             raise
+        # Cached now: a block read back from its dirty file is not held while its upload
+        # waits its turn (two sealers waiting held two blocks' plaintext besides shards).
+        del data
         if upload is not None:
             try:
-                await self._upload_send.send(upload)
+                await self.queue_upload(*upload)
             except BaseException:
                 self.queued.discard(block_id)
                 raise
@@ -542,8 +552,27 @@ class BlockStore:
         ], after
 
     async def queue_upload(self, record: BlockRecord, shards: list[bytes]) -> None:
-        """Hand a block's shards to the uploaders (waits while the queue is full)."""
-        await self._upload_send.send((record, shards))
+        """Hand a block's shards to the uploaders (waits while the queue is full, or
+        for a large block while UPLOAD_BYTES of large blocks' shards are handed over)."""
+        cost = _upload_cost(record, shards)
+        await self._upload_bytes.take(cost)
+        try:
+            await self._upload_send.send((record, shards))
+        except BaseException:
+            self._upload_bytes.give(cost)
+            raise
+
+    def _hand_over_nowait(self, record: BlockRecord, shards: list[bytes]) -> bool:
+        """``queue_upload`` if it need not wait; False (nothing handed over) if it must."""
+        cost = _upload_cost(record, shards)
+        if not self._upload_bytes.try_take(cost):
+            return False
+        try:
+            self._upload_send.send_nowait((record, shards))
+        except trio.WouldBlock:
+            self._upload_bytes.give(cost)
+            return False
+        return True
 
     async def _uploader(self) -> None:
         async for record, shards in self._upload_recv:
@@ -551,7 +580,12 @@ class BlockStore:
                 await self._small_uploads.acquire()  # released when that upload ends
                 self._nursery.start_soon(self._upload_small, record, shards)
             else:
-                await self._upload_queued(record, shards)
+                cost = _upload_cost(record, shards)
+                try:
+                    await self._upload_queued(record, shards)
+                finally:
+                    del shards  # the budget is free once nothing here holds them
+                    self._upload_bytes.give(cost)
 
     async def _upload_small(self, record: BlockRecord, shards: list[bytes]) -> None:
         try:

@@ -151,7 +151,7 @@ OPTIONS: list[Option] = [
     option("--allow-other", action="store_true",
            help="let other local users use the mount (modes are enforced)",
            commands=on("mount")),
-    option("--block-size", type=parse_size, default="4M", help=HIDDEN, commands=on("mount"),
+    option("--block-size", type=parse_size, default="8M", help=HIDDEN, commands=on("mount"),
            example="256K"),
     option(
         "--log-file", type=Path, default=None,

@@ -84,9 +84,11 @@ TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 # MB/s). At most POOL_KEEP free buffers are kept. Other frames get exact buffers of their
 # own (allocated without clearing), held only while the frame moves; strangers' frames,
 # which are at most 128 KiB, are among them, so a stranger never holds a 1 MiB buffer.
+# POOL_MAX has room past 1 MiB for a request's or reply's envelope around a 1 MiB shard
+# (8 MiB blocks at K = 8, the default): without it those frames missed the pool.
 KEEP_BUFFER = 16 << 10
 POOL_MIN = 128 << 10
-POOL_MAX = 1 << 20
+POOL_MAX = (1 << 20) + (16 << 10)
 POOL_KEEP = 16
 # Frames at least this big are en/decrypted in a worker thread, so the trio thread is not
 # held for long. A thread hand-off costs about as much as AES-GCM on 512 KiB, so with that

@@ -651,3 +651,35 @@ async def test_frame_cut_inside_the_mac_is_refused(cipher):
     await tap.inner.send_all(frame[:-10])  # message whole, MAC short
     await tap.inner.aclose()
     await _assert_rejected_and_closed(s, "ended inside")
+
+
+def test_a_default_blocks_shard_travels_in_a_pooled_buffer():
+    """The largest StoreShard request and RetrieveShard reply carrying one shard of a
+    default-sized block (K = 8) fit the frame pool's buffers: shard traffic reuses hot
+    buffers instead of allocating one per frame. Fails on the code before, whose pool
+    stopped at 1 MiB, a hair short of an 8 MiB block's 1 MiB shard and its envelope."""
+    from fluidfs import keys
+    from fluidfs.blocks.codec import BlockCodec
+    from fluidfs.net import channel as ch
+    from fluidfs.net import envelope
+    from fluidfs.net.messages import MAX_DELEGATION
+    from fluidfs.node.config import DEFAULT_BLOCK_SIZE
+
+    ring = keys.KeyRing(keys.generate())
+    codec = BlockCodec(dedup_key=ring.dedup_key, wrap_key=ring.wrap_key,
+                       needed=ring.keyfile.shards_needed, total=ring.keyfile.shards_total)
+    data = os.urandom(DEFAULT_BLOCK_SIZE)
+    record, shards = codec.seal(data, codec.block_id(data))
+    shard = bytes(max(shards, key=len))
+    # As RemoteShards sends it (the shard after the rest, without a copy), routed
+    # through a provider (``for`` in front), and with the largest delegation.
+    head, tail = envelope.encode_request_parts(
+        2**63 - 1, "StoreShard",
+        {"for": os.urandom(32), "delegation": os.urandom(MAX_DELEGATION),
+         "shards": [{"id": record.shard_ids[0], "data": envelope.TAIL}]},
+        shard,
+    )
+    request = len(head) + len(tail)
+    reply = len(envelope.encode_ok(2**63 - 1, {"data": shard}))
+    for message in (request, reply):
+        assert ch._pooled(message), (message, ch.POOL_MAX)
