@@ -76,7 +76,8 @@ def test_listed_files_are_queued_a_window_at_a_time_within_their_bound() -> None
     (topped up once the opens pass half of it); unlisted files give nothing; the
     least recently listed directories are forgotten past the bound."""
     listed = ListedFiles(limit=100, window=10)
-    listed.listed(1, list(range(100, 130)), restart=True)
+    listed.listed(1, list(range(100, 112)), restart=True)  # a listing in two replies
+    listed.listed(1, list(range(112, 130)), restart=False)
     assert listed.opened(999) == []
     assert listed.opened(100) == list(range(100, 110))
     assert listed.opened(101) == [], "queued already"
