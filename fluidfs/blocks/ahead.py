@@ -18,7 +18,7 @@ Bounds (what a huge directory or a stream of listings can make us spend):
   (a quarter of what the recent-blocks memory keeps, where rebuilt blocks wait, least
   recently used out); a block that does not fit is not queued (its read rebuilds it,
   as before);
-- at most ``AHEAD_AT_ONCE`` rebuilds run at once.
+- at most ``AHEAD_AT_ONCE`` rebuilds run at once, started ``AHEAD_WAVE`` together.
 
 A block that cannot be rebuilt is left to its read, which reports it.
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 AHEAD_BLOCK = 256 * 1024  # largest block rebuilt ahead (shards of at most 32 KiB at K=8)
 AHEAD_BYTES = 8 << 20  # queued and being rebuilt, in all (recent.py keeps 32 MiB)
 AHEAD_AT_ONCE = 32  # rebuilds under way at once: their small shard reads share calls
+AHEAD_WAVE = 8  # started together once this many are free (their shard reads share calls)
 LISTED_MAX = 16384  # small files remembered from recent listings, in all
 LISTED_WINDOW = 256  # files queued from the one opened on; topped up from half way
 
@@ -141,10 +142,17 @@ class SmallAhead:
         return taken
 
     async def run(self) -> None:
-        """Rebuild what is queued, AHEAD_AT_ONCE at a time, until cancelled."""
-        slots = trio.Semaphore(AHEAD_AT_ONCE)
+        """Rebuild what is queued, at most AHEAD_AT_ONCE at a time, until cancelled.
+
+        They start in waves of AHEAD_WAVE (or all that are queued, if fewer): rebuilds
+        started in one step ask for their shards in that step, so the requests to each
+        peer go out together in one ``RetrieveShards`` call; one started whenever
+        another ended went alone, one call to each of K peers for its one shard there."""
+        running = 0
+        room = trio.Event()
 
         async def one(block_id: bytes, size: int) -> None:
+            nonlocal running
             try:
                 if not self.at_hand(block_id):
                     await self.fetch(block_id)
@@ -154,7 +162,8 @@ class SmallAhead:
             finally:
                 self._ids.discard(block_id)
                 self.bytes -= size
-                slots.release()
+                running -= 1
+                room.set()
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -162,6 +171,11 @@ class SmallAhead:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                await slots.acquire()
-                block_id, size = self._queue.popleft()
-                nursery.start_soon(one, block_id, size)
+                free = AHEAD_AT_ONCE - running
+                if free < min(AHEAD_WAVE, len(self._queue)):
+                    room = trio.Event()
+                    await room.wait()
+                    continue
+                for _ in range(min(free, len(self._queue))):
+                    running += 1
+                    nursery.start_soon(one, *self._queue.popleft())

@@ -14,9 +14,17 @@ import os
 from pathlib import Path
 
 import trio
+import trio.testing
 from test_conflicts import keyfile_hosts, machine, read_path, sync, write_file
 
-from fluidfs.blocks.ahead import AHEAD_BLOCK, AHEAD_BYTES, ListedFiles, SmallAhead
+from fluidfs.blocks.ahead import (
+    AHEAD_AT_ONCE,
+    AHEAD_BLOCK,
+    AHEAD_BYTES,
+    AHEAD_WAVE,
+    ListedFiles,
+    SmallAhead,
+)
 from fluidfs.fs.tree import ROOT_INO
 
 FILES = 24
@@ -119,3 +127,32 @@ async def test_what_is_queued_ahead_stays_within_its_bounds() -> None:
         nursery.cancel_scope.cancel()
     assert sorted(fetched) == sorted(block_id for block_id, _ in many[:taken])
     assert ahead.bytes == 0
+
+
+async def test_rebuilds_ahead_start_in_waves() -> None:
+    """Once AHEAD_AT_ONCE rebuilds run, an ended one does not start the next alone: the
+    next ones start AHEAD_WAVE together (their shard requests to one peer then share a
+    RetrieveShards call). Fails before: each ended rebuild started one more at once."""
+    release: dict[bytes, trio.Event] = {}
+    started: list[bytes] = []
+
+    async def fetch(block_id: bytes) -> None:
+        started.append(block_id)
+        release[block_id] = trio.Event()
+        await release[block_id].wait()
+
+    ahead = SmallAhead(fetch, lambda block_id: False)
+    blocks = [(i.to_bytes(32, "big"), 1000) for i in range(AHEAD_AT_ONCE + 2 * AHEAD_WAVE)]
+    ahead.queue(blocks)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ahead.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(started) == AHEAD_AT_ONCE
+        for n, (block_id, _) in enumerate(blocks[: AHEAD_WAVE - 1], 1):
+            release[block_id].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(started) == AHEAD_AT_ONCE, f"one started after {n} ended"
+        release[blocks[AHEAD_WAVE - 1][0]].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(started) == AHEAD_AT_ONCE + AHEAD_WAVE
+        nursery.cancel_scope.cancel()
