@@ -70,6 +70,8 @@ class ListedFiles:
         is a new listing from the first entry, not the next part of one."""
         if restart:
             self._forget(parent)
+        if not files:  # a directory without small files is not remembered at all
+            return
         names = self._dirs.get(parent)
         if names is None:
             names = self._dirs[parent] = []

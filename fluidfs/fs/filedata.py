@@ -198,8 +198,7 @@ class FileData:
         each, past the inline size), whose blocks are queued once one of them is opened
         (``opened``; blocks/ahead.py). A listing alone fetches nothing."""
         small = [i.ino for i in inodes if INLINE_MAX < i.size <= AHEAD_BLOCK]
-        if small or restart:
-            self._listed.listed(parent, small, restart=restart)
+        self._listed.listed(parent, small, restart=restart)
 
     def opened(self, ino: int) -> int:
         """File *ino* is being opened: if a recent listing named it, queue the blocks of

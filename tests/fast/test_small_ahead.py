@@ -98,6 +98,9 @@ def test_listed_files_are_queued_a_window_at_a_time_within_their_bound() -> None
     listed.listed(3, list(range(300, 305)), restart=True)  # listed again from the start
     assert len(listed) == 65
     assert listed.opened(300) == list(range(300, 305))
+    for parent in range(1000, 2000):  # directories without small files: nothing kept
+        listed.listed(parent, [], restart=True)
+    assert len(listed._dirs) == 2
 
 
 async def test_what_is_queued_ahead_stays_within_its_bounds() -> None:
