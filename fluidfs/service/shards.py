@@ -13,10 +13,7 @@
   proven identity of the connection that stored them. Deletes de-duplicate ids and never
   read a shard.
 - Every shard-store call (and every Merkle proof) runs in a worker thread of the service's
-  own limiter, never on the event loop. ``RetrieveShards`` (a fresh machine's walk sends
-  thousands, each a few small LMDB reads) hops to long-lived threads (``SHARD_HOPS``,
-  blocks/hop.py) instead of ``trio.to_thread``, whose per-job thread naming and cache
-  hand-off cost the loop more than the reads themselves.
+  own limiter, never on the event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from dataclasses import dataclass
 import trio
 
 from fluidfs.blocks import merkle
-from fluidfs.blocks.hop import ThreadHop
 from fluidfs.net.errors import RpcError
 from fluidfs.net.messages import MAX_BATCH_BYTES, MAX_BATCH_SHARD
 from fluidfs.peers.agreements import Ledger
@@ -34,8 +30,6 @@ from fluidfs.service.faults import FaultInjection
 from fluidfs.service.ops import Args, Op, Reply
 from fluidfs.service.quota import ShardQuota
 from fluidfs.store.shards import ShardStore
-
-SHARD_HOPS = ThreadHop("fluidfs shards")  # RetrieveShards' reads, within the limiter
 
 
 @dataclass
@@ -80,10 +74,10 @@ class ShardOps:
         an id held but left out (too large, or the answer full) is in neither list."""
         if self.ledger.get(peer) is None:  # strangers never reach the shard store
             raise RpcError("no_agreement", "no storage agreement with you")
-        async with self.limiter:
-            found, missing = await SHARD_HOPS.run(
-                self.shards.get_many, peer, args["ids"], MAX_BATCH_SHARD, MAX_BATCH_BYTES
-            )
+        found, missing = await trio.to_thread.run_sync(
+            self.shards.get_many, peer, args["ids"], MAX_BATCH_SHARD, MAX_BATCH_BYTES,
+            limiter=self.limiter,
+        )
         agreement = self.ledger.live(peer)
         if found and agreement is not None and agreement.unclaimed_since is not None:
             # The owner uses shards kept from an ended agreement: they are claimed again.
