@@ -122,10 +122,10 @@ def restic_binary(install: bool) -> str | None:
     return shutil.which("restic")
 
 
-def make_small_files(directory: Path, count: int) -> None:
+def make_small_files(directory: Path, count: int, size: int = SMALL_FILE) -> None:
     directory.mkdir(parents=True)
     for i in range(count):
-        (directory / f"f{i:05d}").write_bytes(os.urandom(SMALL_FILE))
+        (directory / f"f{i:05d}").write_bytes(os.urandom(size))
 
 
 def warm(path: Path) -> None:
@@ -444,12 +444,13 @@ def bench(args, work: Path, res: dict, cleanup: list) -> None:
     (work / "source").mkdir()
     if args.small_only:
         src, want = None, ""
-        log(f"source: {args.files} x 4 KiB random files (no big file)")
+        log(f"source: {args.files} x {args.small_size:,} B random files (no big file)")
     else:
-        log(f"source: {args.size / MIB:.0f} MiB random file, {args.files} x 4 KiB random files")
+        log(f"source: {args.size / MIB:.0f} MiB random file, {args.files} x "
+            f"{args.small_size:,} B random files")
         want = make_source(src, args.size)
     if not args.store_only:
-        make_small_files(small, args.files)
+        make_small_files(small, args.files, args.small_size)
 
     peers = [ServePeer(work / "peers", f"peer{i:02d}") for i in range(args.peers)]
     cleanup.append(lambda: [p.stop() for p in peers])
@@ -606,7 +607,7 @@ def summarise(args, res: dict) -> dict:
     print()
     big = "no big file" if args.small_only else f"{args.size / MIB:.0f} MiB"
     print(
-        f"fluidfs vs restic: {big}, {args.files} x 4 KiB, {args.peers} "
+        f"fluidfs vs restic: {big}, {args.files} x {args.small_size:,} B, {args.peers} "
         f"peers, median of {len(runs)} run(s), cpus={os.cpu_count()}; "
         f"{res.get('restic_version') or 'restic not run'}"
     )
@@ -678,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=None, help="big file (256M)")
     parser.add_argument("--files", type=int, default=None, help="4 KiB files (1000)")
+    parser.add_argument("--small-size", type=int, default=SMALL_FILE,
+                        help="bytes of each small file (4096: inline in the metadata; "
+                             "larger ones are blocks of their own, fetched ahead on a copy)")
     parser.add_argument("--peers", type=int, default=12, help="serve peers (default 12)")
     parser.add_argument("--runs", type=int, default=None, help="runs, median kept (3)")
     parser.add_argument("--quick", action="store_true", help="64 MiB, 200 files, 1 run")

@@ -12,7 +12,8 @@ with only ``b.key``, times ``find MNT | wc -l`` with the CPU the mount and the p
 spend meanwhile and the mount's RetrieveShard(s) calls, and unmounts. ``--profile DIR``
 records the mount with ``py-spy record --idle`` during each find and prints how busy
 its threads were and their top frames (benchlib's ``Profiler``; ``--native`` adds C
-frames: LMDB, pyfuse3, the garbage collector). The FUSE requests the mount answered
+frames: LMDB, pyfuse3, the garbage collector; ``--profile-peer`` records the first
+peer as well). The FUSE requests the mount answered
 during the find are counted by operation (``fluidfs status --json``). The peers and
 mounts it starts are stopped at the end (by pid).
 """
@@ -20,6 +21,7 @@ mounts it starts are stopped at the end (by pid).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -78,7 +80,7 @@ def status(cli: Cli, state: Path) -> dict:
 
 
 def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Profiler,
-              name: str) -> dict:
+              name: str, peer_profiler: Profiler | None = None) -> dict:
     """Mount *state* (new) with ``b.key``, time the find, unmount; the figures."""
     mnt = work / "again-mnt"
     mnt.mkdir(exist_ok=True)
@@ -87,7 +89,9 @@ def find_once(cli: Cli, work: Path, state: Path, peers: KeptPeers, profiler: Pro
     pid = int((state / "daemon.pid").read_text())
     try:
         before, sys_before = status(cli, state), system_seconds(pid)
-        with profiler.record(name, pid):
+        with profiler.record(name, pid), contextlib.ExitStack() as spies:
+            if peer_profiler is not None:
+                spies.enter_context(peer_profiler.record(f"{name}-peer", peers.procs[0].pid))
             fig = timed_find(mnt, pid, peers)
         fig["find_mount_sys_s"] = system_seconds(pid) - sys_before
         after = status(cli, state)
@@ -115,11 +119,14 @@ def main() -> int:
                         help="directory for a py-spy raw profile of each find")
     parser.add_argument("--native", action="store_true",
                         help="with --profile: C frames too (py-spy --native)")
+    parser.add_argument("--profile-peer", action="store_true",
+                        help="with --profile: record the first peer too")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = args.work.resolve()
     meta = json.loads((work / "tree.json").read_text()) if (work / "tree.json").exists() else {}
     profiler = Profiler(args.profile, native=args.native)
+    peer_profiler = Profiler(args.profile, native=args.native) if args.profile_peer else None
     peers = KeptPeers(Cli(args.repos[0]), work)
     figs: list[dict] = []
     try:
@@ -128,7 +135,8 @@ def main() -> int:
                 state = work / f"again-{time.time_ns()}"
                 log(f"round {r + 1}: find with {repo}")
                 fig = {"repo": str(repo), "round": r + 1,
-                       **find_once(Cli(repo), work, state, peers, profiler, f"find-r{r + 1}-{i}")}
+                       **find_once(Cli(repo), work, state, peers, profiler, f"find-r{r + 1}-{i}",
+                                   peer_profiler)}
                 figs.append(fig)
                 shutil.rmtree(state, ignore_errors=True)
     finally:
@@ -147,6 +155,8 @@ def main() -> int:
             print("  FUSE requests: " + ", ".join(
                 f"{op} {n:,}" for op, n in fig["find_fuse_requests"].items()))
     profiler.print_reports("py-spy of the mount, {}:")
+    if peer_profiler is not None:
+        peer_profiler.print_reports("py-spy of the first peer, {}:")
     if args.json:
         args.json.write_text(json.dumps(figs, indent=2))
     counts = {fig["find_count"] for fig in figs}

@@ -47,6 +47,11 @@ class ThreadHop:
         self._idle = 0  # threads waiting for a job (or about to)
         self.threads = 0  # started so far (never more than jobs at once)
 
+    @property
+    def busy(self) -> int:
+        """Jobs handed over and not finished (queued or running)."""
+        return self.threads - self._idle
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread; its result, or what it raised."""
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from fluidfs.blocks.ahead import AHEAD_BLOCK
+from fluidfs.blocks.ahead import AHEAD_BLOCK, ListedFiles
 from fluidfs.blocks.blockstore import BlockStore, BlockUnavailable
 from fluidfs.blocks.record import StoredBlock
 from fluidfs.diskspace import is_disk_full
@@ -117,6 +117,7 @@ class FileData:
         # ino -> (the block a read last ended in, the ids of the sealed blocks after it):
         # the block map is looked up once a block for the read-ahead, not once a read
         self._ahead: OrderedDict[int, tuple[int, list[bytes]]] = OrderedDict()
+        self._listed = ListedFiles()  # small files of recent listings, until one is opened
         dirty_dir.mkdir(parents=True, exist_ok=True)
 
     # --- background work ----------------------------------------------------------------
@@ -197,10 +198,25 @@ class FileData:
     def _blocks_of(self, ino: int) -> list[DirtyBlock]:
         return list(self._by_ino.get(ino, {}).values())
 
+    def listed(self, parent: int, inodes: list[Inode], *, restart: bool) -> None:
+        """A listing of *parent* named these files: remember the small ones (one block
+        each, past the inline size), whose blocks are queued once one of them is opened
+        (``opened``; blocks/ahead.py). A listing alone fetches nothing."""
+        small = [i.ino for i in inodes if INLINE_MAX < i.size <= AHEAD_BLOCK]
+        self._listed.listed(parent, small, restart=restart)
+
+    def opened(self, ino: int) -> int:
+        """File *ino* is being opened: if a recent listing named it, queue the blocks of
+        the small files listed with it, from it on (``read_ahead``); how many."""
+        inos = self._listed.opened(ino)
+        if not inos:
+            return 0
+        return self.read_ahead([inode for i in inos if (inode := self.tree.get(i)) is not None])
+
     def read_ahead(self, inodes: list[Inode]) -> int:
-        """A listing named these files: queue the blocks of the small ones (one block
-        each, no unsealed data) to be rebuilt before their reads (blocks/ahead.py);
-        how many were queued. One block map look-up per file, as many as the listing."""
+        """Queue the blocks of the small files among *inodes* (one block each, no
+        unsealed data) to be rebuilt before their reads (blocks/ahead.py); how many
+        were queued. One block map look-up per file."""
         small = [i for i in inodes
                  if INLINE_MAX < i.size <= AHEAD_BLOCK and i.ino not in self._by_ino]
         if not small:

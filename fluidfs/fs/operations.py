@@ -464,8 +464,9 @@ class FluidOperations(pyfuse3.Operations):
             self.lookups[node.ino] += 1
             if stat.S_ISREG(node.mode):
                 listed.append(node)
-        # A copy reads next what it listed: small files' blocks are fetched ahead.
-        self.data.read_ahead(listed)
+        # A copy reads next what it listed: once it opens one of these files, the
+        # blocks of the small ones are fetched ahead (a find opens none: nothing is).
+        self.data.listed(fh, listed, restart=start_id == 0)
 
     @handler
     async def releasedir(self, fh):
@@ -636,6 +637,7 @@ class FluidOperations(pyfuse3.Operations):
             node.size = 0
             node.touch(mtime=True, ctime=True)
             self._save(node)
+        self.data.opened(inode)
         return self._open_handle(inode, flags)
 
     @handler

@@ -63,8 +63,11 @@ def silent_on(*ops: str) -> type[PeerService]:
 def _running_trio_job(thread: threading.Thread) -> bool:
     """True if *thread* is one of trio's worker threads and runs a job now: trio names it
     after the job (``trio.to_thread.run_sync``'s thread_name) while it runs, and gives it
-    back its default name before it hands the result over."""
+    back its default name before it hands the result over. A thread of a ThreadHop
+    (blocks/hop.py) counts while its pool has a job not finished."""
     owner = getattr(getattr(thread, "_target", None), "__self__", None)
+    if type(owner).__name__ == "ThreadHop":
+        return owner.busy > 0
     default = getattr(owner, "_default_name", None)
     return type(owner).__name__ == "WorkerThread" and default is not None \
         and thread.name != default
