@@ -94,11 +94,22 @@ class NullFS(pyfuse3.Operations):
         pass
 
 
+async def serve(fast: bool) -> None:
+    if not fast:
+        await pyfuse3.main()
+        return
+    from fluidfs.node.fuseloop import fast_session_loop
+
+    with fast_session_loop():
+        await pyfuse3.main()
+
+
 def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--fast-loop"]
     options = set(pyfuse3.default_options) | {"fsname=nullfs"}
-    pyfuse3.init(NullFS(), sys.argv[1], options)
+    pyfuse3.init(NullFS(), args[0], options)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve, "--fast-loop" in sys.argv[1:])
     finally:
         pyfuse3.close(unmount=True)
 
