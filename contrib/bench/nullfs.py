@@ -1,11 +1,13 @@
 """A null pyfuse3 filesystem: names and sizes in dicts, data dropped (bench_create.py's floor).
 
     python contrib/bench/nullfs.py MOUNTPOINT     # serves until unmounted (fusermount3 -u)
+    PYTHONPATH=. python contrib/bench/nullfs.py MOUNTPOINT --fast-loop  # fluidfs's loop
 
 It answers the requests of a small-file create the way fluidfs does (writeback cache,
 60 s attribute and entry timeouts, ENOATTR for xattrs, ENOSYS for flush) with no work
 behind them, so ``bench_create.py --floor`` measures what the FUSE round trips alone
-cost through pyfuse3 and trio on this machine.
+cost through pyfuse3 and trio on this machine. ``--fast-loop`` serves through
+fluidfs's ``node/fuseloop.py`` (no scheduler turn per queued request), as the mount does.
 """
 
 from __future__ import annotations
@@ -94,11 +96,23 @@ class NullFS(pyfuse3.Operations):
         pass
 
 
+async def serve(fast: bool) -> None:
+    """pyfuse3's session loop, through fluidfs's FastTrio if *fast*."""
+    if not fast:
+        await pyfuse3.main()
+        return
+    from fluidfs.node.fuseloop import fast_session_loop
+
+    with fast_session_loop():
+        await pyfuse3.main()
+
+
 def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--fast-loop"]
     options = set(pyfuse3.default_options) | {"fsname=nullfs"}
-    pyfuse3.init(NullFS(), sys.argv[1], options)
+    pyfuse3.init(NullFS(), args[0], options)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve, "--fast-loop" in sys.argv[1:])
     finally:
         pyfuse3.close(unmount=True)
 

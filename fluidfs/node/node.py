@@ -168,6 +168,7 @@ class Node:
             tolerance=config.lifecycle.tolerance,
             grouped=not config.even_placement,
             fuse_requests=lambda: dict(self.ops.requests),
+            fuse_loop=self.session.loop.figures,
         )
         self._stopped = False
         self.web_up = trio.Event()  # the page's address is published (or it failed to bind)

@@ -21,6 +21,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from fluidfs.node.fuseloop import FastTrio, fast_session_loop
+
 log = logging.getLogger(__name__)
 
 Task = Callable[..., Awaitable[Any]]  # started with nursery.start (takes task_status)
@@ -128,6 +130,7 @@ class FuseSession:
         self.fsname = fsname
         self.peer_id = peer_id  # for the log
         self.is_open = False
+        self.loop = FastTrio()  # pyfuse3's trio while serving (node/fuseloop.py), its counts
 
     def open(self, mountpoint: Path, options: set[str]) -> None:
         """Open the kernel session (MountError if the kernel refuses)."""
@@ -180,7 +183,7 @@ class FuseSession:
                 nursery.start_soon(cancel_on_signals, fuse_scope)
                 if on_ready is not None:
                     on_ready()
-                with fuse_scope:
+                with fuse_scope, fast_session_loop(self.loop):
                     await pyfuse3.main()
                 # The kernel ended the session (fusermount3 -u) or a signal came.
                 self.close(unmount=fuse_scope.cancel_called)

@@ -102,6 +102,7 @@ class NodeStatus:
     tolerance: float = 86400.0  # seconds of failure before an agreement ends (lifecycle)
     grouped: bool = True  # placement keeps blocks within groups of N peers (copysets)
     fuse_requests: Callable[[], dict[str, int]] = dict  # FUSE requests by operation
+    fuse_loop: Callable[[], dict[str, int]] = dict  # the session loop's counts (fuseloop.py)
 
     async def report(self) -> dict[str, Any]:
         """The figures, with every store read in a worker thread."""
@@ -192,6 +193,7 @@ class NodeStatus:
             "retrieve_requests": (self.blocks.remote.retrieve_requests()
                                   if self.blocks.remote is not None else None),
             "fuse_requests": self.fuse_requests(),
+            "fuse_loop": self.fuse_loop(),
             "repair_queue": self.repairer.queue_length,
             "endangered_blocks": len(self.repairer.endangered),
             "emergency_repairs": self.repairer.emergency_repairs,
