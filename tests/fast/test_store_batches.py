@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from inproc import LocalStore, PeerNode, peer_nodes, slow_jump_clock
-from networked import store_through
+from networked import store_through, storing_through
 
 from fluidfs import keys
 from fluidfs.blocks.record import NO_HOLDER, StoredBlock
@@ -116,31 +116,13 @@ async def put_blocks(store: LocalStore, count: int = BLOCKS) -> list[bytes]:
 
 
 @asynccontextmanager
-async def storing_through(
-    tmp_path: Path, count: int = N, *, ring: keys.KeyRing = RING,
-    service: type[PeerService] = PeerService,
-) -> AsyncIterator[tuple[LocalStore, PeerNode, list[PeerNode]]]:
-    """An owner (a block store over *ring*) storing through *count* listening hosts
-    running *service*: (store, owner, hosts); the store and the owner closed on exit."""
-    async with peer_nodes(tmp_path, count, service=service) as (nursery, hosts):
-        owner = await PeerNode(tmp_path / "owner", ring).start(nursery, listen=False)
-        store = LocalStore(tmp_path / "state", ring)
-        try:
-            store_through(store, owner, hosts)
-            yield store, owner, hosts
-        finally:
-            store.close()
-            owner.close()
-
-
-@asynccontextmanager
 async def after_a_burst(
     tmp_path: Path, service: type[PeerService]
 ) -> AsyncIterator[tuple[LocalStore, PeerNode, list[PeerNode], list[bytes]]]:
     """An owner storing through N hosts running *service* once it has put BLOCKS blocks
     in one burst (``put_burst``), each shard of each with a holder: (store, owner, hosts,
     block ids)."""
-    async with storing_through(tmp_path, service=service) as (store, owner, hosts):
+    async with storing_through(tmp_path, N, RING, service=service) as (store, owner, hosts):
         async with trio.open_nursery() as tasks:  # ends before the store is closed
             ids = await put_burst(store, tasks)
             tasks.cancel_scope.cancel()
@@ -211,7 +193,7 @@ async def test_blocks_waiting_for_their_first_upload_are_left_to_it(tmp_path: Pa
     must not take them. Before: repair took every short block not uploading at that
     moment, so each queued node was looked for on every peer (an AuditShard per peer
     and shard) and rebuilt, racing its own upload."""
-    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+    async with storing_through(tmp_path, N, RING, service=Counting) as (store, _owner, hosts):
         ids: list[bytes] = []
 
         async def put() -> None:
@@ -241,7 +223,7 @@ async def test_nodes_waiting_for_placement_wake_for_their_own_upload(tmp_path: P
     """A commit's node writers each wait for their own node's placement. Before: every
     upload's end woke every waiter, and each re-read its record (and re-armed a 50 ms
     timer): O(nodes in flight) record reads per upload."""
-    async with storing_through(tmp_path) as (store, _owner, _hosts):
+    async with storing_through(tmp_path, N, RING) as (store, _owner, _hosts):
         blocks = store.blocks
         sealed = []
         for _ in range(WAITERS):
@@ -296,7 +278,7 @@ async def test_a_small_block_is_stored_by_about_one_task_not_one_per_shard(
     here, counting the block's upload and the batch senders. One task now waits for all
     of a block's shards (a ``StoreGroup``): 1.3. Every shard still reaches a holder."""
     ring = keys.KeyRing(keys.generate(shards_total=8, shards_needed=4))
-    async with storing_through(tmp_path, 8, ring=ring) as (store, _owner, _hosts):
+    async with storing_through(tmp_path, 8, ring) as (store, _owner, _hosts):
         async with trio.open_nursery() as tasks:  # ends before the store is closed
             await start_uploads(store, tasks)
             counter = TasksSpawned()
@@ -337,7 +319,7 @@ async def test_a_burst_beyond_one_call_goes_in_full_calls(
     in a row. Before: a call left once it had half a call's shards (32), and a burst of
     100 took three calls or more (e.g. 33, 64, 3)."""
     burst = MAX_BATCH_IDS + MAX_BATCH_IDS // 2
-    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+    async with storing_through(tmp_path, N, RING, service=Counting) as (store, _owner, hosts):
         async with trio.open_nursery() as tasks:
             await start_uploads(store, tasks)
             await put_blocks(store, burst)
@@ -366,7 +348,7 @@ async def test_a_gathering_call_leaves_once_nothing_more_is_coming(
     ends without an upload (a block stored already): a small commit's level of nodes
     does not wait GATHER_WAIT for nothing. Before: it waited until GATHER_WAIT passed."""
     async with (
-        storing_through(tmp_path, service=Counting) as (store, _owner, _hosts),
+        storing_through(tmp_path, N, RING, service=Counting) as (store, _owner, _hosts),
         trio.open_nursery() as tasks,  # ends before the store is closed
     ):
         await start_uploads(store, tasks)
@@ -406,7 +388,7 @@ async def test_a_burst_of_uploads_commits_a_transaction_per_block_and_a_few_per_
     before it leaves, and the uploads that a call's answer ends record their holders in
     one transaction (blocks/recordwrites.py): one a block and at most three a call (66).
     Counted as LMDB's own count of committed write transactions."""
-    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+    async with storing_through(tmp_path, N, RING, service=Counting) as (store, _owner, hosts):
         before = store.db.env.info()["last_txnid"]
         async with trio.open_nursery() as tasks:
             await put_burst(store, tasks)
@@ -427,7 +409,7 @@ async def test_a_call_whose_journal_fails_is_not_sent(
     to place) and the block store goes on. Before the calls journalled their own shards,
     ``place`` did, and its failure ended the block's upload the same way; without the
     guard in ``StoreBatches._call`` the error would end the batch senders, and the node."""
-    async with storing_through(tmp_path, service=Counting) as (store, _owner, hosts):
+    async with storing_through(tmp_path, N, RING, service=Counting) as (store, _owner, hosts):
 
         def disk_full(_txn, _shards: list) -> None:
             raise OSError(28, "No space left on device")
