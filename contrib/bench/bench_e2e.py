@@ -60,6 +60,7 @@ from benchlib import (
     make_source,
     parse_size,
     run,
+    run_cleanup,
     sha256_of,
     spy_record,
 )
@@ -716,12 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             tail = state_log.read_text(errors="replace").splitlines()[-15:]
             log(f"last lines of {state_log}:\n" + "\n".join(tail))
     finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:
-                failed = True
-                log(f"cleanup failed: {exc!r}")
+        failed |= not run_cleanup(cleanup)
         left = [p for p in work.glob("mnt-*") if is_mount(p)]
         if not args.keep and not left:
             shutil.rmtree(work, ignore_errors=True)

@@ -55,7 +55,19 @@ from bench_network import (
     status_of,
     warm,
 )
-from benchlib import MB, MIB, REPO, Mount, fmt, is_mount, log, make_source, parse_size, read_rss
+from benchlib import (
+    MB,
+    MIB,
+    REPO,
+    Mount,
+    fmt,
+    is_mount,
+    log,
+    make_source,
+    parse_size,
+    read_rss,
+    run_cleanup,
+)
 
 from fluidfs.net.errors import NetError
 from fluidfs.net.tcp import dial
@@ -359,12 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = node_log.read_text(errors="replace").splitlines()
             log(f"the mount's log has {len(lines)} lines; the last ones:\n" + "\n".join(lines[-8:]))
     finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:
-                failed = True
-                log(f"cleanup failed: {exc!r}")
+        failed |= not run_cleanup(cleanup)
         if not args.keep and not is_mount(work / "mnt-hostile"):
             shutil.rmtree(work, ignore_errors=True)
     if res.get("rounds"):

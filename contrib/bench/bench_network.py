@@ -54,6 +54,7 @@ from benchlib import (
     parse_size,
     read_rss,
     run,
+    run_cleanup,
     sha256_of,
 )
 
@@ -766,12 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                 tail = state_log.read_text(errors="replace").splitlines()[-20:]
                 log(f"last lines of {state_log}:\n" + "\n".join(tail))
     finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:
-                failed = True
-                log(f"cleanup failed: {exc!r}")
+        failed |= not run_cleanup(cleanup)
         left = [p for p in ("mnt-local", "mnt-peers") if is_mount(work / p)]
         if not args.keep and not left:
             shutil.rmtree(work, ignore_errors=True)

@@ -37,7 +37,17 @@ from pathlib import Path
 import benchlib
 from bench_e2e import ThreadCpu, fluidfs_cli, status
 from bench_network import CpuMeter, ServePeer, mount_with_peers, start_peers
-from benchlib import MIB, REPO, Mount, drop_caches, log, make_source, parse_size, sha256_of
+from benchlib import (
+    MIB,
+    REPO,
+    Mount,
+    drop_caches,
+    log,
+    make_source,
+    parse_size,
+    run_cleanup,
+    sha256_of,
+)
 
 GIB = 1 << 30
 
@@ -152,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
         log(f"benchmark failed: {exc!r}")
     finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:
-                failed = True
-                log(f"cleanup failed: {exc!r}")
+        failed |= not run_cleanup(cleanup)
         shutil.rmtree(work, ignore_errors=True)
     keys = ("CPU-s/GiB", "loop user/GiB", "loop sys/GiB", "workers user/GiB",
             "workers sys/GiB", "MB/s")

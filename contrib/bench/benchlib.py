@@ -37,6 +37,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def run_cleanup(cleanup: list) -> bool:
+    """Run the queued clean-up steps, last queued first, each even if one before failed;
+    whether all of them succeeded (a failure is logged)."""
+    ok = True
+    for step in reversed(cleanup):
+        try:
+            step()
+        except Exception as exc:
+            ok = False
+            log(f"cleanup failed: {exc!r}")
+    return ok
+
+
 # --- helpers ----------------------------------------------------------------------------
 
 
