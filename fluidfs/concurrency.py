@@ -68,3 +68,43 @@ class ByteBudget:
         """Give back *n* bytes taken before, waking the waiters to try again."""
         self.used -= n
         self._lot.unpark_all()
+
+
+async def start_in_waves(
+    pending: Callable[[], int],
+    take: Callable[[], Callable[[], Awaitable[None]]],
+    wait_queued: Callable[[], Awaitable[None]],
+    at_once: int,
+    wave: int,
+) -> None:
+    """Until cancelled: run the queued jobs, at most *at_once* at a time, started in waves
+    of *wave* (or all *pending* ones, if fewer).
+
+    *take* removes the next job from the queue; *wait_queued* returns once more are
+    queued. Jobs started in one step ask for their shards in that step, so their requests
+    to each peer share one ``RetrieveShards`` call (blocks/shardbatch.py); one started
+    whenever another ended would go alone. A job's exception ends the whole."""
+    running = 0
+    room = trio.Event()
+
+    async def run(job: Callable[[], Awaitable[None]]) -> None:
+        nonlocal running
+        try:
+            await job()
+        finally:
+            running -= 1
+            room.set()
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            if not pending():
+                await wait_queued()
+                continue
+            free = at_once - running
+            if free < min(wave, pending()):
+                room = trio.Event()
+                await room.wait()
+                continue
+            for _ in range(min(free, pending())):
+                running += 1
+                nursery.start_soon(run, take())

@@ -34,11 +34,14 @@ listed directories forgotten first (their files are then read without help, as b
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from fluidfs.concurrency import start_in_waves
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +153,8 @@ class SmallAhead:
         started in one step ask for their shards in that step, so the requests to each
         peer go out together in one ``RetrieveShards`` call; one started whenever
         another ended went alone, one call to each of K peers for its one shard there."""
-        running = 0
-        room = trio.Event()
 
         async def one(block_id: bytes, size: int) -> None:
-            nonlocal running
             try:
                 if not self.at_hand(block_id):
                     await self.fetch(block_id)
@@ -164,20 +164,11 @@ class SmallAhead:
             finally:
                 self._ids.discard(block_id)
                 self.bytes -= size
-                running -= 1
-                room.set()
 
-        async with trio.open_nursery() as nursery:
-            while True:
-                if not self._queue:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    continue
-                free = AHEAD_AT_ONCE - running
-                if free < min(AHEAD_WAVE, len(self._queue)):
-                    room = trio.Event()
-                    await room.wait()
-                    continue
-                for _ in range(min(free, len(self._queue))):
-                    running += 1
-                    nursery.start_soon(one, *self._queue.popleft())
+        async def queued() -> None:
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+        await start_in_waves(lambda: len(self._queue),
+                             lambda: functools.partial(one, *self._queue.popleft()),
+                             queued, AHEAD_AT_ONCE, AHEAD_WAVE)

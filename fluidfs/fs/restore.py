@@ -29,6 +29,7 @@ id (32) of the top node of its committed contents.
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import struct
@@ -37,6 +38,7 @@ from collections import deque
 import trio
 
 from fluidfs.blocks.blockstore import BlockStore
+from fluidfs.concurrency import start_in_waves
 from fluidfs.fs.metaformat import CommitInfo, Entry, TreeNode
 from fluidfs.fs.metaindex import MetaError, MetaIndex
 from fluidfs.fs.tree import BLOCK_REF, INLINE, ROOT_INO, Tree
@@ -242,35 +244,22 @@ class Restorer:
         started in one step ask for their nodes' shards in the same step, so the
         requests to each peer go out together in one ``RetrieveShards`` call
         (blocks/shardbatch.py) instead of one call for each directory's few shards there."""
-        running = 0
-        room = trio.Event()
 
         async def one(ino: int) -> None:
-            nonlocal running
             try:
                 if self.lazy_top(ino) is not None:
                     await self.ensure(ino)
                     self.prefetched_dirs += 1
             except MetaError as exc:
                 log.debug("fetching directory %d ahead failed: %s", ino, exc)
-            finally:
-                running -= 1
-                room.set()
 
-        async with trio.open_nursery() as nursery:
-            while True:
-                if not self._ahead:
-                    self._queued = trio.Event()
-                    await self._queued.wait()
-                    continue
-                free = PREFETCHERS - running
-                if free < min(PREFETCH_WAVE, len(self._ahead)):
-                    room = trio.Event()
-                    await room.wait()
-                    continue
-                for _ in range(min(free, len(self._ahead))):
-                    running += 1
-                    nursery.start_soon(one, self._ahead.pop())
+        async def queued() -> None:
+            self._queued = trio.Event()
+            await self._queued.wait()
+
+        await start_in_waves(lambda: len(self._ahead),
+                             lambda: functools.partial(one, self._ahead.pop()),
+                             queued, PREFETCHERS, PREFETCH_WAVE)
 
     # --- in the background ---------------------------------------------------------------
 
