@@ -155,26 +155,16 @@ class Collector:
             txn.put(_key(holder, shard_id), _SIZE.pack(size) + UNCOUNTED, db=self._gc)
         self.wake()
 
-    def outcomes(self, ended: list[tuple[int, bytes, int, str]]) -> None:
-        """How several journalled stores ended, (holder, shard id, size, outcome) each
-        with outcome ``"stored"``, ``"refused"`` or ``"unanswered"`` (as ``stored``,
-        ``refused``, ``unanswered``), in one transaction: the shards of one batched
-        ``StoreShard`` call."""
-        if not ended:
-            return
-        with self.meta.write() as txn:
-            lost = self._outcomes_in(txn, ended)
-        if lost:
-            self.wake()
-
     async def outcomes_joined(self, ended: list[tuple[int, bytes, int, str]]) -> None:
-        """``outcomes`` in a transaction shared with the journal writes handed in in the
-        same round of the loop (answers of several calls read together)."""
+        """How several journalled stores ended, (holder, shard id, size, outcome) each
+        with outcome ``"stored"``, ``"refused"`` or ``"unanswered"``: the shards of one
+        batched ``StoreShard`` call, in a transaction shared with the journal writes
+        handed in in the same round of the loop (answers of several calls read together)."""
         if ended and await self.joined.write(lambda txn: self._outcomes_in(txn, ended)):
             self.wake()
 
     def _outcomes_in(self, txn, ended: list[tuple[int, bytes, int, str]]) -> bool:
-        """``outcomes`` inside *txn*; whether some shard is to be collected."""
+        """``outcomes_joined`` inside *txn*; whether some shard is to be collected."""
         lost = False
         for holder, shard_id, size, outcome in ended:
             key = _key(holder, shard_id)
